@@ -1,0 +1,362 @@
+"""The checkpoint folder: Hugging Face Llama layout, written atomically.
+
+    config.json             LlamaConfig fields (model_type "llama")
+    model.safetensors       weights under HF names (model.layers.0.self_attn.q_proj.weight ...)
+    tokenizer.json          tokenizers-library file; tokenizer_config.json beside it
+    generation_config.json  eos/bos ids and default sampling settings
+    ...                     any extra files the caller writes (the trainer's state)
+
+`transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it unchanged.
+A save writes `<name>.tmp-<pid>` next to the target, fsyncs every file and the
+folder, renames it onto `<name>`, fsyncs the parent, and only then rewrites the
+`latest` pointer file. A crash at any moment leaves `latest` naming a complete
+checkpoint. Weights are safetensors: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from model.config import ModelConfig
+from model.transformer import Transformer, rope_tables
+
+END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
+LATEST = "latest"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
+HF_PREFIX = "model."  # our module names are HF's minus this prefix (lm_head excepted)
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be used; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------- config <-> HF
+
+
+def hf_config(config: ModelConfig, eos_id: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": 0.02,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {problem}")
+
+    if hf.get("model_type") != "llama":
+        raise fail(f"unsupported model_type {hf.get('model_type')!r} (expected 'llama')")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise fail(f"unsupported hidden_act {hf['hidden_act']!r} (expected 'silu')")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise fail("biases are not supported (attention_bias / mlp_bias must be false)")
+    rope_scaling = hf.get("rope_scaling") or {}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
+        raise fail(f"unsupported rope_scaling {rope_scaling!r}")
+    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    try:
+        config = ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=int(hf["num_attention_heads"]),
+            n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            ffn_dim=int(hf["intermediate_size"]),
+            max_seq_len=int(hf["max_position_embeddings"]),
+            rope_theta=float(rope_theta),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        )
+    except KeyError as e:
+        raise fail(f"missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise fail(str(e)) from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) != config.head_dim:
+        raise fail(f"head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")
+    return config
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see either the old or the new content."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` onto `final`; an existing `final` is moved aside first, then removed."""
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_temporary(name: str) -> bool:
+    return ".tmp-" in name or ".old-" in name
+
+
+# ---------------------------------------------------------------- save
+
+
+def state_dict_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under HF Llama names, contiguous, without the tied LM head."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("lm_head."):
+            if model.config.tie_embeddings:
+                continue
+            out[name] = tensor.detach().contiguous()
+        else:
+            out[HF_PREFIX + name] = tensor.detach().contiguous()
+    return out
+
+
+def save_checkpoint(
+    root: Path,
+    name: str,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    generation_defaults: Mapping[str, object] | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    update_latest: bool = True,
+) -> Path:
+    """Atomically write checkpoint `root/name`; then point `root/latest` at it.
+
+    `extra_files` maps a file name to a function that writes it (given its path).
+    Returns the final folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        eos_id = tokenizer.token_to_id(END_OF_TEXT)
+        if eos_id is None:
+            raise CheckpointError(f"the tokenizer has no {END_OF_TEXT} token")
+        write_json(tmp / CONFIG, hf_config(model.config, eos_id))
+        weights = {k: v.to("cpu") for k, v in state_dict_hf(model).items()}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        tokenizer.save(str(tmp / TOKENIZER))
+        write_json(
+            tmp / TOKENIZER_CONFIG,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": END_OF_TEXT,
+                "eos_token": END_OF_TEXT,
+                "model_max_length": model.config.max_seq_len,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        write_json(
+            tmp / GENERATION_CONFIG,
+            {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": True}
+            | dict(generation_defaults or {"temperature": 0.8, "top_p": 0.95}),
+        )
+        for file_name, write in (extra_files or {}).items():
+            write(tmp / file_name)
+        for path in tmp.iterdir():
+            _fsync_path(path)
+        _fsync_path(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if update_latest:
+        write_text_atomic(root / LATEST, name + "\n")
+    return final
+
+
+# ---------------------------------------------------------------- load
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder whose `latest` file names one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if (path / CONFIG).exists():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if not name or "/" in name or is_temporary(name):
+            raise CheckpointError(f"{pointer}: does not name a checkpoint ({name!r})")
+        target = path / name
+        if not (target / CONFIG).exists():
+            raise CheckpointError(f"{pointer} names {name!r}, but {target / CONFIG} is missing")
+        return target
+    raise CheckpointError(f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file)")
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config_from_hf(hf, path)
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """Catch truncation with a message that says how much is missing."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: truncated header ({size} bytes, header says {header_len})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    expected = 8 + header_len + end
+    if size < expected:
+        raise CheckpointError(
+            f"{path}: truncated (expected {expected:,} bytes, found {size:,}); "
+            "the checkpoint was not completely written"
+        )
+
+
+def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state-dict names -> tensors, checked against `config`'s shapes."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    _check_safetensors_size(path)
+    try:
+        hf_weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    weights = {}
+    for hf_name, tensor in hf_weights.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # older HF exports carry the RoPE table; we compute ours
+        name = hf_name.removeprefix(HF_PREFIX) if hf_name.startswith(HF_PREFIX) else hf_name
+        if name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {hf_name!r} for this {CONFIG}")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{path}: {hf_name} has shape {list(tensor.shape)} but {CONFIG} implies "
+                f"{list(expected[name])}"
+            )
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {hf_name} has unsupported dtype {tensor.dtype}")
+        weights[name] = tensor
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        names = ", ".join(HF_PREFIX + m if m != "lm_head.weight" else m for m in missing[:3])
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing ({names}...)")
+    return weights
+
+
+def load_model(
+    folder: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build the Transformer described by `folder` and load its weights (eval mode)."""
+    folder = resolve_checkpoint(folder)
+    config = read_config(folder)
+    weights = load_weights(folder, config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # The RoPE tables are non-persistent buffers: rebuild them off the meta device.
+    model.rope_cos, model.rope_sin = rope_tables(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    path = resolve_checkpoint(folder) / TOKENIZER
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def read_generation_defaults(folder: Path) -> dict:
+    path = resolve_checkpoint(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,202 @@
+"""Llama-style decoder-only Transformer.
+
+token embedding -> N x [RMSNorm -> causal self-attention (RoPE, optional GQA) -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied to the embedding).
+No biases. Module names mirror Hugging Face's LlamaForCausalLM so the checkpoint is
+HF-native: our `layers.0.self_attn.q_proj.weight` is HF's `model.layers.0...`.
+
+The model returns logits only; sampling lives in model/sampling.py and generation
+loops in the trainer (previews) and the server's runner.
+
+Shape letters: B batch rows, T tokens per row in this call, L keys attended
+(cache length), D model dim, H query heads, K key/value heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache, slot_index
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF Llama does) so bf16 inference matches closely.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq_len, E] in HF's "rotate_half" layout (frequencies repeated twice)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, E]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, heads, E]; cos/sin: [B, T, 1, E]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: _Step
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, E]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, E]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, E]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q.transpose(1, 2)  # [B, H, T, E]
+        if step.cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, T, E]
+            mask, causal = None, True
+        else:
+            k, v = step.cache.update(step.layer, step.slots, step.positions, k, v, step.length)
+            mask, causal = step.mask, False  # k, v: [B, K, L, E]; mask: [B, 1, T, L]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # [B, H, T, E]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, D]
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: _Step
+    ) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, step))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class _Step:
+    """What every layer needs to use the cache in one forward; computed once per call."""
+
+    def __init__(
+        self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor
+    ) -> None:
+        self.cache = cache
+        self.positions = positions  # [B, T]
+        self.layer = 0
+        if cache is None:
+            return
+        if slots is None:
+            slots = torch.arange(positions.shape[0], device=positions.device)
+        self.slots = slot_index(slots)
+        self.length = int(positions.max()) + 1  # L: keys needed by the furthest query
+        keys = torch.arange(self.length, device=positions.device)  # [L]
+        # A query at position p sees keys 0..p of its own row (causal, per-row length).
+        self.mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+            elif param.dim() == 2:
+                nn.init.normal_(param, mean=0.0, std=0.02)
+            else:
+                nn.init.ones_(param)  # RMSNorm weights
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [B, T] -> logits [B, T, V].
+
+        Without a cache each row is one causal sequence whose positions run 0..T-1
+        (training, evaluation). With a cache, row b writes its keys/values into slot
+        `slots[b]` (default: slot b) at `positions[b]` and attends over that slot's
+        positions 0..p; rows may be at different lengths (padding a short row with
+        further positions is harmless: see kv_cache.py's invariant).
+        `logits_at` [B] picks one t per row (e.g. each prompt's last token) and
+        returns logits [B, 1, V], skipping the LM head for the other positions.
+        """
+        step = _Step(cache, slots, positions)
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        rope = (
+            self.rope_cos[positions].unsqueeze(2).to(x.dtype),  # [B, T, 1, E]
+            self.rope_sin[positions].unsqueeze(2).to(x.dtype),
+        )
+        for i, layer in enumerate(self.layers):
+            step.layer = i
+            x = layer(x, rope, step)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)  # [B, 1, D]
+        return self.lm_head(self.norm(x))  # [B, T, V]

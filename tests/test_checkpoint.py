@@ -1,0 +1,172 @@
+"""Checkpoint folder: exact round trip, HF transformers compatibility, clear errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer
+
+from model.checkpoint import (
+    LATEST,
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from model.config import ModelConfig
+from model.transformer import Transformer
+from tests.conftest import MIXED_TEXT
+
+
+def positions_for(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1])[None].expand_as(ids)
+
+
+@pytest.fixture()
+def saved(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> tuple[Transformer, Path]:
+    torch.manual_seed(7)
+    model = Transformer(tiny_config).eval()
+    return model, save_checkpoint(tmp_path, "step-0000010", model, tokenizer)
+
+
+def test_save_then_load_is_exact(saved: tuple[Transformer, Path]) -> None:
+    model, folder = saved
+    loaded = load_model(folder)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_latest_pointer_names_the_newest_checkpoint(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    model = Transformer(tiny_config)
+    save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    save_checkpoint(tmp_path, "step-0000002", model, tokenizer)
+    assert (tmp_path / LATEST).read_text().strip() == "step-0000002"
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-0000002"
+    assert load_model(tmp_path).config == tiny_config
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path, "best", Transformer(tiny_config), tokenizer)
+    torch.manual_seed(1)
+    newer = Transformer(tiny_config)
+    save_checkpoint(tmp_path, "best", newer, tokenizer)
+    assert torch.equal(load_model(tmp_path / "best").embed_tokens.weight, newer.embed_tokens.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", LATEST]
+
+
+@torch.inference_mode()
+def test_transformers_loads_the_checkpoint_and_agrees_on_logits(
+    saved: tuple[Transformer, Path],
+) -> None:
+    model, folder = saved
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    ours = model(ids, positions_for(ids))
+    theirs = hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_transformers_tokenizer_matches_ours_on_mixed_scripts(
+    saved: tuple[Transformer, Path], tokenizer: Tokenizer
+) -> None:
+    _, folder = saved
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    text = MIXED_TEXT + " 中文和emoji混合 👩‍💻!"
+    ours = tokenizer.encode(text).ids
+    assert hf.encode(text, add_special_tokens=False) == ours
+    assert hf.decode(ours) == text
+    assert load_tokenizer(folder).decode(ours) == text
+
+
+def test_missing_config_is_a_checkpoint_error_naming_the_file(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        load_model(folder)
+
+
+def test_truncated_weights_say_how_much_is_missing(saved: tuple[Transformer, Path]) -> None:
+    _, folder = saved
+    weights = folder / "model.safetensors"
+    full = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(full // 2)
+    with pytest.raises(
+        CheckpointError, match=rf"model\.safetensors: truncated \(expected {full:,} bytes"
+    ):
+        load_model(folder)
+
+
+def test_config_that_disagrees_with_the_weights_names_the_tensor(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] += 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape"):
+        load_model(folder)
+
+
+def test_unsupported_model_type_is_rejected(saved: tuple[Transformer, Path]) -> None:
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
+        load_model(folder)
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(tmp_path / "absent")
+
+
+def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    model = Transformer(tiny_config)
+    save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+
+    def crash(_path: Path) -> None:
+        raise KeyboardInterrupt  # the process is interrupted while writing a file
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, "step-0000002", model, tokenizer, extra_files={"state": crash})
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-0000001"
+    assert not (tmp_path / "step-0000002").exists()
+
+
+def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    model = Transformer(tiny_config)
+    good = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    # What a kill -9 mid-save leaves: a complete-looking temp folder, `latest` untouched.
+    shutil.copytree(good, tmp_path / f"step-0000002.tmp-{os.getpid() + 1}")
+    assert resolve_checkpoint(tmp_path) == good
+    (tmp_path / LATEST).write_text(f"step-0000002.tmp-{os.getpid() + 1}\n")
+    with pytest.raises(CheckpointError, match="does not name a checkpoint"):
+        resolve_checkpoint(tmp_path)

@@ -1,0 +1,144 @@
+"""The network: cached decode agrees with the full forward, presets are what they claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import PRESETS, ModelConfig
+from model.kv_cache import KVCache
+from model.transformer import Transformer
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB)).eval()
+
+
+def full_positions(batch: int, length: int) -> torch.Tensor:
+    return torch.arange(length)[None].expand(batch, length)
+
+
+def decode_through_cache(
+    model: Transformer, ids: torch.Tensor, prompt_lens: list[int], slots: list[int]
+) -> torch.Tensor:
+    """Prefill each row's prompt (one padded batch), then decode every row token by token.
+
+    Returns the logits at every position, [B, T, V], gathered from the cached calls.
+    """
+    batch, length = ids.shape
+    cache = KVCache.for_model(model.config, n_slots=max(slots) + 1)
+    slot_ids = torch.tensor(slots)
+    out = torch.zeros(batch, length, model.config.vocab_size)
+    longest = max(prompt_lens)
+    # Rows shorter than the longest prompt are padded with their own next tokens; the
+    # cache entries that padding writes are overwritten before anything reads them.
+    logits = model(ids[:, :longest], full_positions(batch, longest), cache, slot_ids)
+    for row, n in enumerate(prompt_lens):
+        out[row, :n] = logits[row, :n]
+    done = list(prompt_lens)
+    while min(done) < length:
+        active = [row for row in range(batch) if done[row] < length]
+        step_ids = torch.tensor([[ids[row, done[row]]] for row in active])  # [B', 1]
+        step_pos = torch.tensor([[done[row]] for row in active])  # [B', 1]
+        logits = model(step_ids, step_pos, cache, slot_ids[active])
+        for i, row in enumerate(active):
+            out[row, done[row]] = logits[i, 0]
+            done[row] += 1
+    return out
+
+
+@torch.inference_mode()
+def test_cached_decode_equals_full_forward_single_row(model: Transformer) -> None:
+    ids = torch.randint(0, VOCAB, (1, 40))
+    full = model(ids, full_positions(1, 40))
+    cached = decode_through_cache(model, ids, prompt_lens=[9], slots=[0])
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+@torch.inference_mode()
+def test_cached_decode_equals_full_forward_rows_of_different_lengths(model: Transformer) -> None:
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (4, 48))
+    full = model(ids, full_positions(4, 48))
+    # Non-contiguous, unordered slots exercise the gathered (copying) cache path.
+    cached = decode_through_cache(model, ids, prompt_lens=[3, 17, 1, 30], slots=[5, 0, 3, 1])
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+@torch.inference_mode()
+def test_logits_at_returns_only_the_requested_positions(model: Transformer) -> None:
+    ids = torch.randint(0, VOCAB, (2, 12))
+    full = model(ids, full_positions(2, 12))
+    picked = model(ids, full_positions(2, 12), logits_at=torch.tensor([4, 11]))
+    assert picked.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(picked[:, 0], full[[0, 1], [4, 11]], atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_a_slot_reused_by_a_new_sequence_forgets_the_old_one(model: Transformer) -> None:
+    cache = KVCache.for_model(model.config, n_slots=1)
+    slot = torch.tensor([0])
+    long_ids = torch.randint(0, VOCAB, (1, 30))
+    model(long_ids, full_positions(1, 30), cache, slot)
+    short_ids = torch.randint(0, VOCAB, (1, 6))
+    reused = model(short_ids, full_positions(1, 6), cache, slot)
+    fresh = model(short_ids, full_positions(1, 6))
+    assert (reused - fresh).abs().max().item() <= 1e-5
+
+
+def test_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB))
+    ids = torch.randint(0, VOCAB, (2, 16))
+    logits = model(ids, full_positions(2, 16))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("tiny", 0.8e6, 1.5e6), ("small", 11e6, 13e6), ("base", 100e6, 130e6)]
+)
+def test_presets_have_their_documented_size(name: str, low: float, high: float) -> None:
+    config = PRESETS[name]
+    assert low <= config.num_parameters() <= high
+    with torch.device("meta"):
+        counted = sum(p.numel() for p in Transformer(config).parameters())
+    assert counted == config.num_parameters()
+
+
+def test_small_preset_matches_the_design() -> None:
+    small = ModelConfig.from_preset("small")
+    assert (small.dim, small.n_layers, small.n_heads, small.ffn_dim, small.vocab_size) == (
+        384,
+        6,
+        6,
+        1024,
+        4096,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dim": 100, "n_heads": 3}, "not divisible"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"n_layers": 0}, "n_layers"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_the_reason(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_preset("tiny", **overrides)
+
+
+def test_unknown_preset_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="tiny, small, base"):
+        ModelConfig.from_preset("huge")

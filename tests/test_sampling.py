@@ -1,0 +1,114 @@
+"""model/sampling.py: greedy, truncation sets, seeds, penalties."""
+
+from __future__ import annotations
+
+import torch
+
+from model.sampling import BatchParams, SamplingParams, apply_penalties, sample
+
+VOCAB = 50
+
+
+def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = logits_rows(8)
+    params = BatchParams.from_rows([SamplingParams(temperature=0.0)] * 8)
+    assert torch.equal(sample(logits, params, [None] * 8), logits.argmax(-1))
+
+
+def test_greedy_rows_stay_greedy_inside_a_sampled_batch() -> None:
+    logits = logits_rows(4)
+    rows = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 2
+    params = BatchParams.from_rows(rows)
+    for draw in range(20):
+        ids = sample(logits, params, [seeded(draw * 4 + i) for i in range(4)])
+        assert ids[0] == logits[0].argmax() and ids[2] == logits[2].argmax()
+
+
+def test_top_k_never_returns_a_token_outside_the_k_best() -> None:
+    logits = logits_rows(1, seed=3)
+    kept = set(logits[0].topk(5).indices.tolist())
+    params = BatchParams.from_rows([SamplingParams(temperature=2.0, top_k=5)])
+    generator = seeded(0)
+    drawn = {int(sample(logits, params, [generator])) for _ in range(500)}
+    assert drawn <= kept
+    assert len(drawn) >= 4  # it really samples, not argmax
+
+
+def test_top_p_never_returns_a_token_outside_the_nucleus() -> None:
+    logits = logits_rows(1, seed=4)
+    probs = logits[0].softmax(-1)
+    order = probs.argsort(descending=True)
+    # The nucleus: the smallest prefix of tokens (by probability) whose mass reaches p.
+    cumulative = probs[order].cumsum(0)
+    size = int((cumulative < 0.6).sum()) + 1
+    nucleus = set(order[:size].tolist())
+    params = BatchParams.from_rows([SamplingParams(temperature=1.0, top_p=0.6)])
+    generator = seeded(1)
+    drawn = {int(sample(logits, params, [generator])) for _ in range(500)}
+    assert size > 2
+    # Every nucleus token has >= 10% renormalised mass here, so 500 draws see them all.
+    assert drawn == nucleus
+
+
+def test_top_k_and_top_p_combine_per_row() -> None:
+    logits = logits_rows(2, seed=5)
+    rows = [SamplingParams(top_k=1), SamplingParams(top_p=1e-6)]
+    params = BatchParams.from_rows(rows)
+    for seed in range(20):
+        ids = sample(logits, params, [seeded(seed), seeded(seed + 100)])
+        assert torch.equal(ids, logits.argmax(-1))  # both filters keep only the best token
+
+
+def test_same_seed_gives_the_same_draws_alone_or_batched() -> None:
+    logits = logits_rows(3, seed=6)
+    params_one = BatchParams.from_rows([SamplingParams(temperature=1.0, top_p=0.9)])
+    params_three = BatchParams.from_rows([SamplingParams(temperature=1.0, top_p=0.9)] * 3)
+    alone_gen, batched_gen = seeded(42), seeded(42)
+    alone = [int(sample(logits[1:2], params_one, [alone_gen])) for _ in range(30)]
+    batched = [
+        int(sample(logits, params_three, [seeded(7), batched_gen, None])[1]) for _ in range(30)
+    ]
+    assert alone == batched
+    assert len(set(alone)) > 1
+
+
+def test_different_seeds_give_different_draws() -> None:
+    logits = torch.zeros(1, VOCAB)  # uniform: 30 equal draws by chance is impossible in practice
+    params = BatchParams.from_rows([SamplingParams()])
+    a, b = seeded(1), seeded(2)
+    assert [int(sample(logits, params, [a])) for _ in range(30)] != [
+        int(sample(logits, params, [b])) for _ in range(30)
+    ]
+
+
+def test_repetition_penalty_shrinks_seen_positive_and_grows_seen_negative_logits() -> None:
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    counts = torch.tensor([[1, 1, 0, 0]])
+    out = apply_penalties(
+        logits, counts, torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0])
+    )
+    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
+def test_presence_and_frequency_penalties_subtract_per_token() -> None:
+    logits = torch.zeros(1, 3)
+    counts = torch.tensor([[0, 1, 3]])
+    out = apply_penalties(
+        logits, counts, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.25])
+    )
+    assert out.tolist() == [[0.0, -0.75, -1.25]]
+
+
+def test_penalty_changes_the_greedy_choice() -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    counts = torch.tensor([[2, 0, 0]])
+    params = BatchParams.from_rows([SamplingParams(temperature=0.0, repetition_penalty=2.0)])
+    assert int(sample(logits, params, [None], counts)) == 1

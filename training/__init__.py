@@ -1,0 +1,1 @@
+"""Turns text into checkpoints. Imports model/, never server/."""

@@ -1,0 +1,40 @@
+"""Byte-level BPE tokenizer (the `tokenizers` library), GPT-2 style.
+
+Byte-level means every string round-trips: any UTF-8 text, Chinese or emoji
+included, encodes to ids and decodes back to exactly the same text. The only
+special token is `<|endoftext|>`, which separates documents during training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from model.checkpoint import END_OF_TEXT
+
+MIN_VOCAB = 256 + 1  # every byte plus <|endoftext|>
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (including `<|endoftext|>`)."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (got {vocab_size})")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer_file(path: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
