@@ -1,0 +1,46 @@
+"""TrainArgs: flags, POCKETGPT_* variables and --config files, in that precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.args import TrainArgs, UsageError, build_parser, explicit_settings, make_args
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    text = build_parser().format_help()
+    assert "--batch-size" in text and "(default: 16)" in text
+    assert "--no-compile" in text
+    for name in TrainArgs.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 0.01\nmax-steps = 7\npreset = "tiny"\ndata = ["a.txt"]\n')
+    environ = {"POCKETGPT_MAX_STEPS": "9", "POCKETGPT_COMPILE": "yes"}
+    settings = explicit_settings(["--config", str(config), "--lr", "0.5"], environ)
+    args = make_args(TrainArgs().to_dict(), settings)
+    assert (args.lr, args.max_steps, args.preset, args.data) == (0.5, 9, "tiny", ["a.txt"])
+    assert args.compile is True
+    assert args.batch_size == TrainArgs().batch_size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"max_steps": 1.5}', "max_steps: invalid value 1.5"),
+        ('{"learning_rate": 1}', "unknown setting 'learning_rate'"),
+        ("[1, 2]", "expected an object"),
+    ],
+)
+def test_bad_config_file_names_the_file_and_setting(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(text)
+    with pytest.raises(UsageError, match=message) as error:
+        explicit_settings(["--config", str(config)], {})
+    assert str(config) in str(error.value)

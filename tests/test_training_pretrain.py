@@ -1,0 +1,239 @@
+"""The trainer end to end: real runs of `training.pretrain` on tiny text, CPU, tiny preset."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import load_model, resolve_checkpoint
+from training import evaluate, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+CORPUS = DATA / "tiny_corpus.txt"
+VAL = DATA / "tiny_val.txt"
+# Seconds-scale settings: tiny model, short blocks, small vocabulary.
+TINY = ["--preset", "tiny", "--vocab-size", "384", "--block-size", "32", "--batch-size", "4"]
+TINY += ["--sample-tokens", "8", "--warmup-steps", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def tiny_run(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def read_log(run: Path, kind: str) -> dict[int, dict]:
+    lines = (run / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r for r in records if r["kind"] == kind}
+
+
+def meta(run: Path) -> dict:
+    return json.loads((resolve_checkpoint(run) / "trainer_meta.json").read_text(encoding="utf-8"))
+
+
+def python_env() -> dict[str, str]:
+    # Subprocesses must import this checkout however pytest was started.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transformers_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    # Settings through the environment: the same path the Docker trainer uses.
+    env = python_env() | {"POCKETGPT_PRESET": "tiny", "POCKETGPT_MAX_STEPS": "6"}
+    flags = ["--vocab-size", "384", "--block-size", "32", "--batch-size", "4"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.pretrain",
+            *flags,
+            "--eval-interval",
+            "3",
+            "--save-interval",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "checkpoints" / "default"
+    folder = resolve_checkpoint(run)
+    assert folder.name == "step-0000006"
+    # Keep the last two step checkpoints (the default) plus best/.
+    kept = sorted(p.name for p in run.iterdir() if p.is_dir())
+    assert kept == ["best", "step-0000004", "step-0000006"]
+    assert meta(run)["args"]["preset"] == "tiny"
+    assert "sample:" in done.stderr + done.stdout
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = load_model(folder)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        expected = ours(ids, torch.arange(5)[None])
+        assert torch.allclose(hf(ids).logits, expected, atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.decode(tokenizer.encode("Return the value.")) == "Return the value."
+
+    # The Docker trainer's `--if-missing`: a finished run is left alone, exit 0.
+    monkeypatch.chdir(tmp_path)
+    assert pretrain.main(["--if-missing"]) == 0
+    assert resolve_checkpoint(run).name == "step-0000006"
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    common = ["--dropout", "0.1", "--log-interval", "1", "--eval-interval", "4"]
+    common += ["--save-interval", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert (
+        pretrain.main(tiny_run(tmp_path, *common, "--max-steps", "8", "--out-dir", str(straight)))
+        == 0
+    )
+    first_half = ["--max-steps", "4", "--decay-steps", "8", "--out-dir", str(split)]
+    assert pretrain.main(tiny_run(tmp_path, *common, *first_half)) == 0
+    assert meta(split)["step"] == 4
+    assert pretrain.main(["--resume", str(split), "--max-steps", "8"]) == 0
+
+    train_a, train_b = read_log(straight, "train"), read_log(split, "train")
+    assert sorted(train_a) == sorted(train_b) == list(range(1, 9))
+    assert [train_a[s]["loss"] for s in train_a] == [train_b[s]["loss"] for s in train_a]
+    eval_a, eval_b = read_log(straight, "eval"), read_log(split, "eval")
+    assert [eval_a[s]["val_loss"] for s in (4, 8)] == [eval_b[s]["val_loss"] for s in (4, 8)]
+    weights_a = load_file(resolve_checkpoint(straight) / "model.safetensors")
+    weights_b = load_file(resolve_checkpoint(split) / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = tiny_run(tmp_path, "--max-steps", "100000", "--log-interval", "1", "--out-dir", str(run))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.pretrain", *args],
+        cwd=REPO,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = run / "log.jsonl"
+        deadline = time.monotonic() + 90
+        # Wait for the trainer's own evidence of progress: three logged steps.
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the trainer logged no steps"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "(signal)" in out
+    stopped = meta(run)["step"]
+    assert stopped >= 3
+    assert resolve_checkpoint(run).name == f"step-{stopped:07d}"
+
+    assert pretrain.main(["--resume", str(run), "--max-steps", str(stopped + 2)]) == 0
+    assert meta(run)["step"] == stopped + 2
+    assert max(read_log(run, "train")) == stopped + 2
+
+
+def test_torchrun_two_ranks_on_gloo_write_one_loadable_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    done = subprocess.run(
+        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *args],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in run.iterdir() if p.name.startswith("step-")] == ["step-0000003"]
+    load_model(run)
+    info = meta(run)
+    assert info["world_size"] == 2
+    assert info["tokens_seen"] == 3 * 2 * 4 * 32  # steps x ranks x batch x block
+    fingerprints = info["first_batch_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] != fingerprints[1]
+
+
+def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--max-steps", "5"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(run))) == 0
+    trainer_bpb = meta(run)["val_bpb"]
+    assert (run / "best" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(run), "--data", str(VAL)]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("bpb=")
+    assert math.isclose(float(last_line.removeprefix("bpb=")), trainer_bpb, abs_tol=1e-6)
+    assert 1.0 < trainer_bpb < 12.0  # a barely trained model: worse than text, better than noise
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("Too short to fill a batch.\n")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    return {
+        "missing path": (["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
+        "empty corpus": (["--data", str(tmp_path / "empty.txt")], "the corpus is empty"),
+        "smaller than one batch": (["--data", str(tmp_path / "short.txt")], "too small"),
+        "unknown preset": (["--preset", "huge"], "--preset: choose one of"),
+        "resume a non-checkpoint": (
+            ["--resume", str(tmp_path / "not_a_checkpoint")],
+            "--resume: ",
+        ),
+        "negative lr": (["--lr", "-1"], "--lr: must be > 0"),
+        "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),
+        "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
+    }
+
+
+def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir, cache = tmp_path / "out", tmp_path / "cache"
+    for case, (flags, message) in _bad_inputs(tmp_path).items():
+        settings = [*TINY, "--out-dir", str(out_dir), "--cache-dir", str(cache), *flags]
+        assert pretrain.main(settings) == 2, case
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), (case, err)
+        assert message in err, (case, err)
+        assert not out_dir.exists() and not cache.exists(), case
+
+
+def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "training.pretrain", "--data", str(tmp_path / "missing")],
+        cwd=tmp_path,
+        env=python_env() | {"POCKETGPT_BATCH_SIZE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    # The environment is read too: its bad value is the first problem found.
+    assert done.stderr == "error: --batch-size: must be >= 1 (got 0)\n"
+    assert not (tmp_path / "checkpoints").exists()

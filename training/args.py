@@ -1,0 +1,359 @@
+"""TrainArgs: every trainer setting, documented once, here.
+
+Each field is a flag (`max_steps` -> `--max-steps`) and an environment variable
+(`POCKETGPT_MAX_STEPS`); `--config FILE` reads a JSON or TOML object of the same
+names. Precedence, lowest first: defaults (or, with `--resume`, the resumed run's
+settings), config file, environment, command line. Booleans take
+`--flag/--no-flag` on the command line and 1/0/true/false/yes/no elsewhere;
+`none` clears an optional value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+import torch
+
+from model.config import PRESETS, ModelConfig
+
+ENV_PREFIX = "POCKETGPT_"
+
+
+class UsageError(Exception):
+    """A bad flag, file or value; the message names it. The CLI exits 2 with it."""
+
+
+def doc(help: str) -> dict[str, str]:
+    """Field metadata: the one description of a setting, shown by --help."""
+    return {"help": help}
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    # data
+    data: list[str] = field(
+        default_factory=list,
+        metadata=doc("text files/folders (.txt, .md, .jsonl); none = embedded corpus"),
+    )
+    val_data: list[str] = field(
+        default_factory=list, metadata=doc("held-out text files/folders; none = the tail of --data")
+    )
+    val_fraction: float = field(
+        default=0.05, metadata=doc("share of the text held out for validation without --val-data")
+    )
+    tokenizer: str | None = field(
+        default=None, metadata=doc("reuse this tokenizer.json or checkpoint folder's tokenizer")
+    )
+    vocab_size: int = field(
+        default=2048, metadata=doc("BPE vocabulary size when training a tokenizer")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=doc("token cache folder (default: <out-dir>/../.cache)")
+    )
+    # model
+    preset: str = field(
+        default="auto",
+        metadata=doc(f"auto or one of: {', '.join(PRESETS)} (auto: see budget_preset)"),
+    )
+    dim: int | None = field(default=None, metadata=doc("model width (overrides the preset)"))
+    n_layers: int | None = field(
+        default=None, metadata=doc("transformer blocks (overrides the preset)")
+    )
+    n_heads: int | None = field(
+        default=None, metadata=doc("attention heads (overrides the preset)")
+    )
+    n_kv_heads: int | None = field(
+        default=None, metadata=doc("key/value heads for grouped-query attention")
+    )
+    ffn_dim: int | None = field(
+        default=None, metadata=doc("SwiGLU hidden width (overrides the preset)")
+    )
+    dropout: float = field(default=0.0, metadata=doc("dropout on attention and residual branches"))
+    block_size: int = field(
+        default=128, metadata=doc("tokens per training sequence; also the model's context length")
+    )
+    # optimisation
+    batch_size: int = field(default=16, metadata=doc("sequences per micro-batch (per rank)"))
+    grad_accum: int = field(default=1, metadata=doc("micro-batches accumulated per optimizer step"))
+    lr: float = field(default=2e-3, metadata=doc("peak learning rate (AdamW)"))
+    min_lr_ratio: float = field(
+        default=0.1, metadata=doc("final learning rate as a fraction of --lr")
+    )
+    warmup_steps: int = field(default=30, metadata=doc("linear warmup steps"))
+    decay_steps: int | None = field(
+        default=None, metadata=doc("cosine length in steps (default: --max-steps)")
+    )
+    weight_decay: float = field(
+        default=0.1, metadata=doc("AdamW weight decay on matrices (not norms)")
+    )
+    grad_clip: float = field(
+        default=1.0, metadata=doc("clip the global gradient norm to this (0 = off)")
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata=doc("optimizer steps (none: 400 on CPU, 5000 on CUDA, unlimited with --max-time)"),
+    )
+    max_time: float | None = field(
+        default=None, metadata=doc("stop after this many seconds of training (none = no limit)")
+    )
+    seed: int = field(default=1337, metadata=doc("seed for weights, data order and dropout"))
+    # evaluation, checkpoints, logging
+    eval_interval: int = field(
+        default=250, metadata=doc("steps between evaluations (and sample previews)")
+    )
+    eval_tokens: int = field(
+        default=32768, metadata=doc("validation tokens per evaluation (0 = the whole split)")
+    )
+    sample_tokens: int = field(
+        default=64, metadata=doc("tokens in the preview printed at each evaluation (0 = off)")
+    )
+    log_interval: int = field(
+        default=10, metadata=doc("steps between train-loss lines in the JSONL log")
+    )
+    save_interval: int = field(default=500, metadata=doc("steps between step-XXXXXXX checkpoints"))
+    keep_last: int = field(
+        default=2, metadata=doc("step checkpoints kept (best/ is kept separately)")
+    )
+    patience: int = field(
+        default=0,
+        metadata=doc("stop after this many evaluations without a better val loss (0 = off)"),
+    )
+    out_dir: str = field(
+        default="checkpoints/default", metadata=doc("run folder: checkpoints, latest, log.jsonl")
+    )
+    resume: str | None = field(
+        default=None, metadata=doc("continue exactly from this checkpoint or run folder")
+    )
+    if_missing: bool = field(
+        default=False, metadata=doc("exit 0 at once if --out-dir already holds a checkpoint")
+    )
+    # hardware
+    device: str = field(default="auto", metadata=doc("auto (CUDA when available), cpu or cuda"))
+    dtype: str = field(
+        default="auto",
+        metadata=doc("auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16"),
+    )
+    compile: bool = field(default=False, metadata=doc("torch.compile the model"))
+
+    def validate(self) -> TrainArgs:
+        """Raise UsageError naming the first flag whose value cannot work."""
+        positive = ("vocab_size", "block_size", "batch_size", "grad_accum")
+        positive += ("eval_interval", "log_interval", "save_interval", "keep_last")
+        for name in positive:
+            _require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_dim",
+            "decay_steps",
+            "max_steps",
+        ):
+            value = getattr(self, name)
+            _require(name, value is None or value >= 1, "must be >= 1", value)
+        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
+        for name in (*non_negative, "sample_tokens", "patience"):
+            _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
+        _require("lr", self.lr > 0, "must be > 0", self.lr)
+        _require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.lr)
+        _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
+        _require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
+        _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
+        choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
+        choices["dtype"] = ("auto", "float32", "bfloat16")
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            _require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available on this machine")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(name: str, ok: bool, problem: str, value: object) -> None:
+    if not ok:
+        raise UsageError(f"--{name.replace('_', '-')}: {problem} (got {value!r})")
+
+
+SHORT_CPU_BUDGET_S = 600.0
+
+
+def budget_preset(args: TrainArgs, device: torch.device) -> str:
+    """`--preset auto`: `small`, except `tiny` for a CPU run boxed under 10 minutes.
+
+    On 2 CPU cores `small` processes ~1.5k tokens/s; in a minute it sees too little
+    text to learn much, while `tiny` (~1M parameters) sees ~10x more and ends far
+    lower (measured on tinyshakespeare at --max-time 70: see the README).
+    """
+    if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
+        return "tiny"
+    return "small"
+
+
+DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~12 min of `small` on 2 idle cores
+UNLIMITED_STEPS = 10**12
+
+
+def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
+    """Fill in `--max-steps none`: the device's default, or no step limit under --max-time."""
+    if args.max_steps is not None:
+        return args
+    steps = UNLIMITED_STEPS if args.max_time is not None else DEFAULT_STEPS[device.type]
+    return dataclasses.replace(args, max_steps=steps)
+
+
+def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
+    """The network `args` describe for a tokenizer of `vocab_size` ids.
+
+    The context length is the block size: the model is only trained that far.
+    """
+    preset = args.preset if args.preset != "auto" else budget_preset(args, device)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+        if getattr(args, name) is not None
+    }
+    try:
+        return ModelConfig.from_preset(
+            preset,
+            vocab_size=vocab_size,
+            max_seq_len=args.block_size,
+            dropout=args.dropout,
+            **overrides,
+        )
+    except ValueError as e:
+        raise UsageError(f"model flags: {e}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- parsing
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
+TYPES = typing.get_type_hints(TrainArgs)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    """(scalar type, optional) of a field; list fields report list."""
+    hint = TYPES[name]
+    if isinstance(hint, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None)), True
+    return typing.get_origin(hint) or hint, False
+
+
+def _convert(name: str, value: object, source: str) -> object:
+    """A config/env/CLI value -> the field's type; UsageError names `source` on failure."""
+    kind, optional = _base_type(name)
+    try:
+        if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        if kind is list:
+            if isinstance(value, str):
+                return value.split(os.pathsep) if value else []
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError("expected a list of strings")
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind is int and isinstance(value, (bool, float)):
+            raise ValueError("expected an integer")
+        if kind is float and isinstance(value, bool):
+            raise ValueError("expected a number")
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source}: invalid value {value!r} ({e})") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m training.pretrain",
+        description="Train a small GPT on text and write checkpoints. "
+        "Every flag also reads the environment variable POCKETGPT_<FLAG>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of these settings")
+    defaults = TrainArgs()
+    for name, f in FIELDS.items():
+        kind, _ = _base_type(name)
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, name)!r})"
+        if kind is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is list:
+            parser.add_argument(_flag(name), nargs="+", metavar="PATH", help=help_text)
+        else:
+            parser.add_argument(_flag(name), metavar=kind.__name__.upper(), help=help_text)
+    return parser
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid {path.suffix[1:].upper()} ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected an object of settings")
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UsageError(f"--config {path}: unknown setting {key!r}")
+        out[name] = _convert(name, value, f"--config {path}: {key}")
+    return out
+
+
+def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict:
+    """Settings given by config file, environment and command line, in rising precedence."""
+    given = vars(build_parser().parse_args(argv))
+    settings = {}
+    config = given.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config:
+        settings.update(_read_config_file(Path(config)))
+    for name in FIELDS:
+        env = ENV_PREFIX + name.upper()
+        if env in environ:
+            settings[name] = _convert(name, environ[env], env)
+    for name, value in given.items():
+        settings[name] = _convert(name, value, _flag(name))
+    return settings
+
+
+def make_args(base: Mapping[str, object], settings: Mapping[str, object]) -> TrainArgs:
+    """TrainArgs from `base` (defaults or a resumed run's args) overridden by `settings`."""
+    known = {k: v for k, v in base.items() if k in FIELDS}
+    return TrainArgs(**{**known, **settings}).validate()

@@ -1,0 +1,131 @@
+"""Find and clean training text: the user's files and folders, or the embedded default corpus.
+
+User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
+document per line in a `text` field. Folders are searched recursively in sorted
+order. Text is decoded as UTF-8; invalid bytes become U+FFFD, with one warning
+naming the file.
+
+The default corpus is English that ships inside the Python standard library, so
+the zero-argument run needs no download:
+  - `pydoc_data.topics`: the language reference topics behind `help()` (79 topics,
+    ~465 KB on CPython 3.11);
+  - the docstrings of stdlib modules and classes longer than 200 characters,
+    read with `ast` from the source files (nothing is imported), outside tests,
+    idlelib, lib2to3 and turtledemo (~400 KB, ~500 docstrings on 3.11).
+Doctest lines (`>>>` / `...`) are dropped, exact duplicates removed, and the order
+is fixed (topics by name, then files by path), so the corpus is deterministic for
+a given Python version: 843,898 UTF-8 bytes in 584 documents on CPython 3.11.7.
+Building it parses ~580 files (5-10 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import sysconfig
+from collections.abc import Iterable
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly signatures and one-liners
+SKIPPED_STDLIB_DIRS = {"idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
+
+
+class CorpusError(Exception):
+    """Unusable input text; the message names the path and the problem."""
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8; invalid bytes are replaced, with one warning naming the file."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"warning: {path}: invalid UTF-8, bad bytes replaced with U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    documents = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
+        documents.append(text)
+    return documents
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, JSONL_SUFFIX)
+        )
+    raise CorpusError(f"{path}: no such file or folder")
+
+
+def load_documents(paths: Iterable[str | Path]) -> list[str]:
+    """Every document under `paths` in a deterministic order; empty documents dropped."""
+    documents = []
+    for given in paths:
+        path = Path(given)
+        files = _files_under(path)
+        if not files:
+            raise CorpusError(f"{path}: no .txt, .md or .jsonl files in this folder")
+        for file in files:
+            if file.suffix == JSONL_SUFFIX:
+                documents.extend(_jsonl_documents(file))
+            else:
+                documents.append(read_text(file))
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise CorpusError(f"{', '.join(map(str, paths))}: the corpus is empty (no text found)")
+    return documents
+
+
+def _drop_doctests(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith((">>>", "..."))]
+    return "\n".join(lines).strip()
+
+
+def _stdlib_docstrings() -> Iterable[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts[:-1]
+        if any(p in SKIPPED_STDLIB_DIRS or p.startswith("test") for p in parts):
+            continue
+        if path.name.startswith("test"):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue  # a stdlib file this Python cannot parse is not worth failing for
+        for node in (tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))):
+            docstring = ast.get_docstring(node, clean=True)
+            if docstring:
+                yield docstring
+
+
+def default_documents() -> list[str]:
+    """The embedded default corpus (see the module docstring)."""
+    from pydoc_data.topics import topics
+
+    candidates = [topics[name] for name in sorted(topics)]
+    candidates += list(_stdlib_docstrings())
+    seen: set[str] = set()
+    documents = []
+    for text in candidates:
+        text = _drop_doctests(text)
+        if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
+            seen.add(text)
+            documents.append(text)
+    return documents

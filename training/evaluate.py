@@ -1,0 +1,126 @@
+"""Bits per byte of text under a checkpoint: `python -m training.evaluate`.
+
+Usage: `python -m training.evaluate --checkpoint DIR --data FILE...`.
+
+bpb = total nats over every predicted token / (UTF-8 bytes of the text x ln 2), so
+models with different tokenizers compare on the same scale. The text is tokenized
+like a validation split (prepare.py): each document preceded by `<|endoftext|>`,
+cut into non-overlapping windows of the trained block size. The trainer reports
+its val bpb with the same function, so the two agree on the same text. The last
+line printed is `bpb=<value>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
+from training.args import resolve_device
+from training.corpus import CorpusError, load_documents
+from training.data import eval_windows
+from training.prepare import token_byte_lengths, token_stream
+
+EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # nats per predicted token
+    bpb: float
+    tokens: int  # predicted tokens
+    bytes: int  # UTF-8 bytes those tokens stand for
+
+
+@torch.no_grad()
+def evaluate_stream(
+    model: nn.Module,
+    tokens: np.ndarray,
+    byte_lengths: np.ndarray,
+    *,
+    block_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Loss and bpb of `model` predicting every token of `tokens` after the first."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    windows = list(eval_windows(tokens, block_size))
+    # Full windows go in batches; the last, shorter one goes alone.
+    batches = [windows[i : i + EVAL_BATCH] for i in range(0, len(windows), EVAL_BATCH)]
+    if len(windows) > 1 and len(windows[-1][0]) < len(windows[0][0]):
+        batches = [*batches[:-1], batches[-1][:-1], [windows[-1]]]
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for batch in filter(None, batches):
+        x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
+        y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
+        positions = torch.arange(x.shape[1], device=device).expand_as(x)
+        with autocast:
+            logits = model(x, positions)  # [B, T, V]
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total += nats.double()
+    model.train(was_training)
+    n_tokens = len(tokens) - 1
+    n_bytes = int(byte_lengths[np.asarray(tokens[1:], dtype=np.int64)].sum())
+    nats = total.item()
+    return EvalResult(
+        loss=nats / n_tokens, bpb=nats / (n_bytes * math.log(2)), tokens=n_tokens, bytes=n_bytes
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Print the bits per byte of text under a checkpoint (last line: bpb=...).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    parser.add_argument("--data", nargs="+", required=True, help=".txt/.md/.jsonl files, folders")
+    parser.add_argument(
+        "--block-size", type=int, help="tokens per window (default: the model's context)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    try:
+        folder = resolve_checkpoint(Path(args.checkpoint))
+        model = load_model(folder, device=device)
+        tokenizer = load_tokenizer(folder)
+        documents = load_documents(args.data)
+    except (CheckpointError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    block_size = args.block_size or model.config.max_seq_len
+    if not 1 <= block_size <= model.config.max_seq_len:
+        print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)
+        return 2
+    tokens = token_stream(tokenizer, documents)
+    result = evaluate_stream(
+        model,
+        tokens,
+        token_byte_lengths(tokenizer),
+        block_size=block_size,
+        device=device,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+    )
+    print(f"checkpoint={folder} tokens={result.tokens} bytes={result.bytes}")
+    print(f"loss={result.loss:.6f} nats/token")
+    print(f"bpb={result.bpb:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

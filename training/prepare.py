@@ -1,0 +1,182 @@
+"""Text -> uint16 token files + meta.json, cached in a folder named by a content hash.
+
+    <cache_root>/<sha256[:16]>/
+        tokenizer.json   trained on the train split (or the one given)
+        train.bin        uint16 token ids: <|endoftext|> doc <|endoftext|> doc ...
+        val.bin          the same layout for the validation split
+        meta.json        token and UTF-8 byte counts per split, vocab size, format
+
+Each split starts with `<|endoftext|>`, so every real token has a context and is
+predicted once; the separator itself is 0 bytes of text. The key hashes the
+documents of both splits, the vocabulary size (or the given tokenizer) and the
+format version, so a changed corpus never reuses stale tokens. The folder is
+written under a temporary name and renamed into place, so a crash leaves no
+half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model.checkpoint import END_OF_TEXT, write_json
+from training.corpus import CorpusError
+from training.tokenizer import train_tokenizer
+
+FORMAT = 1
+TOKEN_DTYPE = np.uint16
+MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    folder: Path
+    tokenizer: Tokenizer
+    train: np.ndarray  # memmap [N_train] uint16
+    val: np.ndarray  # memmap [N_val] uint16
+    meta: dict
+
+
+def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The last `val_fraction` of the characters become validation text.
+
+    The cut falls at the first line break after the exact fraction (inside the
+    document that straddles it; at the exact character when no text follows a
+    line break), so one file of text splits like nanoGPT's 90/10.
+    """
+    total = sum(len(d) for d in documents)
+    cut = round(total * (1.0 - val_fraction))
+    seen = 0
+    for i, doc in enumerate(documents):
+        if seen + len(doc) >= cut:
+            offset = cut - seen
+            newline = doc.find("\n", offset)
+            if newline >= 0 and doc[newline + 1 :].strip():
+                offset = newline + 1
+            head, tail = doc[:offset], doc[offset:]
+            train = [*documents[:i], head] if head.strip() else list(documents[:i])
+            val = [tail, *documents[i + 1 :]] if tail.strip() else list(documents[i + 1 :])
+            return train, val
+        seen += len(doc)
+    return list(documents), []
+
+
+def token_stream(tokenizer: Tokenizer, documents: Sequence[str]) -> np.ndarray:
+    """[<|endoftext|>, doc 0 ..., <|endoftext|>, doc 1 ...] as uint16."""
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    pieces = [[eot, *encoding.ids] for encoding in tokenizer.encode_batch(list(documents))]
+    return np.fromiter((t for piece in pieces for t in piece), dtype=TOKEN_DTYPE)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """[V] UTF-8 bytes each id stands for (0 for special tokens).
+
+    In a byte-level BPE every character of a token's string stands for one byte,
+    so any run of ids covers exactly the sum of its entries' bytes.
+    """
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, idx in tokenizer.get_vocab().items():
+        lengths[idx] = 0 if token in specials else len(token)
+    return lengths
+
+
+def cache_key(train_docs: Sequence[str], val_docs: Sequence[str], tokenizer_id: str) -> str:
+    h = hashlib.sha256(f"pocketgpt-tokens-v{FORMAT}\0{tokenizer_id}\0".encode())
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        h.update(f"{split}\0{len(docs)}\0".encode())
+        for doc in docs:
+            data = doc.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
+
+
+def _open(folder: Path) -> PreparedData:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    tokens = {
+        split: np.memmap(folder / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r") for split in SPLITS
+    }
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return PreparedData(folder, tokenizer, tokens["train"], tokens["val"], meta)
+
+
+def _check_size(train_tokens: int, min_train_tokens: int) -> None:
+    if train_tokens < min_train_tokens:
+        raise CorpusError(
+            f"the corpus is too small: {train_tokens:,} training tokens, but one batch needs "
+            f"{min_train_tokens:,} (add text, or lower --batch-size / --block-size)"
+        )
+
+
+def _write(
+    folder: Path,
+    splits: dict[str, tuple[Sequence[str], np.ndarray]],
+    tokenizer: Tokenizer,
+) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        meta: dict = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
+        for split, (docs, stream) in splits.items():
+            stream.tofile(tmp / f"{split}.bin")
+            meta["splits"][split] = {
+                "file": f"{split}.bin",
+                "documents": len(docs),
+                "tokens": int(stream.size),
+                "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            }
+        write_json(tmp / "meta.json", meta)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "meta.json").exists():  # another process may have won the race
+            raise
+
+
+def prepare(
+    train_docs: Sequence[str],
+    val_docs: Sequence[str],
+    cache_root: Path,
+    *,
+    vocab_size: int,
+    tokenizer: Tokenizer | None = None,
+    min_train_tokens: int = 2,
+) -> PreparedData:
+    """Tokenize both splits once (training a tokenizer on `train_docs` unless given one).
+
+    Raises CorpusError, before writing anything, when the training split has fewer
+    than `min_train_tokens` tokens.
+    """
+    if not train_docs:
+        raise CorpusError("the training split is empty")
+    tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
+    folder = Path(cache_root) / cache_key(train_docs, val_docs, tokenizer_id)
+    if not (folder / "meta.json").exists():
+        if tokenizer is None:
+            tokenizer = train_tokenizer(train_docs, vocab_size)
+        if tokenizer.get_vocab_size() > MAX_VOCAB:
+            raise CorpusError(f"vocabulary of {tokenizer.get_vocab_size()} does not fit uint16")
+        if tokenizer.token_to_id(END_OF_TEXT) is None:
+            raise CorpusError(f"the tokenizer has no {END_OF_TEXT} token")
+        splits = {
+            "train": (train_docs, token_stream(tokenizer, train_docs)),
+            "val": (val_docs, token_stream(tokenizer, val_docs)),
+        }
+        _check_size(splits["train"][1].size, min_train_tokens)
+        if not val_docs:
+            raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
+        _write(folder, splits, tokenizer)
+    data = _open(folder)
+    _check_size(data.train.size, min_train_tokens)
+    return data

@@ -1,0 +1,170 @@
+"""`python -m training.pretrain`: train a GPT on text and write checkpoints (thin CLI).
+
+With no arguments it trains the `small` model on the embedded default corpus
+(training/corpus.py) into `checkpoints/default/`. `--help` lists every flag; each
+also reads `POCKETGPT_<FLAG>`. A bad path, flag or corpus prints one `error:` line
+naming it and exits 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+
+from model.checkpoint import CheckpointError, load_tokenizer, read_config, resolve_checkpoint
+from training.args import (
+    TrainArgs,
+    UsageError,
+    explicit_settings,
+    make_args,
+    model_config,
+    resolve_device,
+    with_step_budget,
+)
+from training.corpus import CorpusError, default_documents, load_documents
+from training.prepare import PreparedData, prepare, split_documents
+from training.trainer import TRAINER_META, TRAINING_STATE, Trainer, init_distributed
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    try:
+        resolve_checkpoint(out_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def resume_folder(path: str) -> Path:
+    """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
+    try:
+        folder = resolve_checkpoint(Path(path))
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+    for name in (TRAINING_STATE, TRAINER_META):
+        if not (folder / name).is_file():
+            raise UsageError(f"--resume {path}: {folder} has no {name}; not a trainer checkpoint")
+    return folder
+
+
+def resolve_tokenizer(args: TrainArgs, resumed: Path | None) -> Tokenizer | None:
+    if resumed is not None:
+        return load_tokenizer(resumed)
+    if args.tokenizer is None:
+        return None
+    path = Path(args.tokenizer)
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise UsageError(f"--tokenizer {path}: unreadable ({e})") from None
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as e:
+        raise UsageError(f"--tokenizer: {e}") from None
+
+
+def load_data(args: TrainArgs, tokenizer: Tokenizer | None, world_size: int) -> PreparedData:
+    documents = load_documents(args.data) if args.data else default_documents()
+    if args.val_data:
+        train_docs, val_docs = documents, load_documents(args.val_data)
+    else:
+        train_docs, val_docs = split_documents(documents, args.val_fraction)
+    cache = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir).parent / ".cache"
+    # One batch, and one block per rank, of distinct tokens.
+    min_tokens = max(args.batch_size * args.block_size, world_size * (args.block_size + 1)) + 1
+    return prepare(
+        train_docs,
+        val_docs,
+        cache,
+        vocab_size=args.vocab_size,
+        tokenizer=tokenizer,
+        min_train_tokens=min_tokens,
+    )
+
+
+def prepare_on_rank0(
+    args: TrainArgs, tokenizer: Tokenizer | None, world_size: int, is_main: bool
+) -> PreparedData:
+    """Rank 0 writes the token cache, then the other ranks read it (or all fail alike)."""
+    error: Exception | None = None
+    if is_main:
+        try:
+            data = load_data(args, tokenizer, world_size)
+        except CorpusError as e:
+            error = e
+    if world_size > 1:
+        failed = torch.tensor([float(error is not None)])
+        dist.broadcast(failed, src=0)
+        if bool(failed) and error is None:
+            raise CorpusError("rank 0 could not prepare the data (see its error)")
+    if error is not None:
+        raise error
+    return data if is_main else load_data(args, tokenizer, world_size)
+
+
+def run(argv: Sequence[str] | None) -> int:
+    settings = explicit_settings(argv, os.environ)
+    base = TrainArgs().to_dict()
+    resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
+    if resumed is not None:
+        base = json.loads((resumed / TRAINER_META).read_text(encoding="utf-8"))["args"]
+    args = make_args(base, settings)
+    out_dir = Path(args.out_dir)
+    if args.if_missing and has_checkpoint(out_dir):
+        print(f"{out_dir} already holds a checkpoint; nothing to do (--if-missing)")
+        return 0
+    if resumed is None and has_checkpoint(out_dir):
+        raise UsageError(
+            f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
+            "continue, or choose another --out-dir"
+        )
+    device = resolve_device(args.device)
+    args = with_step_budget(args, device)
+    tokenizer = resolve_tokenizer(args, resumed)
+    # Validate the corpus on every rank (cheap) so bad input fails before any process waits.
+    if args.data:
+        load_documents(args.data)
+    dist_info = init_distributed(device)
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+            torch.cuda.set_device(device)
+        data = prepare_on_rank0(args, tokenizer, dist_info.world_size, dist_info.is_main)
+        config = (
+            # Dropout is a training setting, not part of the HF config: take it from the args.
+            read_config(resumed).replace(dropout=args.dropout)
+            if resumed is not None
+            else model_config(args, data.tokenizer.get_vocab_size(), device)
+        )
+        if dist_info.is_main:
+            print(
+                f"model: {config.num_parameters() / 1e6:.2f}M parameters "
+                f"(dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}); "
+                f"data: {data.meta['splits']['train']['tokens']:,} train tokens, "
+                f"{data.meta['splits']['val']['tokens']:,} val tokens; device {device}",
+                flush=True,
+            )
+        Trainer(args, data, config, device, dist_info, resume_from=resumed).train()
+    finally:
+        if dist_info.enabled:
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except (UsageError, CorpusError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""The training loop: AdamW, warmup + cosine, evaluation, checkpoints, logging, DDP.
+
+One optimizer step = `grad_accum` micro-batches of [batch_size, block_size] tokens
+per rank. The learning rate follows linear warmup, then a cosine from `lr` down to
+`lr * min_lr_ratio`; its progress is the larger of steps/decay_steps and, with
+`--max-time`, elapsed/max_time, so a time-boxed run still anneals before the clock
+runs out. Runs limited by steps resume bit-exactly; a time-boxed run cannot (how
+many steps fit depends on the clock), but resumes with its elapsed time restored.
+
+Checkpoints are the model/checkpoint.py format plus `training_state.pt` (plain
+tensors, numbers, strings, lists and dicts only, so `torch.load(weights_only=True)`
+reads it) and `trainer_meta.json`. Under DDP every rank trains on its own shard of
+the tokens; rank 0 alone evaluates, logs and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.checkpoint import (
+    END_OF_TEXT,
+    LATEST,
+    is_temporary,
+    load_weights,
+    read_config,
+    save_checkpoint,
+    write_json,
+)
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.sampling import BatchParams, SamplingParams, sample
+from model.transformer import Transformer
+from training.args import TrainArgs
+from training.data import BatchSampler
+from training.evaluate import EvalResult, evaluate_stream
+from training.prepare import PreparedData, token_byte_lengths
+
+TRAINING_STATE = "training_state.pt"
+TRAINER_META = "trainer_meta.json"
+LOG_FILE = "log.jsonl"
+BEST = "best"
+STEP_DIR = re.compile(r"step-\d{7}")
+PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes in the environment (a no-op without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    val: EvalResult | None
+    stopped_by: str  # "max_steps", "max_time", "signal", "early_stopping"
+
+
+def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    decay_steps = args.decay_steps or args.max_steps
+    progress = (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
+    if args.max_time:
+        progress = max(progress, elapsed / args.max_time)
+    progress = min(1.0, progress)
+    min_lr = args.lr * args.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device):
+    """AdamW; matrices decay, norm weights do not; fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda"
+    )
+
+
+# ---------------------------------------------------------------- RNG state as plain tensors
+
+
+def rng_state() -> dict:
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "python": {"version": py_version, "state": torch.tensor(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(
+        self,
+        args: TrainArgs,
+        data: PreparedData,
+        config: ModelConfig,
+        device: torch.device,
+        dist_info: DistInfo,
+        *,
+        resume_from: Path | None = None,
+    ) -> None:
+        self.args, self.data, self.device, self.dist = args, data, device, dist_info
+        self.out_dir = Path(args.out_dir)
+        self.autocast_dtype = (
+            torch.bfloat16
+            if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+            else None
+        )
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        torch.manual_seed(args.seed)
+        self.model = Transformer(config).to(device)
+        self.optimizer = make_optimizer(self.model, args, device)
+        self.sampler = BatchSampler(
+            data.train,
+            block_size=args.block_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            device=device,
+        )
+        self.byte_lengths = token_byte_lengths(data.tokenizer)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0  # training seconds of earlier runs this one resumes
+        self.best_val: float | None = None
+        self.evals_since_best = 0
+        self.last_val: EvalResult | None = None
+        self.first_batch_fingerprints: list[int] = []
+        self.evaluated_at = -1
+        self.last_train_loss: float | None = None
+        self.tokens_per_s = 0.0
+        self.lr = 0.0
+        self.stop_signal: int | None = None
+        self.started = time.perf_counter()
+        self.tensorboard = None
+        if resume_from is not None:
+            self._load(resume_from)
+        self.forward: Callable = self.model
+        if args.compile:
+            self.forward = torch.compile(self.model)
+        if dist_info.enabled:
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
+            )
+
+    # ------------------------------------------------------------ state
+
+    def _load(self, folder: Path) -> None:
+        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        # strict=False: the tied LM head is not stored separately.
+        self.model.load_state_dict(load_weights(folder, read_config(folder)), strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before = state["elapsed"]
+        self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
+        self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
+        generators = state["data"]["generators"]
+        if len(generators) == self.dist.world_size:
+            self.sampler.load_state_dict({"generator": generators[self.dist.rank]})
+        else:
+            print(
+                f"warning: resuming {len(generators)} ranks' data order on "
+                f"{self.dist.world_size}; batches will differ from an uninterrupted run"
+            )
+        set_rng_state(state["rng"])
+
+    def _training_state(self, generators: list[torch.Tensor]) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed(),
+            "best_val_loss": self.best_val,
+            "evals_since_best": self.evals_since_best,
+            "first_batch_fingerprints": self.first_batch_fingerprints,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "data": {"generators": generators},
+        }
+
+    def _meta(self) -> dict:
+        val = self.last_val
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wall_time": round(self.elapsed(), 3),
+            "val_loss": val.loss if val else None,
+            "val_bpb": val.bpb if val else None,
+            "best_val_loss": self.best_val,
+            "world_size": self.dist.world_size,
+            "first_batch_fingerprints": self.first_batch_fingerprints,
+            "data": {"cache": str(self.data.folder), **self.data.meta["splits"]},
+            "args": self.args.to_dict(),
+        }
+
+    def _gather_generators(self) -> list[torch.Tensor]:
+        """Every rank's data generator state (collective: all ranks must call it)."""
+        mine = self.sampler.generator.get_state()
+        if not self.dist.enabled:
+            return [mine]
+        states = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
+        dist.all_gather(states, mine)
+        return states
+
+    def save(self) -> Path | None:
+        """Write step-XXXXXXX from rank 0 and prune old ones. Collective under DDP."""
+        generators = self._gather_generators()
+        if not self.dist.is_main:
+            return None
+        state, meta = self._training_state(generators), self._meta()
+        extra = {
+            TRAINING_STATE: lambda path: torch.save(state, path),
+            TRAINER_META: lambda path: write_json(path, meta),
+        }
+        folder = save_checkpoint(
+            self.out_dir,
+            f"step-{self.step:07d}",
+            self.model,
+            self.data.tokenizer,
+            extra_files=extra,
+        )
+        self._prune()
+        return folder
+
+    def _prune(self) -> None:
+        steps = sorted(
+            p
+            for p in self.out_dir.iterdir()
+            if p.is_dir() and STEP_DIR.fullmatch(p.name) and not is_temporary(p.name)
+        )
+        latest = (self.out_dir / LATEST).read_text(encoding="utf-8").strip()
+        for old in steps[: -self.args.keep_last]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> EvalResult:
+        val = self.data.val
+        if self.args.eval_tokens:
+            val = val[: self.args.eval_tokens + 1]
+        result = evaluate_stream(
+            self.model,
+            val,
+            self.byte_lengths,
+            block_size=self.args.block_size,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.last_val = result
+        if self.best_val is None or result.loss < self.best_val:
+            self.best_val, self.evals_since_best = result.loss, 0
+        else:
+            self.evals_since_best += 1
+        return result
+
+    @torch.no_grad()
+    def preview(self) -> str:
+        """A short sample from <|endoftext|>, decoded with the KV cache."""
+        n = min(self.args.sample_tokens, self.args.block_size - 1)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        cache = KVCache.for_model(model.config, 1, device=self.device)
+        generator = torch.Generator(self.device).manual_seed(self.args.seed)
+        params = BatchParams.from_rows([PREVIEW_SAMPLING], self.device)
+        ids = [self.data.tokenizer.token_to_id(END_OF_TEXT)]
+        for position in range(n):
+            logits = model(
+                torch.tensor([ids[-1:]], device=self.device),
+                torch.tensor([[position]], device=self.device),
+                cache=cache,
+            )  # [1, 1, V]
+            ids.append(int(sample(logits[:, -1], params, [generator])))
+        model.train(was_training)
+        return self.data.tokenizer.decode(ids[1:])
+
+    # ------------------------------------------------------------ the loop
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out_dir / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def _should_stop(self) -> tuple[str | None, float]:
+        """(reason or None, elapsed seconds), agreed by all ranks in one collective."""
+        elapsed = self.elapsed()
+        out_of_time = self.args.max_time is not None and elapsed >= self.args.max_time
+        flags = [self.stop_signal is not None, out_of_time]
+        if self.dist.enabled:
+            agreed = torch.tensor([float(flags[0]), float(flags[1]), elapsed])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # rank-0-independent agreement
+            flags, elapsed = [bool(agreed[0]), bool(agreed[1])], float(agreed[2])
+        if flags[0]:
+            return "signal", elapsed
+        if flags[1]:
+            return "max_time", elapsed
+        return None, elapsed
+
+    def _handle_signal(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def train(self) -> TrainResult:
+        args, main = self.args, self.dist.is_main
+        self.started = time.perf_counter()
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:  # a fresh run starts a fresh log; a resumed one appends
+                (self.out_dir / LOG_FILE).write_text("", encoding="utf-8")
+            self.tensorboard = _tensorboard_writer(self.out_dir)
+        previous = {
+            s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        total = args.max_steps if args.max_time is None else None  # a clock, not steps, ends it
+        bar = tqdm(total=total, initial=self.step, disable=not main, dynamic_ncols=True)
+        try:
+            stopped_by = self._loop(bar)
+            if stopped_by != "signal" and self.evaluated_at != self.step:
+                self._eval_and_report(bar)
+            checkpoint = self.save()
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        if main:
+            where = f" -> {checkpoint}" if checkpoint else ""
+            print(f"stopped at step {self.step} ({stopped_by}){where}", flush=True)
+        return TrainResult(self.step, checkpoint, self.last_val, stopped_by)
+
+    def _eval_and_report(self, bar: tqdm) -> None:
+        if not self.dist.is_main:
+            return
+        result = self.evaluate()
+        self.evaluated_at = self.step
+        self._log(
+            {
+                "kind": "eval",
+                "step": self.step,
+                "tokens": self.tokens_seen,
+                "train_loss": self.last_train_loss,
+                "val_loss": result.loss,
+                "val_bpb": result.bpb,
+                "lr": self.lr,
+                "tokens_per_s": self.tokens_per_s,
+                "wall_time": round(self.elapsed(), 3),
+            }
+        )
+        bar.write(f"step {self.step}: val loss {result.loss:.4f} nats/token, {result.bpb:.4f} bpb")
+        if self.evals_since_best == 0:
+            # best/ is for serving, so it carries no resumable state (that needs every rank).
+            meta = self._meta()
+            save_checkpoint(
+                self.out_dir,
+                BEST,
+                self.model,
+                self.data.tokenizer,
+                extra_files={TRAINER_META: lambda path: write_json(path, meta)},
+                update_latest=False,
+            )
+        if self.args.sample_tokens:
+            bar.write(f"sample: {self.preview()!r}")
+
+    def _loop(self, bar: tqdm) -> str:
+        args = self.args
+        B, T = args.batch_size, args.block_size
+        positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
+        tokens_per_step = B * T * args.grad_accum * self.dist.world_size
+        loss_sum = torch.zeros((), device=self.device)
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < args.max_steps:
+            reason, elapsed = self._should_stop()
+            if reason:
+                return reason
+            self.lr = lr_at(args, self.step, elapsed)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            for micro in range(args.grad_accum):
+                x, y = self.sampler.next_batch()
+                if not self.first_batch_fingerprints and self.step == 0 and micro == 0:
+                    self._record_fingerprints(x)
+                sync = micro == args.grad_accum - 1 or not self.dist.enabled
+                with (
+                    contextlib.nullcontext() if sync else self.forward.no_sync(),
+                    self._autocast(),
+                ):
+                    logits = self.forward(x, positions)  # [B, T, V]
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach() / args.grad_accum
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            bar.update(1)
+            if self.step % args.log_interval == 0:
+                now = time.perf_counter()
+                self.last_train_loss = loss_sum.item() / args.log_interval  # the one sync
+                self.tokens_per_s = window_tokens / (now - window_start)
+                loss_sum.zero_()
+                window_start, window_tokens = now, 0
+                bar.set_postfix(
+                    loss=f"{self.last_train_loss:.4f}", tok_s=f"{self.tokens_per_s:.0f}"
+                )
+                self._log(
+                    {
+                        "kind": "train",
+                        "step": self.step,
+                        "loss": self.last_train_loss,
+                        "lr": self.lr,
+                        "tokens_per_s": self.tokens_per_s,
+                    }
+                )
+            if self.step % args.eval_interval == 0:
+                self._eval_and_report(bar)
+                if self._early_stop():
+                    return "early_stopping"
+            if self.step % args.save_interval == 0 and self.step < args.max_steps:
+                self.save()
+        return "max_steps"
+
+    def _early_stop(self) -> bool:
+        stop = bool(self.args.patience) and self.evals_since_best >= self.args.patience
+        if self.dist.enabled:
+            flag = torch.tensor([float(stop)])
+            dist.broadcast(flag, src=0)  # only rank 0 evaluates
+            stop = bool(flag)
+        return stop
+
+    def _record_fingerprints(self, x: torch.Tensor) -> None:
+        """Each rank's first-batch token sum, kept in trainer_meta.json to show ranks differ."""
+        mine = x.sum().reshape(1).cpu()
+        if self.dist.enabled:
+            everyone = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
+            dist.all_gather(everyone, mine)
+        else:
+            everyone = [mine]
+        self.first_batch_fingerprints = [int(t) for t in everyone]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
