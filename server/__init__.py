@@ -1,0 +1,1 @@
+"""Serves checkpoints over HTTP: continuous batching, SSE streaming, Prometheus metrics."""

@@ -1,0 +1,127 @@
+"""`python -m server`: serve a checkpoint with uvicorn.
+
+Every Settings field is a flag (`--max-batch`) and an env var (`POCKETGPT_MAX_BATCH`);
+a flag wins over the env var. The checkpoint is checked before the server starts,
+so a bad one ends the process with one line naming the problem and exit status 2.
+
+SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
+requests finish (up to --drain-timeout), then uvicorn shuts down and the process
+exits 0. A second signal shuts down without waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import typing
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+if typing.TYPE_CHECKING:
+    from fastapi import FastAPI
+
+HEADER_LIMIT_BYTES = 16 * 1024  # uvicorn answers 400 to a request head larger than this
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a pocketgpt checkpoint: POST /v1/generate (JSON or SSE), "
+        "GET /health, GET /v1/models, GET /metrics.",
+    )
+    for name, field in Settings.model_fields.items():
+        env = f"POCKETGPT_{name.upper()}"
+        default = "unset" if field.default is None else field.default
+        choices = (
+            typing.get_args(field.annotation)
+            if typing.get_origin(field.annotation) is typing.Literal
+            else None
+        )
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            choices=choices,
+            help=f"{field.description} (env {env}; default {default})",
+        )
+    return parser
+
+
+def check_checkpoint(settings: Settings) -> None:
+    """Fail fast, before binding a port, on anything that would stop the model loading."""
+    from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
+    from server.app import resolve_device
+    from server.detokenizer import token_bytes
+
+    resolve_device(settings.device)
+    folder = resolve_checkpoint(settings.checkpoint)
+    load_weights(folder, read_config(folder))
+    token_bytes(load_tokenizer(folder))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain phase before its own graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        serving = self.app.state.serving
+        if self.drain_deadline is not None or serving is None:
+            self.should_exit = True  # a second signal, or nothing to drain
+            return
+        # Not re-raised after shutdown (uvicorn would): a drained exit is a clean exit.
+        self.drain_deadline = time.monotonic() + self.drain_timeout
+        self.app.state.status = "draining"
+        serving.engine.begin_drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            idle = self.app.state.serving.engine.num_unfinished == 0
+            self.should_exit = idle or time.monotonic() >= self.drain_deadline
+        return await super().on_tick(counter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+            for err in e.errors()
+        )
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    # Imported only now (torch is slow to import), so --help and flag errors are instant.
+    from model.checkpoint import CheckpointError
+    from server.app import create_app
+
+    try:
+        check_checkpoint(settings)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, app, settings.drain_timeout).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

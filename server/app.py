@@ -1,0 +1,170 @@
+"""create_app(settings): the FastAPI app, its error envelope and its lifespan.
+
+The lifespan starts loading the model in a worker thread and returns at once, so
+the server answers (GET /health: 503 "loading") while the weights load and warm
+up; once ready the engine starts and /health turns 200. On shutdown it stops
+admitting (503), lets unfinished requests run up to `drain_timeout`, then stops
+the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from model.checkpoint import END_OF_TEXT, load_model, load_tokenizer, resolve_checkpoint
+from server.engine import Engine
+from server.metrics import Metrics
+from server.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestCounter,
+    error_response,
+)
+from server.protocol import ApiError
+from server.routes import Serving, router
+from server.settings import Settings
+from server.validation import Validator, invalid_request
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_name(settings: Settings) -> str:
+    return settings.model_name or Path(settings.checkpoint).resolve().name
+
+
+def load_serving(settings: Settings, metrics: Metrics) -> Serving:
+    """Load the checkpoint, build the engine and warm it up (blocking; a worker thread)."""
+    device = resolve_device(settings.device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    folder = resolve_checkpoint(settings.checkpoint)
+    model = load_model(folder, device=device, dtype=resolve_dtype(settings.dtype, device))
+    tokenizer = load_tokenizer(folder)
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    if eos_id is None:
+        raise ValueError(f"{folder}: the tokenizer has no {END_OF_TEXT} token")
+    engine = Engine(
+        model,
+        tokenizer,
+        eos_id=eos_id,
+        n_slots=settings.max_batch,
+        max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk,
+        metrics=metrics,
+    )
+    with torch.inference_mode():
+        engine.runner.warm_up()
+    max_context = model.config.max_seq_len
+    return Serving(
+        engine, Validator(tokenizer, max_context, eos_id), model_name(settings), max_context
+    )
+
+
+async def _load(app: FastAPI) -> None:
+    started = time.perf_counter()
+    try:
+        serving = await asyncio.to_thread(load_serving, app.state.settings, app.state.metrics)
+    except Exception as e:
+        log.exception("loading the model failed")
+        app.state.status = f"failed to load: {e}"
+        return
+    serving.engine.start(asyncio.get_running_loop())
+    app.state.metrics.model_load.set(time.perf_counter() - started)
+    app.state.serving = serving
+    app.state.status = "ready"
+    log.info("model %s ready in %.2f s", serving.model_name, time.perf_counter() - started)
+
+
+async def _drain(app: FastAPI) -> None:
+    serving: Serving | None = app.state.serving
+    if serving is None:
+        return
+    app.state.status = "draining"
+    serving.engine.begin_drain()
+    if not await serving.engine.wait_idle(app.state.settings.drain_timeout):
+        log.warning("drain timeout: %d requests cut off", serving.engine.num_unfinished)
+    serving.engine.stop()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    loading = asyncio.create_task(_load(app))
+    try:
+        yield
+    finally:
+        if not loading.done():
+            loading.cancel()  # the worker thread finishes on its own; its result is unused
+        await _drain(app)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(invalid_request(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+    return error_response(ApiError(exc.status_code, error_type, str(exc.detail), exc.headers))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "internal_error", "internal server error"))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="pocketgpt",
+        summary="Text generation with continuous batching and SSE streaming",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+    app.state.serving = None
+    app.state.status = "loading"
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    # Added last = outermost: count every answer, then authenticate, then bound the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestCounter, counter=metrics.requests)
+    return app

@@ -1,0 +1,104 @@
+"""Incremental detokenization: token ids in, UTF-8-safe text deltas out.
+
+Each token maps to its raw bytes once, up front (`token_bytes`), so a step costs a
+table lookup plus an incremental UTF-8 decoder call, never a re-decode of the text
+so far. The decoder keeps an incomplete multi-byte character until its last byte
+arrives, so a character split across tokens is never emitted as U+FFFD; bytes that
+can never form a character become U+FFFD exactly as a one-shot decode would, so
+the concatenated deltas always equal the text decoded in one go.
+
+Stop strings are held back: text that could be the start of a stop string is not
+emitted until it cannot be; a stop string found (even across token boundaries)
+ends the text just before it, and is never emitted itself.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+from functools import cache
+
+from tokenizers import Tokenizer, decoders
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """Raw bytes of every token id; special tokens decode to nothing (as in `decode`).
+
+    Needs a byte-level BPE (what the trainer writes): its token strings are bytes
+    in GPT-2's printable alphabet, so the mapping is exact.
+    """
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        raise ValueError(
+            f"unsupported tokenizer decoder {type(tokenizer.decoder).__name__}; "
+            "the server streams byte-level BPE tokenizers (the trainer's format)"
+        )
+    table = _byte_decoder()
+    added = tokenizer.get_added_tokens_decoder()
+    out = []
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        token = added.get(token_id)
+        if token is not None:
+            out.append(b"" if token.special else token.content.encode("utf-8"))
+        else:
+            piece = tokenizer.id_to_token(token_id) or ""
+            out.append(bytes(table[c] for c in piece))
+    return out
+
+
+class IncrementalDetokenizer:
+    def __init__(self, table: Sequence[bytes], stop: Sequence[str] = ()) -> None:
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(stop)
+        self._pending = ""  # decoded but not yet emitted (a possible stop-string start)
+        self.stopped = False  # a stop string was found; the text is complete
+
+    def add(self, token_id: int) -> str:
+        """The text that token `token_id` makes safe to emit (often "", never U+FFFD
+        for a split character)."""
+        return self._release(self._utf8.decode(self._table[token_id]))
+
+    def finish(self) -> str:
+        """Everything still held back (the text ended without a stop string)."""
+        if self.stopped:
+            return ""
+        text = self._release(self._utf8.decode(b"", final=True))
+        if self.stopped:
+            return text
+        text, self._pending = text + self._pending, ""
+        return text
+
+    def _release(self, text: str) -> str:
+        if not self._stop:
+            return text
+        pending = self._pending + text
+        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return pending[:cut]
+        hold = max(_overlap(pending, s) for s in self._stop)
+        self._pending = pending[len(pending) - hold :]
+        return pending[: len(pending) - hold]
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

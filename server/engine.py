@@ -1,0 +1,359 @@
+"""Engine: the model thread, per-request output queues, cancellation.
+
+`submit()` (event-loop thread) registers a request with the scheduler and returns a
+`RequestStream`, an async iterator over that request's `RequestOutput`s. The model
+thread loops: apply cancellations, `schedule()`, run the step (slot moves, one
+batched decode for every running row, one padded prefill for this step's prompt
+chunks), sample, detokenize, `update_from_output()`, then hand the step's outputs
+to the event loop with a single `loop.call_soon_threadsafe`.
+
+Threading: the scheduler is guarded by `_cond` (held only for bookkeeping, never
+during a forward); everything else on the model side is touched by the model
+thread alone. A closed stream asks for cancellation; the model thread applies it
+before its next step, which frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from model.transformer import Transformer
+from server.detokenizer import IncrementalDetokenizer, token_bytes
+from server.metrics import Metrics
+from server.runner import ModelRunner, PrefillInput
+from server.sampler import Sampler, SamplingBatch, make_generator
+from server.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from server.validation import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(Exception):
+    """The engine is draining or stopped and admits nothing new."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    text: str  # delta since the previous output
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" on the last output
+    prompt_tokens: int
+    completion_tokens: int
+    error: Exception | None = None  # set (and last) when the engine failed the request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; `close()` cancels an unfinished one."""
+
+    def __init__(self, request: GenerationRequest, engine: Engine) -> None:
+        self.request = request
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._engine = engine
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        output = await self.queue.get()
+        self._done = output.finished
+        return output
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self.request.request_id)
+
+
+@dataclass
+class _Live:
+    """Model-thread state of one submitted request."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    last_token: int = -1
+    num_generated: int = 0
+    last_token_at: float = 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        eos_id: int,
+        n_slots: int,
+        max_queue: int,
+        prefill_chunk: int,
+        metrics: Metrics,
+    ) -> None:
+        self.runner = ModelRunner(model, n_slots)
+        self.sampler = Sampler(n_slots, model.config.vocab_size, self.runner.device)
+        self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
+        self.metrics = metrics
+        self.eos_id = eos_id
+        self._token_bytes = token_bytes(tokenizer)
+        self._live: dict[str, _Live] = {}
+        self._cancelled: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._decode_key: tuple[tuple[str, int], ...] = ()
+        self._decode_batch: SamplingBatch | None = None
+
+    # ------------------------------------------------------------ event-loop side
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="pocketgpt-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._live)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue `request`; raises EngineUnavailable, or QueueFull past the queue bound."""
+        stream = RequestStream(request, self)
+        live = _Live(
+            request,
+            stream,
+            IncrementalDetokenizer(self._token_bytes, request.stop),
+            make_generator(request.seed, self.runner.device),
+        )
+        with self._cond:
+            if self._draining or self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            self.scheduler.add(ScheduledRequest(request.request_id, len(request.prompt_ids)))
+            self._live[request.request_id] = live
+            self.metrics.waiting.set(self.scheduler.num_waiting)
+            self._cond.notify()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    def begin_drain(self) -> None:
+        """Admit nothing new; requests already submitted run to completion."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._live
+
+    def stop(self) -> None:
+        """Stop the model thread; requests still unfinished get an error output."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._publish(
+            [
+                (live.stream, self._failure(live, EngineUnavailable("the server shut down")))
+                for live in self._live.values()
+            ]
+        )
+        self._live.clear()
+
+    # ------------------------------------------------------------ model thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._cancelled or self.scheduler.has_work):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._apply_cancellations()
+                    output = self.scheduler.schedule()
+                    self._update_gauges()
+                if output.is_empty:
+                    continue
+                try:
+                    finished, deliveries = self._execute(output)
+                except Exception as e:  # a bug or device failure: fail this step's requests
+                    log.exception("engine step failed")
+                    finished, deliveries = self._fail_step(output, e)
+                with self._cond:
+                    self.scheduler.update_from_output(output, finished)
+                    self._update_gauges()
+                self._publish(deliveries)
+
+    def _apply_cancellations(self) -> None:
+        for request_id in self._cancelled:
+            if self.scheduler.cancel(request_id):
+                self._live.pop(request_id, None)
+                self.metrics.finished.labels("cancelled").inc()
+        self._cancelled.clear()
+
+    def _update_gauges(self) -> None:
+        running = self.scheduler.num_running
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(self.scheduler.num_waiting)
+        self.metrics.kv_cache_usage.set(running / self.scheduler.n_slots)
+
+    def _execute(
+        self, output: SchedulerOutput
+    ) -> tuple[list[str], list[tuple[RequestStream, RequestOutput]]]:
+        for move in output.moves:
+            self.runner.move_slot(move.src, move.dst, move.length)
+            self.sampler.move(move.src, move.dst)
+        now = time.perf_counter()
+        for request_id in output.admitted:
+            request = self._live[request_id].request
+            self.metrics.queue_time.observe(now - request.arrival)
+            self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+
+        rows: list[_Live] = []
+        sampled: list[torch.Tensor] = []
+        if output.decodes:
+            lives = [self._live[row.request_id] for row in output.decodes]
+            batch = self._decode_sampling(output, lives)
+            logits = self.runner.decode(
+                [live.last_token for live in lives],
+                [row.position for row in output.decodes],
+                batch.slots,
+            )
+            sampled.append(self.sampler.sample(logits, batch))
+            rows += lives
+            self.metrics.batch_size.observe(len(lives))
+        if output.prefills:
+            lives = [self._live[chunk.request_id] for chunk in output.prefills]
+            logits = self.runner.prefill(
+                [
+                    PrefillInput(c.slot, live.request.prompt_ids[c.start : c.end], c.start)
+                    for c, live in zip(output.prefills, lives, strict=True)
+                ]
+            )
+            done = [i for i, c in enumerate(output.prefills) if c.completes_prompt]
+            if done:
+                starting = [lives[i] for i in done]
+                slots = [output.prefills[i].slot for i in done]
+                for slot, live in zip(slots, starting, strict=True):
+                    self.sampler.start(slot, live.request.prompt_ids)
+                batch = self.sampler.batch(
+                    slots,
+                    [live.request.sampling for live in starting],
+                    [live.generator for live in starting],
+                )
+                sampled.append(self.sampler.sample(logits[done], batch))
+                rows += starting
+        if not rows:
+            return [], []
+
+        token_ids = torch.cat(sampled).tolist()  # the step's one device sync
+        now = time.perf_counter()
+        self.metrics.generation_tokens.inc(len(token_ids))
+        finished, deliveries = [], []
+        for live, token_id in zip(rows, token_ids, strict=True):
+            out = self._advance(live, token_id, now)
+            deliveries.append((live.stream, out))
+            if out.finished:
+                finished.append(out.request_id)
+                del self._live[out.request_id]
+                self.metrics.finished.labels(out.finish_reason).inc()
+                self.metrics.request_latency.observe(now - live.request.arrival)
+        return finished, deliveries
+
+    def _decode_sampling(self, output: SchedulerOutput, lives: list[_Live]) -> SamplingBatch:
+        """The decode batch's sampling tensors, rebuilt only when its rows or slots change."""
+        key = tuple((row.request_id, row.slot) for row in output.decodes)
+        if key != self._decode_key or self._decode_batch is None:
+            self._decode_batch = self.sampler.batch(
+                [row.slot for row in output.decodes],
+                [live.request.sampling for live in lives],
+                [live.generator for live in lives],
+            )
+            self._decode_key = key
+        return self._decode_batch
+
+    def _advance(self, live: _Live, token_id: int, now: float) -> RequestOutput:
+        request = live.request
+        live.num_generated += 1
+        if live.num_generated == 1:
+            self.metrics.time_to_first_token.observe(now - request.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - live.last_token_at)
+        live.last_token, live.last_token_at = token_id, now
+        reason = None
+        if token_id == self.eos_id and not request.ignore_eos:
+            text, reason = live.detokenizer.finish(), "stop"
+        else:
+            text = live.detokenizer.add(token_id)
+            if live.detokenizer.stopped:
+                reason = "stop"
+            elif live.num_generated >= request.max_tokens:
+                text, reason = text + live.detokenizer.finish(), "length"
+        return RequestOutput(
+            request.request_id,
+            text,
+            [token_id],
+            reason,
+            len(request.prompt_ids),
+            live.num_generated,
+        )
+
+    def _fail_step(
+        self, output: SchedulerOutput, error: Exception
+    ) -> tuple[list[str], list[tuple[RequestStream, RequestOutput]]]:
+        self._decode_key, self._decode_batch = (), None
+        ids = {row.request_id for row in output.decodes}
+        ids |= {chunk.request_id for chunk in output.prefills}
+        deliveries = []
+        for request_id in ids:
+            live = self._live.pop(request_id)
+            deliveries.append((live.stream, self._failure(live, error)))
+            self.metrics.finished.labels("error").inc()
+        return list(ids), deliveries
+
+    @staticmethod
+    def _failure(live: _Live, error: Exception) -> RequestOutput:
+        return RequestOutput(
+            live.request.request_id,
+            "",
+            [],
+            None,
+            len(live.request.prompt_ids),
+            live.num_generated,
+            error=error,
+        )
+
+    def _publish(self, deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
+        if deliveries and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, output in deliveries:
+        stream.queue.put_nowait(output)

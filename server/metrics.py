@@ -1,0 +1,73 @@
+"""Every Prometheus metric the server exports, defined once (prefix `pocketgpt_`).
+
+Each app gets its own CollectorRegistry, so several apps in one process (tests)
+never collide on metric names. prometheus_client is thread-safe: the engine thread
+records directly.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, fds ...
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"pocketgpt_{name}", doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"pocketgpt_{name}", doc, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"pocketgpt_{name}", doc, buckets=buckets, registry=registry)
+
+        self.requests = counter(
+            "requests_total", "POST /v1/generate responses by HTTP status", ("status",)
+        )
+        self.finished = counter(
+            "request_finished_total",
+            "generations ended, by reason (stop, length, cancelled, error)",
+            ("reason",),
+        )
+        for reason in FINISH_REASONS:  # export zeros, so rates work before the first one
+            self.finished.labels(reason)
+        self.running = gauge("requests_running", "requests holding a KV-cache slot")
+        self.waiting = gauge("requests_waiting", "requests queued for a KV-cache slot")
+        self.prompt_tokens = counter("prompt_tokens_total", "prompt tokens admitted")
+        self.generation_tokens = counter("generation_tokens_total", "tokens generated")
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "arrival to first generated token", _LATENCY_BUCKETS
+        )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "time between a request's tokens", _TOKEN_BUCKETS
+        )
+        self.request_latency = histogram(
+            "request_latency_seconds", "arrival to the last token", _LATENCY_BUCKETS
+        )
+        self.queue_time = histogram(
+            "queue_time_seconds", "arrival to admission into a slot", _LATENCY_BUCKETS
+        )
+        self.batch_size = histogram("batch_size", "rows in each decode step", _BATCH_BUCKETS)
+        self.kv_cache_usage = gauge("kv_cache_usage_ratio", "fraction of KV-cache slots in use")
+        self.model_load = gauge("model_load_seconds", "time to load and warm up the model")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

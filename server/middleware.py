@@ -1,0 +1,117 @@
+"""ASGI guards at the edge, before FastAPI sees a request: API key, body size, counting.
+
+Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched.
+FastAPI has no request-body limit of its own, hence `BodyLimitMiddleware`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from prometheus_client import Counter
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.protocol import ApiError
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        error.body().model_dump(), status_code=error.status_code, headers=error.headers
+    )
+
+
+class ApiKeyMiddleware:
+    """Require `Authorization: Bearer <key>` on paths under `prefix` (401 otherwise)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            # compare_digest: the time taken does not depend on how much of the key matched.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = ApiError(
+                    401,
+                    "authentication_error",
+                    "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Answer 413 for a body over `max_bytes`, by Content-Length or by bytes actually sent.
+
+    The body is read here (it is small by construction) and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ApiError(
+            413, "request_too_large", f"the request body exceeds {self.max_bytes} bytes"
+        )
+        await error_response(error)(scope, receive, send)
+
+
+class RequestCounter:
+    """Count the responses to `path` by status, whoever produced them (app or guard)."""
+
+    def __init__(self, app: ASGIApp, counter: Counter, path: str = "/v1/generate") -> None:
+        self.app = app
+        self.counter = counter
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.counter.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

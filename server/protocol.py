@@ -1,0 +1,105 @@
+"""The HTTP contract: request and response bodies, and the error envelope.
+
+Field bounds that need no model knowledge live here (pydantic -> 422); bounds that
+need the tokenizer or the context length live in validation.py (-> 400).
+Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penalty`
+(OpenAI semantics) and `ignore_eos` (generate exactly max_tokens, for benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
+
+FinishReason = Literal["stop", "length"]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="text to continue; empty = start of a document")
+    max_tokens: int = Field(128, ge=1, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (
+        Field(None, description="strings that end the text; never part of it")
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    ignore_eos: bool = Field(False, description="keep generating past end-of-text")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class StreamChunk(BaseModel):
+    """One SSE event; `finish_reason` and `usage` are set on the last one only."""
+
+    id: str
+    text: str  # the delta since the previous event
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "pocketgpt"
+    max_context: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error answered with the envelope `{"error": {"type", "message"}}`."""
+
+    def __init__(
+        self, status_code: int, type: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.type = type
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(type=self.type, message=self.message))

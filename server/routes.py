@@ -1,0 +1,177 @@
+"""HTTP routes: /v1/generate (JSON or SSE), /health, /v1/models, /metrics.
+
+Routes translate only: validation.py turns the body into a GenerationRequest, the
+engine runs it, and its outputs become a JSON body or one SSE event per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request, Response
+from fastapi.sse import EventSourceResponse, format_sse_event
+
+from server.engine import Engine, EngineUnavailable, RequestOutput, RequestStream
+from server.metrics import CONTENT_TYPE
+from server.protocol import (
+    ApiError,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    StreamChunk,
+    Usage,
+)
+from server.scheduler import QueueFull
+from server.validation import Validator
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+RETRY_AFTER_SECONDS = "1"
+# As FastAPI's own SSE endpoints send: no caching, and no buffering in nginx.
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the routes need once the model is loaded (app.state.serving)."""
+
+    engine: Engine
+    validator: Validator
+    model_name: str
+    max_context: int
+
+
+def _serving(request: Request) -> Serving:
+    serving: Serving | None = request.app.state.serving
+    if serving is None:
+        raise ApiError(503, "unavailable", f"the model is not ready ({request.app.state.status})")
+    if serving.engine.draining:
+        raise ApiError(503, "unavailable", "the server is shutting down")
+    return serving
+
+
+_ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 429, 503)
+}
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses=_ERROR_RESPONSES)
+async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
+    """Generate a continuation of `prompt`: one JSON body, or SSE events with `stream`."""
+    serving = _serving(request)
+    generation = serving.validator.validate(body)
+    try:
+        stream = serving.engine.submit(generation)
+    except QueueFull:
+        raise ApiError(
+            429,
+            "queue_full",
+            "too many requests are waiting; retry later",
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        ) from None
+    except EngineUnavailable as e:
+        raise ApiError(503, "unavailable", str(e)) from None
+    if body.stream:
+        return EventSourceResponse(_events(stream), headers=_SSE_HEADERS)
+    return await _complete(stream, request, serving.model_name)
+
+
+def _usage(output: RequestOutput) -> Usage:
+    return Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )
+
+
+def _engine_error(output: RequestOutput) -> ApiError:
+    if isinstance(output.error, EngineUnavailable):
+        return ApiError(503, "unavailable", str(output.error))
+    return ApiError(500, "internal_error", f"generation failed: {output.error}")
+
+
+async def _events(stream: RequestStream) -> AsyncIterator[bytes]:
+    """One SSE event per engine step, a last one with usage, then [DONE].
+
+    A client that disconnects cancels this generator; `close()` cancels the request.
+    """
+    try:
+        async for output in stream:
+            if output.error is not None:
+                error = _engine_error(output).body().model_dump_json()
+                yield format_sse_event(data_str=error)
+                return
+            chunk = StreamChunk(
+                id=output.request_id,
+                text=output.text,
+                token_ids=output.token_ids,
+                finish_reason=output.finish_reason,
+                usage=_usage(output) if output.finish_reason else None,
+            )
+            yield format_sse_event(
+                data_str=chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"})
+            )
+        yield format_sse_event(data_str="[DONE]")
+    finally:
+        stream.close()
+
+
+async def _complete(stream: RequestStream, request: Request, model_name: str) -> Response:
+    """Collect the whole text; stop early (and cancel) if the client disconnects."""
+    collect = asyncio.ensure_future(_collect(stream))
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        collect.cancel()
+        stream.close()
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    text, last = collect.result()
+    if last.error is not None:
+        raise _engine_error(last)
+    response = GenerateResponse(
+        id=last.request_id,
+        model=model_name,
+        text=text,
+        finish_reason=last.finish_reason,
+        usage=_usage(last),
+    )
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+async def _collect(stream: RequestStream) -> tuple[str, RequestOutput]:
+    parts = []
+    async for output in stream:
+        parts.append(output.text)
+        last = output
+    return "".join(parts), last
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, str]:
+    """200 once the model is loaded and warm; 503 while loading or draining."""
+    _serving(request)
+    return {"status": "ready"}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    serving = _serving(request)
+    return ModelList(data=[ModelCard(id=serving.model_name, max_context=serving.max_context)])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,71 @@
+"""ModelRunner: the model and its KV cache; prefill and decode forwards.
+
+Called from the engine thread only, inside `torch.inference_mode()`. Inputs are
+Python lists from the scheduler; outputs are last-position logits [rows, V].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.kv_cache import KVCache
+from model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class PrefillInput:
+    slot: int
+    token_ids: Sequence[int]  # the chunk's tokens
+    start: int  # position of the first one
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, n_slots: int) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_len = model.config.max_seq_len
+        self.cache = KVCache.for_model(model.config, n_slots, device=self.device, dtype=self.dtype)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+
+    def prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:
+        """Write every chunk's K/V in one padded forward -> logits [P, V] at each chunk's end."""
+        width = max(len(c.token_ids) for c in chunks)
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            tokens[row, : len(chunk.token_ids)] = torch.tensor(chunk.token_ids)
+        starts = torch.tensor([c.start for c in chunks])
+        # Padding continues each row's positions (clamped to the cache): harmless, as
+        # positions past a row's end are rewritten before any query reads them.
+        positions = (starts[:, None] + torch.arange(width)).clamp_(max=self.max_len - 1)
+        last = torch.tensor([len(c.token_ids) - 1 for c in chunks])
+        slots = torch.tensor([c.slot for c in chunks])
+        logits = self.model(
+            tokens.to(self.device),
+            positions.to(self.device),
+            self.cache,
+            slots.to(self.device),
+            logits_at=last.to(self.device),
+        )  # [P, 1, V]
+        return logits[:, 0]
+
+    def decode(
+        self, token_ids: Sequence[int], positions: Sequence[int], slots: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per row at its position -> logits [B, V]. slots: [B] on the device."""
+        tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
+        return self.model(tokens, pos, self.cache, slots)[:, 0]
+
+    def warm_up(self) -> None:
+        """Run each kind of forward once so the first request does not pay for setup."""
+        n = self.cache.n_slots
+        self.prefill([PrefillInput(0, [0] * min(16, self.max_len), 0)])
+        slots = torch.arange(n, device=self.device)
+        self.decode([0] * n, [0] * n, slots)

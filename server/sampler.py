@@ -1,0 +1,67 @@
+"""Batched sampling over rows with their own parameters, generators and token counts.
+
+model/sampling.py does the maths; this keeps what it needs across steps: a
+`SamplingBatch` (the [B] parameter tensors, built once per batch composition, and
+each row's generator) and per-slot token counts [slots, V] for the penalties.
+Counts cover prompt and generated tokens (HF's repetition-penalty convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.sampling import BatchParams, SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    slots: torch.Tensor  # [B] KV-cache slot of each row, on the device
+    params: BatchParams
+    generators: list[torch.Generator | None]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A row's own generator, so a seeded request draws the same alone or batched."""
+    if seed is None:
+        return None  # the global generator: unseeded draws need no reproducibility
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Sampler:
+    def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
+        self.device = device
+        self.counts = torch.zeros(n_slots, vocab_size, device=device)  # [slots, V]
+
+    def batch(
+        self,
+        slots: Sequence[int],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplingBatch:
+        return SamplingBatch(
+            torch.tensor(slots, device=self.device),
+            BatchParams.from_rows(params, self.device),
+            list(generators),
+        )
+
+    def start(self, slot: int, prompt_ids: Sequence[int]) -> None:
+        """Reset `slot`'s counts to the prompt's."""
+        row = self.counts[slot]
+        row.zero_()
+        ids = torch.tensor(prompt_ids, device=self.device)
+        row.index_add_(0, ids, torch.ones(len(prompt_ids), device=self.device))
+
+    def move(self, src: int, dst: int) -> None:
+        self.counts[dst] = self.counts[src]
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (on the device)."""
+        if not batch.params.any_penalty:
+            return sample(logits, batch.params, batch.generators)
+        ids = sample(logits, batch.params, batch.generators, self.counts[batch.slots])
+        ones = torch.ones(len(ids), device=self.device)
+        self.counts.index_put_((batch.slots, ids), ones, accumulate=True)
+        return ids

@@ -1,0 +1,195 @@
+"""Continuous-batching scheduler: a pure state machine (no torch, no asyncio).
+
+One engine step is `schedule()` -> execute on the model -> `update_from_output()`.
+Each step every request whose prompt is cached decodes one token, and waiting or
+partly-prefilled requests get prompt chunks up to a token budget, so a long prompt
+costs running streams at most one chunk of latency per step.
+
+A request owns one KV-cache slot from admission to finish. Slots are handed out
+lowest-first, and when a request leaves a hole below an occupied slot the highest
+occupant is moved down into it (a `SlotMove` the runner copies): running requests
+then hold a contiguous run of slots, which the model reads as a view, not a gather.
+
+Token accounting per request: `num_cached` tokens have K/V in the slot and
+`num_generated` tokens have been sampled. A decode feeds the newest sampled token at
+position `num_cached`; the chunk that completes the prompt samples the first token.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    prompt_len: int  # >= 1
+    slot: int = -1  # -1 while waiting
+    num_cached: int = 0
+    num_generated: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.num_generated > 0
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    request_id: str
+    slot: int
+    start: int  # prompt positions [start, end) are written this step
+    end: int
+    completes_prompt: bool  # sample the first token from position end - 1
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    request_id: str
+    slot: int
+    position: int  # where the newest sampled token is written
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    src: int
+    dst: int
+    length: int  # cached positions [0, length) to copy
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    moves: tuple[SlotMove, ...]  # apply before running this step
+    decodes: tuple[DecodeRow, ...]  # ordered by slot
+    prefills: tuple[PrefillChunk, ...]
+    admitted: tuple[str, ...]  # left the waiting queue this step
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_waiting: int, prefill_budget: int) -> None:
+        if n_slots < 1 or max_waiting < 0 or prefill_budget < 1:
+            raise ValueError("n_slots and prefill_budget must be >= 1, max_waiting >= 0")
+        self.n_slots = n_slots
+        self.max_waiting = max_waiting
+        self.prefill_budget = prefill_budget
+        self.waiting: deque[ScheduledRequest] = deque()
+        self.running: dict[str, ScheduledRequest] = {}  # in admission order
+        self._free: list[int] = list(range(n_slots))  # a min-heap
+        self._by_slot: list[ScheduledRequest | None] = [None] * n_slots
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: ScheduledRequest) -> None:
+        if request.prompt_len < 1:
+            raise ValueError("a request needs at least one prompt token")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting or running request; False if it is not (or no longer) here."""
+        request = self.running.get(request_id)
+        if request is not None:
+            self._release(request)
+            return True
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return True
+        return False
+
+    def schedule(self) -> SchedulerOutput:
+        moves = self._compact()
+        decodes = sorted(
+            (
+                DecodeRow(r.request_id, r.slot, r.num_cached)
+                for r in self.running.values()
+                if r.decoding
+            ),
+            key=lambda row: row.slot,
+        )
+        budget = self.prefill_budget
+        prefills: list[PrefillChunk] = []
+        for request in self.running.values():
+            if budget == 0:
+                break
+            if not request.decoding:
+                budget -= self._chunk(request, budget, prefills)
+        admitted: list[str] = []
+        while budget > 0 and self.waiting and self._free:
+            request = self.waiting.popleft()
+            request.slot = heapq.heappop(self._free)
+            self._by_slot[request.slot] = request
+            self.running[request.request_id] = request
+            admitted.append(request.request_id)
+            budget -= self._chunk(request, budget, prefills)
+        return SchedulerOutput(tuple(moves), tuple(decodes), tuple(prefills), tuple(admitted))
+
+    def update_from_output(self, output: SchedulerOutput, finished: Collection[str]) -> None:
+        """Account for the step `output` described; then free the requests in `finished`."""
+        for row in output.decodes:
+            request = self.running[row.request_id]
+            request.num_cached += 1
+            request.num_generated += 1
+        for chunk in output.prefills:
+            request = self.running[chunk.request_id]
+            request.num_cached = chunk.end
+            if chunk.completes_prompt:
+                request.num_generated = 1
+        for request_id in finished:
+            request = self.running.get(request_id)
+            if request is not None:
+                self._release(request)
+
+    def _chunk(self, request: ScheduledRequest, budget: int, out: list[PrefillChunk]) -> int:
+        end = min(request.prompt_len, request.num_cached + budget)
+        out.append(
+            PrefillChunk(
+                request.request_id,
+                request.slot,
+                request.num_cached,
+                end,
+                end == request.prompt_len,
+            )
+        )
+        return end - request.num_cached
+
+    def _release(self, request: ScheduledRequest) -> None:
+        del self.running[request.request_id]
+        self._by_slot[request.slot] = None
+        heapq.heappush(self._free, request.slot)
+
+    def _compact(self) -> list[SlotMove]:
+        """Move the highest occupied slot into the lowest hole until none is below it."""
+        moves = []
+        top = max((r.slot for r in self.running.values()), default=-1)
+        while self._free and self._free[0] < top:
+            dst = heapq.heappop(self._free)
+            request = self._by_slot[top]
+            assert request is not None
+            moves.append(SlotMove(top, dst, request.num_cached))
+            self._by_slot[top], self._by_slot[dst] = None, request
+            request.slot = dst
+            heapq.heappush(self._free, top)
+            top = max(i for i, r in enumerate(self._by_slot) if r is not None)
+        return moves

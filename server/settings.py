@@ -1,0 +1,60 @@
+"""Server settings: one object, read from `POCKETGPT_<NAME>` env vars or given directly.
+
+`python -m server` turns every field into a flag (`max_batch` -> `--max-batch`) whose
+help is the field's description, so this file is the one place settings are documented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POCKETGPT_", extra="ignore")
+
+    checkpoint: Path = Field(
+        Path("checkpoints/default"),
+        description="checkpoint folder, or a run folder whose `latest` file names one",
+    )
+    host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where the model runs; auto = CUDA when available"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV-cache dtype; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; default torch's own (one per core). On a shared "
+        "machine 1 can be faster: oversubscribed cores make the thread pool stall",
+    )
+    max_batch: int = Field(
+        32, ge=1, le=1024, description="KV-cache slots: requests generating at once"
+    )
+    max_queue: int = Field(
+        256, ge=0, description="requests allowed to wait for a slot; beyond it: 429"
+    )
+    prefill_chunk: int = Field(
+        256, ge=1, description="prompt tokens prefilled per engine step (chunked prefill)"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="require `Authorization: Bearer <key>` on /v1/* when set"
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds running streams may finish after SIGTERM"
+    )
+    model_name: str | None = Field(
+        None, description="model id reported by the API; default: the checkpoint folder name"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="uvicorn log level"
+    )

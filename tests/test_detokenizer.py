@@ -1,0 +1,72 @@
+"""Incremental detokenization with the real byte-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from server_harness import english_tokenizer
+from tokenizers import Tokenizer
+
+from model.checkpoint import END_OF_TEXT
+from server.detokenizer import IncrementalDetokenizer, token_bytes
+
+MIXED_TEXT = "Hello 世界! Emoji 🙂🚀 and more: naïve café, 中文字符."
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return english_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def table(tokenizer: Tokenizer) -> list[bytes]:
+    return token_bytes(tokenizer)
+
+
+def stream(table: list[bytes], ids: list[int], stop: tuple[str, ...] = ()) -> list[str]:
+    detokenizer = IncrementalDetokenizer(table, stop)
+    deltas = []
+    for token_id in ids:
+        deltas.append(detokenizer.add(token_id))
+        if detokenizer.stopped:
+            return deltas
+    return [*deltas, detokenizer.finish()]
+
+
+def test_token_bytes_agree_with_the_tokenizer(tokenizer, table):
+    ids = tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids
+    assert b"".join(table[i] for i in ids).decode("utf-8") == MIXED_TEXT
+    assert table[tokenizer.token_to_id(END_OF_TEXT)] == b""  # special: skipped, as decode does
+
+
+def test_split_characters_are_held_until_complete(tokenizer, table):
+    ids = tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids
+    assert len(ids) > len(MIXED_TEXT.encode("utf-8")) / 2  # non-ASCII is split into bytes
+    deltas = stream(table, ids)
+    assert "".join(deltas) == MIXED_TEXT == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # some tokens carried only part of a character
+
+
+def test_invalid_bytes_become_replacement_characters_like_a_one_shot_decode(tokenizer, table):
+    lone = [tokenizer.token_to_id(c) for c in ("\u00a2", "\u00a3")]  # bytes 0xa2 0xa3 alone
+    ids = [*tokenizer.encode("ok ", add_special_tokens=False).ids, *lone]
+    assert "".join(stream(table, ids)) == tokenizer.decode(ids) == "ok \ufffd\ufffd"
+
+
+@pytest.mark.parametrize("stop", ["世界", "o 世", "🚀 and", "more:"])
+def test_stop_string_is_never_emitted_even_across_tokens(tokenizer, table, stop):
+    ids = tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids
+    deltas = stream(table, ids, (stop, "never there"))
+    text = "".join(deltas)
+    assert text == MIXED_TEXT[: MIXED_TEXT.index(stop)]
+    assert stop not in text
+
+
+def test_possible_stop_prefix_is_held_back_then_released(table, tokenizer):
+    detokenizer = IncrementalDetokenizer(table, ("abcd",))
+    emitted = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "xab")
+    assert emitted == "x"  # "ab" might begin "abcd"
+    emitted += detokenizer.add(tokenizer.token_to_id("z"))
+    assert emitted == "xabz" and not detokenizer.stopped
+    assert detokenizer.add(tokenizer.token_to_id("a")) == ""
+    assert detokenizer.finish() == "a"  # the text ended: nothing left to hold back for

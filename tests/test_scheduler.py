@@ -1,0 +1,120 @@
+"""The scheduler as a pure state machine: plain objects in, plain objects out."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.scheduler import QueueFull, ScheduledRequest, Scheduler, SchedulerOutput
+
+
+def step(scheduler: Scheduler, finished: tuple[str, ...] = ()) -> SchedulerOutput:
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, finished)
+    return output
+
+
+def test_admits_into_lowest_free_slots_and_prefills_then_decodes():
+    scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=100)
+    scheduler.add(ScheduledRequest("a", prompt_len=5))
+    scheduler.add(ScheduledRequest("b", prompt_len=3))
+    first = step(scheduler)
+    assert first.admitted == ("a", "b")
+    assert [(c.request_id, c.slot, c.start, c.end, c.completes_prompt) for c in first.prefills] == [
+        ("a", 0, 0, 5, True),
+        ("b", 1, 0, 3, True),
+    ]
+    assert first.decodes == ()
+    second = step(scheduler)
+    assert [(r.request_id, r.slot, r.position) for r in second.decodes] == [
+        ("a", 0, 5),
+        ("b", 1, 3),
+    ]
+    assert second.prefills == ()
+    third = step(scheduler)
+    assert [r.position for r in third.decodes] == [6, 4]
+
+
+def test_long_prompt_is_chunked_to_the_budget_while_others_keep_decoding():
+    scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=4)
+    scheduler.add(ScheduledRequest("short", prompt_len=2))
+    step(scheduler)
+    scheduler.add(ScheduledRequest("long", prompt_len=10))
+    chunks = []
+    for _ in range(3):
+        output = step(scheduler)
+        assert [r.request_id for r in output.decodes] == ["short"]  # never stalled
+        chunks += [(c.start, c.end, c.completes_prompt) for c in output.prefills]
+    assert chunks == [(0, 4, False), (4, 8, False), (8, 10, True)]
+    assert [r.request_id for r in step(scheduler).decodes] == ["short", "long"]
+
+
+def test_budget_is_shared_between_prompts_in_admission_order():
+    scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=6)
+    for name, length in (("a", 4), ("b", 4), ("c", 4)):
+        scheduler.add(ScheduledRequest(name, prompt_len=length))
+    output = step(scheduler)
+    assert [(c.request_id, c.start, c.end) for c in output.prefills] == [("a", 0, 4), ("b", 0, 2)]
+    assert output.admitted == ("a", "b")  # c waits: no budget left this step
+    output = step(scheduler)
+    assert [(c.request_id, c.start, c.end) for c in output.prefills] == [("b", 2, 4), ("c", 0, 4)]
+
+
+def test_waits_for_a_free_slot_and_takes_it_after_a_finish():
+    scheduler = Scheduler(n_slots=1, max_waiting=4, prefill_budget=100)
+    scheduler.add(ScheduledRequest("a", prompt_len=2))
+    scheduler.add(ScheduledRequest("b", prompt_len=2))
+    assert step(scheduler).admitted == ("a",)
+    assert scheduler.num_waiting == 1
+    step(scheduler, finished=("a",))
+    output = step(scheduler)
+    assert output.admitted == ("b",)
+    assert output.prefills[0].slot == 0
+    assert scheduler.num_running == 1 and scheduler.num_waiting == 0
+
+
+def test_waiting_queue_is_bounded():
+    scheduler = Scheduler(n_slots=1, max_waiting=2, prefill_budget=100)
+    scheduler.add(ScheduledRequest("a", prompt_len=1))
+    scheduler.add(ScheduledRequest("b", prompt_len=1))
+    with pytest.raises(QueueFull):
+        scheduler.add(ScheduledRequest("c", prompt_len=1))
+    step(scheduler)  # a takes the slot: room for one more
+    scheduler.add(ScheduledRequest("c", prompt_len=1))
+
+
+def test_cancel_frees_the_slot_or_the_queue_place():
+    scheduler = Scheduler(n_slots=1, max_waiting=2, prefill_budget=100)
+    scheduler.add(ScheduledRequest("a", prompt_len=3))
+    scheduler.add(ScheduledRequest("b", prompt_len=3))
+    step(scheduler)
+    assert scheduler.cancel("b") and scheduler.num_waiting == 0
+    assert scheduler.cancel("a") and scheduler.num_running == 0
+    assert not scheduler.cancel("a")
+    assert not scheduler.has_work
+    assert step(scheduler).is_empty
+
+
+def test_a_hole_below_a_running_request_is_compacted():
+    scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=100)
+    for name in "abc":
+        scheduler.add(ScheduledRequest(name, prompt_len=4))
+    step(scheduler)
+    step(scheduler)  # each has 5 tokens cached after one decode
+    step(scheduler, finished=("a",))
+    output = step(scheduler)
+    assert [(m.src, m.dst, m.length) for m in output.moves] == [(2, 0, 6)]
+    assert [(r.request_id, r.slot) for r in output.decodes] == [("c", 0), ("b", 1)]
+    assert scheduler.schedule().moves == ()
+
+
+def test_compaction_moves_a_request_still_prefilling():
+    scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=3)
+    scheduler.add(ScheduledRequest("a", prompt_len=1))
+    scheduler.add(ScheduledRequest("b", prompt_len=6))
+    step(scheduler)  # a done with its prompt, b has 2 of 6
+    step(scheduler, finished=("a",))  # b has 5 of 6
+    output = step(scheduler)
+    assert [(m.src, m.dst, m.length) for m in output.moves] == [(1, 0, 5)]
+    assert [(c.slot, c.start, c.end, c.completes_prompt) for c in output.prefills] == [
+        (0, 5, 6, True)
+    ]

@@ -1,0 +1,175 @@
+"""Every error answer: status, envelope, headers. One slot and one queue place, an API
+key and a small body limit make each limit easy to reach."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from server_harness import (
+    english_tokenizer,
+    random_checkpoint,
+    running_server,
+    sse_events,
+    wait_until,
+)
+
+from server.settings import Settings
+
+API_KEY = "test-key-0123456789"
+BODY_LIMIT = 4096
+CONTEXT = 1024
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    checkpoint = random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+    settings = Settings(
+        checkpoint=checkpoint,
+        api_key=API_KEY,
+        max_batch=1,
+        max_queue=1,
+        max_body_bytes=BODY_LIMIT,
+    )
+    with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    assert body["error"]["type"] == error_type
+    return body["error"]["message"]
+
+
+INVALID_BODIES = {
+    "missing prompt": {"max_tokens": 4},
+    "unknown field": {"prompt": "x", "n": 2},
+    "prompt not a string": {"prompt": 123},
+    "max_tokens zero": {"prompt": "x", "max_tokens": 0},
+    "max_tokens fractional": {"prompt": "x", "max_tokens": 1.5},
+    "temperature negative": {"prompt": "x", "temperature": -0.1},
+    "top_p zero": {"prompt": "x", "top_p": 0},
+    "top_p above one": {"prompt": "x", "top_p": 1.01},
+    "top_k negative": {"prompt": "x", "top_k": -1},
+    "repetition_penalty zero": {"prompt": "x", "repetition_penalty": 0},
+    "presence_penalty too big": {"prompt": "x", "presence_penalty": 3},
+    "five stop strings": {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+    "empty stop string": {"prompt": "x", "stop": [""]},
+    "stop not a string": {"prompt": "x", "stop": 5},
+    "seed negative": {"prompt": "x", "seed": -1},
+    "seed too big": {"prompt": "x", "seed": 2**64},
+    "stream not a bool": {"prompt": "x", "stream": [True]},
+    "body not an object": ["prompt"],
+}
+
+
+@pytest.mark.parametrize("body", INVALID_BODIES.values(), ids=INVALID_BODIES.keys())
+def test_invalid_field_is_422_in_the_envelope(client, body):
+    message = assert_error(client.post("/v1/generate", json=body), 422, "invalid_request")
+    assert message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "x", "temperature": NaN}',
+        '{"prompt": "\\ud800"}',
+        '{"prompt": "x", "max_tokens": 1e400}',
+    ],
+    ids=["NaN", "lone surrogate", "overflowing number"],
+)
+def test_values_json_allows_but_text_cannot_use_are_422(client, raw):
+    headers = {"Content-Type": "application/json"}
+    assert_error(client.post("/v1/generate", content=raw, headers=headers), 422, "invalid_request")
+
+
+def test_body_that_is_not_json_is_400(client):
+    response = client.post(
+        "/v1/generate", content=b'{"prompt": ', headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json")
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(client):
+    response = client.post("/v1/generate", json={"prompt": "one two", "max_tokens": CONTEXT})
+    message = assert_error(response, 400, "context_length_exceeded")
+    assert f"max_tokens ({CONTEXT})" in message and f"context of {CONTEXT}" in message
+    assert "prompt (" in message
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}],
+    ids=["missing", "wrong key", "no Bearer scheme"],
+)
+def test_missing_or_wrong_api_key_is_401(base_url, headers):
+    for method, path in (("POST", "/v1/generate"), ("GET", "/v1/models")):
+        response = httpx.request(method, base_url + path, json={"prompt": "x"}, headers=headers)
+        assert_error(response, 401, "authentication_error")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.get(base_url + "/health").status_code == 200  # probes need no key
+
+
+def test_body_over_the_limit_is_413_by_length_or_by_bytes_sent(client):
+    big = {"prompt": "x" * BODY_LIMIT}
+    assert_error(client.post("/v1/generate", json=big), 413, "request_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        yield b'{"prompt": "'
+        for _ in range(BODY_LIMIT // 512 + 1):
+            yield b"y" * 512
+        yield b'"}'
+
+    response = client.post(
+        "/v1/generate", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 413, "request_too_large")
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    response = client.get("/v1/generate")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
+    settings = Settings(checkpoint=tmp_path / "missing")  # create_app defers loading
+    with running_server(settings, expect_ready=False) as url:
+
+        def health_message() -> str:
+            return assert_error(httpx.get(f"{url}/health"), 503, "unavailable")
+
+        wait_until(lambda: "failed to load" in health_message(), 10, "the load to fail")
+        assert "missing" in health_message()
+        response = httpx.post(f"{url}/v1/generate", json={"prompt": "x"})
+        assert_error(response, 503, "unavailable")
+
+
+def test_queue_full_is_429_with_retry_after_while_admitted_requests_complete(client):
+    long = {"prompt": "first", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    queued = {"prompt": "second", "max_tokens": 5, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/generate", json=long) as running:
+        running_events = sse_events(running)
+        next(running_events)  # admitted: it holds the only slot
+        with client.stream("POST", "/v1/generate", json=queued) as waiting:
+            assert waiting.status_code == 200  # submitted: it holds the only queue place
+            rejected = client.post("/v1/generate", json={"prompt": "third", "max_tokens": 2})
+            assert_error(rejected, 429, "queue_full")
+            assert int(rejected.headers["Retry-After"]) >= 1
+            *_, long_last, long_done = running_events
+            *_, queued_last, queued_done = sse_events(waiting)
+    assert long_done == queued_done == "[DONE]"
+    assert long_last["finish_reason"] == queued_last["finish_reason"] == "length"
+    assert long_last["usage"]["completion_tokens"] == 300
+    assert queued_last["usage"]["completion_tokens"] == 5

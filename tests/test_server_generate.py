@@ -1,0 +1,201 @@
+"""POST /v1/generate against a real uvicorn serving a random tiny checkpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from server_harness import (
+    english_tokenizer,
+    metric_samples,
+    random_checkpoint,
+    running_server,
+    sse_events,
+    wait_until,
+)
+
+from server.settings import Settings
+
+PREFILL_CHUNK = 16  # small, so a long prompt is prefilled over several steps
+LONG_PROMPT = "The engine admits waiting requests into free slots. " * 6  # > 3 chunks
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    checkpoint = random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+    settings = Settings(checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK)
+    with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+def generate(client: httpx.Client, **body) -> dict:
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream(client: httpx.Client, **body) -> list[dict | str]:
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(sse_events(response))
+
+
+def streamed_text(events: list[dict | str]) -> str:
+    return "".join(e["text"] for e in events if isinstance(e, dict))
+
+
+def streamed_ids(events: list[dict | str]) -> list[int]:
+    return [i for e in events if isinstance(e, dict) for i in e["token_ids"]]
+
+
+def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(client):
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "seed": 7, "top_k": 40}
+    whole = generate(client, **body)
+    events = stream(client, **body)
+
+    assert events[-1] == "[DONE]"
+    *steps, last = events[:-1]
+    assert all(set(e) == {"id", "text", "token_ids", "finish_reason"} for e in steps)
+    assert all(e["finish_reason"] is None and len(e["token_ids"]) == 1 for e in steps)
+    assert last["finish_reason"] == whole["finish_reason"]
+    assert last["usage"] == whole["usage"]
+    assert last["usage"]["completion_tokens"] == len(streamed_ids(events))
+    assert len({e["id"] for e in events[:-1]}) == 1
+    assert streamed_text(events) == whole["text"]
+
+
+def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
+    targets = [
+        {"prompt": "Hello there", "max_tokens": 20, "temperature": 0},
+        {"prompt": LONG_PROMPT, "max_tokens": 20, "temperature": 0},  # chunked prefill
+        {"prompt": "A seeded draw", "max_tokens": 20, "seed": 1234, "top_p": 0.9},
+        {"prompt": "Penalised", "max_tokens": 20, "seed": 5, "repetition_penalty": 1.3},
+    ]
+    alone = [streamed_ids(stream(client, **t)) for t in targets]
+
+    noise = [
+        {
+            "prompt": f"background request {i} " * (i + 1),
+            "max_tokens": 40,
+            "seed": i,
+            "temperature": 0.8 + i / 10,
+            "ignore_eos": True,
+        }
+        for i in range(5)
+    ]
+    with ThreadPoolExecutor(len(noise) + len(targets)) as pool:
+        busy = [pool.submit(stream, client, **n) for n in noise]
+        wait_until(lambda: running(client) >= 3, 10, "a busy batch")
+        batched = list(pool.map(lambda t: streamed_ids(stream(client, **t)), targets))
+        assert all(f.result()[-1] == "[DONE]" for f in busy)
+    assert batched == alone
+
+
+def running(client: httpx.Client) -> float:
+    return metric_samples(str(client.base_url))[("pocketgpt_requests_running", ())]
+
+
+def test_short_request_sent_after_a_long_one_finishes_first(client):
+    finished: dict[str, float] = {}
+    first_event = threading.Event()
+
+    def long_request() -> None:
+        body = {"prompt": "long", "max_tokens": 600, "ignore_eos": True, "stream": True}
+        with client.stream("POST", "/v1/generate", json=body) as response:
+            for _ in sse_events(response):
+                first_event.set()
+        finished["long"] = time.monotonic()
+
+    before = metric_samples(str(client.base_url))
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    assert first_event.wait(10)
+    generate(client, prompt="short", max_tokens=4, ignore_eos=True)
+    finished["short"] = time.monotonic()
+    worker.join(60)
+    assert finished["short"] < finished["long"]
+
+    after = metric_samples(str(client.base_url))
+    one_row = ("pocketgpt_batch_size_bucket", (("le", "1.0"),))
+    steps = ("pocketgpt_batch_size_count", ())
+    multi_row_steps = (after[steps] - after[one_row]) - (before[steps] - before[one_row])
+    assert multi_row_steps >= 1
+
+
+def test_disconnect_after_two_events_frees_the_slot_within_two_seconds(client):
+    cancelled = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
+    before = metric_samples(str(client.base_url)).get(cancelled, 0.0)
+    body = {"prompt": "bye", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/generate", json=body) as response:
+        events = sse_events(response)
+        next(events), next(events)
+    closed = time.monotonic()
+    wait_until(lambda: running(client) == 0, 2.0, "requests_running back to 0")
+    assert time.monotonic() - closed < 2.0
+    assert metric_samples(str(client.base_url))[cancelled] == before + 1
+
+
+def test_non_stream_client_that_gives_up_cancels_its_request(client):
+    body = {"prompt": "impatient", "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generate", json=body, timeout=0.3)
+    wait_until(lambda: running(client) == 0, 2.0, "requests_running back to 0")
+
+
+def test_metrics_parse_and_counters_match_the_requests_made(client):
+    before = metric_samples(str(client.base_url))
+    usages = [
+        generate(client, prompt="count me", max_tokens=3)["usage"],
+        generate(client, prompt="and me too", max_tokens=5, ignore_eos=True)["usage"],
+        stream(client, prompt="streamed", max_tokens=4)[-2]["usage"],
+    ]
+    assert client.post("/v1/generate", json={"prompt": "x", "max_tokens": 0}).status_code == 422
+    assert client.post("/v1/generate", json={"prompt": "x", "max_tokens": 5000}).status_code == 400
+    after = metric_samples(str(client.base_url))
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("pocketgpt_requests_total", status="200") == 3
+    assert delta("pocketgpt_requests_total", status="422") == 1
+    assert delta("pocketgpt_requests_total", status="400") == 1
+    assert delta("pocketgpt_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert delta("pocketgpt_generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    finished = delta("pocketgpt_request_finished_total", reason="stop") + delta(
+        "pocketgpt_request_finished_total", reason="length"
+    )
+    assert finished == 3
+    for histogram in (
+        "time_to_first_token_seconds",
+        "request_latency_seconds",
+        "queue_time_seconds",
+    ):
+        assert delta(f"pocketgpt_{histogram}_count") == 3
+    assert delta("pocketgpt_inter_token_latency_seconds_count") == sum(
+        u["completion_tokens"] - 1 for u in usages
+    )
+    names = {name for name, _ in after}
+    for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
+        assert f"pocketgpt_{gauge}" in names
+    assert after[("pocketgpt_model_load_seconds", ())] > 0
+    assert "process_cpu_seconds_total" in names
+
+
+def test_health_and_models_describe_the_loaded_checkpoint(client):
+    assert client.get("/health").json() == {"status": "ready"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == "random"
+    assert models["data"][0]["max_context"] == 1024

@@ -1,0 +1,69 @@
+"""Streamed text, byte for byte: a model that walks a known cycle of pieces (Chinese,
+emoji, ASCII), each non-ASCII character split over several byte tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from server_harness import (
+    cycle_checkpoint,
+    cycle_pieces,
+    english_tokenizer,
+    running_server,
+    sse_events,
+)
+
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def pieces() -> list[tuple[str, list[int]]]:
+    pieces = cycle_pieces(english_tokenizer())
+    texts = [text for text, _ in pieces]
+    assert texts[:2] == ["Hi", " there"] and "中" in texts and "🙂" in texts
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[httpx.Client]:
+    checkpoint = cycle_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+    with (
+        running_server(Settings(checkpoint=checkpoint)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        yield client
+
+
+def stream(client: httpx.Client, **body) -> list[dict | str]:
+    body = {"prompt": "Hi", "temperature": 0, "stream": True, **body}
+    with client.stream("POST", "/v1/generate", json=body) as response:
+        assert response.status_code == 200
+        return list(sse_events(response))
+
+
+def test_chinese_and_emoji_stream_without_replacement_characters(client, pieces):
+    cycle_tokens = sum(len(ids) for _, ids in pieces)
+    expected = "".join(text for text, _ in pieces[1:])  # the prompt was pieces[0]
+    events = stream(client, max_tokens=cycle_tokens - len(pieces[0][1]))
+    deltas = [e["text"] for e in events if isinstance(e, dict)]
+    assert "".join(deltas) == expected
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # tokens that ended mid-character were held, not garbled
+    whole = client.post(
+        "/v1/generate",
+        json={"prompt": "Hi", "temperature": 0, "max_tokens": cycle_tokens - len(pieces[0][1])},
+    )
+    assert whole.json()["text"] == expected
+
+
+@pytest.mark.parametrize("stop", ["here", "中文", "🙂 a"], ids=["ascii", "chinese", "emoji"])
+def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
+    expected = "".join(text for text, _ in pieces[1:])
+    expected = expected[: expected.index(stop)]
+    events = stream(client, max_tokens=60, stop=[stop, "never"])
+    deltas = [e["text"] for e in events if isinstance(e, dict)]
+    assert "".join(deltas) == expected
+    assert stop not in "".join(deltas)
+    assert events[-2]["finish_reason"] == "stop" and events[-1] == "[DONE]"
