@@ -29,6 +29,11 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.max_len = model.config.max_seq_len
         self.cache = KVCache.for_model(model.config, n_slots, device=self.device, dtype=self.dtype)
+        if self.device.type == "cuda":
+            # cuDNN's attention rebuilds its plan for every new key length, i.e. every
+            # decode step: 4.9 ms of CPU per attention call on an H100 (bench/decode.py),
+            # 50x the flash/efficient kernels. Process-wide, but this process only serves.
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
