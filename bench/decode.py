@@ -1,0 +1,145 @@
+"""Decode benchmark: our engine (no HTTP) vs HF transformers `generate`, same checkpoint.
+
+    python -m bench.decode --checkpoint checkpoints/default [--batch-sizes 1,8,32]
+
+Same prompts (32 random token ids per row, fixed seed), 128 new tokens per row
+(end-of-text ignored on both sides), sampling at temperature 0.8, top_p 0.95.
+For each batch size prints tokens/s of both and the ratio, our ms per decode step,
+and the share of step time spent outside the model forward (Python, scheduling,
+sampling, detokenizing). Runs our engine on the server's own device/dtype choice
+unless --device/--dtype say otherwise; HF runs on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.reference import hf_generate, synchronize
+from model.checkpoint import resolve_checkpoint
+from model.sampling import SamplingParams
+from server.app import load_serving
+from server.engine import Engine, RequestStream
+from server.metrics import Metrics
+from server.settings import Settings
+from server.validation import GenerationRequest
+
+PROMPT_TOKENS = 32
+NEW_TOKENS = 128
+SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
+
+
+class Stopwatch:
+    """Wraps a function; sums the seconds spent inside it (synchronising the device)."""
+
+    def __init__(self, fn: Callable, device: torch.device) -> None:
+        self.fn, self.device, self.seconds, self.calls = fn, device, 0.0, 0
+
+    def __call__(self, *args: object) -> object:
+        start = time.perf_counter()
+        out = self.fn(*args)
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+async def run_engine(engine: Engine, prompts: torch.Tensor) -> float:
+    """Submit every row at once, wait for all; returns elapsed seconds."""
+    engine.start(asyncio.get_running_loop())
+    requests = [
+        GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_ids=row.tolist(),
+            max_tokens=NEW_TOKENS,
+            sampling=SAMPLING,
+            seed=i,
+            stop=(),
+            ignore_eos=True,
+        )
+        for i, row in enumerate(prompts)
+    ]
+
+    async def drain(stream: RequestStream) -> int:
+        return sum([len(output.token_ids) async for output in stream])
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(drain(engine.submit(r)) for r in requests))
+    elapsed = time.perf_counter() - start
+    engine.stop()
+    assert counts == [NEW_TOKENS] * len(requests), counts
+    return elapsed
+
+
+def ours(
+    checkpoint: Path, prompts: torch.Tensor, device: str, dtype: str, max_batch: int | None = None
+) -> dict[str, object]:
+    """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
+    settings = Settings(
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        max_batch=max_batch or len(prompts),
+        max_queue=len(prompts),
+    )
+    # Warm-up on a throwaway engine (a stopped engine does not restart): every kernel once.
+    asyncio.run(run_engine(load_serving(settings, Metrics()).engine, prompts[:1]))
+    engine = load_serving(settings, Metrics()).engine
+    runner = engine.runner
+    decode = runner.decode = Stopwatch(runner.decode, runner.device)
+    prefill = runner.prefill = Stopwatch(runner.prefill, runner.device)
+    elapsed = asyncio.run(run_engine(engine, prompts))
+    step_s = (elapsed - prefill.seconds) / decode.calls
+    return {
+        "tokens_per_s": len(prompts) * NEW_TOKENS / elapsed,
+        "ms_per_step": 1000 * step_s,
+        "outside_forward": 1 - decode.seconds / decode.calls / step_s,
+        "device": runner.device,
+        "dtype": runner.dtype,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--hf-repeats", type=int, default=1)
+    args = parser.parse_args()
+    folder = resolve_checkpoint(args.checkpoint)
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        generator = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=generator)
+        mine = ours(folder, prompts, args.device, args.dtype)
+        hf = hf_generate(
+            folder,
+            prompts,
+            NEW_TOKENS,
+            temperature=SAMPLING.temperature,
+            top_p=SAMPLING.top_p,
+            device=mine["device"],
+            dtype=mine["dtype"],
+            repeats=args.hf_repeats,
+        )
+        device = mine["device"]
+        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
+        print(
+            f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
+            f"{torch.get_num_threads()} threads): pocketgpt {mine['tokens_per_s']:,.0f} tok/s vs "
+            f"HF generate {hf:,.0f} tok/s = {mine['tokens_per_s'] / hf:.2f}x; "
+            f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "
+            "the forward",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The references our numbers are compared against, measured in the same process.
+
+- `hf_generate`: Hugging Face transformers `LlamaForCausalLM.generate` on the same
+  checkpoint folder (static batch, sampling).
+- `plain_train_steps`: a nanoGPT-style loop (forward, cross-entropy, backward, AdamW
+  step) on the identical model, batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.transformer import Transformer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def hf_generate(
+    folder: Path,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    *,
+    temperature: float,
+    top_p: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int = 1,
+) -> float:
+    """Tokens/s of HF `generate` making exactly `new_tokens` for each row of `prompts` [B, T]."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    prompts = prompts.to(device)
+    mask = torch.ones_like(prompts)
+
+    def run() -> None:
+        model.generate(
+            prompts,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # no early stop at eos: every row makes new_tokens
+            pad_token_id=model.config.eos_token_id,
+        )
+
+    run()  # warm-up: allocator, kernels, lazy init
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return repeats * prompts.shape[0] * new_tokens / elapsed
+
+
+def plain_train_steps(
+    model: Transformer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float = 1e-3,
+    device: torch.device,
+) -> float:
+    """Tokens/s of the simplest correct training loop over `batches` (x, y each [B, T])."""
+    model.train().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    seq = batches[0][0].shape[1]
+    positions = torch.arange(seq, device=device)[None]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device), y.to(device)
+        logits = model(x, positions.expand_as(x))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(*batches[0])  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
+    synchronize(device)
+    return sum(x.numel() for x, _ in batches) / (time.perf_counter() - start)

@@ -1,0 +1,175 @@
+"""Serving benchmark: N concurrent SSE clients against a real `python -m server`.
+
+    python -m bench.serve --checkpoint checkpoints/default --clients 1,8,32,128
+
+For each concurrency N: N clients stream one request each at the same moment
+(prompts from a fixed mix, 128 new tokens, temperature 0.8, top_p 0.95, end-of-text
+ignored so every request makes the same work). Prints aggregate tokens/s, time to
+first token and inter-token latency (p50/p99), errors, and the HTTP + SSE overhead
+against the raw engine (bench/decode.py's in-process run) on the same prompts and
+concurrency. Loopback only; every run is bounded by --timeout and the server is
+stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.decode import NEW_TOKENS, ours
+from model.checkpoint import load_tokenizer, resolve_checkpoint
+
+PROMPTS = (
+    "Once upon a time",
+    "The quick brown fox",
+    "In the beginning was",
+    "To be, or not to be:",
+    "Here is a short story about a robot who",
+    "def fibonacci(n):",
+    "Dear friend, I write to you because",
+    "The weather today is",
+)
+MAX_BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, float, list[float], bool]:
+    """(tokens, ttft seconds, inter-token gaps, ok) of one streamed request."""
+    body = {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": i,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    tokens, ttft, gaps, last = 0, float("nan"), [], None
+    async with client.stream("POST", "/v1/generate", json=body) as response:
+        if response.status_code != 200:
+            return 0, ttft, gaps, False
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            n = len(event.get("token_ids", []))
+            if not n:
+                continue
+            now = time.perf_counter()
+            if last is None:
+                ttft = now - start
+            else:
+                gaps.append((now - last) / n)
+            tokens, last = tokens + n, now
+    return tokens, ttft, gaps, tokens == NEW_TOKENS
+
+
+async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one_stream(client, i) for i in range(clients))), timeout
+        )
+        elapsed = time.perf_counter() - start
+    ttfts = [r[1] for r in results if r[3]]
+    gaps = [g for r in results for g in r[2]]
+    return {
+        "tokens_per_s": sum(r[0] for r in results) / elapsed,
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p99": percentile(ttfts, 0.99),
+        "itl_p50": percentile(gaps, 0.5),
+        "itl_p99": percentile(gaps, 0.99),
+        "errors": sum(not r[3] for r in results),
+    }
+
+
+def start_server(checkpoint: Path, port: int, device: str, dtype: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
+    command += ["--port", str(port), "--device", device, "--dtype", dtype]
+    command += ["--max-batch", str(MAX_BATCH), "--max-queue", "4096", "--log-level", "warning"]
+    return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling interval while the model loads
+    raise SystemExit(f"the server was not ready within {timeout:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--clients", default="1,8,32,128")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per concurrency")
+    args = parser.parse_args()
+    folder = resolve_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(folder)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_server(folder, port, args.device, args.dtype)
+    try:
+        wait_ready(base_url, server, timeout=300)
+        for clients in (int(c) for c in args.clients.split(",")):
+            asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
+            http = asyncio.run(drive(base_url, clients, args.timeout))
+            ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
+            width = max(len(x) for x in ids)
+            # The raw engine gets the same prompts (left-aligned, padded to one length).
+            prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
+            raw = ours(folder, prompts, args.device, args.dtype, max_batch=MAX_BATCH)
+            overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
+            print(
+                f"serve {clients:>4} clients ({raw['device']}, max-batch {MAX_BATCH}): "
+                f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
+                f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); "
+                f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
+                f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
+                f"errors {http['errors']}",
+                flush=True,
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()

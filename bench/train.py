@@ -1,0 +1,132 @@
+"""Training benchmark: our trainer vs a plain PyTorch loop, and bpb in a time budget.
+
+    python -m bench.train --data ../shared/data/tinyshakespeare.txt [--max-time 70]
+
+1. Throughput: the real `python -m training.pretrain` for `--steps` steps (its
+   steady-state tokens/s from the JSONL log, the first half of the steps being
+   warm-up), then, in this process, a nanoGPT-style loop (bench/reference.py) on
+   the identical model shape, batch and sequence length.
+2. Quality: `training.pretrain --max-time` with default settings on the first 90% of
+   the file's bytes, then `training.evaluate` on the last 10% (bits per byte).
+Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.reference import plain_train_steps
+from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
+from model.transformer import Transformer
+from training.args import resolve_device
+
+
+def pretrain(args: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "training.pretrain", *args], check=True)
+
+
+def split_bytes(path: Path, folder: Path) -> tuple[Path, Path]:
+    """First 90% of the bytes trains, the last 10% is held out (the tinyshakespeare rule)."""
+    text = path.read_bytes()
+    cut = int(len(text) * 0.9)
+    while cut < len(text) and (text[cut] & 0xC0) == 0x80:
+        cut += 1  # do not split a UTF-8 character
+    train, held_out = folder / "train.txt", folder / "held_out.txt"
+    train.write_bytes(text[:cut])
+    held_out.write_bytes(text[cut:])
+    return train, held_out
+
+
+def our_tokens_per_s(train: Path, held_out: Path, out: Path, steps: int, extra: list[str]) -> float:
+    pretrain(
+        [
+            *("--data", str(train), "--val-data", str(held_out), "--out-dir", str(out)),
+            *("--max-steps", str(steps), "--log-interval", str(steps // 2)),
+            *("--eval-interval", str(10 * steps), "--sample-tokens", "0", "--eval-tokens", "1024"),
+            *extra,
+        ]
+    )
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
+
+
+def plain_tokens_per_s(run: Path, train: Path, steps: int, device: torch.device) -> float:
+    folder = resolve_checkpoint(run)
+    meta = json.loads((folder / "trainer_meta.json").read_text())
+    batch, block = meta["args"]["batch_size"], meta["args"]["block_size"]
+    ids = np.array(load_tokenizer(folder).encode(train.read_text()).ids, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(steps // 2):
+        starts = rng.integers(0, len(ids) - block - 1, batch)
+        rows = torch.from_numpy(np.stack([ids[s : s + block + 1] for s in starts]))
+        batches.append((rows[:, :-1], rows[:, 1:]))
+    torch.manual_seed(0)
+    model = Transformer(read_config(folder))
+    return plain_train_steps(model, batches, device=device)
+
+
+def held_out_bpb(
+    train: Path, held_out: Path, out: Path, max_time: float, extra: list[str]
+) -> float:
+    pretrain(["--data", str(train), "--out-dir", str(out), "--max-time", str(max_time), *extra])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.evaluate",
+            "--checkpoint",
+            str(out),
+            "--data",
+            str(held_out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(result.stdout.strip().splitlines()[-1].removeprefix("bpb="))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
+    parser.add_argument("--steps", type=int, default=40, help="steps of the throughput runs")
+    parser.add_argument("--max-time", type=float, default=70.0, help="seconds of the quality run")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-quality", action="store_true")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"] + ["--device", args.device]
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        train, held_out = split_bytes(args.data, folder)
+        ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, extra)
+        plain = plain_tokens_per_s(folder / "speed", train, args.steps, device)
+        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        print(
+            f"train throughput ({machine or platform.machine()}, {torch.get_num_threads()} threads,"
+            f" {device.type}): pocketgpt {ours:,.0f} tok/s vs plain loop {plain:,.0f} tok/s"
+            f" = {ours / plain:.2f}x"
+        )
+        if not args.skip_quality:
+            start = time.perf_counter()
+            bpb = held_out_bpb(train, held_out, folder / "quality", args.max_time, extra)
+            wall = time.perf_counter() - start
+            print(
+                f"train quality: {bpb:.3f} bits/byte on the held-out last 10% of {args.data.name}"
+                f" after --max-time {args.max_time:g} (whole run {wall:.0f}s)"
+            )
+
+
+if __name__ == "__main__":
+    main()

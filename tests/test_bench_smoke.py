@@ -1,0 +1,48 @@
+"""Each benchmark command runs end to end on the tiny model and prints its result line.
+
+Numbers are not checked here (benchmarks are not timed tests); the format and the
+ratio are, so a broken benchmark is caught before someone needs it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+RATIO = r"= (\d+\.\d+)x"
+
+
+def run_bench(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_decode_benchmark_prints_a_ratio_per_batch_size(tiny_checkpoint: Path) -> None:
+    out = run_bench("bench.decode", "--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2")
+    lines = [line for line in out.splitlines() if line.startswith("decode batch")]
+    assert len(lines) == 2
+    assert all(float(re.search(RATIO, line).group(1)) > 0 for line in lines)
+
+
+def test_serve_benchmark_reports_no_errors(tiny_checkpoint: Path) -> None:
+    out = run_bench("bench.serve", "--checkpoint", str(tiny_checkpoint), "--clients", "3")
+    (line,) = [line for line in out.splitlines() if line.startswith("serve")]
+    assert line.endswith("errors 0"), line
+    assert "tok/s over HTTP+SSE" in line
+
+
+def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    sentences = [f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(3000)]
+    text.write_text("\n".join(sentences))
+    out = run_bench(
+        "bench.train", "--data", str(text), "--steps", "4", "--skip-quality",
+        "--", "--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300",
+    )  # fmt: skip
+    (line,) = [line for line in out.splitlines() if line.startswith("train throughput")]
+    assert float(re.search(RATIO, line).group(1)) > 0
