@@ -37,6 +37,7 @@ from tqdm import tqdm
 from model.checkpoint import (
     END_OF_TEXT,
     LATEST,
+    CheckpointError,
     is_temporary,
     load_weights,
     read_config,
@@ -57,6 +58,7 @@ TRAINER_META = "trainer_meta.json"
 LOG_FILE = "log.jsonl"
 BEST = "best"
 STEP_DIR = re.compile(r"step-\d{7}")
+STATE_KEYS = ("optimizer", "step", "tokens_seen", "elapsed", "data", "rng")
 PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
 
 
@@ -148,6 +150,29 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
+def read_training_state(path: Path) -> dict:
+    """The trainer state in `path`, read with the weights-only unpickler: plain tensors,
+    numbers and containers load; anything that would construct or call an object is
+    refused (a crafted file cannot run code) and reported as a CheckpointError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:  # torch.load raises many types; every one means "unusable file"
+        message = str(e).strip()
+        if "Weights only load failed" in message:
+            reason = "it holds objects other than tensors and plain data"
+        else:
+            reason = message.splitlines()[0] if message else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a pocketgpt trainer state; refused to load it ({reason})"
+        ) from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a pocketgpt trainer state (missing {missing})")
+    return state
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -211,7 +236,7 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def _load(self, folder: Path) -> None:
-        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        state = read_training_state(folder / TRAINING_STATE)
         # strict=False: the tied LM head is not stored separately.
         self.model.load_state_dict(load_weights(folder, read_config(folder)), strict=False)
         self.optimizer.load_state_dict(state["optimizer"])

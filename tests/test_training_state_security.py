@@ -1,0 +1,61 @@
+"""A crafted training_state.pt cannot run code: --resume refuses it with one clear line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import resolve_checkpoint
+from tests.test_training_pretrain import tiny_run
+from training import pretrain
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def trained_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    return run
+
+
+def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "code-ran"
+    state = resolve_checkpoint(trained_run) / "training_state.pt"
+    torch.save({"optimizer": RunsCode(marker)}, state)  # a .pt file like the real one
+    capsys.readouterr()
+    before = sorted(p.name for p in trained_run.iterdir())
+
+    assert pretrain.main(["--resume", str(trained_run), "--max-steps", "4"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "training_state.pt: not a pocketgpt trainer state" in err
+    assert not marker.exists()
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_a_corrupted_training_state_is_a_clear_error(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = resolve_checkpoint(trained_run) / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+
+    assert pretrain.main(["--resume", str(trained_run), "--max-steps", "4"]) == 2
+
+    err = capsys.readouterr().err
+    assert "training_state.pt: not a pocketgpt trainer state; refused to load it" in err
