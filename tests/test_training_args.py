@@ -11,7 +11,7 @@ from training.args import TrainArgs, UsageError, build_parser, explicit_settings
 
 def test_help_lists_every_setting_with_its_default() -> None:
     text = build_parser().format_help()
-    assert "--batch-size" in text and "(default: 16)" in text
+    assert "--batch-size" in text and "(default: 8)" in text
     assert "--no-compile" in text
     for name in TrainArgs.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text

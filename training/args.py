@@ -53,8 +53,9 @@ class TrainArgs:
     tokenizer: str | None = field(
         default=None, metadata=doc("reuse this tokenizer.json or checkpoint folder's tokenizer")
     )
-    vocab_size: int = field(
-        default=2048, metadata=doc("BPE vocabulary size when training a tokenizer")
+    vocab_size: int | None = field(
+        default=None,
+        metadata=doc("BPE vocabulary size when training a tokenizer (none: the preset's)"),
     )
     cache_dir: str | None = field(
         default=None, metadata=doc("token cache folder (default: <out-dir>/../.cache)")
@@ -78,13 +79,16 @@ class TrainArgs:
         default=None, metadata=doc("SwiGLU hidden width (overrides the preset)")
     )
     dropout: float = field(default=0.0, metadata=doc("dropout on attention and residual branches"))
-    block_size: int = field(
-        default=128, metadata=doc("tokens per training sequence; also the model's context length")
+    block_size: int | None = field(
+        default=None,
+        metadata=doc("tokens per sequence = the model's context length (none: the preset's)"),
     )
     # optimisation
-    batch_size: int = field(default=16, metadata=doc("sequences per micro-batch (per rank)"))
+    batch_size: int = field(default=8, metadata=doc("sequences per micro-batch (per rank)"))
     grad_accum: int = field(default=1, metadata=doc("micro-batches accumulated per optimizer step"))
-    lr: float = field(default=2e-3, metadata=doc("peak learning rate (AdamW)"))
+    lr: float | None = field(
+        default=None, metadata=doc("peak learning rate (AdamW) (none: the preset's)")
+    )
     min_lr_ratio: float = field(
         default=0.1, metadata=doc("final learning rate as a fraction of --lr")
     )
@@ -146,11 +150,13 @@ class TrainArgs:
 
     def validate(self) -> TrainArgs:
         """Raise UsageError naming the first flag whose value cannot work."""
-        positive = ("vocab_size", "block_size", "batch_size", "grad_accum")
+        positive = ("batch_size", "grad_accum")
         positive += ("eval_interval", "log_interval", "save_interval", "keep_last")
         for name in positive:
             _require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
         for name in (
+            "vocab_size",
+            "block_size",
             "dim",
             "n_layers",
             "n_heads",
@@ -164,8 +170,10 @@ class TrainArgs:
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
         for name in (*non_negative, "sample_tokens", "patience"):
             _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
-        _require("lr", self.lr > 0, "must be > 0", self.lr)
-        _require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.lr)
+        _require("lr", self.lr is None or self.lr > 0, "must be > 0", self.lr)
+        _require(
+            "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio
+        )
         _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
         _require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
         _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
@@ -194,24 +202,48 @@ def budget_preset(args: TrainArgs, device: torch.device) -> str:
     """`--preset auto`: `small`, except `tiny` for a CPU run boxed under 10 minutes.
 
     On 2 CPU cores `small` processes ~1.5k tokens/s; in a minute it sees too little
-    text to learn much, while `tiny` (~1M parameters) sees ~10x more and ends far
-    lower (measured on tinyshakespeare at --max-time 70: see the README).
+    text to learn much, while `tiny` (~0.85M parameters at vocab 512) sees ~6x more
+    and ends far lower (measured on tinyshakespeare at --max-time 70: see the README).
     """
     if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
         return "tiny"
     return "small"
 
 
-DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~12 min of `small` on 2 idle cores
+def resolved_preset(args: TrainArgs, device: torch.device) -> str:
+    return args.preset if args.preset != "auto" else budget_preset(args, device)
+
+
+# Settings left at `none` take the trained preset's value. Measured on 2 CPU cores
+# (tinyshakespeare, first 90% trains, last 10% scores, --max-time 70):
+#   tiny: a 512-entry vocabulary beats 2048 (2.74 vs 2.89 bpb): with ~0.5M tokens seen
+#     in a minute, most of a 2048-token embedding is barely trained and the LM head
+#     costs ~20% of the step; 8 sequences per step (twice the updates of 16) and a
+#     higher lr (4e-3) suit the few hundred steps such a run makes.
+#   small/base: 2048 entries pack ~1.5x more text per token, which pays once the
+#     body dominates the cost; a 256-token context (what the served model can read)
+#     at 8 sequences keeps a step at 2048 tokens, as 16 x 128 did.
+AUTO: dict[str, dict[str, int | float]] = {
+    "tiny": {"vocab_size": 512, "block_size": 128, "lr": 4e-3},
+    "small": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3},
+    "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3},
+}
+
+DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~11 min of `small` on 2 idle cores
 UNLIMITED_STEPS = 10**12
 
 
 def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
-    """Fill in `--max-steps none`: the device's default, or no step limit under --max-time."""
-    if args.max_steps is not None:
-        return args
-    steps = UNLIMITED_STEPS if args.max_time is not None else DEFAULT_STEPS[device.type]
-    return dataclasses.replace(args, max_steps=steps)
+    """Fill in every `none` that depends on the budget: the preset's vocabulary size,
+    block size and lr (AUTO), and `--max-steps`: the device's default, or no step
+    limit under --max-time."""
+    preset = resolved_preset(args, device)
+    filled = {name: value for name, value in AUTO[preset].items() if getattr(args, name) is None}
+    if args.max_steps is None:
+        filled["max_steps"] = (
+            UNLIMITED_STEPS if args.max_time is not None else DEFAULT_STEPS[device.type]
+        )
+    return dataclasses.replace(args, **filled) if filled else args
 
 
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
@@ -219,7 +251,7 @@ def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> Mode
 
     The context length is the block size: the model is only trained that far.
     """
-    preset = args.preset if args.preset != "auto" else budget_preset(args, device)
+    preset = resolved_preset(args, device)
     overrides = {
         name: getattr(args, name)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
