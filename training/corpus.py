@@ -3,7 +3,8 @@
 User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
 document per line in a `text` field. Folders are searched recursively in sorted
 order. Text is decoded as UTF-8; invalid bytes become U+FFFD, with one warning
-naming the file.
+naming the file. A file holding NUL bytes is binary (or UTF-16), not UTF-8 text:
+it is skipped with a warning rather than trained on as noise.
 
 The default corpus is English that ships inside the Python standard library, so
 the zero-argument run needs no download:
@@ -38,8 +39,17 @@ class CorpusError(Exception):
 
 
 def read_text(path: Path) -> str:
-    """A file's text as UTF-8; invalid bytes are replaced, with one warning naming the file."""
+    """A file's text as UTF-8; invalid bytes are replaced, with one warning naming the file.
+
+    A binary file reads as "" (so it adds no document), with a warning naming it.
+    """
     raw = path.read_bytes()
+    if b"\0" in raw:
+        print(
+            f"warning: {path}: binary (NUL bytes; UTF-16 text must be converted to UTF-8), skipped",
+            file=sys.stderr,
+        )
+        return ""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

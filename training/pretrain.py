@@ -70,8 +70,12 @@ def resolve_tokenizer(args: TrainArgs, resumed: Path | None) -> Tokenizer | None
         raise UsageError(f"--tokenizer: {e}") from None
 
 
-def load_data(args: TrainArgs, tokenizer: Tokenizer | None, world_size: int) -> PreparedData:
-    documents = load_documents(args.data) if args.data else default_documents()
+def load_data(
+    args: TrainArgs, documents: list[str] | None, tokenizer: Tokenizer | None, world_size: int
+) -> PreparedData:
+    """Tokenize `documents` (None: the embedded default corpus) into the token cache."""
+    if documents is None:
+        documents = default_documents()
     if args.val_data:
         train_docs, val_docs = documents, load_documents(args.val_data)
     else:
@@ -90,13 +94,17 @@ def load_data(args: TrainArgs, tokenizer: Tokenizer | None, world_size: int) -> 
 
 
 def prepare_on_rank0(
-    args: TrainArgs, tokenizer: Tokenizer | None, world_size: int, is_main: bool
+    args: TrainArgs,
+    documents: list[str] | None,
+    tokenizer: Tokenizer | None,
+    world_size: int,
+    is_main: bool,
 ) -> PreparedData:
     """Rank 0 writes the token cache, then the other ranks read it (or all fail alike)."""
     error: Exception | None = None
     if is_main:
         try:
-            data = load_data(args, tokenizer, world_size)
+            data = load_data(args, documents, tokenizer, world_size)
         except CorpusError as e:
             error = e
     if world_size > 1:
@@ -106,7 +114,7 @@ def prepare_on_rank0(
             raise CorpusError("rank 0 could not prepare the data (see its error)")
     if error is not None:
         raise error
-    return data if is_main else load_data(args, tokenizer, world_size)
+    return data if is_main else load_data(args, documents, tokenizer, world_size)
 
 
 def run(argv: Sequence[str] | None) -> int:
@@ -128,15 +136,14 @@ def run(argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     args = with_step_budget(args, device)
     tokenizer = resolve_tokenizer(args, resumed)
-    # Validate the corpus on every rank (cheap) so bad input fails before any process waits.
-    if args.data:
-        load_documents(args.data)
+    # Read (and so validate) the user's corpus on every rank, once, before any process waits.
+    documents = load_documents(args.data) if args.data else None
     dist_info = init_distributed(device)
     try:
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
-        data = prepare_on_rank0(args, tokenizer, dist_info.world_size, dist_info.is_main)
+        data = prepare_on_rank0(args, documents, tokenizer, dist_info.world_size, dist_info.is_main)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
             read_config(resumed).replace(dropout=args.dropout)

@@ -1,0 +1,64 @@
+"""Awkward text input: invalid UTF-8, binary files, empty files and folders."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import resolve_checkpoint
+from tests.test_training_pretrain import CORPUS, TINY
+from training import pretrain
+
+
+def train(tmp_path: Path, *data: Path) -> int:
+    args = [*TINY, "--max-steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    return pretrain.main([*args, "--out-dir", str(tmp_path / "out"), "--data", *map(str, data)])
+
+
+def binary_file(path: Path) -> Path:
+    path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)) + b"\0")
+    return path
+
+
+def test_invalid_utf8_is_replaced_with_one_warning_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(CORPUS.read_bytes() + b"\xff\xfe \xc3\x28 tail")
+    assert train(tmp_path, broken) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {broken}: invalid UTF-8") == 1
+    resolve_checkpoint(tmp_path / "out")
+
+
+def test_a_binary_file_is_skipped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    binary = binary_file(folder / "image.txt")
+    assert train(tmp_path, folder) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {binary}: binary") == 1
+    assert "invalid UTF-8" not in err  # skipped, not decoded into noise
+
+
+@pytest.mark.parametrize("case", ["only binary", "0-byte file", "empty folder"])
+def test_input_without_text_exits_2_naming_it_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    if case == "only binary":
+        path = binary_file(tmp_path / "data.txt")
+    elif case == "0-byte file":
+        path = tmp_path / "empty.md"
+        path.write_bytes(b"")
+    else:
+        path = tmp_path / "folder"
+        path.mkdir()
+    assert train(tmp_path, path) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: {path}"), err
+    assert not (tmp_path / "out").exists()
