@@ -58,9 +58,30 @@ def _serving(request: Request) -> Serving:
 _ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 429, 503)
 }
+# With `stream`, 200 is an SSE stream (one StreamChunk per `data:` line, then [DONE]);
+# documented, so the schema covers every 200 the route sends.
+_GENERATE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "description": "a StreamChunk as JSON, an error envelope, or [DONE]",
+                        }
+                    },
+                }
+            }
+        }
+    },
+    **_ERROR_RESPONSES,
+}
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses=_ERROR_RESPONSES)
+@router.post("/v1/generate", response_model=GenerateResponse, responses=_GENERATE_RESPONSES)
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     """Generate a continuation of `prompt`: one JSON body, or SSE events with `stream`."""
     serving = _serving(request)
