@@ -46,3 +46,13 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
     )  # fmt: skip
     (line,) = [line for line in out.splitlines() if line.startswith("train throughput")]
     assert float(re.search(RATIO, line).group(1)) > 0
+
+
+def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
+    out = run_bench(
+        "bench.load", "--checkpoint", str(tiny_checkpoint), "--clients", "8", "--rounds", "2"
+    )
+    rounds = [line for line in out.splitlines() if line.startswith("load round")]
+    assert len(rounds) == 2
+    assert all("unexpected 0" in line for line in rounds), rounds
+    assert re.search(r"RSS after round 2 vs round 1: [+-]\d+\.\d%", out)

@@ -1,0 +1,129 @@
+"""Load / leak check: rounds of 200 concurrent mixed clients against a real server.
+
+    python -m bench.load --checkpoint checkpoints/default [--clients 200] [--rounds 3]
+
+Each round starts every client at once, a quarter of each kind: a full stream, a
+non-streaming request, a stream dropped after two events, an invalid request.
+After each round the server must drain (running and waiting back to 0); the line
+printed per round gives the statuses seen, unexpected ones, drain time and the
+server's resident memory, and the last line the RSS growth from round 1 to the
+last round (a leak shows as steady growth). Loopback only; bounded by --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.serve import free_port, start_server, wait_ready
+from model.checkpoint import resolve_checkpoint
+
+EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
+KINDS = tuple(EXPECTED)
+
+
+def gauges(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    wanted = {
+        "pocketgpt_requests_running",
+        "pocketgpt_requests_waiting",
+        "process_resident_memory_bytes",
+    }
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in wanted
+    }
+
+
+async def one_client(client: httpx.AsyncClient, kind: str, i: int) -> tuple[str, int]:
+    """(kind, status); a stream that ends without `data: [DONE]` counts as status -1."""
+    body = {"prompt": f"Request {i} says", "max_tokens": 32, "seed": i, "temperature": 0.8}
+    if kind in ("invalid", "json"):
+        invalid = {"max_tokens": 0} if kind == "invalid" else {}
+        return kind, (await client.post("/v1/generate", json=body | invalid)).status_code
+    events = 0
+    async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return kind, response.status_code
+            json.loads(line.removeprefix("data: "))
+            events += 1
+            if kind == "dropped" and events == 2:
+                return kind, response.status_code  # leaving the block drops the stream
+    return kind, -1
+
+
+async def one_round(base_url: str, clients: int, timeout: float) -> Counter:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+        jobs = [one_client(client, KINDS[i % len(KINDS)], i) for i in range(clients)]
+        results = await asyncio.wait_for(asyncio.gather(*jobs), timeout)
+    return Counter(results)
+
+
+def wait_drained(base_url: str, timeout: float) -> float:
+    start = time.monotonic()
+    while True:
+        g = gauges(base_url)
+        if g["pocketgpt_requests_running"] == 0 and g["pocketgpt_requests_waiting"] == 0:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"the server did not drain within {timeout:.0f}s: {g}")
+        time.sleep(0.05)  # polling interval
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per round")
+    args = parser.parse_args()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_server(resolve_checkpoint(args.checkpoint), port, args.device, "auto")
+    rss = []
+    try:
+        wait_ready(base_url, server, timeout=300)
+        for number in range(1, args.rounds + 1):
+            seen = asyncio.run(one_round(base_url, args.clients, args.timeout))
+            drained = wait_drained(base_url, timeout=10)
+            rss.append(gauges(base_url)["process_resident_memory_bytes"])
+            unexpected = sum(n for (kind, code), n in seen.items() if code not in EXPECTED[kind])
+            statuses: Counter = Counter()
+            for (_, code), n in seen.items():
+                statuses[code] += n
+            by_status = dict(sorted(statuses.items()))
+            print(
+                f"load round {number}: {args.clients} clients, statuses {by_status}, "
+                f"unexpected {unexpected}, drained in {drained:.2f}s, "
+                f"server RSS {rss[-1] / 2**20:.0f} MiB",
+                flush=True,
+            )
+        growth = rss[-1] / rss[0] - 1
+        print(f"load: RSS after round {args.rounds} vs round 1: {100 * growth:+.1f}%")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
