@@ -165,6 +165,10 @@ def create_app(settings: Settings) -> FastAPI:
     # Added last = outermost: count every answer, then authenticate, then bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        # Health probes never carry a key; Prometheus may not either (--metrics-open).
+        open_paths = frozenset({"/health", "/metrics"} if settings.metrics_open else {"/health"})
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
+        )
     app.add_middleware(RequestCounter, counter=metrics.requests)
     return app

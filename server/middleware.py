@@ -22,15 +22,15 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 class ApiKeyMiddleware:
-    """Require `Authorization: Bearer <key>` on paths under `prefix` (401 otherwise)."""
+    """Require `Authorization: Bearer <key>` on every path but `open_paths` (401 otherwise)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1/") -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
         self.app = app
         self.key = api_key.encode()
-        self.prefix = prefix
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             # compare_digest: the time taken does not depend on how much of the key matched.

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         256, ge=1, description="prompt tokens prefilled per engine step (chunked prefill)"
     )
     api_key: SecretStr | None = Field(
-        None, description="require `Authorization: Bearer <key>` on /v1/* when set"
+        None,
+        description="require `Authorization: Bearer <key>` on every route but /health when set",
+    )
+    metrics_open: bool = Field(
+        False, description="with --api-key: serve /metrics without the key (a keyless Prometheus)"
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"

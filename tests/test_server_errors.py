@@ -113,7 +113,7 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
     ids=["missing", "wrong key", "no Bearer scheme"],
 )
 def test_missing_or_wrong_api_key_is_401(base_url, headers):
-    for method, path in (("POST", "/v1/generate"), ("GET", "/v1/models")):
+    for method, path in (("POST", "/v1/generate"), ("GET", "/v1/models"), ("GET", "/metrics")):
         response = httpx.request(method, base_url + path, json={"prompt": "x"}, headers=headers)
         assert_error(response, 401, "authentication_error")
         assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -173,3 +173,13 @@ def test_queue_full_is_429_with_retry_after_while_admitted_requests_complete(cli
     assert long_last["finish_reason"] == queued_last["finish_reason"] == "length"
     assert long_last["usage"]["completion_tokens"] == 300
     assert queued_last["usage"]["completion_tokens"] == 5
+
+
+def test_metrics_open_lets_a_keyless_prometheus_scrape_but_nothing_else(tmp_path):
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    settings = Settings(checkpoint=checkpoint, api_key=API_KEY, metrics_open=True)
+    with running_server(settings) as url:
+        assert httpx.get(url + "/metrics").status_code == 200
+        assert_error(httpx.get(url + "/v1/models"), 401, "authentication_error")
+        keyed = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert keyed.status_code == 200
