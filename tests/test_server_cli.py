@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +71,15 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert WEIGHTS in line and "truncated" in line
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    result = run_server("--checkpoint", str(no_tokenizer))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {no_tokenizer / 'tokenizer.json'}: missing"
+    ]
 
 
 def free_port() -> int:
