@@ -183,3 +183,21 @@ def test_metrics_open_lets_a_keyless_prometheus_scrape_but_nothing_else(tmp_path
         assert_error(httpx.get(url + "/v1/models"), 401, "authentication_error")
         keyed = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
         assert keyed.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b'{"prompt": ' + b"[" * 1_500 + b"]" * 1_500 + b"}", "application/json", 400),
+        (b'{"prompt": "x", "stop": ' + b'{"a":' * 500 + b"1" + b"}" * 500 + b"}", None, 422),
+        (b'{"prompt": "hi", "max_tokens": 2}', "text/plain", 422),
+    ],
+    ids=["nested 1500 deep", "nested stop", "wrong content type"],
+)
+def test_deeply_nested_json_and_wrong_content_type_are_4xx_in_the_envelope(
+    client, content, content_type, status
+):
+    headers = {"Content-Type": content_type or "application/json"}
+    response = client.post("/v1/generate", content=content, headers=headers)
+    assert response.status_code == status
+    assert set(response.json()["error"]) == {"type", "message"}
