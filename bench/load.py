@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serve import free_port, start_server, wait_ready
+from bench.serve import running_server
 from model.checkpoint import resolve_checkpoint
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
@@ -93,12 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per round")
     args = parser.parse_args()
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    server = start_server(resolve_checkpoint(args.checkpoint), port, args.device, "auto")
     rss = []
-    try:
-        wait_ready(base_url, server, timeout=300)
+    with running_server(resolve_checkpoint(args.checkpoint), args.device, "auto") as base_url:
         for number in range(1, args.rounds + 1):
             seen = asyncio.run(one_round(base_url, args.clients, args.timeout))
             drained = wait_drained(base_url, timeout=10)
@@ -116,13 +110,6 @@ def main() -> None:
             )
         growth = rss[-1] / rss[0] - 1
         print(f"load: RSS after round {args.rounds} vs round 1: {100 * growth:+.1f}%")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -129,6 +131,27 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None
     raise SystemExit(f"the server was not ready within {timeout:.0f}s")
 
 
+@contextmanager
+def running_server(checkpoint: Path, device: str, dtype: str) -> Iterator[str]:
+    """A real `python -m server` on a free loopback port, ready; yields its base URL.
+
+    The server is sent SIGTERM (killed after 60 s) when the block ends, however it ends.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_server(checkpoint, port, device, dtype)
+    try:
+        wait_ready(base_url, server, timeout=300)
+        yield base_url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -139,11 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    server = start_server(folder, port, args.device, args.dtype)
-    try:
-        wait_ready(base_url, server, timeout=300)
+    with running_server(folder, args.device, args.dtype) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             http = asyncio.run(drive(base_url, clients, args.timeout))
@@ -162,13 +181,6 @@ def main() -> None:
                 f"errors {http['errors']}",
                 flush=True,
             )
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 if __name__ == "__main__":
