@@ -13,9 +13,10 @@ from functools import cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_harness import english_tokenizer
+from test_detokenizer import stream
 from tokenizers import Tokenizer
 
-from server.detokenizer import IncrementalDetokenizer, token_bytes
+from server.detokenizer import token_bytes
 
 # Stop strings drawn from text that tokens really produce, multi-byte included.
 STOP_ALPHABET = "ab e.\n世界🙂é"
@@ -46,23 +47,13 @@ def one_shot(ids: list[int], stops: tuple[str, ...]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def streamed(ids: list[int], stops: tuple[str, ...]) -> list[str]:
-    detokenizer = IncrementalDetokenizer(table(), stops)
-    deltas = []
-    for token_id in ids:
-        deltas.append(detokenizer.add(token_id))
-        if detokenizer.stopped:
-            return deltas
-    return [*deltas, detokenizer.finish()]
-
-
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
 @given(ids=token_ids())
 def test_deltas_concatenate_to_the_one_shot_decode(ids: list[int]) -> None:
-    deltas = streamed(ids, ())
+    deltas = stream(table(), ids, ())
     assert "".join(deltas) == one_shot(ids, ())
     # U+FFFD only where the bytes themselves are invalid, never from a split character.
     assert sum(d.count("\ufffd") for d in deltas) == one_shot(ids, ()).count("\ufffd")
@@ -75,7 +66,7 @@ def test_deltas_concatenate_to_the_one_shot_decode(ids: list[int]) -> None:
 )
 def test_stop_strings_are_never_emitted_and_cut_the_text(ids: list[int], stops: list[str]) -> None:
     stop = tuple(stops)
-    deltas = streamed(ids, stop)
+    deltas = stream(table(), ids, stop)
     text = "".join(deltas)
     assert text == one_shot(ids, stop)
     assert not any(s in text for s in stop)
@@ -88,6 +79,6 @@ def test_stop_strings_are_never_emitted_and_cut_the_text(ids: list[int], stops: 
 )
 def test_any_unicode_text_round_trips_through_the_stream(text: str, stops: list[str]) -> None:
     ids = tokenizer().encode(text, add_special_tokens=False).ids
-    assert "".join(streamed(ids, tuple(stops))) == one_shot(ids, tuple(stops))
+    assert "".join(stream(table(), ids, tuple(stops))) == one_shot(ids, tuple(stops))
     if not stops:
-        assert "".join(streamed(ids, ())) == text
+        assert "".join(stream(table(), ids, ())) == text
