@@ -12,6 +12,8 @@ before (prefill) or in the same step as (decode) that query.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from model.config import ModelConfig
@@ -70,26 +72,31 @@ class KVCache:
         slots (then reading is a view, not a copy). positions: [B, T].
         k, v: [B, T, kv_heads, head_dim]. Returns two [B, kv_heads, length, head_dim].
         """
+        k_cache, v_cache = self.k[layer], self.v[layer]
         if isinstance(slots, slice):
-            k_rows, v_rows = (
-                self.k[layer, slots],
-                self.v[layer, slots],
-            )  # views [B, kvh, max_len, hd]
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
-            # Advanced indices in dims 0 and 2 around a slice: the indexed view is
-            # [B, T, kv_heads, head_dim], the same layout as k and v.
-            k_rows[rows, :, positions] = k
-            v_rows[rows, :, positions] = v
+            rows = torch.arange(slots.start, slots.stop, device=k.device)
         else:
-            self.k[layer][slots[:, None], :, positions] = k
-            self.v[layer][slots[:, None], :, positions] = v
-            k_rows, v_rows = self.k[layer, slots], self.v[layer, slots]  # gathered copies
-        return k_rows[:, :, :length], v_rows[:, :, :length]
+            rows = slots
+        # Advanced indices in dims 0 and 2 around a slice: the indexed view is
+        # [B, T, kv_heads, head_dim], the same layout as k and v.
+        k_cache[rows[:, None], :, positions] = k
+        v_cache[rows[:, None], :, positions] = v
+        if isinstance(slots, slice):
+            return k_cache[slots, :, :length], v_cache[slots, :, :length]  # views
+        # Gather only the first `length` positions of each row's slot: copies.
+        return k_cache[:, :, :length][slots], v_cache[:, :, :length][slots]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of slot `src` into slot `dst`, in every layer."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-def slot_index(slots: torch.Tensor) -> torch.Tensor | slice:
-    """`slots` as a slice when they are a contiguous ascending run (cheaper to read)."""
-    first = int(slots[0])
-    if bool((slots == torch.arange(first, first + slots.numel(), device=slots.device)).all()):
-        return slice(first, first + slots.numel())
-    return slots
+def as_slots(slots: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | slice:
+    """A batch's slot list as the cache indexes it: a slice when the slots are a
+    contiguous ascending run (read as a view, no copy), else a [B] tensor.
+    Decided on the host from Python ints, so no forward waits on the device for it."""
+    first = slots[0]
+    if list(slots) == list(range(first, first + len(slots))):
+        return slice(first, first + len(slots))
+    return torch.tensor(slots, device=device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache, slot_index
+from model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -128,17 +128,21 @@ class _Step:
     """What every layer needs to use the cache in one forward; computed once per call."""
 
     def __init__(
-        self, cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor
+        self,
+        cache: KVCache | None,
+        slots: torch.Tensor | slice | None,
+        positions: torch.Tensor,
+        length: int | None,
     ) -> None:
         self.cache = cache
         self.positions = positions  # [B, T]
         self.layer = 0
         if cache is None:
             return
-        if slots is None:
-            slots = torch.arange(positions.shape[0], device=positions.device)
-        self.slots = slot_index(slots)
-        self.length = int(positions.max()) + 1  # L: keys needed by the furthest query
+        self.slots = slice(0, positions.shape[0]) if slots is None else slots
+        # L: keys needed by the furthest query. Callers that know it pass it, which
+        # spares a device sync (and a data-dependent shape under torch.compile).
+        self.length = int(positions.max()) + 1 if length is None else length
         keys = torch.arange(self.length, device=positions.device)  # [L]
         # A query at position p sees keys 0..p of its own row (causal, per-row length).
         self.mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
@@ -175,20 +179,22 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,
+        slots: torch.Tensor | slice | None = None,
         logits_at: torch.Tensor | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, T] -> logits [B, T, V].
 
         Without a cache each row is one causal sequence whose positions run 0..T-1
         (training, evaluation). With a cache, row b writes its keys/values into slot
-        `slots[b]` (default: slot b) at `positions[b]` and attends over that slot's
-        positions 0..p; rows may be at different lengths (padding a short row with
-        further positions is harmless: see kv_cache.py's invariant).
+        `slots[b]` (a [B] tensor, or a slice for a contiguous run; default: slot b) at
+        `positions[b]` and attends over that slot's positions 0..p; rows may be at
+        different lengths (padding a short row with further positions is harmless: see
+        kv_cache.py's invariant). `length`, when given, must be max(positions) + 1.
         `logits_at` [B] picks one t per row (e.g. each prompt's last token) and
         returns logits [B, 1, V], skipping the LM head for the other positions.
         """
-        step = _Step(cache, slots, positions)
+        step = _Step(cache, slots, positions, length)
         x = self.embed_tokens(input_ids)  # [B, T, D]
         rope = (
             self.rope_cos[positions].unsqueeze(2).to(x.dtype),  # [B, T, 1, E]

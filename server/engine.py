@@ -243,7 +243,7 @@ class Engine:
             logits = self.runner.decode(
                 [live.last_token for live in lives],
                 [row.position for row in output.decodes],
-                batch.slots,
+                [row.slot for row in output.decodes],
             )
             sampled.append(self.sampler.sample(logits, batch))
             rows += lives

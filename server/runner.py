@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, as_slots
 from model.transformer import Transformer
 
 
@@ -36,8 +36,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        self.cache.copy_slot(src, dst, length)
 
     def prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:
         """Write every chunk's K/V in one padded forward -> logits [P, V] at each chunk's end."""
@@ -50,27 +49,28 @@ class ModelRunner:
         # positions past a row's end are rewritten before any query reads them.
         positions = (starts[:, None] + torch.arange(width)).clamp_(max=self.max_len - 1)
         last = torch.tensor([len(c.token_ids) - 1 for c in chunks])
-        slots = torch.tensor([c.slot for c in chunks])
         logits = self.model(
             tokens.to(self.device),
             positions.to(self.device),
             self.cache,
-            slots.to(self.device),
+            as_slots([c.slot for c in chunks], self.device),
             logits_at=last.to(self.device),
+            length=min(max(c.start for c in chunks) + width, self.max_len),
         )  # [P, 1, V]
         return logits[:, 0]
 
     def decode(
-        self, token_ids: Sequence[int], positions: Sequence[int], slots: torch.Tensor
+        self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int]
     ) -> torch.Tensor:
-        """One token per row at its position -> logits [B, V]. slots: [B] on the device."""
+        """One token per row at its position in its slot -> logits [B, V]."""
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
-        return self.model(tokens, pos, self.cache, slots)[:, 0]
+        return self.model(
+            tokens, pos, self.cache, as_slots(slots, self.device), length=max(positions) + 1
+        )[:, 0]
 
     def warm_up(self) -> None:
         """Run each kind of forward once so the first request does not pay for setup."""
         n = self.cache.n_slots
         self.prefill([PrefillInput(0, [0] * min(16, self.max_len), 0)])
-        slots = torch.arange(n, device=self.device)
-        self.decode([0] * n, [0] * n, slots)
+        self.decode([0] * n, [0] * n, range(n))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import PRESETS, ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, as_slots
 from model.transformer import Transformer
 
 VOCAB = 300
@@ -27,16 +27,19 @@ def decode_through_cache(
 ) -> torch.Tensor:
     """Prefill each row's prompt (one padded batch), then decode every row token by token.
 
-    Returns the logits at every position, [B, T, V], gathered from the cached calls.
+    Slots and key lengths are given the way the server's runner gives them (a slice for
+    a contiguous run, the length from host-side positions). Returns the logits at
+    every position, [B, T, V], gathered from the cached calls.
     """
     batch, length = ids.shape
     cache = KVCache.for_model(model.config, n_slots=max(slots) + 1)
-    slot_ids = torch.tensor(slots)
     out = torch.zeros(batch, length, model.config.vocab_size)
     longest = max(prompt_lens)
     # Rows shorter than the longest prompt are padded with their own next tokens; the
     # cache entries that padding writes are overwritten before anything reads them.
-    logits = model(ids[:, :longest], full_positions(batch, longest), cache, slot_ids)
+    logits = model(
+        ids[:, :longest], full_positions(batch, longest), cache, as_slots(slots), length=longest
+    )
     for row, n in enumerate(prompt_lens):
         out[row, :n] = logits[row, :n]
     done = list(prompt_lens)
@@ -44,7 +47,9 @@ def decode_through_cache(
         active = [row for row in range(batch) if done[row] < length]
         step_ids = torch.tensor([[ids[row, done[row]]] for row in active])  # [B', 1]
         step_pos = torch.tensor([[done[row]] for row in active])  # [B', 1]
-        logits = model(step_ids, step_pos, cache, slot_ids[active])
+        active_slots = as_slots([slots[row] for row in active])
+        keys = max(done[row] for row in active) + 1
+        logits = model(step_ids, step_pos, cache, active_slots, length=keys)
         for i, row in enumerate(active):
             out[row, done[row]] = logits[i, 0]
             done[row] += 1
@@ -57,6 +62,25 @@ def test_cached_decode_equals_full_forward_single_row(model: Transformer) -> Non
     full = model(ids, full_positions(1, 40))
     cached = decode_through_cache(model, ids, prompt_lens=[9], slots=[0])
     assert (cached - full).abs().max().item() <= 1e-4
+
+
+@torch.inference_mode()
+def test_cached_decode_equals_full_forward_in_a_contiguous_run_of_slots(
+    model: Transformer,
+) -> None:
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (3, 24))
+    full = model(ids, full_positions(3, 24))
+    # Slots 2..4 are read as a view of the cache (a slice) until a row finishes.
+    cached = decode_through_cache(model, ids, prompt_lens=[5, 2, 11], slots=[2, 3, 4])
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+def test_as_slots_is_a_slice_only_for_an_ascending_contiguous_run() -> None:
+    assert as_slots([3, 4, 5]) == slice(3, 6)
+    assert as_slots([0]) == slice(0, 1)
+    assert torch.equal(as_slots([4, 3]), torch.tensor([4, 3]))
+    assert torch.equal(as_slots([0, 2]), torch.tensor([0, 2]))
 
 
 @torch.inference_mode()
