@@ -2,10 +2,12 @@
 
     python -m bench.train --data ../shared/data/tinyshakespeare.txt [--max-time 70]
 
-1. Throughput: the real `python -m training.pretrain` for `--steps` steps (its
-   steady-state tokens/s from the JSONL log, the first half of the steps being
-   warm-up), then, in this process, a nanoGPT-style loop (bench/reference.py) on
-   the identical model shape, batch and sequence length.
+1. Throughput: the real `python -m training.pretrain` for `--steps` steps with the
+   settings the quality run resolves to (the same `--max-time`, so the same preset,
+   vocabulary, batch and compile choice); its steady-state tokens/s comes from the
+   JSONL log, the first half of the steps (and torch.compile's build) being warm-up.
+   Then, in this process, a nanoGPT-style loop (bench/reference.py) on the identical
+   model shape, batch and sequence length.
 2. Quality: `training.pretrain --max-time` with default settings on the first 90% of
    the file's bytes, then `training.evaluate` on the last 10% (bits per byte).
 Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`).
@@ -47,11 +49,14 @@ def split_bytes(path: Path, folder: Path) -> tuple[Path, Path]:
     return train, held_out
 
 
-def our_tokens_per_s(train: Path, held_out: Path, out: Path, steps: int, extra: list[str]) -> float:
+def our_tokens_per_s(
+    train: Path, held_out: Path, out: Path, steps: int, max_time: float, extra: list[str]
+) -> float:
     pretrain(
         [
             *("--data", str(train), "--val-data", str(held_out), "--out-dir", str(out)),
-            *("--max-steps", str(steps), "--log-interval", str(steps // 2)),
+            *("--max-steps", str(steps), "--max-time", str(max_time)),
+            *("--log-interval", str(steps // 2)),
             *("--eval-interval", str(10 * steps), "--sample-tokens", "0", "--eval-tokens", "1024"),
             *extra,
         ]
@@ -100,7 +105,7 @@ def held_out_bpb(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
-    parser.add_argument("--steps", type=int, default=40, help="steps of the throughput runs")
+    parser.add_argument("--steps", type=int, default=200, help="steps of the throughput runs")
     parser.add_argument("--max-time", type=float, default=70.0, help="seconds of the quality run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-quality", action="store_true")
@@ -110,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         train, held_out = split_bytes(args.data, folder)
-        ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, extra)
+        ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
         plain = plain_tokens_per_s(folder / "speed", train, args.steps, device)
         machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         print(

@@ -43,6 +43,7 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
     out = run_bench(
         "bench.train", "--data", str(text), "--steps", "4", "--skip-quality",
         "--", "--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300",
+        "--no-compile",  # the compiled path has its own test (test_training_pretrain)
     )  # fmt: skip
     (line,) = [line for line in out.splitlines() if line.startswith("train throughput")]
     assert float(re.search(RATIO, line).group(1)) > 0

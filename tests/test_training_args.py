@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from training.args import TrainArgs, UsageError, build_parser, explicit_settings, make_args
+from training.args import (
+    TrainArgs,
+    UsageError,
+    build_parser,
+    compile_pays_off,
+    explicit_settings,
+    make_args,
+    with_step_budget,
+)
 
 
 def test_help_lists_every_setting_with_its_default() -> None:
@@ -44,3 +53,33 @@ def test_bad_config_file_names_the_file_and_setting(
     with pytest.raises(UsageError, match=message) as error:
         explicit_settings(["--config", str(config)], {})
     assert str(config) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({}, True),  # 400 steps: the CPU default
+        ({"max_steps": 50}, False),
+        ({"max_time": 70.0}, True),
+        ({"max_time": 30.0}, False),  # a short budget: the build would eat half of it
+        ({"max_steps": 1000, "max_time": 30.0}, False),
+    ],
+)
+def test_compile_defaults_on_for_long_runs_when_a_compiler_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: dict, expected: bool
+) -> None:
+    compiler = tmp_path / "g++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    args = with_step_budget(TrainArgs(**flags), torch.device("cpu"))
+    assert args.compile is expected
+
+
+def test_compile_stays_off_without_a_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, c++ or clang++
+    assert not compile_pays_off(TrainArgs(max_time=600.0), torch.device("cpu"))
+    explicit = with_step_budget(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
+    assert explicit.compile is True  # an explicit --compile is kept

@@ -19,7 +19,8 @@ from training import pretrain
 
 def run_until_killed(run: Path, tmp_path: Path, checkpoints_before_kill: int) -> None:
     """Train with a checkpoint every step; SIGKILL once `latest` has moved N times."""
-    args = tiny_run(tmp_path, "--max-steps", "100000", "--save-interval", "1", "--keep-last", "2")
+    args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--save-interval", "1")
+    args += ["--keep-last", "2"]
     process = subprocess.Popen(
         [sys.executable, "-m", "training.pretrain", *args, "--out-dir", str(run)],
         cwd=REPO,

@@ -227,6 +227,8 @@ class Trainer:
             self._load(resume_from)
         self.forward: Callable = self.model
         if args.compile:
+            if dist_info.is_main:
+                print("torch.compile: the first step builds the kernels (~30 s the first time)")
             self.forward = torch.compile(self.model)
         if dist_info.enabled:
             self.forward = torch.nn.parallel.DistributedDataParallel(
