@@ -106,16 +106,14 @@ def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device):
-    """AdamW; matrices decay, norm weights do not; fused kernels on CUDA."""
+def make_optimizer(model: torch.nn.Module, args: TrainArgs):
+    """AdamW; matrices decay, norm weights do not; one fused kernel (CPU and CUDA)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda"
-    )
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 # ---------------------------------------------------------------- RNG state as plain tensors
@@ -198,7 +196,7 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
         torch.manual_seed(args.seed)
         self.model = Transformer(config).to(device)
-        self.optimizer = make_optimizer(self.model, args, device)
+        self.optimizer = make_optimizer(self.model, args)
         self.sampler = BatchSampler(
             data.train,
             block_size=args.block_size,
