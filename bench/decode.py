@@ -7,7 +7,8 @@ Same prompts (32 random token ids per row, fixed seed), 128 new tokens per row
 For each batch size prints tokens/s of both and the ratio, our ms per decode step,
 and the share of step time spent outside the model forward (Python, scheduling,
 sampling, detokenizing). Runs our engine on the server's own device/dtype choice
-unless --device/--dtype say otherwise; HF runs on the same device and dtype.
+unless --device/--dtype say otherwise; HF runs on the same device, and in the same
+dtype unless --hf-dtype names another (e.g. our bfloat16 against HF's float32).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
     parser.add_argument("--hf-repeats", type=int, default=1)
     args = parser.parse_args()
     folder = resolve_checkpoint(args.checkpoint)
@@ -119,6 +121,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=generator)
         mine = ours(folder, prompts, args.device, args.dtype)
+        hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
         hf = hf_generate(
             folder,
             prompts,
@@ -126,7 +129,7 @@ def main() -> None:
             temperature=SAMPLING.temperature,
             top_p=SAMPLING.top_p,
             device=mine["device"],
-            dtype=mine["dtype"],
+            dtype=hf_dtype,
             repeats=args.hf_repeats,
         )
         device = mine["device"]
@@ -134,7 +137,8 @@ def main() -> None:
         print(
             f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
             f"{torch.get_num_threads()} threads): pocketgpt {mine['tokens_per_s']:,.0f} tok/s vs "
-            f"HF generate {hf:,.0f} tok/s = {mine['tokens_per_s'] / hf:.2f}x; "
+            f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
+            f"{mine['tokens_per_s'] / hf:.2f}x; "
             f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "
             "the forward",
             flush=True,

@@ -23,10 +23,14 @@ def run_bench(*args: str) -> str:
 
 
 def test_decode_benchmark_prints_a_ratio_per_batch_size(tiny_checkpoint: Path) -> None:
-    out = run_bench("bench.decode", "--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2")
+    out = run_bench(
+        "bench.decode", "--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2",
+        "--dtype", "bfloat16", "--hf-dtype", "float32",
+    )  # fmt: skip
     lines = [line for line in out.splitlines() if line.startswith("decode batch")]
     assert len(lines) == 2
     assert all(float(re.search(RATIO, line).group(1)) > 0 for line in lines)
+    assert all("bfloat16" in line and "HF generate (float32)" in line for line in lines)
 
 
 def test_serve_benchmark_reports_no_errors(tiny_checkpoint: Path) -> None:
