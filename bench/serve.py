@@ -5,10 +5,11 @@
 For each concurrency N: N clients stream one request each at the same moment
 (prompts from a fixed mix, 128 new tokens, temperature 0.8, top_p 0.95, end-of-text
 ignored so every request makes the same work). Prints aggregate tokens/s, time to
-first token and inter-token latency (p50/p99), errors, and the HTTP + SSE overhead
+first token and inter-token latency (p50/p99), errors, the HTTP + SSE overhead
 against the raw engine (bench/decode.py's in-process run) on the same prompts and
-concurrency. Loopback only; every run is bounded by --timeout and the server is
-stopped at the end.
+concurrency, and the CPU the clients themselves used (on a small machine they compete
+with the server for the same cores). Loopback only; every run is bounded by --timeout
+and the server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ async def one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, float, lis
 async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         results = await asyncio.wait_for(
             asyncio.gather(*(one_stream(client, i) for i in range(clients))), timeout
         )
         elapsed = time.perf_counter() - start
+        client_cpu = time.process_time() - cpu_start
     ttfts = [r[1] for r in results if r[3]]
     gaps = [g for r in results for g in r[2]]
     return {
@@ -107,6 +109,8 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
         "itl_p50": percentile(gaps, 0.5),
         "itl_p99": percentile(gaps, 0.99),
         "errors": sum(not r[3] for r in results),
+        # The clients share the machine with the server: their CPU is not the server's.
+        "client_cores": client_cpu / elapsed,
     }
 
 
@@ -178,7 +182,7 @@ def main() -> None:
                 f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); "
                 f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
                 f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
-                f"errors {http['errors']}",
+                f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
                 flush=True,
             )
 

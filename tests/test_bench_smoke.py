@@ -36,7 +36,8 @@ def test_decode_benchmark_prints_a_ratio_per_batch_size(tiny_checkpoint: Path) -
 def test_serve_benchmark_reports_no_errors(tiny_checkpoint: Path) -> None:
     out = run_bench("bench.serve", "--checkpoint", str(tiny_checkpoint), "--clients", "3")
     (line,) = [line for line in out.splitlines() if line.startswith("serve")]
-    assert line.endswith("errors 0"), line
+    assert "errors 0;" in line, line
+    assert re.search(r"the clients used \d+\.\d\d cores$", line), line
     assert "tok/s over HTTP+SSE" in line
 
 
