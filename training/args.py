@@ -240,10 +240,11 @@ DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~11 min of `small` on 2 idle 
 UNLIMITED_STEPS = 10**12
 
 
-# torch.compile's first build of a model shape takes ~30 s on 2 CPU cores (~35 s for
+# torch.compile's first build of a model shape takes 30-60 s on 2 CPU cores (~35 s for
 # `base` on an H100); inductor caches it on disk, so later runs start in seconds.
-# Compiled, a step is ~1.4x faster for `tiny`, ~1.15x for `small` on 2 CPU cores
-# (fewer, fused kernels; matrix products are the rest), 8x with bf16 on an H100.
+# Compiled, a step is ~1.3x faster for `tiny`, ~1.1x for `small` on 2 CPU cores
+# (fewer, fused kernels; matrix products are the rest); on an H100, with bf16, 8x an
+# eager fp32 loop.
 COMPILE_MIN_STEPS = 200
 COMPILE_MIN_SECONDS = 60.0
 

@@ -242,7 +242,7 @@ class Trainer:
         )
         if args.compile:
             if dist_info.is_main:
-                print("torch.compile: the first step builds the kernels (~30 s the first time)")
+                print("torch.compile: the first step builds the kernels (30-60 s on CPU, once)")
             # The loss is compiled with the model: inductor fuses the log-softmax into the
             # LM head's epilogue and skips materialising it (~7% of a CPU `tiny` step).
             self.loss = torch.compile(self.loss)
