@@ -150,8 +150,8 @@ class TrainArgs:
     compile: bool | None = field(
         default=None,
         metadata=doc(
-            "torch.compile the model (none: on for runs of 200+ steps or --max-time >= 60"
-            " when a C/C++ compiler is installed)"
+            "torch.compile the model (none: on for --max-time >= 60, or 200+ steps without"
+            " --max-time, when a C/C++ compiler is installed)"
         ),
     )
 

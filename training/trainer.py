@@ -232,19 +232,20 @@ class Trainer:
         self.tensorboard = None
         if resume_from is not None:
             self._load(resume_from)
-        self.forward: torch.nn.Module = self.model
+        # What a training step calls: the model, wrapped in DDP under torchrun.
+        self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
-            self.forward = torch.nn.parallel.DistributedDataParallel(
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
             )
         self.loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
-            functools.partial(next_token_loss, self.forward)
+            functools.partial(next_token_loss, self.step_model)
         )
         if args.compile:
             if dist_info.is_main:
                 print("torch.compile: the first step builds the kernels (30-60 s on CPU, once)")
-            # The loss is compiled with the model: inductor fuses the log-softmax into the
-            # LM head's epilogue and skips materialising it (~7% of a CPU `tiny` step).
+            # The loss is compiled with the model, so the log-softmax and the loss become
+            # inductor kernels too instead of separate eager ops (~7% of a CPU `tiny` step).
             self.loss = torch.compile(self.loss)
 
     # ------------------------------------------------------------ state
@@ -493,7 +494,7 @@ class Trainer:
                     self._record_fingerprints(x)
                 sync = micro == args.grad_accum - 1 or not self.dist.enabled
                 with (
-                    contextlib.nullcontext() if sync else self.forward.no_sync(),
+                    contextlib.nullcontext() if sync else self.step_model.no_sync(),
                     self._autocast(),
                 ):
                     loss = self.loss(x, y, positions)
