@@ -56,23 +56,28 @@ def test_bad_config_file_names_the_file_and_setting(
 
 
 @pytest.mark.parametrize(
-    ("flags", "expected"),
+    ("device", "flags", "expected"),
     [
-        ({}, True),  # 400 steps: the CPU default
-        ({"max_steps": 50}, False),
-        ({"max_time": 70.0}, True),
-        ({"max_time": 30.0}, False),  # a short budget: the build would eat half of it
-        ({"max_steps": 1000, "max_time": 30.0}, False),
+        ("cpu", {}, False),  # 400 steps, the CPU default: a cold build would not repay
+        ("cpu", {"max_steps": 1000}, True),
+        ("cpu", {"max_time": 70.0}, False),
+        ("cpu", {"max_time": 120.0}, True),
+        ("cpu", {"max_steps": 5000, "max_time": 30.0}, False),  # the time box decides
+        ("cuda", {}, True),  # 5000 steps, the CUDA default
+        ("cuda", {"max_steps": 50}, False),
+        ("cuda", {"max_time": 60.0}, True),
+        ("cuda", {"max_time": 30.0}, False),
     ],
 )
-def test_compile_defaults_on_for_long_runs_when_a_compiler_exists(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: dict, expected: bool
+def test_compile_defaults_on_for_runs_that_repay_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, flags: dict, expected: bool
 ) -> None:
-    compiler = tmp_path / "g++"
-    compiler.write_text("#!/bin/sh\n")
-    compiler.chmod(0o755)
+    for name in ("g++", "gcc"):  # the CPU and the CUDA (Triton launcher) compilers
+        compiler = tmp_path / name
+        compiler.write_text("#!/bin/sh\n")
+        compiler.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    args = with_step_budget(TrainArgs(**flags), torch.device("cpu"))
+    args = with_step_budget(TrainArgs(**flags), torch.device(device))
     assert args.compile is expected
 
 

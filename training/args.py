@@ -150,8 +150,9 @@ class TrainArgs:
     compile: bool | None = field(
         default=None,
         metadata=doc(
-            "torch.compile the model (none: on for --max-time >= 60, or 200+ steps without"
-            " --max-time, when a C/C++ compiler is installed)"
+            "torch.compile the model (none: on for --max-time >= 120 on CPU / 60 on CUDA, or"
+            " 1000+ CPU / 200+ CUDA steps without --max-time, when a C/C++ compiler is"
+            " installed)"
         ),
     )
 
@@ -240,22 +241,26 @@ DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~11 min of `small` on 2 idle 
 UNLIMITED_STEPS = 10**12
 
 
-# torch.compile's first build of a model shape takes 30-60 s on 2 CPU cores (~35 s for
-# `base` on an H100); inductor caches it on disk, so later runs start in seconds.
-# Compiled, a step is ~1.3x faster for `tiny`, ~1.1x for `small` on 2 CPU cores
-# (fewer, fused kernels; matrix products are the rest); on an H100, with bf16, 8x an
-# eager fp32 loop.
-COMPILE_MIN_STEPS = 200
-COMPILE_MIN_SECONDS = 60.0
+# When `--compile none` compiles, by device: a run must be long enough that the first
+# build (cached on disk afterwards, but a newcomer's first run pays it) is repaid.
+# CPU, 2 cores: the build takes ~15-20 s for `tiny` and ~50 s for `small`; compiled, a
+# step is then ~1.3x faster for `tiny` and ~1.1x for `small` (fewer, fused kernels;
+# matrix products are the rest). At --max-time 70 a cold build loses (`tiny`: 708
+# steps vs 740 eager; 910 with a warm cache), and the 400-step `small` default breaks
+# even, hence 2 minutes / 1000 steps. CUDA: ~35 s for `base` on an H100, then with bf16
+# 8x an eager fp32 loop.
+COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 200}
+COMPILE_MIN_SECONDS = {"cpu": 120.0, "cuda": 60.0}
 
 
 def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
     """`--compile none`: compile when the run is long enough to repay the build and the
     compiler inductor needs is installed (a C++ compiler for CPU kernels; Triton's
     launcher needs a C compiler on CUDA). Without one, torch.compile fails mid-run."""
-    long_run = (args.max_time or 0.0) >= COMPILE_MIN_SECONDS or (
-        args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS and args.max_time is None
-    )
+    if args.max_time is not None:
+        long_run = args.max_time >= COMPILE_MIN_SECONDS[device.type]
+    else:
+        long_run = args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS[device.type]
     compilers = ("gcc", "cc", "clang") if device.type == "cuda" else ("g++", "c++", "clang++")
     return long_run and any(shutil.which(c) for c in compilers)
 

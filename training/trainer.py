@@ -243,7 +243,10 @@ class Trainer:
         )
         if args.compile:
             if dist_info.is_main:
-                print("torch.compile: the first step builds the kernels (30-60 s on CPU, once)")
+                print(
+                    "torch.compile: the first step builds the kernels"
+                    " (~15-50 s on 2 CPU cores; cached on disk for later runs)"
+                )
             # The loss is compiled with the model, so the log-softmax and the loss become
             # inductor kernels too instead of separate eager ops (~7% of a CPU `tiny` step).
             self.loss = torch.compile(self.loss)
