@@ -65,10 +65,14 @@ def our_tokens_per_s(
     return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
 
 
+def run_args(run: Path) -> dict:
+    """The resolved TrainArgs a finished run used (its checkpoint's trainer_meta.json)."""
+    return json.loads((resolve_checkpoint(run) / "trainer_meta.json").read_text())["args"]
+
+
 def plain_tokens_per_s(run: Path, train: Path, steps: int, device: torch.device) -> float:
     folder = resolve_checkpoint(run)
-    meta = json.loads((folder / "trainer_meta.json").read_text())
-    batch, block = meta["args"]["batch_size"], meta["args"]["block_size"]
+    batch, block = run_args(run)["batch_size"], run_args(run)["block_size"]
     ids = np.array(load_tokenizer(folder).encode(train.read_text()).ids, dtype=np.int64)
     rng = np.random.default_rng(0)
     batches = []
@@ -118,10 +122,11 @@ def main() -> None:
         ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
         plain = plain_tokens_per_s(folder / "speed", train, args.steps, device)
         machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        mode = "compiled" if run_args(folder / "speed")["compile"] else "eager"
         print(
             f"train throughput ({machine or platform.machine()}, {torch.get_num_threads()} threads,"
-            f" {device.type}): pocketgpt {ours:,.0f} tok/s vs plain loop {plain:,.0f} tok/s"
-            f" = {ours / plain:.2f}x"
+            f" {device.type}): pocketgpt ({mode}) {ours:,.0f} tok/s vs plain loop {plain:,.0f}"
+            f" tok/s = {ours / plain:.2f}x"
         )
         if not args.skip_quality:
             start = time.perf_counter()

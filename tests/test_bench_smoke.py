@@ -52,6 +52,7 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
     )  # fmt: skip
     (line,) = [line for line in out.splitlines() if line.startswith("train throughput")]
     assert float(re.search(RATIO, line).group(1)) > 0
+    assert "pocketgpt (eager)" in line  # the mode the run resolved to, read back from it
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
