@@ -86,5 +86,6 @@ def test_compile_stays_off_without_a_compiler(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, c++ or clang++
     assert not compile_pays_off(TrainArgs(max_time=600.0), torch.device("cpu"))
-    explicit = with_step_budget(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
-    assert explicit.compile is True  # an explicit --compile is kept
+    # An explicit --compile fails before anything runs, naming the flag, not mid-run.
+    with pytest.raises(UsageError, match=r"--compile: .*needs a compiler on PATH \(g\+\+"):
+        with_step_budget(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import tomllib
 import torch
 
 from model.config import PRESETS, ModelConfig
+from model.inductor import has_compiler, missing_compiler_message
 
 ENV_PREFIX = "POCKETGPT_"
 
@@ -255,14 +255,12 @@ COMPILE_MIN_SECONDS = {"cpu": 120.0, "cuda": 60.0}
 
 def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
     """`--compile none`: compile when the run is long enough to repay the build and the
-    compiler inductor needs is installed (a C++ compiler for CPU kernels; Triton's
-    launcher needs a C compiler on CUDA). Without one, torch.compile fails mid-run."""
+    compiler inductor needs is installed (model/inductor.py)."""
     if args.max_time is not None:
         long_run = args.max_time >= COMPILE_MIN_SECONDS[device.type]
     else:
         long_run = args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS[device.type]
-    compilers = ("gcc", "cc", "clang") if device.type == "cuda" else ("g++", "c++", "clang++")
-    return long_run and any(shutil.which(c) for c in compilers)
+    return long_run and has_compiler(device)
 
 
 def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
@@ -278,6 +276,8 @@ def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
     args = dataclasses.replace(args, **filled)
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
+    elif args.compile and not has_compiler(device):
+        raise UsageError(f"--compile: {missing_compiler_message(device)}")
     return args
 
 
