@@ -1,6 +1,9 @@
 """Preallocated key/value cache shared by every request the server runs.
 
-Layout: [layers, slots, kv_heads, max_len, head_dim]. A *slot* belongs to one
+Layout: one [slots, kv_heads, max_len, head_dim] tensor per layer for keys and one
+for values (separate tensors rather than views of one stacked tensor, so a compiled
+forward writes a layer in place: torch.compile turns a write into a view of a larger
+tensor into a copy of the whole base, every step). A *slot* belongs to one
 sequence at a time; row b of a batch names its slot in `slots[b]` and writes its
 keys/values at its own `positions[b]`, so rows of different lengths share a step.
 
@@ -31,9 +34,9 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.n_slots = n_slots
         self.max_len = max_len
 
@@ -88,8 +91,8 @@ class KVCache:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy positions [0, length) of slot `src` into slot `dst`, in every layer."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        for layer in (*self.k, *self.v):
+            layer[dst, :, :length] = layer[src, :, :length]
 
 
 def as_slots(slots: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | slice:
