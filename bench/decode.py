@@ -80,7 +80,12 @@ async def run_engine(engine: Engine, prompts: torch.Tensor) -> float:
 
 
 def ours(
-    checkpoint: Path, prompts: torch.Tensor, device: str, dtype: str, max_batch: int | None = None
+    checkpoint: Path,
+    prompts: torch.Tensor,
+    device: str,
+    dtype: str,
+    max_batch: int | None = None,
+    compile_lone_decode: bool = False,
 ) -> dict[str, object]:
     """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
     settings = Settings(
@@ -89,6 +94,7 @@ def ours(
         dtype=dtype,
         max_batch=max_batch or len(prompts),
         max_queue=len(prompts),
+        compile=compile_lone_decode,
     )
     # Warm-up on a throwaway engine (a stopped engine does not restart): every kernel once.
     asyncio.run(run_engine(load_serving(settings, Metrics()).engine, prompts[:1]))
@@ -115,12 +121,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
     parser.add_argument("--hf-repeats", type=int, default=1)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile our lone-stream decode step, as `python -m server --compile true`",
+    )
     args = parser.parse_args()
     folder = resolve_checkpoint(args.checkpoint)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         generator = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=generator)
-        mine = ours(folder, prompts, args.device, args.dtype)
+        mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
         hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
         hf = hf_generate(
             folder,
@@ -136,7 +147,8 @@ def main() -> None:
         machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
         print(
             f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
-            f"{torch.get_num_threads()} threads): pocketgpt {mine['tokens_per_s']:,.0f} tok/s vs "
+            f"{torch.get_num_threads()} threads): pocketgpt{' (compiled)' if args.compile else ''}"
+            f" {mine['tokens_per_s']:,.0f} tok/s vs "
             f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
             f"{mine['tokens_per_s'] / hf:.2f}x; "
             f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "

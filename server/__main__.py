@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def check_checkpoint(settings: Settings) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
+    from model.inductor import has_compiler, missing_compiler_message
     from server.app import resolve_device
     from server.detokenizer import token_bytes
 
-    resolve_device(settings.device)
+    device = resolve_device(settings.device)
+    if settings.compile and not has_compiler(device):
+        raise ValueError(f"--compile: {missing_compiler_message(device)}")
     folder = resolve_checkpoint(settings.checkpoint)
     load_weights(folder, read_config(folder))
     token_bytes(load_tokenizer(folder))

@@ -105,8 +105,9 @@ class Engine:
         max_queue: int,
         prefill_chunk: int,
         metrics: Metrics,
+        compile_lone_decode: bool = False,
     ) -> None:
-        self.runner = ModelRunner(model, n_slots)
+        self.runner = ModelRunner(model, n_slots, compile_lone_decode=compile_lone_decode)
         self.sampler = Sampler(n_slots, model.config.vocab_size, self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
         self.metrics = metrics

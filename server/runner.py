@@ -23,7 +23,9 @@ class PrefillInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int) -> None:
+    def __init__(
+        self, model: Transformer, n_slots: int, *, compile_lone_decode: bool = False
+    ) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -34,6 +36,15 @@ class ModelRunner:
             # decode step: 4.9 ms of CPU per attention call on an H100 (bench/decode.py),
             # 50x the flash/efficient kernels. Process-wide, but this process only serves.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # A lone stream's step is ~300 small eager ops around ~40 matrix-vector products;
+        # compiled, their dispatch overhead goes (4.8 -> 3.0 ms per bf16 `small` step on 2
+        # CPU cores). Only batch 1 in slot 0 (where compaction keeps a lone stream):
+        # dynamo specialises on the batch size, and building one graph per size costs
+        # ~20 s each, while batches gain little (their time is in the products).
+        # dynamic=True makes the key length symbolic from the start: one graph in all.
+        self._lone_decode = (
+            torch.compile(self._forward_lone, dynamic=True) if compile_lone_decode else None
+        )
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
@@ -65,12 +76,26 @@ class ModelRunner:
         """One token per row at its position in its slot -> logits [B, V]."""
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
-        return self.model(
-            tokens, pos, self.cache, as_slots(slots, self.device), length=max(positions) + 1
-        )[:, 0]
+        length = max(positions) + 1
+        if self._lone_decode is not None and list(slots) == [0]:
+            logits = self._lone_decode(tokens, pos, length)
+        else:
+            slots_index = as_slots(slots, self.device)
+            logits = self.model(tokens, pos, self.cache, slots_index, length=length)
+        return logits[:, 0]
+
+    def _forward_lone(self, tokens: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """The decode forward of one row in slot 0: tokens, pos [1, 1] -> logits [1, 1, V]."""
+        return self.model(tokens, pos, self.cache, slice(0, 1), length=length)
 
     def warm_up(self) -> None:
-        """Run each kind of forward once so the first request does not pay for setup."""
+        """Run each kind of forward once so the first request does not pay for setup
+        (nor, with compilation, for the build)."""
         n = self.cache.n_slots
         self.prefill([PrefillInput(0, [0] * min(16, self.max_len), 0)])
         self.decode([0] * n, [0] * n, range(n))
+        if self._lone_decode is not None:
+            # Position 1, not 0: a key length of 1 would be specialised as a constant
+            # and the first real step would build again. (Slot 0's stale entries are
+            # rewritten before any query reads them: kv_cache.py's invariant.)
+            self.decode([0], [1], [0])

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +26,12 @@ LONG_PROMPT = "The engine admits waiting requests into free slots. " * 6  # > 3 
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory) -> Iterator[str]:
-    checkpoint = random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+def checkpoint(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def base_url(checkpoint: Path) -> Iterator[str]:
     settings = Settings(checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK)
     with running_server(settings) as url:
         yield url
@@ -199,3 +204,22 @@ def test_health_and_models_describe_the_loaded_checkpoint(client):
     assert models["object"] == "list"
     assert models["data"][0]["id"] == "random"
     assert models["data"][0]["max_context"] == 1024
+
+
+def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, checkpoint):
+    bodies = [
+        {"prompt": "Hello there", "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        {"prompt": "Once upon a time", "max_tokens": 20, "seed": 3, "top_p": 0.9},
+    ]
+    expected = [generate(client, **body)["text"] for body in bodies]
+    settings = Settings(
+        checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK, compile=True
+    )
+    # Ready only after the warm-up has built the graph (~20 s on 2 cores, cold).
+    with (
+        running_server(settings, ready_within=180) as url,
+        httpx.Client(base_url=url, timeout=60) as compiled,
+    ):
+        for body, text in zip(bodies, expected, strict=True):
+            assert generate(compiled, **body)["text"] == text
+            assert streamed_text(stream(compiled, **body)) == text
