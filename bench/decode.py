@@ -94,7 +94,7 @@ def ours(
         dtype=dtype,
         max_batch=max_batch or len(prompts),
         max_queue=len(prompts),
-        compile=compile_lone_decode,
+        compile_decode=compile_lone_decode,
     )
     # Warm-up on a throwaway engine (a stopped engine does not restart): every kernel once.
     asyncio.run(run_engine(load_serving(settings, Metrics()).engine, prompts[:1]))
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile our lone-stream decode step, as `python -m server --compile true`",
+        help="compile our lone-stream decode step, as `python -m server --compile-decode true`",
     )
     args = parser.parse_args()
     folder = resolve_checkpoint(args.checkpoint)

@@ -59,8 +59,8 @@ def check_checkpoint(settings: Settings) -> None:
     from server.detokenizer import token_bytes
 
     device = resolve_device(settings.device)
-    if settings.compile and not has_compiler(device):
-        raise ValueError(f"--compile: {missing_compiler_message(device)}")
+    if settings.compile_decode and not has_compiler(device):
+        raise ValueError(f"--compile-decode: {missing_compiler_message(device)}")
     folder = resolve_checkpoint(settings.checkpoint)
     load_weights(folder, read_config(folder))
     token_bytes(load_tokenizer(folder))

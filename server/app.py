@@ -80,7 +80,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         metrics=metrics,
-        compile_lone_decode=settings.compile,
+        compile_lone_decode=settings.compile_decode,
     )
     with torch.inference_mode():
         engine.runner.warm_up()

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         description="torch CPU threads; default torch's own (one per core). On a shared "
         "machine 1 can be faster: oversubscribed cores make the thread pool stall",
     )
-    compile: bool = Field(
+    compile_decode: bool = Field(
         False,
         description="torch.compile the decode step of a lone stream (batch 1): on 2 CPU "
         "cores ~1.5x faster per token in bfloat16, ~1.3x in float32; batches run eager. "

@@ -84,10 +84,12 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
 
 def test_compile_without_a_compiler_exits_2_naming_the_flag(checkpoint, tmp_path):
     no_compilers = {"PATH": str(tmp_path)}  # an empty folder: no g++, c++ or clang++
-    result = run_server("--checkpoint", str(checkpoint), "--compile", "true", env=no_compilers)
+    result = run_server(
+        "--checkpoint", str(checkpoint), "--compile-decode", "true", env=no_compilers
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --compile: torch.compile on cpu needs a compiler on PATH"
+        "error: --compile-decode: torch.compile on cpu needs a compiler on PATH"
         " (g++ / c++ / clang++); none was found"
     ]
 

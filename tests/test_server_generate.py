@@ -213,7 +213,7 @@ def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, 
     ]
     expected = [generate(client, **body)["text"] for body in bodies]
     settings = Settings(
-        checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK, compile=True
+        checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK, compile_decode=True
     )
     # Ready only after the warm-up has built the graph (~20 s on 2 cores, cold).
     with (
