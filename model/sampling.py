@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -94,19 +95,33 @@ def apply_top_k_top_p(
     """Set to -inf every logit outside the row's top-k and outside its top-p nucleus.
 
     top_k [B] (0 = off), top_p [B] (1 = off). The most likely token is always kept.
+    Both filters become one threshold per row, the smallest logit kept, so only the
+    sorted values are needed (not the order); a token tied with it is kept too, as in
+    HF's top-k.
     """
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
-    drop = ranks >= k[:, None]
+    sorted_logits = sorted_descending(logits)  # [B, V]
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already reach top_p.
+    # A token is in the nucleus while the tokens ranked above it hold less than top_p.
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    in_nucleus = (mass_before < top_p[:, None]).sum(dim=-1)  # [B]
+    # top_p 1 is off: a sum that rounds up to 1 must not drop the last tokens.
+    in_nucleus = torch.where(top_p < 1.0, in_nucleus, vocab)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kept = torch.minimum(in_nucleus, k).clamp_(min=1)  # [B]
+    threshold = sorted_logits.gather(-1, (kept - 1)[:, None])  # [B, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] with each row sorted, largest first.
+
+    On CPU NumPy's values-only sort takes ~0.3 ms for [32, 2048] where torch.sort,
+    which also computes the order, takes ~2 ms (2 cores): a quarter of a decode step.
+    """
+    if x.device.type != "cpu":
+        return x.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.sort(x.numpy(), axis=-1)[:, ::-1].copy())
 
 
 def draw(
@@ -114,16 +129,22 @@ def draw(
 ) -> torch.Tensor:
     """One token per row: argmax where `greedy`, else a draw from softmax(logits).
 
-    Uses the exponential-race form of categorical sampling (argmax of p / Exp(1)),
-    with the row's own generator, so a token of probability 0 is never drawn.
+    Inverse CDF: one uniform number per row, from the row's own generator (one call
+    for all the rows without one), located in the row's cumulative distribution.
+    Per row that is one random number instead of V (an exponential per token costs
+    ~2 ms at [32, 2048] on 2 cores). A token of probability 0 adds nothing to the
+    cumulative sum, so the search never stops on it.
     """
     probs = logits.float().softmax(dim=-1)  # [B, V]
-    noise = torch.empty_like(probs)
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    uniform = torch.rand(len(generators), device=logits.device)  # [B], in [0, 1)
     for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
-    # clamp: an Exp(1) draw of exactly 0 must not turn a zero probability into nan.
-    sampled = (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        if generator is not None:
+            uniform[row] = torch.rand((), generator=generator, device=generator.device)
+    # Scaled by the row's total, so rounding in the sum never leaves u past the last bin.
+    targets = (uniform * cdf[:, -1])[:, None]  # [B, 1]
+    sampled = torch.searchsorted(cdf, targets, right=True)[:, 0]  # first bin with cdf > u
+    return torch.where(greedy, logits.argmax(dim=-1), sampled.clamp_(max=cdf.shape[-1] - 1))
 
 
 def sample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.sampling import BatchParams, SamplingParams, apply_penalties, sample
@@ -112,3 +113,27 @@ def test_penalty_changes_the_greedy_choice() -> None:
     counts = torch.tensor([[2, 0, 0]])
     params = BatchParams.from_rows([SamplingParams(temperature=0.0, repetition_penalty=2.0)])
     assert int(sample(logits, params, [None], counts)) == 1
+
+
+def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> None:
+    probs = torch.zeros(VOCAB)
+    probs[:4] = torch.tensor([0.5, 0.3, 0.0, 0.2])
+    logits = probs.log()[None]  # -inf where the probability is 0
+    rows = 20_000
+    cases = [
+        ({}, [0.5, 0.3, 0.0, 0.2]),
+        ({"top_p": 0.75}, [0.625, 0.375, 0.0, 0.0]),  # nucleus {0, 1}, renormalised
+        ({"top_k": 1}, [1.0, 0.0, 0.0, 0.0]),
+    ]
+    for settings, expected in cases:
+        params = BatchParams.from_rows([SamplingParams(**settings)] * rows)
+        # Unseeded rows (one batched draw) and one seeded row drawn repeatedly.
+        batched = sample(logits.expand(rows, -1), params, [None] * rows)
+        one_row = BatchParams.from_rows([SamplingParams(**settings)])
+        generator = seeded(9)
+        seeded_draws = torch.cat([sample(logits, one_row, [generator]) for _ in range(2_000)])
+        for ids, tolerance in ((batched, 0.015), (seeded_draws, 0.05)):
+            counts = torch.bincount(ids, minlength=VOCAB)
+            assert counts[4:].sum() == 0 and counts[2] == 0, settings
+            frequencies = (counts[:4] / len(ids)).tolist()
+            assert frequencies == pytest.approx(expected, abs=tolerance), settings
