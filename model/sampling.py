@@ -121,7 +121,8 @@ def sorted_descending(x: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu":
         return x.sort(dim=-1, descending=True).values
-    return torch.from_numpy(np.sort(x.numpy(), axis=-1)[:, ::-1].copy())
+    ascending = np.sort(x.detach().float().numpy(), axis=-1)
+    return torch.from_numpy(ascending[:, ::-1].copy()).to(x.dtype)
 
 
 def draw(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import BatchParams, SamplingParams, apply_penalties, sample
+from model.sampling import (
+    BatchParams,
+    SamplingParams,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+)
 
 VOCAB = 50
 
@@ -137,3 +143,12 @@ def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> Non
             assert counts[4:].sum() == 0 and counts[2] == 0, settings
             frequencies = (counts[:4] / len(ids)).tolist()
             assert frequencies == pytest.approx(expected, abs=tolerance), settings
+
+
+def test_top_k_and_top_p_filter_bfloat16_logits_like_float32_ones() -> None:
+    logits = logits_rows(4, seed=8)
+    top_k, top_p = torch.tensor([3, 0, 0, 5]), torch.tensor([1.0, 0.5, 1.0, 0.9])
+    half = logits.bfloat16().requires_grad_()  # as a caller outside inference mode has it
+    kept = apply_top_k_top_p(half, top_k, top_p).isfinite()
+    assert torch.equal(kept, apply_top_k_top_p(half.detach().float(), top_k, top_p).isfinite())
+    assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()  # row 2: no filter at all
