@@ -93,9 +93,10 @@ class ModelRunner:
         (nor, with compilation, for the build)."""
         n = self.cache.n_slots
         self.prefill([PrefillInput(0, [0] * min(16, self.max_len), 0)])
-        self.decode([0] * n, [0] * n, range(n))
-        if self._lone_decode is not None:
-            # Position 1, not 0: a key length of 1 would be specialised as a constant
-            # and the first real step would build again. (Slot 0's stale entries are
-            # rewritten before any query reads them: kv_cache.py's invariant.)
-            self.decode([0], [1], [0])
+        # Position 1, not 0: compiled, a key length of 1 would be specialised as a
+        # constant and the first real step would build again. (The entries written
+        # here are stale data, rewritten before any query reads them: kv_cache.py.)
+        position = min(1, self.max_len - 1)
+        self.decode([0] * n, [position] * n, range(n))
+        if self._lone_decode is not None and n > 1:
+            self.decode([0], [position], [0])

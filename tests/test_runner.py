@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -12,18 +13,37 @@ from server.runner import ModelRunner, PrefillInput
 VOCAB = 300
 
 
-def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding() -> None:
+@pytest.fixture(scope="module")
+def model() -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB)).eval()
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB)).eval()
+
+
+def test_a_one_slot_runner_builds_one_graph_at_warm_up(model: Transformer) -> None:
+    # With one slot the warm-up's batch decode is itself the lone-stream path.
+    runner = ModelRunner(model, n_slots=1, compile_lone_decode=True)
+    graphs_before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        runner.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        for position in (5, 6, 7):
+            runner.decode([3], [position], [0])
+    assert graphs == graphs_before + 1
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding(
+    model: Transformer,
+) -> None:
     eager = ModelRunner(model, n_slots=2)
     compiled = ModelRunner(model, n_slots=2, compile_lone_decode=True)
-    prompt = torch.randint(0, VOCAB, (20,)).tolist()
+    prompt = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
         eager.warm_up()
         graphs_before = counters["stats"]["unique_graphs"]
         compiled.warm_up()  # builds the lone-stream graph here, not at the first request
         graphs = counters["stats"]["unique_graphs"]
-        assert graphs > graphs_before
+        assert graphs == graphs_before + 1
         token = prompt[-1]
         for runner in (eager, compiled):
             runner.prefill([PrefillInput(0, prompt[:-1], 0)])
