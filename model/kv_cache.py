@@ -1,11 +1,13 @@
 """Preallocated key/value cache shared by every request the server runs.
 
 Layout: one [slots, kv_heads, max_len, head_dim] tensor per layer for keys and one
-for values (separate tensors rather than views of one stacked tensor, so a compiled
-forward writes a layer in place: torch.compile turns a write into a view of a larger
-tensor into a copy of the whole base, every step). A *slot* belongs to one
-sequence at a time; row b of a batch names its slot in `slots[b]` and writes its
-keys/values at its own `positions[b]`, so rows of different lengths share a step.
+for values, indexed [layer][slot]. Separate tensors, not views of one stacked
+[layers, ...] tensor: torch.compile turns a write through a view into a copy of the
+whole base tensor, every step, while a whole tensor is written in place.
+
+A *slot* belongs to one sequence at a time; row b of a batch names its slot in
+`slots[b]` and writes its keys/values at its own `positions[b]`, so rows of
+different lengths share a step.
 
 Invariant: a slot's entries past its current length hold stale data from an
 earlier occupant (or padding). They are never read, because a query at position p
