@@ -114,9 +114,12 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
     }
 
 
-def start_server(checkpoint: Path, port: int, device: str, dtype: str) -> subprocess.Popen:
+def start_server(
+    checkpoint: Path, port: int, device: str, dtype: str, compile_decode: bool = False
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
+    command += ["--compile-decode", str(compile_decode).lower()]
     command += ["--max-batch", str(MAX_BATCH), "--max-queue", "4096", "--log-level", "warning"]
     return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
@@ -136,14 +139,16 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None
 
 
 @contextmanager
-def running_server(checkpoint: Path, device: str, dtype: str) -> Iterator[str]:
+def running_server(
+    checkpoint: Path, device: str, dtype: str, compile_decode: bool = False
+) -> Iterator[str]:
     """A real `python -m server` on a free loopback port, ready; yields its base URL.
 
     The server is sent SIGTERM (killed after 60 s) when the block ends, however it ends.
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = start_server(checkpoint, port, device, dtype)
+    server = start_server(checkpoint, port, device, dtype, compile_decode)
     try:
         wait_ready(base_url, server, timeout=300)
         yield base_url
@@ -163,10 +168,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per concurrency")
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="serve (and run the raw engine) with the lone-stream decode step compiled",
+    )
     args = parser.parse_args()
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
-    with running_server(folder, args.device, args.dtype) as base_url:
+    with running_server(folder, args.device, args.dtype, args.compile_decode) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             http = asyncio.run(drive(base_url, clients, args.timeout))
@@ -174,7 +184,14 @@ def main() -> None:
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
             prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
-            raw = ours(folder, prompts, args.device, args.dtype, max_batch=MAX_BATCH)
+            raw = ours(
+                folder,
+                prompts,
+                args.device,
+                args.dtype,
+                max_batch=MAX_BATCH,
+                compile_lone_decode=args.compile_decode,
+            )
             overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
             print(
                 f"serve {clients:>4} clients ({raw['device']}, max-batch {MAX_BATCH}): "
