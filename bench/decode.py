@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -122,39 +123,61 @@ def main() -> None:
     parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
     parser.add_argument("--hf-repeats", type=int, default=1)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure ours then HF this many times per batch size and print the median "
+        "ratio (a shared machine drifts between runs; alternating pairs sees the same drift)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="compile our lone-stream decode step, as `python -m server --compile-decode true`",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     folder = resolve_checkpoint(args.checkpoint)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         generator = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=generator)
-        mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
-        hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
-        hf = hf_generate(
-            folder,
-            prompts,
-            NEW_TOKENS,
-            temperature=SAMPLING.temperature,
-            top_p=SAMPLING.top_p,
-            device=mine["device"],
-            dtype=hf_dtype,
-            repeats=args.hf_repeats,
-        )
-        device = mine["device"]
-        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
-        print(
-            f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
-            f"{torch.get_num_threads()} threads): pocketgpt{' (compiled)' if args.compile else ''}"
-            f" {mine['tokens_per_s']:,.0f} tok/s vs "
-            f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
-            f"{mine['tokens_per_s'] / hf:.2f}x; "
-            f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "
-            "the forward",
-            flush=True,
-        )
+        ratios = [measure_pair(folder, prompts, args) for _ in range(args.rounds)]
+        if args.rounds > 1:
+            print(
+                f"decode batch {batch:>3}: median ratio {statistics.median(ratios):.2f}x over "
+                f"{args.rounds} rounds (min {min(ratios):.2f}x, max {max(ratios):.2f}x)",
+                flush=True,
+            )
+
+
+def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) -> float:
+    """Our engine, then HF, on the same prompts; prints one line, returns ours / HF."""
+    batch = len(prompts)
+    mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
+    hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
+    hf = hf_generate(
+        folder,
+        prompts,
+        NEW_TOKENS,
+        temperature=SAMPLING.temperature,
+        top_p=SAMPLING.top_p,
+        device=mine["device"],
+        dtype=hf_dtype,
+        repeats=args.hf_repeats,
+    )
+    device = mine["device"]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
+    print(
+        f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads): pocketgpt{' (compiled)' if args.compile else ''}"
+        f" {mine['tokens_per_s']:,.0f} tok/s vs "
+        f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
+        f"{mine['tokens_per_s'] / hf:.2f}x; "
+        f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "
+        "the forward",
+        flush=True,
+    )
+    return mine["tokens_per_s"] / hf
 
 
 if __name__ == "__main__":

@@ -22,15 +22,22 @@ def run_bench(*args: str) -> str:
     return result.stdout
 
 
-def test_decode_benchmark_prints_a_ratio_per_batch_size(tiny_checkpoint: Path) -> None:
+def test_decode_benchmark_prints_a_ratio_per_batch_size_and_round(tiny_checkpoint: Path) -> None:
     out = run_bench(
         "bench.decode", "--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2",
-        "--dtype", "bfloat16", "--hf-dtype", "float32",
+        "--dtype", "bfloat16", "--hf-dtype", "float32", "--rounds", "2",
     )  # fmt: skip
-    lines = [line for line in out.splitlines() if line.startswith("decode batch")]
-    assert len(lines) == 2
-    assert all(float(re.search(RATIO, line).group(1)) > 0 for line in lines)
-    assert all("bfloat16" in line and "HF generate (float32)" in line for line in lines)
+    rounds = [line for line in out.splitlines() if "HF generate" in line]
+    assert [line.split()[2] for line in rounds] == ["1", "1", "2", "2"]
+    ratios = [float(re.search(RATIO, line).group(1)) for line in rounds]
+    assert all(ratio > 0 for ratio in ratios)
+    assert all("bfloat16" in line and "HF generate (float32)" in line for line in rounds)
+    medians = [line for line in out.splitlines() if "median ratio" in line]
+    for batch, line in zip((1, 2), medians, strict=True):
+        assert line.startswith(f"decode batch {batch:>3}: median ratio")
+        pair = ratios[2 * batch - 2 : 2 * batch]
+        median = float(re.search(r"median ratio (\d+\.\d+)x", line).group(1))
+        assert abs(median - sum(pair) / 2) <= 0.01  # the printed ratios are rounded
 
 
 def test_serve_benchmark_reports_no_errors(tiny_checkpoint: Path) -> None:
