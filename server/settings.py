@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     compile_decode: bool = Field(
         False,
         description="torch.compile the decode step of a lone stream (batch 1): on 2 CPU "
-        "cores ~1.5x faster per token in bfloat16, ~1.3x in float32; batches run eager. "
+        "cores ~1.4x faster per token in bfloat16, ~1.3x in float32; batches run eager. "
         "Adds ~20-25 s to start-up the first time (cached on disk); needs a C/C++ compiler",
     )
     max_batch: int = Field(
