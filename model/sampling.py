@@ -138,7 +138,10 @@ def draw(
     """
     probs = logits.float().softmax(dim=-1)  # [B, V]
     cdf = probs.cumsum(dim=-1)  # [B, V]
-    uniform = torch.rand(len(generators), device=logits.device)  # [B], in [0, 1)
+    uniform = torch.empty(len(generators), device=logits.device)  # [B], in [0, 1)
+    unseeded = [row for row, generator in enumerate(generators) if generator is None]
+    if unseeded:  # the global generator only for rows without their own
+        uniform[unseeded] = torch.rand(len(unseeded), device=logits.device)
     for row, generator in enumerate(generators):
         if generator is not None:
             uniform[row] = torch.rand((), generator=generator, device=generator.device)

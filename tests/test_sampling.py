@@ -152,3 +152,15 @@ def test_top_k_and_top_p_filter_bfloat16_logits_like_float32_ones() -> None:
     kept = apply_top_k_top_p(half, top_k, top_p).isfinite()
     assert torch.equal(kept, apply_top_k_top_p(half.detach().float(), top_k, top_p).isfinite())
     assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()  # row 2: no filter at all
+
+
+def test_seeded_draws_leave_the_global_generator_alone() -> None:
+    # The trainer previews with a seeded generator; its data order and dropout use the
+    # global one, which a preview must not advance.
+    logits = logits_rows(2, seed=10)
+    params = BatchParams.from_rows([SamplingParams(top_p=0.9)] * 2)
+    before = torch.get_rng_state()
+    sample(logits, params, [seeded(1), seeded(2)])
+    assert torch.equal(torch.get_rng_state(), before)
+    sample(logits, params, [seeded(1), None])  # an unseeded row does use it
+    assert not torch.equal(torch.get_rng_state(), before)
