@@ -65,14 +65,15 @@ def our_tokens_per_s(
     return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
 
 
-def run_args(run: Path) -> dict:
-    """The resolved TrainArgs a finished run used (its checkpoint's trainer_meta.json)."""
-    return json.loads((resolve_checkpoint(run) / "trainer_meta.json").read_text())["args"]
+def run_args(folder: Path) -> dict:
+    """The resolved TrainArgs a checkpoint was written with (its trainer_meta.json)."""
+    return json.loads((folder / "trainer_meta.json").read_text())["args"]
 
 
 def plain_tokens_per_s(run: Path, train: Path, steps: int, device: torch.device) -> float:
     folder = resolve_checkpoint(run)
-    batch, block = run_args(run)["batch_size"], run_args(run)["block_size"]
+    args = run_args(folder)
+    batch, block = args["batch_size"], args["block_size"]
     ids = np.array(load_tokenizer(folder).encode(train.read_text()).ids, dtype=np.int64)
     rng = np.random.default_rng(0)
     batches = []
@@ -122,7 +123,8 @@ def main() -> None:
         ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
         plain = plain_tokens_per_s(folder / "speed", train, args.steps, device)
         machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-        mode = "compiled" if run_args(folder / "speed")["compile"] else "eager"
+        speed_args = run_args(resolve_checkpoint(folder / "speed"))
+        mode = "compiled" if speed_args["compile"] else "eager"
         print(
             f"train throughput ({machine or platform.machine()}, {torch.get_num_threads()} threads,"
             f" {device.type}): pocketgpt ({mode}) {ours:,.0f} tok/s vs plain loop {plain:,.0f}"
