@@ -114,6 +114,18 @@ def test_a_slot_reused_by_a_new_sequence_forgets_the_old_one(model: Transformer)
     assert (reused - fresh).abs().max().item() <= 1e-5
 
 
+@torch.inference_mode()
+def test_a_sequence_copied_to_another_slot_decodes_on_from_there(model: Transformer) -> None:
+    # How the scheduler compacts slots: prefill in slot 2, copy to slot 0, decode there.
+    cache = KVCache.for_model(model.config, n_slots=3)
+    ids = torch.randint(0, VOCAB, (1, 13))
+    model(ids[:, :12], full_positions(1, 12), cache, slice(2, 3), length=12)
+    cache.copy_slot(2, 0, 12)
+    step = model(ids[:, 12:], torch.tensor([[12]]), cache, slice(0, 1), length=13)
+    full = model(ids, full_positions(1, 13))
+    torch.testing.assert_close(step[:, 0], full[:, 12], atol=1e-5, rtol=0)
+
+
 def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB))
