@@ -82,15 +82,25 @@ class Attention(nn.Module):
         else:
             k, v = step.cache.update(step.layer, step.slots, step.positions, k, v, step.length)
             mask, causal = step.mask, False  # k, v: [B, K, L, E]; mask: [B, 1, T, L]
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # [B, H, T, E]
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_heads != self.n_heads
+        if step.cache is None and q.device.type == "cpu" and q.dtype != torch.float32:
+            # PyTorch's CPU flash attention is ~2x slower in bf16 than in fp32 (forward +
+            # backward), so a reduced-precision CPU run attends in fp32 (with autocast
+            # off: it would cast the inputs straight back).
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(),
+                    k.float(),
+                    v.float(),
+                    is_causal=True,
+                    dropout_p=dropout,
+                    enable_gqa=gqa,
+                ).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa
+            )  # [B, H, T, E]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, D]
         return self.o_proj(y)
 
