@@ -1,0 +1,51 @@
+"""The validation split without --val-data: evenly spaced pieces, whole lines, in order."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from training.prepare import VAL_PIECE_CHARS, VAL_PIECES, split_documents
+
+
+def numbered_lines(n: int) -> str:
+    return "".join(f"line {i:05d} of the corpus\n" for i in range(n))
+
+
+def line_numbers(pieces: list[str]) -> list[int]:
+    return [int(line.split()[1]) for piece in pieces for line in piece.splitlines()]
+
+
+def test_val_is_the_fraction_in_evenly_spaced_whole_lines_and_train_keeps_both_ends() -> None:
+    text = numbered_lines(40_000)  # ~1 MB, like tinyshakespeare
+    train, val = split_documents([text], 0.05)
+    assert len(val) == VAL_PIECES
+    assert sum(map(len, val)) == pytest.approx(0.05 * len(text), rel=0.02)
+    assert all(piece.endswith("\n") and piece.startswith("line ") for piece in val)
+    # Nothing lost, nothing duplicated, order kept: the pieces interleave back into the text.
+    rebuilt = "".join(part for pair in zip(train, val, strict=False) for part in pair)
+    assert rebuilt + train[-1] == text
+    # Spread over the whole corpus; the first and the last lines are trained on.
+    starts = [line_numbers([piece])[0] for piece in val]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert max(gaps) - min(gaps) <= 2
+    assert line_numbers(train)[0] == 0 and line_numbers(train)[-1] == 39_999
+
+
+def test_pieces_never_span_documents_and_respect_the_size_bounds() -> None:
+    documents = [numbered_lines(n) for n in (3_000, 50, 9_000, 1)]
+    train, val = split_documents(documents, 0.1)
+    assert all(VAL_PIECE_CHARS[0] <= len(p) <= VAL_PIECE_CHARS[1] + 40 for p in val)
+    by_doc = [set(line_numbers([d])) for d in documents]
+    for piece in (*train, *val):
+        numbers = set(line_numbers([piece]))
+        assert any(numbers <= lines for lines in by_doc)  # within one document
+    assert sorted(line_numbers(train + val)) == sorted(line_numbers(documents))
+
+
+def test_a_small_corpus_gives_one_piece_from_its_middle() -> None:
+    text = numbered_lines(40)  # ~1 KB: too little for pieces of VAL_PIECE_CHARS[0]
+    train, val = split_documents([text], 0.1)
+    assert len(val) == 1 and len(train) == 2
+    assert 0 < line_numbers(val)[0] < 39
