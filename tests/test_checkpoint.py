@@ -75,6 +75,24 @@ def test_transformers_loads_the_checkpoint_and_agrees_on_logits(
     saved: tuple[Transformer, Path],
 ) -> None:
     model, folder = saved
+    assert_transformers_agrees(model, folder)
+
+
+@torch.inference_mode()
+def test_an_untied_lm_head_round_trips_and_transformers_agrees(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    torch.manual_seed(3)
+    model = Transformer(tiny_config.replace(tie_embeddings=False)).eval()
+    folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    loaded = load_model(folder)
+    assert loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+    assert_transformers_agrees(model, folder)
+
+
+def assert_transformers_agrees(model: Transformer, folder: Path) -> None:
     hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(
         0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)

@@ -140,7 +140,8 @@ def test_gradients_reach_every_parameter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "low", "high"), [("tiny", 0.8e6, 1.5e6), ("small", 11e6, 13e6), ("base", 100e6, 130e6)]
+    ("name", "low", "high"),
+    [("tiny", 0.8e6, 1.5e6), ("mini", 4.5e6, 6e6), ("small", 11e6, 13e6), ("base", 100e6, 130e6)],
 )
 def test_presets_have_their_documented_size(name: str, low: float, high: float) -> None:
     config = PRESETS[name]
@@ -176,5 +177,30 @@ def test_invalid_configs_are_rejected_with_the_reason(overrides: dict, message: 
 
 
 def test_unknown_preset_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="tiny, small, base"):
+    with pytest.raises(ValueError, match="tiny, mini, small, base"):
         ModelConfig.from_preset("huge")
+
+
+def test_bf16_autocast_training_forward_and_backward_follow_float32(model: Transformer) -> None:
+    """Under CPU autocast the attention runs in fp32 (faster there); the rest in bf16."""
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    positions = full_positions(2, 24)
+    model.train()
+    try:
+        reference = model(ids, positions)
+        reference.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids, positions)
+        assert logits.dtype == torch.bfloat16
+        logits.float().square().mean().backward()
+    finally:
+        model.eval()
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
+    for name, param in model.named_parameters():
+        cosine = torch.nn.functional.cosine_similarity(
+            param.grad.flatten(), grads[name].flatten(), 0
+        )
+        assert cosine > 0.99, name
+    model.zero_grad(set_to_none=True)

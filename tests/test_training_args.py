@@ -7,20 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.cpu import has_fast_bf16
 from training.args import (
+    AUTO,
     TrainArgs,
     UsageError,
     build_parser,
     compile_pays_off,
     explicit_settings,
     make_args,
+    resolved_preset,
     with_step_budget,
 )
 
 
 def test_help_lists_every_setting_with_its_default() -> None:
     text = build_parser().format_help()
-    assert "--batch-size" in text and "(default: 8)" in text
+    assert "--eval-interval" in text and "(default: 250)" in text
     assert "--no-compile" in text
     for name in TrainArgs.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
@@ -89,3 +92,29 @@ def test_compile_stays_off_without_a_compiler(
     # An explicit --compile fails before anything runs, naming the flag, not mid-run.
     with pytest.raises(UsageError, match=r"--compile: .*needs a compiler on PATH \(g\+\+"):
         with_step_budget(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("max_time", [70.0, None])
+def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | None) -> None:
+    """A CPU with bf16 hardware (AMX) trains `mini` in bf16 with Muon under a short time
+    box; any other CPU `tiny` in fp32 with AdamW; `small` is fp32 unless AMX is there."""
+    cpu = torch.device("cpu")
+    args = with_step_budget(TrainArgs(max_time=max_time), cpu)
+    fast = has_fast_bf16()
+    preset = resolved_preset(args, cpu)
+    if max_time is None:
+        assert preset == "small" and args.batch_size == AUTO["small"]["batch_size"]
+    else:
+        assert preset == ("mini" if fast else "tiny")
+        assert args.batch_size == AUTO[preset]["batch_size"]
+    assert args.dtype == ("bfloat16" if fast else "float32")
+    assert args.optimizer == ("muon" if fast else "adamw")
+    cuda = with_step_budget(TrainArgs(max_time=max_time), torch.device("cuda"))
+    assert (cuda.dtype, cuda.optimizer, resolved_preset(cuda, torch.device("cuda"))) == (
+        "bfloat16",
+        "adamw",
+        "small",
+    )
+    chosen = TrainArgs(max_time=max_time, dtype="float32", optimizer="muon", batch_size=3)
+    kept = with_step_budget(chosen, cpu)
+    assert (kept.dtype, kept.optimizer, kept.batch_size) == ("float32", "muon", 3)

@@ -97,9 +97,10 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
     assert resolve_checkpoint(run).name == "step-0000006"
 
 
-def test_resume_is_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "float32"), ("muon", "bfloat16")])
+def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None:
     common = ["--dropout", "0.1", "--log-interval", "1", "--eval-interval", "4"]
-    common += ["--save-interval", "100"]
+    common += ["--save-interval", "100", "--optimizer", optimizer, "--dtype", dtype]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert (
         pretrain.main(tiny_run(tmp_path, *common, "--max-steps", "8", "--out-dir", str(straight)))

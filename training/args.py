@@ -24,6 +24,7 @@ import tomllib
 import torch
 
 from model.config import PRESETS, ModelConfig
+from model.cpu import has_fast_bf16
 from model.inductor import has_compiler, missing_compiler_message
 
 ENV_PREFIX = "POCKETGPT_"
@@ -46,7 +47,10 @@ class TrainArgs:
         metadata=doc("text files/folders (.txt, .md, .jsonl); none = embedded corpus"),
     )
     val_data: list[str] = field(
-        default_factory=list, metadata=doc("held-out text files/folders; none = the tail of --data")
+        default_factory=list,
+        metadata=doc(
+            "held-out text files/folders; none = --val-fraction of --data, in evenly spaced pieces"
+        ),
     )
     val_fraction: float = field(
         default=0.05, metadata=doc("share of the text held out for validation without --val-data")
@@ -79,16 +83,33 @@ class TrainArgs:
     ffn_dim: int | None = field(
         default=None, metadata=doc("SwiGLU hidden width (overrides the preset)")
     )
+    tie_embeddings: bool | None = field(
+        default=None,
+        metadata=doc("share the input embedding with the LM head (none: the preset's)"),
+    )
     dropout: float = field(default=0.0, metadata=doc("dropout on attention and residual branches"))
     block_size: int | None = field(
         default=None,
         metadata=doc("tokens per sequence = the model's context length (none: the preset's)"),
     )
     # optimisation
-    batch_size: int = field(default=8, metadata=doc("sequences per micro-batch (per rank)"))
+    batch_size: int | None = field(
+        default=None, metadata=doc("sequences per micro-batch, per rank (none: the preset's)")
+    )
     grad_accum: int = field(default=1, metadata=doc("micro-batches accumulated per optimizer step"))
+    optimizer: str = field(
+        default="auto",
+        metadata=doc(
+            "adamw, muon (Muon for the blocks' matrices, AdamW for embeddings and norms), or"
+            " auto: muon on a CPU with bf16 hardware (AMX), adamw elsewhere"
+        ),
+    )
     lr: float | None = field(
-        default=None, metadata=doc("peak learning rate (AdamW) (none: the preset's)")
+        default=None, metadata=doc("peak learning rate (AdamW and Muon) (none: the preset's)")
+    )
+    embedding_lr_scale: float = field(
+        default=4.0,
+        metadata=doc("an untied input embedding's learning rate, as a multiple of --lr"),
     )
     min_lr_ratio: float = field(
         default=0.1, metadata=doc("final learning rate as a fraction of --lr")
@@ -98,7 +119,7 @@ class TrainArgs:
         default=None, metadata=doc("cosine length in steps (default: --max-steps)")
     )
     weight_decay: float = field(
-        default=0.1, metadata=doc("AdamW weight decay on matrices (not norms)")
+        default=0.1, metadata=doc("decoupled weight decay on matrices (not norms)")
     )
     grad_clip: float = field(
         default=1.0, metadata=doc("clip the global gradient norm to this (0 = off)")
@@ -145,7 +166,10 @@ class TrainArgs:
     device: str = field(default="auto", metadata=doc("auto (CUDA when available), cpu or cuda"))
     dtype: str = field(
         default="auto",
-        metadata=doc("auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16"),
+        metadata=doc(
+            "float32, bfloat16 (autocast), or auto: bfloat16 on CUDA and, for models 256+"
+            " wide, on a CPU with bf16 hardware (AMX); float32 otherwise"
+        ),
     )
     compile: bool | None = field(
         default=None,
@@ -158,11 +182,11 @@ class TrainArgs:
 
     def validate(self) -> TrainArgs:
         """Raise UsageError naming the first flag whose value cannot work."""
-        positive = ("batch_size", "grad_accum")
-        positive += ("eval_interval", "log_interval", "save_interval", "keep_last")
+        positive = ("grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last")
         for name in positive:
             _require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
         for name in (
+            "batch_size",
             "vocab_size",
             "block_size",
             "dim",
@@ -180,6 +204,12 @@ class TrainArgs:
             _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
         _require("lr", self.lr is None or self.lr > 0, "must be > 0", self.lr)
         _require(
+            "embedding_lr_scale",
+            self.embedding_lr_scale > 0,
+            "must be > 0",
+            self.embedding_lr_scale,
+        )
+        _require(
             "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio
         )
         _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
@@ -187,6 +217,7 @@ class TrainArgs:
         _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
         choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
         choices["dtype"] = ("auto", "float32", "bfloat16")
+        choices["optimizer"] = ("auto", "adamw", "muon")
         for name, allowed in choices.items():
             value = getattr(self, name)
             _require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
@@ -207,14 +238,16 @@ SHORT_CPU_BUDGET_S = 600.0
 
 
 def budget_preset(args: TrainArgs, device: torch.device) -> str:
-    """`--preset auto`: `small`, except `tiny` for a CPU run boxed under 10 minutes.
+    """`--preset auto`: `small`, except for a CPU run boxed under 10 minutes: `mini` on a
+    CPU with bf16 hardware (AMX), `tiny` elsewhere.
 
-    On 2 CPU cores `small` processes ~1.5k tokens/s; in a minute it sees too little
-    text to learn much, while `tiny` (~0.85M parameters at vocab 512) sees ~6x more
-    and ends far lower (measured on tinyshakespeare at --max-time 70: see the README).
+    In a minute on 2 CPU cores `small` sees too little text to learn much. Without AMX
+    `tiny` (~0.85M parameters at vocab 512) processes ~6x more tokens and ends far
+    lower; with AMX's bf16 products `mini` (~3.5M) runs at ~15k tokens/s and ends
+    lower still (tinyshakespeare at --max-time 70: BENCHMARKS.md).
     """
     if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
-        return "tiny"
+        return "mini" if has_fast_bf16() else "tiny"
     return "small"
 
 
@@ -228,13 +261,16 @@ def resolved_preset(args: TrainArgs, device: torch.device) -> str:
 #     in a minute, most of a 2048-token embedding is barely trained and the LM head
 #     costs ~20% of the step; 8 sequences per step (twice the updates of 16) and a
 #     higher lr (4e-3) suit the few hundred steps such a run makes.
+#   mini (AMX CPUs): the same 512 entries and context (1024 entries: 2.35 vs 2.27 bpb);
+#     16 sequences per step at 3e-3 (8 per step: 2.31).
 #   small/base: 2048 entries pack ~1.5x more text per token, which pays once the
 #     body dominates the cost; a 256-token context (what the served model can read)
 #     at 8 sequences keeps a step at 2048 tokens, as 16 x 128 did.
 AUTO: dict[str, dict[str, int | float]] = {
-    "tiny": {"vocab_size": 512, "block_size": 128, "lr": 4e-3},
-    "small": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3},
-    "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3},
+    "tiny": {"vocab_size": 512, "block_size": 128, "lr": 4e-3, "batch_size": 8},
+    "mini": {"vocab_size": 512, "block_size": 128, "lr": 3e-3, "batch_size": 16},
+    "small": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
+    "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
 }
 
 DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~11 min of `small` on 2 idle cores
@@ -263,16 +299,41 @@ def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
     return long_run and has_compiler(device)
 
 
+# Below this width a CPU's bf16 products are too small for AMX to repay autocast's
+# casts: `tiny` (128 wide) trains at 23k tokens/s in bf16 vs 27k in fp32, `mini` (256)
+# at 15k vs 10k on the same 2 cores.
+BF16_CPU_MIN_DIM = 256
+
+
+def auto_dtype(args: TrainArgs, device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bfloat16"
+    width = args.dim or PRESETS[resolved_preset(args, device)].dim
+    return "bfloat16" if has_fast_bf16() and width >= BF16_CPU_MIN_DIM else "float32"
+
+
+def auto_optimizer(device: torch.device) -> str:
+    """Muon where its Newton-Schulz products run in native bf16 and were measured to
+    pay (AMX CPUs: 2.24 vs 2.27 bpb at --max-time 70, BENCHMARKS.md); AdamW elsewhere
+    (on an AVX2 CPU the fp32 iteration cost more than it gained; CUDA: not measured)."""
+    return "muon" if device.type == "cpu" and has_fast_bf16() else "adamw"
+
+
 def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
-    """Fill in every `none` that depends on the budget: the preset's vocabulary size,
-    block size and lr (AUTO), `--max-steps` (the device's default, or no step limit
-    under --max-time) and `--compile`."""
+    """Fill in every `none` or `auto` that depends on the budget or the hardware: the
+    preset's vocabulary size, block size, lr and batch size (AUTO), `--max-steps` (the
+    device's default, or no step limit under --max-time), `--dtype`, `--optimizer` and
+    `--compile`."""
     preset = resolved_preset(args, device)
     filled = {name: value for name, value in AUTO[preset].items() if getattr(args, name) is None}
     if args.max_steps is None:
         filled["max_steps"] = (
             UNLIMITED_STEPS if args.max_time is not None else DEFAULT_STEPS[device.type]
         )
+    if args.dtype == "auto":
+        filled["dtype"] = auto_dtype(args, device)
+    if args.optimizer == "auto":
+        filled["optimizer"] = auto_optimizer(device)
     args = dataclasses.replace(args, **filled)
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
@@ -289,7 +350,7 @@ def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> Mode
     preset = resolved_preset(args, device)
     overrides = {
         name: getattr(args, name)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
         if getattr(args, name) is not None
     }
     try:

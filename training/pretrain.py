@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from model.checkpoint import CheckpointError, load_tokenizer, read_config, resolve_checkpoint
+from model.cpu import tune_malloc
 from training.args import (
     TrainArgs,
     UsageError,
@@ -134,6 +135,8 @@ def run(argv: Sequence[str] | None) -> int:
             "continue, or choose another --out-dir"
         )
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        tune_malloc()  # before the first large tensor: every step's activations reuse memory
     args = with_step_budget(args, device)
     tokenizer = resolve_tokenizer(args, resumed)
     # Read (and so validate) the user's corpus on every rank, once, before any process waits.
@@ -155,7 +158,8 @@ def run(argv: Sequence[str] | None) -> int:
                 f"model: {config.num_parameters() / 1e6:.2f}M parameters "
                 f"(dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}); "
                 f"data: {data.meta['splits']['train']['tokens']:,} train tokens, "
-                f"{data.meta['splits']['val']['tokens']:,} val tokens; device {device}",
+                f"{data.meta['splits']['val']['tokens']:,} val tokens; device {device}, "
+                f"{args.dtype}, {args.optimizer}",
                 flush=True,
             )
         Trainer(args, data, config, device, dist_info, resume_from=resumed).train()

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, evaluation, checkpoints, logging, DDP.
+"""The training loop: optimizer steps, warmup + cosine, evaluation, checkpoints, logging, DDP.
 
 One optimizer step = `grad_accum` micro-batches of [batch_size, block_size] tokens
 per rank. The learning rate follows linear warmup, then a cosine from `lr` down to
@@ -52,6 +52,7 @@ from model.transformer import Transformer
 from training.args import TrainArgs
 from training.data import BatchSampler
 from training.evaluate import EvalResult, evaluate_stream
+from training.optim import make_optimizer
 from training.prepare import PreparedData, token_byte_lengths
 
 TRAINING_STATE = "training_state.pt"
@@ -113,16 +114,6 @@ def next_token_loss(
     """Mean cross-entropy of predicting y [B, T] from x [B, T], in fp32."""
     logits = model(x, positions)  # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-
-def make_optimizer(model: torch.nn.Module, args: TrainArgs):
-    """AdamW; matrices decay, norm weights do not; one fused kernel (CPU and CUDA)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 # ---------------------------------------------------------------- RNG state as plain tensors
@@ -196,16 +187,13 @@ class Trainer:
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
         self.out_dir = Path(args.out_dir)
-        self.autocast_dtype = (
-            torch.bfloat16
-            if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
-            else None
-        )
+        # args.dtype is resolved by now (args.with_step_budget): "auto" never reaches here.
+        self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         torch.manual_seed(args.seed)
         self.model = Transformer(config).to(device)
-        self.optimizer = make_optimizer(self.model, args)
+        self.optimizer = make_optimizer(self.model, args, device)
         self.sampler = BatchSampler(
             data.train,
             block_size=args.block_size,
@@ -257,7 +245,13 @@ class Trainer:
         state = read_training_state(folder / TRAINING_STATE)
         # strict=False: the tied LM head is not stored separately.
         self.model.load_state_dict(load_weights(folder, read_config(folder)), strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # torch's own mismatch errors are ValueErrors too
+            raise CheckpointError(
+                f"{folder}: its optimizer state does not fit this run ({e}); resume with the"
+                f" --optimizer it was trained with ({self.args.optimizer} now)"
+            ) from None
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
@@ -352,7 +346,8 @@ class Trainer:
             self.byte_lengths,
             block_size=self.args.block_size,
             device=self.device,
-            autocast_dtype=self.autocast_dtype,
+            # In fp32 on CPU, as `training.evaluate` scores there, so the two agree.
+            autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
         )
         self.last_val = result
         if self.best_val is None or result.loss < self.best_val:
@@ -490,7 +485,7 @@ class Trainer:
                 return reason
             self.lr = lr_at(args, self.step, elapsed)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = self.lr * group.get("lr_scale", 1.0)  # optim.py's groups
             for micro in range(args.grad_accum):
                 x, y = self.sampler.next_batch()
                 if not self.first_batch_fingerprints and self.step == 0 and micro == 0:

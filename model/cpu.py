@@ -1,0 +1,55 @@
+"""What the host CPU is good at, and one process setting that makes CPU runs faster.
+
+- `has_fast_bf16()`: whether the CPU multiplies bfloat16 in hardware (Intel AMX).
+  There a bf16 product of training-sized matrices runs ~10x faster than fp32
+  ([4096, 384] x [384, 1152] on 2 Sapphire Rapids cores: 4.1 vs 0.43 TFLOP/s);
+  elsewhere (e.g. AVX2 EPYC) bf16 is emulated and slower than fp32.
+- `tune_malloc()`: glibc hands every allocation over 128 KB-32 MB to mmap and
+  returns it to the kernel on free, so each step's activations fault their pages in
+  afresh. Keeping freed memory in the heap made a CPU training step ~10% faster
+  (d256 x 4 layers, bf16: 141-167 -> 128-133 ms), the gain jemalloc/tcmalloc give,
+  without a preloaded library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+import torch
+
+# mallopt(3) parameter numbers (glibc malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_KEEP_BYTES = 1 << 30  # serve allocations up to 1 GiB from the heap; trim above 1 GiB free
+_TOP_PAD_BYTES = 1 << 28  # grow the heap 256 MiB at a time (address space, not RSS)
+
+
+@functools.cache
+def has_fast_bf16() -> bool:
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("amx_bf16", False))
+
+
+@functools.cache
+def tune_malloc() -> bool:
+    """Keep freed memory for reuse instead of unmapping it; True when applied (glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_THRESHOLD, _KEEP_BYTES),
+            (_M_TRIM_THRESHOLD, _KEEP_BYTES),
+            (_M_TOP_PAD, _TOP_PAD_BYTES),
+        )
+    )

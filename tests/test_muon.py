@@ -1,0 +1,108 @@
+"""Muon: the Newton-Schulz orthogonalisation, the update rule, and how the trainer
+splits parameters between Muon and AdamW."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from training.args import TrainArgs
+from training.muon import Muon, orthogonalize
+from training.optim import make_optimizer
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (2, 32, 96), (2, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonalize_maps_every_singular_value_near_one(shape, dtype) -> None:
+    # Singular values spread over 20x; five iterations lift values down to ~1/500 of
+    # the Frobenius norm (a random square matrix has some below that, left behind).
+    n, rows, cols = shape
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(n, rows, min(rows, cols), generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n, cols, min(rows, cols), generator=generator))
+    spectrum = torch.linspace(0.05, 1.0, min(rows, cols))
+    g = u @ torch.diag_embed(spectrum.expand(n, -1)) @ v.mT
+    g[0] *= 1e3  # scale-free: a huge gradient gives the same kind of update
+    out = orthogonalize(g, steps=5, dtype=dtype)
+    assert out.shape == g.shape and out.dtype == dtype
+    singular = torch.linalg.svdvals(out.float())
+    # The quintic trades exactness for speed: values land in roughly [0.7, 1.2].
+    assert singular.min() > 0.5 and singular.max() < 1.3
+    # It is U S' V^T with the input's own U and V: projected onto U V^T it keeps ~all.
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    alignment = (out.float() * polar).sum((-2, -1)) / polar.pow(2).sum((-2, -1))
+    assert (alignment > 0.7).all()
+
+
+def test_first_step_moves_each_matrix_by_its_orthogonalised_gradient() -> None:
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 48))
+    before = weight.detach().clone()
+    weight.grad = torch.randn(16, 48)
+    lr, decay, momentum = 0.01, 0.1, 0.95
+    Muon([weight], lr=lr, weight_decay=decay, momentum=momentum).step()
+    # Step 1: buffer = (1 - m) g; Nesterov update = g.lerp(buffer, m).
+    nesterov = weight.grad.lerp((1 - momentum) * weight.grad, momentum)
+    update = orthogonalize(nesterov[None], 5, torch.float32)[0]
+    expected = before * (1 - lr * decay) - lr * 0.2 * math.sqrt(48) * update
+    torch.testing.assert_close(weight.detach(), expected)
+
+
+def test_state_round_trips_through_the_weights_only_unpickler() -> None:
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+    opt = Muon(weights, lr=0.02)
+    for _ in range(2):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    restored = Muon(copies, lr=0.02)
+    restored.load_state_dict(state)
+    grads = [torch.randn_like(w) for w in weights]
+    for params, optimizer in ((weights, opt), (copies, restored)):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, copies, strict=True))
+
+
+def test_muon_refuses_vectors() -> None:
+    with pytest.raises(ValueError, match="2-D weights only"):
+        Muon([torch.nn.Parameter(torch.ones(4))], lr=0.01)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest() -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64))
+    args = TrainArgs(optimizer="muon", lr=1e-3)
+    muon, adamw = make_optimizer(model, args, torch.device("cpu")).optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    assert "embed_tokens.weight" in in_adamw  # also the tied LM head
+    assert all(name.startswith("layers.") and "layernorm" not in name for name in in_muon)
+    assert len(in_muon) == 7 * model.config.n_layers  # q, k, v, o, gate, up, down
+
+
+def test_an_untied_embedding_gets_its_own_learning_rate_scale() -> None:
+    config = ModelConfig.from_preset("tiny", vocab_size=64, tie_embeddings=False)
+    model = Transformer(config)
+    args = TrainArgs(optimizer="muon", lr=1e-3, embedding_lr_scale=4.0)
+    _, adamw = make_optimizer(model, args, torch.device("cpu")).optimizers
+    scaled = [g for g in adamw.param_groups if g.get("lr_scale", 1.0) != 1.0]
+    assert len(scaled) == 1 and scaled[0]["lr_scale"] == 4.0
+    assert scaled[0]["params"] == [model.embed_tokens.weight]
+    plain = [p for g in adamw.param_groups if "lr_scale" not in g for p in g["params"]]
+    assert any(p is model.lm_head.weight for p in plain)
