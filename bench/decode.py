@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import time
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import describe
 from bench.reference import hf_generate, synchronize
 from model.checkpoint import resolve_checkpoint
 from model.sampling import SamplingParams
@@ -165,11 +165,10 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
         dtype=hf_dtype,
         repeats=args.hf_repeats,
     )
-    device = mine["device"]
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
+    compiled = " (compiled)" if args.compile else ""
     print(
-        f"decode batch {batch:>3} ({machine}, {str(mine['dtype']).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads): pocketgpt{' (compiled)' if args.compile else ''}"
+        f"decode batch {batch:>3} ({describe(mine['device'])}, "
+        f"{str(mine['dtype']).removeprefix('torch.')}): pocketgpt{compiled}"
         f" {mine['tokens_per_s']:,.0f} tok/s vs "
         f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
         f"{mine['tokens_per_s'] / hf:.2f}x; "

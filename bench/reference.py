@@ -70,8 +70,10 @@ def plain_train_steps(
     *,
     lr: float = 1e-3,
     device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """Tokens/s of the simplest correct training loop over `batches` (x, y each [B, T])."""
+    """Tokens/s of the simplest correct training loop over `batches` (x, y each [B, T]),
+    in fp32 or under `autocast_dtype` autocast (nanoGPT's own loop autocasts on CUDA)."""
     model.train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     seq = batches[0][0].shape[1]
@@ -79,8 +81,9 @@ def plain_train_steps(
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device), y.to(device)
-        logits = model(x, positions.expand_as(x))
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x, positions.expand_as(x))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

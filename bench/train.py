@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
 from model.transformer import Transformer
@@ -70,7 +70,9 @@ def run_args(folder: Path) -> dict:
     return json.loads((folder / "trainer_meta.json").read_text())["args"]
 
 
-def plain_tokens_per_s(run: Path, train: Path, steps: int, device: torch.device) -> float:
+def plain_tokens_per_s(
+    run: Path, train: Path, steps: int, device: torch.device, autocast: torch.dtype | None
+) -> float:
     folder = resolve_checkpoint(run)
     args = run_args(folder)
     batch, block = args["batch_size"], args["block_size"]
@@ -83,7 +85,7 @@ def plain_tokens_per_s(run: Path, train: Path, steps: int, device: torch.device)
         batches.append((rows[:, :-1], rows[:, 1:]))
     torch.manual_seed(0)
     model = Transformer(read_config(folder))
-    return plain_train_steps(model, batches, device=device)
+    return plain_train_steps(model, batches, device=device, autocast_dtype=autocast)
 
 
 def held_out_bpb(
@@ -121,15 +123,21 @@ def main() -> None:
         folder = Path(tmp)
         train, held_out = split_bytes(args.data, folder)
         ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
-        plain = plain_tokens_per_s(folder / "speed", train, args.steps, device)
-        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         speed_args = run_args(resolve_checkpoint(folder / "speed"))
-        mode = "compiled" if speed_args["compile"] else "eager"
-        print(
-            f"train throughput ({machine or platform.machine()}, {torch.get_num_threads()} threads,"
-            f" {device.type}): pocketgpt ({mode}) {ours:,.0f} tok/s vs plain loop {plain:,.0f}"
-            f" tok/s = {ours / plain:.2f}x"
+        plain = plain_tokens_per_s(folder / "speed", train, args.steps, device, None)
+        compiled = "compiled" if speed_args["compile"] else "eager"
+        mode = f"{compiled}, {speed_args['dtype']}, {speed_args['optimizer']}"
+        line = (
+            f"train throughput ({describe(device)}): pocketgpt ({mode}) {ours:,.0f} tok/s vs"
+            f" plain loop (float32) {plain:,.0f} tok/s = {ours / plain:.2f}x"
         )
+        if speed_args["dtype"] == "bfloat16":
+            # The same loop under bf16 autocast: how much of the gap is the dtype alone.
+            plain_bf16 = plain_tokens_per_s(
+                folder / "speed", train, args.steps, device, torch.bfloat16
+            )
+            line += f"; plain loop (bfloat16) {plain_bf16:,.0f} tok/s = {ours / plain_bf16:.2f}x"
+        print(line)
         if not args.skip_quality:
             start = time.perf_counter()
             bpb = held_out_bpb(train, held_out, folder / "quality", args.max_time, extra)

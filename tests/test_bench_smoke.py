@@ -56,10 +56,16 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
         "bench.train", "--data", str(text), "--steps", "4", "--skip-quality",
         "--", "--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300",
         "--no-compile",  # the compiled path has its own test (test_training_pretrain)
+        "--dtype", "bfloat16", "--optimizer", "adamw",
     )  # fmt: skip
     (line,) = [line for line in out.splitlines() if line.startswith("train throughput")]
     assert float(re.search(RATIO, line).group(1)) > 0
-    assert "pocketgpt (eager)" in line  # the mode the run resolved to, read back from it
+    # The mode the run resolved to, read back from it; a bf16 run is also compared with
+    # the plain loop under the same autocast.
+    assert "pocketgpt (eager, bfloat16, adamw)" in line
+    assert re.search(
+        r"plain loop \(float32\) .*; plain loop \(bfloat16\) [\d,]+ tok/s = \d+\.\d\dx$", line
+    )
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
