@@ -26,6 +26,7 @@ import torch
 from bench.machine import describe
 from bench.reference import hf_generate, synchronize
 from model.checkpoint import resolve_checkpoint
+from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
 from server.app import load_serving
 from server.engine import Engine, RequestStream
@@ -97,9 +98,12 @@ def ours(
         max_queue=len(prompts),
         compile_decode=compile_lone_decode,
     )
-    # Warm-up on a throwaway engine (a stopped engine does not restart): every kernel once.
-    asyncio.run(run_engine(load_serving(settings, Metrics()).engine, prompts[:1]))
-    engine = load_serving(settings, Metrics()).engine
+    # Loaded as the server loads, on a thread that ends, so that the engine thread runs
+    # the only OpenMP team (model/cpu.py). Warm-up on a throwaway engine (a stopped
+    # engine does not restart): every kernel once.
+    warm_up = call_in_own_thread(load_serving, settings, Metrics()).engine
+    asyncio.run(run_engine(warm_up, prompts[:1]))
+    engine = call_in_own_thread(load_serving, settings, Metrics()).engine
     runner = engine.runner
     decode = runner.decode = Stopwatch(runner.decode, runner.device)
     prefill = runner.prefill = Stopwatch(runner.prefill, runner.device)
@@ -155,7 +159,8 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
     batch = len(prompts)
     mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
     hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
-    hf = hf_generate(
+    hf = call_in_own_thread(
+        hf_generate,
         folder,
         prompts,
         NEW_TOKENS,

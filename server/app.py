@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -92,12 +93,20 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
 
 async def _load(app: FastAPI) -> None:
     started = time.perf_counter()
+    # A pool of one that is shut down at once: its thread ends when loading does, and
+    # its OpenMP team with it, leaving the engine thread the only one running torch
+    # (two teams on few cores tripled the decode step; model/cpu.py).
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketgpt-load")
     try:
-        serving = await asyncio.to_thread(load_serving, app.state.settings, app.state.metrics)
+        serving = await asyncio.get_running_loop().run_in_executor(
+            loader, load_serving, app.state.settings, app.state.metrics
+        )
     except Exception as e:
         log.exception("loading the model failed")
         app.state.status = f"failed to load: {e}"
         return
+    finally:
+        loader.shutdown(wait=False)
     serving.engine.start(asyncio.get_running_loop())
     app.state.metrics.model_load.set(time.perf_counter() - started)
     app.state.serving = serving
