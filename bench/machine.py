@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from model.cpu import has_fast_bf16
+from model.cpu import bf16_units
 
 
 def describe(device: torch.device) -> str:
-    """ "NVIDIA H100 80GB HBM3", or the CPU's model name, core count and whether it has
-    AMX (bf16 matrix units): the two kinds of CPU these numbers differ most on."""
+    """ "NVIDIA H100 80GB HBM3", or the CPU's model name, core count and its bf16 units
+    (AMX, AVX512-BF16 or none): what CPU numbers differ most by."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -22,5 +22,5 @@ def describe(device: torch.device) -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    units = "AMX" if has_fast_bf16() else "no AMX"
+    units = {"amx": "AMX", "avx512": "AVX512-BF16", None: "no bf16 units"}[bf16_units()]
     return f"{name}, {torch.get_num_threads()} threads, {units}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.cpu import has_fast_bf16
+from model.cpu import bf16_units
 from training.args import (
     AUTO,
     TrainArgs,
@@ -96,19 +96,20 @@ def test_compile_stays_off_without_a_compiler(
 
 @pytest.mark.parametrize("max_time", [70.0, None])
 def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | None) -> None:
-    """A CPU with bf16 hardware (AMX) trains `mini` in bf16 with Muon under a short time
-    box; any other CPU `tiny` in fp32 with AdamW; `small` is fp32 unless AMX is there."""
+    """Under a short time box an AMX CPU trains `mini` in bf16, an AVX512-BF16 CPU
+    `tiny` in bf16, any other CPU `tiny` in fp32; without one, `small`, in bf16 on
+    either kind of bf16 units. Muon on every CPU."""
     cpu = torch.device("cpu")
     args = with_step_budget(TrainArgs(max_time=max_time), cpu)
-    fast = has_fast_bf16()
+    units = bf16_units()
     preset = resolved_preset(args, cpu)
     if max_time is None:
         assert preset == "small" and args.batch_size == AUTO["small"]["batch_size"]
     else:
-        assert preset == ("mini" if fast else "tiny")
+        assert preset == ("mini" if units == "amx" else "tiny")
         assert args.batch_size == AUTO[preset]["batch_size"]
-    assert args.dtype == ("bfloat16" if fast else "float32")
-    assert args.optimizer == ("muon" if fast else "adamw")
+    assert args.dtype == ("float32" if units is None else "bfloat16")
+    assert args.optimizer == "muon"
     cuda = with_step_budget(TrainArgs(max_time=max_time), torch.device("cuda"))
     assert (cuda.dtype, cuda.optimizer, resolved_preset(cuda, torch.device("cuda"))) == (
         "bfloat16",

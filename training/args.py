@@ -24,7 +24,7 @@ import tomllib
 import torch
 
 from model.config import PRESETS, ModelConfig
-from model.cpu import has_fast_bf16
+from model.cpu import bf16_units
 from model.inductor import has_compiler, missing_compiler_message
 
 ENV_PREFIX = "POCKETGPT_"
@@ -101,7 +101,7 @@ class TrainArgs:
         default="auto",
         metadata=doc(
             "adamw, muon (Muon for the blocks' matrices, AdamW for embeddings and norms), or"
-            " auto: muon on a CPU with bf16 hardware (AMX), adamw elsewhere"
+            " auto: muon on CPU, adamw on CUDA"
         ),
     )
     lr: float | None = field(
@@ -167,8 +167,8 @@ class TrainArgs:
     dtype: str = field(
         default="auto",
         metadata=doc(
-            "float32, bfloat16 (autocast), or auto: bfloat16 on CUDA and, for models 256+"
-            " wide, on a CPU with bf16 hardware (AMX); float32 otherwise"
+            "float32, bfloat16 (autocast), or auto: bfloat16 on CUDA, on a CPU with"
+            " AVX512-BF16, and on an AMX CPU for models 256+ wide; float32 otherwise"
         ),
     )
     compile: bool | None = field(
@@ -239,15 +239,16 @@ SHORT_CPU_BUDGET_S = 600.0
 
 def budget_preset(args: TrainArgs, device: torch.device) -> str:
     """`--preset auto`: `small`, except for a CPU run boxed under 10 minutes: `mini` on a
-    CPU with bf16 hardware (AMX), `tiny` elsewhere.
+    CPU with AMX, `tiny` elsewhere.
 
     In a minute on 2 CPU cores `small` sees too little text to learn much. Without AMX
     `tiny` (~0.85M parameters at vocab 512) processes ~6x more tokens and ends far
     lower; with AMX's bf16 products `mini` (~3.5M) runs at ~15k tokens/s and ends
-    lower still (tinyshakespeare at --max-time 70: BENCHMARKS.md).
+    lower still, but on AVX512-BF16 (~6k tokens/s) it ends higher than `tiny`
+    (tinyshakespeare at --max-time 70: 2.47 vs 2.21 bpb; BENCHMARKS.md).
     """
     if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
-        return "mini" if has_fast_bf16() else "tiny"
+        return "mini" if bf16_units() == "amx" else "tiny"
     return "small"
 
 
@@ -299,24 +300,28 @@ def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
     return long_run and has_compiler(device)
 
 
-# Below this width a CPU's bf16 products are too small for AMX to repay autocast's
-# casts: `tiny` (128 wide) trains at 23k tokens/s in bf16 vs 27k in fp32, `mini` (256)
-# at 15k vs 10k on the same 2 cores.
-BF16_CPU_MIN_DIM = 256
+# Below this width an AMX CPU's bf16 products are too small to repay autocast's casts:
+# `tiny` (128 wide) trains at 23k tokens/s in bf16 vs 27k in fp32, `mini` (256) at 15k
+# vs 10k on the same 2 cores. AVX512-BF16 (2 EPYC vCPUs) gains at every width measured:
+# `tiny` 16k vs 15k, `mini` 8.2k vs 5.1k, `small` 2.6k vs 1.6k.
+BF16_AMX_MIN_DIM = 256
 
 
 def auto_dtype(args: TrainArgs, device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16"
     width = args.dim or PRESETS[resolved_preset(args, device)].dim
-    return "bfloat16" if has_fast_bf16() and width >= BF16_CPU_MIN_DIM else "float32"
+    units = bf16_units()
+    fast = units == "avx512" or (units == "amx" and width >= BF16_AMX_MIN_DIM)
+    return "bfloat16" if fast else "float32"
 
 
 def auto_optimizer(device: torch.device) -> str:
-    """Muon where its Newton-Schulz products run in native bf16 and were measured to
-    pay (AMX CPUs: 2.24 vs 2.27 bpb at --max-time 70, BENCHMARKS.md); AdamW elsewhere
-    (on an AVX2 CPU the fp32 iteration cost more than it gained; CUDA: not measured)."""
-    return "muon" if device.type == "cpu" and has_fast_bf16() else "adamw"
+    """Muon on CPU: in a 70 s run on tinyshakespeare it ends lower than AdamW with its
+    Newton-Schulz products in bf16 (AMX, `mini`: 2.24 vs 2.27 bpb; AVX512-BF16, `tiny`:
+    2.21 vs 2.31) and in fp32 (`tiny`: 2.28 vs 2.34). CUDA keeps fused AdamW (Muon
+    there is not measured yet)."""
+    return "muon" if device.type == "cpu" else "adamw"
 
 
 def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:

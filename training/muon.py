@@ -49,7 +49,7 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised per matrix, with decoupled weight decay.
 
     ns_dtype: the precision of the Newton-Schulz products; bfloat16 where the device
-    multiplies it natively (CUDA, CPUs with AMX), else float32.
+    multiplies it natively (CUDA, CPUs with AMX or AVX512-BF16), else float32.
     """
 
     def __init__(
