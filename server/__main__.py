@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http="h11",  # the header limit below is h11's (httptools, if installed, has none)
         h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
         timeout_graceful_shutdown=5,
     )
