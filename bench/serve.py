@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -169,39 +170,65 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per concurrency")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure HTTP then the raw engine this many times per concurrency and print the "
+        "median overhead (run-to-run drift on a shared machine is larger than the overhead)",
+    )
+    parser.add_argument(
         "--compile-decode",
         action="store_true",
         help="serve (and run the raw engine) with the lone-stream decode step compiled",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
     with running_server(folder, args.device, args.dtype, args.compile_decode) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
-            http = asyncio.run(drive(base_url, clients, args.timeout))
             ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
             prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
-            raw = ours(
-                folder,
-                prompts,
-                args.device,
-                args.dtype,
-                max_batch=MAX_BATCH,
-                compile_lone_decode=args.compile_decode,
-            )
-            overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
-            print(
-                f"serve {clients:>4} clients ({raw['device']}, max-batch {MAX_BATCH}): "
-                f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
-                f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); "
-                f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
-                f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
-                f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
-                flush=True,
-            )
+            overheads = [measure_pair(base_url, folder, prompts, args) for _ in range(args.rounds)]
+            if args.rounds > 1:
+                print(
+                    f"serve {clients:>4} clients: median overhead "
+                    f"{100 * statistics.median(overheads):.0f}% over {args.rounds} rounds "
+                    f"(min {100 * min(overheads):.0f}%, max {100 * max(overheads):.0f}%)",
+                    flush=True,
+                )
+
+
+def measure_pair(
+    base_url: str, folder: Path, prompts: torch.Tensor, args: argparse.Namespace
+) -> float:
+    """HTTP clients, then the raw engine, on the same prompts; prints one line, returns
+    the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s)."""
+    clients = len(prompts)
+    http = asyncio.run(drive(base_url, clients, args.timeout))
+    raw = ours(
+        folder,
+        prompts,
+        args.device,
+        args.dtype,
+        max_batch=MAX_BATCH,
+        compile_lone_decode=args.compile_decode,
+    )
+    overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
+    print(
+        f"serve {clients:>4} clients ({raw['device']}, max-batch {MAX_BATCH}): "
+        f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
+        f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); "
+        f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
+        f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
+        f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
+        flush=True,
+    )
+    return overhead
 
 
 if __name__ == "__main__":

@@ -40,12 +40,20 @@ def test_decode_benchmark_prints_a_ratio_per_batch_size_and_round(tiny_checkpoin
         assert abs(median - sum(pair) / 2) <= 0.01  # the printed ratios are rounded
 
 
-def test_serve_benchmark_reports_no_errors(tiny_checkpoint: Path) -> None:
-    out = run_bench("bench.serve", "--checkpoint", str(tiny_checkpoint), "--clients", "3")
-    (line,) = [line for line in out.splitlines() if line.startswith("serve")]
-    assert "errors 0;" in line, line
-    assert re.search(r"the clients used \d+\.\d\d cores$", line), line
-    assert "tok/s over HTTP+SSE" in line
+def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpoint: Path) -> None:
+    out = run_bench(
+        "bench.serve", "--checkpoint", str(tiny_checkpoint), "--clients", "3", "--rounds", "2"
+    )
+    rounds = [line for line in out.splitlines() if "tok/s over HTTP+SSE" in line]
+    assert len(rounds) == 2, out
+    for line in rounds:
+        assert line.startswith("serve    3 clients") and "errors 0;" in line, line
+        assert re.search(r"the clients used \d+\.\d\d cores$", line), line
+    overheads = [int(re.search(r"overhead (-?\d+)%", line).group(1)) for line in rounds]
+    (median,) = [line for line in out.splitlines() if "median overhead" in line]
+    low, high = sorted(overheads)
+    printed = int(re.search(r"median overhead (-?\d+)%", median).group(1))
+    assert low - 1 <= printed <= high + 1, (median, overheads)  # the printed ones are rounded
 
 
 def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None:
