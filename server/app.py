@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from model.checkpoint import END_OF_TEXT, load_model, load_tokenizer, resolve_checkpoint
+from model.cpu import call_in_own_thread
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (
@@ -93,20 +93,17 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
 
 async def _load(app: FastAPI) -> None:
     started = time.perf_counter()
-    # A pool of one that is shut down at once: its thread ends when loading does, and
-    # its OpenMP team with it, leaving the engine thread the only one running torch
-    # (two teams on few cores tripled the decode step; model/cpu.py).
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketgpt-load")
     try:
-        serving = await asyncio.get_running_loop().run_in_executor(
-            loader, load_serving, app.state.settings, app.state.metrics
+        # Loaded on a thread that ends, with its OpenMP team, leaving the engine thread
+        # the only one running torch (two teams on few cores tripled the decode step;
+        # model/cpu.py). The to_thread worker only waits for it.
+        serving = await asyncio.to_thread(
+            call_in_own_thread, load_serving, app.state.settings, app.state.metrics
         )
     except Exception as e:
         log.exception("loading the model failed")
         app.state.status = f"failed to load: {e}"
         return
-    finally:
-        loader.shutdown(wait=False)
     serving.engine.start(asyncio.get_running_loop())
     app.state.metrics.model_load.set(time.perf_counter() - started)
     app.state.serving = serving
