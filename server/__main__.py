@@ -25,7 +25,9 @@ from server.settings import Settings
 if typing.TYPE_CHECKING:
     from fastapi import FastAPI
 
-HEADER_LIMIT_BYTES = 16 * 1024  # uvicorn answers 400 to a request head larger than this
+# h11 answers 400 once a request head still incomplete outgrows this; a head that
+# arrives whole in one socket read (uvicorn reads up to 64 KiB) is parsed regardless.
+HEADER_LIMIT_BYTES = 16 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http="h11",  # the header limit below is h11's (httptools, if installed, has none)
+        http="h11",  # the head limit below is h11's; httptools, if installed, would ignore it
         h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
         timeout_graceful_shutdown=5,
     )
