@@ -25,10 +25,6 @@ from server.settings import Settings
 if typing.TYPE_CHECKING:
     from fastapi import FastAPI
 
-# h11 answers 400 once a request head still incomplete outgrows this; a head that
-# arrives whole in one socket read (uvicorn reads up to 64 KiB) is parsed regardless.
-HEADER_LIMIT_BYTES = 16 * 1024
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -121,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http="h11",  # the head limit below is h11's; httptools, if installed, would ignore it
-        h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
+        # h11 stops buffering a head still incomplete past the limit (a slow, endless head
+        # cannot grow memory); HeaderLimitMiddleware answers 431 for one that came whole.
+        # httptools, if installed, would ignore the first.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=5,
     )
     DrainingServer(config, app, settings.drain_timeout).run()

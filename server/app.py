@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    HeaderLimitMiddleware,
     RequestCounter,
     error_response,
 )
@@ -169,7 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    # Added last = outermost: count every answer, then authenticate, then bound the body.
+    # Added last = outermost: count every answer, bound the head, authenticate, bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         # Health probes never carry a key; Prometheus may not either (--metrics-open).
@@ -177,5 +178,6 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
         )
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(RequestCounter, counter=metrics.requests)
     return app

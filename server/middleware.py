@@ -1,4 +1,5 @@
-"""ASGI guards at the edge, before FastAPI sees a request: API key, body size, counting.
+"""ASGI guards at the edge, before FastAPI sees a request: API key, head and body size,
+counting.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched.
 FastAPI has no request-body limit of its own, hence `BodyLimitMiddleware`.
@@ -40,6 +41,33 @@ class ApiKeyMiddleware:
                     "authentication_error",
                     "missing or invalid API key (send `Authorization: Bearer <key>`)",
                     {"WWW-Authenticate": "Bearer"},
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class HeaderLimitMiddleware:
+    """Answer 431 for a request head (target plus header names and values) over `max_bytes`.
+
+    h11 bounds only a head that is still incomplete (`h11_max_incomplete_event_size`,
+    python -m server sets it to the same limit): one that arrives whole in a socket read
+    (uvicorn reads up to 64 KiB) is parsed regardless, and reaches us here.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+            size = target + sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                error = ApiError(
+                    431,
+                    "request_header_fields_too_large",
+                    f"the request head exceeds {self.max_bytes} bytes",
                 )
                 await error_response(error)(scope, receive, send)
                 return

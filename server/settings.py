@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"
     )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="largest request head (request line and headers) accepted; beyond it: 431",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running streams may finish after SIGTERM"
     )
