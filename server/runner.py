@@ -14,6 +14,18 @@ import torch
 from model.kv_cache import KVCache, as_slots
 from model.transformer import Transformer
 
+# Inductor settings for the compiled lone-stream step on CPU. Frozen weights are graph
+# constants, so inductor's own C++ GEMM template (the CPP backend of max_autotune) packs
+# each one once, at build time, for the CPU's vector or AMX units; an eager bf16 product
+# of one row is ~2.8x slower than fp32's on AMX. A bare `small` step on 2 AMX Xeon cores:
+# bf16 2.8 -> 1.26 ms, fp32 1.87 -> 1.75 ms (BENCHMARKS.md). The cost: a frozen copy of
+# the weights and a longer first build (~50 s instead of ~25 s).
+CPU_DECODE_INDUCTOR = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
+
 
 @dataclass(frozen=True)
 class PrefillInput:
@@ -42,9 +54,14 @@ class ModelRunner:
         # dynamo specialises on the batch size, and building one graph per size costs
         # ~20 s each, while batches gain little (their time is in the products).
         # dynamic=True makes the key length symbolic from the start: one graph in all.
-        self._lone_decode = (
-            torch.compile(self._forward_lone, dynamic=True) if compile_lone_decode else None
-        )
+        self._lone_decode = None
+        if compile_lone_decode:
+            compiled = torch.compile(self._forward_lone, dynamic=True)
+            if self.device.type == "cpu":
+                # Patched around every call, not only the build: dynamo reads `freezing`
+                # when it traces, and a rebuild would otherwise lose it.
+                compiled = torch._inductor.config.patch(CPU_DECODE_INDUCTOR)(compiled)
+            self._lone_decode = compiled
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
