@@ -118,6 +118,24 @@ def ours(
     }
 
 
+def hf_reference(
+    folder: Path, prompts: torch.Tensor, device: torch.device, dtype: torch.dtype, repeats: int = 1
+) -> float:
+    """Tokens/s of HF `generate` on `prompts` as one static batch, with this benchmark's
+    sampling and length, on a thread of its own (one OpenMP team at a time: model/cpu.py)."""
+    return call_in_own_thread(
+        hf_generate,
+        folder,
+        prompts,
+        NEW_TOKENS,
+        temperature=SAMPLING.temperature,
+        top_p=SAMPLING.top_p,
+        device=device,
+        dtype=dtype,
+        repeats=repeats,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -159,17 +177,7 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
     batch = len(prompts)
     mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
     hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
-    hf = call_in_own_thread(
-        hf_generate,
-        folder,
-        prompts,
-        NEW_TOKENS,
-        temperature=SAMPLING.temperature,
-        top_p=SAMPLING.top_p,
-        device=mine["device"],
-        dtype=hf_dtype,
-        repeats=args.hf_repeats,
-    )
+    hf = hf_reference(folder, prompts, mine["device"], hf_dtype, args.hf_repeats)
     compiled = " (compiled)" if args.compile else ""
     print(
         f"decode batch {batch:>3} ({describe(mine['device'])}, "

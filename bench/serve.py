@@ -7,9 +7,10 @@ For each concurrency N: N clients stream one request each at the same moment
 ignored so every request makes the same work). Prints aggregate tokens/s, time to
 first token and inter-token latency (p50/p99), errors, the HTTP + SSE overhead
 against the raw engine (bench/decode.py's in-process run) on the same prompts and
-concurrency, and the CPU the clients themselves used (on a small machine they compete
-with the server for the same cores). Loopback only; every run is bounded by --timeout
-and the server is stopped at the end.
+concurrency, the ratio against HF transformers `generate` running the same prompts
+as one static batch of N (in --hf-dtype), and the CPU the clients themselves used (on
+a small machine they compete with the server for the same cores). Loopback only;
+every run is bounded by --timeout and the server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.decode import NEW_TOKENS, ours
+from bench.decode import NEW_TOKENS, hf_reference, ours
+from bench.machine import describe
 from model.checkpoint import load_tokenizer, resolve_checkpoint
 
 PROMPTS = (
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32,128")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per concurrency")
     parser.add_argument(
         "--rounds",
@@ -193,21 +196,25 @@ def main() -> None:
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
             prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
-            overheads = [measure_pair(base_url, folder, prompts, args) for _ in range(args.rounds)]
+            rounds = [measure_round(base_url, folder, prompts, args) for _ in range(args.rounds)]
             if args.rounds > 1:
+                overheads, vs_hf = zip(*rounds, strict=True)
                 print(
                     f"serve {clients:>4} clients: median overhead "
                     f"{100 * statistics.median(overheads):.0f}% over {args.rounds} rounds "
-                    f"(min {100 * min(overheads):.0f}%, max {100 * max(overheads):.0f}%)",
+                    f"(min {100 * min(overheads):.0f}%, max {100 * max(overheads):.0f}%); "
+                    f"median vs HF static batch {statistics.median(vs_hf):.2f}x "
+                    f"(min {min(vs_hf):.2f}x, max {max(vs_hf):.2f}x)",
                     flush=True,
                 )
 
 
-def measure_pair(
+def measure_round(
     base_url: str, folder: Path, prompts: torch.Tensor, args: argparse.Namespace
-) -> float:
-    """HTTP clients, then the raw engine, on the same prompts; prints one line, returns
-    the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s)."""
+) -> tuple[float, float]:
+    """HTTP clients, the raw engine, then HF's static batch, on the same prompts; prints
+    one line, returns the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s) and
+    HTTP tokens/s / HF tokens/s."""
     clients = len(prompts)
     http = asyncio.run(drive(base_url, clients, args.timeout))
     raw = ours(
@@ -218,17 +225,22 @@ def measure_pair(
         max_batch=MAX_BATCH,
         compile_lone_decode=args.compile_decode,
     )
+    hf_dtype = raw["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
+    hf = hf_reference(folder, prompts, raw["device"], hf_dtype)
     overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
+    vs_hf = http["tokens_per_s"] / hf
     print(
-        f"serve {clients:>4} clients ({raw['device']}, max-batch {MAX_BATCH}): "
+        f"serve {clients:>4} clients ({describe(raw['device'])}, "
+        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {MAX_BATCH}): "
         f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
-        f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); "
+        f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); HF generate "
+        f"static batch ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = {vs_hf:.2f}x; "
         f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
         f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
         f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
         flush=True,
     )
-    return overhead
+    return overhead, vs_hf
 
 
 if __name__ == "__main__":

@@ -50,10 +50,22 @@ def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpo
         assert line.startswith("serve    3 clients") and "errors 0;" in line, line
         assert re.search(r"the clients used \d+\.\d\d cores$", line), line
     overheads = [int(re.search(r"overhead (-?\d+)%", line).group(1)) for line in rounds]
+    # Each round also runs HF generate on the same prompts as one static batch.
+    vs_hf = [
+        float(
+            re.search(
+                r"HF generate static batch \(float32\) [\d,]+ tok/s = (\d+\.\d\d)x", line
+            ).group(1)
+        )
+        for line in rounds
+    ]
+    assert all(ratio > 0 for ratio in vs_hf), rounds
     (median,) = [line for line in out.splitlines() if "median overhead" in line]
     low, high = sorted(overheads)
     printed = int(re.search(r"median overhead (-?\d+)%", median).group(1))
     assert low - 1 <= printed <= high + 1, (median, overheads)  # the printed ones are rounded
+    printed_vs_hf = float(re.search(r"median vs HF static batch (\d+\.\d\d)x", median).group(1))
+    assert abs(printed_vs_hf - sum(vs_hf) / 2) <= 0.01, (median, vs_hf)
 
 
 def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None:
