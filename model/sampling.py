@@ -1,19 +1,27 @@
 """Pure functions on logits: penalties, temperature, top-k, top-p and seeded draws.
 
-Every function takes a batch of rows, logits [B, V], with per-row parameters as
-[B] tensors, so the trainer's previews (B = 1) and the server's batched decode
-share one implementation. Draws come from caller-supplied `torch.Generator`s, one
-per row: a row's sample depends only on its own logits and generator, so a seeded
-request reproduces alone or inside any batch.
+Every function takes a batch of rows, logits or probabilities [B, V], with per-row
+parameters as tensors, so the trainer's previews (B = 1) and the server's batched
+decode share one implementation. After penalties the rows become probabilities once
+(softmax at the row's temperature); truncation zeroes some and the draw searches
+their cumulative sum. A step is ~20 operations plus one random number per seeded
+row, which matters on CPU, where each operation costs microseconds of dispatch.
+Draws come from caller-supplied `torch.Generator`s, one per row: a row's sample
+depends only on its own logits and generator, so a seeded request reproduces alone
+or inside any batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# top_k 0 (off) as a row's largest kept count: more tokens than any vocabulary has.
+NO_TOP_K = 2**62
 
 
 @dataclass(frozen=True)
@@ -32,38 +40,44 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class BatchParams:
-    """SamplingParams of B rows as [B] tensors (built once per batch composition)."""
+    """SamplingParams of B rows as tensors, in the form each step uses them (built once per
+    batch composition, so a step spends no operations on the rows' conventions)."""
 
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    repetition_penalty: torch.Tensor
-    presence_penalty: torch.Tensor
-    frequency_penalty: torch.Tensor
+    divisor: torch.Tensor  # [B, 1] temperature; 1 for greedy rows (drawn by argmax)
+    max_kept: torch.Tensor  # [B, 1] top_k; a number past any vocabulary where top_k is off
+    nucleus: torch.Tensor  # [B, 1] top_p; +inf where top_p is off
+    repetition_penalty: torch.Tensor  # [B]
+    presence_penalty: torch.Tensor  # [B]
+    frequency_penalty: torch.Tensor  # [B]
+    greedy: torch.Tensor  # [B] bool
     any_penalty: bool
     any_truncation: bool
+    any_greedy: bool
     all_greedy: bool
 
     @classmethod
     def from_rows(
         cls, rows: Sequence[SamplingParams], device: torch.device | str = "cpu"
     ) -> BatchParams:
-        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=device)
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
 
+        greedy = [r.greedy for r in rows]
         return cls(
-            temperature=column("temperature", torch.float32),
-            top_k=column("top_k", torch.long),
-            top_p=column("top_p", torch.float32),
-            repetition_penalty=column("repetition_penalty", torch.float32),
-            presence_penalty=column("presence_penalty", torch.float32),
-            frequency_penalty=column("frequency_penalty", torch.float32),
+            divisor=column([[1.0 if r.greedy else r.temperature] for r in rows], torch.float32),
+            max_kept=column([[r.top_k or NO_TOP_K] for r in rows], torch.long),
+            nucleus=column([[r.top_p if r.top_p < 1.0 else math.inf] for r in rows], torch.float32),
+            repetition_penalty=column([r.repetition_penalty for r in rows], torch.float32),
+            presence_penalty=column([r.presence_penalty for r in rows], torch.float32),
+            frequency_penalty=column([r.frequency_penalty for r in rows], torch.float32),
+            greedy=column(greedy, torch.bool),
             any_penalty=any(
                 r.repetition_penalty != 1.0 or r.presence_penalty or r.frequency_penalty
                 for r in rows
             ),
             any_truncation=any(r.top_k > 0 or r.top_p < 1.0 for r in rows),
-            all_greedy=all(r.greedy for r in rows),
+            any_greedy=any(greedy),
+            all_greedy=all(greedy),
         )
 
 
@@ -83,34 +97,22 @@ def apply_penalties(
     return logits - presence_penalty[:, None] * seen - frequency_penalty[:, None] * counts
 
 
-def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Rows with temperature 0 are left unscaled (they are drawn greedily)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return logits / t[:, None]
+def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
+    """Zero every probability outside the row's top-k and outside its top-p nucleus.
 
-
-def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
-    """Set to -inf every logit outside the row's top-k and outside its top-p nucleus.
-
-    top_k [B] (0 = off), top_p [B] (1 = off). The most likely token is always kept.
-    Both filters become one threshold per row, the smallest logit kept, so only the
+    probs [B, V]; max_kept [B, 1] (top-k: any number >= V keeps every token); nucleus
+    [B, 1] (top-p: +inf keeps every token). The most likely token is always kept. Both
+    filters become one threshold per row, the smallest probability kept, so only the
     sorted values are needed (not the order); a token tied with it is kept too, as in
     HF's top-k.
     """
-    vocab = logits.shape[-1]
-    sorted_logits = sorted_descending(logits)  # [B, V]
-    probs = sorted_logits.softmax(dim=-1)
+    sorted_probs = sorted_descending(probs)  # [B, V]
     # A token is in the nucleus while the tokens ranked above it hold less than top_p.
-    mass_before = probs.cumsum(dim=-1) - probs
-    in_nucleus = (mass_before < top_p[:, None]).sum(dim=-1)  # [B]
-    # top_p 1 is off: a sum that rounds up to 1 must not drop the last tokens.
-    in_nucleus = torch.where(top_p < 1.0, in_nucleus, vocab)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kept = torch.minimum(in_nucleus, k).clamp_(min=1)  # [B]
-    threshold = sorted_logits.gather(-1, (kept - 1)[:, None])  # [B, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    in_nucleus = (mass_before < nucleus).sum(dim=-1, keepdim=True)  # [B, 1]
+    kept = torch.minimum(in_nucleus, max_kept).clamp_(min=1)  # [B, 1]
+    threshold = sorted_probs.gather(-1, kept - 1)  # [B, 1]
+    return probs.masked_fill(probs < threshold, 0.0)
 
 
 def sorted_descending(x: torch.Tensor) -> torch.Tensor:
@@ -125,10 +127,8 @@ def sorted_descending(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ascending[:, ::-1].copy()).to(x.dtype)
 
 
-def draw(
-    logits: torch.Tensor, greedy: torch.Tensor, generators: Sequence[torch.Generator | None]
-) -> torch.Tensor:
-    """One token per row: argmax where `greedy`, else a draw from softmax(logits).
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, drawn from probs [B, V] (rows need not sum to 1) -> [B].
 
     Inverse CDF: one uniform number per row, from the row's own generator (one call
     for all the rows without one), located in the row's cumulative distribution.
@@ -136,19 +136,19 @@ def draw(
     ~2 ms at [32, 2048] on 2 cores). A token of probability 0 adds nothing to the
     cumulative sum, so the search never stops on it.
     """
-    probs = logits.float().softmax(dim=-1)  # [B, V]
     cdf = probs.cumsum(dim=-1)  # [B, V]
-    uniform = torch.empty(len(generators), device=logits.device)  # [B], in [0, 1)
-    unseeded = [row for row, generator in enumerate(generators) if generator is None]
-    if unseeded:  # the global generator only for rows without their own
-        uniform[unseeded] = torch.rand(len(unseeded), device=logits.device)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniform[row] = torch.rand((), generator=generator, device=generator.device)
+    seeded = [(row, g) for row, g in enumerate(generators) if g is not None]
+    own = [torch.rand(1, generator=g, device=g.device) for _, g in seeded]
+    if len(seeded) == len(generators):  # the global generator is left alone
+        uniform = torch.cat(own).to(probs.device)  # [B], in [0, 1)
+    else:  # the global generator for the rows without their own
+        uniform = torch.rand(len(generators), device=probs.device)
+        if seeded:
+            uniform[[row for row, _ in seeded]] = torch.cat(own).to(probs.device)
     # Scaled by the row's total, so rounding in the sum never leaves u past the last bin.
-    targets = (uniform * cdf[:, -1])[:, None]  # [B, 1]
+    targets = uniform[:, None] * cdf[:, -1:]  # [B, 1]
     sampled = torch.searchsorted(cdf, targets, right=True)[:, 0]  # first bin with cdf > u
-    return torch.where(greedy, logits.argmax(dim=-1), sampled.clamp_(max=cdf.shape[-1] - 1))
+    return sampled.clamp_(max=cdf.shape[-1] - 1)
 
 
 def sample(
@@ -171,7 +171,10 @@ def sample(
         )
     if params.all_greedy:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, params.temperature)
+    probs = (logits / params.divisor).softmax(dim=-1)  # [B, V]
     if params.any_truncation:
-        logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
-    return draw(logits, params.temperature == 0, generators)
+        probs = truncate(probs, params.max_kept, params.nucleus)
+    sampled = draw(probs, generators)
+    if params.any_greedy:
+        return torch.where(params.greedy, logits.argmax(dim=-1), sampled)
+    return sampled

@@ -9,8 +9,8 @@ from model.sampling import (
     BatchParams,
     SamplingParams,
     apply_penalties,
-    apply_top_k_top_p,
     sample,
+    truncate,
 )
 
 VOCAB = 50
@@ -145,13 +145,35 @@ def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> Non
             assert frequencies == pytest.approx(expected, abs=tolerance), settings
 
 
-def test_top_k_and_top_p_filter_bfloat16_logits_like_float32_ones() -> None:
-    logits = logits_rows(4, seed=8)
-    top_k, top_p = torch.tensor([3, 0, 0, 5]), torch.tensor([1.0, 0.5, 1.0, 0.9])
-    half = logits.bfloat16().requires_grad_()  # as a caller outside inference mode has it
-    kept = apply_top_k_top_p(half, top_k, top_p).isfinite()
-    assert torch.equal(kept, apply_top_k_top_p(half.detach().float(), top_k, top_p).isfinite())
-    assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()  # row 2: no filter at all
+def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
+    probs = logits_rows(4, seed=8).softmax(-1)
+    settings = [(3, 1.0), (0, 0.5), (0, 1.0), (5, 0.9)]  # (top_k, top_p); 0 / 1.0 = off
+    params = BatchParams.from_rows([SamplingParams(top_k=k, top_p=p) for k, p in settings])
+    kept = truncate(probs, params.max_kept, params.nucleus) > 0
+    for row, (top_k, top_p) in enumerate(settings):
+        # The reference, token by token: the best tokens while the mass before them
+        # is under top_p, at most top_k of them.
+        ranked = probs[row].sort(descending=True)
+        size, mass = 0, 0.0
+        for p in ranked.values.tolist():
+            if mass >= top_p and top_p < 1.0:
+                break
+            size, mass = size + 1, mass + p
+        size = min(size, top_k or VOCAB)
+        assert set(kept[row].nonzero()[:, 0].tolist()) == set(ranked.indices[:size].tolist())
+    assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()
+
+
+def test_bfloat16_logits_with_grad_draw_what_their_float32_copy_draws() -> None:
+    # As the trainer's preview may call it: reduced precision, outside inference mode.
+    half = logits_rows(4, seed=8).bfloat16().requires_grad_()
+    rows = [SamplingParams(top_k=3), SamplingParams(top_p=0.5), SamplingParams()] * 2
+    params = BatchParams.from_rows(rows[:4])
+    for seed in range(10):
+        generators = [seeded(seed * 4 + i) for i in range(4)]
+        twins = [seeded(seed * 4 + i) for i in range(4)]
+        got = sample(half, params, generators)
+        assert torch.equal(got, sample(half.detach().float(), params, twins))
 
 
 def test_seeded_draws_leave_the_global_generator_alone() -> None:
