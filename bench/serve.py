@@ -182,8 +182,9 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="measure HTTP then the raw engine this many times per concurrency and print the "
-        "median overhead (run-to-run drift on a shared machine is larger than the overhead)",
+        help="measure HTTP, the raw engine and HF this many times per concurrency and print "
+        "the median overhead and ratio (run-to-run drift on a shared machine is larger than "
+        "the overhead)",
     )
     parser.add_argument(
         "--compile-decode",
