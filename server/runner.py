@@ -24,6 +24,9 @@ CPU_DECODE_INDUCTOR = {
     "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
+    # Not the autotuner's timing tables and stats on the server's stderr.
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
 }
 
 
