@@ -167,8 +167,8 @@ def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
 def test_bfloat16_logits_with_grad_draw_what_their_float32_copy_draws() -> None:
     # As the trainer's preview may call it: reduced precision, outside inference mode.
     half = logits_rows(4, seed=8).bfloat16().requires_grad_()
-    rows = [SamplingParams(top_k=3), SamplingParams(top_p=0.5), SamplingParams()] * 2
-    params = BatchParams.from_rows(rows[:4])
+    rows = [SamplingParams(top_k=3), SamplingParams(top_p=0.5), SamplingParams()]
+    params = BatchParams.from_rows([*rows, SamplingParams(top_k=5, top_p=0.9)])
     for seed in range(10):
         generators = [seeded(seed * 4 + i) for i in range(4)]
         twins = [seeded(seed * 4 + i) for i in range(4)]
