@@ -88,6 +88,7 @@ def ours(
     dtype: str,
     max_batch: int | None = None,
     compile_lone_decode: bool = False,
+    cuda_graphs: bool = True,
 ) -> dict[str, object]:
     """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
     settings = Settings(
@@ -97,6 +98,7 @@ def ours(
         max_batch=max_batch or len(prompts),
         max_queue=len(prompts),
         compile_decode=compile_lone_decode,
+        cuda_graphs=cuda_graphs,
     )
     # Loaded as the server loads, on a thread that ends, so that the engine thread runs
     # the only OpenMP team (model/cpu.py). Warm-up on a throwaway engine (a stopped
@@ -156,6 +158,11 @@ def main() -> None:
         action="store_true",
         help="compile our lone-stream decode step, as `python -m server --compile-decode true`",
     )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run our CUDA decode eagerly, as `python -m server --cuda-graphs false`",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -175,10 +182,19 @@ def main() -> None:
 def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) -> float:
     """Our engine, then HF, on the same prompts; prints one line, returns ours / HF."""
     batch = len(prompts)
-    mine = ours(folder, prompts, args.device, args.dtype, compile_lone_decode=args.compile)
+    mine = ours(
+        folder,
+        prompts,
+        args.device,
+        args.dtype,
+        compile_lone_decode=args.compile,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
     hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
     hf = hf_reference(folder, prompts, mine["device"], hf_dtype, args.hf_repeats)
     compiled = " (compiled)" if args.compile else ""
+    if mine["device"].type == "cuda":
+        compiled += " (eager)" if args.no_cuda_graphs else " (CUDA graphs)"
     print(
         f"decode batch {batch:>3} ({describe(mine['device'])}, "
         f"{str(mine['dtype']).removeprefix('torch.')}): pocketgpt{compiled}"

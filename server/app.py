@@ -83,6 +83,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         prefill_chunk=settings.prefill_chunk,
         metrics=metrics,
         compile_lone_decode=settings.compile_decode,
+        cuda_graphs=settings.cuda_graphs,
     )
     with torch.inference_mode():
         engine.runner.warm_up()

@@ -106,8 +106,11 @@ class Engine:
         prefill_chunk: int,
         metrics: Metrics,
         compile_lone_decode: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
-        self.runner = ModelRunner(model, n_slots, compile_lone_decode=compile_lone_decode)
+        self.runner = ModelRunner(
+            model, n_slots, compile_lone_decode=compile_lone_decode, cuda_graphs=cuda_graphs
+        )
         self.sampler = Sampler(n_slots, model.config.vocab_size, self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
         self.metrics = metrics

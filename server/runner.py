@@ -13,6 +13,7 @@ import torch
 
 from model.kv_cache import KVCache, as_slots
 from model.transformer import Transformer
+from server.cuda_graphs import DecodeGraphs
 
 # Inductor settings for the compiled lone-stream step on CPU. Frozen weights are graph
 # constants, so inductor's own C++ GEMM template (the CPP backend of max_autotune) packs
@@ -39,7 +40,12 @@ class PrefillInput:
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, n_slots: int, *, compile_lone_decode: bool = False
+        self,
+        model: Transformer,
+        n_slots: int,
+        *,
+        compile_lone_decode: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         param = next(model.parameters())
@@ -65,6 +71,10 @@ class ModelRunner:
                 # when it traces, and a rebuild would otherwise lose it.
                 compiled = torch._inductor.config.patch(CPU_DECODE_INDUCTOR)(compiled)
             self._lone_decode = compiled
+        # On CUDA, decode steps replay captured graphs (captured in warm_up()).
+        self._graphs = (
+            DecodeGraphs(model, self.cache) if cuda_graphs and self.device.type == "cuda" else None
+        )
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
@@ -94,6 +104,8 @@ class ModelRunner:
         self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int]
     ) -> torch.Tensor:
         """One token per row at its position in its slot -> logits [B, V]."""
+        if self._graphs is not None and self._graphs.covers(slots):
+            return self._graphs.decode(token_ids, positions)
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length = max(positions) + 1
@@ -120,3 +132,5 @@ class ModelRunner:
         self.decode([0] * n, [position] * n, range(n))
         if self._lone_decode is not None and n > 1:
             self.decode([0], [position], [0])
+        if self._graphs is not None:
+            self._graphs.capture()

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "in float32; batches run eager. Adds ~50 s to start-up the first time, ~20 s once "
         "cached on disk, and a frozen copy of the weights; needs a C/C++ compiler",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, replay captured CUDA graphs of the decode step (one per "
+        "batch-size and key-length bucket, captured at start-up) instead of launching its "
+        "kernels one by one from Python; false = eager. No effect on CPU",
+    )
     max_batch: int = Field(
         32, ge=1, le=1024, description="KV-cache slots: requests generating at once"
     )

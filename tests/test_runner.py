@@ -1,6 +1,10 @@
-"""The server's ModelRunner: its compiled lone-stream decode step agrees with the eager one."""
+"""The server's ModelRunner: its compiled lone-stream step and its bucketed decode (what
+CUDA graphs capture; the graphs themselves where CUDA is available) agree with the eager one."""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -8,9 +12,12 @@ from torch._dynamo.utils import counters
 
 from model.config import ModelConfig
 from model.transformer import Transformer
+from server.cuda_graphs import StaticDecode
 from server.runner import ModelRunner, PrefillInput
 
 VOCAB = 300
+# CUDA too where there is one (a lent GPU machine); CI runs the CPU case.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +67,63 @@ def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding(
         torch.testing.assert_close(got, expected)
     # One graph served every key length: nothing was rebuilt after the warm-up.
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
+    """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
+    same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
+    if runner.device.type == "cuda":
+        return runner.decode
+    static = StaticDecode(runner.model, runner.cache)
+
+    def decode(token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        if not static.covers(slots):
+            return runner.decode(token_ids, positions, slots)
+        b, length = static.load(token_ids, positions)
+        return static.forward(b, length)[: len(token_ids)]
+
+    return decode
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bucketed_decode_with_padding_rows_agrees_with_the_eager_decode(
+    model: Transformer, device: str
+) -> None:
+    model = copy.deepcopy(model).to(device)
+    eager = ModelRunner(model, n_slots=4)
+    bucketed = ModelRunner(model, n_slots=4, cuda_graphs=True)
+    decode = static_decode(bucketed)
+    prompts = torch.randint(0, VOCAB, (4, 30), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = [20, 7, 12, 30]
+    with torch.inference_mode():
+        eager.warm_up()
+        bucketed.warm_up()
+        if device == "cuda":
+            assert len(bucketed._graphs) == 3 * 2  # rows 1, 2, 4 x keys 128, 256
+        # Slots 0-2 hold whole prompts; slot 3 only the first 5 tokens of its prompt,
+        # so a 3-row step pads into it while its prompt is still being prefilled.
+        chunks = [PrefillInput(s, prompts[s][: lengths[s]], 0) for s in range(3)]
+        chunks.append(PrefillInput(3, prompts[3][:5], 0))
+        for runner in (eager, bucketed):
+            runner.prefill(chunks)
+        tokens, positions = [prompts[s][lengths[s] - 1] for s in range(4)], list(lengths)
+
+        def step(slots: list[int]) -> None:
+            rows_tokens = [tokens[s] for s in slots]
+            rows_positions = [positions[s] for s in slots]
+            expected = eager.decode(rows_tokens, rows_positions, slots)
+            got = decode(rows_tokens, rows_positions, slots)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            for row, s in enumerate(slots):
+                tokens[s], positions[s] = int(expected[row].argmax()), positions[s] + 1
+
+        for _ in range(3):
+            step([0, 1, 2])  # 3 rows in the 4-row bucket: slot 3 is padding
+        for runner in (eager, bucketed):
+            runner.prefill([PrefillInput(3, prompts[3][5:], 5)])
+        tokens[3] = prompts[3][-1]
+        step([0, 2])  # not slots 0..B-1: the eager path
+        for _ in range(110):  # slot 0 passes 128 keys: the next key-length bucket
+            step([0, 1, 2, 3])
+        step([0])  # a lone stream: the 1-row bucket
+    assert positions[0] > 128

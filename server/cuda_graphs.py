@@ -1,0 +1,122 @@
+"""CUDA graphs of the batched decode forward.
+
+Eager, a `base` decode step is ~400 small kernels, each launched from Python: the GPU
+waits on the host for most of the step. A CUDA graph launches a captured step's kernels
+in one call. A graph has fixed shapes and fixed buffers, so `StaticDecode` runs the
+decode forward in fixed *buckets*: b rows (a power of two, or the slot count) reading
+keys 0..L-1 (a power of two from 128, or max_len), its inputs copied into static
+buffers first, and `DecodeGraphs` captures one graph per (b, L) and replays the smallest
+bucket that holds a step.
+
+Rows are read as the slice 0..b-1 of the cache, so a step takes this path when its rows
+sit in slots 0..B-1, which the scheduler's compaction keeps them in (a step whose rows
+are elsewhere, because a prompt still prefilling holds a lower slot, runs eager).
+Rows B..b-1 are padding: token 0 at position max_len - 1 of slots B..b-1. Those
+entries are harmless to write whoever holds the slot: an entry at max_len - 1 is only
+ever read by a query at that position, which writes it first, in the same forward
+(kv_cache.py's invariant). Keys between a row's position and L are masked as in any
+batch of rows at different lengths.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+from model.kv_cache import KVCache
+from model.transformer import Transformer
+
+SHORTEST_KEY_BUCKET = 128
+
+
+def buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` below `largest`, then `largest`."""
+    sizes = []
+    size = smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, largest]
+
+
+class StaticDecode:
+    """The decode forward over static buffers, in fixed (rows, key length) buckets."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.max_len = cache.max_len
+        self.batch_sizes = buckets(1, cache.n_slots)
+        self.key_lengths = buckets(min(SHORTEST_KEY_BUCKET, self.max_len), self.max_len)
+        device = cache.k[0].device
+        self.tokens = torch.zeros(cache.n_slots, 1, dtype=torch.long, device=device)  # [S, 1]
+        self.positions = torch.full_like(self.tokens, self.max_len - 1)  # [S, 1]
+
+    def covers(self, slots: Sequence[int]) -> bool:
+        return list(slots) == list(range(len(slots)))
+
+    def load(self, token_ids: Sequence[int], positions: Sequence[int]) -> tuple[int, int]:
+        """Copy one step's rows (in slots 0..B-1) into the buffers, padded -> its bucket (b, L)."""
+        rows = len(token_ids)
+        b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, rows)]
+        length = self.key_lengths[bisect.bisect_left(self.key_lengths, max(positions) + 1)]
+        padding = b - rows
+        # From pageable host memory: the copies are staged before copy_ returns.
+        self.tokens[:b, 0].copy_(torch.tensor([*token_ids, *[0] * padding]), non_blocking=True)
+        self.positions[:b, 0].copy_(
+            torch.tensor([*positions, *[self.max_len - 1] * padding]), non_blocking=True
+        )
+        return b, length
+
+    def forward(self, b: int, length: int) -> torch.Tensor:
+        """The first b buffered rows, attending over keys 0..length-1 -> logits [b, V]."""
+        logits = self.model(
+            self.tokens[:b], self.positions[:b], self.cache, slice(0, b), length=length
+        )  # [b, 1, V]
+        return logits[:, 0]
+
+
+class DecodeGraphs:
+    """One captured CUDA graph of `StaticDecode.forward` per bucket, replayed per step."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.static = StaticDecode(model, cache)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def capture(self) -> None:
+        """Capture every bucket (inside `torch.inference_mode()`, as replays run). Largest
+        first, into one memory pool: the smaller graphs reuse the largest one's blocks."""
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.static.batch_sizes):
+            for length in reversed(self.static.key_lengths):
+                self._graphs[b, length] = self._capture(b, length, pool)
+
+    def _capture(
+        self, b: int, length: int, pool: tuple[int, int]
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # One eager run first, on a side stream as capture uses: lazy set-up (cuBLAS
+        # handles and workspaces) must not happen inside the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.static.forward(b, length)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self.static.forward(b, length)
+        return graph, logits
+
+    def covers(self, slots: Sequence[int]) -> bool:
+        return bool(self._graphs) and self.static.covers(slots)
+
+    def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Rows in slots 0..B-1 -> logits [B, V]: a view of the graph's output, valid until
+        the next replay (the engine samples from it within the step)."""
+        b, length = self.static.load(token_ids, positions)
+        graph, logits = self._graphs[b, length]
+        graph.replay()
+        return logits[: len(token_ids)]
