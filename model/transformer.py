@@ -80,7 +80,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, T, E]
             mask, causal = None, True
         else:
-            k, v = step.cache.update(step.layer, step.slots, step.positions, k, v, step.length)
+            k, v = step.cache.update(step.layer, step.slots(), step.positions, k, v, step.length)
             mask, causal = step.mask, False  # k, v: [B, K, L, E]; mask: [B, 1, T, L]
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
@@ -149,13 +149,26 @@ class _Step:
         self.layer = 0
         if cache is None:
             return
-        self.slots = slice(0, positions.shape[0]) if slots is None else slots
+        # A slice is kept as its two ints and rebuilt per use: torch.compile would fix a
+        # slice stored on an object, or compared with None, to its traced bounds (one
+        # build per batch size). Hence also isinstance first.
+        self._slot_tensor: torch.Tensor | None = None
+        if isinstance(slots, slice):
+            self._slot_run = (slots.start, slots.stop)
+        elif slots is None:
+            self._slot_run = (0, positions.shape[0])
+        else:
+            self._slot_tensor, self._slot_run = slots, None
         # L: keys needed by the furthest query. Callers that know it pass it, which
         # spares a device sync (and a data-dependent shape under torch.compile).
         self.length = int(positions.max()) + 1 if length is None else length
         keys = torch.arange(self.length, device=positions.device)  # [L]
         # A query at position p sees keys 0..p of its own row (causal, per-row length).
         self.mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
+
+    def slots(self) -> torch.Tensor | slice:
+        """The rows' slots as the cache takes them: a [B] tensor or a contiguous run."""
+        return self._slot_tensor if self._slot_run is None else slice(*self._slot_run)
 
 
 class Transformer(nn.Module):
