@@ -87,7 +87,7 @@ def ours(
     device: str,
     dtype: str,
     max_batch: int | None = None,
-    compile_lone_decode: bool = False,
+    compile_decode: bool = False,
     cuda_graphs: bool = True,
 ) -> dict[str, object]:
     """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
@@ -97,7 +97,7 @@ def ours(
         dtype=dtype,
         max_batch=max_batch or len(prompts),
         max_queue=len(prompts),
-        compile_decode=compile_lone_decode,
+        compile_decode=compile_decode,
         cuda_graphs=cuda_graphs,
     )
     # Loaded as the server loads, on a thread that ends, so that the engine thread runs
@@ -156,7 +156,8 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile our lone-stream decode step, as `python -m server --compile-decode true`",
+        help="compile our decode step as `python -m server --compile-decode true` does "
+        "(CPU: a lone stream's; CUDA: the step each CUDA graph captures)",
     )
     parser.add_argument(
         "--no-cuda-graphs",
@@ -187,14 +188,15 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
         prompts,
         args.device,
         args.dtype,
-        compile_lone_decode=args.compile,
+        compile_decode=args.compile,
         cuda_graphs=not args.no_cuda_graphs,
     )
     hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
     hf = hf_reference(folder, prompts, mine["device"], hf_dtype, args.hf_repeats)
-    compiled = " (compiled)" if args.compile else ""
+    modes = ["compiled"] if args.compile else []
     if mine["device"].type == "cuda":
-        compiled += " (eager)" if args.no_cuda_graphs else " (CUDA graphs)"
+        modes.append("eager launches" if args.no_cuda_graphs else "CUDA graphs")
+    compiled = f" ({', '.join(modes)})" if modes else ""
     print(
         f"decode batch {batch:>3} ({describe(mine['device'])}, "
         f"{str(mine['dtype']).removeprefix('torch.')}): pocketgpt{compiled}"

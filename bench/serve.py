@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-decode",
         action="store_true",
-        help="serve (and run the raw engine) with the lone-stream decode step compiled",
+        help="serve (and run the raw engine) with `--compile-decode true`",
     )
     args = parser.parse_args()
     if args.rounds < 1:
@@ -230,7 +230,7 @@ def measure_round(
         args.device,
         args.dtype,
         max_batch=MAX_BATCH,
-        compile_lone_decode=args.compile_decode,
+        compile_decode=args.compile_decode,
     )
     hf_dtype = raw["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
     hf = hf_reference(folder, prompts, raw["device"], hf_dtype)

@@ -82,7 +82,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         metrics=metrics,
-        compile_lone_decode=settings.compile_decode,
+        compile_decode=settings.compile_decode,
         cuda_graphs=settings.cuda_graphs,
     )
     with torch.inference_mode():

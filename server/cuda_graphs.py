@@ -16,6 +16,9 @@ entries are harmless to write whoever holds the slot: an entry at max_len - 1 is
 ever read by a query at that position, which writes it first, in the same forward
 (kv_cache.py's invariant). Keys between a row's position and L are masked as in any
 batch of rows at different lengths.
+
+`--compile-decode` compiles the forward each graph captures (torch.compile, not its
+"reduce-overhead" mode: these graphs are ours, one set per bucket, captured at start-up).
 """
 
 from __future__ import annotations
@@ -78,10 +81,17 @@ class StaticDecode:
 
 
 class DecodeGraphs:
-    """One captured CUDA graph of `StaticDecode.forward` per bucket, replayed per step."""
+    """One captured CUDA graph of `StaticDecode.forward` (compiled, or eager) per bucket,
+    replayed per step."""
 
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, *, compile: bool = False) -> None:
         self.static = StaticDecode(model, cache)
+        # Compiled, the captured step is fewer, fused kernels (1.3 ms instead of 2.4 ms
+        # per `base` step on an H200). dynamic=True keeps rows and key length symbolic:
+        # four builds in all (one row or more, x the last key bucket or another).
+        self._forward = (
+            torch.compile(self.static.forward, dynamic=True) if compile else self.static.forward
+        )
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -98,16 +108,17 @@ class DecodeGraphs:
     def _capture(
         self, b: int, length: int, pool: tuple[int, int]
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # One eager run first, on a side stream as capture uses: lazy set-up (cuBLAS
-        # handles and workspaces) must not happen inside the capture.
+        # One run first, on a side stream as capture uses: lazy set-up (cuBLAS handles
+        # and workspaces; compiled, the build and its kernel tuning) must not happen
+        # inside the capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.static.forward(b, length)
+            self._forward(b, length)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self.static.forward(b, length)
+            logits = self._forward(b, length)
         return graph, logits
 
     def covers(self, slots: Sequence[int]) -> bool:

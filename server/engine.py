@@ -105,11 +105,11 @@ class Engine:
         max_queue: int,
         prefill_chunk: int,
         metrics: Metrics,
-        compile_lone_decode: bool = False,
+        compile_decode: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
         self.runner = ModelRunner(
-            model, n_slots, compile_lone_decode=compile_lone_decode, cuda_graphs=cuda_graphs
+            model, n_slots, compile_decode=compile_decode, cuda_graphs=cuda_graphs
         )
         self.sampler = Sampler(n_slots, model.config.vocab_size, self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)

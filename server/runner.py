@@ -44,7 +44,7 @@ class ModelRunner:
         model: Transformer,
         n_slots: int,
         *,
-        compile_lone_decode: bool = False,
+        compile_decode: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
         self.model = model
@@ -57,6 +57,11 @@ class ModelRunner:
             # decode step: 4.9 ms of CPU per attention call on an H100 (bench/decode.py),
             # 50x the flash/efficient kernels. Process-wide, but this process only serves.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # On CUDA, decode steps replay captured graphs (captured in warm_up()), compiled
+        # when asked; the lone-stream compile below is for the other cases.
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self._graphs = DecodeGraphs(model, self.cache, compile=compile_decode)
         # A lone stream's step is ~300 small eager ops around ~40 matrix-vector products;
         # compiled, their dispatch overhead goes (4.8 -> 3.0 ms per bf16 `small` step on 2
         # CPU cores). Only batch 1 in slot 0 (where compaction keeps a lone stream):
@@ -64,17 +69,13 @@ class ModelRunner:
         # ~20 s each, while batches gain little (their time is in the products).
         # dynamic=True makes the key length symbolic from the start: one graph in all.
         self._lone_decode = None
-        if compile_lone_decode:
+        if compile_decode and self._graphs is None:
             compiled = torch.compile(self._forward_lone, dynamic=True)
             if self.device.type == "cpu":
                 # Patched around every call, not only the build: dynamo reads `freezing`
                 # when it traces, and a rebuild would otherwise lose it.
                 compiled = torch._inductor.config.patch(CPU_DECODE_INDUCTOR)(compiled)
             self._lone_decode = compiled
-        # On CUDA, decode steps replay captured graphs (captured in warm_up()).
-        self._graphs = (
-            DecodeGraphs(model, self.cache) if cuda_graphs and self.device.type == "cuda" else None
-        )
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)

@@ -16,8 +16,11 @@ from server.cuda_graphs import StaticDecode
 from server.runner import ModelRunner, PrefillInput
 
 VOCAB = 300
-# CUDA too where there is one (a lent GPU machine); CI runs the CPU case.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# (device, compiled): CUDA too where there is one (a lent GPU machine); CI runs the CPU case.
+BUCKETED_CASES = [
+    ("cpu", False),
+    *([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else []),
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def model() -> Transformer:
 
 def test_a_one_slot_runner_builds_one_graph_at_warm_up(model: Transformer) -> None:
     # With one slot the warm-up's batch decode is itself the lone-stream path.
-    runner = ModelRunner(model, n_slots=1, compile_lone_decode=True)
+    runner = ModelRunner(model, n_slots=1, compile_decode=True)
     graphs_before = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         runner.warm_up()
@@ -43,7 +46,7 @@ def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding(
     model: Transformer,
 ) -> None:
     eager = ModelRunner(model, n_slots=2)
-    compiled = ModelRunner(model, n_slots=2, compile_lone_decode=True)
+    compiled = ModelRunner(model, n_slots=2, compile_decode=True)
     prompt = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
         eager.warm_up()
@@ -85,13 +88,13 @@ def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     return decode
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("device", "compiled"), BUCKETED_CASES)
 def test_bucketed_decode_with_padding_rows_agrees_with_the_eager_decode(
-    model: Transformer, device: str
+    model: Transformer, device: str, compiled: bool
 ) -> None:
     model = copy.deepcopy(model).to(device)
     eager = ModelRunner(model, n_slots=4)
-    bucketed = ModelRunner(model, n_slots=4, cuda_graphs=True)
+    bucketed = ModelRunner(model, n_slots=4, cuda_graphs=True, compile_decode=compiled)
     decode = static_decode(bucketed)
     prompts = torch.randint(0, VOCAB, (4, 30), generator=torch.Generator().manual_seed(1)).tolist()
     lengths = [20, 7, 12, 30]
