@@ -29,8 +29,8 @@ import torch
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
+from model.device import resolve_device
 from model.transformer import Transformer
-from training.args import resolve_device
 
 
 def pretrain(args: list[str]) -> None:

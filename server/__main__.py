@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_checkpoint(settings: Settings) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
+    from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.app import resolve_device
     from server.detokenizer import token_bytes
 
     device = resolve_device(settings.device)

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from model.checkpoint import END_OF_TEXT, load_model, load_tokenizer, resolve_checkpoint
 from model.cpu import call_in_own_thread
+from model.device import resolve_device
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (
@@ -41,14 +42,6 @@ from server.validation import Validator, invalid_request
 log = logging.getLogger(__name__)
 
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -370,12 +370,6 @@ def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> Mode
         raise UsageError(f"model flags: {e}") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ---------------------------------------------------------------- parsing
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}

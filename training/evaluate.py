@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
-from training.args import resolve_device
+from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
 from training.prepare import token_byte_lengths, token_stream
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         folder = resolve_checkpoint(Path(args.checkpoint))
         model = load_model(folder, device=device)

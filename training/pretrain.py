@@ -20,13 +20,13 @@ from tokenizers import Tokenizer
 
 from model.checkpoint import CheckpointError, load_tokenizer, read_config, resolve_checkpoint
 from model.cpu import tune_malloc
+from model.device import resolve_device
 from training.args import (
     TrainArgs,
     UsageError,
     explicit_settings,
     make_args,
     model_config,
-    resolve_device,
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
