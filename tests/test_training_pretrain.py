@@ -202,10 +202,16 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
     assert (run / "best" / "model.safetensors").is_file()
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(run), "--data", str(VAL)]) == 0
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    counts, loss_line, last_line = capsys.readouterr().out.strip().splitlines()[-3:]
     assert last_line.startswith("bpb=")
     assert math.isclose(float(last_line.removeprefix("bpb=")), trainer_bpb, abs_tol=1e-6)
-    assert 1.0 < trainer_bpb < 12.0  # a barely trained model: worse than text, better than noise
+    # bpb is total nats over every UTF-8 byte of the text, in bits.
+    fields = dict(item.split("=", 1) for item in counts.split())
+    tokens, text_bytes = int(fields["tokens"]), int(fields["bytes"])
+    assert text_bytes == len(VAL.read_bytes())
+    nats_per_token = float(loss_line.removeprefix("loss=").removesuffix(" nats/token"))
+    bits = nats_per_token * tokens / math.log(2)
+    assert math.isclose(trainer_bpb, bits / text_bytes, rel_tol=1e-5)
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
