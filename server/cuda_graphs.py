@@ -8,11 +8,11 @@ keys 0..L-1 (a power of two from 128, or max_len), its inputs copied into static
 buffers first, and `DecodeGraphs` captures one graph per (b, L) and replays the smallest
 bucket that holds a step.
 
-Rows are read as the slice 0..b-1 of the cache, so a step takes this path when its rows
-sit in slots 0..B-1, which the scheduler's compaction keeps them in (a step whose rows
-are elsewhere, because a prompt still prefilling holds a lower slot, runs eager).
-Rows B..b-1 are padding: token 0 at position max_len - 1 of slots B..b-1. Those
-entries are harmless to write whoever holds the slot: an entry at max_len - 1 is only
+Row r of a bucket is slot r of the cache (read as the slice 0..b-1, a view), so a step
+fits bucket b when all its rows' slots are below b; the scheduler's compaction keeps
+running requests in the lowest slots. Rows of slots that decode nothing this step (free,
+or holding a prompt still being prefilled) are padding: token 0 at position max_len - 1.
+That entry is harmless to write whoever holds the slot: an entry at max_len - 1 is only
 ever read by a query at that position, which writes it first, in the same forward
 (kv_cache.py's invariant). Keys between a row's position and L are masked as in any
 batch of rows at different lengths.
@@ -60,21 +60,27 @@ class StaticDecode:
         self.tokens = torch.zeros(cache.n_slots, 1, dtype=torch.long, device=device)  # [S, 1]
         self.positions = torch.full_like(self.tokens, self.max_len - 1)  # [S, 1]
 
-    def covers(self, slots: Sequence[int]) -> bool:
-        return list(slots) == list(range(len(slots)))
-
-    def load(self, token_ids: Sequence[int], positions: Sequence[int]) -> tuple[int, int]:
-        """Copy one step's rows (in slots 0..B-1) into the buffers, padded -> its bucket (b, L)."""
-        rows = len(token_ids)
-        b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, rows)]
+    def load(
+        self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int]
+    ) -> tuple[int, int]:
+        """Copy one step's rows into the buffers, each at its slot's row, the other rows
+        below b padding -> the step's bucket (b, L)."""
+        b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, max(slots) + 1)]
         length = self.key_lengths[bisect.bisect_left(self.key_lengths, max(positions) + 1)]
-        padding = b - rows
+        bucket_tokens, bucket_positions = [0] * b, [self.max_len - 1] * b
+        for token, position, slot in zip(token_ids, positions, slots, strict=True):
+            bucket_tokens[slot], bucket_positions[slot] = token, position
         # From pageable host memory: the copies are staged before copy_ returns.
-        self.tokens[:b, 0].copy_(torch.tensor([*token_ids, *[0] * padding]), non_blocking=True)
-        self.positions[:b, 0].copy_(
-            torch.tensor([*positions, *[self.max_len - 1] * padding]), non_blocking=True
-        )
+        self.tokens[:b, 0].copy_(torch.tensor(bucket_tokens), non_blocking=True)
+        self.positions[:b, 0].copy_(torch.tensor(bucket_positions), non_blocking=True)
         return b, length
+
+    @staticmethod
+    def rows(logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """A bucket's logits [b, V] -> the step's rows [B, V] (a view when they are 0..B-1)."""
+        if list(slots) == list(range(len(slots))):
+            return logits[: len(slots)]
+        return logits[torch.tensor(slots, device=logits.device)]
 
     def forward(self, b: int, length: int) -> torch.Tensor:
         """The first b buffered rows, attending over keys 0..length-1 -> logits [b, V]."""
@@ -133,13 +139,16 @@ class DecodeGraphs:
             logits = self._forward(b, length)
         return graph, logits
 
-    def covers(self, slots: Sequence[int]) -> bool:
-        return bool(self._graphs) and self.static.covers(slots)
+    @property
+    def ready(self) -> bool:
+        return bool(self._graphs)
 
-    def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Rows in slots 0..B-1 -> logits [B, V]: a view of the graph's output, valid until
-        the next replay (the engine samples from it within the step)."""
-        b, length = self.static.load(token_ids, positions)
+    def decode(
+        self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int]
+    ) -> torch.Tensor:
+        """One token per row at its position in its slot -> logits [B, V]: read from the
+        graph's output, valid until the next replay (the engine samples within the step)."""
+        b, length = self.static.load(token_ids, positions, slots)
         graph, logits = self._graphs[b, length]
         graph.replay()
-        return logits[: len(token_ids)]
+        return self.static.rows(logits, slots)

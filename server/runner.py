@@ -105,8 +105,8 @@ class ModelRunner:
         self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int]
     ) -> torch.Tensor:
         """One token per row at its position in its slot -> logits [B, V]."""
-        if self._graphs is not None and self._graphs.covers(slots):
-            return self._graphs.decode(token_ids, positions)
+        if self._graphs is not None and self._graphs.ready:
+            return self._graphs.decode(token_ids, positions, slots)
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length = max(positions) + 1

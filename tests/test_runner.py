@@ -80,10 +80,8 @@ def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     static = StaticDecode(runner.model, runner.cache)
 
     def decode(token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        if not static.covers(slots):
-            return runner.decode(token_ids, positions, slots)
-        b, length = static.load(token_ids, positions)
-        return static.forward(b, length)[: len(token_ids)]
+        b, length = static.load(token_ids, positions, slots)
+        return static.rows(static.forward(b, length), slots)
 
     return decode
 
@@ -125,7 +123,8 @@ def test_bucketed_decode_with_padding_rows_agrees_with_the_eager_decode(
         for runner in (eager, bucketed):
             runner.prefill([PrefillInput(3, prompts[3][5:], 5)])
         tokens[3] = prompts[3][-1]
-        step([0, 2])  # not slots 0..B-1: the eager path
+        step([0, 2])  # slot 1 decodes nothing this step: a padding row between the rows
+        step([3, 1])  # out of slot order, slots 0 and 2 padding
         for _ in range(110):  # slot 0 passes 128 keys: the next key-length bucket
             step([0, 1, 2, 3])
         step([0])  # a lone stream: the 1-row bucket
