@@ -124,12 +124,17 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
 
 
 def start_server(
-    checkpoint: Path, port: int, device: str, dtype: str, compile_decode: bool = False
+    checkpoint: Path,
+    port: int,
+    device: str,
+    dtype: str,
+    compile_decode: bool = False,
+    max_batch: int = MAX_BATCH,
 ) -> subprocess.Popen:
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
     command += ["--compile-decode", str(compile_decode).lower()]
-    command += ["--max-batch", str(MAX_BATCH), "--max-queue", "4096", "--log-level", "warning"]
+    command += ["--max-batch", str(max_batch), "--max-queue", "4096", "--log-level", "warning"]
     return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
@@ -149,7 +154,11 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None
 
 @contextmanager
 def running_server(
-    checkpoint: Path, device: str, dtype: str, compile_decode: bool = False
+    checkpoint: Path,
+    device: str,
+    dtype: str,
+    compile_decode: bool = False,
+    max_batch: int = MAX_BATCH,
 ) -> Iterator[str]:
     """A real `python -m server` on a free loopback port, ready; yields its base URL.
 
@@ -157,7 +166,7 @@ def running_server(
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = start_server(checkpoint, port, device, dtype, compile_decode)
+    server = start_server(checkpoint, port, device, dtype, compile_decode, max_batch)
     try:
         wait_ready(base_url, server, timeout=300)
         yield base_url
@@ -191,12 +200,22 @@ def main() -> None:
         action="store_true",
         help="serve (and run the raw engine) with `--compile-decode true`",
     )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=MAX_BATCH,
+        help="the server's (and the raw engine's) --max-batch: streams generating at once",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
-    with running_server(folder, args.device, args.dtype, args.compile_decode) as base_url:
+    with running_server(
+        folder, args.device, args.dtype, args.compile_decode, args.max_batch
+    ) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
@@ -229,7 +248,7 @@ def measure_round(
         prompts,
         args.device,
         args.dtype,
-        max_batch=MAX_BATCH,
+        max_batch=args.max_batch,
         compile_decode=args.compile_decode,
     )
     hf_dtype = raw["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
@@ -238,7 +257,7 @@ def measure_round(
     vs_hf = http["tokens_per_s"] / hf
     print(
         f"serve {clients:>4} clients ({describe(raw['device'])}, "
-        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {MAX_BATCH}): "
+        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {args.max_batch}): "
         f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
         f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); HF generate "
         f"static batch ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = {vs_hf:.2f}x; "
