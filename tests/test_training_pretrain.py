@@ -259,3 +259,17 @@ def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Pat
     # The environment is read too: its bad value is the first problem found.
     assert done.stderr == "error: --batch-size: must be >= 1 (got 0)\n"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_on_cuda_without_cuda_exits_2_naming_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine is CPU-only
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(tmp_path), "--data", str(VAL), "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: --device cuda: CUDA is not available on this machine")
+    )
