@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, as_slots
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,9 @@ class StaticDecode:
 
     @staticmethod
     def rows(logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
-        """A bucket's logits [b, V] -> the step's rows [B, V] (a view when they are 0..B-1)."""
-        if list(slots) == list(range(len(slots))):
-            return logits[: len(slots)]
-        return logits[torch.tensor(slots, device=logits.device)]
+        """A bucket's logits [b, V] -> the step's rows [B, V], row r being slot r: indexed as
+        the cache indexes slots (a view for a contiguous run)."""
+        return logits[as_slots(slots, logits.device)]
 
     def forward(self, b: int, length: int) -> torch.Tensor:
         """The first b buffered rows, attending over keys 0..length-1 -> logits [b, V]."""
