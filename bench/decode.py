@@ -120,6 +120,11 @@ def ours(
     }
 
 
+def hf_dtype(choice: str, ours: torch.dtype) -> torch.dtype:
+    """`--hf-dtype`: "same" runs HF in our dtype, else the named one."""
+    return ours if choice == "same" else getattr(torch, choice)
+
+
 def hf_reference(
     folder: Path, prompts: torch.Tensor, device: torch.device, dtype: torch.dtype, repeats: int = 1
 ) -> float:
@@ -191,8 +196,8 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
         compile_decode=args.compile,
         cuda_graphs=not args.no_cuda_graphs,
     )
-    hf_dtype = mine["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
-    hf = hf_reference(folder, prompts, mine["device"], hf_dtype, args.hf_repeats)
+    reference_dtype = hf_dtype(args.hf_dtype, mine["dtype"])
+    hf = hf_reference(folder, prompts, mine["device"], reference_dtype, args.hf_repeats)
     modes = ["compiled"] if args.compile else []
     if mine["device"].type == "cuda":
         modes.append("eager launches" if args.no_cuda_graphs else "CUDA graphs")
@@ -201,7 +206,7 @@ def measure_pair(folder: Path, prompts: torch.Tensor, args: argparse.Namespace) 
         f"decode batch {batch:>3} ({describe(mine['device'])}, "
         f"{str(mine['dtype']).removeprefix('torch.')}): pocketgpt{compiled}"
         f" {mine['tokens_per_s']:,.0f} tok/s vs "
-        f"HF generate ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
+        f"HF generate ({str(reference_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
         f"{mine['tokens_per_s'] / hf:.2f}x; "
         f"{mine['ms_per_step']:.2f} ms/step, {100 * mine['outside_forward']:.0f}% outside "
         "the forward",

@@ -33,7 +33,7 @@ import aiohttp
 import httpx
 import torch
 
-from bench.decode import NEW_TOKENS, hf_reference, ours
+from bench.decode import NEW_TOKENS, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from model.checkpoint import load_tokenizer, resolve_checkpoint
 
@@ -251,8 +251,8 @@ def measure_round(
         max_batch=args.max_batch,
         compile_decode=args.compile_decode,
     )
-    hf_dtype = raw["dtype"] if args.hf_dtype == "same" else getattr(torch, args.hf_dtype)
-    hf = hf_reference(folder, prompts, raw["device"], hf_dtype)
+    reference_dtype = hf_dtype(args.hf_dtype, raw["dtype"])
+    hf = hf_reference(folder, prompts, raw["device"], reference_dtype)
     overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
     vs_hf = http["tokens_per_s"] / hf
     print(
@@ -260,7 +260,8 @@ def measure_round(
         f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {args.max_batch}): "
         f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
         f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); HF generate "
-        f"static batch ({str(hf_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = {vs_hf:.2f}x; "
+        f"static batch ({str(reference_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "
+        f"{vs_hf:.2f}x; "
         f"TTFT p50 {1000 * http['ttft_p50']:.0f} ms p99 {1000 * http['ttft_p99']:.0f} ms; "
         f"ITL p50 {1000 * http['itl_p50']:.1f} ms p99 {1000 * http['itl_p99']:.1f} ms; "
         f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
