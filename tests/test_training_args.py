@@ -10,15 +10,21 @@ import torch
 from model.cpu import bf16_units
 from training.args import (
     AUTO,
+    DEFAULT_STEPS,
     TrainArgs,
     UsageError,
     build_parser,
     compile_pays_off,
+    default_steps,
     explicit_settings,
     make_args,
     resolved_preset,
+    with_hardware_defaults,
     with_step_budget,
 )
+
+# The embedded corpus's training tokens at the `small` vocabulary (2048).
+EMBEDDED_TRAIN_TOKENS = 247_029
 
 
 def test_help_lists_every_setting_with_its_default() -> None:
@@ -66,7 +72,7 @@ def test_bad_config_file_names_the_file_and_setting(
         ("cpu", {"max_time": 70.0}, False),
         ("cpu", {"max_time": 120.0}, True),
         ("cpu", {"max_steps": 5000, "max_time": 30.0}, False),  # the time box decides
-        ("cuda", {}, True),  # 5000 steps, the CUDA default
+        ("cuda", {}, True),  # 724 steps: CUDA's 5000 capped at 6 passes over the text
         ("cuda", {"max_steps": 50}, False),
         ("cuda", {"max_time": 60.0}, True),
         ("cuda", {"max_time": 30.0}, False),
@@ -80,7 +86,8 @@ def test_compile_defaults_on_for_runs_that_repay_the_build(
         compiler.write_text("#!/bin/sh\n")
         compiler.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    args = with_step_budget(TrainArgs(**flags), torch.device(device))
+    args = with_hardware_defaults(TrainArgs(**flags), torch.device(device))
+    args = with_step_budget(args, torch.device(device), EMBEDDED_TRAIN_TOKENS)
     assert args.compile is expected
 
 
@@ -91,16 +98,16 @@ def test_compile_stays_off_without_a_compiler(
     assert not compile_pays_off(TrainArgs(max_time=600.0), torch.device("cpu"))
     # An explicit --compile fails before anything runs, naming the flag, not mid-run.
     with pytest.raises(UsageError, match=r"--compile: .*needs a compiler on PATH \(g\+\+"):
-        with_step_budget(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
+        with_hardware_defaults(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("max_time", [70.0, None])
 def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | None) -> None:
     """Under a short time box an AMX CPU trains `mini` in bf16, an AVX512-BF16 CPU
     `tiny` in bf16, any other CPU `tiny` in fp32; without one, `small`, in bf16 on
-    either kind of bf16 units. Muon on every CPU."""
+    either kind of bf16 units; on CUDA `small` in bf16."""
     cpu = torch.device("cpu")
-    args = with_step_budget(TrainArgs(max_time=max_time), cpu)
+    args = with_hardware_defaults(TrainArgs(max_time=max_time), cpu)
     units = bf16_units()
     preset = resolved_preset(args, cpu)
     if max_time is None:
@@ -109,13 +116,32 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
         assert preset == ("mini" if units == "amx" else "tiny")
         assert args.batch_size == AUTO[preset]["batch_size"]
     assert args.dtype == ("float32" if units is None else "bfloat16")
-    assert args.optimizer == "muon"
-    cuda = with_step_budget(TrainArgs(max_time=max_time), torch.device("cuda"))
-    assert (cuda.dtype, cuda.optimizer, resolved_preset(cuda, torch.device("cuda"))) == (
-        "bfloat16",
-        "adamw",
-        "small",
-    )
-    chosen = TrainArgs(max_time=max_time, dtype="float32", optimizer="muon", batch_size=3)
-    kept = with_step_budget(chosen, cpu)
-    assert (kept.dtype, kept.optimizer, kept.batch_size) == ("float32", "muon", 3)
+    cuda = with_hardware_defaults(TrainArgs(max_time=max_time), torch.device("cuda"))
+    assert (cuda.dtype, resolved_preset(cuda, torch.device("cuda"))) == ("bfloat16", "small")
+    chosen = TrainArgs(max_time=max_time, dtype="float32", batch_size=3)
+    kept = with_hardware_defaults(chosen, cpu)
+    assert (kept.dtype, kept.batch_size) == ("float32", 3)
+
+
+@pytest.mark.parametrize(
+    ("device", "train_tokens", "world_size", "expected"),
+    [
+        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"]),  # 3.3 passes: no cap
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 724),  # 6 passes of 2048 tokens a step, not 41
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 362),  # two ranks read twice the tokens a step
+        ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"]),
+        ("cpu", 100, 1, 1),
+    ],
+)
+def test_default_steps_stop_after_six_passes_over_the_training_text(
+    device: str, train_tokens: int, world_size: int, expected: int
+) -> None:
+    dev = torch.device(device)
+    args = with_hardware_defaults(TrainArgs(), dev)
+    assert default_steps(args, dev, train_tokens, world_size) == expected
+    assert with_step_budget(args, dev, train_tokens, world_size).max_steps == expected
+    # An explicit step count or a time box is the user's: never capped.
+    explicit = with_hardware_defaults(TrainArgs(max_steps=5000), dev)
+    assert with_step_budget(explicit, dev, train_tokens, world_size).max_steps == 5000
+    boxed = with_hardware_defaults(TrainArgs(max_time=70.0, preset="small"), dev)
+    assert with_step_budget(boxed, dev, train_tokens, world_size).max_steps > 10**9

@@ -98,10 +98,10 @@ class TrainArgs:
     )
     grad_accum: int = field(default=1, metadata=doc("micro-batches accumulated per optimizer step"))
     optimizer: str = field(
-        default="auto",
+        default="muon",
         metadata=doc(
-            "adamw, muon (Muon for the blocks' matrices, AdamW for embeddings and norms), or"
-            " auto: muon on CPU, adamw on CUDA"
+            "muon (Muon for the blocks' matrices, fused AdamW for embeddings and norms) or"
+            " adamw (fused AdamW for everything)"
         ),
     )
     lr: float | None = field(
@@ -126,7 +126,10 @@ class TrainArgs:
     )
     max_steps: int | None = field(
         default=None,
-        metadata=doc("optimizer steps (none: 400 on CPU, 5000 on CUDA, unlimited with --max-time)"),
+        metadata=doc(
+            "optimizer steps (none: 400 on CPU, 5000 on CUDA, at most 6 passes over the"
+            " training text; unlimited with --max-time)"
+        ),
     )
     max_time: float | None = field(
         default=None, metadata=doc("stop after this many seconds of training (none = no limit)")
@@ -217,7 +220,7 @@ class TrainArgs:
         _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
         choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
         choices["dtype"] = ("auto", "float32", "bfloat16")
-        choices["optimizer"] = ("auto", "adamw", "muon")
+        choices["optimizer"] = ("adamw", "muon")
         for name, allowed in choices.items():
             value = getattr(self, name)
             _require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
@@ -274,7 +277,16 @@ AUTO: dict[str, dict[str, int | float]] = {
     "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
 }
 
-DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}  # CPU: ~11 min of `small` on 2 idle cores
+# Without --max-steps or --max-time a run makes the device's step count, but never more
+# than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 400 steps are ~3 minutes
+# of `small` on 2 AMX cores, 3.3 passes over the embedded corpus. CUDA: 5000 steps would
+# be ~40 passes over it, and past a few passes `small` memorises the text (train loss
+# ~0.2 nats) while validation loss climbs. `small` with Muon, a full schedule of N passes
+# each, val bits/byte at the end (H200, BENCHMARKS.md), embedded corpus / tinyshakespeare
+# / its first 250 kB: 4 passes 1.49 / 1.90 / 2.18; 6: 1.32 / 1.91 / 2.14; 8: 1.25 / 2.03
+# / 2.17; 16: 1.40 / 2.65 / 2.57. Six is never more than 0.07 from the best of each.
+DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
+DEFAULT_MAX_EPOCHS = 6
 UNLIMITED_STEPS = 10**12
 
 
@@ -316,35 +328,49 @@ def auto_dtype(args: TrainArgs, device: torch.device) -> str:
     return "bfloat16" if fast else "float32"
 
 
-def auto_optimizer(device: torch.device) -> str:
-    """Muon on CPU: in a 70 s run on tinyshakespeare it ends lower than AdamW with its
-    Newton-Schulz products in bf16 (AMX, `mini`: 2.24 vs 2.27 bpb; AVX512-BF16, `tiny`:
-    2.21 vs 2.31) and in fp32 (`tiny`: 2.28 vs 2.34). CUDA keeps fused AdamW (Muon
-    there is not measured yet)."""
-    return "muon" if device.type == "cpu" else "adamw"
-
-
-def with_step_budget(args: TrainArgs, device: torch.device) -> TrainArgs:
-    """Fill in every `none` or `auto` that depends on the budget or the hardware: the
-    preset's vocabulary size, block size, lr and batch size (AUTO), `--max-steps` (the
-    device's default, or no step limit under --max-time), `--dtype`, `--optimizer` and
-    `--compile`."""
+def with_hardware_defaults(args: TrainArgs, device: torch.device) -> TrainArgs:
+    """Fill in every `none` or `auto` that depends on the preset or the hardware: the
+    preset's vocabulary size, block size, lr and batch size (AUTO) and `--dtype`; and
+    check that an explicit `--compile` can build."""
     preset = resolved_preset(args, device)
     filled = {name: value for name, value in AUTO[preset].items() if getattr(args, name) is None}
-    if args.max_steps is None:
-        filled["max_steps"] = (
-            UNLIMITED_STEPS if args.max_time is not None else DEFAULT_STEPS[device.type]
-        )
     if args.dtype == "auto":
         filled["dtype"] = auto_dtype(args, device)
-    if args.optimizer == "auto":
-        filled["optimizer"] = auto_optimizer(device)
-    args = dataclasses.replace(args, **filled)
+    if args.compile and not has_compiler(device):
+        raise UsageError(f"--compile: {missing_compiler_message(device)}")
+    return dataclasses.replace(args, **filled)
+
+
+def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, world_size: int) -> int:
+    """The device's step count, capped at DEFAULT_MAX_EPOCHS passes over `train_tokens`."""
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
+    passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step)  # ceil
+    return max(1, min(DEFAULT_STEPS[device.type], passes))
+
+
+def with_step_budget(
+    args: TrainArgs, device: torch.device, train_tokens: int, world_size: int = 1
+) -> TrainArgs:
+    """Fill in `--max-steps` (no step limit under --max-time, else `default_steps`) and
+    `--compile` (`compile_pays_off`) once the size of the training text is known."""
+    if args.max_steps is None:
+        steps = (
+            UNLIMITED_STEPS
+            if args.max_time is not None
+            else default_steps(args, device, train_tokens, world_size)
+        )
+        args = dataclasses.replace(args, max_steps=steps)
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
-    elif args.compile and not has_compiler(device):
-        raise UsageError(f"--compile: {missing_compiler_message(device)}")
     return args
+
+
+def budget_summary(args: TrainArgs) -> str:
+    """What ends the run, for the start-up line: `5,000 steps`, `70 s`, or both."""
+    limits = [f"{args.max_steps:,} steps"] if args.max_steps < UNLIMITED_STEPS else []
+    if args.max_time is not None:
+        limits.append(f"{args.max_time:g} s")
+    return " or ".join(limits)
 
 
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:

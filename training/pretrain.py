@@ -24,9 +24,11 @@ from model.device import resolve_device
 from training.args import (
     TrainArgs,
     UsageError,
+    budget_summary,
     explicit_settings,
     make_args,
     model_config,
+    with_hardware_defaults,
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
@@ -137,7 +139,7 @@ def run(argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
-    args = with_step_budget(args, device)
+    args = with_hardware_defaults(args, device)
     tokenizer = resolve_tokenizer(args, resumed)
     # Read (and so validate) the user's corpus on every rank, once, before any process waits.
     documents = load_documents(args.data) if args.data else None
@@ -147,6 +149,7 @@ def run(argv: Sequence[str] | None) -> int:
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, tokenizer, dist_info.world_size, dist_info.is_main)
+        args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
             read_config(resumed).replace(dropout=args.dropout)
@@ -159,7 +162,7 @@ def run(argv: Sequence[str] | None) -> int:
                 f"(dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}); "
                 f"data: {data.meta['splits']['train']['tokens']:,} train tokens, "
                 f"{data.meta['splits']['val']['tokens']:,} val tokens; device {device}, "
-                f"{args.dtype}, {args.optimizer}",
+                f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
         Trainer(args, data, config, device, dist_info, resume_from=resumed).train()
