@@ -72,7 +72,7 @@ def test_bad_config_file_names_the_file_and_setting(
         ("cpu", {"max_time": 70.0}, False),
         ("cpu", {"max_time": 120.0}, True),
         ("cpu", {"max_steps": 5000, "max_time": 30.0}, False),  # the time box decides
-        ("cuda", {}, True),  # 724 steps: CUDA's 5000 capped at 6 passes over the text
+        ("cuda", {}, True),  # 604 steps: CUDA's 5000 capped at 5 passes over the text
         ("cuda", {"max_steps": 50}, False),
         ("cuda", {"max_time": 60.0}, True),
         ("cuda", {"max_time": 30.0}, False),
@@ -127,13 +127,13 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
     ("device", "train_tokens", "world_size", "expected"),
     [
         ("cpu", EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"]),  # 3.3 passes: no cap
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 724),  # 6 passes of 2048 tokens a step, not 41
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 362),  # two ranks read twice the tokens a step
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 604),  # 5 passes of 2048 tokens a step, not 41
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 302),  # two ranks read twice the tokens a step
         ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"]),
         ("cpu", 100, 1, 1),
     ],
 )
-def test_default_steps_stop_after_six_passes_over_the_training_text(
+def test_default_steps_stop_after_five_passes_over_the_training_text(
     device: str, train_tokens: int, world_size: int, expected: int
 ) -> None:
     dev = torch.device(device)

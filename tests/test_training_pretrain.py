@@ -122,9 +122,9 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-def test_without_a_step_count_a_run_makes_six_passes_over_the_text(tmp_path: Path) -> None:
+def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # 4 x 32 tokens x 8 micro-batches: ~1k tokens a step, so 6 passes over the tiny corpus
+    # 4 x 32 tokens x 8 micro-batches: ~1k tokens a step, so 5 passes over the tiny corpus
     # end well before the CPU's 400 default steps.
     flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
     assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
@@ -133,8 +133,8 @@ def test_without_a_step_count_a_run_makes_six_passes_over_the_text(tmp_path: Pat
     tokens_per_step = 4 * 32 * 8
     last = read_log(run, "eval")[meta(run)["step"]]
     assert meta(run)["step"] == meta(run)["args"]["max_steps"] < 400
-    # The run read DEFAULT_MAX_EPOCHS (6) passes' worth of tokens: not a step more.
-    assert 6 * train_tokens <= last["tokens"] < 6 * train_tokens + tokens_per_step
+    # The run read DEFAULT_MAX_EPOCHS (5) passes' worth of tokens: not a step more.
+    assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
 
 
 def test_compiled_training_follows_the_eager_losses(tmp_path: Path) -> None:

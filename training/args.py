@@ -127,7 +127,7 @@ class TrainArgs:
     max_steps: int | None = field(
         default=None,
         metadata=doc(
-            "optimizer steps (none: 400 on CPU, 5000 on CUDA, at most 6 passes over the"
+            "optimizer steps (none: 400 on CPU, 5000 on CUDA, at most 5 passes over the"
             " training text; unlimited with --max-time)"
         ),
     )
@@ -281,12 +281,12 @@ AUTO: dict[str, dict[str, int | float]] = {
 # than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 400 steps are ~3 minutes
 # of `small` on 2 AMX cores, 3.3 passes over the embedded corpus. CUDA: 5000 steps would
 # be ~40 passes over it, and past a few passes `small` memorises the text (train loss
-# ~0.2 nats) while validation loss climbs. `small` with Muon, a full schedule of N passes
-# each, val bits/byte at the end (H200, BENCHMARKS.md), embedded corpus / tinyshakespeare
-# / its first 250 kB: 4 passes 1.49 / 1.90 / 2.18; 6: 1.32 / 1.91 / 2.14; 8: 1.25 / 2.03
-# / 2.17; 16: 1.40 / 2.65 / 2.57. Six is never more than 0.07 from the best of each.
+# ~0.2 nats) while validation loss climbs. End-of-run val bits/byte of `small` with Muon,
+# a full schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32
+# at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5,
+# 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9.
 DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
-DEFAULT_MAX_EPOCHS = 6
+DEFAULT_MAX_EPOCHS = 5
 UNLIMITED_STEPS = 10**12
 
 

@@ -2,9 +2,9 @@
 
 Muon is the default on every device. CPU, 70 s on tinyshakespeare, held-out bits/byte:
 AMX `mini` 2.24 vs AdamW 2.27, AVX512-BF16 `tiny` 2.21 vs 2.31, fp32 `tiny` 2.28 vs
-2.34. H200, `small`, the zero-argument step budget (6 passes) vs AdamW's best (16):
-embedded corpus 1.32 vs 1.42, tinyshakespeare 1.91 vs 1.89, its first 250 kB 2.14 vs
-2.23 (BENCHMARKS.md).
+2.34. H200, `small`, end-of-run val bits/byte, Muon at ~5 passes (the zero-argument
+cap) vs AdamW at 12-17 passes (its best): embedded corpus 1.32-1.49 (6.2 and 4.1 passes)
+vs 1.42, tinyshakespeare 1.91 vs 1.89, its first 250 kB 2.14 vs 2.23 (BENCHMARKS.md).
 
 Either way the trainer sees one object with `param_groups` (it sets every group's
 lr each step, times the group's `lr_scale` when it has one), `step()`, `zero_grad()`
