@@ -10,6 +10,7 @@ the engine.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -99,6 +100,12 @@ async def _load(app: FastAPI) -> None:
         log.exception("loading the model failed")
         app.state.status = f"failed to load: {e}"
         return
+    # Everything alive now (torch, the model, FastAPI: ~400k objects) lives as long as
+    # the server: out of the collector's sight, a full collection no longer walks it
+    # (~140 ms with the event loop and the engine stopped, several times a minute at
+    # 128 streams on 2 cores). vLLM does the same after start-up.
+    gc.collect()
+    gc.freeze()
     serving.engine.start(asyncio.get_running_loop())
     app.state.metrics.model_load.set(time.perf_counter() - started)
     app.state.serving = serving
