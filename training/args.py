@@ -344,8 +344,8 @@ def with_hardware_defaults(args: TrainArgs, device: torch.device) -> TrainArgs:
 def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, world_size: int) -> int:
     """The device's step count, capped at DEFAULT_MAX_EPOCHS passes over `train_tokens`."""
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step)  # ceil
-    return max(1, min(DEFAULT_STEPS[device.type], passes))
+    steps_for_passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step)  # ceil
+    return max(1, min(DEFAULT_STEPS[device.type], steps_for_passes))
 
 
 def with_step_budget(
