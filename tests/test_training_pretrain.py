@@ -137,6 +137,50 @@ def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Pa
     assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
 
 
+def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, tuned, scratch = tmp_path / "base", tmp_path / "tuned", tmp_path / "scratch"
+    logged = ["--log-interval", "1", "--eval-interval", "100"]
+    trained = tiny_run(tmp_path, *logged, "--max-steps", "30", "--out-dir", str(base))
+    assert pretrain.main(trained) == 0
+    # No shape, vocabulary or block size given: all of them are the checkpoint's.
+    run = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
+    run += [*logged, "--warmup-steps", "2", "--max-steps", "4", "--sample-tokens", "0"]
+    assert pretrain.main([*run, "--init-from", str(base), "--out-dir", str(tuned)]) == 0
+    fresh = ["--preset", "tiny", "--block-size", "32", "--tokenizer", str(base)]
+    assert pretrain.main([*run, *fresh, "--out-dir", str(scratch)]) == 0
+
+    base_ckpt, tuned_ckpt = resolve_checkpoint(base), resolve_checkpoint(tuned)
+    assert (tuned_ckpt / "config.json").read_text() == (base_ckpt / "config.json").read_text()
+    assert (tuned_ckpt / "tokenizer.json").read_bytes() == (
+        base_ckpt / "tokenizer.json"
+    ).read_bytes()
+    assert meta(tuned)["step"] == 4 and meta(tuned)["args"]["init_from"] == str(base)
+    # Same tokens, batches and seed as the fresh run: only the starting weights differ.
+    first_tuned = read_log(tuned, "train")[1]["loss"]
+    first_fresh = read_log(scratch, "train")[1]["loss"]
+    assert first_tuned < first_fresh - 0.5
+    assert first_tuned < read_log(base, "train")[1]["loss"] - 0.5
+    # Resuming a fine-tuning run continues its own checkpoint.
+    assert pretrain.main(["--resume", str(tuned), "--max-steps", "6"]) == 0
+    assert meta(tuned)["step"] == 6
+
+    capsys.readouterr()
+    conflicts = {
+        "--dim 64": "--init-from fixes the model and its tokenizer: drop --dim",
+        "--preset tiny --tokenizer x.json": "drop --preset, --tokenizer",
+        "--block-size 64": "--block-size 64: the --init-from model reads at most 32 tokens",
+        f"--resume {tuned}": "--init-from starts a new run from a checkpoint and --resume",
+    }
+    for flags, message in conflicts.items():
+        argv = [*run, "--init-from", str(base), "--out-dir", str(tmp_path / "x"), *flags.split()]
+        assert pretrain.main(argv) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (flags, err)
+        assert not (tmp_path / "x").exists()
+
+
 def test_compiled_training_follows_the_eager_losses(tmp_path: Path) -> None:
     common = ["--max-steps", "3", "--log-interval", "1", "--eval-interval", "100"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
@@ -241,6 +285,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "resume a non-checkpoint": (
             ["--resume", str(tmp_path / "not_a_checkpoint")],
             "--resume: ",
+        ),
+        "fine-tune a non-checkpoint": (
+            ["--init-from", str(tmp_path / "not_a_checkpoint")],
+            "--init-from: ",
         ),
         "negative lr": (["--lr", "-1"], "--lr: must be > 0"),
         "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),

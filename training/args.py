@@ -58,6 +58,13 @@ class TrainArgs:
     tokenizer: str | None = field(
         default=None, metadata=doc("reuse this tokenizer.json or checkpoint folder's tokenizer")
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=doc(
+            "fine-tune: start from this checkpoint's (or run folder's) weights, tokenizer and"
+            " model shape; the optimizer, schedule and step count start afresh"
+        ),
+    )
     vocab_size: int | None = field(
         default=None,
         metadata=doc("BPE vocabulary size when training a tokenizer (none: the preset's)"),
@@ -373,17 +380,36 @@ def budget_summary(args: TrainArgs) -> str:
     return " or ".join(limits)
 
 
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+
+
+def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
+    """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
+    vocabulary or tokenizer is an error. The shape fields take the checkpoint's values
+    (what `auto_dtype` reads, and what trainer_meta.json records) and the block size
+    defaults to the context it was trained to."""
+    given = [name for name in ("preset",) if args.preset != "auto"]
+    given += [n for n in (*SHAPE_FIELDS, "vocab_size", "tokenizer") if getattr(args, n) is not None]
+    if given:
+        flags = ", ".join(_flag(name) for name in given)
+        raise UsageError(f"--init-from fixes the model and its tokenizer: drop {flags}")
+    block_size = args.block_size or config.max_seq_len
+    if block_size > config.max_seq_len:
+        raise UsageError(
+            f"--block-size {block_size}: the --init-from model reads at most "
+            f"{config.max_seq_len} tokens"
+        )
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
+    return dataclasses.replace(args, block_size=block_size, vocab_size=config.vocab_size, **shape)
+
+
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
     """The network `args` describe for a tokenizer of `vocab_size` ids.
 
     The context length is the block size: the model is only trained that far.
     """
     preset = resolved_preset(args, device)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-        if getattr(args, name) is not None
-    }
+    overrides = {n: getattr(args, n) for n in SHAPE_FIELDS if getattr(args, n) is not None}
     try:
         return ModelConfig.from_preset(
             preset,

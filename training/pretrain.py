@@ -28,6 +28,7 @@ from training.args import (
     explicit_settings,
     make_args,
     model_config,
+    with_checkpoint_shape,
     with_hardware_defaults,
     with_step_budget,
 )
@@ -44,6 +45,14 @@ def has_checkpoint(out_dir: Path) -> bool:
     return True
 
 
+def init_folder(path: str) -> Path:
+    """The checkpoint `--init-from` names (a checkpoint or a run folder)."""
+    try:
+        return resolve_checkpoint(Path(path))
+    except CheckpointError as e:
+        raise UsageError(f"--init-from: {e}") from None
+
+
 def resume_folder(path: str) -> Path:
     """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
     try:
@@ -56,9 +65,10 @@ def resume_folder(path: str) -> Path:
     return folder
 
 
-def resolve_tokenizer(args: TrainArgs, resumed: Path | None) -> Tokenizer | None:
-    if resumed is not None:
-        return load_tokenizer(resumed)
+def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
+    """The tokenizer of the checkpoint the run starts from, --tokenizer's, or None (train one)."""
+    if start is not None:
+        return load_tokenizer(start)
     if args.tokenizer is None:
         return None
     path = Path(args.tokenizer)
@@ -124,9 +134,18 @@ def run(argv: Sequence[str] | None) -> int:
     settings = explicit_settings(argv, os.environ)
     base = TrainArgs().to_dict()
     resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
+    if resumed is not None and settings.get("init_from"):
+        raise UsageError(
+            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
+        )
     if resumed is not None:
         base = json.loads((resumed / TRAINER_META).read_text(encoding="utf-8"))["args"]
     args = make_args(base, settings)
+    # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
+    initial = init_folder(args.init_from) if args.init_from and resumed is None else None
+    if initial is not None:
+        args = with_checkpoint_shape(args, read_config(initial))
+    start = resumed or initial
     out_dir = Path(args.out_dir)
     if args.if_missing and has_checkpoint(out_dir):
         print(f"{out_dir} already holds a checkpoint; nothing to do (--if-missing)")
@@ -140,7 +159,7 @@ def run(argv: Sequence[str] | None) -> int:
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
     args = with_hardware_defaults(args, device)
-    tokenizer = resolve_tokenizer(args, resumed)
+    tokenizer = resolve_tokenizer(args, start)
     # Read (and so validate) the user's corpus on every rank, once, before any process waits.
     documents = load_documents(args.data) if args.data else None
     dist_info = init_distributed(device)
@@ -152,8 +171,8 @@ def run(argv: Sequence[str] | None) -> int:
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
-            read_config(resumed).replace(dropout=args.dropout)
-            if resumed is not None
+            read_config(start).replace(dropout=args.dropout)
+            if start is not None
             else model_config(args, data.tokenizer.get_vocab_size(), device)
         )
         if dist_info.is_main:
@@ -165,7 +184,9 @@ def run(argv: Sequence[str] | None) -> int:
                 f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
-        Trainer(args, data, config, device, dist_info, resume_from=resumed).train()
+        Trainer(
+            args, data, config, device, dist_info, resume_from=resumed, init_from=initial
+        ).train()
         if dist_info.enabled:
             # Leave together: a rank that tore its process group down and exited while
             # rank 0 was still writing the last checkpoint sometimes aborted in gloo's

@@ -184,6 +184,7 @@ class Trainer:
         dist_info: DistInfo,
         *,
         resume_from: Path | None = None,
+        init_from: Path | None = None,
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
         self.out_dir = Path(args.out_dir)
@@ -220,6 +221,8 @@ class Trainer:
         self.tensorboard = None
         if resume_from is not None:
             self._load(resume_from)
+        elif init_from is not None:  # fine-tuning: the weights alone
+            self._load_weights(init_from)
         # What a training step calls: the model, wrapped in DDP under torchrun.
         self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
@@ -241,10 +244,13 @@ class Trainer:
 
     # ------------------------------------------------------------ state
 
-    def _load(self, folder: Path) -> None:
-        state = read_training_state(folder / TRAINING_STATE)
+    def _load_weights(self, folder: Path) -> None:
         # strict=False: the tied LM head is not stored separately.
         self.model.load_state_dict(load_weights(folder, read_config(folder)), strict=False)
+
+    def _load(self, folder: Path) -> None:
+        state = read_training_state(folder / TRAINING_STATE)
+        self._load_weights(folder)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # torch's own mismatch errors are ValueErrors too
