@@ -143,9 +143,10 @@ def run(argv: Sequence[str] | None) -> int:
     args = make_args(base, settings)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
-    if initial is not None:
-        args = with_checkpoint_shape(args, read_config(initial))
     start = resumed or initial
+    start_config = read_config(start) if start is not None else None
+    if initial is not None:
+        args = with_checkpoint_shape(args, start_config)
     out_dir = Path(args.out_dir)
     if args.if_missing and has_checkpoint(out_dir):
         print(f"{out_dir} already holds a checkpoint; nothing to do (--if-missing)")
@@ -171,8 +172,8 @@ def run(argv: Sequence[str] | None) -> int:
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
-            read_config(start).replace(dropout=args.dropout)
-            if start is not None
+            start_config.replace(dropout=args.dropout)
+            if start_config is not None
             else model_config(args, data.tokenizer.get_vocab_size(), device)
         )
         if dist_info.is_main:
