@@ -342,12 +342,25 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
+def text_literally(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer`, set to encode `<|endoftext|>` written in text as the text it is.
+
+    By default the tokenizers library turns the marker's spelling into the separator's id
+    wherever it appears: a prompt or a training document that quotes it would end a
+    document mid-text. The separator enters token streams only as its id (prepare.py,
+    the server's empty prompt). A runtime setting, not stored in tokenizer.json: every
+    tokenizer the project builds or loads passes through here.
+    """
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
 def load_tokenizer(folder: Path) -> Tokenizer:
     path = resolve_checkpoint(folder) / TOKENIZER
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return Tokenizer.from_file(str(path))
+        return text_literally(Tokenizer.from_file(str(path)))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 

@@ -29,9 +29,10 @@ from tokenizers import Tokenizer
 
 from model.checkpoint import END_OF_TEXT, write_json
 from training.corpus import CorpusError
-from training.tokenizer import train_tokenizer
+from training.tokenizer import load_tokenizer_file, train_tokenizer
 
-FORMAT = 1
+# 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
+FORMAT = 2
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
 SPLITS = ("train", "val")
@@ -134,7 +135,7 @@ def _open(folder: Path) -> PreparedData:
     tokens = {
         split: np.memmap(folder / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r") for split in SPLITS
     }
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = load_tokenizer_file(folder / "tokenizer.json")
     return PreparedData(folder, tokenizer, tokens["train"], tokens["val"], meta)
 
 

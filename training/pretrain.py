@@ -34,6 +34,7 @@ from training.args import (
 )
 from training.corpus import CorpusError, default_documents, load_documents
 from training.prepare import PreparedData, prepare, split_documents
+from training.tokenizer import load_tokenizer_file
 from training.trainer import TRAINER_META, TRAINING_STATE, Trainer, init_distributed
 
 
@@ -74,7 +75,7 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
     path = Path(args.tokenizer)
     if path.is_file():
         try:
-            return Tokenizer.from_file(str(path))
+            return load_tokenizer_file(path)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UsageError(f"--tokenizer {path}: unreadable ({e})") from None
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from model.checkpoint import END_OF_TEXT
+from model.checkpoint import END_OF_TEXT, text_literally
 
 MIN_VOCAB = 256 + 1  # every byte plus <|endoftext|>
 
@@ -33,8 +33,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
+    return text_literally(tokenizer)
 
 
 def load_tokenizer_file(path: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    return text_literally(Tokenizer.from_file(str(path)))
