@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from model.config import ModelConfig
-from model.transformer import Transformer, rope_tables
+from model.transformer import Transformer
 
 END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
 LATEST = "latest"
@@ -337,8 +337,6 @@ def load_model(
     model.load_state_dict(weights, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # The RoPE tables are non-persistent buffers: rebuild them off the meta device.
-    model.rope_cos, model.rope_sin = rope_tables(config)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -37,11 +37,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    config: ModelConfig, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [max_seq_len, E] in HF's "rotate_half" layout (frequencies repeated twice)."""
     half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
-    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    steps = torch.arange(0, half, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (config.rope_theta ** (steps / half))
+    positions = torch.arange(config.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, E]
     return angles.cos(), angles.sin()
 
@@ -175,19 +179,29 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        # Created uninitialised (from_pretrained skips Embedding's own init): reset_parameters
+        # initialises every weight, and on the meta device (a checkpoint's shapes, before
+        # its weights are assigned) normal_ would import torch._dynamo: ~1 s of start-up.
+        embedding = torch.empty(config.vocab_size, config.dim)
+        self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=False)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config)
+        # A model built on the meta device (a checkpoint's shapes, its weights assigned
+        # later: model/checkpoint.py) gets real tables, built on the CPU: they are not in
+        # the checkpoint, and arithmetic on meta tensors imports torch._dynamo (~1 s).
+        on_meta = self.embed_tokens.weight.is_meta
+        cos, sin = rope_tables(config, torch.device("cpu") if on_meta else None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        if self.embed_tokens.weight.is_meta:
+            return  # shapes only: load_model assigns the checkpoint's weights
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):

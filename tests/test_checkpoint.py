@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,18 @@ def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
     (tmp_path / LATEST).write_text(f"step-0000002.tmp-{os.getpid() + 1}\n")
     with pytest.raises(CheckpointError, match="does not name a checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_loading_a_checkpoint_leaves_the_compiler_unimported(tiny_checkpoint: Path) -> None:
+    """load_model builds on the meta device, where most arithmetic runs through decompositions
+    that import torch._dynamo (~1 s of every server start); it must not get there."""
+    code = (
+        "import sys; from model.checkpoint import load_model; "
+        f"load_model({str(tiny_checkpoint)!r}); "
+        "assert 'torch._dynamo' not in sys.modules, 'load_model imported torch._dynamo'"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
