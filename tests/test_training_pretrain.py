@@ -157,6 +157,8 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
         base_ckpt / "tokenizer.json"
     ).read_bytes()
     assert meta(tuned)["step"] == 4 and meta(tuned)["args"]["init_from"] == str(base)
+    # The shape's preset, whose lr and batch size apply: `tiny`'s, not a time box's pick.
+    assert (meta(tuned)["args"]["preset"], meta(tuned)["args"]["lr"]) == ("tiny", 4e-3)
     # Same tokens, batches and seed as the fresh run: only the starting weights differ.
     first_tuned = read_log(tuned, "train")[1]["loss"]
     first_fresh = read_log(scratch, "train")[1]["loss"]

@@ -386,8 +386,9 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embe
 def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
     """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
     vocabulary or tokenizer is an error. The shape fields take the checkpoint's values
-    (what `auto_dtype` reads, and what trainer_meta.json records) and the block size
-    defaults to the context it was trained to."""
+    (what `auto_dtype` reads, and what trainer_meta.json records), the preset the one of
+    that shape (`auto` if none), and the block size defaults to the context it was
+    trained to."""
     given = [name for name in ("preset",) if args.preset != "auto"]
     given += [n for n in (*SHAPE_FIELDS, "vocab_size", "tokenizer") if getattr(args, n) is not None]
     if given:
@@ -400,7 +401,15 @@ def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
             f"{config.max_seq_len} tokens"
         )
     shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
-    return dataclasses.replace(args, block_size=block_size, vocab_size=config.vocab_size, **shape)
+    # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
+    # than those of the preset a time box would pick for a new model.
+    preset = next(
+        (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
+        "auto",
+    )
+    return dataclasses.replace(
+        args, preset=preset, block_size=block_size, vocab_size=config.vocab_size, **shape
+    )
 
 
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
