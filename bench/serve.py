@@ -130,10 +130,12 @@ def start_server(
     dtype: str,
     compile_decode: bool = False,
     max_batch: int = MAX_BATCH,
+    stream_interval: int = 1,
 ) -> subprocess.Popen:
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
     command += ["--compile-decode", str(compile_decode).lower()]
+    command += ["--stream-interval", str(stream_interval)]
     command += ["--max-batch", str(max_batch), "--max-queue", "4096", "--log-level", "warning"]
     return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
@@ -159,6 +161,7 @@ def running_server(
     dtype: str,
     compile_decode: bool = False,
     max_batch: int = MAX_BATCH,
+    stream_interval: int = 1,
 ) -> Iterator[str]:
     """A real `python -m server` on a free loopback port, ready; yields its base URL.
 
@@ -166,7 +169,9 @@ def running_server(
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = start_server(checkpoint, port, device, dtype, compile_decode, max_batch)
+    server = start_server(
+        checkpoint, port, device, dtype, compile_decode, max_batch, stream_interval
+    )
     try:
         wait_ready(base_url, server, timeout=300)
         yield base_url
@@ -206,15 +211,23 @@ def main() -> None:
         default=MAX_BATCH,
         help="the server's (and the raw engine's) --max-batch: streams generating at once",
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the server's --stream-interval: tokens per SSE event",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.max_batch < 1:
         parser.error("--max-batch must be at least 1")
+    if args.stream_interval < 1:
+        parser.error("--stream-interval must be at least 1")
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
     with running_server(
-        folder, args.device, args.dtype, args.compile_decode, args.max_batch
+        folder, args.device, args.dtype, args.compile_decode, args.max_batch, args.stream_interval
     ) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
@@ -257,7 +270,8 @@ def measure_round(
     vs_hf = http["tokens_per_s"] / hf
     print(
         f"serve {clients:>4} clients ({describe(raw['device'])}, "
-        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {args.max_batch}): "
+        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {args.max_batch}, "
+        f"stream-interval {args.stream_interval}): "
         f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
         f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); HF generate "
         f"static batch ({str(reference_dtype).removeprefix('torch.')}) {hf:,.0f} tok/s = "

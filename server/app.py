@@ -83,7 +83,11 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         engine.runner.warm_up()
     max_context = model.config.max_seq_len
     return Serving(
-        engine, Validator(tokenizer, max_context, eos_id), model_name(settings), max_context
+        engine,
+        Validator(tokenizer, max_context, eos_id),
+        model_name(settings),
+        max_context,
+        settings.stream_interval,
     )
 
 

@@ -56,7 +56,7 @@ class RequestOutput:
         return self.finish_reason is not None or self.error is not None
 
     def followed_by(self, later: RequestOutput) -> RequestOutput:
-        """This output and the next step's of the same request, as one."""
+        """This output and a later step's of the same request (not an error), as one."""
         return RequestOutput(
             self.request_id,
             self.text + later.text,
@@ -68,20 +68,14 @@ class RequestOutput:
 
 
 class RequestStream:
-    """Async iterator over one request's outputs; `close()` cancels an unfinished one.
-
-    A consumer that fell behind the engine (a slow client, or an event loop busy with
-    many streams) gets the steps it missed as one output, as vLLM's output collector
-    does: one SSE event and one socket write instead of several. The text and tokens
-    are the same; an error is never merged, so text before it still arrives first.
-    """
+    """Async iterator over one request's outputs, one per engine step; `close()` cancels
+    an unfinished one."""
 
     def __init__(self, request: GenerationRequest, engine: Engine) -> None:
         self.request = request
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._engine = engine
         self._done = False
-        self._held: RequestOutput | None = None  # an error output, after a merged one
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -89,14 +83,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        output = self._held or await self.queue.get()
-        self._held = None
-        while not output.finished and not self.queue.empty():
-            later = self.queue.get_nowait()
-            if later.error is not None:
-                self._held = later
-                break
-            output = output.followed_by(later)
+        output = await self.queue.get()
         self._done = output.finished
         return output
 

@@ -44,6 +44,7 @@ class Serving:
     validator: Validator
     model_name: str
     max_context: int
+    stream_interval: int
 
 
 def _serving(request: Request) -> Serving:
@@ -98,7 +99,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     except EngineUnavailable as e:
         raise ApiError(503, "unavailable", str(e)) from None
     if body.stream:
-        return EventSourceResponse(_events(stream), headers=_SSE_HEADERS)
+        events = _events(stream, serving.stream_interval)
+        return EventSourceResponse(events, headers=_SSE_HEADERS)
     return await _complete(stream, request, serving.model_name)
 
 
@@ -116,30 +118,40 @@ def _engine_error(output: RequestOutput) -> ApiError:
     return ApiError(500, "internal_error", f"generation failed: {output.error}")
 
 
-async def _events(stream: RequestStream) -> AsyncIterator[bytes]:
-    """One SSE event per engine step, a last one with usage, then [DONE].
+async def _events(stream: RequestStream, interval: int = 1) -> AsyncIterator[bytes]:
+    """An SSE event per `interval` new tokens (1: per engine step), the last one with
+    usage, then [DONE].
 
     A client that disconnects cancels this generator; `close()` cancels the request.
     """
+    gathered: RequestOutput | None = None
     try:
         async for output in stream:
             if output.error is not None:
-                error = _engine_error(output).body().model_dump_json()
-                yield format_sse_event(data_str=error)
+                if gathered is not None:  # the text before the error still arrives
+                    yield _chunk_event(gathered)
+                yield format_sse_event(data_str=_engine_error(output).body().model_dump_json())
                 return
-            chunk = StreamChunk(
-                id=output.request_id,
-                text=output.text,
-                token_ids=output.token_ids,
-                finish_reason=output.finish_reason,
-                usage=_usage(output) if output.finish_reason else None,
-            )
-            yield format_sse_event(
-                data_str=chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"})
-            )
+            gathered = output if gathered is None else gathered.followed_by(output)
+            if len(gathered.token_ids) >= interval or gathered.finished:
+                yield _chunk_event(gathered)
+                gathered = None
         yield format_sse_event(data_str="[DONE]")
     finally:
         stream.close()
+
+
+def _chunk_event(output: RequestOutput) -> bytes:
+    chunk = StreamChunk(
+        id=output.request_id,
+        text=output.text,
+        token_ids=output.token_ids,
+        finish_reason=output.finish_reason,
+        usage=_usage(output) if output.finish_reason else None,
+    )
+    return format_sse_event(
+        data_str=chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"})
+    )
 
 
 async def _complete(stream: RequestStream, request: Request, model_name: str) -> Response:

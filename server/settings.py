@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         256, ge=1, description="prompt tokens prefilled per engine step (chunked prefill)"
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="tokens per SSE event: a stream's event goes out once this many new "
+        "tokens have gathered (and at the end). 1 = every token; more spares the server "
+        "per-event work at many concurrent streams, for burstier streams",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="require `Authorization: Bearer <key>` on every route but /health when set",

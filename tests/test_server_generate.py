@@ -80,6 +80,20 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     assert streamed_text(events) == whole["text"]
 
 
+def test_stream_interval_sends_the_same_tokens_in_events_of_that_many(client, checkpoint):
+    body = {"prompt": "Once upon a time", "max_tokens": 18, "seed": 3, "ignore_eos": True}
+    per_token = stream(client, **body)
+    settings = Settings(checkpoint=checkpoint, max_batch=2, stream_interval=4)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as gathered:
+        events = stream(gathered, **body)
+    assert events[-1] == "[DONE]"
+    *full, last = events[:-1]
+    assert [len(e["token_ids"]) for e in full] == [4, 4, 4, 4] and len(last["token_ids"]) == 2
+    assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 18
+    assert streamed_ids(events) == streamed_ids(per_token)
+    assert streamed_text(events) == streamed_text(per_token)
+
+
 def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
     targets = [
         {"prompt": "Hello there", "max_tokens": 20, "temperature": 0},
