@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from model.config import ModelConfig
-from model.transformer import Transformer
+from model.transformer import Transformer, rope_tables
 
 END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
 LATEST = "latest"
@@ -337,6 +337,8 @@ def load_model(
     model.load_state_dict(weights, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    # The RoPE tables are non-persistent buffers: computed here, off the meta device.
+    model.rope_cos, model.rope_sin = rope_tables(config)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -37,15 +37,11 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(
-    config: ModelConfig, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [max_seq_len, E] in HF's "rotate_half" layout (frequencies repeated twice)."""
     half = config.head_dim // 2
-    steps = torch.arange(0, half, dtype=torch.float32, device=device)
-    inv_freq = 1.0 / (config.rope_theta ** (steps / half))
-    positions = torch.arange(config.max_seq_len, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, inv_freq)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, E]
     return angles.cos(), angles.sin()
 
@@ -189,11 +185,13 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # A model built on the meta device (a checkpoint's shapes, its weights assigned
-        # later: model/checkpoint.py) gets real tables, built on the CPU: they are not in
-        # the checkpoint, and arithmetic on meta tensors imports torch._dynamo (~1 s).
-        on_meta = self.embed_tokens.weight.is_meta
-        cos, sin = rope_tables(config, torch.device("cpu") if on_meta else None)
+        if self.embed_tokens.weight.is_meta:
+            # Shapes only (model/checkpoint.py builds them and assigns the weights):
+            # arithmetic on meta tensors would import torch._dynamo (~1 s), and load_model
+            # computes the tables where the weights land.
+            cos = sin = torch.empty(config.max_seq_len, config.head_dim)
+        else:
+            cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
