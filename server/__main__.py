@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_checkpoint(settings: Settings) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
-    from model.cpu import call_in_own_thread
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
     from server.detokenizer import token_bytes
@@ -61,9 +60,10 @@ def check_checkpoint(settings: Settings) -> None:
     if settings.compile_decode and not has_compiler(device):
         raise ValueError(f"--compile-decode: {missing_compiler_message(device)}")
     folder = resolve_checkpoint(settings.checkpoint)
-    # Never torch work on this thread, which runs the event loop from now on: a second
-    # live OpenMP team would double the engine's decode step on 2 cores (model/cpu.py).
-    call_in_own_thread(load_weights, folder, read_config(folder))
+    # Shapes and bytes only, no arithmetic: this thread runs the event loop from now on,
+    # and a parallel torch op here would start a second OpenMP team, doubling the
+    # engine's decode step on 2 cores (model/cpu.py; 393b7ab did, 2a458b9 undid it).
+    load_weights(folder, read_config(folder))
     token_bytes(load_tokenizer(folder))
 
 
