@@ -62,7 +62,7 @@ def check_checkpoint(settings: Settings) -> None:
     folder = resolve_checkpoint(settings.checkpoint)
     # Shapes and bytes only, no arithmetic: this thread runs the event loop from now on,
     # and a parallel torch op here would start a second OpenMP team, doubling the
-    # engine's decode step on 2 cores (model/cpu.py; 393b7ab did, 2a458b9 undid it).
+    # engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth CPU pass).
     load_weights(folder, read_config(folder))
     token_bytes(load_tokenizer(folder))
 

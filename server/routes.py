@@ -118,7 +118,7 @@ def _engine_error(output: RequestOutput) -> ApiError:
     return ApiError(500, "internal_error", f"generation failed: {output.error}")
 
 
-async def _events(stream: RequestStream, interval: int = 1) -> AsyncIterator[bytes]:
+async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:
     """An SSE event per `interval` new tokens (1: per engine step), the last one with
     usage, then [DONE].
 
