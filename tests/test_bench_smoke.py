@@ -51,12 +51,14 @@ def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpo
         "2",
         "--max-batch",
         "2",  # fewer slots than clients: one request waits for a slot
+        "--stream-interval",
+        "2",  # the bench counts tokens per event, not events
     )
     rounds = [line for line in out.splitlines() if "tok/s over HTTP+SSE" in line]
     assert len(rounds) == 2, out
     for line in rounds:
         assert line.startswith("serve    3 clients") and "errors 0;" in line, line
-        assert "max-batch 2)" in line, line
+        assert "max-batch 2, stream-interval 2)" in line, line
         assert re.search(r"the clients used \d+\.\d\d cores$", line), line
     overheads = [int(re.search(r"overhead (-?\d+)%", line).group(1)) for line in rounds]
     # Each round also runs HF generate on the same prompts as one static batch.
