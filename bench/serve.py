@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,19 +124,12 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
 
 
 def start_server(
-    checkpoint: Path,
-    port: int,
-    device: str,
-    dtype: str,
-    compile_decode: bool = False,
-    max_batch: int = MAX_BATCH,
-    stream_interval: int = 1,
+    checkpoint: Path, port: int, device: str, dtype: str, flags: Sequence[str] = ()
 ) -> subprocess.Popen:
+    """`python -m server` on `port`, with any further server `flags`."""
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
-    command += ["--compile-decode", str(compile_decode).lower()]
-    command += ["--stream-interval", str(stream_interval)]
-    command += ["--max-batch", str(max_batch), "--max-queue", "4096", "--log-level", "warning"]
+    command += ["--max-queue", "4096", "--log-level", "warning", *flags]
     return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
@@ -156,12 +149,7 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None
 
 @contextmanager
 def running_server(
-    checkpoint: Path,
-    device: str,
-    dtype: str,
-    compile_decode: bool = False,
-    max_batch: int = MAX_BATCH,
-    stream_interval: int = 1,
+    checkpoint: Path, device: str, dtype: str, flags: Sequence[str] = ()
 ) -> Iterator[str]:
     """A real `python -m server` on a free loopback port, ready; yields its base URL.
 
@@ -169,9 +157,7 @@ def running_server(
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = start_server(
-        checkpoint, port, device, dtype, compile_decode, max_batch, stream_interval
-    )
+    server = start_server(checkpoint, port, device, dtype, flags)
     try:
         wait_ready(base_url, server, timeout=300)
         yield base_url
@@ -226,9 +212,9 @@ def main() -> None:
         parser.error("--stream-interval must be at least 1")
     folder = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(folder)
-    with running_server(
-        folder, args.device, args.dtype, args.compile_decode, args.max_batch, args.stream_interval
-    ) as base_url:
+    flags = ["--compile-decode", str(args.compile_decode).lower()]
+    flags += ["--max-batch", str(args.max_batch), "--stream-interval", str(args.stream_interval)]
+    with running_server(folder, args.device, args.dtype, flags) as base_url:
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
