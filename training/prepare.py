@@ -17,15 +17,18 @@ half-written cache.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from model.checkpoint import END_OF_TEXT, write_json
 from training.corpus import CorpusError
@@ -100,11 +103,72 @@ def _line_start(doc: str, index: int) -> int:
     return index
 
 
-def token_stream(tokenizer: Tokenizer, documents: Sequence[str]) -> np.ndarray:
-    """[<|endoftext|>, doc 0 ..., <|endoftext|>, doc 1 ...] as uint16."""
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    pieces = [[eot, *encoding.ids] for encoding in tokenizer.encode_batch(list(documents))]
-    return np.fromiter((t for piece in pieces for t in piece), dtype=TOKEN_DTYPE)
+# Documents are encoded a batch of ~BATCH_CHARS characters at a time, and a long one
+# in pieces of ~PIECE_CHARS, so that only the uint16 ids grow with the corpus: the
+# tokenizers library holds ~100 bytes per token of an encoding (offsets, strings),
+# and 40 MB of text encoded in one call peaked at 2 GB.
+PIECE_CHARS = 1 << 18
+BATCH_CHARS = 1 << 21
+# Pieces are cut after a line break, or before a space, that stands between two
+# non-space characters. The byte-level pre-tokenizer ends a pre-token there (that
+# "\n" is one of its own; " word" starts one) and BPE never merges across pre-tokens,
+# so the pieces encode to exactly the ids of the whole document. (Python's \s is a
+# superset of the tokenizer's, so its \S are non-spaces to both.)
+PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def token_stream(
+    tokenizer: Tokenizer, documents: Sequence[str], progress: str | None = None
+) -> np.ndarray:
+    """[<|endoftext|>, doc 0 ..., <|endoftext|>, doc 1 ...] as uint16.
+
+    progress: a label for a progress bar over the characters encoded, which shows
+    once the work has taken more than a second (stderr).
+    """
+    separator = tokenizer.token_to_id(END_OF_TEXT)
+    runs: list[np.ndarray] = [np.empty(0, dtype=TOKEN_DTYPE)]
+    batch: list[tuple[bool, str]] = []  # (starts a document, text)
+    size = 0
+    total = sum(len(doc) for doc in documents)
+    with tqdm(
+        total=total,
+        unit="char",
+        unit_scale=True,
+        desc=progress,
+        delay=1.0,
+        disable=progress is None,
+    ) as bar:
+        for doc in documents:
+            for index, piece in enumerate(_pieces(doc)):
+                batch.append((index == 0, piece))
+                size += len(piece)
+                if size >= BATCH_CHARS:
+                    runs.append(_encode(tokenizer, batch, separator))
+                    bar.update(size)
+                    batch, size = [], 0
+        runs.append(_encode(tokenizer, batch, separator))
+        bar.update(size)
+    return np.concatenate(runs)
+
+
+def _pieces(doc: str) -> Iterator[str]:
+    start = 0
+    while len(doc) - start > PIECE_CHARS:
+        cut = PIECE_CUT.search(doc, start + PIECE_CHARS)
+        if cut is None:
+            break  # no safe cut in the rest: encode it whole
+        yield doc[start : cut.start()]
+        start = cut.start()
+    yield doc[start:]
+
+
+def _encode(tokenizer: Tokenizer, batch: list[tuple[bool, str]], separator: int) -> np.ndarray:
+    encodings = tokenizer.encode_batch([text for _, text in batch])
+    ids = [
+        [separator, *encoding.ids] if starts_document else encoding.ids
+        for (starts_document, _), encoding in zip(batch, encodings, strict=True)
+    ]
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=TOKEN_DTYPE)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -194,14 +258,16 @@ def prepare(
     folder = Path(cache_root) / cache_key(train_docs, val_docs, tokenizer_id)
     if not (folder / "meta.json").exists():
         if tokenizer is None:
+            chars = sum(len(doc) for doc in train_docs)
+            print(f"training a {vocab_size}-entry tokenizer on {chars:,} characters", flush=True)
             tokenizer = train_tokenizer(train_docs, vocab_size)
         if tokenizer.get_vocab_size() > MAX_VOCAB:
             raise CorpusError(f"vocabulary of {tokenizer.get_vocab_size()} does not fit uint16")
         if tokenizer.token_to_id(END_OF_TEXT) is None:
             raise CorpusError(f"the tokenizer has no {END_OF_TEXT} token")
         splits = {
-            "train": (train_docs, token_stream(tokenizer, train_docs)),
-            "val": (val_docs, token_stream(tokenizer, val_docs)),
+            split: (docs, token_stream(tokenizer, docs, f"tokenizing {split}"))
+            for split, docs in (("train", train_docs), ("val", val_docs))
         }
         _check_size(splits["train"][1].size, min_train_tokens)
         if not val_docs:

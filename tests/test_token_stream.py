@@ -1,0 +1,59 @@
+"""The trainer's token stream: a corpus is encoded in bounded batches, a long document
+in pieces, and the ids are exactly those of encoding each document whole."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model.checkpoint import END_OF_TEXT
+from training.prepare import BATCH_CHARS, PIECE_CHARS, PIECE_CUT, token_stream
+from training.tokenizer import train_tokenizer
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    """Words, punctuation and every kind of whitespace run, line breaks among them."""
+    parts = ["word", "Word", "'s", "42", ".", ",", "é", "中文", "😀", " ", "  ", "\t", "\n"]
+    parts += ["\n\n", " \n", "\n ", "\r\n", "  \n\t", END_OF_TEXT]
+    text: list[str] = []
+    length = 0
+    while length < chars:
+        text.append(rng.choice(parts))
+        length += len(text[-1])
+    return "".join(text)
+
+
+def test_cutting_text_where_pieces_are_cut_keeps_every_id() -> None:
+    rng = random.Random(1)
+    # Trained on such text, the tokenizer merges runs of spaces and line breaks: a cut
+    # inside a run, or beside one, would change the ids.
+    tokenizer = train_tokenizer([_text(rng, 100_000)], 600)
+    text = _text(rng, 6_000)
+    cuts = [match.start() for match in PIECE_CUT.finditer(text)]
+    assert len(cuts) > 20
+    whole = tokenizer.encode(text).ids
+    for cut in cuts:
+        assert tokenizer.encode(text[:cut]).ids + tokenizer.encode(text[cut:]).ids == whole, cut
+
+
+def test_long_documents_encode_in_pieces_to_the_ids_of_one_call(tokenizer: Tokenizer) -> None:
+    rng = random.Random(0)
+    # Two documents longer than a piece, and together longer than a batch, around a short one.
+    documents = [
+        _text(rng, 3 * PIECE_CHARS),
+        "A short one.",
+        _text(rng, BATCH_CHARS - 2 * PIECE_CHARS),
+    ]
+    assert sum(map(len, documents)) > BATCH_CHARS
+    separator = tokenizer.token_to_id(END_OF_TEXT)
+    encodings = tokenizer.encode_batch(documents)
+    expected = [id_ for encoding in encodings for id_ in (separator, *encoding.ids)]
+    stream = token_stream(tokenizer, documents)
+    assert stream.dtype == np.uint16
+    np.testing.assert_array_equal(stream, np.array(expected, dtype=np.uint16))
+
+
+def test_an_empty_corpus_is_an_empty_stream(tokenizer: Tokenizer) -> None:
+    assert token_stream(tokenizer, []).size == 0
