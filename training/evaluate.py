@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
 from model.device import resolve_device
@@ -50,8 +51,13 @@ def evaluate_stream(
     block_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    progress: str | None = None,
 ) -> EvalResult:
-    """Loss and bpb of `model` predicting every token of `tokens` after the first."""
+    """Loss and bpb of `model` predicting every token of `tokens` after the first.
+
+    progress: a label for a progress bar over the tokens (stderr), shown once the
+    work has taken more than a second.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -65,14 +71,18 @@ def evaluate_stream(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    for batch in filter(None, batches):
-        x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
-        y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
-        positions = torch.arange(x.shape[1], device=device).expand_as(x)
-        with autocast:
-            logits = model(x, positions)  # [B, T, V]
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        total += nats.double()
+    with tqdm(
+        total=len(tokens) - 1, unit="tok", desc=progress, delay=1.0, disable=progress is None
+    ) as bar:
+        for batch in filter(None, batches):
+            x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
+            y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
+            positions = torch.arange(x.shape[1], device=device).expand_as(x)
+            with autocast:
+                logits = model(x, positions)  # [B, T, V]
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            total += nats.double()
+            bar.update(x.numel())
     model.train(was_training)
     n_tokens = len(tokens) - 1
     n_bytes = int(byte_lengths[np.asarray(tokens[1:], dtype=np.int64)].sum())
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= block_size <= model.config.max_seq_len:
         print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)
         return 2
-    tokens = token_stream(tokenizer, documents)
+    tokens = token_stream(tokenizer, documents, "tokenizing")
     result = evaluate_stream(
         model,
         tokens,
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=block_size,
         device=device,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        progress="evaluating",
     )
     print(f"checkpoint={folder} tokens={result.tokens} bytes={result.bytes}")
     print(f"loss={result.loss:.6f} nats/token")
