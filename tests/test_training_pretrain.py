@@ -232,6 +232,36 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
     assert max(read_log(run, "train")) == stopped + 2
 
 
+def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -> None:
+    corpus, run, cache = tmp_path / "corpus.txt", tmp_path / "run", tmp_path / "cache"
+    # ~8 MB: tokenizing it takes seconds after the tokenizer line is printed.
+    corpus.write_text("".join(f"Line {i} of a corpus that is long.\n" for i in range(220_000)))
+    args = [*TINY, "--data", str(corpus), "--out-dir", str(run), "--cache-dir", str(cache)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.pretrain", *args],
+        cwd=REPO,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's background job ignores SIGINT, and a child inherits that: restore it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith("training a 384-entry tokenizer"), first
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "interrupted before training started: no checkpoint written"
+    assert "Traceback" not in err
+    assert not run.exists()
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_torchrun_two_ranks_on_gloo_write_one_loadable_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))

@@ -234,9 +234,10 @@ def _write(
             }
         write_json(tmp / "meta.json", meta)
         os.replace(tmp, folder)
-    except OSError:
+    except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "meta.json").exists():  # another process may have won the race
+        # An OSError with the folder in place: another process won the race to write it.
+        if not (isinstance(e, OSError) and (folder / "meta.json").exists()):
             raise
 
 

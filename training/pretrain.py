@@ -206,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);
+        # before that (reading, tokenizing, building the model) there is nothing to save.
+        print("interrupted before training started: no checkpoint written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
