@@ -196,19 +196,26 @@ def test_compiled_training_follows_the_eager_losses(tmp_path: Path) -> None:
     assert losses_compiled == pytest.approx(losses_eager, rel=1e-4)
 
 
-def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    # 100000 steps would compile by default; the signal, not compilation, is under test.
-    args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--log-interval", "1")
-    args += ["--out-dir", str(run)]
-    process = subprocess.Popen(
+def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
+    """`python -m training.pretrain ARGS` from this checkout, its output captured as text."""
+    return subprocess.Popen(
         [sys.executable, "-m", "training.pretrain", *args],
         cwd=REPO,
         env=python_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job ignores SIGINT, and a child inherits that: restore it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # 100000 steps would compile by default; the signal, not compilation, is under test.
+    args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--log-interval", "1")
+    args += ["--out-dir", str(run)]
+    process = spawn_pretrain(args)
     try:
         log = run / "log.jsonl"
         deadline = time.monotonic() + 90
@@ -237,16 +244,7 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
     # ~8 MB: tokenizing it takes seconds after the tokenizer line is printed.
     corpus.write_text("".join(f"Line {i} of a corpus that is long.\n" for i in range(220_000)))
     args = [*TINY, "--data", str(corpus), "--out-dir", str(run), "--cache-dir", str(cache)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "training.pretrain", *args],
-        cwd=REPO,
-        env=python_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell's background job ignores SIGINT, and a child inherits that: restore it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = spawn_pretrain(args)
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
