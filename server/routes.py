@@ -32,6 +32,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 RETRY_AFTER_SECONDS = "1"
 # As FastAPI's own SSE endpoints send: no caching, and no buffering in nginx.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Line breaks to str.splitlines that SSE and JSON leave as they are (see _data_event).
+_SPLITLINES_ONLY_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 router = APIRouter()
 
@@ -130,13 +132,13 @@ async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:
             if output.error is not None:
                 if gathered is not None:  # the text before the error still arrives
                     yield _chunk_event(gathered)
-                yield format_sse_event(data_str=_engine_error(output).body().model_dump_json())
+                yield _data_event(_engine_error(output).body().model_dump_json())
                 return
             gathered = output if gathered is None else gathered.followed_by(output)
             if len(gathered.token_ids) >= interval or gathered.finished:
                 yield _chunk_event(gathered)
                 gathered = None
-        yield format_sse_event(data_str="[DONE]")
+        yield _data_event("[DONE]")
     finally:
         stream.close()
 
@@ -149,9 +151,20 @@ def _chunk_event(output: RequestOutput) -> bytes:
         finish_reason=output.finish_reason,
         usage=_usage(output) if output.finish_reason else None,
     )
-    return format_sse_event(
-        data_str=chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"})
-    )
+    return _data_event(chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"}))
+
+
+def _data_event(data: str) -> bytes:
+    """One SSE event whose `data:` is one line for every client.
+
+    JSON leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR unescaped, and SSE does not
+    end a line there, but line readers built on str.splitlines (httpx's iter_lines) do:
+    a generated U+2028 split the event and its JSON. Escaped, the JSON decodes to the
+    same text.
+    """
+    for char, escape in _SPLITLINES_ONLY_BREAKS:
+        data = data.replace(char, escape)
+    return format_sse_event(data_str=data)
 
 
 async def _complete(stream: RequestStream, request: Request, model_name: str) -> Response:

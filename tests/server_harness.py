@@ -37,8 +37,11 @@ from training.tokenizer import train_tokenizer
 
 RANDOM_INIT_STD = 0.1
 VOCAB_SIZE = 300  # small enough that non-ASCII characters stay split into byte tokens
-# Candidate pieces of the cycle model's text; pieces reusing a token are skipped.
+# Candidate pieces of the cycle model's text; pieces reusing a token are skipped. NEL and
+# LINE SEPARATOR are no line breaks to SSE, but are to readers built on str.splitlines
+# (httpx's iter_lines), and JSON may leave them unescaped.
 CYCLE_CANDIDATES = ("Hi", " there", "中", "文", "🙂", " and", "世", "界", "!", " ok", "字")
+CYCLE_CANDIDATES += ("\x85", "\u2028")
 
 
 @functools.cache

@@ -23,6 +23,7 @@ def pieces() -> list[tuple[str, list[int]]]:
     pieces = cycle_pieces(english_tokenizer())
     texts = [text for text, _ in pieces]
     assert texts[:2] == ["Hi", " there"] and "中" in texts and "🙂" in texts
+    assert {"\x85", "\u2028"} <= set(texts)
     return pieces
 
 
