@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
-from training.prepare import token_byte_lengths, token_stream
+from training.prepare import progress_bar, token_byte_lengths, token_stream
 
 EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
 
@@ -55,8 +54,7 @@ def evaluate_stream(
 ) -> EvalResult:
     """Loss and bpb of `model` predicting every token of `tokens` after the first.
 
-    progress: a label for a progress bar over the tokens (stderr), shown once the
-    work has taken more than a second.
+    progress: a label for a progress bar over the tokens (`progress_bar`).
     """
     was_training = model.training
     model.eval()
@@ -71,9 +69,7 @@ def evaluate_stream(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with tqdm(
-        total=len(tokens) - 1, unit="tok", desc=progress, delay=1.0, disable=progress is None
-    ) as bar:
+    with progress_bar(progress, len(tokens) - 1, "tok") as bar:
         for batch in filter(None, batches):
             x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
             y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]

@@ -119,27 +119,26 @@ BATCH_CHARS = 1 << 21
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 
+def progress_bar(label: str | None, total: int, unit: str) -> tqdm:
+    """A tqdm bar on stderr for work that may be long: it shows once the work has run
+    for a second (short work prints nothing), and never without a `label`."""
+    return tqdm(
+        total=total, unit=unit, unit_scale=True, desc=label, delay=1.0, disable=label is None
+    )
+
+
 def token_stream(
     tokenizer: Tokenizer, documents: Sequence[str], progress: str | None = None
 ) -> np.ndarray:
     """[<|endoftext|>, doc 0 ..., <|endoftext|>, doc 1 ...] as uint16.
 
-    progress: a label for a progress bar over the characters encoded, which shows
-    once the work has taken more than a second (stderr).
+    progress: a label for a progress bar over the characters encoded (`progress_bar`).
     """
     separator = tokenizer.token_to_id(END_OF_TEXT)
     runs: list[np.ndarray] = [np.empty(0, dtype=TOKEN_DTYPE)]
     batch: list[tuple[bool, str]] = []  # (starts a document, text)
     size = 0
-    total = sum(len(doc) for doc in documents)
-    with tqdm(
-        total=total,
-        unit="char",
-        unit_scale=True,
-        desc=progress,
-        delay=1.0,
-        disable=progress is None,
-    ) as bar:
+    with progress_bar(progress, sum(len(doc) for doc in documents), "char") as bar:
         for doc in documents:
             for index, piece in enumerate(_pieces(doc)):
                 batch.append((index == 0, piece))
