@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,23 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     assert (args.lr, args.max_steps, args.preset, args.data) == (0.5, 9, "tiny", ["a.txt"])
     assert args.compile is True
     assert args.batch_size == TrainArgs().batch_size
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("run.toml", "lr = ", "not valid TOML"),
+        ("run.json", "{lr: 1}", "not valid JSON"),
+        ("settings", "lr = 1", "not valid JSON"),  # any name but .toml is read as JSON
+    ],
+)
+def test_unparsable_config_file_names_its_format(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(UsageError, match=f"--config {re.escape(str(config))}: {message} "):
+        explicit_settings(["--config", str(config)], {})
 
 
 @pytest.mark.parametrize(

@@ -510,10 +510,13 @@ def _read_config_file(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    # A .toml file is TOML; any other name is read as JSON.
+    is_toml = path.suffix == ".toml"
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if is_toml else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"--config {path}: not valid {path.suffix[1:].upper()} ({e})") from None
+        kind = "TOML" if is_toml else "JSON"
+        raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected an object of settings")
     out = {}
