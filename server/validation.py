@@ -78,8 +78,17 @@ class Validator:
 
 
 def invalid_request(exc: RequestValidationError) -> ApiError:
-    """FastAPI's validation errors as one envelope: 400 if the body is not JSON, else 422."""
+    """FastAPI's validation errors as one envelope: 415 if the body was not read as JSON
+    (its Content-Type says otherwise), 400 if it is not JSON, else 422."""
     errors: Sequence[dict] = exc.errors()
+    # FastAPI parses JSON only under a JSON Content-Type (or none); any other type
+    # hands the raw bytes to validation, e.g. `curl -d` without `-H`.
+    if any(e.get("loc") == ("body",) and isinstance(e.get("input"), bytes) for e in errors):
+        return ApiError(
+            415,
+            "unsupported_media_type",
+            "the request body was not read as JSON: send it with Content-Type: application/json",
+        )
     if any(e.get("type") == "json_invalid" for e in errors):
         return ApiError(400, "invalid_json", "the request body is not valid JSON")
     messages = []
