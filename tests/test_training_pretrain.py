@@ -122,6 +122,25 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+def test_a_run_saved_before_lr_schedule_existed_resumes_on_its_cosine(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--max-steps", "4", "--decay-steps", "8", "--save-interval", "100"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(run))) == 0
+    assert meta(run)["args"]["lr_schedule"] == "wsd"
+    saved = resolve_checkpoint(run) / "trainer_meta.json"
+    old = json.loads(saved.read_text(encoding="utf-8"))
+    del old["args"]["lr_schedule"]  # as trainer_meta.json was written before the flag
+    saved.write_text(json.dumps(old), encoding="utf-8")
+
+    assert pretrain.main(["--resume", str(run), "--max-steps", "8", "--log-interval", "1"]) == 0
+    args = meta(run)["args"]
+    assert args["lr_schedule"] == "cosine"
+    # The 6th step (index 5) is halfway from the 2 warmup steps to step 8: cosine is
+    # halfway down its range there, where wsd would still hold the peak.
+    peak, floor = args["lr"], args["lr"] * args["min_lr_ratio"]
+    assert math.isclose(read_log(run, "train")[6]["lr"], (peak + floor) / 2, rel_tol=1e-6)
+
+
 def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # 4 x 32 tokens x 8 micro-batches: ~1k tokens a step, so 5 passes over the tiny corpus
@@ -321,6 +340,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "--init-from: ",
         ),
         "negative lr": (["--lr", "-1"], "--lr: must be > 0"),
+        "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule: choose one of"),
+        "no cooldown": (["--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
         "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),
         "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
     }

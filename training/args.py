@@ -122,8 +122,19 @@ class TrainArgs:
         default=0.1, metadata=doc("final learning rate as a fraction of --lr")
     )
     warmup_steps: int = field(default=30, metadata=doc("linear warmup steps"))
+    lr_schedule: str = field(
+        default="wsd",
+        metadata=doc(
+            "after warmup: wsd (hold --lr, then decay linearly to --min-lr-ratio over the last"
+            " --cooldown-fraction of the run) or cosine (from --lr down to --min-lr-ratio)"
+        ),
+    )
+    cooldown_fraction: float = field(
+        default=0.5, metadata=doc("wsd: the share of the run after warmup spent decaying")
+    )
     decay_steps: int | None = field(
-        default=None, metadata=doc("cosine length in steps (default: --max-steps)")
+        default=None,
+        metadata=doc("length of the schedule in steps (default: --max-steps)"),
     )
     weight_decay: float = field(
         default=0.1, metadata=doc("decoupled weight decay on matrices (not norms)")
@@ -222,12 +233,19 @@ class TrainArgs:
         _require(
             "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio
         )
+        _require(
+            "cooldown_fraction",
+            0 < self.cooldown_fraction <= 1,
+            "must be in (0, 1]",
+            self.cooldown_fraction,
+        )
         _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
         _require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
         _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
         choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
         choices["dtype"] = ("auto", "float32", "bfloat16")
         choices["optimizer"] = ("adamw", "muon")
+        choices["lr_schedule"] = ("wsd", "cosine")
         for name, allowed in choices.items():
             value = getattr(self, name)
             _require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)

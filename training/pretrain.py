@@ -140,7 +140,9 @@ def run(argv: Sequence[str] | None) -> int:
             "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
         )
     if resumed is not None:
-        base = json.loads((resumed / TRAINER_META).read_text(encoding="utf-8"))["args"]
+        saved = json.loads((resumed / TRAINER_META).read_text(encoding="utf-8"))["args"]
+        # Runs saved before --lr-schedule existed followed a cosine: they resume on it.
+        base = {"lr_schedule": "cosine", **saved}
     args = make_args(base, settings)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None

@@ -1,11 +1,13 @@
-"""The training loop: optimizer steps, warmup + cosine, evaluation, checkpoints, logging, DDP.
+"""The training loop: optimizer steps, the LR schedule, evaluation, checkpoints, logging, DDP.
 
 One optimizer step = `grad_accum` micro-batches of [batch_size, block_size] tokens
-per rank. The learning rate follows linear warmup, then a cosine from `lr` down to
-`lr * min_lr_ratio`; its progress is the larger of steps/decay_steps and, with
-`--max-time`, elapsed/max_time, so a time-boxed run still anneals before the clock
-runs out. Runs limited by steps resume bit-exactly; a time-boxed run cannot (how
-many steps fit depends on the clock), but resumes with its elapsed time restored.
+per rank. The learning rate follows linear warmup, then (`wsd`, the default) holds `lr`
+and decays linearly to `lr * min_lr_ratio` over the last `cooldown_fraction` of the
+run, or (`cosine`) follows a cosine down to it. Progress is the larger of
+steps/decay_steps and, with `--max-time`, elapsed/max_time, so a time-boxed run still
+anneals before the clock runs out. Runs limited by steps resume bit-exactly; a
+time-boxed run cannot (how many steps fit depends on the clock), but resumes with its
+elapsed time restored.
 
 Checkpoints are the model/checkpoint.py format plus `training_state.pt` (plain
 tensors, numbers, strings, lists and dicts only, so `torch.load(weights_only=True)`
@@ -105,7 +107,13 @@ def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
         progress = max(progress, elapsed / args.max_time)
     progress = min(1.0, progress)
     min_lr = args.lr * args.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+    if args.lr_schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+    # wsd: the peak until the last cooldown_fraction of the run, then a line down to min_lr.
+    remaining = (1.0 - progress) / args.cooldown_fraction
+    if remaining >= 1.0:
+        return args.lr
+    return min_lr + remaining * (args.lr - min_lr)
 
 
 def next_token_loss(
