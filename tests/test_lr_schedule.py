@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 
 import pytest
 
@@ -15,7 +16,7 @@ from training.trainer import lr_at
 SCHEDULE = {"lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 10, "max_steps": 110}
 
 
-def lrs(schedule: str, steps: range, **overrides: float) -> list[float]:
+def lrs(schedule: str, steps: Iterable[int], **overrides: float) -> list[float]:
     args = TrainArgs(**{**SCHEDULE, "lr_schedule": schedule, **overrides})
     return [lr_at(args, step, elapsed=0.0) for step in steps]
 
