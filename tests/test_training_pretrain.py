@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, resolve_checkpoint
 from training import evaluate, pretrain
@@ -76,8 +77,8 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
     run = tmp_path / "checkpoints" / "default"
     folder = resolve_checkpoint(run)
     assert folder.name == "step-0000006"
-    # Keep the last two step checkpoints (the default) plus best/.
-    kept = sorted(p.name for p in run.iterdir() if p.is_dir())
+    # Keep the last two step checkpoints (the default) plus best/ (beside tensorboard/).
+    kept = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "tensorboard")
     assert kept == ["best", "step-0000004", "step-0000006"]
     assert meta(run)["args"]["preset"] == "tiny"
     assert "sample:" in done.stderr + done.stdout
@@ -320,6 +321,21 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
     nats_per_token = float(loss_line.removeprefix("loss=").removesuffix(" nats/token"))
     bits = nats_per_token * tokens / math.log(2)
     assert math.isclose(trainer_bpb, bits / text_bytes, rel_tol=1e-5)
+
+
+def test_tensorboard_holds_every_number_of_the_jsonl_log(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--max-steps", "4", "--log-interval", "1", "--eval-interval", "2"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(run))) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for kind in ("train", "eval"):
+        for step, record in read_log(run, kind).items():
+            numbers = {k: v for k, v in record.items() if k not in ("kind", "step")}
+            assert {"loss", "val_loss", "val_bpb"} & numbers.keys()
+            for key, value in numbers.items():
+                scalars = {e.step: e.value for e in events.Scalars(f"{kind}/{key}")}
+                assert math.isclose(scalars[step], value, rel_tol=1e-6), (kind, key, step)
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
