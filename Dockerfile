@@ -40,7 +40,7 @@ RUN set -eu; \
         pip install -r torch-requirements.txt; \
     fi; \
     python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > requirements.txt; \
-    pip install -r requirements.txt "setuptools>=70.1"; \
+    pip install -r requirements.txt "setuptools>=77"; \
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---------------------------------------------------------------- runtime stage
