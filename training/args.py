@@ -274,8 +274,8 @@ def budget_preset(args: TrainArgs, device: torch.device) -> str:
     lower; with AMX's bf16 products `mini` (~3.5M) runs at ~15k tokens/s and ends
     lower still, but on Zen 4's AVX512-BF16 (~6k tokens/s) it ends higher than `tiny`
     (tinyshakespeare at --max-time 70: 2.47 vs 2.21 bpb; BENCHMARKS.md). Zen 5 runs
-    `mini` at ~15k and ends ~0.01 lower than `tiny`, too little to tell it from Zen 4
-    by a timing probe or a CPU-model table.
+    `mini` at ~15k and ends ~0.01 lower than `tiny`: too small a gain to be worth
+    telling Zen 5 from Zen 4 (a timing probe or a CPU-model table), so it gets `tiny`.
     """
     if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
         return "mini" if bf16_units() == "amx" else "tiny"
