@@ -102,7 +102,8 @@ class Scheduler:
     def add(self, request: ScheduledRequest) -> None:
         if request.prompt_len < 1:
             raise ValueError("a request needs at least one prompt token")
-        if len(self.waiting) >= self.max_waiting:
+        # Waiting requests take the free slots first; beyond them, max_waiting may wait.
+        if len(self.waiting) >= len(self._free) + self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
         self.waiting.append(request)
 

@@ -54,7 +54,10 @@ class Settings(BaseSettings):
         32, ge=1, le=1024, description="KV-cache slots: requests generating at once"
     )
     max_queue: int = Field(
-        256, ge=0, description="requests allowed to wait for a slot; beyond it: 429"
+        256,
+        ge=0,
+        description="requests allowed to wait while every slot is busy; beyond it: 429 (0: never "
+        "wait)",
     )
     prefill_chunk: int = Field(
         256, ge=1, description="prompt tokens prefilled per engine step (chunked prefill)"

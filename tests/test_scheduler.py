@@ -72,14 +72,26 @@ def test_waits_for_a_free_slot_and_takes_it_after_a_finish():
     assert scheduler.num_running == 1 and scheduler.num_waiting == 0
 
 
-def test_waiting_queue_is_bounded():
+def test_waiting_queue_is_bounded_beyond_the_free_slots():
     scheduler = Scheduler(n_slots=1, max_waiting=2, prefill_budget=100)
+    for name in "abc":  # a will take the free slot; b and c wait
+        scheduler.add(ScheduledRequest(name, prompt_len=1))
+    with pytest.raises(QueueFull):
+        scheduler.add(ScheduledRequest("d", prompt_len=1))
+    step(scheduler)  # a takes the slot: b and c still fill the queue
+    with pytest.raises(QueueFull):
+        scheduler.add(ScheduledRequest("d", prompt_len=1))
+    step(scheduler, finished=("a",))  # the slot frees: room for one more
+    scheduler.add(ScheduledRequest("d", prompt_len=1))
+
+
+def test_no_waiting_room_still_admits_into_free_slots():
+    scheduler = Scheduler(n_slots=2, max_waiting=0, prefill_budget=100)
     scheduler.add(ScheduledRequest("a", prompt_len=1))
     scheduler.add(ScheduledRequest("b", prompt_len=1))
     with pytest.raises(QueueFull):
         scheduler.add(ScheduledRequest("c", prompt_len=1))
-    step(scheduler)  # a takes the slot: room for one more
-    scheduler.add(ScheduledRequest("c", prompt_len=1))
+    assert step(scheduler).admitted == ("a", "b")
 
 
 def test_cancel_frees_the_slot_or_the_queue_place():
