@@ -20,13 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# top_k 0 (off) as a row's largest kept count: more tokens than any vocabulary has.
+# top_k 0 (off) as a row's largest kept count: more tokens than any vocabulary has (and
+# the cap of any larger top_k, which would overflow the int64 column).
 NO_TOP_K = 2**62
+# Temperatures below this draw greedily, as in vLLM: fp32 logits divided by a smaller one
+# overflow to inf, and their softmax is NaN. At 1e-5 a logit gap of 0.001 is already
+# e^100 in probability, so the draw is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy (argmax)
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) = greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (HF/CTRL)
@@ -35,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class BatchParams:
         greedy = [r.greedy for r in rows]
         return cls(
             divisor=column([[1.0 if r.greedy else r.temperature] for r in rows], torch.float32),
-            max_kept=column([[r.top_k or NO_TOP_K] for r in rows], torch.long),
+            max_kept=column([[min(r.top_k or NO_TOP_K, NO_TOP_K)] for r in rows], torch.long),
             nucleus=column([[r.top_p if r.top_p < 1.0 else math.inf] for r in rows], torch.float32),
             repetition_penalty=column([r.repetition_penalty for r in rows], torch.float32),
             presence_penalty=column([r.presence_penalty for r in rows], torch.float32),

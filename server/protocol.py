@@ -1,9 +1,11 @@
 """The HTTP contract: request and response bodies, and the error envelope.
 
 Field bounds that need no model knowledge live here (pydantic -> 422); bounds that
-need the tokenizer or the context length live in validation.py (-> 400).
+need the tokenizer or the context length live in validation.py (-> 400). Requests are
+strict: a number sent as a string, or `true` as a number, is a 422, not converted.
 Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penalty`
-(OpenAI semantics) and `ignore_eos` (generate exactly max_tokens, for benchmarks).
+(OpenAI semantics) and `ignore_eos` (go on past end-of-text, so that a request without
+stop strings makes exactly max_tokens: for benchmarks).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="text to continue; empty = start of a document")
     max_tokens: int = Field(128, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 (or below 1e-5) = greedy"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="0 = off; beyond the vocabulary = off")
+    # 0.01..100, symmetric around 1: a penalty divides or multiplies logits, and a tiny
+    # one overflowed fp32 logits to inf (1e-300: NaN probabilities, junk text).
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, allow_inf_nan=False)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (

@@ -117,7 +117,8 @@ def _usage(output: RequestOutput) -> Usage:
 def _engine_error(output: RequestOutput) -> ApiError:
     if isinstance(output.error, EngineUnavailable):
         return ApiError(503, "unavailable", str(output.error))
-    return ApiError(500, "internal_error", f"generation failed: {output.error}")
+    # The exception's text stays in the server log (engine.py logs the step's failure).
+    return ApiError(500, "internal_error", "generation failed: see the server log")
 
 
 async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:

@@ -30,6 +30,25 @@ def test_temperature_zero_is_argmax() -> None:
     assert torch.equal(sample(logits, params, [None] * 8), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-300])
+def test_a_temperature_too_small_for_fp32_draws_the_argmax(temperature: float) -> None:
+    # Dividing fp32 logits by it overflows to inf, whose softmax is NaN: junk draws.
+    logits = logits_rows(8)
+    params = BatchParams.from_rows([SamplingParams(temperature=temperature)] * 8)
+    ids = sample(logits, params, [seeded(i) for i in range(8)])
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_a_top_k_past_int64_is_off() -> None:
+    logits = logits_rows(4)
+    huge = BatchParams.from_rows([SamplingParams(top_k=2**70)] * 4)
+    off = BatchParams.from_rows([SamplingParams(top_k=0)] * 4)
+    for draw in range(10):
+        generators = [seeded(draw * 4 + i) for i in range(4)]
+        same = [seeded(draw * 4 + i) for i in range(4)]
+        assert torch.equal(sample(logits, huge, generators), sample(logits, off, same))
+
+
 def test_greedy_rows_stay_greedy_inside_a_sampled_batch() -> None:
     logits = logits_rows(4)
     rows = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 2

@@ -125,6 +125,16 @@ def running(client: httpx.Client) -> float:
     return metric_samples(str(client.base_url))[("pocketgpt_requests_running", ())]
 
 
+def test_sampling_values_at_the_edges_of_their_ranges_serve_as_their_limits(client):
+    # A top_k past int64 once failed the whole step (every stream in it); a temperature
+    # too small for fp32 drew NaN probabilities.
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True}
+    sampled = generate(client, **body, seed=5)["text"]
+    assert generate(client, **body, seed=5, top_k=2**70)["text"] == sampled
+    greedy = generate(client, **body, temperature=0)["text"]
+    assert generate(client, **body, temperature=1e-30, seed=5)["text"] == greedy
+
+
 def test_short_request_sent_after_a_long_one_finishes_first(client):
     finished: dict[str, float] = {}
     first_event = threading.Event()
