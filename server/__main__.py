@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now (torch is slow to import), so --help and flag errors are instant.
     from model.checkpoint import CheckpointError
     from server.app import create_app
+    from server.http11 import uvicorn_config
 
     try:
         check_checkpoint(settings)
@@ -115,19 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # h11 stops buffering a head still incomplete past the limit (a slow, endless head
-        # cannot grow memory); HeaderLimitMiddleware answers 431 for one that came whole.
-        # httptools, if installed, would ignore the first.
-        http="h11",
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        timeout_graceful_shutdown=5,
-    )
-    DrainingServer(config, app, settings.drain_timeout).run()
+    DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout).run()
     return 0
 
 

@@ -38,7 +38,7 @@ from server.middleware import (
 from server.protocol import ApiError
 from server.routes import Serving, router
 from server.settings import Settings
-from server.validation import Validator, invalid_request
+from server.validation import Validator, invalid_request, not_json
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400:  # FastAPI could not parse the body (bad UTF-8, too deep)
+        return error_response(not_json())
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
     return error_response(ApiError(exc.status_code, error_type, str(exc.detail), exc.headers))
 

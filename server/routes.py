@@ -1,7 +1,8 @@
 """HTTP routes: /v1/generate (JSON or SSE), /health, /v1/models, /metrics.
 
 Routes translate only: validation.py turns the body into a GenerationRequest, the
-engine runs it, and its outputs become a JSON body or one SSE event per step.
+engine runs it, and its outputs become a JSON body or SSE events (one per engine step,
+or per `--stream-interval` tokens).
 """
 
 from __future__ import annotations
@@ -206,14 +207,14 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict[str, str]:
     """200 once the model is loaded and warm; 503 while loading or draining."""
     _serving(request)
     return {"status": "ready"}
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList)
 async def models(request: Request) -> ModelList:
     serving = _serving(request)
     return ModelList(data=[ModelCard(id=serving.model_name, max_context=serving.max_context)])

@@ -1,9 +1,9 @@
 """Edge validation: a protocol request becomes a typed, tokenized `GenerationRequest`.
 
-The only place that decides 400 and 422: pydantic's field errors and text that is
-not valid Unicode (422), a body that is not JSON (400), and the bound that needs the
-tokenizer and the model's context (400, with the numbers). Everything after this
-point trusts its input.
+The only place that decides 400, 415 and 422: pydantic's field errors and text that
+is not valid Unicode (422), a body not sent as JSON (415), a body that is not JSON
+(400), and the bound that needs the tokenizer and the model's context (400, with the
+numbers). Everything after this point trusts its input.
 """
 
 from __future__ import annotations
@@ -12,12 +12,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from fastapi.exceptions import RequestValidationError
 from tokenizers import Tokenizer
 
 from model.sampling import SamplingParams
+from server.detokenizer import token_bytes
 from server.protocol import ApiError, GenerateRequest
+
+
+def not_json(reason: str = "is not valid JSON") -> ApiError:
+    return ApiError(400, "invalid_json", f"the request body {reason}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class Validator:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.bos_id = bos_id
+        # Every token of a prompt stands for 1 to this many of its UTF-8 bytes.
+        self.max_token_bytes = max(len(b) for b in token_bytes(tokenizer))
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
         for text in (body.prompt, *body.stop_strings):
@@ -47,18 +55,19 @@ class Validator:
                     raise ApiError(
                         422, "invalid_request", "prompt and stop strings must be valid Unicode"
                     ) from None
+        # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
+        # every stream stalled meanwhile), so a prompt too long in bytes alone to fit is
+        # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
+        prompt_bytes = len(body.prompt.encode("utf-8"))
+        fewest = -(-prompt_bytes // self.max_token_bytes)
+        if fewest + body.max_tokens > self.max_context:
+            self._too_long(f"at least {fewest} tokens: {prompt_bytes} bytes", body.max_tokens)
         # An empty prompt starts a new document, as in training: after end-of-text.
         prompt_ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [
             self.bos_id
         ]
-        total = len(prompt_ids) + body.max_tokens
-        if total > self.max_context:
-            raise ApiError(
-                400,
-                "context_length_exceeded",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({body.max_tokens}) = {total} "
-                f"exceeds the model's context of {self.max_context} tokens",
-            )
+        if len(prompt_ids) + body.max_tokens > self.max_context:
+            self._too_long(f"{len(prompt_ids)} tokens", body.max_tokens)
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
@@ -76,13 +85,22 @@ class Validator:
             ignore_eos=body.ignore_eos,
         )
 
+    def _too_long(self, prompt: str, max_tokens: int) -> NoReturn:
+        raise ApiError(
+            400,
+            "context_length_exceeded",
+            f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds the model's context of "
+            f"{self.max_context} tokens",
+        )
+
 
 def invalid_request(exc: RequestValidationError) -> ApiError:
     """FastAPI's validation errors as one envelope: 415 if the body was not read as JSON
-    (its Content-Type says otherwise), 400 if it is not JSON, else 422."""
+    (its Content-Type says otherwise), 400 if it is not JSON (an empty body included),
+    else 422."""
     errors: Sequence[dict] = exc.errors()
-    # FastAPI parses JSON only under a JSON Content-Type (or none); any other type
-    # hands the raw bytes to validation, e.g. `curl -d` without `-H`.
+    # FastAPI parses JSON only under a JSON Content-Type; any other type, or none, hands
+    # the raw bytes to validation, e.g. `curl -d` without `-H`.
     if any(e.get("loc") == ("body",) and isinstance(e.get("input"), bytes) for e in errors):
         return ApiError(
             415,
@@ -90,7 +108,9 @@ def invalid_request(exc: RequestValidationError) -> ApiError:
             "the request body was not read as JSON: send it with Content-Type: application/json",
         )
     if any(e.get("type") == "json_invalid" for e in errors):
-        return ApiError(400, "invalid_json", "the request body is not valid JSON")
+        return not_json()
+    if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errors):
+        return not_json("is empty: send a JSON object")
     messages = []
     for e in errors:
         where = ".".join(str(part) for part in e.get("loc", ()) if part != "body") or "body"

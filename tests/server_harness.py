@@ -32,6 +32,7 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
 from server.app import create_app
+from server.http11 import uvicorn_config
 from server.settings import Settings
 from training.tokenizer import train_tokenizer
 
@@ -111,13 +112,13 @@ def cycle_checkpoint(root: Path, tokenizer: Tokenizer) -> Path:
 def running_server(
     settings: Settings, ready_within: float = 60.0, expect_ready: bool = True
 ) -> Iterator[str]:
-    """Serve `create_app(settings)` with uvicorn in a thread; yield its base URL once
+    """Serve `create_app(settings)` with uvicorn in a thread, configured as `python -m
+    server` configures it (on the given socket); yield its base URL once
     /health says ready (or, with `expect_ready=False`, once it answers at all)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(create_app(settings), log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

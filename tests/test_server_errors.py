@@ -3,6 +3,8 @@ key and a small body limit make each limit easy to reach."""
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -19,7 +21,7 @@ from server.settings import Settings
 
 API_KEY = "test-key-0123456789"
 BODY_LIMIT = 4096
-HEADER_LIMIT = 4096  # under h11's own 16 KiB, so a head split across reads still reaches us
+HEADER_LIMIT = 4096
 CONTEXT = 1024
 
 
@@ -99,9 +101,12 @@ def test_values_json_allows_but_text_cannot_use_are_422(client, raw):
     assert_error(client.post("/v1/generate", content=raw, headers=headers), 422, "invalid_request")
 
 
-def test_body_that_is_not_json_is_400(client):
+@pytest.mark.parametrize(
+    "content", [b'{"prompt": ', b"", b'{"prompt": "\xff"}'], ids=["cut short", "empty", "bad UTF-8"]
+)
+def test_body_that_is_not_json_is_400(client, content):
     response = client.post(
-        "/v1/generate", content=b'{"prompt": ', headers={"Content-Type": "application/json"}
+        "/v1/generate", content=content, headers={"Content-Type": "application/json"}
     )
     assert_error(response, 400, "invalid_json")
 
@@ -131,6 +136,20 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
     message = assert_error(response, 400, "context_length_exceeded")
     assert f"max_tokens ({CONTEXT})" in message and f"context of {CONTEXT}" in message
     assert "prompt (" in message
+
+
+def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(client):
+    prompt = "abcdefgh " * (BODY_LIMIT // 10)  # a few thousand bytes, under the body limit
+    response = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": CONTEXT - 10})
+    message = assert_error(response, 400, "context_length_exceeded")
+    # Counted from its bytes (each token holds at most the vocabulary's longest), not tokens.
+    assert f"{len(prompt)} bytes" in message and "at least" in message
+
+
+def test_head_is_served_where_get_is(client):
+    for path in ("/health", "/v1/models"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b""
 
 
 @pytest.mark.parametrize(
@@ -175,6 +194,28 @@ def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
     assert_error(httpx.get(base_url + "/v1/models", headers=over), 431, too_large)
     long_query = client.get("/v1/models", params={"q": "b" * HEADER_LIMIT})
     assert_error(long_query, 431, too_large)
+
+
+def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (no client would send these); the status and JSON body."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes after answering
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
+    # A head still incomplete past the limit: h11 stops buffering it, uvicorn answers.
+    unfinished = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * (2 * HEADER_LIMIT)
+    status, body = raw_exchange(base_url, unfinished)
+    assert status == 431 and body["error"]["type"] == "request_header_fields_too_large"
+    status, body = raw_exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status == 400 and body["error"]["type"] == "invalid_http"
 
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
