@@ -14,13 +14,13 @@ import argparse
 import dataclasses
 import json
 import os
+import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
 import torch
 
 from model.config import PRESETS, ModelConfig
