@@ -526,9 +526,13 @@ class Trainer:
                 self.tokens_per_s = window_tokens / (now - window_start)
                 loss_sum.zero_()
                 window_start, window_tokens = now, 0
-                bar.set_postfix(
-                    loss=f"{self.last_train_loss:.4f}", tok_s=f"{self.tokens_per_s:.0f}"
-                )
+                postfix = {
+                    "loss": f"{self.last_train_loss:.4f}",
+                    "tok_s": f"{self.tokens_per_s:.0f}",
+                }
+                if args.max_time is not None:  # the bar has no step total to give an ETA
+                    postfix["left"] = f"{max(0.0, args.max_time - self.elapsed()):.0f}s"
+                bar.set_postfix(postfix)
                 self._log(
                     {
                         "kind": "train",
