@@ -1,7 +1,8 @@
 """Llama-style decoder-only Transformer.
 
 token embedding -> N x [RMSNorm -> causal self-attention (RoPE, optional GQA) -> residual,
-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied to the embedding).
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied to the embedding unless
+the config unties them).
 No biases. Module names mirror Hugging Face's LlamaForCausalLM so the checkpoint is
 HF-native: our `layers.0.self_attn.q_proj.weight` is HF's `model.layers.0...`.
 

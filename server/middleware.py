@@ -2,7 +2,7 @@
 counting.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched.
-FastAPI has no request-body limit of its own, hence `BodyLimitMiddleware`.
+FastAPI applies no request-body limit unless configured to, hence `BodyLimitMiddleware`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ class HeaderLimitMiddleware:
     """Answer 431 for a request head (target plus header names and values) over `max_bytes`.
 
     h11 bounds only a head that is still incomplete (`h11_max_incomplete_event_size`,
-    python -m server sets it to the same limit): one that arrives whole in a socket read
-    (uvicorn reads up to 64 KiB) is parsed regardless, and reaches us here.
+    server/http11.py sets it to the same limit and answers that case): one that arrives
+    whole in a socket read (uvicorn reads up to 64 KiB) is parsed regardless, and reaches
+    us here.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         "auto", description="where the model runs; auto = CUDA when available"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights and KV-cache dtype; auto = bfloat16 on CUDA, float32 on CPU"
+        "auto",
+        description="weights and KV-cache dtype; auto = bfloat16 on CUDA (float16 on a GPU "
+        "without bf16), float32 on CPU",
     )
     threads: int | None = Field(
         None,
