@@ -31,6 +31,7 @@ from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
 from model.device import resolve_device
 from model.transformer import Transformer
+from training.pretrain import saved_args
 
 
 def pretrain(args: list[str]) -> None:
@@ -65,16 +66,11 @@ def our_tokens_per_s(
     return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
 
 
-def run_args(folder: Path) -> dict:
-    """The resolved TrainArgs a checkpoint was written with (its trainer_meta.json)."""
-    return json.loads((folder / "trainer_meta.json").read_text())["args"]
-
-
 def plain_tokens_per_s(
     run: Path, train: Path, steps: int, device: torch.device, autocast: torch.dtype | None
 ) -> float:
     folder = resolve_checkpoint(run)
-    args = run_args(folder)
+    args = saved_args(folder)
     batch, block = args["batch_size"], args["block_size"]
     ids = np.array(load_tokenizer(folder).encode(train.read_text()).ids, dtype=np.int64)
     rng = np.random.default_rng(0)
@@ -123,7 +119,7 @@ def main() -> None:
         folder = Path(tmp)
         train, held_out = split_bytes(args.data, folder)
         ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
-        speed_args = run_args(resolve_checkpoint(folder / "speed"))
+        speed_args = saved_args(resolve_checkpoint(folder / "speed"))
         plain = plain_tokens_per_s(folder / "speed", train, args.steps, device, None)
         compiled = "compiled" if speed_args["compile"] else "eager"
         mode = f"{compiled}, {speed_args['dtype']}, {speed_args['optimizer']}"

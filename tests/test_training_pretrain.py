@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,80 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     weights_b = load_file(resolve_checkpoint(split) / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started with relative paths in one directory, copied, then resumed from another.
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(CORPUS, work / "corpus.txt")
+    monkeypatch.chdir(work)
+    flags = [*TINY, "--data", "corpus.txt", "--max-steps", "4", "--save-interval", "100"]
+    assert pretrain.main([*flags, "--out-dir", "runs/a"]) == 0
+    original = work / "runs" / "a"
+    shutil.copytree(original, tmp_path / "b")
+    listing = sorted(p.name for p in original.iterdir())
+
+    monkeypatch.chdir(tmp_path)  # no corpus.txt here, nor runs/a
+    assert pretrain.main(["--resume", str(tmp_path / "b"), "--max-steps", "6"]) == 0
+    assert resolve_checkpoint(tmp_path / "b").name == "step-0000006"
+    assert meta(tmp_path / "b")["args"]["data"] == [str(work / "corpus.txt")]
+    assert resolve_checkpoint(original).name == "step-0000004"  # the original is untouched
+    assert sorted(p.name for p in original.iterdir()) == listing
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    capsys.readouterr()  # the run's own progress bar
+    changes = {
+        "--dim": (["--dim", "64"], "drop --dim"),
+        "--vocab-size": (["--vocab-size", "512"], "drop --vocab-size"),
+        "--block-size": (["--block-size", "64"], "reads at most 32 tokens"),
+    }
+    for case, (flags, message) in changes.items():
+        assert pretrain.main(["--resume", str(run), "--max-steps", "4", *flags]) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (case, err)
+    assert meta(run)["step"] == 2
+    # The command that started the run, with --resume added, continues it.
+    again = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run), "--resume", str(run))
+    assert pretrain.main(again) == 0
+    assert meta(run)["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "content", ["{", "[]", '{"step": 2}'], ids=["not JSON", "a list", "no args"]
+)
+def test_resume_from_a_damaged_trainer_meta_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    (resolve_checkpoint(run) / "trainer_meta.json").write_text(content, encoding="utf-8")
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trainer_meta.json" in err and err.count("\n") == 1
+
+
+def test_a_new_run_never_writes_over_a_run_whose_checkpoint_is_lost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    shutil.rmtree(resolve_checkpoint(run))  # `latest` now names a missing folder
+    shutil.rmtree(run / "best")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    capsys.readouterr()
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
 def test_a_run_saved_before_lr_schedule_existed_resumes_on_its_cosine(tmp_path: Path) -> None:
@@ -343,6 +418,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("Too short to fill a batch.\n")
     (tmp_path / "not_a_checkpoint").mkdir()
+    (tmp_path / "a_file").write_text("not a folder\n")
     return {
         "missing path": (["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
         "empty corpus": (["--data", str(tmp_path / "empty.txt")], "the corpus is empty"),
@@ -361,6 +437,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no cooldown": (["--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
         "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),
         "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
+        # Both found before the text is tokenized (the test sees no cache folder).
+        "out-dir a file": (["--out-dir", str(tmp_path / "a_file" / "run")], "is not a folder"),
+        "impossible shape": (["--n-heads", "3"], "model flags:"),
     }
 
 

@@ -432,6 +432,42 @@ def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
     )
 
 
+def check_resume_settings(
+    settings: Mapping[str, object], saved: Mapping[str, object], config: ModelConfig
+) -> None:
+    """`--resume`: the model and tokenizer are the checkpoint's, so a flag choosing
+    another shape, vocabulary or tokenizer is an error (one repeating the run's own value
+    is not: the command that started the run, with --resume added, continues it), and
+    the block size may not pass the context the model was built for."""
+    fixed = ("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer")
+    changed = [name for name in fixed if name in settings and settings[name] != saved.get(name)]
+    if changed:
+        flags = ", ".join(_flag(name) for name in changed)
+        raise UsageError(f"--resume continues the run's model and tokenizer: drop {flags}")
+    block_size = settings.get("block_size")
+    if isinstance(block_size, int) and block_size > config.max_seq_len:
+        raise UsageError(
+            f"--block-size {block_size}: the resumed model reads at most "
+            f"{config.max_seq_len} tokens"
+        )
+
+
+PATH_FIELDS = ("data", "val_data", "tokenizer", "cache_dir", "init_from")
+
+
+def with_absolute_paths(args: TrainArgs) -> TrainArgs:
+    """The input paths made absolute, as trainer_meta.json records them: a run resumed
+    from another directory reads the same files (or fails naming them)."""
+    changes: dict[str, object] = {}
+    for name in PATH_FIELDS:
+        value = getattr(args, name)
+        if isinstance(value, list):
+            changes[name] = [os.path.abspath(v) for v in value]
+        elif value is not None:
+            changes[name] = os.path.abspath(value)
+    return dataclasses.replace(args, **changes)
+
+
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
     """The network `args` describe for a tokenizer of `vocab_size` ids.
 

@@ -18,16 +18,24 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from model.checkpoint import CheckpointError, load_tokenizer, read_config, resolve_checkpoint
+from model.checkpoint import (
+    LATEST,
+    CheckpointError,
+    load_tokenizer,
+    read_config,
+    resolve_checkpoint,
+)
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
     TrainArgs,
     UsageError,
     budget_summary,
+    check_resume_settings,
     explicit_settings,
     make_args,
     model_config,
+    with_absolute_paths,
     with_checkpoint_shape,
     with_hardware_defaults,
     with_step_budget,
@@ -35,7 +43,14 @@ from training.args import (
 from training.corpus import CorpusError, default_documents, load_documents
 from training.prepare import PreparedData, prepare, split_documents
 from training.tokenizer import load_tokenizer_file
-from training.trainer import TRAINER_META, TRAINING_STATE, Trainer, init_distributed
+from training.trainer import (
+    BEST,
+    STEP_DIR,
+    TRAINER_META,
+    TRAINING_STATE,
+    Trainer,
+    init_distributed,
+)
 
 
 def has_checkpoint(out_dir: Path) -> bool:
@@ -44,6 +59,58 @@ def has_checkpoint(out_dir: Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a run's files: a `latest` pointer (even one naming a lost
+    checkpoint), `best/` or step folders. A new run never writes over them."""
+    if not out_dir.is_dir():
+        return False
+    return (out_dir / LATEST).exists() or any(
+        p.name == BEST or STEP_DIR.fullmatch(p.name) for p in out_dir.iterdir()
+    )
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail now, not after minutes of tokenizing, where `folder` cannot be written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent  # ends at "." or "/", which exist
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {existing} is not writable")
+
+
+def saved_args(folder: Path) -> dict:
+    """The TrainArgs (as a dict) a trainer checkpoint was written with."""
+    path = folder / TRAINER_META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    args = meta.get("args") if isinstance(meta, dict) else None
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path}: holds no trainer args")
+    return args
+
+
+def resumed_args(folder: Path, settings: dict) -> TrainArgs:
+    """The args a run resumed from `folder` continues with: its own, overridden by the
+    settings given now (those that may change: check_resume_settings)."""
+    saved = saved_args(folder)
+    check_resume_settings(settings, saved, read_config(folder))
+    given_data = [os.path.abspath(path) for path in settings.get("data", saved.get("data", []))]
+    if given_data != saved.get("data"):
+        print("warning: resuming on other --data than the run's; its batches will differ")
+    # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
+    # run goes on in the folder it is resumed from, not where it was first written (a
+    # copy of a run folder must not write into its original).
+    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent)}
+    try:
+        return make_args(base, settings)
+    except (TypeError, ValueError) as e:  # a saved value of the wrong type
+        raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
 
 
 def init_folder(path: str) -> Path:
@@ -133,17 +200,16 @@ def prepare_on_rank0(
 
 def run(argv: Sequence[str] | None) -> int:
     settings = explicit_settings(argv, os.environ)
-    base = TrainArgs().to_dict()
     resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
     if resumed is not None and settings.get("init_from"):
         raise UsageError(
             "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
         )
-    if resumed is not None:
-        saved = json.loads((resumed / TRAINER_META).read_text(encoding="utf-8"))["args"]
-        # Runs saved before --lr-schedule existed followed a cosine: they resume on it.
-        base = {"lr_schedule": "cosine", **saved}
-    args = make_args(base, settings)
+    if resumed is None:
+        args = make_args(TrainArgs().to_dict(), settings)
+    else:
+        args = resumed_args(resumed, settings)
+    args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
     start = resumed or initial
@@ -154,16 +220,23 @@ def run(argv: Sequence[str] | None) -> int:
     if args.if_missing and has_checkpoint(out_dir):
         print(f"{out_dir} already holds a checkpoint; nothing to do (--if-missing)")
         return 0
-    if resumed is None and has_checkpoint(out_dir):
+    if resumed is None and holds_run(out_dir):
         raise UsageError(
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
             "continue, or choose another --out-dir"
         )
+    if resumed is not None and out_dir.resolve() != resumed.parent.resolve() and holds_run(out_dir):
+        raise UsageError(f"--out-dir {out_dir} already holds another run's checkpoints")
+    check_writable(out_dir, "--out-dir")
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
     args = with_hardware_defaults(args, device)
     tokenizer = resolve_tokenizer(args, start)
+    if start_config is None:
+        # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
+        # known for certain only once the tokenizer is trained.
+        model_config(args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device)
     # Read (and so validate) the user's corpus on every rank, once, before any process waits.
     documents = load_documents(args.data) if args.data else None
     dist_info = init_distributed(device)
