@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
+from training.corpus import load_documents
 
 
 def train(tmp_path: Path, *data: Path) -> int:
@@ -62,3 +64,14 @@ def test_input_without_text_exits_2_naming_it_and_writes_nothing(
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith(f"error: {path}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_texts_keep_unicode_line_separators_written_unescaped(tmp_path: Path) -> None:
+    # json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 as they are;
+    # only "\n" ends a record, on LF and CRLF files alike.
+    texts = ["one\u2028two", "para\u2029graph", "next\x85line", "form\x0cfeed\x1cend"]
+    for newline in ("\n", "\r\n"):
+        path = tmp_path / "records.jsonl"
+        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+        path.write_bytes(newline.join(lines).encode("utf-8") + newline.encode())
+        assert load_documents([path]) == texts

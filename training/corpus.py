@@ -59,7 +59,10 @@ def read_text(path: Path) -> str:
 
 def _jsonl_documents(path: Path) -> list[str]:
     documents = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    # JSON Lines ends records at "\n" only: str.splitlines() would also cut at U+2028,
+    # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
+    # A CRLF file's "\r" is JSON whitespace, so json.loads takes it as it stands.
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
