@@ -10,7 +10,7 @@ import pytest
 
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import CORPUS, TINY
-from training import pretrain
+from training import evaluate, pretrain
 from training.corpus import load_documents
 
 
@@ -75,3 +75,21 @@ def test_jsonl_texts_keep_unicode_line_separators_written_unescaped(tmp_path: Pa
         lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
         path.write_bytes(newline.join(lines).encode("utf-8") + newline.encode())
         assert load_documents([path]) == texts
+
+
+def test_jsonl_lone_surrogate_escapes_are_replaced_with_one_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "\ud83d" is the first half of an emoji cut in two: valid JSON, but no UTF-8 text.
+    lines = CORPUS.read_text(encoding="utf-8").splitlines()
+    records = tmp_path / "scraped.jsonl"
+    records.write_text("".join(json.dumps({"text": f"{ln} \ud83d"}) + "\n" for ln in lines))
+    assert "\\ud83d" in records.read_text(encoding="ascii")
+    assert train(tmp_path, records) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {records}: invalid UTF-8, lone surrogate") == 1
+    assert load_documents([records])[0] == f"{lines[0]} \ufffd"
+    capsys.readouterr()
+    checkpoint = ["--checkpoint", str(tmp_path / "out"), "--data", str(records)]
+    assert evaluate.main(checkpoint) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("bpb=")

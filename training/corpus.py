@@ -2,9 +2,10 @@
 
 User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
 document per line in a `text` field. Folders are searched recursively in sorted
-order. Text is decoded as UTF-8; invalid bytes become U+FFFD, with one warning
-naming the file. A file holding NUL bytes is binary (or UTF-16), not UTF-8 text:
-it is skipped with a warning rather than trained on as noise.
+order. Text is decoded as UTF-8; invalid bytes, and in `.jsonl` strings escapes of
+lone UTF-16 surrogates, become U+FFFD, with one warning naming the file and the
+problem. A file holding NUL bytes is binary (or UTF-16), not UTF-8 text: it is
+skipped with a warning rather than trained on as noise.
 
 The default corpus is English that ships inside the Python standard library, so
 the zero-argument run needs no download:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -32,6 +34,9 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly signatures and one-liners
 SKIPPED_STDLIB_DIRS = {"idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
+# A JSON escape such as "\ud83d" without its pair (a cut emoji in scraped text) decodes
+# to a lone surrogate: a str that no UTF-8 encoder or tokenizer accepts.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CorpusError(Exception):
@@ -53,12 +58,17 @@ def read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        print(f"warning: {path}: invalid UTF-8, bad bytes replaced with U+FFFD", file=sys.stderr)
+        _warn_replaced(path, "bad bytes")
         return raw.decode("utf-8", errors="replace")
+
+
+def _warn_replaced(path: Path, what: str) -> None:
+    print(f"warning: {path}: invalid UTF-8, {what} replaced with U+FFFD", file=sys.stderr)
 
 
 def _jsonl_documents(path: Path) -> list[str]:
     documents = []
+    surrogates = False
     # JSON Lines ends records at "\n" only: str.splitlines() would also cut at U+2028,
     # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
     # A CRLF file's "\r" is JSON whitespace, so json.loads takes it as it stands.
@@ -72,7 +82,11 @@ def _jsonl_documents(path: Path) -> list[str]:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
+        text, replaced = LONE_SURROGATE.subn("\ufffd", text)
+        surrogates = surrogates or replaced > 0
         documents.append(text)
+    if surrogates:
+        _warn_replaced(path, "lone surrogate escapes")
     return documents
 
 
