@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -93,3 +94,28 @@ def test_jsonl_lone_surrogate_escapes_are_replaced_with_one_warning(
     checkpoint = ["--checkpoint", str(tmp_path / "out"), "--data", str(records)]
     assert evaluate.main(checkpoint) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("bpb=")
+
+
+@pytest.mark.parametrize("case", ["read fails (EIO)", "permission denied"])
+def test_an_unreadable_file_exits_2_naming_it_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, case: str
+) -> None:
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    unreadable = folder / "z.txt"
+    if case == "read fails (EIO)":
+        if not Path("/proc/self/mem").is_file():
+            pytest.skip("needs Linux's /proc/self/mem, a file whose read() fails with EIO")
+        unreadable.symlink_to("/proc/self/mem")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file whatever its mode")
+        unreadable.write_bytes(CORPUS.read_bytes())
+        unreadable.chmod(0)
+    assert train(tmp_path, folder) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {unreadable}: cannot read ("), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(folder)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {unreadable}: cannot read (")

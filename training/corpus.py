@@ -48,7 +48,10 @@ def read_text(path: Path) -> str:
 
     A binary file reads as "" (so it adds no document), with a warning naming it.
     """
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e.strerror or e})") from None
     if b"\0" in raw:
         print(
             f"warning: {path}: binary (NUL bytes; UTF-16 text must be converted to UTF-8), skipped",
