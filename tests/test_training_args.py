@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from model.cpu import bf16_units
+from tests.test_training_pretrain import CORPUS, TINY
+from training import pretrain
 from training.args import (
     AUTO,
     DEFAULT_STEPS,
+    MAX_SEED,
     TrainArgs,
     UsageError,
     build_parser,
@@ -163,3 +166,52 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
     assert with_step_budget(explicit, dev, train_tokens, world_size).max_steps == 5000
     boxed = with_hardware_defaults(TrainArgs(max_time=70.0, preset="small"), dev)
     assert with_step_budget(boxed, dev, train_tokens, world_size).max_steps > 10**9
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--vocab-size", "256"], "--vocab-size: must be >= 257 (every byte plus <|endoftext|>)"),
+        (["--seed", str(MAX_SEED + 1)], f"--seed: must be in 0..{MAX_SEED}"),
+        (["--seed", "-1"], f"--seed: must be in 0..{MAX_SEED} (got -1)"),
+        (["--lr", "inf"], "--lr: must be a finite number (got inf)"),
+        (["--lr", "nan"], "--lr: must be a finite number (got nan)"),
+        (["--weight-decay", "inf"], "--weight-decay: must be a finite number (got inf)"),
+        (["--embedding-lr-scale", "inf"], "--embedding-lr-scale: must be a finite number"),
+        (["--grad-clip", "inf"], "--grad-clip: must be a finite number (got inf)"),
+        (["--max-time", "inf"], "--max-time: must be a finite number (got inf)"),
+        (["--max-time", "-5"], "--max-time: must be > 0 (got -5.0)"),
+    ],
+)
+def test_values_no_run_can_use_are_rejected_naming_the_flag_and_value(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(UsageError) as error:
+        make_args(TrainArgs().to_dict(), explicit_settings(flags, {}))
+    assert str(error.value) == message or str(error.value).startswith(message + " ")
+
+
+def test_the_largest_seed_accepted_seeds_every_generator_the_trainer_makes() -> None:
+    args = make_args(TrainArgs().to_dict(), explicit_settings(["--seed", str(MAX_SEED)], {}))
+    torch.manual_seed(args.seed)
+    torch.Generator().manual_seed(args.seed * 1000 + 999)  # the batch sampler's, rank 999
+    assert make_args(TrainArgs().to_dict(), {"vocab_size": 257}).vocab_size == 257
+
+
+def test_bad_vocab_size_and_seed_exit_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir, cache = tmp_path / "out", tmp_path / "cache"
+    common = [*TINY, "--data", str(CORPUS), "--out-dir", str(out_dir), "--cache-dir", str(cache)]
+    for flags in (["--vocab-size", "10"], ["--seed", "99999999999999999999"]):
+        assert pretrain.main([*common, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {flags[0]}: "), err
+        assert not out_dir.exists() and not cache.exists(), flags
+
+
+def test_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_bytes('preset = "tiny"\n# caf\xe9 in Latin-1\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=f"^--config {re.escape(str(config))}: not UTF-8 text"):
+        explicit_settings(["--config", str(config)], {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -26,8 +27,12 @@ import torch
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
 from model.inductor import has_compiler, missing_compiler_message
+from training.tokenizer import MIN_VOCAB
 
 ENV_PREFIX = "POCKETGPT_"
+# torch takes 64-bit unsigned seeds, and the batch sampler seeds rank r with
+# seed * 1000 + r (training/data.py): that must fit as well.
+MAX_SEED = 2**64 // 1000 - 1
 
 
 class UsageError(Exception):
@@ -203,12 +208,16 @@ class TrainArgs:
 
     def validate(self) -> TrainArgs:
         """Raise UsageError naming the first flag whose value cannot work."""
+        # inf and nan pass some range checks below (inf > 0) and then train to a NaN model.
+        for name in FIELDS:
+            value = getattr(self, name)
+            if _base_type(name)[0] is float and value is not None:
+                _require(name, math.isfinite(value), "must be a finite number", value)
         positive = ("grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last")
         for name in positive:
             _require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
         for name in (
             "batch_size",
-            "vocab_size",
             "block_size",
             "dim",
             "n_layers",
@@ -220,6 +229,13 @@ class TrainArgs:
         ):
             value = getattr(self, name)
             _require(name, value is None or value >= 1, "must be >= 1", value)
+        _require(
+            "vocab_size",
+            self.vocab_size is None or self.vocab_size >= MIN_VOCAB,
+            f"must be >= {MIN_VOCAB} (every byte plus <|endoftext|>)",
+            self.vocab_size,
+        )
+        _require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
         for name in (*non_negative, "sample_tokens", "patience"):
             _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
@@ -241,7 +257,9 @@ class TrainArgs:
         )
         _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
         _require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
-        _require("max_time", self.max_time is None or self.max_time > 0, "must be > 0", 0)
+        _require(
+            "max_time", self.max_time is None or self.max_time > 0, "must be > 0", self.max_time
+        )
         choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
         choices["dtype"] = ("auto", "float32", "bfloat16")
         choices["optimizer"] = ("adamw", "muon")
@@ -566,6 +584,8 @@ def _read_config_file(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     # A .toml file is TOML; any other name is read as JSON.
     is_toml = path.suffix == ".toml"
     try:
