@@ -11,7 +11,8 @@ predicted once; the separator itself is 0 bytes of text. The key hashes the
 documents of both splits, the vocabulary size (or the given tokenizer) and the
 format version, so a changed corpus never reuses stale tokens. The folder is
 written under a temporary name and renamed into place, so a crash leaves no
-half-written cache.
+half-written cache. Files damaged after that (deleted, truncated, overwritten)
+no longer match meta.json: the folder is then rebuilt, with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from training.tokenizer import load_tokenizer_file, train_tokenizer
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
 FORMAT = 2
 TOKEN_DTYPE = np.uint16
+TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
 SPLITS = ("train", "val")
 
@@ -195,13 +198,62 @@ def cache_key(train_docs: Sequence[str], val_docs: Sequence[str], tokenizer_id: 
     return h.hexdigest()[:16]
 
 
+class _DamagedCache(Exception):
+    """A cache folder whose files do not match its meta.json; the message says how."""
+
+
 def _open(folder: Path) -> PreparedData:
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    tokens = {
-        split: np.memmap(folder / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r") for split in SPLITS
-    }
-    tokenizer = load_tokenizer_file(folder / "tokenizer.json")
+    """The cache in `folder`, its files checked against its meta.json."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        counts = {split: int(meta["splits"][split]["tokens"]) for split in SPLITS}
+        vocab_size = meta["vocab_size"]
+    except (OSError, ValueError, LookupError, TypeError) as e:
+        raise _DamagedCache(f"meta.json unreadable ({e})") from None
+    tokens = {}
+    for split, count in counts.items():
+        path = folder / f"{split}.bin"
+        if not path.is_file():
+            raise _DamagedCache(f"{path.name} is missing")
+        size, expected = path.stat().st_size, count * TOKEN_BYTES
+        # Every split written holds at least its leading <|endoftext|>.
+        if count < 1 or size != expected:
+            raise _DamagedCache(
+                f"{path.name} holds {size:,} bytes; meta.json's {count:,} tokens take {expected:,}"
+            )
+        tokens[split] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    try:
+        tokenizer = load_tokenizer_file(folder / "tokenizer.json")
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise _DamagedCache(f"tokenizer.json unreadable ({e})") from None
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise _DamagedCache(
+            f"tokenizer.json: {tokenizer.get_vocab_size()} entries, meta.json says {vocab_size!r}"
+        )
     return PreparedData(folder, tokenizer, tokens["train"], tokens["val"], meta)
+
+
+def _cached(folder: Path) -> PreparedData | None:
+    """The cache in `folder`, or None when there is none. A damaged one is removed,
+    with a warning: it is only a cache, so rebuilding it is always correct."""
+    if not folder.exists():
+        return None
+    try:
+        return _open(folder)
+    except _DamagedCache as e:
+        print(f"warning: {folder}: damaged token cache ({e}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(folder)
+        return None
+
+
+def _check_cache_root(root: Path) -> None:
+    """Fail before the slow work, not after it, when a file stands where the cache's
+    folder (or one above it) must be."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise CorpusError(f"--cache-dir {root}: cannot be a folder: {path} is a file")
+            return
 
 
 def _check_size(train_tokens: int, min_train_tokens: int) -> None:
@@ -219,7 +271,10 @@ def _write(
 ) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({e.strerror})") from None
     try:
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta: dict = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
@@ -256,9 +311,11 @@ def prepare(
     """
     if not train_docs:
         raise CorpusError("the training split is empty")
+    _check_cache_root(Path(cache_root))
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
     folder = Path(cache_root) / cache_key(train_docs, val_docs, tokenizer_id)
-    if not (folder / "meta.json").exists():
+    data = _cached(folder)
+    if data is None:
         if tokenizer is None:
             chars = sum(len(doc) for doc in train_docs)
             print(f"training a {vocab_size}-entry tokenizer on {chars:,} characters", flush=True)
@@ -275,6 +332,6 @@ def prepare(
         if not val_docs:
             raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
         _write(folder, splits, tokenizer)
-    data = _open(folder)
+        data = _open(folder)
     _check_size(data.train.size, min_train_tokens)
     return data

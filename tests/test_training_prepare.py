@@ -1,0 +1,88 @@
+"""The token cache: a damaged cache folder is rebuilt, and a cache root that cannot be a
+folder is an error naming --cache-dir."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.test_training_pretrain import CORPUS, TINY
+from training import pretrain
+from training.prepare import PreparedData, prepare, split_documents
+
+
+def prepare_corpus(cache: Path) -> PreparedData:
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    return prepare(train_docs, val_docs, cache, vocab_size=384)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "train.bin truncated": lambda folder: truncate(folder / "train.bin"),
+    "train.bin empty": lambda folder: (folder / "train.bin").write_bytes(b""),
+    "train.bin missing": lambda folder: (folder / "train.bin").unlink(),
+    "val.bin missing": lambda folder: (folder / "val.bin").unlink(),
+    "meta.json not JSON": lambda folder: (folder / "meta.json").write_text("{"),
+    "meta.json missing": lambda folder: (folder / "meta.json").unlink(),
+    "tokenizer.json garbage": lambda folder: (folder / "tokenizer.json").write_text("[]"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_cache_is_rebuilt_with_one_warning_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    first = prepare_corpus(tmp_path)
+    folder = first.folder
+    files = {name: (folder / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
+    capsys.readouterr()
+    DAMAGE[case](folder)
+    again = prepare_corpus(tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1
+    assert err.startswith(f"warning: {folder}: damaged token cache ("), err
+    assert again.folder == folder
+    assert {name: (folder / name).read_bytes() for name in files} == files
+    assert len(again.train) == json.loads(files["meta.json"])["splits"]["train"]["tokens"]
+    # Once rebuilt it is whole: the next run uses it without a word.
+    prepare_corpus(tmp_path)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_intact_cache_is_reused_without_retraining(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepare_corpus(tmp_path)
+    assert "training a 384-entry tokenizer" in capsys.readouterr().out
+    prepare_corpus(tmp_path)
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+
+
+@pytest.mark.parametrize("case", ["is a file", "is inside a file", "cannot be created"])
+def test_a_cache_dir_that_cannot_be_a_folder_exits_2_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    if case == "cannot be created":
+        cache = Path("/proc/pocketgpt-test-cache")  # procfs refuses new folders, even to root
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc")
+    else:
+        file = tmp_path / "notes.txt"
+        file.write_text("a file, not a folder\n")
+        cache = file if case == "is a file" else file / "cache"
+    out_dir = tmp_path / "out"
+    flags = [*TINY, "--max-steps", "1", "--data", str(CORPUS), "--out-dir", str(out_dir)]
+    assert pretrain.main([*flags, "--cache-dir", str(cache)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"error: --cache-dir {cache}: "), captured.err
+    assert not out_dir.exists()
+    if case != "cannot be created":  # found before the tokenizer is trained
+        assert "training a" not in captured.out
