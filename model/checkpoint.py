@@ -356,13 +356,24 @@ def text_literally(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
-    path = resolve_checkpoint(folder) / TOKENIZER
+    """The checkpoint's tokenizer, checked to yield only ids its model has embeddings for."""
+    folder = resolve_checkpoint(folder)
+    path = folder / TOKENIZER
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return text_literally(Tokenizer.from_file(str(path)))
+        tokenizer = text_literally(Tokenizer.from_file(str(path)))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise CheckpointError(f"{path}: unreadable ({e})") from None
+    # Fewer ids than the model's rows is fine (unused rows); more would index past the
+    # embedding mid-run, on the first text that uses them.
+    vocab_size = read_config(folder).vocab_size
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise CheckpointError(
+            f"{path}: {tokenizer.get_vocab_size()} token ids, but the model in {CONFIG} has "
+            f"vocab_size {vocab_size}; the tokenizer and the weights do not belong together"
+        )
+    return tokenizer
 
 
 def read_generation_defaults(folder: Path) -> dict:

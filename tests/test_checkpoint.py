@@ -157,6 +157,24 @@ def test_unsupported_model_type_is_rejected(saved: tuple[Transformer, Path]) -> 
         load_model(folder)
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_has_rows_is_rejected(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    small = Transformer(ModelConfig.from_preset("tiny", vocab_size=300))
+    folder = save_checkpoint(tmp_path, "step-0000001", small, tokenizer)
+    load_model(folder)  # the weights alone are consistent
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tokenizer\.json: {tokenizer.get_vocab_size()} token ids, but the model in "
+        r"config\.json has vocab_size 300",
+    ):
+        load_tokenizer(folder)
+    # Spare embedding rows are harmless: a tokenizer with fewer ids loads.
+    large = Transformer(ModelConfig.from_preset("tiny", vocab_size=1024))
+    padded = save_checkpoint(tmp_path, "step-0000002", large, tokenizer)
+    assert load_tokenizer(padded).get_vocab_size() == tokenizer.get_vocab_size()
+
+
 def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_model(tmp_path)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
-from model.checkpoint import read_config
-from tests.test_training_pretrain import VAL
-from training import evaluate
+from model.checkpoint import read_config, save_checkpoint
+from model.config import ModelConfig
+from model.transformer import Transformer
+from tests.test_training_pretrain import CORPUS, VAL
+from training import evaluate, pretrain
 
 
 @pytest.mark.parametrize("block_size", ["0", "-5"])
@@ -21,3 +24,23 @@ def test_a_block_size_below_one_exits_2_naming_the_flag(
     captured = capsys.readouterr()
     assert captured.err == f"error: --block-size must be in 1..{context}\n"
     assert "bpb=" not in captured.out
+
+
+def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and_init_from(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
+    problem = f"error: {folder / 'tokenizer.json'}: {tokenizer.get_vocab_size()} token ids"
+    assert evaluate.main(["--checkpoint", str(folder), "--data", str(VAL)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(problem), captured.err
+    assert "bpb=" not in captured.out
+    out_dir, cache = tmp_path / "out", tmp_path / "cache"
+    # No shape or vocabulary flags: --init-from takes the checkpoint's.
+    flags = ["--max-steps", "1", "--batch-size", "4", "--data", str(CORPUS)]
+    flags += ["--init-from", str(folder), "--out-dir", str(out_dir), "--cache-dir", str(cache)]
+    assert pretrain.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(problem), err
+    assert not out_dir.exists() and not cache.exists()
