@@ -45,6 +45,11 @@ class CheckpointError(Exception):
     """A checkpoint folder that cannot be used; the message names the file and the problem."""
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written (a full disk, a file-size limit, a lost
+    mount). Nothing of it is left behind, and `latest` still names the previous one."""
+
+
 # ---------------------------------------------------------------- config <-> HF
 
 
@@ -185,12 +190,12 @@ def save_checkpoint(
     Returns the final folder.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = root / f"{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         eos_id = tokenizer.token_to_id(END_OF_TEXT)
         if eos_id is None:
             raise CheckpointError(f"the tokenizer has no {END_OF_TEXT} token")
@@ -219,11 +224,15 @@ def save_checkpoint(
             _fsync_path(path)
         _fsync_path(tmp)
         _replace_dir(tmp, final)
+        if update_latest:
+            write_text_atomic(root / LATEST, name + "\n")
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O as Runtime
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointWriteError(f"{final}: could not be written ({reason})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if update_latest:
-        write_text_atomic(root / LATEST, name + "\n")
     return final
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -353,6 +354,30 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
     assert "Traceback" not in err
     assert not run.exists()
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothing(
+    tmp_path: Path,
+) -> None:
+    def small_files_only() -> None:  # in the child: files past 256 KiB fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    run = tmp_path / "run"
+    flags = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    done = subprocess.run(
+        [sys.executable, "-m", "training.pretrain", *flags],
+        env=python_env(),
+        preexec_fn=small_files_only,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run}") and "could not be written" in last, done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 
 def test_torchrun_two_ranks_on_gloo_write_one_loadable_checkpoint(tmp_path: Path) -> None:

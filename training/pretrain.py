@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from model.checkpoint import (
     LATEST,
     CheckpointError,
+    CheckpointWriteError,
     load_tokenizer,
     read_config,
     resolve_checkpoint,
@@ -281,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:  # not bad input: the machine could not store it
+        print(f"error: {e}; the checkpoint `latest` names is intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);
         # before that (reading, tokenizing, building the model) there is nothing to save.
