@@ -12,6 +12,7 @@ import pytest
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
 from training.prepare import PreparedData, prepare, split_documents
+from training.tokenizer import train_tokenizer
 
 
 def prepare_corpus(cache: Path) -> PreparedData:
@@ -63,6 +64,19 @@ def test_an_intact_cache_is_reused_without_retraining(
     prepare_corpus(tmp_path)
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "")
+
+
+def test_the_tokenizer_trained_for_a_cache_reuses_that_cache_and_no_other(tmp_path: Path) -> None:
+    # A resumed run brings its checkpoint's tokenizer, the one trained for this text.
+    first = prepare_corpus(tmp_path)
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    again = prepare(train_docs, val_docs, tmp_path, vocab_size=384, tokenizer=first.tokenizer)
+    assert again.folder == first.folder
+    assert [p.name for p in tmp_path.iterdir()] == [first.folder.name]
+    other = train_tokenizer(train_docs, 300)
+    elsewhere = prepare(train_docs, val_docs, tmp_path, vocab_size=384, tokenizer=other)
+    assert elsewhere.folder != first.folder
+    assert elsewhere.tokenizer.get_vocab_size() == other.get_vocab_size()
 
 
 @pytest.mark.parametrize("case", ["is a file", "is inside a file", "cannot be created"])

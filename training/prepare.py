@@ -311,10 +311,19 @@ def prepare(
     """
     if not train_docs:
         raise CorpusError("the training split is empty")
-    _check_cache_root(Path(cache_root))
+    root = Path(cache_root)
+    _check_cache_root(root)
+    data = None
+    if tokenizer is not None:
+        # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
+        # that text's cache: the same tokens, so that cache serves instead of a new one.
+        trained = _cached(root / cache_key(train_docs, val_docs, f"bpe-{vocab_size}"))
+        if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
+            data = trained
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
-    folder = Path(cache_root) / cache_key(train_docs, val_docs, tokenizer_id)
-    data = _cached(folder)
+    folder = root / cache_key(train_docs, val_docs, tokenizer_id)
+    if data is None:
+        data = _cached(folder)
     if data is None:
         if tokenizer is None:
             chars = sum(len(doc) for doc in train_docs)
