@@ -465,6 +465,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         # Both found before the text is tokenized (the test sees no cache folder).
         "out-dir a file": (["--out-dir", str(tmp_path / "a_file" / "run")], "is not a folder"),
         "impossible shape": (["--n-heads", "3"], "model flags:"),
+        "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
     }
 
 

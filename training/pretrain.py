@@ -208,6 +208,8 @@ def run(argv: Sequence[str] | None) -> int:
         )
     if resumed is None:
         args = make_args(TrainArgs().to_dict(), settings)
+        if args.tokenizer is not None and args.vocab_size is not None:
+            raise UsageError("--vocab-size: --tokenizer brings its own vocabulary; drop one")
     else:
         args = resumed_args(resumed, settings)
     args = with_absolute_paths(args)
