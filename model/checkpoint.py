@@ -34,6 +34,8 @@ END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
 LATEST = "latest"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+# What transformers writes instead of WEIGHTS past save_pretrained's max_shard_size.
+WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -91,22 +93,33 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
         raise fail(f"unsupported hidden_act {hf['hidden_act']!r} (expected 'silu')")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise fail("biases are not supported (attention_bias / mlp_bias must be false)")
-    rope_scaling = hf.get("rope_scaling") or {}
-    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
-        raise fail(f"unsupported rope_scaling {rope_scaling!r}")
-    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    # transformers 5 writes RoPE settings as rope_parameters (which it reads before the
+    # older top-level rope_theta); version 4 wrote rope_scaling. Only plain RoPE is ours.
+    rope = hf.get("rope_parameters") or {}
+    for key in ("rope_parameters", "rope_scaling"):
+        settings = hf.get(key) or {}
+        if settings.get("rope_type", settings.get("type", "default")) != "default":
+            raise fail(f"unsupported {key} {settings!r} (only plain RoPE)")
+
+    def integer(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"{name} must be an integer, not {value!r}")
+        return value
+
     try:
+        heads = integer("num_attention_heads", hf["num_attention_heads"])
         config = ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=int(hf["num_attention_heads"]),
-            n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            ffn_dim=int(hf["intermediate_size"]),
-            max_seq_len=int(hf["max_position_embeddings"]),
-            rope_theta=float(rope_theta),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            vocab_size=integer("vocab_size", hf["vocab_size"]),
+            dim=integer("hidden_size", hf["hidden_size"]),
+            n_layers=integer("num_hidden_layers", hf["num_hidden_layers"]),
+            n_heads=heads,
+            n_kv_heads=integer("num_key_value_heads", hf.get("num_key_value_heads") or heads),
+            ffn_dim=integer("intermediate_size", hf["intermediate_size"]),
+            max_seq_len=integer("max_position_embeddings", hf["max_position_embeddings"]),
+            # Absent fields take LlamaConfig's defaults, so both libraries build one model.
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
         raise fail(f"missing field {e.args[0]!r}") from None
@@ -202,6 +215,9 @@ def save_checkpoint(
         write_json(tmp / CONFIG, hf_config(model.config, eos_id))
         weights = {k: v.to("cpu") for k, v in state_dict_hf(model).items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; the weights are as readable as the
+        # rest of the folder (e.g. a volume the container wrote, read by the host's user).
+        os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
         tokenizer.save(str(tmp / TOKENIZER))
         write_json(
             tmp / TOKENIZER_CONFIG,
@@ -298,16 +314,38 @@ def _check_safetensors_size(path: Path) -> None:
         )
 
 
+def _weight_files(folder: Path) -> tuple[Path, list[Path]]:
+    """(what names the weights, the safetensors files holding them): model.safetensors,
+    or the shards model.safetensors.index.json lists."""
+    single, index = folder / WEIGHTS, folder / WEIGHTS_INDEX
+    if single.is_file():
+        return single, [single]
+    if not index.is_file():
+        raise CheckpointError(f"{single}: missing (and no {WEIGHTS_INDEX})")
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: unreadable ({e!r})") from None
+    # File names only: an index must not send the loader outside its folder.
+    if not all(
+        isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in names
+    ):
+        raise CheckpointError(f"{index}: shards must be .safetensors files in its own folder")
+    return index, [folder / name for name in sorted(names)]
+
+
 def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state-dict names -> tensors, checked against `config`'s shapes."""
-    path = Path(folder) / WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    _check_safetensors_size(path)
-    try:
-        hf_weights = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    path, files = _weight_files(Path(folder))
+    hf_weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        _check_safetensors_size(file)
+        try:
+            hf_weights.update(load_file(str(file)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: unreadable ({e})") from None
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
     if config.tie_embeddings:

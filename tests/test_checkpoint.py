@@ -104,6 +104,81 @@ def assert_transformers_agrees(model: Transformer, folder: Path) -> None:
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+@torch.inference_mode()
+def test_a_folder_transformers_saved_in_shards_loads_and_agrees(
+    saved: tuple[Transformer, Path], tmp_path: Path
+) -> None:
+    model, folder = saved
+    resaved = tmp_path / "resaved"
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder)
+    hf.save_pretrained(resaved, max_shard_size="100KB")
+    assert not (resaved / "model.safetensors").exists()
+    assert len(list(resaved.glob("model-*.safetensors"))) > 1
+    loaded = load_model(resaved)
+    original = model.state_dict()
+    assert all(torch.equal(t, original[k]) for k, t in loaded.state_dict().items())
+    assert_transformers_agrees(loaded, resaved)
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    """Set (or, given None, delete) fields of the folder's config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # transformers 5's RoPE field, which it reads before the top-level rope_theta.
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+        # Absent fields: LlamaConfig's defaults apply (rms_norm_eps 1e-6, not ours).
+        {"rms_norm_eps": None},
+    ],
+    ids=["rope_parameters", "no rms_norm_eps"],
+)
+def test_config_fields_mean_what_they_mean_to_transformers(
+    saved: tuple[Transformer, Path], changes: dict
+) -> None:
+    _, folder = saved
+    edit_config(folder, **changes)
+    assert_transformers_agrees(load_model(folder), folder)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+            "unsupported rope_parameters",
+        ),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling"),
+        ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer"),
+    ],
+    ids=["scaled rope (v5)", "scaled rope (v4)", "fractional layers"],
+)
+def test_configs_we_cannot_run_as_written_are_refused(
+    saved: tuple[Transformer, Path], changes: dict, message: str
+) -> None:
+    _, folder = saved
+    edit_config(folder, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+def test_the_weights_are_as_readable_as_the_rest_of_the_checkpoint(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
 def test_transformers_tokenizer_matches_ours_on_mixed_scripts(
     saved: tuple[Transformer, Path], tokenizer: Tokenizer
 ) -> None:
