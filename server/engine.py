@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class EngineUnavailable(Exception):
-    """The engine is draining or stopped and admits nothing new."""
+    """The engine is draining, stopped or failed, and admits nothing new."""
+
+
+FAILED = "the engine stopped on an internal error (see the server log)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +126,19 @@ class Engine:
         self.runner = ModelRunner(
             model, n_slots, compile_decode=compile_decode, cuda_graphs=cuda_graphs
         )
-        self.sampler = Sampler(n_slots, model.config.vocab_size, self.runner.device)
+        self._token_bytes = token_bytes(tokenizer)
+        # Draws only ids the tokenizer has: a padded or converted checkpoint may have more
+        # embedding rows than tokens (load_tokenizer allows that), and those have no text.
+        self.sampler = Sampler(n_slots, len(self._token_bytes), self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
         self.metrics = metrics
         self.eos_id = eos_id
-        self._token_bytes = token_bytes(tokenizer)
         self._live: dict[str, _Live] = {}
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._draining = False
+        self._failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._decode_key: tuple[tuple[str, int], ...] = ()
@@ -150,6 +156,11 @@ class Engine:
         return self._draining
 
     @property
+    def failed(self) -> bool:
+        """The model thread stopped on an unexpected error: nothing more is served."""
+        return self._failed
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._live)
 
@@ -163,6 +174,8 @@ class Engine:
             make_generator(request.seed, self.runner.device),
         )
         with self._cond:
+            if self._failed:
+                raise EngineUnavailable(FAILED)
             if self._draining or self._stopping:
                 raise EngineUnavailable("the server is shutting down")
             self.scheduler.add(ScheduledRequest(request.request_id, len(request.prompt_ids)))
@@ -193,17 +206,29 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
-        self._publish(
-            [
-                (live.stream, self._failure(live, EngineUnavailable("the server shut down")))
-                for live in self._live.values()
-            ]
-        )
-        self._live.clear()
+        self._fail_unfinished(EngineUnavailable("the server shut down"))
+
+    def _fail_unfinished(self, error: Exception) -> None:
+        """Every submitted, unfinished request gets `error` as its last output."""
+        with self._cond:
+            failed, self._live = list(self._live.values()), {}
+        self._publish([(live.stream, self._failure(live, error)) for live in failed])
+        self.metrics.finished.labels("error").inc(len(failed))
 
     # ------------------------------------------------------------ model thread
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug outside any one step: no request may hang on it
+            log.exception("the engine stopped")
+            with self._cond:
+                self._failed = True
+            self._fail_unfinished(EngineUnavailable(FAILED))
+            if not isinstance(e, Exception):
+                raise
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -293,12 +318,16 @@ class Engine:
         self.metrics.generation_tokens.inc(len(token_ids))
         finished, deliveries = [], []
         for live, token_id in zip(rows, token_ids, strict=True):
-            out = self._advance(live, token_id, now)
+            try:
+                out = self._advance(live, token_id, now)
+            except Exception as e:  # a bug in this row's text must not fail its neighbours
+                log.exception("request %s failed", live.request.request_id)
+                out = self._failure(live, e)
             deliveries.append((live.stream, out))
             if out.finished:
                 finished.append(out.request_id)
                 del self._live[out.request_id]
-                self.metrics.finished.labels(out.finish_reason).inc()
+                self.metrics.finished.labels(out.finish_reason or "error").inc()
                 self.metrics.request_latency.observe(now - live.request.arrival)
         return finished, deliveries
 

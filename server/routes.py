@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from server.engine import Engine, EngineUnavailable, RequestOutput, RequestStream
+from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ApiError,
@@ -54,6 +54,8 @@ def _serving(request: Request) -> Serving:
     serving: Serving | None = request.app.state.serving
     if serving is None:
         raise ApiError(503, "unavailable", f"the model is not ready ({request.app.state.status})")
+    if serving.engine.failed:
+        raise ApiError(503, "unavailable", FAILED)
     if serving.engine.draining:
         raise ApiError(503, "unavailable", "the server is shutting down")
     return serving
@@ -209,7 +211,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 @router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict[str, str]:
-    """200 once the model is loaded and warm; 503 while loading or draining."""
+    """200 once the model is loaded and warm; 503 while loading or draining, or after
+    the engine failed (so that an orchestrator replaces the process)."""
     _serving(request)
     return {"status": "ready"}
 

@@ -58,7 +58,8 @@ class Sampler:
         self.counts[dst] = self.counts[src]
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (on the device)."""
+        """logits [B, >= V] -> token ids [B] (on the device), each below V."""
+        logits = logits[:, : self.counts.shape[1]]  # [B, V]
         if not batch.params.any_penalty:
             return sample(logits, batch.params, batch.generators)
         ids = sample(logits, batch.params, batch.generators, self.counts[batch.slots])

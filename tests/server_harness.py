@@ -52,10 +52,12 @@ def english_tokenizer() -> Tokenizer:
     return train_tokenizer([m.__doc__ or "" for m in modules], VOCAB_SIZE)
 
 
-def random_checkpoint(root: Path, tokenizer: Tokenizer) -> Path:
+def random_checkpoint(root: Path, tokenizer: Tokenizer, padded_rows: int = 0) -> Path:
+    """A random `tiny` model for `tokenizer`, with `padded_rows` embedding rows past its
+    ids (as a checkpoint padded to a round vocabulary has)."""
     torch.manual_seed(0)
     config = ModelConfig.from_preset(
-        "tiny", vocab_size=tokenizer.get_vocab_size(), max_seq_len=1024
+        "tiny", vocab_size=tokenizer.get_vocab_size() + padded_rows, max_seq_len=1024
     )
     model = Transformer(config)
     with torch.no_grad():

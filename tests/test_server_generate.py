@@ -135,6 +135,23 @@ def test_sampling_values_at_the_edges_of_their_ranges_serve_as_their_limits(clie
     assert generate(client, **body, temperature=1e-30, seed=5)["text"] == greedy
 
 
+def test_a_checkpoint_padded_past_its_tokenizer_never_draws_the_padding(tmp_path):
+    # Near-uniform draws over 256 rows the tokenizer has no text for: without a mask
+    # nearly every step would pick one (and fail the whole batch).
+    tokenizer = english_tokenizer()
+    padded = random_checkpoint(tmp_path, tokenizer, padded_rows=256)
+    body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 100, "ignore_eos": True}
+    with (
+        running_server(Settings(checkpoint=padded, max_batch=4)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        runs = list(pool.map(lambda seed: stream(client, **body, seed=seed), range(4)))
+    for events in runs:
+        ids = streamed_ids(events)
+        assert len(ids) == 48 and max(ids) < tokenizer.get_vocab_size()
+
+
 def test_short_request_sent_after_a_long_one_finishes_first(client):
     finished: dict[str, float] = {}
     first_event = threading.Event()
