@@ -88,8 +88,12 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
-            idle = self.app.state.serving.engine.num_unfinished == 0
-            self.should_exit = idle or time.monotonic() >= self.drain_deadline
+            engine = self.app.state.serving.engine
+            if engine.num_unfinished and time.monotonic() >= self.drain_deadline:
+                # Cut off now, each request with an error output, so that the streams end
+                # properly before uvicorn's own shutdown (which would drop them mid-body).
+                engine.stop()
+            self.should_exit = engine.num_unfinished == 0
         return await super().on_tick(counter)
 
 

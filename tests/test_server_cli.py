@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -100,24 +102,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint):
+@contextlib.contextmanager
+def served(checkpoint: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m server` on a free port, ready; killed at the end if still running."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
+    command += ["--port", str(port), "--log-level", "warning", *flags]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--checkpoint",
-            str(checkpoint),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
 
@@ -129,19 +122,37 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
                 return False
 
         wait_until(ready, 60, "python -m server ready", interval=0.1)
-        events: list[dict | str] = []
-        first = threading.Event()
+        yield process, base_url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
-        def read_stream() -> None:
-            body = {"prompt": "drain", "max_tokens": 300, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", f"{base_url}/v1/generate", json=body, timeout=60) as r:
-                for event in sse_events(r):
-                    events.append(event)
-                    first.set()
 
-        reader = threading.Thread(target=read_stream)
-        reader.start()
-        assert first.wait(20)
+class StreamReader(threading.Thread):
+    """A streaming request read on its own thread, keeping every event."""
+
+    def __init__(self, base_url: str, max_tokens: int) -> None:
+        super().__init__()
+        self.url, self.max_tokens = f"{base_url}/v1/generate", max_tokens
+        self.events: list[dict | str] = []
+        self.opened = threading.Event()  # the 200 and its headers arrived: submitted
+        self.first = threading.Event()  # the first event arrived
+        self.start()
+
+    def run(self) -> None:
+        body = {"prompt": "drain", "max_tokens": self.max_tokens, "ignore_eos": True}
+        with httpx.stream("POST", self.url, json=body | {"stream": True}, timeout=60) as r:
+            self.opened.set()
+            for event in sse_events(r):
+                self.events.append(event)
+                self.first.set()
+
+
+def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint):
+    with served(checkpoint) as (process, base_url):
+        reader = StreamReader(base_url, 300)
+        assert reader.first.wait(20)
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{base_url}/health").status_code == 503, 5, "health 503")
         refused = httpx.post(f"{base_url}/v1/generate", json={"prompt": "late"})
@@ -149,10 +160,24 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
         assert refused.json()["error"]["type"] == "unavailable"
         reader.join(60)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    events = reader.events
     assert events[-1] == "[DONE]"
     assert events[-2]["finish_reason"] == "length"
     assert events[-2]["usage"]["completion_tokens"] == 300
+
+
+def test_past_the_drain_timeout_every_unfinished_stream_ends_with_an_error_event(checkpoint):
+    # One slot, eight streams of 1,000 tokens: far more work than the 0.5 s drain allows.
+    shut_down = {"error": {"type": "unavailable", "message": "the server shut down"}}
+    with served(checkpoint, "--max-batch", "1", "--drain-timeout", "0.5") as (process, url):
+        readers = [StreamReader(url, 1000) for _ in range(8)]
+        assert all(reader.opened.wait(20) for reader in readers)  # all submitted
+        process.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(60)
+        assert process.wait(timeout=30) == 0
+    # Each stream either finished within the drain or was ended by the error event:
+    # none is cut off mid-body.
+    endings = [reader.events[-1] if reader.events else None for reader in readers]
+    assert all(end in ("[DONE]", shut_down) for end in endings), endings
+    assert shut_down in endings
