@@ -306,7 +306,9 @@ def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
+def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     # 100000 steps would compile by default; the signal, not compilation, is under test.
     args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--log-interval", "1")
@@ -330,9 +332,17 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path: Path) -> None:
     assert stopped >= 3
     assert resolve_checkpoint(run).name == f"step-{stopped:07d}"
 
+    # The Docker trainer's --if-missing carries an interrupted run on, not leaves it be.
+    if_missing = ["--if-missing", "--out-dir", str(run)]
+    assert pretrain.main([*if_missing, "--max-steps", str(stopped + 1)]) == 0
+    assert "holds an unfinished run; resuming it" in capsys.readouterr().out
+    assert meta(run)["step"] == stopped + 1
     assert pretrain.main(["--resume", str(run), "--max-steps", str(stopped + 2)]) == 0
     assert meta(run)["step"] == stopped + 2
     assert max(read_log(run, "train")) == stopped + 2
+    assert pretrain.main(if_missing) == 0  # finished now: left alone
+    assert "already holds a finished run" in capsys.readouterr().out
+    assert meta(run)["step"] == stopped + 2
 
 
 def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -> None:

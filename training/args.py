@@ -186,7 +186,11 @@ class TrainArgs:
         default=None, metadata=doc("continue exactly from this checkpoint or run folder")
     )
     if_missing: bool = field(
-        default=False, metadata=doc("exit 0 at once if --out-dir already holds a checkpoint")
+        default=False,
+        metadata=doc(
+            "exit 0 at once if --out-dir already holds a finished run; resume an unfinished"
+            " one (interrupted or killed)"
+        ),
     )
     # hardware
     device: str = field(default="auto", metadata=doc("auto (CUDA when available), cpu or cuda"))

@@ -199,8 +199,29 @@ def prepare_on_rank0(
     return data if is_main else load_data(args, documents, tokenizer, world_size)
 
 
+def finished(folder: Path) -> bool:
+    """Whether the trainer checkpoint in `folder` ended its run (by steps, time or early
+    stopping), not a signal or a periodic save that a kill left the newest. Runs saved
+    before trainer_meta.json recorded it count as finished."""
+    meta_path = resolve_checkpoint(folder) / TRAINER_META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # not a trainer checkpoint (nothing to resume): leave it alone
+    return not isinstance(meta, dict) or meta.get("stopped_by", "max_steps") not in (None, "signal")
+
+
 def run(argv: Sequence[str] | None) -> int:
     settings = explicit_settings(argv, os.environ)
+    if settings.get("if_missing") and not settings.get("resume"):
+        out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
+        if has_checkpoint(out_dir):
+            if finished(out_dir):
+                print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
+                return 0
+            # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
+            print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
+            settings = {**settings, "resume": str(out_dir)}
     resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
     if resumed is not None and settings.get("init_from"):
         raise UsageError(
@@ -220,9 +241,6 @@ def run(argv: Sequence[str] | None) -> int:
     if initial is not None:
         args = with_checkpoint_shape(args, start_config)
     out_dir = Path(args.out_dir)
-    if args.if_missing and has_checkpoint(out_dir):
-        print(f"{out_dir} already holds a checkpoint; nothing to do (--if-missing)")
-        return 0
     if resumed is None and holds_run(out_dir):
         raise UsageError(
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "

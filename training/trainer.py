@@ -225,6 +225,7 @@ class Trainer:
         self.tokens_per_s = 0.0
         self.lr = 0.0
         self.stop_signal: int | None = None
+        self.stopped_by: str | None = None  # set when the loop ends; None in periodic saves
         self.started = time.perf_counter()
         self.tensorboard = None
         if resume_from is not None:
@@ -304,6 +305,7 @@ class Trainer:
             "best_val_loss": self.best_val,
             "world_size": self.dist.world_size,
             "first_batch_fingerprints": self.first_batch_fingerprints,
+            "stopped_by": self.stopped_by,
             "data": {"cache": str(self.data.folder), **self.data.meta["splits"]},
             "args": self.args.to_dict(),
         }
@@ -438,7 +440,7 @@ class Trainer:
         total = args.max_steps if args.max_time is None else None  # a clock, not steps, ends it
         bar = tqdm(total=total, initial=self.step, disable=not main, dynamic_ncols=True)
         try:
-            stopped_by = self._loop(bar)
+            self.stopped_by = stopped_by = self._loop(bar)
             if stopped_by != "signal" and self.evaluated_at != self.step:
                 self._eval_and_report(bar)
             checkpoint = self.save()
