@@ -75,6 +75,7 @@ class DrainingServer(uvicorn.Server):
         self.app = app
         self.drain_timeout = drain_timeout
         self.drain_deadline: float | None = None
+        self.failure: str | None = None  # why the server stopped itself
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         serving = self.app.state.serving
@@ -87,6 +88,14 @@ class DrainingServer(uvicorn.Server):
         serving.engine.begin_drain()
 
     async def on_tick(self, counter: int) -> bool:
+        state = self.app.state
+        if not self.should_exit and state.status.startswith("failed"):
+            self.failure = state.status
+        elif not self.should_exit and state.serving is not None and state.serving.engine.failed:
+            self.failure = "the engine stopped on an internal error (logged above)"
+        if self.failure is not None:
+            # Out, not up and unhealthy: a restart policy acts only on an exit.
+            self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             engine = self.app.state.serving.engine
             if engine.num_unfinished and time.monotonic() >= self.drain_deadline:
@@ -120,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout).run()
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)
+    server.run()
+    if server.failure is not None:
+        print(f"error: {server.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

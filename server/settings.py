@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -96,3 +96,12 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="uvicorn log level"
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key (a blank POCKETGPT_API_KEY= line) would let a bare
+        # `Authorization: Bearer` in while looking like protection.
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("must not be empty (unset it to serve without a key)")
+        return key

@@ -84,6 +84,27 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     ]
 
 
+def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):
+    # A blank POCKETGPT_API_KEY= line would let a bare `Authorization: Bearer` in.
+    result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": ""})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --api-key: ") and "must not be empty" in line
+
+
+def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp_path):
+    # Passes the start-up checks, fails in the loading thread: the process must exit
+    # (a restart policy acts only on an exit), not stay up answering 503 for ever.
+    no_separator = tmp_path / "no-separator"
+    shutil.copytree(checkpoint, no_separator)
+    tokenizer_file = no_separator / "tokenizer.json"
+    tokenizer_file.write_text(tokenizer_file.read_text().replace("<|endoftext|>", "<|end|>"))
+    result = run_server("--checkpoint", str(no_separator), "--port", str(free_port()))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: failed to load: ") and "<|endoftext|>" in last
+
+
 def test_compile_without_a_compiler_exits_2_naming_the_flag(checkpoint, tmp_path):
     no_compilers = {"PATH": str(tmp_path)}  # an empty folder: no g++, c++ or clang++
     result = run_server(
