@@ -86,6 +86,6 @@ EXPOSE 8000
 
 # No curl in the image: the check is a few lines of Python.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('POCKETGPT_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('POCKETGPT_PORT', '8000'), timeout=4)"]
 
 CMD ["python", "-m", "server"]
