@@ -23,9 +23,15 @@ from pathlib import Path
 
 import torch
 
+from bench.cli import (
+    check_context,
+    checkpoint_folder,
+    exit_on_sigterm,
+    positive_int,
+    positive_ints,
+)
 from bench.machine import describe
 from bench.reference import hf_generate, synchronize
-from model.checkpoint import resolve_checkpoint
 from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
 from server.app import load_serving
@@ -91,6 +97,10 @@ def ours(
     cuda_graphs: bool = True,
 ) -> dict[str, object]:
     """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
+    if compile_decode:
+        # As in a fresh server process: torch.compile caches per code object, and past 8
+        # engines in one process (rounds of this benchmark) it would silently run eager.
+        torch._dynamo.reset()
     settings = Settings(
         checkpoint=checkpoint,
         device=device,
@@ -143,17 +153,28 @@ def hf_reference(
     )
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--batch-sizes", default="1,8,32")
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
-    parser.add_argument("--hf-repeats", type=int, default=1)
+    parser.add_argument("--hf-repeats", type=positive_int, default=1)
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=1,
         help="measure ours then HF this many times per batch size and print the median "
         "ratio (a shared machine drifts between runs; alternating pairs sees the same drift)",
@@ -170,10 +191,10 @@ def main() -> None:
         help="run our CUDA decode eagerly, as `python -m server --cuda-graphs false`",
     )
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    folder = resolve_checkpoint(args.checkpoint)
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    check_device(parser, args.device)
+    folder = args.checkpoint
+    check_context(parser, folder, PROMPT_TOKENS, NEW_TOKENS)
+    for batch in args.batch_sizes:
         generator = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=generator)
         ratios = [measure_pair(folder, prompts, args) for _ in range(args.rounds)]

@@ -17,13 +17,13 @@ import asyncio
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serve import running_server
-from model.checkpoint import resolve_checkpoint
+from bench.cli import checkpoint_folder, exit_on_sigterm, positive_float, positive_int
+from bench.decode import check_device
+from bench.serve import running_server, within_timeout
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
 KINDS = tuple(EXPECTED)
@@ -68,7 +68,7 @@ async def one_round(base_url: str, clients: int, timeout: float) -> Counter:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         jobs = [one_client(client, KINDS[i % len(KINDS)], i) for i in range(clients)]
-        results = await asyncio.wait_for(asyncio.gather(*jobs), timeout)
+        results = await within_timeout(asyncio.gather(*jobs), timeout, f"{clients} clients")
     return Counter(results)
 
 
@@ -84,20 +84,25 @@ def wait_drained(base_url: str, timeout: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--clients", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
+    parser.add_argument("--clients", type=positive_int, default=200)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per round")
+    parser.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per round")
     args = parser.parse_args()
-    rss = []
-    with running_server(resolve_checkpoint(args.checkpoint), args.device, "auto") as base_url:
+    check_device(parser, args.device)
+    rss, unexpected_total = [], 0
+    with running_server(args.checkpoint, args.device, "auto") as base_url:
         for number in range(1, args.rounds + 1):
             seen = asyncio.run(one_round(base_url, args.clients, args.timeout))
             drained = wait_drained(base_url, timeout=10)
             rss.append(gauges(base_url)["process_resident_memory_bytes"])
             unexpected = sum(n for (kind, code), n in seen.items() if code not in EXPECTED[kind])
+            unexpected_total += unexpected
             statuses: Counter = Counter()
             for (_, code), n in seen.items():
                 statuses[code] += n
@@ -110,6 +115,8 @@ def main() -> None:
             )
         growth = rss[-1] / rss[0] - 1
         print(f"load: RSS after round {args.rounds} vs round 1: {100 * growth:+.1f}%")
+    if unexpected_total:
+        raise SystemExit(f"error: {unexpected_total} unexpected statuses (see the rounds above)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -25,17 +26,26 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import httpx
 import torch
 
-from bench.decode import NEW_TOKENS, hf_dtype, hf_reference, ours
+from bench.cli import (
+    check_context,
+    checkpoint_folder,
+    exit_on_sigterm,
+    positive_float,
+    positive_int,
+    positive_ints,
+)
+from bench.decode import DTYPES, NEW_TOKENS, check_device, hf_dtype, hf_reference, ours
 from bench.machine import describe
-from model.checkpoint import load_tokenizer, resolve_checkpoint
+from model.checkpoint import load_tokenizer
 
 PROMPTS = (
     "Once upon a time",
@@ -48,6 +58,7 @@ PROMPTS = (
     "The weather today is",
 )
 MAX_BATCH = 32
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -57,10 +68,11 @@ def free_port() -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least q of them at or below."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 async def one_stream(
@@ -104,9 +116,8 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as session:
         start, cpu_start = time.perf_counter(), time.process_time()
-        results = await asyncio.wait_for(
-            asyncio.gather(*(one_stream(session, base_url, i) for i in range(clients))), timeout
-        )
+        jobs = asyncio.gather(*(one_stream(session, base_url, i) for i in range(clients)))
+        results = await within_timeout(jobs, timeout, f"{clients} streaming clients")
         elapsed = time.perf_counter() - start
         client_cpu = time.process_time() - cpu_start
     ttfts = [r[1] for r in results if r[3]]
@@ -121,6 +132,14 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
         # The clients share the machine with the server: their CPU is not the server's.
         "client_cores": client_cpu / elapsed,
     }
+
+
+async def within_timeout(jobs: Awaitable[T], timeout: float, what: str) -> T:
+    """`jobs`' result, or a one-line exit once --timeout passes (the server is stopped)."""
+    try:
+        return await asyncio.wait_for(jobs, timeout)
+    except TimeoutError:
+        raise SystemExit(f"error: {what} did not finish within --timeout {timeout:g} s") from None
 
 
 def start_server(
@@ -171,16 +190,21 @@ def running_server(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--clients", default="1,8,32,128")
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
+    parser.add_argument("--clients", type=positive_ints, default="1,8,32,128")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per concurrency")
+    parser.add_argument(
+        "--timeout", type=positive_float, default=600.0, help="seconds per concurrency"
+    )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=1,
         help="measure HTTP, the raw engine and HF this many times per concurrency and print "
         "the median overhead and ratio (run-to-run drift on a shared machine is larger than "
@@ -193,37 +217,36 @@ def main() -> None:
     )
     parser.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=MAX_BATCH,
         help="the server's (and the raw engine's) --max-batch: streams generating at once",
     )
     parser.add_argument(
         "--stream-interval",
-        type=int,
+        type=positive_int,
         default=1,
         help="the server's --stream-interval: tokens per SSE event",
     )
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    if args.max_batch < 1:
-        parser.error("--max-batch must be at least 1")
-    if args.stream_interval < 1:
-        parser.error("--stream-interval must be at least 1")
-    folder = resolve_checkpoint(args.checkpoint)
+    check_device(parser, args.device)
+    folder = args.checkpoint
     tokenizer = load_tokenizer(folder)
+    longest = max(len(tokenizer.encode(prompt).ids) for prompt in PROMPTS)
+    check_context(parser, folder, longest, NEW_TOKENS)
     flags = ["--compile-decode", str(args.compile_decode).lower()]
     flags += ["--max-batch", str(args.max_batch), "--stream-interval", str(args.stream_interval)]
+    errors = 0
     with running_server(folder, args.device, args.dtype, flags) as base_url:
-        for clients in (int(c) for c in args.clients.split(",")):
+        for clients in args.clients:
             asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
             prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
             rounds = [measure_round(base_url, folder, prompts, args) for _ in range(args.rounds)]
+            overheads, vs_hf, round_errors = zip(*rounds, strict=True)
+            errors += sum(round_errors)
             if args.rounds > 1:
-                overheads, vs_hf = zip(*rounds, strict=True)
                 print(
                     f"serve {clients:>4} clients: median overhead "
                     f"{100 * statistics.median(overheads):.0f}% over {args.rounds} rounds "
@@ -232,14 +255,16 @@ def main() -> None:
                     f"(min {min(vs_hf):.2f}x, max {max(vs_hf):.2f}x)",
                     flush=True,
                 )
+    if errors:  # numbers measured around failed requests compare nothing
+        raise SystemExit(f"error: {errors} requests failed (see the rounds above)")
 
 
 def measure_round(
     base_url: str, folder: Path, prompts: torch.Tensor, args: argparse.Namespace
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
     """HTTP clients, the raw engine, then HF's static batch, on the same prompts; prints
-    one line, returns the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s) and
-    HTTP tokens/s / HF tokens/s."""
+    one line, returns the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s),
+    HTTP tokens/s / HF tokens/s, and the failed requests."""
     clients = len(prompts)
     http = asyncio.run(drive(base_url, clients, args.timeout))
     raw = ours(
@@ -267,7 +292,7 @@ def measure_round(
         f"errors {http['errors']}; the clients used {http['client_cores']:.2f} cores",
         flush=True,
     )
-    return overhead, vs_hf
+    return overhead, vs_hf, http["errors"]
 
 
 if __name__ == "__main__":

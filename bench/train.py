@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.cli import exit_on_sigterm, positive_float, positive_int
+from bench.decode import check_device
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
@@ -63,7 +65,14 @@ def our_tokens_per_s(
         ]
     )
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
+    train = [r for r in records if r["kind"] == "train"]
+    if not train or train[-1]["step"] < steps:
+        reached = train[-1]["step"] if train else 0
+        raise SystemExit(
+            f"error: the throughput run stopped at step {reached} of --steps {steps}: its"
+            f" --max-time {max_time:g} ran out first; lower --steps or raise --max-time"
+        )
+    return train[-1]["tokens_per_s"]
 
 
 def plain_tokens_per_s(
@@ -72,7 +81,8 @@ def plain_tokens_per_s(
     folder = resolve_checkpoint(run)
     args = saved_args(folder)
     batch, block = args["batch_size"], args["block_size"]
-    ids = np.array(load_tokenizer(folder).encode(train.read_text()).ids, dtype=np.int64)
+    text = train.read_text(encoding="utf-8", errors="replace")  # as the trainer reads it
+    ids = np.array(load_tokenizer(folder).encode(text).ids, dtype=np.int64)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(steps // 2):
@@ -106,13 +116,39 @@ def held_out_bpb(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train",
+        description=__doc__.splitlines()[0],
+        epilog="Arguments after `--` go to both training.pretrain runs, e.g. `-- --compile`.",
+    )
     parser.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
-    parser.add_argument("--steps", type=int, default=200, help="steps of the throughput runs")
-    parser.add_argument("--max-time", type=float, default=70.0, help="seconds of the quality run")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--steps", type=positive_int, default=200, help="steps of the throughput runs (>= 2)"
+    )
+    parser.add_argument(
+        "--max-time",
+        type=positive_float,
+        default=70.0,
+        help="seconds of the quality run; the throughput run gets the same limit (so the "
+        "same preset and compile choice) and must reach --steps within it",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--skip-quality", action="store_true")
     args, extra = parser.parse_known_args()
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if args.steps < 2:
+        parser.error("--steps: at least 2 (the first half of the steps is warm-up)")
+    check_device(parser, args.device)
+    try:
+        run(args, extra)
+    except subprocess.CalledProcessError as e:
+        module = e.cmd[2] if len(e.cmd) > 2 else e.cmd
+        raise SystemExit(f"error: {module} failed (exit {e.returncode}); see above") from None
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> None:
     extra = [a for a in extra if a != "--"] + ["--device", args.device]
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.transformer import Transformer
+
 RATIO = r"= (\d+\.\d+)x"
 
 
@@ -107,3 +113,29 @@ def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: 
     assert len(rounds) == 2
     assert all("unexpected 0" in line for line in rounds), rounds
     assert re.search(r"RSS after round 2 vs round 1: [+-]\d+\.\d%", out)
+
+
+def test_bad_input_is_one_error_line_naming_it(
+    tiny_checkpoint: Path, tokenizer: Tokenizer, tiny_config: ModelConfig, tmp_path: Path
+) -> None:
+    short = save_checkpoint(
+        tmp_path, "short", Transformer(tiny_config.replace(max_seq_len=128)), tokenizer
+    )
+    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    cases = {
+        ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
+        ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
+        ("bench.decode", "--checkpoint", str(tmp_path / "none")): "--checkpoint: ",
+        ("bench.serve", *ckpt, "--clients", "a"): "--clients: expected a positive integer",
+        ("bench.serve", *ckpt, "--timeout", "0"): "--timeout: expected a positive number",
+        ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
+        ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
+    }
+    for command, message in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", *command], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "error:" in last and message in last, (command, result.stderr)
+        assert "Traceback" not in result.stderr, command
