@@ -92,7 +92,9 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit and state.status.startswith("failed"):
             self.failure = state.status
         elif not self.should_exit and state.serving is not None and state.serving.engine.failed:
-            self.failure = "the engine stopped on an internal error (logged above)"
+            from server.engine import FAILED  # loaded by now: the engine ran
+
+            self.failure = FAILED
         if self.failure is not None:
             # Out, not up and unhealthy: a restart policy acts only on an exit.
             self.should_exit = True

@@ -83,16 +83,23 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UsageError(f"{flag} {folder}: {existing} is not writable")
 
 
-def saved_args(folder: Path) -> dict:
-    """The TrainArgs (as a dict) a trainer checkpoint was written with."""
+def trainer_meta(folder: Path) -> dict:
+    """A trainer checkpoint's trainer_meta.json."""
     path = folder / TRAINER_META
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise CheckpointError(f"{path}: unreadable ({e})") from None
-    args = meta.get("args") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
+def saved_args(folder: Path) -> dict:
+    """The TrainArgs (as a dict) a trainer checkpoint was written with."""
+    args = trainer_meta(folder).get("args")
     if not isinstance(args, dict):
-        raise CheckpointError(f"{path}: holds no trainer args")
+        raise CheckpointError(f"{folder / TRAINER_META}: holds no trainer args")
     return args
 
 
@@ -203,12 +210,11 @@ def finished(folder: Path) -> bool:
     """Whether the trainer checkpoint in `folder` ended its run (by steps, time or early
     stopping), not a signal or a periodic save that a kill left the newest. Runs saved
     before trainer_meta.json recorded it count as finished."""
-    meta_path = resolve_checkpoint(folder) / TRAINER_META
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = trainer_meta(resolve_checkpoint(folder))
+    except CheckpointError:
         return True  # not a trainer checkpoint (nothing to resume): leave it alone
-    return not isinstance(meta, dict) or meta.get("stopped_by", "max_steps") not in (None, "signal")
+    return meta.get("stopped_by", "max_steps") not in (None, "signal")
 
 
 def run(argv: Sequence[str] | None) -> int:
