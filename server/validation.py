@@ -47,18 +47,12 @@ class Validator:
         self.max_token_bytes = max(len(b) for b in token_bytes(tokenizer))
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
-        for text in (body.prompt, *body.stop_strings):
-            if not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:  # a lone surrogate, e.g. JSON "\\ud800"
-                    raise ApiError(
-                        422, "invalid_request", "prompt and stop strings must be valid Unicode"
-                    ) from None
+        for stop in body.stop_strings:
+            _utf8_length(stop)
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt too long in bytes alone to fit is
         # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
-        prompt_bytes = len(body.prompt.encode("utf-8"))
+        prompt_bytes = _utf8_length(body.prompt)
         fewest = -(-prompt_bytes // self.max_token_bytes)
         if fewest + body.max_tokens > self.max_context:
             self._too_long(f"at least {fewest} tokens: {prompt_bytes} bytes", body.max_tokens)
@@ -92,6 +86,19 @@ class Validator:
             f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds the model's context of "
             f"{self.max_context} tokens",
         )
+
+
+def _utf8_length(text: str) -> int:
+    """`text`'s length in UTF-8 bytes; a 422 where it has none (a lone surrogate, e.g.
+    JSON "\\ud800", which no encoder or tokenizer takes)."""
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ApiError(
+            422, "invalid_request", "prompt and stop strings must be valid Unicode"
+        ) from None
 
 
 def invalid_request(exc: RequestValidationError) -> ApiError:
