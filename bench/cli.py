@@ -1,6 +1,6 @@
-"""What every bench command does at its edge: argument types that refuse a bad value in
-one line (argparse prints `error: argument --x: ...` and exits 2), and SIGTERM handled
-as Ctrl-C is, so that a killed benchmark stops the server or trainer it started."""
+"""What every bench command does at its edge: argument types and checks that refuse a bad
+value in one line (argparse prints `error: ...` and exits 2), and SIGTERM handled as
+Ctrl-C is, so that a killed benchmark stops the server or trainer it started."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 from model.checkpoint import CheckpointError, read_config, resolve_checkpoint
 
@@ -58,6 +60,11 @@ def check_context(
             f"benchmark's {prompt_tokens}-token prompts + {new_tokens} new tokens; train one "
             f"with --block-size {prompt_tokens + new_tokens} or more"
         )
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
 
 
 def exit_on_sigterm() -> None:

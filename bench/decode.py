@@ -25,6 +25,7 @@ import torch
 
 from bench.cli import (
     check_context,
+    check_device,
     checkpoint_folder,
     exit_on_sigterm,
     positive_int,
@@ -154,11 +155,6 @@ def hf_reference(
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_device(parser: argparse.ArgumentParser, device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
 
 
 def main() -> None:

@@ -21,8 +21,13 @@ from collections import Counter
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cli import checkpoint_folder, exit_on_sigterm, positive_float, positive_int
-from bench.decode import check_device
+from bench.cli import (
+    check_device,
+    checkpoint_folder,
+    exit_on_sigterm,
+    positive_float,
+    positive_int,
+)
 from bench.serve import running_server, within_timeout
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}

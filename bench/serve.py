@@ -37,13 +37,14 @@ import torch
 
 from bench.cli import (
     check_context,
+    check_device,
     checkpoint_folder,
     exit_on_sigterm,
     positive_float,
     positive_int,
     positive_ints,
 )
-from bench.decode import DTYPES, NEW_TOKENS, check_device, hf_dtype, hf_reference, ours
+from bench.decode import DTYPES, NEW_TOKENS, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from model.checkpoint import load_tokenizer
 

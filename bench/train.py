@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.cli import exit_on_sigterm, positive_float, positive_int
-from bench.decode import check_device
+from bench.cli import check_device, exit_on_sigterm, positive_float, positive_int
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
