@@ -246,16 +246,6 @@ def _cached(folder: Path) -> PreparedData | None:
         return None
 
 
-def _check_cache_root(root: Path) -> None:
-    """Fail before the slow work, not after it, when a file stands where the cache's
-    folder (or one above it) must be."""
-    for path in (root, *root.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise CorpusError(f"--cache-dir {root}: cannot be a folder: {path} is a file")
-            return
-
-
 def _check_size(train_tokens: int, min_train_tokens: int) -> None:
     if train_tokens < min_train_tokens:
         raise CorpusError(
@@ -312,7 +302,6 @@ def prepare(
     if not train_docs:
         raise CorpusError("the training split is empty")
     root = Path(cache_root)
-    _check_cache_root(root)
     data = None
     if tokenizer is not None:
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for

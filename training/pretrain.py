@@ -159,6 +159,11 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
         raise UsageError(f"--tokenizer: {e}") from None
 
 
+def cache_root(args: TrainArgs) -> Path:
+    """Where the token cache lives: --cache-dir, else `.cache` beside the run folder."""
+    return Path(args.cache_dir) if args.cache_dir else Path(args.out_dir).parent / ".cache"
+
+
 def load_data(
     args: TrainArgs, documents: list[str] | None, tokenizer: Tokenizer | None, world_size: int
 ) -> PreparedData:
@@ -169,7 +174,7 @@ def load_data(
         train_docs, val_docs = documents, load_documents(args.val_data)
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
-    cache = Path(args.cache_dir) if args.cache_dir else Path(args.out_dir).parent / ".cache"
+    cache = cache_root(args)
     # One batch, and one block per rank, of distinct tokens.
     min_tokens = max(args.batch_size * args.block_size, world_size * (args.block_size + 1)) + 1
     return prepare(
@@ -255,6 +260,7 @@ def run(argv: Sequence[str] | None) -> int:
     if resumed is not None and out_dir.resolve() != resumed.parent.resolve() and holds_run(out_dir):
         raise UsageError(f"--out-dir {out_dir} already holds another run's checkpoints")
     check_writable(out_dir, "--out-dir")
+    check_writable(cache_root(args), "--cache-dir")
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
