@@ -32,7 +32,8 @@ from bench.cli import (
     positive_ints,
 )
 from bench.machine import describe
-from bench.reference import hf_generate, synchronize
+from bench.reference import hf_generate
+from bench.timing import frozen_heap, run_async, synchronize
 from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
 from server.app import load_serving
@@ -115,12 +116,13 @@ def ours(
     # the only OpenMP team (model/cpu.py). Warm-up on a throwaway engine (a stopped
     # engine does not restart): every kernel once.
     warm_up = call_in_own_thread(load_serving, settings, Metrics()).engine
-    asyncio.run(run_engine(warm_up, prompts[:1]))
+    run_async(run_engine(warm_up, prompts[:1]))
     engine = call_in_own_thread(load_serving, settings, Metrics()).engine
     runner = engine.runner
     decode = runner.decode = Stopwatch(runner.decode, runner.device)
     prefill = runner.prefill = Stopwatch(runner.prefill, runner.device)
-    elapsed = asyncio.run(run_engine(engine, prompts))
+    with frozen_heap():
+        elapsed = run_async(run_engine(engine, prompts))
     step_s = (elapsed - prefill.seconds) / decode.calls
     return {
         "tokens_per_s": len(prompts) * NEW_TOKENS / elapsed,

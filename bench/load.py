@@ -29,6 +29,7 @@ from bench.cli import (
     positive_int,
 )
 from bench.serve import running_server, within_timeout
+from bench.timing import run_async
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
 KINDS = tuple(EXPECTED)
@@ -103,7 +104,7 @@ def main() -> None:
     rss, unexpected_total = [], 0
     with running_server(args.checkpoint, args.device, "auto") as base_url:
         for number in range(1, args.rounds + 1):
-            seen = asyncio.run(one_round(base_url, args.clients, args.timeout))
+            seen = run_async(one_round(base_url, args.clients, args.timeout))
             drained = wait_drained(base_url, timeout=10)
             rss.append(gauges(base_url)["process_resident_memory_bytes"])
             unexpected = sum(n for (kind, code), n in seen.items() if code not in EXPECTED[kind])

@@ -14,12 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.timing import frozen_heap, synchronize
 from model.transformer import Transformer
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -56,11 +52,12 @@ def hf_generate(
 
     run()  # warm-up: allocator, kernels, lazy init
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    with frozen_heap():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
     return repeats * prompts.shape[0] * new_tokens / elapsed
 
 
@@ -90,8 +87,10 @@ def plain_train_steps(
 
     step(*batches[0])  # warm-up
     synchronize(device)
-    start = time.perf_counter()
-    for x, y in batches:
-        step(x, y)
-    synchronize(device)
-    return sum(x.numel() for x, _ in batches) / (time.perf_counter() - start)
+    with frozen_heap():
+        start = time.perf_counter()
+        for x, y in batches:
+            step(x, y)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return sum(x.numel() for x, _ in batches) / elapsed

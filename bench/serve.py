@@ -46,6 +46,7 @@ from bench.cli import (
 )
 from bench.decode import DTYPES, NEW_TOKENS, hf_dtype, hf_reference, ours
 from bench.machine import describe
+from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
 
 PROMPTS = (
@@ -116,11 +117,12 @@ async def drive(base_url: str, clients: int, timeout: float) -> dict[str, float]
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as session:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        jobs = asyncio.gather(*(one_stream(session, base_url, i) for i in range(clients)))
-        results = await within_timeout(jobs, timeout, f"{clients} streaming clients")
-        elapsed = time.perf_counter() - start
-        client_cpu = time.process_time() - cpu_start
+        with frozen_heap():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            jobs = asyncio.gather(*(one_stream(session, base_url, i) for i in range(clients)))
+            results = await within_timeout(jobs, timeout, f"{clients} streaming clients")
+            elapsed = time.perf_counter() - start
+            client_cpu = time.process_time() - cpu_start
     ttfts = [r[1] for r in results if r[3]]
     gaps = [g for r in results for g in r[2]]
     return {
@@ -239,7 +241,7 @@ def main() -> None:
     errors = 0
     with running_server(folder, args.device, args.dtype, flags) as base_url:
         for clients in args.clients:
-            asyncio.run(drive(base_url, min(clients, 4), args.timeout))  # warm-up
+            run_async(drive(base_url, min(clients, 4), args.timeout))  # warm-up
             ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
@@ -267,7 +269,7 @@ def measure_round(
     one line, returns the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s),
     HTTP tokens/s / HF tokens/s, and the failed requests."""
     clients = len(prompts)
-    http = asyncio.run(drive(base_url, clients, args.timeout))
+    http = run_async(drive(base_url, clients, args.timeout))
     raw = ours(
         folder,
         prompts,
