@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setting_source(name: str, given: dict[str, str]) -> str:
+    """The name the user gave a setting by: its flag if on the command line, else its
+    env var (a Docker user sets POCKETGPT_MAX_BATCH and would not find `--max-batch`)."""
+    return "--" + name.replace("_", "-") if name in given else f"POCKETGPT_{name.upper()}"
+
+
 def check_checkpoint(settings: Settings) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
@@ -115,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**given)
     except ValidationError as e:
         problems = "; ".join(
-            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
-            for err in e.errors()
+            f"{setting_source(str(err['loc'][0]), given)}: {err['msg']}" for err in e.errors()
         )
         print(f"error: {problems}", file=sys.stderr)
         return 2

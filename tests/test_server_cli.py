@@ -89,7 +89,29 @@ def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):
     result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": ""})
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --api-key: ") and "must not be empty" in line
+    assert line.startswith("error: POCKETGPT_API_KEY: ") and "must not be empty" in line
+
+
+def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
+    # Docker users configure by environment: the error must name the variable they set.
+    from_env = run_server(
+        "--checkpoint", str(checkpoint), env={"POCKETGPT_MAX_BATCH": "0", "POCKETGPT_PORT": "x"}
+    )
+    assert from_env.returncode == 2
+    (line,) = from_env.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    assert "POCKETGPT_MAX_BATCH: Input should be greater than or equal to 1" in line
+    assert "POCKETGPT_PORT: Input should be a valid integer" in line
+    assert "--max-batch" not in line
+
+    # A flag wins over the env var, and is what the message then names.
+    from_flag = run_server(
+        "--checkpoint", str(checkpoint), "--max-batch", "-3", env={"POCKETGPT_MAX_BATCH": "4"}
+    )
+    assert from_flag.returncode == 2
+    assert from_flag.stderr.strip().splitlines() == [
+        "error: --max-batch: Input should be greater than or equal to 1"
+    ]
 
 
 def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp_path):
