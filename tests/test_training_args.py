@@ -195,7 +195,24 @@ def test_the_largest_seed_accepted_seeds_every_generator_the_trainer_makes() -> 
     args = make_args(TrainArgs().to_dict(), explicit_settings(["--seed", str(MAX_SEED)], {}))
     torch.manual_seed(args.seed)
     torch.Generator().manual_seed(args.seed * 1000 + 999)  # the batch sampler's, rank 999
-    assert make_args(TrainArgs().to_dict(), {"vocab_size": 257}).vocab_size == 257
+    given = explicit_settings(["--vocab-size", "257"], {})
+    assert make_args(TrainArgs().to_dict(), given).vocab_size == 257
+
+
+def test_a_value_out_of_range_is_named_as_the_user_gave_it(tmp_path: Path) -> None:
+    # A Docker user sets POCKETGPT_BATCH_SIZE; `--batch-size` is nowhere in their files.
+    config = tmp_path / "run.toml"
+    config.write_text("batch_size = 0\ndropout = 1.5\n")
+    cases = [
+        ([], {"POCKETGPT_BATCH_SIZE": "0"}, "POCKETGPT_BATCH_SIZE: must be >= 1 (got 0)"),
+        (["--config", str(config)], {}, f"--config {config}: batch_size: must be >= 1 (got 0)"),
+        (["--config", str(config), "--batch-size", "2"], {}, f"--config {config}: dropout: "),
+        (["--batch-size", "-1"], {"POCKETGPT_BATCH_SIZE": "4"}, "--batch-size: must be >= 1"),
+    ]
+    for flags, environ, message in cases:
+        with pytest.raises(UsageError) as error:
+            make_args(TrainArgs().to_dict(), explicit_settings(flags, environ))
+        assert str(error.value).startswith(message), (flags, environ)
 
 
 def test_bad_vocab_size_and_seed_exit_2_before_anything_is_written(

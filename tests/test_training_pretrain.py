@@ -502,8 +502,9 @@ def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Pat
         timeout=60,
     )
     assert done.returncode == 2
-    # The environment is read too: its bad value is the first problem found.
-    assert done.stderr == "error: --batch-size: must be >= 1 (got 0)\n"
+    # The environment is read too: its bad value is the first problem found, named by
+    # the variable the user set.
+    assert done.stderr == "error: POCKETGPT_BATCH_SIZE: must be >= 1 (got 0)\n"
     assert not (tmp_path / "checkpoints").exists()
 
 

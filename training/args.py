@@ -210,16 +210,24 @@ class TrainArgs:
         ),
     )
 
-    def validate(self) -> TrainArgs:
-        """Raise UsageError naming the first flag whose value cannot work."""
+    def validate(self, sources: Mapping[str, str] | None = None) -> TrainArgs:
+        """Raise UsageError naming the first setting whose value cannot work, as the user
+        gave it: `sources` maps a field to its flag, env var or config file entry (a
+        field it lacks is named by its flag)."""
+
+        def require(name: str, ok: bool, problem: str, value: object) -> None:
+            if not ok:
+                source = (sources or {}).get(name, _flag(name))
+                raise UsageError(f"{source}: {problem} (got {value!r})")
+
         # inf and nan pass some range checks below (inf > 0) and then train to a NaN model.
         for name in FIELDS:
             value = getattr(self, name)
             if _base_type(name)[0] is float and value is not None:
-                _require(name, math.isfinite(value), "must be a finite number", value)
+                require(name, math.isfinite(value), "must be a finite number", value)
         positive = ("grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last")
         for name in positive:
-            _require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
+            require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
         for name in (
             "batch_size",
             "block_size",
@@ -232,36 +240,34 @@ class TrainArgs:
             "max_steps",
         ):
             value = getattr(self, name)
-            _require(name, value is None or value >= 1, "must be >= 1", value)
-        _require(
+            require(name, value is None or value >= 1, "must be >= 1", value)
+        require(
             "vocab_size",
             self.vocab_size is None or self.vocab_size >= MIN_VOCAB,
             f"must be >= {MIN_VOCAB} (every byte plus <|endoftext|>)",
             self.vocab_size,
         )
-        _require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)
+        require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
         for name in (*non_negative, "sample_tokens", "patience"):
-            _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
-        _require("lr", self.lr is None or self.lr > 0, "must be > 0", self.lr)
-        _require(
+            require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
+        require("lr", self.lr is None or self.lr > 0, "must be > 0", self.lr)
+        require(
             "embedding_lr_scale",
             self.embedding_lr_scale > 0,
             "must be > 0",
             self.embedding_lr_scale,
         )
-        _require(
-            "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio
-        )
-        _require(
+        require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio)
+        require(
             "cooldown_fraction",
             0 < self.cooldown_fraction <= 1,
             "must be in (0, 1]",
             self.cooldown_fraction,
         )
-        _require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
-        _require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
-        _require(
+        require("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)", self.val_fraction)
+        require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
+        require(
             "max_time", self.max_time is None or self.max_time > 0, "must be > 0", self.max_time
         )
         choices = {"preset": ("auto", *PRESETS), "device": ("auto", "cpu", "cuda")}
@@ -270,18 +276,13 @@ class TrainArgs:
         choices["lr_schedule"] = ("wsd", "cosine")
         for name, allowed in choices.items():
             value = getattr(self, name)
-            _require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
+            require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: CUDA is not available on this machine")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _require(name: str, ok: bool, problem: str, value: object) -> None:
-    if not ok:
-        raise UsageError(f"--{name.replace('_', '-')}: {problem} (got {value!r})")
 
 
 SHORT_CPU_BUDGET_S = 600.0
@@ -608,23 +609,32 @@ def _read_config_file(path: Path) -> dict:
     return out
 
 
-def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict:
+@dataclass(frozen=True)
+class Given:
+    """The settings a user gave, and where each came from (what an error names)."""
+
+    values: dict[str, object]
+    sources: dict[str, str]  # field -> "--flag", "POCKETGPT_FLAG" or "--config FILE: key"
+
+
+def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Given:
     """Settings given by config file, environment and command line, in rising precedence."""
     given = vars(build_parser().parse_args(argv))
-    settings = {}
+    values, sources = {}, {}
     config = given.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if config:
-        settings.update(_read_config_file(Path(config)))
+        values.update(_read_config_file(Path(config)))
+        sources.update({name: f"--config {config}: {name}" for name in values})
     for name in FIELDS:
         env = ENV_PREFIX + name.upper()
         if env in environ:
-            settings[name] = _convert(name, environ[env], env)
+            values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
-        settings[name] = _convert(name, value, _flag(name))
-    return settings
+        values[name], sources[name] = _convert(name, value, _flag(name)), _flag(name)
+    return Given(values, sources)
 
 
-def make_args(base: Mapping[str, object], settings: Mapping[str, object]) -> TrainArgs:
-    """TrainArgs from `base` (defaults or a resumed run's args) overridden by `settings`."""
+def make_args(base: Mapping[str, object], given: Given) -> TrainArgs:
+    """TrainArgs from `base` (defaults or a resumed run's args) overridden by `given`."""
     known = {k: v for k, v in base.items() if k in FIELDS}
-    return TrainArgs(**{**known, **settings}).validate()
+    return TrainArgs(**{**known, **given.values}).validate(given.sources)

@@ -29,6 +29,7 @@ from model.checkpoint import (
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
+    Given,
     TrainArgs,
     UsageError,
     budget_summary,
@@ -103,12 +104,13 @@ def saved_args(folder: Path) -> dict:
     return args
 
 
-def resumed_args(folder: Path, settings: dict) -> TrainArgs:
+def resumed_args(folder: Path, given: Given) -> TrainArgs:
     """The args a run resumed from `folder` continues with: its own, overridden by the
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
-    check_resume_settings(settings, saved, read_config(folder))
-    given_data = [os.path.abspath(path) for path in settings.get("data", saved.get("data", []))]
+    check_resume_settings(given.values, saved, read_config(folder))
+    data = given.values.get("data", saved.get("data", []))
+    given_data = [os.path.abspath(path) for path in data]
     if given_data != saved.get("data"):
         print("warning: resuming on other --data than the run's; its batches will differ")
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
@@ -116,7 +118,7 @@ def resumed_args(folder: Path, settings: dict) -> TrainArgs:
     # copy of a run folder must not write into its original).
     base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent)}
     try:
-        return make_args(base, settings)
+        return make_args(base, given)
     except (TypeError, ValueError) as e:  # a saved value of the wrong type
         raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
 
@@ -223,7 +225,8 @@ def finished(folder: Path) -> bool:
 
 
 def run(argv: Sequence[str] | None) -> int:
-    settings = explicit_settings(argv, os.environ)
+    given = explicit_settings(argv, os.environ)
+    settings = given.values
     if settings.get("if_missing") and not settings.get("resume"):
         out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
         if has_checkpoint(out_dir):
@@ -232,18 +235,19 @@ def run(argv: Sequence[str] | None) -> int:
                 return 0
             # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
             print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
-            settings = {**settings, "resume": str(out_dir)}
+            given = Given({**settings, "resume": str(out_dir)}, given.sources)
+            settings = given.values
     resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
     if resumed is not None and settings.get("init_from"):
         raise UsageError(
             "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
         )
     if resumed is None:
-        args = make_args(TrainArgs().to_dict(), settings)
+        args = make_args(TrainArgs().to_dict(), given)
         if args.tokenizer is not None and args.vocab_size is not None:
             raise UsageError("--vocab-size: --tokenizer brings its own vocabulary; drop one")
     else:
-        args = resumed_args(resumed, settings)
+        args = resumed_args(resumed, given)
     args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
