@@ -1,5 +1,6 @@
-"""uvicorn's configuration for a pocketgpt app: HTTP/1.1 by h11, the head bounded, and
-uvicorn's own refusals in the JSON error envelope.
+"""uvicorn's configuration for a pocketgpt app: HTTP/1.1 by h11, the head bounded in
+size, each request bounded in time, and uvicorn's own refusals in the JSON error
+envelope.
 
 h11 stops buffering a head still incomplete past `--max-header-bytes` (so a slow,
 endless head cannot grow memory); HeaderLimitMiddleware answers 431 for a head that
@@ -7,9 +8,21 @@ arrived whole in one socket read. uvicorn answers the first case, and any reques
 cannot parse, itself, before the app runs: a plain-text 400. `EnvelopeH11Protocol`
 makes those answers the envelope every other error uses (431 for the oversized head).
 httptools, if installed, would ignore the head bound: h11 is named explicitly.
+
+uvicorn has no deadline for receiving a request (its keep-alive timeout covers only a
+silent connection between requests, and any byte received cancels it), so a client
+sending a head or body a byte at a time, or connecting and sending nothing, held its
+connection for good: a few hundred of them exhaust the server's file descriptors.
+`EnvelopeH11Protocol` gives each request `--request-timeout` seconds, from the
+connection's start or the previous response's end until its last body byte, then
+answers 408 (or closes silently if nothing of a request came) and closes. A response,
+however long it streams, is never cut by it.
 """
 
 from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
 
 import h11
 from fastapi import FastAPI
@@ -19,8 +32,60 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from server.protocol import ApiError
 from server.settings import Settings
 
+# h11 states of the client's side once its request has arrived whole (or never will).
+_REQUEST_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+
 
 class EnvelopeH11Protocol(H11Protocol):
+    request_timeout: float = 30.0  # uvicorn_config() sets it from Settings
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state in _REQUEST_RECEIVED:
+            self._disarm_deadline()
+
+    def on_response_complete(self) -> None:
+        # The next request's time starts now. Armed before uvicorn starts that request's
+        # cycle, so a pipelined request that has already arrived disarms it at once.
+        if not self.transport.is_closing():
+            self._arm_deadline()
+        super().on_response_complete()
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self._deadline = self.loop.call_later(self.request_timeout, self._request_timed_out)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.conn.their_state in _REQUEST_RECEIVED:
+            return
+        if self.conn.their_state is h11.IDLE:
+            # Part of a head, or nothing: on an idle keep-alive connection a 408 could be
+            # read as the answer to the request a client is about to send on it.
+            partly_sent = bool(self.conn.trailing_data[0])
+        else:  # the head came, the body is still coming; unless a guard already answered
+            partly_sent = not self.cycle.response_started
+        if partly_sent:
+            timeout = f"{self.request_timeout:g} s"
+            message = f"the request did not arrive whole within {timeout}"
+            self._send_error_and_close(ApiError(408, "request_timeout", message))
+        else:
+            self.transport.close()
+
     def send_400_response(self, msg: str) -> None:
         # What h11 holds unparsed tells the two refusals apart (trailing_data is public).
         buffered = len(self.conn.trailing_data[0])
@@ -31,6 +96,9 @@ class EnvelopeH11Protocol(H11Protocol):
             )
         else:
             error = ApiError(400, "invalid_http", "the request is not valid HTTP/1.1")
+        self._send_error_and_close(error)
+
+    def _send_error_and_close(self, error: ApiError) -> None:
         body = error.body().model_dump_json().encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -38,7 +106,11 @@ class EnvelopeH11Protocol(H11Protocol):
             (b"connection", b"close"),
         ]
         for event in (
-            h11.Response(status_code=error.status_code, headers=headers),
+            h11.Response(
+                status_code=error.status_code,
+                headers=headers,
+                reason=HTTPStatus(error.status_code).phrase,
+            ),
             h11.Data(data=body),
             h11.EndOfMessage(),
         ):
@@ -48,11 +120,15 @@ class EnvelopeH11Protocol(H11Protocol):
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Config:
     """The uvicorn Config `python -m server` runs `app` with (tests pass `overrides`)."""
+
+    class Protocol(EnvelopeH11Protocol):
+        request_timeout = settings.request_timeout
+
     options: dict = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "http": EnvelopeH11Protocol,
+        "http": Protocol,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": 5,
     }

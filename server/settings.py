@@ -87,6 +87,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest request head (request line and headers) accepted; beyond it: 431",
     )
+    request_timeout: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds a client has to send a whole request (head and body), from "
+        "connecting or from its previous response; beyond it: 408 and the connection closes "
+        "(a response is never cut by it)",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running streams may finish after SIGTERM"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -216,6 +217,36 @@ def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     assert status == 431 and body["error"]["type"] == "request_header_fields_too_large"
     status, body = raw_exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
     assert status == 400 and body["error"]["type"] == "invalid_http"
+
+
+def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tmp_path):
+    timeout = 0.5
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    with running_server(Settings(checkpoint=checkpoint, request_timeout=timeout)) as url:
+        # Slow clients (slowloris) held their connections for good: part of a head, or a
+        # body shorter than its Content-Length, is answered 408 and the connection closed.
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+        short_body = head + b"Content-Length: 100\r\n\r\n" + b'{"prompt": '
+        for sent in (head, short_body):
+            status, body = raw_exchange(url, sent)
+            assert status == 408 and body["error"]["type"] == "request_timeout", sent
+            assert f"within {timeout:g} s" in body["error"]["message"]
+        # A connection that sends nothing is closed without an answer: on an idle
+        # keep-alive connection one could be read as the answer to the client's next request.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as silent:
+            assert silent.recv(65536) == b""
+
+        # The limit is on a request's arrival, not its answer: a stream that outlasts it
+        # runs to its end, and the connection then serves the next request.
+        with httpx.Client(base_url=url, timeout=60) as client:
+            request = {"prompt": "x", "max_tokens": 900, "ignore_eos": True, "stream": True}
+            started = time.monotonic()
+            with client.stream("POST", "/v1/generate", json=request) as response:
+                *_, last, done = sse_events(response)
+            assert time.monotonic() - started > timeout  # it did outlast the deadline
+            assert done == "[DONE]" and last["usage"]["completion_tokens"] == 900
+            assert client.get("/v1/models").status_code == 200
 
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
