@@ -26,6 +26,14 @@ if typing.TYPE_CHECKING:
     from fastapi import FastAPI
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    return Settings.model_config["env_prefix"] + name.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server",
@@ -33,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         "GET /health, GET /v1/models, GET /metrics.",
     )
     for name, field in Settings.model_fields.items():
-        env = f"POCKETGPT_{name.upper()}"
         default = "unset" if field.default is None else field.default
         choices = (
             typing.get_args(field.annotation)
@@ -41,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             else None
         )
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag(name),
             dest=name,
             choices=choices,
-            help=f"{field.description} (env {env}; default {default})",
+            help=f"{field.description} (env {env_var(name)}; default {default})",
         )
     return parser
 
@@ -52,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setting_source(name: str, given: dict[str, str]) -> str:
     """The name the user gave a setting by: its flag if on the command line, else its
     env var (a Docker user sets POCKETGPT_MAX_BATCH and would not find `--max-batch`)."""
-    return "--" + name.replace("_", "-") if name in given else f"POCKETGPT_{name.upper()}"
+    return flag(name) if name in given else env_var(name)
 
 
 def check_checkpoint(settings: Settings) -> None:
