@@ -62,7 +62,7 @@ def setting_source(name: str, given: dict[str, str]) -> str:
     return flag(name) if name in given else env_var(name)
 
 
-def check_checkpoint(settings: Settings) -> None:
+def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
     from model.device import resolve_device
@@ -71,7 +71,8 @@ def check_checkpoint(settings: Settings) -> None:
 
     device = resolve_device(settings.device)
     if settings.compile_decode and not has_compiler(device):
-        raise ValueError(f"--compile-decode: {missing_compiler_message(device)}")
+        source = setting_source("compile_decode", given)
+        raise ValueError(f"{source}: {missing_compiler_message(device)}")
     folder = resolve_checkpoint(settings.checkpoint)
     # Shapes and bytes only, no arithmetic: this thread runs the event loop from now on,
     # and a parallel torch op here would start a second OpenMP team, doubling the
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.http11 import uvicorn_config
 
     try:
-        check_checkpoint(settings)
+        check_checkpoint(settings, given)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

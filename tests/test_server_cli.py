@@ -127,16 +127,19 @@ def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp
     assert last.startswith("error: failed to load: ") and "<|endoftext|>" in last
 
 
-def test_compile_without_a_compiler_exits_2_naming_the_flag(checkpoint, tmp_path):
+def test_compile_without_a_compiler_exits_2_naming_the_flag_or_env_var(checkpoint, tmp_path):
     no_compilers = {"PATH": str(tmp_path)}  # an empty folder: no g++, c++ or clang++
     result = run_server(
         "--checkpoint", str(checkpoint), "--compile-decode", "true", env=no_compilers
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: --compile-decode: torch.compile on cpu needs a compiler on PATH"
-        " (g++ / c++ / clang++); none was found"
-    ]
+    missing = "torch.compile on cpu needs a compiler on PATH (g++ / c++ / clang++); none was found"
+    assert result.stderr.strip().splitlines() == [f"error: --compile-decode: {missing}"]
+    from_env = run_server(
+        "--checkpoint", str(checkpoint), env=no_compilers | {"POCKETGPT_COMPILE_DECODE": "1"}
+    )
+    assert from_env.returncode == 2
+    assert from_env.stderr.strip().splitlines() == [f"error: POCKETGPT_COMPILE_DECODE: {missing}"]
 
 
 def free_port() -> int:
