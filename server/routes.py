@@ -62,7 +62,7 @@ def _serving(request: Request) -> Serving:
 
 
 _ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 431, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 429, 431, 503)
 }
 # With `stream`, 200 is an SSE stream (one StreamChunk per `data:` line, then [DONE]);
 # documented, so the schema covers every 200 the route sends.
