@@ -3,6 +3,7 @@
     config.json             LlamaConfig fields (model_type "llama")
     model.safetensors       weights under HF names (model.layers.0.self_attn.q_proj.weight ...)
     tokenizer.json          tokenizers-library file; tokenizer_config.json beside it
+    chat_template.jinja     only if the checkpoint it was trained from had one
     generation_config.json  eos/bos ids and default sampling settings
     ...                     any extra files the caller writes (the trainer's state)
 
@@ -20,6 +21,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +41,21 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
+# tokenizer_config.json fields a checkpoint keeps from the one it was trained from: what
+# HF users add to a tokenizer (a pad token, a chat template), which the fields this
+# format writes itself do not cover. The ids they name stay right: a run trained from a
+# checkpoint keeps its tokenizer.
+KEPT_TOKENIZER_FIELDS = (
+    "pad_token",
+    "unk_token",
+    "additional_special_tokens",
+    "extra_special_tokens",
+    "added_tokens_decoder",
+    "chat_template",
+    "padding_side",
+    "truncation_side",
+)
 HF_PREFIX = "model."  # our module names are HF's minus this prefix (lm_head excepted)
 FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
@@ -171,6 +188,31 @@ def is_temporary(name: str) -> bool:
     return ".tmp-" in name or ".old-" in name
 
 
+@dataclass(frozen=True)
+class TokenizerExtras:
+    """What a checkpoint keeps of the tokenizer files of the one it was trained from."""
+
+    fields: dict[str, object] = field(default_factory=dict)  # KEPT_TOKENIZER_FIELDS present
+    chat_template: str | None = None  # CHAT_TEMPLATE's text
+
+
+def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
+    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template file (either may be absent)."""
+    fields: dict[str, object] = {}
+    path = folder / TOKENIZER_CONFIG
+    try:
+        if path.exists():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{path}: expected a JSON object")
+            fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
+        template = folder / CHAT_TEMPLATE
+        chat_template = template.read_text(encoding="utf-8") if template.exists() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}: unreadable tokenizer files ({e})") from None
+    return TokenizerExtras(fields, chat_template)
+
+
 # ---------------------------------------------------------------- save
 
 
@@ -194,14 +236,17 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     *,
     generation_defaults: Mapping[str, object] | None = None,
+    tokenizer_extras: TokenizerExtras | None = None,
     extra_files: Mapping[str, Callable[[Path], None]] | None = None,
     update_latest: bool = True,
 ) -> Path:
     """Atomically write checkpoint `root/name`; then point `root/latest` at it.
 
-    `extra_files` maps a file name to a function that writes it (given its path).
-    Returns the final folder.
+    `tokenizer_extras`: what to keep of the tokenizer files of the checkpoint this one
+    was trained from. `extra_files` maps a file name to a function that writes it (given
+    its path). Returns the final folder.
     """
+    extras = tokenizer_extras or TokenizerExtras()
     root = Path(root)
     final = root / name
     tmp = root / f"{name}.tmp-{os.getpid()}"
@@ -221,7 +266,8 @@ def save_checkpoint(
         tokenizer.save(str(tmp / TOKENIZER))
         write_json(
             tmp / TOKENIZER_CONFIG,
-            {
+            extras.fields
+            | {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": END_OF_TEXT,
                 "eos_token": END_OF_TEXT,
@@ -229,6 +275,8 @@ def save_checkpoint(
                 "clean_up_tokenization_spaces": False,
             },
         )
+        if extras.chat_template is not None:
+            (tmp / CHAT_TEMPLATE).write_text(extras.chat_template, encoding="utf-8")
         write_json(
             tmp / GENERATION_CONFIG,
             {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": True}

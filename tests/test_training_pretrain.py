@@ -233,6 +233,41 @@ def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Pa
     assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
 
 
+def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_in_hf(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoTokenizer
+
+    base, edited, tuned = tmp_path / "base", tmp_path / "edited", tmp_path / "tuned"
+    short = ["--max-steps", "2", "--eval-interval", "100", "--sample-tokens", "0"]
+    assert pretrain.main(tiny_run(tmp_path, *short, "--out-dir", str(base))) == 0
+    # What a user does in transformers before fine-tuning here.
+    shutil.copytree(resolve_checkpoint(base), edited)
+    hf = AutoTokenizer.from_pretrained(edited)
+    hf.pad_token = "<|endoftext|>"
+    hf.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    hf.save_pretrained(edited)
+
+    run = [*short, "--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache")]
+    assert pretrain.main([*run, "--init-from", str(edited), "--out-dir", str(tuned)]) == 0
+    resumed = [*run, "--max-steps", "3", "--resume", str(tuned)]
+    assert pretrain.main(resumed) == 0  # a resumed fine-tune keeps them too
+    for folder in (resolve_checkpoint(tuned), tuned / "best"):
+        reloaded = AutoTokenizer.from_pretrained(folder)
+        assert (reloaded.pad_token, reloaded.eos_token) == ("<|endoftext|>", "<|endoftext|>")
+        chat = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert chat == "user: hi\n", folder
+    assert meta(tuned)["step"] == 3
+
+    (edited / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    capsys.readouterr()
+    argv = [*run, "--init-from", str(edited), "--out-dir", str(tmp_path / "never")]
+    assert pretrain.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {edited}: unreadable tokenizer files")
+    assert not (tmp_path / "never").exists()
+
+
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

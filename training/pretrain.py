@@ -24,6 +24,7 @@ from model.checkpoint import (
     CheckpointWriteError,
     load_tokenizer,
     read_config,
+    read_tokenizer_extras,
     resolve_checkpoint,
 )
 from model.cpu import tune_malloc
@@ -253,6 +254,8 @@ def run(argv: Sequence[str] | None) -> int:
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
     start = resumed or initial
     start_config = read_config(start) if start is not None else None
+    # The run's tokenizer is the start's: so is what HF users added to its files.
+    tokenizer_extras = read_tokenizer_extras(start) if start is not None else None
     if initial is not None:
         args = with_checkpoint_shape(args, start_config)
     out_dir = Path(args.out_dir)
@@ -299,7 +302,14 @@ def run(argv: Sequence[str] | None) -> int:
                 flush=True,
             )
         Trainer(
-            args, data, config, device, dist_info, resume_from=resumed, init_from=initial
+            args,
+            data,
+            config,
+            device,
+            dist_info,
+            resume_from=resumed,
+            init_from=initial,
+            tokenizer_extras=tokenizer_extras,
         ).train()
         if dist_info.enabled:
             # Leave together: a rank that tore its process group down and exited while

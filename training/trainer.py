@@ -41,6 +41,7 @@ from model.checkpoint import (
     END_OF_TEXT,
     LATEST,
     CheckpointError,
+    TokenizerExtras,
     is_temporary,
     load_weights,
     read_config,
@@ -193,6 +194,7 @@ class Trainer:
         *,
         resume_from: Path | None = None,
         init_from: Path | None = None,
+        tokenizer_extras: TokenizerExtras | None = None,
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
         self.out_dir = Path(args.out_dir)
@@ -232,6 +234,9 @@ class Trainer:
             self._load(resume_from)
         elif init_from is not None:  # fine-tuning: the weights alone
             self._load_weights(init_from)
+        # What HF users added to the tokenizer files of the checkpoint the run started
+        # from (a pad token, a chat template): every checkpoint of the run keeps it.
+        self.tokenizer_extras = tokenizer_extras
         # What a training step calls: the model, wrapped in DDP under torchrun.
         self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
@@ -334,6 +339,7 @@ class Trainer:
             f"step-{self.step:07d}",
             self.model,
             self.data.tokenizer,
+            tokenizer_extras=self.tokenizer_extras,
             extra_files=extra,
         )
         self._prune()
@@ -482,6 +488,7 @@ class Trainer:
                 BEST,
                 self.model,
                 self.data.tokenizer,
+                tokenizer_extras=self.tokenizer_extras,
                 extra_files={TRAINER_META: lambda path: write_json(path, meta)},
                 update_latest=False,
             )
