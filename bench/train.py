@@ -8,6 +8,7 @@
    JSONL log, the first half of the steps (and torch.compile's build) being warm-up.
    Then, in this process, a nanoGPT-style loop (bench/reference.py) on the identical
    model shape, batch and sequence length.
+   `--rounds N` repeats both N times and prints the median ratio.
 2. Quality: `training.pretrain --max-time` with default settings on the first 90% of
    the file's bytes, then `training.evaluate` on the last 10% (bits per byte).
 Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +135,13 @@ def main() -> None:
         "same preset and compile choice) and must reach --steps within it",
     )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="measure our trainer and the plain loop this many times, alternating, and print "
+        "the median ratio (run-to-run drift on a shared machine is as large as the margins)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     args, extra = parser.parse_known_args()
     if not args.data.is_file():
@@ -153,22 +162,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         train, held_out = split_bytes(args.data, folder)
-        ours = our_tokens_per_s(train, held_out, folder / "speed", args.steps, args.max_time, extra)
-        speed_args = saved_args(resolve_checkpoint(folder / "speed"))
-        plain = plain_tokens_per_s(folder / "speed", train, args.steps, device, None)
-        compiled = "compiled" if speed_args["compile"] else "eager"
-        mode = f"{compiled}, {speed_args['dtype']}, {speed_args['optimizer']}"
-        line = (
-            f"train throughput ({describe(device)}): pocketgpt ({mode}) {ours:,.0f} tok/s vs"
-            f" plain loop (float32) {plain:,.0f} tok/s = {ours / plain:.2f}x"
-        )
-        if speed_args["dtype"] == "bfloat16":
-            # The same loop under bf16 autocast: how much of the gap is the dtype alone.
-            plain_bf16 = plain_tokens_per_s(
-                folder / "speed", train, args.steps, device, torch.bfloat16
+        speed_runs = [folder / f"speed-{i}" for i in range(args.rounds)]
+        ratios = [throughput_round(args, extra, train, held_out, run, device) for run in speed_runs]
+        if args.rounds > 1:
+            print(
+                f"train throughput: median {statistics.median(ratios):.2f}x the plain loop "
+                f"(float32) over {args.rounds} rounds (min {min(ratios):.2f}x, max "
+                f"{max(ratios):.2f}x)"
             )
-            line += f"; plain loop (bfloat16) {plain_bf16:,.0f} tok/s = {ours / plain_bf16:.2f}x"
-        print(line)
         if not args.skip_quality:
             start = time.perf_counter()
             bpb = held_out_bpb(train, held_out, folder / "quality", args.max_time, extra)
@@ -177,6 +178,33 @@ def run(args: argparse.Namespace, extra: list[str]) -> None:
                 f"train quality: {bpb:.3f} bits/byte on the held-out last 10% of {args.data.name}"
                 f" after --max-time {args.max_time:g} (whole run {wall:.0f}s)"
             )
+
+
+def throughput_round(
+    args: argparse.Namespace,
+    extra: list[str],
+    train: Path,
+    held_out: Path,
+    run: Path,
+    device: torch.device,
+) -> float:
+    """Our trainer, then the plain loop, on the same shape; prints one line, returns
+    our tokens/s over the plain fp32 loop's."""
+    ours = our_tokens_per_s(train, held_out, run, args.steps, args.max_time, extra)
+    speed_args = saved_args(resolve_checkpoint(run))
+    plain = plain_tokens_per_s(run, train, args.steps, device, None)
+    compiled = "compiled" if speed_args["compile"] else "eager"
+    mode = f"{compiled}, {speed_args['dtype']}, {speed_args['optimizer']}"
+    line = (
+        f"train throughput ({describe(device)}): pocketgpt ({mode}) {ours:,.0f} tok/s vs"
+        f" plain loop (float32) {plain:,.0f} tok/s = {ours / plain:.2f}x"
+    )
+    if speed_args["dtype"] == "bfloat16":
+        # The same loop under bf16 autocast: how much of the gap is the dtype alone.
+        plain_bf16 = plain_tokens_per_s(run, train, args.steps, device, torch.bfloat16)
+        line += f"; plain loop (bfloat16) {plain_bf16:,.0f} tok/s = {ours / plain_bf16:.2f}x"
+    print(line, flush=True)
+    return ours / plain
 
 
 if __name__ == "__main__":
