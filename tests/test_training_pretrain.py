@@ -252,7 +252,11 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     assert pretrain.main([*run, "--init-from", str(edited), "--out-dir", str(tuned)]) == 0
     resumed = [*run, "--max-steps", "3", "--resume", str(tuned)]
     assert pretrain.main(resumed) == 0  # a resumed fine-tune keeps them too
-    for folder in (resolve_checkpoint(tuned), tuned / "best"):
+    fresh = tmp_path / "fresh"  # and a new model trained with that tokenizer
+    shape = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4"]
+    argv = [*run, *shape, "--tokenizer", str(edited), "--out-dir", str(fresh)]
+    assert pretrain.main(argv) == 0
+    for folder in (resolve_checkpoint(tuned), tuned / "best", resolve_checkpoint(fresh)):
         reloaded = AutoTokenizer.from_pretrained(folder)
         assert (reloaded.pad_token, reloaded.eos_token) == ("<|endoftext|>", "<|endoftext|>")
         chat = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -162,6 +162,15 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
         raise UsageError(f"--tokenizer: {e}") from None
 
 
+def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
+    """The folder the run's tokenizer comes from (see resolve_tokenizer), if any."""
+    if start is not None:
+        return start
+    if args.tokenizer is not None and Path(args.tokenizer).is_dir():
+        return Path(args.tokenizer)
+    return None
+
+
 def cache_root(args: TrainArgs) -> Path:
     """Where the token cache lives: --cache-dir, else `.cache` beside the run folder."""
     return Path(args.cache_dir) if args.cache_dir else Path(args.out_dir).parent / ".cache"
@@ -254,8 +263,10 @@ def run(argv: Sequence[str] | None) -> int:
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
     start = resumed or initial
     start_config = read_config(start) if start is not None else None
-    # The run's tokenizer is the start's: so is what HF users added to its files.
-    tokenizer_extras = read_tokenizer_extras(start) if start is not None else None
+    # What HF users added to the files of the run's tokenizer (a pad token, a chat
+    # template) goes into every checkpoint with it.
+    source = tokenizer_folder(args, start)
+    tokenizer_extras = read_tokenizer_extras(source) if source is not None else None
     if initial is not None:
         args = with_checkpoint_shape(args, start_config)
     out_dir = Path(args.out_dir)
