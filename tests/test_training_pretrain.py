@@ -317,6 +317,18 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
         assert err.startswith("error: ") and message in err, (flags, err)
         assert not (tmp_path / "x").exists()
 
+    # Set by environment (the Docker trainer's way), the setting is named as it was set:
+    # a new fine-tune, and a run resumed with a shape it was not trained with.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("POCKETGPT_DIM", "64")
+        argv = [*run, "--init-from", str(base), "--out-dir", str(tmp_path / "x")]
+        assert pretrain.main(argv) == 2
+        assert "model and its tokenizer: drop POCKETGPT_DIM\n" in capsys.readouterr().err
+        assert pretrain.main(["--resume", str(tuned), "--n-layers", "3"]) == 2
+        err = capsys.readouterr().err
+        assert "run's model and tokenizer: drop POCKETGPT_DIM, --n-layers\n" in err
+    assert not (tmp_path / "x").exists()
+
 
 def test_compiled_training_follows_the_eager_losses(tmp_path: Path) -> None:
     common = ["--max-steps", "3", "--log-interval", "1", "--eval-interval", "100"]

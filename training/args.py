@@ -217,8 +217,7 @@ class TrainArgs:
 
         def require(name: str, ok: bool, problem: str, value: object) -> None:
             if not ok:
-                source = (sources or {}).get(name, _flag(name))
-                raise UsageError(f"{source}: {problem} (got {value!r})")
+                raise UsageError(f"{_source(name, sources)}: {problem} (got {value!r})")
 
         # inf and nan pass some range checks below (inf > 0) and then train to a NaN model.
         for name in FIELDS:
@@ -426,7 +425,9 @@ def budget_summary(args: TrainArgs) -> str:
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
 
 
-def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
+def with_checkpoint_shape(
+    args: TrainArgs, config: ModelConfig, sources: Mapping[str, str] | None = None
+) -> TrainArgs:
     """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
     vocabulary or tokenizer is an error. The shape fields take the checkpoint's values
     (what `auto_dtype` reads, and what trainer_meta.json records), the preset the one of
@@ -435,8 +436,8 @@ def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
     given = [name for name in ("preset",) if args.preset != "auto"]
     given += [n for n in (*SHAPE_FIELDS, "vocab_size", "tokenizer") if getattr(args, n) is not None]
     if given:
-        flags = ", ".join(_flag(name) for name in given)
-        raise UsageError(f"--init-from fixes the model and its tokenizer: drop {flags}")
+        names = ", ".join(_source(name, sources) for name in given)
+        raise UsageError(f"--init-from fixes the model and its tokenizer: drop {names}")
     block_size = args.block_size or config.max_seq_len
     if block_size > config.max_seq_len:
         raise UsageError(
@@ -455,18 +456,17 @@ def with_checkpoint_shape(args: TrainArgs, config: ModelConfig) -> TrainArgs:
     )
 
 
-def check_resume_settings(
-    settings: Mapping[str, object], saved: Mapping[str, object], config: ModelConfig
-) -> None:
+def check_resume_settings(given: Given, saved: Mapping[str, object], config: ModelConfig) -> None:
     """`--resume`: the model and tokenizer are the checkpoint's, so a flag choosing
     another shape, vocabulary or tokenizer is an error (one repeating the run's own value
     is not: the command that started the run, with --resume added, continues it), and
     the block size may not pass the context the model was built for."""
+    settings = given.values
     fixed = ("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer")
     changed = [name for name in fixed if name in settings and settings[name] != saved.get(name)]
     if changed:
-        flags = ", ".join(_flag(name) for name in changed)
-        raise UsageError(f"--resume continues the run's model and tokenizer: drop {flags}")
+        names = ", ".join(_source(name, given.sources) for name in changed)
+        raise UsageError(f"--resume continues the run's model and tokenizer: drop {names}")
     block_size = settings.get("block_size")
     if isinstance(block_size, int) and block_size > config.max_seq_len:
         raise UsageError(
@@ -518,6 +518,12 @@ TYPES = typing.get_type_hints(TrainArgs)
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _source(name: str, sources: Mapping[str, str] | None) -> str:
+    """How the user gave setting `name` (its flag, env var or config entry; the flag if
+    `sources` does not say): what an error about its value names."""
+    return (sources or {}).get(name, _flag(name))
 
 
 def _base_type(name: str) -> tuple[type, bool]:

@@ -109,7 +109,7 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     """The args a run resumed from `folder` continues with: its own, overridden by the
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
-    check_resume_settings(given.values, saved, read_config(folder))
+    check_resume_settings(given, saved, read_config(folder))
     data = given.values.get("data", saved.get("data", []))
     given_data = [os.path.abspath(path) for path in data]
     if given_data != saved.get("data"):
@@ -268,7 +268,7 @@ def run(argv: Sequence[str] | None) -> int:
     source = tokenizer_folder(args, start)
     tokenizer_extras = read_tokenizer_extras(source) if source is not None else None
     if initial is not None:
-        args = with_checkpoint_shape(args, start_config)
+        args = with_checkpoint_shape(args, start_config, given.sources)
     out_dir = Path(args.out_dir)
     if resumed is None and holds_run(out_dir):
         raise UsageError(
