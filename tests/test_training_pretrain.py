@@ -327,6 +327,17 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
         assert pretrain.main(["--resume", str(tuned), "--n-layers", "3"]) == 2
         err = capsys.readouterr().err
         assert "run's model and tokenizer: drop POCKETGPT_DIM, --n-layers\n" in err
+        env.delenv("POCKETGPT_DIM")
+        env.setenv("POCKETGPT_BLOCK_SIZE", "64")
+        assert pretrain.main(argv) == 2
+        assert (
+            "POCKETGPT_BLOCK_SIZE 64: the --init-from model reads at most 32"
+            in capsys.readouterr().err
+        )
+        assert pretrain.main(["--resume", str(tuned)]) == 2
+        assert (
+            "POCKETGPT_BLOCK_SIZE 64: the resumed model reads at most 32" in capsys.readouterr().err
+        )
     assert not (tmp_path / "x").exists()
 
 

@@ -441,8 +441,8 @@ def with_checkpoint_shape(
     block_size = args.block_size or config.max_seq_len
     if block_size > config.max_seq_len:
         raise UsageError(
-            f"--block-size {block_size}: the --init-from model reads at most "
-            f"{config.max_seq_len} tokens"
+            f"{_source('block_size', sources)} {block_size}: the --init-from model reads "
+            f"at most {config.max_seq_len} tokens"
         )
     shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
     # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
@@ -470,8 +470,8 @@ def check_resume_settings(given: Given, saved: Mapping[str, object], config: Mod
     block_size = settings.get("block_size")
     if isinstance(block_size, int) and block_size > config.max_seq_len:
         raise UsageError(
-            f"--block-size {block_size}: the resumed model reads at most "
-            f"{config.max_seq_len} tokens"
+            f"{_source('block_size', given.sources)} {block_size}: the resumed model reads "
+            f"at most {config.max_seq_len} tokens"
         )
 
 
