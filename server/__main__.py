@@ -67,7 +67,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.detokenizer import token_bytes
+    from server.detokenizer import require_byte_level
 
     device = resolve_device(settings.device)
     if settings.compile_decode and not has_compiler(device):
@@ -78,7 +78,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     # and a parallel torch op here would start a second OpenMP team, doubling the
     # engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth CPU pass).
     load_weights(folder, read_config(folder))
-    token_bytes(load_tokenizer(folder))
+    require_byte_level(load_tokenizer(folder))
 
 
 class DrainingServer(uvicorn.Server):

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 from model.checkpoint import END_OF_TEXT, load_model, load_tokenizer, resolve_checkpoint
 from model.cpu import call_in_own_thread
 from model.device import resolve_device
+from server.detokenizer import token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (
@@ -68,9 +69,10 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     eos_id = tokenizer.token_to_id(END_OF_TEXT)
     if eos_id is None:
         raise ValueError(f"{folder}: the tokenizer has no {END_OF_TEXT} token")
+    token_table = token_bytes(tokenizer)
     engine = Engine(
         model,
-        tokenizer,
+        token_table,
         eos_id=eos_id,
         n_slots=settings.max_batch,
         max_queue=settings.max_queue,
@@ -84,7 +86,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     max_context = model.config.max_seq_len
     return Serving(
         engine,
-        Validator(tokenizer, max_context, eos_id),
+        Validator(tokenizer, token_table, max_context, eos_id),
         model_name(settings),
         max_context,
         settings.stream_interval,

@@ -35,17 +35,22 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+def require_byte_level(tokenizer: Tokenizer) -> None:
+    """Raise ValueError unless `tokenizer` is a byte-level BPE, the kind `token_bytes` reads."""
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        raise ValueError(
+            f"unsupported tokenizer decoder {type(tokenizer.decoder).__name__}; "
+            "the server streams byte-level BPE tokenizers (the trainer's format)"
+        )
+
+
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """Raw bytes of every token id; special tokens decode to nothing (as in `decode`).
 
     Needs a byte-level BPE (what the trainer writes): its token strings are bytes
     in GPT-2's printable alphabet, so the mapping is exact.
     """
-    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
-        raise ValueError(
-            f"unsupported tokenizer decoder {type(tokenizer.decoder).__name__}; "
-            "the server streams byte-level BPE tokenizers (the trainer's format)"
-        )
+    require_byte_level(tokenizer)
     table = _byte_decoder()
     added = tokenizer.get_added_tokens_decoder()
     out = []

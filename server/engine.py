@@ -22,10 +22,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer
 
 from model.transformer import Transformer
-from server.detokenizer import IncrementalDetokenizer, token_bytes
+from server.detokenizer import IncrementalDetokenizer
 from server.metrics import Metrics
 from server.runner import ModelRunner, PrefillInput
 from server.sampler import Sampler, SamplingBatch, make_generator
@@ -113,7 +112,7 @@ class Engine:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
+        token_table: list[bytes],
         *,
         eos_id: int,
         n_slots: int,
@@ -126,7 +125,7 @@ class Engine:
         self.runner = ModelRunner(
             model, n_slots, compile_decode=compile_decode, cuda_graphs=cuda_graphs
         )
-        self._token_bytes = token_bytes(tokenizer)
+        self._token_bytes = token_table  # id -> its bytes (detokenizer.token_bytes)
         # Draws only ids the tokenizer has: a padded or converted checkpoint may have more
         # embedding rows than tokens (load_tokenizer allows that), and those have no text.
         self.sampler = Sampler(n_slots, len(self._token_bytes), self.runner.device)

@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from tokenizers import Tokenizer
 
 from model.sampling import SamplingParams
-from server.detokenizer import token_bytes
 from server.protocol import ApiError, GenerateRequest
 
 
@@ -39,12 +38,14 @@ class GenerationRequest:
 
 
 class Validator:
-    def __init__(self, tokenizer: Tokenizer, max_context: int, bos_id: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, token_table: list[bytes], max_context: int, bos_id: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.bos_id = bos_id
         # Every token of a prompt stands for 1 to this many of its UTF-8 bytes.
-        self.max_token_bytes = max(len(b) for b in token_bytes(tokenizer))
+        self.max_token_bytes = max(len(b) for b in token_table)
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
         for stop in body.stop_strings:
