@@ -64,7 +64,13 @@ def setting_source(name: str, given: dict[str, str]) -> str:
 
 def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before binding a port, on anything that would stop the model loading."""
-    from model.checkpoint import load_tokenizer, load_weights, read_config, resolve_checkpoint
+    from model.checkpoint import (
+        TOKENIZER,
+        load_tokenizer,
+        load_weights,
+        read_config,
+        resolve_checkpoint,
+    )
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
     from server.detokenizer import require_byte_level
@@ -78,7 +84,11 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     # and a parallel torch op here would start a second OpenMP team, doubling the
     # engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth CPU pass).
     load_weights(folder, read_config(folder))
-    require_byte_level(load_tokenizer(folder))
+    tokenizer = load_tokenizer(folder)
+    try:
+        require_byte_level(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{folder / TOKENIZER}: {e}") from None
 
 
 class DrainingServer(uvicorn.Server):

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from server_harness import english_tokenizer, random_checkpoint, sse_events, wait_until
+from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
 
@@ -82,6 +83,18 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     assert result.stderr.strip().splitlines() == [
         f"error: {no_tokenizer / 'tokenizer.json'}: missing"
     ]
+
+    # A SentencePiece-style decoder (as in many HF Llama folders): its tokens are not
+    # byte-level strings, so the server could not stream their text.
+    metaspace = tmp_path / "metaspace"
+    shutil.copytree(checkpoint, metaspace)
+    tokenizer = Tokenizer.from_file(str(metaspace / "tokenizer.json"))
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(metaspace / "tokenizer.json"))
+    result = run_server("--checkpoint", str(metaspace))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {metaspace / 'tokenizer.json'}: unsupported tokenizer decoder")
 
 
 def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):
