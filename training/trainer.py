@@ -87,7 +87,10 @@ def init_distributed(device: torch.device) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # The trainer's own agreements (stop flags, data generator states, first-batch
+    # fingerprints) are small CPU tensors, which nccl does not carry: on CUDA they go
+    # over gloo, the model's gradients over nccl.
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
