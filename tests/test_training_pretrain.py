@@ -170,6 +170,36 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     assert meta(run)["step"] == 3
 
 
+def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "4", "--out-dir", str(run))) == 0
+    saved = resolve_checkpoint(run)
+    files = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
+    best = {p.name: p.read_bytes() for p in (run / "best").iterdir()}
+    capsys.readouterr()
+    # A learning rate no model survives: within a few steps the weights overflow and the
+    # loss is NaN. Caught at a log line, at an evaluation, or at the run's last save.
+    caught_within = {"--log-interval 2": 2, "--log-interval 1000 --eval-interval 1": 1}
+    caught_within["--log-interval 1000 --eval-interval 1000"] = 26  # at step 30's save
+    for flags, steps in caught_within.items():
+        argv = ["--resume", str(run), "--max-steps", "30", "--lr", "1e30", *flags.split()]
+        assert pretrain.main(argv) == 1, flags
+        (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+        assert line.startswith("error: the loss became NaN or infinite between steps ")
+        words = line.split()
+        first, last = int(words[words.index("and") - 1]), int(words[words.index("and") + 1][:-1])
+        assert first >= 4 and last - first == steps, (flags, line)
+        assert resolve_checkpoint(run) == saved
+        assert sorted(p.name for p in run.glob("step-*")) == [saved.name]
+        assert {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()} == files
+        assert {p.name: p.read_bytes() for p in (run / "best").iterdir()} == best
+        # Strict JSON (no NaN) in the log, for jq and the like.
+        for record in (run / "log.jsonl").read_text(encoding="utf-8").splitlines():
+            json.loads(record, parse_constant=lambda name: pytest.fail(f"{name} in the log"))
+
+
 @pytest.mark.parametrize(
     "content", ["{", "[]", '{"step": 2}'], ids=["not JSON", "a list", "no args"]
 )

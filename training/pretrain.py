@@ -52,6 +52,7 @@ from training.trainer import (
     TRAINER_META,
     TRAINING_STATE,
     Trainer,
+    TrainingDiverged,
     init_distributed,
 )
 
@@ -341,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except CheckpointWriteError as e:  # not bad input: the machine could not store it
         print(f"error: {e}; the checkpoint `latest` names is intact", file=sys.stderr)
+        return 1
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);

@@ -102,6 +102,10 @@ class TrainResult:
     stopped_by: str  # "max_steps", "max_time", "signal", "early_stopping"
 
 
+class TrainingDiverged(Exception):
+    """A loss came out NaN or infinite: the weights are lost from there on."""
+
+
 def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -227,6 +231,10 @@ class Trainer:
         self.first_batch_fingerprints: list[int] = []
         self.evaluated_at = -1
         self.last_train_loss: float | None = None
+        # Sum of the step losses since the last log line: NaN or inf iff one of them was
+        # (cross-entropy is never -inf), so checking it checks every step without a sync.
+        self.window_loss = torch.zeros((), device=device)
+        self.checked_step = 0  # every loss up to this step was finite
         self.tokens_per_s = 0.0
         self.lr = 0.0
         self.stop_signal: int | None = None
@@ -329,6 +337,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write step-XXXXXXX from rank 0 and prune old ones. Collective under DDP."""
+        self._check_finite(self.window_loss.item())
         generators = self._gather_generators()
         if not self.dist.is_main:
             return None
@@ -438,6 +447,7 @@ class Trainer:
     def train(self) -> TrainResult:
         args, main = self.args, self.dist.is_main
         self.started = time.perf_counter()
+        self.checked_step = self.step
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.step == 0:  # a fresh run starts a fresh log; a resumed one appends
@@ -469,6 +479,8 @@ class Trainer:
             return
         result = self.evaluate()
         self.evaluated_at = self.step
+        if not math.isfinite(result.loss):
+            return  # the weights are lost: _check_finite stops the run, nothing is kept
         self._log(
             {
                 "kind": "eval",
@@ -503,7 +515,6 @@ class Trainer:
         B, T = args.batch_size, args.block_size
         positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
         tokens_per_step = B * T * args.grad_accum * self.dist.world_size
-        loss_sum = torch.zeros((), device=self.device)
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < args.max_steps:
             reason, elapsed = self._should_stop()
@@ -523,7 +534,7 @@ class Trainer:
                 ):
                     loss = self.loss(x, y, positions)
                 (loss / args.grad_accum).backward()
-                loss_sum += loss.detach() / args.grad_accum
+                self.window_loss += loss.detach() / args.grad_accum
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
             self.optimizer.step()
@@ -534,9 +545,10 @@ class Trainer:
             bar.update(1)
             if self.step % args.log_interval == 0:
                 now = time.perf_counter()
-                self.last_train_loss = loss_sum.item() / args.log_interval  # the one sync
+                self.last_train_loss = self.window_loss.item() / args.log_interval  # the one sync
+                self._check_finite(self.last_train_loss)
                 self.tokens_per_s = window_tokens / (now - window_start)
-                loss_sum.zero_()
+                self.window_loss.zero_()
                 window_start, window_tokens = now, 0
                 postfix = {
                     "loss": f"{self.last_train_loss:.4f}",
@@ -556,11 +568,30 @@ class Trainer:
                 )
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
+                self._check_finite(self.window_loss.item())
                 if self._early_stop():
                     return "early_stopping"
             if self.step % args.save_interval == 0 and self.step < args.max_steps:
                 self.save()
         return "max_steps"
+
+    def _check_finite(self, window_loss: float) -> None:
+        """Raise TrainingDiverged if a training loss since the last check or the last
+        validation loss was NaN or infinite (on any rank: every rank stops together),
+        before a checkpoint could keep the weights."""
+        val = self.last_val.loss if self.last_val is not None else 0.0
+        diverged = not (math.isfinite(window_loss) and math.isfinite(val))
+        if self.dist.enabled:
+            flag = torch.tensor([float(diverged)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            diverged = bool(flag)
+        if diverged:
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite between steps {self.checked_step} "
+                f"and {self.step}: the run diverged (a lower --lr may help); its checkpoints "
+                "from before are kept, and nothing after was saved"
+            )
+        self.checked_step = self.step
 
     def _early_stop(self) -> bool:
         stop = bool(self.args.patience) and self.evals_since_best >= self.args.patience
