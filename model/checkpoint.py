@@ -427,6 +427,10 @@ def load_model(
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
     weights = load_weights(folder, config)
+    for name, tensor in weights.items():
+        # A diverged run's weights: served, every token would be drawn from NaN logits.
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{folder}: weight {name} holds NaN or infinite values")
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(weights, strict=False, assign=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save_file
 from server_harness import english_tokenizer, random_checkpoint, sse_events, wait_until
 from tokenizers import Tokenizer, decoders
 
@@ -138,6 +139,20 @@ def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: failed to load: ") and "<|endoftext|>" in last
+
+    # A diverged run's weights would serve text drawn from NaN logits.
+    diverged = tmp_path / "diverged"
+    shutil.copytree(checkpoint, diverged)
+    weights = load_file(diverged / WEIGHTS)
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, diverged / WEIGHTS, metadata={"format": "pt"})
+    result = run_server("--checkpoint", str(diverged), "--port", str(free_port()))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: failed to load: {diverged}: weight layers.0.mlp.down_proj.weight holds NaN or "
+        "infinite values"
+    )
 
 
 def test_compile_without_a_compiler_exits_2_naming_the_flag_or_env_var(checkpoint, tmp_path):
