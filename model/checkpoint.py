@@ -420,6 +420,18 @@ def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     return weights
 
 
+def check_finite(folder: Path, weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a diverged run's weights, naming the first tensor holding NaN or inf: served,
+    every token would be drawn from NaN logits; fine-tuned, every loss would be NaN.
+
+    Arithmetic, unlike load_weights: on a thread that runs no model, it would start an
+    OpenMP team of its own (model/cpu.py).
+    """
+    for name, tensor in weights.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{folder}: weight {name} holds NaN or infinite values")
+
+
 def load_model(
     folder: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
@@ -427,10 +439,7 @@ def load_model(
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
     weights = load_weights(folder, config)
-    for name, tensor in weights.items():
-        # A diverged run's weights: served, every token would be drawn from NaN logits.
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{folder}: weight {name} holds NaN or infinite values")
+    check_finite(folder, weights)
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(weights, strict=False, assign=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from model.checkpoint import read_config, save_checkpoint
@@ -44,3 +45,25 @@ def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(problem), err
     assert not out_dir.exists() and not cache.exists()
+
+
+def test_a_checkpoint_holding_nan_weights_exits_2_in_evaluate_and_init_from(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
+    with torch.no_grad():
+        model.layers[1].self_attn.o_proj.weight[3, 5] = float("inf")
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
+    problem = f"error: {folder}: weight layers.1.self_attn.o_proj.weight holds NaN or infinite"
+    assert evaluate.main(["--checkpoint", str(folder), "--data", str(VAL)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(problem), captured.err
+    assert "bpb=" not in captured.out
+    out_dir = tmp_path / "out"
+    flags = ["--max-steps", "1", "--batch-size", "4", "--data", str(CORPUS)]
+    flags += ["--init-from", str(folder), "--out-dir", str(out_dir)]
+    flags += ["--cache-dir", str(tmp_path / "cache")]
+    assert pretrain.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(problem), err
+    assert not out_dir.exists()

@@ -42,6 +42,7 @@ from model.checkpoint import (
     LATEST,
     CheckpointError,
     TokenizerExtras,
+    check_finite,
     is_temporary,
     load_weights,
     read_config,
@@ -270,8 +271,10 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def _load_weights(self, folder: Path) -> None:
+        weights = load_weights(folder, read_config(folder))
+        check_finite(folder, weights)
         # strict=False: the tied LM head is not stored separately.
-        self.model.load_state_dict(load_weights(folder, read_config(folder)), strict=False)
+        self.model.load_state_dict(weights, strict=False)
 
     def _load(self, folder: Path) -> None:
         state = read_training_state(folder / TRAINING_STATE)
