@@ -548,7 +548,9 @@ class Trainer:
             bar.update(1)
             if self.step % args.log_interval == 0:
                 now = time.perf_counter()
-                self.last_train_loss = self.window_loss.item() / args.log_interval  # the one sync
+                # The mean over the window's steps: fewer than log_interval after a resume.
+                window_steps = window_tokens // tokens_per_step
+                self.last_train_loss = self.window_loss.item() / window_steps  # the one sync
                 self._check_finite(self.last_train_loss)
                 self.tokens_per_s = window_tokens / (now - window_start)
                 self.window_loss.zero_()
