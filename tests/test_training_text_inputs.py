@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from model.checkpoint import resolve_checkpoint
-from tests.test_training_pretrain import CORPUS, TINY
+from tests.test_training_pretrain import CORPUS, TINY, meta
 from training import evaluate, pretrain
 from training.corpus import load_documents
 
@@ -111,3 +112,36 @@ def test_an_unreadable_file_exits_2_naming_it_and_writes_nothing(
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(folder)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {unreadable}: cannot read (")
+
+
+def test_a_corpus_folder_may_hold_its_runs_and_hidden_folders_which_are_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "project"
+    (project / ".venv" / "licenses").mkdir(parents=True)
+    (project / "notes.txt").write_bytes(CORPUS.read_bytes())
+    (project / ".venv" / "licenses" / "LICENSE.txt").write_text("Permission is hereby granted")
+    (project / ".draft.md").write_text("not yet")
+    common = [*TINY, "--max-steps", "2", "--data", str(project)]
+    first, second = project / "runs" / "first", project / "runs" / "second"
+    assert pretrain.main([*common, "--out-dir", str(first)]) == 0
+    # A model folder beside the text: its model card is not text to train on either.
+    model = project / "exported"
+    shutil.copytree(resolve_checkpoint(first), model)
+    (model / "README.md").write_text("---\nlicense: mit\n---\n# A model card")
+    capsys.readouterr()
+
+    # The first run's log.jsonl is not a corpus file: the same text, the same cache.
+    assert pretrain.main([*common, "--out-dir", str(second)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {first}: a run or model folder, skipped" in err
+    assert f"warning: {model}: a run or model folder, skipped" in err
+    assert meta(second)["data"]["cache"] == meta(first)["data"]["cache"]
+    assert meta(second)["data"]["train"]["bytes"] + meta(second)["data"]["val"]["bytes"] == len(
+        CORPUS.read_bytes()
+    )
+    # And the first run resumes with the command that started it.
+    assert pretrain.main([*common, "--out-dir", str(first), "--resume", str(first)]) == 0
+    assert meta(first)["step"] == 2
+    assert pretrain.main(["--resume", str(first), "--max-steps", "3"]) == 0
+    assert meta(first)["step"] == 3

@@ -2,8 +2,9 @@
 
 User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
 document per line in a `text` field. Folders are searched recursively in sorted
-order. Text is decoded as UTF-8; invalid bytes, and in `.jsonl` strings escapes of
-lone UTF-16 surrogates, become U+FFFD, with one warning naming the file and the
+order, past hidden files and folders and past training runs and model folders.
+Text is decoded as UTF-8; invalid bytes, and in `.jsonl` strings escapes of lone
+UTF-16 surrogates, become U+FFFD, with one warning naming the file and the
 problem. A file holding NUL bytes is binary (or UTF-16), not UTF-8 text: it is
 skipped with a warning rather than trained on as noise.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -93,14 +95,41 @@ def _jsonl_documents(path: Path) -> list[str]:
     return documents
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """A training run (its `latest` pointer) or a model (config.json beside safetensors):
+    its log.jsonl or model card is not text to train on."""
+    if (folder / "latest").is_file():
+        return True
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def _files_under(path: Path) -> list[Path]:
+    """`path` itself, or the text files below it, in sorted order. Hidden files and
+    folders (.git, .venv, the trainer's .cache) and run or model folders are not read:
+    a corpus folder may hold the runs trained on it."""
     if path.is_file():
         return [path]
-    if path.is_dir():
-        return sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, JSONL_SUFFIX)
-        )
-    raise CorpusError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CorpusError(f"{path}: no such file or folder")
+    files = []
+    for root, dirs, names in os.walk(path):
+        kept = []
+        for name in dirs:
+            if name.startswith("."):
+                continue
+            if _is_model_folder(Path(root, name)):
+                print(
+                    f"warning: {Path(root, name)}: a run or model folder, skipped", file=sys.stderr
+                )
+                continue
+            kept.append(name)
+        dirs[:] = kept
+        files += [
+            Path(root, name)
+            for name in names
+            if not name.startswith(".") and Path(name).suffix in (*TEXT_SUFFIXES, JSONL_SUFFIX)
+        ]
+    return sorted(files)
 
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
