@@ -1,8 +1,9 @@
 """`python -m server`: serve a checkpoint with uvicorn.
 
 Every Settings field is a flag (`--max-batch`) and an env var (`POCKETGPT_MAX_BATCH`);
-a flag wins over the env var. The checkpoint is checked before the server starts,
-so a bad one ends the process with one line naming the problem and exit status 2.
+a flag wins over the env var. The port is bound and the checkpoint checked before the
+model loads, so a busy port or a bad checkpoint ends the process with one line naming
+the problem and exit status 2.
 
 SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
 requests finish (up to --drain-timeout), then uvicorn shuts down and the process
@@ -12,6 +13,9 @@ exits 0. A second signal shuts down without waiting.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import socket
 import sys
 import time
 import typing
@@ -91,6 +95,25 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
 
 
+def listening_socket(settings: Settings, given: dict[str, str]) -> socket.socket:
+    """The server's socket, bound before anything loads: a busy port or an unknown host
+    is one line naming the setting, not uvicorn's exit 3 after the model has loaded."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET  # as uvicorn does
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        sock.close()
+        name = "port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "host"
+        where = f"{settings.host}:{settings.port}"
+        raise ValueError(
+            f"{setting_source(name, given)} {getattr(settings, name)}: cannot listen on "
+            f"{where} ({e.strerror or e})"
+        ) from None
+    return sock
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain phase before its own graceful shutdown."""
 
@@ -110,6 +133,15 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline = time.monotonic() + self.drain_timeout
         self.app.state.status = "draining"
         serving.engine.begin_drain()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if sockets:  # uvicorn says where it listens only for the sockets it binds itself
+            host, port = sockets[0].getsockname()[:2]
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on http://%s (Press CTRL+C to quit)", address
+            )
 
     async def on_tick(self, counter: int) -> bool:
         state = self.app.state
@@ -143,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"error: {problems}", file=sys.stderr)
         return 2
+    try:
+        sock = listening_socket(settings, given)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Imported only now (torch is slow to import), so --help and flag errors are instant.
     from model.checkpoint import CheckpointError
     from server.app import create_app
@@ -155,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)
-    server.run()
+    server.run(sockets=[sock])
     if server.failure is not None:
         print(f"error: {server.failure}", file=sys.stderr)
         return 1

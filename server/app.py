@@ -90,6 +90,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         model_name(settings),
         max_context,
         settings.stream_interval,
+        folder,
     )
 
 
@@ -116,7 +117,17 @@ async def _load(app: FastAPI) -> None:
     app.state.metrics.model_load.set(time.perf_counter() - started)
     app.state.serving = serving
     app.state.status = "ready"
-    log.info("model %s ready in %.2f s", serving.model_name, time.perf_counter() - started)
+    runner = serving.engine.runner
+    log.info(
+        "serving %s as %r: %.1fM parameters, %s, %s, max-batch %d; ready in %.1f s",
+        serving.checkpoint,
+        serving.model_name,
+        runner.model.config.num_parameters() / 1e6,
+        runner.device,
+        str(runner.dtype).removeprefix("torch."),
+        runner.cache.n_slots,
+        time.perf_counter() - started,
+    )
 
 
 async def _drain(app: FastAPI) -> None:

@@ -22,11 +22,13 @@ however long it streams, is never cut by it.
 from __future__ import annotations
 
 import asyncio
+import copy
 from http import HTTPStatus
 
 import h11
 from fastapi import FastAPI
 from uvicorn import Config
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.protocol import ApiError
@@ -124,10 +126,19 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Con
     class Protocol(EnvelopeH11Protocol):
         request_timeout = settings.request_timeout
 
+    # uvicorn's logging, and the same for this package's loggers (what was loaded, the
+    # engine's errors), which would otherwise print warnings only, unformatted.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["server"] = {
+        "handlers": ["default"],
+        "level": settings.log_level.upper(),
+        "propagate": False,
+    }
     options: dict = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "log_config": log_config,
         "http": Protocol,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": 5,

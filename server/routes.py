@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -48,6 +49,7 @@ class Serving:
     model_name: str
     max_context: int
     stream_interval: int
+    checkpoint: Path  # the step folder loaded
 
 
 def _serving(request: Request) -> Serving:

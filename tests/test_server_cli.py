@@ -128,6 +128,23 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     ]
 
 
+def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_server("--checkpoint", str(checkpoint), "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    ]
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): an address no machine here has.
+    result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_HOST": "192.0.2.1"})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
+
+
 def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp_path):
     # Passes the start-up checks, fails in the loading thread: the process must exit
     # (a restart policy acts only on an exit), not stay up answering 503 for ever.
@@ -224,7 +241,7 @@ class StreamReader(threading.Thread):
 
 
 def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint):
-    with served(checkpoint) as (process, base_url):
+    with served(checkpoint, "--log-level", "info") as (process, base_url):
         reader = StreamReader(base_url, 300)
         assert reader.first.wait(20)
         process.send_signal(signal.SIGTERM)
@@ -234,6 +251,11 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
         assert refused.json()["error"]["type"] == "unavailable"
         reader.join(60)
         assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    # Where it listens, and what it serves.
+    assert f"Uvicorn running on {base_url} (Press CTRL+C to quit)" in log
+    assert f"serving {checkpoint} as '{checkpoint.name}': " in log
+    assert ", cpu, float32, max-batch 32; ready in " in log
     events = reader.events
     assert events[-1] == "[DONE]"
     assert events[-2]["finish_reason"] == "length"
