@@ -25,7 +25,12 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="text to continue; empty = start of a document")
-    max_tokens: int = Field(128, ge=1, description="tokens to generate at most")
+    max_tokens: int = Field(
+        128,
+        ge=1,
+        description="tokens to generate at most; when not given, 128 or what the model's "
+        "context leaves after the prompt, whichever is less",
+    )
     temperature: float = Field(
         1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 (or below 1e-5) = greedy"
     )

@@ -53,20 +53,23 @@ class Validator:
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt too long in bytes alone to fit is
         # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
+        # Without max_tokens a request asks for the default or what the context leaves,
+        # whichever is less (a `tiny` model's whole context is the default's 128).
+        asked = body.max_tokens if "max_tokens" in body.model_fields_set else None
         prompt_bytes = _utf8_length(body.prompt)
         fewest = -(-prompt_bytes // self.max_token_bytes)
-        if fewest + body.max_tokens > self.max_context:
-            self._too_long(f"at least {fewest} tokens: {prompt_bytes} bytes", body.max_tokens)
+        if fewest + (asked or 1) > self.max_context:
+            self._too_long(f"at least {_tokens(fewest)}: {prompt_bytes} bytes", asked)
         # An empty prompt starts a new document, as in training: after end-of-text.
         prompt_ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [
             self.bos_id
         ]
-        if len(prompt_ids) + body.max_tokens > self.max_context:
-            self._too_long(f"{len(prompt_ids)} tokens", body.max_tokens)
+        if len(prompt_ids) + (asked or 1) > self.max_context:
+            self._too_long(_tokens(len(prompt_ids)), asked)
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
-            max_tokens=body.max_tokens,
+            max_tokens=asked or min(body.max_tokens, self.max_context - len(prompt_ids)),
             sampling=SamplingParams(
                 temperature=body.temperature,
                 top_k=body.top_k,
@@ -80,13 +83,19 @@ class Validator:
             ignore_eos=body.ignore_eos,
         )
 
-    def _too_long(self, prompt: str, max_tokens: int) -> NoReturn:
+    def _too_long(self, prompt: str, max_tokens: int | None) -> NoReturn:
+        context = f"the model's context of {self.max_context} tokens"
         raise ApiError(
             400,
             "context_length_exceeded",
-            f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds the model's context of "
-            f"{self.max_context} tokens",
+            f"prompt ({prompt}) leaves no room to generate in {context}"
+            if max_tokens is None
+            else f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds {context}",
         )
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 def _utf8_length(text: str) -> int:

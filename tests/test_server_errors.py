@@ -139,6 +139,23 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
     assert "prompt (" in message
 
 
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client):
+    # The default 128 does not fit after this prompt: the rest of the context does.
+    body = {"prompt": " the" * (CONTEXT - 50), "ignore_eos": True}  # " the": one token
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] > CONTEXT - 128
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    assert response.json()["finish_reason"] == "length"
+    # A prompt that fills the context leaves nothing to generate.
+    response = client.post("/v1/generate", json={"prompt": " x" * CONTEXT})  # 2 tokens each
+    message = assert_error(response, 400, "context_length_exceeded")
+    assert message.endswith(
+        f"leaves no room to generate in the model's context of {CONTEXT} tokens"
+    )
+
+
 def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(client):
     prompt = "abcdefgh " * (BODY_LIMIT // 10)  # a few thousand bytes, under the body limit
     response = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": CONTEXT - 10})
