@@ -22,6 +22,18 @@ def error_response(error: ApiError) -> JSONResponse:
     )
 
 
+async def refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer `error` before the request's body is read, and close the connection: on a
+    kept-alive one, the unread body (up to its Content-Length) would be taken as the
+    start of the client's next request, which then hangs."""
+    response = JSONResponse(
+        error.body().model_dump(),
+        status_code=error.status_code,
+        headers={**error.headers, "Connection": "close"},
+    )
+    await response(scope, receive, send)
+
+
 class ApiKeyMiddleware:
     """Require `Authorization: Bearer <key>` on every path but `open_paths` (401 otherwise)."""
 
@@ -42,7 +54,7 @@ class ApiKeyMiddleware:
                     "missing or invalid API key (send `Authorization: Bearer <key>`)",
                     {"WWW-Authenticate": "Bearer"},
                 )
-                await error_response(error)(scope, receive, send)
+                await refuse(error, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -70,7 +82,7 @@ class HeaderLimitMiddleware:
                     "request_header_fields_too_large",
                     f"the request head exceeds {self.max_bytes} bytes",
                 )
-                await error_response(error)(scope, receive, send)
+                await refuse(error, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -122,7 +134,7 @@ class BodyLimitMiddleware:
         error = ApiError(
             413, "request_too_large", f"the request body exceeds {self.max_bytes} bytes"
         )
-        await error_response(error)(scope, receive, send)
+        await refuse(error, scope, receive, send)
 
 
 class RequestCounter:

@@ -199,6 +199,21 @@ def test_body_over_the_limit_is_413_by_length_or_by_bytes_sent(client):
     assert_error(response, 413, "request_too_large")
 
 
+def test_a_body_refused_unread_closes_the_connection(base_url):
+    # Declared, never sent: kept alive, the connection would read the client's next
+    # request (here sent at once behind it) as this body's bytes, and leave it unanswered.
+    auth = f"Authorization: Bearer {API_KEY}\r\n".encode()
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    following = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for request, status in (
+        (head + auth + b"Content-Length: 2000000\r\n\r\n", b"413"),
+        (head + b"Content-Length: 100\r\n\r\n", b"401"),  # no key
+    ):
+        answer_head, body = raw_answer(base_url, request + following)
+        assert answer_head.split()[1] == status and b"connection: close" in answer_head
+        assert b"HTTP/1.1" not in body  # one answer: the client knows to ask again elsewhere
+
+
 def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
     too_large = "request_header_fields_too_large"
     under = {"X-Filler": "a" * (HEADER_LIMIT // 2)}
@@ -214,16 +229,23 @@ def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
     assert_error(long_query, 431, too_large)
 
 
-def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict]:
-    """Send bytes as they are (no client would send these); the status and JSON body."""
+def raw_answer(base_url: str, request: bytes) -> tuple[bytes, bytes]:
+    """Send bytes as they are (no client would send these); the answer's head (lower
+    case) and body, read until the server closes."""
     host, port = base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request)
         answer = b""
-        while chunk := sock.recv(65536):  # the server closes after answering
+        while chunk := sock.recv(65536):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"content-type: application/json" in head.lower(), answer
+    return head.lower(), body
+
+
+def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict]:
+    """The status and JSON body `raw_answer` gets."""
+    head, body = raw_answer(base_url, request)
+    assert b"content-type: application/json" in head, (head, body)
     return int(head.split()[1]), json.loads(body)
 
 
