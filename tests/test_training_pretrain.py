@@ -175,12 +175,17 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         "--dim": (["--dim", "64"], "drop --dim"),
         "--vocab-size": (["--vocab-size", "512"], "drop --vocab-size"),
         "--block-size": (["--block-size", "64"], "reads at most 32 tokens"),
+        "--out-dir": (
+            ["--out-dir", str(tmp_path / "elsewhere")],
+            f"--resume goes on in the folder of the run it continues ({run})",
+        ),
     }
     for case, (flags, message) in changes.items():
         assert pretrain.main(["--resume", str(run), "--max-steps", "4", *flags]) == 2, case
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (case, err)
     assert meta(run)["step"] == 2
+    assert not (tmp_path / "elsewhere").exists()
     # The command that started the run, with --resume added, continues it.
     again = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run), "--resume", str(run))
     assert pretrain.main(again) == 0

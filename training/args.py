@@ -456,12 +456,22 @@ def with_checkpoint_shape(
     )
 
 
-def check_resume_settings(given: Given, saved: Mapping[str, object], config: ModelConfig) -> None:
+def check_resume_settings(
+    given: Given, saved: Mapping[str, object], config: ModelConfig, run_folder: Path
+) -> None:
     """`--resume`: the model and tokenizer are the checkpoint's, so a flag choosing
     another shape, vocabulary or tokenizer is an error (one repeating the run's own value
-    is not: the command that started the run, with --resume added, continues it), and
-    the block size may not pass the context the model was built for."""
+    is not: the command that started the run, with --resume added, continues it), the
+    block size may not pass the context the model was built for, and the run goes on in
+    its own folder."""
     settings = given.values
+    out_dir = settings.get("out_dir")
+    if isinstance(out_dir, str) and Path(out_dir).resolve() != run_folder.resolve():
+        raise UsageError(
+            f"{_source('out_dir', given.sources)} {out_dir}: --resume goes on in the folder of "
+            f"the run it continues ({run_folder}); to branch a run, copy its folder and "
+            "resume the copy"
+        )
     fixed = ("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer")
     changed = [name for name in fixed if name in settings and settings[name] != saved.get(name)]
     if changed:

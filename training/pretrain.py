@@ -110,11 +110,15 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     """The args a run resumed from `folder` continues with: its own, overridden by the
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
-    check_resume_settings(given, saved, read_config(folder))
+    check_resume_settings(given, saved, read_config(folder), folder.parent)
     data = given.values.get("data", saved.get("data", []))
     given_data = [os.path.abspath(path) for path in data]
     if given_data != saved.get("data"):
-        print("warning: resuming on other --data than the run's; its batches will differ")
+        print(
+            "warning: --data differs from the text the run was started on: its batches and "
+            "its validation text will differ (best/ then compares losses on other text)",
+            file=sys.stderr,
+        )
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
     # run goes on in the folder it is resumed from, not where it was first written (a
     # copy of a run folder must not write into its original).
@@ -276,8 +280,6 @@ def run(argv: Sequence[str] | None) -> int:
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
             "continue, or choose another --out-dir"
         )
-    if resumed is not None and out_dir.resolve() != resumed.parent.resolve() and holds_run(out_dir):
-        raise UsageError(f"--out-dir {out_dir} already holds another run's checkpoints")
     check_writable(out_dir, "--out-dir")
     check_writable(cache_root(args), "--cache-dir")
     device = resolve_device(args.device)
