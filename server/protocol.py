@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
@@ -47,6 +56,20 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _one_stop_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One message for `stop`, not one per branch of its union (`stop.list[...]`)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "stop",
+                "must be a string or a list of at most {count} strings, each of 1 to {chars} "
+                "characters",
+                {"count": MAX_STOP_STRINGS, "chars": MAX_STOP_CHARS},
+            ) from None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -88,6 +88,14 @@ def test_invalid_field_is_422_in_the_envelope(client, body):
     assert message
 
 
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], 5, "s" * 65])
+def test_a_bad_stop_gets_one_message_saying_what_stop_may_be(client, stop):
+    response = client.post("/v1/generate", json={"prompt": "x", "stop": stop})
+    message = assert_error(response, 422, "invalid_request")
+    expected = "must be a string or a list of at most 4 strings, each of 1 to 64 characters"
+    assert message == f"stop: {expected}"
+
+
 @pytest.mark.parametrize(
     "raw",
     [
