@@ -34,6 +34,7 @@ from bench.cli import (
 from bench.machine import describe
 from bench.reference import hf_generate
 from bench.timing import frozen_heap, run_async, synchronize
+from model.cli import ArgumentParser
 from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
 from server.app import load_serving
@@ -161,9 +162,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def main() -> None:
     exit_on_sigterm()
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.decode", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -12,7 +12,6 @@ last round (a leak shows as steady growth). Loopback only; bounded by --timeout.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -30,6 +29,7 @@ from bench.cli import (
 )
 from bench.serve import running_server, within_timeout
 from bench.timing import run_async
+from model.cli import ArgumentParser
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
 KINDS = tuple(EXPECTED)
@@ -91,9 +91,7 @@ def wait_drained(base_url: str, timeout: float) -> float:
 
 def main() -> None:
     exit_on_sigterm()
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--clients", type=positive_int, default=200)
     parser.add_argument("--rounds", type=positive_int, default=3)

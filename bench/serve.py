@@ -48,6 +48,7 @@ from bench.decode import DTYPES, NEW_TOKENS, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
+from model.cli import ArgumentParser
 
 PROMPTS = (
     "Once upon a time",
@@ -194,9 +195,7 @@ def running_server(
 
 def main() -> None:
     exit_on_sigterm()
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serve", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--clients", type=positive_ints, default="1,8,32,128")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -32,6 +32,7 @@ from bench.cli import check_device, exit_on_sigterm, positive_float, positive_in
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
+from model.cli import ArgumentParser
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.pretrain import saved_args
@@ -118,7 +119,7 @@ def held_out_bpb(
 
 def main() -> None:
     exit_on_sigterm()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.train",
         description=__doc__.splitlines()[0],
         epilog="Arguments after `--` go to both training.pretrain runs, e.g. `-- --compile`.",

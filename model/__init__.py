@@ -1,1 +1,2 @@
-"""The network and its checkpoint format. Imports torch (and file-format libraries) only."""
+"""The network and its checkpoint format, and what every command shares (device and CPU
+setup, the command line). Imports torch (and file-format libraries) only."""

@@ -24,6 +24,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from model.cli import ArgumentParser
 from server.settings import Settings
 
 if typing.TYPE_CHECKING:
@@ -39,7 +40,7 @@ def env_var(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m server",
         description="Serve a pocketgpt checkpoint: POST /v1/generate (JSON or SSE), "
         "GET /health, GET /v1/models, GET /metrics.",
@@ -170,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**given)
     except ValidationError as e:
+        # pydantic words a validator's own message "Value error, <message>".
         problems = "; ".join(
-            f"{setting_source(str(err['loc'][0]), given)}: {err['msg']}" for err in e.errors()
+            f"{setting_source(str(err['loc'][0]), given)}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
         )
         print(f"error: {problems}", file=sys.stderr)
         return 2

@@ -103,7 +103,7 @@ def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):
     result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": ""})
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: POCKETGPT_API_KEY: ") and "must not be empty" in line
+    assert line.startswith("error: POCKETGPT_API_KEY: must not be empty"), line
 
 
 def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
@@ -117,6 +117,12 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     assert "POCKETGPT_MAX_BATCH: Input should be greater than or equal to 1" in line
     assert "POCKETGPT_PORT: Input should be a valid integer" in line
     assert "--max-batch" not in line
+
+    # The command line itself: one line too, not argparse's usage block.
+    bad_choice = run_server("--checkpoint", str(checkpoint), "--dtype", "int8")
+    assert bad_choice.returncode == 2
+    (line,) = bad_choice.stderr.strip().splitlines()
+    assert line.startswith("error: argument --dtype: invalid choice: 'int8'"), line
 
     # A flag wins over the env var, and is what the message then names.
     from_flag = run_server(

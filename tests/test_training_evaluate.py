@@ -27,6 +27,22 @@ def test_a_block_size_below_one_exits_2_naming_the_flag(
     assert "bpb=" not in captured.out
 
 
+def test_a_bad_command_line_is_one_error_line_and_exit_2(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, message in (
+        (["--data", str(VAL)], "error: the following arguments are required: --checkpoint\n"),
+        (
+            ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--block-size", "abc"],
+            "error: argument --block-size: invalid int value: 'abc'\n",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err == message
+
+
 def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and_init_from(
     tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:

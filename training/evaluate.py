@@ -12,7 +12,6 @@ line printed is `bpb=<value>`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
+from model.cli import ArgumentParser
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
@@ -89,7 +89,7 @@ def evaluate_stream(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m training.evaluate",
         description="Print the bits per byte of text under a checkpoint (last line: bpb=...).",
     )
