@@ -80,7 +80,10 @@ class TrainArgs:
     # model
     preset: str = field(
         default="auto",
-        metadata=doc(f"auto or one of: {', '.join(PRESETS)} (auto: see budget_preset)"),
+        metadata=doc(
+            f"auto or one of: {', '.join(PRESETS)} (auto: small; for a CPU run with --max-time "
+            "under 600 s, mini on a CPU with AMX and tiny on others)"
+        ),
     )
     dim: int | None = field(default=None, metadata=doc("model width (overrides the preset)"))
     n_layers: int | None = field(
@@ -590,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainArgs()
     for name, f in FIELDS.items():
         kind, _ = _base_type(name)
-        help_text = f"{f.metadata['help']} (default: {getattr(defaults, name)!r})"
+        help_text = f.metadata["help"]
+        default = getattr(defaults, name)
+        # Unset (None, []) needs no note, and some helps say their default themselves.
+        if default not in (None, []) and "default:" not in help_text:
+            help_text += f" (default: {default!r})"
         if kind is bool:
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:

@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-size", type=int, help="tokens per window (default: the model's context)"
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model runs; auto = CUDA when available (default: auto)",
+    )
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
