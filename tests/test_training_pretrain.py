@@ -142,6 +142,26 @@ def test_the_first_logged_loss_after_a_resume_mid_window_is_the_mean_of_its_step
     assert logged[8]["loss"] == pytest.approx((per_step[7]["loss"] + per_step[8]["loss"]) / 2)
 
 
+def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = tiny_run(tmp_path, "--max-steps", "20", "--log-interval", "1", "--lr", "0.004")
+    argv.remove("--warmup-steps")
+    argv.remove("2")
+    assert pretrain.main([*argv, "--out-dir", str(tmp_path / "short")]) == 0
+    assert meta(tmp_path / "short")["args"]["warmup_steps"] == 2
+    lrs = {step: record["lr"] for step, record in read_log(tmp_path / "short", "train").items()}
+    assert lrs[1] < lrs[2] == lrs[3] == 0.004  # at the peak from the third step
+    assert "warning: --warmup-steps" not in capsys.readouterr().err
+
+    explicit = [*argv, "--warmup-steps", "20", "--out-dir", str(tmp_path / "explicit")]
+    assert pretrain.main(explicit) == 0
+    assert (
+        "warning: --warmup-steps 20 covers the whole 20-step schedule (--max-steps): the "
+        "learning rate rises all run and never decays\n"
+    ) in capsys.readouterr().err
+
+
 def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -129,7 +129,10 @@ class TrainArgs:
     min_lr_ratio: float = field(
         default=0.1, metadata=doc("final learning rate as a fraction of --lr")
     )
-    warmup_steps: int = field(default=30, metadata=doc("linear warmup steps"))
+    warmup_steps: int | None = field(
+        default=None,
+        metadata=doc("linear warmup steps (none: 30, or a tenth of --max-steps if that is fewer)"),
+    )
     lr_schedule: str = field(
         default="wsd",
         metadata=doc(
@@ -252,7 +255,8 @@ class TrainArgs:
         require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
         for name in (*non_negative, "sample_tokens", "patience"):
-            require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
+            value = getattr(self, name)
+            require(name, value is None or value >= 0, "must be >= 0", value)
         require("lr", self.lr is None or self.lr > 0, "must be > 0", self.lr)
         require(
             "embedding_lr_scale",
@@ -340,6 +344,7 @@ AUTO: dict[str, dict[str, int | float]] = {
 DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
 DEFAULT_MAX_EPOCHS = 5
 UNLIMITED_STEPS = 10**12
+DEFAULT_WARMUP_STEPS = 30
 
 
 # When `--compile none` compiles, by device: a run must be long enough that the first
@@ -403,8 +408,9 @@ def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, worl
 def with_step_budget(
     args: TrainArgs, device: torch.device, train_tokens: int, world_size: int = 1
 ) -> TrainArgs:
-    """Fill in `--max-steps` (no step limit under --max-time, else `default_steps`) and
-    `--compile` (`compile_pays_off`) once the size of the training text is known."""
+    """Fill in `--max-steps` (no step limit under --max-time, else `default_steps`),
+    `--compile` (`compile_pays_off`) and `--warmup-steps` once the size of the training
+    text is known."""
     if args.max_steps is None:
         steps = (
             UNLIMITED_STEPS
@@ -414,7 +420,24 @@ def with_step_budget(
         args = dataclasses.replace(args, max_steps=steps)
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
+    if args.warmup_steps is None:
+        # A short run (e.g. --max-steps 30 to try things out) must get past its warmup.
+        warmup = min(DEFAULT_WARMUP_STEPS, args.max_steps // 10)
+        args = dataclasses.replace(args, warmup_steps=warmup)
     return args
+
+
+def warmup_warning(args: TrainArgs) -> str | None:
+    """A warning when warmup fills the whole schedule (--decay-steps, else --max-steps):
+    the learning rate then never reaches its peak, let alone decays."""
+    schedule = args.decay_steps or args.max_steps
+    if schedule >= UNLIMITED_STEPS or args.warmup_steps < schedule:
+        return None
+    length = "--decay-steps" if args.decay_steps else "--max-steps"
+    return (
+        f"warning: --warmup-steps {args.warmup_steps} covers the whole {schedule}-step "
+        f"schedule ({length}): the learning rate rises all run and never decays"
+    )
 
 
 def budget_summary(args: TrainArgs) -> str:

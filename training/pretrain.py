@@ -38,6 +38,7 @@ from training.args import (
     explicit_settings,
     make_args,
     model_config,
+    warmup_warning,
     with_absolute_paths,
     with_checkpoint_shape,
     with_hardware_defaults,
@@ -300,6 +301,8 @@ def run(argv: Sequence[str] | None) -> int:
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, tokenizer, dist_info.world_size, dist_info.is_main)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
+        if dist_info.is_main and (warning := warmup_warning(args)):
+            print(warning, file=sys.stderr)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
             start_config.replace(dropout=args.dropout)
