@@ -43,12 +43,11 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(
         assert capsys.readouterr().err == message
 
 
-def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and_init_from(
-    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+def assert_refused_by_evaluate_and_init_from(
+    folder: Path, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300))
-    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
-    problem = f"error: {folder / 'tokenizer.json'}: {tokenizer.get_vocab_size()} token ids"
+    """`training.evaluate` on `folder`, and a fine-tune from it, each print one line
+    starting with `problem`, exit 2 and write no run."""
     assert evaluate.main(["--checkpoint", str(folder), "--data", str(VAL)]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(problem), captured.err
@@ -60,7 +59,17 @@ def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and
     assert pretrain.main(flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(problem), err
-    assert not out_dir.exists() and not cache.exists()
+    assert not out_dir.exists()
+
+
+def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and_init_from(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
+    problem = f"error: {folder / 'tokenizer.json'}: {tokenizer.get_vocab_size()} token ids"
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+    assert not (tmp_path / "cache").exists()  # refused before the text is tokenized
 
 
 def test_a_checkpoint_holding_nan_weights_exits_2_in_evaluate_and_init_from(
@@ -71,15 +80,4 @@ def test_a_checkpoint_holding_nan_weights_exits_2_in_evaluate_and_init_from(
         model.layers[1].self_attn.o_proj.weight[3, 5] = float("inf")
     folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
     problem = f"error: {folder}: weight layers.1.self_attn.o_proj.weight holds NaN or infinite"
-    assert evaluate.main(["--checkpoint", str(folder), "--data", str(VAL)]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and captured.err.startswith(problem), captured.err
-    assert "bpb=" not in captured.out
-    out_dir = tmp_path / "out"
-    flags = ["--max-steps", "1", "--batch-size", "4", "--data", str(CORPUS)]
-    flags += ["--init-from", str(folder), "--out-dir", str(out_dir)]
-    flags += ["--cache-dir", str(tmp_path / "cache")]
-    assert pretrain.main(flags) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(problem), err
-    assert not out_dir.exists()
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
