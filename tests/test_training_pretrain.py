@@ -210,6 +210,12 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     again = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run), "--resume", str(run))
     assert pretrain.main(again) == 0
     assert meta(run)["step"] == 3
+    # Once more, the run has nothing left to do: said, and nothing is rewritten.
+    saved = {p: p.read_bytes() for p in resolve_checkpoint(run).iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert pretrain.main(again) == 0
+    assert f"{run}: the run is at step 3, its --max-steps; nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in saved} == saved
 
 
 def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(

@@ -130,6 +130,19 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
         raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
 
 
+def budget_spent(folder: Path, args: TrainArgs) -> str | None:
+    """What already ends the run resumed from `folder` under `args` (its step count or
+    training time reached), or None if it has steps to go."""
+    meta = trainer_meta(folder)
+    step, seconds = meta.get("step"), meta.get("wall_time")
+    # A damaged value is left for reading the training state to report.
+    if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
+        return f"the run is at step {step}, its --max-steps"
+    if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
+        return f"the run has trained {seconds:.0f} s, its --max-time"
+    return None
+
+
 def init_folder(path: str) -> Path:
     """The checkpoint `--init-from` names (a checkpoint or a run folder)."""
     try:
@@ -264,6 +277,10 @@ def run(argv: Sequence[str] | None) -> int:
             raise UsageError("--vocab-size: --tokenizer brings its own vocabulary; drop one")
     else:
         args = resumed_args(resumed, given)
+        done = budget_spent(resumed, args)
+        if done:
+            print(f"{resumed.parent}: {done}; nothing to do (raise it to train on)")
+            return 0
     args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
     initial = init_folder(args.init_from) if args.init_from and resumed is None else None
