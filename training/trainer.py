@@ -136,12 +136,18 @@ def next_token_loss(
 # ---------------------------------------------------------------- RNG state as plain tensors
 
 
-def rng_state() -> dict:
+def rng_state(cuda: bool) -> dict:
+    """Every RNG a training step may draw from; `cuda`: also the current CUDA device's.
+
+    That device's only: every rank's device generator is seeded alike and drawn from
+    alike, so rank 0's serves each rank on resume, on a machine with any number of GPUs
+    (a state per visible device did not restore where fewer are visible).
+    """
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if cuda else [],
         "numpy": {
             "kind": np_kind,
             "keys": torch.from_numpy(np_keys.astype(np.int64)),
@@ -153,10 +159,12 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, cuda: bool) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if cuda and state["cuda"]:
+        # The first: the trainer's device, or in states saved per visible device (runs
+        # before this format), device 0, which a one-GPU run or rank 0 trained on.
+        torch.cuda.set_rng_state(state["cuda"][0])
     n = state["numpy"]
     np.random.set_state(
         (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
@@ -253,7 +261,10 @@ class Trainer:
         self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
+                self.model,
+                device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
+                # The only buffers are the RoPE tables, constant and alike on every rank.
+                broadcast_buffers=False,
             )
         self.loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
             functools.partial(next_token_loss, self.step_model)
@@ -298,7 +309,7 @@ class Trainer:
                 f"warning: resuming {len(generators)} ranks' data order on "
                 f"{self.dist.world_size}; batches will differ from an uninterrupted run"
             )
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], cuda=self.device.type == "cuda")
 
     def _training_state(self, generators: list[torch.Tensor]) -> dict:
         return {
@@ -309,7 +320,7 @@ class Trainer:
             "evals_since_best": self.evals_since_best,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(cuda=self.device.type == "cuda"),
             "data": {"generators": generators},
         }
 
