@@ -244,6 +244,8 @@ class Engine:
                     finished, deliveries = self._execute(output)
                 except Exception as e:  # a bug or device failure: fail this step's requests
                     log.exception("engine step failed")
+                    if self.runner.device_lost():
+                        raise  # every later step would fail too: the engine stops (_run)
                     finished, deliveries = self._fail_step(output, e)
                 with self._cond:
                     self.scheduler.update_from_output(output, finished)

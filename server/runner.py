@@ -77,6 +77,18 @@ class ModelRunner:
                 compiled = torch._inductor.config.patch(CPU_DECODE_INDUCTOR)(compiled)
             self._lone_decode = compiled
 
+    def device_lost(self) -> bool:
+        """Whether the device is unusable from now on: after a CUDA error such as an
+        illegal address, every later call fails the same way (an out-of-memory error
+        leaves it usable)."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError:
+            return True
+        return False
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
 
