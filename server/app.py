@@ -50,7 +50,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Not bf16 where it is only emulated (before Ampere): fp16 runs natively there.
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if supported else torch.float16
     return torch.float32
 
 

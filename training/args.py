@@ -378,7 +378,9 @@ BF16_AMX_MIN_DIM = 256
 
 def auto_dtype(args: TrainArgs, device: torch.device) -> str:
     if device.type == "cuda":
-        return "bfloat16"
+        # Before Ampere bf16 is emulated: slower than float32 (and fp16 would need loss
+        # scaling).
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     width = args.dim or PRESETS[resolved_preset(args, device)].dim
     units = bf16_units()
     fast = units == "avx512" or (units == "amx" and width >= BF16_AMX_MIN_DIM)
