@@ -126,7 +126,7 @@ def test_compile_stays_off_without_a_compiler(
 def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | None) -> None:
     """Under a short time box an AMX CPU trains `mini` in bf16, an AVX512-BF16 CPU
     `tiny` in bf16, any other CPU `tiny` in fp32; without one, `small`, in bf16 on
-    either kind of bf16 units; on CUDA `small` in bf16."""
+    either kind of bf16 units; on CUDA `small`, in bf16 from Ampere on."""
     cpu = torch.device("cpu")
     args = with_hardware_defaults(TrainArgs(max_time=max_time), cpu)
     units = bf16_units()
@@ -138,7 +138,10 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
         assert args.batch_size == AUTO[preset]["batch_size"]
     assert args.dtype == ("float32" if units is None else "bfloat16")
     cuda = with_hardware_defaults(TrainArgs(max_time=max_time), torch.device("cuda"))
-    assert (cuda.dtype, resolved_preset(cuda, torch.device("cuda"))) == ("bfloat16", "small")
+    assert resolved_preset(cuda, torch.device("cuda")) == "small"
+    # bf16 where the GPU has it natively (Ampere, compute capability 8, and later).
+    ampere = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    assert cuda.dtype == ("bfloat16" if ampere else "float32")
     chosen = TrainArgs(max_time=max_time, dtype="float32", batch_size=3)
     kept = with_hardware_defaults(chosen, cpu)
     assert (kept.dtype, kept.batch_size) == ("float32", 3)
