@@ -424,8 +424,8 @@ def check_finite(folder: Path, weights: Mapping[str, torch.Tensor]) -> None:
     """Refuse a diverged run's weights, naming the first tensor holding NaN or inf: served,
     every token would be drawn from NaN logits; fine-tuned, every loss would be NaN.
 
-    Arithmetic, unlike load_weights: on a thread that runs no model, it would start an
-    OpenMP team of its own (model/cpu.py).
+    Arithmetic, unlike load_weights: not for the server's event-loop thread, where it
+    would start a second OpenMP team beside the engine's (model/cpu.py).
     """
     for name, tensor in weights.items():
         if not torch.isfinite(tensor).all():

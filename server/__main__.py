@@ -68,7 +68,7 @@ def setting_source(name: str, given: dict[str, str]) -> str:
 
 
 def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
-    """Fail fast, before binding a port, on anything that would stop the model loading."""
+    """Fail fast, before the model loads, on anything that would stop it loading."""
     from model.checkpoint import (
         TOKENIZER,
         load_tokenizer,

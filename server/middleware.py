@@ -26,11 +26,8 @@ async def refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) ->
     """Answer `error` before the request's body is read, and close the connection: on a
     kept-alive one, the unread body (up to its Content-Length) would be taken as the
     start of the client's next request, which then hangs."""
-    response = JSONResponse(
-        error.body().model_dump(),
-        status_code=error.status_code,
-        headers={**error.headers, "Connection": "close"},
-    )
+    closing = {**error.headers, "Connection": "close"}
+    response = error_response(ApiError(error.status_code, error.type, error.message, closing))
     await response(scope, receive, send)
 
 
