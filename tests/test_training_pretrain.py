@@ -248,6 +248,24 @@ def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(
             json.loads(record, parse_constant=lambda name: pytest.fail(f"{name} in the log"))
 
 
+def test_a_step_whose_update_broke_the_weights_is_not_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Saved every step, no loss checked in between: the update of a saved step turns
+    # the weights NaN before any loss has been computed on them.
+    run = tmp_path / "run"
+    flags = ["--lr", "1e30", "--save-interval", "1", "--keep-last", "100"]
+    flags += ["--log-interval", "1000", "--eval-interval", "1000", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "10", *flags)) == 1
+    assert "error: the loss became NaN or infinite" in capsys.readouterr().err
+    saved = sorted(run.glob("step-*"))
+    assert saved, "the first steps' weights were still finite, and saved"
+    for folder in saved:
+        weights = load_file(folder / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), folder.name
+    assert resolve_checkpoint(run) == saved[-1]
+
+
 @pytest.mark.parametrize(
     "content", ["{", "[]", '{"step": 2}'], ids=["not JSON", "a list", "no args"]
 )

@@ -261,10 +261,7 @@ class Trainer:
         self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
-                # The only buffers are the RoPE tables, constant and alike on every rank.
-                broadcast_buffers=False,
+                self.model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
             )
         self.loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
             functools.partial(next_token_loss, self.step_model)
@@ -351,7 +348,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write step-XXXXXXX from rank 0 and prune old ones. Collective under DDP."""
-        self._check_finite(self.window_loss.item())
+        # The weights too: the update of the step being saved has had no loss of its own.
+        self._check_finite(self.window_loss.item(), weights=True)
         generators = self._gather_generators()
         if not self.dist.is_main:
             return None
@@ -591,12 +589,14 @@ class Trainer:
                 self.save()
         return "max_steps"
 
-    def _check_finite(self, window_loss: float) -> None:
+    def _check_finite(self, window_loss: float, weights: bool = False) -> None:
         """Raise TrainingDiverged if a training loss since the last check or the last
-        validation loss was NaN or infinite (on any rank: every rank stops together),
-        before a checkpoint could keep the weights."""
+        validation loss (or, with `weights`, a weight) was NaN or infinite, on any rank
+        (every rank stops together), before a checkpoint could keep the weights."""
         val = self.last_val.loss if self.last_val is not None else 0.0
         diverged = not (math.isfinite(window_loss) and math.isfinite(val))
+        if weights and not diverged:
+            diverged = not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if self.dist.enabled:
             flag = torch.tensor([float(diverged)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -604,8 +604,8 @@ class Trainer:
         if diverged:
             raise TrainingDiverged(
                 f"the loss became NaN or infinite between steps {self.checked_step} "
-                f"and {self.step}: the run diverged (a lower --lr may help); its checkpoints "
-                "from before are kept, and nothing after was saved"
+                f"and {self.step}: the run diverged (a lower --lr may help); no checkpoint "
+                "was written from then on"
             )
         self.checked_step = self.step
 
