@@ -129,13 +129,17 @@ def test_a_corpus_folder_may_hold_its_runs_and_hidden_folders_which_are_not_read
     model = project / "exported"
     shutil.copytree(resolve_checkpoint(first), model)
     (model / "README.md").write_text("---\nlicense: mit\n---\n# A model card")
+    # A run killed before its first checkpoint: a log, no `latest` yet.
+    killed = project / "runs" / "killed"
+    killed.mkdir()
+    (killed / "log.jsonl").write_text('{"kind": "train", "step": 10, "loss": 5.1}\n')
     capsys.readouterr()
 
     # The first run's log.jsonl is not a corpus file: the same text, the same cache.
     assert pretrain.main([*common, "--out-dir", str(second)]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {first}: a run or model folder, skipped" in err
-    assert f"warning: {model}: a run or model folder, skipped" in err
+    for skipped in (first, model, killed):
+        assert f"warning: {skipped}: a run or model folder, skipped" in err
     assert meta(second)["data"]["cache"] == meta(first)["data"]["cache"]
     assert meta(second)["data"]["train"]["bytes"] + meta(second)["data"]["val"]["bytes"] == len(
         CORPUS.read_bytes()
@@ -145,3 +149,20 @@ def test_a_corpus_folder_may_hold_its_runs_and_hidden_folders_which_are_not_read
     assert meta(first)["step"] == 2
     assert pretrain.main(["--resume", str(first), "--max-steps", "3"]) == 0
     assert meta(first)["step"] == 3
+    # A run folder named as the text itself is refused, naming it.
+    capsys.readouterr()
+    assert pretrain.main([*TINY, "--data", str(first), "--out-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"error: {first}: a training run or model folder, not text\n"
+
+
+def test_linked_folders_and_upper_case_suffixes_are_read_each_file_once(tmp_path: Path) -> None:
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir()
+    elsewhere.mkdir()
+    (corpus / "NOTES.TXT").write_text("Notes in capitals.")
+    (elsewhere / "more.md").write_text("More notes, kept in another folder.")
+    (corpus / "linked").symlink_to(elsewhere)
+    (corpus / "again").symlink_to(elsewhere)  # the same folder twice
+    (elsewhere / "loop").symlink_to(corpus)  # and a link back up
+    documents = load_documents([corpus])
+    assert sorted(documents) == ["More notes, kept in another folder.", "Notes in capitals."]

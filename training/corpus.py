@@ -32,6 +32,8 @@ import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
+from model.checkpoint import CONFIG, LATEST, RUN_LOG
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly signatures and one-liners
@@ -96,25 +98,48 @@ def _jsonl_documents(path: Path) -> list[str]:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    """A training run (its `latest` pointer) or a model (config.json beside safetensors):
-    its log.jsonl or model card is not text to train on."""
-    if (folder / "latest").is_file():
+    """A training run (its `latest` pointer, or before its first checkpoint its log) or a
+    model (config.json beside safetensors): its log.jsonl or model card is not text to
+    train on."""
+    if (folder / LATEST).is_file() or _is_run_log(folder / RUN_LOG):
         return True
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    return (folder / CONFIG).is_file() and any(folder.glob("*.safetensors"))
+
+
+def _is_run_log(path: Path) -> bool:
+    """Whether `path` is a trainer's log: JSON records of a `kind`, not documents."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "kind" in first and "text" not in first
+
+
+def _is_text_file(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)
 
 
 def _files_under(path: Path) -> list[Path]:
     """`path` itself, or the text files below it, in sorted order. Hidden files and
     folders (.git, .venv, the trainer's .cache) and run or model folders are not read:
-    a corpus folder may hold the runs trained on it."""
+    a corpus folder may hold the runs trained on it. Linked folders are followed, each
+    real folder once."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CorpusError(f"{path}: no such file or folder")
-    files = []
-    for root, dirs, names in os.walk(path):
+    if _is_model_folder(path):
+        raise CorpusError(f"{path}: a training run or model folder, not text")
+    files, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         kept = []
-        for name in dirs:
+        for name in sorted(dirs):
             if name.startswith("."):
                 continue
             if _is_model_folder(Path(root, name)):
@@ -124,11 +149,7 @@ def _files_under(path: Path) -> list[Path]:
                 continue
             kept.append(name)
         dirs[:] = kept
-        files += [
-            Path(root, name)
-            for name in names
-            if not name.startswith(".") and Path(name).suffix in (*TEXT_SUFFIXES, JSONL_SUFFIX)
-        ]
+        files += [Path(root, name) for name in names if _is_text_file(name)]
     return sorted(files)
 
 
@@ -141,7 +162,7 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
         if not files:
             raise CorpusError(f"{path}: no .txt, .md or .jsonl files in this folder")
         for file in files:
-            if file.suffix == JSONL_SUFFIX:
+            if file.suffix.lower() == JSONL_SUFFIX:
                 documents.extend(_jsonl_documents(file))
             else:
                 documents.append(read_text(file))

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from model.checkpoint import (
     END_OF_TEXT,
     LATEST,
+    RUN_LOG,
     CheckpointError,
     TokenizerExtras,
     check_finite,
@@ -61,7 +62,6 @@ from training.prepare import PreparedData, token_byte_lengths
 
 TRAINING_STATE = "training_state.pt"
 TRAINER_META = "trainer_meta.json"
-LOG_FILE = "log.jsonl"
 BEST = "best"
 STEP_DIR = re.compile(r"step-\d{7}")
 STATE_KEYS = ("optimizer", "step", "tokens_seen", "elapsed", "data", "rng")
@@ -431,7 +431,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out_dir / LOG_FILE, "a", encoding="utf-8") as f:
+        with open(self.out_dir / RUN_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -463,7 +463,7 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.step == 0:  # a fresh run starts a fresh log; a resumed one appends
-                (self.out_dir / LOG_FILE).write_text("", encoding="utf-8")
+                (self.out_dir / RUN_LOG).write_text("", encoding="utf-8")
             self.tensorboard = _tensorboard_writer(self.out_dir)
         previous = {
             s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
