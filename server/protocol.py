@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
+DEFAULT_MAX_TOKENS = 128
 MAX_STOP_CHARS = 64
 
 FinishReason = Literal["stop", "length"]
@@ -34,11 +35,11 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="text to continue; empty = start of a document")
-    max_tokens: int = Field(
-        128,
+    max_tokens: int | None = Field(
+        None,
         ge=1,
-        description="tokens to generate at most; when not given, 128 or what the model's "
-        "context leaves after the prompt, whichever is less",
+        description=f"tokens to generate at most; none (or null): {DEFAULT_MAX_TOKENS} or "
+        "what the model's context leaves after the prompt, whichever is less",
     )
     temperature: float = Field(
         1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 (or below 1e-5) = greedy"

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from tokenizers import Tokenizer
 
 from model.sampling import SamplingParams
-from server.protocol import ApiError, GenerateRequest
+from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest
 
 
 def not_json(reason: str = "is not valid JSON") -> ApiError:
@@ -55,7 +55,7 @@ class Validator:
         # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
         # Without max_tokens a request asks for the default or what the context leaves,
         # whichever is less (a `tiny` model's whole context is the default's 128).
-        asked = body.max_tokens if "max_tokens" in body.model_fields_set else None
+        asked = body.max_tokens
         prompt_bytes = _utf8_length(body.prompt)
         fewest = -(-prompt_bytes // self.max_token_bytes)
         if fewest + (asked or 1) > self.max_context:
@@ -69,7 +69,7 @@ class Validator:
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
-            max_tokens=asked or min(body.max_tokens, self.max_context - len(prompt_ids)),
+            max_tokens=asked or min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt_ids)),
             sampling=SamplingParams(
                 temperature=body.temperature,
                 top_k=body.top_k,

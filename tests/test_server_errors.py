@@ -150,12 +150,13 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
 def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client):
     # The default 128 does not fit after this prompt: the rest of the context does.
     body = {"prompt": " the" * (CONTEXT - 50), "ignore_eos": True}  # " the": one token
-    response = client.post("/v1/generate", json=body)
-    assert response.status_code == 200, response.text
-    usage = response.json()["usage"]
-    assert usage["prompt_tokens"] > CONTEXT - 128
-    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
-    assert response.json()["finish_reason"] == "length"
+    for request in (body, body | {"max_tokens": None}):  # null, as OpenAI clients send it
+        response = client.post("/v1/generate", json=request)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] > CONTEXT - 128
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+        assert response.json()["finish_reason"] == "length"
     # A prompt that fills the context leaves nothing to generate.
     response = client.post("/v1/generate", json={"prompt": " x" * CONTEXT})  # 2 tokens each
     message = assert_error(response, 400, "context_length_exceeded")
