@@ -37,9 +37,11 @@ def _byte_decoder() -> dict[str, int]:
 
 def require_byte_level(tokenizer: Tokenizer) -> None:
     """Raise ValueError unless `tokenizer` is a byte-level BPE, the kind `token_bytes` reads."""
-    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+    decoder = tokenizer.decoder
+    if not isinstance(decoder, decoders.ByteLevel):
+        kind = "none" if decoder is None else type(decoder).__name__
         raise ValueError(
-            f"unsupported tokenizer decoder {type(tokenizer.decoder).__name__}; "
+            f"unsupported tokenizer decoder ({kind}); "
             "the server streams byte-level BPE tokenizers (the trainer's format)"
         )
 

@@ -95,7 +95,9 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     result = run_server("--checkpoint", str(metaspace))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {metaspace / 'tokenizer.json'}: unsupported tokenizer decoder")
+    assert line.startswith(
+        f"error: {metaspace / 'tokenizer.json'}: unsupported tokenizer decoder (Metaspace)"
+    )
 
 
 def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):

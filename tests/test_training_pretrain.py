@@ -214,7 +214,10 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     saved = {p: p.read_bytes() for p in resolve_checkpoint(run).iterdir() if p.is_file()}
     capsys.readouterr()
     assert pretrain.main(again) == 0
-    assert f"{run}: the run is at step 3, its --max-steps; nothing to do" in capsys.readouterr().out
+    assert (
+        f"{run}: the run is at step 3, at or past --max-steps 3; nothing to do"
+        in capsys.readouterr().out
+    )
     assert {p: p.read_bytes() for p in saved} == saved
 
 

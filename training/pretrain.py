@@ -137,9 +137,9 @@ def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     step, seconds = meta.get("step"), meta.get("wall_time")
     # A damaged value is left for reading the training state to report.
     if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
-        return f"the run is at step {step}, its --max-steps"
+        return f"the run is at step {step}, at or past --max-steps {args.max_steps}"
     if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
-        return f"the run has trained {seconds:.0f} s, its --max-time"
+        return f"the run has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
     return None
 
 
