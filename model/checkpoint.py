@@ -428,9 +428,14 @@ def check_finite(folder: Path, weights: Mapping[str, torch.Tensor]) -> None:
     Arithmetic, unlike load_weights: not for the server's event-loop thread, where it
     would start a second OpenMP team beside the engine's (model/cpu.py).
     """
-    for name, tensor in weights.items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{folder}: weight {name} holds NaN or infinite values")
+    name = first_non_finite(weights)
+    if name is not None:
+        raise CheckpointError(f"{folder}: weight {name} holds NaN or infinite values")
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf, or None if all are finite."""
+    return next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
 
 
 def load_model(

@@ -44,6 +44,7 @@ from model.checkpoint import (
     CheckpointError,
     TokenizerExtras,
     check_finite,
+    first_non_finite,
     is_temporary,
     load_weights,
     read_config,
@@ -596,7 +597,7 @@ class Trainer:
         val = self.last_val.loss if self.last_val is not None else 0.0
         diverged = not (math.isfinite(window_loss) and math.isfinite(val))
         if weights and not diverged:
-            diverged = not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            diverged = first_non_finite(dict(self.model.named_parameters())) is not None
         if self.dist.enabled:
             flag = torch.tensor([float(diverged)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
