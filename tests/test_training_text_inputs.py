@@ -149,6 +149,10 @@ def test_a_corpus_folder_may_hold_its_runs_and_hidden_folders_which_are_not_read
     assert meta(first)["step"] == 2
     assert pretrain.main(["--resume", str(first), "--max-steps", "3"]) == 0
     assert meta(first)["step"] == 3
+    # Other --data (here the same text by another path) goes on, said on stderr.
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(first), "--max-steps", "4", "--data", str(CORPUS)]) == 0
+    assert "warning: --data differs from the text the run was started on" in capsys.readouterr().err
     # A run folder named as the text itself is refused, naming it.
     capsys.readouterr()
     assert pretrain.main([*TINY, "--data", str(first), "--out-dir", str(tmp_path / "x")]) == 2
