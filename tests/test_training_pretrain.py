@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from model.checkpoint import load_model, resolve_checkpoint
 from training import evaluate, pretrain
+from training.data import BatchSampler
+from training.trainer import next_token_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -551,9 +554,12 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 
-def test_torchrun_two_ranks_on_gloo_write_one_loadable_checkpoint(tmp_path: Path) -> None:
+def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_loss(
+    tmp_path: Path,
+) -> None:
     run = tmp_path / "ddp"
-    args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    flags = ["--max-steps", "2", "--save-interval", "1", "--log-interval", "1"]
+    args = tiny_run(tmp_path, *flags, "--dtype", "float32", "--out-dir", str(run))
     done = subprocess.run(
         [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *args],
         cwd=REPO,
@@ -563,13 +569,31 @@ def test_torchrun_two_ranks_on_gloo_write_one_loadable_checkpoint(tmp_path: Path
         timeout=150,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [p.name for p in run.iterdir() if p.name.startswith("step-")] == ["step-0000003"]
+    steps = sorted(p.name for p in run.iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-0000001", "step-0000002"]
     load_model(run)
     info = meta(run)
     assert info["world_size"] == 2
-    assert info["tokens_seen"] == 3 * 2 * 4 * 32  # steps x ranks x batch x block
+    assert info["tokens_seen"] == 2 * 2 * 4 * 32  # steps x ranks x batch x block
     fingerprints = info["first_batch_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] != fingerprints[1]
+    # Step 2's loss is each rank's second batch under the step-1 weights: the log holds
+    # the mean of the two ranks' losses, not rank 0's alone.
+    model = load_model(run / "step-0000001")
+    train_bin = Path(info["data"]["cache"]) / "train.bin"
+    tokens = np.memmap(train_bin, dtype=np.uint16, mode="r")
+    positions = torch.arange(32).expand(4, 32)
+    losses = []
+    for rank in range(2):
+        sampler = BatchSampler(
+            tokens, block_size=32, batch_size=4, seed=info["args"]["seed"], rank=rank, world_size=2
+        )
+        sampler.next_batch()
+        with torch.no_grad():
+            losses.append(next_token_loss(model, *sampler.next_batch(), positions).item())
+    assert abs(losses[0] - losses[1]) > 1e-3  # the ranks' losses tell apart
+    logged = read_log(run, "train")[2]["loss"]
+    assert math.isclose(logged, sum(losses) / 2, rel_tol=1e-5), (logged, losses)
 
 
 def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(

@@ -12,7 +12,8 @@ elapsed time restored.
 Checkpoints are the model/checkpoint.py format plus `training_state.pt` (plain
 tensors, numbers, strings, lists and dicts only, so `torch.load(weights_only=True)`
 reads it) and `trainer_meta.json`. Under DDP every rank trains on its own shard of
-the tokens; rank 0 alone evaluates, logs and writes.
+the tokens; the logged train loss is the ranks' mean; rank 0 alone evaluates, logs
+and writes.
 """
 
 from __future__ import annotations
@@ -560,7 +561,7 @@ class Trainer:
                 now = time.perf_counter()
                 # The mean over the window's steps: fewer than log_interval after a resume.
                 window_steps = window_tokens // tokens_per_step
-                self.last_train_loss = self.window_loss.item() / window_steps  # the one sync
+                self.last_train_loss = self._mean_over_ranks(self.window_loss) / window_steps
                 self._check_finite(self.last_train_loss)
                 self.tokens_per_s = window_tokens / (now - window_start)
                 self.window_loss.zero_()
@@ -609,6 +610,15 @@ class Trainer:
                 "was written from then on"
             )
         self.checked_step = self.step
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """`value` averaged over every rank (collective under DDP): each rank's loss is
+        its own shard's; the run's is their mean. The loop's one host sync."""
+        if self.dist.enabled:
+            value = value.clone()
+            dist.all_reduce(value)  # a sum: gloo has no average
+            value /= self.dist.world_size
+        return value.item()
 
     def _early_stop(self) -> bool:
         stop = bool(self.args.patience) and self.evals_since_best >= self.args.patience
