@@ -530,13 +530,16 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def small_files_only() -> None:
+    """In a child process: files past 256 KiB fail with EFBIG (a checkpoint cannot be
+    written, log.jsonl can)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
 def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothing(
     tmp_path: Path,
 ) -> None:
-    def small_files_only() -> None:  # in the child: files past 256 KiB fail with EFBIG
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-
     run = tmp_path / "run"
     flags = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
     done = subprocess.run(
@@ -551,6 +554,32 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {run}") and "could not be written" in last, done.stderr
     assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
+
+
+def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(
+    tmp_path: Path,
+) -> None:
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    torchrun = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    torchrun += ["--log-dir", str(logs), "--redirects", "3"]  # each rank's output in a file
+    done = subprocess.run(
+        [*torchrun, "-m", "training.pretrain", *args],
+        cwd=REPO,
+        env=python_env(),
+        preexec_fn=small_files_only,  # inherited by both ranks; rank 0 alone writes
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode != 0
+    stderr = {int(p.parent.name): p.read_text() for p in logs.glob("*/attempt_0/*/stderr.log")}
+    assert sorted(stderr) == [0, 1], done.stderr[-3000:]
+    for rank, expected in ((0, f"error: {run}"), (1, "error: rank 0 could not write")):
+        assert "Traceback" not in stderr[rank], stderr[rank][-3000:]
+        last = stderr[rank].strip().splitlines()[-1]
+        assert last.startswith(expected) and "latest" in last, stderr[rank][-3000:]
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 

@@ -52,9 +52,11 @@ from training.trainer import (
     STEP_DIR,
     TRAINER_META,
     TRAINING_STATE,
+    DistInfo,
     Trainer,
     TrainingDiverged,
     init_distributed,
+    share_rank0_error,
 )
 
 
@@ -222,24 +224,19 @@ def prepare_on_rank0(
     args: TrainArgs,
     documents: list[str] | None,
     tokenizer: Tokenizer | None,
-    world_size: int,
-    is_main: bool,
+    dist_info: DistInfo,
 ) -> PreparedData:
     """Rank 0 writes the token cache, then the other ranks read it (or all fail alike)."""
     error: Exception | None = None
-    if is_main:
+    world_size = dist_info.world_size
+    if dist_info.is_main:
         try:
             data = load_data(args, documents, tokenizer, world_size)
         except CorpusError as e:
             error = e
-    if world_size > 1:
-        failed = torch.tensor([float(error is not None)])
-        dist.broadcast(failed, src=0)
-        if bool(failed) and error is None:
-            raise CorpusError("rank 0 could not prepare the data (see its error)")
-    if error is not None:
-        raise error
-    return data if is_main else load_data(args, documents, tokenizer, world_size)
+    elsewhere = CorpusError("rank 0 could not prepare the data (see its error)")
+    share_rank0_error(error, dist_info, elsewhere)
+    return data if dist_info.is_main else load_data(args, documents, tokenizer, world_size)
 
 
 def finished(folder: Path) -> bool:
@@ -316,7 +313,7 @@ def run(argv: Sequence[str] | None) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
-        data = prepare_on_rank0(args, documents, tokenizer, dist_info.world_size, dist_info.is_main)
+        data = prepare_on_rank0(args, documents, tokenizer, dist_info)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         if dist_info.is_main and (warning := warmup_warning(args)):
             print(warning, file=sys.stderr)

@@ -28,7 +28,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from model.checkpoint import (
     LATEST,
     RUN_LOG,
     CheckpointError,
+    CheckpointWriteError,
     TokenizerExtras,
     check_finite,
     first_non_finite,
@@ -95,6 +96,19 @@ def init_distributed(device: torch.device) -> DistInfo:
     # over gloo, the model's gradients over nccl.
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def share_rank0_error(error: Exception | None, dist_info: DistInfo, elsewhere: Exception) -> None:
+    """After work rank 0 did alone: raise its `error` there and `elsewhere` on every
+    other rank, so that all stop together with a message instead of the others failing
+    at their next collective (collective under DDP: every rank calls it)."""
+    if dist_info.enabled:
+        failed = torch.tensor([float(error is not None)])
+        dist.broadcast(failed, src=0)
+        if bool(failed) and error is None:
+            raise elsewhere
+    if error is not None:
+        raise error
 
 
 @dataclass(frozen=True)
@@ -353,8 +367,10 @@ class Trainer:
         # The weights too: the update of the step being saved has had no loss of its own.
         self._check_finite(self.window_loss.item(), weights=True)
         generators = self._gather_generators()
-        if not self.dist.is_main:
-            return None
+        with self._rank0_writing():
+            return self._write_checkpoint(generators) if self.dist.is_main else None
+
+    def _write_checkpoint(self, generators: list[torch.Tensor]) -> Path:
         state, meta = self._training_state(generators), self._meta()
         extra = {
             TRAINING_STATE: lambda path: torch.save(state, path),
@@ -370,6 +386,18 @@ class Trainer:
         )
         self._prune()
         return folder
+
+    @contextlib.contextmanager
+    def _rank0_writing(self) -> Iterator[None]:
+        """Around what rank 0 alone writes: a write that fails there stops every rank,
+        each with one line (collective under DDP)."""
+        error = None
+        try:
+            yield
+        except CheckpointWriteError as e:
+            error = e
+        elsewhere = CheckpointWriteError("rank 0 could not write to the run folder (see its error)")
+        share_rank0_error(error, self.dist, elsewhere)
 
     def _prune(self) -> None:
         steps = sorted(
@@ -489,8 +517,12 @@ class Trainer:
         return TrainResult(self.step, checkpoint, self.last_val, stopped_by)
 
     def _eval_and_report(self, bar: tqdm) -> None:
-        if not self.dist.is_main:
-            return
+        """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP)."""
+        with self._rank0_writing():
+            if self.dist.is_main:
+                self._evaluate_on_rank0(bar)
+
+    def _evaluate_on_rank0(self, bar: tqdm) -> None:
         result = self.evaluate()
         self.evaluated_at = self.step
         if not math.isfinite(result.loss):
