@@ -7,7 +7,8 @@ the problem and exit status 2.
 
 SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
 requests finish (up to --drain-timeout), then uvicorn shuts down and the process
-exits 0. A second signal shuts down without waiting.
+exits 0. A second signal cuts the drain short: the unfinished requests end at once
+as they would at the timeout (a 503, or an error event closing the stream).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from server.settings import Settings
 
 if typing.TYPE_CHECKING:
     from fastapi import FastAPI
+
+
+log = logging.getLogger("server")
 
 
 def flag(name: str) -> str:
@@ -123,12 +127,16 @@ class DrainingServer(uvicorn.Server):
         self.app = app
         self.drain_timeout = drain_timeout
         self.drain_deadline: float | None = None
+        self.cut_off_by = "drain timeout"  # what ends requests still running at the deadline
         self.failure: str | None = None  # why the server stopped itself
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         serving = self.app.state.serving
-        if self.drain_deadline is not None or serving is None:
-            self.should_exit = True  # a second signal, or nothing to drain
+        if serving is None:
+            self.should_exit = True  # nothing to drain
+            return
+        if self.drain_deadline is not None:  # a second signal: the deadline is now
+            self.drain_deadline, self.cut_off_by = time.monotonic(), "second signal"
             return
         # Not re-raised after shutdown (uvicorn would): a drained exit is a clean exit.
         self.drain_deadline = time.monotonic() + self.drain_timeout
@@ -160,6 +168,7 @@ class DrainingServer(uvicorn.Server):
             if engine.num_unfinished and time.monotonic() >= self.drain_deadline:
                 # Cut off now, each request with an error output, so that the streams end
                 # properly before uvicorn's own shutdown (which would drop them mid-body).
+                log.warning("%s: %d requests cut off", self.cut_off_by, engine.num_unfinished)
                 engine.stop()
             self.should_exit = engine.num_unfinished == 0
         return await super().on_tick(counter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -280,8 +281,40 @@ def test_past_the_drain_timeout_every_unfinished_stream_ends_with_an_error_event
         for reader in readers:
             reader.join(60)
         assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    assert "drain timeout: " in log and " requests cut off" in log, log
     # Each stream either finished within the drain or was ended by the error event:
     # none is cut off mid-body.
     endings = [reader.events[-1] if reader.events else None for reader in readers]
     assert all(end in ("[DONE]", shut_down) for end in endings), endings
     assert shut_down in endings
+
+
+def test_a_second_signal_ends_every_unfinished_request_at_once_as_the_timeout_would(checkpoint):
+    # One slot and a drain timeout far longer than the test: only the second signal can
+    # end eight 1,000-token streams and a JSON request queued behind them.
+    shut_down = {"error": {"type": "unavailable", "message": "the server shut down"}}
+    with served(checkpoint, "--max-batch", "1", "--drain-timeout", "600") as (process, url):
+        readers = [StreamReader(url, 1000) for _ in range(8)]
+        assert all(reader.opened.wait(20) for reader in readers)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            body = {"prompt": "wait", "max_tokens": 1000, "ignore_eos": True}
+            waiting = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
+
+            def all_nine_submitted() -> bool:
+                return "pocketgpt_requests_waiting 8.0" in httpx.get(f"{url}/metrics").text
+
+            wait_until(all_nine_submitted, 20, "one request running, eight waiting")
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, 5, "health 503")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            cut_off = waiting.result()
+        for reader in readers:
+            reader.join(60)
+        log = process.stderr.read()
+    assert cut_off.status_code == 503 and cut_off.json() == shut_down
+    endings = [reader.events[-1] if reader.events else None for reader in readers]
+    assert endings.count(shut_down) == 8, endings
+    assert "second signal: 9 requests cut off" in log, log
+    assert "Traceback" not in log, log
