@@ -63,9 +63,13 @@ def _serving(request: Request) -> Serving:
     return serving
 
 
-_ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 429, 431, 503)
-}
+def _error_responses(*statuses: int) -> dict[int | str, dict]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# Every route may get the guards' 408 (request time) and 431 (head size), and 503 while
+# loading, draining or after the engine failed; all but /health need the API key (401).
+_ERROR_RESPONSES = _error_responses(400, 401, 408, 413, 415, 422, 429, 431, 503)
 # With `stream`, 200 is an SSE stream (one StreamChunk per `data:` line, then [DONE]);
 # documented, so the schema covers every 200 the route sends.
 _GENERATE_RESPONSES: dict[int | str, dict] = {
@@ -211,7 +215,10 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+# HEAD answers as GET does; only GET is in the schema (one route with both methods gave
+# both operations one operationId, which client generators refuse).
+@router.get("/health", responses=_error_responses(408, 431, 503))
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> dict[str, str]:
     """200 once the model is loaded and warm; 503 while loading or draining, or after
     the engine failed (so that an orchestrator replaces the process)."""
@@ -219,7 +226,8 @@ async def health(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=_error_responses(401, 408, 431, 503))
+@router.head("/v1/models", response_model=ModelList, include_in_schema=False)
 async def models(request: Request) -> ModelList:
     serving = _serving(request)
     return ModelList(data=[ModelCard(id=serving.model_name, max_context=serving.max_context)])

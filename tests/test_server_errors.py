@@ -173,6 +173,18 @@ def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(client):
     assert f"{len(prompt)} bytes" in message and "at least" in message
 
 
+def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_answer(client):
+    schema = client.get("/openapi.json").json()
+    operations = [op for methods in schema["paths"].values() for op in methods.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids)) == 3  # HEAD answers as GET, outside the schema
+    responses = {
+        path: set(ops["get"]["responses"]) for path, ops in schema["paths"].items() if "get" in ops
+    }
+    assert {"200", "503"} <= responses["/health"] and "401" not in responses["/health"]
+    assert {"200", "401", "503"} <= responses["/v1/models"]
+
+
 def test_head_is_served_where_get_is(client):
     for path in ("/health", "/v1/models"):
         response = client.head(path)
