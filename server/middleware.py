@@ -57,12 +57,13 @@ class ApiKeyMiddleware:
 
 
 class HeaderLimitMiddleware:
-    """Answer 431 for a request head (target plus header names and values) over `max_bytes`.
+    """Answer 431 for a request head (request line and headers) over `max_bytes`.
 
     h11 bounds only a head that is still incomplete (`h11_max_incomplete_event_size`,
     server/http11.py sets it to the same limit and answers that case): one that arrives
     whole in a socket read (uvicorn reads up to 64 KiB) is parsed regardless, and reaches
-    us here.
+    us here. Its size is counted as h11 counts, in bytes on the wire, so that the same
+    head gets the same answer however the network splits it.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -70,18 +71,25 @@ class HeaderLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            target = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
-            size = target + sum(len(name) + len(value) for name, value in scope["headers"])
-            if size > self.max_bytes:
-                error = ApiError(
-                    431,
-                    "request_header_fields_too_large",
-                    f"the request head exceeds {self.max_bytes} bytes",
-                )
-                await refuse(error, scope, receive, send)
-                return
+        if scope["type"] == "http" and _head_bytes(scope) > self.max_bytes:
+            error = ApiError(
+                431,
+                "request_header_fields_too_large",
+                f"the request head exceeds {self.max_bytes} bytes",
+            )
+            await refuse(error, scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def _head_bytes(scope: Scope) -> int:
+    """The size of the head as sent: `METHOD target HTTP/1.1` CRLF, `name: value` CRLF
+    per header, and the blank line."""
+    query = scope.get("query_string", b"")
+    target = len(scope.get("raw_path") or b"") + (len(query) + 1 if query else 0)
+    request_line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")
+    headers = sum(len(name) + len(value) + len(": \r\n") for name, value in scope["headers"])
+    return request_line + headers + len("\r\n")
 
 
 class BodyLimitMiddleware:
