@@ -56,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
             if typing.get_origin(field.annotation) is typing.Literal
             else None
         )
+        switch = {}
+        if field.annotation is bool:  # `--metrics-open` alone, or `--cuda-graphs false`
+            switch = {"nargs": "?", "const": "true", "metavar": "true|false"}
+            default = "on" if default else "off"
         parser.add_argument(
             flag(name),
             dest=name,
             choices=choices,
             help=f"{field.description} (env {env_var(name)}; default {default})",
+            **switch,
         )
     return parser
 

@@ -229,6 +229,15 @@ def served(checkpoint: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, st
             process.wait()
 
 
+def test_a_switch_given_alone_turns_on(checkpoint):
+    with served(checkpoint, "--api-key", "k3y", "--metrics-open") as (_, url):
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+    refused = run_server("--metrics-open", "sometimes", "--checkpoint", str(checkpoint))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: --metrics-open: "), refused.stderr
+
+
 class StreamReader(threading.Thread):
     """A streaming request read on its own thread, keeping every event."""
 
