@@ -96,7 +96,10 @@ class Settings(BaseSettings):
         "(a response is never cut by it)",
     )
     drain_timeout: float = Field(
-        30.0, ge=0, description="seconds running streams may finish after SIGTERM"
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds running streams may finish after SIGTERM",
     )
     model_name: str | None = Field(
         None, description="model id reported by the API; default: the checkpoint folder name"

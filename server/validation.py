@@ -59,13 +59,15 @@ class Validator:
         prompt_bytes = _utf8_length(body.prompt)
         fewest = -(-prompt_bytes // self.max_token_bytes)
         if fewest + (asked or 1) > self.max_context:
-            self._too_long(f"at least {_tokens(fewest)}: {prompt_bytes} bytes", asked)
+            self._too_long(
+                f"at least {_count(fewest, 'token')}: {_count(prompt_bytes, 'byte')}", asked
+            )
         # An empty prompt starts a new document, as in training: after end-of-text.
         prompt_ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [
             self.bos_id
         ]
         if len(prompt_ids) + (asked or 1) > self.max_context:
-            self._too_long(_tokens(len(prompt_ids)), asked)
+            self._too_long(_count(len(prompt_ids), "token"), asked)
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
@@ -94,8 +96,8 @@ class Validator:
         )
 
 
-def _tokens(n: int) -> str:
-    return f"{n} token" if n == 1 else f"{n} tokens"
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
 def _utf8_length(text: str) -> int:

@@ -135,6 +135,9 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     assert from_flag.stderr.strip().splitlines() == [
         "error: --max-batch: Input should be greater than or equal to 1"
     ]
+    endless = run_server("--checkpoint", str(checkpoint), "--drain-timeout", "inf")
+    assert endless.returncode == 2
+    assert endless.stderr.strip() == "error: --drain-timeout: Input should be a finite number"
 
 
 def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpoint):

@@ -145,6 +145,9 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
     message = assert_error(response, 400, "context_length_exceeded")
     assert f"max_tokens ({CONTEXT})" in message and f"context of {CONTEXT}" in message
     assert "prompt (" in message
+    one_byte = client.post("/v1/generate", json={"prompt": "a", "max_tokens": CONTEXT})
+    message = assert_error(one_byte, 400, "context_length_exceeded")
+    assert message.startswith("prompt (at least 1 token: 1 byte) + max_tokens"), message
 
 
 def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client):
