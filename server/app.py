@@ -177,6 +177,30 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal_error", "internal server error"))
 
 
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_BEARER = "apiKey"
+
+
+def _declare_bearer_key(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """Mark the keyed operations in the OpenAPI schema as needing the bearer key, so that
+    /docs offers Authorize and generated clients send it (ApiKeyMiddleware checks it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()  # cached on the app; marked once
+            schema.setdefault("components", {})["securitySchemes"] = {
+                _BEARER: {"type": "http", "scheme": "bearer"}
+            }
+            for path, operations in schema["paths"].items():
+                if path not in open_paths:
+                    for operation in operations.values():
+                        operation["security"] = [{_BEARER: []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="pocketgpt",
@@ -195,11 +219,14 @@ def create_app(settings: Settings) -> FastAPI:
     # Added last = outermost: count every answer, bound the head, authenticate, bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        # Health probes never carry a key; Prometheus may not either (--metrics-open).
-        open_paths = frozenset({"/health", "/metrics"} if settings.metrics_open else {"/health"})
+        # Health probes never carry a key; Prometheus may not either (--metrics-open); a
+        # browser opening the docs cannot send one (the schema is no secret: the README
+        # says as much).
+        open_paths = _DOCS_PATHS | {"/health"} | ({"/metrics"} if settings.metrics_open else set())
         app.add_middleware(
             ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
         )
+        _declare_bearer_key(app, open_paths)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(RequestCounter, counter=metrics.requests)
     return app

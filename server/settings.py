@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="require `Authorization: Bearer <key>` on every route but /health when set",
+        description="require `Authorization: Bearer <key>` on every route but /health and "
+        "the API docs when set",
     )
     metrics_open: bool = Field(
         False, description="with --api-key: serve /metrics without the key (a keyless Prometheus)"
