@@ -342,15 +342,23 @@ def run(argv: Sequence[str] | None) -> int:
             init_from=initial,
             tokenizer_extras=tokenizer_extras,
         ).train()
-        if dist_info.enabled:
-            # Leave together: a rank that tore its process group down and exited while
-            # rank 0 was still writing the last checkpoint sometimes aborted in gloo's
-            # teardown (SIGABRT at interpreter exit; ~1 run in 25 on 2 loaded cores).
-            dist.barrier()
+        leave_together(dist_info)
+    except (CheckpointWriteError, TrainingDiverged):  # raised by every rank at one collective
+        leave_together(dist_info)
+        raise
     finally:
         if dist_info.enabled:
             dist.destroy_process_group()
     return 0
+
+
+def leave_together(dist_info: DistInfo) -> None:
+    """Wait for every rank before the process group is torn down: a rank that tore it
+    down and exited while another still used it (rank 0 writing the last checkpoint)
+    sometimes aborted in gloo's teardown ("terminate called without an active
+    exception", SIGABRT at interpreter exit; ~1 run in 25 on 2 loaded cores)."""
+    if dist_info.enabled:
+        dist.barrier()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
