@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Callable, Mapping
@@ -187,6 +188,48 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def is_temporary(name: str) -> bool:
     return ".tmp-" in name or ".old-" in name
+
+
+_TEMPORARY = re.compile(r"(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+
+
+def remove_interrupted_saves(root: Path) -> list[str]:
+    """Clear what saves killed midway left in `root`, and return what was removed.
+
+    A `<name>.tmp-<pid>` copy is half written: removed. A `<name>.old-<pid>` is the
+    previous `<name>`, moved aside for its replacement: put back if a kill between the
+    two renames left no `<name>`, else removed. What a writer still running in another
+    process has there is left alone.
+    """
+    removed = []
+    for path in sorted(Path(root).iterdir()):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or _running_elsewhere(int(match["pid"])):
+            continue
+        final = path.with_name(match["name"])
+        if match["kind"] == "old" and not final.exists():
+            os.replace(path, final)
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def _running_elsewhere(pid: int) -> bool:
+    """Whether `pid` is a live process other than this one (pids are reused: in a
+    restarted container the new trainer often has the killed one's)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 @dataclass(frozen=True)

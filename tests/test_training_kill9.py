@@ -3,6 +3,8 @@ loadable checkpoint, and --resume continues from it."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import LATEST, load_model, resolve_checkpoint
+from model.checkpoint import LATEST, is_temporary, load_model, resolve_checkpoint
 from tests.test_training_pretrain import REPO, python_env, tiny_run
 from training import pretrain
 
 
-def run_until_killed(run: Path, tmp_path: Path, checkpoints_before_kill: int) -> None:
-    """Train with a checkpoint every step; SIGKILL once `latest` has moved N times."""
+def run_until_killed(run: Path, tmp_path: Path, checkpoints_before_kill: int) -> int:
+    """Train with a checkpoint and a log line every step; SIGKILL once `latest` has
+    moved N times. Returns the killed process's pid."""
     args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--save-interval", "1")
-    args += ["--keep-last", "2"]
+    args += ["--keep-last", "2", "--log-interval", "1"]
     process = subprocess.Popen(
         [sys.executable, "-m", "training.pretrain", *args, "--out-dir", str(run)],
         cwd=REPO,
@@ -45,6 +48,11 @@ def run_until_killed(run: Path, tmp_path: Path, checkpoints_before_kill: int) ->
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    return process.pid
+
+
+def read_log_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("checkpoints_before_kill", [2, 3, 5])
@@ -52,7 +60,7 @@ def test_latest_survives_kill_9_and_resume_continues(
     tmp_path: Path, checkpoints_before_kill: int
 ) -> None:
     run = tmp_path / "run"
-    run_until_killed(run, tmp_path, checkpoints_before_kill)
+    killed = run_until_killed(run, tmp_path, checkpoints_before_kill)
 
     folder = resolve_checkpoint(run)
     model = load_model(folder)  # complete: config, weights (size-checked), tokenizer
@@ -61,5 +69,19 @@ def test_latest_survives_kill_9_and_resume_continues(
     step = state["step"]
     assert folder.name == f"step-{step:07d}"
 
+    # What a kill inside a save leaves, whatever this kill hit: a half-written copy, a
+    # pointer file not yet renamed, the log line of a step the checkpoint lacks, and a
+    # line cut short.
+    shutil.copytree(folder, run / f"step-{step + 1:07d}.tmp-{killed}", dirs_exist_ok=True)
+    (run / f"{LATEST}.tmp-{killed}").write_text("step-")
+    lost = {"kind": "train", "step": step + 1, "loss": 1.0, "lr": 0.1, "tokens_per_s": 1.0}
+    with open(run / "log.jsonl", "a") as log:
+        log.write(json.dumps(lost) + '\n{"kind": "tr')
+
     assert pretrain.main(["--resume", str(run), "--max-steps", str(step + 2)]) == 0
     assert resolve_checkpoint(run).name == f"step-{step + 2:07d}"
+    assert not [p.name for p in run.iterdir() if is_temporary(p.name)]
+    # The log holds each step once: the records of the steps the kill lost are dropped
+    # (those steps were trained again), as is a line it cut short.
+    steps = [record["step"] for record in read_log_lines(run) if record["kind"] == "train"]
+    assert steps == list(range(1, step + 3))

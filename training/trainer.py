@@ -50,8 +50,10 @@ from model.checkpoint import (
     is_temporary,
     load_weights,
     read_config,
+    remove_interrupted_saves,
     save_checkpoint,
     write_json,
+    write_text_atomic,
 )
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -458,6 +460,22 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def _start_log(self) -> None:
+        """A fresh run starts a fresh log. A resumed one keeps the records that led to
+        its checkpoint and appends: those past its step came from steps a kill lost
+        (trained again now), and a line the kill cut short is no record."""
+        path = self.out_dir / RUN_LOG
+        kept = []
+        if self.step and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                    kept.append(line + "\n")
+        write_text_atomic(path, "".join(kept))
+
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
@@ -492,8 +510,9 @@ class Trainer:
         self.checked_step = self.step
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if self.step == 0:  # a fresh run starts a fresh log; a resumed one appends
-                (self.out_dir / RUN_LOG).write_text("", encoding="utf-8")
+            for name in remove_interrupted_saves(self.out_dir):
+                print(f"removed {self.out_dir / name}: a save killed midway left it", flush=True)
+            self._start_log()
             self.tensorboard = _tensorboard_writer(self.out_dir)
         previous = {
             s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
