@@ -625,6 +625,24 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_l
     assert math.isclose(logged, sum(losses) / 2, rel_tol=1e-5), (logged, losses)
 
 
+def test_a_run_left_without_its_latest_file_resumes_from_its_newest_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    flags = tiny_run(tmp_path, "--max-steps", "4", "--save-interval", "2", "--out-dir", str(run))
+    assert pretrain.main(flags) == 0
+    # As a kill between a run's first checkpoint and its pointer leaves it.
+    (run / "latest").unlink()
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "6"]) == 0
+    assert "has no latest file; resuming from step-0000004" in capsys.readouterr().err
+    assert resolve_checkpoint(run).name == "step-0000006"
+    (run / "latest").unlink()
+    if_missing = tiny_run(tmp_path, "--max-steps", "6", "--out-dir", str(run), "--if-missing")
+    assert pretrain.main(if_missing) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+
+
 def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

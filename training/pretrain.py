@@ -60,9 +60,25 @@ from training.trainer import (
 )
 
 
+def run_checkpoint(path: Path) -> Path:
+    """The checkpoint `path` names: itself, the one its `latest` file names, or, in a
+    run folder left without `latest` (a kill between the first checkpoint and its
+    pointer, or a user who deleted it), its newest step folder. Saves rename only a
+    complete folder into a step's name, so the newest is whole."""
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError:
+        if not path.is_dir() or (path / LATEST).exists():
+            raise
+        steps = sorted(p for p in path.iterdir() if STEP_DIR.fullmatch(p.name))
+        if not steps:
+            raise
+        return steps[-1]
+
+
 def has_checkpoint(out_dir: Path) -> bool:
     try:
-        resolve_checkpoint(out_dir)
+        run_checkpoint(out_dir)
     except CheckpointError:
         return False
     return True
@@ -156,9 +172,11 @@ def init_folder(path: str) -> Path:
 def resume_folder(path: str) -> Path:
     """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
     try:
-        folder = resolve_checkpoint(Path(path))
+        folder = run_checkpoint(Path(path))
     except CheckpointError as e:
         raise UsageError(f"--resume: {e}") from None
+    if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
+        print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)
     for name in (TRAINING_STATE, TRAINER_META):
         if not (folder / name).is_file():
             raise UsageError(f"--resume {path}: {folder} has no {name}; not a trainer checkpoint")
@@ -244,7 +262,7 @@ def finished(folder: Path) -> bool:
     stopping), not a signal or a periodic save that a kill left the newest. Runs saved
     before trainer_meta.json recorded it count as finished."""
     try:
-        meta = trainer_meta(resolve_checkpoint(folder))
+        meta = trainer_meta(run_checkpoint(folder))
     except CheckpointError:
         return True  # not a trainer checkpoint (nothing to resume): leave it alone
     return meta.get("stopped_by", "max_steps") not in (None, "signal")
