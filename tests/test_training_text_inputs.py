@@ -170,3 +170,23 @@ def test_linked_folders_and_upper_case_suffixes_are_read_each_file_once(tmp_path
     (elsewhere / "loop").symlink_to(corpus)  # and a link back up
     documents = load_documents([corpus])
     assert sorted(documents) == ["More notes, kept in another folder.", "Notes in capitals."]
+
+
+def test_a_file_named_twice_is_read_once_and_a_byte_order_mark_is_no_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    bom = "\ufeff".encode()
+    (corpus / "a.txt").write_bytes(bom + b"First, from Notepad.")
+    (corpus / "b.jsonl").write_bytes(bom + json.dumps({"text": "Second."}).encode() + b"\n")
+    (corpus / "table.csv").write_text("a,b\n")
+    (corpus / "Makefile").write_text("all:\n")
+    documents = load_documents([corpus, corpus / "a.txt"])
+    assert documents == ["First, from Notepad.", "Second."]
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {corpus / 'a.txt'}: already read (named twice), read once") == 1
+    assert (
+        f"warning: {corpus}: 2 other files not read (only .txt, .md and .jsonl are: .csv, "
+        "no suffix)" in err
+    )

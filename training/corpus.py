@@ -62,11 +62,13 @@ def read_text(path: Path) -> str:
             file=sys.stderr,
         )
         return ""
+    # utf-8-sig: a byte-order mark (Windows editors write one) is no text to train on,
+    # and json.loads refuses a .jsonl line that starts with it.
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         _warn_replaced(path, "bad bytes")
-        return raw.decode("utf-8", errors="replace")
+        return raw.decode("utf-8-sig", errors="replace")
 
 
 def _warn_replaced(path: Path, what: str) -> None:
@@ -116,8 +118,8 @@ def _is_run_log(path: Path) -> bool:
     return isinstance(first, dict) and "kind" in first and "text" not in first
 
 
-def _is_text_file(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)
+def _has_text_suffix(name: str) -> bool:
+    return Path(name).suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -131,7 +133,7 @@ def _files_under(path: Path) -> list[Path]:
         raise CorpusError(f"{path}: no such file or folder")
     if _is_model_folder(path):
         raise CorpusError(f"{path}: a training run or model folder, not text")
-    files, seen = [], set()
+    files, seen, other_suffixes = [], set(), []
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to the same folder
@@ -149,19 +151,35 @@ def _files_under(path: Path) -> list[Path]:
                 continue
             kept.append(name)
         dirs[:] = kept
-        files += [Path(root, name) for name in names if _is_text_file(name)]
+        visible = [name for name in names if not name.startswith(".")]
+        files += [Path(root, name) for name in visible if _has_text_suffix(name)]
+        other_suffixes += [Path(name).suffix for name in visible if not _has_text_suffix(name)]
+    if files and other_suffixes:
+        kinds = ", ".join(sorted({suffix or "no suffix" for suffix in other_suffixes}))
+        count = f"{len(other_suffixes)} other file" + ("s" if len(other_suffixes) > 1 else "")
+        print(
+            f"warning: {path}: {count} not read (only .txt, .md and .jsonl are: {kinds})",
+            file=sys.stderr,
+        )
     return sorted(files)
 
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
     """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents = []
+    documents, read = [], set()
     for given in paths:
         path = Path(given)
         files = _files_under(path)
         if not files:
             raise CorpusError(f"{path}: no .txt, .md or .jsonl files in this folder")
         for file in files:
+            # A file named twice (`--data notes notes/a.txt`) would be trained on twice,
+            # and its validation pieces found in the training text.
+            real = os.path.realpath(file)
+            if real in read:
+                print(f"warning: {file}: already read (named twice), read once", file=sys.stderr)
+                continue
+            read.add(real)
             if file.suffix.lower() == JSONL_SUFFIX:
                 documents.extend(_jsonl_documents(file))
             else:
