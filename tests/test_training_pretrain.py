@@ -686,6 +686,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "short.txt").write_text("Too short to fill a batch.\n")
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "a_file").write_text("not a folder\n")
+    (tmp_path / "unmounted").symlink_to(tmp_path / "drive")
     return {
         "missing path": (["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
         "empty corpus": (["--data", str(tmp_path / "empty.txt")], "the corpus is empty"),
@@ -706,6 +707,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
         # Both found before the text is tokenized (the test sees no cache folder).
         "out-dir a file": (["--out-dir", str(tmp_path / "a_file" / "run")], "is not a folder"),
+        "out-dir on a drive not mounted": (
+            ["--out-dir", str(tmp_path / "unmounted" / "run")],
+            f"{tmp_path / 'unmounted'} links to {tmp_path / 'drive'}, which does not exist",
+        ),
+        "out-dir where no folder can be made": (
+            ["--out-dir", "/proc/pocketgpt-run"],
+            "cannot create a folder in /proc (",
+        ),
         "impossible shape": (["--n-heads", "3"], "model flags:"),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
     }

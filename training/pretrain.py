@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,11 +99,20 @@ def check_writable(folder: Path, flag: str) -> None:
     """Fail now, not after minutes of tokenizing, where `folder` cannot be written."""
     existing = folder
     while not existing.exists():
+        if existing.is_symlink():  # a link to a drive not mounted, a folder since moved
+            target = os.readlink(existing)
+            raise UsageError(f"{flag} {folder}: {existing} links to {target}, which does not exist")
         existing = existing.parent  # ends at "." or "/", which exist
     if not existing.is_dir():
         raise UsageError(f"{flag} {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: {existing} is not writable")
+    # Tried, not asked: os.access says yes to root anywhere (a read-only bind mount aside),
+    # /proc included, and a folder made and removed at once leaves nothing behind.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pocketgpt-", dir=existing))
+    except OSError as e:
+        raise UsageError(
+            f"{flag} {folder}: cannot create a folder in {existing} ({e.strerror or e})"
+        ) from None
 
 
 def trainer_meta(folder: Path) -> dict:
