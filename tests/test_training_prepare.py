@@ -32,6 +32,9 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "meta.json not JSON": lambda folder: (folder / "meta.json").write_text("{"),
     "meta.json missing": lambda folder: (folder / "meta.json").unlink(),
     "tokenizer.json garbage": lambda folder: (folder / "tokenizer.json").write_text("[]"),
+    "val.bin overwritten, same size": lambda folder: (folder / "val.bin").write_bytes(
+        b"\xff" * (folder / "val.bin").stat().st_size
+    ),
 }
 
 
