@@ -404,11 +404,18 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     # Resuming a fine-tuning run continues its own checkpoint.
     assert pretrain.main(["--resume", str(tuned), "--max-steps", "6"]) == 0
     assert meta(tuned)["step"] == 6
+    # The pretraining command's own shape flags, repeated, change nothing: taken.
+    dim = json.loads((base_ckpt / "config.json").read_text())["hidden_size"]
+    same = ["--preset", "tiny", "--dim", str(dim), "--vocab-size", "384"]
+    assert (
+        pretrain.main([*run, "--init-from", str(base), *same, "--out-dir", str(tmp_path / "same")])
+        == 0
+    )
 
     capsys.readouterr()
     conflicts = {
         "--dim 64": "--init-from fixes the model and its tokenizer: drop --dim",
-        "--preset tiny --tokenizer x.json": "drop --preset, --tokenizer",
+        "--preset mini --tokenizer x.json": "drop --preset, --tokenizer",
         "--block-size 64": "--block-size 64: the --init-from model reads at most 32 tokens",
         f"--resume {tuned}": "--init-from starts a new run from a checkpoint and --resume",
     }

@@ -457,12 +457,20 @@ def with_checkpoint_shape(
     args: TrainArgs, config: ModelConfig, sources: Mapping[str, str] | None = None
 ) -> TrainArgs:
     """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
-    vocabulary or tokenizer is an error. The shape fields take the checkpoint's values
-    (what `auto_dtype` reads, and what trainer_meta.json records), the preset the one of
-    that shape (`auto` if none), and the block size defaults to the context it was
-    trained to."""
-    given = [name for name in ("preset",) if args.preset != "auto"]
-    given += [n for n in (*SHAPE_FIELDS, "vocab_size", "tokenizer") if getattr(args, n) is not None]
+    vocabulary or tokenizer is an error (one giving the checkpoint's own value is not, as
+    with --resume). The shape fields take the checkpoint's values (what `auto_dtype`
+    reads, and what trainer_meta.json records), the preset the one of that shape (`auto`
+    if none), and the block size defaults to the context it was trained to."""
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
+    # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
+    # than those of the preset a time box would pick for a new model.
+    preset = next(
+        (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
+        "auto",
+    )
+    checkpoints = {"preset": preset, **shape, "vocab_size": config.vocab_size}
+    given = [n for n, value in checkpoints.items() if getattr(args, n) not in (None, "auto", value)]
+    given += ["tokenizer"] if args.tokenizer is not None else []
     if given:
         names = ", ".join(_source(name, sources) for name in given)
         raise UsageError(f"--init-from fixes the model and its tokenizer: drop {names}")
@@ -472,13 +480,6 @@ def with_checkpoint_shape(
             f"{_source('block_size', sources)} {block_size}: the --init-from model reads "
             f"at most {config.max_seq_len} tokens"
         )
-    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
-    # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
-    # than those of the preset a time box would pick for a new model.
-    preset = next(
-        (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
-        "auto",
-    )
     return dataclasses.replace(
         args, preset=preset, block_size=block_size, vocab_size=config.vocab_size, **shape
     )
