@@ -54,6 +54,7 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     ("name", "text", "message"),
     [
         ("run.toml", "lr = ", "not valid TOML"),
+        ("RUN.TOML", "lr = ", "not valid TOML"),  # suffixes in any case, as for --data
         ("run.json", "{lr: 1}", "not valid JSON"),
         ("settings", "lr = 1", "not valid JSON"),  # any name but .toml is read as JSON
     ],

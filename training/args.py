@@ -641,7 +641,7 @@ def _read_config_file(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     # A .toml file is TOML; any other name is read as JSON.
-    is_toml = path.suffix == ".toml"
+    is_toml = path.suffix.lower() == ".toml"
     try:
         data = tomllib.loads(text) if is_toml else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
