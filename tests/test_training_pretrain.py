@@ -385,6 +385,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     run = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
     run += [*logged, "--warmup-steps", "2", "--max-steps", "4", "--sample-tokens", "0"]
     assert pretrain.main([*run, "--init-from", str(base), "--out-dir", str(tuned)]) == 0
+    assert f"fine-tuning from {resolve_checkpoint(base)}: " in capsys.readouterr().out
     fresh = ["--preset", "tiny", "--block-size", "32", "--tokenizer", str(base)]
     assert pretrain.main([*run, *fresh, "--out-dir", str(scratch)]) == 0
 
@@ -642,7 +643,9 @@ def test_a_run_left_without_its_latest_file_resumes_from_its_newest_step(
     (run / "latest").unlink()
     capsys.readouterr()
     assert pretrain.main(["--resume", str(run), "--max-steps", "6"]) == 0
-    assert "has no latest file; resuming from step-0000004" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "has no latest file; resuming from step-0000004" in captured.err
+    assert f"resuming {run / 'step-0000004'} at step 4\n" in captured.out
     assert resolve_checkpoint(run).name == "step-0000006"
     (run / "latest").unlink()
     if_missing = tiny_run(tmp_path, "--max-steps", "6", "--out-dir", str(run), "--if-missing")

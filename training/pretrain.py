@@ -352,6 +352,10 @@ def run(argv: Sequence[str] | None) -> int:
             else model_config(args, data.tokenizer.get_vocab_size(), device)
         )
         if dist_info.is_main:
+            if resumed is not None:
+                print(f"resuming {resumed} at step {trainer_meta(resumed)['step']}", flush=True)
+            elif initial is not None:
+                print(f"fine-tuning from {initial}: its weights, tokenizer and shape", flush=True)
             print(
                 f"model: {config.num_parameters() / 1e6:.2f}M parameters "
                 f"(dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}); "
