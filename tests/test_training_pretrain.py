@@ -565,30 +565,58 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 
-def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(
-    tmp_path: Path,
-) -> None:
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+def torchrun_ranks(
+    tmp_path: Path, args: list[str], **popen: object
+) -> tuple[subprocess.CompletedProcess, dict[int, str]]:
+    """`training.pretrain` under torchrun on 2 CPU ranks: the run and each rank's stderr."""
+    logs = tmp_path / "torchrun-logs"
     torchrun = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
     torchrun += ["--log-dir", str(logs), "--redirects", "3"]  # each rank's output in a file
     done = subprocess.run(
         [*torchrun, "-m", "training.pretrain", *args],
         cwd=REPO,
         env=python_env(),
-        preexec_fn=small_files_only,  # inherited by both ranks; rank 0 alone writes
         capture_output=True,
         text=True,
         timeout=150,
+        **popen,
     )
-    assert done.returncode != 0
     stderr = {int(p.parent.name): p.read_text() for p in logs.glob("*/attempt_0/*/stderr.log")}
     assert sorted(stderr) == [0, 1], done.stderr[-3000:]
-    for rank, expected in ((0, f"error: {run}"), (1, "error: rank 0 could not write")):
+    return done, stderr
+
+
+def assert_last_lines(stderr: dict[int, str], *starts: str) -> None:
+    """Each rank's stderr ends with one line starting as given, with no traceback."""
+    for rank, start in enumerate(starts):
         assert "Traceback" not in stderr[rank], stderr[rank][-3000:]
-        last = stderr[rank].strip().splitlines()[-1]
-        assert last.startswith(expected) and "latest" in last, stderr[rank][-3000:]
+        assert stderr[rank].strip().splitlines()[-1].startswith(start), stderr[rank][-3000:]
+
+
+def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    # The file-size limit is inherited by both ranks; rank 0 alone writes.
+    done, stderr = torchrun_ranks(tmp_path, args, preexec_fn=small_files_only)
+    assert done.returncode != 0
+    assert_last_lines(stderr, f"error: {run}", "error: rank 0 could not write")
+    assert all("latest" in err.strip().splitlines()[-1] for err in stderr.values())
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
+
+
+def test_under_torchrun_text_rank_0_cannot_prepare_stops_every_rank_with_one_line(
+    tmp_path: Path,
+) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill a batch.\n")
+    args = [*TINY, "--data", str(short), "--cache-dir", str(tmp_path / "cache")]
+    done, stderr = torchrun_ranks(tmp_path, [*args, "--out-dir", str(tmp_path / "run")])
+    assert done.returncode != 0
+    assert_last_lines(stderr, "error: ", "error: rank 0 could not prepare the data")
+    assert "too small" in stderr[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_loss(

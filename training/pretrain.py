@@ -8,6 +8,7 @@ naming it and exits 2, before anything is written.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -248,22 +249,36 @@ def load_data(
     )
 
 
+PREPARATION_TIMEOUT = datetime.timedelta(days=7)  # a wait on rank 0's tokenizing, however long
+
+
 def prepare_on_rank0(
     args: TrainArgs,
     documents: list[str] | None,
     tokenizer: Tokenizer | None,
     dist_info: DistInfo,
 ) -> PreparedData:
-    """Rank 0 writes the token cache, then the other ranks read it (or all fail alike)."""
+    """Rank 0 writes the token cache, then the other ranks read it (or all fail alike).
+
+    The others wait on a group of their own, without the default group's 30-minute
+    timeout: training a tokenizer on and tokenizing a corpus of many GB takes longer.
+    """
     error: Exception | None = None
     world_size = dist_info.world_size
+    waiting = (
+        dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT) if world_size > 1 else None
+    )
     if dist_info.is_main:
         try:
             data = load_data(args, documents, tokenizer, world_size)
         except CorpusError as e:
             error = e
     elsewhere = CorpusError("rank 0 could not prepare the data (see its error)")
-    share_rank0_error(error, dist_info, elsewhere)
+    try:
+        share_rank0_error(error, dist_info, elsewhere, group=waiting)
+    finally:
+        if waiting is not None:
+            dist.destroy_process_group(waiting)
     return data if dist_info.is_main else load_data(args, documents, tokenizer, world_size)
 
 

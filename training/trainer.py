@@ -100,13 +100,18 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def share_rank0_error(error: Exception | None, dist_info: DistInfo, elsewhere: Exception) -> None:
+def share_rank0_error(
+    error: Exception | None,
+    dist_info: DistInfo,
+    elsewhere: Exception,
+    group: dist.ProcessGroup | None = None,
+) -> None:
     """After work rank 0 did alone: raise its `error` there and `elsewhere` on every
     other rank, so that all stop together with a message instead of the others failing
-    at their next collective (collective under DDP: every rank calls it)."""
+    at their next collective (collective under DDP, on `group`: every rank calls it)."""
     if dist_info.enabled:
         failed = torch.tensor([float(error is not None)])
-        dist.broadcast(failed, src=0)
+        dist.broadcast(failed, src=0, group=group)
         if bool(failed) and error is None:
             raise elsewhere
     if error is not None:
