@@ -624,6 +624,7 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_l
 ) -> None:
     run = tmp_path / "ddp"
     flags = ["--max-steps", "2", "--save-interval", "1", "--log-interval", "1"]
+    flags += ["--eval-interval", "2"]  # an evaluation at the last step, before the final save
     args = tiny_run(tmp_path, *flags, "--dtype", "float32", "--out-dir", str(run))
     done = subprocess.run(
         [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *args],

@@ -545,10 +545,10 @@ class Trainer:
         with self._rank0_writing():
             if self.dist.is_main:
                 self._evaluate_on_rank0(bar)
+        self.evaluated_at = self.step  # on every rank: train() decides by it who evaluates
 
     def _evaluate_on_rank0(self, bar: tqdm) -> None:
         result = self.evaluate()
-        self.evaluated_at = self.step
         if not math.isfinite(result.loss):
             return  # the weights are lost: _check_finite stops the run, nothing is kept
         self._log(
