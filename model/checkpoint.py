@@ -186,36 +186,39 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def is_temporary(name: str) -> bool:
-    return ".tmp-" in name or ".old-" in name
-
-
+# `<name>.tmp-<pid>`: being written; `<name>.old-<pid>`: the one it replaces, moved aside.
 _TEMPORARY = re.compile(r"(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 
-def remove_interrupted_saves(root: Path) -> list[str]:
-    """Clear what saves killed midway left in `root`, and return what was removed.
+def is_temporary(name: str) -> bool:
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def clear_interrupted_saves(root: Path, saved: Callable[[str], bool]) -> list[str]:
+    """Clear what saves of the names `saved` accepts, killed midway, left in `root`;
+    returns a line for each.
 
     A `<name>.tmp-<pid>` copy is half written: removed. A `<name>.old-<pid>` is the
     previous `<name>`, moved aside for its replacement: put back if a kill between the
     two renames left no `<name>`, else removed. What a writer still running in another
     process has there is left alone.
     """
-    removed = []
+    done = []
     for path in sorted(Path(root).iterdir()):
         match = _TEMPORARY.fullmatch(path.name)
-        if match is None or _running_elsewhere(int(match["pid"])):
+        if match is None or not saved(match["name"]) or _running_elsewhere(int(match["pid"])):
             continue
         final = path.with_name(match["name"])
         if match["kind"] == "old" and not final.exists():
             os.replace(path, final)
+            done.append(f"put {path} back as {final.name}: a save killed midway had moved it")
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-        removed.append(path.name)
-    return removed
+        done.append(f"removed {path}: a save killed midway left it")
+    return done
 
 
 def _running_elsewhere(pid: int) -> bool:

@@ -8,12 +8,13 @@ naming it and exits 2, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,9 +22,11 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
+    CONFIG,
     LATEST,
     CheckpointError,
     CheckpointWriteError,
+    clear_interrupted_saves,
     load_tokenizer,
     read_config,
     read_tokenizer_extras,
@@ -55,9 +58,11 @@ from training.trainer import (
     TRAINER_META,
     TRAINING_STATE,
     DistInfo,
+    RankStopped,
     Trainer,
     TrainingDiverged,
     init_distributed,
+    leave_together,
     share_rank0_error,
 )
 
@@ -293,9 +298,26 @@ def finished(folder: Path) -> bool:
     return meta.get("stopped_by", "max_steps") not in (None, "signal")
 
 
+def clear_run_folder(settings: dict) -> None:
+    """Before anything reads the run folder: clear what saves killed midway left there
+    (a half-written copy; a checkpoint moved aside, put back). By rank 0 alone."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    folder = Path(settings.get("resume") or settings.get("out_dir", TrainArgs.out_dir))
+    if (folder / CONFIG).is_file():  # --resume named a checkpoint, not its run folder
+        folder = folder.parent
+    if folder.is_dir():
+        saved = {BEST, LATEST}
+        for line in clear_interrupted_saves(
+            folder, lambda name: name in saved or STEP_DIR.fullmatch(name) is not None
+        ):
+            print(line, flush=True)
+
+
 def run(argv: Sequence[str] | None) -> int:
     given = explicit_settings(argv, os.environ)
     settings = given.values
+    clear_run_folder(settings)
     if settings.get("if_missing") and not settings.get("resume"):
         out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
         if has_checkpoint(out_dir):
@@ -390,34 +412,39 @@ def run(argv: Sequence[str] | None) -> int:
             tokenizer_extras=tokenizer_extras,
         ).train()
         leave_together(dist_info)
-    except (CheckpointWriteError, TrainingDiverged):  # raised by every rank at one collective
-        leave_together(dist_info)
-        raise
     finally:
         if dist_info.enabled:
             dist.destroy_process_group()
     return 0
 
 
-def leave_together(dist_info: DistInfo) -> None:
-    """Wait for every rank before the process group is torn down: a rank that tore it
-    down and exited while another still used it (rank 0 writing the last checkpoint)
-    sometimes aborted in gloo's teardown ("terminate called without an active
-    exception", SIGABRT at interpreter exit; ~1 run in 25 on 2 loaded cores)."""
-    if dist_info.enabled:
-        dist.barrier()
+@contextlib.contextmanager
+def said_by_rank0_only() -> Iterator[None]:
+    """Under torchrun every rank reads the same text and folders, and would print the
+    same notes and warnings: ranks other than 0 run silent (their errors are printed,
+    after)."""
+    if os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    with (
+        open(os.devnull, "w") as devnull,
+        contextlib.redirect_stdout(devnull),
+        contextlib.redirect_stderr(devnull),
+    ):
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
+        with said_by_rank0_only():
+            return run(argv)
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointWriteError as e:  # not bad input: the machine could not store it
         print(f"error: {e}; the checkpoint `latest` names is intact", file=sys.stderr)
         return 1
-    except TrainingDiverged as e:
+    except (TrainingDiverged, RankStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

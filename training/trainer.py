@@ -50,7 +50,6 @@ from model.checkpoint import (
     is_temporary,
     load_weights,
     read_config,
-    remove_interrupted_saves,
     save_checkpoint,
     write_json,
     write_text_atomic,
@@ -100,6 +99,20 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+class RankStopped(Exception):
+    """Another rank stopped the run on an error of its own, which it reports."""
+
+
+def leave_together(dist_info: DistInfo, group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank before they leave `group`: a rank that tore it down and
+    exited while another still used it (rank 0 writing the last checkpoint, or sending
+    an agreement's last bytes) sometimes aborted in gloo's teardown ("terminate called
+    without an active exception", SIGABRT at interpreter exit; ~1 run in 25 on 2
+    loaded cores, 2 in 6 after an agreed error)."""
+    if dist_info.enabled:
+        dist.barrier(group=group)
+
+
 def share_rank0_error(
     error: Exception | None,
     dist_info: DistInfo,
@@ -112,8 +125,10 @@ def share_rank0_error(
     if dist_info.enabled:
         failed = torch.tensor([float(error is not None)])
         dist.broadcast(failed, src=0, group=group)
-        if bool(failed) and error is None:
-            raise elsewhere
+        if bool(failed):
+            leave_together(dist_info, group)
+            if error is None:
+                raise elsewhere
     if error is not None:
         raise error
 
@@ -396,15 +411,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _rank0_writing(self) -> Iterator[None]:
-        """Around what rank 0 alone writes: a write that fails there stops every rank,
-        each with one line (collective under DDP)."""
+        """Around what rank 0 alone does (evaluate, log, write): an error there (a full
+        disk, or a bug) stops every rank, the others with one line (collective under
+        DDP)."""
         error = None
         try:
             yield
-        except CheckpointWriteError as e:
+        except Exception as e:
             error = e
-        elsewhere = CheckpointWriteError("rank 0 could not write to the run folder (see its error)")
-        share_rank0_error(error, self.dist, elsewhere)
+        share_rank0_error(error, self.dist, RankStopped("rank 0 stopped the run (see its error)"))
 
     def _prune(self) -> None:
         steps = sorted(
@@ -484,8 +499,12 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out_dir / RUN_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / RUN_LOG
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: no checkpoint could be kept either
+            raise CheckpointWriteError(f"{path}: could not be written ({e.strerror or e})") from e
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
@@ -513,12 +532,11 @@ class Trainer:
         args, main = self.args, self.dist.is_main
         self.started = time.perf_counter()
         self.checked_step = self.step
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in remove_interrupted_saves(self.out_dir):
-                print(f"removed {self.out_dir / name}: a save killed midway left it", flush=True)
-            self._start_log()
-            self.tensorboard = _tensorboard_writer(self.out_dir)
+        with self._rank0_writing():
+            if main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._start_log()
+                self.tensorboard = _tensorboard_writer(self.out_dir, self.step)
         previous = {
             s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
@@ -629,15 +647,16 @@ class Trainer:
                 if args.max_time is not None:  # the bar has no step total to give an ETA
                     postfix["left"] = f"{max(0.0, args.max_time - self.elapsed()):.0f}s"
                 bar.set_postfix(postfix)
-                self._log(
-                    {
-                        "kind": "train",
-                        "step": self.step,
-                        "loss": self.last_train_loss,
-                        "lr": self.lr,
-                        "tokens_per_s": self.tokens_per_s,
-                    }
-                )
+                with self._rank0_writing():
+                    self._log(
+                        {
+                            "kind": "train",
+                            "step": self.step,
+                            "loss": self.last_train_loss,
+                            "lr": self.lr,
+                            "tokens_per_s": self.tokens_per_s,
+                        }
+                    )
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
                 self._check_finite(self.window_loss.item())
@@ -660,6 +679,7 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             diverged = bool(flag)
         if diverged:
+            leave_together(self.dist)
             raise TrainingDiverged(
                 f"the loss became NaN or infinite between steps {self.checked_step} "
                 f"and {self.step}: the run diverged (a lower --lr may help); no checkpoint "
@@ -700,9 +720,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _tensorboard_writer(out_dir: Path):
+def _tensorboard_writer(out_dir: Path, step: int):
+    """A writer into the run's tensorboard/; resumed at `step`, it hides the scalars of
+    later steps a kill lost (as log.jsonl drops them)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if step else None)
