@@ -782,6 +782,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "cannot create a folder in /proc (",
         ),
         "impossible shape": (["--n-heads", "3"], "model flags:"),
+        "held-out text also trained on": (
+            ["--data", str(DATA), "--val-data", str(VAL)],
+            "--val-data: 1 of its 1 documents are in --data too",
+        ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
     }
 

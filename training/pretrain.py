@@ -239,6 +239,13 @@ def load_data(
         documents = default_documents()
     if args.val_data:
         train_docs, val_docs = documents, load_documents(args.val_data)
+        # `--data notes --val-data notes/held-out.txt`: scored on text it trained on.
+        trained_on = len(set(val_docs) & set(train_docs))
+        if trained_on:
+            raise CorpusError(
+                f"--val-data: {trained_on} of its {len(val_docs)} documents are in --data "
+                "too; held-out text must not be trained on"
+            )
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
     cache = cache_root(args)
