@@ -178,7 +178,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 _DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-_BEARER = "apiKey"
+_BEARER = "bearerAuth"
 
 
 def _declare_bearer_key(app: FastAPI, open_paths: frozenset[str]) -> None:

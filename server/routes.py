@@ -67,8 +67,9 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-# Every route may get the guards' 408 (request time) and 431 (head size), and 503 while
-# loading, draining or after the engine failed; all but /health need the API key (401).
+# Every route may get 408 (a request not sent in time; server/http11.py) and 431 (head
+# size), and 503 while loading, draining or after the engine failed; with --api-key all
+# but /health need the key (401).
 _ERROR_RESPONSES = _error_responses(400, 401, 408, 413, 415, 422, 429, 431, 503)
 # With `stream`, 200 is an SSE stream (one StreamChunk per `data:` line, then [DONE]);
 # documented, so the schema covers every 200 the route sends.

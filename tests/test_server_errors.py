@@ -190,12 +190,15 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
 
 def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(base_url):
     schema = httpx.get(f"{base_url}/openapi.json").json()  # no key: a browser's request
-    assert schema["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer"}
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }
     keyed = {"/v1/generate": "post", "/v1/models": "get"}
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             needs_key = keyed.get(path) == method
-            assert (operation.get("security") == [{"apiKey": []}]) == needs_key, (path, method)
+            assert (operation.get("security") == [{"bearerAuth": []}]) == needs_key, (path, method)
     assert httpx.get(f"{base_url}/docs").status_code == 200
     assert httpx.get(f"{base_url}/v1/models").status_code == 401
 
