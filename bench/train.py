@@ -66,15 +66,18 @@ def our_tokens_per_s(
             *extra,
         ]
     )
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    if not train or train[-1]["step"] < steps:
-        reached = train[-1]["step"] if train else 0
-        raise SystemExit(
-            f"error: the throughput run stopped at step {reached} of --steps {steps}: its"
-            f" --max-time {max_time:g} ran out first; lower --steps or raise --max-time"
+    meta = json.loads((resolve_checkpoint(out) / "trainer_meta.json").read_text())
+    if meta["step"] < steps:
+        why = (
+            f"its --max-time {max_time:g} ran out first; lower --steps or raise --max-time"
+            if meta["stopped_by"] == "max_time"
+            else f"it stopped by {meta['stopped_by']} (see the arguments after --)"
         )
-    return train[-1]["tokens_per_s"]
+        raise SystemExit(
+            f"error: the throughput run stopped at step {meta['step']} of --steps {steps}: {why}"
+        )
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
 
 
 def plain_tokens_per_s(
@@ -144,7 +147,11 @@ def main() -> None:
         "the median ratio (run-to-run drift on a shared machine is as large as the margins)",
     )
     parser.add_argument("--skip-quality", action="store_true")
-    args, extra = parser.parse_known_args()
+    # Only what follows `--` is pretrain's: a misspelt flag before it is an error here,
+    # not a setting handed on unseen.
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.steps < 2:
@@ -158,7 +165,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> None:
-    extra = [a for a in extra if a != "--"] + ["--device", args.device]
+    extra = [*extra, "--device", args.device]
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

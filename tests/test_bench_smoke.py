@@ -85,15 +85,18 @@ def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpo
     assert abs(printed_vs_hf - sum(vs_hf) / 2) <= 0.01, (median, vs_hf)
 
 
+# The compiled path has its own test (test_training_pretrain).
+TINY_TRAINING = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4"]
+TINY_TRAINING += ["--vocab-size", "300", "--no-compile"]
+
+
 def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     sentences = [f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(3000)]
     text.write_text("\n".join(sentences))
     out = run_bench(
         "bench.train", "--data", str(text), "--steps", "4", "--skip-quality", "--rounds", "2",
-        "--", "--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300",
-        "--no-compile",  # the compiled path has its own test (test_training_pretrain)
-        "--dtype", "bfloat16", "--optimizer", "adamw",
+        "--", *TINY_TRAINING, "--dtype", "bfloat16", "--optimizer", "adamw",
     )  # fmt: skip
     rounds = [line for line in out.splitlines() if line.startswith("train throughput (")]
     assert len(rounds) == 2, out
@@ -109,6 +112,22 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
     (median,) = [line for line in out.splitlines() if line.startswith("train throughput: median")]
     printed = float(re.search(r"median (\d+\.\d\d)x", median).group(1))
     assert abs(printed - sum(ratios) / 2) <= 0.01, (median, ratios)
+
+
+def test_a_throughput_run_that_stops_short_says_at_which_step_and_why(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    command = ["bench.train", "--data", str(text), "--steps", "8", "--skip-quality", "--"]
+    command += [*TINY_TRAINING, "--max-steps", "5"]
+    result = subprocess.run(
+        [sys.executable, "-m", *command], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: the throughput run stopped at step 5 of --steps 8: it stopped by max_steps "
+        "(see the arguments after --)"
+    ), result.stderr
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
@@ -128,6 +147,8 @@ def test_bad_input_is_one_error_line_naming_it(
         tmp_path, "short", Transformer(tiny_config.replace(max_seq_len=128)), tokenizer
     )
     ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    text = tmp_path / "text.txt"
+    text.write_text("Some text.\n")
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
@@ -136,6 +157,8 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.serve", *ckpt, "--timeout", "0"): "--timeout: expected a positive number",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
+        # Not handed on to training.pretrain: only what follows `--` is.
+        ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
     for command, message in cases.items():
         result = subprocess.run(
