@@ -1,6 +1,6 @@
 """What every bench command does at its edge: argument types and checks that refuse a bad
-value in one line (argparse prints `error: ...` and exits 2), and SIGTERM handled as
-Ctrl-C is, so that a killed benchmark stops the server or trainer it started."""
+value in one line (argparse prints `error: ...` and exits 2), and SIGTERM and Ctrl-C
+handled alike, so that a stopped benchmark stops the server or trainer it started."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
         parser.error("--device cuda: CUDA is not available on this machine")
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM (kill, docker stop, a cancelled CI job) unwinds the stack like Ctrl-C: the
-    `finally` blocks stop the server, the trainer and their temporary folders."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def exit_on_signals() -> None:
+    """SIGTERM (kill, docker stop, a cancelled CI job) and Ctrl-C unwind the stack: the
+    `finally` blocks stop the server, the trainer and their temporary folders, and the
+    process exits 128 + the signal's number, without a KeyboardInterrupt traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))

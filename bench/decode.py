@@ -27,7 +27,7 @@ from bench.cli import (
     check_context,
     check_device,
     checkpoint_folder,
-    exit_on_sigterm,
+    exit_on_signals,
     positive_int,
     positive_ints,
 )
@@ -161,7 +161,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def main() -> None:
-    exit_on_sigterm()
+    exit_on_signals()
     parser = ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32")

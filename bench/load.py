@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.cli import (
     check_device,
     checkpoint_folder,
-    exit_on_sigterm,
+    exit_on_signals,
     positive_float,
     positive_int,
 )
@@ -90,7 +90,7 @@ def wait_drained(base_url: str, timeout: float) -> float:
 
 
 def main() -> None:
-    exit_on_sigterm()
+    exit_on_signals()
     parser = ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--clients", type=positive_int, default=200)

@@ -39,7 +39,7 @@ from bench.cli import (
     check_context,
     check_device,
     checkpoint_folder,
-    exit_on_sigterm,
+    exit_on_signals,
     positive_float,
     positive_int,
     positive_ints,
@@ -194,7 +194,7 @@ def running_server(
 
 
 def main() -> None:
-    exit_on_sigterm()
+    exit_on_signals()
     parser = ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
     parser.add_argument("--clients", type=positive_ints, default="1,8,32,128")

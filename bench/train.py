@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.cli import check_device, exit_on_sigterm, positive_float, positive_int
+from bench.cli import check_device, exit_on_signals, positive_float, positive_int
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
@@ -121,7 +121,7 @@ def held_out_bpb(
 
 
 def main() -> None:
-    exit_on_sigterm()
+    exit_on_signals()
     parser = ArgumentParser(
         prog="python -m bench.train",
         description=__doc__.splitlines()[0],

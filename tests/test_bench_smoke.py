@@ -7,6 +7,7 @@ ratio are, so a broken benchmark is caught before someone needs it.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,26 @@ def test_a_throughput_run_that_stops_short_says_at_which_step_and_why(tmp_path: 
         "error: the throughput run stopped at step 5 of --steps 8: it stopped by max_steps "
         "(see the arguments after --)"
     ), result.stderr
+
+
+def test_ctrl_c_stops_a_benchmark_and_its_trainer_without_a_traceback(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    command = ["bench.train", "--data", str(text), "--steps", "100000", "--max-time", "300"]
+    command += ["--skip-quality", "--", *TINY_TRAINING]
+    with subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as bench:
+        try:
+            for line in bench.stdout:  # the trainer's own output: it is running
+                if line.startswith("model: "):
+                    break
+            bench.send_signal(signal.SIGINT)
+            _, stderr = bench.communicate(timeout=60)
+        finally:
+            bench.kill()
+    assert bench.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
