@@ -572,15 +572,25 @@ def torchrun_ranks(
     logs = tmp_path / "torchrun-logs"
     torchrun = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
     torchrun += ["--log-dir", str(logs), "--redirects", "3"]  # each rank's output in a file
-    done = subprocess.run(
-        [*torchrun, "-m", "training.pretrain", *args],
+    command = [*torchrun, "-m", "training.pretrain", *args]
+    with subprocess.Popen(
+        command,
         cwd=REPO,
         env=python_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=150,
         **popen,
-    )
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            # A hung run: SIGTERM makes torchrun stop its ranks (each in a session of its
+            # own, out of reach of a kill of torchrun's group), then itself.
+            process.terminate()
+            process.communicate(timeout=60)
+            raise
+    done = subprocess.CompletedProcess(command, process.returncode, out, err)
     stderr = {int(p.parent.name): p.read_text() for p in logs.glob("*/attempt_0/*/stderr.log")}
     assert sorted(stderr) == [0, 1], done.stderr[-3000:]
     return done, stderr
@@ -628,14 +638,7 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_l
     flags = ["--max-steps", "2", "--save-interval", "1", "--log-interval", "1"]
     flags += ["--eval-interval", "2"]  # an evaluation at the last step, before the final save
     args = tiny_run(tmp_path, *flags, "--dtype", "float32", "--out-dir", str(run))
-    done = subprocess.run(
-        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *args],
-        cwd=REPO,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+    done, _ = torchrun_ranks(tmp_path, args)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = sorted(p.name for p in run.iterdir() if p.name.startswith("step-"))
     assert steps == ["step-0000001", "step-0000002"]
