@@ -64,6 +64,7 @@ from training.trainer import (
     init_distributed,
     leave_together,
     share_rank0_error,
+    step_folders,
 )
 
 
@@ -77,7 +78,7 @@ def run_checkpoint(path: Path) -> Path:
     except CheckpointError:
         if not path.is_dir() or (path / LATEST).exists():
             raise
-        steps = sorted(p for p in path.iterdir() if STEP_DIR.fullmatch(p.name))
+        steps = step_folders(path)
         if not steps:
             raise
         return steps[-1]
@@ -305,10 +306,16 @@ def finished(folder: Path) -> bool:
     return meta.get("stopped_by", "max_steps") not in (None, "signal")
 
 
+def launched_as_rank0() -> bool:
+    """Whether torchrun started this process as rank 0 (or no torchrun did): known from
+    the environment, before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def clear_run_folder(settings: dict) -> None:
     """Before anything reads the run folder: clear what saves killed midway left there
     (a half-written copy; a checkpoint moved aside, put back). By rank 0 alone."""
-    if os.environ.get("RANK", "0") != "0":
+    if not launched_as_rank0():
         return
     folder = Path(settings.get("resume") or settings.get("out_dir", TrainArgs.out_dir))
     if (folder / CONFIG).is_file():  # --resume named a checkpoint, not its run folder
@@ -430,7 +437,7 @@ def said_by_rank0_only() -> Iterator[None]:
     """Under torchrun every rank reads the same text and folders, and would print the
     same notes and warnings: ranks other than 0 run silent (their errors are printed,
     after)."""
-    if os.environ.get("RANK", "0") == "0":
+    if launched_as_rank0():
         yield
         return
     with (

@@ -47,7 +47,6 @@ from model.checkpoint import (
     TokenizerExtras,
     check_finite,
     first_non_finite,
-    is_temporary,
     load_weights,
     read_config,
     save_checkpoint,
@@ -131,6 +130,12 @@ def share_rank0_error(
                 raise elsewhere
     if error is not None:
         raise error
+
+
+def step_folders(run_folder: Path) -> list[Path]:
+    """The run's step-XXXXXXX checkpoints, oldest first (a save renames only a complete
+    folder into a step's name; its temporary copies are named otherwise)."""
+    return sorted(p for p in run_folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
 
 
 @dataclass(frozen=True)
@@ -422,11 +427,7 @@ class Trainer:
         share_rank0_error(error, self.dist, RankStopped("rank 0 stopped the run (see its error)"))
 
     def _prune(self) -> None:
-        steps = sorted(
-            p
-            for p in self.out_dir.iterdir()
-            if p.is_dir() and STEP_DIR.fullmatch(p.name) and not is_temporary(p.name)
-        )
+        steps = step_folders(self.out_dir)
         latest = (self.out_dir / LATEST).read_text(encoding="utf-8").strip()
         for old in steps[: -self.args.keep_last]:
             if old.name != latest:
