@@ -12,7 +12,8 @@ import pytest
 from training.args import TrainArgs
 from training.trainer import lr_at
 
-# 10 warmup steps, then 100 steps of schedule: step s is at progress (s - 10) / 100.
+# 10 warmup steps (0-9), then 100 steps of schedule (10-109): step s ends at progress
+# (s + 1 - 10) / 100, so the run's last step, 109, trains at the floor.
 SCHEDULE = {"lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 10, "max_steps": 110}
 
 
@@ -27,27 +28,28 @@ def test_warmup_rises_linearly_to_the_peak(schedule: str) -> None:
 
 
 def test_wsd_holds_the_peak_then_decays_linearly_to_the_floor() -> None:
-    assert lrs("wsd", range(10, 61)) == [1.0] * 51  # the first half after warmup
-    assert lrs("wsd", [85, 110, 200]) == pytest.approx([0.55, 0.1, 0.1])
-    cooldown = lrs("wsd", range(60, 111))
+    assert lrs("wsd", range(10, 60)) == [1.0] * 50  # the first half after warmup
+    assert lrs("wsd", [84, 109, 200]) == pytest.approx([0.55, 0.1, 0.1])
+    cooldown = lrs("wsd", range(59, 110))
     steps = [b - a for a, b in itertools.pairwise(cooldown)]
     assert steps == pytest.approx([-0.9 / 50] * 50)  # one straight line
 
 
 def test_wsd_cooldown_fraction_sets_where_the_decay_starts() -> None:
-    assert lrs("wsd", [85, 86], cooldown_fraction=0.25) == pytest.approx([1.0, 1.0 - 0.9 / 25])
-    # The whole run: a straight line from the peak.
-    assert lrs("wsd", [10, 60, 110], cooldown_fraction=1.0) == pytest.approx([1.0, 0.55, 0.1])
+    assert lrs("wsd", [84, 85], cooldown_fraction=0.25) == pytest.approx([1.0, 1.0 - 0.9 / 25])
+    # The whole run: a straight line from warmup's peak down to the floor.
+    line = lrs("wsd", [9, 10, 59, 109], cooldown_fraction=1.0)
+    assert line == pytest.approx([1.0, 1.0 - 0.9 / 100, 0.55, 0.1])
 
 
 def test_cosine_falls_from_the_peak_to_the_floor() -> None:
     quarter = 0.1 + 0.45 * (1 + math.cos(math.pi / 4))
-    assert lrs("cosine", [10, 35, 60, 110]) == pytest.approx([1.0, quarter, 0.55, 0.1])
+    assert lrs("cosine", [9, 34, 59, 109]) == pytest.approx([1.0, quarter, 0.55, 0.1])
 
 
 def test_with_max_time_the_clock_drives_the_cooldown() -> None:
     args = TrainArgs(**SCHEDULE, max_time=100.0)
     assert args.lr_schedule == "wsd"
-    # Step 20 alone is 10% of the way; 75 of 100 seconds puts the run halfway down.
+    # Step 20 alone is 11% of the way; 75 of 100 seconds puts the run halfway down.
     assert lr_at(args, 20, elapsed=75.0) == pytest.approx(0.55)
     assert lr_at(args, 20, elapsed=10.0) == 1.0

@@ -151,10 +151,13 @@ class TrainingDiverged(Exception):
 
 
 def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
+    """The learning rate of the step from `step` to `step + 1`. Counted to the step's end,
+    so that warmup's last step is at the peak and the schedule's last (decay_steps - 1)
+    at the floor."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     decay_steps = args.decay_steps or args.max_steps
-    progress = (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
+    progress = (step + 1 - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
     if args.max_time:
         progress = max(progress, elapsed / args.max_time)
     progress = min(1.0, progress)
