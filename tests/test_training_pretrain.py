@@ -165,6 +165,23 @@ def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_wa
     ) in capsys.readouterr().err
 
 
+def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
+    # Evaluating ~10k held-out tokens takes far longer than two 128-token steps.
+    val = tmp_path / "val.txt"
+    val.write_text(VAL.read_text(encoding="utf-8") * 10, encoding="utf-8")
+    flags = ["--max-steps", "6", "--log-interval", "2", "--eval-interval", "2"]
+    flags += ["--val-data", str(val), "--eval-tokens", "0", "--grad-accum", "1"]
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(run))) == 0
+    train, evals = read_log(run, "train"), read_log(run, "eval")
+    # The wall time between the eval records of steps 2 and 4 holds steps 3-4 and the
+    # evaluation at step 4: at the steps' own rate, it would have trained several times
+    # the window's 2 x 128 tokens.
+    wall = evals[4]["wall_time"] - evals[2]["wall_time"]
+    assert train[4]["tokens_per_s"] * wall > 3 * 2 * 4 * 32
+    assert train[4]["tokens_per_s"] == evals[4]["tokens_per_s"]
+
+
 def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

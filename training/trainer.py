@@ -661,6 +661,7 @@ class Trainer:
                             "tokens_per_s": self.tokens_per_s,
                         }
                     )
+            paused_at = time.perf_counter()
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
                 self._check_finite(self.window_loss.item())
@@ -668,6 +669,8 @@ class Trainer:
                     return "early_stopping"
             if self.step % args.save_interval == 0 and self.step < args.max_steps:
                 self.save()
+            # tokens/s is the training steps' rate: evaluating and saving are not counted.
+            window_start += time.perf_counter() - paused_at
         return "max_steps"
 
     def _check_finite(self, window_loss: float, weights: bool = False) -> None:
