@@ -69,6 +69,20 @@ def test_an_intact_cache_is_reused_without_retraining(
     assert (captured.out, captured.err) == ("", "")
 
 
+def test_a_text_too_small_for_the_vocabulary_asked_says_what_it_got(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    data = prepare(train_docs, val_docs, tmp_path, vocab_size=20_000)
+    learned = data.tokenizer.get_vocab_size()
+    assert learned < 20_000
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"training a 20000-entry tokenizer on {sum(map(len, train_docs)):,} characters",
+        f"the text gave {learned} entries (a merge needs a pair seen at least twice): "
+        f"the model's vocabulary is {learned}",
+    ]
+
+
 def test_the_tokenizer_trained_for_a_cache_reuses_that_cache_and_no_other(tmp_path: Path) -> None:
     # A resumed run brings its checkpoint's tokenizer, the one trained for this text.
     first = prepare_corpus(tmp_path)

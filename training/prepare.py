@@ -323,6 +323,12 @@ def prepare(
             chars = sum(len(doc) for doc in train_docs)
             print(f"training a {vocab_size}-entry tokenizer on {chars:,} characters", flush=True)
             tokenizer = train_tokenizer(train_docs, vocab_size)
+            if (learned := tokenizer.get_vocab_size()) < vocab_size:
+                print(
+                    f"the text gave {learned} entries (a merge needs a pair seen at least "
+                    f"twice): the model's vocabulary is {learned}",
+                    flush=True,
+                )
         if tokenizer.get_vocab_size() > MAX_VOCAB:
             raise CorpusError(f"vocabulary of {tokenizer.get_vocab_size()} does not fit uint16")
         if tokenizer.token_to_id(END_OF_TEXT) is None:
