@@ -8,10 +8,66 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from model.checkpoint import CheckpointError, read_config, resolve_checkpoint
+from model.cli import ArgumentParser
+from server.settings import Settings
+
+DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """--help ends each option's line with its default (a required option or a switch
+    has none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def bench_parser(prog: str, doc: str, epilog: str | None = None) -> ArgumentParser:
+    """A bench command's parser: described by its module's first docstring line."""
+    return ArgumentParser(
+        prog=prog, description=doc.splitlines()[0], epilog=epilog, formatter_class=_DefaultsShown
+    )
+
+
+def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        type=checkpoint_folder,
+        required=True,
+        help="a checkpoint folder, or a run folder (the checkpoint its `latest` names)",
+    )
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the models run; auto = CUDA when available",
+    )
+
+
+def add_dtypes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="our weights' and KV cache's dtype: the server's --dtype",
+    )
+    parser.add_argument(
+        "--hf-dtype",
+        default="same",
+        choices=("same", "float32", "bfloat16"),
+        help="HF generate's dtype; same = ours",
+    )
 
 
 def positive_int(text: str) -> int:

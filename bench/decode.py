@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from bench.cli import (
+    add_checkpoint,
+    add_device,
+    add_dtypes,
+    bench_parser,
     check_context,
     check_device,
-    checkpoint_folder,
     exit_on_signals,
     positive_int,
     positive_ints,
@@ -34,7 +37,6 @@ from bench.cli import (
 from bench.machine import describe
 from bench.reference import hf_generate
 from bench.timing import frozen_heap, run_async, synchronize
-from model.cli import ArgumentParser
 from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
 from server.app import load_serving
@@ -157,18 +159,24 @@ def hf_reference(
     )
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 def main() -> None:
     exit_on_signals()
-    parser = ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
-    parser.add_argument("--batch-sizes", type=positive_ints, default="1,8,32")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
-    parser.add_argument("--hf-repeats", type=positive_int, default=1)
+    parser = bench_parser("python -m bench.decode", __doc__)
+    add_checkpoint(parser)
+    parser.add_argument(
+        "--batch-sizes",
+        type=positive_ints,
+        default="1,8,32",
+        help="comma-separated: streams decoding at once, each measured in turn",
+    )
+    add_device(parser)
+    add_dtypes(parser)
+    parser.add_argument(
+        "--hf-repeats",
+        type=positive_int,
+        default=1,
+        help="HF generate runs timed together per measurement: a steadier reference",
+    )
     parser.add_argument(
         "--rounds",
         type=positive_int,

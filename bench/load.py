@@ -21,15 +21,16 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cli import (
+    add_checkpoint,
+    add_device,
+    bench_parser,
     check_device,
-    checkpoint_folder,
     exit_on_signals,
     positive_float,
     positive_int,
 )
 from bench.serve import running_server, within_timeout
 from bench.timing import run_async
-from model.cli import ArgumentParser
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
 KINDS = tuple(EXPECTED)
@@ -91,11 +92,15 @@ def wait_drained(base_url: str, timeout: float) -> float:
 
 def main() -> None:
     exit_on_signals()
-    parser = ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
-    parser.add_argument("--clients", type=positive_int, default=200)
-    parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser = bench_parser("python -m bench.load", __doc__)
+    add_checkpoint(parser)
+    parser.add_argument(
+        "--clients", type=positive_int, default=200, help="concurrent clients in each round"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="rounds, the server's RSS read after each"
+    )
+    add_device(parser)
     parser.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per round")
     args = parser.parse_args()
     check_device(parser, args.device)

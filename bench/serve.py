@@ -36,19 +36,21 @@ import httpx
 import torch
 
 from bench.cli import (
+    add_checkpoint,
+    add_device,
+    add_dtypes,
+    bench_parser,
     check_context,
     check_device,
-    checkpoint_folder,
     exit_on_signals,
     positive_float,
     positive_int,
     positive_ints,
 )
-from bench.decode import DTYPES, NEW_TOKENS, hf_dtype, hf_reference, ours
+from bench.decode import NEW_TOKENS, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
-from model.cli import ArgumentParser
 
 PROMPTS = (
     "Once upon a time",
@@ -195,12 +197,16 @@ def running_server(
 
 def main() -> None:
     exit_on_signals()
-    parser = ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=checkpoint_folder, required=True)
-    parser.add_argument("--clients", type=positive_ints, default="1,8,32,128")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--hf-dtype", default="same", choices=("same", "float32", "bfloat16"))
+    parser = bench_parser("python -m bench.serve", __doc__)
+    add_checkpoint(parser)
+    parser.add_argument(
+        "--clients",
+        type=positive_ints,
+        default="1,8,32,128",
+        help="comma-separated: concurrent streaming clients, each count measured in turn",
+    )
+    add_device(parser)
+    add_dtypes(parser)
     parser.add_argument(
         "--timeout", type=positive_float, default=600.0, help="seconds per concurrency"
     )

@@ -28,11 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.cli import check_device, exit_on_signals, positive_float, positive_int
+from bench.cli import (
+    add_device,
+    bench_parser,
+    check_device,
+    exit_on_signals,
+    positive_float,
+    positive_int,
+)
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
-from model.cli import ArgumentParser
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.pretrain import saved_args
@@ -122,9 +128,9 @@ def held_out_bpb(
 
 def main() -> None:
     exit_on_signals()
-    parser = ArgumentParser(
-        prog="python -m bench.train",
-        description=__doc__.splitlines()[0],
+    parser = bench_parser(
+        "python -m bench.train",
+        __doc__,
         epilog="Arguments after `--` go to both training.pretrain runs, e.g. `-- --compile`.",
     )
     parser.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
@@ -138,7 +144,7 @@ def main() -> None:
         help="seconds of the quality run; the throughput run gets the same limit (so the "
         "same preset and compile choice) and must reach --steps within it",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device(parser)
     parser.add_argument(
         "--rounds",
         type=positive_int,
@@ -146,7 +152,11 @@ def main() -> None:
         help="measure our trainer and the plain loop this many times, alternating, and print "
         "the median ratio (run-to-run drift on a shared machine is as large as the margins)",
     )
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--skip-quality",
+        action="store_true",
+        help="measure throughput only, not bits per byte after --max-time",
+    )
     # Only what follows `--` is pretrain's: a misspelt flag before it is an error here,
     # not a setting handed on unseen.
     argv = sys.argv[1:]

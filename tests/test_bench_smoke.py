@@ -189,3 +189,15 @@ def test_bad_input_is_one_error_line_naming_it(
         last = result.stderr.strip().splitlines()[-1]
         assert "error:" in last and message in last, (command, result.stderr)
         assert "Traceback" not in result.stderr, command
+
+
+def test_help_describes_every_option_with_its_default() -> None:
+    for command in ("bench.decode", "bench.serve", "bench.load", "bench.train"):
+        out = run_bench(command, "--help")
+        # One block per option: the flag, its metavar, then what it is.
+        blocks = re.split(r"\n  (?=--)", out.split("options:", 1)[1])[1:]
+        assert len(blocks) >= 5, out
+        assert all(len(block.split()) > 2 for block in blocks), out
+    decode = " ".join(run_bench("bench.decode", "--help").split())
+    assert "(default: 1,8,32)" in decode and "--dtype {auto,float32,bfloat16,float16}" in decode
+    assert "(default: None)" not in decode
