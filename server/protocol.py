@@ -31,6 +31,21 @@ FinishReason = Literal["stop", "length"]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+def _valid_unicode(text: str) -> str:
+    """`text`, refused where it has no UTF-8 form: a lone surrogate (JSON "\\ud800"),
+    which json.loads accepts and no encoder or tokenizer takes."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PydanticCustomError(
+                "unicode",
+                "must be valid Unicode: \\u{code} at character {index} is half of a surrogate pair",
+                {"code": f"{ord(text[e.start]):04x}", "index": e.start},
+            ) from None
+    return text
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -58,10 +73,19 @@ class GenerateRequest(BaseModel):
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(cls, value: str) -> str:
+        return _valid_unicode(value)
+
     @field_validator("stop", mode="wrap")
     @classmethod
     def _one_stop_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
-        """One message for `stop`, not one per branch of its union (`stop.list[...]`)."""
+        """One message for `stop`, not one per branch of its union (`stop.list[...]`);
+        a lone surrogate its own (the length bounds refuse one as if too long)."""
+        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if isinstance(text, str):
+                _valid_unicode(text)
         try:
             return handler(value)
         except ValidationError:

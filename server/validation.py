@@ -1,7 +1,7 @@
 """Edge validation: a protocol request becomes a typed, tokenized `GenerationRequest`.
 
-The only place that decides 400, 415 and 422: pydantic's field errors and text that
-is not valid Unicode (422), a body not sent as JSON (415), a body that is not JSON
+The only place that decides 400, 415 and 422: pydantic's field errors, text that is
+not valid Unicode among them (422), a body not sent as JSON (415), a body that is not JSON
 (400), and the bound that needs the tokenizer and the model's context (400, with the
 numbers). Everything after this point trusts its input.
 """
@@ -48,8 +48,6 @@ class Validator:
         self.max_token_bytes = max(len(b) for b in token_table)
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
-        for stop in body.stop_strings:
-            _utf8_length(stop)
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt too long in bytes alone to fit is
         # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
@@ -101,16 +99,7 @@ def _count(n: int, unit: str) -> str:
 
 
 def _utf8_length(text: str) -> int:
-    """`text`'s length in UTF-8 bytes; a 422 where it has none (a lone surrogate, e.g.
-    JSON "\\ud800", which no encoder or tokenizer takes)."""
-    if text.isascii():
-        return len(text)
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ApiError(
-            422, "invalid_request", "prompt and stop strings must be valid Unicode"
-        ) from None
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def invalid_request(exc: RequestValidationError) -> ApiError:

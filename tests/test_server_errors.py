@@ -111,6 +111,22 @@ def test_values_json_allows_but_text_cannot_use_are_422(client, raw):
 
 
 @pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('{"prompt": "ab\\ud800"}', "prompt: must be valid Unicode: \\ud800 at character 2"),
+        ('{"prompt": "x", "stop": ["y", "\\udc00"]}', "stop: must be valid Unicode: \\udc00"),
+        ('{"prompt": "x", "stop": "\\ud83d"}', "stop: must be valid Unicode: \\ud83d"),
+    ],
+    ids=["prompt", "stop list", "stop string"],
+)
+def test_a_lone_surrogate_is_refused_naming_its_field(client, raw, message):
+    response = client.post(
+        "/v1/generate", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert assert_error(response, 422, "invalid_request").startswith(message)
+
+
+@pytest.mark.parametrize(
     "content", [b'{"prompt": ', b"", b'{"prompt": "\xff"}'], ids=["cut short", "empty", "bad UTF-8"]
 )
 def test_body_that_is_not_json_is_400(client, content):
