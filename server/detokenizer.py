@@ -5,7 +5,9 @@ table lookup plus an incremental UTF-8 decoder call, never a re-decode of the te
 so far. The decoder keeps an incomplete multi-byte character until its last byte
 arrives, so a character split across tokens is never emitted as U+FFFD; bytes that
 can never form a character become U+FFFD exactly as a one-shot decode would, so
-the concatenated deltas always equal the text decoded in one go.
+the concatenated deltas always equal the text decoded in one go, but for its end: a
+text cut inside a character (by max_tokens or end-of-text) ends before that
+character, where a one-shot decode would end in U+FFFD.
 
 Stop strings are held back: text that could be the start of a stop string is not
 emitted until it cannot be; a stop string found (even across token boundaries)
@@ -80,13 +82,12 @@ class IncrementalDetokenizer:
         return self._release(self._utf8.decode(self._table[token_id]))
 
     def finish(self) -> str:
-        """Everything still held back (the text ended without a stop string)."""
+        """Everything still held back (the text ended without a stop string) but the
+        bytes of a character the text ends inside: they are no text."""
         if self.stopped:
             return ""
-        text = self._release(self._utf8.decode(b"", final=True))
-        if self.stopped:
-            return text
-        text, self._pending = text + self._pending, ""
+        self._utf8.reset()
+        text, self._pending = self._pending, ""
         return text
 
     def _release(self, text: str) -> str:

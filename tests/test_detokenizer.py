@@ -53,6 +53,15 @@ def test_invalid_bytes_become_replacement_characters_like_a_one_shot_decode(toke
     assert "".join(stream(table, ids)) == tokenizer.decode(ids) == "ok \ufffd\ufffd"
 
 
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_text_cut_inside_a_character_ends_before_it(tokenizer, table, cut):
+    # max_tokens (or end-of-text) can end the text between the bytes of one character.
+    rocket = [tokenizer.token_to_id(c) for c in "ðŁļĢ"]  # 🚀's 4 bytes, one token each
+    ids = [*tokenizer.encode("go ", add_special_tokens=False).ids, *rocket[:cut]]
+    assert tokenizer.decode(ids) == "go \ufffd"  # what a one-shot decode makes of it
+    assert stream(table, ids) == ["g", "o", " ", *[""] * cut, ""]
+
+
 @pytest.mark.parametrize("stop", ["世界", "o 世", "🚀 and", "more:"])
 def test_stop_string_is_never_emitted_even_across_tokens(tokenizer, table, stop):
     ids = tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids

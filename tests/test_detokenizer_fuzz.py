@@ -2,8 +2,9 @@
 
 For random token sequences (from a real byte-level tokenizer trained on English, so
 multi-byte characters are split across tokens) and random stop strings: the
-concatenated deltas equal a one-shot decode cut at the first stop string, a stop
-string is never emitted, and no U+FFFD appears that the one-shot decode lacks.
+concatenated deltas equal a one-shot decode (less a character the text ends inside)
+cut at the first stop string, a stop string is never emitted, and no U+FFFD appears
+that the one-shot decode lacks.
 """
 
 from __future__ import annotations
@@ -41,8 +42,20 @@ def token_ids() -> st.SearchStrategy[list[int]]:
     return st.lists(st.integers(0, len(table()) - 1), max_size=60)
 
 
+def without_a_cut_character(data: bytes) -> bytes:
+    """`data` less its last 1-3 bytes where they begin a character the data ends inside."""
+    for k in (1, 2, 3):
+        try:
+            data[-k:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start == 0 and e.reason == "unexpected end of data":
+                return data[:-k]
+    return data
+
+
 def one_shot(ids: list[int], stops: tuple[str, ...]) -> str:
-    text = b"".join(table()[i] for i in ids).decode("utf-8", errors="replace")
+    data = without_a_cut_character(b"".join(table()[i] for i in ids))
+    text = data.decode("utf-8", errors="replace")
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[: min(cuts)] if cuts else text
 
