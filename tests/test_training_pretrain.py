@@ -807,6 +807,15 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "--val-data: 1 of its 1 documents are in --data too",
         ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
+        "held-out text without text": (
+            ["--data", str(CORPUS), "--val-data", str(tmp_path / "empty.txt")],
+            f"--val-data: {tmp_path / 'empty.txt'}: the corpus is empty",
+        ),
+        # The shell's $'r\xe9sum\xe9': TensorBoard's writer failed on it after tokenizing.
+        "out-dir name not UTF-8": (
+            ["--out-dir", os.fsdecode(os.fsencode(tmp_path / "out") + b"-r\xe9sum\xe9")],
+            f"--out-dir {tmp_path / 'out'}-r\\xe9sum\\xe9: the name is not valid UTF-8",
+        ),
     }
 
 

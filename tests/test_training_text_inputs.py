@@ -12,7 +12,7 @@ import pytest
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import CORPUS, TINY, meta
 from training import evaluate, pretrain
-from training.corpus import load_documents
+from training.corpus import CorpusError, load_documents
 
 
 def train(tmp_path: Path, *data: Path) -> int:
@@ -47,6 +47,34 @@ def test_a_binary_file_is_skipped_with_a_warning(
     err = capsys.readouterr().err
     assert err.count(f"warning: {binary}: binary") == 1
     assert "invalid UTF-8" not in err  # skipped, not decoded into noise
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_text_whose_byte_order_mark_says_utf16_or_utf32_is_read_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str
+) -> None:
+    text = "我们在这里学习中文。Mixed with English."  # UTF-16 without a single NUL byte
+    path = tmp_path / "notepad.txt"
+    # Python's utf-16 and utf-32 write a little-endian mark; utf-16-be needs one given.
+    mark = "\ufeff" if encoding == "utf-16-be" else ""
+    path.write_bytes((mark + text).encode(encoding))
+    assert load_documents([path]) == [text]
+    assert capsys.readouterr().err == ""
+    # Without its mark, UTF-16 that holds ASCII is still told from UTF-8 by its NULs.
+    path.write_bytes("Plain English.".encode("utf-16-le"))
+    with pytest.raises(CorpusError, match="the corpus is empty"):
+        load_documents([path])
+    assert f"warning: {path}: binary (NUL bytes; " in capsys.readouterr().err
+
+
+def test_windows_line_ends_become_newlines_in_text_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"First line.\r\nSecond.\r\n\r\nA carriage\rreturn.")
+    record = {"text": "One.\r\nTwo."}
+    (tmp_path / "b.jsonl").write_bytes(json.dumps(record).encode() + b"\r\n")
+    assert load_documents([tmp_path]) == [
+        "First line.\nSecond.\n\nA carriage\rreturn.",  # a lone CR is text
+        "One.\nTwo.",
+    ]
 
 
 @pytest.mark.parametrize("case", ["only binary", "0-byte file", "empty folder"])
@@ -170,6 +198,23 @@ def test_linked_folders_and_upper_case_suffixes_are_read_each_file_once(tmp_path
     (elsewhere / "loop").symlink_to(corpus)  # and a link back up
     documents = load_documents([corpus])
     assert sorted(documents) == ["More notes, kept in another folder.", "Notes in capitals."]
+
+
+def test_a_dangling_link_in_a_folder_is_skipped_and_a_linked_file_read_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The one real file.")
+    (corpus / "b.txt").symlink_to(corpus / "a.txt")
+    (corpus / "gone.txt").symlink_to(tmp_path / "moved.txt")
+    assert load_documents([corpus]) == ["The one real file."]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {corpus / 'gone.txt'}: links to {tmp_path / 'moved.txt'}, which does not "
+        "exist; skipped",
+        f"warning: {corpus / 'b.txt'}: already read (the same file as {corpus / 'a.txt'}), "
+        "read once",
+    ]
 
 
 def test_a_file_named_twice_is_read_once_and_a_byte_order_mark_is_no_text(

@@ -3,10 +3,13 @@
 User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
 document per line in a `text` field. Folders are searched recursively in sorted
 order, past hidden files and folders and past training runs and model folders.
-Text is decoded as UTF-8; invalid bytes, and in `.jsonl` strings escapes of lone
-UTF-16 surrogates, become U+FFFD, with one warning naming the file and the
-problem. A file holding NUL bytes is binary (or UTF-16), not UTF-8 text: it is
-skipped with a warning rather than trained on as noise.
+Text is decoded as UTF-8, or as the UTF-16 / UTF-32 its byte-order mark declares;
+invalid bytes, and in `.jsonl` strings escapes of lone UTF-16 surrogates, become
+U+FFFD, with one warning naming the file and the problem. A file holding NUL bytes
+without such a mark is binary (or UTF-16 without one), not text: it is skipped with
+a warning rather than trained on as noise. Windows line ends (CRLF) become "\n", so
+that a model trained on them ends its lines as every other text does (and a stop
+string "\n\n" finds its paragraphs).
 
 The default corpus is English that ships inside the Python standard library, so
 the zero-argument run needs no download:
@@ -24,6 +27,7 @@ Building it parses ~580 files (5-10 s on 2 cores).
 from __future__ import annotations
 
 import ast
+import codecs
 import json
 import os
 import re
@@ -43,12 +47,23 @@ SKIPPED_STDLIB_DIRS = {"idlelib", "lib2to3", "turtledemo", "site-packages", "__p
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# Encodings a byte-order mark declares; UTF-32's first: its little-endian mark begins
+# with UTF-16's. (UTF-8's mark is dropped by utf-8-sig.)
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
 class CorpusError(Exception):
     """Unusable input text; the message names the path and the problem."""
 
 
 def read_text(path: Path) -> str:
-    """A file's text as UTF-8; invalid bytes are replaced, with one warning naming the file.
+    """A file's text (UTF-8 unless a byte-order mark says UTF-16 or UTF-32), with "\n"
+    line ends; invalid bytes are replaced, with one warning naming the file.
 
     A binary file reads as "" (so it adds no document), with a warning naming it.
     """
@@ -56,23 +71,29 @@ def read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror or e})") from None
-    if b"\0" in raw:
+    # utf-8-sig: a UTF-8 byte-order mark (Windows editors write one) is no text to train
+    # on, and json.loads refuses a .jsonl line that starts with it.
+    encoding, name = next(
+        ((codec, name) for mark, codec, name in BYTE_ORDER_MARKS if raw.startswith(mark)),
+        ("utf-8-sig", "UTF-8"),
+    )
+    if name == "UTF-8" and b"\0" in raw:
         print(
-            f"warning: {path}: binary (NUL bytes; UTF-16 text must be converted to UTF-8), skipped",
+            f"warning: {path}: binary (NUL bytes; UTF-16 text needs a byte-order mark or "
+            "conversion to UTF-8), skipped",
             file=sys.stderr,
         )
         return ""
-    # utf-8-sig: a byte-order mark (Windows editors write one) is no text to train on,
-    # and json.loads refuses a .jsonl line that starts with it.
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode(encoding)
     except UnicodeDecodeError:
-        _warn_replaced(path, "bad bytes")
-        return raw.decode("utf-8-sig", errors="replace")
+        _warn_replaced(path, f"invalid {name}, bad bytes")
+        text = raw.decode(encoding, errors="replace")
+    return text.replace("\r\n", "\n")
 
 
 def _warn_replaced(path: Path, what: str) -> None:
-    print(f"warning: {path}: invalid UTF-8, {what} replaced with U+FFFD", file=sys.stderr)
+    print(f"warning: {path}: {what} replaced with U+FFFD", file=sys.stderr)
 
 
 def _jsonl_documents(path: Path) -> list[str]:
@@ -80,7 +101,7 @@ def _jsonl_documents(path: Path) -> list[str]:
     surrogates = False
     # JSON Lines ends records at "\n" only: str.splitlines() would also cut at U+2028,
     # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
-    # A CRLF file's "\r" is JSON whitespace, so json.loads takes it as it stands.
+    # (read_text has made a CRLF file's line ends "\n".)
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -93,9 +114,9 @@ def _jsonl_documents(path: Path) -> list[str]:
             raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
         text, replaced = LONE_SURROGATE.subn("\ufffd", text)
         surrogates = surrogates or replaced > 0
-        documents.append(text)
+        documents.append(text.replace("\r\n", "\n"))
     if surrogates:
-        _warn_replaced(path, "lone surrogate escapes")
+        _warn_replaced(path, "invalid UTF-8, lone surrogate escapes")
     return documents
 
 
@@ -152,7 +173,16 @@ def _files_under(path: Path) -> list[Path]:
             kept.append(name)
         dirs[:] = kept
         visible = [name for name in names if not name.startswith(".")]
-        files += [Path(root, name) for name in visible if _has_text_suffix(name)]
+        for name in filter(_has_text_suffix, visible):
+            file = Path(root, name)
+            if not file.exists():  # os.walk lists a link whose target is gone as a file
+                target = os.readlink(file)
+                print(
+                    f"warning: {file}: links to {target}, which does not exist; skipped",
+                    file=sys.stderr,
+                )
+                continue
+            files.append(file)
         other_suffixes += [Path(name).suffix for name in visible if not _has_text_suffix(name)]
     if files and other_suffixes:
         kinds = ", ".join(sorted({suffix or "no suffix" for suffix in other_suffixes}))
@@ -166,7 +196,7 @@ def _files_under(path: Path) -> list[Path]:
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
     """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents, read = [], set()
+    documents, read = [], {}
     for given in paths:
         path = Path(given)
         files = _files_under(path)
@@ -177,9 +207,11 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
             # and its validation pieces found in the training text.
             real = os.path.realpath(file)
             if real in read:
-                print(f"warning: {file}: already read (named twice), read once", file=sys.stderr)
+                first = read[real]
+                how = "named twice" if first == file else f"the same file as {first}"
+                print(f"warning: {file}: already read ({how}), read once", file=sys.stderr)
                 continue
-            read.add(real)
+            read[real] = file
             if file.suffix.lower() == JSONL_SUFFIX:
                 documents.extend(_jsonl_documents(file))
             else:

@@ -104,6 +104,13 @@ def holds_run(out_dir: Path) -> bool:
 
 def check_writable(folder: Path, flag: str) -> None:
     """Fail now, not after minutes of tokenizing, where `folder` cannot be written."""
+    try:
+        # A name with bytes that are not UTF-8 (the shell's $'\xe9') reaches Python as
+        # lone surrogates: TensorBoard and JSON could not write it after the tokenizing.
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(folder).decode("utf-8", "backslashreplace")
+        raise UsageError(f"{flag} {shown}: the name is not valid UTF-8") from None
     existing = folder
     while not existing.exists():
         if existing.is_symlink():  # a link to a drive not mounted, a folder since moved
@@ -239,7 +246,11 @@ def load_data(
     if documents is None:
         documents = default_documents()
     if args.val_data:
-        train_docs, val_docs = documents, load_documents(args.val_data)
+        try:
+            val_docs = load_documents(args.val_data)
+        except CorpusError as e:
+            raise CorpusError(f"--val-data: {e}") from None
+        train_docs = documents
         # `--data notes --val-data notes/held-out.txt`: scored on text it trained on.
         trained_on = len(set(val_docs) & set(train_docs))
         if trained_on:
