@@ -88,6 +88,20 @@ class EnvelopeH11Protocol(H11Protocol):
         else:
             self.transport.close()
 
+    def shutdown(self) -> None:
+        # uvicorn's shutdown lets a request still sending its body go on until its graceful
+        # timeout, then cancels it into a plain-text 500. It will not be served: say so now.
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and not cycle.response_started
+            and self.conn.their_state not in _REQUEST_RECEIVED
+        ):
+            self._disarm_deadline()
+            self._send_error_and_close(ApiError(503, "unavailable", "the server is shutting down"))
+            return
+        super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         # What h11 holds unparsed tells the two refusals apart (trailing_data is public).
         buffered = len(self.conn.trailing_data[0])

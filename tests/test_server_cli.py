@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -281,6 +282,30 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
     assert events[-1] == "[DONE]"
     assert events[-2]["finish_reason"] == "length"
     assert events[-2]["usage"]["completion_tokens"] == 300
+
+
+def test_a_request_still_sending_its_body_at_shutdown_gets_a_503_envelope(checkpoint):
+    with served(checkpoint, "--log-level", "info") as (process, base_url):
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as uploading:
+            head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+            head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
+            uploading.sendall(head + b'{"prompt"')  # 9 of its 36 body bytes
+            # Served after the upload's bytes, which arrived first, were read.
+            assert httpx.get(f"{base_url}/health").status_code == 200
+            process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := uploading.recv(65536):  # until the server closes
+                answer += chunk
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert json.loads(body) == {
+        "error": {"type": "unavailable", "message": "the server is shutting down"}
+    }
+    # Not uvicorn's cancel at its graceful timeout, 5 s on.
+    assert "Cancel" not in log and "Traceback" not in log, log
 
 
 def test_past_the_drain_timeout_every_unfinished_stream_ends_with_an_error_event(checkpoint):
