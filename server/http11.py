@@ -36,19 +36,64 @@ from server.settings import Settings
 
 # h11 states of the client's side once its request has arrived whole (or never will).
 _REQUEST_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+LINGER_SECONDS = 2.0
+
+
+class _LingeringTransport:
+    """A connection's transport whose close() lingers while the client may still be
+    sending the request the server answered without reading it whole (413 by
+    Content-Length, 401, 431, 408, 503 at shutdown).
+
+    A socket closed with unread bytes sends RST, and a client still uploading can lose
+    the answer already sent to it (async httpx raised ReadError instead of the 413).
+    So, as nginx's lingering close: the write side is shut (the answer and a FIN go
+    out), what the client still sends is read and dropped until it closes its side or
+    LINGER_SECONDS pass, then the socket closes.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: EnvelopeH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering is not None or self._transport.is_closing()
+
+    def close(self) -> None:
+        protocol, transport = self._protocol, self._transport
+        if (
+            protocol.lingering is None
+            and not transport.is_closing()
+            and protocol.conn.their_state not in _REQUEST_RECEIVED
+            and transport.can_write_eof()
+        ):
+            transport.write_eof()
+            transport.resume_reading()  # uvicorn pauses reading a body nobody reads
+            protocol.lingering = protocol.loop.call_later(LINGER_SECONDS, transport.close)
+            return
+        transport.close()
 
 
 class EnvelopeH11Protocol(H11Protocol):
     request_timeout: float = 30.0  # uvicorn_config() sets it from Settings
     _deadline: asyncio.TimerHandle | None = None
+    lingering: asyncio.TimerHandle | None = None  # the end of a lingering close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
+        if self.lingering is not None:
+            self.lingering.cancel()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering is None:  # else: the rest of a request already answered
+            super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()

@@ -269,6 +269,19 @@ def test_a_body_refused_unread_closes_the_connection(base_url):
         assert b"HTTP/1.1" not in body  # one answer: the client knows to ask again elsewhere
 
 
+def test_a_client_still_uploading_a_refused_body_reads_the_answer(base_url):
+    # 413 by Content-Length comes at once; the 2 MB behind the head are still on their
+    # way. Closed with them unread, the socket reset the connection, and the client
+    # still sending lost the answer.
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    auth = f"Authorization: Bearer {API_KEY}\r\n".encode()
+    body = b'{"prompt": "' + b"z" * 2_000_000 + b'"}'
+    request = head + auth + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    answer_head, answer = raw_answer(base_url, request)
+    assert answer_head.split()[1] == b"413"
+    assert json.loads(answer)["error"]["type"] == "request_too_large"
+
+
 def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
     too_large = "request_header_fields_too_large"
     under = {"X-Filler": "a" * (HEADER_LIMIT // 2)}
