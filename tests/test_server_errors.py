@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
 
@@ -134,6 +135,22 @@ def test_body_that_is_not_json_is_400(client, content):
         "/v1/generate", content=content, headers={"Content-Type": "application/json"}
     )
     assert_error(response, 400, "invalid_json")
+
+
+def test_json_nested_too_deeply_to_parse_is_400_saying_so(client):
+    deep = b'{"prompt": ' + b"[" * 1900 + b"]" * 1900 + b"}"  # under the body limit
+    # Python's default limit, which json.loads' nesting counts against (importing
+    # torch._dynamo, as earlier tests do, raises it); the server runs in this process.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        response = client.post(
+            "/v1/generate", content=deep, headers={"Content-Type": "application/json"}
+        )
+    finally:
+        sys.setrecursionlimit(limit)
+    message = assert_error(response, 400, "invalid_json")
+    assert message == "the request body could not be parsed: not UTF-8, or nested too deeply"
 
 
 @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
