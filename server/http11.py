@@ -36,19 +36,23 @@ from server.settings import Settings
 
 # h11 states of the client's side once its request has arrived whole (or never will).
 _REQUEST_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+# ... of which those where the client sends no more (after ERROR, a refused head, it
+# may still be sending).
+_CLIENT_DONE = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 LINGER_SECONDS = 2.0
 
 
 class _LingeringTransport:
     """A connection's transport whose close() lingers while the client may still be
     sending the request the server answered without reading it whole (413 by
-    Content-Length, 401, 431, 408, 503 at shutdown).
+    Content-Length, 401, 431, 400, 408, 503 at shutdown).
 
     A socket closed with unread bytes sends RST, and a client still uploading can lose
     the answer already sent to it (async httpx raised ReadError instead of the 413).
     So, as nginx's lingering close: the write side is shut (the answer and a FIN go
     out), what the client still sends is read and dropped until it closes its side or
-    LINGER_SECONDS pass, then the socket closes.
+    LINGER_SECONDS pass, then the socket closes (at once, if the client has not even
+    read the answer by then).
     """
 
     def __init__(self, transport: asyncio.Transport, protocol: EnvelopeH11Protocol) -> None:
@@ -66,14 +70,21 @@ class _LingeringTransport:
         if (
             protocol.lingering is None
             and not transport.is_closing()
-            and protocol.conn.their_state not in _REQUEST_RECEIVED
+            and protocol.conn.their_state not in _CLIENT_DONE
             and transport.can_write_eof()
         ):
             transport.write_eof()
             transport.resume_reading()  # uvicorn pauses reading a body nobody reads
-            protocol.lingering = protocol.loop.call_later(LINGER_SECONDS, transport.close)
+            protocol.lingering = protocol.loop.call_later(LINGER_SECONDS, self._end_linger)
             return
         transport.close()
+
+    def _end_linger(self) -> None:
+        # close() would wait to send what the client has not read; abort() does not.
+        if self._transport.get_write_buffer_size():
+            self._transport.abort()
+        else:
+            self._transport.close()
 
 
 class EnvelopeH11Protocol(H11Protocol):
@@ -134,12 +145,14 @@ class EnvelopeH11Protocol(H11Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
+        if self.lingering is not None:
+            return  # answered; it closes itself within LINGER_SECONDS
         # uvicorn's shutdown lets a request still sending its body go on until its graceful
-        # timeout, then cancels it into a plain-text 500. It will not be served: say so now.
-        cycle = self.cycle
+        # timeout, then cancels it into a plain-text 500. It will not be served: say so now
+        # (unless something was answered already: a guard's refusal, a 408).
         if (
-            cycle is not None
-            and not cycle.response_started
+            self.cycle is not None
+            and self.conn.our_state is h11.SEND_RESPONSE
             and self.conn.their_state not in _REQUEST_RECEIVED
         ):
             self._disarm_deadline()

@@ -308,6 +308,25 @@ def test_a_request_still_sending_its_body_at_shutdown_gets_a_503_envelope(checkp
     assert "Cancel" not in log and "Traceback" not in log, log
 
 
+def test_a_shutdown_right_after_a_408_exits_cleanly(checkpoint):
+    with served(checkpoint, "--request-timeout", "0.5") as (process, base_url):
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+            head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
+            stalled.sendall(head + b'{"prompt"')  # then nothing more
+            answer = b""
+            while chunk := stalled.recv(65536):  # the 408, then the server's FIN
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            # The connection still lingers (reading what the client might yet send):
+            # shutting down now must neither answer it twice nor wait on it.
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    assert "Traceback" not in log, log
+
+
 def test_past_the_drain_timeout_every_unfinished_stream_ends_with_an_error_event(checkpoint):
     # One slot, eight streams of 1,000 tokens: far more work than the 0.5 s drain allows.
     shut_down = {"error": {"type": "unavailable", "message": "the server shut down"}}

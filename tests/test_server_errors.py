@@ -299,6 +299,14 @@ def test_a_client_still_uploading_a_refused_body_reads_the_answer(base_url):
     assert json.loads(answer)["error"]["type"] == "request_too_large"
 
 
+def test_a_client_still_sending_a_refused_head_reads_the_431(base_url):
+    # h11 refuses the head once it holds more than the limit; megabytes more follow.
+    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"h" * 4_000_000
+    answer_head, answer = raw_answer(base_url, head + b"\r\n\r\n")
+    assert answer_head.split()[1] == b"431"
+    assert json.loads(answer)["error"]["type"] == "request_header_fields_too_large"
+
+
 def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
     too_large = "request_header_fields_too_large"
     under = {"X-Filler": "a" * (HEADER_LIMIT // 2)}
