@@ -31,17 +31,19 @@ FinishReason = Literal["stop", "length"]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-def _valid_unicode(text: str) -> str:
+def _valid_unicode(text: str, which: str = "") -> str:
     """`text`, refused where it has no UTF-8 form: a lone surrogate (JSON "\\ud800"),
-    which json.loads accepts and no encoder or tokenizer takes."""
+    which json.loads accepts and no encoder or tokenizer takes. which: names the list
+    entry `text` is ("" if none)."""
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise PydanticCustomError(
                 "unicode",
-                "must be valid Unicode: \\u{code} at character {index} is half of a surrogate pair",
-                {"code": f"{ord(text[e.start]):04x}", "index": e.start},
+                "must be valid Unicode: \\u{code} at character {index}{which} is half of a "
+                "surrogate pair",
+                {"code": f"{ord(text[e.start]):04x}", "index": e.start, "which": which},
             ) from None
     return text
 
@@ -83,9 +85,12 @@ class GenerateRequest(BaseModel):
     def _one_stop_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
         """One message for `stop`, not one per branch of its union (`stop.list[...]`);
         a lone surrogate its own (the length bounds refuse one as if too long)."""
-        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
-            if isinstance(text, str):
-                _valid_unicode(text)
+        if isinstance(value, str):
+            _valid_unicode(value)
+        elif isinstance(value, list):
+            for number, text in enumerate(value, start=1):
+                if isinstance(text, str):
+                    _valid_unicode(text, f" of stop string {number}")
         try:
             return handler(value)
         except ValidationError:

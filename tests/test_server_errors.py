@@ -115,7 +115,10 @@ def test_values_json_allows_but_text_cannot_use_are_422(client, raw):
     ("raw", "message"),
     [
         ('{"prompt": "ab\\ud800"}', "prompt: must be valid Unicode: \\ud800 at character 2"),
-        ('{"prompt": "x", "stop": ["y", "\\udc00"]}', "stop: must be valid Unicode: \\udc00"),
+        (
+            '{"prompt": "x", "stop": ["y", "\\udc00"]}',
+            "stop: must be valid Unicode: \\udc00 at character 0 of stop string 2 ",
+        ),
         ('{"prompt": "x", "stop": "\\ud83d"}', "stop: must be valid Unicode: \\ud83d"),
     ],
     ids=["prompt", "stop list", "stop string"],
