@@ -25,7 +25,8 @@ class _DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        none = action.default is None or action.default is False  # required, or a switch
+        if not none and action.default is not argparse.SUPPRESS and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 

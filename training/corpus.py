@@ -175,8 +175,11 @@ def _files_under(path: Path) -> list[Path]:
         visible = [name for name in names if not name.startswith(".")]
         for name in filter(_has_text_suffix, visible):
             file = Path(root, name)
-            if not file.exists():  # os.walk lists a link whose target is gone as a file
-                target = os.readlink(file)
+            try:  # os.walk lists a link whose target is gone as a file
+                target = os.readlink(file) if file.is_symlink() and not file.exists() else None
+            except OSError as e:  # a link into a folder this user may not enter
+                raise CorpusError(f"{file}: cannot read ({e.strerror or e})") from None
+            if target is not None:
                 print(
                     f"warning: {file}: links to {target}, which does not exist; skipped",
                     file=sys.stderr,
