@@ -36,7 +36,7 @@ from server.middleware import (
     RequestCounter,
     error_response,
 )
-from server.protocol import ApiError
+from server.protocol import ApiError, GenerateRequest, StreamChunk
 from server.routes import Serving, router
 from server.settings import Settings
 from server.validation import Validator, invalid_request, not_json
@@ -179,23 +179,36 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 _DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _BEARER = "bearerAuth"
+_COMPONENT = "#/components/schemas/{model}"
 
 
-def _declare_bearer_key(app: FastAPI, open_paths: frozenset[str]) -> None:
-    """Mark the keyed operations in the OpenAPI schema as needing the bearer key, so that
-    /docs offers Authorize and generated clients send it (ApiKeyMiddleware checks it)."""
+def _complete_openapi(app: FastAPI, keyed_except: frozenset[str] | None) -> None:
+    """Add to FastAPI's OpenAPI schema what it cannot say itself: exact integer bounds,
+    the SSE events' model, and (`keyed_except`: the paths open without --api-key) which
+    operations need the bearer key, so that /docs offers Authorize and generated clients
+    send it (ApiKeyMiddleware checks it)."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = build()  # cached on the app; marked once
-            schema.setdefault("components", {})["securitySchemes"] = {
-                _BEARER: {"type": "http", "scheme": "bearer"}
-            }
-            for path, operations in schema["paths"].items():
-                if path not in open_paths:
-                    for operation in operations.values():
-                        operation["security"] = [{_BEARER: []}]
+            schema = build()  # cached on the app; completed once
+            components = schema["components"]["schemas"]
+            # FastAPI's schema model types bounds as floats: seed's maximum 2**63 - 1
+            # came out as 9.223372036854776e+18, which is 2**63. pydantic's are exact.
+            exact = GenerateRequest.model_json_schema(ref_template=_COMPONENT)
+            components["GenerateRequest"]["properties"] = exact["properties"]
+            # Named by the stream's events (routes.py), though no JSON body uses it.
+            events = StreamChunk.model_json_schema(ref_template=_COMPONENT)
+            events.pop("$defs")  # Usage: a component already
+            components["StreamChunk"] = events
+            if keyed_except is not None:
+                schema["components"]["securitySchemes"] = {
+                    _BEARER: {"type": "http", "scheme": "bearer"}
+                }
+                for path, operations in schema["paths"].items():
+                    if path not in keyed_except:
+                        for operation in operations.values():
+                            operation["security"] = [{_BEARER: []}]
         return app.openapi_schema
 
     app.openapi = openapi
@@ -218,6 +231,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     # Added last = outermost: count every answer, bound the head, authenticate, bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    open_paths = None
     if settings.api_key is not None:
         # Health probes never carry a key; Prometheus may not either (--metrics-open); a
         # browser opening the docs cannot send one (the schema is no secret: the README
@@ -226,7 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
         )
-        _declare_bearer_key(app, open_paths)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(RequestCounter, counter=metrics.requests)
+    _complete_openapi(app, open_paths)
     return app

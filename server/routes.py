@@ -83,7 +83,15 @@ _GENERATE_RESPONSES: dict[int | str, dict] = {
                     "properties": {
                         "data": {
                             "type": "string",
-                            "description": "a StreamChunk as JSON, an error envelope, or [DONE]",
+                            "description": "one StreamChunk as JSON, or the error envelope "
+                            "if generation fails midway; after the last chunk, [DONE]",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/StreamChunk"},
+                                    {"$ref": "#/components/schemas/ErrorResponse"},
+                                ]
+                            },
                         }
                     },
                 }

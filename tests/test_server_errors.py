@@ -19,6 +19,7 @@ from server_harness import (
     wait_until,
 )
 
+from server.protocol import StreamChunk
 from server.settings import Settings
 
 API_KEY = "test-key-0123456789"
@@ -222,6 +223,18 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     }
     assert {"200", "503"} <= responses["/health"] and "401" not in responses["/health"]
     assert {"200", "401", "503"} <= responses["/v1/models"]
+    components = schema["components"]["schemas"]
+    # Integer bounds stay integers: 2**63 - 1 as a float would be 2**63, a 422 here.
+    assert {"maximum": 2**63 - 1, "minimum": 0, "type": "integer"} in (
+        components["GenerateRequest"]["properties"]["seed"]["anyOf"]
+    )
+    # Each SSE event's data names its model, which the components hold.
+    stream = schema["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
+    data = stream["text/event-stream"]["itemSchema"]["properties"]["data"]
+    refs = [one["$ref"].rsplit("/", 1)[1] for one in data["contentSchema"]["anyOf"]]
+    assert refs == ["StreamChunk", "ErrorResponse"]
+    assert set(refs) <= set(components)
+    assert set(components["StreamChunk"]["properties"]) == set(StreamChunk.model_fields)
 
 
 def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(base_url):
