@@ -284,19 +284,31 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
     assert events[-2]["usage"]["completion_tokens"] == 300
 
 
+@contextlib.contextmanager
+def partial_upload(base_url: str) -> Iterator[socket.socket]:
+    """A connection that sent a /v1/generate head and 9 of the 36 body bytes it declares."""
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+        head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
+        sock.sendall(head + b'{"prompt"')
+        yield sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
 def test_a_request_still_sending_its_body_at_shutdown_gets_a_503_envelope(checkpoint):
     with served(checkpoint, "--log-level", "info") as (process, base_url):
-        port = int(base_url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as uploading:
-            head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
-            head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
-            uploading.sendall(head + b'{"prompt"')  # 9 of its 36 body bytes
+        with partial_upload(base_url) as uploading:
             # Served after the upload's bytes, which arrived first, were read.
             assert httpx.get(f"{base_url}/health").status_code == 200
             process.send_signal(signal.SIGTERM)
-            answer = b""
-            while chunk := uploading.recv(65536):  # until the server closes
-                answer += chunk
+            answer = read_until_closed(uploading)
         assert process.wait(timeout=30) == 0
         log = process.stderr.read()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -310,14 +322,8 @@ def test_a_request_still_sending_its_body_at_shutdown_gets_a_503_envelope(checkp
 
 def test_a_shutdown_right_after_a_408_exits_cleanly(checkpoint):
     with served(checkpoint, "--request-timeout", "0.5") as (process, base_url):
-        port = int(base_url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
-            head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
-            head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
-            stalled.sendall(head + b'{"prompt"')  # then nothing more
-            answer = b""
-            while chunk := stalled.recv(65536):  # the 408, then the server's FIN
-                answer += chunk
+        with partial_upload(base_url) as stalled:
+            answer = read_until_closed(stalled)  # the 408, then the server's FIN
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             # The connection still lingers (reading what the client might yet send):
             # shutting down now must neither answer it twice nor wait on it.
