@@ -183,7 +183,7 @@ def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
 
 
 def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Started with relative paths in one directory, copied, then resumed from another.
     work = tmp_path / "work"
@@ -203,6 +203,16 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     assert resolve_checkpoint(original).name == "step-0000004"  # the original is untouched
     assert sorted(p.name for p in original.iterdir()) == listing
     assert not (tmp_path / "runs").exists()
+
+    # The saved path gone (a Docker `run -v` mount, a drive unmounted): the error says
+    # where that path came from.
+    (work / "corpus.txt").unlink()
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(tmp_path / "b"), "--max-steps", "8"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {work / 'corpus.txt'}: no such file or folder (--data of the run being "
+        f"resumed, {work / 'corpus.txt'}: make it readable there again, or give --data)\n"
+    )
 
 
 def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
@@ -495,14 +505,11 @@ def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    run = tmp_path / "run"
+def sigterm_after_three_steps(tmp_path: Path, run: Path, *flags: str) -> subprocess.Popen:
+    """A long run, sent SIGTERM once it has logged three steps; ended (communicate())."""
     # 100000 steps would compile by default; the signal, not compilation, is under test.
     args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--log-interval", "1")
-    args += ["--out-dir", str(run)]
-    process = spawn_pretrain(args)
+    process = spawn_pretrain([*args, "--out-dir", str(run), *flags])
     try:
         log = run / "log.jsonl"
         deadline = time.monotonic() + 90
@@ -512,9 +519,18 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
             assert time.monotonic() < deadline, "the trainer logged no steps"
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
+        process.out, process.err = process.communicate(timeout=60)
     finally:
         process.kill()
+    return process
+
+
+def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    process = sigterm_after_three_steps(tmp_path, run)
+    out, err = process.out, process.err
     assert process.returncode == 0, err
     assert "(signal)" in out
     stopped = meta(run)["step"]
@@ -532,6 +548,19 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert pretrain.main(if_missing) == 0  # finished now: left alone
     assert "already holds a finished run" in capsys.readouterr().out
     assert meta(run)["step"] == stopped + 2
+
+
+def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:
+    # Docker's trainer: an exit 0 here would start the server on a half-trained model.
+    run = tmp_path / "run"
+    process = sigterm_after_three_steps(tmp_path, run, "--if-missing")
+    assert process.returncode == 128 + signal.SIGTERM, process.err
+    assert process.err.endswith(
+        "the run is unfinished (--if-missing): exit 143; run the same command again to resume it\n"
+    )
+    stopped = meta(run)["step"]
+    assert stopped >= 3 and meta(run)["stopped_by"] == "signal"
+    assert resolve_checkpoint(run).name == f"step-{stopped:07d}"
 
 
 def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -> None:

@@ -195,7 +195,8 @@ class TrainArgs:
         default=False,
         metadata=doc(
             "exit 0 at once if --out-dir already holds a finished run; resume an unfinished"
-            " one (interrupted or killed)"
+            " one (interrupted or killed); a run stopped by a signal exits 128 + its number"
+            " (after saving), as it is not finished"
         ),
     )
     # hardware

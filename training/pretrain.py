@@ -397,7 +397,17 @@ def run(argv: Sequence[str] | None) -> int:
         # known for certain only once the tokenizer is trained.
         model_config(args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device)
     # Read (and so validate) the user's corpus on every rank, once, before any process waits.
-    documents = load_documents(args.data) if args.data else None
+    try:
+        documents = load_documents(args.data) if args.data else None
+    except CorpusError as e:
+        if resumed is None or "data" in given.values:
+            raise
+        # Not named now: the path saved when the run began (a Docker `run -v` mount, a
+        # drive since unmounted), where the user may not think to look.
+        raise CorpusError(
+            f"{e} (--data of the run being resumed, {' '.join(args.data)}: make it readable "
+            "there again, or give --data)"
+        ) from None
     dist_info = init_distributed(device)
     try:
         if device.type == "cuda":
@@ -426,7 +436,7 @@ def run(argv: Sequence[str] | None) -> int:
                 f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
-        Trainer(
+        result = Trainer(
             args,
             data,
             config,
@@ -440,6 +450,15 @@ def run(argv: Sequence[str] | None) -> int:
     finally:
         if dist_info.enabled:
             dist.destroy_process_group()
+    if args.if_missing and result.signal is not None:
+        # Saved, but not the finished run --if-missing is to leave behind: a service that
+        # waits for this one to succeed (Docker's server) must not start on it.
+        print(
+            f"the run is unfinished (--if-missing): exit {128 + result.signal}; "
+            "run the same command again to resume it",
+            file=sys.stderr,
+        )
+        return 128 + result.signal
     return 0
 
 

@@ -144,6 +144,9 @@ class TrainResult:
     checkpoint: Path | None
     val: EvalResult | None
     stopped_by: str  # "max_steps", "max_time", "signal", "early_stopping"
+    # The signal's number where stopped_by is "signal" (SIGTERM on a rank that was not
+    # sent one itself: the ranks agree to stop together).
+    signal: int | None = None
 
 
 class TrainingDiverged(Exception):
@@ -560,7 +563,8 @@ class Trainer:
         if main:
             where = f" -> {checkpoint}" if checkpoint else ""
             print(f"stopped at step {self.step} ({stopped_by}){where}", flush=True)
-        return TrainResult(self.step, checkpoint, self.last_val, stopped_by)
+        signum = (self.stop_signal or signal.SIGTERM) if stopped_by == "signal" else None
+        return TrainResult(self.step, checkpoint, self.last_val, stopped_by, signum)
 
     def _eval_and_report(self, bar: tqdm) -> None:
         """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP)."""
