@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from http import HTTPStatus
 
 import h11
@@ -192,6 +193,22 @@ class EnvelopeH11Protocol(H11Protocol):
         self.transport.close()
 
 
+class QuietProbes(logging.Filter):
+    """Keeps answered health checks and metric scrapes (Docker's every 5 s, Prometheus's
+    every 15 s) out of the access log, where they would bury the requests; a probe that
+    got an error is still logged. `--log-level debug` logs them all."""
+
+    PATHS = frozenset({"/health", "/metrics"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query, HTTP version, status).
+        if not (isinstance(record.args, tuple) and len(record.args) == 5):
+            return True
+        method, path, status = record.args[1], str(record.args[2]), record.args[4]
+        probe = method in ("GET", "HEAD") and path.partition("?")[0] in self.PATHS
+        return not (probe and int(status) < 400)
+
+
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Config:
     """The uvicorn Config `python -m server` runs `app` with (tests pass `overrides`)."""
 
@@ -206,6 +223,9 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Con
         "level": settings.log_level.upper(),
         "propagate": False,
     }
+    if settings.log_level != "debug":
+        log_config["filters"] = {"quiet_probes": {"()": QuietProbes}}
+        log_config["handlers"]["access"]["filters"] = ["quiet_probes"]
     options: dict = {
         "host": settings.host,
         "port": settings.port,

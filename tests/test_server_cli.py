@@ -207,15 +207,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(checkpoint: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+def served(
+    checkpoint: Path, *flags: str, stdout: int = subprocess.DEVNULL
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """`python -m server` on a free port, ready; killed at the end if still running."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--log-level", "warning", *flags]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True)
     try:
 
         def ready() -> bool:
@@ -231,6 +231,20 @@ def served(checkpoint: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, st
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_access_log_leaves_out_answered_health_checks_and_scrapes(checkpoint):
+    with served(checkpoint, "--log-level", "info", stdout=subprocess.PIPE) as (process, url):
+        assert httpx.get(f"{url}/metrics?probe=1").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+        assert httpx.post(f"{url}/metrics").status_code == 405
+        process.send_signal(signal.SIGTERM)
+        log = process.communicate(timeout=30)[0]
+    lines = log.splitlines()
+    assert any('"GET /v1/models HTTP/1.1" 200' in line for line in lines), log
+    assert any('"POST /metrics HTTP/1.1" 405' in line for line in lines), log  # an error
+    # served() polled /health until ready: none of those answers is logged either.
+    assert not any("GET /health" in line or "GET /metrics" in line for line in lines), log
 
 
 def test_a_switch_given_alone_turns_on(checkpoint):
