@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -74,11 +75,11 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
         ],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
+        capture_output=True,  # bytes: text mode would turn "\r" into "\n"
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr
     run = tmp_path / "checkpoints" / "default"
     folder = resolve_checkpoint(run)
     assert folder.name == "step-0000006"
@@ -86,7 +87,11 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
     kept = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "tensorboard")
     assert kept == ["best", "step-0000004", "step-0000006"]
     assert meta(run)["args"]["preset"] == "tiny"
-    assert "sample:" in done.stderr + done.stdout
+    assert "sample:" in stderr + stdout
+    # stderr is no terminal here (as in `docker compose logs`, or `> train.log`): the bar
+    # is whole lines, not one line redrawn with carriage returns.
+    assert "\r" not in stderr
+    assert re.search(r"^100%\|#+\| 6/6 \[.*\]$", stderr, re.MULTILINE), stderr
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = load_model(folder)

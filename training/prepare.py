@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -122,11 +123,45 @@ BATCH_CHARS = 1 << 21
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 
+class _LinePerRefresh:
+    """A tqdm bar's stream where stderr is no terminal (a log file, `docker compose
+    logs`): each refresh on a line of its own, where tqdm's "\r" would rewrite one line
+    for ever (one endless line in the log)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> None:
+        if text.startswith("\r"):  # a refresh; its padding only blanked a longer one
+            text = ("\n" if self.line_open else "") + text[1:].rstrip(" ")
+        if text:
+            self.stream.write(text)
+            self.line_open = not text.endswith("\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def bar_output() -> dict:
+    """tqdm options for a bar on stderr: on a terminal, redrawn in place; elsewhere, a
+    line every 30 s."""
+    if sys.stderr.isatty():
+        return {"dynamic_ncols": True}
+    return {"file": _LinePerRefresh(sys.stderr), "mininterval": 30.0, "ncols": 100}
+
+
 def progress_bar(label: str | None, total: int, unit: str) -> tqdm:
     """A tqdm bar on stderr for work that may be long: it shows once the work has run
     for a second (short work prints nothing), and never without a `label`."""
     return tqdm(
-        total=total, unit=unit, unit_scale=True, desc=label, delay=1.0, disable=label is None
+        total=total,
+        unit=unit,
+        unit_scale=True,
+        desc=label,
+        delay=1.0,
+        disable=label is None,
+        **bar_output(),
     )
 
 

@@ -61,7 +61,7 @@ from training.args import TrainArgs
 from training.data import BatchSampler
 from training.evaluate import EvalResult, evaluate_stream
 from training.optim import make_optimizer
-from training.prepare import PreparedData, token_byte_lengths
+from training.prepare import PreparedData, bar_output, token_byte_lengths
 
 TRAINING_STATE = "training_state.pt"
 TRAINER_META = "trainer_meta.json"
@@ -548,7 +548,7 @@ class Trainer:
             s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
         total = args.max_steps if args.max_time is None else None  # a clock, not steps, ends it
-        bar = tqdm(total=total, initial=self.step, disable=not main, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, disable=not main, **bar_output())
         try:
             self.stopped_by = stopped_by = self._loop(bar)
             if stopped_by != "signal" and self.evaluated_at != self.step:
@@ -654,7 +654,7 @@ class Trainer:
                 }
                 if args.max_time is not None:  # the bar has no step total to give an ETA
                     postfix["left"] = f"{max(0.0, args.max_time - self.elapsed()):.0f}s"
-                bar.set_postfix(postfix)
+                bar.set_postfix(postfix, refresh=False)  # shown at the next refresh
                 with self._rank0_writing():
                     self._log(
                         {
