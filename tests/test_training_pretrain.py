@@ -75,11 +75,14 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
         ],
         cwd=tmp_path,
         env=env,
-        capture_output=True,  # bytes: text mode would turn "\r" into "\n"
+        # One stream, as `> train.log 2>&1` or `docker compose logs` has it; bytes, as
+        # text mode would turn "\r" into "\n".
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         timeout=120,
     )
-    stdout, stderr = done.stdout.decode(), done.stderr.decode()
-    assert done.returncode == 0, stderr
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
     run = tmp_path / "checkpoints" / "default"
     folder = resolve_checkpoint(run)
     assert folder.name == "step-0000006"
@@ -87,11 +90,11 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
     kept = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "tensorboard")
     assert kept == ["best", "step-0000004", "step-0000006"]
     assert meta(run)["args"]["preset"] == "tiny"
-    assert "sample:" in stderr + stdout
-    # stderr is no terminal here (as in `docker compose logs`, or `> train.log`): the bar
-    # is whole lines, not one line redrawn with carriage returns.
-    assert "\r" not in stderr
-    assert re.search(r"^100%\|#+\| 6/6 \[.*\]$", stderr, re.MULTILINE), stderr
+    # stderr is no terminal here: the bar is whole lines, not one line redrawn with
+    # carriage returns, and the evaluation's lines (stdout) start lines of their own.
+    assert "\r" not in output
+    assert re.search(r"^100%\|#+\| 6/6 \[.*\]\n", output, re.MULTILINE), output
+    assert re.search(r"^step 3: val loss .*\nsample: ", output, re.MULTILINE), output
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = load_model(folder)

@@ -130,14 +130,15 @@ class _LinePerRefresh:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.line_open = False
 
     def write(self, text: str) -> None:
-        if text.startswith("\r"):  # a refresh; its padding only blanked a longer one
-            text = ("\n" if self.line_open else "") + text[1:].rstrip(" ")
-        if text:
-            self.stream.write(text)
-            self.line_open = not text.endswith("\n")
+        # A refresh is "\r" + the bar + padding that blanked a longer one; clearing and
+        # closing write only "\r", spaces or "\n". A whole line at once: a log reader
+        # (docker logs) holds back a line until it ends, and others' lines must not
+        # land on its end.
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
@@ -148,7 +149,13 @@ def bar_output() -> dict:
     line every 30 s."""
     if sys.stderr.isatty():
         return {"dynamic_ncols": True}
-    return {"file": _LinePerRefresh(sys.stderr), "mininterval": 30.0, "ncols": 100}
+    # maxinterval too: tqdm's monitor thread would refresh every 10 s besides.
+    return {
+        "file": _LinePerRefresh(sys.stderr),
+        "mininterval": 30.0,
+        "maxinterval": 30.0,
+        "ncols": 100,
+    }
 
 
 def progress_bar(label: str | None, total: int, unit: str) -> tqdm:
