@@ -218,8 +218,8 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     capsys.readouterr()
     assert pretrain.main(["--resume", str(tmp_path / "b"), "--max-steps", "8"]) == 2
     assert capsys.readouterr().err == (
-        f"error: {work / 'corpus.txt'}: no such file or folder (--data of the run being "
-        f"resumed, {work / 'corpus.txt'}: make it readable there again, or give --data)\n"
+        f"error: {work / 'corpus.txt'}: no such file or folder (the --data the resumed run "
+        "was started with: make it readable there again, or give --data or POCKETGPT_DATA)\n"
     )
 
 
@@ -513,16 +513,20 @@ def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def sigterm_after_three_steps(tmp_path: Path, run: Path, *flags: str) -> subprocess.Popen:
-    """A long run, sent SIGTERM once it has logged three steps; ended (communicate())."""
-    # 100000 steps would compile by default; the signal, not compilation, is under test.
-    args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--log-interval", "1")
-    process = spawn_pretrain([*args, "--out-dir", str(run), *flags])
+# 100000 steps would compile by default; the signal, not compilation, is under test.
+LONG_RUN = ["--max-steps", "100000", "--no-compile", "--log-interval", "1"]
+
+
+def sigterm_after_three_steps(run: Path, argv: list[str]) -> subprocess.Popen:
+    """`training.pretrain` with `argv` (a run into `run`), sent SIGTERM once it has logged
+    three more steps; ended (communicate())."""
+    log = run / "log.jsonl"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    process = spawn_pretrain(argv)
     try:
-        log = run / "log.jsonl"
         deadline = time.monotonic() + 90
         # Wait for the trainer's own evidence of progress: three logged steps.
-        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        while not (log.exists() and len(log.read_text().splitlines()) >= before + 3):
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "the trainer logged no steps"
             time.sleep(0.05)
@@ -537,7 +541,9 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    process = sigterm_after_three_steps(tmp_path, run)
+    process = sigterm_after_three_steps(
+        run, [*tiny_run(tmp_path, *LONG_RUN), "--out-dir", str(run)]
+    )
     out, err = process.out, process.err
     assert process.returncode == 0, err
     assert "(signal)" in out
@@ -561,7 +567,8 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
 def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:
     # Docker's trainer: an exit 0 here would start the server on a half-trained model.
     run = tmp_path / "run"
-    process = sigterm_after_three_steps(tmp_path, run, "--if-missing")
+    argv = [*tiny_run(tmp_path, *LONG_RUN), "--out-dir", str(run), "--if-missing"]
+    process = sigterm_after_three_steps(run, argv)
     assert process.returncode == 128 + signal.SIGTERM, process.err
     assert process.err.endswith(
         "the run is unfinished (--if-missing): exit 143; run the same command again to resume it\n"
@@ -569,6 +576,11 @@ def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path:
     stopped = meta(run)["step"]
     assert stopped >= 3 and meta(run)["stopped_by"] == "signal"
     assert resolve_checkpoint(run).name == f"step-{stopped:07d}"
+    # How that command ran, not a setting of the run: resumed without it, a stop is 0.
+    resumed = sigterm_after_three_steps(run, ["--resume", str(run)])
+    assert resumed.returncode == 0, resumed.err
+    assert "--if-missing" not in resumed.err
+    assert meta(run)["step"] >= stopped + 3
 
 
 def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -> None:

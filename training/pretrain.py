@@ -165,7 +165,8 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
     # run goes on in the folder it is resumed from, not where it was first written (a
     # copy of a run folder must not write into its original).
-    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent)}
+    # --if-missing is how this command was run, not a setting of the run it continues.
+    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
     try:
         return make_args(base, given)
     except (TypeError, ValueError) as e:  # a saved value of the wrong type
@@ -405,8 +406,8 @@ def run(argv: Sequence[str] | None) -> int:
         # Not named now: the path saved when the run began (a Docker `run -v` mount, a
         # drive since unmounted), where the user may not think to look.
         raise CorpusError(
-            f"{e} (--data of the run being resumed, {' '.join(args.data)}: make it readable "
-            "there again, or give --data)"
+            f"{e} (the --data the resumed run was started with: make it readable there "
+            "again, or give --data or POCKETGPT_DATA)"
         ) from None
     dist_info = init_distributed(device)
     try:
