@@ -199,7 +199,7 @@ def _complete_openapi(app: FastAPI, keyed_except: frozenset[str] | None) -> None
             components["GenerateRequest"]["properties"] = exact["properties"]
             # Named by the stream's events (routes.py), though no JSON body uses it.
             events = StreamChunk.model_json_schema(ref_template=_COMPONENT)
-            events.pop("$defs")  # Usage: a component already
+            events.pop("$defs", None)  # Usage: a component already
             components["StreamChunk"] = events
             if keyed_except is not None:
                 schema["components"]["securitySchemes"] = {
