@@ -82,16 +82,21 @@ _GENERATE_RESPONSES: dict[int | str, dict] = {
                     "required": ["data"],
                     "properties": {
                         "data": {
-                            "type": "string",
                             "description": "one StreamChunk as JSON, or the error envelope "
                             "if generation fails midway; after the last chunk, [DONE]",
-                            "contentMediaType": "application/json",
-                            "contentSchema": {
-                                "anyOf": [
-                                    {"$ref": "#/components/schemas/StreamChunk"},
-                                    {"$ref": "#/components/schemas/ErrorResponse"},
-                                ]
-                            },
+                            "anyOf": [
+                                {
+                                    "type": "string",
+                                    "contentMediaType": "application/json",
+                                    "contentSchema": {
+                                        "anyOf": [
+                                            {"$ref": "#/components/schemas/StreamChunk"},
+                                            {"$ref": "#/components/schemas/ErrorResponse"},
+                                        ]
+                                    },
+                                },
+                                {"const": "[DONE]"},
+                            ],
                         }
                     },
                 }
