@@ -86,8 +86,14 @@ class IncrementalDetokenizer:
         bytes of a character the text ends inside: they are no text."""
         if self.stopped:
             return ""
+        held, _ = self._utf8.getstate()
+        # Bytes that could begin no character become U+FFFD, as in a one-shot decode.
+        tail = "" if _could_begin_a_character(held) else self._utf8.decode(b"", final=True)
         self._utf8.reset()
-        text, self._pending = self._pending, ""
+        text = self._release(tail)
+        if self.stopped:
+            return text
+        text, self._pending = text + self._pending, ""
         return text
 
     def _release(self, text: str) -> str:
@@ -102,6 +108,13 @@ class IncrementalDetokenizer:
         hold = max(_overlap(pending, s) for s in self._stop)
         self._pending = pending[len(pending) - hold :]
         return pending[: len(pending) - hold]
+
+
+def _could_begin_a_character(held: bytes) -> bool:
+    """Whether more bytes could make `held` (what the UTF-8 decoder keeps back) one
+    character. CPython's incremental decoder keeps back every such start, and also ED
+    A0-BF: the start of a surrogate, which none can make valid."""
+    return not (len(held) >= 2 and held[0] == 0xED and held[1] >= 0xA0)
 
 
 def _overlap(text: str, stop: str) -> int:

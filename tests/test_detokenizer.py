@@ -62,6 +62,14 @@ def test_a_text_cut_inside_a_character_ends_before_it(tokenizer, table, cut):
     assert stream(table, ids) == ["g", "o", " ", *[""] * cut, ""]
 
 
+def test_a_text_ending_in_the_start_of_a_surrogate_ends_in_replacements(tokenizer, table):
+    # ED BA begins no character (it would encode a surrogate), though Python's decoder
+    # keeps it back as if it might: it is invalid bytes, not a cut character.
+    ids = [tokenizer.token_to_id(c) for c in ("í", "º")]  # bytes 0xed and 0xba alone
+    assert [table[i] for i in ids] == [b"\xed", b"\xba"]
+    assert "".join(stream(table, ids)) == tokenizer.decode(ids) == "\ufffd\ufffd"
+
+
 @pytest.mark.parametrize("stop", ["世界", "o 世", "🚀 and", "more:"])
 def test_stop_string_is_never_emitted_even_across_tokens(tokenizer, table, stop):
     ids = tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids
