@@ -231,8 +231,9 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     # Each SSE event's data names its model, which the components hold.
     stream = schema["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
     data = stream["text/event-stream"]["itemSchema"]["properties"]["data"]
-    refs = [one["$ref"].rsplit("/", 1)[1] for one in data["contentSchema"]["anyOf"]]
-    assert refs == ["StreamChunk", "ErrorResponse"]
+    json_event, done = data["anyOf"]
+    refs = [one["$ref"].rsplit("/", 1)[1] for one in json_event["contentSchema"]["anyOf"]]
+    assert refs == ["StreamChunk", "ErrorResponse"] and done == {"const": "[DONE]"}
     assert set(refs) <= set(components)
     assert set(components["StreamChunk"]["properties"]) == set(StreamChunk.model_fields)
 
