@@ -59,6 +59,7 @@ class _LingeringTransport:
     def __init__(self, transport: asyncio.Transport, protocol: EnvelopeH11Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self.write = transport.write  # every SSE event: bound once, not via __getattr__
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._transport, name)
