@@ -137,6 +137,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "pocketgpt"
     max_context: int
+    checkpoint: str = Field(
+        description="the folder served: a run's step folder (e.g. step-0000400), as `latest` "
+        "named it when the server started, or the model folder given"
+    )
 
 
 class ModelList(BaseModel):

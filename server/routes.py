@@ -244,7 +244,12 @@ async def health(request: Request) -> dict[str, str]:
 @router.head("/v1/models", response_model=ModelList, include_in_schema=False)
 async def models(request: Request) -> ModelList:
     serving = _serving(request)
-    return ModelList(data=[ModelCard(id=serving.model_name, max_context=serving.max_context)])
+    card = ModelCard(
+        id=serving.model_name,
+        max_context=serving.max_context,
+        checkpoint=serving.checkpoint.name,
+    )
+    return ModelList(data=[card])
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -245,6 +245,7 @@ def test_health_and_models_describe_the_loaded_checkpoint(client):
     assert models["object"] == "list"
     assert models["data"][0]["id"] == "random"
     assert models["data"][0]["max_context"] == 1024
+    assert models["data"][0]["checkpoint"] == "random"
 
 
 def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, checkpoint):

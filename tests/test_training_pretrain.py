@@ -14,13 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from server_harness import running_server
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, resolve_checkpoint
+from server.settings import Settings
 from training import evaluate, pretrain
 from training.data import BatchSampler
 from training.trainer import next_token_loss
@@ -109,6 +112,14 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
     monkeypatch.chdir(tmp_path)
     assert pretrain.main(["--if-missing"]) == 0
     assert resolve_checkpoint(run).name == "step-0000006"
+
+    # The server serves the run as trained, and says which step.
+    with running_server(Settings(checkpoint=run)) as url:
+        (card,) = httpx.get(f"{url}/v1/models").json()["data"]
+        assert (card["id"], card["checkpoint"]) == ("default", "step-0000006")
+        body = {"prompt": "Return", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
+        assert reply["usage"]["completion_tokens"] == 4
 
 
 @pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "float32"), ("muon", "bfloat16")])
