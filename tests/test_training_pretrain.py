@@ -208,8 +208,10 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(CORPUS, work / "corpus.txt")
+    shutil.copy(VAL, work / "val.txt")
     monkeypatch.chdir(work)
-    flags = [*TINY, "--data", "corpus.txt", "--max-steps", "4", "--save-interval", "100"]
+    flags = [*TINY, "--data", "corpus.txt", "--val-data", "val.txt"]
+    flags += ["--max-steps", "4", "--save-interval", "100"]
     assert pretrain.main([*flags, "--out-dir", "runs/a"]) == 0
     original = work / "runs" / "a"
     shutil.copytree(original, tmp_path / "b")
@@ -231,6 +233,14 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     assert capsys.readouterr().err == (
         f"error: {work / 'corpus.txt'}: no such file or folder (the --data the resumed run "
         "was started with: make it readable there again, or give --data or POCKETGPT_DATA)\n"
+    )
+    shutil.copy(CORPUS, work / "corpus.txt")
+    (work / "val.txt").unlink()
+    assert pretrain.main(["--resume", str(tmp_path / "b"), "--max-steps", "8"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --val-data: {work / 'val.txt'}: no such file or folder (the --val-data the "
+        "resumed run was started with: make it readable there again, or give --val-data or "
+        "POCKETGPT_VAL_DATA)\n"
     )
 
 

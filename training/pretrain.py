@@ -240,17 +240,40 @@ def cache_root(args: TrainArgs) -> Path:
     return Path(args.cache_dir) if args.cache_dir else Path(args.out_dir).parent / ".cache"
 
 
+def read_documents(
+    args: TrainArgs, field: str, resumed: Path | None, given: Given
+) -> list[str] | None:
+    """The documents of args.data or args.val_data (`field`); None if it names nothing."""
+    paths = getattr(args, field)
+    if not paths:
+        return None
+    flag = "--" + field.replace("_", "-")
+    try:
+        return load_documents(paths)
+    except CorpusError as e:
+        named = "" if field == "data" else f"{flag}: "
+        if resumed is None or field in given.values:
+            raise CorpusError(f"{named}{e}") from None
+        # Not named now: the path saved when the run began (a Docker `run -v` mount, a
+        # drive since unmounted), where the user may not think to look.
+        raise CorpusError(
+            f"{named}{e} (the {flag} the resumed run was started with: make it readable "
+            f"there again, or give {flag} or POCKETGPT_{field.upper()})"
+        ) from None
+
+
 def load_data(
-    args: TrainArgs, documents: list[str] | None, tokenizer: Tokenizer | None, world_size: int
+    args: TrainArgs,
+    documents: list[str] | None,
+    val_docs: list[str] | None,
+    tokenizer: Tokenizer | None,
+    world_size: int,
 ) -> PreparedData:
-    """Tokenize `documents` (None: the embedded default corpus) into the token cache."""
+    """Tokenize `documents` (None: the embedded default corpus) into the token cache,
+    `val_docs` (None: a split of `documents`) held out."""
     if documents is None:
         documents = default_documents()
-    if args.val_data:
-        try:
-            val_docs = load_documents(args.val_data)
-        except CorpusError as e:
-            raise CorpusError(f"--val-data: {e}") from None
+    if val_docs is not None:
         train_docs = documents
         # `--data notes --val-data notes/held-out.txt`: scored on text it trained on.
         trained_on = len(set(val_docs) & set(train_docs))
@@ -280,6 +303,7 @@ PREPARATION_TIMEOUT = datetime.timedelta(days=7)  # a wait on rank 0's tokenizin
 def prepare_on_rank0(
     args: TrainArgs,
     documents: list[str] | None,
+    val_docs: list[str] | None,
     tokenizer: Tokenizer | None,
     dist_info: DistInfo,
 ) -> PreparedData:
@@ -295,7 +319,7 @@ def prepare_on_rank0(
     )
     if dist_info.is_main:
         try:
-            data = load_data(args, documents, tokenizer, world_size)
+            data = load_data(args, documents, val_docs, tokenizer, world_size)
         except CorpusError as e:
             error = e
     elsewhere = CorpusError("rank 0 could not prepare the data (see its error)")
@@ -304,7 +328,9 @@ def prepare_on_rank0(
     finally:
         if waiting is not None:
             dist.destroy_process_group(waiting)
-    return data if dist_info.is_main else load_data(args, documents, tokenizer, world_size)
+    return (
+        data if dist_info.is_main else load_data(args, documents, val_docs, tokenizer, world_size)
+    )
 
 
 def finished(folder: Path) -> bool:
@@ -397,24 +423,15 @@ def run(argv: Sequence[str] | None) -> int:
         # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
         # known for certain only once the tokenizer is trained.
         model_config(args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device)
-    # Read (and so validate) the user's corpus on every rank, once, before any process waits.
-    try:
-        documents = load_documents(args.data) if args.data else None
-    except CorpusError as e:
-        if resumed is None or "data" in given.values:
-            raise
-        # Not named now: the path saved when the run began (a Docker `run -v` mount, a
-        # drive since unmounted), where the user may not think to look.
-        raise CorpusError(
-            f"{e} (the --data the resumed run was started with: make it readable there "
-            "again, or give --data or POCKETGPT_DATA)"
-        ) from None
+    # Read (and so validate) the user's text on every rank, once, before any process waits.
+    documents = read_documents(args, "data", resumed, given)
+    val_docs = read_documents(args, "val_data", resumed, given)
     dist_info = init_distributed(device)
     try:
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
-        data = prepare_on_rank0(args, documents, tokenizer, dist_info)
+        data = prepare_on_rank0(args, documents, val_docs, tokenizer, dist_info)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         if dist_info.is_main and (warning := warmup_warning(args)):
             print(warning, file=sys.stderr)
