@@ -155,9 +155,20 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.counter.labels(str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # A bug: Starlette's ServerErrorMiddleware, outside every middleware, answers
+            # it with the 500 envelope (if nothing was sent yet), unseen by counting_send.
+            if not started:
+                self.counter.labels("500").inc()
+            raise

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import torch
 import uvicorn
+from fastapi import FastAPI
 from tokenizers import Tokenizer
 
 from model.checkpoint import save_checkpoint
@@ -112,15 +113,19 @@ def cycle_checkpoint(root: Path, tokenizer: Tokenizer) -> Path:
 
 @contextlib.contextmanager
 def running_server(
-    settings: Settings, ready_within: float = 60.0, expect_ready: bool = True
+    settings: Settings,
+    ready_within: float = 60.0,
+    expect_ready: bool = True,
+    app: FastAPI | None = None,
 ) -> Iterator[str]:
-    """Serve `create_app(settings)` with uvicorn in a thread, configured as `python -m
-    server` configures it (on the given socket); yield its base URL once
+    """Serve `app` (default: `create_app(settings)`) with uvicorn in a thread, configured
+    as `python -m server` configures it (on a socket of its own); yield its base URL once
     /health says ready (or, with `expect_ready=False`, once it answers at all)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
+    app = create_app(settings) if app is None else app
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -13,12 +13,14 @@ import httpx
 import pytest
 from server_harness import (
     english_tokenizer,
+    metric_samples,
     random_checkpoint,
     running_server,
     sse_events,
     wait_until,
 )
 
+from server.app import create_app
 from server.protocol import StreamChunk
 from server.settings import Settings
 
@@ -408,6 +410,25 @@ def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
     response = client.get("/v1/generate")
     assert_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
+
+
+def test_an_unexpected_failure_is_a_500_in_the_envelope_and_counted(tmp_path):
+    settings = Settings(checkpoint=random_checkpoint(tmp_path, english_tokenizer()))
+    app = create_app(settings)
+
+    async def broken() -> None:  # a bug in a route, standing in for any
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/generate", broken, methods=["PUT"])
+    with running_server(settings, app=app) as url:
+        response = httpx.put(f"{url}/v1/generate")
+        assert response.status_code == 500
+        assert response.json() == {
+            "error": {"type": "internal_error", "message": "internal server error"}
+        }
+        # An error-rate alert on requests_total must see it.
+        samples = metric_samples(url)
+        assert samples[("pocketgpt_requests_total", (("status", "500"),))] == 1
 
 
 def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
