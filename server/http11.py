@@ -28,9 +28,11 @@ from http import HTTPStatus
 
 import h11
 from fastapi import FastAPI
+from starlette.types import Scope
 from uvicorn import Config
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from server.protocol import ApiError
 from server.settings import Settings
@@ -208,6 +210,24 @@ class QuietProbes(logging.Filter):
         method, path, status = record.args[1], str(record.args[2]), record.args[4]
         probe = method in ("GET", "HEAD") and path.partition("?")[0] in self.PATHS
         return not (probe and int(status) < 400)
+
+
+def log_unsent_answer(scope: Scope, status: int) -> None:
+    """An access-log line, as uvicorn writes it, for an answer the client left before.
+
+    uvicorn logs a response as it starts sending it, and sends nothing once the client
+    has gone: without this, a request given up by its client (499) left no line.
+    """
+    access = logging.getLogger("uvicorn.access")
+    if access.hasHandlers():
+        access.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(scope),
+            scope["method"],
+            get_path_with_query_string(scope),
+            scope["http_version"],
+            status,
+        )
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Config:

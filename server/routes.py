@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
+from server.http11 import log_unsent_answer
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ApiError,
@@ -202,6 +203,7 @@ async def _complete(stream: RequestStream, request: Request, model_name: str) ->
         collect.cancel()
         stream.close()
     if not collect.done() or collect.cancelled():
+        log_unsent_answer(request.scope, CLIENT_CLOSED_REQUEST)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     text, last = collect.result()
     if last.error is not None:

@@ -18,7 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 from safetensors.torch import load_file, save_file
-from server_harness import english_tokenizer, random_checkpoint, sse_events, wait_until
+from server_harness import (
+    english_tokenizer,
+    metric_samples,
+    random_checkpoint,
+    sse_events,
+    wait_until,
+)
 from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
@@ -233,16 +239,32 @@ def served(
             process.wait()
 
 
-def test_the_access_log_leaves_out_answered_health_checks_and_scrapes(checkpoint):
+def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_left(
+    checkpoint,
+):
     with served(checkpoint, "--log-level", "info", stdout=subprocess.PIPE) as (process, url):
         assert httpx.get(f"{url}/metrics?probe=1").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 200
         assert httpx.post(f"{url}/metrics").status_code == 405
+        # A JSON request whose client gives up waiting: cancelled, counted as 499.
+        body = {"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/generate", json=body, timeout=httpx.Timeout(30, read=0.05))
+        gave_up = ("pocketgpt_requests_total", (("status", "499"),))
+        cancelled = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
+
+        def counted() -> bool:
+            samples = metric_samples(url)
+            return samples.get(gave_up) == 1 and samples[cancelled] == 1
+
+        wait_until(counted, 10, "the 499 counted and the generation cancelled")
         process.send_signal(signal.SIGTERM)
         log = process.communicate(timeout=30)[0]
     lines = log.splitlines()
     assert any('"GET /v1/models HTTP/1.1" 200' in line for line in lines), log
     assert any('"POST /metrics HTTP/1.1" 405' in line for line in lines), log  # an error
+    # uvicorn sends and logs nothing once the client has gone: the 499 is logged alike.
+    assert any('"POST /v1/generate HTTP/1.1" 499' in line for line in lines), log
     # served() polled /health until ready: none of its 200s is logged either (a 503 while
     # the model loaded may be: an error).
     probes = ('GET /health HTTP/1.1" 200', 'GET /metrics?probe=1 HTTP/1.1" 200')
