@@ -3,6 +3,9 @@
 Each app gets its own CollectorRegistry, so several apps in one process (tests)
 never collide on metric names. prometheus_client is thread-safe: the engine thread
 records directly.
+
+TTFT and inter-token latency are the engine's: when a token is sampled, not when its SSE
+event reaches the client (`--stream-interval` gathers tokens into fewer events).
 """
 
 from __future__ import annotations
@@ -14,15 +17,29 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Steps of at most 2x from 1 ms (an idle GPU's first token) to seconds (a CPU queue).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25)
+_LATENCY_BUCKETS += (0.5, 0.75, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Decode steps take ~1-3 ms on a GPU and ~3-30 ms on a CPU: steps of at most 1.5x there,
+# so that p50 and p99 are resolved on both.
+_TOKEN_BUCKETS = (0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01)
+_TOKEN_BUCKETS += (0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Exported at zero from the start, so that an error or shedding ratio is 0, not "no data",
+# until the first one.
+WATCHED_STATUSES = ("200", "429", "499", "500", "503")
+
+# Not a `_created` series beside every counter and histogram: in the text format each is
+# one more series to store, and rate() does not need it. (Process-wide; this process is
+# the server.)
+disable_created_metrics()
 
 
 class Metrics:
@@ -40,8 +57,13 @@ class Metrics:
             return Histogram(f"pocketgpt_{name}", doc, buckets=buckets, registry=registry)
 
         self.requests = counter(
-            "requests_total", "POST /v1/generate responses by HTTP status", ("status",)
+            "requests_total",
+            "answers to /v1/generate (any method) by HTTP status, the app's guards' "
+            "refusals included",
+            ("status",),
         )
+        for status in WATCHED_STATUSES:
+            self.requests.labels(status)
         self.finished = counter(
             "request_finished_total",
             "generations ended, by reason (stop, length, cancelled, error)",
@@ -54,20 +76,29 @@ class Metrics:
         self.prompt_tokens = counter("prompt_tokens_total", "prompt tokens admitted")
         self.generation_tokens = counter("generation_tokens_total", "tokens generated")
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "arrival to first generated token", _LATENCY_BUCKETS
+            "time_to_first_token_seconds",
+            "arrival to the first token sampled (not sent: see --stream-interval)",
+            _LATENCY_BUCKETS,
         )
         self.inter_token_latency = histogram(
-            "inter_token_latency_seconds", "time between a request's tokens", _TOKEN_BUCKETS
+            "inter_token_latency_seconds",
+            "time between a request's tokens as sampled (not as sent)",
+            _TOKEN_BUCKETS,
         )
         self.request_latency = histogram(
             "request_latency_seconds", "arrival to the last token", _LATENCY_BUCKETS
         )
         self.queue_time = histogram(
-            "queue_time_seconds", "arrival to admission into a slot", _LATENCY_BUCKETS
+            "queue_time_seconds",
+            "arrival to admission into a slot (of requests admitted)",
+            _LATENCY_BUCKETS,
         )
         self.batch_size = histogram("batch_size", "rows in each decode step", _BATCH_BUCKETS)
         self.kv_cache_usage = gauge("kv_cache_usage_ratio", "fraction of KV-cache slots in use")
-        self.model_load = gauge("model_load_seconds", "time to load and warm up the model")
+        self.model_load = gauge(
+            "model_load_seconds",
+            "seconds from the app's start to ready: weights onto the device, engine warm-up",
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -232,7 +233,20 @@ def test_metrics_parse_and_counters_match_the_requests_made(client):
     assert delta("pocketgpt_inter_token_latency_seconds_count") == sum(
         u["completion_tokens"] - 1 for u in usages
     )
+    # An error ratio is 0, not "no data", before the first error; no `_created` series.
+    for status in ("429", "499", "500", "503"):
+        assert ("pocketgpt_requests_total", (("status", status),)) in after
     names = {name for name, _ in after}
+    assert not [name for name in names if name.endswith("_created")]
+    # Inter-token latency resolves a GPU's ~1-3 ms steps as well as a CPU's ~3-30 ms.
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for name, labels in after
+        if name == "pocketgpt_inter_token_latency_seconds_bucket"
+    )
+    fine = [b for b in bounds if 0.001 <= b <= 0.05]
+    assert fine[0] == 0.001 and fine[-1] == 0.05
+    assert all(high / low <= 1.5 for low, high in itertools.pairwise(fine))
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
         assert f"pocketgpt_{gauge}" in names
     assert after[("pocketgpt_model_load_seconds", ())] > 0
