@@ -34,9 +34,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) = greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (HF/CTRL)
-    presence_penalty: float = 0.0  # subtracted once from every token already present
-    frequency_penalty: float = 0.0  # subtracted per occurrence
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt or output (HF/CTRL)
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted per time it was generated (OpenAI)
 
     @property
     def greedy(self) -> bool:
@@ -86,20 +86,35 @@ class BatchParams:
         )
 
 
+@dataclass(frozen=True)
+class TokenHistory:
+    """What the penalties look at in each row's sequence so far."""
+
+    in_prompt: torch.Tensor  # [B, V] bool: the token is in the prompt
+    generated: torch.Tensor  # [B, V] float: how many times the token was generated
+
+
 def apply_penalties(
     logits: torch.Tensor,
-    counts: torch.Tensor,
+    history: TokenHistory,
     repetition_penalty: torch.Tensor,
     presence_penalty: torch.Tensor,
     frequency_penalty: torch.Tensor,
 ) -> torch.Tensor:
-    """logits [B, V]; counts [B, V]: occurrences of each token in the row's sequence so far."""
-    seen = counts > 0
+    """logits [B, V] -> logits [B, V] with each row's penalties applied.
+
+    The repetition penalty covers the prompt and the output (HF's rule, as vLLM has it);
+    presence and frequency penalties count generated tokens only (OpenAI's rule: a
+    long prompt does not steer the output away from its own words).
+    """
+    was_generated = history.generated > 0
+    seen = history.in_prompt | was_generated
     rep = repetition_penalty[:, None]  # [B, 1]
     # CTRL / HF rule: shrink positive logits, grow negative ones, for tokens already seen.
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
-    return logits - presence_penalty[:, None] * seen - frequency_penalty[:, None] * counts
+    presence = presence_penalty[:, None] * was_generated
+    return logits - presence - frequency_penalty[:, None] * history.generated
 
 
 def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
@@ -161,16 +176,16 @@ def sample(
     logits: torch.Tensor,
     params: BatchParams,
     generators: Sequence[torch.Generator | None],
-    counts: torch.Tensor | None = None,
+    history: TokenHistory | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]: penalties, temperature, top-k/top-p, draw."""
     logits = logits.float()
     if params.any_penalty:
-        if counts is None:
-            raise ValueError("penalties need the token counts of each row")
+        if history is None:
+            raise ValueError("penalties need each row's token history")
         logits = apply_penalties(
             logits,
-            counts,
+            history,
             params.repetition_penalty,
             params.presence_penalty,
             params.frequency_penalty,

@@ -2,8 +2,8 @@
 
 model/sampling.py does the maths; this keeps what it needs across steps: a
 `SamplingBatch` (the [B] parameter tensors, built once per batch composition, and
-each row's generator) and per-slot token counts [slots, V] for the penalties.
-Counts cover prompt and generated tokens (HF's repetition-penalty convention).
+each row's generator) and each slot's token history for the penalties: which tokens its
+prompt holds and how many times each was generated, [slots, V] each.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.sampling import BatchParams, SamplingParams, sample
+from model.sampling import BatchParams, SamplingParams, TokenHistory, sample
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 class Sampler:
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
-        self.counts = torch.zeros(n_slots, vocab_size, device=device)  # [slots, V]
+        self.in_prompt = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)
+        self.generated = torch.zeros(n_slots, vocab_size, device=device)  # [slots, V]
 
     def batch(
         self,
@@ -48,21 +49,22 @@ class Sampler:
         )
 
     def start(self, slot: int, prompt_ids: Sequence[int]) -> None:
-        """Reset `slot`'s counts to the prompt's."""
-        row = self.counts[slot]
-        row.zero_()
-        ids = torch.tensor(prompt_ids, device=self.device)
-        row.index_add_(0, ids, torch.ones(len(prompt_ids), device=self.device))
+        """Reset `slot`'s history to the prompt's."""
+        self.generated[slot].zero_()
+        self.in_prompt[slot].zero_()
+        self.in_prompt[slot, torch.tensor(prompt_ids, device=self.device)] = True
 
     def move(self, src: int, dst: int) -> None:
-        self.counts[dst] = self.counts[src]
+        self.in_prompt[dst] = self.in_prompt[src]
+        self.generated[dst] = self.generated[src]
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [B, >= V] -> token ids [B] (on the device), each below V."""
-        logits = logits[:, : self.counts.shape[1]]  # [B, V]
+        logits = logits[:, : self.generated.shape[1]]  # [B, V]
         if not batch.params.any_penalty:
             return sample(logits, batch.params, batch.generators)
-        ids = sample(logits, batch.params, batch.generators, self.counts[batch.slots])
+        history = TokenHistory(self.in_prompt[batch.slots], self.generated[batch.slots])
+        ids = sample(logits, batch.params, batch.generators, history)
         ones = torch.ones(len(ids), device=self.device)
-        self.counts.index_put_((batch.slots, ids), ones, accumulate=True)
+        self.generated.index_put_((batch.slots, ids), ones, accumulate=True)
         return ids

@@ -8,6 +8,7 @@ import torch
 from model.sampling import (
     BatchParams,
     SamplingParams,
+    TokenHistory,
     apply_penalties,
     sample,
     truncate,
@@ -115,29 +116,34 @@ def test_different_seeds_give_different_draws() -> None:
     ]
 
 
-def test_repetition_penalty_shrinks_seen_positive_and_grows_seen_negative_logits() -> None:
-    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
-    counts = torch.tensor([[1, 1, 0, 0]])
-    out = apply_penalties(
-        logits, counts, torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0])
-    )
-    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+def history(in_prompt: list[int], generated: list[float]) -> TokenHistory:
+    return TokenHistory(torch.tensor([in_prompt]).bool(), torch.tensor([generated]))
 
 
-def test_presence_and_frequency_penalties_subtract_per_token() -> None:
-    logits = torch.zeros(1, 3)
-    counts = torch.tensor([[0, 1, 3]])
+def test_repetition_penalty_shrinks_positive_and_grows_negative_logits_of_prompt_or_output():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0, 2.0]])
+    seen = history(in_prompt=[1, 0, 0, 0, 1], generated=[0, 1, 0, 0, 2])
     out = apply_penalties(
-        logits, counts, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.25])
+        logits, seen, torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0])
     )
-    assert out.tolist() == [[0.0, -0.75, -1.25]]
+    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0, 1.0]]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only() -> None:
+    # OpenAI's rule: token 0, in the prompt alone, is not penalised; 3 is, for its output.
+    logits = torch.zeros(1, 4)
+    seen = history(in_prompt=[1, 0, 0, 1], generated=[0, 1, 3, 1])
+    out = apply_penalties(
+        logits, seen, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.25])
+    )
+    assert out.tolist() == [[0.0, -0.75, -1.25, -0.75]]
 
 
 def test_penalty_changes_the_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.0, 0.0]])
-    counts = torch.tensor([[2, 0, 0]])
+    seen = history(in_prompt=[0, 0, 0], generated=[2, 0, 0])
     params = BatchParams.from_rows([SamplingParams(temperature=0.0, repetition_penalty=2.0)])
-    assert int(sample(logits, params, [None], counts)) == 1
+    assert int(sample(logits, params, [None], seen)) == 1
 
 
 def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from server_harness import (
     english_tokenizer,
     metric_samples,
@@ -20,6 +22,7 @@ from server_harness import (
     wait_until,
 )
 
+from model.checkpoint import load_model, load_tokenizer
 from server.settings import Settings
 
 PREFILL_CHUNK = 16  # small, so a long prompt is prefilled over several steps
@@ -120,6 +123,45 @@ def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
         batched = list(pool.map(lambda t: streamed_ids(stream(client, **t)), targets))
         assert all(f.result()[-1] == "[DONE]" for f in busy)
     assert batched == alone
+
+
+def reference_greedy(
+    checkpoint: Path, prompt_ids: list[int], n: int, penalties: dict[str, float]
+) -> list[int]:
+    """Greedy ids by full forwards, the penalties as HF and OpenAI define them: the
+    repetition penalty over prompt and output, presence and frequency over the output."""
+    model = load_model(checkpoint).eval()
+    ids, generated = list(prompt_ids), collections.Counter()
+    repetition = penalties.get("repetition_penalty", 1.0)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
+        for token in set(ids):
+            value = logits[token]
+            logits[token] = value / repetition if value > 0 else value * repetition
+        for token, count in generated.items():
+            logits[token] -= penalties.get("presence_penalty", 0.0)
+            logits[token] -= penalties.get("frequency_penalty", 0.0) * count
+        token = int(logits.argmax())
+        ids.append(token)
+        generated[token] += 1
+    return ids[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        {"presence_penalty": 1.5, "frequency_penalty": 0.7},
+        {"frequency_penalty": -2.0},  # rewards repeating the output, not the prompt
+        {"repetition_penalty": 1.4, "presence_penalty": 0.5, "frequency_penalty": 0.5},
+    ],
+)
+def test_penalised_greedy_output_is_the_reference_loops(client, checkpoint, penalties):
+    prompt = "the cat and the hat and the cat and the hat"
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    served = streamed_ids(stream(client, **body, **penalties))
+    prompt_ids = load_tokenizer(checkpoint).encode(prompt).ids
+    assert served == reference_greedy(checkpoint, prompt_ids, 16, penalties)
 
 
 def running(client: httpx.Client) -> float:
