@@ -118,7 +118,8 @@ def apply_penalties(
 
 
 def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
-    """Zero every probability outside the row's top-k and outside its top-p nucleus.
+    """Zero every probability outside the row's top-k, then outside the top-p nucleus of
+    what top-k kept (renormalised: HF's warpers in their order, and vLLM's rule).
 
     probs [B, V]; max_kept [B, 1] (top-k: any number >= V keeps every token); nucleus
     [B, 1] (top-p: +inf keeps every token). The most likely token is always kept. Both
@@ -127,10 +128,14 @@ def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor)
     HF's top-k.
     """
     sorted_probs = sorted_descending(probs)  # [B, V]
-    # A token is in the nucleus while the tokens ranked above it hold less than top_p.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    in_nucleus = (mass_before < nucleus).sum(dim=-1, keepdim=True)  # [B, 1]
-    kept = torch.minimum(in_nucleus, max_kept).clamp_(min=1)  # [B, 1]
+    mass_through = sorted_probs.cumsum(dim=-1)  # [B, V]
+    top_k = max_kept.clamp(max=probs.shape[-1])  # [B, 1]
+    top_k_mass = mass_through.gather(-1, top_k - 1)  # [B, 1]
+    # A token is in the nucleus while the tokens ranked above it hold less than top_p of
+    # the top-k's mass.
+    mass_before = mass_through - sorted_probs
+    in_nucleus = (mass_before < nucleus * top_k_mass).sum(dim=-1, keepdim=True)  # [B, 1]
+    kept = torch.minimum(in_nucleus, top_k).clamp_(min=1)  # [B, 1]
     threshold = sorted_probs.gather(-1, kept - 1)  # [B, 1]
     return probs.masked_fill(probs < threshold, 0.0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -171,22 +173,33 @@ def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> Non
 
 
 def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
-    probs = logits_rows(4, seed=8).softmax(-1)
-    settings = [(3, 1.0), (0, 0.5), (0, 1.0), (5, 0.9)]  # (top_k, top_p); 0 / 1.0 = off
+    probs = logits_rows(5, seed=8).softmax(-1)
+    settings = [(3, 1.0), (0, 0.5), (0, 1.0), (5, 0.9), (4, 0.5)]  # (top_k, top_p); 0 / 1 = off
     params = BatchParams.from_rows([SamplingParams(top_k=k, top_p=p) for k, p in settings])
     kept = truncate(probs, params.max_kept, params.nucleus) > 0
     for row, (top_k, top_p) in enumerate(settings):
-        # The reference, token by token: the best tokens while the mass before them
-        # is under top_p, at most top_k of them.
+        # The reference, token by token, as HF's warpers in order: the top_k best, then
+        # of those, renormalised, the best while the mass before them is under top_p.
         ranked = probs[row].sort(descending=True)
+        top = ranked.values[: top_k or VOCAB]
         size, mass = 0, 0.0
-        for p in ranked.values.tolist():
+        for p in (top / top.sum()).tolist():
             if mass >= top_p and top_p < 1.0:
                 break
             size, mass = size + 1, mass + p
-        size = min(size, top_k or VOCAB)
         assert set(kept[row].nonzero()[:, 0].tolist()) == set(ranked.indices[:size].tolist())
     assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()
+
+
+def test_top_k_with_top_p_keeps_what_hf_warpers_keep() -> None:
+    transformers = pytest.importorskip("transformers")
+    logits = logits_rows(6, seed=3)
+    for top_k, top_p in [(2, 0.5), (10, 0.6), (4, 0.5), (30, 0.9), (1, 0.3), (VOCAB, 0.7)]:
+        params = BatchParams.from_rows([SamplingParams(top_k=top_k, top_p=top_p)] * 6)
+        kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus) > 0
+        scores = transformers.TopKLogitsWarper(top_k)(None, logits.clone())
+        scores = transformers.TopPLogitsWarper(top_p)(None, scores)
+        assert torch.equal(kept, scores > -math.inf), (top_k, top_p)
 
 
 def test_bfloat16_logits_with_grad_draw_what_their_float32_copy_draws() -> None:
