@@ -536,11 +536,15 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     return tokenizer
 
 
-def read_generation_defaults(folder: Path) -> dict:
-    path = resolve_checkpoint(folder) / GENERATION_CONFIG
+def read_generation_config(folder: Path) -> dict:
+    """generation_config.json of a checkpoint folder ({} if it has none)."""
+    path = folder / GENERATION_CONFIG
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config

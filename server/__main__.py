@@ -88,6 +88,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
     from server.detokenizer import require_byte_level
+    from server.validation import sampling_defaults
 
     device = resolve_device(settings.device)
     if settings.compile_decode and not has_compiler(device):
@@ -103,6 +104,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
         require_byte_level(tokenizer)
     except ValueError as e:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
+    sampling_defaults(folder)
 
 
 def listening_socket(settings: Settings, given: dict[str, str]) -> socket.socket:

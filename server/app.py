@@ -39,7 +39,7 @@ from server.middleware import (
 from server.protocol import ApiError, GenerateRequest, StreamChunk
 from server.routes import Serving, router
 from server.settings import Settings
-from server.validation import Validator, invalid_request, not_json
+from server.validation import Validator, invalid_request, not_json, sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     max_context = model.config.max_seq_len
     return Serving(
         engine,
-        Validator(tokenizer, token_table, max_context, eos_id),
+        Validator(tokenizer, token_table, max_context, eos_id, sampling_defaults(folder)),
         model_name(settings),
         max_context,
         settings.stream_interval,
@@ -120,14 +120,17 @@ async def _load(app: FastAPI) -> None:
     app.state.serving = serving
     app.state.status = "ready"
     runner = serving.engine.runner
+    defaults = ", ".join(f"{k} {v}" for k, v in serving.validator.defaults.items()) or "none"
     log.info(
-        "serving %s as %r: %.1fM parameters, %s, %s, max-batch %d; ready in %.1f s",
+        "serving %s as %r: %.1fM parameters, %s, %s, max-batch %d, sampling defaults from "
+        "generation_config.json: %s; ready in %.1f s",
         serving.checkpoint,
         serving.model_name,
         runner.model.config.num_parameters() / 1e6,
         runner.device,
         str(runner.dtype).removeprefix("torch."),
         runner.cache.n_slots,
+        defaults,
         time.perf_counter() - started,
     )
 

@@ -48,6 +48,9 @@ def _valid_unicode(text: str, which: str = "") -> str:
     return text
 
 
+CHECKPOINT_DEFAULT = "left out: the checkpoint's generation_config.json value, if it has one"
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -58,14 +61,26 @@ class GenerateRequest(BaseModel):
         description=f"tokens to generate at most; none (or null): {DEFAULT_MAX_TOKENS} or "
         "what the model's context leaves after the prompt, whichever is less",
     )
+    # Left out, these four take the checkpoint's generation_config.json values if it
+    # sets them (server/validation.py), else the defaults here.
     temperature: float = Field(
-        1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 (or below 1e-5) = greedy"
+        1.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description=f"0 (or below 1e-5) = greedy; {CHECKPOINT_DEFAULT}",
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, description="0 = off; beyond the vocabulary = off")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description=f"1 = off; {CHECKPOINT_DEFAULT}"
+    )
+    top_k: int = Field(
+        0, ge=0, description=f"0 = off; beyond the vocabulary = off; {CHECKPOINT_DEFAULT}"
+    )
     # 0.01..100, symmetric around 1: a penalty divides or multiplies logits, and a tiny
     # one overflowed fp32 logits to inf (1e-300: NaN probabilities, junk text).
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=100.0, allow_inf_nan=False, description=f"1 = off; {CHECKPOINT_DEFAULT}"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (

@@ -12,13 +12,21 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn
 
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from tokenizers import Tokenizer
 
+from model.checkpoint import GENERATION_CONFIG, CheckpointError, read_generation_config
 from model.sampling import SamplingParams
 from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest
+
+# The request fields a checkpoint's generation_config.json gives defaults to, as vLLM
+# reads them (HF's generate uses the same file): a request that leaves one out samples
+# as the checkpoint's author meant.
+DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def not_json(reason: str = "is not valid JSON") -> ApiError:
@@ -37,13 +45,38 @@ class GenerationRequest:
     arrival: float = field(default_factory=time.perf_counter)
 
 
+def sampling_defaults(folder: Path) -> dict[str, float | int]:
+    """The request defaults set by generation_config.json in the step folder `folder`;
+    a value no request may have is a CheckpointError naming the file and the field."""
+    config = read_generation_config(folder)
+    if config.get("do_sample") is False:  # HF's generate draws greedily then
+        defaults = {"temperature": 0.0}
+    else:
+        defaults = {name: config[name] for name in DEFAULTED_FIELDS if config.get(name) is not None}
+    try:
+        GenerateRequest.model_validate({"prompt": "", **defaults})
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise CheckpointError(
+            f"{folder / GENERATION_CONFIG}: {where}: {error['msg']}, as in a request"
+        ) from None
+    return defaults
+
+
 class Validator:
     def __init__(
-        self, tokenizer: Tokenizer, token_table: list[bytes], max_context: int, bos_id: int
+        self,
+        tokenizer: Tokenizer,
+        token_table: list[bytes],
+        max_context: int,
+        bos_id: int,
+        defaults: dict[str, float | int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.bos_id = bos_id
+        self.defaults = defaults or {}
         # Every token of a prompt stands for 1 to this many of its UTF-8 bytes.
         self.max_token_bytes = max(len(b) for b in token_table)
 
@@ -71,10 +104,10 @@ class Validator:
             prompt_ids=prompt_ids,
             max_tokens=asked or min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt_ids)),
             sampling=SamplingParams(
-                temperature=body.temperature,
-                top_k=body.top_k,
-                top_p=body.top_p,
-                repetition_penalty=body.repetition_penalty,
+                temperature=self._given_or_default(body, "temperature"),
+                top_k=self._given_or_default(body, "top_k"),
+                top_p=self._given_or_default(body, "top_p"),
+                repetition_penalty=self._given_or_default(body, "repetition_penalty"),
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
             ),
@@ -82,6 +115,11 @@ class Validator:
             stop=body.stop_strings,
             ignore_eos=body.ignore_eos,
         )
+
+    def _given_or_default(self, body: GenerateRequest, name: str) -> float | int:
+        if name in body.model_fields_set:
+            return getattr(body, name)
+        return self.defaults.get(name, getattr(body, name))
 
     def _too_long(self, prompt: str, max_tokens: int | None) -> NoReturn:
         context = f"the model's context of {self.max_context} tokens"

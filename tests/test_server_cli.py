@@ -271,6 +271,34 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
     assert not any(probe in line for probe in probes for line in lines), log
 
 
+def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint, tmp_path):
+    folder = tmp_path / "greedy"
+    shutil.copytree(checkpoint, folder)
+    config_path = folder / "generation_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps(config | {"temperature": 500}), encoding="utf-8")
+    refused = run_server("--checkpoint", str(folder))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {config_path}: temperature: Input should be less than or equal to 100, "
+        "as in a request"
+    ]
+
+    # HF's generate draws greedily from a folder whose config says so; so does the server
+    # for a request that leaves temperature out, whatever its seed.
+    config_path.write_text(json.dumps(config | {"do_sample": False}), encoding="utf-8")
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
+    with served(folder) as (_, url):
+        texts = {
+            httpx.post(f"{url}/v1/generate", json=body | extra, timeout=60).json()["text"]
+            for extra in ({"seed": 1}, {"seed": 2}, {"temperature": 0})
+        }
+        sampled = httpx.post(
+            f"{url}/v1/generate", json=body | {"seed": 1, "temperature": 1.0}, timeout=60
+        ).json()["text"]
+    assert len(texts) == 1 and sampled not in texts
+
+
 def test_a_switch_given_alone_turns_on(checkpoint):
     with served(checkpoint, "--api-key", "k3y", "--metrics-open") as (_, url):
         assert httpx.get(f"{url}/metrics").status_code == 200
@@ -315,7 +343,8 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
     # Where it listens, and what it serves.
     assert f"Uvicorn running on {base_url} (Press CTRL+C to quit)" in log
     assert f"serving {checkpoint} as '{checkpoint.name}': " in log
-    assert ", cpu, float32, max-batch 32; ready in " in log
+    assert ", cpu, float32, max-batch 32, sampling defaults from " in log
+    assert "generation_config.json: temperature 0.8, top_p 0.95; ready in " in log
     events = reader.events
     assert events[-1] == "[DONE]"
     assert events[-2]["finish_reason"] == "length"

@@ -164,6 +164,14 @@ def test_penalised_greedy_output_is_the_reference_loops(client, checkpoint, pena
     assert served == reference_greedy(checkpoint, prompt_ids, 16, penalties)
 
 
+def test_sampling_fields_left_out_take_the_checkpoint_generation_config(client):
+    # The trainer's checkpoints (this one too) say temperature 0.8, top_p 0.95.
+    body = {"prompt": "Once upon a time", "max_tokens": 20, "seed": 7, "ignore_eos": True}
+    left_out = generate(client, **body)["text"]
+    assert generate(client, **body, temperature=0.8, top_p=0.95)["text"] == left_out
+    assert generate(client, **body, temperature=1.0, top_p=1.0)["text"] != left_out
+
+
 def running(client: httpx.Client) -> float:
     return metric_samples(str(client.base_url))[("pocketgpt_requests_running", ())]
 
