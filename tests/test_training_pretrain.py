@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -538,9 +539,11 @@ def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
 LONG_RUN = ["--max-steps", "100000", "--no-compile", "--log-interval", "1"]
 
 
-def sigterm_after_three_steps(run: Path, argv: list[str]) -> subprocess.Popen:
+def sigterm_after_three_steps(
+    run: Path, argv: list[str], meanwhile: Callable[[], None] = lambda: None
+) -> subprocess.Popen:
     """`training.pretrain` with `argv` (a run into `run`), sent SIGTERM once it has logged
-    three more steps; ended (communicate())."""
+    three more steps and `meanwhile` has run; ended (communicate())."""
     log = run / "log.jsonl"
     before = len(log.read_text().splitlines()) if log.exists() else 0
     process = spawn_pretrain(argv)
@@ -551,6 +554,7 @@ def sigterm_after_three_steps(run: Path, argv: list[str]) -> subprocess.Popen:
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "the trainer logged no steps"
             time.sleep(0.05)
+        meanwhile()
         process.send_signal(signal.SIGTERM)
         process.out, process.err = process.communicate(timeout=60)
     finally:
@@ -583,6 +587,38 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert pretrain.main(if_missing) == 0  # finished now: left alone
     assert "already holds a finished run" in capsys.readouterr().out
     assert meta(run)["step"] == stopped + 2
+
+
+def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = [*tiny_run(tmp_path, *LONG_RUN), "--save-interval", "2", "--out-dir", str(run)]
+    capsys.readouterr()
+    answers = []
+
+    def second_trainers() -> None:  # a double launch, a restarted container
+        # (Bounded in time, so that were either let in, it would end and fail the test.)
+        for second in (["--resume", str(run)], [*argv, "--if-missing"]):
+            second += ["--max-time", "20"]
+            answers.append((pretrain.main(second), capsys.readouterr().err))
+
+    first = sigterm_after_three_steps(run, argv, meanwhile=second_trainers)
+    assert first.returncode == 0, first.err
+    pid = first.pid
+    for code, err in answers:
+        assert code == 2
+        assert err.endswith(
+            f"error: {run}: another trainer (pid {pid}) is training this run; wait for it "
+            "to end, or choose another --out-dir\n"
+        )
+    # The log is the first trainer's alone: every step once, in order.
+    lines = (run / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    steps = [json.loads(line)["step"] for line in lines if '"train"' in line]
+    assert steps == sorted(set(steps)) and len(steps) >= 3
+    # Ended, it holds the run no more, and leaves no lock file.
+    assert not (run / pretrain.RUN_LOCK).exists()
+    assert pretrain.main(["--resume", str(run), "--max-steps", str(meta(run)["step"] + 1)]) == 0
 
 
 def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:

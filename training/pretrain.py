@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import sys
@@ -66,6 +67,9 @@ from training.trainer import (
     share_rank0_error,
     step_folders,
 )
+
+# In the run folder: held (flock) by the trainer training it; holds its pid.
+RUN_LOCK = ".trainer.lock"
 
 
 def run_checkpoint(path: Path) -> Path:
@@ -127,6 +131,44 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UsageError(
             f"{flag} {folder}: cannot create a folder in {existing} ({e.strerror or e})"
         ) from None
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the run folder for this trainer (rank 0; other ranks write nothing there):
+    a second trainer on it (a double launch, a restarted container, an overlapping cron
+    job) would interleave its saves and log with this one's. An flock on RUN_LOCK: the
+    system drops it when the process ends, however it ends, so no stale lock stops a
+    later resume; a trainer that ends normally removes the file too."""
+    if not launched_as_rank0():
+        yield
+        return
+    path = folder / RUN_LOCK
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(
+                f"{folder}: another trainer (pid {holder}) is training this run; wait for it "
+                "to end, or choose another --out-dir"
+            ) from None
+        # Locked the file at `path`, unless its holder removed it meanwhile (then this
+        # lock is on a file nobody else will open): try again.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: no one else has it open locked
+        os.close(fd)
 
 
 def trainer_meta(folder: Path) -> dict:
@@ -454,16 +496,18 @@ def run(argv: Sequence[str] | None) -> int:
                 f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
-        result = Trainer(
-            args,
-            data,
-            config,
-            device,
-            dist_info,
-            resume_from=resumed,
-            init_from=initial,
-            tokenizer_extras=tokenizer_extras,
-        ).train()
+        # Nothing is written to the run folder before this point; from it on, one trainer.
+        with run_folder_lock(out_dir):
+            result = Trainer(
+                args,
+                data,
+                config,
+                device,
+                dist_info,
+                resume_from=resumed,
+                init_from=initial,
+                tokenizer_extras=tokenizer_extras,
+            ).train()
         leave_together(dist_info)
     finally:
         if dist_info.enabled:
