@@ -462,6 +462,18 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     # Resuming a fine-tuning run continues its own checkpoint.
     assert pretrain.main(["--resume", str(tuned), "--max-steps", "6"]) == 0
     assert meta(tuned)["step"] == 6
+    # So does the command that started it with --resume added; another --init-from is
+    # refused.
+    tune = [*run, "--init-from", str(base), "--out-dir", str(tuned)]
+    assert pretrain.main([*tune, "--resume", str(tuned), "--max-steps", "8"]) == 0
+    assert meta(tuned)["step"] == 8 and meta(tuned)["args"]["init_from"] == str(base)
+    capsys.readouterr()
+    other = [*run, "--init-from", str(scratch), "--resume", str(tuned), "--max-steps", "9"]
+    assert pretrain.main(other) == 2
+    assert capsys.readouterr().err == (
+        f"error: --init-from {scratch}: the resumed run was fine-tuned from {base}; it goes on "
+        "from its own checkpoint: drop --init-from\n"
+    )
     # The pretraining command's own shape flags, repeated, change nothing: taken.
     dim = json.loads((base_ckpt / "config.json").read_text())["hidden_size"]
     same = ["--preset", "tiny", "--dim", str(dim), "--vocab-size", "384"]
@@ -475,7 +487,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
         "--dim 64": "--init-from fixes the model and its tokenizer: drop --dim",
         "--preset mini --tokenizer x.json": "drop --preset, --tokenizer",
         "--block-size 64": "--block-size 64: the --init-from model reads at most 32 tokens",
-        f"--resume {tuned}": "--init-from starts a new run from a checkpoint and --resume",
+        f"--resume {scratch}": "--init-from starts a new run from a checkpoint and --resume",
     }
     for flags, message in conflicts.items():
         argv = [*run, "--init-from", str(base), "--out-dir", str(tmp_path / "x"), *flags.split()]
@@ -619,6 +631,20 @@ def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
     # Ended, it holds the run no more, and leaves no lock file.
     assert not (run / pretrain.RUN_LOCK).exists()
     assert pretrain.main(["--resume", str(run), "--max-steps", str(meta(run)["step"] + 1)]) == 0
+
+
+def test_an_interrupted_fine_tune_goes_on_when_its_command_is_run_again_under_if_missing(
+    tmp_path: Path,
+) -> None:
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(base))) == 0
+    data = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), *LONG_RUN]
+    tune = [*data, "--init-from", str(base), "--out-dir", str(tuned), "--if-missing"]
+    stopped = sigterm_after_three_steps(tuned, tune)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.err
+    step = meta(tuned)["step"]
+    assert pretrain.main([*tune, "--max-steps", str(step + 1)]) == 0  # once refused
+    assert meta(tuned)["step"] == step + 1 and meta(tuned)["args"]["init_from"] == str(base)
 
 
 def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:

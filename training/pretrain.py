@@ -215,6 +215,21 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
         raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
 
 
+def check_resumed_init_from(given: str, started_from: object) -> None:
+    """`--init-from` beside `--resume` (or `--if-missing` finding the run unfinished):
+    the run's own starting point, as the command that started it names it, is taken (a
+    resumed fine-tune continues its own checkpoint); another is an error."""
+    if not isinstance(started_from, str):
+        raise UsageError(
+            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
+        )
+    if Path(given).resolve() != Path(started_from).resolve():
+        raise UsageError(
+            f"--init-from {given}: the resumed run was fine-tuned from {started_from}; it "
+            "goes on from its own checkpoint: drop --init-from"
+        )
+
+
 def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     """What already ends the run resumed from `folder` under `args` (its step count or
     training time reached), or None if it has steps to go."""
@@ -424,9 +439,7 @@ def run(argv: Sequence[str] | None) -> int:
             settings = given.values
     resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
     if resumed is not None and settings.get("init_from"):
-        raise UsageError(
-            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
-        )
+        check_resumed_init_from(settings["init_from"], saved_args(resumed).get("init_from"))
     if resumed is None:
         args = make_args(TrainArgs().to_dict(), given)
         if args.tokenizer is not None and args.vocab_size is not None:
