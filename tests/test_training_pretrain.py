@@ -251,8 +251,13 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     run = tmp_path / "run"
     assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
     capsys.readouterr()  # the run's own progress bar
+    started = meta(run)["args"]
+    other = "adamw" if started["optimizer"] == "muon" else "muon"
+    restored = f"(optimizer {started['optimizer']}, seed {started['seed']}): drop"
     changes = {
         "--dim": (["--dim", "64"], "drop --dim"),
+        "--seed": (["--seed", "99"], f"run's optimizer state and random state {restored} --seed"),
+        "--optimizer": (["--optimizer", other], f"{restored} --optimizer"),
         "--vocab-size": (["--vocab-size", "512"], "drop --vocab-size"),
         "--block-size": (["--block-size", "64"], "reads at most 32 tokens"),
         "--out-dir": (
@@ -266,9 +271,11 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         assert err.startswith("error: ") and message in err, (case, err)
     assert meta(run)["step"] == 2
     assert not (tmp_path / "elsewhere").exists()
-    # The command that started the run, with --resume added, continues it.
+    # The command that started the run, with --resume added, continues it; so does the
+    # width the preset gave it, named.
     again = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run), "--resume", str(run))
-    assert pretrain.main(again) == 0
+    dim = json.loads((resolve_checkpoint(run) / "config.json").read_text())["hidden_size"]
+    assert pretrain.main([*again, "--dim", str(dim)]) == 0
     assert meta(run)["step"] == 3
     # Once more, the run has nothing left to do: said, and nothing is rewritten.
     saved = {p: p.read_bytes() for p in resolve_checkpoint(run).iterdir() if p.is_file()}
@@ -279,6 +286,13 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         in capsys.readouterr().out
     )
     assert {p: p.read_bytes() for p in saved} == saved
+    # Other held-out text goes on, said: best/ then compares losses on other text.
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4", "--val-fraction", "0.3"]) == 0
+    assert (
+        "warning: --val-fraction differs from what the run was started with: its batches and "
+        "its validation text will differ (best/ then compares losses on other text)"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(

@@ -180,7 +180,7 @@ def test_a_corpus_folder_may_hold_its_runs_and_hidden_folders_which_are_not_read
     # Other --data (here the same text by another path) goes on, said on stderr.
     capsys.readouterr()
     assert pretrain.main(["--resume", str(first), "--max-steps", "4", "--data", str(CORPUS)]) == 0
-    assert "warning: --data differs from the text the run was started on" in capsys.readouterr().err
+    assert "warning: --data differs from what the run was started with" in capsys.readouterr().err
     # A run folder named as the text itself is refused, naming it.
     capsys.readouterr()
     assert pretrain.main([*TINY, "--data", str(first), "--out-dir", str(tmp_path / "x")]) == 2

@@ -502,11 +502,22 @@ def check_resume_settings(
             f"the run it continues ({run_folder}); to branch a run, copy its folder and "
             "resume the copy"
         )
-    fixed = ("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer")
-    changed = [name for name in fixed if name in settings and settings[name] != saved.get(name)]
-    if changed:
-        names = ", ".join(_source(name, given.sources) for name in changed)
-        raise UsageError(f"--resume continues the run's model and tokenizer: drop {names}")
+
+    def changed(name: str) -> bool:
+        if name not in settings or settings[name] == saved.get(name):
+            return False
+        # A shape the preset chose is saved as None: the model's own value is no change.
+        return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)
+
+    def refuse(names: tuple[str, ...], what: str) -> None:
+        if given_now := [name for name in names if changed(name)]:
+            flags = ", ".join(_source(name, given.sources) for name in given_now)
+            raise UsageError(f"--resume continues the run's {what}: drop {flags}")
+
+    refuse(("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer"), "model and tokenizer")
+    # Restored from the checkpoint, not made anew: a value given now would change nothing.
+    kept = ", ".join(f"{name} {saved.get(name)}" for name in ("optimizer", "seed"))
+    refuse(("optimizer", "seed"), f"optimizer state and random state ({kept})")
     block_size = settings.get("block_size")
     if isinstance(block_size, int) and block_size > config.max_seq_len:
         raise UsageError(

@@ -36,6 +36,7 @@ from model.checkpoint import (
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
+    PATH_FIELDS,
     Given,
     TrainArgs,
     UsageError,
@@ -191,17 +192,31 @@ def saved_args(folder: Path) -> dict:
     return args
 
 
+# The settings choosing the text a run trains and is scored on: `--resume` may change
+# them, with a warning.
+TEXT_CHOICES = (("--data", "data"), ("--val-data", "val_data"), ("--val-fraction", "val_fraction"))
+
+
+def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
+    if name not in given.values:
+        return False  # (a resumed run's missing --data is named when it is read)
+    value = given.values[name]
+    if name in PATH_FIELDS and value is not None:
+        value = [os.path.abspath(path) for path in value]
+    return value != saved.get(name)
+
+
 def resumed_args(folder: Path, given: Given) -> TrainArgs:
     """The args a run resumed from `folder` continues with: its own, overridden by the
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
     check_resume_settings(given, saved, read_config(folder), folder.parent)
-    data = given.values.get("data", saved.get("data", []))
-    given_data = [os.path.abspath(path) for path in data]
-    if given_data != saved.get("data"):
+    differ = [flag for flag, name in TEXT_CHOICES if differs_from_saved(name, given, saved)]
+    if differ:
         print(
-            "warning: --data differs from the text the run was started on: its batches and "
-            "its validation text will differ (best/ then compares losses on other text)",
+            f"warning: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from "
+            "what the run was started with: its batches and its validation text will differ "
+            "(best/ then compares losses on other text)",
             file=sys.stderr,
         )
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
