@@ -27,7 +27,7 @@ from model.checkpoint import load_model, resolve_checkpoint
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.data import BatchSampler
-from training.trainer import next_token_loss
+from training.trainer import next_token_loss, step_folders
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -293,6 +293,33 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         "its validation text will differ (best/ then compares losses on other text)"
         in capsys.readouterr().err
     )
+
+
+def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    flags = ["--save-interval", "2", "--eval-interval", "2", "--keep-last", "3"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-steps", "8", "--out-dir", str(run))) == 0
+    assert [p.name for p in step_folders(run)] == ["step-0000004", "step-0000006", "step-0000008"]
+    best = json.loads((run / "best" / "trainer_meta.json").read_text())
+    assert best["step"] == 8  # the loss still falls this early
+    capsys.readouterr()
+
+    # Back to step 4 (to try another lr, say), for two steps, keeping the last 2.
+    back = ["--resume", str(run / "step-0000004"), "--max-steps", "6", "--keep-last", "2"]
+    assert pretrain.main(back) == 0
+    assert capsys.readouterr().err.startswith(
+        "warning: step-0000004 is older than the run's newest checkpoint, step-0000008: the "
+        "step folders after it stay until this run's saves of the same steps replace them, "
+        "and best/ stays unless this run scores lower\n"
+    )
+    # The branch point is one of this run's last 2; step 8 is left; best/ is still
+    # step 8's, the lowest loss this run folder has seen.
+    assert [p.name for p in step_folders(run)] == ["step-0000004", "step-0000006", "step-0000008"]
+    assert resolve_checkpoint(run).name == "step-0000006"
+    assert json.loads((run / "best" / "trainer_meta.json").read_text()) == best
+    assert meta(run)["best_val_loss"] == best["val_loss"]
 
 
 def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(

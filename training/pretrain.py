@@ -245,6 +245,19 @@ def check_resumed_init_from(given: str, started_from: object) -> None:
         )
 
 
+def later_steps_note(resumed: Path) -> str | None:
+    """What a resume from a step older than the run's newest (going back) does with the
+    steps after it, if there are any."""
+    newest = step_folders(resumed.parent)[-1:]
+    if not STEP_DIR.fullmatch(resumed.name) or not newest or newest[0].name <= resumed.name:
+        return None
+    return (
+        f"warning: {resumed.name} is older than the run's newest checkpoint, "
+        f"{newest[0].name}: the step folders after it stay until this run's saves of the "
+        "same steps replace them, and best/ stays unless this run scores lower"
+    )
+
+
 def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     """What already ends the run resumed from `folder` under `args` (its step count or
     training time reached), or None if it has steps to go."""
@@ -514,6 +527,8 @@ def run(argv: Sequence[str] | None) -> int:
         if dist_info.is_main:
             if resumed is not None:
                 print(f"resuming {resumed} at step {trainer_meta(resumed)['step']}", flush=True)
+                if (note := later_steps_note(resumed)) is not None:
+                    print(note, file=sys.stderr)
             elif initial is not None:
                 print(f"fine-tuning from {initial}: its weights, tokenizer and shape", flush=True)
             print(

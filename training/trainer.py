@@ -138,6 +138,20 @@ def step_folders(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
 
 
+def step_number(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def recorded_best_loss(run_folder: Path) -> float | None:
+    """The validation loss best/ in `run_folder` was saved with, if it can be read."""
+    try:
+        meta = json.loads((run_folder / BEST / TRAINER_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: best/ is then replaced
+        return None
+    loss = meta.get("val_loss") if isinstance(meta, dict) else None
+    return loss if isinstance(loss, float) else None
+
+
 @dataclass(frozen=True)
 class TrainResult:
     step: int
@@ -346,6 +360,11 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
+        # Resumed from an older step (back from a later one): best/ may hold what the later
+        # steps reached, and stays the run folder's lowest loss unless this run beats it.
+        recorded = recorded_best_loss(self.out_dir)
+        if recorded is not None and (self.best_val is None or recorded < self.best_val):
+            self.best_val = recorded
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         generators = state["data"]["generators"]
         if len(generators) == self.dist.world_size:
@@ -433,7 +452,9 @@ class Trainer:
         share_rank0_error(error, self.dist, RankStopped("rank 0 stopped the run (see its error)"))
 
     def _prune(self) -> None:
-        steps = step_folders(self.out_dir)
+        # Step folders past this step are from steps a resume went back from: left as they
+        # are until this run's saves of the same steps replace them.
+        steps = [p for p in step_folders(self.out_dir) if step_number(p) <= self.step]
         latest = (self.out_dir / LATEST).read_text(encoding="utf-8").strip()
         for old in steps[: -self.args.keep_last]:
             if old.name != latest:
