@@ -74,6 +74,9 @@ def test_unparsable_config_file_names_its_format(
         ('{"max_steps": 1.5}', "max_steps: invalid value 1.5"),
         ('{"learning_rate": 1}', "unknown setting 'learning_rate'"),
         ("[1, 2]", "expected an object"),
+        # One setting twice: which one wins is not for a reader to guess.
+        ('{"max_steps": 5, "max-steps": 6}', "'max_steps' and 'max-steps' are one setting"),
+        ('{"max_steps": 5, "max_steps": 6}', "not valid JSON \\('max_steps' is given twice"),
     ],
 )
 def test_bad_config_file_names_the_file_and_setting(

@@ -293,6 +293,9 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         "its validation text will differ (best/ then compares losses on other text)"
         in capsys.readouterr().err
     )
+    # One step, short of a log line: its evaluation has no train loss or speed to give.
+    last = read_log(run, "eval")[4]
+    assert (last["train_loss"], last["tokens_per_s"]) == (None, None)
 
 
 def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(

@@ -655,19 +655,31 @@ def _read_config_file(path: Path) -> dict:
     # A .toml file is TOML; any other name is read as JSON.
     is_toml = path.suffix.lower() == ".toml"
     try:
-        data = tomllib.loads(text) if is_toml else json.loads(text)
+        data = tomllib.loads(text) if is_toml else json.loads(text, object_pairs_hook=_unique)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         kind = "TOML" if is_toml else "JSON"
         raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected an object of settings")
-    out = {}
+    out, keys = {}, {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise UsageError(f"--config {path}: unknown setting {key!r}")
+        if name in keys:
+            raise UsageError(f"--config {path}: {keys[name]!r} and {key!r} are one setting")
+        keys[name] = key
         out[name] = _convert(name, value, f"--config {path}: {key}")
     return out
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are distinct (json keeps the last of a repeated key)."""
+    seen = dict(pairs)
+    if len(seen) < len(pairs):
+        repeated = next(key for key in seen if sum(k == key for k, _ in pairs) > 1)
+        raise json.JSONDecodeError(f"{repeated!r} is given twice", "", 0)
+    return seen
 
 
 @dataclass(frozen=True)

@@ -307,7 +307,7 @@ class Trainer:
         # (cross-entropy is never -inf), so checking it checks every step without a sync.
         self.window_loss = torch.zeros((), device=device)
         self.checked_step = 0  # every loss up to this step was finite
-        self.tokens_per_s = 0.0
+        self.tokens_per_s: float | None = None  # none until a log window has passed
         self.lr = 0.0
         self.stop_signal: int | None = None
         self.stopped_by: str | None = None  # set when the loop ends; None in periodic saves
