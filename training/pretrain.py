@@ -145,6 +145,7 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     path = folder / RUN_LOCK
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -170,6 +171,10 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still held: no one else has it open locked
         os.close(fd)
+        # A run that wrote nothing (refused its --init-from weights, say) leaves no folder.
+        for made in created:  # deepest first; rmdir removes only an empty one
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def trainer_meta(folder: Path) -> dict:
