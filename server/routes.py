@@ -249,7 +249,7 @@ async def models(request: Request) -> ModelList:
     card = ModelCard(
         id=serving.model_name,
         max_context=serving.max_context,
-        checkpoint=serving.checkpoint.name,
+        checkpoint=serving.checkpoint.resolve().name,
     )
     return ModelList(data=[card])
 

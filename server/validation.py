@@ -49,10 +49,12 @@ def sampling_defaults(folder: Path) -> dict[str, float | int]:
     """The request defaults set by generation_config.json in the step folder `folder`;
     a value no request may have is a CheckpointError naming the file and the field."""
     config = read_generation_config(folder)
-    if config.get("do_sample") is False:  # HF's generate draws greedily then
-        defaults = {"temperature": 0.0}
-    else:
-        defaults = {name: config[name] for name in DEFAULTED_FIELDS if config.get(name) is not None}
+    defaults = {name: config[name] for name in DEFAULTED_FIELDS if config.get(name) is not None}
+    if config.get("do_sample") is False:
+        # HF's generate draws greedily then, its repetition penalty still applied.
+        defaults = {"temperature": 0.0} | {
+            name: value for name, value in defaults.items() if name == "repetition_penalty"
+        }
     try:
         GenerateRequest.model_validate({"prompt": "", **defaults})
     except ValidationError as e:

@@ -284,19 +284,20 @@ def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint
         "as in a request"
     ]
 
-    # HF's generate draws greedily from a folder whose config says so; so does the server
-    # for a request that leaves temperature out, whatever its seed.
-    config_path.write_text(json.dumps(config | {"do_sample": False}), encoding="utf-8")
+    # HF's generate draws greedily from a folder whose config says so, with its repetition
+    # penalty; so does the server for a request that leaves them out, whatever its seed.
+    penalised = {"do_sample": False, "repetition_penalty": 50}
+    config_path.write_text(json.dumps(config | penalised), encoding="utf-8")
     body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
     with served(folder) as (_, url):
-        texts = {
-            httpx.post(f"{url}/v1/generate", json=body | extra, timeout=60).json()["text"]
-            for extra in ({"seed": 1}, {"seed": 2}, {"temperature": 0})
-        }
-        sampled = httpx.post(
-            f"{url}/v1/generate", json=body | {"seed": 1, "temperature": 1.0}, timeout=60
-        ).json()["text"]
-    assert len(texts) == 1 and sampled not in texts
+
+        def text(**extra: object) -> str:
+            return httpx.post(f"{url}/v1/generate", json=body | extra, timeout=60).json()["text"]
+
+        greedy = text(temperature=0, repetition_penalty=50)
+        assert text(seed=1) == text(seed=2) == text(temperature=0) == greedy
+        assert text(temperature=0, repetition_penalty=1.0) != greedy
+        assert text(seed=1, temperature=1.0) != greedy
 
 
 def test_a_switch_given_alone_turns_on(checkpoint):
