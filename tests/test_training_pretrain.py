@@ -322,7 +322,15 @@ def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(
     assert [p.name for p in step_folders(run)] == ["step-0000004", "step-0000006", "step-0000008"]
     assert resolve_checkpoint(run).name == "step-0000006"
     assert json.loads((run / "best" / "trainer_meta.json").read_text()) == best
-    assert meta(run)["best_val_loss"] == best["val_loss"]
+    # Resumed from `latest`, the run is where it is: no warning.
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "7", "--keep-last", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # Patience counts from the step resumed, not from best/'s later loss: back to step 4
+    # again, the same steps are retrained and improve on step 4's history.
+    again = ["--resume", str(run / "step-0000004"), "--max-steps", "8", "--patience", "1"]
+    assert pretrain.main(again) == 0
+    assert (meta(run)["step"], meta(run)["stopped_by"]) == (8, "max_steps")
 
 
 def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(

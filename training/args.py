@@ -656,6 +656,8 @@ def _read_config_file(path: Path) -> dict:
     is_toml = path.suffix.lower() == ".toml"
     try:
         data = tomllib.loads(text) if is_toml else json.loads(text, object_pairs_hook=_unique)
+    except _RepeatedKey as e:
+        raise UsageError(f"--config {path}: {e.args[0]!r} is given twice") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         kind = "TOML" if is_toml else "JSON"
         raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
@@ -673,12 +675,15 @@ def _read_config_file(path: Path) -> dict:
     return out
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
 def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """A JSON object whose keys are distinct (json keeps the last of a repeated key)."""
     seen = dict(pairs)
     if len(seen) < len(pairs):
-        repeated = next(key for key in seen if sum(k == key for k, _ in pairs) > 1)
-        raise json.JSONDecodeError(f"{repeated!r} is given twice", "", 0)
+        raise _RepeatedKey(next(key for key in seen if sum(k == key for k, _ in pairs) > 1))
     return seen
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
-import json
 import os
 import sys
 import tempfile
@@ -67,6 +67,7 @@ from training.trainer import (
     leave_together,
     share_rank0_error,
     step_folders,
+    trainer_meta,
 )
 
 # In the run folder: held (flock) by the trainer training it; holds its pid.
@@ -146,7 +147,37 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
         return
     path = folder / RUN_LOCK
     created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _locked(path)
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            print(
+                f"warning: {folder}: this file system cannot lock files ({e.strerror}); "
+                "nothing stops a second trainer on this run",
+                file=sys.stderr,
+            )
+        # Else the folder cannot be made or written: the checks that follow say so,
+        # naming the flag; nothing is locked meanwhile.
+        fd = None
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still held: no one else has it open locked
+            os.close(fd)
+        # A command that wrote nothing (refused, say) leaves no folder behind.
+        for made in created:  # deepest first; rmdir removes only an empty one
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def _locked(path: Path) -> int:
+    """An open descriptor of `path` (made, with its folders, if missing) holding its
+    flock; a UsageError if another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -155,38 +186,18 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             raise UsageError(
-                f"{folder}: another trainer (pid {holder}) is training this run; wait for it "
-                "to end, or choose another --out-dir"
+                f"{path.parent}: another trainer (pid {holder}) is training this run; wait "
+                "for it to end, or choose another --out-dir"
             ) from None
+        except OSError:
+            os.close(fd)
+            raise
         # Locked the file at `path`, unless its holder removed it meanwhile (then this
         # lock is on a file nobody else will open): try again.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
+                return fd
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still held: no one else has it open locked
-        os.close(fd)
-        # A run that wrote nothing (refused its --init-from weights, say) leaves no folder.
-        for made in created:  # deepest first; rmdir removes only an empty one
-            with contextlib.suppress(OSError):
-                made.rmdir()
-
-
-def trainer_meta(folder: Path) -> dict:
-    """A trainer checkpoint's trainer_meta.json."""
-    path = folder / TRAINER_META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return meta
 
 
 def saved_args(folder: Path) -> dict:
@@ -251,11 +262,14 @@ def check_resumed_init_from(given: str, started_from: object) -> None:
 
 
 def later_steps_note(resumed: Path) -> str | None:
-    """What a resume from a step older than the run's newest (going back) does with the
-    steps after it, if there are any."""
+    """What a resume from a step folder older than the run's newest, and not the one
+    `latest` names (going back), does with the steps after it; None for any other."""
     newest = step_folders(resumed.parent)[-1:]
-    if not STEP_DIR.fullmatch(resumed.name) or not newest or newest[0].name <= resumed.name:
+    if not newest or newest[0].name <= resumed.name or not STEP_DIR.fullmatch(resumed.name):
         return None
+    with contextlib.suppress(OSError):  # the one `latest` names is where the run is
+        if (resumed.parent / LATEST).read_text(encoding="utf-8").strip() == resumed.name:
+            return None
     return (
         f"warning: {resumed.name} is older than the run's newest checkpoint, "
         f"{newest[0].name}: the step folders after it stay until this run's saves of the "
@@ -440,14 +454,20 @@ def launched_as_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def run_folder(settings: dict) -> Path:
+    """The run folder the command given `settings` trains: --resume's, else --out-dir."""
+    folder = Path(settings.get("resume") or settings.get("out_dir", TrainArgs.out_dir))
+    if (folder / CONFIG).is_file():  # --resume named a checkpoint, not its run folder
+        folder = folder.parent
+    return folder
+
+
 def clear_run_folder(settings: dict) -> None:
     """Before anything reads the run folder: clear what saves killed midway left there
     (a half-written copy; a checkpoint moved aside, put back). By rank 0 alone."""
     if not launched_as_rank0():
         return
-    folder = Path(settings.get("resume") or settings.get("out_dir", TrainArgs.out_dir))
-    if (folder / CONFIG).is_file():  # --resume named a checkpoint, not its run folder
-        folder = folder.parent
+    folder = run_folder(settings)
     if folder.is_dir():
         saved = {BEST, LATEST}
         for line in clear_interrupted_saves(
@@ -458,6 +478,13 @@ def clear_run_folder(settings: dict) -> None:
 
 def run(argv: Sequence[str] | None) -> int:
     given = explicit_settings(argv, os.environ)
+    # One trainer per run folder, from before anything reads it: what the checks below
+    # find there (a finished run, checkpoints, a half-written save) stays so meanwhile.
+    with run_folder_lock(run_folder(given.values)):
+        return run_locked(given)
+
+
+def run_locked(given: Given) -> int:
     settings = given.values
     clear_run_folder(settings)
     if settings.get("if_missing") and not settings.get("resume"):
@@ -544,18 +571,16 @@ def run(argv: Sequence[str] | None) -> int:
                 f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
-        # Nothing is written to the run folder before this point; from it on, one trainer.
-        with run_folder_lock(out_dir):
-            result = Trainer(
-                args,
-                data,
-                config,
-                device,
-                dist_info,
-                resume_from=resumed,
-                init_from=initial,
-                tokenizer_extras=tokenizer_extras,
-            ).train()
+        result = Trainer(
+            args,
+            data,
+            config,
+            device,
+            dist_info,
+            resume_from=resumed,
+            init_from=initial,
+            tokenizer_extras=tokenizer_extras,
+        ).train()
         leave_together(dist_info)
     finally:
         if dist_info.enabled:

@@ -142,13 +142,24 @@ def step_number(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
 
+def trainer_meta(folder: Path) -> dict:
+    """A trainer checkpoint's trainer_meta.json."""
+    path = folder / TRAINER_META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
 def recorded_best_loss(run_folder: Path) -> float | None:
     """The validation loss best/ in `run_folder` was saved with, if it can be read."""
     try:
-        meta = json.loads((run_folder / BEST / TRAINER_META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none yet, or damaged: best/ is then replaced
+        loss = trainer_meta(run_folder / BEST).get("val_loss")
+    except CheckpointError:  # none yet, or damaged: best/ is then replaced
         return None
-    loss = meta.get("val_loss") if isinstance(meta, dict) else None
     return loss if isinstance(loss, float) else None
 
 
@@ -297,8 +308,13 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0  # training seconds of earlier runs this one resumes
-        self.best_val: float | None = None
+        self.best_val: float | None = None  # this run's lowest, for --patience
         self.evals_since_best = 0
+        # The validation loss best/ holds; only a lower one replaces it. The same as
+        # best_val but in a run resumed from an older step, whose later steps may have
+        # gone lower: best/ stays the run folder's lowest, while patience counts from
+        # the resumed step's own history.
+        self.best_kept: float | None = None
         self.last_val: EvalResult | None = None
         self.first_batch_fingerprints: list[int] = []
         self.evaluated_at = -1
@@ -360,11 +376,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
-        # Resumed from an older step (back from a later one): best/ may hold what the later
-        # steps reached, and stays the run folder's lowest loss unless this run beats it.
-        recorded = recorded_best_loss(self.out_dir)
-        if recorded is not None and (self.best_val is None or recorded < self.best_val):
-            self.best_val = recorded
+        self.best_kept = recorded_best_loss(self.out_dir)
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         generators = state["data"]["generators"]
         if len(generators) == self.dist.world_size:
@@ -612,7 +624,8 @@ class Trainer:
             }
         )
         bar.write(f"step {self.step}: val loss {result.loss:.4f} nats/token, {result.bpb:.4f} bpb")
-        if self.evals_since_best == 0:
+        if self.best_kept is None or result.loss < self.best_kept:
+            self.best_kept = result.loss
             # best/ is for serving, so it carries no resumable state (that needs every rank).
             meta = self._meta()
             save_checkpoint(
