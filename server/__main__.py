@@ -87,7 +87,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     )
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.detokenizer import require_byte_level
+    from server.detokenizer import end_of_text_id, require_byte_level
     from server.validation import sampling_defaults
 
     device = resolve_device(settings.device)
@@ -102,6 +102,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     tokenizer = load_tokenizer(folder)
     try:
         require_byte_level(tokenizer)
+        end_of_text_id(tokenizer)
     except ValueError as e:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
     sampling_defaults(folder)

@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from model.checkpoint import END_OF_TEXT, load_model, load_tokenizer, resolve_checkpoint
+from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from model.cpu import call_in_own_thread
 from model.device import resolve_device
-from server.detokenizer import token_bytes
+from server.detokenizer import end_of_text_id, token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (
@@ -68,9 +68,7 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     folder = resolve_checkpoint(settings.checkpoint)
     model = load_model(folder, device=device, dtype=resolve_dtype(settings.dtype, device))
     tokenizer = load_tokenizer(folder)
-    eos_id = tokenizer.token_to_id(END_OF_TEXT)
-    if eos_id is None:
-        raise ValueError(f"{folder}: the tokenizer has no {END_OF_TEXT} token")
+    eos_id = end_of_text_id(tokenizer)  # (check_checkpoint said so with the file's name)
     token_table = token_bytes(tokenizer)
     engine = Engine(
         model,

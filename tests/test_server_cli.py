@@ -166,17 +166,8 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
 
 def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp_path):
     # Passes the start-up checks, fails in the loading thread: the process must exit
-    # (a restart policy acts only on an exit), not stay up answering 503 for ever.
-    no_separator = tmp_path / "no-separator"
-    shutil.copytree(checkpoint, no_separator)
-    tokenizer_file = no_separator / "tokenizer.json"
-    tokenizer_file.write_text(tokenizer_file.read_text().replace("<|endoftext|>", "<|end|>"))
-    result = run_server("--checkpoint", str(no_separator), "--port", str(free_port()))
-    assert result.returncode == 1, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: failed to load: ") and "<|endoftext|>" in last
-
-    # A diverged run's weights would serve text drawn from NaN logits.
+    # (a restart policy acts only on an exit), not stay up answering 503 for ever. A
+    # diverged run's weights would serve text drawn from NaN logits.
     diverged = tmp_path / "diverged"
     shutil.copytree(checkpoint, diverged)
     weights = load_file(diverged / WEIGHTS)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.checkpoint import read_config, save_checkpoint
 from model.config import ModelConfig
@@ -80,4 +82,49 @@ def test_a_checkpoint_holding_nan_weights_exits_2_in_evaluate_and_init_from(
         model.layers[1].self_attn.o_proj.weight[3, 5] = float("inf")
     folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
     problem = f"error: {folder}: weight layers.1.self_attn.o_proj.weight holds NaN or infinite"
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+
+
+def test_a_tokenizer_without_end_of_text_is_refused_by_evaluate_init_from_and_server(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An HF-style byte-level BPE whose specials are <s> and </s>.
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet
+    )
+    other.train_from_iterator([CORPUS.read_text(encoding="utf-8")], trainer)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
+    other.save(str(folder / "tokenizer.json"))
+    problem = f"error: {folder / 'tokenizer.json'}: has no <|endoftext|> token"
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+    served = subprocess.run(
+        [sys.executable, "-m", "server", "--checkpoint", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 2
+    assert served.stderr.splitlines() == [
+        f"error: {folder / 'tokenizer.json'}: no <|endoftext|> token, which ends every text "
+        "the server generates and starts an empty prompt (the trainer's tokenizers have it)"
+    ]
+
+
+def test_a_vocabulary_past_uint16_is_refused_by_evaluate_and_init_from(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = Tokenizer.from_str(tokenizer.to_str())
+    big.add_tokens([f"word{i}" for i in range(66_000 - big.get_vocab_size())])
+    size = big.get_vocab_size()
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=size))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, big)
+    problem = (
+        f"error: {folder / 'tokenizer.json'}: {size:,} token ids do not fit the token cache's "
+        "uint16 ids (at most 65,536)"
+    )
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, processors
 
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
-from training.prepare import PreparedData, prepare, split_documents
+from training.prepare import PreparedData, prepare, split_documents, token_stream
 from training.tokenizer import train_tokenizer
 
 
@@ -115,3 +116,19 @@ def test_a_cache_dir_that_cannot_be_a_folder_exits_2_naming_the_flag(
     assert not out_dir.exists()
     if case != "cannot be created":  # found before the tokenizer is trained
         assert "training a" not in captured.out
+
+
+def test_a_post_processor_that_adds_a_bos_adds_nothing_to_token_streams(
+    tokenizer: Tokenizer,
+) -> None:
+    # HF Llama tokenizers often add BOS to every encoding; documents get one separator
+    # each, from the token stream, as the server's prompts get none.
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    with_bos = Tokenizer.from_str(tokenizer.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eos)]
+    )
+    docs = ["First document.", "Second one, " * 3]
+    plain = token_stream(tokenizer, docs)
+    assert token_stream(with_bos, docs).tolist() == plain.tolist()
+    assert plain.tolist().count(eos) == 2

@@ -23,12 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
+from model.checkpoint import (
+    TOKENIZER,
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+)
 from model.cli import ArgumentParser
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
-from training.prepare import progress_bar, token_byte_lengths, token_stream
+from training.prepare import check_tokenizer, progress_bar, token_byte_lengths, token_stream
 
 EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
 
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = resolve_checkpoint(Path(args.checkpoint))
         model = load_model(folder, device=device)
-        tokenizer = load_tokenizer(folder)
+        tokenizer = check_tokenizer(load_tokenizer(folder), str(folder / TOKENIZER))
         documents = load_documents(args.data)
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)

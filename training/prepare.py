@@ -197,6 +197,19 @@ def token_stream(
     return np.concatenate(runs)
 
 
+def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
+    """`tokenizer` if token streams can be made with it; a CorpusError naming `source`
+    (where it came from) if not."""
+    if (size := tokenizer.get_vocab_size()) > MAX_VOCAB:
+        raise CorpusError(
+            f"{source}: {size:,} token ids do not fit the token cache's uint16 ids "
+            f"(at most {MAX_VOCAB:,})"
+        )
+    if tokenizer.token_to_id(END_OF_TEXT) is None:
+        raise CorpusError(f"{source}: has no {END_OF_TEXT} token, which separates documents")
+    return tokenizer
+
+
 def _pieces(doc: str) -> Iterator[str]:
     start = 0
     while len(doc) - start > PIECE_CHARS:
@@ -209,7 +222,9 @@ def _pieces(doc: str) -> Iterator[str]:
 
 
 def _encode(tokenizer: Tokenizer, batch: list[tuple[bool, str]], separator: int) -> np.ndarray:
-    encodings = tokenizer.encode_batch([text for _, text in batch])
+    # The separator is the only id added (a post-processor's BOS, an HF Llama's habit,
+    # would double it); the server encodes prompts alike.
+    encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
     ids = [
         [separator, *encoding.ids] if starts_document else encoding.ids
         for (starts_document, _), encoding in zip(batch, encodings, strict=True)
@@ -371,10 +386,7 @@ def prepare(
                     f"twice): the model's vocabulary is {learned}",
                     flush=True,
                 )
-        if tokenizer.get_vocab_size() > MAX_VOCAB:
-            raise CorpusError(f"vocabulary of {tokenizer.get_vocab_size()} does not fit uint16")
-        if tokenizer.token_to_id(END_OF_TEXT) is None:
-            raise CorpusError(f"the tokenizer has no {END_OF_TEXT} token")
+        check_tokenizer(tokenizer, "the tokenizer")
         splits = {
             split: (docs, token_stream(tokenizer, docs, f"tokenizing {split}"))
             for split, docs in (("train", train_docs), ("val", val_docs))

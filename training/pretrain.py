@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from model.checkpoint import (
     CONFIG,
     LATEST,
+    TOKENIZER,
     CheckpointError,
     CheckpointWriteError,
     clear_interrupted_saves,
@@ -52,7 +53,7 @@ from training.args import (
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
-from training.prepare import PreparedData, prepare, split_documents
+from training.prepare import PreparedData, check_tokenizer, prepare, split_documents
 from training.tokenizer import load_tokenizer_file
 from training.trainer import (
     BEST,
@@ -315,19 +316,21 @@ def resume_folder(path: str) -> Path:
 def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
     """The tokenizer of the checkpoint the run starts from, --tokenizer's, or None (train one)."""
     if start is not None:
-        return load_tokenizer(start)
+        return check_tokenizer(load_tokenizer(start), str(start / TOKENIZER))
     if args.tokenizer is None:
         return None
     path = Path(args.tokenizer)
     if path.is_file():
         try:
-            return load_tokenizer_file(path)
+            tokenizer = load_tokenizer_file(path)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UsageError(f"--tokenizer {path}: unreadable ({e})") from None
+        return check_tokenizer(tokenizer, f"--tokenizer {path}")
     try:
-        return load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
     except CheckpointError as e:
         raise UsageError(f"--tokenizer: {e}") from None
+    return check_tokenizer(tokenizer, f"--tokenizer {resolve_checkpoint(path) / TOKENIZER}")
 
 
 def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
