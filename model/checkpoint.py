@@ -326,8 +326,10 @@ def save_checkpoint(
             (tmp / CHAT_TEMPLATE).write_text(extras.chat_template, encoding="utf-8")
         write_json(
             tmp / GENERATION_CONFIG,
-            {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": True}
-            | dict(generation_defaults or {"temperature": 0.8, "top_p": 0.95}),
+            # The token ids are always the separator's, whatever the defaults carry.
+            {"do_sample": True}
+            | dict(generation_defaults or {"temperature": 0.8, "top_p": 0.95})
+            | {"bos_token_id": eos_id, "eos_token_id": eos_id},
         )
         for file_name, write in (extra_files or {}).items():
             write(tmp / file_name)

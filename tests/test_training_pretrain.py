@@ -490,6 +490,11 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     logged = ["--log-interval", "1", "--eval-interval", "100"]
     trained = tiny_run(tmp_path, *logged, "--max-steps", "30", "--out-dir", str(base))
     assert pretrain.main(trained) == 0
+    # The checkpoint's generation settings, as an HF user may have set them (greedy).
+    generation = resolve_checkpoint(base) / "generation_config.json"
+    settings = json.loads(generation.read_text()) | {"do_sample": False, "max_new_tokens": 12}
+    settings |= {"repetition_penalty": 1.3, "eos_token_id": 99}  # not its separator's id
+    generation.write_text(json.dumps(settings))
     # No shape, vocabulary or block size given: all of them are the checkpoint's.
     run = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
     run += [*logged, "--warmup-steps", "2", "--max-steps", "4", "--sample-tokens", "0"]
@@ -511,6 +516,9 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     first_fresh = read_log(scratch, "train")[1]["loss"]
     assert first_tuned < first_fresh - 0.5
     assert first_tuned < read_log(base, "train")[1]["loss"] - 0.5
+    # Its generation settings are kept (the token ids are the separator's, as always).
+    kept = settings | {"eos_token_id": settings["bos_token_id"]}
+    assert json.loads((tuned_ckpt / "generation_config.json").read_text()) == kept
     # Resuming a fine-tuning run continues its own checkpoint.
     assert pretrain.main(["--resume", str(tuned), "--max-steps", "6"]) == 0
     assert meta(tuned)["step"] == 6
@@ -519,6 +527,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     tune = [*run, "--init-from", str(base), "--out-dir", str(tuned)]
     assert pretrain.main([*tune, "--resume", str(tuned), "--max-steps", "8"]) == 0
     assert meta(tuned)["step"] == 8 and meta(tuned)["args"]["init_from"] == str(base)
+    assert json.loads((resolve_checkpoint(tuned) / "generation_config.json").read_text()) == kept
     capsys.readouterr()
     other = [*run, "--init-from", str(scratch), "--resume", str(tuned), "--max-steps", "9"]
     assert pretrain.main(other) == 2

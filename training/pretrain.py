@@ -31,6 +31,7 @@ from model.checkpoint import (
     clear_interrupted_saves,
     load_tokenizer,
     read_config,
+    read_generation_config,
     read_tokenizer_extras,
     resolve_checkpoint,
 )
@@ -522,6 +523,9 @@ def run_locked(given: Given) -> int:
     # template) goes into every checkpoint with it.
     source = tokenizer_folder(args, start)
     tokenizer_extras = read_tokenizer_extras(source) if source is not None else None
+    # And the generation settings of the checkpoint the run starts from (HF's greedy
+    # do_sample false, a repetition penalty): the fine-tune is served as it was.
+    generation_defaults = read_generation_config(start) if start is not None else None
     if initial is not None:
         args = with_checkpoint_shape(args, start_config, given.sources)
     out_dir = Path(args.out_dir)
@@ -583,6 +587,7 @@ def run_locked(given: Given) -> int:
             resume_from=resumed,
             init_from=initial,
             tokenizer_extras=tokenizer_extras,
+            generation_defaults=generation_defaults,
         ).train()
         leave_together(dist_info)
     finally:

@@ -28,7 +28,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +285,7 @@ class Trainer:
         resume_from: Path | None = None,
         init_from: Path | None = None,
         tokenizer_extras: TokenizerExtras | None = None,
+        generation_defaults: Mapping[str, object] | None = None,
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
         self.out_dir = Path(args.out_dir)
@@ -336,6 +337,7 @@ class Trainer:
         # What HF users added to the tokenizer files of the checkpoint the run started
         # from (a pad token, a chat template): every checkpoint of the run keeps it.
         self.tokenizer_extras = tokenizer_extras
+        self.generation_defaults = generation_defaults
         # What a training step calls: the model, wrapped in DDP under torchrun.
         self.step_model: torch.nn.Module = self.model
         if dist_info.enabled:
@@ -446,6 +448,7 @@ class Trainer:
             self.model,
             self.data.tokenizer,
             tokenizer_extras=self.tokenizer_extras,
+            generation_defaults=self.generation_defaults,
             extra_files=extra,
         )
         self._prune()
@@ -634,6 +637,7 @@ class Trainer:
                 self.model,
                 self.data.tokenizer,
                 tokenizer_extras=self.tokenizer_extras,
+                generation_defaults=self.generation_defaults,
                 extra_files={TRAINER_META: lambda path: write_json(path, meta)},
                 update_latest=False,
             )
