@@ -540,7 +540,11 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 def read_generation_config(folder: Path) -> dict:
     """generation_config.json of a checkpoint folder ({} if it has none)."""
-    path = folder / GENERATION_CONFIG
+    return read_json_object(folder / GENERATION_CONFIG)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file at `path` ({} if there is none)."""
     if not path.is_file():
         return {}
     try:

@@ -88,7 +88,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
     from server.detokenizer import end_of_text_id, require_byte_level
-    from server.validation import sampling_defaults
+    from server.validation import end_of_text_ids, sampling_defaults
 
     device = resolve_device(settings.device)
     if settings.compile_decode and not has_compiler(device):
@@ -102,9 +102,10 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     tokenizer = load_tokenizer(folder)
     try:
         require_byte_level(tokenizer)
-        end_of_text_id(tokenizer)
+        eos_id = end_of_text_id(tokenizer)
     except ValueError as e:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
+    end_of_text_ids(folder, eos_id, tokenizer.get_vocab_size())
     sampling_defaults(folder)
 
 

@@ -39,7 +39,13 @@ from server.middleware import (
 from server.protocol import ApiError, GenerateRequest, StreamChunk
 from server.routes import Serving, router
 from server.settings import Settings
-from server.validation import Validator, invalid_request, not_json, sampling_defaults
+from server.validation import (
+    Validator,
+    end_of_text_ids,
+    invalid_request,
+    not_json,
+    sampling_defaults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +76,11 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     tokenizer = load_tokenizer(folder)
     eos_id = end_of_text_id(tokenizer)  # (check_checkpoint said so with the file's name)
     token_table = token_bytes(tokenizer)
+    end_ids = end_of_text_ids(folder, eos_id, len(token_table))
     engine = Engine(
         model,
         token_table,
-        eos_id=eos_id,
+        end_ids=end_ids,
         n_slots=settings.max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
@@ -131,6 +138,8 @@ async def _load(app: FastAPI) -> None:
         defaults,
         time.perf_counter() - started,
     )
+    if len(end_ids := serving.engine.end_ids) > 1:
+        log.info("texts end at token ids %s (the checkpoint's eos_token_id)", sorted(end_ids))
 
 
 async def _drain(app: FastAPI) -> None:

@@ -114,7 +114,7 @@ class Engine:
         model: Transformer,
         token_table: list[bytes],
         *,
-        eos_id: int,
+        end_ids: frozenset[int],
         n_slots: int,
         max_queue: int,
         prefill_chunk: int,
@@ -131,7 +131,7 @@ class Engine:
         self.sampler = Sampler(n_slots, len(self._token_bytes), self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
         self.metrics = metrics
-        self.eos_id = eos_id
+        self.end_ids = end_ids  # a token among these ends the text (unless ignore_eos)
         self._live: dict[str, _Live] = {}
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
@@ -353,7 +353,7 @@ class Engine:
             self.metrics.inter_token_latency.observe(now - live.last_token_at)
         live.last_token, live.last_token_at = token_id, now
         reason = None
-        if token_id == self.eos_id and not request.ignore_eos:
+        if token_id in self.end_ids and not request.ignore_eos:
             text, reason = live.detokenizer.finish(), "stop"
         else:
             text = live.detokenizer.add(token_id)

@@ -19,7 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
-from model.checkpoint import GENERATION_CONFIG, CheckpointError, read_generation_config
+from model.checkpoint import (
+    CONFIG,
+    GENERATION_CONFIG,
+    CheckpointError,
+    read_generation_config,
+    read_json_object,
+)
 from model.sampling import SamplingParams
 from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest
 
@@ -64,6 +70,25 @@ def sampling_defaults(folder: Path) -> dict[str, float | int]:
             f"{folder / GENERATION_CONFIG}: {where}: {error['msg']}, as in a request"
         ) from None
     return defaults
+
+
+def end_of_text_ids(folder: Path, separator: int, vocab_size: int) -> frozenset[int]:
+    """The ids that end a generated text: the separator, and those the step folder
+    `folder` declares as `eos_token_id` (an id or a list; generation_config.json's, else
+    config.json's, as HF's generate reads them: a chat model's <|im_end|>, say)."""
+    path = folder / GENERATION_CONFIG
+    declared = read_json_object(path).get("eos_token_id")
+    if declared is None:
+        path = folder / CONFIG
+        declared = read_json_object(path).get("eos_token_id")
+    ids = declared if isinstance(declared, list) else [declared]
+    if declared is not None and not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids
+    ):
+        raise CheckpointError(
+            f"{path}: eos_token_id {declared!r} is not one or more token ids below {vocab_size}"
+        )
+    return frozenset({separator, *ids} - {None})
 
 
 class Validator:

@@ -275,6 +275,14 @@ def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint
         "as in a request"
     ]
 
+    config_path.write_text(json.dumps(config | {"eos_token_id": [0, 10**6]}), encoding="utf-8")
+    refused = run_server("--checkpoint", str(folder))
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith(
+        f"error: {config_path}: eos_token_id [0, 1000000] is not one or more token ids below "
+    )
+
     # HF's generate draws greedily from a folder whose config says so, with its repetition
     # penalty; so does the server for a request that leaves them out, whatever its seed.
     penalised = {"do_sample": False, "repetition_penalty": 50}

@@ -3,7 +3,9 @@ emoji, ASCII), each non-ASCII character split over several byte tokens."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,3 +70,21 @@ def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
     assert "".join(deltas) == expected
     assert stop not in "".join(deltas)
     assert events[-2]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_does(
+    tmp_path: Path, pieces
+):
+    # A chat model's <|im_end|>: generation_config.json lists it beside the separator.
+    checkpoint = cycle_checkpoint(tmp_path / "ckpt", english_tokenizer())
+    generation = checkpoint / "generation_config.json"
+    settings = json.loads(generation.read_text(encoding="utf-8"))
+    ends = pieces[3][1][0]
+    settings["eos_token_id"] = [settings["eos_token_id"], ends]
+    generation.write_text(json.dumps(settings), encoding="utf-8")
+    body = {"prompt": pieces[0][0], "max_tokens": 40, "temperature": 0}
+    with running_server(Settings(checkpoint=checkpoint)) as url:
+        reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
+        assert (reply["text"], reply["finish_reason"]) == (pieces[1][0] + pieces[2][0], "stop")
+        past = httpx.post(f"{url}/v1/generate", json=body | {"ignore_eos": True}, timeout=60)
+        assert pieces[3][0] in past.json()["text"]
