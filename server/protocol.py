@@ -58,11 +58,12 @@ class GenerateRequest(BaseModel):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        description=f"tokens to generate at most; none (or null): {DEFAULT_MAX_TOKENS} or "
-        "what the model's context leaves after the prompt, whichever is less",
+        description="tokens to generate at most; none (or null): the checkpoint's "
+        f"generation_config.json max_new_tokens, else {DEFAULT_MAX_TOKENS}, or what the "
+        "model's context leaves after the prompt, whichever is less",
     )
-    # Left out, these four take the checkpoint's generation_config.json values if it
-    # sets them (server/validation.py), else the defaults here.
+    # Left out, these four (and max_tokens) take the checkpoint's generation_config.json
+    # values if it sets them (server/validation.py), else the defaults here.
     temperature: float = Field(
         1.0,
         ge=0.0,

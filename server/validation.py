@@ -29,10 +29,18 @@ from model.checkpoint import (
 from model.sampling import SamplingParams
 from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest
 
-# The request fields a checkpoint's generation_config.json gives defaults to, as vLLM
+# generation_config.json's keys -> the request fields they give defaults to, as vLLM
 # reads them (HF's generate uses the same file): a request that leaves one out samples
 # as the checkpoint's author meant.
-DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+DEFAULTED_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+# What HF's generate still applies when do_sample is false (greedy).
+_GREEDY_TOO = ("repetition_penalty", "max_tokens")
 
 
 def not_json(reason: str = "is not valid JSON") -> ApiError:
@@ -55,19 +63,21 @@ def sampling_defaults(folder: Path) -> dict[str, float | int]:
     """The request defaults set by generation_config.json in the step folder `folder`;
     a value no request may have is a CheckpointError naming the file and the field."""
     config = read_generation_config(folder)
-    defaults = {name: config[name] for name in DEFAULTED_FIELDS if config.get(name) is not None}
-    if config.get("do_sample") is False:
-        # HF's generate draws greedily then, its repetition penalty still applied.
+    defaults = {
+        field: config[key] for key, field in DEFAULTED_FIELDS.items() if config.get(key) is not None
+    }
+    if config.get("do_sample") is False:  # HF's generate draws greedily then
         defaults = {"temperature": 0.0} | {
-            name: value for name, value in defaults.items() if name == "repetition_penalty"
+            field: value for field, value in defaults.items() if field in _GREEDY_TOO
         }
     try:
         GenerateRequest.model_validate({"prompt": "", **defaults})
     except ValidationError as e:
         error = e.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
+        field = str(error["loc"][0])
+        key = next(key for key, name in DEFAULTED_FIELDS.items() if name == field)
         raise CheckpointError(
-            f"{folder / GENERATION_CONFIG}: {where}: {error['msg']}, as in a request"
+            f"{folder / GENERATION_CONFIG}: {key}: {error['msg']}, as in a request"
         ) from None
     return defaults
 
@@ -104,6 +114,7 @@ class Validator:
         self.max_context = max_context
         self.bos_id = bos_id
         self.defaults = defaults or {}
+        self.default_max_tokens = self.defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
         # Every token of a prompt stands for 1 to this many of its UTF-8 bytes.
         self.max_token_bytes = max(len(b) for b in token_table)
 
@@ -129,7 +140,7 @@ class Validator:
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
-            max_tokens=asked or min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt_ids)),
+            max_tokens=asked or min(self.default_max_tokens, self.max_context - len(prompt_ids)),
             sampling=SamplingParams(
                 temperature=self._given_or_default(body, "temperature"),
                 top_k=self._given_or_default(body, "top_k"),

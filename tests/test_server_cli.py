@@ -275,6 +275,12 @@ def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint
         "as in a request"
     ]
 
+    config_path.write_text(json.dumps(config | {"max_new_tokens": 0}), encoding="utf-8")
+    refused = run_server("--checkpoint", str(folder))
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {config_path}: max_new_tokens: Input should be greater than or equal to 1, "
+        "as in a request"
+    ]
     config_path.write_text(json.dumps(config | {"eos_token_id": [0, 10**6]}), encoding="utf-8")
     refused = run_server("--checkpoint", str(folder))
     assert refused.returncode == 2
@@ -285,7 +291,7 @@ def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint
 
     # HF's generate draws greedily from a folder whose config says so, with its repetition
     # penalty; so does the server for a request that leaves them out, whatever its seed.
-    penalised = {"do_sample": False, "repetition_penalty": 50}
+    penalised = {"do_sample": False, "repetition_penalty": 50, "max_new_tokens": 5}
     config_path.write_text(json.dumps(config | penalised), encoding="utf-8")
     body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
     with served(folder) as (_, url):
@@ -297,6 +303,8 @@ def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint
         assert text(seed=1) == text(seed=2) == text(temperature=0) == greedy
         assert text(temperature=0, repetition_penalty=1.0) != greedy
         assert text(seed=1, temperature=1.0) != greedy
+        left_out = httpx.post(f"{url}/v1/generate", json={"prompt": "Once", "ignore_eos": True})
+        assert left_out.json()["usage"]["completion_tokens"] == 5
 
 
 def test_a_switch_given_alone_turns_on(checkpoint):
