@@ -239,7 +239,7 @@ def main() -> None:
     check_device(parser, args.device)
     folder = args.checkpoint
     tokenizer = load_tokenizer(folder)
-    longest = max(len(tokenizer.encode(prompt).ids) for prompt in PROMPTS)
+    longest = max(len(tokenizer.encode(prompt, add_special_tokens=False).ids) for prompt in PROMPTS)
     check_context(parser, folder, longest, NEW_TOKENS)
     flags = ["--compile-decode", str(args.compile_decode).lower()]
     flags += ["--max-batch", str(args.max_batch), "--stream-interval", str(args.stream_interval)]
@@ -247,7 +247,10 @@ def main() -> None:
     with running_server(folder, args.device, args.dtype, flags) as base_url:
         for clients in args.clients:
             run_async(drive(base_url, min(clients, 4), args.timeout))  # warm-up
-            ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(clients)]
+            ids = [
+                tokenizer.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
+                for i in range(clients)
+            ]
             width = max(len(x) for x in ids)
             # The raw engine gets the same prompts (left-aligned, padded to one length).
             prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])

@@ -93,7 +93,9 @@ def plain_tokens_per_s(
     args = saved_args(folder)
     batch, block = args["batch_size"], args["block_size"]
     text = train.read_text(encoding="utf-8", errors="replace")  # as the trainer reads it
-    ids = np.array(load_tokenizer(folder).encode(text).ids, dtype=np.int64)
+    ids = np.array(
+        load_tokenizer(folder).encode(text, add_special_tokens=False).ids, dtype=np.int64
+    )
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(steps // 2):

@@ -301,9 +301,10 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        eos_id = tokenizer.token_to_id(END_OF_TEXT)
-        if eos_id is None:
-            raise CheckpointError(f"the tokenizer has no {END_OF_TEXT} token")
+        try:
+            eos_id = end_of_text_id(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"the tokenizer {e}") from None
         write_json(tmp / CONFIG, hf_config(model.config, eos_id))
         weights = {k: v.to("cpu") for k, v in state_dict_hf(model).items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -324,13 +325,7 @@ def save_checkpoint(
         )
         if extras.chat_template is not None:
             (tmp / CHAT_TEMPLATE).write_text(extras.chat_template, encoding="utf-8")
-        write_json(
-            tmp / GENERATION_CONFIG,
-            # The token ids are always the separator's, whatever the defaults carry.
-            {"do_sample": True}
-            | dict(generation_defaults or {"temperature": 0.8, "top_p": 0.95})
-            | {"bos_token_id": eos_id, "eos_token_id": eos_id},
-        )
+        write_json(tmp / GENERATION_CONFIG, generation_config(generation_defaults, eos_id))
         for file_name, write in (extra_files or {}).items():
             write(tmp / file_name)
         for path in tmp.iterdir():
@@ -536,6 +531,33 @@ def load_tokenizer(folder: Path) -> Tokenizer:
             f"vocab_size {vocab_size}; the tokenizer and the weights do not belong together"
         )
     return tokenizer
+
+
+def end_of_text_id(tokenizer: Tokenizer) -> int:
+    """The id of END_OF_TEXT; a ValueError (to be prefixed with the tokenizer's name) if
+    the tokenizer has none."""
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    if eos_id is None:
+        raise ValueError(
+            f"has no {END_OF_TEXT} token, which separates documents and ends generated text"
+        )
+    return eos_id
+
+
+def generation_config(carried: Mapping[str, object] | None, eos_id: int) -> dict:
+    """generation_config.json: the settings `carried` from the checkpoint a run started
+    from, as they were (None: a new model's, sampling at 0.8 / 0.95), with the separator
+    as bos and among the eos ids (besides those it declared: a chat model's <|im_end|>)."""
+    settings = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
+    settings = dict(carried) if carried is not None else settings
+    declared = settings.get("eos_token_id")
+    declared = declared if isinstance(declared, list) else [declared]
+    ids = [i for i in declared if isinstance(i, int) and not isinstance(i, bool)]
+    eos_ids = [eos_id, *(i for i in ids if i != eos_id)]
+    return settings | {
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+    }
 
 
 def read_generation_config(folder: Path) -> dict:

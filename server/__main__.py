@@ -80,6 +80,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before the model loads, on anything that would stop it loading."""
     from model.checkpoint import (
         TOKENIZER,
+        end_of_text_id,
         load_tokenizer,
         load_weights,
         read_config,
@@ -87,7 +88,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     )
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.detokenizer import end_of_text_id, require_byte_level
+    from server.detokenizer import require_byte_level
     from server.validation import end_of_text_ids, sampling_defaults
 
     device = resolve_device(settings.device)

@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+from model.checkpoint import end_of_text_id, load_model, load_tokenizer, resolve_checkpoint
 from model.cpu import call_in_own_thread
 from model.device import resolve_device
-from server.detokenizer import end_of_text_id, token_bytes
+from server.detokenizer import token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (

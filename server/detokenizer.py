@@ -22,8 +22,6 @@ from functools import cache
 
 from tokenizers import Tokenizer, decoders
 
-from model.checkpoint import END_OF_TEXT
-
 
 @cache
 def _byte_decoder() -> dict[str, int]:
@@ -48,17 +46,6 @@ def require_byte_level(tokenizer: Tokenizer) -> None:
             f"unsupported tokenizer decoder ({kind}); "
             "the server streams byte-level BPE tokenizers (the trainer's format)"
         )
-
-
-def end_of_text_id(tokenizer: Tokenizer) -> int:
-    """The id of END_OF_TEXT, or a ValueError saying why the server needs it."""
-    eos = tokenizer.token_to_id(END_OF_TEXT)
-    if eos is None:
-        raise ValueError(
-            f"no {END_OF_TEXT} token, which ends every text the server generates and "
-            "starts an empty prompt (the trainer's tokenizers have it)"
-        )
-    return eos
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from model.checkpoint import (
     LATEST,
     CheckpointError,
+    generation_config,
     load_model,
     load_tokenizer,
     resolve_checkpoint,
@@ -298,3 +299,17 @@ def test_loading_a_checkpoint_leaves_the_compiler_unimported(tiny_checkpoint: Pa
         [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_generation_config_keeps_what_a_run_carries_with_the_separator_among_its_eos_ids():
+    new = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
+    assert generation_config(None, 0) == new | {"bos_token_id": 0, "eos_token_id": 0}
+    # Carried as it was: no do_sample added where the start left it out, nor defaults
+    # where it had no file; a chat model's own end ids stay beside the separator.
+    assert generation_config({}, 0) == {"bos_token_id": 0, "eos_token_id": 0}
+    carried = {"temperature": 0.6, "eos_token_id": [7, 0], "bos_token_id": 5}
+    assert generation_config(carried, 0) == {
+        "temperature": 0.6,
+        "bos_token_id": 0,
+        "eos_token_id": [0, 7],
+    }

@@ -18,6 +18,7 @@ from server_harness import (
 )
 
 from server.settings import Settings
+from server.validation import end_of_text_ids
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,14 @@ def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_do
         assert (reply["text"], reply["finish_reason"]) == (pieces[1][0] + pieces[2][0], "stop")
         past = httpx.post(f"{url}/v1/generate", json=body | {"ignore_eos": True}, timeout=60)
         assert pieces[3][0] in past.json()["text"]
+
+
+def test_eos_token_id_comes_from_config_json_where_generation_config_declares_none(
+    tmp_path: Path, pieces
+):
+    checkpoint = cycle_checkpoint(tmp_path / "ckpt", english_tokenizer())
+    separator, ends = english_tokenizer().token_to_id("<|endoftext|>"), pieces[3][1][0]
+    for name, value in (("generation_config.json", None), ("config.json", [ends])):
+        path = checkpoint / name
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_token_id": value}))
+    assert end_of_text_ids(checkpoint, separator, 1000) == {separator, ends}

@@ -178,7 +178,8 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--vocab-size", "256"], "--vocab-size: must be >= 257 (every byte plus <|endoftext|>)"),
+        (["--vocab-size", "256"], "--vocab-size: must be in 257..65536 (every byte plus"),
+        (["--vocab-size", "70000"], "--vocab-size: must be in 257..65536 (every byte plus"),
         (["--seed", str(MAX_SEED + 1)], f"--seed: must be in 0..{MAX_SEED}"),
         (["--seed", "-1"], f"--seed: must be in 0..{MAX_SEED} (got -1)"),
         (["--lr", "inf"], "--lr: must be a finite number (got inf)"),

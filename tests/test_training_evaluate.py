@@ -110,8 +110,8 @@ def test_a_tokenizer_without_end_of_text_is_refused_by_evaluate_init_from_and_se
     )
     assert served.returncode == 2
     assert served.stderr.splitlines() == [
-        f"error: {folder / 'tokenizer.json'}: no <|endoftext|> token, which ends every text "
-        "the server generates and starts an empty prompt (the trainer's tokenizers have it)"
+        f"error: {folder / 'tokenizer.json'}: has no <|endoftext|> token, which separates "
+        "documents and ends generated text"
     ]
 
 

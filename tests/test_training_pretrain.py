@@ -517,7 +517,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     assert first_tuned < first_fresh - 0.5
     assert first_tuned < read_log(base, "train")[1]["loss"] - 0.5
     # Its generation settings are kept (the token ids are the separator's, as always).
-    kept = settings | {"eos_token_id": settings["bos_token_id"]}
+    kept = settings | {"eos_token_id": [settings["bos_token_id"], 99]}
     assert json.loads((tuned_ckpt / "generation_config.json").read_text()) == kept
     # Resuming a fine-tuning run continues its own checkpoint.
     assert pretrain.main(["--resume", str(tuned), "--max-steps", "6"]) == 0

@@ -27,6 +27,7 @@ import torch
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
 from model.inductor import has_compiler, missing_compiler_message
+from training.prepare import MAX_VOCAB
 from training.tokenizer import MIN_VOCAB
 
 ENV_PREFIX = "POCKETGPT_"
@@ -249,8 +250,9 @@ class TrainArgs:
             require(name, value is None or value >= 1, "must be >= 1", value)
         require(
             "vocab_size",
-            self.vocab_size is None or self.vocab_size >= MIN_VOCAB,
-            f"must be >= {MIN_VOCAB} (every byte plus <|endoftext|>)",
+            self.vocab_size is None or MIN_VOCAB <= self.vocab_size <= MAX_VOCAB,
+            f"must be in {MIN_VOCAB}..{MAX_VOCAB} (every byte plus <|endoftext|>, up to what "
+            "the token cache's uint16 ids hold)",
             self.vocab_size,
         )
         require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)

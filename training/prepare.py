@@ -33,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.checkpoint import END_OF_TEXT, write_json
+from model.checkpoint import END_OF_TEXT, end_of_text_id, write_json
 from training.corpus import CorpusError
 from training.tokenizer import load_tokenizer_file, train_tokenizer
 
@@ -205,9 +205,17 @@ def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
             f"{source}: {size:,} token ids do not fit the token cache's uint16 ids "
             f"(at most {MAX_VOCAB:,})"
         )
-    if tokenizer.token_to_id(END_OF_TEXT) is None:
-        raise CorpusError(f"{source}: has no {END_OF_TEXT} token, which separates documents")
+    try:
+        end_of_text_id(tokenizer)
+    except ValueError as e:
+        raise CorpusError(f"{source}: {e}") from None
     return tokenizer
+
+
+def _adds_tokens(tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer` adds tokens to an encoding (an HF Llama's BOS template)."""
+    plain = tokenizer.encode("x", add_special_tokens=False).ids
+    return tokenizer.encode("x").ids != plain
 
 
 def _pieces(doc: str) -> Iterator[str]:
@@ -372,6 +380,9 @@ def prepare(
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
+    if tokenizer is not None and _adds_tokens(tokenizer):
+        # Streams once held what its post-processor adds (a BOS per piece): not those.
+        tokenizer_id += "\0without its additions"
     folder = root / cache_key(train_docs, val_docs, tokenizer_id)
     if data is None:
         data = _cached(folder)
