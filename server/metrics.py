@@ -21,7 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-# Steps of at most 2x from 1 ms (an idle GPU's first token) to seconds (a CPU queue).
+# From 1 ms (an idle GPU's first token) to minutes (a CPU queue); at most 2.5x apart
+# up to 5 s.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25)
 _LATENCY_BUCKETS += (0.5, 0.75, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Decode steps take ~1-3 ms on a GPU and ~3-30 ms on a CPU: steps of at most 1.5x there,
