@@ -662,6 +662,21 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert meta(run)["step"] == stopped + 2
 
 
+def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    # No log line in the run: the bar's time left comes from its end alone.
+    argv = [*tiny_run(tmp_path, *LONG_RUN), "--log-interval", "1000000", "--max-time", "2"]
+    process = spawn_pretrain([*argv, "--out-dir", str(run)])
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert meta(run)["stopped_by"] == "max_time" and meta(run)["wall_time"] >= 2
+    # The bar's last line is the state at the end, not at the last log line before it.
+    last = [line for line in err.splitlines() if "left=" in line][-1]
+    assert "left=0s" in last, err
+
+
 def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

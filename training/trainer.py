@@ -325,6 +325,7 @@ class Trainer:
         self.window_loss = torch.zeros((), device=device)
         self.checked_step = 0  # every loss up to this step was finite
         self.tokens_per_s: float | None = None  # none until a log window has passed
+        self.bar_postfix: dict[str, str] = {}
         self.lr = 0.0
         self.stop_signal: int | None = None
         self.stopped_by: str | None = None  # set when the loop ends; None in periodic saves
@@ -587,6 +588,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not main, **bar_output())
         try:
             self.stopped_by = stopped_by = self._loop(bar)
+            self._show_progress(bar)  # the bar's last line: the time left now, not at a log
             if stopped_by != "signal" and self.evaluated_at != self.step:
                 self._eval_and_report(bar)
             checkpoint = self.save()
@@ -686,13 +688,8 @@ class Trainer:
                 self.tokens_per_s = window_tokens / (now - window_start)
                 self.window_loss.zero_()
                 window_start, window_tokens = now, 0
-                postfix = {
-                    "loss": f"{self.last_train_loss:.4f}",
-                    "tok_s": f"{self.tokens_per_s:.0f}",
-                }
-                if args.max_time is not None:  # the bar has no step total to give an ETA
-                    postfix["left"] = f"{max(0.0, args.max_time - self.elapsed()):.0f}s"
-                bar.set_postfix(postfix, refresh=False)  # shown at the next refresh
+                loss, tok_s = f"{self.last_train_loss:.4f}", f"{self.tokens_per_s:.0f}"
+                self._show_progress(bar, loss=loss, tok_s=tok_s)
                 with self._rank0_writing():
                     self._log(
                         {
@@ -714,6 +711,14 @@ class Trainer:
             # tokens/s is the training steps' rate: evaluating and saving are not counted.
             window_start += time.perf_counter() - paused_at
         return "max_steps"
+
+    def _show_progress(self, bar: tqdm, **fields: str) -> None:
+        """Set the bar's postfix fields (shown at its next refresh), with the time left of
+        a --max-time run (the bar has no step total to give an ETA)."""
+        self.bar_postfix |= fields
+        if self.args.max_time is not None:
+            self.bar_postfix["left"] = f"{max(0.0, self.args.max_time - self.elapsed()):.0f}s"
+        bar.set_postfix(self.bar_postfix, refresh=False)
 
     def _check_finite(self, window_loss: float, weights: bool = False) -> None:
         """Raise TrainingDiverged if a training loss since the last check or the last
