@@ -282,16 +282,18 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     capsys.readouterr()
     assert pretrain.main(again) == 0
     assert (
-        f"{run}: the run is at step 3, at or past --max-steps 3; nothing to do"
-        in capsys.readouterr().out
+        f"{run}: the run is at step 3, at or past --max-steps 3; nothing to do (raise it to "
+        "train on)\n" in capsys.readouterr().out
     )
     assert {p: p.read_bytes() for p in saved} == saved
-    # Other held-out text goes on, said: best/ then compares losses on other text.
-    assert pretrain.main(["--resume", str(run), "--max-steps", "4", "--val-fraction", "0.3"]) == 0
+    # Other held-out text, or windows, go on, said: best/ then compares losses measured
+    # otherwise.
+    back = ["--resume", str(run), "--max-steps", "4", "--val-fraction", "0.3", "--block-size", "16"]
+    assert pretrain.main(back) == 0
     assert (
-        "warning: --val-fraction differs from what the run was started with: its batches and "
-        "its validation text will differ (best/ then compares losses on other text)"
-        in capsys.readouterr().err
+        "warning: --val-fraction and --block-size differ from what the run was started with: "
+        "its batches and its validation will differ (best/ then compares losses measured "
+        "otherwise)" in capsys.readouterr().err
     )
     # One step, short of a log line: its evaluation has no train loss or speed to give.
     last = read_log(run, "eval")[4]
@@ -331,6 +333,14 @@ def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(
     again = ["--resume", str(run / "step-0000004"), "--max-steps", "8", "--patience", "1"]
     assert pretrain.main(again) == 0
     assert (meta(run)["step"], meta(run)["stopped_by"]) == (8, "max_steps")
+    # Back to a step whose own budget is spent (step 7 was saved by a 7-step run): said
+    # so, of that checkpoint.
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run / "step-0000007")]) == 0
+    assert capsys.readouterr().out == (
+        f"{run / 'step-0000007'}: the checkpoint is at step 7, at or past --max-steps 7, as "
+        "saved; nothing to do (raise it to train on)\n"
+    )
 
 
 def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(

@@ -210,9 +210,14 @@ def saved_args(folder: Path) -> dict:
     return args
 
 
-# The settings choosing the text a run trains and is scored on: `--resume` may change
-# them, with a warning.
-TEXT_CHOICES = (("--data", "data"), ("--val-data", "val_data"), ("--val-fraction", "val_fraction"))
+# The settings choosing the text a run trains and is scored on, and the windows it is
+# scored in: `--resume` may change them, with a warning.
+SCORING_CHOICES = (
+    ("--data", "data"),
+    ("--val-data", "val_data"),
+    ("--val-fraction", "val_fraction"),
+    ("--block-size", "block_size"),
+)
 
 
 def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
@@ -229,12 +234,12 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
     check_resume_settings(given, saved, read_config(folder), folder.parent)
-    differ = [flag for flag, name in TEXT_CHOICES if differs_from_saved(name, given, saved)]
+    differ = [flag for flag, name in SCORING_CHOICES if differs_from_saved(name, given, saved)]
     if differ:
         print(
             f"warning: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from "
-            "what the run was started with: its batches and its validation text will differ "
-            "(best/ then compares losses on other text)",
+            "what the run was started with: its batches and its validation will differ "
+            "(best/ then compares losses measured otherwise)",
             file=sys.stderr,
         )
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
@@ -286,9 +291,9 @@ def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     step, seconds = meta.get("step"), meta.get("wall_time")
     # A damaged value is left for reading the training state to report.
     if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
-        return f"the run is at step {step}, at or past --max-steps {args.max_steps}"
+        return f"is at step {step}, at or past --max-steps {args.max_steps}"
     if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
-        return f"the run has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
+        return f"has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
     return None
 
 
@@ -310,7 +315,10 @@ def resume_folder(path: str) -> Path:
         print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)
     for name in (TRAINING_STATE, TRAINER_META):
         if not (folder / name).is_file():
-            raise UsageError(f"--resume {path}: {folder} has no {name}; not a trainer checkpoint")
+            raise UsageError(
+                f"--resume {path}: {folder} has no {name}; not a trainer checkpoint (a model "
+                "folder such as best/ can be fine-tuned with --init-from)"
+            )
     return folder
 
 
@@ -511,8 +519,13 @@ def run_locked(given: Given) -> int:
     else:
         args = resumed_args(resumed, given)
         done = budget_spent(resumed, args)
+        if done and later_steps_note(resumed) is not None:  # going back: its own budget
+            print(
+                f"{resumed}: the checkpoint {done}, as saved; nothing to do (raise it to train on)"
+            )
+            return 0
         if done:
-            print(f"{resumed.parent}: {done}; nothing to do (raise it to train on)")
+            print(f"{resumed.parent}: the run {done}; nothing to do (raise it to train on)")
             return 0
     args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
