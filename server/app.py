@@ -23,7 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from model.checkpoint import end_of_text_id, load_model, load_tokenizer, resolve_checkpoint
+from model.checkpoint import (
+    CONFIG,
+    LATEST,
+    end_of_text_id,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+)
 from model.cpu import call_in_own_thread
 from model.device import resolve_device
 from server.detokenizer import token_bytes
@@ -63,7 +70,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_name(settings: Settings) -> str:
-    return settings.model_name or Path(settings.checkpoint).resolve().name
+    """--model-name, else the name of the model folder, or of the run folder whose step
+    folder or best/ is served (a client sees "notes", not "best" or "step-0000400")."""
+    if settings.model_name:
+        return settings.model_name
+    folder = Path(settings.checkpoint).resolve()
+    in_run = (folder / CONFIG).is_file() and (folder.parent / LATEST).is_file()
+    return folder.parent.name if in_run else folder.name
 
 
 def load_serving(settings: Settings, metrics: Metrics) -> Serving:

@@ -350,7 +350,7 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
         log = process.stderr.read()
     # Where it listens, and what it serves.
     assert f"Uvicorn running on {base_url} (Press CTRL+C to quit)" in log
-    assert f"serving {checkpoint} as '{checkpoint.name}': " in log
+    assert f"serving {checkpoint} as '{checkpoint.parent.name}': " in log
     assert ", cpu, float32, max-batch 32, sampling defaults from " in log
     assert "generation_config.json: temperature 0.8, top_p 0.95; ready in " in log
     events = reader.events

@@ -303,11 +303,12 @@ def test_metrics_parse_and_counters_match_the_requests_made(client):
     assert "process_cpu_seconds_total" in names
 
 
-def test_health_and_models_describe_the_loaded_checkpoint(client):
+def test_health_and_models_describe_the_loaded_checkpoint(client, checkpoint):
     assert client.get("/health").json() == {"status": "ready"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
-    assert models["data"][0]["id"] == "random"
+    # save_checkpoint wrote `latest` beside it: a run's step folder, named for its run.
+    assert models["data"][0]["id"] == checkpoint.parent.name
     assert models["data"][0]["max_context"] == 1024
     assert models["data"][0]["checkpoint"] == "random"
 

@@ -24,6 +24,7 @@ from server_harness import running_server
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, resolve_checkpoint
+from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.data import BatchSampler
@@ -121,6 +122,9 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
         body = {"prompt": "Return", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
         reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
         assert reply["usage"]["completion_tokens"] == 4
+    # Its step folders and best/ are the run's model too, to API clients.
+    for served in (folder, run / "best"):
+        assert model_name(Settings(checkpoint=served)) == "default"
 
 
 @pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "float32"), ("muon", "bfloat16")])
