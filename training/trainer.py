@@ -517,7 +517,8 @@ class Trainer:
             )  # [1, 1, V]
             ids.append(int(sample(logits[:, -1], params, [generator])))
         model.train(was_training)
-        return self.data.tokenizer.decode(ids[1:])
+        # The separator shown as written: where the model ends a document is visible.
+        return self.data.tokenizer.decode(ids[1:], skip_special_tokens=False)
 
     # ------------------------------------------------------------ the loop
 
