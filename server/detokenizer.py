@@ -11,7 +11,7 @@ character, where a one-shot decode would end in U+FFFD.
 
 Stop strings are held back: text that could be the start of a stop string is not
 emitted until it cannot be; a stop string found (even across token boundaries)
-ends the text just before it, and is never emitted itself.
+ends the text just before it, and is never emitted itself (`stop_string` names it).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = tuple(stop)
         self._pending = ""  # decoded but not yet emitted (a possible stop-string start)
-        self.stopped = False  # a stop string was found; the text is complete
+        self.stop_string: str | None = None  # the stop string found: the text is complete
 
     def add(self, token_id: int) -> str:
         """The text that token `token_id` makes safe to emit (often "", never U+FFFD
@@ -84,14 +84,14 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """Everything still held back (the text ended without a stop string) but the
         bytes of a character the text ends inside: they are no text."""
-        if self.stopped:
+        if self.stop_string is not None:
             return ""
         held, _ = self._utf8.getstate()
         # Bytes that could begin no character become U+FFFD, as in a one-shot decode.
         tail = "" if _could_begin_a_character(held) else self._utf8.decode(b"", final=True)
         self._utf8.reset()
         text = self._release(tail)
-        if self.stopped:
+        if self.stop_string is not None:
             return text
         text, self._pending = text + self._pending, ""
         return text
@@ -100,9 +100,10 @@ class IncrementalDetokenizer:
         if not self._stop:
             return text
         pending = self._pending + text
-        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
+        found = [(i, stop) for stop in self._stop if (i := pending.find(stop)) >= 0]
+        if found:
+            # The earliest in the text; of two there, the first listed (min keeps the first).
+            cut, self.stop_string = min(found, key=lambda position_stop: position_stop[0])
             self._pending = ""
             return pending[:cut]
         hold = max(_overlap(pending, s) for s in self._stop)

@@ -51,6 +51,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" on the last output
     prompt_tokens: int
     completion_tokens: int
+    stop_string: str | None = None  # the stop string that ended the text (finish "stop")
     error: Exception | None = None  # set (and last) when the engine failed the request
 
     @property
@@ -66,6 +67,7 @@ class RequestOutput:
             later.finish_reason,
             later.prompt_tokens,
             later.completion_tokens,
+            later.stop_string,
         )
 
 
@@ -357,7 +359,7 @@ class Engine:
             text, reason = live.detokenizer.finish(), "stop"
         else:
             text = live.detokenizer.add(token_id)
-            if live.detokenizer.stopped:
+            if live.detokenizer.stop_string is not None:
                 reason = "stop"
             elif live.num_generated >= request.max_tokens:
                 text, reason = text + live.detokenizer.finish(), "length"
@@ -368,6 +370,7 @@ class Engine:
             reason,
             len(request.prompt_ids),
             live.num_generated,
+            live.detokenizer.stop_string,
         )
 
     def _fail_step(

@@ -5,7 +5,8 @@ need the tokenizer or the context length live in validation.py (-> 400). Request
 strict: a number sent as a string, or `true` as a number, is a 422, not converted.
 Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penalty`
 (OpenAI semantics) and `ignore_eos` (go on past end-of-text, so that a request without
-stop strings makes exactly max_tokens: for benchmarks).
+stop strings makes exactly max_tokens: for benchmarks), and answers name the stop string
+that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ DEFAULT_MAX_TOKENS = 128
 MAX_STOP_CHARS = 64
 
 FinishReason = Literal["stop", "length"]
+STOP_REASON = (
+    "the stop string that ended the text (vLLM's stop_reason); null when end-of-text or "
+    "max_tokens ended it"
+)
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -135,16 +140,19 @@ class GenerateResponse(BaseModel):
     model: str
     text: str
     finish_reason: FinishReason
+    stop_reason: str | None = Field(description=STOP_REASON)
     usage: Usage
 
 
 class StreamChunk(BaseModel):
-    """One SSE event; `finish_reason` and `usage` are set on the last one only."""
+    """One SSE event; `finish_reason` is set on the last one only, which alone has
+    `stop_reason` and `usage`."""
 
     id: str
     text: str  # the delta since the previous event
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    stop_reason: str | None = Field(None, description=f"on the last event: {STOP_REASON}")
     usage: Usage | None = None
 
 

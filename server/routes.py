@@ -174,9 +174,11 @@ def _chunk_event(output: RequestOutput) -> bytes:
         text=output.text,
         token_ids=output.token_ids,
         finish_reason=output.finish_reason,
+        stop_reason=output.stop_string,
         usage=_usage(output) if output.finish_reason else None,
     )
-    return _data_event(chunk.model_dump_json(exclude=None if output.finish_reason else {"usage"}))
+    last = output.finish_reason is not None
+    return _data_event(chunk.model_dump_json(exclude=None if last else {"stop_reason", "usage"}))
 
 
 def _data_event(data: str) -> bytes:
@@ -213,6 +215,7 @@ async def _complete(stream: RequestStream, request: Request, model_name: str) ->
         model=model_name,
         text=text,
         finish_reason=last.finish_reason,
+        stop_reason=last.stop_string,
         usage=_usage(last),
     )
     return Response(response.model_dump_json(), media_type="application/json")

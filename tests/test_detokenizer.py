@@ -27,7 +27,7 @@ def stream(table: list[bytes], ids: list[int], stop: tuple[str, ...] = ()) -> li
     deltas = []
     for token_id in ids:
         deltas.append(detokenizer.add(token_id))
-        if detokenizer.stopped:
+        if detokenizer.stop_string is not None:
             return deltas
     return [*deltas, detokenizer.finish()]
 
@@ -79,11 +79,24 @@ def test_stop_string_is_never_emitted_even_across_tokens(tokenizer, table, stop)
     assert stop not in text
 
 
+def test_the_stop_string_earliest_in_the_text_ends_it_and_is_named(tokenizer, table):
+    # "café" is listed first and "🚀" held back across its four byte tokens: the stop
+    # that comes first in the text wins, whatever the list's order.
+    detokenizer = IncrementalDetokenizer(table, ("café", "🚀", "never there"))
+    text = ""
+    for token_id in tokenizer.encode(MIXED_TEXT, add_special_tokens=False).ids:
+        text += detokenizer.add(token_id)
+        if detokenizer.stop_string is not None:
+            break
+    assert (text, detokenizer.stop_string) == ("Hello 世界! Emoji 🙂", "🚀")
+    assert detokenizer.finish() == ""
+
+
 def test_possible_stop_prefix_is_held_back_then_released(table, tokenizer):
     detokenizer = IncrementalDetokenizer(table, ("abcd",))
     emitted = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "xab")
     assert emitted == "x"  # "ab" might begin "abcd"
     emitted += detokenizer.add(tokenizer.token_to_id("z"))
-    assert emitted == "xabz" and not detokenizer.stopped
+    assert emitted == "xabz" and detokenizer.stop_string is None
     assert detokenizer.add(tokenizer.token_to_id("a")) == ""
     assert detokenizer.finish() == "a"  # the text ended: nothing left to hold back for

@@ -78,6 +78,7 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     assert all(set(e) == {"id", "text", "token_ids", "finish_reason"} for e in steps)
     assert all(e["finish_reason"] is None and len(e["token_ids"]) == 1 for e in steps)
     assert last["finish_reason"] == whole["finish_reason"]
+    assert last["stop_reason"] == whole["stop_reason"]
     assert last["usage"] == whole["usage"]
     assert last["usage"]["completion_tokens"] == len(streamed_ids(events))
     assert len({e["id"] for e in events[:-1]}) == 1
@@ -93,7 +94,8 @@ def test_stream_interval_sends_the_same_tokens_in_events_of_that_many(client, ch
     assert events[-1] == "[DONE]"
     *full, last = events[:-1]
     assert [len(e["token_ids"]) for e in full] == [4, 4, 4, 4] and len(last["token_ids"]) == 2
-    assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 18
+    assert last["finish_reason"] == "length" and last["stop_reason"] is None
+    assert last["usage"]["completion_tokens"] == 18
     assert streamed_ids(events) == streamed_ids(per_token)
     assert streamed_text(events) == streamed_text(per_token)
 

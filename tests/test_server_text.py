@@ -71,6 +71,10 @@ def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
     assert "".join(deltas) == expected
     assert stop not in "".join(deltas)
     assert events[-2]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+    assert events[-2]["stop_reason"] == stop  # which of the stop strings ended it
+    body = {"prompt": "Hi", "temperature": 0, "max_tokens": 60, "stop": ["never", stop]}
+    whole = client.post("/v1/generate", json=body).json()
+    assert (whole["text"], whole["finish_reason"], whole["stop_reason"]) == (expected, "stop", stop)
 
 
 def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_does(
@@ -87,6 +91,7 @@ def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_do
     with running_server(Settings(checkpoint=checkpoint)) as url:
         reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
         assert (reply["text"], reply["finish_reason"]) == (pieces[1][0] + pieces[2][0], "stop")
+        assert reply["stop_reason"] is None  # end-of-text, not a stop string
         past = httpx.post(f"{url}/v1/generate", json=body | {"ignore_eos": True}, timeout=60)
         assert pieces[3][0] in past.json()["text"]
 
