@@ -497,6 +497,30 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     assert not (tmp_path / "never").exists()
 
 
+def test_runs_named_by_relative_paths_resume_with_their_own_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(CORPUS, "text.txt")
+    short = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--data", "text.txt"]
+    short += ["--sample-tokens", "0", "--eval-interval", "100", "--cache-dir", "cache"]
+    assert (
+        pretrain.main([*short, "--vocab-size", "384", "--max-steps", "1", "--out-dir", "base"]) == 0
+    )
+    # A new model on base's tokenizer, and a fine-tune of base also given its tokenizer
+    # (the same: taken, as its own shape is): each goes on when its command is run again
+    # with --resume.
+    for command in (
+        [*short, "--tokenizer", "base", "--out-dir", "fresh"],
+        [*short, "--init-from", "base", "--tokenizer", "base/best", "--out-dir", "tuned"],
+    ):
+        assert pretrain.main([*command, "--max-steps", "1"]) == 0
+        capsys.readouterr()
+        assert pretrain.main([*command, "--max-steps", "2", "--resume", command[-1]]) == 0
+        assert "warning" not in capsys.readouterr().err
+        assert meta(tmp_path / command[-1])["step"] == 2
+
+
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

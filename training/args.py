@@ -457,11 +457,15 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embe
 
 
 def with_checkpoint_shape(
-    args: TrainArgs, config: ModelConfig, sources: Mapping[str, str] | None = None
+    args: TrainArgs,
+    config: ModelConfig,
+    sources: Mapping[str, str],
+    own_tokenizer: bool,
 ) -> TrainArgs:
     """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
     vocabulary or tokenizer is an error (one giving the checkpoint's own value is not, as
-    with --resume). The shape fields take the checkpoint's values (what `auto_dtype`
+    with --resume; `own_tokenizer`: --tokenizer names one defined as the checkpoint's
+    is). The shape fields take the checkpoint's values (what `auto_dtype`
     reads, and what trainer_meta.json records), the preset the one of that shape (`auto`
     if none), and the block size defaults to the context it was trained to."""
     shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
@@ -473,7 +477,7 @@ def with_checkpoint_shape(
     )
     checkpoints = {"preset": preset, **shape, "vocab_size": config.vocab_size}
     given = [n for n, value in checkpoints.items() if getattr(args, n) not in (None, "auto", value)]
-    given += ["tokenizer"] if args.tokenizer is not None else []
+    given += ["tokenizer"] if args.tokenizer is not None and not own_tokenizer else []
     if given:
         names = ", ".join(_source(name, sources) for name in given)
         raise UsageError(f"--init-from fixes the model and its tokenizer: drop {names}")
@@ -506,7 +510,7 @@ def check_resume_settings(
         )
 
     def changed(name: str) -> bool:
-        if name not in settings or settings[name] == saved.get(name):
+        if name not in settings or as_saved(name, settings[name]) == saved.get(name):
             return False
         # A shape the preset chose is saved as None: the model's own value is no change.
         return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)
@@ -531,17 +535,19 @@ def check_resume_settings(
 PATH_FIELDS = ("data", "val_data", "tokenizer", "cache_dir", "init_from")
 
 
+def as_saved(name: str, value: object) -> object:
+    """Setting `name`'s `value` as trainer_meta.json records it: paths made absolute."""
+    if name not in PATH_FIELDS or value is None:
+        return value
+    if isinstance(value, list):
+        return [os.path.abspath(v) for v in value]
+    return os.path.abspath(value)
+
+
 def with_absolute_paths(args: TrainArgs) -> TrainArgs:
     """The input paths made absolute, as trainer_meta.json records them: a run resumed
     from another directory reads the same files (or fails naming them)."""
-    changes: dict[str, object] = {}
-    for name in PATH_FIELDS:
-        value = getattr(args, name)
-        if isinstance(value, list):
-            changes[name] = [os.path.abspath(v) for v in value]
-        elif value is not None:
-            changes[name] = os.path.abspath(value)
-    return dataclasses.replace(args, **changes)
+    return dataclasses.replace(args, **{n: as_saved(n, getattr(args, n)) for n in PATH_FIELDS})
 
 
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
@@ -710,7 +716,8 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
         if env in environ:
             values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
-        values[name], sources[name] = _convert(name, value, _flag(name)), _flag(name)
+        flag = _flag(name)
+        values[name], sources[name] = _convert(name, value, flag), flag
     return Given(values, sources)
 
 

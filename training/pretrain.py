@@ -38,10 +38,10 @@ from model.checkpoint import (
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
-    PATH_FIELDS,
     Given,
     TrainArgs,
     UsageError,
+    as_saved,
     budget_summary,
     check_resume_settings,
     explicit_settings,
@@ -223,10 +223,7 @@ SCORING_CHOICES = (
 def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
     if name not in given.values:
         return False  # (a resumed run's missing --data is named when it is read)
-    value = given.values[name]
-    if name in PATH_FIELDS and value is not None:
-        value = [os.path.abspath(path) for path in value]
-    return value != saved.get(name)
+    return as_saved(name, given.values[name]) != saved.get(name)
 
 
 def resumed_args(folder: Path, given: Given) -> TrainArgs:
@@ -340,6 +337,18 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
     except CheckpointError as e:
         raise UsageError(f"--tokenizer: {e}") from None
     return check_tokenizer(tokenizer, f"--tokenizer {resolve_checkpoint(path) / TOKENIZER}")
+
+
+def names_own_tokenizer(args: TrainArgs, checkpoint: Path) -> bool:
+    """Whether --tokenizer names a tokenizer defined as `checkpoint`'s is (the same
+    tokenizer.json, read as the tokenizers library reads it)."""
+    if args.tokenizer is None:
+        return False
+    try:
+        given = resolve_tokenizer(args, None)
+    except UsageError:
+        return False  # unreadable: refused as another tokenizer would be
+    return given is not None and given.to_str() == load_tokenizer(checkpoint).to_str()
 
 
 def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
@@ -540,7 +549,8 @@ def run_locked(given: Given) -> int:
     # do_sample false, a repetition penalty): the fine-tune is served as it was.
     generation_defaults = read_generation_config(start) if start is not None else None
     if initial is not None:
-        args = with_checkpoint_shape(args, start_config, given.sources)
+        own_tokenizer = names_own_tokenizer(args, initial)
+        args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
     out_dir = Path(args.out_dir)
     if resumed is None and holds_run(out_dir):
         raise UsageError(
