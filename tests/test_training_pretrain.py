@@ -585,6 +585,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     conflicts = {
         "--dim 64": "--init-from fixes the model and its tokenizer: drop --dim",
         "--preset mini --tokenizer x.json": "drop --preset, --tokenizer",
+        "--no-tie-embeddings": "drop --no-tie-embeddings\n",  # the tiny preset ties them
         "--block-size 64": "--block-size 64: the --init-from model reads at most 32 tokens",
         f"--resume {scratch}": "--init-from starts a new run from a checkpoint and --resume",
     }

@@ -716,7 +716,7 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
         if env in environ:
             values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
-        flag = _flag(name)
+        flag = _flag("no_" + name if value is False else name)  # as typed: --no-compile
         values[name], sources[name] = _convert(name, value, flag), flag
     return Given(values, sources)
 
