@@ -59,3 +59,16 @@ def test_a_corrupted_training_state_is_a_clear_error(
 
     err = capsys.readouterr().err
     assert "training_state.pt: not a pocketgpt trainer state; refused to load it" in err
+
+
+def test_a_training_state_missing_an_entry_is_a_clear_error(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = resolve_checkpoint(trained_run) / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    for key in list(state):
+        torch.save({k: v for k, v in state.items() if k != key}, path)
+        capsys.readouterr()
+        assert pretrain.main(["--resume", str(trained_run), "--max-steps", "4"]) == 2, key
+        err = capsys.readouterr().err
+        assert err == f"error: {path}: not a pocketgpt trainer state (missing [{key!r}])\n"

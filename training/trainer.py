@@ -67,7 +67,18 @@ TRAINING_STATE = "training_state.pt"
 TRAINER_META = "trainer_meta.json"
 BEST = "best"
 STEP_DIR = re.compile(r"step-\d{7}")
-STATE_KEYS = ("optimizer", "step", "tokens_seen", "elapsed", "data", "rng")
+# Every key _training_state writes: a state without one is not ours (read_training_state).
+STATE_KEYS = (
+    "step",
+    "tokens_seen",
+    "elapsed",
+    "best_val_loss",
+    "evals_since_best",
+    "first_batch_fingerprints",
+    "optimizer",
+    "rng",
+    "data",
+)
 PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
 
 
