@@ -88,7 +88,7 @@ def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
     )
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.detokenizer import require_byte_level
+    from model.token_bytes import require_byte_level
     from server.validation import end_of_text_ids, sampling_defaults
 
     device = resolve_device(settings.device)

@@ -33,7 +33,7 @@ from model.checkpoint import (
 )
 from model.cpu import call_in_own_thread
 from model.device import resolve_device
-from server.detokenizer import token_bytes
+from model.token_bytes import token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (

@@ -7,7 +7,8 @@ from server_harness import english_tokenizer
 from tokenizers import Tokenizer
 
 from model.checkpoint import END_OF_TEXT
-from server.detokenizer import IncrementalDetokenizer, token_bytes
+from model.token_bytes import token_bytes
+from server.detokenizer import IncrementalDetokenizer
 
 MIXED_TEXT = "Hello 世界! Emoji 🙂🚀 and more: naïve café, 中文字符."
 

@@ -17,7 +17,7 @@ from server_harness import english_tokenizer
 from test_detokenizer import stream
 from tokenizers import Tokenizer
 
-from server.detokenizer import token_bytes
+from model.token_bytes import token_bytes
 
 # Stop strings drawn from text that tokens really produce, multi-byte included.
 STOP_ALPHABET = "ab e.\n世界🙂é"

@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.test_training_pretrain import CORPUS, VAL
 from training import evaluate, pretrain
+from training.prepare import token_byte_lengths
 
 
 @pytest.mark.parametrize("block_size", ["0", "-5"])
@@ -113,6 +114,32 @@ def test_a_tokenizer_without_end_of_text_is_refused_by_evaluate_init_from_and_se
         f"error: {folder / 'tokenizer.json'}: has no <|endoftext|> token, which separates "
         "documents and ends generated text"
     ]
+
+
+def test_a_tokenizer_that_is_not_byte_level_is_refused_by_evaluate_and_init_from(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A SentencePiece-style decoder: its tokens are not bytes, so neither bits per byte
+    # nor the server's text could be read from them.
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, tokenizer)
+    metaspace = Tokenizer.from_str(tokenizer.to_str())
+    metaspace.decoder = decoders.Metaspace()
+    metaspace.save(str(folder / "tokenizer.json"))
+    problem = f"error: {folder / 'tokenizer.json'}: unsupported tokenizer decoder (Metaspace)"
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+
+
+def test_bytes_per_token_count_an_added_tokens_utf8_bytes(tokenizer: Tokenizer) -> None:
+    # What transformers' add_tokens makes: a token stored as its text, not as bytes.
+    extended = Tokenizer.from_str(tokenizer.to_str())
+    extended.add_tokens(["naïve café"])
+    text = "a naïve café here, and <|endoftext|> after"
+    ids = extended.encode(text, add_special_tokens=False).ids
+    assert extended.token_to_id("naïve café") in ids
+    assert token_byte_lengths(extended)[ids].sum() == len(
+        text.replace("<|endoftext|>", "").encode()
+    )
 
 
 def test_a_vocabulary_past_uint16_is_refused_by_evaluate_and_init_from(

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from model.checkpoint import END_OF_TEXT, end_of_text_id, write_json
+from model.token_bytes import require_byte_level, token_bytes
 from training.corpus import CorpusError
 from training.tokenizer import load_tokenizer_file, train_tokenizer
 
@@ -206,6 +207,7 @@ def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
             f"(at most {MAX_VOCAB:,})"
         )
     try:
+        require_byte_level(tokenizer)  # what bits per byte counts and the server streams
         end_of_text_id(tokenizer)
     except ValueError as e:
         raise CorpusError(f"{source}: {e}") from None
@@ -241,16 +243,9 @@ def _encode(tokenizer: Tokenizer, batch: list[tuple[bool, str]], separator: int)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """[V] UTF-8 bytes each id stands for (0 for special tokens).
-
-    In a byte-level BPE every character of a token's string stands for one byte,
-    so any run of ids covers exactly the sum of its entries' bytes.
-    """
-    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    for token, idx in tokenizer.get_vocab().items():
-        lengths[idx] = 0 if token in specials else len(token)
-    return lengths
+    """[V] UTF-8 bytes each id stands for (0 for special tokens), as the server streams
+    them: any run of ids covers exactly the sum of its entries' bytes."""
+    return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
 def cache_key(train_docs: Sequence[str], val_docs: Sequence[str], tokenizer_id: str) -> str:
