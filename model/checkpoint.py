@@ -35,7 +35,7 @@ from model.transformer import Transformer, rope_tables
 
 END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
 LATEST = "latest"
-RUN_LOG = "log.jsonl"  # a run folder's record of its evaluations (training/trainer.py)
+RUN_LOG = "log.jsonl"  # a run folder's record of its training and evaluation (trainer.py)
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # What transformers writes instead of WEIGHTS past save_pretrained's max_shard_size.

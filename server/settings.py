@@ -103,7 +103,9 @@ class Settings(BaseSettings):
         description="seconds running streams may finish after SIGTERM",
     )
     model_name: str | None = Field(
-        None, description="model id reported by the API; default: the checkpoint folder name"
+        None,
+        description="model id reported by the API; default: the run folder's name (also when "
+        "one of its step folders or best/ is served), else the model folder's",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="uvicorn log level"

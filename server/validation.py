@@ -1,6 +1,7 @@
 """Edge validation: a protocol request becomes a typed, tokenized `GenerationRequest`.
 
-The only place that decides 400, 415 and 422: pydantic's field errors, text that is
+The only place that decides 400, 415 and 422 (but for uvicorn's refusal of a request that
+is not valid HTTP: server/http11.py): pydantic's field errors, text that is
 not valid Unicode among them (422), a body not sent as JSON (415), a body that is not JSON
 (400), and the bound that needs the tokenizer and the model's context (400, with the
 numbers). Everything after this point trusts its input.

@@ -205,8 +205,9 @@ class TrainArgs:
     dtype: str = field(
         default="auto",
         metadata=doc(
-            "float32, bfloat16 (autocast), or auto: bfloat16 on CUDA, on a CPU with"
-            " AVX512-BF16, and on an AMX CPU for models 256+ wide; float32 otherwise"
+            "float32, bfloat16 (autocast), or auto: bfloat16 on a CUDA GPU with native bf16"
+            " (Ampere+), on a CPU with AVX512-BF16, and on an AMX CPU for models 256+ wide;"
+            " float32 otherwise"
         ),
     )
     compile: bool | None = field(
