@@ -59,6 +59,11 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.mT if tall else x
 
 
+# 0.9, not Keller Jordan's 0.95: `mini` on tinyshakespeare, 450 steps, 2.154 vs 2.161
+# bits/byte held out (0.85: 2.163, 0.8: 2.172).
+MOMENTUM = 0.9
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised per matrix, with decoupled weight decay.
 
@@ -71,7 +76,7 @@ class Muon(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict],
         *,
         lr: float,
-        momentum: float = 0.95,
+        momentum: float = MOMENTUM,
         weight_decay: float = 0.0,
         ns_dtype: torch.dtype = torch.float32,
     ) -> None:

@@ -22,9 +22,6 @@ from training.args import TrainArgs
 from training.muon import Muon
 
 ADAMW_BETAS = (0.9, 0.95)
-# 0.9, not Keller Jordan's 0.95: `mini` on tinyshakespeare, 450 steps, 2.154 vs 2.161
-# bits/byte held out (0.85: 2.163, 0.8: 2.172).
-MUON_MOMENTUM = 0.9
 
 
 class Optimizers:
@@ -97,7 +94,6 @@ def make_optimizer(model: Transformer, args: TrainArgs, device: torch.device) ->
         hidden,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        momentum=MUON_MOMENTUM,
         ns_dtype=torch.bfloat16 if device.type == "cuda" or has_fast_bf16() else torch.float32,
     )
     return Optimizers(muon, adamw)
