@@ -307,7 +307,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = Transformer(config).to(device)
         self.optimizer = make_optimizer(self.model, args, device)
-        self.sampler = BatchSampler(
+        self.batches = BatchSampler(
             data.train,
             block_size=args.block_size,
             batch_size=args.batch_size,
@@ -394,7 +394,7 @@ class Trainer:
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         generators = state["data"]["generators"]
         if len(generators) == self.dist.world_size:
-            self.sampler.load_state_dict({"generator": generators[self.dist.rank]})
+            self.batches.generator.set_state(generators[self.dist.rank])
         else:
             print(
                 f"warning: resuming {len(generators)} ranks' data order on "
@@ -433,7 +433,7 @@ class Trainer:
 
     def _gather_generators(self) -> list[torch.Tensor]:
         """Every rank's data generator state (collective: all ranks must call it)."""
-        mine = self.sampler.generator.get_state()
+        mine = self.batches.generator.get_state()
         if not self.dist.enabled:
             return [mine]
         states = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
@@ -672,7 +672,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * group.get("lr_scale", 1.0)  # optim.py's groups
             for micro in range(args.grad_accum):
-                x, y = self.sampler.next_batch()
+                x, y = self.batches.next_batch()
                 if not self.first_batch_fingerprints and self.step == 0 and micro == 0:
                     self._record_fingerprints(x)
                 sync = micro == args.grad_accum - 1 or not self.dist.enabled
