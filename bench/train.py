@@ -38,10 +38,11 @@ from bench.cli import (
 )
 from bench.machine import describe
 from bench.reference import plain_train_steps
-from model.checkpoint import load_tokenizer, read_config, resolve_checkpoint
+from model.checkpoint import RUN_LOG, load_tokenizer, read_config, resolve_checkpoint
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.pretrain import saved_args
+from training.trainer import trainer_meta
 
 
 def pretrain(args: list[str]) -> None:
@@ -72,7 +73,7 @@ def our_tokens_per_s(
             *extra,
         ]
     )
-    meta = json.loads((resolve_checkpoint(out) / "trainer_meta.json").read_text())
+    meta = trainer_meta(resolve_checkpoint(out))
     if meta["step"] < steps:
         why = (
             f"its --max-time {max_time:g} ran out first; lower --steps or raise --max-time"
@@ -82,7 +83,7 @@ def our_tokens_per_s(
         raise SystemExit(
             f"error: the throughput run stopped at step {meta['step']} of --steps {steps}: {why}"
         )
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / RUN_LOG).read_text().splitlines()]
     return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
 
 

@@ -150,8 +150,9 @@ class DrainingServer(uvicorn.Server):
             return
         # Not re-raised after shutdown (uvicorn would): a drained exit is a clean exit.
         self.drain_deadline = time.monotonic() + self.drain_timeout
-        self.app.state.status = "draining"
-        serving.engine.begin_drain()
+        from server.app import begin_drain  # loaded by now: create_app ran
+
+        begin_drain(self.app, serving)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)

@@ -155,12 +155,17 @@ async def _load(app: FastAPI) -> None:
         log.info("texts end at token ids %s (the checkpoint's eos_token_id)", sorted(end_ids))
 
 
+def begin_drain(app: FastAPI, serving: Serving) -> None:
+    """New requests and /health get 503 from now on; the running ones go on."""
+    app.state.status = "draining"
+    serving.engine.begin_drain()
+
+
 async def _drain(app: FastAPI) -> None:
     serving: Serving | None = app.state.serving
     if serving is None:
         return
-    app.state.status = "draining"
-    serving.engine.begin_drain()
+    begin_drain(app, serving)
     if not await serving.engine.wait_idle(app.state.settings.drain_timeout):
         log.warning("drain timeout: %d requests cut off", serving.engine.num_unfinished)
     serving.engine.stop()

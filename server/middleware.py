@@ -143,15 +143,14 @@ class BodyLimitMiddleware:
 
 
 class RequestCounter:
-    """Count the responses to `path` by status, whoever produced them (app or guard)."""
+    """Count the responses to /v1/generate by status, whoever produced them (app or guard)."""
 
-    def __init__(self, app: ASGIApp, counter: Counter, path: str = "/v1/generate") -> None:
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
         self.app = app
         self.counter = counter
-        self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] != "/v1/generate":
             await self.app(scope, receive, send)
             return
 
