@@ -76,38 +76,22 @@ def setting_source(name: str, given: dict[str, str]) -> str:
     return flag(name) if name in given else env_var(name)
 
 
-def check_checkpoint(settings: Settings, given: dict[str, str]) -> None:
+def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before the model loads, on anything that would stop it loading."""
-    from model.checkpoint import (
-        TOKENIZER,
-        end_of_text_id,
-        load_tokenizer,
-        load_weights,
-        read_config,
-        resolve_checkpoint,
-    )
+    from model.checkpoint import load_weights, read_config
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from model.token_bytes import require_byte_level
-    from server.validation import end_of_text_ids, sampling_defaults
+    from server.app import read_serving_files
 
     device = resolve_device(settings.device)
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")
-    folder = resolve_checkpoint(settings.checkpoint)
+    folder = read_serving_files(settings.checkpoint).folder
     # Shapes and bytes only, no arithmetic: this thread runs the event loop from now on,
     # and a parallel torch op here would start a second OpenMP team, doubling the
     # engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth CPU pass).
     load_weights(folder, read_config(folder))
-    tokenizer = load_tokenizer(folder)
-    try:
-        require_byte_level(tokenizer)
-        eos_id = end_of_text_id(tokenizer)
-    except ValueError as e:
-        raise ValueError(f"{folder / TOKENIZER}: {e}") from None
-    end_of_text_ids(folder, eos_id, tokenizer.get_vocab_size())
-    sampling_defaults(folder)
 
 
 def listening_socket(settings: Settings, given: dict[str, str]) -> socket.socket:
@@ -210,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.http11 import uvicorn_config
 
     try:
-        check_checkpoint(settings, given)
+        check_before_loading(settings, given)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from tokenizers import Tokenizer
 
 from model.checkpoint import (
     CONFIG,
     LATEST,
+    TOKENIZER,
     end_of_text_id,
     load_model,
     load_tokenizer,
@@ -79,21 +82,44 @@ def model_name(settings: Settings) -> str:
     return folder.parent.name if in_run else folder.name
 
 
+@dataclass(frozen=True)
+class ServingFiles:
+    """What the server reads from a checkpoint besides its weights, checked."""
+
+    folder: Path  # the checkpoint folder (a run folder's `latest`)
+    tokenizer: Tokenizer
+    token_table: list[bytes]  # id -> its bytes
+    eos_id: int  # <|endoftext|>
+    end_ids: frozenset[int]  # every id that ends a text
+    defaults: dict[str, float | int]  # sampling defaults (generation_config.json)
+
+
+def read_serving_files(checkpoint: Path) -> ServingFiles:
+    """The checkpoint's tokenizer and generation settings; a CheckpointError or
+    ValueError naming the file if the server cannot use them. Pure Python: safe on the
+    thread that runs the event loop (no torch op starts an OpenMP team there)."""
+    folder = resolve_checkpoint(checkpoint)
+    tokenizer = load_tokenizer(folder)
+    try:
+        token_table = token_bytes(tokenizer)
+        eos_id = end_of_text_id(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{folder / TOKENIZER}: {e}") from None
+    end_ids = end_of_text_ids(folder, eos_id, len(token_table))
+    return ServingFiles(folder, tokenizer, token_table, eos_id, end_ids, sampling_defaults(folder))
+
+
 def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     """Load the checkpoint, build the engine and warm it up (blocking; a worker thread)."""
     device = resolve_device(settings.device)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    folder = resolve_checkpoint(settings.checkpoint)
-    model = load_model(folder, device=device, dtype=resolve_dtype(settings.dtype, device))
-    tokenizer = load_tokenizer(folder)
-    eos_id = end_of_text_id(tokenizer)  # (check_checkpoint said so with the file's name)
-    token_table = token_bytes(tokenizer)
-    end_ids = end_of_text_ids(folder, eos_id, len(token_table))
+    files = read_serving_files(settings.checkpoint)
+    model = load_model(files.folder, device=device, dtype=resolve_dtype(settings.dtype, device))
     engine = Engine(
         model,
-        token_table,
-        end_ids=end_ids,
+        files.token_table,
+        end_ids=files.end_ids,
         n_slots=settings.max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
@@ -106,11 +132,11 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     max_context = model.config.max_seq_len
     return Serving(
         engine,
-        Validator(tokenizer, token_table, max_context, eos_id, sampling_defaults(folder)),
+        Validator(files.tokenizer, files.token_table, max_context, files.eos_id, files.defaults),
         model_name(settings),
         max_context,
         settings.stream_interval,
-        folder,
+        files.folder,
     )
 
 
