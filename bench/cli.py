@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-import torch
-
 from model.checkpoint import CheckpointError, read_config, resolve_checkpoint
 from model.cli import ArgumentParser
+from model.device import resolve_device
 from server.settings import Settings
 
 DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices
@@ -120,8 +119,10 @@ def check_context(
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def exit_on_signals() -> None:

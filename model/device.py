@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available, else the CPU. Raises ValueError for cuda without CUDA."""
+def resolve_device(name: str, source: str = "--device") -> torch.device:
+    """auto: CUDA when available, else the CPU. Raises ValueError for cuda without CUDA,
+    naming `source` (how the user gave it: the flag or its environment variable)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
+        raise ValueError(f"{source} cuda: CUDA is not available on this machine")
     return torch.device(name)

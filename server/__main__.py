@@ -25,7 +25,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from model.cli import ArgumentParser
+from model.cli import ArgumentParser, env_var, flag
 from server.settings import Settings
 
 if typing.TYPE_CHECKING:
@@ -33,14 +33,6 @@ if typing.TYPE_CHECKING:
 
 
 log = logging.getLogger("server")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def env_var(name: str) -> str:
-    return Settings.model_config["env_prefix"] + name.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +75,7 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     from model.inductor import has_compiler, missing_compiler_message
     from server.app import read_serving_files
 
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, setting_source("device", given))
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")

@@ -145,6 +145,13 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     endless = run_server("--checkpoint", str(checkpoint), "--drain-timeout", "inf")
     assert endless.returncode == 2
     assert endless.stderr.strip() == "error: --drain-timeout: Input should be a finite number"
+    # CUDA asked for on a machine without it (hidden here, whatever the machine has).
+    no_gpu = {"CUDA_VISIBLE_DEVICES": "", "POCKETGPT_DEVICE": "cuda"}
+    cuda = run_server("--checkpoint", str(checkpoint), env=no_gpu)
+    assert cuda.returncode == 2
+    assert cuda.stderr.strip() == (
+        "error: POCKETGPT_DEVICE cuda: CUDA is not available on this machine"
+    )
 
 
 def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpoint):

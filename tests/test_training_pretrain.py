@@ -1095,7 +1095,7 @@ def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Pat
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_evaluate_on_cuda_without_cuda_exits_2_naming_the_flag(
+def test_cuda_without_cuda_exits_2_naming_the_setting_as_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine is CPU-only
@@ -1107,3 +1107,10 @@ def test_evaluate_on_cuda_without_cuda_exits_2_naming_the_flag(
         .err.splitlines()[-1]
         .endswith("error: --device cuda: CUDA is not available on this machine")
     )
+    # The trainer too, naming the setting as it was given (Docker sets the variable).
+    monkeypatch.setenv("POCKETGPT_DEVICE", "cuda")
+    assert pretrain.main(tiny_run(tmp_path, "--out-dir", str(tmp_path / "run"))) == 2
+    assert capsys.readouterr().err == (
+        "error: POCKETGPT_DEVICE cuda: CUDA is not available on this machine\n"
+    )
+    assert not (tmp_path / "run").exists()

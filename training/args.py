@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from model.cli import env_var, flag
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
+from model.device import resolve_device
 from model.inductor import has_compiler, missing_compiler_message
 from training.prepare import MAX_VOCAB
 from training.tokenizer import MIN_VOCAB
 
-ENV_PREFIX = "POCKETGPT_"
 # torch takes 64-bit unsigned seeds, and the batch sampler seeds rank r with
 # seed * 1000 + r (training/data.py): that must fit as well.
 MAX_SEED = 2**64 // 1000 - 1
@@ -287,8 +288,10 @@ class TrainArgs:
         for name, allowed in choices.items():
             value = getattr(self, name)
             require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: CUDA is not available on this machine")
+        try:
+            resolve_device(self.device, _source("device", sources))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return self
 
     def to_dict(self) -> dict:
@@ -576,14 +579,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
 TYPES = typing.get_type_hints(TrainArgs)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _source(name: str, sources: Mapping[str, str] | None) -> str:
     """How the user gave setting `name` (its flag, env var or config entry; the flag if
     `sources` does not say): what an error about its value names."""
-    return (sources or {}).get(name, _flag(name))
+    return (sources or {}).get(name, flag(name))
 
 
 def _base_type(name: str) -> tuple[type, bool]:
@@ -646,11 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
         if default not in (None, []) and "default:" not in help_text:
             help_text += f" (default: {default!r})"
         if kind is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:
-            parser.add_argument(_flag(name), nargs="+", metavar="PATH", help=help_text)
+            parser.add_argument(flag(name), nargs="+", metavar="PATH", help=help_text)
         else:
-            parser.add_argument(_flag(name), metavar=kind.__name__.upper(), help=help_text)
+            parser.add_argument(flag(name), metavar=kind.__name__.upper(), help=help_text)
     return parser
 
 
@@ -708,17 +707,17 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
     """Settings given by config file, environment and command line, in rising precedence."""
     given = vars(build_parser().parse_args(argv))
     values, sources = {}, {}
-    config = given.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    config = given.pop("config", None) or environ.get(env_var("config"))
     if config:
         values.update(_read_config_file(Path(config)))
         sources.update({name: f"--config {config}: {name}" for name in values})
     for name in FIELDS:
-        env = ENV_PREFIX + name.upper()
+        env = env_var(name)
         if env in environ:
             values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
-        flag = _flag("no_" + name if value is False else name)  # as typed: --no-compile
-        values[name], sources[name] = _convert(name, value, flag), flag
+        typed = flag("no_" + name if value is False else name)  # as typed: --no-compile
+        values[name], sources[name] = _convert(name, value, typed), typed
     return Given(values, sources)
 
 

@@ -35,6 +35,7 @@ from model.checkpoint import (
     read_tokenizer_extras,
     resolve_checkpoint,
 )
+from model.cli import env_var, flag
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
@@ -372,18 +373,17 @@ def read_documents(
     paths = getattr(args, field)
     if not paths:
         return None
-    flag = "--" + field.replace("_", "-")
     try:
         return load_documents(paths)
     except CorpusError as e:
-        named = "" if field == "data" else f"{flag}: "
+        named = "" if field == "data" else f"{flag(field)}: "
         if resumed is None or field in given.values:
             raise CorpusError(f"{named}{e}") from None
         # Not named now: the path saved when the run began (a Docker `run -v` mount, a
         # drive since unmounted), where the user may not think to look.
         raise CorpusError(
-            f"{named}{e} (the {flag} the resumed run was started with: make it readable "
-            f"there again, or give {flag} or POCKETGPT_{field.upper()})"
+            f"{named}{e} (the {flag(field)} the resumed run was started with: make it "
+            f"readable there again, or give {flag(field)} or {env_var(field)})"
         ) from None
 
 
