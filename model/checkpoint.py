@@ -245,18 +245,13 @@ class TokenizerExtras:
 
 def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
     """`folder`'s KEPT_TOKENIZER_FIELDS and chat template file (either may be absent)."""
-    fields: dict[str, object] = {}
-    path = folder / TOKENIZER_CONFIG
+    config = read_json_object(folder / TOKENIZER_CONFIG)
+    fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
+    template = folder / CHAT_TEMPLATE
     try:
-        if path.exists():
-            config = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{path}: expected a JSON object")
-            fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
-        template = folder / CHAT_TEMPLATE
         chat_template = template.read_text(encoding="utf-8") if template.exists() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder}: unreadable tokenizer files ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{template}: unreadable ({e})") from None
     return TokenizerExtras(fields, chat_template)
 
 
@@ -368,15 +363,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def read_config(folder: Path) -> ModelConfig:
     path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config_from_hf(hf, path)
+    return config_from_hf(read_json_object(path, required=True), path)
 
 
 def _check_safetensors_size(path: Path) -> None:
@@ -565,13 +552,18 @@ def read_generation_config(folder: Path) -> dict:
     return read_json_object(folder / GENERATION_CONFIG)
 
 
-def read_json_object(path: Path) -> dict:
-    """The JSON object in the file at `path` ({} if there is none)."""
+def read_json_object(path: Path, *, required: bool = False) -> dict:
+    """The JSON object in the file at `path`; if there is none, {} (or, `required`, a
+    CheckpointError saying it is missing). A file that is no JSON object is an error."""
     if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path}: missing")
         return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")

@@ -493,7 +493,7 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     argv = [*run, "--init-from", str(edited), "--out-dir", str(tmp_path / "never")]
     assert pretrain.main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {edited}: unreadable tokenizer files")
+    assert line.startswith(f"error: {edited / 'tokenizer_config.json'}: not valid JSON")
     assert not (tmp_path / "never").exists()
 
 

@@ -49,6 +49,7 @@ from model.checkpoint import (
     first_non_finite,
     load_weights,
     read_config,
+    read_json_object,
     save_checkpoint,
     write_json,
     write_text_atomic,
@@ -155,14 +156,7 @@ def step_number(folder: Path) -> int:
 
 def trainer_meta(folder: Path) -> dict:
     """A trainer checkpoint's trainer_meta.json."""
-    path = folder / TRAINER_META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return meta
+    return read_json_object(folder / TRAINER_META, required=True)
 
 
 def recorded_best_loss(run_folder: Path) -> float | None:
