@@ -41,7 +41,7 @@ from bench.reference import plain_train_steps
 from model.checkpoint import RUN_LOG, load_tokenizer, read_config, resolve_checkpoint
 from model.device import resolve_device
 from model.transformer import Transformer
-from training.pretrain import saved_args
+from training.resume import saved_args
 from training.trainer import trainer_meta
 
 

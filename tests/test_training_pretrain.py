@@ -28,6 +28,7 @@ from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.data import BatchSampler
+from training.run_folder import RUN_LOCK
 from training.trainer import next_token_loss, step_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -744,7 +745,7 @@ def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
     steps = [json.loads(line)["step"] for line in lines if '"train"' in line]
     assert steps == sorted(set(steps)) and len(steps) >= 3
     # Ended, it holds the run no more, and leaves no lock file.
-    assert not (run / pretrain.RUN_LOCK).exists()
+    assert not (run / RUN_LOCK).exists()
     assert pretrain.main(["--resume", str(run), "--max-steps", str(meta(run)["step"] + 1)]) == 0
 
 

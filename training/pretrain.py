@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,12 +20,9 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
-    CONFIG,
-    LATEST,
     TOKENIZER,
     CheckpointError,
     CheckpointWriteError,
-    clear_interrupted_saves,
     load_tokenizer,
     read_config,
     read_generation_config,
@@ -42,9 +36,7 @@ from training.args import (
     Given,
     TrainArgs,
     UsageError,
-    as_saved,
     budget_summary,
-    check_resume_settings,
     explicit_settings,
     make_args,
     model_config,
@@ -56,12 +48,27 @@ from training.args import (
 )
 from training.corpus import CorpusError, default_documents, load_documents
 from training.prepare import PreparedData, check_tokenizer, prepare, split_documents
+from training.resume import (
+    budget_spent,
+    check_resumed_init_from,
+    finished,
+    init_folder,
+    later_steps_note,
+    resume_folder,
+    resumed_args,
+    saved_args,
+)
+from training.run_folder import (
+    check_writable,
+    clear_run_folder,
+    has_checkpoint,
+    holds_run,
+    launched_as_rank0,
+    run_folder,
+    run_folder_lock,
+)
 from training.tokenizer import load_tokenizer_file
 from training.trainer import (
-    BEST,
-    STEP_DIR,
-    TRAINER_META,
-    TRAINING_STATE,
     DistInfo,
     RankStopped,
     Trainer,
@@ -69,255 +76,8 @@ from training.trainer import (
     init_distributed,
     leave_together,
     share_rank0_error,
-    step_folders,
     trainer_meta,
 )
-
-# In the run folder: held (flock) by the trainer training it; holds its pid.
-RUN_LOCK = ".trainer.lock"
-
-
-def run_checkpoint(path: Path) -> Path:
-    """The checkpoint `path` names: itself, the one its `latest` file names, or, in a
-    run folder left without `latest` (a kill between the first checkpoint and its
-    pointer, or a user who deleted it), its newest step folder. Saves rename only a
-    complete folder into a step's name, so the newest is whole."""
-    try:
-        return resolve_checkpoint(path)
-    except CheckpointError:
-        if not path.is_dir() or (path / LATEST).exists():
-            raise
-        steps = step_folders(path)
-        if not steps:
-            raise
-        return steps[-1]
-
-
-def has_checkpoint(out_dir: Path) -> bool:
-    try:
-        run_checkpoint(out_dir)
-    except CheckpointError:
-        return False
-    return True
-
-
-def holds_run(out_dir: Path) -> bool:
-    """Whether `out_dir` holds a run's files: a `latest` pointer (even one naming a lost
-    checkpoint), `best/` or step folders. A new run never writes over them."""
-    if not out_dir.is_dir():
-        return False
-    return (out_dir / LATEST).exists() or any(
-        p.name == BEST or STEP_DIR.fullmatch(p.name) for p in out_dir.iterdir()
-    )
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fail now, not after minutes of tokenizing, where `folder` cannot be written."""
-    try:
-        # A name with bytes that are not UTF-8 (the shell's $'\xe9') reaches Python as
-        # lone surrogates: TensorBoard and JSON could not write it after the tokenizing.
-        str(folder).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(folder).decode("utf-8", "backslashreplace")
-        raise UsageError(f"{flag} {shown}: the name is not valid UTF-8") from None
-    existing = folder
-    while not existing.exists():
-        if existing.is_symlink():  # a link to a drive not mounted, a folder since moved
-            target = os.readlink(existing)
-            raise UsageError(f"{flag} {folder}: {existing} links to {target}, which does not exist")
-        existing = existing.parent  # ends at "." or "/", which exist
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {folder}: {existing} is not a folder")
-    # Tried, not asked: os.access says yes to root anywhere (a read-only bind mount aside),
-    # /proc included, and a folder made and removed at once leaves nothing behind.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".pocketgpt-", dir=existing))
-    except OSError as e:
-        raise UsageError(
-            f"{flag} {folder}: cannot create a folder in {existing} ({e.strerror or e})"
-        ) from None
-
-
-@contextlib.contextmanager
-def run_folder_lock(folder: Path) -> Iterator[None]:
-    """Hold the run folder for this trainer (rank 0; other ranks write nothing there):
-    a second trainer on it (a double launch, a restarted container, an overlapping cron
-    job) would interleave its saves and log with this one's. An flock on RUN_LOCK: the
-    system drops it when the process ends, however it ends, so no stale lock stops a
-    later resume; a trainer that ends normally removes the file too."""
-    if not launched_as_rank0():
-        yield
-        return
-    path = folder / RUN_LOCK
-    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    try:
-        fd = _locked(path)
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            print(
-                f"warning: {folder}: this file system cannot lock files ({e.strerror}); "
-                "nothing stops a second trainer on this run",
-                file=sys.stderr,
-            )
-        # Else the folder cannot be made or written: the checks that follow say so,
-        # naming the flag; nothing is locked meanwhile.
-        fd = None
-    try:
-        if fd is not None:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        if fd is not None:
-            path.unlink(missing_ok=True)  # while still held: no one else has it open locked
-            os.close(fd)
-        # A command that wrote nothing (refused, say) leaves no folder behind.
-        for made in created:  # deepest first; rmdir removes only an empty one
-            with contextlib.suppress(OSError):
-                made.rmdir()
-
-
-def _locked(path: Path) -> int:
-    """An open descriptor of `path` (made, with its folders, if missing) holding its
-    flock; a UsageError if another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            raise UsageError(
-                f"{path.parent}: another trainer (pid {holder}) is training this run; wait "
-                "for it to end, or choose another --out-dir"
-            ) from None
-        except OSError:
-            os.close(fd)
-            raise
-        # Locked the file at `path`, unless its holder removed it meanwhile (then this
-        # lock is on a file nobody else will open): try again.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        os.close(fd)
-
-
-def saved_args(folder: Path) -> dict:
-    """The TrainArgs (as a dict) a trainer checkpoint was written with."""
-    args = trainer_meta(folder).get("args")
-    if not isinstance(args, dict):
-        raise CheckpointError(f"{folder / TRAINER_META}: holds no trainer args")
-    return args
-
-
-# The settings choosing the text a run trains and is scored on, and the windows it is
-# scored in: `--resume` may change them, with a warning.
-SCORING_CHOICES = (
-    ("--data", "data"),
-    ("--val-data", "val_data"),
-    ("--val-fraction", "val_fraction"),
-    ("--block-size", "block_size"),
-)
-
-
-def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
-    if name not in given.values:
-        return False  # (a resumed run's missing --data is named when it is read)
-    return as_saved(name, given.values[name]) != saved.get(name)
-
-
-def resumed_args(folder: Path, given: Given) -> TrainArgs:
-    """The args a run resumed from `folder` continues with: its own, overridden by the
-    settings given now (those that may change: check_resume_settings)."""
-    saved = saved_args(folder)
-    check_resume_settings(given, saved, read_config(folder), folder.parent)
-    differ = [flag for flag, name in SCORING_CHOICES if differs_from_saved(name, given, saved)]
-    if differ:
-        print(
-            f"warning: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from "
-            "what the run was started with: its batches and its validation will differ "
-            "(best/ then compares losses measured otherwise)",
-            file=sys.stderr,
-        )
-    # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
-    # run goes on in the folder it is resumed from, not where it was first written (a
-    # copy of a run folder must not write into its original).
-    # --if-missing is how this command was run, not a setting of the run it continues.
-    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
-    try:
-        return make_args(base, given)
-    except (TypeError, ValueError) as e:  # a saved value of the wrong type
-        raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
-
-
-def check_resumed_init_from(given: str, started_from: object) -> None:
-    """`--init-from` beside `--resume` (or `--if-missing` finding the run unfinished):
-    the run's own starting point, as the command that started it names it, is taken (a
-    resumed fine-tune continues its own checkpoint); another is an error."""
-    if not isinstance(started_from, str):
-        raise UsageError(
-            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
-        )
-    if Path(given).resolve() != Path(started_from).resolve():
-        raise UsageError(
-            f"--init-from {given}: the resumed run was fine-tuned from {started_from}; it "
-            "goes on from its own checkpoint: drop --init-from"
-        )
-
-
-def later_steps_note(resumed: Path) -> str | None:
-    """What a resume from a step folder older than the run's newest, and not the one
-    `latest` names (going back), does with the steps after it; None for any other."""
-    newest = step_folders(resumed.parent)[-1:]
-    if not newest or newest[0].name <= resumed.name or not STEP_DIR.fullmatch(resumed.name):
-        return None
-    with contextlib.suppress(OSError):  # the one `latest` names is where the run is
-        if (resumed.parent / LATEST).read_text(encoding="utf-8").strip() == resumed.name:
-            return None
-    return (
-        f"warning: {resumed.name} is older than the run's newest checkpoint, "
-        f"{newest[0].name}: the step folders after it stay until this run's saves of the "
-        "same steps replace them, and best/ stays unless this run scores lower"
-    )
-
-
-def budget_spent(folder: Path, args: TrainArgs) -> str | None:
-    """What already ends the run resumed from `folder` under `args` (its step count or
-    training time reached), or None if it has steps to go."""
-    meta = trainer_meta(folder)
-    step, seconds = meta.get("step"), meta.get("wall_time")
-    # A damaged value is left for reading the training state to report.
-    if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
-        return f"is at step {step}, at or past --max-steps {args.max_steps}"
-    if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
-        return f"has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
-    return None
-
-
-def init_folder(path: str) -> Path:
-    """The checkpoint `--init-from` names (a checkpoint or a run folder)."""
-    try:
-        return resolve_checkpoint(Path(path))
-    except CheckpointError as e:
-        raise UsageError(f"--init-from: {e}") from None
-
-
-def resume_folder(path: str) -> Path:
-    """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
-    try:
-        folder = run_checkpoint(Path(path))
-    except CheckpointError as e:
-        raise UsageError(f"--resume: {e}") from None
-    if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
-        print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)
-    for name in (TRAINING_STATE, TRAINER_META):
-        if not (folder / name).is_file():
-            raise UsageError(
-                f"--resume {path}: {folder} has no {name}; not a trainer checkpoint (a model "
-                "folder such as best/ can be fine-tuned with --init-from)"
-            )
-    return folder
 
 
 def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
@@ -456,45 +216,6 @@ def prepare_on_rank0(
     return (
         data if dist_info.is_main else load_data(args, documents, val_docs, tokenizer, world_size)
     )
-
-
-def finished(folder: Path) -> bool:
-    """Whether the trainer checkpoint in `folder` ended its run (by steps, time or early
-    stopping), not a signal or a periodic save that a kill left the newest. Runs saved
-    before trainer_meta.json recorded it count as finished."""
-    try:
-        meta = trainer_meta(run_checkpoint(folder))
-    except CheckpointError:
-        return True  # not a trainer checkpoint (nothing to resume): leave it alone
-    return meta.get("stopped_by", "max_steps") not in (None, "signal")
-
-
-def launched_as_rank0() -> bool:
-    """Whether torchrun started this process as rank 0 (or no torchrun did): known from
-    the environment, before the process group exists."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def run_folder(settings: dict) -> Path:
-    """The run folder the command given `settings` trains: --resume's, else --out-dir."""
-    folder = Path(settings.get("resume") or settings.get("out_dir", TrainArgs.out_dir))
-    if (folder / CONFIG).is_file():  # --resume named a checkpoint, not its run folder
-        folder = folder.parent
-    return folder
-
-
-def clear_run_folder(settings: dict) -> None:
-    """Before anything reads the run folder: clear what saves killed midway left there
-    (a half-written copy; a checkpoint moved aside, put back). By rank 0 alone."""
-    if not launched_as_rank0():
-        return
-    folder = run_folder(settings)
-    if folder.is_dir():
-        saved = {BEST, LATEST}
-        for line in clear_interrupted_saves(
-            folder, lambda name: name in saved or STEP_DIR.fullmatch(name) is not None
-        ):
-            print(line, flush=True)
 
 
 def run(argv: Sequence[str] | None) -> int:

@@ -1,0 +1,159 @@
+"""What a run starts from: the checkpoint `--resume` continues (with the args it was
+trained with, and what may change) or `--init-from` fine-tunes, and whether a run is done."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from model.checkpoint import (
+    LATEST,
+    CheckpointError,
+    read_config,
+    resolve_checkpoint,
+)
+from training.args import (
+    Given,
+    TrainArgs,
+    UsageError,
+    as_saved,
+    check_resume_settings,
+    make_args,
+)
+from training.run_folder import run_checkpoint
+from training.trainer import (
+    STEP_DIR,
+    TRAINER_META,
+    TRAINING_STATE,
+    step_folders,
+    trainer_meta,
+)
+
+
+def saved_args(folder: Path) -> dict:
+    """The TrainArgs (as a dict) a trainer checkpoint was written with."""
+    args = trainer_meta(folder).get("args")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{folder / TRAINER_META}: holds no trainer args")
+    return args
+
+
+# The settings choosing the text a run trains and is scored on, and the windows it is
+# scored in: `--resume` may change them, with a warning.
+SCORING_CHOICES = (
+    ("--data", "data"),
+    ("--val-data", "val_data"),
+    ("--val-fraction", "val_fraction"),
+    ("--block-size", "block_size"),
+)
+
+
+def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
+    if name not in given.values:
+        return False  # (a resumed run's missing --data is named when it is read)
+    return as_saved(name, given.values[name]) != saved.get(name)
+
+
+def resumed_args(folder: Path, given: Given) -> TrainArgs:
+    """The args a run resumed from `folder` continues with: its own, overridden by the
+    settings given now (those that may change: check_resume_settings)."""
+    saved = saved_args(folder)
+    check_resume_settings(given, saved, read_config(folder), folder.parent)
+    differ = [flag for flag, name in SCORING_CHOICES if differs_from_saved(name, given, saved)]
+    if differ:
+        print(
+            f"warning: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from "
+            "what the run was started with: its batches and its validation will differ "
+            "(best/ then compares losses measured otherwise)",
+            file=sys.stderr,
+        )
+    # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
+    # run goes on in the folder it is resumed from, not where it was first written (a
+    # copy of a run folder must not write into its original).
+    # --if-missing is how this command was run, not a setting of the run it continues.
+    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
+    try:
+        return make_args(base, given)
+    except (TypeError, ValueError) as e:  # a saved value of the wrong type
+        raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
+
+
+def check_resumed_init_from(given: str, started_from: object) -> None:
+    """`--init-from` beside `--resume` (or `--if-missing` finding the run unfinished):
+    the run's own starting point, as the command that started it names it, is taken (a
+    resumed fine-tune continues its own checkpoint); another is an error."""
+    if not isinstance(started_from, str):
+        raise UsageError(
+            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
+        )
+    if Path(given).resolve() != Path(started_from).resolve():
+        raise UsageError(
+            f"--init-from {given}: the resumed run was fine-tuned from {started_from}; it "
+            "goes on from its own checkpoint: drop --init-from"
+        )
+
+
+def later_steps_note(resumed: Path) -> str | None:
+    """What a resume from a step folder older than the run's newest, and not the one
+    `latest` names (going back), does with the steps after it; None for any other."""
+    newest = step_folders(resumed.parent)[-1:]
+    if not newest or newest[0].name <= resumed.name or not STEP_DIR.fullmatch(resumed.name):
+        return None
+    with contextlib.suppress(OSError):  # the one `latest` names is where the run is
+        if (resumed.parent / LATEST).read_text(encoding="utf-8").strip() == resumed.name:
+            return None
+    return (
+        f"warning: {resumed.name} is older than the run's newest checkpoint, "
+        f"{newest[0].name}: the step folders after it stay until this run's saves of the "
+        "same steps replace them, and best/ stays unless this run scores lower"
+    )
+
+
+def budget_spent(folder: Path, args: TrainArgs) -> str | None:
+    """What already ends the run resumed from `folder` under `args` (its step count or
+    training time reached), or None if it has steps to go."""
+    meta = trainer_meta(folder)
+    step, seconds = meta.get("step"), meta.get("wall_time")
+    # A damaged value is left for reading the training state to report.
+    if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
+        return f"is at step {step}, at or past --max-steps {args.max_steps}"
+    if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
+        return f"has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
+    return None
+
+
+def init_folder(path: str) -> Path:
+    """The checkpoint `--init-from` names (a checkpoint or a run folder)."""
+    try:
+        return resolve_checkpoint(Path(path))
+    except CheckpointError as e:
+        raise UsageError(f"--init-from: {e}") from None
+
+
+def resume_folder(path: str) -> Path:
+    """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
+    try:
+        folder = run_checkpoint(Path(path))
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+    if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
+        print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)
+    for name in (TRAINING_STATE, TRAINER_META):
+        if not (folder / name).is_file():
+            raise UsageError(
+                f"--resume {path}: {folder} has no {name}; not a trainer checkpoint (a model "
+                "folder such as best/ can be fine-tuned with --init-from)"
+            )
+    return folder
+
+
+def finished(folder: Path) -> bool:
+    """Whether the trainer checkpoint in `folder` ended its run (by steps, time or early
+    stopping), not a signal or a periodic save that a kill left the newest. Runs saved
+    before trainer_meta.json recorded it count as finished."""
+    try:
+        meta = trainer_meta(run_checkpoint(folder))
+    except CheckpointError:
+        return True  # not a trainer checkpoint (nothing to resume): leave it alone
+    return meta.get("stopped_by", "max_steps") not in (None, "signal")
