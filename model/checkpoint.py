@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from model.atomic_files import fsync_path, is_temporary, replace_dir, write_json, write_text_atomic
 from model.config import ModelConfig
 from model.transformer import Transformer, rope_tables
 
@@ -150,111 +150,6 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
     return config
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see either the old or the new content."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` onto `final`; an existing `final` is moved aside first, then removed."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_path(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# `<name>.tmp-<pid>`: being written; `<name>.old-<pid>`: the one it replaces, moved aside.
-_TEMPORARY = re.compile(r"(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
-
-
-def is_temporary(name: str) -> bool:
-    return _TEMPORARY.fullmatch(name) is not None
-
-
-def clear_interrupted_saves(root: Path, saved: Callable[[str], bool]) -> list[str]:
-    """Clear what saves of the names `saved` accepts, killed midway, left in `root`;
-    returns a line for each.
-
-    A `<name>.tmp-<pid>` copy is half written: removed. A `<name>.old-<pid>` is the
-    previous `<name>`, moved aside for its replacement: put back if a kill between the
-    two renames left no `<name>`, else removed. What a writer still running in another
-    process has there is left alone.
-    """
-    done = []
-    for path in sorted(Path(root).iterdir()):
-        match = _TEMPORARY.fullmatch(path.name)
-        if match is None or not saved(match["name"]) or _running_elsewhere(int(match["pid"])):
-            continue
-        final = path.with_name(match["name"])
-        if match["kind"] == "old" and not final.exists():
-            os.replace(path, final)
-            done.append(f"put {path} back as {final.name}: a save killed midway had moved it")
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        done.append(f"removed {path}: a save killed midway left it")
-    return done
-
-
-def _running_elsewhere(pid: int) -> bool:
-    """Whether `pid` is a live process other than this one (pids are reused: in a
-    restarted container the new trainer often has the killed one's)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
-
-
-@dataclass(frozen=True)
-class TokenizerExtras:
-    """What a checkpoint keeps of the tokenizer files of the one it was trained from."""
-
-    fields: dict[str, object] = field(default_factory=dict)  # KEPT_TOKENIZER_FIELDS present
-    chat_template: str | None = None  # CHAT_TEMPLATE's text
-
-
-def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
-    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template file (either may be absent)."""
-    config = read_json_object(folder / TOKENIZER_CONFIG)
-    fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
-    template = folder / CHAT_TEMPLATE
-    try:
-        chat_template = template.read_text(encoding="utf-8") if template.exists() else None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{template}: unreadable ({e})") from None
-    return TokenizerExtras(fields, chat_template)
-
-
 # ---------------------------------------------------------------- save
 
 
@@ -324,9 +219,9 @@ def save_checkpoint(
         for file_name, write in (extra_files or {}).items():
             write(tmp / file_name)
         for path in tmp.iterdir():
-            _fsync_path(path)
-        _fsync_path(tmp)
-        _replace_dir(tmp, final)
+            fsync_path(path)
+        fsync_path(tmp)
+        replace_dir(tmp, final)
         if update_latest:
             write_text_atomic(root / LATEST, name + "\n")
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O as Runtime
@@ -484,6 +379,26 @@ def load_model(
     # The RoPE tables are non-persistent buffers: computed here, off the meta device.
     model.rope_cos, model.rope_sin = rope_tables(config)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclass(frozen=True)
+class TokenizerExtras:
+    """What a checkpoint keeps of the tokenizer files of the one it was trained from."""
+
+    fields: dict[str, object] = field(default_factory=dict)  # KEPT_TOKENIZER_FIELDS present
+    chat_template: str | None = None  # CHAT_TEMPLATE's text
+
+
+def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
+    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template file (either may be absent)."""
+    config = read_json_object(folder / TOKENIZER_CONFIG)
+    fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
+    template = folder / CHAT_TEMPLATE
+    try:
+        chat_template = template.read_text(encoding="utf-8") if template.exists() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{template}: unreadable ({e})") from None
+    return TokenizerExtras(fields, chat_template)
 
 
 def text_literally(tokenizer: Tokenizer) -> Tokenizer:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import LATEST, is_temporary, load_model, resolve_checkpoint
+from model.atomic_files import is_temporary
+from model.checkpoint import LATEST, load_model, resolve_checkpoint
 from tests.test_training_pretrain import REPO, python_env, tiny_run
 from training import pretrain
 

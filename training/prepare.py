@@ -33,7 +33,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.checkpoint import END_OF_TEXT, end_of_text_id, write_json
+from model.atomic_files import write_json
+from model.checkpoint import END_OF_TEXT, end_of_text_id
 from model.token_bytes import require_byte_level, token_bytes
 from training.corpus import CorpusError
 from training.tokenizer import load_tokenizer_file, train_tokenizer

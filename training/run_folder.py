@@ -12,11 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from model.atomic_files import clear_interrupted_saves
 from model.checkpoint import (
     CONFIG,
     LATEST,
     CheckpointError,
-    clear_interrupted_saves,
     resolve_checkpoint,
 )
 from training.args import (

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.atomic_files import write_json, write_text_atomic
 from model.checkpoint import (
     END_OF_TEXT,
     LATEST,
@@ -51,8 +52,6 @@ from model.checkpoint import (
     read_config,
     read_json_object,
     save_checkpoint,
-    write_json,
-    write_text_atomic,
 )
 from model.config import ModelConfig
 from model.kv_cache import KVCache
