@@ -14,6 +14,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     ProcessCollector,
@@ -36,6 +37,8 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # Exported at zero from the start, so that an error or shedding ratio is 0, not "no data",
 # until the first one.
 WATCHED_STATUSES = ("200", "429", "499", "500", "503")
+
+SERVER_STATES = ("loading", "ready", "draining", "failed")
 
 # Not a `_created` series beside every counter and histogram: in the text format each is
 # one more series to store, and rate() does not need it. (Process-wide; this process is
@@ -96,6 +99,13 @@ class Metrics:
         )
         self.batch_size = histogram("batch_size", "rows in each decode step", _BATCH_BUCKETS)
         self.kv_cache_usage = gauge("kv_cache_usage_ratio", "fraction of KV-cache slots in use")
+        self.server_state = Enum(
+            "pocketgpt_server_state",
+            "what the server is doing: loading, ready, draining (shutting down), or failed "
+            "(the load or the engine; /health answers 503)",
+            states=list(SERVER_STATES),
+            registry=registry,
+        )
         self.model_load = gauge(
             "model_load_seconds",
             "seconds from the app's start to ready: weights onto the device, engine warm-up",

@@ -259,4 +259,15 @@ async def models(request: Request) -> ModelList:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+    app_metrics = request.app.state.metrics
+    app_metrics.server_state.state(_server_state(request))
+    return Response(app_metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _server_state(request: Request) -> str:
+    """One of metrics.SERVER_STATES, read when scraped: what /health would say."""
+    serving: Serving | None = request.app.state.serving
+    status: str = request.app.state.status  # loading, ready, draining, failed to load: ...
+    if status.startswith("failed") or (serving is not None and serving.engine.failed):
+        return "failed"
+    return status

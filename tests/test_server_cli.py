@@ -451,6 +451,8 @@ def test_a_second_signal_ends_every_unfinished_request_at_once_as_the_timeout_wo
             wait_until(all_nine_submitted, 20, "one request running, eight waiting")
             process.send_signal(signal.SIGTERM)
             wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, 5, "health 503")
+            state = ("pocketgpt_server_state", (("pocketgpt_server_state", "draining"),))
+            assert metric_samples(url)[state] == 1
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
             cut_off = waiting.result()

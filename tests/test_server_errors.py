@@ -442,6 +442,8 @@ def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
         assert "missing" in health_message()
         response = httpx.post(f"{url}/v1/generate", json={"prompt": "x"})
         assert_error(response, 503, "unavailable")
+        state = ("pocketgpt_server_state", (("pocketgpt_server_state", "failed"),))
+        assert metric_samples(url)[state] == 1
 
 
 def test_queue_full_is_429_with_retry_after_while_admitted_requests_complete(client):

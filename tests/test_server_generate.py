@@ -290,6 +290,13 @@ def test_metrics_parse_and_counters_match_the_requests_made(client):
         assert ("pocketgpt_requests_total", (("status", status),)) in after
     names = {name for name, _ in after}
     assert not [name for name in names if name.endswith("_created")]
+    # The server's state, for an alert that needs no traffic to fire.
+    states = {
+        dict(labels)["pocketgpt_server_state"]: value
+        for (name, labels), value in after.items()
+        if name == "pocketgpt_server_state"
+    }
+    assert states == {"loading": 0, "ready": 1, "draining": 0, "failed": 0}
     # Inter-token latency resolves a GPU's ~1-3 ms steps as well as a CPU's ~3-30 ms.
     bounds = sorted(
         float(dict(labels)["le"])
