@@ -38,7 +38,7 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """Raw bytes of every token id; special tokens decode to nothing (as in `decode`).
 
     Needs a byte-level BPE (what the trainer writes): its token strings are bytes
-    in GPT-2's printable alphabet, so the mapping is exact.
+    in GPT-2's printable alphabet, so the mapping is exact. ValueError for another kind.
     """
     require_byte_level(tokenizer)
     table = _byte_decoder()
@@ -50,5 +50,10 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
             out.append(b"" if token.special else token.content.encode("utf-8"))
         else:
             piece = tokenizer.id_to_token(token_id) or ""
-            out.append(bytes(table[c] for c in piece))
+            try:
+                out.append(bytes(table[c] for c in piece))
+            except KeyError:  # a hand-edited vocabulary: a character no byte stands for
+                raise ValueError(
+                    f"token {token_id} ({piece!r}) is not in the byte-level BPE alphabet"
+                ) from None
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,30 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused_by_evaluate_and_init_from
     metaspace.save(str(folder / "tokenizer.json"))
     problem = f"error: {folder / 'tokenizer.json'}: unsupported tokenizer decoder (Metaspace)"
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+
+
+def test_a_token_outside_the_byte_alphabet_is_refused_by_evaluate_init_from_and_server(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A hand-edited vocabulary: a raw space stands for no byte in GPT-2's alphabet.
+    size = tokenizer.get_vocab_size()
+    spec = json.loads(tokenizer.to_str())
+    spec["model"]["vocab"]["a b"] = size
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=size + 1))
+    edited = Tokenizer.from_str(json.dumps(spec))
+    folder = save_checkpoint(tmp_path / "ckpt", "step-0000001", model, edited)
+    problem = (
+        f"error: {folder / 'tokenizer.json'}: token {size} ('a b') is not in the byte-level "
+        "BPE alphabet"
+    )
+    assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+    served = subprocess.run(
+        [sys.executable, "-m", "server", "--checkpoint", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (served.returncode, served.stderr.splitlines()) == (2, [problem])
 
 
 def test_bytes_per_token_count_an_added_tokens_utf8_bytes(tokenizer: Tokenizer) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from model.atomic_files import write_json
 from model.checkpoint import END_OF_TEXT, end_of_text_id
-from model.token_bytes import require_byte_level, token_bytes
+from model.token_bytes import token_bytes
 from training.corpus import CorpusError
 from training.tokenizer import load_tokenizer_file, train_tokenizer
 
@@ -208,7 +208,7 @@ def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
             f"(at most {MAX_VOCAB:,})"
         )
     try:
-        require_byte_level(tokenizer)  # what bits per byte counts and the server streams
+        token_bytes(tokenizer)  # a byte-level BPE: what bits per byte counts, the server streams
         end_of_text_id(tokenizer)
     except ValueError as e:
         raise CorpusError(f"{source}: {e}") from None
