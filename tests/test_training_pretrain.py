@@ -482,7 +482,14 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     shape = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4"]
     argv = [*run, *shape, "--tokenizer", str(edited), "--out-dir", str(fresh)]
     assert pretrain.main(argv) == 0
-    for folder in (resolve_checkpoint(tuned), tuned / "best", resolve_checkpoint(fresh)):
+    # ... given as the run folder it is in (its `latest` names it).
+    edited_run, fresh_too = tmp_path / "edited-run", tmp_path / "fresh-too"
+    shutil.copytree(edited, edited_run / "step-0000002")
+    (edited_run / "latest").write_text("step-0000002\n")
+    argv = [*run, *shape, "--tokenizer", str(edited_run), "--out-dir", str(fresh_too)]
+    assert pretrain.main(argv) == 0
+    made = (resolve_checkpoint(tuned), tuned / "best", *map(resolve_checkpoint, (fresh, fresh_too)))
+    for folder in made:
         reloaded = AutoTokenizer.from_pretrained(folder)
         assert (reloaded.pad_token, reloaded.eos_token) == ("<|endoftext|>", "<|endoftext|>")
         chat = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
@@ -520,6 +527,22 @@ def test_runs_named_by_relative_paths_resume_with_their_own_commands(
         assert pretrain.main([*command, "--max-steps", "2", "--resume", command[-1]]) == 0
         assert "warning" not in capsys.readouterr().err
         assert meta(tmp_path / command[-1])["step"] == 2
+    # Runs saved before paths were recorded absolute hold them as given: the same.
+    saved = resolve_checkpoint(tmp_path / "fresh") / "trainer_meta.json"
+    old = json.loads(saved.read_text())
+    old["args"] |= {"tokenizer": "base", "data": ["text.txt"]}
+    saved.write_text(json.dumps(old))
+    again = [*short, "--tokenizer", "base", "--out-dir", "fresh", "--resume", "fresh"]
+    assert pretrain.main([*again, "--max-steps", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # Another tokenizer beside --init-from is no repetition: refused.
+    other = [*short, "--vocab-size", "320", "--max-steps", "1", "--out-dir", "other"]
+    assert pretrain.main(other) == 0
+    capsys.readouterr()
+    refused = [*short, "--init-from", "base", "--tokenizer", "other", "--out-dir", "never"]
+    assert pretrain.main(refused) == 2
+    assert capsys.readouterr().err.endswith("model and its tokenizer: drop --tokenizer\n")
+    assert not (tmp_path / "never").exists()
 
 
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(

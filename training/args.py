@@ -514,7 +514,10 @@ def check_resume_settings(
         )
 
     def changed(name: str) -> bool:
-        if name not in settings or as_saved(name, settings[name]) == saved.get(name):
+        if name not in settings:
+            return False
+        # Absolute both: runs saved before paths were made absolute hold them as given.
+        if as_saved(name, settings[name]) == as_saved(name, saved.get(name)):
             return False
         # A shape the preset chose is saved as None: the model's own value is no change.
         return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)

@@ -107,8 +107,8 @@ def names_own_tokenizer(args: TrainArgs, checkpoint: Path) -> bool:
         return False
     try:
         given = resolve_tokenizer(args, None)
-    except UsageError:
-        return False  # unreadable: refused as another tokenizer would be
+    except (UsageError, CorpusError):
+        return False  # unreadable or unusable: refused as another tokenizer would be
     return given is not None and given.to_str() == load_tokenizer(checkpoint).to_str()
 
 
@@ -117,7 +117,10 @@ def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
     if start is not None:
         return start
     if args.tokenizer is not None and Path(args.tokenizer).is_dir():
-        return Path(args.tokenizer)
+        try:
+            return resolve_checkpoint(Path(args.tokenizer))  # a run folder: its `latest`
+        except CheckpointError as e:
+            raise UsageError(f"--tokenizer: {e}") from None
     return None
 
 

@@ -52,7 +52,7 @@ SCORING_CHOICES = (
 def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
     if name not in given.values:
         return False  # (a resumed run's missing --data is named when it is read)
-    return as_saved(name, given.values[name]) != saved.get(name)
+    return as_saved(name, given.values[name]) != as_saved(name, saved.get(name))
 
 
 def resumed_args(folder: Path, given: Given) -> TrainArgs:
