@@ -127,7 +127,7 @@ class Engine:
         self.runner = ModelRunner(
             model, n_slots, compile_decode=compile_decode, cuda_graphs=cuda_graphs
         )
-        self._token_bytes = token_table  # id -> its bytes (detokenizer.token_bytes)
+        self._token_bytes = token_table  # id -> its bytes (model.token_bytes)
         # Draws only ids the tokenizer has: a padded or converted checkpoint may have more
         # embedding rows than tokens (load_tokenizer allows that), and those have no text.
         self.sampler = Sampler(n_slots, len(self._token_bytes), self.runner.device)

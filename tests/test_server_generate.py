@@ -88,9 +88,15 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
 def test_stream_interval_sends_the_same_tokens_in_events_of_that_many(client, checkpoint):
     body = {"prompt": "Once upon a time", "max_tokens": 18, "seed": 3, "ignore_eos": True}
     per_token = stream(client, **body)
+    text = streamed_text(per_token)
+    stop = text[len(text) // 2 :][:2]  # a stop string the text reaches halfway
     settings = Settings(checkpoint=checkpoint, max_batch=2, stream_interval=4)
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as gathered:
         events = stream(gathered, **body)
+        stopped = stream(gathered, **body, stop=["never there", stop])
+    # The gathered last event names the stop string, as one event per token would.
+    assert (stopped[-2]["finish_reason"], stopped[-2]["stop_reason"]) == ("stop", stop)
+    assert streamed_text(stopped) == text[: text.index(stop)]
     assert events[-1] == "[DONE]"
     *full, last = events[:-1]
     assert [len(e["token_ids"]) for e in full] == [4, 4, 4, 4] and len(last["token_ids"]) == 2
