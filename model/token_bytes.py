@@ -23,8 +23,12 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
-def require_byte_level(tokenizer: Tokenizer) -> None:
-    """Raise ValueError unless `tokenizer` is a byte-level BPE, the kind `token_bytes` reads."""
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """Raw bytes of every token id; special tokens decode to nothing (as in `decode`).
+
+    Needs a byte-level BPE (what the trainer writes): its token strings are bytes
+    in GPT-2's printable alphabet, so the mapping is exact. ValueError for another kind.
+    """
     decoder = tokenizer.decoder
     if not isinstance(decoder, decoders.ByteLevel):
         kind = "none" if decoder is None else type(decoder).__name__
@@ -32,15 +36,6 @@ def require_byte_level(tokenizer: Tokenizer) -> None:
             f"unsupported tokenizer decoder ({kind}); pocketgpt reads byte-level BPE "
             "tokenizers (GPT-2's kind, the trainer's format)"
         )
-
-
-def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
-    """Raw bytes of every token id; special tokens decode to nothing (as in `decode`).
-
-    Needs a byte-level BPE (what the trainer writes): its token strings are bytes
-    in GPT-2's printable alphabet, so the mapping is exact. ValueError for another kind.
-    """
-    require_byte_level(tokenizer)
     table = _byte_decoder()
     added = tokenizer.get_added_tokens_decoder()
     out = []
