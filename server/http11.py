@@ -43,6 +43,34 @@ _REQUEST_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
 # may still be sending).
 _CLIENT_DONE = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 LINGER_SECONDS = 2.0
+# h11 parses each piece of a body in Python (~5 us): 1 MB sent chunked in 1-byte chunks
+# is a million pieces, seconds of the event loop every stream waits on, before any guard
+# (the API key included) can answer. A network's packets carry hundreds of bytes each;
+# a body with more pieces than this of fewer bytes than that is refused (413).
+SMALL_PIECE_BYTES = 256
+MAX_SMALL_PIECES = 1024
+
+
+class _PieceCountingConnection(h11.Connection):
+    """h11's server connection, refusing a request body that comes in too many small
+    pieces (raised as h11's own protocol error, which uvicorn answers through
+    `send_400_response`)."""
+
+    small_pieces = 0  # of the current request's body
+
+    def next_event(self) -> object:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            self.small_pieces = 0
+        elif isinstance(event, h11.Data) and len(event.data) < SMALL_PIECE_BYTES:
+            self.small_pieces += 1
+            if self.too_many_small_pieces:
+                raise h11.RemoteProtocolError("the request body came in too many pieces")
+        return event
+
+    @property
+    def too_many_small_pieces(self) -> bool:
+        return self.small_pieces > MAX_SMALL_PIECES
 
 
 class _LingeringTransport:
@@ -95,6 +123,10 @@ class EnvelopeH11Protocol(H11Protocol):
     request_timeout: float = 30.0  # uvicorn_config() sets it from Settings
     _deadline: asyncio.TimerHandle | None = None
     lingering: asyncio.TimerHandle | None = None  # the end of a lingering close
+
+    def __init__(self, config: Config, *args: object, **kwargs: object) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[arg-type]
+        self.conn = _PieceCountingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
@@ -165,10 +197,16 @@ class EnvelopeH11Protocol(H11Protocol):
         super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
-        # What h11 holds unparsed tells the two refusals apart (trailing_data is public).
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a guard answered
+            self.transport.close()
+            return
+        # What h11 holds unparsed tells the head refusals apart (trailing_data is public).
         buffered = len(self.conn.trailing_data[0])
         limit = self.config.h11_max_incomplete_event_size
-        if limit is not None and buffered > limit:
+        if self.conn.too_many_small_pieces:
+            message = f"the request body came in more than {MAX_SMALL_PIECES} small pieces"
+            error = ApiError(413, "request_too_large", message)
+        elif limit is not None and buffered > limit:
             error = ApiError(
                 431, "request_header_fields_too_large", f"the request head exceeds {limit} bytes"
             )

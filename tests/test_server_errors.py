@@ -366,6 +366,27 @@ def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+def test_a_body_in_many_tiny_chunks_is_413_and_one_in_a_few_small_chunks_is_served(base_url):
+    # h11 parses each chunk in Python: a megabyte of 1-byte chunks held the event loop
+    # (every stream) for seconds. Past 1,024 small pieces a body is refused.
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode() + b" " * 2000
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+
+    def chunked(*pieces: bytes) -> bytes:
+        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+    tiny = [body[i : i + 1] for i in range(len(body))]
+    status, answer = raw_exchange(base_url, head + chunked(*tiny))
+    assert status == 413 and answer["error"] == {
+        "type": "request_too_large",
+        "message": "the request body came in more than 1024 small pieces",
+    }
+    status, answer = raw_exchange(base_url, head + chunked(body[:5], body[5:900], body[900:]))
+    assert status == 200 and answer["usage"]["completion_tokens"] == 1
+
+
 def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     # A head still incomplete past the limit: h11 stops buffering it, uvicorn answers.
     unfinished = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * (2 * HEADER_LIMIT)
