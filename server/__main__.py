@@ -14,8 +14,11 @@ as they would at the timeout (a 503, or an error event closing the stream).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import ipaddress
 import logging
+import resource
 import socket
 import sys
 import time
@@ -161,6 +164,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def raise_open_files_limit() -> None:
+    """Every connection holds a file descriptor: at the usual soft limit of 1,024, that
+    many idle connections locked every other client out. Any process may raise its soft
+    limit to its hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit, say
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = {name: value for name, value in vars(args).items() if value is not None}
@@ -180,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if settings.api_key is None and not is_loopback(settings.host):
+        print(
+            f"warning: {setting_source('host', given)} {settings.host} without an API key: "
+            f"anyone who can reach port {settings.port} can generate (set "
+            f"{env_var('api_key')})",
+            file=sys.stderr,
+        )
+    raise_open_files_limit()
     # Imported only now (torch is slow to import), so --help and flag errors are instant.
     from model.checkpoint import CheckpointError
     from server.app import create_app

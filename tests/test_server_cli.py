@@ -6,13 +6,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -212,14 +213,19 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(
-    checkpoint: Path, *flags: str, stdout: int = subprocess.DEVNULL
+    checkpoint: Path,
+    *flags: str,
+    stdout: int = subprocess.DEVNULL,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """`python -m server` on a free port, ready; killed at the end if still running."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--log-level", "warning", *flags]
-    process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=stdout, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn
+    )
     try:
 
         def ready() -> bool:
@@ -235,6 +241,39 @@ def served(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_server_raises_its_open_files_limit_to_the_hard_limit(checkpoint):
+    # Each connection is a descriptor: at a soft limit of 1,024 (systemd's, many
+    # containers'), that many idle connections locked every other client out.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    with served(checkpoint, preexec_fn=low_soft_limit) as (process, _):
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    soft = line.split()[3]
+    assert soft == (str(hard) if hard != resource.RLIM_INFINITY else "256"), line
+
+
+def test_a_server_open_beyond_this_machine_without_a_key_is_warned_of(tmp_path):
+    # Bound for an instant only: the missing checkpoint ends it before it serves.
+    port = str(free_port())
+    missing = ["--checkpoint", str(tmp_path / "none"), "--port", port]
+    result = run_server(*missing, "--host", "0.0.0.0")
+    assert result.returncode == 2
+    warning, error = result.stderr.strip().splitlines()
+    assert warning == (
+        f"warning: --host 0.0.0.0 without an API key: anyone who can reach port {port} can "
+        "generate (set POCKETGPT_API_KEY)"
+    )
+    assert error.startswith("error: ")
+    keyed = run_server(*missing, "--host", "0.0.0.0", env={"POCKETGPT_API_KEY": "k"})
+    local = run_server(*missing)  # 127.0.0.1
+    for quiet in (keyed, local):
+        assert quiet.returncode == 2 and "warning" not in quiet.stderr
 
 
 def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_left(
