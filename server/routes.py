@@ -56,7 +56,10 @@ class Serving:
 def _serving(request: Request) -> Serving:
     serving: Serving | None = request.app.state.serving
     if serving is None:
-        raise ApiError(503, "unavailable", f"the model is not ready ({request.app.state.status})")
+        status: str = request.app.state.status
+        # Why it failed (paths, device errors) is in the server log, not for any client.
+        shown = "failed to load: see the server log" if status.startswith("failed") else status
+        raise ApiError(503, "unavailable", f"the model is not ready ({shown})")
     if serving.engine.failed:
         raise ApiError(503, "unavailable", FAILED)
     if serving.engine.draining:
