@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import ipaddress
 import logging
 import resource
 import socket
@@ -29,7 +28,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.cli import ArgumentParser, env_var, flag
-from server.settings import Settings
+from server.settings import Settings, is_loopback
 
 if typing.TYPE_CHECKING:
     from fastapi import FastAPI
@@ -162,13 +161,6 @@ class DrainingServer(uvicorn.Server):
                 engine.stop()
             self.should_exit = engine.num_unfinished == 0
         return await super().on_tick(counter)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def raise_open_files_limit() -> None:

@@ -40,6 +40,7 @@ from model.token_bytes import token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
 from server.middleware import (
+    AllowedHostsMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     HeaderLimitMiddleware,
@@ -283,7 +284,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    # Added last = outermost: count every answer, bound the head, authenticate, bound the body.
+    # Added last = outermost: count every answer, bound the head, check the Host,
+    # authenticate, bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     open_paths = None
     if settings.api_key is not None:
@@ -294,6 +296,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
         )
+    if (allowed_hosts := settings.allowed_host_names()) is not None:
+        app.add_middleware(AllowedHostsMiddleware, allowed=allowed_hosts)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(RequestCounter, counter=metrics.requests)
     _complete_openapi(app, open_paths)

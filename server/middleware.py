@@ -56,6 +56,45 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class AllowedHostsMiddleware:
+    """Answer 400 to a request whose Host header names none of `allowed` (any port).
+
+    DNS rebinding: a web page at attacker.example, its name re-resolved to 127.0.0.1,
+    is same-origin with a server on this machine and may read its answers; its requests
+    still say `Host: attacker.example`. (A request without Host, HTTP/1.0, passes:
+    browsers always send one.)
+    """
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host")
+            name = None if host is None else _host_name(host.decode("latin-1"))
+            if name is not None and name not in self.allowed:
+                message = (
+                    f"Host {name!r} is not served here (a server on a loopback address "
+                    "answers localhost names only; --allowed-hosts adds others)"
+                )
+                await refuse(ApiError(400, "invalid_host", message), scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name: lower case, without port, IPv6 brackets or a final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name, colon, port = host.rpartition(":")
+        if not colon or not port.isdigit():
+            name = host
+    return name.rstrip(".")
+
+
 class HeaderLimitMiddleware:
     """Answer 431 for a request head (request line and headers) over `max_bytes`.
 

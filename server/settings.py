@@ -6,6 +6,7 @@ help is the field's description, so this file is the one place settings are docu
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,16 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.cli import ENV_PREFIX
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` listens on this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 class Settings(BaseSettings):
@@ -82,6 +93,14 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(
         False, description="with --api-key: serve /metrics without the key (a keyless Prometheus)"
     )
+    allowed_hosts: str | None = Field(
+        None,
+        description="host names a request's Host header may give, comma-separated (* for "
+        "any); beyond them: 400. Default: on a loopback --host, localhost names only (so a "
+        "web page whose name an attacker rebinds to 127.0.0.1 cannot use the server), else "
+        "any. Behind a proxy that sends its own Host, list the names it sends (localhost names "
+        "always pass)",
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"
     )
@@ -112,6 +131,15 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="uvicorn log level"
     )
+
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The Host names requests may give (without a port); None: any. Localhost names
+        always pass (a browser cannot send them from another site's page): local probes,
+        a Docker health check, work whatever is listed."""
+        if self.allowed_hosts is not None:
+            names = {name.strip().lower() for name in self.allowed_hosts.split(",")}
+            return None if "*" in names else frozenset(names - {""}) | LOOPBACK_NAMES
+        return LOOPBACK_NAMES | {self.host.lower()} if is_loopback(self.host) else None
 
     @field_validator("api_key")
     @classmethod

@@ -410,7 +410,7 @@ def partial_upload(base_url: str) -> Iterator[socket.socket]:
     """A connection that sent a /v1/generate head and 9 of the 36 body bytes it declares."""
     port = int(base_url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\n"
         head += b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
         sock.sendall(head + b'{"prompt"')
         yield sock

@@ -294,8 +294,8 @@ def test_a_body_refused_unread_closes_the_connection(base_url):
     # Declared, never sent: kept alive, the connection would read the client's next
     # request (here sent at once behind it) as this body's bytes, and leave it unanswered.
     auth = f"Authorization: Bearer {API_KEY}\r\n".encode()
-    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    following = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    following = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
     for request, status in (
         (head + auth + b"Content-Length: 2000000\r\n\r\n", b"413"),
         (head + b"Content-Length: 100\r\n\r\n", b"401"),  # no key
@@ -309,7 +309,7 @@ def test_a_client_still_uploading_a_refused_body_reads_the_answer(base_url):
     # 413 by Content-Length comes at once; the 2 MB behind the head are still on their
     # way. Closed with them unread, the socket reset the connection, and the client
     # still sending lost the answer.
-    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     auth = f"Authorization: Bearer {API_KEY}\r\n".encode()
     body = b'{"prompt": "' + b"z" * 2_000_000 + b'"}'
     request = head + auth + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
@@ -320,7 +320,7 @@ def test_a_client_still_uploading_a_refused_body_reads_the_answer(base_url):
 
 def test_a_client_still_sending_a_refused_head_reads_the_431(base_url):
     # h11 refuses the head once it holds more than the limit; megabytes more follow.
-    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"h" * 4_000_000
+    head = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Filler: " + b"h" * 4_000_000
     answer_head, answer = raw_answer(base_url, head + b"\r\n\r\n")
     assert answer_head.split()[1] == b"431"
     assert json.loads(answer)["error"]["type"] == "request_header_fields_too_large"
@@ -370,7 +370,7 @@ def test_a_body_in_many_tiny_chunks_is_413_and_one_in_a_few_small_chunks_is_serv
     # h11 parses each chunk in Python: a megabyte of 1-byte chunks held the event loop
     # (every stream) for seconds. Past 1,024 small pieces a body is refused.
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode() + b" " * 2000
-    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     head += f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
     head += b"Transfer-Encoding: chunked\r\n\r\n"
 
@@ -387,9 +387,35 @@ def test_a_body_in_many_tiny_chunks_is_413_and_one_in_a_few_small_chunks_is_serv
     assert status == 200 and answer["usage"]["completion_tokens"] == 1
 
 
+def test_a_server_on_loopback_answers_localhost_names_only(base_url, tmp_path):
+    # DNS rebinding: a page at attacker.example, re-resolved to 127.0.0.1, sends its own
+    # name as Host. Whatever the path and whatever the key, it is refused.
+    port = base_url.rsplit(":", 1)[1]
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io"):
+        for path in ("/health", "/v1/models"):
+            refused = httpx.get(base_url + path, headers={**keyed, "Host": host})
+            message = assert_error(refused, 400, "invalid_host")
+            assert "--allowed-hosts" in message
+    for host in (f"localhost:{port}", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert httpx.get(base_url + "/v1/models", headers={**keyed, "Host": host}).is_success
+    # Behind a proxy that sends its own name, that name is listed; * lets any through.
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    for allowed, served in (("chat.example.com, other", "chat.example.com"), ("*", "any.where")):
+        settings = Settings(checkpoint=checkpoint, allowed_hosts=allowed)
+        with running_server(settings) as url:
+            assert httpx.get(url + "/v1/models", headers={"Host": served}).is_success
+            assert httpx.get(url + "/v1/models").is_success  # 127.0.0.1: always
+            if allowed != "*":
+                other = httpx.get(url + "/v1/models", headers={"Host": "attacker.example"})
+                assert_error(other, 400, "invalid_host")
+
+
 def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     # A head still incomplete past the limit: h11 stops buffering it, uvicorn answers.
-    unfinished = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * (2 * HEADER_LIMIT)
+    unfinished = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Filler: " + b"a" * (
+        2 * HEADER_LIMIT
+    )
     status, body = raw_exchange(base_url, unfinished)
     assert status == 431 and body["error"]["type"] == "request_header_fields_too_large"
     status, body = raw_exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
@@ -402,7 +428,7 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
     with running_server(Settings(checkpoint=checkpoint, request_timeout=timeout)) as url:
         # Slow clients (slowloris) held their connections for good: part of a head, or a
         # body shorter than its Content-Length, is answered 408 and the connection closed.
-        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n"
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\n"
         short_body = head + b"Content-Length: 100\r\n\r\n" + b'{"prompt": '
         for sent in (head, short_body):
             status, body = raw_exchange(url, sent)
