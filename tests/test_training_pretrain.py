@@ -826,22 +826,28 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def small_files_only() -> None:
-    """In a child process: files past 256 KiB fail with EFBIG (a checkpoint cannot be
-    written, log.jsonl can)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+def files_up_to(size: int) -> Callable[[], None]:
+    """For a child process: files past `size` bytes fail with EFBIG, as on a full disk."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
+# 256 KiB: the weights cannot be written (log.jsonl can); 5 MiB: the `tiny` weights
+# (3.4 MB) can, AdamW's state beside them (twice that) cannot.
+@pytest.mark.parametrize("size", [256 * 1024, 5 * 1024 * 1024], ids=["weights", "state"])
 def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothing(
-    tmp_path: Path,
+    tmp_path: Path, size: int
 ) -> None:
     run = tmp_path / "run"
-    flags = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
+    flags = tiny_run(tmp_path, "--max-steps", "3", "--optimizer", "adamw", "--out-dir", str(run))
     done = subprocess.run(
         [sys.executable, "-m", "training.pretrain", *flags],
         env=python_env(),
-        preexec_fn=small_files_only,
+        preexec_fn=files_up_to(size),
         capture_output=True,
         text=True,
         timeout=120,
@@ -849,8 +855,13 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {run}") and "could not be written" in last, done.stderr
+    assert "File too large" in last, last  # the system's reason, as a full disk's would be
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
+    # No step folder, whole or half; best/ (weights only) fits under the larger limit.
+    kept = (
+        ["log.jsonl", "tensorboard"] if size < 1024 * 1024 else ["best", "log.jsonl", "tensorboard"]
+    )
+    assert sorted(p.name for p in run.iterdir()) == kept
 
 
 def torchrun_ranks(
@@ -897,7 +908,7 @@ def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_o
     run = tmp_path / "run"
     args = tiny_run(tmp_path, "--max-steps", "3", "--out-dir", str(run))
     # The file-size limit is inherited by both ranks; rank 0 alone writes.
-    done, stderr = torchrun_ranks(tmp_path, args, preexec_fn=small_files_only)
+    done, stderr = torchrun_ranks(tmp_path, args, preexec_fn=files_up_to(256 * 1024))
     assert done.returncode != 0
     assert_last_lines(stderr, f"error: {run}", "error: rank 0 stopped the run (see its error)")
     assert "`latest` names is intact" in stderr[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -251,6 +252,15 @@ def set_rng_state(state: dict, cuda: bool) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
+def save_state(state: dict, path: Path) -> None:
+    # Serialised first, then written: a full disk is the write's OSError saying so
+    # (ENOSPC), where torch.save writing the file itself says only "[enforce fail at
+    # inline_container.cc] unexpected pos". (Costs the state's size in memory, briefly.)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def read_training_state(path: Path) -> dict:
     """The trainer state in `path`, read with the weights-only unpickler: plain tensors,
     numbers and containers load; anything that would construct or call an object is
@@ -444,7 +454,7 @@ class Trainer:
     def _write_checkpoint(self, generators: list[torch.Tensor]) -> Path:
         state, meta = self._training_state(generators), self._meta()
         extra = {
-            TRAINING_STATE: lambda path: torch.save(state, path),
+            TRAINING_STATE: lambda path: save_state(state, path),
             TRAINER_META: lambda path: write_json(path, meta),
         }
         folder = save_checkpoint(
