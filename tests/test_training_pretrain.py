@@ -966,6 +966,23 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_l
     assert math.isclose(logged, sum(losses) / 2, rel_tol=1e-5), (logged, losses)
 
 
+def test_a_two_rank_run_resumed_alone_warns_on_stderr_and_a_stray_rank_is_no_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "ddp"
+    done, _ = torchrun_ranks(
+        tmp_path, tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(run))
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # RANK left in the environment (a cluster's, a shell's) without torchrun's WORLD_SIZE:
+    # a plain run, which prints and locks its folder as one.
+    monkeypatch.setenv("RANK", "1")
+    assert pretrain.main(["--resume", str(run), "--max-steps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"stopped at step 2 (max_steps) -> {run / 'step-0000002'}" in captured.out
+    assert "warning: resuming 2 ranks' data order on 1; batches will differ" in captured.err
+
+
 def test_resume_puts_back_a_checkpoint_a_kill_left_moved_aside_and_spares_live_writers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

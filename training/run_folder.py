@@ -161,7 +161,10 @@ def _locked(path: Path) -> int:
 
 def launched_as_rank0() -> bool:
     """Whether torchrun started this process as rank 0 (or no torchrun did): known from
-    the environment, before the process group exists."""
+    the environment, before the process group exists. As init_distributed reads it: a
+    RANK left in the environment without a WORLD_SIZE above 1 is no torchrun run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -401,7 +402,8 @@ class Trainer:
         else:
             print(
                 f"warning: resuming {len(generators)} ranks' data order on "
-                f"{self.dist.world_size}; batches will differ from an uninterrupted run"
+                f"{self.dist.world_size}; batches will differ from an uninterrupted run",
+                file=sys.stderr,
             )
         set_rng_state(state["rng"], cuda=self.device.type == "cuda")
 
