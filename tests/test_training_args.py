@@ -50,6 +50,20 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     assert args.batch_size == TrainArgs().batch_size
 
 
+@pytest.mark.parametrize("name", ["run.toml", "run.json"])
+def test_a_config_file_that_begins_with_a_byte_order_mark_is_read(
+    tmp_path: Path, name: str
+) -> None:
+    # Windows Notepad's "UTF-8" writes one; the data files are read past it too.
+    config = tmp_path / name
+    text = (
+        "lr = 0.01\nmax-steps = 7\n" if name.endswith(".toml") else '{"lr": 0.01, "max-steps": 7}'
+    )
+    config.write_text(text, encoding="utf-8-sig")
+    args = make_args(TrainArgs().to_dict(), explicit_settings(["--config", str(config)], {}))
+    assert (args.lr, args.max_steps) == (0.01, 7)
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [

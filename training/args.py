@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_config_file(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Notepad writes a BOM
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
