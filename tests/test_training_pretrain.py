@@ -545,6 +545,34 @@ def test_runs_named_by_relative_paths_resume_with_their_own_commands(
     assert not (tmp_path / "never").exists()
 
 
+def test_a_missing_start_or_tokenizer_is_named_as_the_user_gave_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo" / "tokenizer.json"
+    out = ["--out-dir", str(tmp_path / "run")]
+    no_file, no_folder = (
+        f"{missing}: no such file or folder",
+        f"{missing}: no such checkpoint folder",
+    )
+    cases = {
+        "--tokenizer": f"error: --tokenizer {no_file}\n",
+        "POCKETGPT_TOKENIZER": f"error: POCKETGPT_TOKENIZER {no_file}\n",
+        "POCKETGPT_INIT_FROM": f"error: POCKETGPT_INIT_FROM: {no_folder}\n",
+        "POCKETGPT_RESUME": f"error: POCKETGPT_RESUME: {no_folder}\n",
+    }
+    for given, message in cases.items():
+        with monkeypatch.context() as env:
+            if given.startswith("--"):
+                argv = [*tiny_run(tmp_path), given, str(missing), *out]
+            else:
+                env.setenv(given, str(missing))
+                argv = [*tiny_run(tmp_path, *out)]
+            argv.remove("--vocab-size"), argv.remove("384")  # a tokenizer brings its own
+            assert pretrain.main(argv) == 2, given
+        assert capsys.readouterr().err == message
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

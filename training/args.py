@@ -705,6 +705,11 @@ class Given:
     values: dict[str, object]
     sources: dict[str, str]  # field -> "--flag", "POCKETGPT_FLAG" or "--config FILE: key"
 
+    def source(self, name: str) -> str:
+        """How setting `name` was given: what an error about it names (its flag if it
+        was not given)."""
+        return _source(name, self.sources)
+
 
 def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Given:
     """Settings given by config file, environment and command line, in rising precedence."""

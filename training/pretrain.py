@@ -80,24 +80,24 @@ from training.trainer import (
 )
 
 
-def resolve_tokenizer(args: TrainArgs, start: Path | None) -> Tokenizer | None:
-    """The tokenizer of the checkpoint the run starts from, --tokenizer's, or None (train one)."""
+def resolve_tokenizer(args: TrainArgs, start: Path | None, source: str) -> Tokenizer | None:
+    """The tokenizer of the checkpoint the run starts from, --tokenizer's, or None (train
+    one). `source`: how --tokenizer was given (its flag, env var or config entry)."""
     if start is not None:
         return check_tokenizer(load_tokenizer(start), str(start / TOKENIZER))
     if args.tokenizer is None:
         return None
     path = Path(args.tokenizer)
+    if not path.exists():
+        raise UsageError(f"{source} {path}: no such file or folder")
     if path.is_file():
         try:
             tokenizer = load_tokenizer_file(path)
         except Exception as e:  # the tokenizers library raises a bare Exception
-            raise UsageError(f"--tokenizer {path}: unreadable ({e})") from None
-        return check_tokenizer(tokenizer, f"--tokenizer {path}")
-    try:
-        tokenizer = load_tokenizer(path)
-    except CheckpointError as e:
-        raise UsageError(f"--tokenizer: {e}") from None
-    return check_tokenizer(tokenizer, f"--tokenizer {resolve_checkpoint(path) / TOKENIZER}")
+            raise UsageError(f"{source} {path}: unreadable ({e})") from None
+        return check_tokenizer(tokenizer, f"{source} {path}")
+    folder = tokenizer_folder(args, None, source)
+    return check_tokenizer(load_tokenizer(folder), f"{source} {folder / TOKENIZER}")
 
 
 def names_own_tokenizer(args: TrainArgs, checkpoint: Path) -> bool:
@@ -106,13 +106,13 @@ def names_own_tokenizer(args: TrainArgs, checkpoint: Path) -> bool:
     if args.tokenizer is None:
         return False
     try:
-        given = resolve_tokenizer(args, None)
-    except (UsageError, CorpusError):
+        given = resolve_tokenizer(args, None, "--tokenizer")
+    except (UsageError, CorpusError, CheckpointError):
         return False  # unreadable or unusable: refused as another tokenizer would be
     return given is not None and given.to_str() == load_tokenizer(checkpoint).to_str()
 
 
-def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
+def tokenizer_folder(args: TrainArgs, start: Path | None, source: str) -> Path | None:
     """The folder the run's tokenizer comes from (see resolve_tokenizer), if any."""
     if start is not None:
         return start
@@ -120,7 +120,7 @@ def tokenizer_folder(args: TrainArgs, start: Path | None) -> Path | None:
         try:
             return resolve_checkpoint(Path(args.tokenizer))  # a run folder: its `latest`
         except CheckpointError as e:
-            raise UsageError(f"--tokenizer: {e}") from None
+            raise UsageError(f"{source}: {e}") from None
     return None
 
 
@@ -223,9 +223,13 @@ def prepare_on_rank0(
 
 def run(argv: Sequence[str] | None) -> int:
     given = explicit_settings(argv, os.environ)
+    folder = run_folder(given.values)
+    resume = given.values.get("resume")
+    if isinstance(resume, str) and not folder.exists():
+        resume_folder(resume, given.source("resume"))  # says there is no such folder
     # One trainer per run folder, from before anything reads it: what the checks below
     # find there (a finished run, checkpoints, a half-written save) stays so meanwhile.
-    with run_folder_lock(run_folder(given.values)):
+    with run_folder_lock(folder):
         return run_locked(given)
 
 
@@ -242,7 +246,11 @@ def run_locked(given: Given) -> int:
             print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
             given = Given({**settings, "resume": str(out_dir)}, given.sources)
             settings = given.values
-    resumed = resume_folder(settings["resume"]) if settings.get("resume") else None
+    resumed = (
+        resume_folder(settings["resume"], given.source("resume"))
+        if settings.get("resume")
+        else None
+    )
     if resumed is not None and settings.get("init_from"):
         check_resumed_init_from(settings["init_from"], saved_args(resumed).get("init_from"))
     if resumed is None:
@@ -262,12 +270,16 @@ def run_locked(given: Given) -> int:
             return 0
     args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
-    initial = init_folder(args.init_from) if args.init_from and resumed is None else None
+    initial = (
+        init_folder(args.init_from, given.source("init_from"))
+        if args.init_from and resumed is None
+        else None
+    )
     start = resumed or initial
     start_config = read_config(start) if start is not None else None
     # What HF users added to the files of the run's tokenizer (a pad token, a chat
     # template) goes into every checkpoint with it.
-    source = tokenizer_folder(args, start)
+    source = tokenizer_folder(args, start, given.source("tokenizer"))
     tokenizer_extras = read_tokenizer_extras(source) if source is not None else None
     # And the generation settings of the checkpoint the run starts from (HF's greedy
     # do_sample false, a repetition penalty): the fine-tune is served as it was.
@@ -287,7 +299,7 @@ def run_locked(given: Given) -> int:
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
     args = with_hardware_defaults(args, device)
-    tokenizer = resolve_tokenizer(args, start)
+    tokenizer = resolve_tokenizer(args, start, given.source("tokenizer"))
     if start_config is None:
         # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
         # known for certain only once the tokenizer is trained.

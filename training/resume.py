@@ -123,26 +123,27 @@ def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     return None
 
 
-def init_folder(path: str) -> Path:
-    """The checkpoint `--init-from` names (a checkpoint or a run folder)."""
+def init_folder(path: str, source: str) -> Path:
+    """The checkpoint `--init-from` (given as `source`) names: a checkpoint or a run folder."""
     try:
         return resolve_checkpoint(Path(path))
     except CheckpointError as e:
-        raise UsageError(f"--init-from: {e}") from None
+        raise UsageError(f"{source}: {e}") from None
 
 
-def resume_folder(path: str) -> Path:
-    """The trainer checkpoint `--resume` names (a checkpoint or a run folder)."""
+def resume_folder(path: str, source: str) -> Path:
+    """The trainer checkpoint `--resume` (given as `source`) names: a checkpoint or a run
+    folder."""
     try:
         folder = run_checkpoint(Path(path))
     except CheckpointError as e:
-        raise UsageError(f"--resume: {e}") from None
+        raise UsageError(f"{source}: {e}") from None
     if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
         print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)
     for name in (TRAINING_STATE, TRAINER_META):
         if not (folder / name).is_file():
             raise UsageError(
-                f"--resume {path}: {folder} has no {name}; not a trainer checkpoint (a model "
+                f"{source} {path}: {folder} has no {name}; not a trainer checkpoint (a model "
                 "folder such as best/ can be fine-tuned with --init-from)"
             )
     return folder
