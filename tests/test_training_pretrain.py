@@ -949,10 +949,12 @@ def test_under_torchrun_text_rank_0_cannot_prepare_stops_every_rank_with_one_lin
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill a batch.\n")
     args = [*TINY, "--data", str(short), str(short), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--batch-size", "1"]  # one row: the ranks' blocks, not the batch, need the text
     done, stderr = torchrun_ranks(tmp_path, [*args, "--out-dir", str(tmp_path / "run")])
     assert done.returncode != 0
     assert_last_lines(stderr, "error: ", "error: rank 0 could not prepare the data")
     assert "too small" in stderr[0]
+    assert "use fewer processes or a lower --block-size: each of the 2 ranks" in stderr[0]
     # What every rank reads alike is warned of once, by rank 0.
     assert "already read" in stderr[0] and "warning" not in stderr[1], stderr[1]
     assert not (tmp_path / "run").exists()

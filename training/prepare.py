@@ -312,11 +312,14 @@ def _cached(folder: Path) -> PreparedData | None:
         return None
 
 
-def _check_size(train_tokens: int, min_train_tokens: int) -> None:
+SMALL_CORPUS_REMEDY = "add text, or lower --batch-size / --block-size"
+
+
+def _check_size(train_tokens: int, min_train_tokens: int, remedy: str) -> None:
     if train_tokens < min_train_tokens:
         raise CorpusError(
             f"the corpus is too small: {train_tokens:,} training tokens, but one batch needs "
-            f"{min_train_tokens:,} (add text, or lower --batch-size / --block-size)"
+            f"{min_train_tokens:,} ({remedy})"
         )
 
 
@@ -359,6 +362,7 @@ def prepare(
     vocab_size: int,
     tokenizer: Tokenizer | None = None,
     min_train_tokens: int = 2,
+    too_small_remedy: str = SMALL_CORPUS_REMEDY,
 ) -> PreparedData:
     """Tokenize both splits once (training a tokenizer on `train_docs` unless given one).
 
@@ -398,10 +402,10 @@ def prepare(
             split: (docs, token_stream(tokenizer, docs, f"tokenizing {split}"))
             for split, docs in (("train", train_docs), ("val", val_docs))
         }
-        _check_size(splits["train"][1].size, min_train_tokens)
+        _check_size(splits["train"][1].size, min_train_tokens, too_small_remedy)
         if not val_docs:
             raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
         _write(folder, splits, tokenizer)
         data = _open(folder)
-    _check_size(data.train.size, min_train_tokens)
+    _check_size(data.train.size, min_train_tokens, too_small_remedy)
     return data

@@ -47,7 +47,13 @@ from training.args import (
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
-from training.prepare import PreparedData, check_tokenizer, prepare, split_documents
+from training.prepare import (
+    SMALL_CORPUS_REMEDY,
+    PreparedData,
+    check_tokenizer,
+    prepare,
+    split_documents,
+)
 from training.resume import (
     budget_spent,
     check_resumed_init_from,
@@ -174,14 +180,19 @@ def load_data(
         train_docs, val_docs = split_documents(documents, args.val_fraction)
     cache = cache_root(args)
     # One batch, and one block per rank, of distinct tokens.
-    min_tokens = max(args.batch_size * args.block_size, world_size * (args.block_size + 1)) + 1
+    per_batch, per_ranks = args.batch_size * args.block_size, world_size * (args.block_size + 1)
+    remedy = SMALL_CORPUS_REMEDY
+    if per_ranks > per_batch:  # fewer rows would not help
+        remedy = "add text, or use fewer processes or a lower --block-size: each of the "
+        remedy += f"{world_size} ranks reads a block of its own"
     return prepare(
         train_docs,
         val_docs,
         cache,
         vocab_size=args.vocab_size,
         tokenizer=tokenizer,
-        min_train_tokens=min_tokens,
+        min_train_tokens=max(per_batch, per_ranks) + 1,
+        too_small_remedy=remedy,
     )
 
 
