@@ -560,17 +560,41 @@ def test_a_missing_start_or_tokenizer_is_named_as_the_user_gave_it(
         "POCKETGPT_INIT_FROM": f"error: POCKETGPT_INIT_FROM: {no_folder}\n",
         "POCKETGPT_RESUME": f"error: POCKETGPT_RESUME: {no_folder}\n",
     }
+    # A model folder without its tokenizer.json; a device, no file or folder.
+    untokenized = tmp_path / "model"
+    untokenized.mkdir()
+    (untokenized / "config.json").write_text("{}")
+    cases[f"POCKETGPT_TOKENIZER={untokenized}"] = (
+        f"error: POCKETGPT_TOKENIZER: {untokenized / 'tokenizer.json'}: missing\n"
+    )
+    cases["--tokenizer=/dev/null"] = (
+        "error: --tokenizer /dev/null: not a tokenizer.json file or a checkpoint folder\n"
+    )
     for given, message in cases.items():
+        name, _, value = given.partition("=")
         with monkeypatch.context() as env:
-            if given.startswith("--"):
-                argv = [*tiny_run(tmp_path), given, str(missing), *out]
+            if name.startswith("--"):
+                argv = [*tiny_run(tmp_path), name, value or str(missing), *out]
             else:
-                env.setenv(given, str(missing))
+                env.setenv(name, value or str(missing))
                 argv = [*tiny_run(tmp_path, *out)]
             argv.remove("--vocab-size"), argv.remove("384")  # a tokenizer brings its own
             assert pretrain.main(argv) == 2, given
         assert capsys.readouterr().err == message
     assert not (tmp_path / "run").exists()
+    # An empty POCKETGPT_RESUME (compose passes the host's through) resumes nothing.
+    monkeypatch.setenv("POCKETGPT_RESUME", "")
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "1", *out)) == 0
+
+
+def test_a_corpus_too_small_for_one_process_says_to_lower_the_batch_or_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill a batch.\n")
+    argv = [*TINY, "--data", str(short), "--batch-size", "1", "--out-dir", str(tmp_path / "run")]
+    assert pretrain.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "(add text, or lower --batch-size / --block-size)\n" in capsys.readouterr().err
 
 
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(

@@ -103,7 +103,13 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None, source: str) -> Token
             raise UsageError(f"{source} {path}: unreadable ({e})") from None
         return check_tokenizer(tokenizer, f"{source} {path}")
     folder = tokenizer_folder(args, None, source)
-    return check_tokenizer(load_tokenizer(folder), f"{source} {folder / TOKENIZER}")
+    if folder is None:  # neither a file nor a folder: a pipe, a device
+        raise UsageError(f"{source} {path}: not a tokenizer.json file or a checkpoint folder")
+    try:
+        tokenizer = load_tokenizer(folder)
+    except CheckpointError as e:
+        raise UsageError(f"{source}: {e}") from None
+    return check_tokenizer(tokenizer, f"{source} {folder / TOKENIZER}")
 
 
 def names_own_tokenizer(args: TrainArgs, checkpoint: Path) -> bool:
@@ -182,7 +188,7 @@ def load_data(
     # One batch, and one block per rank, of distinct tokens.
     per_batch, per_ranks = args.batch_size * args.block_size, world_size * (args.block_size + 1)
     remedy = SMALL_CORPUS_REMEDY
-    if per_ranks > per_batch:  # fewer rows would not help
+    if world_size > 1 and per_ranks > per_batch:  # fewer rows would not help
         remedy = "add text, or use fewer processes or a lower --block-size: each of the "
         remedy += f"{world_size} ranks reads a block of its own"
     return prepare(
@@ -236,7 +242,7 @@ def run(argv: Sequence[str] | None) -> int:
     given = explicit_settings(argv, os.environ)
     folder = run_folder(given.values)
     resume = given.values.get("resume")
-    if isinstance(resume, str) and not folder.exists():
+    if isinstance(resume, str) and resume and not folder.exists():  # "": no resume
         resume_folder(resume, given.source("resume"))  # says there is no such folder
     # One trainer per run folder, from before anything reads it: what the checks below
     # find there (a finished run, checkpoints, a half-written save) stays so meanwhile.
