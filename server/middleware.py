@@ -67,7 +67,7 @@ class AllowedHostsMiddleware:
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
         self.app = app
-        self.allowed = allowed
+        self.allowed = frozenset(map(_host_name, allowed))  # as a Host header is read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -88,6 +88,8 @@ def _host_name(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):
         name = host[1:].partition("]")[0]
+    elif host.count(":") > 1:  # an IPv6 address written bare (as --allowed-hosts may)
+        name = host
     else:
         name, colon, port = host.rpartition(":")
         if not colon or not port.isdigit():

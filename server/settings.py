@@ -99,7 +99,8 @@ class Settings(BaseSettings):
         "any); beyond them: 400. Default: on a loopback --host, localhost names only (so a "
         "web page whose name an attacker rebinds to 127.0.0.1 cannot use the server), else "
         "any. Behind a proxy that sends its own Host, list the names it sends (localhost names "
-        "always pass)",
+        "always pass); once set, the check applies on any --host (with docker compose, list "
+        "`server`, the name Prometheus scrapes)",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"
@@ -140,6 +141,15 @@ class Settings(BaseSettings):
             names = {name.strip().lower() for name in self.allowed_hosts.split(",")}
             return None if "*" in names else frozenset(names - {""}) | LOOPBACK_NAMES
         return LOOPBACK_NAMES | {self.host.lower()} if is_loopback(self.host) else None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_named(cls, hosts: str | None) -> str | None:
+        # Empty (a blank POCKETGPT_ALLOWED_HOSTS= line) would refuse every name but
+        # localhost's while the health check, on 127.0.0.1, said all was well.
+        if hosts is not None and not hosts.replace(",", "").strip():
+            raise ValueError("must name at least one host (unset it for the default)")
+        return hosts
 
     @field_validator("api_key")
     @classmethod

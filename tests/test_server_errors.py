@@ -385,6 +385,20 @@ def test_a_body_in_many_tiny_chunks_is_413_and_one_in_a_few_small_chunks_is_serv
     }
     status, answer = raw_exchange(base_url, head + chunked(body[:5], body[5:900], body[900:]))
     assert status == 200 and answer["usage"]["completion_tokens"] == 1
+    # The count is each request's: on a kept-alive connection, requests of 800 small
+    # pieces each are all served.
+    keep_alive = head.replace(b"Connection: close", b"Connection: keep-alive")
+    requests = [keep_alive + chunked(*tiny[:800], body[800:])] * 2 + [head + chunked(*tiny)]
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for request in requests:
+            sock.sendall(request)  # each answered before the next is sent: no pipelining
+            answer = sock.recv(65536)
+            while b'"usage"' not in answer and b'"error"' not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(
+                b"HTTP/1.1 200" if request is not requests[-1] else b"HTTP/1.1 413"
+            )
 
 
 def test_a_server_on_loopback_answers_localhost_names_only(base_url, tmp_path):
@@ -399,16 +413,26 @@ def test_a_server_on_loopback_answers_localhost_names_only(base_url, tmp_path):
             assert "--allowed-hosts" in message
     for host in (f"localhost:{port}", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}"):
         assert httpx.get(base_url + "/v1/models", headers={**keyed, "Host": host}).is_success
-    # Behind a proxy that sends its own name, that name is listed; * lets any through.
+    # Behind a proxy that sends its own name, that name is listed (written as a Host
+    # header may be); * lets any through; bound beyond loopback (the image's 0.0.0.0),
+    # none is checked unless listed.
     checkpoint = random_checkpoint(tmp_path, english_tokenizer())
-    for allowed, served in (("chat.example.com, other", "chat.example.com"), ("*", "any.where")):
-        settings = Settings(checkpoint=checkpoint, allowed_hosts=allowed)
+    cases = (
+        ({"allowed_hosts": "Chat.Example.com., proxy.example:8443"}, "chat.example.com:443"),
+        ({"allowed_hosts": "Chat.Example.com., proxy.example:8443"}, "PROXY.example"),
+        ({"allowed_hosts": "*"}, "any.where"),
+        ({"host": "0.0.0.0"}, "any.where"),
+    )
+    for given, served in cases:
+        settings = Settings(checkpoint=checkpoint, **given)
         with running_server(settings) as url:
             assert httpx.get(url + "/v1/models", headers={"Host": served}).is_success
             assert httpx.get(url + "/v1/models").is_success  # 127.0.0.1: always
-            if allowed != "*":
+            if given.get("allowed_hosts", "*") != "*":
                 other = httpx.get(url + "/v1/models", headers={"Host": "attacker.example"})
                 assert_error(other, 400, "invalid_host")
+    with pytest.raises(ValueError, match="must name at least one host"):
+        Settings(checkpoint=checkpoint, allowed_hosts=" , ")
 
 
 def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
