@@ -7,8 +7,9 @@ decode share one implementation. After penalties the rows become probabilities o
 their cumulative sum. A step is ~20 operations plus one random number per seeded
 row, which matters on CPU, where each operation costs microseconds of dispatch.
 Draws come from caller-supplied `torch.Generator`s, one per row: a row's sample
-depends only on its own logits and generator, so a seeded request reproduces alone
-or inside any batch.
+depends only on its own logits and generator, never on the other rows. (The logits
+themselves may differ by rounding between a row alone and in a batch: the model's
+matrix products round per batch shape; README, "seed".)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class SamplingBatch:
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A row's own generator, so a seeded request draws the same alone or batched."""
+    """A row's own generator: its draws depend on no other row's."""
     if seed is None:
         return None  # the global generator: unseeded draws need no reproducibility
     return torch.Generator(device=device).manual_seed(seed)
