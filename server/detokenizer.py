@@ -54,7 +54,8 @@ class IncrementalDetokenizer:
         pending = self._pending + text
         found = [(i, stop) for stop in self._stop if (i := pending.find(stop)) >= 0]
         if found:
-            # The earliest in the text; of two there, the first listed (min keeps the first).
+            # Completed by this token: the one beginning earliest; of two beginning at
+            # the same place, the first listed (min keeps the first).
             cut, self.stop_string = min(found, key=lambda position_stop: position_stop[0])
             self._pending = ""
             return pending[:cut]
