@@ -44,9 +44,12 @@ def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() ->
         for n in (f.name for f in dataclasses.fields(TrainArgs))
         if n not in fixed_by_trainer and f"- POCKETGPT_{n.upper()}\n" not in trainer
     ]
+    # Passed through as it is, or with a default of the service's.
     missing += [
         n
         for n in Settings.model_fields
-        if n not in fixed_by_server and f"- POCKETGPT_{n.upper()}\n" not in server
+        if n not in fixed_by_server
+        and f"- POCKETGPT_{n.upper()}\n" not in server
+        and f"- POCKETGPT_{n.upper()}=${{POCKETGPT_{n.upper()}:-" not in server
     ]
     assert missing == []

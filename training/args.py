@@ -56,7 +56,8 @@ class TrainArgs:
     val_data: list[str] = field(
         default_factory=list,
         metadata=doc(
-            "held-out text files/folders; none = --val-fraction of --data, in evenly spaced pieces"
+            "held-out text files/folders (a document also in --data is refused); none ="
+            " --val-fraction of --data, in evenly spaced pieces"
         ),
     )
     val_fraction: float = field(
@@ -638,7 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag also reads the environment variable POCKETGPT_<FLAG>.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of these settings")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML (.toml) or JSON file of these settings, keys as the flags' names (max-steps "
+        "or max_steps); relative paths in it are taken from the working directory, as on the "
+        "command line; flags and env vars win over it (env POCKETGPT_CONFIG)",
+    )
     defaults = TrainArgs()
     for name, f in FIELDS.items():
         kind, _ = _base_type(name)
