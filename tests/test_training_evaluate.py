@@ -66,6 +66,18 @@ def assert_refused_by_evaluate_and_init_from(
     assert not out_dir.exists()
 
 
+def refused_by_the_server(folder: Path) -> list[str]:
+    """`python -m server` on `folder`, which must exit 2 before serving: its stderr lines."""
+    served = subprocess.run(
+        [sys.executable, "-m", "server", "--checkpoint", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 2, served.stderr
+    return served.stderr.splitlines()
+
+
 def test_a_checkpoint_whose_tokenizer_outgrows_its_model_exits_2_in_evaluate_and_init_from(
     tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -104,14 +116,7 @@ def test_a_tokenizer_without_end_of_text_is_refused_by_evaluate_init_from_and_se
     other.save(str(folder / "tokenizer.json"))
     problem = f"error: {folder / 'tokenizer.json'}: has no <|endoftext|> token"
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
-    served = subprocess.run(
-        [sys.executable, "-m", "server", "--checkpoint", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert served.returncode == 2
-    assert served.stderr.splitlines() == [
+    assert refused_by_the_server(folder) == [
         f"error: {folder / 'tokenizer.json'}: has no <|endoftext|> token, which separates "
         "documents and ends generated text"
     ]
@@ -146,13 +151,7 @@ def test_a_token_outside_the_byte_alphabet_is_refused_by_evaluate_init_from_and_
         "BPE alphabet"
     )
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
-    served = subprocess.run(
-        [sys.executable, "-m", "server", "--checkpoint", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (served.returncode, served.stderr.splitlines()) == (2, [problem])
+    assert refused_by_the_server(folder) == [problem]
 
 
 def test_bytes_per_token_count_an_added_tokens_utf8_bytes(tokenizer: Tokenizer) -> None:
