@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
@@ -313,3 +314,14 @@ def test_generation_config_keeps_what_a_run_carries_with_the_separator_among_its
         "bos_token_id": 0,
         "eos_token_id": [0, 7],
     }
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_are_stored_under_hf_llama_names(tmp_path, tokenizer, tiny_config, tied):
+    # What other HF-format readers look up: the head outside `model.`, and only untied.
+    model = Transformer(tiny_config.replace(tie_embeddings=tied))
+    folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    names = set(load_file(str(folder / "model.safetensors")))
+    assert ("lm_head.weight" in names) == (not tied)
+    assert all(name.startswith("model.") for name in names - {"lm_head.weight"})
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= names

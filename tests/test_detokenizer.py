@@ -101,3 +101,9 @@ def test_possible_stop_prefix_is_held_back_then_released(table, tokenizer):
     assert emitted == "xabz" and detokenizer.stop_string is None
     assert detokenizer.add(tokenizer.token_to_id("a")) == ""
     assert detokenizer.finish() == "a"  # the text ended: nothing left to hold back for
+
+
+def test_two_stop_strings_completed_by_one_token_end_at_the_earlier(table, tokenizer):
+    detokenizer = IncrementalDetokenizer(table, ("cd", "bcd"))
+    text = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "abcd")
+    assert (text, detokenizer.stop_string) == ("a", "bcd")

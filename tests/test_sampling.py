@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from model import sampling
 from model.sampling import (
     BatchParams,
     SamplingParams,
@@ -224,3 +225,12 @@ def test_seeded_draws_leave_the_global_generator_alone() -> None:
     assert torch.equal(torch.get_rng_state(), before)
     sample(logits, params, [seeded(1), None])  # an unseeded row does use it
     assert not torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits_once(temperature: float) -> None:
+    logits = logits_rows(64) * 3
+    params = BatchParams.from_rows([SamplingParams(temperature=temperature)] * 64)
+    ids = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(64)])
+    generators = [torch.Generator().manual_seed(i) for i in range(64)]
+    assert torch.equal(ids, sampling.draw((logits / temperature).softmax(-1), generators))

@@ -130,3 +130,32 @@ def test_compaction_moves_a_request_still_prefilling():
     assert [(c.slot, c.start, c.end, c.completes_prompt) for c in output.prefills] == [
         (0, 5, 6, True)
     ]
+
+
+def test_two_slots_freed_in_turn_compact_once_and_are_each_handed_out_once():
+    # A finished request left in the slot map was moved again by compaction, and its slot
+    # handed out twice: two live requests on one KV slot.
+    s = Scheduler(n_slots=3, max_waiting=4, prefill_budget=100)
+    for name in "abc":
+        s.add(ScheduledRequest(name, prompt_len=4))
+    step(s)
+    step(s)
+    step(s, finished=("c",))
+    step(s, finished=("a",))
+    out = step(s)
+    assert [(m.src, m.dst, m.length) for m in out.moves] == [(1, 0, 7)]
+    for name in "de":
+        s.add(ScheduledRequest(name, prompt_len=2))
+    out = step(s)
+    assert sorted(c.slot for c in out.prefills) == [1, 2]
+
+
+def test_a_step_never_prefills_more_tokens_than_its_budget():
+    # The budget bounds how long running streams wait on a long prompt: continuing
+    # chunks count against it as first ones do.
+    s = Scheduler(n_slots=2, max_waiting=4, prefill_budget=4)
+    s.add(ScheduledRequest("a", prompt_len=10))
+    s.add(ScheduledRequest("b", prompt_len=10))
+    for _ in range(6):
+        out = step(s)
+        assert sum(c.end - c.start for c in out.prefills) <= 4

@@ -29,6 +29,7 @@ from server_harness import (
 from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
+from server.validation import sampling_defaults
 
 
 def run_server(
@@ -306,6 +307,16 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
     # the model loaded may be: an error).
     probes = ('GET /health HTTP/1.1" 200', 'GET /metrics?probe=1 HTTP/1.1" 200')
     assert not any(probe in line for probe in probes for line in lines), log
+
+
+def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
+    # Left out, do_sample leaves the file's temperature and top_p to sample with (vLLM's
+    # reading; the trainer writes no do_sample): only false means greedy.
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
+    path.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "max_new_tokens": 7}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0, "max_tokens": 7}
 
 
 def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint, tmp_path):

@@ -189,6 +189,16 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_both_numbers(clie
     assert message.startswith("prompt (at least 1 token: 1 byte) + max_tokens"), message
 
 
+def test_a_prompt_and_max_tokens_filling_the_context_exactly_are_served(client):
+    body = {"prompt": " the" * 10, "ignore_eos": True, "temperature": 0}  # 10 tokens
+    served = client.post("/v1/generate", json=body | {"max_tokens": CONTEXT - 10})
+    assert served.status_code == 200, served.text
+    usage = served.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    one_more = client.post("/v1/generate", json=body | {"max_tokens": CONTEXT - 9})
+    assert_error(one_more, 400, "context_length_exceeded")
+
+
 def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client):
     # The default 128 does not fit after this prompt: the rest of the context does.
     body = {"prompt": " the" * (CONTEXT - 50), "ignore_eos": True}  # " the": one token

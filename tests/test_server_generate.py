@@ -80,6 +80,8 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     assert last["finish_reason"] == whole["finish_reason"]
     assert last["stop_reason"] == whole["stop_reason"]
     assert last["usage"] == whole["usage"]
+    usage = whole["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert last["usage"]["completion_tokens"] == len(streamed_ids(events))
     assert len({e["id"] for e in events[:-1]}) == 1
     assert streamed_text(events) == whole["text"]

@@ -1220,3 +1220,39 @@ def test_cuda_without_cuda_exits_2_naming_the_setting_as_given(
         "error: POCKETGPT_DEVICE cuda: CUDA is not available on this machine\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_accumulated_micro_batches_give_the_loss_and_gradient_of_their_whole_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 micro-batches of 2 rows draw the rows one batch of 4 does: the logged loss is
+    # their mean (an untrained model's ~ln V, not twice it), and the gradient clipped is
+    # the whole batch's (so --grad-clip means the same at any --grad-accum).
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        norms.append(float(clip(*args, **kwargs)))
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    fp32 = ["--optimizer", "adamw", "--dtype", "float32", "--no-compile", "--log-interval", "1"]
+    for accum, batch in (("1", "4"), ("2", "2")):
+        run = tmp_path / f"accum{accum}"
+        argv = tiny_run(tmp_path, *fp32, "--max-steps", "1", "--grad-accum", accum)
+        assert pretrain.main([*argv, "--batch-size", batch, "--out-dir", str(run)]) == 0
+        vocab = json.loads((resolve_checkpoint(run) / "config.json").read_text())["vocab_size"]
+        assert abs(read_log(run, "train")[1]["loss"] - math.log(vocab)) < 0.5
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_a_resumed_run_keeps_counting_its_training_time(tmp_path: Path) -> None:
+    # What --max-time and the schedule's cooldown read: a resume must not restart the clock.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    state_path = resolve_checkpoint(run) / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["elapsed"] = 1000.0
+    torch.save(state, state_path)
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert meta(run)["step"] == 3 and meta(run)["wall_time"] >= 1000.0
