@@ -1256,3 +1256,17 @@ def test_a_resumed_run_keeps_counting_its_training_time(tmp_path: Path) -> None:
     torch.save(state, state_path)
     assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
     assert meta(run)["step"] == 3 and meta(run)["wall_time"] >= 1000.0
+
+
+def test_best_holds_the_lowest_validation_loss_when_later_ones_are_higher(tmp_path: Path) -> None:
+    # A learning rate far too high makes the held-out loss climb after the first step:
+    # best/ must stay at the lowest (what it is for: a run that overfits past it).
+    run = tmp_path / "run"
+    unstable = ["--optimizer", "adamw", "--dtype", "float32", "--lr", "0.1", "--warmup-steps", "1"]
+    argv = tiny_run(tmp_path, *unstable, "--val-data", str(VAL), "--max-steps", "5")
+    assert pretrain.main([*argv, "--eval-interval", "1", "--out-dir", str(run)]) == 0
+    evals = {step: record["val_loss"] for step, record in read_log(run, "eval").items()}
+    lowest = min(evals, key=evals.__getitem__)
+    assert lowest != max(evals), evals  # the last evaluation is not the best
+    best = json.loads((run / "best" / "trainer_meta.json").read_text())
+    assert (best["step"], best["val_loss"]) == (lowest, evals[lowest])
