@@ -75,8 +75,8 @@ class AllowedHostsMiddleware:
             name = None if host is None else _host_name(host.decode("latin-1"))
             if name is not None and name not in self.allowed:
                 message = (
-                    f"Host {name!r} is not served here (a server on a loopback address "
-                    "answers localhost names only; --allowed-hosts adds others)"
+                    f"Host {name!r} is not served here (only localhost names and those "
+                    "--allowed-hosts lists)"
                 )
                 await refuse(ApiError(400, "invalid_host", message), scope, receive, send)
                 return
