@@ -221,8 +221,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 400:  # FastAPI's json.loads raised other than JSONDecodeError
-        return error_response(not_json("could not be parsed: not UTF-8, or nested too deeply"))
+    if exc.status_code == 400:  # FastAPI's "error parsing the body": reading it failed
+        return error_response(not_json("could not be read"))
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
     return error_response(ApiError(exc.status_code, error_type, str(exc.detail), exc.headers))
 

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 128
@@ -36,20 +37,27 @@ STOP_REASON = (
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-def _valid_unicode(text: str, which: str = "") -> str:
-    """`text`, refused where it has no UTF-8 form: a lone surrogate (JSON "\\ud800"),
-    which json.loads accepts and no encoder or tokenizer takes. which: names the list
-    entry `text` is ("" if none)."""
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` has no UTF-8 form: the index of its first lone surrogate (JSON
+    "\\ud800", which json.loads accepts and no encoder or tokenizer takes), else None."""
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise PydanticCustomError(
-                "unicode",
-                "must be valid Unicode: \\u{code} at character {index}{which} is half of a "
-                "surrogate pair",
-                {"code": f"{ord(text[e.start]):04x}", "index": e.start, "which": which},
-            ) from None
+            return e.start
+    return None
+
+
+def _valid_unicode(text: str, which: str = "") -> str:
+    """`text`, refused where it has a lone surrogate. which: names the list entry `text`
+    is ("" if none)."""
+    if (index := lone_surrogate(text)) is not None:
+        raise PydanticCustomError(
+            "unicode",
+            "must be valid Unicode: \\u{code} at character {index}{which} is half of a "
+            "surrogate pair",
+            {"code": f"{ord(text[index]):04x}", "index": index, "which": which},
+        )
     return text
 
 
@@ -181,14 +189,17 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class ApiError(Exception):
-    """An error answered with the envelope `{"error": {"type", "message"}}`."""
+class ApiError(HTTPException):
+    """An error answered with the envelope `{"error": {"type", "message"}}`.
+
+    An HTTPException, so that FastAPI passes one raised while it reads a request's body
+    (validation.parse_json_body) on as it is, not as its own "error parsing the body".
+    """
 
     def __init__(
         self, status_code: int, type: str, message: str, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(status_code, message)
         self.type = type
         self.message = message
         self.headers = headers or {}

@@ -8,11 +8,12 @@ or per `--stream-interval` tokens).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
@@ -29,7 +30,7 @@ from server.protocol import (
     Usage,
 )
 from server.scheduler import QueueFull
-from server.validation import Validator
+from server.validation import Validator, parse_json_body
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 RETRY_AFTER_SECONDS = "1"
@@ -38,7 +39,30 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Line breaks to str.splitlines that SSE and JSON leave as they are (see _data_event).
 _SPLITLINES_ONLY_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
-router = APIRouter()
+
+class _JsonBodyRequest(Request):
+    """A request whose JSON body is read by validation.parse_json_body."""
+
+    async def json(self) -> object:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class _JsonBodyRoute(APIRoute):
+    """FastAPI's route, reading JSON bodies as _JsonBodyRequest does (FastAPI's way to
+    change how a body is read: a custom APIRoute)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[None, None, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_json_body(request: Request) -> Response:
+            return await handle(_JsonBodyRequest(request.scope, request.receive))
+
+        return handle_json_body
+
+
+router = APIRouter(route_class=_JsonBodyRoute)
 
 
 @dataclass(frozen=True)

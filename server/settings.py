@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="require `Authorization: Bearer <key>` on every route but /health and "
-        "the API docs when set",
+        "the API docs when set (whitespace around it, a key file's newline, is dropped)",
     )
     metrics_open: bool = Field(
         False, description="with --api-key: serve /metrics without the key (a keyless Prometheus)"
@@ -153,9 +153,16 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+    def _key_sendable(cls, key: SecretStr | None) -> SecretStr | None:
         # An empty key (a blank POCKETGPT_API_KEY= line) would let a bare
-        # `Authorization: Bearer` in while looking like protection.
-        if key is not None and not key.get_secret_value().strip():
+        # `Authorization: Bearer` in while looking like protection. A header value
+        # cannot begin or end with whitespace, nor hold a control character: a key read
+        # from a file with its newline could never be matched (every request 401).
+        if key is None:
+            return None
+        value = key.get_secret_value().strip()
+        if not value:
             raise ValueError("must not be empty (unset it to serve without a key)")
-        return key
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("must not hold a control character (no header can send it)")
+        return SecretStr(value)

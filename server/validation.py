@@ -9,6 +9,8 @@ numbers). Everything after this point trusts its input.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,7 +30,7 @@ from model.checkpoint import (
     read_json_object,
 )
 from model.sampling import SamplingParams
-from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest
+from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest, lone_surrogate
 
 # generation_config.json's keys -> the request fields they give defaults to, as vLLM
 # reads them (HF's generate uses the same file): a request that leaves one out samples
@@ -46,6 +48,44 @@ _GREEDY_TOO = ("repetition_penalty", "max_tokens")
 
 def not_json(reason: str = "is not valid JSON") -> ApiError:
     return ApiError(400, "invalid_json", f"the request body {reason}")
+
+
+def parse_json_body(body: bytes) -> object:
+    """A JSON request body, read as RFC 8259 has it: UTF-8 (a leading BOM ignored).
+
+    Bytes given to json.loads are guessed at: UTF-16 and UTF-32 were served too. A
+    JSONDecodeError is left to FastAPI to report (then invalid_request() says 400);
+    what else Python's parser raises is said here, not as "could not be parsed".
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise not_json(f"is not UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start})") from None
+    try:
+        return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
+    except RecursionError:
+        raise not_json("is nested too deeply") from None
+
+
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # beyond Python's bound on digits converted (4300 by default)
+        limit = sys.get_int_max_str_digits()
+        message = f"body: a number has more than {limit} digits"
+        raise ApiError(422, "invalid_request", message) from None
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # A lone surrogate in a name: pydantic refused the whole body as "not a valid
+    # string"; one in a prompt or stop string is the protocol's to name.
+    for name, _ in pairs:
+        if (index := lone_surrogate(name)) is not None:
+            half = f"\\u{ord(name[index]):04x} is half of a surrogate pair"
+            raise ApiError(
+                422, "invalid_request", f"body: a field name is not valid Unicode ({half})"
+            )
+    return dict(pairs)
 
 
 @dataclass(frozen=True)

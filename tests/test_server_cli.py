@@ -110,12 +110,21 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     )
 
 
-def test_an_empty_api_key_is_refused_not_taken_as_protection(checkpoint):
-    # A blank POCKETGPT_API_KEY= line would let a bare `Authorization: Bearer` in.
-    result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": ""})
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        # A blank POCKETGPT_API_KEY= line would let a bare `Authorization: Bearer` in.
+        (" \n", "must not be empty"),
+        # No header can send it: every request would be refused.
+        ("abc\x01def", "must not hold a control character"),
+    ],
+    ids=["empty", "control character"],
+)
+def test_an_api_key_no_client_can_send_is_refused(checkpoint, key, message):
+    result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": key})
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: POCKETGPT_API_KEY: must not be empty"), line
+    assert line.startswith(f"error: POCKETGPT_API_KEY: {message}"), line
 
 
 def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
