@@ -18,6 +18,11 @@ def model() -> Transformer:
     return Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB)).eval()
 
 
+def random_ids(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Token ids of `shape`, the same whichever tests ran before."""
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
 def full_positions(batch: int, length: int) -> torch.Tensor:
     return torch.arange(length)[None].expand(batch, length)
 
@@ -58,7 +63,7 @@ def decode_through_cache(
 
 @torch.inference_mode()
 def test_cached_decode_equals_full_forward_single_row(model: Transformer) -> None:
-    ids = torch.randint(0, VOCAB, (1, 40))
+    ids = random_ids((1, 40), seed=1)
     full = model(ids, full_positions(1, 40))
     cached = decode_through_cache(model, ids, prompt_lens=[9], slots=[0])
     assert (cached - full).abs().max().item() <= 1e-4
@@ -69,7 +74,7 @@ def test_cached_decode_equals_full_forward_in_a_contiguous_run_of_slots(
     model: Transformer,
 ) -> None:
     torch.manual_seed(2)
-    ids = torch.randint(0, VOCAB, (3, 24))
+    ids = random_ids((3, 24), seed=2)
     full = model(ids, full_positions(3, 24))
     # Slots 2..4 are read as a view of the cache (a slice) until a row finishes.
     cached = decode_through_cache(model, ids, prompt_lens=[5, 2, 11], slots=[2, 3, 4])
@@ -86,7 +91,7 @@ def test_as_slots_is_a_slice_only_for_an_ascending_contiguous_run() -> None:
 @torch.inference_mode()
 def test_cached_decode_equals_full_forward_rows_of_different_lengths(model: Transformer) -> None:
     torch.manual_seed(1)
-    ids = torch.randint(0, VOCAB, (4, 48))
+    ids = random_ids((4, 48), seed=3)
     full = model(ids, full_positions(4, 48))
     # Non-contiguous, unordered slots exercise the gathered (copying) cache path.
     cached = decode_through_cache(model, ids, prompt_lens=[3, 17, 1, 30], slots=[5, 0, 3, 1])
@@ -95,7 +100,7 @@ def test_cached_decode_equals_full_forward_rows_of_different_lengths(model: Tran
 
 @torch.inference_mode()
 def test_logits_at_returns_only_the_requested_positions(model: Transformer) -> None:
-    ids = torch.randint(0, VOCAB, (2, 12))
+    ids = random_ids((2, 12), seed=4)
     full = model(ids, full_positions(2, 12))
     picked = model(ids, full_positions(2, 12), logits_at=torch.tensor([4, 11]))
     assert picked.shape == (2, 1, VOCAB)
@@ -106,9 +111,9 @@ def test_logits_at_returns_only_the_requested_positions(model: Transformer) -> N
 def test_a_slot_reused_by_a_new_sequence_forgets_the_old_one(model: Transformer) -> None:
     cache = KVCache.for_model(model.config, n_slots=1)
     slot = torch.tensor([0])
-    long_ids = torch.randint(0, VOCAB, (1, 30))
+    long_ids = random_ids((1, 30), seed=5)
     model(long_ids, full_positions(1, 30), cache, slot)
-    short_ids = torch.randint(0, VOCAB, (1, 6))
+    short_ids = random_ids((1, 6), seed=6)
     reused = model(short_ids, full_positions(1, 6), cache, slot)
     fresh = model(short_ids, full_positions(1, 6))
     assert (reused - fresh).abs().max().item() <= 1e-5
@@ -118,7 +123,7 @@ def test_a_slot_reused_by_a_new_sequence_forgets_the_old_one(model: Transformer)
 def test_a_sequence_copied_to_another_slot_decodes_on_from_there(model: Transformer) -> None:
     # How the scheduler compacts slots: prefill in slot 2, copy to slot 0, decode there.
     cache = KVCache.for_model(model.config, n_slots=3)
-    ids = torch.randint(0, VOCAB, (1, 13))
+    ids = random_ids((1, 13), seed=7)
     model(ids[:, :12], full_positions(1, 12), cache, slice(2, 3), length=12)
     cache.copy_slot(2, 0, 12)
     step = model(ids[:, 12:], torch.tensor([[12]]), cache, slice(0, 1), length=13)
@@ -129,7 +134,7 @@ def test_a_sequence_copied_to_another_slot_decodes_on_from_there(model: Transfor
 def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB))
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = random_ids((2, 16), seed=8)
     logits = model(ids, full_positions(2, 16))
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from model import sampling
 from model.sampling import (
@@ -161,7 +162,10 @@ def test_draws_follow_the_distribution_and_skip_zero_probability_tokens() -> Non
     ]
     for settings, expected in cases:
         params = BatchParams.from_rows([SamplingParams(**settings)] * rows)
-        # Unseeded rows (one batched draw) and one seeded row drawn repeatedly.
+        # Unseeded rows (one batched draw, from torch's global generator, seeded here so
+        # that the draw does not depend on which tests ran before) and one seeded row
+        # drawn repeatedly.
+        torch.manual_seed(0)
         batched = sample(logits.expand(rows, -1), params, [None] * rows)
         one_row = BatchParams.from_rows([SamplingParams(**settings)])
         generator = seeded(9)
@@ -193,7 +197,6 @@ def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
 
 
 def test_top_k_with_top_p_keeps_what_hf_warpers_keep() -> None:
-    transformers = pytest.importorskip("transformers")
     logits = logits_rows(6, seed=3)
     for top_k, top_p in [(2, 0.5), (10, 0.6), (4, 0.5), (30, 0.9), (1, 0.3), (VOCAB, 0.7)]:
         params = BatchParams.from_rows([SamplingParams(top_k=top_k, top_p=top_p)] * 6)

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from server_harness import running_server
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,7 +65,6 @@ def python_env() -> dict[str, str]:
 def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transformers_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    transformers = pytest.importorskip("transformers")
     # Settings through the environment: the same path the Docker trainer uses.
     env = python_env() | {"POCKETGPT_PRESET": "tiny", "POCKETGPT_MAX_STEPS": "6"}
     flags = ["--vocab-size", "384", "--block-size", "32", "--batch-size", "4"]
