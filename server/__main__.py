@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.api_key is None and not is_loopback(settings.host):
         print(
             f"warning: {setting_source('host', given)} {settings.host} without an API key: "
-            f"anyone who can reach port {settings.port} can generate (set "
+            f"anyone who can reach port {sock.getsockname()[1]} can generate (set "
             f"{env_var('api_key')})",
             file=sys.stderr,
         )

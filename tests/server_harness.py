@@ -138,6 +138,7 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+        assert not thread.is_alive(), "the server did not stop within 30 s"
 
 
 def _health(base_url: str) -> int | None:
@@ -175,3 +176,19 @@ def metric_samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def abandon_request(base_url: str, body: dict) -> None:
+    """POST `body` to /v1/generate on a connection of its own, and close it once the
+    server has the request running (a JSON request: it answers nothing before the end):
+    a client that gave up waiting, without a client timer racing the generation."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (
+        "POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    running = ("pocketgpt_requests_running", ())
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + payload)
+        wait_until(lambda: metric_samples(base_url)[running] >= 1, 30, "the request running")

@@ -6,12 +6,16 @@ ratio are, so a broken benchmark is caught before someone needs it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer
 
 from model.checkpoint import save_checkpoint
@@ -21,10 +25,34 @@ from model.transformer import Transformer
 RATIO = r"= (\d+\.\d+)x"
 
 
-def run_bench(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, check=False
+@contextlib.contextmanager
+def python_module(*args: str) -> Iterator[subprocess.Popen]:
+    """`python -m <args>` in a process group of its own, killed whole at the end however
+    the test ends: a benchmark's server or trainer too (a timeout's SIGKILL would skip
+    the benchmark's own clean-up and leave them running)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group has ended: none left
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    with python_module(*args) as process:
+        stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_bench(*args: str) -> str:
+    result = run_module(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -120,9 +148,7 @@ def test_a_throughput_run_that_stops_short_says_at_which_step_and_why(tmp_path: 
     text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
     command = ["bench.train", "--data", str(text), "--steps", "8", "--skip-quality", "--"]
     command += [*TINY_TRAINING, "--max-steps", "5"]
-    result = subprocess.run(
-        [sys.executable, "-m", *command], capture_output=True, text=True, timeout=300
-    )
+    result = run_module(*command)
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == (
@@ -136,17 +162,15 @@ def test_ctrl_c_stops_a_benchmark_and_its_trainer_without_a_traceback(tmp_path: 
     text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
     command = ["bench.train", "--data", str(text), "--steps", "100000", "--max-time", "300"]
     command += ["--skip-quality", "--", *TINY_TRAINING]
-    with subprocess.Popen(
-        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as bench:
-        try:
-            for line in bench.stdout:  # the trainer's own output: it is running
-                if line.startswith("model: "):
-                    break
-            bench.send_signal(signal.SIGINT)
-            _, stderr = bench.communicate(timeout=60)
-        finally:
-            bench.kill()
+    with python_module(*command) as bench:
+        for line in bench.stdout:  # the trainer's own output: it is running
+            if line.startswith("model: "):
+                break
+        bench.send_signal(signal.SIGINT)
+        _, stderr = bench.communicate(timeout=60)
+        # The trainer ended with it: nothing is left in the benchmark's process group.
+        with pytest.raises(ProcessLookupError):
+            os.killpg(bench.pid, 0)
     assert bench.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr, stderr
 
@@ -182,9 +206,7 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
     for command, message in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-m", *command], capture_output=True, text=True, timeout=120
-        )
+        result = run_module(*command, timeout=120)
         assert result.returncode == 2, (command, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert "error:" in last and message in last, (command, result.stderr)

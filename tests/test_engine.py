@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from server.settings import Settings
 
 
 @pytest.fixture
-def serving(tiny_checkpoint: Path) -> Serving:
+def serving(tiny_checkpoint: Path) -> Iterator[Serving]:
     settings = Settings(checkpoint=str(tiny_checkpoint), device="cpu", max_batch=2)
-    return load_serving(settings, Metrics())
+    serving = load_serving(settings, Metrics())
+    yield serving
+    serving.engine.stop()  # its thread, had the test failed before stopping it
 
 
 def test_tokens_gathered_for_an_event_are_sent_before_an_engine_error(

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from server_harness import (
+    abandon_request,
     english_tokenizer,
     metric_samples,
     random_checkpoint,
@@ -244,24 +245,30 @@ def test_short_request_sent_after_a_long_one_finishes_first(client):
     assert multi_row_steps >= 1
 
 
-def test_disconnect_after_two_events_frees_the_slot_within_two_seconds(client):
-    cancelled = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
-    before = metric_samples(str(client.base_url)).get(cancelled, 0.0)
+CANCELLED = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
+GENERATED = ("pocketgpt_generation_tokens_total", ())
+
+
+def test_disconnect_after_two_events_cancels_the_request_and_frees_its_slot(client):
+    before = metric_samples(str(client.base_url))
     body = {"prompt": "bye", "max_tokens": 900, "ignore_eos": True, "stream": True}
     with client.stream("POST", "/v1/generate", json=body) as response:
         events = sse_events(response)
         next(events), next(events)
-    closed = time.monotonic()
-    wait_until(lambda: running(client) == 0, 2.0, "requests_running back to 0")
-    assert time.monotonic() - closed < 2.0
-    assert metric_samples(str(client.base_url))[cancelled] == before + 1
+    wait_until(lambda: running(client) == 0, 30, "requests_running back to 0")
+    after = metric_samples(str(client.base_url))
+    assert after[CANCELLED] == before.get(CANCELLED, 0.0) + 1
+    assert after[GENERATED] - before[GENERATED] < 900  # stopped, not run to its end
 
 
 def test_non_stream_client_that_gives_up_cancels_its_request(client):
+    before = metric_samples(str(client.base_url))
     body = {"prompt": "impatient", "max_tokens": 900, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        client.post("/v1/generate", json=body, timeout=0.3)
-    wait_until(lambda: running(client) == 0, 2.0, "requests_running back to 0")
+    abandon_request(str(client.base_url), body)
+    wait_until(lambda: running(client) == 0, 30, "requests_running back to 0")
+    after = metric_samples(str(client.base_url))
+    assert after[CANCELLED] == before.get(CANCELLED, 0.0) + 1
+    assert after[GENERATED] - before[GENERATED] < 900
 
 
 def test_metrics_parse_and_counters_match_the_requests_made(client):

@@ -191,9 +191,9 @@ def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_wa
 
 
 def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
-    # Evaluating ~10k held-out tokens takes far longer than two 128-token steps.
+    # Evaluating ~30k held-out tokens takes far longer than two 128-token steps.
     val = tmp_path / "val.txt"
-    val.write_text(VAL.read_text(encoding="utf-8") * 10, encoding="utf-8")
+    val.write_text(VAL.read_text(encoding="utf-8") * 30, encoding="utf-8")
     flags = ["--max-steps", "6", "--log-interval", "2", "--eval-interval", "2"]
     flags += ["--val-data", str(val), "--eval-tokens", "0", "--grad-accum", "1"]
     run = tmp_path / "run"
@@ -747,6 +747,7 @@ def sigterm_after_three_steps(
         process.out, process.err = process.communicate(timeout=60)
     finally:
         process.kill()
+        process.communicate()  # reaped, its pipes closed
     return process
 
 
@@ -871,6 +872,7 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
+        process.communicate()  # reaped, its pipes closed
     assert process.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted before training started: no checkpoint written"
     assert "Traceback" not in err
