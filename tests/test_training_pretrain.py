@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from server_harness import running_server
+from server_harness import running_server, wait_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, resolve_checkpoint
@@ -778,6 +778,66 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert meta(run)["step"] == stopped + 2
 
 
+def test_a_kill_once_best_is_written_leaves_a_run_if_missing_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first evaluation writes best/, long before the first periodic save: a kill in
+    # between left a model and nothing to resume, and every later command was refused.
+    run = tmp_path / "run"
+    flags = ["--eval-interval", "3", "--save-interval", "1000", "--out-dir", str(run)]
+    process = spawn_pretrain([*tiny_run(tmp_path, *LONG_RUN), *flags])
+    try:
+
+        def best_written() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            return (run / "best").is_dir()
+
+        wait_until(best_written, 90, "best/ written")
+        process.kill()  # SIGKILL: nothing is saved on the way out
+    finally:
+        process.kill()
+        process.communicate()
+    assert pretrain.main(tiny_run(tmp_path, "--if-missing", "--max-steps", "5", *flags)) == 0
+    assert "holds an unfinished run; resuming it (--if-missing)" in capsys.readouterr().out
+    assert meta(run)["step"] == 5 and read_log(run, "eval")[3]
+
+
+def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    flags = ["--eval-interval", "1000", "--out-dir", str(run)]
+    process = spawn_pretrain([*tiny_run(tmp_path, *LONG_RUN), *flags])
+    try:
+
+        def logged() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            return (run / "log.jsonl").is_file() and bool(read_log(run, "train"))
+
+        wait_until(logged, 90, "a step logged")
+        process.kill()  # SIGKILL before any checkpoint: the log alone is left
+    finally:
+        process.kill()
+        process.communicate()
+    assert pretrain.main(tiny_run(tmp_path, "--if-missing", "--max-steps", "2", *flags)) == 0
+    said = "holds a run stopped before its first checkpoint; starting it over (--if-missing)"
+    assert said in capsys.readouterr().out
+    assert meta(run)["step"] == 2
+
+    # Its step folders deleted, best/ kept (to serve): neither a new run nor --resume.
+    shutil.rmtree(run / "step-0000002")
+    (run / "latest").unlink()
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 2
+    assert "holds best/ but no checkpoint to resume (its step folders are gone)" in (
+        capsys.readouterr().err
+    )
+    assert pretrain.main(["--resume", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume {run}: no checkpoint to resume, only best/ (a model: serve it, or "
+        "fine-tune it with --init-from)\n"
+    )
+
+
 def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     tmp_path: Path,
 ) -> None:
@@ -911,11 +971,9 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
     assert last.startswith(f"error: {run}") and "could not be written" in last, done.stderr
     assert "File too large" in last, last  # the system's reason, as a full disk's would be
     assert "Traceback" not in done.stderr
-    # No step folder, whole or half; best/ (weights only) fits under the larger limit.
-    kept = (
-        ["log.jsonl", "tensorboard"] if size < 1024 * 1024 else ["best", "log.jsonl", "tensorboard"]
-    )
-    assert sorted(p.name for p in run.iterdir()) == kept
+    # No step folder, whole or half; and no best/, which comes after the run's first
+    # checkpoint (though under the larger limit its weights alone would fit).
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 
 def torchrun_ranks(

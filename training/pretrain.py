@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
+    RUN_LOG,
     TOKENIZER,
     CheckpointError,
     CheckpointWriteError,
@@ -75,6 +76,7 @@ from training.run_folder import (
 )
 from training.tokenizer import load_tokenizer_file
 from training.trainer import (
+    BEST,
     DistInfo,
     RankStopped,
     Trainer,
@@ -263,6 +265,12 @@ def run_locked(given: Given) -> int:
             print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
             given = Given({**settings, "resume": str(out_dir)}, given.sources)
             settings = given.values
+        elif (out_dir / RUN_LOG).is_file() and not holds_run(out_dir):
+            print(
+                f"{out_dir} holds a run stopped before its first checkpoint; starting it "
+                "over (--if-missing)",
+                flush=True,
+            )
     resumed = (
         resume_folder(settings["resume"], given.source("resume"))
         if settings.get("resume")
@@ -306,6 +314,12 @@ def run_locked(given: Given) -> int:
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
     out_dir = Path(args.out_dir)
     if resumed is None and holds_run(out_dir):
+        if (out_dir / BEST).is_dir() and not has_checkpoint(out_dir):
+            raise UsageError(
+                f"--out-dir {out_dir} holds {BEST}/ but no checkpoint to resume (its step "
+                f"folders are gone); to train anew there, move {BEST}/ away, or choose "
+                "another --out-dir"
+            )
         raise UsageError(
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
             "continue, or choose another --out-dir"

@@ -23,6 +23,7 @@ from training.args import (
 )
 from training.run_folder import run_checkpoint
 from training.trainer import (
+    BEST,
     STEP_DIR,
     TRAINER_META,
     TRAINING_STATE,
@@ -137,6 +138,11 @@ def resume_folder(path: str, source: str) -> Path:
     try:
         folder = run_checkpoint(Path(path))
     except CheckpointError as e:
+        if (Path(path) / BEST).is_dir():
+            raise UsageError(
+                f"{source} {path}: no checkpoint to resume, only {BEST}/ (a model: serve it, "
+                "or fine-tune it with --init-from)"
+            ) from None
         raise UsageError(f"{source}: {e}") from None
     if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
         print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)

@@ -346,8 +346,12 @@ class Trainer:
         self.stopped_by: str | None = None  # set when the loop ends; None in periodic saves
         self.started = time.perf_counter()
         self.tensorboard = None
+        # The step this run last saved (or was resumed from); None: the run folder holds
+        # no checkpoint of it yet.
+        self.saved_at: int | None = None
         if resume_from is not None:
             self._load(resume_from)
+            self.saved_at = self.step
         elif init_from is not None:  # fine-tuning: the weights alone
             self._load_weights(init_from)
         # What HF users added to the tokenizer files of the checkpoint the run started
@@ -451,7 +455,9 @@ class Trainer:
         self._check_finite(self.window_loss.item(), weights=True)
         generators = self._gather_generators()
         with self._rank0_writing():
-            return self._write_checkpoint(generators) if self.dist.is_main else None
+            folder = self._write_checkpoint(generators) if self.dist.is_main else None
+        self.saved_at = self.step
+        return folder
 
     def _write_checkpoint(self, generators: list[torch.Tensor]) -> Path:
         state, meta = self._training_state(generators), self._meta()
@@ -622,16 +628,30 @@ class Trainer:
         return TrainResult(self.step, checkpoint, self.last_val, stopped_by, signum)
 
     def _eval_and_report(self, bar: tqdm) -> None:
-        """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP)."""
+        """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP).
+
+        A run's first best/ comes after its first checkpoint: a kill between the two
+        would leave a folder with a model and nothing to resume (every later command on
+        it refused), so an evaluation before any save saves the step first.
+        """
+        improved = False
         with self._rank0_writing():
             if self.dist.is_main:
-                self._evaluate_on_rank0(bar)
+                improved = self._evaluate_on_rank0(bar)
         self.evaluated_at = self.step  # on every rank: train() decides by it who evaluates
+        if self.saved_at is None:
+            self.save()
+        with self._rank0_writing():
+            if improved:
+                self._keep_best()
+            if self.dist.is_main and self.args.sample_tokens:
+                bar.write(f"sample: {self.preview()!r}")
 
-    def _evaluate_on_rank0(self, bar: tqdm) -> None:
+    def _evaluate_on_rank0(self, bar: tqdm) -> bool:
+        """Evaluate and log; whether the loss is best/'s to keep (lower than its own)."""
         result = self.evaluate()
         if not math.isfinite(result.loss):
-            return  # the weights are lost: _check_finite stops the run, nothing is kept
+            return False  # the weights are lost: _check_finite stops the run, nothing is kept
         self._log(
             {
                 "kind": "eval",
@@ -646,22 +666,24 @@ class Trainer:
             }
         )
         bar.write(f"step {self.step}: val loss {result.loss:.4f} nats/token, {result.bpb:.4f} bpb")
-        if self.best_kept is None or result.loss < self.best_kept:
-            self.best_kept = result.loss
-            # best/ is for serving, so it carries no resumable state (that needs every rank).
-            meta = self._meta()
-            save_checkpoint(
-                self.out_dir,
-                BEST,
-                self.model,
-                self.data.tokenizer,
-                tokenizer_extras=self.tokenizer_extras,
-                generation_defaults=self.generation_defaults,
-                extra_files={TRAINER_META: lambda path: write_json(path, meta)},
-                update_latest=False,
-            )
-        if self.args.sample_tokens:
-            bar.write(f"sample: {self.preview()!r}")
+        return self.best_kept is None or result.loss < self.best_kept
+
+    def _keep_best(self) -> None:
+        """Write best/ from rank 0: the weights just evaluated, for serving (it carries no
+        resumable state: that needs every rank)."""
+        assert self.last_val is not None
+        self.best_kept = self.last_val.loss
+        meta = self._meta()
+        save_checkpoint(
+            self.out_dir,
+            BEST,
+            self.model,
+            self.data.tokenizer,
+            tokenizer_extras=self.tokenizer_extras,
+            generation_defaults=self.generation_defaults,
+            extra_files={TRAINER_META: lambda path: write_json(path, meta)},
+            update_latest=False,
+        )
 
     def _loop(self, bar: tqdm) -> str:
         args = self.args
@@ -723,7 +745,8 @@ class Trainer:
                 self._check_finite(self.window_loss.item())
                 if self._early_stop():
                     return "early_stopping"
-            if self.step % args.save_interval == 0 and self.step < args.max_steps:
+            saved = self.saved_at == self.step  # by the evaluation, this step
+            if self.step % args.save_interval == 0 and self.step < args.max_steps and not saved:
                 self.save()
             # tokens/s is the training steps' rate: evaluating and saving are not counted.
             window_start += time.perf_counter() - paused_at
