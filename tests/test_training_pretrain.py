@@ -1186,7 +1186,15 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "a_file").write_text("not a folder\n")
     (tmp_path / "unmounted").symlink_to(tmp_path / "drive")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    shutil.copy(CORPUS, texts)
     return {
+        # Its checkpoints would be read as text by the next command, which refuses them.
+        "out-dir the text folder": (
+            ["--data", str(texts), "--out-dir", f"{texts}/"],
+            f"--out-dir {texts}/ is the --data folder itself: its checkpoints would be read",
+        ),
         "missing path": (["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
         "empty corpus": (["--data", str(tmp_path / "empty.txt")], "the corpus is empty"),
         "smaller than one batch": (["--data", str(tmp_path / "short.txt")], "too small"),

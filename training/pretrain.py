@@ -240,6 +240,21 @@ def prepare_on_rank0(
     )
 
 
+def check_out_dir_is_not_text(args: TrainArgs, given: Given) -> None:
+    """The run folder is no folder of the text: its checkpoints would be read as text by
+    the next command (which refuses a run folder given as text), so the run could not
+    be resumed, nor its text trained on again. One inside a text folder is skipped."""
+    out_dir = Path(args.out_dir).resolve()
+    for name in ("data", "val_data"):
+        for path in getattr(args, name) or ():
+            if Path(path).resolve() == out_dir:
+                raise UsageError(
+                    f"{given.source('out_dir')} {args.out_dir} is the {given.source(name)} "
+                    "folder itself: its checkpoints would be read as text; choose another "
+                    "--out-dir (a folder inside it is fine)"
+                )
+
+
 def run(argv: Sequence[str] | None) -> int:
     given = explicit_settings(argv, os.environ)
     folder = run_folder(given.values)
@@ -313,6 +328,7 @@ def run_locked(given: Given) -> int:
         own_tokenizer = names_own_tokenizer(args, initial)
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
     out_dir = Path(args.out_dir)
+    check_out_dir_is_not_text(args, given)
     if resumed is None and holds_run(out_dir):
         if (out_dir / BEST).is_dir() and not has_checkpoint(out_dir):
             raise UsageError(
