@@ -250,6 +250,31 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     )
 
 
+def test_a_run_resumed_on_text_changed_under_the_same_path_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus, run, cache = tmp_path / "corpus.txt", tmp_path / "run", tmp_path / "cache"
+    shutil.copy(CORPUS, corpus)
+    flags = [*TINY, "--data", str(corpus), "--cache-dir", str(cache), "--save-interval", "100"]
+    assert pretrain.main([*flags, "--max-steps", "2", "--out-dir", str(run)]) == 0
+    shutil.rmtree(cache)  # tokenized again on resuming: the same text, the same sizes
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("A line added since the run started.\n" * 40)
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the text has changed since step-0000003 was saved (" in err
+    # Other text named: that warning alone.
+    other = ["--data", str(DATA), "--max-steps", "5"]
+    assert pretrain.main(["--resume", str(run), *other]) == 0
+    err = capsys.readouterr().err
+    assert "--data differs from what the run was started with" in err
+    assert "the text has changed" not in err
+
+
 def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

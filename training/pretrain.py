@@ -57,6 +57,7 @@ from training.prepare import (
 )
 from training.resume import (
     budget_spent,
+    changed_text_note,
     check_resumed_init_from,
     finished,
     init_folder,
@@ -372,6 +373,8 @@ def run_locked(given: Given) -> int:
         if dist_info.is_main:
             if resumed is not None:
                 print(f"resuming {resumed} at step {trainer_meta(resumed)['step']}", flush=True)
+                if (note := changed_text_note(resumed, data.meta["splits"], given)) is not None:
+                    print(note, file=sys.stderr)
                 if (note := later_steps_note(resumed)) is not None:
                     print(note, file=sys.stderr)
             elif initial is not None:

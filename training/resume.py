@@ -95,6 +95,33 @@ def check_resumed_init_from(given: str, started_from: object) -> None:
         )
 
 
+def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
+    """A warning when the text a run resumed from `resumed` reads now (its split sizes:
+    `splits`, as prepare() counts them) is not the text it was saved on, though named as
+    then: files under --data edited, added or removed. None if the sizes match, if the
+    checkpoint recorded none, or if other settings choosing the text were given
+    (resumed_args warned of those)."""
+    saved = saved_args(resumed)
+    if any(differs_from_saved(name, given, saved) for _, name in SCORING_CHOICES[:3]):
+        return None
+    recorded = trainer_meta(resumed).get("data")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
+        return None
+
+    def sizes(split: object) -> tuple[object, ...]:
+        counts = split if isinstance(split, dict) else {}
+        return tuple(counts.get(name) for name in ("documents", "bytes", "tokens"))
+
+    if all(sizes(splits[split]) == sizes(recorded.get(split)) for split in ("train", "val")):
+        return None
+    then, now = recorded["train"].get("bytes"), splits["train"]["bytes"]
+    return (
+        f"warning: the text has changed since {resumed.name} was saved ({then} training "
+        f"bytes then, {now} now): its batches and validation differ (best/ then compares "
+        "losses measured otherwise)"
+    )
+
+
 def later_steps_note(resumed: Path) -> str | None:
     """What a resume from a step folder older than the run's newest, and not the one
     `latest` names (going back), does with the steps after it; None for any other."""
