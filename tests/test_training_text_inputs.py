@@ -47,6 +47,24 @@ def test_a_binary_file_is_skipped_with_a_warning(
     err = capsys.readouterr().err
     assert err.count(f"warning: {binary}: binary") == 1
     assert "invalid UTF-8" not in err  # skipped, not decoded into noise
+    assert "without text" not in err  # said once, as binary
+
+
+def test_files_without_text_are_skipped_with_one_warning_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    empty, spaces, blank_lines = folder / "a.txt", folder / "b.md", folder / "c.jsonl"
+    empty.write_bytes(b"")  # an export that failed
+    spaces.write_text(" \n\t\n", encoding="utf-8")
+    blank_lines.write_text('\n{"text": "  "}\n\n', encoding="utf-8")
+    assert load_documents([folder]) == [CORPUS.read_text(encoding="utf-8")]
+    assert capsys.readouterr().err == (
+        f"warning: 3 files without text (empty or blank), skipped: {empty}, {spaces}, "
+        f"{blank_lines}\n"
+    )
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])

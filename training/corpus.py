@@ -61,11 +61,11 @@ class CorpusError(Exception):
     """Unusable input text; the message names the path and the problem."""
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path) -> str | None:
     """A file's text (UTF-8 unless a byte-order mark says UTF-16 or UTF-32), with "\n"
     line ends; invalid bytes are replaced, with one warning naming the file.
 
-    A binary file reads as "" (so it adds no document), with a warning naming it.
+    A binary file reads as None (it adds no document), with a warning naming it.
     """
     try:
         raw = path.read_bytes()
@@ -83,7 +83,7 @@ def read_text(path: Path) -> str:
             "conversion to UTF-8), skipped",
             file=sys.stderr,
         )
-        return ""
+        return None
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError:
@@ -96,13 +96,24 @@ def _warn_replaced(path: Path, what: str) -> None:
     print(f"warning: {path}: {what} replaced with U+FFFD", file=sys.stderr)
 
 
-def _jsonl_documents(path: Path) -> list[str]:
+def _documents_in(path: Path) -> list[str] | None:
+    """The documents of one file (None: binary, skipped with a warning)."""
+    if path.suffix.lower() == JSONL_SUFFIX:
+        return _jsonl_documents(path)
+    text = read_text(path)
+    return None if text is None else [text]
+
+
+def _jsonl_documents(path: Path) -> list[str] | None:
+    text = read_text(path)
+    if text is None:
+        return None
     documents = []
     surrogates = False
     # JSON Lines ends records at "\n" only: str.splitlines() would also cut at U+2028,
     # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
     # (read_text has made a CRLF file's line ends "\n".)
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -199,7 +210,7 @@ def _files_under(path: Path) -> list[Path]:
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
     """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents, read = [], {}
+    documents, read, blank = [], {}, []
     for given in paths:
         path = Path(given)
         files = _files_under(path)
@@ -215,13 +226,19 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
                 print(f"warning: {file}: already read ({how}), read once", file=sys.stderr)
                 continue
             read[real] = file
-            if file.suffix.lower() == JSONL_SUFFIX:
-                documents.extend(_jsonl_documents(file))
-            else:
-                documents.append(read_text(file))
-    documents = [d for d in documents if d.strip()]
+            found = _documents_in(file)
+            if found is None:
+                continue
+            found = [d for d in found if d.strip()]
+            if not found:  # a failed export, a placeholder: worth a look, not an error
+                blank.append(file)
+            documents.extend(found)
     if not documents:
         raise CorpusError(f"{', '.join(map(str, paths))}: the corpus is empty (no text found)")
+    if blank:
+        files = f"{len(blank)} file" + ("s" if len(blank) > 1 else "")
+        shown = ", ".join(map(str, blank[:3])) + (f" and {len(blank) - 3} more" * (len(blank) > 3))
+        print(f"warning: {files} without text (empty or blank), skipped: {shown}", file=sys.stderr)
     return documents
 
 
