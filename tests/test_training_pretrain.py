@@ -1247,7 +1247,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--out-dir", "/proc/pocketgpt-run"],
             "cannot create a folder in /proc (",
         ),
-        "impossible shape": (["--n-heads", "3"], "model flags:"),
+        "impossible shape": (
+            ["--n-heads", "3"],
+            "the model shape (--preset tiny with --n-heads 3): dim 128 is not divisible by "
+            "n_heads 3; n_heads 3 is not a multiple of n_kv_heads 2",
+        ),
         "held-out text also trained on": (
             ["--data", str(DATA), "--val-data", str(VAL)],
             "--val-data: 1 of its 1 documents are in --data too",

@@ -574,7 +574,11 @@ def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> Mode
             **overrides,
         )
     except ValueError as e:
-        raise UsageError(f"model flags: {e}") from None
+        # What comes from the preset and what was given: a value the user never set
+        # (the preset's n_kv_heads) is then no mystery.
+        given = " ".join(f"{flag(name)} {value}" for name, value in overrides.items())
+        shape = f"the model shape (--preset {preset}{' with ' if given else ''}{given})"
+        raise UsageError(f"{shape}: {str(e).removeprefix('invalid ModelConfig: ')}") from None
 
 
 # ---------------------------------------------------------------- parsing
