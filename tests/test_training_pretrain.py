@@ -1282,6 +1282,23 @@ def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
         assert not out_dir.exists() and not cache.exists(), case
 
 
+def test_a_model_too_large_for_memory_exits_1_with_one_line_writing_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 2**40 wide: petabytes, more than any address space holds, so the allocation fails
+    # at once whatever the system's overcommit policy.
+    run = tmp_path / "run"
+    wide = ["--dim", str(2**40), "--max-steps", "4", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *wide)) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"error: out of memory \([\d,]+\.\d GiB asked for\): lower --batch-size or "
+        r"--block-size, or train a smaller model\n",
+        err,
+    ), err
+    assert not run.exists()
+
+
 def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "training.pretrain", "--data", str(tmp_path / "missing")],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -430,6 +431,18 @@ def said_by_rank0_only() -> Iterator[None]:
         yield
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """How much an allocation that failed asked for, if `error` is one (CUDA's or the
+    CPU allocator's), else None."""
+    message = str(error)
+    if isinstance(error, torch.OutOfMemoryError):
+        return message.split(". ")[1] if ". " in message else message.splitlines()[0]
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", message)
+    if asked is not None:
+        return f"{int(asked.group(1)) / 2**30:,.1f} GiB asked for"
+    return "a Python allocation" if isinstance(error, MemoryError) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with said_by_rank0_only():
@@ -442,6 +455,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (TrainingDiverged, RankStopped) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError
+        if (reason := out_of_memory(e)) is None:
+            raise
+        print(
+            f"error: out of memory ({reason}): lower --batch-size or --block-size, or "
+            "train a smaller model",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);
