@@ -69,7 +69,8 @@ TRAINING_STATE = "training_state.pt"
 TRAINER_META = "trainer_meta.json"
 BEST = "best"
 STEP_DIR = re.compile(r"step-\d{7}")
-# Every key _training_state writes: a state without one is not ours (read_training_state).
+# Every key _training_state writes but the log window's (states saved before it was
+# kept lack it): a state without one is not ours (read_training_state).
 STATE_KEYS = (
     "step",
     "tokens_seen",
@@ -337,7 +338,10 @@ class Trainer:
         self.last_train_loss: float | None = None
         # Sum of the step losses since the last log line: NaN or inf iff one of them was
         # (cross-entropy is never -inf), so checking it checks every step without a sync.
+        # Kept in checkpoints with its step count, so that a resumed run's first log line
+        # is the mean of the same steps as an uninterrupted run's.
         self.window_loss = torch.zeros((), device=device)
+        self.window_steps = 0
         self.checked_step = 0  # every loss up to this step was finite
         self.tokens_per_s: float | None = None  # none until a log window has passed
         self.bar_postfix: dict[str, str] = {}
@@ -400,6 +404,9 @@ class Trainer:
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
         self.best_kept = recorded_best_loss(self.out_dir)
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
+        if "log_window" in state:  # saved the mean over ranks: each rank goes on from it
+            self.window_loss.fill_(state["log_window"]["loss"])
+            self.window_steps = state["log_window"]["steps"]
         generators = state["data"]["generators"]
         if len(generators) == self.dist.world_size:
             self.batches.generator.set_state(generators[self.dist.rank])
@@ -411,8 +418,9 @@ class Trainer:
             )
         set_rng_state(state["rng"], cuda=self.device.type == "cuda")
 
-    def _training_state(self, generators: list[torch.Tensor]) -> dict:
+    def _training_state(self, generators: list[torch.Tensor], window_loss: float) -> dict:
         return {
+            "log_window": {"loss": window_loss, "steps": self.window_steps},
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed(),
@@ -454,13 +462,14 @@ class Trainer:
         # The weights too: the update of the step being saved has had no loss of its own.
         self._check_finite(self.window_loss.item(), weights=True)
         generators = self._gather_generators()
+        window_loss = self._mean_over_ranks(self.window_loss)
         with self._rank0_writing():
-            folder = self._write_checkpoint(generators) if self.dist.is_main else None
+            folder = self._write_checkpoint(generators, window_loss) if self.dist.is_main else None
         self.saved_at = self.step
         return folder
 
-    def _write_checkpoint(self, generators: list[torch.Tensor]) -> Path:
-        state, meta = self._training_state(generators), self._meta()
+    def _write_checkpoint(self, generators: list[torch.Tensor], window_loss: float) -> Path:
+        state, meta = self._training_state(generators, window_loss), self._meta()
         extra = {
             TRAINING_STATE: lambda path: save_state(state, path),
             TRAINER_META: lambda path: write_json(path, meta),
@@ -716,16 +725,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens_seen += tokens_per_step
+            self.window_steps += 1
             window_tokens += tokens_per_step
             bar.update(1)
             if self.step % args.log_interval == 0:
                 now = time.perf_counter()
-                # The mean over the window's steps: fewer than log_interval after a resume.
-                window_steps = window_tokens // tokens_per_step
-                self.last_train_loss = self._mean_over_ranks(self.window_loss) / window_steps
+                self.last_train_loss = self._mean_over_ranks(self.window_loss) / self.window_steps
                 self._check_finite(self.last_train_loss)
+                # This process's steps alone: a resumed run's first window started earlier.
                 self.tokens_per_s = window_tokens / (now - window_start)
                 self.window_loss.zero_()
+                self.window_steps = 0
                 window_start, window_tokens = now, 0
                 loss, tok_s = f"{self.last_train_loss:.4f}", f"{self.tokens_per_s:.0f}"
                 self._show_progress(bar, loss=loss, tok_s=tok_s)
