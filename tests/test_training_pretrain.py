@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -390,8 +391,13 @@ def test_a_diverging_run_exits_1_without_saving_and_keeps_its_checkpoints(
     for flags, steps in caught_within.items():
         argv = ["--resume", str(run), "--max-steps", "30", "--lr", "1e30", *flags.split()]
         assert pretrain.main(argv) == 1, flags
-        (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+        out, err = capsys.readouterr()
+        (line,) = err.strip().splitlines()[-1:]
         assert line.startswith("error: the loss became NaN or infinite between steps ")
+        # A sample follows each evaluation reported, none drawn from the lost weights.
+        lines = out.splitlines()
+        for before, sample in itertools.pairwise(lines):
+            assert not sample.startswith("sample:") or " val loss " in before, out
         words = line.split()
         first, last = int(words[words.index("and") - 1]), int(words[words.index("and") + 1][:-1])
         assert first >= 4 and last - first == steps, (flags, line)
@@ -862,6 +868,17 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
         f"error: --resume {run}: no checkpoint to resume, only best/ (a model: serve it, or "
         "fine-tune it with --init-from)\n"
     )
+
+    # Step folders left, the one `latest` names lost: not "best/ alone".
+    other = tmp_path / "other"
+    flags = ["--save-interval", "1", "--keep-last", "3", "--out-dir", str(other)]
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "3", *flags)) == 0
+    shutil.rmtree(other / "step-0000003")
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(other)]) == 2
+    assert "latest names 'step-0000003'" in capsys.readouterr().err
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 2
+    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
 
 
 def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(

@@ -71,6 +71,7 @@ from training.run_folder import (
     check_writable,
     clear_run_folder,
     has_checkpoint,
+    holds_best_alone,
     holds_run,
     launched_as_rank0,
     run_folder,
@@ -332,7 +333,7 @@ def run_locked(given: Given) -> int:
     out_dir = Path(args.out_dir)
     check_out_dir_is_not_text(args, given)
     if resumed is None and holds_run(out_dir):
-        if (out_dir / BEST).is_dir() and not has_checkpoint(out_dir):
+        if holds_best_alone(out_dir):
             raise UsageError(
                 f"--out-dir {out_dir} holds {BEST}/ but no checkpoint to resume (its step "
                 f"folders are gone); to train anew there, move {BEST}/ away, or choose "

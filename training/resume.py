@@ -21,7 +21,7 @@ from training.args import (
     check_resume_settings,
     make_args,
 )
-from training.run_folder import run_checkpoint
+from training.run_folder import holds_best_alone, run_checkpoint
 from training.trainer import (
     BEST,
     STEP_DIR,
@@ -165,7 +165,7 @@ def resume_folder(path: str, source: str) -> Path:
     try:
         folder = run_checkpoint(Path(path))
     except CheckpointError as e:
-        if (Path(path) / BEST).is_dir():
+        if holds_best_alone(Path(path)):
             raise UsageError(
                 f"{source} {path}: no checkpoint to resume, only {BEST}/ (a model: serve it, "
                 "or fine-tune it with --init-from)"

@@ -57,6 +57,12 @@ def has_checkpoint(out_dir: Path) -> bool:
     return True
 
 
+def holds_best_alone(folder: Path) -> bool:
+    """Whether `folder` holds best/ and no step folder: a model kept, its run's
+    checkpoints gone (deleted), so nothing to resume."""
+    return (folder / BEST).is_dir() and not step_folders(folder)
+
+
 def holds_run(out_dir: Path) -> bool:
     """Whether `out_dir` holds a run's files: a `latest` pointer (even one naming a lost
     checkpoint), `best/` or step folders. A new run never writes over them."""

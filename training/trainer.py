@@ -622,8 +622,9 @@ class Trainer:
             self.stopped_by = stopped_by = self._loop(bar)
             self._show_progress(bar)  # the bar's last line: the time left now, not at a log
             if stopped_by != "signal" and self.evaluated_at != self.step:
-                self._eval_and_report(bar)
-            checkpoint = self.save()
+                checkpoint = self._eval_and_report(bar, final=True)
+            else:
+                checkpoint = self.save()
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -636,31 +637,34 @@ class Trainer:
         signum = (self.stop_signal or signal.SIGTERM) if stopped_by == "signal" else None
         return TrainResult(self.step, checkpoint, self.last_val, stopped_by, signum)
 
-    def _eval_and_report(self, bar: tqdm) -> None:
-        """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP).
+    def _eval_and_report(self, bar: tqdm, *, final: bool = False) -> Path | None:
+        """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP);
+        `final`: the run's last evaluation, saving its last checkpoint (returned).
 
         A run's first best/ comes after its first checkpoint: a kill between the two
         would leave a folder with a model and nothing to resume (every later command on
         it refused), so an evaluation before any save saves the step first.
         """
-        improved = False
+        improved: bool | None = False  # rank 0's to say
         with self._rank0_writing():
             if self.dist.is_main:
                 improved = self._evaluate_on_rank0(bar)
         self.evaluated_at = self.step  # on every rank: train() decides by it who evaluates
-        if self.saved_at is None:
-            self.save()
+        checkpoint = self.save() if final or self.saved_at is None else None
         with self._rank0_writing():
             if improved:
                 self._keep_best()
-            if self.dist.is_main and self.args.sample_tokens:
+            if improved is not None and self.dist.is_main and self.args.sample_tokens:
                 bar.write(f"sample: {self.preview()!r}")
+        return checkpoint
 
-    def _evaluate_on_rank0(self, bar: tqdm) -> bool:
-        """Evaluate and log; whether the loss is best/'s to keep (lower than its own)."""
+    def _evaluate_on_rank0(self, bar: tqdm) -> bool | None:
+        """Evaluate and log; whether the loss is best/'s to keep (lower than its own), or
+        None if it is not finite (the weights are lost: _check_finite stops the run,
+        nothing is kept or sampled)."""
         result = self.evaluate()
         if not math.isfinite(result.loss):
-            return False  # the weights are lost: _check_finite stops the run, nothing is kept
+            return None
         self._log(
             {
                 "kind": "eval",
