@@ -156,13 +156,13 @@ class Settings(BaseSettings):
     def _key_sendable(cls, key: SecretStr | None) -> SecretStr | None:
         # An empty key (a blank POCKETGPT_API_KEY= line) would let a bare
         # `Authorization: Bearer` in while looking like protection. A header value
-        # cannot begin or end with whitespace, nor hold a control character: a key read
-        # from a file with its newline could never be matched (every request 401).
+        # cannot begin or end with whitespace, nor hold a control character but a tab: a
+        # key read from a file with its newline could never be matched (every 401).
         if key is None:
             return None
         value = key.get_secret_value().strip()
         if not value:
             raise ValueError("must not be empty (unset it to serve without a key)")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
             raise ValueError("must not hold a control character (no header can send it)")
         return SecretStr(value)

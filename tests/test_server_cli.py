@@ -32,6 +32,7 @@ from server_harness import (
 from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
+from server.settings import Settings
 from server.validation import sampling_defaults
 
 
@@ -128,6 +129,13 @@ def test_an_api_key_no_client_can_send_is_refused(checkpoint, key, message):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: POCKETGPT_API_KEY: {message}"), line
+
+
+def test_an_api_key_is_taken_as_a_header_can_send_it():
+    # Whitespace around it (a key file's newline) is no header's; a tab inside may be.
+    settings = Settings(checkpoint="unused", api_key=" k3y\tpart\n")
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "k3y\tpart"
 
 
 def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):

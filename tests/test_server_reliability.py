@@ -91,7 +91,7 @@ def assert_normal_request_completes(base_url: str) -> None:
 # --- disconnect storm ---------------------------------------------------------------
 
 
-def test_disconnect_storm_frees_every_slot_within_two_seconds(base_url):
+def test_disconnect_storm_cancels_every_request_and_frees_every_slot(base_url):
     before = metric_samples(base_url)
 
     def drop_after_first_event(i: int) -> Callable[[], object]:

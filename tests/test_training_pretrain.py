@@ -268,13 +268,29 @@ def test_a_run_resumed_on_text_changed_under_the_same_path_is_warned_of(
         f.write("A line added since the run started.\n" * 40)
     assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
     err = capsys.readouterr().err
-    assert "warning: the text has changed since step-0000003 was saved (" in err
+    assert re.search(
+        r"warning: the text has changed since step-0000003 was saved \(training text: "
+        r"[\d,]+ bytes then, [\d,]+ now\): its batches differ\n",
+        err,
+    ), err
     # Other text named: that warning alone.
     other = ["--data", str(DATA), "--max-steps", "5"]
     assert pretrain.main(["--resume", str(run), *other]) == 0
     err = capsys.readouterr().err
     assert "--data differs from what the run was started with" in err
     assert "the text has changed" not in err
+
+    # The held-out text alone edited: its batches are the same, its validation is not.
+    val, scored = tmp_path / "val.txt", tmp_path / "scored"
+    shutil.copy(VAL, val)
+    flags += ["--val-data", str(val), "--out-dir", str(scored)]
+    assert pretrain.main([*flags, "--max-steps", "2"]) == 0
+    val.write_text(VAL.read_text(encoding="utf-8") * 2, encoding="utf-8")
+    assert pretrain.main(["--resume", str(scored), "--max-steps", "3"]) == 0
+    assert re.search(
+        r"\(validation text: [\d,]+ bytes then, [\d,]+ now\): its validation differs \(best/",
+        capsys.readouterr().err,
+    )
 
 
 def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
@@ -1310,7 +1326,7 @@ def test_a_model_too_large_for_memory_exits_1_with_one_line_writing_nothing(
     assert pretrain.main(tiny_run(tmp_path, *wide)) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(
-        r"error: out of memory \([\d,]+\.\d GiB asked for\): lower --batch-size or "
+        r"error: out of memory \(an allocation of [\d,]+\.\d\d PiB failed\): lower --batch-size or "
         r"--block-size, or train a smaller model\n",
         err,
     ), err

@@ -432,16 +432,20 @@ def said_by_rank0_only() -> Iterator[None]:
         yield
 
 
-def out_of_memory(error: BaseException) -> str | None:
-    """How much an allocation that failed asked for, if `error` is one (CUDA's or the
-    CPU allocator's), else None."""
+def torch_out_of_memory(error: BaseException) -> str | None:
+    """How much a torch allocation that failed asked for, if `error` is one (CUDA's
+    OutOfMemoryError, or the CPU allocator's RuntimeError), else None."""
     message = str(error)
     if isinstance(error, torch.OutOfMemoryError):
-        return message.split(". ")[1] if ". " in message else message.splitlines()[0]
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGTP]?i?B)", message)
+        return asked.group(1) if asked else "?"
     asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", message)
-    if asked is not None:
-        return f"{int(asked.group(1)) / 2**30:,.1f} GiB asked for"
-    return "a Python allocation" if isinstance(error, MemoryError) else None
+    if asked is None:
+        return None
+    size = int(asked.group(1))
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    power = min(len(units) - 1, (size.bit_length() - 1) // 10) if size else 0
+    return f"{size / 1024**power:,.2f} {units[power]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,14 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, RankStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError
-        if (reason := out_of_memory(e)) is None:
+    except RuntimeError as e:  # torch's CPU allocator raises RuntimeError
+        if (asked := torch_out_of_memory(e)) is None:
             raise
         print(
-            f"error: out of memory ({reason}): lower --batch-size or --block-size, or "
-            "train a smaller model",
+            f"error: out of memory (an allocation of {asked} failed): lower --batch-size or "
+            "--block-size, or train a smaller model",
             file=sys.stderr,
         )
+        return 1
+    except MemoryError:  # Python's or numpy's, e.g. reading a corpus larger than memory
+        print("error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);

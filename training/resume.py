@@ -42,12 +42,8 @@ def saved_args(folder: Path) -> dict:
 
 # The settings choosing the text a run trains and is scored on, and the windows it is
 # scored in: `--resume` may change them, with a warning.
-SCORING_CHOICES = (
-    ("--data", "data"),
-    ("--val-data", "val_data"),
-    ("--val-fraction", "val_fraction"),
-    ("--block-size", "block_size"),
-)
+TEXT_CHOICES = (("--data", "data"), ("--val-data", "val_data"), ("--val-fraction", "val_fraction"))
+SCORING_CHOICES = (*TEXT_CHOICES, ("--block-size", "block_size"))
 
 
 def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
@@ -102,24 +98,33 @@ def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
     checkpoint recorded none, or if other settings choosing the text were given
     (resumed_args warned of those)."""
     saved = saved_args(resumed)
-    if any(differs_from_saved(name, given, saved) for _, name in SCORING_CHOICES[:3]):
+    if any(differs_from_saved(name, given, saved) for _, name in TEXT_CHOICES):
         return None
     recorded = trainer_meta(resumed).get("data")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
         return None
-
-    def sizes(split: object) -> tuple[object, ...]:
-        counts = split if isinstance(split, dict) else {}
-        return tuple(counts.get(name) for name in ("documents", "bytes", "tokens"))
-
-    if all(sizes(splits[split]) == sizes(recorded.get(split)) for split in ("train", "val")):
+    changed = []
+    for split, text, consequence in (
+        ("train", "training", "its batches differ"),
+        (
+            "val",
+            "validation",
+            "its validation differs (best/ then compares losses measured otherwise)",
+        ),
+    ):
+        then = recorded.get(split) if isinstance(recorded.get(split), dict) else {}
+        now = splits[split]
+        differ = [n for n in ("bytes", "documents", "tokens") if then.get(n) != now[n]]
+        if differ:  # said by the first measure that differs
+            measure, was = differ[0], then.get(differ[0])
+            was = f"{was:,}" if isinstance(was, int) else "?"
+            sizes = f"{was} {measure} then, {now[measure]:,} now"
+            changed.append((f"{text} text: {sizes}", consequence))
+    if not changed:
         return None
-    then, now = recorded["train"].get("bytes"), splits["train"]["bytes"]
-    return (
-        f"warning: the text has changed since {resumed.name} was saved ({then} training "
-        f"bytes then, {now} now): its batches and validation differ (best/ then compares "
-        "losses measured otherwise)"
-    )
+    what = "; ".join(change for change, _ in changed)
+    consequences = " and ".join(consequence for _, consequence in changed)
+    return f"warning: the text has changed since {resumed.name} was saved ({what}): {consequences}"
 
 
 def later_steps_note(resumed: Path) -> str | None:
