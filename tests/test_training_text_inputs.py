@@ -253,3 +253,37 @@ def test_a_file_named_twice_is_read_once_and_a_byte_order_mark_is_no_text(
         f"warning: {corpus}: 2 other files not read (only .txt, .md and .jsonl are: .csv, "
         "no suffix)" in err
     )
+
+
+def test_an_upper_case_jsonl_suffix_is_read_record_by_record(tmp_path: Path) -> None:
+    # Windows exports say EXPORT.JSONL: records, not one document of raw JSON.
+    path = tmp_path / "EXPORT.JSONL"
+    path.write_text(json.dumps({"text": "First record."}) + "\n" + json.dumps({"text": "Second."}))
+    assert load_documents([path]) == ["First record.", "Second."]
+
+
+def test_jsonl_lines_holding_only_spaces_are_skipped_like_empty_ones(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"text": "One."}\n  \n\t\n{"text": "Two."}\n \n', encoding="utf-8")
+    assert load_documents([path]) == ["One.", "Two."]
+
+
+def test_a_folder_with_a_config_json_but_no_weights_is_read_as_text(tmp_path: Path) -> None:
+    # Only config.json beside *.safetensors is a model; a project's config.json is not.
+    project = tmp_path / "project"
+    (project / "docs").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "docs" / "config.json").write_text("{}")
+    (project / "notes.txt").write_text("Project notes.")
+    (project / "docs" / "guide.md").write_text("A guide.")
+    assert load_documents([project]) == ["A guide.", "Project notes."]
+
+
+def test_a_log_jsonl_of_documents_is_text_though_its_records_have_a_kind(tmp_path: Path) -> None:
+    # A trainer's log has `kind` and no `text`; a corpus named log.jsonl may have both.
+    corpus = tmp_path / "corpus"
+    (corpus / "diary").mkdir(parents=True)
+    record = {"kind": "entry", "text": "Dear diary."}
+    (corpus / "diary" / "log.jsonl").write_text(json.dumps(record) + "\n")
+    (corpus / "log.jsonl").write_text(json.dumps({**record, "text": "Top entry."}) + "\n")
+    assert load_documents([corpus]) == ["Dear diary.", "Top entry."]
