@@ -107,3 +107,22 @@ def test_two_stop_strings_completed_by_one_token_end_at_the_earlier(table, token
     detokenizer = IncrementalDetokenizer(table, ("cd", "bcd"))
     text = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "abcd")
     assert (text, detokenizer.stop_string) == ("a", "bcd")
+
+
+@pytest.mark.parametrize("second", [b"\xa0", b"\xbf"])
+def test_a_text_ending_in_any_start_of_a_surrogate_ends_in_replacements(second: bytes) -> None:
+    # ED A0 to ED BF begin surrogates: invalid, not a cut character, at either end of
+    # the range.
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    ids = [table.index(b"\xed"), table.index(second)]
+    assert "".join(stream(table, ids)) == tokenizer.decode(ids) == "\ufffd\ufffd"
+
+
+def test_a_stop_string_whose_start_repeats_is_held_back_whole() -> None:
+    # "aa" could begin "aab" as a whole, not only its last "a".
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    detokenizer = IncrementalDetokenizer(table, ("aab",))
+    text = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "xaab")
+    assert (text, detokenizer.stop_string) == ("x", "aab")

@@ -631,3 +631,67 @@ def test_json_nested_deeply_but_parsed_is_422_naming_the_field(client, content, 
     with python_recursion_limit(1000):
         response = client.post("/v1/generate", content=content, headers=headers)
     assert assert_error(response, 422, "invalid_request").startswith(message)
+
+
+def test_the_bearer_scheme_is_matched_in_any_case_and_the_key_whole(base_url):
+    # RFC 9110: the scheme is case-insensitive. The key must match whole: a prefix of
+    # it, or none at all, is no key.
+    def status(authorization: str) -> int:
+        headers = {"Authorization": authorization}
+        return httpx.get(base_url + "/v1/models", headers=headers).status_code
+
+    for scheme in ("bearer", "BEARER"):
+        assert status(f"{scheme} {API_KEY}") == 200, scheme
+    for given in ("Bearer", f"Bearer {API_KEY[:4]}", f"Bearer {API_KEY[:-1]}"):
+        assert status(given) == 401, given
+
+
+def test_a_request_without_a_host_header_passes_the_host_check(base_url):
+    # HTTP/1.0 has no Host header; browsers (DNS rebinding) always send one.
+    status, body = raw_exchange(base_url, b"GET /health HTTP/1.0\r\n\r\n")
+    assert status == 200, body
+
+
+def test_a_body_in_exactly_1024_small_pieces_is_served_and_one_more_is_413(base_url):
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    body += b" " * (1024 - len(body))
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+
+    def chunked(pieces: list[bytes]) -> bytes:
+        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+    pieces = [body[i : i + 1] for i in range(len(body))]
+    status, answer = raw_exchange(base_url, head + chunked(pieces))
+    assert status == 200, answer
+    status, answer = raw_exchange(base_url, head + chunked([*pieces, b" "]))
+    assert status == 413, answer
+
+
+def test_the_next_request_on_a_kept_alive_connection_has_its_own_deadline(tmp_path):
+    # After an answer the connection waits for the next request: one that then sends
+    # part of a head is answered 408 like a first one, not held open for good.
+    timeout = 0.2
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    with running_server(Settings(checkpoint=checkpoint, request_timeout=timeout)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while b'"status"' not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: local")  # and nothing more
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413(client):
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    exact = body + b" " * (BODY_LIMIT - len(body))
+    json_type = {"Content-Type": "application/json"}
+    assert client.post("/v1/generate", content=exact, headers=json_type).status_code == 200
+    assert client.post("/v1/generate", content=exact + b" ", headers=json_type).status_code == 413

@@ -16,3 +16,26 @@ def test_each_rank_draws_windows_from_its_own_shard_with_targets_shifted() -> No
             x, y = batches.next_batch()
             assert (x >= rank * 500).all() and (y < (rank + 1) * 500).all()
             assert torch.equal(y, x + 1)
+
+
+def test_every_window_of_the_shard_is_drawn_the_last_included() -> None:
+    tokens = np.arange(20, dtype=np.uint16)
+    batches = BatchSampler(tokens, block_size=8, batch_size=256, seed=0)
+    x, y = batches.next_batch()
+    assert set(x[:, 0].tolist()) == set(range(12))  # starts 0 .. 20 - 8 - 1
+    # A shard of exactly one window: that window, every row.
+    x, y = BatchSampler(tokens[:9], block_size=8, batch_size=2, seed=0).next_batch()
+    assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
+
+
+def rank_batches(tokens: np.ndarray, rank: int) -> BatchSampler:
+    return BatchSampler(tokens, block_size=8, batch_size=16, seed=0, rank=rank, world_size=2)
+
+
+def test_each_rank_draws_its_own_offsets_not_the_same_ones_shifted() -> None:
+    # Ranks seeded alike would draw the same windows of their shards in step: data
+    # correlated across ranks, which their own generators (seed * 1000 + rank) avoid.
+    tokens = np.arange(1000, dtype=np.uint16)
+    x0, _ = rank_batches(tokens, 0).next_batch()
+    x1, _ = rank_batches(tokens, 1).next_batch()
+    assert not torch.equal(x1 - 500, x0)

@@ -7,11 +7,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
 
-from tests.test_training_pretrain import CORPUS, TINY
+from tests.test_training_pretrain import CORPUS, TINY, VAL
 from training import pretrain
+from training.corpus import CorpusError
 from training.prepare import PreparedData, prepare, split_documents, token_stream
 from training.tokenizer import train_tokenizer
 
@@ -132,3 +134,60 @@ def test_a_post_processor_that_adds_a_bos_adds_nothing_to_token_streams(
     plain = token_stream(tokenizer, docs)
     assert token_stream(with_bos, docs).tolist() == plain.tolist()
     assert plain.tolist().count(eos) == 2
+
+
+def test_other_validation_text_beside_the_same_training_text_gets_its_own_cache(
+    tmp_path: Path,
+) -> None:
+    # --val-data changed on a resume: the training split (and so the tokenizer) is the
+    # same, the validation tokens must not be the old text's.
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    first = prepare(train_docs, val_docs, tmp_path, vocab_size=384)
+    other_val = [VAL.read_text(encoding="utf-8")]
+    other = prepare(train_docs, other_val, tmp_path, vocab_size=384)
+    assert other.folder != first.folder
+    assert other.val.tolist() == token_stream(other.tokenizer, other_val).tolist()
+
+
+@pytest.mark.parametrize("case", ["train.bin grown", "val.bin one id past the vocabulary"])
+def test_a_cache_damaged_past_what_meta_json_says_is_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    first = prepare_corpus(tmp_path)
+    folder, vocab_size = first.folder, first.tokenizer.get_vocab_size()
+    files = {name: (folder / name).read_bytes() for name in ("train.bin", "val.bin")}
+    del first  # (its memmaps)
+    if case == "train.bin grown":
+        (folder / "train.bin").write_bytes(files["train.bin"] + b"\x01\x00")
+    else:
+        size = len(files["val.bin"]) // 2
+        np.full(size, vocab_size, dtype=np.uint16).tofile(folder / "val.bin")
+    capsys.readouterr()
+    again = prepare_corpus(tmp_path)
+    assert capsys.readouterr().err.startswith(f"warning: {folder}: damaged token cache (")
+    assert {name: (folder / name).read_bytes() for name in files} == files
+    assert int(again.val.max()) < vocab_size
+
+
+def test_a_tokenizer_json_swapped_for_another_vocabulary_is_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = prepare_corpus(tmp_path)
+    folder, kept = first.folder, (first.folder / "tokenizer.json").read_bytes()
+    other = train_tokenizer([CORPUS.read_text(encoding="utf-8")], 300)
+    other.save(str(folder / "tokenizer.json"))
+    capsys.readouterr()
+    again = prepare_corpus(tmp_path)
+    assert capsys.readouterr().err.startswith(f"warning: {folder}: damaged token cache (")
+    assert (folder / "tokenizer.json").read_bytes() == kept
+    assert again.tokenizer.get_vocab_size() == first.tokenizer.get_vocab_size()
+
+
+def test_a_cached_corpus_too_small_for_the_batch_asked_now_is_refused(tmp_path: Path) -> None:
+    # Cached by a run with small batches; a later run with larger ones finds the cache.
+    data = prepare_corpus(tmp_path)
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    with pytest.raises(CorpusError, match="the corpus is too small"):
+        prepare(
+            train_docs, val_docs, tmp_path, vocab_size=384, min_train_tokens=data.train.size + 1
+        )

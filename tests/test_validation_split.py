@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -49,3 +50,23 @@ def test_a_small_corpus_gives_one_piece_from_its_middle() -> None:
     train, val = split_documents([text], 0.1)
     assert len(val) == 1 and len(train) == 2
     assert 0 < line_numbers(val)[0] < 39
+
+
+def test_lines_longer_than_the_gap_between_pieces_are_each_in_one_split_once() -> None:
+    # Paragraphs as lines, longer than the gap between pieces: a cut moved forward to
+    # the next line start can pass where the next piece would start, which then starts
+    # where the last one ended, not inside it.
+    text = "".join(f"line {i:05d} {'x' * 3000}\n" for i in range(10))
+    train, val = split_documents([text], 0.1)
+    starts = [int(n) for n in re.findall(r"line (\d{5})", "".join(train + val))]
+    assert sorted(starts) == list(range(10))  # each line once: none lost, none twice
+    assert sum(map(len, train + val)) == len(text)
+
+
+def test_a_cut_that_falls_on_a_line_start_stays_there() -> None:
+    # 40 lines of 25 characters: the middle tenth is lines 18 to 21 exactly, both of
+    # its cuts on line starts, which no cut moves past.
+    text = numbered_lines(40)
+    train, val = split_documents([text], 0.1)
+    assert line_numbers(val) == [18, 19, 20, 21]
+    assert line_numbers(train) == [*range(18), *range(22, 40)]
