@@ -237,3 +237,23 @@ def test_temperature_divides_the_logits_once(temperature: float) -> None:
     ids = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(64)])
     generators = [torch.Generator().manual_seed(i) for i in range(64)]
     assert torch.equal(ids, sampling.draw((logits / temperature).softmax(-1), generators))
+
+
+def test_a_row_with_top_p_off_keeps_even_its_least_likely_tokens() -> None:
+    # Tokens after one of ~1 in fp32 have a mass before them of 1.0 after rounding:
+    # a top_p of exactly 1 would cut them; off, it cuts nothing. (The other row makes
+    # the batch truncate; a top_k row with top_p 1 is the same case.)
+    logits = torch.tensor([[20.0] + [0.0] * 7] * 2)
+    params = BatchParams.from_rows([SamplingParams(), SamplingParams(top_p=0.5)])
+    kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus) > 0
+    assert kept[0].all() and kept[1].sum() == 1
+    params = BatchParams.from_rows([SamplingParams(top_k=8, top_p=1.0)])
+    assert (truncate(logits[:1].softmax(-1), params.max_kept, params.nucleus) > 0).all()
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
+    # The API accepts any top_p > 0; 1e-300 is 0 in float32, and no nucleus is empty.
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    params = BatchParams.from_rows([SamplingParams(top_p=1e-300)] * 2)
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert sample(logits, params, generators).tolist() == [1, 0]

@@ -3,11 +3,12 @@ key and a small body limit make each limit easy to reach."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -20,6 +21,7 @@ from server_harness import (
     sse_events,
     wait_until,
 )
+from starlette.responses import StreamingResponse
 
 from server.app import create_app
 from server.protocol import StreamChunk
@@ -695,3 +697,25 @@ def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413(client):
     json_type = {"Content-Type": "application/json"}
     assert client.post("/v1/generate", content=exact, headers=json_type).status_code == 200
     assert client.post("/v1/generate", content=exact + b" ", headers=json_type).status_code == 413
+
+
+def test_a_failure_after_the_answer_started_is_counted_once_as_that_answer(tmp_path):
+    # The client got a 200 (cut short): counting a 500 besides would count one
+    # request twice.
+    settings = Settings(checkpoint=random_checkpoint(tmp_path, english_tokenizer()))
+    app = create_app(settings)
+
+    async def broken_stream() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"partial"
+            raise RuntimeError("a bug mid-stream")
+
+        return StreamingResponse(body())
+
+    app.add_api_route("/v1/generate", broken_stream, methods=["PUT"])
+    with running_server(settings, app=app) as url:
+        with contextlib.suppress(httpx.HTTPError):  # the answer is cut where it failed
+            httpx.put(f"{url}/v1/generate").read()
+        samples = metric_samples(url)
+        assert samples[("pocketgpt_requests_total", (("status", "200"),))] == 1
+        assert samples.get(("pocketgpt_requests_total", (("status", "500"),)), 0) == 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from training.data import BatchSampler
+from training.data import BatchSampler, eval_windows
 
 
 def test_each_rank_draws_windows_from_its_own_shard_with_targets_shifted() -> None:
@@ -39,3 +40,12 @@ def test_each_rank_draws_its_own_offsets_not_the_same_ones_shifted() -> None:
     x0, _ = rank_batches(tokens, 0).next_batch()
     x1, _ = rank_batches(tokens, 1).next_batch()
     assert not torch.equal(x1 - 500, x0)
+
+
+@pytest.mark.parametrize("n", [2, 9, 17, 20])
+def test_eval_windows_make_every_token_but_the_first_a_target_once(n: int) -> None:
+    tokens = np.arange(n, dtype=np.uint16)
+    windows = list(eval_windows(tokens, 8))
+    assert np.concatenate([y for _, y in windows]).tolist() == list(range(1, n))
+    for x, y in windows:
+        assert 0 < len(x) == len(y) <= 8 and (y == x + 1).all()

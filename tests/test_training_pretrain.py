@@ -1418,3 +1418,23 @@ def test_best_holds_the_lowest_validation_loss_when_later_ones_are_higher(tmp_pa
     assert lowest != max(evals), evals  # the last evaluation is not the best
     best = json.loads((run / "best" / "trainer_meta.json").read_text())
     assert (best["step"], best["val_loss"]) == (lowest, evals[lowest])
+
+
+def test_a_two_rank_run_resumed_on_two_ranks_goes_on_with_each_ranks_own_batches(
+    tmp_path: Path,
+) -> None:
+    common = ["--log-interval", "1", "--save-interval", "100", "--dtype", "float32"]
+    common += ["--decay-steps", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for logs, args in (
+        ("a", tiny_run(tmp_path, *common, "--max-steps", "4", "--out-dir", str(straight))),
+        ("b", tiny_run(tmp_path, *common, "--max-steps", "2", "--out-dir", str(split))),
+        ("c", ["--resume", str(split), "--max-steps", "4"]),
+    ):
+        (tmp_path / logs).mkdir()
+        done, _ = torchrun_ranks(tmp_path / logs, args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    expected, resumed = read_log(straight, "train"), read_log(split, "train")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    losses = [resumed[step]["loss"] for step in (3, 4)]
+    assert losses == pytest.approx([expected[step]["loss"] for step in (3, 4)], rel=1e-6)
