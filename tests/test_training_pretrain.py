@@ -1438,3 +1438,72 @@ def test_a_two_rank_run_resumed_on_two_ranks_goes_on_with_each_ranks_own_batches
     assert sorted(resumed) == [1, 2, 3, 4]
     losses = [resumed[step]["loss"] for step in (3, 4)]
     assert losses == pytest.approx([expected[step]["loss"] for step in (3, 4)], rel=1e-6)
+
+
+def test_resuming_a_run_that_spent_its_max_time_does_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = [*tiny_run(tmp_path, *LONG_RUN), "--log-interval", "1000", "--max-time", "1"]
+    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    saved = meta(run)
+    assert saved["stopped_by"] == "max_time"
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run)]) == 0
+    assert capsys.readouterr().out == (
+        f"{run}: the run has trained {saved['wall_time']:.0f} s, at or past --max-time 1; "
+        "nothing to do (raise it to train on)\n"
+    )
+    assert meta(run) == saved
+
+
+def test_resuming_best_which_holds_no_training_state_is_refused_before_tokenizing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    best = run / "best"
+    assert (best / "trainer_meta.json").is_file()  # a model with its meta, no optimizer state
+    shutil.rmtree(tmp_path / "cache")
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(best), "--max-steps", "4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: --resume {best}: {best} has no training_state.pt; not a trainer checkpoint "
+        "(a model folder such as best/ can be fine-tuned with --init-from)\n"
+    )
+    assert "training a" not in captured.out and not (tmp_path / "cache").exists()
+
+
+def test_a_resume_with_another_block_size_still_warns_of_changed_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus, run = tmp_path / "corpus.txt", tmp_path / "run"
+    shutil.copy(CORPUS, corpus)
+    flags = [*TINY, "--data", str(corpus), "--cache-dir", str(tmp_path / "cache")]
+    assert pretrain.main([*flags, "--max-steps", "2", "--out-dir", str(run)]) == 0
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("A line added since the run started.\n" * 40)
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3", "--block-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --block-size differs from what the run was started with" in err
+    assert "warning: the text has changed since step-0000002 was saved (training text: " in err
+
+
+def test_a_resume_naming_a_step_folder_clears_its_run_folder_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The run folder is the step folder's parent: what a killed save left there is
+    # cleared (and the lock taken) there, as for --resume <run folder>.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    leftover = run / f"best.tmp-{int(dead.stdout)}"
+    leftover.mkdir()
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run / "step-0000002"), "--max-steps", "3"]) == 0
+    assert f"removed {leftover}: a save killed midway left it" in capsys.readouterr().out
+    assert not leftover.exists() and not (run / "step-0000002" / ".trainer.lock").exists()
