@@ -1156,6 +1156,12 @@ def test_a_two_rank_run_resumed_alone_warns_on_stderr_and_a_stray_rank_is_no_ran
     assert "warning: resuming 2 ranks' data order on 1; batches will differ" in captured.err
 
 
+def ended_pid() -> int:
+    """The pid of a process that has ended, as a killed save's leftover names its writer."""
+    command = [sys.executable, "-c", "import os; print(os.getpid())"]
+    return int(subprocess.run(command, capture_output=True).stdout)
+
+
 def test_resume_puts_back_a_checkpoint_a_kill_left_moved_aside_and_spares_live_writers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1163,10 +1169,7 @@ def test_resume_puts_back_a_checkpoint_a_kill_left_moved_aside_and_spares_live_w
     assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
     # Killed between the two renames of a save replacing step 2 (a signal right after a
     # periodic save saves the same step again): `latest` names a folder moved aside.
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-    )
-    moved = run / f"step-0000002.old-{int(dead.stdout)}"
+    moved = run / f"step-0000002.old-{ended_pid()}"
     (run / "step-0000002").rename(moved)
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
         try:
@@ -1498,10 +1501,7 @@ def test_a_resume_naming_a_step_folder_clears_its_run_folder_first(
     # cleared (and the lock taken) there, as for --resume <run folder>.
     run = tmp_path / "run"
     assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-    )
-    leftover = run / f"best.tmp-{int(dead.stdout)}"
+    leftover = run / f"best.tmp-{ended_pid()}"
     leftover.mkdir()
     capsys.readouterr()
     assert pretrain.main(["--resume", str(run / "step-0000002"), "--max-steps", "3"]) == 0
