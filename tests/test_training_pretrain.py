@@ -1507,3 +1507,20 @@ def test_a_resume_naming_a_step_folder_clears_its_run_folder_first(
     assert pretrain.main(["--resume", str(run / "step-0000002"), "--max-steps", "3"]) == 0
     assert f"removed {leftover}: a save killed midway left it" in capsys.readouterr().out
     assert not leftover.exists() and not (run / "step-0000002" / ".trainer.lock").exists()
+
+
+def test_resume_puts_back_a_best_folder_a_kill_left_moved_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Killed between the two renames of a save replacing best/: best/ is gone, its
+    # previous copy is best.old-<pid>. The model kept must not be lost.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    kept = (run / "best" / "model.safetensors").read_bytes()
+    moved = run / f"best.old-{ended_pid()}"
+    (run / "best").rename(moved)
+    capsys.readouterr()
+    # Resumed with its budget spent: nothing to train, but the folder is put right.
+    assert pretrain.main(["--resume", str(run)]) == 0
+    assert f"put {moved} back as best" in capsys.readouterr().out
+    assert (run / "best" / "model.safetensors").read_bytes() == kept and not moved.exists()
