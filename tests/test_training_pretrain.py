@@ -264,17 +264,27 @@ def test_a_run_resumed_on_text_changed_under_the_same_path_is_warned_of(
     assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
     assert "warning" not in capsys.readouterr().err
 
+    # Two words of one length swapped: the same bytes, documents and tokens.
+    text = corpus.read_text(encoding="utf-8")
+    swapped = text.replace(" names ", " ITEMS ", 1).replace(" items ", " names ", 1)
+    corpus.write_text(swapped.replace(" ITEMS ", " items ", 1), encoding="utf-8")
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert (
+        "warning: the text has changed since step-0000003 was saved (training text: the same "
+        "size, not the same text): its batches differ\n"
+    ) in capsys.readouterr().err
+
     with corpus.open("a", encoding="utf-8") as f:
         f.write("A line added since the run started.\n" * 40)
-    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "5"]) == 0
     err = capsys.readouterr().err
     assert re.search(
-        r"warning: the text has changed since step-0000003 was saved \(training text: "
+        r"warning: the text has changed since step-0000004 was saved \(training text: "
         r"[\d,]+ bytes then, [\d,]+ now\): its batches differ\n",
         err,
     ), err
     # Other text named: that warning alone.
-    other = ["--data", str(DATA), "--max-steps", "5"]
+    other = ["--data", str(DATA), "--max-steps", "6"]
     assert pretrain.main(["--resume", str(run), *other]) == 0
     err = capsys.readouterr().err
     assert "--data differs from what the run was started with" in err

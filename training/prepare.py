@@ -4,7 +4,8 @@
         tokenizer.json   trained on the train split (or the one given)
         train.bin        uint16 token ids: <|endoftext|> doc <|endoftext|> doc ...
         val.bin          the same layout for the validation split
-        meta.json        token and UTF-8 byte counts per split, vocab size, format
+        meta.json        token and UTF-8 byte counts and the text's sha256 per split,
+                         vocab size, format
 
 Each split starts with `<|endoftext|>`, so every real token has a context and is
 predicted once; the separator itself is 0 bytes of text. The key hashes the
@@ -249,13 +250,22 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
-def cache_key(train_docs: Sequence[str], val_docs: Sequence[str], tokenizer_id: str) -> str:
+def text_digest(docs: Sequence[str]) -> str:
+    """The sha256 of a split's documents, each length-prefixed (so no two lists of
+    documents share one): recorded per split, it tells a resumed run that its text
+    changed though its size did not."""
+    h = hashlib.sha256(f"{len(docs)}\0".encode())
+    for doc in docs:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def cache_key(digests: dict[str, str], tokenizer_id: str) -> str:
+    """The cache folder's name for splits of these `text_digest`s tokenized so."""
     h = hashlib.sha256(f"pocketgpt-tokens-v{FORMAT}\0{tokenizer_id}\0".encode())
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        h.update(f"{split}\0{len(docs)}\0".encode())
-        for doc in docs:
-            data = doc.encode("utf-8")
-            h.update(len(data).to_bytes(8, "little") + data)
+    for split in SPLITS:
+        h.update(f"{split}\0{digests[split]}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -326,6 +336,7 @@ def _check_size(train_tokens: int, min_train_tokens: int, remedy: str) -> None:
 def _write(
     folder: Path,
     splits: dict[str, tuple[Sequence[str], np.ndarray]],
+    digests: dict[str, str],
     tokenizer: Tokenizer,
 ) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -344,6 +355,7 @@ def _write(
                 "documents": len(docs),
                 "tokens": int(stream.size),
                 "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                "sha256": digests[split],
             }
         write_json(tmp / "meta.json", meta)
         os.replace(tmp, folder)
@@ -372,18 +384,19 @@ def prepare(
     if not train_docs:
         raise CorpusError("the training split is empty")
     root = Path(cache_root)
+    digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
     data = None
     if tokenizer is not None:
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
         # that text's cache: the same tokens, so that cache serves instead of a new one.
-        trained = _cached(root / cache_key(train_docs, val_docs, f"bpe-{vocab_size}"))
+        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}"))
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
     if tokenizer is not None and _adds_tokens(tokenizer):
         # Streams once held what its post-processor adds (a BOS per piece): not those.
         tokenizer_id += "\0without its additions"
-    folder = root / cache_key(train_docs, val_docs, tokenizer_id)
+    folder = root / cache_key(digests, tokenizer_id)
     if data is None:
         data = _cached(folder)
     if data is None:
@@ -405,7 +418,7 @@ def prepare(
         _check_size(splits["train"][1].size, min_train_tokens, too_small_remedy)
         if not val_docs:
             raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
-        _write(folder, splits, tokenizer)
+        _write(folder, splits, digests, tokenizer)
         data = _open(folder)
     _check_size(data.train.size, min_train_tokens, too_small_remedy)
     return data

@@ -92,11 +92,11 @@ def check_resumed_init_from(given: str, started_from: object) -> None:
 
 
 def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
-    """A warning when the text a run resumed from `resumed` reads now (its split sizes:
-    `splits`, as prepare() counts them) is not the text it was saved on, though named as
-    then: files under --data edited, added or removed. None if the sizes match, if the
-    checkpoint recorded none, or if other settings choosing the text were given
-    (resumed_args warned of those)."""
+    """A warning when the text a run resumed from `resumed` reads now (its splits as
+    prepare() counts and hashes them: `splits`) is not the text it was saved on, though
+    named as then: files under --data edited, added or removed. None if the splits
+    match, if the checkpoint recorded none, or if other settings choosing the text were
+    given (resumed_args warned of those)."""
     saved = saved_args(resumed)
     if any(differs_from_saved(name, given, saved) for _, name in TEXT_CHOICES):
         return None
@@ -120,6 +120,9 @@ def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
             was = f"{was:,}" if isinstance(was, int) else "?"
             sizes = f"{was} {measure} then, {now[measure]:,} now"
             changed.append((f"{text} text: {sizes}", consequence))
+        # (Checkpoints saved before the hash was recorded have none: sizes alone.)
+        elif "sha256" in then and then["sha256"] != now["sha256"]:
+            changed.append((f"{text} text: the same size, not the same text", consequence))
     if not changed:
         return None
     what = "; ".join(change for change, _ in changed)
