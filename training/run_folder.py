@@ -26,6 +26,7 @@ from training.args import (
 from training.trainer import (
     BEST,
     STEP_DIR,
+    launched_world_size,
     step_folders,
 )
 
@@ -166,10 +167,9 @@ def _locked(path: Path) -> int:
 
 
 def launched_as_rank0() -> bool:
-    """Whether torchrun started this process as rank 0 (or no torchrun did): known from
-    the environment, before the process group exists. As init_distributed reads it: a
-    RANK left in the environment without a WORLD_SIZE above 1 is no torchrun run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    """Whether torchrun started this process as rank 0 (or no torchrun did). A RANK left
+    in the environment without a WORLD_SIZE above 1 is no torchrun run."""
+    if launched_world_size() == 1:
         return True
     return os.environ.get("RANK", "0") == "0"
 

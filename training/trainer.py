@@ -100,9 +100,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many ranks torchrun started (1 when no torchrun did), from the environment:
+    known before the process group exists, and after it is gone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment (a no-op without it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return DistInfo()
     # The trainer's own agreements (stop flags, data generator states, first-batch
@@ -117,11 +123,9 @@ class RankStopped(Exception):
 
 
 def leave_together(dist_info: DistInfo, group: dist.ProcessGroup | None = None) -> None:
-    """Wait for every rank before they leave `group`: a rank that tore it down and
-    exited while another still used it (rank 0 writing the last checkpoint, or sending
-    an agreement's last bytes) sometimes aborted in gloo's teardown ("terminate called
-    without an active exception", SIGABRT at interpreter exit; ~1 run in 25 on 2
-    loaded cores, 2 in 6 after an agreed error)."""
+    """Wait for every rank before they leave `group`, so that none destroys its end of
+    the group while another still works in it (rank 0 writing the last checkpoint).
+    What gloo's threads still hold after that is left behind by `exit_process`."""
     if dist_info.enabled:
         dist.barrier(group=group)
 
