@@ -253,6 +253,14 @@ def resolve_checkpoint(path: Path) -> Path:
         if not (target / CONFIG).exists():
             raise CheckpointError(f"{pointer} names {name!r}, but {target / CONFIG} is missing")
         return target
+    folders = sorted(path.iterdir()) if path.is_dir() else []
+    inside = [folder.name for folder in folders if (folder / CONFIG).is_file()]
+    if inside:  # a run folder that lost its `latest` (best/ kept, or the step folders)
+        shown = ", ".join(inside if len(inside) <= 3 else [*inside[:2], "...", inside[-1]])
+        raise CheckpointError(
+            f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file); the "
+            f"checkpoints inside it: {shown}: name one"
+        )
     raise CheckpointError(f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file)")
 
 
