@@ -954,6 +954,55 @@ def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
     assert pretrain.main(["--resume", str(run), "--max-steps", str(meta(run)["step"] + 1)]) == 0
 
 
+def test_a_fine_tune_is_refused_where_it_would_not_be_served_or_would_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(base))) == 0
+    data = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]
+    tune = [*data, "--init-from", str(base)]
+    assert pretrain.main([*tune, "--out-dir", str(tuned)]) == 0
+    before = sorted(p.relative_to(base) for p in base.rglob("*"))
+
+    capsys.readouterr()
+    # A model's folder as --out-dir: it would load as its old weights, not the run inside.
+    # So for a run trained anew.
+    for argv, model in ((tune, "best"), (tune, "step-0000002"), (data, "best")):
+        assert pretrain.main([*argv, "--out-dir", str(base / model)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out-dir {base / model} is a model's folder (it holds config.json), "
+            "which loads as that model, not as a run written into it; choose another --out-dir\n"
+        )
+    # The run folder fine-tuned from: no --resume to suggest (it would refuse --init-from).
+    assert pretrain.main([*data, "--init-from", str(base), "--out-dir", str(base)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out-dir {base} already holds checkpoints; a fine-tune (--init-from) starts "
+        "a run of its own: choose another --out-dir\n"
+    )
+    # --if-missing finding a run not fine-tuned from --init-from's checkpoint says so, rather
+    # than "nothing to do" (Docker's trainer with POCKETGPT_INIT_FROM set would serve the
+    # base model); finding the fine-tune it names, it has nothing to do.
+    if_missing = [*data, "--if-missing", "--init-from"]
+    assert pretrain.main([*if_missing, str(tuned), "--out-dir", str(base)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --init-from {tuned}: --out-dir {base} holds a run trained anew, which "
+        "--if-missing resumes or keeps; choose another --out-dir for this fine-tune\n"
+    )
+    assert pretrain.main([*if_missing, str(base / "best"), "--out-dir", str(tuned)]) == 2
+    assert f"--out-dir {tuned} holds a run fine-tuned from {base}, which" in capsys.readouterr().err
+    assert pretrain.main([*if_missing, str(base), "--out-dir", str(tuned)]) == 0
+    assert "already holds a finished run; nothing to do (--if-missing)" in capsys.readouterr().out
+    assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
+
+    # A run folder that lost its `latest` names the checkpoints in it.
+    (base / "latest").unlink()
+    assert pretrain.main([*data, "--init-from", str(base), "--out-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --init-from: {base}: not a checkpoint (config.json missing and no latest "
+        "file); the checkpoints inside it: best, step-0000002: name one\n"
+    )
+
+
 def test_an_interrupted_fine_tune_goes_on_when_its_command_is_run_again_under_if_missing(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
+    CONFIG,
     RUN_LOG,
     TOKENIZER,
     CheckpointError,
@@ -60,7 +61,7 @@ from training.prepare import (
 from training.resume import (
     budget_spent,
     changed_text_note,
-    check_resumed_init_from,
+    check_run_init_from,
     finished,
     init_folder,
     later_steps_note,
@@ -75,6 +76,7 @@ from training.run_folder import (
     holds_best_alone,
     holds_run,
     launched_as_rank0,
+    run_checkpoint,
     run_folder,
     run_folder_lock,
 )
@@ -245,6 +247,20 @@ def prepare_on_rank0(
     )
 
 
+def check_out_dir_is_not_a_model(given: Given) -> None:
+    """A new run's --out-dir is no model's folder (a step folder, best/, an HF save): that
+    folder loads as its model, never as the run written into it (the server and
+    evaluation would keep serving the old weights), and best/ or a step folder is
+    replaced or pruned with the run inside it."""
+    out_dir = Path(given.values.get("out_dir", TrainArgs.out_dir))
+    if (out_dir / CONFIG).is_file():
+        raise UsageError(
+            f"{given.source('out_dir')} {out_dir} is a model's folder (it holds {CONFIG}), "
+            "which loads as that model, not as a run written into it; choose another "
+            "--out-dir"
+        )
+
+
 def check_out_dir_is_not_text(args: TrainArgs, given: Given) -> None:
     """The run folder is no folder of the text: its checkpoints would be read as text by
     the next command (which refuses a run folder given as text), so the run could not
@@ -275,9 +291,14 @@ def run(argv: Sequence[str] | None) -> int:
 def run_locked(given: Given) -> int:
     settings = given.values
     clear_run_folder(settings)
+    if not settings.get("resume"):
+        check_out_dir_is_not_a_model(given)
     if settings.get("if_missing") and not settings.get("resume"):
         out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
         if has_checkpoint(out_dir):
+            if settings.get("init_from"):  # before "nothing to do": no fine-tune is done
+                started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
+                check_run_init_from(settings["init_from"], started_from, out_dir)
             if finished(out_dir):
                 print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
                 return 0
@@ -297,7 +318,7 @@ def run_locked(given: Given) -> int:
         else None
     )
     if resumed is not None and settings.get("init_from"):
-        check_resumed_init_from(settings["init_from"], saved_args(resumed).get("init_from"))
+        check_run_init_from(settings["init_from"], saved_args(resumed).get("init_from"))
     if resumed is None:
         args = make_args(TrainArgs().to_dict(), given)
         if args.tokenizer is not None and args.vocab_size is not None:
@@ -340,6 +361,11 @@ def run_locked(given: Given) -> int:
                 f"--out-dir {out_dir} holds {BEST}/ but no checkpoint to resume (its step "
                 f"folders are gone); to train anew there, move {BEST}/ away, or choose "
                 "another --out-dir"
+            )
+        if args.init_from:  # a fine-tune is a new run: --resume would refuse --init-from
+            raise UsageError(
+                f"--out-dir {out_dir} already holds checkpoints; a fine-tune (--init-from) "
+                "starts a run of its own: choose another --out-dir"
             )
         raise UsageError(
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
