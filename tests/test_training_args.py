@@ -15,8 +15,10 @@ from training.args import (
     AUTO,
     DEFAULT_STEPS,
     MAX_SEED,
+    UNLIMITED_STEPS,
     TrainArgs,
     UsageError,
+    budget_summary,
     build_parser,
     compile_pays_off,
     default_steps,
@@ -254,3 +256,9 @@ def test_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     config.write_bytes('preset = "tiny"\n# caf\xe9 in Latin-1\n'.encode("latin-1"))
     with pytest.raises(UsageError, match=f"^--config {re.escape(str(config))}: not UTF-8 text"):
         explicit_settings(["--config", str(config)], {})
+
+
+def test_the_start_up_line_names_the_budget_in_steps_and_seconds() -> None:
+    assert budget_summary(TrainArgs(max_steps=1)) == "1 step"
+    assert budget_summary(TrainArgs(max_steps=5000, max_time=70.0)) == "5,000 steps or 70 s"
+    assert budget_summary(TrainArgs(max_steps=UNLIMITED_STEPS, max_time=90.5)) == "90.5 s"

@@ -452,7 +452,8 @@ def warmup_warning(args: TrainArgs) -> str | None:
 
 def budget_summary(args: TrainArgs) -> str:
     """What ends the run, for the start-up line: `5,000 steps`, `70 s`, or both."""
-    limits = [f"{args.max_steps:,} steps"] if args.max_steps < UNLIMITED_STEPS else []
+    steps = f"{args.max_steps:,} step{'s' if args.max_steps != 1 else ''}"
+    limits = [steps] if args.max_steps < UNLIMITED_STEPS else []
     if args.max_time is not None:
         limits.append(f"{args.max_time:g} s")
     return " or ".join(limits)
