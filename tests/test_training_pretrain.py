@@ -986,8 +986,16 @@ def test_a_fine_tune_is_refused_where_it_would_not_be_served_or_would_not_run(
     assert pretrain.main([*if_missing, str(tuned), "--out-dir", str(base)]) == 2
     assert capsys.readouterr().err == (
         f"error: --init-from {tuned}: --out-dir {base} holds a run trained anew, which "
-        "--if-missing resumes or keeps; choose another --out-dir for this fine-tune\n"
+        "--if-missing resumes or keeps; move that run away, or choose another --out-dir for "
+        "this fine-tune\n"
     )
+    # Docker's trainer: --if-missing and --out-dir fixed, POCKETGPT_INIT_FROM set.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("POCKETGPT_INIT_FROM", str(tuned))
+        assert pretrain.main([*data, "--if-missing", "--out-dir", str(base)]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: POCKETGPT_INIT_FROM {tuned}: --out-dir {base} holds a run trained anew"
+        )
     assert pretrain.main([*if_missing, str(base / "best"), "--out-dir", str(tuned)]) == 2
     assert f"--out-dir {tuned} holds a run fine-tuned from {base}, which" in capsys.readouterr().err
     assert pretrain.main([*if_missing, str(base), "--out-dir", str(tuned)]) == 0

@@ -298,7 +298,7 @@ def run_locked(given: Given) -> int:
         if has_checkpoint(out_dir):
             if settings.get("init_from"):  # before "nothing to do": no fine-tune is done
                 started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
-                check_run_init_from(settings["init_from"], started_from, out_dir)
+                check_run_init_from(given, started_from, out_dir)
             if finished(out_dir):
                 print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
                 return 0
@@ -318,7 +318,7 @@ def run_locked(given: Given) -> int:
         else None
     )
     if resumed is not None and settings.get("init_from"):
-        check_run_init_from(settings["init_from"], saved_args(resumed).get("init_from"))
+        check_run_init_from(given, saved_args(resumed).get("init_from"))
     if resumed is None:
         args = make_args(TrainArgs().to_dict(), given)
         if args.tokenizer is not None and args.vocab_size is not None:

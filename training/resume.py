@@ -76,26 +76,30 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
         raise CheckpointError(f"{folder / TRAINER_META}: invalid trainer args ({e})") from None
 
 
-def check_run_init_from(given: str, started_from: object, if_missing: Path | None = None) -> None:
+def check_run_init_from(given: Given, started_from: object, if_missing: Path | None = None) -> None:
     """`--init-from` beside `--resume`, or beside `--if-missing` that found a run in
     `if_missing` (its --out-dir): the run's own starting point, as the command that
     started it names it, is taken (a resumed fine-tune continues its own checkpoint);
     another is an error. --if-missing resumes or keeps a run, never fine-tunes one."""
-    if isinstance(started_from, str) and Path(given).resolve() == Path(started_from).resolve():
+    init_from = given.values["init_from"]
+    if isinstance(started_from, str) and Path(init_from).resolve() == Path(started_from).resolve():
         return
+    named = f"{given.source('init_from')} {init_from}"
     if if_missing is not None:
         run = f"fine-tuned from {started_from}" if isinstance(started_from, str) else "trained anew"
         raise UsageError(
-            f"--init-from {given}: --out-dir {if_missing} holds a run {run}, which "
-            "--if-missing resumes or keeps; choose another --out-dir for this fine-tune"
+            f"{named}: {given.source('out_dir')} {if_missing} holds a run {run}, which "
+            f"{given.source('if_missing')} resumes or keeps; move that run away, or choose "
+            "another --out-dir for this fine-tune"
         )
     if not isinstance(started_from, str):
         raise UsageError(
-            "--init-from starts a new run from a checkpoint and --resume continues one: pass one"
+            f"{given.source('init_from')} starts a new run from a checkpoint and "
+            f"{given.source('resume')} continues one: pass one"
         )
     raise UsageError(
-        f"--init-from {given}: the resumed run was fine-tuned from {started_from}; it "
-        "goes on from its own checkpoint: drop --init-from"
+        f"{named}: the resumed run was fine-tuned from {started_from}; it goes on from its own "
+        f"checkpoint: drop {given.source('init_from')}"
     )
 
 
