@@ -254,7 +254,7 @@ def resolve_checkpoint(path: Path) -> Path:
             raise CheckpointError(f"{pointer} names {name!r}, but {target / CONFIG} is missing")
         return target
     folders = sorted(path.iterdir()) if path.is_dir() else []
-    inside = [folder.name for folder in folders if (folder / CONFIG).is_file()]
+    inside = [f.name for f in folders if (f / CONFIG).is_file() and not is_temporary(f.name)]
     if inside:  # a run folder that lost its `latest` (best/ kept, or the step folders)
         shown = ", ".join(inside if len(inside) <= 3 else [*inside[:2], "...", inside[-1]])
         raise CheckpointError(

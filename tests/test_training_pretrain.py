@@ -1000,10 +1000,18 @@ def test_a_fine_tune_is_refused_where_it_would_not_be_served_or_would_not_run(
     assert f"--out-dir {tuned} holds a run fine-tuned from {base}, which" in capsys.readouterr().err
     assert pretrain.main([*if_missing, str(base), "--out-dir", str(tuned)]) == 0
     assert "already holds a finished run; nothing to do (--if-missing)" in capsys.readouterr().out
+    # A model's folder under --if-missing is kept as it is (the README's quick start on an
+    # HF save put there), unless a fine-tune was asked for.
+    assert pretrain.main([*data, "--if-missing", "--out-dir", str(base / "best")]) == 0
+    assert "nothing to do (--if-missing)" in capsys.readouterr().out
+    assert pretrain.main([*if_missing, str(tuned), "--out-dir", str(base / "best")]) == 2
+    assert "is a model's folder (it holds config.json)" in capsys.readouterr().err
     assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
 
-    # A run folder that lost its `latest` names the checkpoints in it.
+    # A run folder that lost its `latest` names the checkpoints in it, not a killed save.
     (base / "latest").unlink()
+    (base / "step-0000003.tmp-4242").mkdir()
+    shutil.copy(base / "best" / "config.json", base / "step-0000003.tmp-4242")
     assert pretrain.main([*data, "--init-from", str(base), "--out-dir", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == (
         f"error: --init-from: {base}: not a checkpoint (config.json missing and no latest "

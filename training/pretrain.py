@@ -291,12 +291,11 @@ def run(argv: Sequence[str] | None) -> int:
 def run_locked(given: Given) -> int:
     settings = given.values
     clear_run_folder(settings)
-    if not settings.get("resume"):
-        check_out_dir_is_not_a_model(given)
     if settings.get("if_missing") and not settings.get("resume"):
         out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
-        if has_checkpoint(out_dir):
+        if has_checkpoint(out_dir):  # (a model's folder too: kept as it is)
             if settings.get("init_from"):  # before "nothing to do": no fine-tune is done
+                check_out_dir_is_not_a_model(given)
                 started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
                 check_run_init_from(given, started_from, out_dir)
             if finished(out_dir):
@@ -312,6 +311,8 @@ def run_locked(given: Given) -> int:
                 "over (--if-missing)",
                 flush=True,
             )
+    if not settings.get("resume"):
+        check_out_dir_is_not_a_model(given)
     resumed = (
         resume_folder(settings["resume"], given.source("resume"))
         if settings.get("resume")
@@ -364,8 +365,9 @@ def run_locked(given: Given) -> int:
             )
         if args.init_from:  # a fine-tune is a new run: --resume would refuse --init-from
             raise UsageError(
-                f"--out-dir {out_dir} already holds checkpoints; a fine-tune (--init-from) "
-                "starts a run of its own: choose another --out-dir"
+                f"{given.source('out_dir')} {out_dir} already holds checkpoints; a fine-tune "
+                f"({given.source('init_from')}) starts a run of its own: choose another "
+                "--out-dir"
             )
         raise UsageError(
             f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
