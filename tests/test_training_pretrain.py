@@ -1148,6 +1148,32 @@ def assert_last_lines(stderr: dict[int, str], *starts: str) -> None:
         assert stderr[rank].strip().splitlines()[-1].startswith(start), stderr[rank][-3000:]
 
 
+@pytest.mark.parametrize(
+    ("body", "code", "said"),
+    [
+        ("print('trained', end=''); return 3", 3, "trained"),  # stdout a pipe: flushed
+        ("raise SystemExit(2)", 2, ""),  # argparse's bad flag
+        ("raise ValueError('a bug')", 1, "ValueError: a bug"),  # traced, as Python would
+    ],
+)
+def test_a_torchrun_rank_exits_with_its_code_and_all_it_printed(
+    body: str, code: int, said: str
+) -> None:
+    script = f"from training.pretrain import exit_process\ndef run():\n    {body}\n"
+    script += "exit_process(run)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        # As torchrun sets it (no teardown); stdout block-buffered, as into a log file.
+        env={k: v for k, v in python_env().items() if k != "PYTHONUNBUFFERED"}
+        | {"WORLD_SIZE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == code, done.stderr
+    assert said in done.stdout + done.stderr
+
+
 def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(
     tmp_path: Path,
 ) -> None:

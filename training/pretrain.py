@@ -13,7 +13,8 @@ import datetime
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -510,20 +511,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def exit_process(code: int) -> NoReturn:
-    """Exit with `code`; a torchrun rank skips the interpreter's teardown. gloo's worker
-    threads release a finished collective's tensors (the Python objects of an agreement's
-    flag) after the rank has moved on, and one still doing so when the interpreter
-    finalizes dies taking the GIL: std::terminate then aborts a rank that had ended
-    cleanly ("terminate called without an active exception", pytorch/pytorch#190489;
+def exit_process(run: Callable[[], int]) -> NoReturn:
+    """Exit with what `run` returns; a torchrun rank skips the interpreter's teardown.
+    gloo's worker threads release a finished collective's tensors (the Python objects of
+    an agreement's flag) after the rank has moved on, and one still doing so when the
+    interpreter finalizes dies taking the GIL: std::terminate then aborts a rank that had
+    ended cleanly ("terminate called without an active exception", pytorch/pytorch#190489;
     1 run in ~30 on 2 loaded cores). Everything the run writes is closed by then, the
-    process group destroyed; only the standard streams are left to flush."""
+    process group destroyed; only the standard streams are left to flush. A rank that
+    fails past main()'s own errors (a bug, gloo's error when another rank died) prints
+    its traceback and exits 1, as Python would."""
     if launched_world_size() == 1:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
+        sys.exit(run())
+    try:
+        code = run()
+    except SystemExit as e:  # argparse: --help, or a bad flag it has already named
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(OSError, ValueError):  # a closed or full stream: exit still
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    exit_process(main)
