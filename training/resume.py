@@ -133,7 +133,7 @@ def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
             sizes = f"{was} {measure} then, {now[measure]:,} now"
             changed.append((f"{text} text: {sizes}", consequence))
         # (Checkpoints saved before the hash was recorded have none: sizes alone.)
-        elif "sha256" in then and then["sha256"] != now["sha256"]:
+        elif then.get("sha256") and now.get("sha256") and then["sha256"] != now["sha256"]:
             changed.append((f"{text} text: the same size, not the same text", consequence))
     if not changed:
         return None
