@@ -251,9 +251,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def text_digest(docs: Sequence[str]) -> str:
-    """The sha256 of a split's documents, each length-prefixed (so no two lists of
-    documents share one): recorded per split, it tells a resumed run that its text
-    changed though its size did not."""
+    """The sha256 of a split's documents, each length-prefixed (the same text cut into
+    other documents hashes otherwise): recorded per split, it tells a resumed run that
+    its text changed though its size did not."""
     h = hashlib.sha256(f"{len(docs)}\0".encode())
     for doc in docs:
         data = doc.encode("utf-8")
