@@ -29,7 +29,9 @@ from model.checkpoint import load_model, resolve_checkpoint
 from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
+from training.args import Given
 from training.data import BatchSampler
+from training.resume import changed_text_note
 from training.run_folder import RUN_LOCK
 from training.trainer import next_token_loss, step_folders
 
@@ -301,6 +303,21 @@ def test_a_run_resumed_on_text_changed_under_the_same_path_is_warned_of(
         r"\(validation text: [\d,]+ bytes then, [\d,]+ now\): its validation differs \(best/",
         capsys.readouterr().err,
     )
+
+
+def test_splits_without_the_text_hash_are_compared_by_size_alone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    checkpoint, recorded = resolve_checkpoint(run), meta(run)["data"]
+    unhashed = {
+        split: {k: v for k, v in recorded[split].items() if k != "sha256"}
+        for split in ("train", "val")
+    }
+    # A token cache whose meta.json lacks the hash (hand-made, foreign): no KeyError.
+    assert changed_text_note(checkpoint, unhashed, Given({}, {})) is None
+    other = {split: dict(recorded[split], sha256="0" * 64) for split in ("train", "val")}
+    note = changed_text_note(checkpoint, other, Given({}, {}))
+    assert note is not None and "training text: the same size, not the same text" in note
 
 
 def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
