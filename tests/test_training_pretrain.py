@@ -1369,6 +1369,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     texts = tmp_path / "texts"
     texts.mkdir()
     shutil.copy(CORPUS, texts)
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    shutil.copy(CORPUS, held_out)
+    (held_out / "new.txt").write_text("A paragraph the model was never trained on.\n")
     return {
         # Its checkpoints would be read as text by the next command, which refuses them.
         "out-dir the text folder": (
@@ -1409,7 +1413,15 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "held-out text also trained on": (
             ["--data", str(DATA), "--val-data", str(VAL)],
-            "--val-data: 1 of its 1 documents are in --data too",
+            "--val-data: its document is in --data too",
+        ),
+        "held-out text partly trained on": (
+            ["--data", str(CORPUS), "--val-data", str(held_out)],
+            "--val-data: 1 of its 2 documents are in --data too",
+        ),
+        "held-out text all trained on": (
+            ["--data", str(CORPUS), str(held_out), "--val-data", str(held_out)],
+            "--val-data: all 2 of its documents are in --data too",
         ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
         "held-out text without text": (

@@ -188,9 +188,14 @@ def load_data(
         # `--data notes --val-data notes/held-out.txt`: scored on text it trained on.
         trained_on = len(set(val_docs) & set(train_docs))
         if trained_on:
+            if len(val_docs) == 1:
+                which = "its document is"
+            elif trained_on == len(val_docs):
+                which = f"all {trained_on} of its documents are"
+            else:
+                which = f"{trained_on} of its {len(val_docs)} documents are"
             raise CorpusError(
-                f"--val-data: {trained_on} of its {len(val_docs)} documents are in --data "
-                "too; held-out text must not be trained on"
+                f"--val-data: {which} in --data too; held-out text must not be trained on"
             )
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
