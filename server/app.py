@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match, Route
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
@@ -224,7 +225,21 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 400:  # FastAPI's "error parsing the body": reading it failed
         return error_response(not_json("could not be read"))
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-    return error_response(ApiError(exc.status_code, error_type, str(exc.detail), exc.headers))
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return error_response(ApiError(exc.status_code, error_type, str(exc.detail), headers))
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route at the request's path: the app's own (the docs) and
+    the router's. Starlette's 405 names only the first route's: GET and HEAD are two
+    routes here (routes.py says why)."""
+    methods: set[str] = set()
+    for route in [*request.app.router.routes, *router.routes]:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -274,6 +289,9 @@ def create_app(settings: Settings) -> FastAPI:
         title="pocketgpt",
         summary="Text generation with continuous batching and SSE streaming",
         lifespan=lifespan,
+        # /health/ is not /health: a 404, not a redirect (whose empty 307 no client
+        # expects, and which under --api-key sat behind the key /health is open without).
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()

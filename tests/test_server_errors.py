@@ -548,9 +548,19 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
     assert_error(client.get("/v1/nothing"), 404, "not_found")
-    response = client.get("/v1/generate")
-    assert_error(response, 405, "method_not_allowed")
-    assert "POST" in response.headers["Allow"]
+    # A trailing slash is another path: 404, not Starlette's empty 307 to the one without.
+    assert_error(client.get("/health/"), 404, "not_found")
+    assert_error(client.post("/v1/generate/", json={"prompt": "x"}), 404, "not_found")
+    # Allow names every method the path answers (GET and HEAD are two routes there).
+    for method, path, allowed in [
+        ("GET", "/v1/generate", "POST"),
+        ("DELETE", "/health", "GET, HEAD"),
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("POST", "/docs", "GET, HEAD"),
+    ]:
+        response = client.request(method, path)
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == allowed, (method, path)
 
 
 def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client):
