@@ -134,7 +134,8 @@ def _head_bytes(scope: Scope) -> int:
 
 
 class BodyLimitMiddleware:
-    """Answer 413 for a body over `max_bytes`, by Content-Length or by bytes actually sent.
+    """Answer 413 for a body over `max_bytes`, by Content-Length or by bytes actually sent
+    (400 for a request framed both ways).
 
     The body is read here (it is small by construction) and replayed to the app.
     """
@@ -147,7 +148,14 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            # Two framings: h11 reads the chunked one, a proxy in front may have read the
+            # other (request smuggling). RFC 9112 6.3 lets a server refuse it, and close.
+            message = "the request gives both Content-Length and Transfer-Encoding: send one"
+            await refuse(ApiError(400, "invalid_http", message), scope, receive, send)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)
             return

@@ -45,6 +45,11 @@ class _JsonBodyRequest(Request):
 
     async def json(self) -> object:
         if not hasattr(self, "_json"):
+            # A compressed body read as JSON is "not UTF-8"; say what is wrong instead.
+            encoding = self.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                message = f"Content-Encoding {encoding} is not supported: send the body as it is"
+                raise ApiError(415, "unsupported_media_type", message)
             self._json = parse_json_body(await self.body())
         return self._json
 

@@ -4,6 +4,7 @@ key and a small body limit make each limit easy to reach."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import socket
 import sys
@@ -586,6 +587,32 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
         "ignore_eos": True,
     }
     assert client.post("/v1/generate", json=every_field).status_code == 200
+
+
+def test_a_compressed_body_is_415_saying_so(client):
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = client.post("/v1/generate", content=gzip.compress(body), headers=headers)
+    message = assert_error(response, 415, "unsupported_media_type")
+    assert message == "Content-Encoding gzip is not supported: send the body as it is"
+    headers["Content-Encoding"] = "identity"
+    assert client.post("/v1/generate", content=body, headers=headers).status_code == 200
+
+
+def test_a_body_framed_by_both_length_and_chunks_is_400_and_the_connection_closed(base_url):
+    # h11 reads the chunks; a proxy in front may have read the length (smuggling).
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {API_KEY}\r\nContent-Length: 5\r\n".encode()
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    # raw_answer reads until the server closes: a kept-alive connection would hang it.
+    head_read, answer = raw_answer(base_url, head + chunked)
+    assert head_read.startswith(b"http/1.1 400") and b"connection: close" in head_read
+    assert json.loads(answer)["error"] == {
+        "type": "invalid_http",
+        "message": "the request gives both Content-Length and Transfer-Encoding: send one",
+    }
 
 
 def test_an_unexpected_failure_is_a_500_in_the_envelope_and_counted(tmp_path):
