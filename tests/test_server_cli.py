@@ -265,6 +265,9 @@ class ServerProcess:
         self.process.wait(timeout=30)
         for reader in self._readers:
             reader.join()
+        for pipe in (self.process.stdout, self.process.stderr):
+            assert pipe is not None
+            pipe.close()  # read to its end: closed now, not whenever it is collected
         return "".join(self._stdout), "".join(self._stderr)
 
     def stop(self) -> None:
