@@ -25,29 +25,30 @@ def run_until_killed(run: Path, tmp_path: Path, checkpoints_before_kill: int) ->
     moved N times. Returns the killed process's pid."""
     args = tiny_run(tmp_path, "--max-steps", "100000", "--no-compile", "--save-interval", "1")
     args += ["--keep-last", "2", "--log-interval", "1"]
-    process = subprocess.Popen(
+    # The with-block closes the stderr pipe (read only if the trainer fails early).
+    with subprocess.Popen(
         [sys.executable, "-m", "training.pretrain", *args, "--out-dir", str(run)],
         cwd=REPO,
         env=python_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-    )
-    try:
-        seen: set[str] = set()
-        deadline = time.monotonic() + 90
-        # Saving dominates each step here, so the kill lands inside a write most times.
-        while len(seen) < checkpoints_before_kill:
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "the trainer wrote too few checkpoints"
-            pointer = run / LATEST
-            if pointer.exists():
-                seen.add(pointer.read_text())
-            time.sleep(0.002)  # poll interval
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
-        process.wait()
+    ) as process:
+        try:
+            seen: set[str] = set()
+            deadline = time.monotonic() + 90
+            # Saving dominates each step here, so the kill lands inside a write most times.
+            while len(seen) < checkpoints_before_kill:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "the trainer wrote too few checkpoints"
+                pointer = run / LATEST
+                if pointer.exists():
+                    seen.add(pointer.read_text())
+                time.sleep(0.002)  # poll interval
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+            process.wait()
     assert process.returncode == -signal.SIGKILL
     return process.pid
 
