@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import os
 import resource
 import socket
 import sys
@@ -65,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setting_source(name: str, given: dict[str, str]) -> str:
-    """The name the user gave a setting by: its flag if on the command line, else its
-    env var (a Docker user sets POCKETGPT_MAX_BATCH and would not find `--max-batch`)."""
-    return flag(name) if name in given else env_var(name)
+    """The name the user gave a setting by: its env var if set there and not on the
+    command line (a Docker user sets POCKETGPT_MAX_BATCH and would not find
+    `--max-batch`), else its flag (also for a default: the flag is how to change it)."""
+    from_env = name not in given and env_var(name) in {key.upper() for key in os.environ}
+    return env_var(name) if from_env else flag(name)
 
 
 def check_before_loading(settings: Settings, given: dict[str, str]) -> None:

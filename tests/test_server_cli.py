@@ -32,6 +32,7 @@ from server_harness import (
 from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
+from server.__main__ import setting_source
 from server.settings import Settings
 from server.validation import sampling_defaults
 
@@ -176,15 +177,33 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     )
 
 
+def test_a_setting_is_named_by_its_env_var_only_when_the_environment_set_it(monkeypatch):
+    for name in [key for key in os.environ if key.upper().startswith("POCKETGPT_")]:
+        monkeypatch.delenv(name)
+    # A default is named by its flag, the way to change it ("POCKETGPT_PORT 8000:
+    # cannot listen" named a variable the user never set).
+    assert setting_source("port", {}) == "--port"
+    monkeypatch.setenv("POCKETGPT_PORT", "8001")
+    assert setting_source("port", {}) == "POCKETGPT_PORT"
+    assert setting_source("port", {"port": "8002"}) == "--port"  # the flag wins
+    assert setting_source("host", {}) == "--host"
+
+
 def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpoint):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = run_server("--checkpoint", str(checkpoint), "--port", str(port))
+        # Named as the user set it: env names are read in any case, as pydantic reads them.
+        from_env = run_server("--checkpoint", str(checkpoint), env={"pocketgpt_port": str(port)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    ]
+    assert from_env.returncode == 2
+    assert from_env.stderr.strip().splitlines() == [
+        f"error: POCKETGPT_PORT {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"
     ]
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): an address no machine here has.
     result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_HOST": "192.0.2.1"})
