@@ -6,7 +6,7 @@ block (as for every other bad input)."""
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 ENV_PREFIX = "POCKETGPT_"
 
@@ -22,5 +22,13 @@ def env_var(name: str) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    """Flags are matched whole: argparse's prefix matching took `--max-step 10` for
+    `--max-steps`, hiding the typo, and would change a prefix's meaning once another
+    flag shares it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}\n")

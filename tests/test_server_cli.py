@@ -156,6 +156,10 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     assert bad_choice.returncode == 2
     (line,) = bad_choice.stderr.strip().splitlines()
     assert line.startswith("error: argument --dtype: invalid choice: 'int8'"), line
+    # A flag cut short is no flag (argparse would take it for the one it begins).
+    cut_short = run_server("--checkpoint", str(checkpoint), "--max-batc", "3")
+    assert cut_short.returncode == 2
+    assert cut_short.stderr == "error: unrecognized arguments: --max-batc 3\n"
 
     # A flag wins over the env var, and is what the message then names.
     from_flag = run_server(

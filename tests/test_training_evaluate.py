@@ -40,6 +40,10 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(
             ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--block-size", "abc"],
             "error: argument --block-size: invalid int value: 'abc'\n",
         ),
+        (
+            ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--block", "8"],
+            "error: unrecognized arguments: --block 8\n",
+        ),
     ):
         with pytest.raises(SystemExit) as exit:
             evaluate.main(argv)

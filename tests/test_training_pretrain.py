@@ -1396,6 +1396,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no cooldown": (["--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
         "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),
         "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
+        "flag cut short": (["--max-step", "3"], "unrecognized arguments: --max-step 3"),
         # Both found before the text is tokenized (the test sees no cache folder).
         "out-dir a file": (["--out-dir", str(tmp_path / "a_file" / "run")], "is not a folder"),
         "out-dir on a drive not mounted": (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.cli import env_var, flag
+from model.cli import ArgumentParser, env_var, flag
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
 from model.device import resolve_device
@@ -632,7 +632,7 @@ def _convert(name: str, value: object, source: str) -> object:
         raise UsageError(f"{source}: invalid value {value!r} ({e})") from None
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
 
