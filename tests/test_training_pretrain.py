@@ -1069,7 +1069,12 @@ def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path:
     assert meta(run)["step"] >= stopped + 3
 
 
-def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_preparing_data_exits_128_plus_it_leaving_nothing(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    # SIGTERM (docker compose stop) killed the process there: no word, and the run
+    # folder left behind with its lock file.
     corpus, run, cache = tmp_path / "corpus.txt", tmp_path / "run", tmp_path / "cache"
     # ~8 MB: tokenizing it takes seconds after the tokenizer line is printed.
     corpus.write_text("".join(f"Line {i} of a corpus that is long.\n" for i in range(220_000)))
@@ -1079,16 +1084,24 @@ def test_ctrl_c_while_preparing_data_exits_130_leaving_nothing(tmp_path: Path) -
         assert process.stdout is not None
         first = process.stdout.readline()
         assert first.startswith("training a 384-entry tokenizer"), first
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
         process.communicate()  # reaped, its pipes closed
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + stop, err
     assert err.splitlines()[-1] == "interrupted before training started: no checkpoint written"
     assert "Traceback" not in err
     assert not run.exists()
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_main_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> None:
+    # It sets its own for the run (and the defaults once trained); a caller's stay its own.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(run))) == 0
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
 
 
 def files_up_to(size: int) -> Callable[[], None]:

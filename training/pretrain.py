@@ -12,7 +12,9 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -436,6 +438,7 @@ def run_locked(given: Given) -> int:
             tokenizer_extras=tokenizer_extras,
             generation_defaults=generation_defaults,
         ).train()
+        signals_end_process()
         leave_together(dist_info)
     finally:
         if dist_info.enabled:
@@ -450,6 +453,46 @@ def run_locked(given: Given) -> int:
         )
         return 128 + result.signal
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM before training: unwinds as Ctrl-C's KeyboardInterrupt does (the run
+    folder's lock file and any folder made for the run removed, the token cache left
+    whole), where SIGTERM's default action killed the process on the spot, leaving them
+    behind without a word. A BaseException, as KeyboardInterrupt is: no `except
+    Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated until
+    the trainer takes both over (a checkpoint, then a clean exit); both handlers are as
+    they were afterwards (the suite calls main() in its own process). Only the main
+    thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def signals_end_process() -> None:
+    """After training, with its checkpoint written, a signal ends the process at once:
+    no "interrupted before training" to say, and under torchrun nothing to unwind while
+    the other ranks leave."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -486,7 +529,7 @@ def torch_out_of_memory(error: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        with said_by_rank0_only():
+        with said_by_rank0_only(), signals_unwind():
             return run(argv)
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -509,11 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:  # Python's or numpy's, e.g. reading a corpus larger than memory
         print("error: out of memory", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # Once training runs, Ctrl-C saves a checkpoint and returns normally (trainer.py);
+    except (KeyboardInterrupt, Terminated) as e:
+        # Once training runs, a signal saves a checkpoint and returns normally (trainer.py);
         # before that (reading, tokenizing, building the model) there is nothing to save.
         print("interrupted before training started: no checkpoint written", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
 
 
 def exit_process(run: Callable[[], int]) -> NoReturn:
