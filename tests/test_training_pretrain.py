@@ -1096,6 +1096,17 @@ def test_a_signal_while_preparing_data_exits_128_plus_it_leaving_nothing(
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def test_a_one_character_corpus_says_character_and_is_too_small(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "one.txt").write_text("a")
+    argv = [*TINY, "--data", str(tmp_path / "one.txt"), "--out-dir", str(tmp_path / "run")]
+    assert pretrain.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
+    out, err = capsys.readouterr()
+    assert "tokenizer on 1 character\n" in out
+    assert err.startswith("error: the corpus is too small: 2 training tokens"), err
+
+
 def test_main_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> None:
     # It sets its own for the run (and the defaults once trained); a caller's stay its own.
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -402,7 +402,8 @@ def prepare(
     if data is None:
         if tokenizer is None:
             chars = sum(len(doc) for doc in train_docs)
-            print(f"training a {vocab_size}-entry tokenizer on {chars:,} characters", flush=True)
+            characters = f"{chars:,} character{'s' if chars != 1 else ''}"
+            print(f"training a {vocab_size}-entry tokenizer on {characters}", flush=True)
             tokenizer = train_tokenizer(train_docs, vocab_size)
             if (learned := tokenizer.get_vocab_size()) < vocab_size:
                 print(
