@@ -3,18 +3,27 @@ folder is an error naming --cache-dir."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
+from tqdm import tqdm
 
 from tests.test_training_pretrain import CORPUS, TINY, VAL
 from training import pretrain
 from training.corpus import CorpusError
-from training.prepare import PreparedData, prepare, split_documents, token_stream
+from training.prepare import (
+    PreparedData,
+    bar_output,
+    prepare,
+    split_documents,
+    token_stream,
+)
 from training.tokenizer import train_tokenizer
 
 
@@ -191,3 +200,20 @@ def test_a_cached_corpus_too_small_for_the_batch_asked_now_is_refused(tmp_path: 
         prepare(
             train_docs, val_docs, tmp_path, vocab_size=384, min_train_tokens=data.train.size + 1
         )
+
+
+def test_a_bar_in_a_log_writes_whole_lines_and_leaves_tqdms_monitor_nothing_to_add(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = io.StringIO()  # stderr as in `docker compose logs`: no terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = tqdm(total=10, desc="steps", **bar_output())
+    bar.update(3)
+    bar.refresh()
+    bar.close()
+    lines = log.getvalue().split("\n")
+    assert lines[-1] == "" and all(lines[:-1]) and "\r" not in log.getvalue()
+    assert lines[-2].startswith("steps:  30%|")
+    # tqdm's monitor thread refreshes a bar whose miniters grew past 1 without moving
+    # its last print time: the next step then printed another line, seconds later.
+    assert bar.miniters == 1 and not bar.dynamic_miniters

@@ -152,11 +152,14 @@ def bar_output() -> dict:
     line every 30 s."""
     if sys.stderr.isatty():
         return {"dynamic_ncols": True}
-    # maxinterval too: tqdm's monitor thread would refresh every 10 s besides.
+    # miniters 1: each step checks the clock. Left to adapt, miniters grew to the steps of
+    # 30 s; once steps slowed (an evaluation), tqdm's monitor thread refreshed the bar
+    # (it does so for a bar whose miniters > 1) without moving the time of its last
+    # line, and the next step printed another: lines in pairs, seconds apart.
     return {
         "file": _LinePerRefresh(sys.stderr),
         "mininterval": 30.0,
-        "maxinterval": 30.0,
+        "miniters": 1,
         "ncols": 100,
     }
 
