@@ -37,19 +37,23 @@ def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() ->
     compose = (README_PATH.parent / "docker-compose.yml").read_text(encoding="utf-8")
     trainer, server = compose.split("\n  server:", 1)
     server = server.split("\n  prometheus:", 1)[0]
-    fixed_by_trainer = {"out_dir", "if_missing"}
-    fixed_by_server = {"checkpoint", "host", "port"}
+    fixed = {"if_missing", "host", "port"}
+
+    def passed_through(name: str, service: str) -> bool:
+        """Passed through as it is, or with a default of the service's."""
+        var = f"POCKETGPT_{name.upper()}"
+        return f"- {var}\n" in service or f"- {var}=${{{var}:-" in service
+
     missing = [
         n
         for n in (f.name for f in dataclasses.fields(TrainArgs))
-        if n not in fixed_by_trainer and f"- POCKETGPT_{n.upper()}\n" not in trainer
+        if n not in fixed and not passed_through(n, trainer)
     ]
-    # Passed through as it is, or with a default of the service's.
     missing += [
-        n
-        for n in Settings.model_fields
-        if n not in fixed_by_server
-        and f"- POCKETGPT_{n.upper()}\n" not in server
-        and f"- POCKETGPT_{n.upper()}=${{POCKETGPT_{n.upper()}:-" not in server
+        n for n in Settings.model_fields if n not in fixed and not passed_through(n, server)
     ]
     assert missing == []
+    # Where the trainer writes and what the server serves: the same folder unless set.
+    default = "/data/checkpoints/default}"
+    assert "- POCKETGPT_OUT_DIR=${POCKETGPT_OUT_DIR:-" + default in trainer
+    assert "- POCKETGPT_CHECKPOINT=${POCKETGPT_CHECKPOINT:-" + default in server
