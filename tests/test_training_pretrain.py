@@ -1107,6 +1107,34 @@ def test_a_one_character_corpus_says_character_and_is_too_small(
     assert err.startswith("error: the corpus is too small: 2 training tokens"), err
 
 
+def test_before_training_sigterm_unwinds_and_after_it_signals_take_their_default_action() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pretrain.signals_unwind():
+        with pytest.raises(pretrain.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before kill() returns to Python
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        # Once the trainer is built: a signal after its checkpoints ends the process,
+        # not "interrupted before training started".
+        pretrain.default_signal_actions()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    # A background job in a non-interactive shell starts with SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pretrain.signals_unwind():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            pretrain.default_signal_actions()
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_main_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> None:
     # It sets its own for the run (and the defaults once trained); a caller's stay its own.
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -427,7 +427,7 @@ def run_locked(given: Given) -> int:
                 f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
                 flush=True,
             )
-        result = Trainer(
+        trainer = Trainer(
             args,
             data,
             config,
@@ -437,8 +437,9 @@ def run_locked(given: Given) -> int:
             init_from=initial,
             tokenizer_extras=tokenizer_extras,
             generation_defaults=generation_defaults,
-        ).train()
-        signals_end_process()
+        )
+        default_signal_actions()
+        result = trainer.train()
         leave_together(dist_info)
     finally:
         if dist_info.enabled:
@@ -471,14 +472,19 @@ def _raise_terminated(signum: int, frame: object) -> NoReturn:
 def signals_unwind() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated until
     the trainer takes both over (a checkpoint, then a clean exit); both handlers are as
-    they were afterwards (the suite calls main() in its own process). Only the main
-    thread may set handlers."""
+    they were afterwards (the suite calls main() in its own process). A signal the
+    process was started ignoring (a background job's SIGINT) stays ignored. Only the
+    main thread may set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    for s, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, _raise_terminated),
+    ):
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, handler)
     try:
         yield
     finally:
@@ -486,13 +492,16 @@ def signals_unwind() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def signals_end_process() -> None:
-    """After training, with its checkpoint written, a signal ends the process at once:
-    no "interrupted before training" to say, and under torchrun nothing to unwind while
-    the other ranks leave."""
+def default_signal_actions() -> None:
+    """Once the model is built, the trainer takes SIGINT and SIGTERM over, and restores
+    what it found when it is done: from here, the default actions. A signal after
+    training (its checkpoint written) ends the process at once, instead of unwinding
+    to "interrupted before training started"; and so does one in the instant before the
+    trainer's handlers are in. Ignored signals stay ignored."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
