@@ -170,16 +170,17 @@ class Validator:
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
-        # every stream stalled meanwhile), so a prompt too long in bytes alone to fit is
-        # refused before it is tokenized: it has at least bytes / max_token_bytes tokens.
-        # One of fewer bytes than the context has tokens (a few kB at most) is cheap to
-        # tokenize, and counted exactly ("at least 1 token: 2 bytes" told a client little).
+        # every stream stalled meanwhile), so a prompt of more bytes than any prompt that
+        # fits (the context's tokens, each of the vocabulary's longest) is refused before
+        # it is tokenized: it has at least bytes / max_token_bytes tokens, more than the
+        # context. One that might fit costs the same to tokenize refused as served, and
+        # is counted exactly ("at least 1 token: 2 bytes" told a client little).
         # Without max_tokens a request asks for the default or what the context leaves,
         # whichever is less (a `tiny` model's whole context is the default's 128).
         asked = body.max_tokens
         prompt_bytes = _utf8_length(body.prompt)
-        fewest = -(-prompt_bytes // self.max_token_bytes)
-        if prompt_bytes > self.max_context and fewest + (asked or 1) > self.max_context:
+        if prompt_bytes > self.max_context * self.max_token_bytes:
+            fewest = -(-prompt_bytes // self.max_token_bytes)
             self._too_long(
                 f"at least {_count(fewest, 'token')}: {_count(prompt_bytes, 'byte')}", asked
             )

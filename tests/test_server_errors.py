@@ -24,6 +24,7 @@ from server_harness import (
 )
 from starlette.responses import StreamingResponse
 
+from model.token_bytes import token_bytes
 from server.app import create_app
 from server.protocol import StreamChunk
 from server.settings import Settings
@@ -279,12 +280,24 @@ def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client):
     )
 
 
-def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(client):
-    prompt = "abcdefgh " * (BODY_LIMIT // 10)  # a few thousand bytes, under the body limit
-    response = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": CONTEXT - 10})
-    message = assert_error(response, 400, "context_length_exceeded")
-    # Counted from its bytes (each token holds at most the vocabulary's longest), not tokens.
-    assert f"{len(prompt)} bytes" in message and "at least" in message
+def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(tmp_path):
+    tokenizer = english_tokenizer()
+    longest = max(map(len, token_bytes(tokenizer)))  # as the server reads its tokenizer
+    settings = Settings(
+        checkpoint=random_checkpoint(tmp_path, tokenizer), max_body_bytes=64 * CONTEXT * longest
+    )
+    with running_server(settings) as url:
+        for prompt, refused_by_bytes in [
+            # More bytes than CONTEXT tokens of the longest: refused by its bytes, not tokens.
+            ("a" * (CONTEXT * longest + 1), True),
+            # As many bytes as could fit: tokenized, as it would be to serve, and counted.
+            ("abcdefgh " * (CONTEXT * longest // 9), False),
+        ]:
+            body = {"prompt": prompt, "max_tokens": 1}
+            response = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+            message = assert_error(response, 400, "context_length_exceeded")
+            assert (f"{len(prompt)} bytes" in message) is refused_by_bytes, message
+            assert ("at least" in message) is refused_by_bytes, message
 
 
 def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_answer(client):
