@@ -45,11 +45,23 @@ class _JsonBodyRequest(Request):
 
     async def json(self) -> object:
         if not hasattr(self, "_json"):
-            # A compressed body read as JSON is "not UTF-8"; say what is wrong instead.
-            encoding = self.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                message = f"Content-Encoding {encoding} is not supported: send the body as it is"
-                raise ApiError(415, "unsupported_media_type", message)
+            # A compressed body read as JSON is "not UTF-8"; say what is wrong instead. The
+            # codings of every Content-Encoding header, in order; none (or an empty one)
+            # means identity.
+            codings = [
+                coding.strip().lower()
+                for header in self.headers.getlist("content-encoding")
+                for coding in header.split(",")
+                if coding.strip()
+            ]
+            if any(coding != "identity" for coding in codings):
+                message = (
+                    f"Content-Encoding {', '.join(codings)} is not supported: send the body "
+                    "as it is"
+                )
+                # RFC 9110 15.5.16: a 415 for a coding says which codings are accepted.
+                headers = {"Accept-Encoding": "identity"}
+                raise ApiError(415, "unsupported_media_type", message, headers)
             self._json = parse_json_body(await self.body())
         return self._json
 

@@ -611,8 +611,19 @@ def test_a_compressed_body_is_415_saying_so(client):
     response = client.post("/v1/generate", content=gzip.compress(body), headers=headers)
     message = assert_error(response, 415, "unsupported_media_type")
     assert message == "Content-Encoding gzip is not supported: send the body as it is"
-    headers["Content-Encoding"] = "identity"
-    assert client.post("/v1/generate", content=body, headers=headers).status_code == 200
+    assert response.headers["Accept-Encoding"] == "identity"
+    # Every header's codings count; identity, or an empty list, is the body as it is.
+    twice = [("Content-Type", "application/json")]
+    twice += [("Content-Encoding", "identity"), ("Content-Encoding", "GZIP, identity")]
+    response = client.post("/v1/generate", content=body, headers=twice)
+    message = assert_error(response, 415, "unsupported_media_type")
+    assert (
+        message
+        == "Content-Encoding identity, gzip, identity is not supported: send the body as it is"
+    )
+    for plain in ("identity", "", "Identity"):
+        headers["Content-Encoding"] = plain
+        assert client.post("/v1/generate", content=body, headers=headers).status_code == 200
 
 
 def test_a_body_framed_by_both_length_and_chunks_is_400_and_the_connection_closed(base_url):
