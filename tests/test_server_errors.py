@@ -587,6 +587,17 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
     response = client.post("/v1/generate", json=body)
     message = assert_error(response, 422, "invalid_request")
     assert message == "body: an object of 401 names; a request has 12 fields"
+    # Many small objects: each field given one by mistake is named by its own message...
+    every_one_wrong = {"prompt": {}, "max_tokens": {}, "stop": [{}]}
+    message = assert_error(
+        client.post("/v1/generate", json=every_one_wrong), 422, "invalid_request"
+    )
+    assert message.startswith("prompt: ") and "max_tokens: " in message and "stop" in message
+    # ... up to 1,024 objects in all; past that, refused whole.
+    for inner, whole in [(1023, False), (1024, True)]:
+        many = {"prompt": "x", "stop": [{}] * inner}
+        message = assert_error(client.post("/v1/generate", json=many), 422, "invalid_request")
+        assert message.startswith("body: more than 1024 JSON objects; a request is one") is whole
     # A request giving every field is served.
     every_field = {
         "prompt": "x",
