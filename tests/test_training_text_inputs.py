@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -287,3 +288,19 @@ def test_a_log_jsonl_of_documents_is_text_though_its_records_have_a_kind(tmp_pat
     (corpus / "diary" / "log.jsonl").write_text(json.dumps(record) + "\n")
     (corpus / "log.jsonl").write_text(json.dumps({**record, "text": "Top entry."}) + "\n")
     assert load_documents([corpus]) == ["Dear diary.", "Top entry."]
+
+
+def test_a_fifo_is_no_text_named_or_found_in_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Reading a FIFO waits for a writer: the trainer hung without a word.
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    os.mkfifo(folder / "pipe.txt")
+    assert load_documents([folder]) == load_documents([folder / "good.txt"])
+    assert (
+        f"warning: {folder / 'pipe.txt'}: not a regular file; skipped\n" in capsys.readouterr().err
+    )
+    with pytest.raises(CorpusError, match=r"pipe\.txt: not a regular file or folder$"):
+        load_documents([folder / "pipe.txt"])

@@ -35,6 +35,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 from model.checkpoint import CONFIG, LATEST, RUN_LOG
 
@@ -162,11 +163,17 @@ def _files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
+        if path.exists():  # a FIFO, a device: reading one may never end
+            raise CorpusError(f"{path}: not a regular file or folder")
         raise CorpusError(f"{path}: no such file or folder")
     if _is_model_folder(path):
         raise CorpusError(f"{path}: a training run or model folder, not text")
     files, seen, other_suffixes = [], set(), []
-    for root, dirs, names in os.walk(path, followlinks=True):
+
+    def unreadable(error: OSError) -> NoReturn:  # os.walk skips a folder it cannot list
+        raise CorpusError(f"{error.filename}: cannot read ({error.strerror})")
+
+    for root, dirs, names in os.walk(path, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to the same folder
             dirs[:] = []
@@ -195,6 +202,9 @@ def _files_under(path: Path) -> list[Path]:
                     f"warning: {file}: links to {target}, which does not exist; skipped",
                     file=sys.stderr,
                 )
+                continue
+            if not file.is_file():  # a FIFO named .txt: reading it would wait for a writer
+                print(f"warning: {file}: not a regular file; skipped", file=sys.stderr)
                 continue
             files.append(file)
         other_suffixes += [Path(name).suffix for name in visible if not _has_text_suffix(name)]

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a path given, or one inside it, this user may not read
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     block_size = model.config.max_seq_len if args.block_size is None else args.block_size
     if not 1 <= block_size <= model.config.max_seq_len:
         print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)

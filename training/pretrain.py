@@ -543,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a path given, or one inside it, this user may not use
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     except CheckpointWriteError as e:  # not bad input: the machine could not store it
         print(f"error: {e}; the checkpoint `latest` names is intact", file=sys.stderr)
         return 1
