@@ -262,3 +262,13 @@ def test_the_start_up_line_names_the_budget_in_steps_and_seconds() -> None:
     assert budget_summary(TrainArgs(max_steps=1)) == "1 step"
     assert budget_summary(TrainArgs(max_steps=5000, max_time=70.0)) == "5,000 steps or 70 s"
     assert budget_summary(TrainArgs(max_steps=UNLIMITED_STEPS, max_time=90.5)) == "90.5 s"
+
+
+def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() -> None:
+    given = explicit_settings(["--data", "a.txt", "b.txt", "--data", "c.txt"], {})
+    assert given.values["data"] == ["a.txt", "b.txt", "c.txt"]  # not the last list alone
+    # `POCKETGPT_INIT_FROM=` was a fine-tune from the working folder ("not a checkpoint").
+    env = {"POCKETGPT_INIT_FROM": "", "POCKETGPT_TOKENIZER": " ", "POCKETGPT_RESUME": ""}
+    values = explicit_settings([], env).values
+    assert values["init_from"] is None and values["tokenizer"] is None
+    assert not values["resume"]

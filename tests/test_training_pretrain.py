@@ -1449,6 +1449,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "non-integer steps": (["--max-steps", "many"], "--max-steps: invalid value 'many'"),
         "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
         "flag cut short": (["--max-step", "3"], "unrecognized arguments: --max-step 3"),
+        # An empty path is the working folder: a run among the user's files, or every
+        # file under it read as text.
+        "empty out-dir": (["--out-dir", ""], "--out-dir: must name a folder (got '')"),
+        "empty data path": (["--data", str(CORPUS), ""], "--data: a path is empty"),
         # Both found before the text is tokenized (the test sees no cache folder).
         "out-dir a file": (["--out-dir", str(tmp_path / "a_file" / "run")], "is not a folder"),
         "out-dir on a drive not mounted": (

@@ -259,6 +259,12 @@ class TrainArgs:
             self.vocab_size,
         )
         require("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", self.seed)
+        # An empty path is the working folder: a run written among the user's files, or
+        # everything under it read as text.
+        require("out_dir", bool(self.out_dir.strip()), "must name a folder", self.out_dir)
+        for name in ("data", "val_data"):
+            paths = getattr(self, name)
+            require(name, all(p.strip() for p in paths), "a path is empty", paths)
         non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_tokens")
         for name in (*non_negative, "sample_tokens", "patience"):
             value = getattr(self, name)
@@ -606,7 +612,10 @@ def _convert(name: str, value: object, source: str) -> object:
     """A config/env/CLI value -> the field's type; UsageError names `source` on failure."""
     kind, optional = _base_type(name)
     try:
-        if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        # Empty, as `POCKETGPT_INIT_FROM=` leaves it: unset, as `POCKETGPT_RESUME=` was.
+        if optional and (
+            value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+        ):
             return None
         if kind is list:
             if isinstance(value, str):
@@ -662,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:
-            parser.add_argument(flag(name), nargs="+", metavar="PATH", help=help_text)
+            # `--data a --data b` reads both: the second does not replace the first.
+            parser.add_argument(
+                flag(name), nargs="+", action="extend", metavar="PATH", help=help_text
+            )
         else:
             parser.add_argument(flag(name), metavar=kind.__name__.upper(), help=help_text)
     return parser
