@@ -70,3 +70,19 @@ def test_a_cut_that_falls_on_a_line_start_stays_there() -> None:
     train, val = split_documents([text], 0.1)
     assert line_numbers(val) == [18, 19, 20, 21]
     assert line_numbers(train) == [*range(18), *range(22, 40)]
+
+
+def test_short_documents_hold_out_the_fraction_asked_in_evenly_spaced_runs() -> None:
+    # A jsonl of short records: each piece ended with its document, and 5% asked held
+    # out 0.3%. A piece now goes on into the next documents.
+    documents = ["".join(f"doc {d:04d} line {i}\n" for i in range(5)) for d in range(3000)]
+    total = sum(map(len, documents))
+    for fraction in (0.05, 0.2, 0.5):
+        train, val = split_documents(documents, fraction)
+        assert sum(map(len, val)) == pytest.approx(fraction * total, rel=0.02), fraction
+        assert sum(map(len, train)) + sum(map(len, val)) == total  # nothing lost
+    train, val = split_documents(documents, 0.05)
+    held_out = sorted({int(line.split()[1]) for piece in val for line in piece.splitlines()})
+    runs = 1 + sum(b != a + 1 for a, b in itertools.pairwise(held_out))
+    assert runs == VAL_PIECES  # contiguous runs of documents, one per piece
+    assert held_out[0] > 0 and held_out[-1] < 2999  # the corpus's ends are trained on

@@ -74,8 +74,12 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
     `piece` characters of each window are validation, so the corpus's first and last
     lines train. Cuts move forward to the next
     line start (the exact character when no line break follows), so no line is cut.
+    A piece that reaches the end of its document goes on at the start of the next
+    ones: short documents (a jsonl of 160-character records) held out a tenth of the
+    fraction asked when each piece ended with its document.
     A corpus too small for VAL_PIECE_CHARS[0] per piece gives one piece.
-    Train text around a piece stays in order, as separate documents.
+    Train and validation text stay in order, each a document of its own where a cut
+    or a document's end divides it.
     """
     total = sum(len(d) for d in documents)
     val_chars = total * val_fraction
@@ -84,8 +88,13 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
     train: list[str] = []
     val: list[str] = []
     offset, window = 0, 0  # characters before the current document; the next window
+    carried = 0  # characters of the last piece still to take from the next documents
     for doc in documents:
         pos = 0  # how far into `doc` the text is assigned
+        if carried:
+            pos = _line_start(doc, carried)
+            val.append(doc[:pos])
+            carried = max(0, carried - len(doc))
         while pos < len(doc):
             start = round((window + 0.5) * stride - piece / 2) - offset
             if start >= len(doc):
@@ -94,6 +103,7 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
             end = _line_start(doc, start + round(piece))
             train.append(doc[pos:start])
             val.append(doc[start:end])
+            carried = max(0, start + round(piece) - len(doc))
             pos, window = end, window + 1
         train.append(doc[pos:])
         offset += len(doc)
