@@ -272,3 +272,10 @@ def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() ->
     values = explicit_settings([], env).values
     assert values["init_from"] is None and values["tokenizer"] is None
     assert not values["resume"]
+
+
+def test_a_flag_wins_over_a_bad_value_in_its_environment_variable() -> None:
+    given = explicit_settings(["--max-steps", "3"], {"POCKETGPT_MAX_STEPS": "abc"})
+    assert given.values["max_steps"] == 3 and given.sources["max_steps"] == "--max-steps"
+    with pytest.raises(UsageError, match="POCKETGPT_MAX_STEPS: invalid value 'abc'"):
+        explicit_settings([], {"POCKETGPT_MAX_STEPS": "abc"})

@@ -745,7 +745,9 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
         sources.update({name: f"--config {config}: {name}" for name in values})
     for name in FIELDS:
         env = env_var(name)
-        if env in environ:
+        # A flag wins over its variable, whose value is then not read (a bad one in the
+        # environment need not stop a command line that overrides it).
+        if env in environ and name not in given:
             values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
         typed = flag("no_" + name if value is False else name)  # as typed: --no-compile
