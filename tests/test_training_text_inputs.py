@@ -21,6 +21,13 @@ def train(tmp_path: Path, *data: Path) -> int:
     return pretrain.main([*args, "--out-dir", str(tmp_path / "out"), "--data", *map(str, data)])
 
 
+def folder_with_text(folder: Path) -> Path:
+    """`folder`, made, holding good.txt: text to train on beside what a test adds."""
+    folder.mkdir()
+    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    return folder
+
+
 def binary_file(path: Path) -> Path:
     path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)) + b"\0")
     return path
@@ -40,9 +47,7 @@ def test_invalid_utf8_is_replaced_with_one_warning_naming_the_file(
 def test_a_binary_file_is_skipped_with_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    folder = folder_with_text(tmp_path / "mixed")
     binary = binary_file(folder / "image.txt")
     assert train(tmp_path, folder) == 0
     err = capsys.readouterr().err
@@ -54,9 +59,7 @@ def test_a_binary_file_is_skipped_with_a_warning(
 def test_files_without_text_are_skipped_with_one_warning_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "notes"
-    folder.mkdir()
-    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    folder = folder_with_text(tmp_path / "notes")
     empty, spaces, blank_lines = folder / "a.txt", folder / "b.md", folder / "c.jsonl"
     empty.write_bytes(b"")  # an export that failed
     spaces.write_text(" \n\t\n", encoding="utf-8")
@@ -146,9 +149,7 @@ def test_jsonl_lone_surrogate_escapes_are_replaced_with_one_warning(
 def test_an_unreadable_file_exits_2_naming_it_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
-    folder = tmp_path / "texts"
-    folder.mkdir()
-    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    folder = folder_with_text(tmp_path / "texts")
     unreadable = folder / "z.txt"
     # Linux's /proc/self/mem: a file whose read() fails (EIO) even for root, who reads
     # any file whatever its mode bits.
@@ -294,9 +295,7 @@ def test_a_fifo_is_no_text_named_or_found_in_a_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Reading a FIFO waits for a writer: the trainer hung without a word.
-    folder = tmp_path / "texts"
-    folder.mkdir()
-    (folder / "good.txt").write_bytes(CORPUS.read_bytes())
+    folder = folder_with_text(tmp_path / "texts")
     os.mkfifo(folder / "pipe.txt")
     assert load_documents([folder]) == load_documents([folder / "good.txt"])
     assert (
