@@ -1024,6 +1024,15 @@ def test_a_fine_tune_is_refused_where_it_would_not_be_served_or_would_not_run(
     assert pretrain.main([*if_missing, str(tuned), "--out-dir", str(base / "best")]) == 2
     assert "is a model's folder (it holds config.json)" in capsys.readouterr().err
     assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
+    # Also a step folder saved midway (an unfinished run's): it said "resuming it", then
+    # failed, exit 2.
+    midway = tmp_path / "midway"
+    saves = ["--max-steps", "4", "--save-interval", "2", "--out-dir", str(midway)]
+    assert pretrain.main(tiny_run(tmp_path, *saves)) == 0
+    capsys.readouterr()
+    step2 = midway / "step-0000002"
+    assert pretrain.main([*data, "--if-missing", "--out-dir", str(step2)]) == 0
+    assert capsys.readouterr().out == f"{step2} is a model's folder; nothing to do (--if-missing)\n"
 
     # A run folder that lost its `latest` names the checkpoints in it, not a killed save.
     (base / "latest").unlink()

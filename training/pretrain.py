@@ -309,6 +309,11 @@ def run_locked(given: Given) -> int:
             if finished(out_dir):
                 print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
                 return 0
+            if (out_dir / CONFIG).is_file():
+                # A step folder or best/ of an unfinished run: a model, not the run folder
+                # --resume goes on in; kept as it is, as any model's folder.
+                print(f"{out_dir} is a model's folder; nothing to do (--if-missing)")
+                return 0
             # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
             print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
             given = Given({**settings, "resume": str(out_dir)}, given.sources)
