@@ -261,6 +261,11 @@ def resolve_checkpoint(path: Path) -> Path:
             f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file); the "
             f"checkpoints inside it: {shown}: name one"
         )
+    if (path / RUN_LOG).is_file():  # a server started beside a trainer, say
+        raise CheckpointError(
+            f"{path}: a run folder without a checkpoint (yet: a trainer still running there "
+            "writes its first at --save-interval or at its first evaluation)"
+        )
     raise CheckpointError(f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file)")
 
 

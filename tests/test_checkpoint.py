@@ -335,3 +335,14 @@ def test_weights_are_stored_under_hf_llama_names(tmp_path, tokenizer, tiny_confi
     assert ("lm_head.weight" in names) == (not tied)
     assert all(name.startswith("model.") for name in names - {"lm_head.weight"})
     assert {"model.embed_tokens.weight", "model.norm.weight"} <= names
+
+
+def test_a_run_folder_before_its_first_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    # A server started beside a trainer that has logged but not yet saved: "not a
+    # checkpoint (config.json missing and no latest file)" did not say why.
+    (tmp_path / "log.jsonl").write_text('{"kind": "train", "step": 10, "loss": 4.2}\n')
+    with pytest.raises(CheckpointError, match=r"a run folder without a checkpoint \(yet: "):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "log.jsonl").unlink()
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(config\.json missing"):
+        resolve_checkpoint(tmp_path)
