@@ -237,6 +237,16 @@ def save_checkpoint(
 # ---------------------------------------------------------------- load
 
 
+def is_run_log(path: Path) -> bool:
+    """Whether `path` is a trainer's log: JSON records of a `kind`, not documents."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "kind" in first and "text" not in first
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder whose `latest` file names one."""
     path = Path(path)
@@ -261,7 +271,7 @@ def resolve_checkpoint(path: Path) -> Path:
             f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file); the "
             f"checkpoints inside it: {shown}: name one"
         )
-    if (path / RUN_LOG).is_file():  # a server started beside a trainer, say
+    if is_run_log(path / RUN_LOG):  # a server started beside a trainer, say
         raise CheckpointError(
             f"{path}: a run folder without a checkpoint (yet: a trainer still running there "
             "writes its first at --save-interval or at its first evaluation)"

@@ -343,6 +343,7 @@ def test_a_run_folder_before_its_first_checkpoint_is_named_as_such(tmp_path: Pat
     (tmp_path / "log.jsonl").write_text('{"kind": "train", "step": 10, "loss": 4.2}\n')
     with pytest.raises(CheckpointError, match=r"a run folder without a checkpoint \(yet: "):
         resolve_checkpoint(tmp_path)
-    (tmp_path / "log.jsonl").unlink()
+    # A log.jsonl of documents (a folder of text) is no run's log.
+    (tmp_path / "log.jsonl").write_text('{"kind": "note", "text": "Dear diary."}\n')
     with pytest.raises(CheckpointError, match=r"not a checkpoint \(config\.json missing"):
         resolve_checkpoint(tmp_path)

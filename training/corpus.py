@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
-from model.checkpoint import CONFIG, LATEST, RUN_LOG
+from model.checkpoint import CONFIG, LATEST, RUN_LOG, is_run_log
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
@@ -136,19 +136,9 @@ def _is_model_folder(folder: Path) -> bool:
     """A training run (its `latest` pointer, or before its first checkpoint its log) or a
     model (config.json beside safetensors): its log.jsonl or model card is not text to
     train on."""
-    if (folder / LATEST).is_file() or _is_run_log(folder / RUN_LOG):
+    if (folder / LATEST).is_file() or is_run_log(folder / RUN_LOG):
         return True
     return (folder / CONFIG).is_file() and any(folder.glob("*.safetensors"))
-
-
-def _is_run_log(path: Path) -> bool:
-    """Whether `path` is a trainer's log: JSON records of a `kind`, not documents."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError):
-        return False
-    return isinstance(first, dict) and "kind" in first and "text" not in first
 
 
 def _has_text_suffix(name: str) -> bool:
