@@ -84,7 +84,10 @@ def our_tokens_per_s(
             f"error: the throughput run stopped at step {meta['step']} of --steps {steps}: {why}"
         )
     records = [json.loads(line) for line in (out / RUN_LOG).read_text().splitlines()]
-    return [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
+    # The second log window's: the first holds the warm-up (and any compile); an odd
+    # --steps ends with a one-step record of its own.
+    second = 2 * (steps // 2)
+    return next(r for r in records if r["kind"] == "train" and r["step"] == second)["tokens_per_s"]
 
 
 def plain_tokens_per_s(

@@ -164,14 +164,41 @@ def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterru
     straight, run = tmp_path / "straight", tmp_path / "run"
     argv = tiny_run(tmp_path, *common, "--max-steps", "8")
     assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
-    # Stopped at step 6 (as Ctrl-C would), between its log lines at 4 and 8: the line at
-    # 8 is still the mean of steps 5-8.
+    # Stopped at step 6 (as Ctrl-C would), between its log lines at 4 and 8: steps 5-6
+    # get a line of their own, and the line at 8 is still the mean of steps 5-8.
     argv = tiny_run(tmp_path, *common, "--max-steps", "6")
     assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    assert sorted(read_log(run, "train")) == [4, 6]
     assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
     expected, logged = read_log(straight, "train"), read_log(run, "train")
-    assert sorted(logged) == [4, 8]
+    assert sorted(logged) == [4, 6, 8]
     assert [logged[s]["loss"] for s in (4, 8)] == [expected[s]["loss"] for s in (4, 8)]
+
+
+def test_a_runs_last_steps_are_logged_and_an_evaluation_reports_the_steps_before_it(
+    tmp_path: Path,
+) -> None:
+    # The same six steps logged one by one and every four: evaluations at 3 and 6 fall
+    # inside the second run's log windows, and its last two steps end none.
+    common = ["--optimizer", "adamw", "--dtype", "float32", "--max-steps", "6"]
+    common += ["--eval-interval", "3"]
+    each, windows = tmp_path / "each", tmp_path / "windows"
+    argv = tiny_run(tmp_path, *common, "--log-interval", "1", "--out-dir", str(each))
+    assert pretrain.main(argv) == 0
+    argv = tiny_run(tmp_path, *common, "--log-interval", "4", "--out-dir", str(windows))
+    assert pretrain.main(argv) == 0
+    losses = {step: record["loss"] for step, record in read_log(each, "train").items()}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+
+    def mean(steps: range) -> float:
+        return sum(losses[s] for s in steps) / len(steps)
+
+    train, evals = read_log(windows, "train"), read_log(windows, "eval")
+    assert sorted(train) == [4, 6]
+    assert math.isclose(train[4]["loss"], mean(range(1, 5)), rel_tol=1e-5)
+    assert math.isclose(train[6]["loss"], mean(range(5, 7)), rel_tol=1e-5)
+    assert math.isclose(evals[3]["train_loss"], mean(range(1, 4)), rel_tol=1e-5)
+    assert math.isclose(evals[6]["train_loss"], mean(range(5, 7)), rel_tol=1e-5)
 
 
 def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_warned_of(
@@ -370,9 +397,9 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
         "its batches and its validation will differ (best/ then compares losses measured "
         "otherwise)" in capsys.readouterr().err
     )
-    # One step, short of a log line: its evaluation has no train loss or speed to give.
-    last = read_log(run, "eval")[4]
-    assert (last["train_loss"], last["tokens_per_s"]) == (None, None)
+    # One step, short of a log interval: logged as the run's last, with its evaluation.
+    last, train = read_log(run, "eval")[4], read_log(run, "train")[4]
+    assert (last["train_loss"], last["tokens_per_s"]) == (train["loss"], train["tokens_per_s"])
 
 
 def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(

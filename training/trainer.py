@@ -346,6 +346,10 @@ class Trainer:
         # is the mean of the same steps as an uninterrupted run's.
         self.window_loss = torch.zeros((), device=device)
         self.window_steps = 0
+        # This process's share of the window, for its tokens/s: a resumed run's first
+        # window started before it did.
+        self.window_tokens = 0
+        self.window_started = time.perf_counter()
         self.checked_step = 0  # every loss up to this step was finite
         self.tokens_per_s: float | None = None  # none until a log window has passed
         self.bar_postfix: dict[str, str] = {}
@@ -624,6 +628,11 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not main, **bar_output())
         try:
             self.stopped_by = stopped_by = self._loop(bar)
+            if self.window_tokens:
+                # The steps since the last train record get theirs too. The window stays
+                # (and is saved): a resumed run's next record averages the whole
+                # interval, as an uninterrupted run's does.
+                self._log_window(bar)
             self._show_progress(bar)  # the bar's last line: the time left now, not at a log
             if stopped_by != "signal" and self.evaluated_at != self.step:
                 checkpoint = self._eval_and_report(bar, final=True)
@@ -650,9 +659,10 @@ class Trainer:
         it refused), so an evaluation before any save saves the step first.
         """
         improved: bool | None = False  # rank 0's to say
+        train_loss = self._window_mean_loss()
         with self._rank0_writing():
             if self.dist.is_main:
-                improved = self._evaluate_on_rank0(bar)
+                improved = self._evaluate_on_rank0(bar, train_loss)
         self.evaluated_at = self.step  # on every rank: train() decides by it who evaluates
         checkpoint = self.save() if final or self.saved_at is None else None
         with self._rank0_writing():
@@ -662,8 +672,9 @@ class Trainer:
                 bar.write(f"sample: {self.preview()!r}")
         return checkpoint
 
-    def _evaluate_on_rank0(self, bar: tqdm) -> bool | None:
-        """Evaluate and log; whether the loss is best/'s to keep (lower than its own), or
+    def _evaluate_on_rank0(self, bar: tqdm, train_loss: float | None) -> bool | None:
+        """Evaluate and log (with `train_loss`, the training steps' since the last
+        train record); whether the loss is best/'s to keep (lower than its own), or
         None if it is not finite (the weights are lost: _check_finite stops the run,
         nothing is kept or sampled)."""
         result = self.evaluate()
@@ -674,7 +685,7 @@ class Trainer:
                 "kind": "eval",
                 "step": self.step,
                 "tokens": self.tokens_seen,
-                "train_loss": self.last_train_loss,
+                "train_loss": train_loss,
                 "val_loss": result.loss,
                 "val_bpb": result.bpb,
                 "lr": self.lr,
@@ -707,7 +718,7 @@ class Trainer:
         B, T = args.batch_size, args.block_size
         positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
         tokens_per_step = B * T * args.grad_accum * self.dist.world_size
-        window_start, window_tokens = time.perf_counter(), 0
+        self.window_started, self.window_tokens = time.perf_counter(), 0
         while self.step < args.max_steps:
             reason, elapsed = self._should_stop()
             if reason:
@@ -734,29 +745,13 @@ class Trainer:
             self.step += 1
             self.tokens_seen += tokens_per_step
             self.window_steps += 1
-            window_tokens += tokens_per_step
+            self.window_tokens += tokens_per_step
             bar.update(1)
             if self.step % args.log_interval == 0:
-                now = time.perf_counter()
-                self.last_train_loss = self._mean_over_ranks(self.window_loss) / self.window_steps
-                self._check_finite(self.last_train_loss)
-                # This process's steps alone: a resumed run's first window started earlier.
-                self.tokens_per_s = window_tokens / (now - window_start)
+                self._log_window(bar)
                 self.window_loss.zero_()
                 self.window_steps = 0
-                window_start, window_tokens = now, 0
-                loss, tok_s = f"{self.last_train_loss:.4f}", f"{self.tokens_per_s:.0f}"
-                self._show_progress(bar, loss=loss, tok_s=tok_s)
-                with self._rank0_writing():
-                    self._log(
-                        {
-                            "kind": "train",
-                            "step": self.step,
-                            "loss": self.last_train_loss,
-                            "lr": self.lr,
-                            "tokens_per_s": self.tokens_per_s,
-                        }
-                    )
+                self.window_started, self.window_tokens = time.perf_counter(), 0
             paused_at = time.perf_counter()
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
@@ -767,8 +762,35 @@ class Trainer:
             if self.step % args.save_interval == 0 and self.step < args.max_steps and not saved:
                 self.save()
             # tokens/s is the training steps' rate: evaluating and saving are not counted.
-            window_start += time.perf_counter() - paused_at
+            self.window_started += time.perf_counter() - paused_at
         return "max_steps"
+
+    def _log_window(self, bar: tqdm) -> None:
+        """Log the mean loss and tokens/s of the steps since the last train record and
+        show them on the bar (collective under DDP)."""
+        self.last_train_loss = self._window_mean_loss()
+        self._check_finite(self.last_train_loss)
+        self.tokens_per_s = self.window_tokens / (time.perf_counter() - self.window_started)
+        loss, tok_s = f"{self.last_train_loss:.4f}", f"{self.tokens_per_s:.0f}"
+        self._show_progress(bar, loss=loss, tok_s=tok_s)
+        with self._rank0_writing():
+            self._log(
+                {
+                    "kind": "train",
+                    "step": self.step,
+                    "loss": self.last_train_loss,
+                    "lr": self.lr,
+                    "tokens_per_s": self.tokens_per_s,
+                }
+            )
+
+    def _window_mean_loss(self) -> float | None:
+        """The mean training loss of the steps since the last train record, or that
+        record's when there are none (collective under DDP: every rank has the same
+        window_steps)."""
+        if not self.window_steps:
+            return self.last_train_loss
+        return self._mean_over_ranks(self.window_loss) / self.window_steps
 
     def _show_progress(self, bar: tqdm, **fields: str) -> None:
         """Set the bar's postfix fields (shown at its next refresh), with the time left of
