@@ -221,6 +221,23 @@ def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_wa
     ) in capsys.readouterr().err
 
 
+def test_a_preview_longer_than_the_context_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--max-steps", "2", "--eval-interval", "2", "--block-size", "16"]
+    for tokens, out in (("15", "fits"), ("16", "long")):
+        argv = tiny_run(tmp_path, *flags, "--sample-tokens", tokens)
+        assert pretrain.main([*argv, "--out-dir", str(tmp_path / out)]) == 0
+        warned = "warning: --sample-tokens" in capsys.readouterr().err
+        assert warned == (tokens == "16")
+    argv = tiny_run(tmp_path, *flags, "--sample-tokens", "40", "--out-dir", str(tmp_path / "x"))
+    assert pretrain.main(argv) == 0
+    assert (
+        "warning: --sample-tokens 40 is more than the model's context (--block-size 16) "
+        "holds: previews stop at 15 tokens\n"
+    ) in capsys.readouterr().err
+
+
 def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
     # Evaluating ~30k held-out tokens takes far longer than two 128-token steps.
     val = tmp_path / "val.txt"

@@ -175,7 +175,11 @@ class TrainArgs:
         default=32768, metadata=doc("validation tokens per evaluation (0 = the whole split)")
     )
     sample_tokens: int = field(
-        default=64, metadata=doc("tokens in the preview printed at each evaluation (0 = off)")
+        default=64,
+        metadata=doc(
+            "tokens in the preview printed at each evaluation (0 = off; a preview stops at "
+            "the context: --block-size - 1)"
+        ),
     )
     log_interval: int = field(
         default=10, metadata=doc("steps between train-loss lines in the JSONL log")
@@ -443,17 +447,26 @@ def with_step_budget(
     return args
 
 
-def warmup_warning(args: TrainArgs) -> str | None:
-    """A warning when warmup fills the whole schedule (--decay-steps, else --max-steps):
-    the learning rate then never reaches its peak, let alone decays."""
+def settings_warnings(args: TrainArgs) -> list[str]:
+    """Warnings about resolved settings that cannot do what they say: warmup filling the
+    whole schedule (--decay-steps, else --max-steps: the learning rate never reaches its
+    peak, let alone decays), a preview longer than the model's context."""
+    warnings = []
     schedule = args.decay_steps or args.max_steps
-    if schedule >= UNLIMITED_STEPS or args.warmup_steps < schedule:
-        return None
-    length = "--decay-steps" if args.decay_steps else "--max-steps"
-    return (
-        f"warning: --warmup-steps {args.warmup_steps} covers the whole {schedule}-step "
-        f"schedule ({length}): the learning rate rises all run and never decays"
-    )
+    if schedule < UNLIMITED_STEPS and args.warmup_steps >= schedule:
+        length = "--decay-steps" if args.decay_steps else "--max-steps"
+        warnings.append(
+            f"warning: --warmup-steps {args.warmup_steps} covers the whole {schedule}-step "
+            f"schedule ({length}): the learning rate rises all run and never decays"
+        )
+    # The preview starts at <|endoftext|>, so the context holds one token fewer of it.
+    if args.sample_tokens >= args.block_size:
+        warnings.append(
+            f"warning: --sample-tokens {args.sample_tokens} is more than the model's context "
+            f"(--block-size {args.block_size}) holds: previews stop at {args.block_size - 1} "
+            "tokens"
+        )
+    return warnings
 
 
 def budget_summary(args: TrainArgs) -> str:

@@ -47,7 +47,7 @@ from training.args import (
     explicit_settings,
     make_args,
     model_config,
-    warmup_warning,
+    settings_warnings,
     with_absolute_paths,
     with_checkpoint_shape,
     with_hardware_defaults,
@@ -407,8 +407,9 @@ def run_locked(given: Given) -> int:
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, val_docs, tokenizer, dist_info)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
-        if dist_info.is_main and (warning := warmup_warning(args)):
-            print(warning, file=sys.stderr)
+        if dist_info.is_main:
+            for warning in settings_warnings(args):
+                print(warning, file=sys.stderr)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
             start_config.replace(dropout=args.dropout)
