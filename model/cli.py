@@ -6,6 +6,10 @@ block (as for every other bad input)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 ENV_PREFIX = "POCKETGPT_"
@@ -32,3 +36,43 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}\n")
+
+
+class Terminated(BaseException):
+    """SIGTERM, unwinding as Ctrl-C's KeyboardInterrupt does (`finally` blocks and
+    context managers clean up, the command says what it leaves), where SIGTERM's default
+    action killed the process on the spot without a word. A BaseException, as
+    KeyboardInterrupt is: no `except Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated inside
+    the block; both handlers are as they were afterwards (the suite calls commands'
+    main() in its own process). A signal the process was started ignoring (a background
+    job's SIGINT) stays ignored. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, _raise_terminated),
+    ):
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def interrupted_status(error: BaseException) -> int:
+    """The exit status of a command ended by `error` (KeyboardInterrupt or Terminated),
+    as a shell reports a process killed by the signal: 128 + its number."""
+    return 128 + (signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from model.checkpoint import read_config, save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
-from tests.test_training_pretrain import CORPUS, VAL
+from tests.test_training_pretrain import CORPUS, VAL, spawn_module
 from training import evaluate, pretrain
 from training.prepare import token_byte_lengths
 
@@ -183,3 +184,26 @@ def test_a_vocabulary_past_uint16_is_refused_by_evaluate_and_init_from(
         "uint16 ids (at most 65,536)"
     )
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_evaluating_exits_128_plus_it_without_a_traceback(
+    tmp_path: Path, tiny_checkpoint: Path, stop: signal.Signals
+) -> None:
+    text = tmp_path / "text.txt"
+    # ~8 MB: tokenizing and scoring it take a minute after the line saying what it scores.
+    text.write_text("".join(f"Line {i} of a text that is long.\n" for i in range(220_000)))
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(text), "--device", "cpu"]
+    process = spawn_module("training.evaluate", argv)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first == f"evaluating {tiny_checkpoint} on 1 document (7,808,890 characters)\n"
+        process.send_signal(stop)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.communicate()  # reaped, its pipes closed
+    assert process.returncode == 128 + stop, err
+    assert err.splitlines()[-1] == "interrupted: no bits per byte"
+    assert "Traceback" not in err and "bpb=" not in out

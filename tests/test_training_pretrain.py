@@ -26,6 +26,7 @@ from server_harness import running_server, wait_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, resolve_checkpoint
+from model.cli import Terminated, signals_unwind
 from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
@@ -830,8 +831,13 @@ def test_compiled_training_follows_the_eager_losses(tmp_path: Path) -> None:
 
 def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
     """`python -m training.pretrain ARGS` from this checkout, its output captured as text."""
+    return spawn_module("training.pretrain", args)
+
+
+def spawn_module(module: str, args: list[str]) -> subprocess.Popen[str]:
+    """`python -m MODULE ARGS` from this checkout, its output captured as text."""
     return subprocess.Popen(
-        [sys.executable, "-m", "training.pretrain", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=python_env(),
         stdout=subprocess.PIPE,
@@ -1162,8 +1168,8 @@ def test_a_one_character_corpus_says_character_and_is_too_small(
 
 def test_before_training_sigterm_unwinds_and_after_it_signals_take_their_default_action() -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pretrain.signals_unwind():
-        with pytest.raises(pretrain.Terminated):
+    with signals_unwind():
+        with pytest.raises(Terminated):
             os.kill(os.getpid(), signal.SIGTERM)  # handled before kill() returns to Python
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
@@ -1179,7 +1185,7 @@ def test_a_signal_the_process_ignores_stays_ignored() -> None:
     # A background job in a non-interactive shell starts with SIGINT ignored.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with pretrain.signals_unwind():
+        with signals_unwind():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             pretrain.default_signal_actions()
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -12,6 +12,7 @@ line printed is `bpb=<value>`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import sys
@@ -30,7 +31,7 @@ from model.checkpoint import (
     load_tokenizer,
     resolve_checkpoint,
 )
-from model.cli import ArgumentParser
+from model.cli import ArgumentParser, Terminated, interrupted_status, signals_unwind
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
@@ -116,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
+        with signals_unwind():
+            return evaluate_command(args, device)
+    except (KeyboardInterrupt, Terminated) as e:
+        print("interrupted: no bits per byte", file=sys.stderr)
+        return interrupted_status(e)
+
+
+def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
+    """Evaluate the checkpoint on the text `args` name and print the result; the exit
+    status (2: bad input, said in one line)."""
+    try:
         folder = resolve_checkpoint(Path(args.checkpoint))
         model = load_model(folder, device=device)
         tokenizer = check_tokenizer(load_tokenizer(folder), str(folder / TOKENIZER))
@@ -130,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= block_size <= model.config.max_seq_len:
         print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)
         return 2
+    characters = sum(map(len, documents))
+    count = f"{len(documents):,} document{'s' if len(documents) != 1 else ''}"
+    print(f"evaluating {folder} on {count} ({characters:,} characters)")
+    sys.stdout.flush()  # before the work, which a pipe's reader may be waiting on
     tokens = token_stream(tokenizer, documents, "tokenizing")
     result = evaluate_stream(
         model,

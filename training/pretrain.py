@@ -36,7 +36,7 @@ from model.checkpoint import (
     read_tokenizer_extras,
     resolve_checkpoint,
 )
-from model.cli import env_var, flag
+from model.cli import Terminated, env_var, flag, interrupted_status, signals_unwind
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
@@ -462,42 +462,6 @@ def run_locked(given: Given) -> int:
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM before training: unwinds as Ctrl-C's KeyboardInterrupt does (the run
-    folder's lock file and any folder made for the run removed, the token cache left
-    whole), where SIGTERM's default action killed the process on the spot, leaving them
-    behind without a word. A BaseException, as KeyboardInterrupt is: no `except
-    Exception` on the way swallows it."""
-
-
-def _raise_terminated(signum: int, frame: object) -> NoReturn:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def signals_unwind() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated until
-    the trainer takes both over (a checkpoint, then a clean exit); both handlers are as
-    they were afterwards (the suite calls main() in its own process). A signal the
-    process was started ignoring (a background job's SIGINT) stays ignored. Only the
-    main thread may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s, handler in (
-        (signal.SIGINT, signal.default_int_handler),
-        (signal.SIGTERM, _raise_terminated),
-    ):
-        if previous[s] is not signal.SIG_IGN:
-            signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def default_signal_actions() -> None:
     """Once the model is built, the trainer takes SIGINT and SIGTERM over, and restores
     what it found when it is done: from here, the default actions. A signal after
@@ -544,6 +508,9 @@ def torch_out_of_memory(error: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        # Until the trainer takes SIGINT and SIGTERM over (a checkpoint, then a clean
+        # exit), either unwinds: the run folder's lock file and any folder made for the
+        # run are removed, the token cache is left whole.
         with said_by_rank0_only(), signals_unwind():
             return run(argv)
     except (UsageError, CorpusError, CheckpointError) as e:
@@ -574,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Once training runs, a signal saves a checkpoint and returns normally (trainer.py);
         # before that (reading, tokenizing, building the model) there is nothing to save.
         print("interrupted before training started: no checkpoint written", file=sys.stderr)
-        return 128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+        return interrupted_status(e)
 
 
 def exit_process(run: Callable[[], int]) -> NoReturn:
