@@ -1477,6 +1477,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "a_file").write_text("not a folder\n")
     (tmp_path / "unmounted").symlink_to(tmp_path / "drive")
+    (tmp_path / "looped").symlink_to("looped")
     texts = tmp_path / "texts"
     texts.mkdir()
     shutil.copy(CORPUS, texts)
@@ -1517,6 +1518,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "out-dir on a drive not mounted": (
             ["--out-dir", str(tmp_path / "unmounted" / "run")],
             f"{tmp_path / 'unmounted'} links to {tmp_path / 'drive'}, which does not exist",
+        ),
+        "data through a looping link": (
+            ["--data", str(tmp_path / "looped")],
+            f"{tmp_path / 'looped'}: links to looped, a loop of links that never reaches",
+        ),
+        "out-dir through a looping link": (
+            ["--out-dir", str(tmp_path / "looped" / "run")],
+            f"{tmp_path / 'looped'} links to looped, a loop of links that never reaches",
         ),
         "out-dir where no folder can be made": (
             ["--out-dir", "/proc/pocketgpt-run"],

@@ -228,13 +228,20 @@ def test_a_dangling_link_in_a_folder_is_skipped_and_a_linked_file_read_once(
     (corpus / "a.txt").write_text("The one real file.")
     (corpus / "b.txt").symlink_to(corpus / "a.txt")
     (corpus / "gone.txt").symlink_to(tmp_path / "moved.txt")
+    (corpus / "self.txt").symlink_to("self.txt")  # a loop
     assert load_documents([corpus]) == ["The one real file."]
-    assert capsys.readouterr().err.splitlines() == [
-        f"warning: {corpus / 'gone.txt'}: links to {tmp_path / 'moved.txt'}, which does not "
-        "exist; skipped",
+    assert sorted(capsys.readouterr().err.splitlines()) == [  # in the folder's listing order
         f"warning: {corpus / 'b.txt'}: already read (the same file as {corpus / 'a.txt'}), "
         "read once",
+        f"warning: {corpus / 'gone.txt'}: links to {tmp_path / 'moved.txt'}, which does not "
+        "exist; skipped",
+        f"warning: {corpus / 'self.txt'}: links to self.txt, a loop of links that never "
+        "reaches a file or folder; skipped",
     ]
+    with pytest.raises(CorpusError, match=r"self.txt: links to self.txt, a loop of links"):
+        load_documents([corpus / "self.txt"])
+    with pytest.raises(CorpusError, match=r"gone.txt: links to .*moved.txt, which does not"):
+        load_documents([corpus / "gone.txt"])
 
 
 def test_a_file_named_twice_is_read_once_and_a_byte_order_mark_is_no_text(

@@ -527,7 +527,7 @@ def check_resume_settings(
     its own folder."""
     settings = given.values
     out_dir = settings.get("out_dir")
-    if isinstance(out_dir, str) and Path(out_dir).resolve() != run_folder.resolve():
+    if isinstance(out_dir, str) and os.path.realpath(out_dir) != os.path.realpath(run_folder):
         raise UsageError(
             f"{_source('out_dir', given.sources)} {out_dir}: --resume goes on in the folder of "
             f"the run it continues ({run_folder}); to branch a run, copy its folder and "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import errno
 import json
 import os
 import re
@@ -145,6 +146,21 @@ def _has_text_suffix(name: str) -> bool:
     return Path(name).suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)
 
 
+def broken_link(path: Path) -> str | None:
+    """What a link that leads nowhere leads to, said for an error line ("links to X,
+    which does not exist"), or None where `path` is no such link. Raises OSError where
+    the link cannot be read."""
+    if not path.is_symlink() or path.exists():
+        return None
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # to itself, or round through other links
+            return f"links to {target}, a loop of links that never reaches a file or folder"
+    return f"links to {target}, which does not exist"
+
+
 def _files_under(path: Path) -> list[Path]:
     """`path` itself, or the text files below it, in sorted order. Hidden files and
     folders (.git, .venv, the trainer's .cache) and run or model folders are not read:
@@ -155,7 +171,7 @@ def _files_under(path: Path) -> list[Path]:
     if not path.is_dir():
         if path.exists():  # a FIFO, a device: reading one may never end
             raise CorpusError(f"{path}: not a regular file or folder")
-        raise CorpusError(f"{path}: no such file or folder")
+        raise CorpusError(f"{path}: {broken_link(path) or 'no such file or folder'}")
     if _is_model_folder(path):
         raise CorpusError(f"{path}: a training run or model folder, not text")
     files, seen, other_suffixes = [], set(), []
@@ -184,14 +200,11 @@ def _files_under(path: Path) -> list[Path]:
         for name in filter(_has_text_suffix, visible):
             file = Path(root, name)
             try:  # os.walk lists a link whose target is gone as a file
-                target = os.readlink(file) if file.is_symlink() and not file.exists() else None
+                broken = broken_link(file)
             except OSError as e:  # a link into a folder this user may not enter
                 raise CorpusError(f"{file}: cannot read ({e.strerror or e})") from None
-            if target is not None:
-                print(
-                    f"warning: {file}: links to {target}, which does not exist; skipped",
-                    file=sys.stderr,
-                )
+            if broken is not None:
+                print(f"warning: {file}: {broken}; skipped", file=sys.stderr)
                 continue
             if not file.is_file():  # a FIFO named .txt: reading it would wait for a writer
                 print(f"warning: {file}: not a regular file; skipped", file=sys.stderr)

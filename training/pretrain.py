@@ -273,10 +273,10 @@ def check_out_dir_is_not_text(args: TrainArgs, given: Given) -> None:
     """The run folder is no folder of the text: its checkpoints would be read as text by
     the next command (which refuses a run folder given as text), so the run could not
     be resumed, nor its text trained on again. One inside a text folder is skipped."""
-    out_dir = Path(args.out_dir).resolve()
+    out_dir = os.path.realpath(args.out_dir)  # no error on a link loop, as resolve() has
     for name in ("data", "val_data"):
         for path in getattr(args, name) or ():
-            if Path(path).resolve() == out_dir:
+            if os.path.realpath(path) == out_dir:
                 raise UsageError(
                     f"{given.source('out_dir')} {args.out_dir} is the {given.source(name)} "
                     "folder itself: its checkpoints would be read as text; choose another "

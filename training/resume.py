@@ -4,6 +4,7 @@ trained with, and what may change) or `--init-from` fine-tunes, and whether a ru
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def check_run_init_from(given: Given, started_from: object, if_missing: Path | N
     started it names it, is taken (a resumed fine-tune continues its own checkpoint);
     another is an error. --if-missing resumes or keeps a run, never fine-tunes one."""
     init_from = given.values["init_from"]
-    if isinstance(started_from, str) and Path(init_from).resolve() == Path(started_from).resolve():
+    real = os.path.realpath  # not Path.resolve: that raises on a loop of links
+    if isinstance(started_from, str) and real(init_from) == real(started_from):
         return
     named = f"{given.source('init_from')} {init_from}"
     if if_missing is not None:

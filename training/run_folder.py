@@ -23,6 +23,7 @@ from training.args import (
     TrainArgs,
     UsageError,
 )
+from training.corpus import broken_link
 from training.trainer import (
     BEST,
     STEP_DIR,
@@ -85,9 +86,8 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UsageError(f"{flag} {shown}: the name is not valid UTF-8") from None
     existing = folder
     while not existing.exists():
-        if existing.is_symlink():  # a link to a drive not mounted, a folder since moved
-            target = os.readlink(existing)
-            raise UsageError(f"{flag} {folder}: {existing} links to {target}, which does not exist")
+        if broken := broken_link(existing):  # a drive not mounted, a folder since moved
+            raise UsageError(f"{flag} {folder}: {existing} {broken}")
         existing = existing.parent  # ends at "." or "/", which exist
     if not existing.is_dir():
         raise UsageError(f"{flag} {folder}: {existing} is not a folder")
