@@ -1574,21 +1574,30 @@ def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
         assert not out_dir.exists() and not cache.exists(), case
 
 
-def test_a_model_too_large_for_memory_exits_1_with_one_line_writing_nothing(
+def test_a_model_too_large_for_memory_exits_2_with_one_line_before_reading_the_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # 2**40 wide: petabytes, more than any address space holds, so the allocation fails
-    # at once whatever the system's overcommit policy.
-    run = tmp_path / "run"
-    wide = ["--dim", str(2**40), "--max-steps", "4", "--out-dir", str(run)]
-    assert pretrain.main(tiny_run(tmp_path, *wide)) == 1
+    # Linux lets such a model be allocated and kills the process (exit 137, no word) once
+    # its pages are touched. 2**20 wide x 4 layers: 13T parameters, 144 TiB of state.
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    wide = ["--dim", str(2**20), "--max-steps", "4", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *wide)) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(
-        r"error: out of memory \(an allocation of [\d,]+\.\d\d PiB failed\): lower --batch-size or "
-        r"--block-size, or train a smaller model\n",
+        r"error: the model \(13,199.4B parameters: dim 1048576, 4 layers\) needs at least "
+        r"144.06 TiB of memory for its weights, gradients and muon state, and [\d,.]+ [KMGT]iB "
+        r"is available: train a smaller model \(--preset, --dim, --n-layers\)\n",
         err,
     ), err
-    assert not run.exists()
+    assert not run.exists() and not cache.exists()
+
+
+def test_a_failed_allocation_is_read_for_its_size() -> None:
+    # What main() says when the activations outgrow memory: "an allocation of ... failed".
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**62, dtype=torch.uint8)  # more than any address space holds
+    assert pretrain.torch_out_of_memory(failed.value) == "4,096.00 PiB"
+    assert pretrain.torch_out_of_memory(RuntimeError("shape mismatch")) is None
 
 
 def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path: Path) -> None:

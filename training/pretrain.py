@@ -54,6 +54,7 @@ from training.args import (
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
+from training.memory import format_size, shortfall
 from training.prepare import (
     SMALL_CORPUS_REMEDY,
     PreparedData,
@@ -393,10 +394,15 @@ def run_locked(given: Given) -> int:
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
     args = with_hardware_defaults(args, device)
     tokenizer = resolve_tokenizer(args, start, given.source("tokenizer"))
-    if start_config is None:
-        # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
-        # known for certain only once the tokenizer is trained.
-        model_config(args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device)
+    # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
+    # known for certain only once the tokenizer is trained.
+    planned = start_config or model_config(
+        args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device
+    )
+    if device.type == "cpu" and (
+        short := shortfall(planned, args.optimizer, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    ):
+        raise UsageError(short)
     # Read (and so validate) the user's text on every rank, once, before any process waits.
     documents = read_documents(args, "data", resumed, given)
     val_docs = read_documents(args, "val_data", resumed, given)
@@ -500,10 +506,7 @@ def torch_out_of_memory(error: BaseException) -> str | None:
     asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", message)
     if asked is None:
         return None
-    size = int(asked.group(1))
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    power = min(len(units) - 1, (size.bit_length() - 1) // 10) if size else 0
-    return f"{size / 1024**power:,.2f} {units[power]}"
+    return format_size(int(asked.group(1)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
