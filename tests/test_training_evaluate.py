@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from model.checkpoint import read_config, save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
-from tests.test_training_pretrain import CORPUS, VAL, spawn_module
+from tests.test_training_pretrain import CORPUS, VAL, signal_after_first_line, spawn_module
 from training import evaluate, pretrain
 from training.prepare import token_byte_lengths
 
@@ -195,15 +195,8 @@ def test_a_signal_while_evaluating_exits_128_plus_it_without_a_traceback(
     text.write_text("".join(f"Line {i} of a text that is long.\n" for i in range(220_000)))
     argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(text), "--device", "cpu"]
     process = spawn_module("training.evaluate", argv)
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        assert first == f"evaluating {tiny_checkpoint} on 1 document (7,808,890 characters)\n"
-        process.send_signal(stop)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.communicate()  # reaped, its pipes closed
+    first, out, err = signal_after_first_line(process, stop)
+    assert first == f"evaluating {tiny_checkpoint} on 1 document (7,808,890 characters)\n"
     assert process.returncode == 128 + stop, err
     assert err.splitlines()[-1] == "interrupted: no bits per byte"
     assert "Traceback" not in err and "bpb=" not in out

@@ -834,6 +834,22 @@ def spawn_pretrain(args: list[str]) -> subprocess.Popen[str]:
     return spawn_module("training.pretrain", args)
 
 
+def signal_after_first_line(
+    process: subprocess.Popen[str], stop: signal.Signals
+) -> tuple[str, str, str]:
+    """Send `stop` once `process` (spawn_module's) has printed its first line, and wait
+    for it to end: that line, the rest of its stdout, its stderr."""
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        process.send_signal(stop)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.communicate()  # reaped, its pipes closed
+    return first, out, err
+
+
 def spawn_module(module: str, args: list[str]) -> subprocess.Popen[str]:
     """`python -m MODULE ARGS` from this checkout, its output captured as text."""
     return subprocess.Popen(
@@ -1139,15 +1155,8 @@ def test_a_signal_while_preparing_data_exits_128_plus_it_leaving_nothing(
     corpus.write_text("".join(f"Line {i} of a corpus that is long.\n" for i in range(220_000)))
     args = [*TINY, "--data", str(corpus), "--out-dir", str(run), "--cache-dir", str(cache)]
     process = spawn_pretrain(args)
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        assert first.startswith("training a 384-entry tokenizer"), first
-        process.send_signal(stop)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.communicate()  # reaped, its pipes closed
+    first, _, err = signal_after_first_line(process, stop)
+    assert first.startswith("training a 384-entry tokenizer"), first
     assert process.returncode == 128 + stop, err
     assert err.splitlines()[-1] == "interrupted before training started: no checkpoint written"
     assert "Traceback" not in err
