@@ -33,6 +33,18 @@ def test_readme_documents_every_server_flag_and_env_var() -> None:
     assert missing == []
 
 
+def test_readme_rows_say_what_help_says() -> None:
+    # One text per setting: the README's table and --help never drift apart.
+    rows = {}
+    for line in README.splitlines():
+        if line.startswith(("| pretrain | `--", "| server | `--")):
+            command, name, _, _, text = (cell.strip() for cell in line.strip("|").split(" | "))
+            rows[command, name.strip("`")] = text
+    helps = {("pretrain", flag(f.name)): f.metadata["help"] for f in dataclasses.fields(TrainArgs)}
+    helps |= {("server", flag(n)): f.description for n, f in Settings.model_fields.items()}
+    assert {key: rows.get(key) for key in helps} == helps
+
+
 def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() -> None:
     compose = (README_PATH.parent / "docker-compose.yml").read_text(encoding="utf-8")
     trainer, server = compose.split("\n  server:", 1)

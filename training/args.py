@@ -193,7 +193,11 @@ class TrainArgs:
         metadata=doc("stop after this many evaluations without a better val loss (0 = off)"),
     )
     out_dir: str = field(
-        default="checkpoints/default", metadata=doc("run folder: checkpoints, latest, log.jsonl")
+        default="checkpoints/default",
+        metadata=doc(
+            "run folder: checkpoints, latest, log.jsonl; a model's folder (best/, a step folder,"
+            " an HF save) is refused, as it would go on loading as that model"
+        ),
     )
     resume: str | None = field(
         default=None, metadata=doc("continue exactly from this checkpoint or run folder")
@@ -201,8 +205,9 @@ class TrainArgs:
     if_missing: bool = field(
         default=False,
         metadata=doc(
-            "exit 0 at once if --out-dir already holds a finished run; resume an unfinished"
-            " one (interrupted or killed); a run stopped by a signal exits 128 + its number"
+            "exit 0 at once if --out-dir already holds a finished run (or a model); resume an"
+            " unfinished one (interrupted or killed); given an --init-from the run did not"
+            " start from, either is an error; a run stopped by a signal exits 128 + its number"
             " (after saving), as it is not finished"
         ),
     )
