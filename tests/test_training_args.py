@@ -279,3 +279,19 @@ def test_a_flag_wins_over_a_bad_value_in_its_environment_variable() -> None:
     assert given.values["max_steps"] == 3 and given.sources["max_steps"] == "--max-steps"
     with pytest.raises(UsageError, match="POCKETGPT_MAX_STEPS: invalid value 'abc'"):
         explicit_settings([], {"POCKETGPT_MAX_STEPS": "abc"})
+
+
+def test_a_switch_alone_is_true_takes_true_or_false_and_has_a_no_form() -> None:
+    # As the server's switches do (`--cuda-graphs false`): `--compile false` was refused.
+    for argv, expected in (
+        (["--compile"], True),
+        (["--compile", "false"], False),
+        (["--compile=yes", "--max-steps", "3"], True),
+        (["--no-compile"], False),
+    ):
+        assert explicit_settings(argv, {}).values["compile"] is expected, argv
+    assert explicit_settings(["--no-compile"], {}).sources["compile"] == "--no-compile"
+    with pytest.raises(UsageError, match=r"--compile: invalid value 'maybe' \(expected true/false"):
+        explicit_settings(["--compile", "maybe"], {})
+    with pytest.raises(UsageError, match="unrecognized arguments: true"):
+        explicit_settings(["--no-compile", "true"], {})

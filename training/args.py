@@ -687,7 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
         if default not in (None, []) and "default:" not in help_text:
             help_text += f" (default: {default!r})"
         if kind is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+            # Alone it is true, and it takes true / false too, as a server switch does
+            # (_convert reads the word).
+            parser.add_argument(
+                flag(name), nargs="?", const=True, metavar="true|false", help=help_text
+            )
+            parser.add_argument(
+                flag("no_" + name),
+                dest=name,
+                action="store_const",
+                const=False,
+                help=f"the same as {flag(name)} false",
+            )
         elif kind is list:
             # `--data a --data b` reads both: the second does not replace the first.
             parser.add_argument(
