@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -76,3 +78,13 @@ def interrupted_status(error: BaseException) -> int:
     """The exit status of a command ended by `error` (KeyboardInterrupt or Terminated),
     as a shell reports a process killed by the signal: 128 + its number."""
     return 128 + (signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit with `code` once the standard streams are flushed, skipping the interpreter's
+    teardown: where a thread may still be inside torch, finalizing under it can abort the
+    process (std::terminate). Only for a process with nothing else left to close."""
+    with contextlib.suppress(OSError, ValueError):  # a closed or full stream: exit still
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

@@ -16,18 +16,23 @@
   stops spin-waiting, and every parallel region pays a futex wake-up: a d384 decode
   step (2 Sapphire Rapids cores) took 7.8 ms instead of 2.7 ms when the weights were
   loaded in one live thread and decoded in another. Loading in a thread that then
-  ends leaves one team.
+  ends leaves one team. `run_in_own_thread()`: the same, awaited from an event loop,
+  on a daemon thread: a server stopped while its model loads exits at once, where a
+  pool's worker would hold the process until the loading ended (minutes of compiling).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -80,3 +85,30 @@ def call_in_own_thread(fn: Callable[..., T], *args: object, **kwargs: object) ->
     """fn(*args, **kwargs) on a new thread that ends, with its OpenMP team, before this returns."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketgpt-once") as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+async def run_in_own_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on a new daemon thread that ends, with its OpenMP team, when fn returns;
+    awaited without blocking the event loop. Cancelled, the caller stops waiting and fn
+    runs on to its end, unless the process exits first."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(settle: Callable[[Any], None], outcome: object) -> None:
+        def apply() -> None:
+            if not future.done():  # else cancelled: nobody waits for it
+                settle(outcome)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for it
+            loop.call_soon_threadsafe(apply)
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task, whatever it is
+            deliver(future.set_exception, e)
+        else:
+            deliver(future.set_result, result)
+
+    threading.Thread(target=target, name="pocketgpt-once", daemon=True).start()
+    return await future

@@ -28,7 +28,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from model.cli import ArgumentParser, env_var, flag
+from model.cli import ArgumentParser, env_var, exit_now, flag
 from server.settings import Settings, is_loopback
 
 if typing.TYPE_CHECKING:
@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if server.failure is not None:
         print(f"error: {server.failure}", file=sys.stderr)
         return 1
+    if app.state.status == "loading":
+        # Stopped while the model loads: its thread runs on in torch, and the interpreter's
+        # teardown under it aborts the process ("terminate called without an active
+        # exception"). Nothing is left to close.
+        exit_now(0)
     return 0
 
 

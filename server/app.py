@@ -35,7 +35,7 @@ from model.checkpoint import (
     load_tokenizer,
     resolve_checkpoint,
 )
-from model.cpu import call_in_own_thread
+from model.cpu import run_in_own_thread
 from model.device import resolve_device
 from model.token_bytes import token_bytes
 from server.engine import Engine
@@ -147,10 +147,8 @@ async def _load(app: FastAPI) -> None:
     try:
         # Loaded on a thread that ends, with its OpenMP team, leaving the engine thread
         # the only one running torch (two teams on few cores tripled the decode step;
-        # model/cpu.py). The to_thread worker only waits for it.
-        serving = await asyncio.to_thread(
-            call_in_own_thread, load_serving, app.state.settings, app.state.metrics
-        )
+        # model/cpu.py); a daemon, so that a signal during loading ends the process.
+        serving = await run_in_own_thread(load_serving, app.state.settings, app.state.metrics)
     except Exception as e:
         log.exception("loading the model failed")
         app.state.status = f"failed to load: {e}"
@@ -206,7 +204,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         if not loading.done():
-            loading.cancel()  # the worker thread finishes on its own; its result is unused
+            loading.cancel()  # the loading thread, a daemon, dies with the process
         await _drain(app)
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from model.cpu import call_in_own_thread
+from model.cpu import call_in_own_thread, run_in_own_thread
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_call_in_own_thread_returns_and_the_thread_is_gone() -> None:
@@ -31,3 +37,40 @@ def test_call_in_own_thread_raises_what_the_call_raised() -> None:
 
     with pytest.raises(ValueError, match="no such checkpoint"):
         call_in_own_thread(fail)
+
+
+def test_run_in_own_thread_returns_raises_and_the_thread_is_gone() -> None:
+    seen: list[threading.Thread] = []
+
+    def work(a: torch.Tensor) -> torch.Tensor:
+        seen.append(threading.current_thread())
+        return a @ a.T
+
+    def fail() -> None:
+        raise ValueError("no such checkpoint")
+
+    a = torch.randn(256, 256)
+    torch.testing.assert_close(asyncio.run(run_in_own_thread(work, a)), a @ a.T)
+    seen[0].join(timeout=30)  # it ends right after handing its result over
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        asyncio.run(run_in_own_thread(fail))
+
+
+def test_a_process_stopped_while_run_in_own_thread_works_exits_at_once() -> None:
+    # A server stopped while its model loads: with the loop's executor (asyncio.to_thread)
+    # the process lived on until the loading ended, minutes when it compiles.
+    script = (
+        "import asyncio, threading\n"
+        "from model.cpu import run_in_own_thread\n"
+        "async def main():\n"
+        "    loading = asyncio.create_task(run_in_own_thread(threading.Event().wait))\n"
+        "    await asyncio.sleep(0)\n"  # the task starts the thread
+        "    loading.cancel()\n"
+        "asyncio.run(main())\n"
+        "print('stopped')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "stopped\n", "")

@@ -36,7 +36,7 @@ from model.checkpoint import (
     read_tokenizer_extras,
     resolve_checkpoint,
 )
-from model.cli import Terminated, env_var, flag, interrupted_status, signals_unwind
+from model.cli import Terminated, env_var, exit_now, flag, interrupted_status, signals_unwind
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from training.args import (
@@ -566,10 +566,7 @@ def exit_process(run: Callable[[], int]) -> NoReturn:
     except BaseException:
         traceback.print_exc()
         code = 1
-    with contextlib.suppress(OSError, ValueError):  # a closed or full stream: exit still
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":
