@@ -34,8 +34,13 @@ from server.settings import Settings, is_loopback
 if typing.TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from server.http11 import EnvelopeH11Protocol
+
 
 log = logging.getLogger("server")
+# Past the drain deadline, how long the streams just ended get to send their error event
+# before a connection still not written is cut off.
+SEND_GRACE_SECONDS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,13 +162,44 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             engine = self.app.state.serving.engine
-            if engine.num_unfinished and time.monotonic() >= self.drain_deadline:
+            now = time.monotonic()
+            if engine.num_unfinished and now >= self.drain_deadline:
                 # Cut off now, each request with an error output, so that the streams end
                 # properly before uvicorn's own shutdown (which would drop them mid-body).
                 log.warning("%s: %d requests cut off", self.cut_off_by, engine.num_unfinished)
                 engine.stop()
-            self.should_exit = engine.num_unfinished == 0
+            if engine.num_unfinished == 0:
+                # Generated is not sent: a slow reader's stream is still being written.
+                # uvicorn's shutdown would cancel it mid-body after 5 s whatever the drain
+                # timeout, with a traceback; past the deadline (and the moment its error
+                # event needs) a client that stopped reading is disconnected instead.
+                unsent = self._unsent_responses()
+                if unsent and now >= self.drain_deadline + SEND_GRACE_SECONDS:
+                    log.warning(
+                        "%s: %d responses cut off unsent (their clients stopped reading)",
+                        self.cut_off_by,
+                        len(unsent),
+                    )
+                    for connection in unsent:
+                        connection.transport.abort()
+                    unsent = []
+                self.should_exit = not unsent
         return await super().on_tick(counter)
+
+    def _unsent_responses(self) -> list[EnvelopeH11Protocol]:
+        """The connections whose response has begun but is not yet all handed to the
+        kernel: still being produced, or waiting in the transport's buffer for the
+        client to read."""
+        return [
+            connection
+            for connection in self.server_state.connections
+            if (
+                connection.cycle is not None
+                and connection.cycle.response_started  # not a request still arriving:
+                and not connection.cycle.response_complete  # uvicorn's shutdown answers it
+            )
+            or connection.transport.get_write_buffer_size()
+        ]
 
 
 def raise_open_files_limit() -> None:

@@ -32,7 +32,9 @@ from server_harness import (
 from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS
-from server.__main__ import setting_source
+from server.__main__ import DrainingServer, setting_source
+from server.app import create_app
+from server.http11 import uvicorn_config
 from server.settings import Settings
 from server.validation import sampling_defaults
 
@@ -596,3 +598,71 @@ def test_a_second_signal_ends_every_unfinished_request_at_once_as_the_timeout_wo
     assert endings.count(shut_down) == 8, endings
     assert "second signal: 9 requests cut off" in log, log
     assert "Traceback" not in log, log
+
+
+@contextlib.contextmanager
+def draining_server(settings: Settings) -> Iterator[tuple[DrainingServer, int]]:
+    """`python -m server`'s DrainingServer in a thread, on a loopback port whose
+    connections have a 4 KB send buffer (inherited from the listening socket: a client
+    that stops reading holds a response up at once, as a slow network would); yields it
+    and its port once ready. SIGTERM is `handle_exit` (a thread gets no signals)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(settings)
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: app.state.status == "ready", 60, "server ready")
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop within 30 s"
+
+
+def unread_stream(port: int) -> socket.socket:
+    """A connection that asks for a 1,000-token stream and reads nothing of it yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    body = json.dumps({"prompt": "slow", "max_tokens": 1000, "ignore_eos": True, "stream": True})
+    head = "POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    return sock
+
+
+def generated(port: int) -> bool:
+    """Whether the server has finished generating one request (by its length)."""
+    finished = ("pocketgpt_request_finished_total", (("reason", "length"),))
+    return metric_samples(f"http://127.0.0.1:{port}").get(finished) == 1
+
+
+def test_a_drain_waits_for_a_slow_reader_and_cuts_off_one_that_stopped_reading(checkpoint, capfd):
+    # Generated is not sent: uvicorn's shutdown began once the engine was idle and cut a
+    # stream still being written after 5 s, mid-body, whatever --drain-timeout said.
+    settings = Settings(checkpoint=str(checkpoint), drain_timeout=30)
+    with draining_server(settings) as (server, port), unread_stream(port) as slow:
+        wait_until(lambda: generated(port), 60, "all 1,000 tokens generated")
+        server.handle_exit(signal.SIGTERM, None)
+        # Five of uvicorn's ticks: it would have begun its own shutdown at the first.
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_until(lambda: server.should_exit, 0.5, "the server's shutdown")
+        answer = read_until_closed(slow)  # read only now: 30 s to do it in
+        assert answer.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), answer[-200:]  # chunked
+        assert answer.count(b"data: ") == 1000 + 1  # a token each, then [DONE]
+    assert "Traceback" not in capfd.readouterr().err
+    # One that never reads is disconnected at the deadline, not waited for.
+    settings = Settings(checkpoint=str(checkpoint), drain_timeout=0.5)
+    with draining_server(settings) as (server, port), unread_stream(port) as stalled:
+        wait_until(lambda: generated(port), 60, "all 1,000 tokens generated")
+        server.handle_exit(signal.SIGTERM, None)
+        wait_until(lambda: server.should_exit, 30, "the drain ended")
+        cut_off = read_until_closed(stalled)  # what the kernel had of it, then the end
+        assert cut_off.startswith(b"HTTP/1.1 200 ") and not cut_off.endswith(b"0\r\n\r\n")
+    err = capfd.readouterr().err
+    assert "drain timeout: 1 responses cut off unsent (their clients stopped reading)" in err
+    assert "Traceback" not in err and "Cancel" not in err
