@@ -211,6 +211,9 @@ def save_checkpoint(
                 "eos_token": END_OF_TEXT,
                 "model_max_length": model.config.max_seq_len,
                 "clean_up_tokenization_spaces": False,
+                # transformers 4's PreTrainedTokenizerFast adds token_type_ids otherwise,
+                # which LlamaForCausalLM refuses: `generate(**tokenizer(text))` failed.
+                "model_input_names": ["input_ids", "attention_mask"],
             },
         )
         if extras.chat_template is not None:

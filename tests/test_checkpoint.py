@@ -203,6 +203,25 @@ def test_transformers_tokenizer_matches_ours_on_mixed_scripts(
     assert load_tokenizer(folder).decode(ours) == text
 
 
+@torch.inference_mode()
+def test_transformers_generates_from_what_its_tokenizer_returns(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # The usual HF call. transformers 4's PreTrainedTokenizerFast also returned
+    # token_type_ids unless the tokenizer_config.json names the inputs, and
+    # LlamaForCausalLM refused them.
+    _, folder = saved
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf_tokenizer.model_input_names == ["input_ids", "attention_mask"]
+    inputs = hf_tokenizer("The meaning of life is", return_tensors="pt")
+    assert sorted(inputs) == ["attention_mask", "input_ids"]
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    out = hf.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] > inputs["input_ids"].shape[1]  # generated, maybe ending early
+
+
 def test_missing_config_is_a_checkpoint_error_naming_the_file(
     saved: tuple[Transformer, Path],
 ) -> None:
