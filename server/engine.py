@@ -362,7 +362,9 @@ class Engine:
             if live.detokenizer.stop_string is not None:
                 reason = "stop"
             elif live.num_generated >= request.max_tokens:
-                text, reason = text + live.detokenizer.finish(), "length"
+                text += live.detokenizer.finish()
+                # The flush can complete a stop string (bytes it makes U+FFFD).
+                reason = "length" if live.detokenizer.stop_string is None else "stop"
         return RequestOutput(
             request.request_id,
             text,

@@ -83,9 +83,10 @@ def cycle_pieces(tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
     return pieces
 
 
-def cycle_checkpoint(root: Path, tokenizer: Tokenizer) -> Path:
+def cycle_checkpoint(root: Path, tokenizer: Tokenizer, cycle: list[int] | None = None) -> Path:
     """One-hot embeddings, layers that add nothing, and an LM head mapping each cycle
-    token to its successor: greedy decoding walks the cycle forever."""
+    token (default: cycle_pieces') to its successor: greedy decoding walks the cycle
+    forever."""
     vocab = tokenizer.get_vocab_size()
     config = ModelConfig(
         vocab_size=vocab,
@@ -98,7 +99,8 @@ def cycle_checkpoint(root: Path, tokenizer: Tokenizer) -> Path:
     )
     assert vocab <= config.dim
     model = Transformer(config)
-    cycle = [i for _, ids in cycle_pieces(tokenizer) for i in ids]
+    if cycle is None:
+        cycle = [i for _, ids in cycle_pieces(tokenizer) for i in ids]
     with torch.no_grad():
         model.embed_tokens.weight.zero_()
         model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)

@@ -17,6 +17,7 @@ from server_harness import (
     sse_events,
 )
 
+from model.token_bytes import token_bytes
 from server.settings import Settings
 from server.validation import end_of_text_ids
 
@@ -105,3 +106,19 @@ def test_eos_token_id_comes_from_config_json_where_generation_config_declares_no
         path = checkpoint / name
         path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_token_id": value}))
     assert end_of_text_ids(checkpoint, separator, 1000) == {separator, ends}
+
+
+def test_a_stop_string_the_last_tokens_flush_completes_ends_by_stop(tmp_path: Path):
+    # Bytes that can begin no character become U+FFFD only when the text ends: at
+    # max_tokens that completed the stop string, yet the answer said "length" with it.
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    cycle = [table.index(b"a"), table.index(b"\xed"), table.index(b"\xa0")]
+    checkpoint = cycle_checkpoint(tmp_path / "ckpt", tokenizer, cycle)
+    body = {"prompt": "a", "max_tokens": 2, "temperature": 0, "stop": ["\ufffd"]}
+    with running_server(Settings(checkpoint=checkpoint)) as url:
+        reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            events = stream(client, **body)
+    assert (reply["text"], reply["finish_reason"], reply["stop_reason"]) == ("", "stop", "\ufffd")
+    assert [e["finish_reason"] for e in events if isinstance(e, dict)] == [None, "stop"]
