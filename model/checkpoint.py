@@ -355,6 +355,8 @@ def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # older HF exports carry the RoPE table; we compute ours
         name = hf_name.removeprefix(HF_PREFIX) if hf_name.startswith(HF_PREFIX) else hf_name
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # some exporters write the tied head too: the embedding is it, as in HF
         if name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {hf_name!r} for this {CONFIG}")
         if tuple(tensor.shape) != expected[name]:

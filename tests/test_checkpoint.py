@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from model.checkpoint import (
@@ -220,6 +220,21 @@ def test_transformers_generates_from_what_its_tokenizer_returns(
     hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     out = hf.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape[1] > inputs["input_ids"].shape[1]  # generated, maybe ending early
+
+
+def test_a_tied_checkpoint_that_also_stores_its_head_loads_as_transformers_loads_it(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # Some exporters write lm_head.weight beside tied embeddings; HF ties over it.
+    model, folder = saved
+    assert model.config.tie_embeddings
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(folder)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
+    assert_transformers_agrees(loaded, folder)
 
 
 def test_missing_config_is_a_checkpoint_error_naming_the_file(
