@@ -1593,9 +1593,9 @@ def test_a_model_too_large_for_memory_exits_2_with_one_line_before_reading_the_t
     assert pretrain.main(tiny_run(tmp_path, *wide)) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(
-        r"error: the model \(13,199.4B parameters: dim 1048576, 4 layers\) needs at least "
-        r"144.06 TiB of memory for its weights, gradients and muon state, and [\d,.]+ [KMGT]iB "
-        r"is available: train a smaller model \(--preset, --dim, --n-layers\)\n",
+        r"error: the model \(13.2T parameters: dim 1048576, 4 layers\) needs at least "
+        r"144.06 TiB of memory for its weights, gradients and muon state, and at most "
+        r"[\d,.]+ [KMGT]iB is available: train a smaller model \(--preset, --dim, --n-layers\)\n",
         err,
     ), err
     assert not run.exists() and not cache.exists()

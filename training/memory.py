@@ -3,8 +3,11 @@
 Linux lets a process allocate more than the machine has (overcommit) and kills it when
 the pages are touched: a model too large for the machine ended with exit 137 and no
 word, after minutes of tokenizing. What a run holds for its whole life is known from
-its shape: the weights, their gradients and the optimizer's state. The activations come
-on top, so the check is a lower bound: it refuses only what cannot run.
+its shape: the weights, their gradients and the optimizer's state. Both sides of the
+comparison lean towards running: the activations come on top of what is counted, and
+what is available is the most the system may give (free and reclaimable memory plus
+free swap, no more than a container's limit, the memory others in it use not
+subtracted). It refuses only what cannot run.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from model.config import ModelConfig
 # float32 weights and gradients; AdamW keeps two moments a parameter, Muon one momentum
 # (its AdamW groups, the embeddings and norms, two: the lower bound takes one).
 _BYTES_PER_PARAMETER = {"adamw": 4 + 4 + 8, "muon": 4 + 4 + 4}
-_CGROUP = Path("/sys/fs/cgroup")  # cgroup v2, as Docker and systemd mount it
 _MEMINFO = Path("/proc/meminfo")
+_OWN_CGROUPS = Path("/proc/self/cgroup")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def format_size(size: int) -> str:
@@ -36,56 +40,79 @@ def _meminfo() -> dict[str, int]:
     return fields
 
 
-def _cgroup_room(limit: str, usage: str, reclaimable: int = 0) -> int | None:
-    """What a cgroup v2 limit leaves (limit file minus usage file, less what the kernel
-    can reclaim), None without one."""
+def _limits_up_from(mount: Path, cgroup: str, limit_file: str) -> list[int]:
+    """The memory limits of `cgroup` and of each cgroup above it that `mount` shows."""
+    limits = []
+    folder = mount / cgroup.strip("/")
+    for level in (folder, *folder.parents):
+        if not level.is_relative_to(mount):
+            break
+        try:
+            text = (level / limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text != "max":  # v2's "no limit"; v1 writes a huge number instead
+            limits.append(int(text))
+    return limits
+
+
+def container_limit() -> int | None:
+    """The lowest memory limit on this process's cgroup and those above it (cgroup v2,
+    or v1's memory controller), None where none is set or none can be read."""
     try:
-        cap = (_CGROUP / limit).read_text().strip()
-        used = int((_CGROUP / usage).read_text())
-    except (OSError, ValueError):
+        lines = _OWN_CGROUPS.read_text().splitlines()
+    except OSError:
         return None
-    return None if cap == "max" else max(0, int(cap) - used + reclaimable)
-
-
-def _cgroup_file_cache() -> int:
-    """The cgroup's page cache not in active use: its usage counts it, the kernel
-    drops it before it kills."""
-    try:
-        stat = (_CGROUP / "memory.stat").read_text().split()
-        return int(stat[stat.index("inactive_file") + 1])
-    except (OSError, ValueError, IndexError):
-        return 0
+    limits = []
+    for line in lines:
+        _, controllers, cgroup = line.split(":", 2)
+        # Where each version mounts the memory controller, and its limit file.
+        if controllers == "":  # the v2 hierarchy
+            mount, limit_file = _CGROUP_ROOT, "memory.max"
+        elif "memory" in controllers.split(","):
+            mount, limit_file = _CGROUP_ROOT / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        limits += _limits_up_from(mount, cgroup, limit_file)
+    return min(limits, default=None)
 
 
 def available_memory() -> int | None:
-    """Bytes this process can still allocate without being killed: the memory free or
-    freeable (MemAvailable) plus free swap, within the cgroup's limits where a container
-    sets them; None where the system does not say (not Linux)."""
+    """The most this process may yet allocate without being killed: MemAvailable (free
+    and reclaimable RAM) no more than a container's limit, plus free swap; None where
+    the system does not say (not Linux)."""
     try:
         info = _meminfo()
         ram, swap = info["MemAvailable"], info["SwapFree"]
     except (OSError, KeyError, ValueError):
         return None
-    if (room := _cgroup_room("memory.max", "memory.current", _cgroup_file_cache())) is not None:
-        ram = min(ram, room)
-    if (room := _cgroup_room("memory.swap.max", "memory.swap.current")) is not None:
-        swap = min(swap, room)
+    if (limit := container_limit()) is not None:
+        ram = min(ram, limit)
     return ram + swap
 
 
-def shortfall(config: ModelConfig, optimizer: str, processes: int = 1) -> str | None:
+def shortfall(
+    config: ModelConfig, optimizer: str, processes: int = 1, continued: bool = False
+) -> str | None:
     """Why `processes` CPU runs of `config` cannot fit in this machine's memory, or None
-    where they may (or the machine does not say)."""
+    where they may (or the machine does not say); `continued`: the shape is a
+    checkpoint's (--resume, --init-from), not the command line's."""
     available = available_memory()
     parameters = config.num_parameters()
     needed = parameters * _BYTES_PER_PARAMETER[optimizer] * processes
     if available is None or needed <= available:
         return None
     ranks = f" in each of {processes} processes" if processes > 1 else ""
-    count = f"{parameters / 1e9:,.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:,.1f}M"
+    scale, unit = next((s, u) for s, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if parameters >= s)
+    count = f"{parameters / scale:,.1f}{unit}"
+    remedy = (
+        "run it on a machine with more memory"
+        if continued
+        else "train a smaller model (--preset, --dim, --n-layers)"
+    )
     return (
-        f"the model ({count} parameters: dim {config.dim}, "
-        f"{config.n_layers} layers) needs at least {format_size(needed)} of memory for its "
-        f"weights, gradients and {optimizer} state{ranks}, and {format_size(available)} is "
-        "available: train a smaller model (--preset, --dim, --n-layers)"
+        f"the model ({count} parameters: dim {config.dim}, {config.n_layers} layers) needs "
+        f"at least {format_size(needed)} of memory for its weights, gradients and "
+        f"{optimizer} state{ranks}, and at most {format_size(available)} is available: "
+        f"{remedy}"
     )

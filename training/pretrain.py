@@ -399,8 +399,9 @@ def run_locked(given: Given) -> int:
     planned = start_config or model_config(
         args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device
     )
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type == "cpu" and (
-        short := shortfall(planned, args.optimizer, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        short := shortfall(planned, args.optimizer, local_ranks, start_config is not None)
     ):
         raise UsageError(short)
     # Read (and so validate) the user's text on every rank, once, before any process waits.

@@ -1,0 +1,66 @@
+"""training/memory.py: what the system says a process may allocate, read from fake
+/proc and /sys files laid out as Linux lays them out (cgroup v2 and v1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.config import ModelConfig
+from training import memory
+
+GIB = 1024**3
+
+
+@pytest.fixture
+def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A /proc/meminfo with 8 GiB available and 1 GiB of free swap, at tmp_path."""
+    (tmp_path / "meminfo").write_text(
+        "MemTotal:       16777216 kB\nMemAvailable:    8388608 kB\nSwapFree:        1048576 kB\n"
+    )
+    monkeypatch.setattr(memory, "_MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(memory, "_OWN_CGROUPS", tmp_path / "cgroup")
+    monkeypatch.setattr(memory, "_CGROUP_ROOT", tmp_path / "sys")
+    return tmp_path
+
+
+def limit(folder: Path, name: str, value: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(value + "\n")
+
+
+def test_without_cgroup_files_the_machines_memory_and_swap_are_available(system: Path) -> None:
+    assert memory.container_limit() is None
+    assert memory.available_memory() == 9 * GIB
+
+
+def test_a_cgroup_v2_limit_above_the_process_caps_its_memory_but_not_swap(system: Path) -> None:
+    (system / "cgroup").write_text("0::/docker/abc\n")
+    root = system / "sys"
+    limit(root / "docker" / "abc", "memory.max", "max")
+    limit(root / "docker", "memory.max", str(2 * GIB))  # the parent's limit holds too
+    assert memory.container_limit() == 2 * GIB
+    assert memory.available_memory() == 3 * GIB
+
+
+def test_a_cgroup_v1_memory_controller_limit_is_read(system: Path) -> None:
+    (system / "cgroup").write_text("5:cpu,cpuacct:/\n4:memory:/job\n0::/\n")
+    limit(system / "sys" / "memory" / "job", "memory.limit_in_bytes", str(3 * GIB))
+    limit(system / "sys" / "memory", "memory.limit_in_bytes", "9223372036854771712")
+    assert memory.container_limit() == 3 * GIB
+    assert memory.available_memory() == 4 * GIB
+
+
+def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
+    config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
+    assert memory.shortfall(config, "adamw") is None
+    (system / "cgroup").write_text("0::/\n")
+    limit(system / "sys", "memory.max", str(64 * 1024**2))  # 64 MiB + 1 GiB of swap
+    assert memory.shortfall(config, "adamw") is None
+    (system / "meminfo").write_text("MemAvailable: 65536 kB\nSwapFree: 0 kB\n")
+    assert memory.shortfall(config, "muon", continued=True) == (
+        "the model (11.4M parameters: dim 384, 6 layers) needs at least 130.56 MiB of memory "
+        "for its weights, gradients and muon state, and at most 64.00 MiB is available: run "
+        "it on a machine with more memory"
+    )
