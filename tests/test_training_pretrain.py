@@ -254,6 +254,17 @@ def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
     wall = evals[4]["wall_time"] - evals[2]["wall_time"]
     assert train[4]["tokens_per_s"] * wall > 3 * 2 * 4 * 32
     assert train[4]["tokens_per_s"] == evals[4]["tokens_per_s"]
+    # Stopped early at step 6 (weights too slow to move for the loss to improve), the
+    # record of steps 5-6 leaves out the evaluation at 6 too.
+    flags = ["--max-steps", "12", "--log-interval", "4", "--eval-interval", "3"]
+    flags += ["--val-data", str(val), "--eval-tokens", "0", "--grad-accum", "1"]
+    flags += ["--patience", "1", "--optimizer", "adamw", "--lr", "1e-30", "--dtype", "float32"]
+    stopped = tmp_path / "stopped"
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(stopped))) == 0
+    assert meta(stopped)["stopped_by"] == "early_stopping"
+    train = read_log(stopped, "train")
+    assert sorted(train) == [4, 6]
+    assert train[6]["tokens_per_s"] > train[4]["tokens_per_s"] / 3
 
 
 def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(

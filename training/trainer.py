@@ -753,16 +753,20 @@ class Trainer:
                 self.window_steps = 0
                 self.window_started, self.window_tokens = time.perf_counter(), 0
             paused_at = time.perf_counter()
+            stopping = False
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
                 self._check_finite(self.window_loss.item())
-                if self._early_stop():
-                    return "early_stopping"
+                stopping = self._early_stop()
             saved = self.saved_at == self.step  # by the evaluation, this step
-            if self.step % args.save_interval == 0 and self.step < args.max_steps and not saved:
+            periodic = self.step % args.save_interval == 0 and self.step < args.max_steps
+            if periodic and not saved and not stopping:  # train() saves a stopped run
                 self.save()
-            # tokens/s is the training steps' rate: evaluating and saving are not counted.
+            # tokens/s is the training steps' rate: evaluating and saving are not counted
+            # (nor, stopping early, in the record train() logs for the last steps).
             self.window_started += time.perf_counter() - paused_at
+            if stopping:
+                return "early_stopping"
         return "max_steps"
 
     def _log_window(self, bar: tqdm) -> None:
