@@ -6,9 +6,11 @@ model loads, so a busy port or a bad checkpoint ends the process with one line n
 the problem and exit status 2.
 
 SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
-requests finish (up to --drain-timeout), then uvicorn shuts down and the process
-exits 0. A second signal cuts the drain short: the unfinished requests end at once
-as they would at the timeout (a 503, or an error event closing the stream).
+requests finish and their responses are sent (up to --drain-timeout; a client that
+has not read its response a second past that is disconnected), then uvicorn shuts
+down and the process exits 0. A second signal cuts the drain short: the unfinished
+requests end at once as they would at the timeout (a 503, or an error event closing
+the stream).
 """
 
 from __future__ import annotations
@@ -162,21 +164,21 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             engine = self.app.state.serving.engine
-            now = time.monotonic()
-            if engine.num_unfinished and now >= self.drain_deadline:
+            if engine.num_unfinished and time.monotonic() >= self.drain_deadline:
                 # Cut off now, each request with an error output, so that the streams end
                 # properly before uvicorn's own shutdown (which would drop them mid-body).
                 log.warning("%s: %d requests cut off", self.cut_off_by, engine.num_unfinished)
-                engine.stop()
+                engine.stop()  # joins the engine thread: the grace below counts from here
+                self.drain_deadline = time.monotonic()
             if engine.num_unfinished == 0:
                 # Generated is not sent: a slow reader's stream is still being written.
                 # uvicorn's shutdown would cancel it mid-body after 5 s whatever the drain
                 # timeout, with a traceback; past the deadline (and the moment its error
                 # event needs) a client that stopped reading is disconnected instead.
                 unsent = self._unsent_responses()
-                if unsent and now >= self.drain_deadline + SEND_GRACE_SECONDS:
+                if unsent and time.monotonic() >= self.drain_deadline + SEND_GRACE_SECONDS:
                     log.warning(
-                        "%s: %d responses cut off unsent (their clients stopped reading)",
+                        "%s: %d responses cut off unsent (their clients did not read them)",
                         self.cut_off_by,
                         len(unsent),
                     )

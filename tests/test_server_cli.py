@@ -628,6 +628,7 @@ def unread_stream(port: int) -> socket.socket:
     """A connection that asks for a 1,000-token stream and reads nothing of it yet."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(60)  # a regression fails the test instead of hanging the suite
     sock.connect(("127.0.0.1", port))
     body = json.dumps({"prompt": "slow", "max_tokens": 1000, "ignore_eos": True, "stream": True})
     head = "POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -664,5 +665,24 @@ def test_a_drain_waits_for_a_slow_reader_and_cuts_off_one_that_stopped_reading(c
         cut_off = read_until_closed(stalled)  # what the kernel had of it, then the end
         assert cut_off.startswith(b"HTTP/1.1 200 ") and not cut_off.endswith(b"0\r\n\r\n")
     err = capfd.readouterr().err
-    assert "drain timeout: 1 responses cut off unsent (their clients stopped reading)" in err
+    assert "drain timeout: 1 responses cut off unsent (their clients did not read them)" in err
     assert "Traceback" not in err and "Cancel" not in err
+
+
+def test_a_server_stopped_while_its_model_loads_exits_at_once_and_cleanly(checkpoint):
+    # The load went on to its end (here: compiling the lone-stream step) before the
+    # process could exit, and a teardown under the still-running load aborted it
+    # ("terminate called without an active exception", exit 134).
+    command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
+    command += ["--port", "0", "--log-level", "info", "--compile-decode", "true"]
+    server = ServerProcess(command, None)
+    try:
+        wait_until(lambda: server.url() is not None, 60, "python -m server listening")
+        loading = httpx.get(f"{server.url()}/health", timeout=30)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        log = server.output()[1]
+    finally:
+        server.stop()
+    assert loading.status_code == 503 and "loading" in loading.json()["error"]["message"]
+    assert "terminate called" not in log and "ready in" not in log, log
