@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from model.checkpoint import CheckpointError, read_config, resolve_checkpoint
+from model.checkpoint import CheckpointError, load_weights, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
+from server.app import read_serving_files
 from server.settings import Settings
 
 DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices
@@ -96,11 +97,14 @@ def positive_float(text: str) -> float:
 
 
 def checkpoint_folder(text: str) -> Path:
-    """A checkpoint folder, or a run folder's newest (what `latest` names)."""
+    """A checkpoint folder, or a run folder's newest (what `latest` names), whose files
+    the server would take: checked as `python -m server` checks them before loading, so
+    that a missing tokenizer or truncated weights are one error line, not a traceback
+    from the benchmark's first load."""
     try:
-        folder = resolve_checkpoint(Path(text))
-        read_config(folder)
-    except CheckpointError as e:
+        folder = read_serving_files(Path(text)).folder
+        load_weights(folder, read_config(folder))
+    except (CheckpointError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return folder
 

@@ -85,9 +85,13 @@ async def run_engine(engine: Engine, prompts: torch.Tensor) -> float:
         return sum([len(output.token_ids) async for output in stream])
 
     start = time.perf_counter()
-    counts = await asyncio.gather(*(drain(engine.submit(r)) for r in requests))
+    try:
+        counts = await asyncio.gather(*(drain(engine.submit(r)) for r in requests))
+    finally:
+        # Also on a signal: the process must not exit with the engine thread inside
+        # torch (the teardown under it aborts: "terminate called", exit 134).
+        engine.stop()
     elapsed = time.perf_counter() - start
-    engine.stop()
     assert counts == [NEW_TOKENS] * len(requests), counts
     return elapsed
 

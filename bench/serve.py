@@ -95,21 +95,24 @@ async def one_stream(
     }
     start = time.perf_counter()
     tokens, ttft, gaps, last = 0, float("nan"), [], None
-    async with session.post(f"{base_url}/v1/generate", json=body) as response:
-        if response.status != 200:
-            return 0, ttft, gaps, False
-        async for line in response.content:  # one SSE line at a time
-            if not line.startswith(b"data: {"):
-                continue  # blank separators and the closing [DONE]
-            n = len(json.loads(line.removeprefix(b"data: ")).get("token_ids", []))
-            if not n:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                ttft = now - start
-            else:
-                gaps.append((now - last) / n)
-            tokens, last = tokens + n, now
+    try:
+        async with session.post(f"{base_url}/v1/generate", json=body) as response:
+            if response.status != 200:
+                return 0, ttft, gaps, False
+            async for line in response.content:  # one SSE line at a time
+                if not line.startswith(b"data: {"):
+                    continue  # blank separators and the closing [DONE]
+                n = len(json.loads(line.removeprefix(b"data: ")).get("token_ids", []))
+                if not n:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttft = now - start
+                else:
+                    gaps.append((now - last) / n)
+                tokens, last = tokens + n, now
+    except aiohttp.ClientError:  # the connection failed or broke off: an error, counted
+        return tokens, ttft, gaps, False
     return tokens, ttft, gaps, tokens == NEW_TOKENS
 
 

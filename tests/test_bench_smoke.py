@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,12 +193,16 @@ def test_bad_input_is_one_error_line_naming_it(
         tmp_path, "short", Transformer(tiny_config.replace(max_seq_len=128)), tokenizer
     )
     ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    no_tokenizer = shutil.copytree(tiny_checkpoint, tmp_path / "no_tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
     text = tmp_path / "text.txt"
     text.write_text("Some text.\n")
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
         ("bench.decode", "--checkpoint", str(tmp_path / "none")): "--checkpoint: ",
+        # Checked as the server checks it: not a traceback from the first load.
+        ("bench.serve", "--checkpoint", str(no_tokenizer)): "tokenizer.json: missing",
         ("bench.serve", *ckpt, "--clients", "a"): "--clients: expected a positive integer",
         ("bench.serve", *ckpt, "--timeout", "0"): "--timeout: expected a positive number",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
