@@ -149,6 +149,10 @@ async def within_timeout(jobs: Awaitable[T], timeout: float, what: str) -> T:
         return await asyncio.wait_for(jobs, timeout)
     except TimeoutError:
         raise SystemExit(f"error: {what} did not finish within --timeout {timeout:g} s") from None
+    except asyncio.CancelledError:  # a signal (run_async)
+        if isinstance(jobs, asyncio.Future) and jobs.done() and not jobs.cancelled():
+            jobs.exception()  # a cancelled gather holds a CancelledError, else logged unseen
+        raise
 
 
 def start_server(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -45,5 +46,37 @@ def frozen_heap() -> Iterator[None]:
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run(main)` on uvloop where installed, as uvicorn runs the server: the
     clients and the raw engine get the same lean loop (on a small machine every cycle
-    the loop spends is taken from the engine's cores)."""
-    return uvloop.run(main) if uvloop is not None else asyncio.run(main)
+    the loop spends is taken from the engine's cores). SIGINT and SIGTERM cancel `main`,
+    so that its clients close as they would on an error, then exit 128 + the signal's
+    number (bench.cli.exit_on_signals' exit raised inside the loop's callbacks left
+    aiohttp's tracebacks and exit status 1)."""
+    return (
+        uvloop.run(_cancelled_by_signals(main))
+        if uvloop is not None
+        else asyncio.run(_cancelled_by_signals(main))
+    )
+
+
+async def _cancelled_by_signals(main: Coroutine[Any, Any, T]) -> T:
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in signals}
+    received: list[int] = []
+
+    def cancel(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for s in signals:
+        loop.add_signal_handler(s, cancel, s)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if received:
+            raise SystemExit(128 + received[0]) from None
+        raise
+    finally:
+        for s, handler in before.items():  # remove_signal_handler would leave the default
+            loop.remove_signal_handler(s)
+            signal.signal(s, handler)
