@@ -169,14 +169,17 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode} before it was ready")
+            raise SystemExit(
+                f"error: the server exited with {process.returncode} before it was ready (its "
+                "own error line is above)"
+            )
         try:
             if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)  # polling interval while the model loads
-    raise SystemExit(f"the server was not ready within {timeout:.0f}s")
+    raise SystemExit(f"error: the server was not ready within {timeout:.0f} s")
 
 
 @contextmanager
@@ -297,9 +300,10 @@ def measure_round(
     hf = hf_reference(folder, prompts, raw["device"], reference_dtype)
     overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
     vs_hf = http["tokens_per_s"] / hf
+    compiled = ", lone stream compiled" if args.compile_decode else ""  # as bench.decode says
     print(
         f"serve {clients:>4} clients ({describe(raw['device'])}, "
-        f"{str(raw['dtype']).removeprefix('torch.')}, max-batch {args.max_batch}, "
+        f"{str(raw['dtype']).removeprefix('torch.')}{compiled}, max-batch {args.max_batch}, "
         f"stream-interval {args.stream_interval}): "
         f"{http['tokens_per_s']:,.0f} tok/s over HTTP+SSE vs raw engine "
         f"{raw['tokens_per_s']:,.0f} tok/s (overhead {100 * overhead:.0f}%); HF generate "

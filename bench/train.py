@@ -68,9 +68,10 @@ def our_tokens_per_s(
         [
             *("--data", str(train), "--val-data", str(held_out), "--out-dir", str(out)),
             *("--max-steps", str(steps), "--max-time", str(max_time)),
-            *("--log-interval", str(steps // 2)),
             *("--eval-interval", str(10 * steps), "--sample-tokens", "0", "--eval-tokens", "1024"),
             *extra,
+            # After the arguments after `--`: the rate is read from the second window.
+            *("--log-interval", str(steps // 2)),
         ]
     )
     meta = trainer_meta(resolve_checkpoint(out))
