@@ -171,6 +171,10 @@ def main() -> None:
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
+    try:  # the split's held-out bytes are scored as text: replaced bytes would skew them
+        args.data.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        parser.error(f"--data {args.data}: not UTF-8 (at byte offset {e.start:,}: {e.reason})")
     if args.steps < 2:
         parser.error("--steps: at least 2 (the first half of the steps is warm-up)")
     check_device(parser, args.device)

@@ -197,6 +197,8 @@ def test_bad_input_is_one_error_line_naming_it(
     (no_tokenizer / "tokenizer.json").unlink()
     text = tmp_path / "text.txt"
     text.write_text("Some text.\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
@@ -207,6 +209,7 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.serve", *ckpt, "--timeout", "0"): "--timeout: expected a positive number",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
+        ("bench.train", "--data", str(latin1)): "latin1.txt: not UTF-8 (at byte offset 3: invalid",
         # Not handed on to training.pretrain: only what follows `--` is.
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
