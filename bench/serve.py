@@ -10,7 +10,9 @@ against the raw engine (bench/decode.py's in-process run) on the same prompts an
 concurrency, the ratio against HF transformers `generate` running the same prompts
 as one static batch of N (in --hf-dtype), and the CPU the clients themselves used (on
 a small machine they compete with the server for the same cores). Loopback only;
-every run is bounded by --timeout and the server is stopped at the end.
+each concurrency's HTTP clients are bounded by --timeout (the raw engine and HF's
+batch, in process, run the same fixed requests: bounded by them), and the server is
+stopped at the end.
 """
 
 from __future__ import annotations
@@ -218,7 +220,10 @@ def main() -> None:
     add_device(parser)
     add_dtypes(parser)
     parser.add_argument(
-        "--timeout", type=positive_float, default=600.0, help="seconds per concurrency"
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds the HTTP clients of one concurrency may take",
     )
     parser.add_argument(
         "--rounds",
