@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from model.checkpoint import CheckpointError, load_weights, read_config
+from model.checkpoint import CheckpointError, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
-from server.app import read_serving_files
+from server.app import check_serving_files
 from server.settings import Settings
 
 DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices
@@ -102,11 +102,9 @@ def checkpoint_folder(text: str) -> Path:
     that a missing tokenizer or truncated weights are one error line, not a traceback
     from the benchmark's first load."""
     try:
-        folder = read_serving_files(Path(text)).folder
-        load_weights(folder, read_config(folder))
+        return check_serving_files(Path(text))
     except (CheckpointError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return folder
 
 
 def check_context(

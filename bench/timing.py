@@ -50,11 +50,8 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     so that its clients close as they would on an error, then exit 128 + the signal's
     number (bench.cli.exit_on_signals' exit raised inside the loop's callbacks left
     aiohttp's tracebacks and exit status 1)."""
-    return (
-        uvloop.run(_cancelled_by_signals(main))
-        if uvloop is not None
-        else asyncio.run(_cancelled_by_signals(main))
-    )
+    run = uvloop.run if uvloop is not None else asyncio.run
+    return run(_cancelled_by_signals(main))
 
 
 async def _cancelled_by_signals(main: Coroutine[Any, Any, T]) -> T:

@@ -82,20 +82,15 @@ def setting_source(name: str, given: dict[str, str]) -> str:
 
 def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before the model loads, on anything that would stop it loading."""
-    from model.checkpoint import load_weights, read_config
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.app import read_serving_files
+    from server.app import check_serving_files
 
     device = resolve_device(settings.device, setting_source("device", given))
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")
-    folder = read_serving_files(settings.checkpoint).folder
-    # Shapes and bytes only, no arithmetic: this thread runs the event loop from now on,
-    # and a parallel torch op here would start a second OpenMP team, doubling the
-    # engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth CPU pass).
-    load_weights(folder, read_config(folder))
+    check_serving_files(settings.checkpoint)
 
 
 def listening_socket(settings: Settings, given: dict[str, str]) -> socket.socket:

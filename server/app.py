@@ -33,6 +33,8 @@ from model.checkpoint import (
     end_of_text_id,
     load_model,
     load_tokenizer,
+    load_weights,
+    read_config,
     resolve_checkpoint,
 )
 from model.cpu import run_in_own_thread
@@ -109,6 +111,18 @@ def read_serving_files(checkpoint: Path) -> ServingFiles:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
     end_ids = end_of_text_ids(folder, eos_id, len(token_table))
     return ServingFiles(folder, tokenizer, token_table, eos_id, end_ids, sampling_defaults(folder))
+
+
+def check_serving_files(checkpoint: Path) -> Path:
+    """The checkpoint folder, once every file the server loads is checked (tokenizer,
+    generation settings, config, the weights' names, shapes and bytes); a CheckpointError
+    or ValueError naming the file otherwise. No arithmetic: safe on the thread that will
+    run the event loop, where a parallel torch op would start a second OpenMP team,
+    doubling the engine's decode step on 2 cores (model/cpu.py; BENCHMARKS.md, eighth
+    CPU pass)."""
+    folder = read_serving_files(checkpoint).folder
+    load_weights(folder, read_config(folder))
+    return folder
 
 
 def load_serving(settings: Settings, metrics: Metrics) -> Serving:
