@@ -14,7 +14,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
+from pydantic_core import to_json
 
 from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
 from server.http11 import log_unsent_answer
@@ -26,7 +27,6 @@ from server.protocol import (
     GenerateResponse,
     ModelCard,
     ModelList,
-    StreamChunk,
     Usage,
 )
 from server.scheduler import QueueFull
@@ -36,8 +36,12 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 RETRY_AFTER_SECONDS = "1"
 # As FastAPI's own SSE endpoints send: no caching, and no buffering in nginx.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Line breaks to str.splitlines that SSE and JSON leave as they are (see _data_event).
-_SPLITLINES_ONLY_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
+# Line breaks to str.splitlines that SSE and JSON leave as they are (see _data_event), in
+# UTF-8, and their JSON escapes.
+_SPLITLINES_ONLY_BREAKS = tuple(
+    (char.encode(), f"\\u{ord(char):04x}".encode()) for char in "\x85\u2028\u2029"
+)
+_DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class _JsonBodyRequest(Request):
@@ -201,41 +205,49 @@ async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:
             if output.error is not None:
                 if gathered is not None:  # the text before the error still arrives
                     yield _chunk_event(gathered)
-                yield _data_event(_engine_error(output).body().model_dump_json())
+                yield _data_event(_engine_error(output).body().model_dump_json().encode())
                 return
             gathered = output if gathered is None else gathered.followed_by(output)
             if len(gathered.token_ids) >= interval or gathered.finished:
                 yield _chunk_event(gathered)
                 gathered = None
-        yield _data_event("[DONE]")
+        yield _DONE_EVENT
     finally:
         stream.close()
 
 
 def _chunk_event(output: RequestOutput) -> bytes:
-    chunk = StreamChunk(
-        id=output.request_id,
-        text=output.text,
-        token_ids=output.token_ids,
-        finish_reason=output.finish_reason,
-        stop_reason=output.stop_string,
-        usage=_usage(output) if output.finish_reason else None,
-    )
-    last = output.finish_reason is not None
-    return _data_event(chunk.model_dump_json(exclude=None if last else {"stop_reason", "usage"}))
+    """The StreamChunk of `output` as an SSE event.
+
+    Built as a dict (StreamChunk documents it; a test validates every event against it):
+    ~0.4 us instead of ~3 for the model and its JSON, for each of the thousands of events
+    a second the event loop writes at 32 and more streams.
+    """
+    chunk: dict[str, object] = {
+        "id": output.request_id,
+        "text": output.text,
+        "token_ids": output.token_ids,
+        "finish_reason": output.finish_reason,
+    }
+    if output.finish_reason is not None:  # the last event
+        chunk["stop_reason"] = output.stop_string
+        chunk["usage"] = _usage(output).model_dump()
+    return _data_event(to_json(chunk))
 
 
-def _data_event(data: str) -> bytes:
-    """One SSE event whose `data:` is one line for every client.
+def _data_event(data: bytes) -> bytes:
+    """One SSE event of `data` (JSON, so without CR or LF): one `data:` line for every
+    client.
 
     JSON leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR unescaped, and SSE does not
     end a line there, but line readers built on str.splitlines (httpx's iter_lines) do:
     a generated U+2028 split the event and its JSON. Escaped, the JSON decodes to the
     same text.
     """
-    for char, escape in _SPLITLINES_ONLY_BREAKS:
-        data = data.replace(char, escape)
-    return format_sse_event(data_str=data)
+    if not data.isascii():
+        for char, escape in _SPLITLINES_ONLY_BREAKS:
+            data = data.replace(char, escape)
+    return b"data: " + data + b"\n\n"
 
 
 async def _complete(stream: RequestStream, request: Request, model_name: str) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from server_harness import (
 )
 
 from model.checkpoint import load_model, load_tokenizer
+from server.protocol import StreamChunk
 from server.settings import Settings
 
 PREFILL_CHUNK = 16  # small, so a long prompt is prefilled over several steps
@@ -78,6 +80,10 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     *steps, last = events[:-1]
     assert all(set(e) == {"id", "text", "token_ids", "finish_reason"} for e in steps)
     assert all(e["finish_reason"] is None and len(e["token_ids"]) == 1 for e in steps)
+    # Each event is the StreamChunk the OpenAPI document describes; the last has every field.
+    for event in events[:-1]:
+        StreamChunk.model_validate_json(json.dumps(event), strict=True)
+    assert set(last) == set(StreamChunk.model_fields)
     assert last["finish_reason"] == whole["finish_reason"]
     assert last["stop_reason"] == whole["stop_reason"]
     assert last["usage"] == whole["usage"]
