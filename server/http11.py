@@ -17,6 +17,13 @@ connection for good: a few hundred of them exhaust the server's file descriptors
 connection's start or the previous response's end until its last body byte, then
 answers 408 (or closes silently if nothing of a request came) and closes. A response,
 however long it streams, is never cut by it.
+
+A request target in absolute-form (`POST http://127.0.0.1:8000/v1/generate HTTP/1.1`,
+as proxies and some clients send) must be accepted (RFC 9112 3.2.2); uvicorn took it
+whole for the path (a 404). The connection reads it as the origin-form target it names,
+its authority replacing any Host header (as that section says): so the allowed-hosts
+check (server/middleware.py) judges the host the request names, whichever way it names
+it. One that is no http(s) URL with a host is a 400, as any request h11 cannot parse.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import h11
 from fastapi import FastAPI
@@ -49,19 +58,68 @@ LINGER_SECONDS = 2.0
 # a body with more pieces than this of fewer bytes than that is refused (413).
 SMALL_PIECE_BYTES = 256
 MAX_SMALL_PIECES = 1024
+# RFC 3986 3.1: a request target that begins with a scheme is in absolute-form.
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-class _PieceCountingConnection(h11.Connection):
-    """h11's server connection, refusing a request body that comes in too many small
-    pieces (raised as h11's own protocol error, which uvicorn answers through
-    `send_400_response`)."""
+def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """The origin-form target (path and query) and the authority that an absolute-form
+    request target names; None for a target in another form (`/path`, `*`). ValueError,
+    saying why, for one that is not an http(s) URL naming a host."""
+    if not _SCHEME.match(target):
+        return None
+    try:
+        # h11 admits ASCII targets only; a fragment is left in, as in an origin-form one.
+        url = urlsplit(target.decode("ascii"), allow_fragments=False)
+        url.port  # noqa: B018 (raises for a port that is no number up to 65535)
+    except ValueError:  # or an IPv6 address without its closing bracket
+        raise ValueError("its host or port is malformed") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"its scheme is {url.scheme!r}, not http or https")
+    if "@" in url.netloc:
+        # RFC 9110 4.2.4: user info in an http(s) URL is an error (it disguises the host).
+        raise ValueError("it gives user info before its host")
+    if not url.hostname:
+        raise ValueError("it names no host")
+    path = url.path or "/"  # RFC 9110 4.2.3: an empty path is "/"
+    query = f"?{url.query}" if url.query else ""
+    return (path + query).encode("ascii"), url.netloc.encode("ascii")
+
+
+def _in_origin_form(request: h11.Request) -> h11.Request:
+    """`request`, an absolute-form target read as the origin-form one it names, and its
+    authority as the Host header (RFC 9112 3.2.2: any Host sent is ignored)."""
+    named = origin_form(request.target)
+    if named is None:
+        return request
+    target, authority = named
+    headers = [(name, value) for name, value in request.headers if name != b"host"]
+    return h11.Request(
+        method=request.method,
+        target=target,
+        headers=[*headers, (b"host", authority)],
+        http_version=request.http_version,
+    )
+
+
+class _ServerConnection(h11.Connection):
+    """h11's server connection, reading an absolute-form request target as the
+    origin-form one it names, and refusing a target that is no http(s) URL or a request
+    body that comes in too many small pieces (raised as h11's own protocol error, which
+    uvicorn answers through `send_400_response`)."""
 
     small_pieces = 0  # of the current request's body
+    bad_target: str | None = None  # what is wrong with the refused request's target
 
     def next_event(self) -> object:
         event = super().next_event()
         if isinstance(event, h11.Request):
             self.small_pieces = 0
+            try:
+                event = _in_origin_form(event)
+            except ValueError as e:
+                self.bad_target = str(e)
+                raise h11.RemoteProtocolError("the request target is no http(s) URL") from None
         elif isinstance(event, h11.Data) and len(event.data) < SMALL_PIECE_BYTES:
             self.small_pieces += 1
             if self.too_many_small_pieces:
@@ -126,7 +184,7 @@ class EnvelopeH11Protocol(H11Protocol):
 
     def __init__(self, config: Config, *args: object, **kwargs: object) -> None:
         super().__init__(config, *args, **kwargs)  # type: ignore[arg-type]
-        self.conn = _PieceCountingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
+        self.conn = _ServerConnection(h11.SERVER, config.h11_max_incomplete_event_size)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
@@ -206,6 +264,9 @@ class EnvelopeH11Protocol(H11Protocol):
         if self.conn.too_many_small_pieces:
             message = f"the request body came in more than {MAX_SMALL_PIECES} small pieces"
             error = ApiError(413, "request_too_large", message)
+        elif self.conn.bad_target is not None:
+            message = f"the request target is not a valid http(s) URL: {self.conn.bad_target}"
+            error = ApiError(400, "invalid_http", message)
         elif limit is not None and buffered > limit:
             error = ApiError(
                 431, "request_header_fields_too_large", f"the request head exceeds {limit} bytes"

@@ -62,7 +62,8 @@ class AllowedHostsMiddleware:
     DNS rebinding: a web page at attacker.example, its name re-resolved to 127.0.0.1,
     is same-origin with a server on this machine and may read its answers; its requests
     still say `Host: attacker.example`. (A request without Host, HTTP/1.0, passes:
-    browsers always send one.)
+    browsers always send one. The host of an absolute-form target, `GET http://host/`,
+    has replaced the Host header by now, server/http11.py: it is checked as one.)
     """
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
@@ -125,7 +126,8 @@ class HeaderLimitMiddleware:
 
 def _head_bytes(scope: Scope) -> int:
     """The size of the head as sent: `METHOD target HTTP/1.1` CRLF, `name: value` CRLF
-    per header, and the blank line."""
+    per header, and the blank line. (An absolute-form target counts as what it was read
+    as, server/http11.py: the origin-form target, and its authority as the Host header.)"""
     query = scope.get("query_string", b"")
     target = len(scope.get("raw_path") or b"") + (len(query) + 1 if query else 0)
     request_line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")

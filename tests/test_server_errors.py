@@ -531,6 +531,75 @@ def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     assert status == 400 and body["error"]["type"] == "invalid_http"
 
 
+def absolute_form(target: str, host: str | None = "localhost", body: bytes = b"") -> bytes:
+    """A keyed request for `target` as a proxy sends it (`GET http://host/path`), with
+    `host` as its Host header (none: HTTP/1.0 without one), that closes the connection."""
+    method, version = ("POST", "1.1") if body else ("GET", "1.1" if host else "1.0")
+    head = f"{method} {target} HTTP/{version}\r\nAuthorization: Bearer {API_KEY}\r\n"
+    head += f"Host: {host}\r\n" if host else ""
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return f"{head}Connection: close\r\n\r\n".encode() + body
+
+
+def test_an_absolute_form_target_is_served_as_the_path_it_names(base_url):
+    # RFC 9112 3.2.2: a server MUST accept it (proxies, some clients send it); uvicorn took
+    # the whole URL for the path, a 404.
+    authority = base_url.removeprefix("http://")
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    status, answer = raw_exchange(
+        base_url, absolute_form(f"http://{authority}/v1/generate", authority, body)
+    )
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+    # The scheme and host in any case, a query, https (a TLS proxy's): each the same path.
+    for target in (
+        f"HTTP://LOCALHOST:{authority.split(':')[1]}/v1/models?limit=1",
+        "https://localhost/v1/models",
+    ):
+        status, answer = raw_exchange(base_url, absolute_form(target))
+        assert status == 200 and answer["object"] == "list", (target, answer)
+    # An empty path is "/" (RFC 9110 4.2.3), which is no route here.
+    status, answer = raw_exchange(base_url, absolute_form(f"http://{authority}"))
+    assert status == 404 and answer["error"]["type"] == "not_found"
+
+
+def test_the_host_of_an_absolute_form_target_is_checked_in_place_of_the_host_header(base_url):
+    # RFC 9112 3.2.2: the target's host replaces Host. The allowed-hosts check judges it,
+    # so the form is no way around that check: whatever Host says, and without one.
+    for host in ("localhost", "attacker.example", None):
+        status, answer = raw_exchange(
+            base_url, absolute_form("http://attacker.example/health", host)
+        )
+        assert status == 400 and answer["error"]["type"] == "invalid_host", (host, answer)
+        assert "'attacker.example'" in answer["error"]["message"]
+        status, answer = raw_exchange(base_url, absolute_form("http://localhost/health", host))
+        assert status == 200 and answer == {"status": "ready"}, (host, answer)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("http://", "it names no host"),
+        ("http:///health", "it names no host"),
+        ("http:health", "it names no host"),
+        ("ftp://localhost/health", "its scheme is 'ftp', not http or https"),
+        ("localhost:8000", "its scheme is 'localhost', not http or https"),
+        ("http://user@localhost/health", "it gives user info before its host"),
+        ("http://localhost:99999/health", "its host or port is malformed"),
+        ("http://localhost:port/health", "its host or port is malformed"),
+        ("http://[::1/health", "its host or port is malformed"),
+    ],
+)
+def test_an_absolute_form_target_that_is_no_http_url_is_400_in_the_envelope(base_url, target, why):
+    # Answered, never a 500, and the connection closed (raw_exchange reads to its end),
+    # also with a body the server did not read.
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for request in (absolute_form(target), absolute_form(target, body=body)):
+        status, answer = raw_exchange(base_url, request)
+        message = f"the request target is not a valid http(s) URL: {why}"
+        assert status == 400 and answer == {"error": {"type": "invalid_http", "message": message}}
+
+
 def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tmp_path):
     # A fifth of a second: the 900-token stream below outlasts it several times over.
     timeout = 0.2
