@@ -44,21 +44,42 @@ from model.transformer import Transformer
 from training.resume import saved_args
 from training.trainer import trainer_meta
 
+PARTS = ("first 90% (the training text)", "last 10% (the held-out text)")
+
 
 def pretrain(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "training.pretrain", *args], check=True)
 
 
-def split_bytes(path: Path, folder: Path) -> tuple[Path, Path]:
+def split_text(data: bytes) -> tuple[bytes, bytes]:
     """First 90% of the bytes trains, the last 10% is held out (the tinyshakespeare rule)."""
-    text = path.read_bytes()
-    cut = int(len(text) * 0.9)
-    while cut < len(text) and (text[cut] & 0xC0) == 0x80:
+    cut = int(len(data) * 0.9)
+    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
         cut += 1  # do not split a UTF-8 character
+    return data[:cut], data[cut:]
+
+
+def split_bytes(path: Path, folder: Path) -> tuple[Path, Path]:
     train, held_out = folder / "train.txt", folder / "held_out.txt"
-    train.write_bytes(text[:cut])
-    held_out.write_bytes(text[cut:])
+    for file, part in zip((train, held_out), split_text(path.read_bytes()), strict=True):
+        file.write_bytes(part)
     return train, held_out
+
+
+def check_text(parser: argparse.ArgumentParser, path: Path) -> None:
+    """Refuse, naming --data, a file whose parts pretrain would refuse as it reads them:
+    its refusal would name the split's files, paths the user never gave."""
+    data = path.read_bytes()
+    try:  # the split's held-out bytes are scored as text: replaced bytes would skew them
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        parser.error(f"--data {path}: not UTF-8 (at byte offset {e.start:,}: {e.reason})")
+    if (nul := data.find(b"\0")) >= 0:  # pretrain skips such a file as binary
+        parser.error(f"--data {path}: binary, not text (a NUL byte at offset {nul:,})")
+    for part, what in zip(split_text(data), PARTS, strict=True):
+        # As pretrain reads each part: a byte-order mark dropped, a blank file no text.
+        if not part.decode("utf-8-sig").strip():
+            parser.error(f"--data {path}: too small: its {what} is blank; add text")
 
 
 def our_tokens_per_s(
@@ -127,7 +148,7 @@ def held_out_bpb(
             str(held_out),
         ],
         check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,  # stderr passes on: a failure's own error line is shown
         text=True,
     )
     return float(result.stdout.strip().splitlines()[-1].removeprefix("bpb="))
@@ -171,10 +192,7 @@ def main() -> None:
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
-    try:  # the split's held-out bytes are scored as text: replaced bytes would skew them
-        args.data.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        parser.error(f"--data {args.data}: not UTF-8 (at byte offset {e.start:,}: {e.reason})")
+    check_text(parser, args.data)
     if args.steps < 2:
         parser.error("--steps: at least 2 (the first half of the steps is warm-up)")
     check_device(parser, args.device)

@@ -199,6 +199,10 @@ def test_bad_input_is_one_error_line_naming_it(
     text.write_text("Some text.\n")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
+    blank_end = tmp_path / "blank_end.txt"  # its held-out last 10%: four line ends
+    blank_end.write_text("Some text of 30 bytes or so.\n" + "\n" * 4)
+    nul = tmp_path / "nul.txt"
+    nul.write_text("Some\0text.\n")
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
@@ -210,6 +214,11 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
         ("bench.train", "--data", str(latin1)): "latin1.txt: not UTF-8 (at byte offset 3: invalid",
+        # Refused as pretrain would refuse the split, but naming --data, not the split.
+        ("bench.train", "--data", str(blank_end)): (
+            "blank_end.txt: too small: its last 10% (the held-out text) is blank"
+        ),
+        ("bench.train", "--data", str(nul)): "nul.txt: binary, not text (a NUL byte at offset 4)",
         # Not handed on to training.pretrain: only what follows `--` is.
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
