@@ -52,7 +52,17 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: object) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        preset = PRESETS[name]
+        if (
+            "n_heads" in overrides
+            and "n_kv_heads" not in overrides
+            and preset.n_kv_heads == preset.n_heads
+        ):
+            # A preset without grouped-query attention (small, base) stays without it:
+            # its n_kv_heads, resolved to its own n_heads, refused `--n-heads 4` on small
+            # ("not a multiple of n_kv_heads 6") and made `--n-heads 12` GQA unasked.
+            overrides = {**overrides, "n_kv_heads": None}
+        return dataclasses.replace(preset, **overrides)
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)

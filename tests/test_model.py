@@ -179,6 +179,20 @@ def test_invalid_configs_are_rejected_with_the_reason(overrides: dict, message: 
         ModelConfig.from_preset("tiny", **overrides)
 
 
+@pytest.mark.parametrize("heads", [4, 12])
+def test_a_preset_without_grouped_query_attention_keeps_none_at_other_head_counts(
+    heads: int,
+) -> None:
+    # small's n_kv_heads followed its own 6 heads: 4 heads were refused as not a multiple
+    # of 6 kv heads, and 12 silently shared 6.
+    for name in ("small", "base"):
+        config = ModelConfig.from_preset(name, n_heads=heads)
+        assert config.n_kv_heads == heads, name
+    # Presets with grouped-query attention keep theirs, and an explicit count wins.
+    assert ModelConfig.from_preset("tiny", n_heads=8).n_kv_heads == 2
+    assert ModelConfig.from_preset("small", n_heads=4, n_kv_heads=2).n_kv_heads == 2
+
+
 def test_unknown_preset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="tiny, mini, small, base"):
         ModelConfig.from_preset("huge")
