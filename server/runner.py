@@ -6,6 +6,7 @@ Python lists from the scheduler; outputs are last-position logits [rows, V].
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,22 @@ CPU_DECODE_INDUCTOR = {
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
 }
+
+
+def quiet_inductor_warnings() -> None:
+    """Keep torch's warning about its own deprecated API off the server's stderr.
+
+    Inductor's autotuner reads `Tensor.storage()` while it builds a compiled step (torch
+    2.13), and the first --compile-decode start (caches cold) printed `UserWarning:
+    TypedStorage is deprecated ...` with a path into torch: nothing a user can act on.
+    Only that warning, and only from inductor.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message="TypedStorage is deprecated",
+        category=UserWarning,
+        module=r"torch\._inductor",
+    )
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,8 @@ class ModelRunner:
         # ~20 s each, while batches gain little (their time is in the products).
         # dynamic=True makes the key length symbolic from the start: one graph in all.
         self._lone_decode = None
+        if compile_decode:
+            quiet_inductor_warnings()
         if compile_decode and self._graphs is None:
             compiled = torch.compile(self._forward_lone, dynamic=True)
             if self.device.type == "cpu":
