@@ -96,7 +96,11 @@ class TrainArgs:
         default=None, metadata=doc("attention heads (overrides the preset)")
     )
     n_kv_heads: int | None = field(
-        default=None, metadata=doc("key/value heads for grouped-query attention")
+        default=None,
+        metadata=doc(
+            "key/value heads for grouped-query attention (overrides the preset: tiny and mini "
+            "share 2; small and base have one per attention head)"
+        ),
     )
     ffn_dim: int | None = field(
         default=None, metadata=doc("SwiGLU hidden width (overrides the preset)")
