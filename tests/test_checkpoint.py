@@ -203,6 +203,21 @@ def test_transformers_tokenizer_matches_ours_on_mixed_scripts(
     assert load_tokenizer(folder).decode(ours) == text
 
 
+def test_windows_line_ends_read_as_the_trainers_newline_here_and_in_transformers(
+    saved: tuple[Transformer, Path], tokenizer: Tokenizer
+) -> None:
+    # The trainer reads CRLF files as "\n" (corpus.read_text): a CRLF prompt is the same
+    # tokens, in the server's tokenizer and in the one transformers loads.
+    _, folder = saved
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = tokenizer.encode("Line one.\nLine two.\n\n").ids
+    crlf = "Line one.\r\nLine two.\r\n\r\n"
+    assert tokenizer.encode(crlf).ids == expected
+    assert load_tokenizer(folder).encode(crlf).ids == expected
+    assert hf.encode(crlf, add_special_tokens=False) == expected
+    assert tokenizer.decode(tokenizer.encode("a lone\r stays").ids) == "a lone\r stays"
+
+
 @torch.inference_mode()
 def test_transformers_generates_from_what_its_tokenizer_returns(
     saved: tuple[Transformer, Path],

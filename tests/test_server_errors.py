@@ -292,6 +292,8 @@ def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(tmp_path):
             ("a" * (CONTEXT * longest + 1), True),
             # As many bytes as could fit: tokenized, as it would be to serve, and counted.
             ("abcdefgh " * (CONTEXT * longest // 9), False),
+            # More bytes as sent, but CRLF is tokenized as "\n": as many as could fit.
+            ("\r\n" * (CONTEXT * longest // 2 + 1), False),
         ]:
             body = {"prompt": prompt, "max_tokens": 1}
             response = httpx.post(f"{url}/v1/generate", json=body, timeout=60)

@@ -94,6 +94,14 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     assert streamed_text(events) == whole["text"]
 
 
+def test_a_prompt_with_windows_line_ends_is_served_as_with_newlines(client):
+    body = {"max_tokens": 12, "seed": 5, "ignore_eos": True}
+    newlines = generate(client, prompt="Dear team,\n\nThe engine", **body)
+    crlf = generate(client, prompt="Dear team,\r\n\r\nThe engine", **body)
+    assert crlf["usage"] == newlines["usage"]
+    assert crlf["text"] == newlines["text"]
+
+
 def test_stream_interval_sends_the_same_tokens_in_events_of_that_many(client, checkpoint):
     body = {"prompt": "Once upon a time", "max_tokens": 18, "seed": 3, "ignore_eos": True}
     per_token = stream(client, **body)

@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer (the `tokenizers` library), GPT-2 style.
 
 Byte-level means every string round-trips: any UTF-8 text, Chinese or emoji
-included, encodes to ids and decodes back to exactly the same text. The only
+included, encodes to ids and decodes back to exactly the same text, but for Windows
+line ends: the tokenizer reads CRLF as "\n", as the trainer reads its text files
+(corpus.py), so a prompt sent with CRLF is the text the model learned. The only
 special token is `<|endoftext|>`, which separates documents during training.
 """
 
@@ -10,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from model.checkpoint import END_OF_TEXT, text_literally
 
@@ -22,6 +32,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (got {vocab_size})")
     tokenizer = Tokenizer(models.BPE())
+    # In tokenizer.json, so the server and transformers read a CRLF prompt as the trainer
+    # reads a CRLF file: a model trained here never saw "\r".
+    tokenizer.normalizer = normalizers.Replace("\r\n", "\n")
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
