@@ -6,8 +6,8 @@ Each round starts every client at once, a quarter of each kind: a full stream, a
 non-streaming request, a stream dropped after two events, an invalid request.
 After each round the server must drain (running and waiting back to 0); the line
 printed per round gives the statuses seen, unexpected ones, drain time and the
-server's resident memory, and the last line the RSS growth from round 1 to the
-last round (a leak shows as steady growth). Loopback only; bounded by --timeout.
+server's resident memory, and with more than one round the last line the RSS growth
+from round 1 to the last round (a leak shows as steady growth). Loopback only; bounded by --timeout.
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def main() -> None:
                 f"server RSS {rss[-1] / 2**20:.0f} MiB",
                 flush=True,
             )
-        growth = rss[-1] / rss[0] - 1
-        print(f"load: RSS after round {args.rounds} vs round 1: {100 * growth:+.1f}%")
+        if args.rounds > 1:  # one round has nothing to compare
+            growth = rss[-1] / rss[0] - 1
+            print(f"load: RSS after round {args.rounds} vs round 1: {100 * growth:+.1f}%")
     if unexpected_total:
         raise SystemExit(f"error: {unexpected_total} unexpected statuses (see the rounds above)")
 
