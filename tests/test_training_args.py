@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.config import ModelConfig
 from model.cpu import bf16_units
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
@@ -25,6 +26,7 @@ from training.args import (
     explicit_settings,
     make_args,
     resolved_preset,
+    with_checkpoint_shape,
     with_hardware_defaults,
     with_step_budget,
 )
@@ -295,3 +297,18 @@ def test_a_switch_alone_is_true_takes_true_or_false_and_has_a_no_form() -> None:
         explicit_settings(["--compile", "maybe"], {})
     with pytest.raises(UsageError, match="unrecognized arguments: true"):
         explicit_settings(["--no-compile", "true"], {})
+
+
+def test_init_from_takes_the_preset_and_shape_flags_the_checkpoint_was_trained_with() -> None:
+    # A model trained with `--preset tiny --n-kv-heads 4` has no preset's shape; the
+    # pretraining command's flags, repeated with --init-from, name it: taken, with tiny's
+    # lr, as with --resume (`--preset tiny` alone was refused: "drop --preset").
+    config = ModelConfig.from_preset("tiny", n_kv_heads=4, vocab_size=384)
+    repeated = TrainArgs(preset="tiny", n_kv_heads=4, init_from="base")
+    args = with_checkpoint_shape(repeated, config, {}, own_tokenizer=False)
+    assert (args.preset, args.n_kv_heads, args.dim) == ("tiny", 4, config.dim)
+    assert with_hardware_defaults(args, torch.device("cpu")).lr == AUTO["tiny"]["lr"]
+    # A preset that, with the flags given, builds another shape is still refused.
+    for other in (TrainArgs(preset="tiny", init_from="base"), TrainArgs(preset="mini")):
+        with pytest.raises(UsageError, match=r"drop --preset$"):
+            with_checkpoint_shape(other, config, {}, own_tokenizer=False)

@@ -500,8 +500,9 @@ def with_checkpoint_shape(
     vocabulary or tokenizer is an error (one giving the checkpoint's own value is not, as
     with --resume; `own_tokenizer`: --tokenizer names one defined as the checkpoint's
     is). The shape fields take the checkpoint's values (what `auto_dtype`
-    reads, and what trainer_meta.json records), the preset the one of that shape (`auto`
-    if none), and the block size defaults to the context it was trained to."""
+    reads, and what trainer_meta.json records), the preset the one given if it builds
+    that shape with the shape flags given, else the one of that shape (`auto` if none),
+    and the block size defaults to the context it was trained to."""
     shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
     # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
     # than those of the preset a time box would pick for a new model.
@@ -509,6 +510,10 @@ def with_checkpoint_shape(
         (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
         "auto",
     )
+    if args.preset in PRESETS and _builds_shape(args, args.preset, shape):
+        # The pretraining command repeated: `--preset tiny --n-kv-heads 4` names the
+        # shape of a model trained so, and its preset's lr and batch size apply.
+        preset = args.preset
     checkpoints = {"preset": preset, **shape, "vocab_size": config.vocab_size}
     given = [n for n, value in checkpoints.items() if getattr(args, n) not in (None, "auto", value)]
     given += ["tokenizer"] if args.tokenizer is not None and not own_tokenizer else []
@@ -524,6 +529,16 @@ def with_checkpoint_shape(
     return dataclasses.replace(
         args, preset=preset, block_size=block_size, vocab_size=config.vocab_size, **shape
     )
+
+
+def _builds_shape(args: TrainArgs, preset: str, shape: Mapping[str, object]) -> bool:
+    """Whether `preset` with the shape flags given in `args` builds the model `shape`."""
+    overrides = {n: getattr(args, n) for n in SHAPE_FIELDS if getattr(args, n) is not None}
+    try:
+        built = ModelConfig.from_preset(preset, **overrides)
+    except ValueError:  # a shape that cannot be: not the checkpoint's
+        return False
+    return all(getattr(built, n) == v for n, v in shape.items())
 
 
 def check_resume_settings(
