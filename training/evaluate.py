@@ -5,9 +5,11 @@ Usage: `python -m training.evaluate --checkpoint DIR --data FILE...`.
 bpb = total nats over every predicted token / (UTF-8 bytes of the text x ln 2), so
 models with different tokenizers compare on the same scale. The text is tokenized
 like a validation split (prepare.py): each document preceded by `<|endoftext|>`,
-cut into non-overlapping windows of the trained block size. The trainer reports
-its val bpb with the same function, so the two agree on the same text. The last
-line printed is `bpb=<value>`.
+cut into non-overlapping windows of the model's context (`--block-size` for shorter
+ones). The trainer reports its val bpb with the same function over windows of its
+--block-size, so the two agree on the same text and window length (a fine-tune
+trained on windows shorter than its model's context: give that --block-size here).
+The last line printed is `bpb=<value>`.
 """
 
 from __future__ import annotations
