@@ -39,6 +39,7 @@ from model.checkpoint import (
 from model.cli import Terminated, env_var, exit_now, flag, interrupted_status, signals_unwind
 from model.cpu import tune_malloc
 from model.device import resolve_device
+from model.memory import format_size
 from training.args import (
     Given,
     TrainArgs,
@@ -54,7 +55,7 @@ from training.args import (
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
-from training.memory import format_size, shortfall
+from training.memory import shortfall
 from training.prepare import (
     SMALL_CORPUS_REMEDY,
     PreparedData,

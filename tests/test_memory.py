@@ -1,5 +1,6 @@
-"""training/memory.py: what the system says a process may allocate, read from fake
-/proc and /sys files laid out as Linux lays them out (cgroup v2 and v1)."""
+"""model/memory.py: what the system says a process may allocate, read from fake /proc
+and /sys files laid out as Linux lays them out (cgroup v2 and v1); training/memory.py:
+whether a CPU run fits in that."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from model import memory
 from model.config import ModelConfig
-from training import memory
+from training.memory import shortfall
 
 GIB = 1024**3
 
@@ -54,12 +56,12 @@ def test_a_cgroup_v1_memory_controller_limit_is_read(system: Path) -> None:
 
 def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
-    assert memory.shortfall(config, "adamw") is None
+    assert shortfall(config, "adamw") is None
     (system / "cgroup").write_text("0::/\n")
     limit(system / "sys", "memory.max", str(64 * 1024**2))  # 64 MiB + 1 GiB of swap
-    assert memory.shortfall(config, "adamw") is None
+    assert shortfall(config, "adamw") is None
     (system / "meminfo").write_text("MemAvailable: 65536 kB\nSwapFree: 0 kB\n")
-    assert memory.shortfall(config, "muon", continued=True) == (
+    assert shortfall(config, "muon", continued=True) == (
         "the model (11.4M parameters: dim 384, 6 layers) needs at least 130.56 MiB of memory "
         "for its weights, gradients and muon state, and at most 64.00 MiB is available: run "
         "it on a machine with more memory"
