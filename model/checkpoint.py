@@ -392,11 +392,24 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def load_model(
-    folder: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    folder: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int | None = None,
 ) -> Transformer:
-    """Build the Transformer described by `folder` and load its weights (eval mode)."""
+    """Build the Transformer described by `folder` and load its weights (eval mode);
+    `max_seq_len`: a shorter context than the checkpoint's to run it with (the RoPE
+    tables, and the KV cache sized from the config, end there)."""
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
+    if max_seq_len is not None:
+        if max_seq_len > config.max_seq_len:
+            raise ValueError(
+                f"a context of {max_seq_len} tokens is more than the checkpoint's "
+                f"{config.max_seq_len}"
+            )
+        config = config.replace(max_seq_len=max_seq_len)
     weights = load_weights(folder, config)
     check_finite(folder, weights)
     with torch.device("meta"):

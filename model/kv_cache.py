@@ -42,6 +42,11 @@ class KVCache:
         self.n_slots = n_slots
         self.max_len = max_len
 
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        """What one slot's keys and values take per token of context, over every layer."""
+        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
+
     @classmethod
     def for_model(
         cls,

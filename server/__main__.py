@@ -1,9 +1,10 @@
 """`python -m server`: serve a checkpoint with uvicorn.
 
 Every Settings field is a flag (`--max-batch`) and an env var (`POCKETGPT_MAX_BATCH`);
-a flag wins over the env var. The port is bound and the checkpoint checked before the
-model loads, so a busy port or a bad checkpoint ends the process with one line naming
-the problem and exit status 2.
+a flag wins over the env var. The port is bound, the checkpoint checked and (on CPU) the
+memory its weights and KV cache need compared with what the system may give before the
+model loads, so a busy port, a bad checkpoint or a cache past the machine ends the
+process with one line naming the problem and exit status 2.
 
 SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
 requests finish and their responses are sent (up to --drain-timeout; a client that
@@ -34,8 +35,10 @@ from model.cli import ArgumentParser, env_var, exit_now, flag
 from server.settings import Settings, is_loopback
 
 if typing.TYPE_CHECKING:
+    import torch
     from fastapi import FastAPI
 
+    from model.config import ModelConfig
     from server.http11 import EnvelopeH11Protocol
 
 
@@ -82,6 +85,7 @@ def setting_source(name: str, given: dict[str, str]) -> str:
 
 def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     """Fail fast, before the model loads, on anything that would stop it loading."""
+    from model.checkpoint import read_config
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
     from server.app import check_serving_files
@@ -90,7 +94,45 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")
-    check_serving_files(settings.checkpoint)
+    config = read_config(check_serving_files(settings.checkpoint))
+    if settings.max_context is not None:
+        if settings.max_context > config.max_seq_len:
+            raise ValueError(
+                f"{setting_source('max_context', given)} {settings.max_context}: more than "
+                f"the checkpoint's context of {config.max_seq_len} tokens"
+            )
+        config = config.replace(max_seq_len=settings.max_context)
+    if device.type == "cpu":
+        check_cpu_memory(settings, given, config, device)
+
+
+def check_cpu_memory(
+    settings: Settings, given: dict[str, str], config: ModelConfig, device: torch.device
+) -> None:
+    """That the weights and the KV cache (zeroed at start-up) fit in what the system may
+    give: past it, Linux kills the process with no word (exit 137), and a long-context
+    model at the default --max-batch can ask for many times the machine (a CUDA device
+    refuses an allocation it cannot make: an error, as any failure to load)."""
+    from model.kv_cache import KVCache
+    from model.memory import available_memory, format_size
+    from server.app import resolve_dtype
+
+    available = available_memory()
+    dtype = resolve_dtype(settings.dtype, device)
+    weights = config.num_parameters() * dtype.itemsize
+    per_slot_token = KVCache.bytes_per_token(config, dtype)
+    cache = per_slot_token * settings.max_batch * config.max_seq_len
+    if available is None or weights + cache <= available:
+        return
+    batch, context = setting_source("max_batch", given), setting_source("max_context", given)
+    fits = (available - weights) // (per_slot_token * settings.max_batch)
+    remedy = f"lower {batch}" + (f", or {context} to at most {fits:,}" if fits >= 1 else "")
+    raise ValueError(
+        f"the KV cache for {batch} {settings.max_batch} x a context of "
+        f"{config.max_seq_len:,} tokens needs {format_size(cache)} (the weights "
+        f"{format_size(weights)} more), and at most {format_size(available)} is available: "
+        f"{remedy}"
+    )
 
 
 def listening_socket(settings: Settings, given: dict[str, str]) -> socket.socket:

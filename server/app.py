@@ -131,7 +131,12 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     files = read_serving_files(settings.checkpoint)
-    model = load_model(files.folder, device=device, dtype=resolve_dtype(settings.dtype, device))
+    model = load_model(
+        files.folder,
+        device=device,
+        dtype=resolve_dtype(settings.dtype, device),
+        max_seq_len=settings.max_context,
+    )
     engine = Engine(
         model,
         files.token_table,

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         32, ge=1, le=1024, description="KV-cache slots: requests generating at once"
     )
+    max_context: int | None = Field(
+        None,
+        ge=1,
+        description="tokens of context a request may use (prompt + generated), at most the "
+        "checkpoint's; default: the checkpoint's. The KV cache holds --max-batch x this many "
+        "tokens: lower it to serve a long-context model in less memory",
+    )
     max_queue: int = Field(
         256,
         ge=0,

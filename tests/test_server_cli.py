@@ -20,6 +20,7 @@ from typing import IO
 
 import httpx
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from server_harness import (
     abandon_request,
@@ -31,7 +32,7 @@ from server_harness import (
 )
 from tokenizers import Tokenizer, decoders
 
-from model.checkpoint import WEIGHTS
+from model.checkpoint import WEIGHTS, load_model
 from server.__main__ import DrainingServer, setting_source
 from server.app import create_app
 from server.http11 import uvicorn_config
@@ -216,6 +217,60 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
+
+
+def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
+    checkpoint, tmp_path
+):
+    # A long-context model at the default --max-batch: the zeroed cache was an exit 137
+    # from the kernel's OOM killer, with no word.
+    long = tmp_path / "long"
+    shutil.copytree(checkpoint, long)
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2**24}))
+    refused = run_server("--checkpoint", str(long), env={"POCKETGPT_MAX_BATCH": "1024"})
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    fits = re.fullmatch(
+        r"error: the KV cache for POCKETGPT_MAX_BATCH 1024 x a context of 16,777,216 tokens "
+        r"needs 32\.00 TiB \(the weights [\d.]+ MiB more\), and at most [\d,.]+ GiB is "
+        r"available: lower POCKETGPT_MAX_BATCH, or --max-context to at most ([\d,]+)",
+        line,
+    )
+    assert fits is not None, line
+    assert 1 <= int(fits.group(1).replace(",", "")) < 2**24
+
+    past = run_server("--checkpoint", str(checkpoint), "--max-context", "1025")
+    assert past.returncode == 2
+    assert past.stderr.strip() == (
+        "error: --max-context 1025: more than the checkpoint's context of 1024 tokens"
+    )
+
+
+def test_max_context_serves_a_long_context_model_within_it(checkpoint, tmp_path):
+    long = tmp_path / "long"
+    shutil.copytree(checkpoint, long)
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2**24}))
+    with served(long, "--max-context", "64", "--max-batch", "1024") as (_, url):
+        (card,) = httpx.get(f"{url}/v1/models").json()["data"]
+        assert card["max_context"] == 64
+        prompt = english_tokenizer().encode("The engine").ids
+        body = {"prompt": "The engine", "temperature": 0, "ignore_eos": True, "stream": True}
+        filling = {"max_tokens": 64 - len(prompt)}
+        with httpx.stream("POST", f"{url}/v1/generate", json=body | filling) as response:
+            events = [e for e in sse_events(response) if isinstance(e, dict)]
+        assert events[-1]["usage"]["total_tokens"] == 64
+        one_more = httpx.post(f"{url}/v1/generate", json=body | {"max_tokens": 65 - len(prompt)})
+        assert one_more.status_code == 400
+        assert "context of 64 tokens" in one_more.json()["error"]["message"]
+    # The same tokens as the whole model's greedy decoding (full forwards, no cache).
+    model, ids = load_model(checkpoint), list(prompt)
+    with torch.no_grad():
+        while len(ids) < 64:
+            logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])
+            ids.append(int(logits[0, -1].argmax()))
+    assert [i for e in events for i in e["token_ids"]] == ids[len(prompt) :]
 
 
 def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp_path):
