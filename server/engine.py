@@ -215,6 +215,11 @@ class Engine:
             failed, self._live = list(self._live.values()), {}
         self._publish([(live.stream, self._failure(live, error)) for live in failed])
         self.metrics.finished.labels("error").inc(len(failed))
+        # No step runs again to update the gauges: left as they were, a failed engine's
+        # /metrics went on showing its last requests running and waiting, its cache in use.
+        self.metrics.running.set(0)
+        self.metrics.waiting.set(0)
+        self.metrics.kv_cache_usage.set(0)
 
     # ------------------------------------------------------------ model thread
 

@@ -1,5 +1,6 @@
 """The SSE event stream of one request, over a real engine (no HTTP): with
-`--stream-interval`, text gathered for the next event is never lost to an error."""
+`--stream-interval`, text gathered for the next event is never lost to an error; and an
+engine stopped with requests unfinished leaves no gauge counting them."""
 
 from __future__ import annotations
 
@@ -46,3 +47,28 @@ def test_tokens_gathered_for_an_event_are_sent_before_an_engine_error(
     chunk = json.loads(text)
     assert len(chunk["token_ids"]) >= 3 and chunk["text"] and chunk["finish_reason"] is None
     assert json.loads(error)["error"]["type"] == "unavailable"
+
+
+def test_an_engine_that_stopped_with_requests_unfinished_shows_none_running(
+    serving: Serving,
+) -> None:
+    # The path an engine failure takes too (a lost CUDA device): every unfinished request
+    # gets an error, and no step runs again to bring the gauges back.
+    metrics = serving.engine.metrics
+
+    async def scenario() -> None:
+        serving.engine.start(asyncio.get_running_loop())
+        body = GenerateRequest(prompt="the cat", max_tokens=200, ignore_eos=True)
+        streams = [serving.engine.submit(serving.validator.validate(body)) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while not all(s.queue.qsize() for s in streams[:2]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # two running in the two slots, one waiting
+        assert metrics.registry.get_sample_value("pocketgpt_requests_running") == 2
+        assert metrics.registry.get_sample_value("pocketgpt_requests_waiting") == 1
+        serving.engine.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    registry = metrics.registry
+    assert registry.get_sample_value("pocketgpt_request_finished_total", {"reason": "error"}) == 3
+    for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
+        assert registry.get_sample_value(f"pocketgpt_{gauge}") == 0, gauge
