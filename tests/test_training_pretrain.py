@@ -157,6 +157,22 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+def test_a_resume_trains_with_the_weight_decay_and_embedding_lr_scale_given_now(
+    tmp_path: Path,
+) -> None:
+    # The saved optimizer state holds the run's first settings in its param groups; the
+    # flags given now, which trainer_meta.json records, are the ones that must train.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    flags = ["--max-steps", "3", "--weight-decay", "0.5", "--embedding-lr-scale", "2"]
+    assert pretrain.main(["--resume", str(run), *flags]) == 0
+    assert (meta(run)["args"]["weight_decay"], meta(run)["args"]["embedding_lr_scale"]) == (0.5, 2)
+    state = torch.load(resolve_checkpoint(run) / "training_state.pt", weights_only=True)
+    groups = [g for opt in state["optimizer"]["optimizers"] for g in opt["param_groups"]]
+    assert {g["weight_decay"] for g in groups} == {0.5, 0.0}  # norms never decay
+    assert [g["lr_scale"] for g in groups if "lr_scale" in g] == [2.0]
+
+
 def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:

@@ -53,7 +53,13 @@ class Optimizers:
                 f"the saved state has {len(states)} optimizers, this run {len(self.optimizers)}"
             )
         for opt, saved in zip(self.optimizers, states, strict=True):
+            # torch restores each group's settings as saved, but this run's flags set
+            # them (`--resume --weight-decay 0.05`, as `--lr` is taken): only the
+            # per-parameter state (moments, momentum buffers, step counts) is the run's.
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(saved)
+            for group, own in zip(opt.param_groups, settings, strict=True):
+                group.update(own)
 
 
 def make_optimizer(model: Transformer, args: TrainArgs, device: torch.device) -> Optimizers:
