@@ -970,6 +970,17 @@ def test_a_kill_once_best_is_written_leaves_a_run_if_missing_resumes(
     assert meta(run)["step"] == 5 and read_log(run, "eval")[3]
 
 
+def tensorboard_steps(run: Path) -> list[int]:
+    """The steps of the train losses TensorBoard shows for `run`, in the order read."""
+    if not (run / "tensorboard").is_dir():
+        return []
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    if "train/loss" not in events.Tags()["scalars"]:
+        return []
+    return [event.step for event in events.Scalars("train/loss")]
+
+
 def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -980,9 +991,10 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
 
         def logged() -> bool:
             assert process.poll() is None, process.communicate()[1]
-            return (run / "log.jsonl").is_file() and bool(read_log(run, "train"))
+            # In TensorBoard's files too (its writer flushes every 10 scalars).
+            return (run / "log.jsonl").is_file() and len(tensorboard_steps(run)) > 3
 
-        wait_until(logged, 90, "a step logged")
+        wait_until(logged, 90, "steps logged")
         process.kill()  # SIGKILL before any checkpoint: the log alone is left
     finally:
         process.kill()
@@ -991,6 +1003,9 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
     said = "holds a run stopped before its first checkpoint; starting it over (--if-missing)"
     assert said in capsys.readouterr().out
     assert meta(run)["step"] == 2
+    # The run started over logs afresh in TensorBoard too, as in log.jsonl: the killed
+    # run's steps are not drawn beside its own.
+    assert tensorboard_steps(run) == sorted(read_log(run, "train")) == [2]
 
     # Its step folders deleted, best/ kept (to serve): neither a new run nor --resume.
     shutil.rmtree(run / "step-0000002")
