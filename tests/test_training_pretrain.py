@@ -591,7 +591,9 @@ def test_a_run_saved_before_lr_schedule_existed_resumes_on_its_cosine(tmp_path: 
     assert math.isclose(read_log(run, "train")[5]["lr"], (peak + floor) / 2, rel_tol=1e-6)
 
 
-def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Path) -> None:
+def test_without_a_step_count_a_run_makes_five_passes_over_the_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     # 4 x 32 tokens x 8 micro-batches: ~1k tokens a step, so 5 passes over the tiny corpus
     # end well before the CPU's 400 default steps.
@@ -604,6 +606,16 @@ def test_without_a_step_count_a_run_makes_five_passes_over_the_text(tmp_path: Pa
     assert meta(run)["step"] == meta(run)["args"]["max_steps"] < 400
     # The run read DEFAULT_MAX_EPOCHS (5) passes' worth of tokens: not a step more.
     assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
+    # Resumed with the step count left to that default again, known only once the text
+    # is read: the run has reached it, so it is not evaluated and logged a second time.
+    log, steps = (run / "log.jsonl").read_bytes(), meta(run)["step"]
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "none"]) == 0
+    assert (
+        f"{run}: the run is at step {steps}, at or past --max-steps {steps}; nothing to do"
+        in capsys.readouterr().out
+    )
+    assert (run / "log.jsonl").read_bytes() == log
 
 
 def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_in_hf(

@@ -64,12 +64,12 @@ from training.prepare import (
     split_documents,
 )
 from training.resume import (
-    budget_spent,
     changed_text_note,
     check_run_init_from,
     finished,
     init_folder,
     later_steps_note,
+    nothing_to_do,
     resume_folder,
     resumed_args,
     saved_args,
@@ -341,14 +341,8 @@ def run_locked(given: Given) -> int:
             raise UsageError("--vocab-size: --tokenizer brings its own vocabulary; drop one")
     else:
         args = resumed_args(resumed, given)
-        done = budget_spent(resumed, args)
-        if done and later_steps_note(resumed) is not None:  # going back: its own budget
-            print(
-                f"{resumed}: the checkpoint {done}, as saved; nothing to do (raise it to train on)"
-            )
-            return 0
-        if done:
-            print(f"{resumed.parent}: the run {done}; nothing to do (raise it to train on)")
+        if (note := nothing_to_do(resumed, args)) is not None:
+            print(note)
             return 0
     args = with_absolute_paths(args)
     # A resumed fine-tuning run continues from its own checkpoint, not from --init-from's.
@@ -415,6 +409,12 @@ def run_locked(given: Given) -> int:
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, val_docs, tokenizer, dist_info)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
+        # A step count known only now (`--max-steps none`: the default for this text) may
+        # be one the resumed run has reached: training nothing, it would evaluate and
+        # save its step again, a second record of it in the log.
+        if resumed is not None and (note := nothing_to_do(resumed, args)) is not None:
+            print(note)
+            return 0
         if dist_info.is_main:
             for warning in settings_warnings(args):
                 print(warning, file=sys.stderr)

@@ -173,6 +173,17 @@ def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     return None
 
 
+def nothing_to_do(folder: Path, args: TrainArgs) -> str | None:
+    """What to say, instead of training, where the run resumed from `folder` has reached
+    what ends it under `args` (budget_spent); None if it has steps to go."""
+    done = budget_spent(folder, args)
+    if done is None:
+        return None
+    if later_steps_note(folder) is not None:  # going back: its own budget
+        return f"{folder}: the checkpoint {done}, as saved; nothing to do (raise it to train on)"
+    return f"{folder.parent}: the run {done}; nothing to do (raise it to train on)"
+
+
 def init_folder(path: str, source: str) -> Path:
     """The checkpoint `--init-from` (given as `source`) names: a checkpoint or a run folder."""
     try:
