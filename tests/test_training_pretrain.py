@@ -1059,6 +1059,28 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     assert "left=0s" in last, err
 
 
+def test_a_time_boxed_run_resumed_without_its_time_box_makes_the_default_step_count(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    # ~1k tokens a step: five passes over the tiny corpus are the default step count.
+    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "1")) == 0
+    assert meta(run)["stopped_by"] == "max_time"
+    # The time box left the run no step count of its own: without it, the default, as a
+    # new run gets, not a run without an end (in a process of its own, as it would be).
+    process = spawn_pretrain(["--resume", str(run), "--max-time", "none"])
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    assert process.returncode == 0, err
+    assert meta(run)["stopped_by"] == "max_steps"
+    assert meta(run)["step"] == meta(run)["args"]["max_steps"] < 400
+
+
 def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,6 +15,7 @@ from model.checkpoint import (
     resolve_checkpoint,
 )
 from training.args import (
+    UNLIMITED_STEPS,
     Given,
     TrainArgs,
     UsageError,
@@ -71,6 +72,11 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     # copy of a run folder must not write into its original).
     # --if-missing is how this command was run, not a setting of the run it continues.
     base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
+    # A time-boxed run saved no step count of its own, only "unlimited" (with_step_budget):
+    # unset again, so that `--max-time none` gives it the default step count, as it
+    # would a new run, not an endless one whose schedule never decays.
+    if base.get("max_steps") == UNLIMITED_STEPS:
+        base["max_steps"] = None
     try:
         return make_args(base, given)
     except (TypeError, ValueError) as e:  # a saved value of the wrong type
