@@ -9,8 +9,9 @@ to the event loop with a single `loop.call_soon_threadsafe`.
 
 Threading: the scheduler is guarded by `_cond` (held only for bookkeeping, never
 during a forward); everything else on the model side is touched by the model
-thread alone. A closed stream asks for cancellation; the model thread applies it
-before its next step, which frees the slot.
+thread alone. A closed stream cancels its request: one still waiting leaves the
+queue at once (it has nothing on the model side); a running one the model thread
+releases before its next step, which frees the slot.
 """
 
 from __future__ import annotations
@@ -187,6 +188,15 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
+            # A request still waiting has nothing on the model side: it leaves the queue
+            # now. Left to the model thread's next step, it kept its place against the
+            # queue bound after its client had gone, and the next client got a 429.
+            # (Not once stopped or failed: _fail_unfinished has answered it already.)
+            if not (self._stopping or self._failed) and self.scheduler.cancel_waiting(request_id):
+                self._live.pop(request_id, None)
+                self.metrics.finished.labels("cancelled").inc()
+                self.metrics.waiting.set(self.scheduler.num_waiting)
+                return
             self._cancelled.add(request_id)
             self._cond.notify()
 

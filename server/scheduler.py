@@ -113,6 +113,10 @@ class Scheduler:
         if request is not None:
             self._release(request)
             return True
+        return self.cancel_waiting(request_id)
+
+    def cancel_waiting(self, request_id: str) -> bool:
+        """Drop a request still waiting for a slot; False if it is not waiting."""
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)

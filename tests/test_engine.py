@@ -1,6 +1,7 @@
 """The SSE event stream of one request, over a real engine (no HTTP): with
 `--stream-interval`, text gathered for the next event is never lost to an error; and an
-engine stopped with requests unfinished leaves no gauge counting them."""
+engine stopped with requests unfinished leaves no gauge counting them; a waiting request
+cancelled frees its place in the queue at once."""
 
 from __future__ import annotations
 
@@ -72,3 +73,29 @@ def test_an_engine_that_stopped_with_requests_unfinished_shows_none_running(
     assert registry.get_sample_value("pocketgpt_request_finished_total", {"reason": "error"}) == 3
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
         assert registry.get_sample_value(f"pocketgpt_{gauge}") == 0, gauge
+
+
+def test_a_waiting_request_cancelled_frees_its_queue_place_at_once(tiny_checkpoint: Path) -> None:
+    # One slot, one queue place: with the place's client gone, the next client is admitted,
+    # not refused (429) until the model thread's next step applied the cancellation.
+    settings = Settings(checkpoint=str(tiny_checkpoint), device="cpu", max_batch=1, max_queue=1)
+    serving = load_serving(settings, Metrics())
+    engine = serving.engine
+    body = GenerateRequest(prompt="the cat", max_tokens=200, ignore_eos=True)
+
+    async def scenario() -> None:
+        engine.start(asyncio.get_running_loop())
+        running = engine.submit(serving.validator.validate(body))
+        await running.__anext__()  # it holds the slot
+        waiting = engine.submit(serving.validator.validate(body))
+        waiting.close()
+        engine.submit(serving.validator.validate(body)).close()  # QueueFull before the fix
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    registry = engine.metrics.registry
+    assert (
+        registry.get_sample_value("pocketgpt_request_finished_total", {"reason": "cancelled"}) == 2
+    )
