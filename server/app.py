@@ -180,8 +180,10 @@ async def _load(app: FastAPI) -> None:
     gc.freeze()
     serving.engine.start(asyncio.get_running_loop())
     app.state.metrics.model_load.set(time.perf_counter() - started)
-    app.state.serving = serving
+    # Status first: a SIGTERM handled between the two (a signal handler runs between any
+    # two lines) drains once `serving` is set, and its "draining" must not be overwritten.
     app.state.status = "ready"
+    app.state.serving = serving
     runner = serving.engine.runner
     defaults = ", ".join(f"{k} {v}" for k, v in serving.validator.defaults.items()) or "none"
     log.info(
