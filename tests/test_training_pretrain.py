@@ -445,6 +445,12 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     # One step, short of a log interval: logged as the run's last, with its evaluation.
     last, train = read_log(run, "eval")[4], read_log(run, "train")[4]
     assert (last["train_loss"], last["tokens_per_s"]) == (train["loss"], train["tokens_per_s"])
+    # Fewer validation windows scored: the same batches, not the same validation.
+    assert pretrain.main([*back, "--max-steps", "5", "--eval-tokens", "64"]) == 0
+    assert (
+        "warning: --eval-tokens differs from what the run was started with: its validation "
+        "will differ (best/ then compares losses measured otherwise)" in capsys.readouterr().err
+    )
 
 
 def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(

@@ -43,9 +43,11 @@ def saved_args(folder: Path) -> dict:
 
 
 # The settings choosing the text a run trains and is scored on, and the windows it is
-# scored in: `--resume` may change them, with a warning.
+# scored in: `--resume` may change them, with a warning. --eval-tokens changes what is
+# scored alone (how many of the validation windows).
 TEXT_CHOICES = (("--data", "data"), ("--val-data", "val_data"), ("--val-fraction", "val_fraction"))
 SCORING_CHOICES = (*TEXT_CHOICES, ("--block-size", "block_size"))
+VALIDATION_CHOICES = (("--eval-tokens", "eval_tokens"),)
 
 
 def differs_from_saved(name: str, given: Given, saved: dict) -> bool:
@@ -60,11 +62,14 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     saved = saved_args(folder)
     check_resume_settings(given, saved, read_config(folder), folder.parent)
     differ = [flag for flag, name in SCORING_CHOICES if differs_from_saved(name, given, saved)]
-    if differ:
+    scored = [f for f, name in VALIDATION_CHOICES if differs_from_saved(name, given, saved)]
+    if differ or scored:
+        flags = differ + scored
+        what = "its batches and its validation" if differ else "its validation"
         print(
-            f"warning: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from "
-            "what the run was started with: its batches and its validation will differ "
-            "(best/ then compares losses measured otherwise)",
+            f"warning: {' and '.join(flags)} differ{'s' if len(flags) == 1 else ''} from "
+            f"what the run was started with: {what} will differ (best/ then compares "
+            "losses measured otherwise)",
             file=sys.stderr,
         )
     # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
