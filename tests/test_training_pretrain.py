@@ -1330,13 +1330,17 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
 
 
 def torchrun_ranks(
-    tmp_path: Path, args: list[str], **popen: object
+    tmp_path: Path,
+    args: list[str],
+    entry: tuple[str, ...] = ("-m", "training.pretrain"),
+    **popen: object,
 ) -> tuple[subprocess.CompletedProcess, dict[int, str]]:
-    """`training.pretrain` under torchrun on 2 CPU ranks: the run and each rank's stderr."""
+    """`training.pretrain` (or the script `entry` names) under torchrun on 2 CPU ranks:
+    the run and each rank's stderr."""
     logs = tmp_path / "torchrun-logs"
     torchrun = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
     torchrun += ["--log-dir", str(logs), "--redirects", "3"]  # each rank's output in a file
-    command = [*torchrun, "-m", "training.pretrain", *args]
+    command = [*torchrun, *entry, *args]
     with subprocess.Popen(
         command,
         cwd=REPO,
@@ -1778,11 +1782,39 @@ def test_best_holds_the_lowest_validation_loss_when_later_ones_are_higher(tmp_pa
     assert (best["step"], best["val_loss"]) == (lowest, evals[lowest])
 
 
+# Runs training.pretrain with each rank's first dropout mask written to mask-<rank>.pt
+# beside this script (a module hook observes; the trainer runs as it is).
+DROPOUT_OBSERVER = """
+import os, runpy, sys, torch
+def observe(module, inputs, output):
+    if isinstance(module, torch.nn.Dropout) and module.training and not os.path.exists(path):
+        torch.save((output == 0) & (inputs[0] != 0), path)
+path = os.path.join(os.path.dirname(__file__), f"mask-{os.environ['RANK']}.pt")
+torch.nn.modules.module.register_module_forward_hook(observe)
+sys.argv = ["training.pretrain", *sys.argv[1:]]
+runpy.run_module("training.pretrain", run_name="__main__")
+"""
+
+
+def test_under_torchrun_each_rank_draws_its_own_dropout_masks(tmp_path: Path) -> None:
+    # Every rank is seeded alike for the weights; dropping the same units on every rank
+    # would average one dropout noise over the ranks instead of independent ones.
+    script = tmp_path / "observe.py"
+    script.write_text(DROPOUT_OBSERVER, encoding="utf-8")
+    args = tiny_run(tmp_path, "--max-steps", "1", "--dropout", "0.3", "--dtype", "float32")
+    done, _ = torchrun_ranks(tmp_path, [*args, "--out-dir", str(tmp_path / "run")], (str(script),))
+    assert done.returncode == 0, done.stderr[-3000:]
+    masks = [torch.load(tmp_path / f"mask-{rank}.pt") for rank in (0, 1)]
+    assert all(0.2 < mask.float().mean() < 0.4 for mask in masks)
+    assert not torch.equal(masks[0], masks[1])
+
+
 def test_a_two_rank_run_resumed_on_two_ranks_goes_on_with_each_ranks_own_batches(
     tmp_path: Path,
 ) -> None:
     common = ["--log-interval", "1", "--save-interval", "100", "--dtype", "float32"]
-    common += ["--decay-steps", "4"]
+    # Dropout on: each rank's own dropout generator is restored too.
+    common += ["--decay-steps", "4", "--dropout", "0.3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     for logs, args in (
         ("a", tiny_run(tmp_path, *common, "--max-steps", "4", "--out-dir", str(straight))),

@@ -221,18 +221,33 @@ def next_token_loss(
 # ---------------------------------------------------------------- RNG state as plain tensors
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s torch generators (what dropout draws from) under DDP,
+    for a run of `seed` from `step`: independent of every other rank's and of the data
+    order's (seed * 1000 + rank)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
+def torch_rng_state(cuda: bool) -> dict:
+    """This process's torch generator states: the CPU's and, with `cuda`, the current
+    CUDA device's. What dropout draws from, so each rank has its own (rank_seed)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state()] if cuda else [],
+    }
+
+
 def rng_state(cuda: bool) -> dict:
     """Every RNG a training step may draw from; `cuda`: also the current CUDA device's.
 
-    That device's only: every rank's device generator is seeded alike and drawn from
-    alike, so rank 0's serves each rank on resume, on a machine with any number of GPUs
-    (a state per visible device did not restore where fewer are visible).
+    That device's only: each rank's device generator is its own, kept per rank
+    (`torch_rng_state`), so a state per visible device is not needed, and did not
+    restore where fewer are visible.
     """
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state()] if cuda else [],
+        **torch_rng_state(cuda),
         "numpy": {
             "kind": np_kind,
             "keys": torch.from_numpy(np_keys.astype(np.int64)),
@@ -315,6 +330,12 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
         torch.manual_seed(args.seed)
         self.model = Transformer(config).to(device)
+        if dist_info.rank:
+            # Every rank seeded alike for the weights; left so, dropout would drop the same
+            # units on every rank (each rank's row b, the same mask), and the averaged
+            # gradient would carry one rank's dropout noise. Rank 0 goes on with the seed's
+            # stream (a one-process run is unchanged); the others get their own.
+            torch.manual_seed(rank_seed(args.seed, dist_info.rank))
         self.optimizer = make_optimizer(self.model, args, device)
         self.batches = BatchSampler(
             data.train,
@@ -424,9 +445,22 @@ class Trainer:
                 f"{self.dist.world_size}; batches will differ from an uninterrupted run",
                 file=sys.stderr,
             )
-        set_rng_state(state["rng"], cuda=self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        set_rng_state(state["rng"], cuda=cuda)
+        ranks = state["rng"].get("ranks", [])
+        if len(ranks) == self.dist.world_size:  # each rank's own torch generators
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["torch"])
+            if cuda and own["cuda"]:
+                torch.cuda.set_rng_state(own["cuda"][0])
+        elif self.dist.rank:
+            # Saved by another number of ranks, or before each rank's were kept: rank 0's
+            # state was set above; this rank must still not draw the same dropout masks.
+            torch.manual_seed(rank_seed(self.args.seed, self.dist.rank, self.step))
 
-    def _training_state(self, generators: list[torch.Tensor], window_loss: float) -> dict:
+    def _training_state(
+        self, generators: list[torch.Tensor], rng_ranks: list[dict], window_loss: float
+    ) -> dict:
         return {
             "log_window": {"loss": window_loss, "steps": self.window_steps},
             "step": self.step,
@@ -436,7 +470,7 @@ class Trainer:
             "evals_since_best": self.evals_since_best,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(cuda=self.device.type == "cuda"),
+            "rng": {**rng_state(cuda=self.device.type == "cuda"), "ranks": rng_ranks},
             "data": {"generators": generators},
         }
 
@@ -465,19 +499,41 @@ class Trainer:
         dist.all_gather(states, mine)
         return states
 
+    def _gather_torch_rng(self) -> list[dict]:
+        """Every rank's `torch_rng_state` (collective: all ranks must call it)."""
+        mine = torch_rng_state(cuda=self.device.type == "cuda")
+        if not self.dist.enabled:
+            return [mine]
+        # One flat tensor per rank: the CPU generator's state, then the CUDA device's.
+        flat = torch.cat([mine["torch"], *mine["cuda"]])
+        states = [torch.empty_like(flat) for _ in range(self.dist.world_size)]
+        dist.all_gather(states, flat)
+        size = len(mine["torch"])
+        return [
+            {"torch": s[:size].clone(), "cuda": [s[size:].clone()] if mine["cuda"] else []}
+            for s in states
+        ]
+
     def save(self) -> Path | None:
         """Write step-XXXXXXX from rank 0 and prune old ones. Collective under DDP."""
         # The weights too: the update of the step being saved has had no loss of its own.
         self._check_finite(self.window_loss.item(), weights=True)
         generators = self._gather_generators()
+        rng_ranks = self._gather_torch_rng()
         window_loss = self._mean_over_ranks(self.window_loss)
         with self._rank0_writing():
-            folder = self._write_checkpoint(generators, window_loss) if self.dist.is_main else None
+            folder = (
+                self._write_checkpoint(generators, rng_ranks, window_loss)
+                if self.dist.is_main
+                else None
+            )
         self.saved_at = self.step
         return folder
 
-    def _write_checkpoint(self, generators: list[torch.Tensor], window_loss: float) -> Path:
-        state, meta = self._training_state(generators, window_loss), self._meta()
+    def _write_checkpoint(
+        self, generators: list[torch.Tensor], rng_ranks: list[dict], window_loss: float
+    ) -> Path:
+        state, meta = self._training_state(generators, rng_ranks, window_loss), self._meta()
         extra = {
             TRAINING_STATE: lambda path: save_state(state, path),
             TRAINER_META: lambda path: write_json(path, meta),
