@@ -743,6 +743,22 @@ def test_an_unexpected_failure_is_a_500_in_the_envelope_and_counted(tmp_path):
         assert samples[("pocketgpt_requests_total", (("status", "500"),))] == 1
 
 
+def test_an_unexpected_failure_is_logged_once(tmp_path, capfd):
+    settings = Settings(checkpoint=random_checkpoint(tmp_path, english_tokenizer()))
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/generate", broken, methods=["PUT"])
+    with running_server(settings, app=app) as url:
+        assert httpx.put(f"{url}/v1/generate").status_code == 500
+    # The server has stopped: whatever it logged for the request is written.
+    log = capfd.readouterr().err
+    assert log.count("Traceback") == 1, log
+    assert log.count("RuntimeError: a bug") == 1, log
+
+
 def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
     settings = Settings(checkpoint=tmp_path / "missing")  # create_app defers loading
     with running_server(settings, expect_ready=False) as url:
