@@ -1802,11 +1802,19 @@ def test_under_torchrun_each_rank_draws_its_own_dropout_masks(tmp_path: Path) ->
     script = tmp_path / "observe.py"
     script.write_text(DROPOUT_OBSERVER, encoding="utf-8")
     args = tiny_run(tmp_path, "--max-steps", "1", "--dropout", "0.3", "--dtype", "float32")
-    done, _ = torchrun_ranks(tmp_path, [*args, "--out-dir", str(tmp_path / "run")], (str(script),))
-    assert done.returncode == 0, done.stderr[-3000:]
-    masks = [torch.load(tmp_path / f"mask-{rank}.pt") for rank in (0, 1)]
-    assert all(0.2 < mask.float().mean() < 0.4 for mask in masks)
-    assert not torch.equal(masks[0], masks[1])
+    alone = tmp_path / "alone"
+    assert pretrain.main([*args, "--out-dir", str(alone)]) == 0
+    for run in (
+        [*args, "--out-dir", str(tmp_path / "run")],  # a new run
+        ["--resume", str(alone), "--max-steps", "2"],  # one process's state: no rank's own
+    ):
+        done, _ = torchrun_ranks(tmp_path, run, (str(script),))
+        assert done.returncode == 0, done.stderr[-3000:]
+        masks = [torch.load(path) for path in sorted(tmp_path.glob("mask-*.pt"))]
+        assert len(masks) == 2 and all(0.2 < mask.float().mean() < 0.4 for mask in masks)
+        assert not torch.equal(masks[0], masks[1])
+        for path in tmp_path.glob("mask-*.pt"):
+            path.unlink()
 
 
 def test_a_two_rank_run_resumed_on_two_ranks_goes_on_with_each_ranks_own_batches(
