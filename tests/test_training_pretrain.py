@@ -437,11 +437,19 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     # otherwise.
     back = ["--resume", str(run), "--max-steps", "4", "--val-fraction", "0.3", "--block-size", "16"]
     assert pretrain.main(back) == 0
+    err = capsys.readouterr().err
     assert (
-        "warning: --val-fraction and --block-size differ from what the run was started with: "
-        "its batches and its validation will differ (best/ then compares losses measured "
-        "otherwise)" in capsys.readouterr().err
+        "warning: --block-size differs from what the run was started with: its batches and "
+        "its validation will differ (best/ then compares losses measured otherwise)\n" in err
     )
+    # The text a --val-fraction chooses is judged once read: the split moved, both differ.
+    assert re.search(
+        r"warning: --val-fraction differs from what the run was started with \(training "
+        r"text: [\d,]+ bytes then, [\d,]+ now; validation text: [\d,]+ bytes then, [\d,]+ "
+        r"now\): its batches differ and its validation differs \(best/ then compares losses "
+        r"measured otherwise\)\n",
+        err,
+    ), err
     # One step, short of a log interval: logged as the run's last, with its evaluation.
     last, train = read_log(run, "eval")[4], read_log(run, "train")[4]
     assert (last["train_loss"], last["tokens_per_s"]) == (train["loss"], train["tokens_per_s"])

@@ -61,7 +61,16 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     settings given now (those that may change: check_resume_settings)."""
     saved = saved_args(folder)
     check_resume_settings(given, saved, read_config(folder), folder.parent)
-    differ = [flag for flag, name in SCORING_CHOICES if differs_from_saved(name, given, saved)]
+    # Other text choices are judged by the text they read once it is read, where the
+    # checkpoint recorded its splits' hashes (changed_text_note): the same files at a new
+    # path (a moved mount) are no other text.
+    recorded = _recorded_splits(folder)
+    judged_later = TEXT_CHOICES if recorded is not None and _hashed(recorded) else ()
+    differ = [
+        flag
+        for flag, name in SCORING_CHOICES
+        if differs_from_saved(name, given, saved) and (flag, name) not in judged_later
+    ]
     scored = [f for f, name in VALIDATION_CHOICES if differs_from_saved(name, given, saved)]
     if differ or scored:
         flags = differ + scored
@@ -116,17 +125,31 @@ def check_run_init_from(given: Given, started_from: object, if_missing: Path | N
     )
 
 
+def _recorded_splits(folder: Path) -> dict[str, dict] | None:
+    """The train and val splits the checkpoint in `folder` recorded, as prepare() counts
+    them (sizes; their sha256 too since 2026-12-05), None if it recorded none."""
+    recorded = trainer_meta(folder).get("data")
+    if not isinstance(recorded, dict):
+        return None
+    splits = {split: recorded.get(split) for split in ("train", "val")}
+    return splits if all(isinstance(s, dict) for s in splits.values()) else None
+
+
+def _hashed(splits: dict[str, dict]) -> bool:
+    return all(split.get("sha256") for split in splits.values())
+
+
 def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
     """A warning when the text a run resumed from `resumed` reads now (its splits as
-    prepare() counts and hashes them: `splits`) is not the text it was saved on, though
-    named as then: files under --data edited, added or removed. None if the splits
-    match, if the checkpoint recorded none, or if other settings choosing the text were
-    given (resumed_args warned of those)."""
+    prepare() counts and hashes them: `splits`) is not the text it was saved on: other
+    --data, --val-data or --val-fraction given, or files under the same --data edited,
+    added or removed. None if the splits match (other paths to the same text included),
+    if the checkpoint recorded none, or if other settings were given and it recorded no
+    hashes to judge them by (resumed_args warned of those)."""
+    recorded = _recorded_splits(resumed)
     saved = saved_args(resumed)
-    if any(differs_from_saved(name, given, saved) for _, name in TEXT_CHOICES):
-        return None
-    recorded = trainer_meta(resumed).get("data")
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
+    flags = [flag for flag, name in TEXT_CHOICES if differs_from_saved(name, given, saved)]
+    if recorded is None or (flags and not _hashed(recorded)):
         return None
     changed = []
     for split, text, consequence in (
@@ -137,21 +160,24 @@ def changed_text_note(resumed: Path, splits: dict, given: Given) -> str | None:
             "its validation differs (best/ then compares losses measured otherwise)",
         ),
     ):
-        then = recorded.get(split) if isinstance(recorded.get(split), dict) else {}
-        now = splits[split]
+        then, now = recorded[split], splits[split]
         differ = [n for n in ("bytes", "documents", "tokens") if then.get(n) != now[n]]
         if differ:  # said by the first measure that differs
             measure, was = differ[0], then.get(differ[0])
             was = f"{was:,}" if isinstance(was, int) else "?"
             sizes = f"{was} {measure} then, {now[measure]:,} now"
             changed.append((f"{text} text: {sizes}", consequence))
-        # (Checkpoints saved before the hash was recorded have none: sizes alone.)
+        # (Checkpoints saved before the hash was recorded, or a token cache made by other
+        # means, have none: sizes alone.)
         elif then.get("sha256") and now.get("sha256") and then["sha256"] != now["sha256"]:
             changed.append((f"{text} text: the same size, not the same text", consequence))
     if not changed:
         return None
     what = "; ".join(change for change, _ in changed)
     consequences = " and ".join(consequence for _, consequence in changed)
+    if flags:
+        named = " and ".join(flags) + (" differs" if len(flags) == 1 else " differ")
+        return f"warning: {named} from what the run was started with ({what}): {consequences}"
     return f"warning: the text has changed since {resumed.name} was saved ({what}): {consequences}"
 
 
