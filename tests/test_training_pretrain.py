@@ -1025,6 +1025,9 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
     finally:
         process.kill()
         process.communicate()
+    other = run / "tensorboard" / "other-experiment" / "events.out.tfevents.1.host"
+    other.parent.mkdir()
+    other.write_bytes(b"not this run's")
     assert pretrain.main(tiny_run(tmp_path, "--if-missing", "--max-steps", "2", *flags)) == 0
     said = "holds a run stopped before its first checkpoint; starting it over (--if-missing)"
     assert said in capsys.readouterr().out
@@ -1032,6 +1035,7 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
     # The run started over logs afresh in TensorBoard too, as in log.jsonl: the killed
     # run's steps are not drawn beside its own.
     assert tensorboard_steps(run) == sorted(read_log(run, "train")) == [2]
+    assert other.read_bytes() == b"not this run's"  # what is not the writer's own is kept
 
     # Its step folders deleted, best/ kept (to serve): neither a new run nor --resume.
     shutil.rmtree(run / "step-0000002")

@@ -917,16 +917,19 @@ class Trainer:
 def _tensorboard_writer(out_dir: Path, step: int):
     """A writer into the run's tensorboard/; resumed at `step`, it hides the scalars of
     later steps a kill lost (as log.jsonl drops them). A fresh run (step 0) starts it
-    afresh, as it does log.jsonl: what is there is a run's that was killed before its
-    first checkpoint (--if-missing starts it over), whose scalars would be drawn beside
-    this run's. Removed, not purged: TensorBoard orders event files by their names,
-    which hold the second they were made, so a purge in a file of the same second may
-    be read before the scalars it is to hide."""
+    afresh, as it does log.jsonl: the event files there are a run's that was killed
+    before its first checkpoint (--if-missing starts it over), whose scalars would be
+    drawn beside this run's. Removed, not purged: TensorBoard orders event files by
+    their names, which hold the second they were made, so a purge in a file of the same
+    second may be read before the scalars it is to hide. Only the writer's own files
+    (subfolders, e.g. a user's other experiments, are not this run's)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
     folder = out_dir / "tensorboard"
     if not step:
-        shutil.rmtree(folder, ignore_errors=True)
+        for events in folder.glob("events.out.tfevents.*"):
+            with contextlib.suppress(OSError):
+                events.unlink()
     return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
