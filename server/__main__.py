@@ -124,14 +124,28 @@ def check_cpu_memory(
     cache = per_slot_token * settings.max_batch * config.max_seq_len
     if available is None or weights + cache <= available:
         return
+    offered = f"at most {format_size(available)} is available"
+    if weights >= available:
+        smaller = (
+            f"with {setting_source('dtype', given)} bfloat16, or " if dtype.itemsize > 2 else ""
+        )
+        raise ValueError(
+            f"the weights alone need {format_size(weights)} in {str(dtype).removeprefix('torch.')}"
+            f", and {offered}: serve {smaller}on a machine with more memory"
+        )
     batch, context = setting_source("max_batch", given), setting_source("max_context", given)
-    fits = (available - weights) // (per_slot_token * settings.max_batch)
-    remedy = f"lower {batch}" + (f", or {context} to at most {fits:,}" if fits >= 1 else "")
+    room = available - weights
+    # What fits of each, the other left as it is.
+    fitting = {
+        batch: room // (per_slot_token * config.max_seq_len),
+        context: room // (per_slot_token * settings.max_batch),
+    }
+    remedies = [f"{name} to at most {fits:,}" for name, fits in fitting.items() if fits >= 1]
+    remedy = "lower " + (", or ".join(remedies) if remedies else f"{batch} and {context}")
     raise ValueError(
         f"the KV cache for {batch} {settings.max_batch} x a context of "
         f"{config.max_seq_len:,} tokens needs {format_size(cache)} (the weights "
-        f"{format_size(weights)} more), and at most {format_size(available)} is available: "
-        f"{remedy}"
+        f"{format_size(weights)} more), and {offered}: {remedy}"
     )
 
 

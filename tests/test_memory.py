@@ -7,9 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import memory
 from model.config import ModelConfig
+from server.__main__ import check_cpu_memory
+from server.settings import Settings
 from training.memory import shortfall
 
 GIB = 1024**3
@@ -66,3 +69,41 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
         "for its weights, gradients and muon state, and at most 64.00 MiB is available: run "
         "it on a machine with more memory"
     )
+
+
+@pytest.mark.parametrize(
+    ("context", "max_batch", "remedy"),
+    [
+        # 18 KiB per slot and token (`small`, float32): 32 slots of 1,024 tokens fit in 9 GiB.
+        (1024, 32, None),
+        # One slot of 2^22 tokens needs 72 GiB: the context is what to lower.
+        (2**22, 32, "lower --max-context to at most 16,301"),
+        # 288 GiB: 15 slots of 2^15 tokens fit, or 512 slots of 1,018.
+        (2**15, 512, "lower --max-batch to at most 15, or --max-context to at most 1,018"),
+    ],
+)
+def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
+    system: Path, context: int, max_batch: int, remedy: str | None
+) -> None:
+    config = ModelConfig.from_preset("small", vocab_size=4096, max_seq_len=context)
+    settings = Settings(checkpoint=system, max_batch=max_batch, dtype="float32")
+    if remedy is None:
+        check_cpu_memory(settings, {}, config, torch.device("cpu"))
+        return
+    with pytest.raises(ValueError, match="is available: ") as refused:
+        check_cpu_memory(settings, {}, config, torch.device("cpu"))
+    assert str(refused.value).endswith(f"is available: {remedy}"), refused.value
+
+
+def test_the_server_refuses_weights_past_what_is_available_whatever_its_cache(
+    system: Path,
+) -> None:
+    huge = ModelConfig.from_preset("base", vocab_size=4096).replace(dim=24576, n_layers=64)
+    for dtype, remedy in (
+        ("float32", "serve with --dtype bfloat16, or on a machine with more memory"),
+        ("bfloat16", "serve on a machine with more memory"),
+    ):
+        settings = Settings(checkpoint=system, dtype=dtype)
+        with pytest.raises(ValueError, match="the weights alone need") as refused:
+            check_cpu_memory(settings, {}, huge, torch.device("cpu"))
+        assert str(refused.value).endswith(remedy), refused.value
