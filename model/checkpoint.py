@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from model.atomic_files import fsync_path, is_temporary, replace_dir, write_json, write_text_atomic
 from model.config import ModelConfig
@@ -440,6 +440,13 @@ def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{template}: unreadable ({e})") from None
     return TokenizerExtras(fields, chat_template)
+
+
+def crlf_as_newline() -> normalizers.Normalizer:
+    """The normalizer of the tokenizers the trainer writes: CRLF read as "\n", as the
+    trainer reads its text files (training/corpus.py), so that a CRLF prompt is the text
+    the model learned, in the server and in transformers alike."""
+    return normalizers.Replace("\r\n", "\n")
 
 
 def text_literally(tokenizer: Tokenizer) -> Tokenizer:

@@ -23,11 +23,14 @@ from server_harness import (
     wait_until,
 )
 from starlette.responses import StreamingResponse
+from tokenizers import Tokenizer, normalizers
 
+from model.checkpoint import crlf_as_newline
 from model.token_bytes import token_bytes
 from server.app import create_app
-from server.protocol import StreamChunk
+from server.protocol import ApiError, GenerateRequest, StreamChunk
 from server.settings import Settings
+from server.validation import Validator
 
 API_KEY = "test-key-0123456789"
 BODY_LIMIT = 4096
@@ -300,6 +303,32 @@ def test_prompt_too_long_in_bytes_alone_is_400_before_it_is_tokenized(tmp_path):
             message = assert_error(response, 400, "context_length_exceeded")
             assert (f"{len(prompt)} bytes" in message) is refused_by_bytes, message
             assert ("at least" in message) is refused_by_bytes, message
+
+
+@pytest.mark.parametrize(
+    ("normalizer", "refused_by_bytes"),
+    [
+        ("the trainer's", False),  # CRLF read as "\n": its bytes counted as tokenized
+        ("another", False),  # the same reading, as any normalizer: run to count them
+        ("none", True),  # every byte is tokenized: more than could fit
+    ],
+)
+def test_a_long_crlf_prompt_is_measured_as_the_tokenizer_reads_it(
+    normalizer: str, refused_by_bytes: bool
+) -> None:
+    tokenizer = Tokenizer.from_str(english_tokenizer().to_str())  # a copy: that one is shared
+    tokenizer.normalizer = {
+        "the trainer's": tokenizer.normalizer,
+        "another": normalizers.Sequence([crlf_as_newline()]),
+        "none": None,
+    }[normalizer]
+    table = token_bytes(tokenizer)
+    validator = Validator(tokenizer, table, max_context=CONTEXT, bos_id=0)
+    prompt = "\r\n" * (CONTEXT * max(map(len, table)) // 2 + 1)  # fits only as "\n"s
+    with pytest.raises(ApiError) as refused:
+        validator.validate(GenerateRequest(prompt=prompt, max_tokens=1))
+    assert refused.value.status_code == 400
+    assert ("at least" in refused.value.message) is refused_by_bytes, refused.value.message
 
 
 def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_answer(client):

@@ -16,13 +16,12 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
-    normalizers,
     pre_tokenizers,
     processors,
     trainers,
 )
 
-from model.checkpoint import END_OF_TEXT, text_literally
+from model.checkpoint import END_OF_TEXT, crlf_as_newline, text_literally
 
 MIN_VOCAB = 256 + 1  # every byte plus <|endoftext|>
 
@@ -34,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     # In tokenizer.json, so the server and transformers read a CRLF prompt as the trainer
     # reads a CRLF file: a model trained here never saw "\r".
-    tokenizer.normalizer = normalizers.Replace("\r\n", "\n")
+    tokenizer.normalizer = crlf_as_newline()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
