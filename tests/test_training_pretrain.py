@@ -1822,7 +1822,7 @@ def test_under_torchrun_each_rank_draws_its_own_dropout_masks(tmp_path: Path) ->
     ):
         done, _ = torchrun_ranks(tmp_path, run, (str(script),))
         assert done.returncode == 0, done.stderr[-3000:]
-        masks = [torch.load(path) for path in sorted(tmp_path.glob("mask-*.pt"))]
+        masks = [torch.load(p, weights_only=True) for p in sorted(tmp_path.glob("mask-*.pt"))]
         assert len(masks) == 2 and all(0.2 < mask.float().mean() < 0.4 for mask in masks)
         assert not torch.equal(masks[0], masks[1])
         for path in tmp_path.glob("mask-*.pt"):
