@@ -297,8 +297,8 @@ class EnvelopeH11Protocol(H11Protocol):
 
 class QuietProbes(logging.Filter):
     """Keeps answered health checks and metric scrapes (Docker's and Prometheus's every
-    5 s with docker compose) out of the access log, where they would bury the requests; a probe that
-    got an error is still logged. `--log-level debug` logs them all."""
+    5 s with docker compose) out of the access log, where they would bury the requests;
+    a probe that got an error is still logged. `--log-level debug` logs them all."""
 
     PATHS = frozenset({"/health", "/metrics"})
 
