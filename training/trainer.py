@@ -490,24 +490,23 @@ class Trainer:
             "args": self.args.to_dict(),
         }
 
-    def _gather_generators(self) -> list[torch.Tensor]:
-        """Every rank's data generator state (collective: all ranks must call it)."""
-        mine = self.batches.generator.get_state()
+    def _gathered(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `mine`, a CPU tensor of one shape on all (collective under DDP)."""
         if not self.dist.enabled:
             return [mine]
         states = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
         dist.all_gather(states, mine)
         return states
 
+    def _gather_generators(self) -> list[torch.Tensor]:
+        """Every rank's data generator state (collective: all ranks must call it)."""
+        return self._gathered(self.batches.generator.get_state())
+
     def _gather_torch_rng(self) -> list[dict]:
         """Every rank's `torch_rng_state` (collective: all ranks must call it)."""
         mine = torch_rng_state(cuda=self.device.type == "cuda")
-        if not self.dist.enabled:
-            return [mine]
         # One flat tensor per rank: the CPU generator's state, then the CUDA device's.
-        flat = torch.cat([mine["torch"], *mine["cuda"]])
-        states = [torch.empty_like(flat) for _ in range(self.dist.world_size)]
-        dist.all_gather(states, flat)
+        states = self._gathered(torch.cat([mine["torch"], *mine["cuda"]]))
         size = len(mine["torch"])
         return [
             {"torch": s[:size].clone(), "cuda": [s[size:].clone()] if mine["cuda"] else []}
