@@ -219,15 +219,20 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
     assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
 
 
+def with_context_of(checkpoint: Path, positions: int, folder: Path) -> Path:
+    """A copy of `checkpoint` in `folder` whose config.json says `positions` of context."""
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": positions}))
+    return folder
+
+
 def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     checkpoint, tmp_path
 ):
     # A long-context model at the default --max-batch: the zeroed cache was an exit 137
     # from the kernel's OOM killer, with no word.
-    long = tmp_path / "long"
-    shutil.copytree(checkpoint, long)
-    config = json.loads((long / "config.json").read_text())
-    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2**24}))
+    long = with_context_of(checkpoint, 2**24, tmp_path / "long")
     refused = run_server("--checkpoint", str(long), env={"POCKETGPT_MAX_BATCH": "1024"})
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
@@ -249,10 +254,7 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
 
 
 def test_max_context_serves_a_long_context_model_within_it(checkpoint, tmp_path):
-    long = tmp_path / "long"
-    shutil.copytree(checkpoint, long)
-    config = json.loads((long / "config.json").read_text())
-    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2**24}))
+    long = with_context_of(checkpoint, 2**24, tmp_path / "long")
     with served(long, "--max-context", "64", "--max-batch", "1024") as (_, url):
         (card,) = httpx.get(f"{url}/v1/models").json()["data"]
         assert card["max_context"] == 64
