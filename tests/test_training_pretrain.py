@@ -972,6 +972,35 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert meta(run)["step"] == stopped + 2
 
 
+def test_sigterm_while_evaluating_stops_the_evaluation_and_saves_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A whole validation split can take a minute to score: a signal must not wait for it
+    # (`docker stop` kills the trainer 10 s after its SIGTERM, before any save).
+    run = tmp_path / "run"
+    scored: list[int] = []
+
+    def sigterm_on_first_scored_batch(module: torch.nn.Module, inputs: tuple) -> None:
+        if type(module).__name__ == "Transformer" and not module.training:  # evaluating
+            scored.append(inputs[0].shape[0])
+            if len(scored) == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", "3"]
+    flags += ["--save-interval", "3", "--out-dir", str(run)]
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(sigterm_on_first_scored_batch)
+    try:
+        assert pretrain.main(tiny_run(tmp_path, *LONG_RUN, *flags)) == 0
+    finally:
+        hook.remove()
+    out = capsys.readouterr().out
+    assert "step 3: evaluation stopped by a signal" in out
+    assert "stopped at step 3 (signal)" in out and "sample:" not in out
+    assert scored == [16]  # one batch of the split's windows, not the rest
+    assert meta(run)["step"] == 3 and meta(run)["stopped_by"] == "signal"
+    assert read_log(run, "eval") == {} and not (run / "best").exists()
+
+
 def test_a_kill_once_best_is_written_leaves_a_run_if_missing_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

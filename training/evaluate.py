@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class EvalResult:
     bytes: int  # UTF-8 bytes those tokens stand for
 
 
+class EvaluationStopped(Exception):
+    """`evaluate_stream`'s `stop` said yes before the last batch."""
+
+
 @torch.no_grad()
 def evaluate_stream(
     model: nn.Module,
@@ -60,10 +65,13 @@ def evaluate_stream(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     progress: str | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Loss and bpb of `model` predicting every token of `tokens` after the first.
 
     progress: a label for a progress bar over the tokens (`progress_bar`).
+    stop: asked before each batch; when it says yes, EvaluationStopped is raised (the
+    trainer's SIGTERM must not wait for a whole validation split before its save).
     """
     was_training = model.training
     model.eval()
@@ -78,17 +86,21 @@ def evaluate_stream(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with progress_bar(progress, len(tokens) - 1, "tok") as bar:
-        for batch in filter(None, batches):
-            x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
-            y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
-            positions = torch.arange(x.shape[1], device=device).expand_as(x)
-            with autocast:
-                logits = model(x, positions)  # [B, T, V]
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-            total += nats.double()
-            bar.update(x.numel())
-    model.train(was_training)
+    try:
+        with progress_bar(progress, len(tokens) - 1, "tok") as bar:
+            for batch in filter(None, batches):
+                if stop is not None and stop():
+                    raise EvaluationStopped
+                x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
+                y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
+                positions = torch.arange(x.shape[1], device=device).expand_as(x)
+                with autocast:
+                    logits = model(x, positions)  # [B, T, V]
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                total += nats.double()
+                bar.update(x.numel())
+    finally:
+        model.train(was_training)
     n_tokens = len(tokens) - 1
     n_bytes = int(byte_lengths[np.asarray(tokens[1:], dtype=np.int64)].sum())
     nats = total.item()

@@ -61,7 +61,7 @@ from model.sampling import BatchParams, SamplingParams, sample
 from model.transformer import Transformer
 from training.args import TrainArgs
 from training.data import BatchSampler
-from training.evaluate import EvalResult, evaluate_stream
+from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
 from training.prepare import PreparedData, bar_output, token_byte_lengths
 
@@ -584,6 +584,7 @@ class Trainer:
             device=self.device,
             # In fp32 on CPU, as `training.evaluate` scores there, so the two agree.
             autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
+            stop=lambda: self.stop_signal is not None,
         )
         self.last_val = result
         if self.best_val is None or result.loss < self.best_val:
@@ -723,7 +724,8 @@ class Trainer:
         with self._rank0_writing():
             if improved:
                 self._keep_best()
-            if improved is not None and self.dist.is_main and self.args.sample_tokens:
+            sampling = self.args.sample_tokens and self.stop_signal is None
+            if improved is not None and self.dist.is_main and sampling:
                 bar.write(f"sample: {self.preview()!r}")
         return checkpoint
 
@@ -731,8 +733,13 @@ class Trainer:
         """Evaluate and log (with `train_loss`, the training steps' since the last
         train record); whether the loss is best/'s to keep (lower than its own), or
         None if it is not finite (the weights are lost: _check_finite stops the run,
-        nothing is kept or sampled)."""
-        result = self.evaluate()
+        nothing is kept or sampled). A signal stops the evaluation where it is (nothing
+        logged): the save it asks for comes next."""
+        try:
+            result = self.evaluate()
+        except EvaluationStopped:
+            bar.write(f"step {self.step}: evaluation stopped by a signal")
+            return False
         if not math.isfinite(result.loss):
             return None
         self._log(
@@ -808,20 +815,25 @@ class Trainer:
                 self.window_steps = 0
                 self.window_started, self.window_tokens = time.perf_counter(), 0
             paused_at = time.perf_counter()
-            stopping = False
+            reason = None
             if self.step % args.eval_interval == 0:
                 self._eval_and_report(bar)
                 self._check_finite(self.window_loss.item())
-                stopping = self._early_stop()
+                reason = "early_stopping" if self._early_stop() else None
             saved = self.saved_at == self.step  # by the evaluation, this step
             periodic = self.step % args.save_interval == 0 and self.step < args.max_steps
-            if periodic and not saved and not stopping:  # train() saves a stopped run
-                self.save()
+            if periodic and not saved and reason is None:
+                # train() saves a stopped run, saying why: a signal or the clock due now
+                # skips this save (the same write twice would spend a `docker stop`'s
+                # grace).
+                reason, _ = self._should_stop()
+                if reason is None:
+                    self.save()
             # tokens/s is the training steps' rate: evaluating and saving are not counted
             # (nor, stopping early, in the record train() logs for the last steps).
             self.window_started += time.perf_counter() - paused_at
-            if stopping:
-                return "early_stopping"
+            if reason:
+                return reason
         return "max_steps"
 
     def _log_window(self, bar: tqdm) -> None:
