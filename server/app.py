@@ -153,7 +153,14 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
     max_context = model.config.max_seq_len
     return Serving(
         engine,
-        Validator(files.tokenizer, files.token_table, max_context, files.eos_id, files.defaults),
+        Validator(
+            files.tokenizer,
+            files.token_table,
+            max_context,
+            files.eos_id,
+            files.defaults,
+            context_limited=settings.max_context is not None,
+        ),
         model_name(settings),
         max_context,
         settings.stream_interval,

@@ -73,7 +73,7 @@ class GenerateRequest(BaseModel):
         ge=1,
         description="tokens to generate at most; none (or null): the checkpoint's "
         f"generation_config.json max_new_tokens, else {DEFAULT_MAX_TOKENS}, or what the "
-        "model's context leaves after the prompt, whichever is less",
+        "context (the model's, or --max-context) leaves after the prompt, whichever is less",
     )
     # Left out, these four (and max_tokens) take the checkpoint's generation_config.json
     # values if it sets them (server/validation.py), else the defaults here.

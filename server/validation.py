@@ -180,9 +180,13 @@ class Validator:
         max_context: int,
         bos_id: int,
         defaults: dict[str, float | int] | None = None,
+        *,
+        context_limited: bool = False,
     ) -> None:
+        """context_limited: `max_context` is the server's --max-context, not the model's."""
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.context_name = "served context" if context_limited else "model's context"
         self.bos_id = bos_id
         self.defaults = defaults or {}
         self.default_max_tokens = self.defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
@@ -253,7 +257,7 @@ class Validator:
         return self.defaults.get(name, getattr(body, name))
 
     def _too_long(self, prompt: str, max_tokens: int | None) -> NoReturn:
-        context = f"the model's context of {self.max_context} tokens"
+        context = f"the {self.context_name} of {self.max_context} tokens"
         raise ApiError(
             400,
             "context_length_exceeded",

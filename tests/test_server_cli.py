@@ -266,7 +266,7 @@ def test_max_context_serves_a_long_context_model_within_it(checkpoint, tmp_path)
         assert events[-1]["usage"]["total_tokens"] == 64
         one_more = httpx.post(f"{url}/v1/generate", json=body | {"max_tokens": 65 - len(prompt)})
         assert one_more.status_code == 400
-        assert "context of 64 tokens" in one_more.json()["error"]["message"]
+        assert "exceeds the served context of 64 tokens" in one_more.json()["error"]["message"]
     # The same tokens as the whole model's greedy decoding (full forwards, no cache).
     model, ids = load_model(checkpoint), list(prompt)
     with torch.no_grad():
