@@ -17,10 +17,12 @@ from training.args import (
     DEFAULT_STEPS,
     MAX_SEED,
     UNLIMITED_STEPS,
+    Given,
     TrainArgs,
     UsageError,
     budget_summary,
     build_parser,
+    check_resume_settings,
     compile_pays_off,
     default_steps,
     explicit_settings,
@@ -297,6 +299,25 @@ def test_a_switch_alone_is_true_takes_true_or_false_and_has_a_no_form() -> None:
         explicit_settings(["--compile", "maybe"], {})
     with pytest.raises(UsageError, match="unrecognized arguments: true"):
         explicit_settings(["--no-compile", "true"], {})
+
+
+def test_resume_takes_the_preset_auto_chose_and_refuses_another(tmp_path: Path) -> None:
+    # `auto` boxed under 10 minutes trains mini on AMX (tiny elsewhere): the preset it
+    # chose, named on --resume (with any shape flags the run was started with), repeats
+    # the run's model, as it would for a run started with it.
+    config = ModelConfig.from_preset("mini", n_kv_heads=2, vocab_size=384)
+    saved = {"preset": "auto", "n_kv_heads": 2, "out_dir": str(tmp_path)}
+
+    def check(values: dict) -> None:
+        check_resume_settings(Given(values, {}), saved, config, tmp_path)
+
+    check({"preset": "mini", "n_kv_heads": 2})
+    check({"preset": "mini"})  # the run's --n-kv-heads 2 is saved
+    check({"preset": "auto"})
+    refused = r"--resume continues the run's model and tokenizer: drop --preset$"
+    for other in ({"preset": "small"}, {"preset": "tiny"}):
+        with pytest.raises(UsageError, match=refused):
+            check(other)
 
 
 def test_init_from_takes_the_preset_and_shape_flags_the_checkpoint_was_trained_with() -> None:

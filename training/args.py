@@ -510,7 +510,8 @@ def with_checkpoint_shape(
         (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
         "auto",
     )
-    if args.preset in PRESETS and _builds_shape(args, args.preset, shape):
+    given_shape = {n: getattr(args, n) for n in SHAPE_FIELDS}
+    if args.preset in PRESETS and _builds_shape(args.preset, given_shape, shape):
         # The pretraining command repeated: `--preset tiny --n-kv-heads 4` names the
         # shape of a model trained so, and its preset's lr and batch size apply.
         preset = args.preset
@@ -531,9 +532,12 @@ def with_checkpoint_shape(
     )
 
 
-def _builds_shape(args: TrainArgs, preset: str, shape: Mapping[str, object]) -> bool:
-    """Whether `preset` with the shape flags given in `args` builds the model `shape`."""
-    overrides = {n: getattr(args, n) for n in SHAPE_FIELDS if getattr(args, n) is not None}
+def _builds_shape(
+    preset: str, given_shape: Mapping[str, object], shape: Mapping[str, object]
+) -> bool:
+    """Whether `preset` with the shape flags given (`given_shape`: field -> value, None
+    where not given) builds the model `shape`."""
+    overrides = {n: v for n, v in given_shape.items() if v is not None}
     try:
         built = ModelConfig.from_preset(preset, **overrides)
     except ValueError:  # a shape that cannot be: not the checkpoint's
@@ -564,6 +568,11 @@ def check_resume_settings(
         # Absolute both: runs saved before paths were made absolute hold them as given.
         if as_saved(name, settings[name]) == as_saved(name, saved.get(name)):
             return False
+        if name == "preset" and saved.get(name) == "auto" and settings[name] in PRESETS:
+            # The preset `auto` chose, named (with the run's shape flags): no change.
+            shape = {n: getattr(config, n) for n in SHAPE_FIELDS}
+            given_shape = {n: settings.get(n, saved.get(n)) for n in SHAPE_FIELDS}
+            return not _builds_shape(settings[name], given_shape, shape)
         # A shape the preset chose is saved as None: the model's own value is no change.
         return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)
 
