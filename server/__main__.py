@@ -102,36 +102,41 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
                 f"the checkpoint's context of {config.max_seq_len} tokens"
             )
         config = config.replace(max_seq_len=settings.max_context)
-    if device.type == "cpu":
-        check_cpu_memory(settings, given, config, device)
+    check_memory(settings, given, config, device)
 
 
-def check_cpu_memory(
+def check_memory(
     settings: Settings, given: dict[str, str], config: ModelConfig, device: torch.device
 ) -> None:
     """That the weights and the KV cache (zeroed at start-up) fit in what the system may
-    give: past it, Linux kills the process with no word (exit 137), and a long-context
-    model at the default --max-batch can ask for many times the machine (a CUDA device
-    refuses an allocation it cannot make: an error, as any failure to load)."""
+    give, or the GPU has free: past it, Linux kills the process with no word (exit 137),
+    CUDA fails in the loading, and a long-context model at the default --max-batch can
+    ask for many times the machine. Refused, the line says what fits."""
     from model.kv_cache import KVCache
     from model.memory import available_memory, format_size
     from server.app import resolve_dtype
 
-    available = available_memory()
+    if device.type == "cuda":
+        import torch
+
+        available, _ = torch.cuda.mem_get_info(device)
+        offered, machine = f"{format_size(available)} is free on {device}", "GPU"
+    else:
+        available, machine = available_memory(), "machine"
+        offered = f"at most {format_size(available or 0)} is available"
     dtype = resolve_dtype(settings.dtype, device)
     weights = config.num_parameters() * dtype.itemsize
     per_slot_token = KVCache.bytes_per_token(config, dtype)
     cache = per_slot_token * settings.max_batch * config.max_seq_len
     if available is None or weights + cache <= available:
         return
-    offered = f"at most {format_size(available)} is available"
     if weights >= available:
         smaller = (
             f"with {setting_source('dtype', given)} bfloat16, or " if dtype.itemsize > 2 else ""
         )
         raise ValueError(
             f"the weights alone need {format_size(weights)} in {str(dtype).removeprefix('torch.')}"
-            f", and {offered}: serve {smaller}on a machine with more memory"
+            f", and {offered}: serve {smaller}on a {machine} with more memory"
         )
     batch, context = setting_source("max_batch", given), setting_source("max_context", given)
     room = available - weights

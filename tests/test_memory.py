@@ -11,7 +11,7 @@ import torch
 
 from model import memory
 from model.config import ModelConfig
-from server.__main__ import check_cpu_memory
+from server.__main__ import check_memory
 from server.settings import Settings
 from training.memory import shortfall
 
@@ -88,10 +88,10 @@ def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
     config = ModelConfig.from_preset("small", vocab_size=4096, max_seq_len=context)
     settings = Settings(checkpoint=system, max_batch=max_batch, dtype="float32")
     if remedy is None:
-        check_cpu_memory(settings, {}, config, torch.device("cpu"))
+        check_memory(settings, {}, config, torch.device("cpu"))
         return
     with pytest.raises(ValueError, match="is available: ") as refused:
-        check_cpu_memory(settings, {}, config, torch.device("cpu"))
+        check_memory(settings, {}, config, torch.device("cpu"))
     assert str(refused.value).endswith(f"is available: {remedy}"), refused.value
 
 
@@ -105,5 +105,5 @@ def test_the_server_refuses_weights_past_what_is_available_whatever_its_cache(
     ):
         settings = Settings(checkpoint=system, dtype=dtype)
         with pytest.raises(ValueError, match="the weights alone need") as refused:
-            check_cpu_memory(settings, {}, huge, torch.device("cpu"))
+            check_memory(settings, {}, huge, torch.device("cpu"))
         assert str(refused.value).endswith(remedy), refused.value
