@@ -290,8 +290,9 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-# HEAD answers as GET does; only GET is in the schema (one route with both methods gave
-# both operations one operationId, which client generators refuse).
+# HEAD answers as GET does on every GET route (RFC 9110 9.1: uptime checks probe with it);
+# only GET is in the schema (one route with both methods gave both operations one
+# operationId, which client generators refuse).
 @router.get("/health", responses=_error_responses(408, 431, 503))
 @router.head("/health", include_in_schema=False)
 async def health(request: Request) -> dict[str, str]:
@@ -314,6 +315,7 @@ async def models(request: Request) -> ModelList:
 
 
 @router.get("/metrics", include_in_schema=False)
+@router.head("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     app_metrics = request.app.state.metrics
     app_metrics.server_state.state(_server_state(request))

@@ -372,9 +372,9 @@ def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(b
 
 
 def test_head_is_served_where_get_is(client):
-    for path in ("/health", "/v1/models"):
+    for path in ("/health", "/v1/models", "/metrics", "/docs", "/openapi.json"):
         response = client.head(path)
-        assert response.status_code == 200 and response.content == b""
+        assert response.status_code == 200 and response.content == b"", path
 
 
 @pytest.mark.parametrize(
@@ -674,6 +674,7 @@ def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
         ("DELETE", "/health", "GET, HEAD"),
         ("POST", "/v1/models", "GET, HEAD"),
         ("POST", "/docs", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
     ]:
         response = client.request(method, path)
         assert_error(response, 405, "method_not_allowed")
