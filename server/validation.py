@@ -294,6 +294,18 @@ def invalid_request(exc: RequestValidationError) -> ApiError:
         return not_json("is empty: send a JSON object")
     messages = []
     for e in errors:
-        where = ".".join(str(part) for part in e.get("loc", ()) if part != "body") or "body"
+        where = ".".join(_shown(part) for part in e.get("loc", ()) if part != "body") or "body"
         messages.append(f"{where}: {e.get('msg', 'invalid')}")
     return ApiError(422, "invalid_request", "; ".join(messages))
+
+
+MAX_NAME_SHOWN = 40  # characters of a field name an error repeats (the longest field: 18)
+
+
+def _shown(part: str | int) -> str:
+    """A part of an error's location as its message shows it: an unknown name the client
+    sent, cut short. Repeated whole, a megabyte-long name made a megabyte-long answer."""
+    text = str(part)
+    if len(text) <= MAX_NAME_SHOWN:
+        return text
+    return f"{text[:MAX_NAME_SHOWN]}... ({len(text):,} characters)"

@@ -717,6 +717,19 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
     assert client.post("/v1/generate", json=every_field).status_code == 200
 
 
+def test_an_unknown_name_of_any_length_is_named_in_a_short_answer(client):
+    message = assert_error(
+        client.post("/v1/generate", json={"prompt": "x", "n": 2}), 422, "invalid_request"
+    )
+    assert message == "n: Extra inputs are not permitted"
+    # Repeated whole, a name as long as the body limit allows made an answer as long.
+    name = "k" * (BODY_LIMIT - 100)
+    response = client.post("/v1/generate", json={"prompt": "x", name: 1})
+    message = assert_error(response, 422, "invalid_request")
+    assert message == f"{'k' * 40}... (3,996 characters): Extra inputs are not permitted"
+    assert len(response.content) < 200
+
+
 def test_a_compressed_body_is_415_saying_so(client):
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
