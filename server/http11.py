@@ -24,6 +24,13 @@ whole for the path (a 404). The connection reads it as the origin-form target it
 its authority replacing any Host header (as that section says): so the allowed-hosts
 check (server/middleware.py) judges the host the request names, whichever way it names
 it. One that is no http(s) URL with a host is a 400, as any request h11 cannot parse.
+
+No route is a WebSocket, so no request is upgraded to one: a request asking to be
+(`Upgrade: websocket`) is served as the plain HTTP request it also is (RFC 9110 7.8 lets a
+server ignore Upgrade). Where websockets or wsproto was installed, uvicorn upgraded it, and
+the Host, API-key and head-size guards, which check HTTP requests only, let it through to
+a plain-text 403 (431 past the WebSocket library's own 8 KiB head bound); elsewhere it
+logged two warnings a request, one advising to install such a library.
 """
 
 from __future__ import annotations
@@ -196,6 +203,9 @@ class EnvelopeH11Protocol(H11Protocol):
             self.lingering.cancel()
         super().connection_lost(exc)
 
+    def _should_upgrade(self) -> bool:
+        return False  # no WebSocket route: served as plain HTTP (the module docstring)
+
     def data_received(self, data: bytes) -> None:
         if self.lingering is None:  # else: the rest of a request already answered
             super().data_received(data)
@@ -352,6 +362,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> Con
         "log_level": settings.log_level,
         "log_config": log_config,
         "http": Protocol,
+        "ws": "none",  # no WebSocket route (see the module docstring)
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": 5,
     }

@@ -562,6 +562,34 @@ def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     assert status == 400 and body["error"]["type"] == "invalid_http"
 
 
+def test_a_websocket_upgrade_is_served_as_plain_http_through_every_guard(tmp_path, capfd):
+    # No route is a WebSocket. Where websockets or wsproto is installed, uvicorn upgraded
+    # such a request past the Host and key guards to a plain-text 403; elsewhere it logged
+    # two warnings for each, one advising to install a WebSocket library.
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    upgrade = (
+        "Connection: close, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    with running_server(Settings(checkpoint=checkpoint, api_key=API_KEY)) as url:
+
+        def upgrading(path: str, host: str = "localhost", key: bool = True) -> tuple[int, dict]:
+            authorization = f"Authorization: Bearer {API_KEY}\r\n" if key else ""
+            head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{authorization}{upgrade}\r\n"
+            return raw_exchange(url, head.encode())
+
+        status, body = upgrading("/v1/models", key=False)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        status, body = upgrading("/health", host="attacker.example")
+        assert status == 400 and body["error"]["type"] == "invalid_host"
+        status, body = upgrading("/v1/generate")
+        assert status == 405 and body["error"]["type"] == "method_not_allowed"
+        status, body = upgrading("/v1/models")
+        assert status == 200 and body["object"] == "list"
+    log = capfd.readouterr().err
+    assert "Unsupported upgrade" not in log and "WebSocket library" not in log, log
+
+
 def absolute_form(target: str, host: str | None = "localhost", body: bytes = b"") -> bytes:
     """A keyed request for `target` as a proxy sends it (`GET http://host/path`), with
     `host` as its Host header (none: HTTP/1.0 without one), that closes the connection."""
