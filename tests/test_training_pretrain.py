@@ -1001,6 +1001,38 @@ def test_sigterm_while_evaluating_stops_the_evaluation_and_saves_the_step(
     assert read_log(run, "eval") == {} and not (run / "best").exists()
 
 
+def test_a_run_taken_back_and_killed_before_its_first_save_resumes_where_it_went_back(
+    tmp_path: Path,
+) -> None:
+    # Going back drops the log's records past the step resumed. `latest` named step 8
+    # until the first save, so a kill before it resumed step 8 under a log of another
+    # history (or, here, said there was nothing to do).
+    run = tmp_path / "run"
+    flags = ["--save-interval", "4", "--log-interval", "1", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-steps", "8")) == 0
+    back = ["--resume", str(run / "step-0000004"), *LONG_RUN, "--save-interval", "1000"]
+    process = spawn_pretrain(back)
+    try:
+
+        def trained_past_step_6() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            lines = (run / "log.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+            records = [json.loads(line) for line in lines if line.endswith("\n")]
+            # (The first run's log ends with its step 8 evaluation.)
+            return records[-1]["kind"] == "train" and records[-1]["step"] >= 6
+
+        wait_until(trained_past_step_6, 90, "the run taken back to train past step 6")
+        process.kill()  # SIGKILL: nothing is saved on the way out
+    finally:
+        process.kill()
+        process.communicate()
+    assert resolve_checkpoint(run).name == "step-0000004"
+    assert pretrain.main(["--resume", str(run), "--max-steps", "6", "--log-interval", "1"]) == 0
+    records = map(json.loads, (run / "log.jsonl").read_text(encoding="utf-8").splitlines())
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert meta(run)["step"] == 6
+
+
 def test_a_kill_once_best_is_written_leaves_a_run_if_missing_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -382,6 +382,7 @@ class Trainer:
         # The step this run last saved (or was resumed from); None: the run folder holds
         # no checkpoint of it yet.
         self.saved_at: int | None = None
+        self.resumed_from = resume_from
         if resume_from is not None:
             self._load(resume_from)
             self.saved_at = self.step
@@ -620,6 +621,20 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def _point_latest_at_resumed(self) -> None:
+        """`latest` names the checkpoint the run goes on from (one older than the newest,
+        going back), before _start_log drops the log's later records: a kill before this
+        run's first save then resumes where the log says the run is, not from the newer
+        step the log no longer describes."""
+        if self.resumed_from is None:
+            return
+        pointer = self.out_dir / LATEST
+        name = self.resumed_from.name
+        with contextlib.suppress(OSError):  # none (a warning said so): written now
+            if pointer.read_text(encoding="utf-8").strip() == name:
+                return
+        write_text_atomic(pointer, name + "\n")
+
     def _start_log(self) -> None:
         """A fresh run starts a fresh log. A resumed one keeps the records that led to
         its checkpoint and appends: those past its step came from steps a kill lost
@@ -675,6 +690,7 @@ class Trainer:
         with self._rank0_writing():
             if main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._point_latest_at_resumed()
                 self._start_log()
                 self.tensorboard = _tensorboard_writer(self.out_dir, self.step)
         previous = {
