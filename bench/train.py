@@ -199,6 +199,8 @@ def main() -> None:
     try:
         run(args, extra)
     except subprocess.CalledProcessError as e:
+        if e.returncode == 2:  # bad input: the module's own one error line said which
+            raise SystemExit(2) from None
         module = e.cmd[2] if len(e.cmd) > 2 else e.cmd
         raise SystemExit(f"error: {module} failed (exit {e.returncode}); see above") from None
 

@@ -203,6 +203,8 @@ def test_bad_input_is_one_error_line_naming_it(
     blank_end.write_text("Some text of 30 bytes or so.\n" + "\n" * 4)
     nul = tmp_path / "nul.txt"
     nul.write_text("Some\0text.\n")
+    small = tmp_path / "small.txt"  # less than one training batch
+    small.write_text("Some text, and more of it.\n" * 20)
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
@@ -219,6 +221,8 @@ def test_bad_input_is_one_error_line_naming_it(
             "blank_end.txt: too small: its last 10% (the held-out text) is blank"
         ),
         ("bench.train", "--data", str(nul)): "nul.txt: binary, not text (a NUL byte at offset 4)",
+        # training.pretrain's own error line, not a second one saying that it failed.
+        ("bench.train", "--data", str(small), "--skip-quality"): "the corpus is too small",
         # Not handed on to training.pretrain: only what follows `--` is.
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
@@ -227,6 +231,7 @@ def test_bad_input_is_one_error_line_naming_it(
         assert result.returncode == 2, (command, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert "error:" in last and message in last, (command, result.stderr)
+        assert result.stderr.count("error: ") == 1, (command, result.stderr)
         assert "Traceback" not in result.stderr, command
 
 
