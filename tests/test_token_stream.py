@@ -3,13 +3,15 @@ in pieces, and the ids are exactly those of encoding each document whole."""
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from model.checkpoint import END_OF_TEXT
-from training.prepare import BATCH_CHARS, PIECE_CHARS, PIECE_CUT, token_stream
+from training.prepare import BATCH_CHARS, PIECE_CHARS, PIECE_CUT, _pieces, token_stream
 from training.tokenizer import train_tokenizer
 
 
@@ -53,6 +55,36 @@ def test_long_documents_encode_in_pieces_to_the_ids_of_one_call(tokenizer: Token
     stream = token_stream(tokenizer, documents)
     assert stream.dtype == np.uint16
     np.testing.assert_array_equal(stream, np.array(expected, dtype=np.uint16))
+
+
+def test_a_long_line_without_spaces_encodes_in_bounded_pieces_to_the_ids_of_one_call() -> None:
+    # A Markdown export with an inlined image, minified JSON: megabytes in one line, with
+    # no line break or space to cut at. Encoded whole, 10 MB peaked at 2.7 GB.
+    rng = random.Random(2)
+    image = base64.b64encode(rng.randbytes(3 * PIECE_CHARS)).decode()
+    records = [
+        {"id": i, "name": f"it'em_{i}", "tags": ["a-b", "é"], "v": rng.random()}
+        for i in range(12_000)
+    ]
+    # Text that spells a token added in transformers, found before pre-tokenizing.
+    padded = "".join(
+        rng.choice(["<pad>", "ab", "12", "<", "pad>", "+"]) for _ in range(PIECE_CHARS)
+    )
+    documents = [
+        f"# Notes\n\n![chart](data:image/png;base64,{image})\n",
+        json.dumps(records, separators=(",", ":"), ensure_ascii=False),
+        padded,
+    ]
+    tokenizer = train_tokenizer([doc[:100_000] for doc in documents], 800)
+    tokenizer.add_tokens([AddedToken("<pad>", special=False)])
+    for doc in documents:
+        pieces = list(_pieces(doc, tokenizer))
+        assert "".join(pieces) == doc and len(pieces) > 1
+        assert max(map(len, pieces)) <= 2 * PIECE_CHARS
+    separator = tokenizer.token_to_id(END_OF_TEXT)
+    encodings = tokenizer.encode_batch(documents)
+    expected = [id_ for encoding in encodings for id_ in (separator, *encoding.ids)]
+    np.testing.assert_array_equal(token_stream(tokenizer, documents), expected)
 
 
 def test_an_empty_corpus_is_an_empty_stream(tokenizer: Tokenizer) -> None:

@@ -134,6 +134,12 @@ BATCH_CHARS = 1 << 21
 # so the pieces encode to exactly the ids of the whole document. (Python's \s is a
 # superset of the tokenizer's, so its \S are non-spaces to both.)
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+# A line with no such cut for PIECE_CHARS (a base64 image inlined in Markdown, minified
+# JSON or JavaScript: tens of MB in one line) is cut where the tokenizer's own
+# pre-tokenizer ends a pre-token between two printable ASCII characters of different
+# kinds ("abc|123", "x|+/"): BPE merges nothing across it, and no normalizer joins
+# ASCII characters. Encoded whole, a 10 MB line peaked at 2.7 GB (0.6 GB in pieces).
+PRINTABLE_ASCII = frozenset(map(chr, range(0x21, 0x7F)))
 
 
 class _LinePerRefresh:
@@ -201,7 +207,7 @@ def token_stream(
     size = 0
     with progress_bar(progress, sum(len(doc) for doc in documents), "char") as bar:
         for doc in documents:
-            for index, piece in enumerate(_pieces(doc)):
+            for index, piece in enumerate(_pieces(doc, tokenizer)):
                 batch.append((index == 0, piece))
                 size += len(piece)
                 if size >= BATCH_CHARS:
@@ -235,15 +241,56 @@ def _adds_tokens(tokenizer: Tokenizer) -> bool:
     return tokenizer.encode("x").ids != plain
 
 
-def _pieces(doc: str) -> Iterator[str]:
+def _pieces(doc: str, tokenizer: Tokenizer) -> Iterator[str]:
     start = 0
     while len(doc) - start > PIECE_CHARS:
-        cut = PIECE_CUT.search(doc, start + PIECE_CHARS)
-        if cut is None:
+        at = start + PIECE_CHARS
+        cut = PIECE_CUT.search(doc, at, at + PIECE_CHARS)
+        end = cut.start() if cut is not None else _pre_token_cut(doc, at, tokenizer)
+        if end is None and (cut := PIECE_CUT.search(doc, at)) is not None:
+            end = cut.start()
+        if end is None:
             break  # no safe cut in the rest: encode it whole
-        yield doc[start : cut.start()]
-        start = cut.start()
+        yield doc[start:end]
+        start = end
     yield doc[start:]
+
+
+def _pre_token_cut(doc: str, at: int, tokenizer: Tokenizer) -> int | None:
+    """The first place within PIECE_CHARS after `at` where `tokenizer`'s pre-tokenizer
+    ends a pre-token between two printable ASCII characters, if any."""
+    if tokenizer.pre_tokenizer is None:
+        return None
+    # Added tokens the text may spell ("<pad>" added in transformers) are found before
+    # pre-tokenizing: no cut inside one. (Special ones are read as text: text_literally.)
+    added = [t.content for t in tokenizer.get_added_tokens_decoder().values() if not t.special]
+    for size in (4096, PIECE_CHARS):  # such text has a cut every few characters
+        window = doc[at : at + size]
+        # The first pre-token starts where the window does, not where the document's
+        # does; the next ones may too inside a run of one kind of character (Llama 3's
+        # digits go in threes, counted from the run's start), never where the kind changes.
+        for _, (offset, _) in tokenizer.pre_tokenizer.pre_tokenize_str(window)[1:]:
+            kinds = {_ascii_kind(window[offset - 1]), _ascii_kind(window[offset])}
+            cut = at + offset
+            if len(kinds) == 2 and None not in kinds and not _inside(doc, cut, added):
+                return cut
+    return None
+
+
+def _inside(doc: str, cut: int, spellings: list[str]) -> bool:
+    """Whether one of `spellings` occurs in `doc` across `cut`."""
+    return any(
+        doc.startswith(spelling, start)
+        for spelling in spellings
+        for start in range(max(0, cut - len(spelling) + 1), cut)
+    )
+
+
+def _ascii_kind(char: str) -> str | None:
+    """Letter, digit or punctuation, for a printable ASCII character (None otherwise)."""
+    if char not in PRINTABLE_ASCII:
+        return None
+    return "letter" if char.isalpha() else "digit" if char.isdigit() else "punctuation"
 
 
 def _encode(tokenizer: Tokenizer, batch: list[tuple[bool, str]], separator: int) -> np.ndarray:
