@@ -272,6 +272,33 @@ def test_an_upper_case_jsonl_suffix_is_read_record_by_record(tmp_path: Path) -> 
     assert load_documents([path]) == ["First record.", "Second."]
 
 
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"id": ' + "7" * 5000 + ', "text": "x"}', "Exceeds the limit (4300 digits)"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+    ],
+    ids=["5000-digit number", "nested 100000 deep"],
+)
+def test_a_jsonl_line_python_cannot_read_exits_2_naming_the_file_and_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_checkpoint: Path,
+    line: str,
+    problem: str,
+) -> None:
+    # Valid JSON that json.loads refuses with a ValueError or RecursionError of its own,
+    # not the JSONDecodeError of malformed lines: a traceback and exit 1.
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"text": CORPUS.read_text(encoding="utf-8")}) + "\n" + line + "\n")
+    assert train(tmp_path, path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: not readable JSON (") and problem in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(path)]) == 2
+    assert capsys.readouterr().err == err
+
+
 def test_jsonl_lines_holding_only_spaces_are_skipped_like_empty_ones(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     path.write_text('{"text": "One."}\n  \n\t\n{"text": "Two."}\n \n', encoding="utf-8")

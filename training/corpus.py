@@ -122,6 +122,10 @@ def _jsonl_documents(path: Path) -> list[str] | None:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # a number of more than 4,300 digits
+            raise CorpusError(f"{path}:{number}: not readable JSON ({e})") from None
+        except RecursionError:  # brackets nested thousands deep
+            raise CorpusError(f"{path}:{number}: not readable JSON (nested too deep)") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
