@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,24 @@ def test_an_intact_cache_is_reused_without_retraining(
     prepare_corpus(tmp_path)
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "")
+
+
+def test_a_cache_another_process_of_the_same_pid_is_writing_is_left_to_it(tmp_path: Path) -> None:
+    # Trainers in two containers that share a cache volume often have the same pid (one
+    # started by `docker compose run` each): the folder one is writing is not the other's.
+    key = prepare_corpus(tmp_path / "elsewhere").folder.name
+    writing = tmp_path / "cache" / f"{key}.tmp-{os.getpid()}"
+    writing.mkdir(parents=True)
+    (writing / "train.bin").write_bytes(b"half written")
+    data = prepare_corpus(tmp_path / "cache")
+    assert data.folder == tmp_path / "cache" / key
+    assert (writing / "train.bin").read_bytes() == b"half written"
+    assert sorted(p.name for p in data.folder.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_a_text_too_small_for_the_vocabulary_asked_says_what_it_got(

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,8 +400,9 @@ def _write(
     digests: dict[str, str],
     tokenizer: Tokenizer,
 ) -> None:
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A name of its own: trainers in two containers that share a cache volume often have
+    # the same pid, and one removed or renamed the folder the other was writing.
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
