@@ -1713,7 +1713,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "--val-data: 1 of its 2 documents are in --data too",
         ),
         "held-out text all trained on": (
-            ["--data", str(CORPUS), str(held_out), "--val-data", str(held_out)],
+            ["--data", str(held_out), "--val-data", str(held_out)],
             "--val-data: all 2 of its documents are in --data too",
         ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),

@@ -265,6 +265,25 @@ def test_a_file_named_twice_is_read_once_and_a_byte_order_mark_is_no_text(
     )
 
 
+def test_the_same_text_at_another_path_is_read_once_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A hard link (or a bind mount) is another path to the same file, a download saved
+    # twice another file of the same text: either would put the text in both splits.
+    folder = folder_with_text(tmp_path / "notes")
+    good = folder / "good.txt"
+    (folder / "saved twice.txt").write_bytes(good.read_bytes())
+    (folder / "linked").mkdir()
+    os.link(good, folder / "linked" / "hard.txt")
+    (folder / "other.md").write_text("Other text.", encoding="utf-8")
+    assert train(tmp_path, folder) == 0
+    err = capsys.readouterr().err
+    for again in (folder / "saved twice.txt", folder / "linked" / "hard.txt"):
+        assert err.count(f"warning: {again}: the same text as {good}, read once\n") == 1, err
+    data = meta(tmp_path / "out")["data"]
+    assert data["train"]["bytes"] + data["val"]["bytes"] == len(good.read_bytes()) + 11
+
+
 def test_an_upper_case_jsonl_suffix_is_read_record_by_record(tmp_path: Path) -> None:
     # Windows exports say EXPORT.JSONL: records, not one document of raw JSON.
     path = tmp_path / "EXPORT.JSONL"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import codecs
 import errno
+import hashlib
 import json
 import os
 import re
@@ -227,7 +228,7 @@ def _files_under(path: Path) -> list[Path]:
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
     """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents, read, blank = [], {}, []
+    documents, read, texts, blank = [], {}, {}, []
     for given in paths:
         path = Path(given)
         files = _files_under(path)
@@ -249,6 +250,17 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
             found = [d for d in found if d.strip()]
             if not found:  # a failed export, a placeholder: worth a look, not an error
                 blank.append(file)
+                continue
+            # The same text at another path (a hard link, a bind mount, a copy such as
+            # "notes (1).txt") would be trained on twice as well.
+            digest = _digest(found)
+            if digest in texts:
+                print(
+                    f"warning: {file}: the same text as {texts[digest]}, read once",
+                    file=sys.stderr,
+                )
+                continue
+            texts[digest] = file
             documents.extend(found)
     if not documents:
         raise CorpusError(f"{', '.join(map(str, paths))}: the corpus is empty (no text found)")
@@ -257,6 +269,14 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
         shown = ", ".join(map(str, blank[:3])) + (f" and {len(blank) - 3} more" * (len(blank) > 3))
         print(f"warning: {files} without text (empty or blank), skipped: {shown}", file=sys.stderr)
     return documents
+
+
+def _digest(documents: list[str]) -> bytes:
+    h = hashlib.sha256()
+    for doc in documents:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.digest()
 
 
 def _drop_doctests(text: str) -> str:
