@@ -284,6 +284,17 @@ def test_the_same_text_at_another_path_is_read_once_with_a_warning(
     assert data["train"]["bytes"] + data["val"]["bytes"] == len(good.read_bytes()) + 11
 
 
+def test_jsonl_files_joined_with_their_byte_order_marks_are_read_record_by_record(
+    tmp_path: Path,
+) -> None:
+    # `cat a.jsonl b.jsonl` of files Notepad saved: the second mark starts a line.
+    bom = "\ufeff".encode()
+    part = bom + json.dumps({"text": "First."}).encode() + b"\r\n"
+    joined = tmp_path / "joined.jsonl"
+    joined.write_bytes(part + part.replace(b"First", b"Second"))
+    assert load_documents([joined]) == ["First.", "Second."]
+
+
 def test_an_upper_case_jsonl_suffix_is_read_record_by_record(tmp_path: Path) -> None:
     # Windows exports say EXPORT.JSONL: records, not one document of raw JSON.
     path = tmp_path / "EXPORT.JSONL"

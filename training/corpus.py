@@ -117,6 +117,9 @@ def _jsonl_documents(path: Path) -> list[str] | None:
     # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
     # (read_text has made a CRLF file's line ends "\n".)
     for number, line in enumerate(text.split("\n"), start=1):
+        # Files saved with a byte-order mark and joined (`cat a.jsonl b.jsonl`) hold one at
+        # the start of a line: no text, as at the start of the file.
+        line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:
