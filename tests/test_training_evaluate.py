@@ -33,8 +33,13 @@ def test_a_block_size_below_one_exits_2_naming_the_flag(
 
 
 def test_a_bad_command_line_is_one_error_line_and_exit_2(
-    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("Whatever the working folder holds.\n")
     for argv, message in (
         (["--data", str(VAL)], "error: the following arguments are required: --checkpoint\n"),
         (
@@ -44,6 +49,11 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(
         (
             ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--block", "8"],
             "error: unrecognized arguments: --block 8\n",
+        ),
+        (
+            # `--data "$HELD_OUT"` with the variable unset: not the working folder's files.
+            ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), ""],
+            f"error: --data: a path is empty (got ['{VAL}', ''])\n",
         ),
     ):
         with pytest.raises(SystemExit) as exit:

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where the model runs; auto = CUDA when available (default: auto)",
     )
     args = parser.parse_args(argv)
+    if not all(path.strip() for path in args.data):
+        # The working folder, as `--data "$UNSET"` leaves it: everything under it scored.
+        parser.error(f"--data: a path is empty (got {args.data})")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
