@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,34 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning_naming_it(
     # Once rebuilt it is whole: the next run uses it without a word.
     prepare_corpus(tmp_path)
     assert capsys.readouterr().err == ""
+
+
+class OtherTrainerOnStderr(io.StringIO):
+    """stderr of a trainer that shares its cache with another started at the same time
+    (a sweep): the other removes the damaged folder the moment this one warns of it."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def write(self, text: str) -> int:
+        if "damaged token cache" in text:
+            shutil.rmtree(self.folder)
+        return super().write(text)
+
+
+def test_a_damaged_cache_another_trainer_removes_first_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = prepare_corpus(tmp_path).folder
+    tokens = (folder / "train.bin").read_bytes()
+    truncate(folder / "train.bin")
+    stderr = OtherTrainerOnStderr(folder)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    again = prepare_corpus(tmp_path)
+    assert stderr.getvalue().startswith(f"warning: {folder}: damaged token cache (")
+    assert again.folder == folder and (folder / "train.bin").read_bytes() == tokens
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
 
 
 def test_an_intact_cache_is_reused_without_retraining(

@@ -379,7 +379,14 @@ def _cached(folder: Path) -> PreparedData | None:
         return _open(folder)
     except _DamagedCache as e:
         print(f"warning: {folder}: damaged token cache ({e}); rebuilding it", file=sys.stderr)
-        shutil.rmtree(folder)
+        # Moved aside first, in one step: trainers started together (a sweep) find the same
+        # damaged folder, and one removing files the other was removing got a traceback.
+        aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(folder, aside)
+        except FileNotFoundError:
+            return None  # another trainer moved it first
+        shutil.rmtree(aside, ignore_errors=True)
         return None
 
 
