@@ -18,7 +18,7 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -65,13 +65,13 @@ class Stopwatch:
         return out
 
 
-async def run_engine(engine: Engine, prompts: torch.Tensor) -> float:
-    """Submit every row at once, wait for all; returns elapsed seconds."""
+async def run_engine(engine: Engine, prompts: Sequence[Sequence[int]]) -> float:
+    """Submit every prompt (token ids) at once, wait for all; returns elapsed seconds."""
     engine.start(asyncio.get_running_loop())
     requests = [
         GenerationRequest(
             request_id=uuid.uuid4().hex,
-            prompt_ids=row.tolist(),
+            prompt_ids=[int(token) for token in row],
             max_tokens=NEW_TOKENS,
             sampling=SAMPLING,
             seed=i,
@@ -98,14 +98,15 @@ async def run_engine(engine: Engine, prompts: torch.Tensor) -> float:
 
 def ours(
     checkpoint: Path,
-    prompts: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     device: str,
     dtype: str,
     max_batch: int | None = None,
     compile_decode: bool = False,
     cuda_graphs: bool = True,
 ) -> dict[str, object]:
-    """Run every prompt through a fresh engine with `max_batch` slots (default: one per row)."""
+    """Run every prompt (a [B, T] tensor, or lists of token ids of any lengths) through a
+    fresh engine with `max_batch` slots (default: one per prompt)."""
     if compile_decode:
         # As in a fresh server process: torch.compile caches per code object, and past 8
         # engines in one process (rounds of this benchmark) it would silently run eager.

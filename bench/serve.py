@@ -266,10 +266,7 @@ def main() -> None:
                 tokenizer.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
                 for i in range(clients)
             ]
-            width = max(len(x) for x in ids)
-            # The raw engine gets the same prompts (left-aligned, padded to one length).
-            prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
-            rounds = [measure_round(base_url, folder, prompts, args) for _ in range(args.rounds)]
+            rounds = [measure_round(base_url, folder, ids, args) for _ in range(args.rounds)]
             overheads, vs_hf, round_errors = zip(*rounds, strict=True)
             errors += sum(round_errors)
             if args.rounds > 1:
@@ -286,22 +283,26 @@ def main() -> None:
 
 
 def measure_round(
-    base_url: str, folder: Path, prompts: torch.Tensor, args: argparse.Namespace
+    base_url: str, folder: Path, ids: list[list[int]], args: argparse.Namespace
 ) -> tuple[float, float, int]:
-    """HTTP clients, the raw engine, then HF's static batch, on the same prompts; prints
-    one line, returns the HTTP + SSE overhead (1 - HTTP tokens/s / raw tokens/s),
-    HTTP tokens/s / HF tokens/s, and the failed requests."""
-    clients = len(prompts)
+    """HTTP clients, the raw engine, then HF's static batch, on the same prompts (`ids`,
+    the server's tokens of each client's); prints one line, returns the HTTP + SSE
+    overhead (1 - HTTP tokens/s / raw tokens/s), HTTP tokens/s / HF tokens/s, and the
+    failed requests."""
+    clients = len(ids)
     http = run_async(drive(base_url, clients, args.timeout))
     raw = ours(
         folder,
-        prompts,
+        ids,  # as the server gets them: a padded prompt would be more work than HTTP's
         args.device,
         args.dtype,
         max_batch=args.max_batch,
         compile_decode=args.compile_decode,
     )
     reference_dtype = hf_dtype(args.hf_dtype, raw["dtype"])
+    # HF's static batch needs one length: each prompt padded with its last token.
+    width = max(len(x) for x in ids)
+    prompts = torch.tensor([x + x[-1:] * (width - len(x)) for x in ids])
     hf = hf_reference(folder, prompts, raw["device"], reference_dtype)
     overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
     vs_hf = http["tokens_per_s"] / hf

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from bench.decode import ours
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -74,6 +75,13 @@ def test_decode_benchmark_prints_a_ratio_per_batch_size_and_round(tiny_checkpoin
         pair = ratios[2 * batch - 2 : 2 * batch]
         median = float(re.search(r"median ratio (\d+\.\d+)x", line).group(1))
         assert abs(median - sum(pair) / 2) <= 0.01  # the printed ratios are rounded
+
+
+def test_the_raw_engine_takes_prompts_of_their_own_lengths(tiny_checkpoint: Path) -> None:
+    # bench.serve's raw engine gets the server's prompts as they are: padded to the
+    # longest, it prefilled more tokens than the HTTP side and read the overhead low.
+    run = ours(tiny_checkpoint, [[5, 6, 7, 8, 9, 10, 11], [5]], "cpu", "float32")
+    assert run["tokens_per_s"] > 0 and run["ms_per_step"] > 0
 
 
 def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpoint: Path) -> None:
