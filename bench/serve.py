@@ -5,7 +5,8 @@
 For each concurrency N: N clients stream one request each at the same moment
 (prompts from a fixed mix, 128 new tokens, temperature 0.8, top_p 0.95, end-of-text
 ignored so every request makes the same work). Prints aggregate tokens/s, time to
-first token and inter-token latency (p50/p99), errors, the HTTP + SSE overhead
+first token and inter-token latency (p50/p99; the wait between a stream's consecutive
+tokens as its client receives them), errors, the HTTP + SSE overhead
 against the raw engine (bench/decode.py's in-process run) on the same prompts and
 concurrency, the ratio against HF transformers `generate` running the same prompts
 as one static batch of N (in --hf-dtype), and the CPU the clients themselves used (on
@@ -85,7 +86,13 @@ def percentile(values: list[float], q: float) -> float:
 async def one_stream(
     session: aiohttp.ClientSession, base_url: str, i: int
 ) -> tuple[int, float, list[float], bool]:
-    """(tokens, ttft seconds, inter-token gaps, ok) of one streamed request."""
+    """(tokens, ttft seconds, inter-token gaps, ok) of one streamed request.
+
+    A gap is the wait between two consecutive tokens' arrival, token by token: an event
+    of n tokens (--stream-interval n) gives its first the wait since the event before and
+    the other n - 1 a wait of 0, as the client sees them. (The event's wait divided by n,
+    once per event, was a mean over n tokens: its p99 hid the bursts a client waits on.)
+    """
     body = {
         "prompt": PROMPTS[i % len(PROMPTS)],
         "max_tokens": NEW_TOKENS,
@@ -111,7 +118,8 @@ async def one_stream(
                 if last is None:
                     ttft = now - start
                 else:
-                    gaps.append((now - last) / n)
+                    gaps.append(now - last)
+                gaps += [0.0] * (n - 1)  # the event's other tokens came with its first
                 tokens, last = tokens + n, now
     except aiohttp.ClientError:  # the connection failed or broke off: an error, counted
         return tokens, ttft, gaps, False

@@ -104,6 +104,10 @@ def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpo
         assert line.startswith("serve    3 clients") and "errors 0;" in line, line
         assert "max-batch 2, stream-interval 2)" in line, line
         assert re.search(r"the clients used \d+\.\d\d cores$", line), line
+        # Inter-token latency as a client sees it: at 2 tokens per event, every event's
+        # second token arrives with its first (a gap of 0), the first after the wait.
+        itl = re.search(r"ITL p50 (\d+\.\d) ms p99 (\d+\.\d) ms", line)
+        assert itl is not None and float(itl.group(1)) == 0.0 < float(itl.group(2)), line
     overheads = [int(re.search(r"overhead (-?\d+)%", line).group(1)) for line in rounds]
     # Each round also runs HF generate on the same prompts as one static batch.
     vs_hf = [
