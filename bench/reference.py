@@ -70,7 +70,29 @@ def plain_train_steps(
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """Tokens/s of the simplest correct training loop over `batches` (x, y each [B, T]),
-    in fp32 or under `autocast_dtype` autocast (nanoGPT's own loop autocasts on CUDA)."""
+    in fp32 or under `autocast_dtype` autocast (nanoGPT's own loop autocasts on CUDA).
+
+    On CUDA its fp32 matrix products run as the trainer's do: TF32, which the trainer
+    turns on for its whole process (training/trainer.py), as nanoGPT does. Left at
+    torch's default, a "float32" loop against a float32 trainer compared TF32 products
+    with full fp32 ones."""
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        return _timed_steps(model, batches, lr=lr, device=device, autocast_dtype=autocast_dtype)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _timed_steps(
+    model: Transformer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> float:
     model.train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     seq = batches[0][0].shape[1]

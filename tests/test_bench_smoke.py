@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from bench.decode import ours
+from bench.reference import plain_train_steps
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -125,6 +127,25 @@ def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpo
     assert low - 1 <= printed <= high + 1, (median, overheads)  # the printed ones are rounded
     printed_vs_hf = float(re.search(r"median vs HF static batch (\d+\.\d\d)x", median).group(1))
     assert abs(printed_vs_hf - sum(vs_hf) / 2) <= 0.01, (median, vs_hf)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_plain_loop_multiplies_fp32_as_the_trainer_does(
+    device: str, tiny_config: ModelConfig
+) -> None:
+    # The trainer turns TF32 on for its process on CUDA (training/trainer.py); a plain
+    # "float32" loop without it compared TF32 products with full fp32 ones.
+    before = torch.get_float32_matmul_precision()
+    model = Transformer(tiny_config)
+    seen: list[str] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    assert plain_train_steps(model, [(x, x)], device=torch.device(device)) > 0
+    assert set(seen) == {"high" if device == "cuda" else before}, seen
+    assert torch.get_float32_matmul_precision() == before
 
 
 # The compiled path has its own test (test_training_pretrain).
