@@ -134,9 +134,11 @@ def plain_tokens_per_s(
 
 
 def held_out_bpb(
-    train: Path, held_out: Path, out: Path, max_time: float, extra: list[str]
+    train: Path, held_out: Path, out: Path, max_time: float, extra: list[str], device: str
 ) -> float:
     pretrain(["--data", str(train), "--out-dir", str(out), "--max-time", str(max_time), *extra])
+    # On the device the run trained on: left to `auto`, a --device cpu run on a CUDA
+    # machine was scored on the GPU, under bf16 autocast (training.evaluate).
     result = subprocess.run(
         [
             sys.executable,
@@ -146,6 +148,8 @@ def held_out_bpb(
             str(out),
             "--data",
             str(held_out),
+            "--device",
+            device,
         ],
         check=True,
         stdout=subprocess.PIPE,  # stderr passes on: a failure's own error line is shown
@@ -221,7 +225,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> None:
             )
         if not args.skip_quality:
             start = time.perf_counter()
-            bpb = held_out_bpb(train, held_out, folder / "quality", args.max_time, extra)
+            bpb = held_out_bpb(
+                train, held_out, folder / "quality", args.max_time, extra, args.device
+            )
             wall = time.perf_counter() - start
             print(
                 f"train quality: {bpb:.3f} bits/byte on the held-out last 10% of {args.data.name}"

@@ -177,6 +177,19 @@ def test_train_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None
     assert abs(printed - sum(ratios) / 2) <= 0.01, (median, ratios)
 
 
+def test_train_benchmark_scores_the_held_out_text_on_the_device_it_trained_on(
+    tmp_path: Path,
+) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    out = run_bench(
+        "bench.train", "--data", str(text), "--steps", "4", "--max-time", "3",
+        "--device", "cpu", "--", *TINY_TRAINING,
+    )  # fmt: skip
+    (line,) = [line for line in out.splitlines() if line.startswith("train quality: ")]
+    assert re.match(r"train quality: \d+\.\d{3} bits/byte on the held-out last 10%", line)
+
+
 def test_a_throughput_run_that_stops_short_says_at_which_step_and_why(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
