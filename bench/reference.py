@@ -18,6 +18,24 @@ from bench.timing import frozen_heap, synchronize
 from model.transformer import Transformer
 
 
+def hf_model(folder: Path, dtype: torch.dtype):  # -> LlamaForCausalLM (an optional import)
+    """HF's model of the checkpoint, generating with only what `hf_generate` passes.
+
+    `generate` fills every setting it is not given from the folder's
+    generation_config.json: a checkpoint carrying e.g. repetition_penalty or
+    no_repeat_ngram_size from the model it was fine-tuned from would have made HF do
+    work our engine, given the benchmark's sampling settings, does not. Only the token
+    ids are kept."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+    ids = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id
+    )
+    return model
+
+
 @torch.inference_mode()
 def hf_generate(
     folder: Path,
@@ -31,9 +49,7 @@ def hf_generate(
     repeats: int = 1,
 ) -> float:
     """Tokens/s of HF `generate` making exactly `new_tokens` for each row of `prompts` [B, T]."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = hf_model(folder, dtype).to(device).eval()
     prompts = prompts.to(device)
     mask = torch.ones_like(prompts)
 

@@ -50,7 +50,7 @@ from bench.cli import (
     positive_int,
     positive_ints,
 )
-from bench.decode import NEW_TOKENS, hf_dtype, hf_reference, ours
+from bench.decode import NEW_TOKENS, SAMPLING, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
@@ -83,6 +83,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def request_body(i: int) -> dict[str, object]:
+    """Client i's request: what the raw engine runs (bench.decode's SAMPLING), every field
+    a checkpoint's generation_config.json could default given, so that the server adds
+    no sampling work (a repetition penalty, top_k) that the raw engine does not do."""
+    return {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": NEW_TOKENS,
+        "temperature": SAMPLING.temperature,
+        "top_p": SAMPLING.top_p,
+        "top_k": SAMPLING.top_k,
+        "repetition_penalty": SAMPLING.repetition_penalty,
+        "seed": i,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
 async def one_stream(
     session: aiohttp.ClientSession, base_url: str, i: int
 ) -> tuple[int, float, list[float], bool]:
@@ -93,15 +110,7 @@ async def one_stream(
     the other n - 1 a wait of 0, as the client sees them. (The event's wait divided by n,
     once per event, was a mean over n tokens: its p99 hid the bursts a client waits on.)
     """
-    body = {
-        "prompt": PROMPTS[i % len(PROMPTS)],
-        "max_tokens": NEW_TOKENS,
-        "temperature": 0.8,
-        "top_p": 0.95,
-        "seed": i,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = request_body(i)
     start = time.perf_counter()
     tokens, ttft, gaps, last = 0, float("nan"), [], None
     try:

@@ -7,6 +7,7 @@ ratio are, so a broken benchmark is caught before someone needs it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,10 +22,13 @@ import torch
 from tokenizers import Tokenizer
 
 from bench.decode import ours
-from bench.reference import plain_train_steps
+from bench.reference import hf_model, plain_train_steps
+from bench.serve import request_body
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
+from server.protocol import GenerateRequest
+from server.validation import DEFAULTED_FIELDS
 
 RATIO = r"= (\d+\.\d+)x"
 
@@ -84,6 +88,27 @@ def test_the_raw_engine_takes_prompts_of_their_own_lengths(tiny_checkpoint: Path
     # longest, it prefilled more tokens than the HTTP side and read the overhead low.
     run = ours(tiny_checkpoint, [[5, 6, 7, 8, 9, 10, 11], [5]], "cpu", "float32")
     assert run["tokens_per_s"] > 0 and run["ms_per_step"] > 0
+
+
+def test_a_checkpoints_generation_settings_change_neither_side(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    # Carried from a model it was fine-tuned from, such settings would make the server
+    # (for what a request leaves out) and HF's generate (for what it is not given) do
+    # sampling work the raw engine does not.
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "carried")
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    carried = {"repetition_penalty": 1.3, "top_k": 5, "no_repeat_ngram_size": 2}
+    path.write_text(json.dumps(config | carried))
+    body = request_body(3)
+    assert set(DEFAULTED_FIELDS.values()) <= body.keys(), body
+    request = GenerateRequest.model_validate(body)
+    assert (request.top_k, request.repetition_penalty) == (0, 1.0)
+    model = hf_model(folder, torch.float32)
+    settings = model.generation_config
+    assert all(getattr(settings, key) != value for key, value in carried.items()), settings
+    assert settings.eos_token_id == config.get("eos_token_id", settings.eos_token_id)
 
 
 def test_serve_benchmark_reports_no_errors_per_round_and_the_median(tiny_checkpoint: Path) -> None:
