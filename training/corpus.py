@@ -231,7 +231,7 @@ def _files_under(path: Path) -> list[Path]:
 
 def load_documents(paths: Iterable[str | Path]) -> list[str]:
     """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents, read, texts, blank = [], {}, {}, []
+    documents, read, texts, blank, repeated = [], {}, {}, [], []
     for given in paths:
         path = Path(given)
         files = _files_under(path)
@@ -258,20 +258,24 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
             # "notes (1).txt") would be trained on twice as well.
             digest = _digest(found)
             if digest in texts:
-                print(
-                    f"warning: {file}: the same text as {texts[digest]}, read once",
-                    file=sys.stderr,
-                )
+                repeated.append(f"{file} (as {texts[digest]})")
                 continue
             texts[digest] = file
             documents.extend(found)
     if not documents:
         raise CorpusError(f"{', '.join(map(str, paths))}: the corpus is empty (no text found)")
+    # One line each, however many files: a folder of exports can hold hundreds.
     if blank:
-        files = f"{len(blank)} file" + ("s" if len(blank) > 1 else "")
-        shown = ", ".join(map(str, blank[:3])) + (f" and {len(blank) - 3} more" * (len(blank) > 3))
-        print(f"warning: {files} without text (empty or blank), skipped: {shown}", file=sys.stderr)
+        _warn_skipped(blank, "without text (empty or blank)")
+    if repeated:
+        _warn_skipped(repeated, "with the same text as a file read before")
     return documents
+
+
+def _warn_skipped(files: list, why: str) -> None:
+    count = f"{len(files)} file" + ("s" if len(files) > 1 else "")
+    shown = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" * (len(files) > 3))
+    print(f"warning: {count} {why}, skipped: {shown}", file=sys.stderr)
 
 
 def _digest(documents: list[str]) -> bytes:
