@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -256,7 +256,7 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
                 continue
             # The same text at another path (a hard link, a bind mount, a copy such as
             # "notes (1).txt") would be trained on twice as well.
-            digest = _digest(found)
+            digest = text_digest(found)
             if digest in texts:
                 repeated.append(f"{file} (as {texts[digest]})")
                 continue
@@ -278,12 +278,16 @@ def _warn_skipped(files: list, why: str) -> None:
     print(f"warning: {count} {why}, skipped: {shown}", file=sys.stderr)
 
 
-def _digest(documents: list[str]) -> bytes:
-    h = hashlib.sha256()
-    for doc in documents:
+def text_digest(docs: Sequence[str]) -> str:
+    """The sha256 of documents, each length-prefixed (the same text cut into other
+    documents hashes otherwise): a file's, it finds the same text at another path; a
+    split's, recorded per split (prepare.py), it tells a resumed run that its text changed
+    though its size did not."""
+    h = hashlib.sha256(f"{len(docs)}\0".encode())
+    for doc in docs:
         data = doc.encode("utf-8")
         h.update(len(data).to_bytes(8, "little") + data)
-    return h.digest()
+    return h.hexdigest()
 
 
 def _drop_doctests(text: str) -> str:

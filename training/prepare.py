@@ -38,7 +38,7 @@ from tqdm import tqdm
 from model.atomic_files import write_json
 from model.checkpoint import END_OF_TEXT, end_of_text_id
 from model.token_bytes import token_bytes
-from training.corpus import CorpusError
+from training.corpus import CorpusError, text_digest
 from training.tokenizer import load_tokenizer_file, train_tokenizer
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
@@ -309,17 +309,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """[V] UTF-8 bytes each id stands for (0 for special tokens), as the server streams
     them: any run of ids covers exactly the sum of its entries' bytes."""
     return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
-
-
-def text_digest(docs: Sequence[str]) -> str:
-    """The sha256 of a split's documents, each length-prefixed (the same text cut into
-    other documents hashes otherwise): recorded per split, it tells a resumed run that
-    its text changed though its size did not."""
-    h = hashlib.sha256(f"{len(docs)}\0".encode())
-    for doc in docs:
-        data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
 
 
 def cache_key(digests: dict[str, str], tokenizer_id: str) -> str:
