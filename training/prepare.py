@@ -370,7 +370,7 @@ def _cached(folder: Path) -> PreparedData | None:
         print(f"warning: {folder}: damaged token cache ({e}); rebuilding it", file=sys.stderr)
         # Moved aside first, in one step: trainers started together (a sweep) find the same
         # damaged folder, and one removing files the other was removing got a traceback.
-        aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        aside = _own_sibling(folder, "damaged")
         try:
             os.replace(folder, aside)
         except FileNotFoundError:
@@ -390,15 +390,20 @@ def _check_size(train_tokens: int, min_train_tokens: int, remedy: str) -> None:
         )
 
 
+def _own_sibling(folder: Path, what: str) -> Path:
+    """`<folder>.<what>-<pid>-<random>`: a name no other trainer shares. Trainers in two
+    containers that share a cache volume often have the same pid, and one removed or
+    renamed the folder the other was writing."""
+    return folder.with_name(f"{folder.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def _write(
     folder: Path,
     splits: dict[str, tuple[Sequence[str], np.ndarray]],
     digests: dict[str, str],
     tokenizer: Tokenizer,
 ) -> None:
-    # A name of its own: trainers in two containers that share a cache volume often have
-    # the same pid, and one removed or renamed the folder the other was writing.
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _own_sibling(folder, "tmp")
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
