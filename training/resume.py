@@ -3,7 +3,6 @@ trained with, and what may change) or `--init-from` fine-tunes, and whether a ru
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from training.trainer import (
     STEP_DIR,
     TRAINER_META,
     TRAINING_STATE,
+    latest_names,
     step_folders,
     trainer_meta,
 )
@@ -187,9 +187,8 @@ def later_steps_note(resumed: Path) -> str | None:
     newest = step_folders(resumed.parent)[-1:]
     if not newest or newest[0].name <= resumed.name or not STEP_DIR.fullmatch(resumed.name):
         return None
-    with contextlib.suppress(OSError):  # the one `latest` names is where the run is
-        if (resumed.parent / LATEST).read_text(encoding="utf-8").strip() == resumed.name:
-            return None
+    if latest_names(resumed):  # the one `latest` names is where the run is
+        return None
     return (
         f"warning: {resumed.name} is older than the run's newest checkpoint, "
         f"{newest[0].name}: the step folders after it stay until this run's saves of the "

@@ -156,6 +156,14 @@ def step_folders(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
 
 
+def latest_names(folder: Path) -> bool:
+    """Whether the `latest` file beside checkpoint `folder` names it (False where it
+    cannot be read: none, as in a run folder that lost it)."""
+    with contextlib.suppress(OSError):
+        return (folder.parent / LATEST).read_text(encoding="utf-8").strip() == folder.name
+    return False
+
+
 def step_number(folder: Path) -> int:
     return int(folder.name.removeprefix("step-"))
 
@@ -626,14 +634,9 @@ class Trainer:
         going back), before _start_log drops the log's later records: a kill before this
         run's first save then resumes where the log says the run is, not from the newer
         step the log no longer describes."""
-        if self.resumed_from is None:
+        if self.resumed_from is None or latest_names(self.resumed_from):
             return
-        pointer = self.out_dir / LATEST
-        name = self.resumed_from.name
-        with contextlib.suppress(OSError):  # none (a warning said so): written now
-            if pointer.read_text(encoding="utf-8").strip() == name:
-                return
-        write_text_atomic(pointer, name + "\n")
+        write_text_atomic(self.out_dir / LATEST, self.resumed_from.name + "\n")
 
     def _start_log(self) -> None:
         """A fresh run starts a fresh log. A resumed one keeps the records that led to
