@@ -42,7 +42,7 @@ from model.checkpoint import RUN_LOG, load_tokenizer, read_config, resolve_check
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.resume import saved_args
-from training.trainer import trainer_meta
+from training.run_folder import trainer_meta
 
 PARTS = ("first 90% (the training text)", "last 10% (the held-out text)")
 

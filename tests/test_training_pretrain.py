@@ -33,8 +33,8 @@ from training import evaluate, pretrain
 from training.args import Given
 from training.data import BatchSampler
 from training.resume import changed_text_note
-from training.run_folder import RUN_LOCK
-from training.trainer import next_token_loss, step_folders
+from training.run_folder import RUN_LOCK, step_folders
+from training.trainer import next_token_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

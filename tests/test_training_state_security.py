@@ -11,7 +11,7 @@ import torch
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import tiny_run
 from training import pretrain
-from training.trainer import STATE_KEYS
+from training.trainer_state import STATE_KEYS
 
 
 class RunsCode:

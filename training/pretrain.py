@@ -55,6 +55,14 @@ from training.args import (
     with_step_budget,
 )
 from training.corpus import CorpusError, default_documents, load_documents
+from training.distributed import (
+    DistInfo,
+    RankStopped,
+    init_distributed,
+    launched_world_size,
+    leave_together,
+    share_rank0_error,
+)
 from training.memory import shortfall
 from training.prepare import (
     SMALL_CORPUS_REMEDY,
@@ -75,6 +83,7 @@ from training.resume import (
     saved_args,
 )
 from training.run_folder import (
+    BEST,
     check_writable,
     clear_run_folder,
     has_checkpoint,
@@ -84,20 +93,10 @@ from training.run_folder import (
     run_checkpoint,
     run_folder,
     run_folder_lock,
-)
-from training.tokenizer import load_tokenizer_file
-from training.trainer import (
-    BEST,
-    DistInfo,
-    RankStopped,
-    Trainer,
-    TrainingDiverged,
-    init_distributed,
-    launched_world_size,
-    leave_together,
-    share_rank0_error,
     trainer_meta,
 )
+from training.tokenizer import load_tokenizer_file
+from training.trainer import Trainer, TrainingDiverged
 
 
 def resolve_tokenizer(args: TrainArgs, start: Path | None, source: str) -> Tokenizer | None:

@@ -22,16 +22,17 @@ from training.args import (
     check_resume_settings,
     make_args,
 )
-from training.run_folder import holds_best_alone, run_checkpoint
-from training.trainer import (
+from training.run_folder import (
     BEST,
     STEP_DIR,
     TRAINER_META,
-    TRAINING_STATE,
+    holds_best_alone,
     latest_names,
+    run_checkpoint,
     step_folders,
     trainer_meta,
 )
+from training.trainer_state import TRAINING_STATE
 
 
 def saved_args(folder: Path) -> dict:

@@ -1,5 +1,6 @@
-"""A run folder: which checkpoint in it a run continues, whether it holds a run, and
-the lock that keeps one trainer on it. Rank 0 alone writes there (DDP)."""
+"""A run folder: its step-XXXXXXX checkpoints, best/ and the `latest` pointer, which
+checkpoint in it a run continues, whether it holds a run, and the lock that keeps one
+trainer on it. Rank 0 alone writes there (DDP)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from model.checkpoint import (
     CONFIG,
     LATEST,
     CheckpointError,
+    read_json_object,
     resolve_checkpoint,
 )
 from training.args import (
@@ -24,15 +27,46 @@ from training.args import (
     UsageError,
 )
 from training.corpus import broken_link
-from training.trainer import (
-    BEST,
-    STEP_DIR,
-    launched_world_size,
-    step_folders,
-)
+from training.distributed import launched_world_size
 
 # In the run folder: held (flock) by the trainer training it; holds its pid.
 RUN_LOCK = ".trainer.lock"
+# In each trainer checkpoint: the run's settings and where it stood (beside the weights).
+TRAINER_META = "trainer_meta.json"
+BEST = "best"
+STEP_DIR = re.compile(r"step-\d{7}")
+
+
+def step_folders(run_folder: Path) -> list[Path]:
+    """The run's step-XXXXXXX checkpoints, oldest first (a save renames only a complete
+    folder into a step's name; its temporary copies are named otherwise)."""
+    return sorted(p for p in run_folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+
+
+def latest_names(folder: Path) -> bool:
+    """Whether the `latest` file beside checkpoint `folder` names it (False where it
+    cannot be read: none, as in a run folder that lost it)."""
+    with contextlib.suppress(OSError):
+        return (folder.parent / LATEST).read_text(encoding="utf-8").strip() == folder.name
+    return False
+
+
+def step_number(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def trainer_meta(folder: Path) -> dict:
+    """A trainer checkpoint's trainer_meta.json."""
+    return read_json_object(folder / TRAINER_META, required=True)
+
+
+def recorded_best_loss(run_folder: Path) -> float | None:
+    """The validation loss best/ in `run_folder` was saved with, if it can be read."""
+    try:
+        loss = trainer_meta(run_folder / BEST).get("val_loss")
+    except CheckpointError:  # none yet, or damaged: best/ is then replaced
+        return None
+    return loss if isinstance(loss, float) else None
 
 
 def run_checkpoint(path: Path) -> Path:

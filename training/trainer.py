@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import math
-import os
-import random
-import re
 import shutil
 import signal
 import sys
@@ -34,7 +30,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,7 +47,6 @@ from model.checkpoint import (
     first_non_finite,
     load_weights,
     read_config,
-    read_json_object,
     save_checkpoint,
 )
 from model.config import ModelConfig
@@ -61,125 +55,29 @@ from model.sampling import BatchParams, SamplingParams, sample
 from model.transformer import Transformer
 from training.args import TrainArgs
 from training.data import BatchSampler
+from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
 from training.prepare import PreparedData, bar_output, token_byte_lengths
-
-TRAINING_STATE = "training_state.pt"
-TRAINER_META = "trainer_meta.json"
-BEST = "best"
-STEP_DIR = re.compile(r"step-\d{7}")
-# Every key _training_state writes but the log window's (states saved before it was
-# kept lack it): a state without one is not ours (read_training_state).
-STATE_KEYS = (
-    "step",
-    "tokens_seen",
-    "elapsed",
-    "best_val_loss",
-    "evals_since_best",
-    "first_batch_fingerprints",
-    "optimizer",
-    "rng",
-    "data",
+from training.run_folder import (
+    BEST,
+    TRAINER_META,
+    latest_names,
+    recorded_best_loss,
+    step_folders,
+    step_number,
 )
+from training.trainer_state import (
+    TRAINING_STATE,
+    rank_seed,
+    read_training_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+    torch_rng_state,
+)
+
 PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def launched_world_size() -> int:
-    """How many ranks torchrun started (1 when no torchrun did), from the environment:
-    known before the process group exists, and after it is gone."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes in the environment (a no-op without it)."""
-    world_size = launched_world_size()
-    if world_size == 1:
-        return DistInfo()
-    # The trainer's own agreements (stop flags, data generator states, first-batch
-    # fingerprints) are small CPU tensors, which nccl does not carry: on CUDA they go
-    # over gloo, the model's gradients over nccl.
-    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class RankStopped(Exception):
-    """Another rank stopped the run on an error of its own, which it reports."""
-
-
-def leave_together(dist_info: DistInfo, group: dist.ProcessGroup | None = None) -> None:
-    """Wait for every rank before they leave `group`, so that none destroys its end of
-    the group while another still works in it (rank 0 writing the last checkpoint).
-    What gloo's threads still hold after that is left behind by `exit_process`."""
-    if dist_info.enabled:
-        dist.barrier(group=group)
-
-
-def share_rank0_error(
-    error: Exception | None,
-    dist_info: DistInfo,
-    elsewhere: Exception,
-    group: dist.ProcessGroup | None = None,
-) -> None:
-    """After work rank 0 did alone: raise its `error` there and `elsewhere` on every
-    other rank, so that all stop together with a message instead of the others failing
-    at their next collective (collective under DDP, on `group`: every rank calls it)."""
-    if dist_info.enabled:
-        failed = torch.tensor([float(error is not None)])
-        dist.broadcast(failed, src=0, group=group)
-        if bool(failed):
-            leave_together(dist_info, group)
-            if error is None:
-                raise elsewhere
-    if error is not None:
-        raise error
-
-
-def step_folders(run_folder: Path) -> list[Path]:
-    """The run's step-XXXXXXX checkpoints, oldest first (a save renames only a complete
-    folder into a step's name; its temporary copies are named otherwise)."""
-    return sorted(p for p in run_folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
-
-
-def latest_names(folder: Path) -> bool:
-    """Whether the `latest` file beside checkpoint `folder` names it (False where it
-    cannot be read: none, as in a run folder that lost it)."""
-    with contextlib.suppress(OSError):
-        return (folder.parent / LATEST).read_text(encoding="utf-8").strip() == folder.name
-    return False
-
-
-def step_number(folder: Path) -> int:
-    return int(folder.name.removeprefix("step-"))
-
-
-def trainer_meta(folder: Path) -> dict:
-    """A trainer checkpoint's trainer_meta.json."""
-    return read_json_object(folder / TRAINER_META, required=True)
-
-
-def recorded_best_loss(run_folder: Path) -> float | None:
-    """The validation loss best/ in `run_folder` was saved with, if it can be read."""
-    try:
-        loss = trainer_meta(run_folder / BEST).get("val_loss")
-    except CheckpointError:  # none yet, or damaged: best/ is then replaced
-        return None
-    return loss if isinstance(loss, float) else None
 
 
 @dataclass(frozen=True)
@@ -224,96 +122,6 @@ def next_token_loss(
     """Mean cross-entropy of predicting y [B, T] from x [B, T], in fp32."""
     logits = model(x, positions)  # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-
-# ---------------------------------------------------------------- RNG state as plain tensors
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of rank `rank`'s torch generators (what dropout draws from) under DDP,
-    for a run of `seed` from `step`: independent of every other rank's and of the data
-    order's (seed * 1000 + rank)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
-
-
-def torch_rng_state(cuda: bool) -> dict:
-    """This process's torch generator states: the CPU's and, with `cuda`, the current
-    CUDA device's. What dropout draws from, so each rank has its own (rank_seed)."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state()] if cuda else [],
-    }
-
-
-def rng_state(cuda: bool) -> dict:
-    """Every RNG a training step may draw from; `cuda`: also the current CUDA device's.
-
-    That device's only: each rank's device generator is its own, kept per rank
-    (`torch_rng_state`), so a state per visible device is not needed, and did not
-    restore where fewer are visible.
-    """
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        **torch_rng_state(cuda),
-        "numpy": {
-            "kind": np_kind,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "python": {"version": py_version, "state": torch.tensor(py_state), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict, cuda: bool) -> None:
-    torch.set_rng_state(state["torch"])
-    if cuda and state["cuda"]:
-        # The first: the trainer's device, or in states saved per visible device (runs
-        # before this format), device 0, which a one-GPU run or rank 0 trained on.
-        torch.cuda.set_rng_state(state["cuda"][0])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-
-
-def save_state(state: dict, path: Path) -> None:
-    # Serialised first, then written: a full disk is the write's OSError saying so
-    # (ENOSPC), where torch.save writing the file itself says only "[enforce fail at
-    # inline_container.cc] unexpected pos". (Costs the state's size in memory, briefly.)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    path.write_bytes(buffer.getbuffer())
-
-
-def read_training_state(path: Path) -> dict:
-    """The trainer state in `path`, read with the weights-only unpickler: plain tensors,
-    numbers and containers load; anything that would construct or call an object is
-    refused (a crafted file cannot run code) and reported as a CheckpointError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as e:  # torch.load raises many types; every one means "unusable file"
-        message = str(e).strip()
-        if "Weights only load failed" in message:
-            reason = "it holds objects other than tensors and plain data"
-        else:
-            reason = message.splitlines()[0] if message else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a pocketgpt trainer state; refused to load it ({reason})"
-        ) from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a pocketgpt trainer state (missing {missing})")
-    return state
-
-
-# ---------------------------------------------------------------- the loop
 
 
 class Trainer:
