@@ -13,25 +13,26 @@ from model.cpu import bf16_units
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
 from training.args import (
-    AUTO,
-    DEFAULT_STEPS,
     MAX_SEED,
-    UNLIMITED_STEPS,
     Given,
     TrainArgs,
     UsageError,
-    budget_summary,
     build_parser,
-    check_resume_settings,
-    compile_pays_off,
-    default_steps,
     explicit_settings,
     make_args,
+)
+from training.defaults import (
+    AUTO,
+    DEFAULT_STEPS,
+    UNLIMITED_STEPS,
+    budget_summary,
+    compile_pays_off,
+    default_steps,
     resolved_preset,
-    with_checkpoint_shape,
     with_hardware_defaults,
     with_step_budget,
 )
+from training.resume import check_resume_settings, with_checkpoint_shape
 
 # The embedded corpus's training tokens at the `small` vocabulary (2048).
 EMBEDDED_TRAIN_TOKENS = 247_029

@@ -22,13 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from model.cli import ArgumentParser, env_var, flag
-from model.config import PRESETS, ModelConfig
-from model.cpu import bf16_units
+from model.config import PRESETS
 from model.device import resolve_device
-from model.inductor import has_compiler, missing_compiler_message
 from training.prepare import MAX_VOCAB
 from training.tokenizer import MIN_VOCAB
 
@@ -241,7 +237,7 @@ class TrainArgs:
 
         def require(name: str, ok: bool, problem: str, value: object) -> None:
             if not ok:
-                raise UsageError(f"{_source(name, sources)}: {problem} (got {value!r})")
+                raise UsageError(f"{setting_source(name, sources)}: {problem} (got {value!r})")
 
         # inf and nan pass some range checks below (inf > 0) and then train to a NaN model.
         for name in FIELDS:
@@ -309,7 +305,7 @@ class TrainArgs:
             value = getattr(self, name)
             require(name, value in allowed, f"choose one of {', '.join(allowed)}", value)
         try:
-            resolve_device(self.device, _source("device", sources))
+            resolve_device(self.device, setting_source("device", sources))
         except ValueError as e:
             raise UsageError(str(e)) from None
         return self
@@ -318,279 +314,7 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
-SHORT_CPU_BUDGET_S = 600.0
-
-
-def budget_preset(args: TrainArgs, device: torch.device) -> str:
-    """`--preset auto`: `small`, except for a CPU run boxed under 10 minutes: `mini` on a
-    CPU with AMX, `tiny` elsewhere.
-
-    In a minute on 2 CPU cores `small` sees too little text to learn much. Without AMX
-    `tiny` (~0.85M parameters at vocab 512) processes ~6x more tokens and ends far
-    lower; with AMX's bf16 products `mini` (~3.5M) runs at ~15k tokens/s and ends
-    lower still, but on Zen 4's AVX512-BF16 (~6k tokens/s) it ends higher than `tiny`
-    (tinyshakespeare at --max-time 70: 2.47 vs 2.21 bpb; BENCHMARKS.md). Zen 5 runs
-    `mini` at ~15k and ends ~0.01 lower than `tiny`: too small a gain to be worth
-    telling Zen 5 from Zen 4 (a timing probe or a CPU-model table), so it gets `tiny`.
-    """
-    if device.type == "cpu" and args.max_time is not None and args.max_time < SHORT_CPU_BUDGET_S:
-        return "mini" if bf16_units() == "amx" else "tiny"
-    return "small"
-
-
-def resolved_preset(args: TrainArgs, device: torch.device) -> str:
-    return args.preset if args.preset != "auto" else budget_preset(args, device)
-
-
-# Settings left at `none` take the trained preset's value. Measured on 2 CPU cores
-# (tinyshakespeare, first 90% trains, last 10% scores, --max-time 70):
-#   tiny: a 512-entry vocabulary beats 2048 (2.74 vs 2.89 bpb): with ~0.5M tokens seen
-#     in a minute, most of a 2048-token embedding is barely trained and the LM head
-#     costs ~20% of the step; 8 sequences per step (twice the updates of 16) and a
-#     higher lr (4e-3) suit the few hundred steps such a run makes.
-#   mini (AMX CPUs): the same 512 entries and context (1024 entries: 2.35 vs 2.27 bpb);
-#     16 sequences per step at 3e-3 (8 per step: 2.31).
-#   small/base: 2048 entries pack ~1.5x more text per token, which pays once the
-#     body dominates the cost; a 256-token context (what the served model can read)
-#     at 8 sequences keeps a step at 2048 tokens, as 16 x 128 did.
-AUTO: dict[str, dict[str, int | float]] = {
-    "tiny": {"vocab_size": 512, "block_size": 128, "lr": 4e-3, "batch_size": 8},
-    "mini": {"vocab_size": 512, "block_size": 128, "lr": 3e-3, "batch_size": 16},
-    "small": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
-    "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
-}
-
-# Without --max-steps or --max-time a run makes the device's step count, but never more
-# than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 400 steps are ~3 minutes
-# of `small` on 2 AMX cores, 3.3 passes over the embedded corpus. CUDA: 5000 steps would
-# be ~40 passes over it, and past a few passes `small` memorises the text (train loss
-# ~0.2 nats) while validation loss climbs. End-of-run val bits/byte of `small` with Muon,
-# a full schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32
-# at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5,
-# 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9.
-DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
-DEFAULT_MAX_EPOCHS = 5
-UNLIMITED_STEPS = 10**12
-DEFAULT_WARMUP_STEPS = 30
-
-
-# When `--compile none` compiles, by device: a run must be long enough that the first
-# build (cached on disk afterwards, but a newcomer's first run pays it) is repaid.
-# CPU, 2 cores: the build takes ~15-20 s for `tiny` and ~50 s for `small`; compiled, a
-# step is then ~1.3x faster for `tiny` and ~1.1x for `small` (fewer, fused kernels;
-# matrix products are the rest). At --max-time 70 a cold build loses (`tiny`: 708
-# steps vs 740 eager; 910 with a warm cache), and the 400-step `small` default breaks
-# even, hence 2 minutes / 1000 steps. CUDA: ~35 s for `base` on an H100, then with bf16
-# 8x an eager fp32 loop.
-COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 200}
-COMPILE_MIN_SECONDS = {"cpu": 120.0, "cuda": 60.0}
-
-
-def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
-    """`--compile none`: compile when the run is long enough to repay the build and the
-    compiler inductor needs is installed (model/inductor.py)."""
-    if args.max_time is not None:
-        long_run = args.max_time >= COMPILE_MIN_SECONDS[device.type]
-    else:
-        long_run = args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS[device.type]
-    return long_run and has_compiler(device)
-
-
-# Below this width an AMX CPU's bf16 products are too small to repay autocast's casts:
-# `tiny` (128 wide) trains at 23k tokens/s in bf16 vs 27k in fp32, `mini` (256) at 15k
-# vs 10k on the same 2 cores. AVX512-BF16 (2 EPYC vCPUs) gains at every width measured:
-# `tiny` 16k vs 15k, `mini` 8.2k vs 5.1k, `small` 2.6k vs 1.6k.
-BF16_AMX_MIN_DIM = 256
-
-
-def auto_dtype(args: TrainArgs, device: torch.device) -> str:
-    if device.type == "cuda":
-        # Before Ampere bf16 is emulated: slower than float32 (and fp16 would need loss
-        # scaling).
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-    width = args.dim or PRESETS[resolved_preset(args, device)].dim
-    units = bf16_units()
-    fast = units == "avx512" or (units == "amx" and width >= BF16_AMX_MIN_DIM)
-    return "bfloat16" if fast else "float32"
-
-
-def with_hardware_defaults(args: TrainArgs, device: torch.device) -> TrainArgs:
-    """Fill in every `none` or `auto` that depends on the preset or the hardware: the
-    preset's vocabulary size, block size, lr and batch size (AUTO) and `--dtype`; and
-    check that an explicit `--compile` can build."""
-    preset = resolved_preset(args, device)
-    filled = {name: value for name, value in AUTO[preset].items() if getattr(args, name) is None}
-    if args.dtype == "auto":
-        filled["dtype"] = auto_dtype(args, device)
-    if args.compile and not has_compiler(device):
-        raise UsageError(f"--compile: {missing_compiler_message(device)}")
-    return dataclasses.replace(args, **filled)
-
-
-def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, world_size: int) -> int:
-    """The device's step count, capped at DEFAULT_MAX_EPOCHS passes over `train_tokens`."""
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    steps_for_passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step)  # ceil
-    return max(1, min(DEFAULT_STEPS[device.type], steps_for_passes))
-
-
-def with_step_budget(
-    args: TrainArgs, device: torch.device, train_tokens: int, world_size: int = 1
-) -> TrainArgs:
-    """Fill in `--max-steps` (no step limit under --max-time, else `default_steps`),
-    `--compile` (`compile_pays_off`) and `--warmup-steps` once the size of the training
-    text is known."""
-    if args.max_steps is None:
-        steps = (
-            UNLIMITED_STEPS
-            if args.max_time is not None
-            else default_steps(args, device, train_tokens, world_size)
-        )
-        args = dataclasses.replace(args, max_steps=steps)
-    if args.compile is None:
-        args = dataclasses.replace(args, compile=compile_pays_off(args, device))
-    if args.warmup_steps is None:
-        # A short run (e.g. --max-steps 30 to try things out) must get past its warmup.
-        warmup = min(DEFAULT_WARMUP_STEPS, args.max_steps // 10)
-        args = dataclasses.replace(args, warmup_steps=warmup)
-    return args
-
-
-def settings_warnings(args: TrainArgs) -> list[str]:
-    """Warnings about resolved settings that cannot do what they say: warmup filling the
-    whole schedule (--decay-steps, else --max-steps: the learning rate never reaches its
-    peak, let alone decays), a preview longer than the model's context."""
-    warnings = []
-    schedule = args.decay_steps or args.max_steps
-    if schedule < UNLIMITED_STEPS and args.warmup_steps >= schedule:
-        length = "--decay-steps" if args.decay_steps else "--max-steps"
-        warnings.append(
-            f"warning: --warmup-steps {args.warmup_steps} covers the whole {schedule}-step "
-            f"schedule ({length}): the learning rate rises all run and never decays"
-        )
-    # The preview starts at <|endoftext|>, so the context holds one token fewer of it.
-    if args.sample_tokens >= args.block_size:
-        warnings.append(
-            f"warning: --sample-tokens {args.sample_tokens} is more than the model's context "
-            f"(--block-size {args.block_size}) holds: previews stop at {args.block_size - 1} "
-            "tokens"
-        )
-    return warnings
-
-
-def budget_summary(args: TrainArgs) -> str:
-    """What ends the run, for the start-up line: `5,000 steps`, `70 s`, or both."""
-    steps = f"{args.max_steps:,} step{'s' if args.max_steps != 1 else ''}"
-    limits = [steps] if args.max_steps < UNLIMITED_STEPS else []
-    if args.max_time is not None:
-        limits.append(f"{args.max_time:g} s")
-    return " or ".join(limits)
-
-
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-
-
-def with_checkpoint_shape(
-    args: TrainArgs,
-    config: ModelConfig,
-    sources: Mapping[str, str],
-    own_tokenizer: bool,
-) -> TrainArgs:
-    """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
-    vocabulary or tokenizer is an error (one giving the checkpoint's own value is not, as
-    with --resume; `own_tokenizer`: --tokenizer names one defined as the checkpoint's
-    is). The shape fields take the checkpoint's values (what `auto_dtype`
-    reads, and what trainer_meta.json records), the preset the one given if it builds
-    that shape with the shape flags given, else the one of that shape (`auto` if none),
-    and the block size defaults to the context it was trained to."""
-    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
-    # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
-    # than those of the preset a time box would pick for a new model.
-    preset = next(
-        (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
-        "auto",
-    )
-    given_shape = {n: getattr(args, n) for n in SHAPE_FIELDS}
-    if args.preset in PRESETS and _builds_shape(args.preset, given_shape, shape):
-        # The pretraining command repeated: `--preset tiny --n-kv-heads 4` names the
-        # shape of a model trained so, and its preset's lr and batch size apply.
-        preset = args.preset
-    checkpoints = {"preset": preset, **shape, "vocab_size": config.vocab_size}
-    given = [n for n, value in checkpoints.items() if getattr(args, n) not in (None, "auto", value)]
-    given += ["tokenizer"] if args.tokenizer is not None and not own_tokenizer else []
-    if given:
-        names = ", ".join(_source(name, sources) for name in given)
-        raise UsageError(f"--init-from fixes the model and its tokenizer: drop {names}")
-    block_size = args.block_size or config.max_seq_len
-    if block_size > config.max_seq_len:
-        raise UsageError(
-            f"{_source('block_size', sources)} {block_size}: the --init-from model reads "
-            f"at most {config.max_seq_len} tokens"
-        )
-    return dataclasses.replace(
-        args, preset=preset, block_size=block_size, vocab_size=config.vocab_size, **shape
-    )
-
-
-def _builds_shape(
-    preset: str, given_shape: Mapping[str, object], shape: Mapping[str, object]
-) -> bool:
-    """Whether `preset` with the shape flags given (`given_shape`: field -> value, None
-    where not given) builds the model `shape`."""
-    overrides = {n: v for n, v in given_shape.items() if v is not None}
-    try:
-        built = ModelConfig.from_preset(preset, **overrides)
-    except ValueError:  # a shape that cannot be: not the checkpoint's
-        return False
-    return all(getattr(built, n) == v for n, v in shape.items())
-
-
-def check_resume_settings(
-    given: Given, saved: Mapping[str, object], config: ModelConfig, run_folder: Path
-) -> None:
-    """`--resume`: the model and tokenizer are the checkpoint's, so a flag choosing
-    another shape, vocabulary or tokenizer is an error (one repeating the run's own value
-    is not: the command that started the run, with --resume added, continues it), the
-    block size may not pass the context the model was built for, and the run goes on in
-    its own folder."""
-    settings = given.values
-    out_dir = settings.get("out_dir")
-    if isinstance(out_dir, str) and os.path.realpath(out_dir) != os.path.realpath(run_folder):
-        raise UsageError(
-            f"{_source('out_dir', given.sources)} {out_dir}: --resume goes on in the folder of "
-            f"the run it continues ({run_folder}); to branch a run, copy its folder and "
-            "resume the copy"
-        )
-
-    def changed(name: str) -> bool:
-        if name not in settings:
-            return False
-        # Absolute both: runs saved before paths were made absolute hold them as given.
-        if as_saved(name, settings[name]) == as_saved(name, saved.get(name)):
-            return False
-        if name == "preset" and saved.get(name) == "auto" and settings[name] in PRESETS:
-            # The preset `auto` chose, named (with the run's shape flags): no change.
-            shape = {n: getattr(config, n) for n in SHAPE_FIELDS}
-            given_shape = {n: settings.get(n, saved.get(n)) for n in SHAPE_FIELDS}
-            return not _builds_shape(settings[name], given_shape, shape)
-        # A shape the preset chose is saved as None: the model's own value is no change.
-        return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)
-
-    def refuse(names: tuple[str, ...], what: str) -> None:
-        if given_now := [name for name in names if changed(name)]:
-            flags = ", ".join(_source(name, given.sources) for name in given_now)
-            raise UsageError(f"--resume continues the run's {what}: drop {flags}")
-
-    refuse(("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer"), "model and tokenizer")
-    # Restored from the checkpoint, not made anew: a value given now would change nothing.
-    kept = ", ".join(f"{name} {saved.get(name)}" for name in ("optimizer", "seed"))
-    refuse(("optimizer", "seed"), f"optimizer state and random state ({kept})")
-    block_size = settings.get("block_size")
-    if isinstance(block_size, int) and block_size > config.max_seq_len:
-        raise UsageError(
-            f"{_source('block_size', given.sources)} {block_size}: the resumed model reads "
-            f"at most {config.max_seq_len} tokens"
-        )
 
 
 PATH_FIELDS = ("data", "val_data", "tokenizer", "cache_dir", "init_from")
@@ -611,36 +335,11 @@ def with_absolute_paths(args: TrainArgs) -> TrainArgs:
     return dataclasses.replace(args, **{n: as_saved(n, getattr(args, n)) for n in PATH_FIELDS})
 
 
-def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
-    """The network `args` describe for a tokenizer of `vocab_size` ids.
-
-    The context length is the block size: the model is only trained that far.
-    """
-    preset = resolved_preset(args, device)
-    overrides = {n: getattr(args, n) for n in SHAPE_FIELDS if getattr(args, n) is not None}
-    try:
-        return ModelConfig.from_preset(
-            preset,
-            vocab_size=vocab_size,
-            max_seq_len=args.block_size,
-            dropout=args.dropout,
-            **overrides,
-        )
-    except ValueError as e:
-        # What comes from the preset and what was given: a value the user never set
-        # (the preset's n_kv_heads) is then no mystery.
-        given = " ".join(f"{flag(name)} {value}" for name, value in overrides.items())
-        shape = f"the model shape (--preset {preset}{' with ' if given else ''}{given})"
-        raise UsageError(f"{shape}: {str(e).removeprefix('invalid ModelConfig: ')}") from None
-
-
-# ---------------------------------------------------------------- parsing
-
 FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
 TYPES = typing.get_type_hints(TrainArgs)
 
 
-def _source(name: str, sources: Mapping[str, str] | None) -> str:
+def setting_source(name: str, sources: Mapping[str, str] | None) -> str:
     """How the user gave setting `name` (its flag, env var or config entry; the flag if
     `sources` does not say): what an error about its value names."""
     return (sources or {}).get(name, flag(name))
@@ -789,7 +488,7 @@ class Given:
     def source(self, name: str) -> str:
         """How setting `name` was given: what an error about it names (its flag if it
         was not given)."""
-        return _source(name, self.sources)
+        return setting_source(name, self.sources)
 
 
 def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Given:

@@ -44,17 +44,18 @@ from training.args import (
     Given,
     TrainArgs,
     UsageError,
-    budget_summary,
     explicit_settings,
     make_args,
+    with_absolute_paths,
+)
+from training.corpus import CorpusError, default_documents, load_documents
+from training.defaults import (
+    budget_summary,
     model_config,
     settings_warnings,
-    with_absolute_paths,
-    with_checkpoint_shape,
     with_hardware_defaults,
     with_step_budget,
 )
-from training.corpus import CorpusError, default_documents, load_documents
 from training.distributed import (
     DistInfo,
     RankStopped,
@@ -81,6 +82,7 @@ from training.resume import (
     resume_folder,
     resumed_args,
     saved_args,
+    with_checkpoint_shape,
 )
 from training.run_folder import (
     BEST,

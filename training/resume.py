@@ -3,8 +3,10 @@ trained with, and what may change) or `--init-from` fine-tunes, and whether a ru
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from model.checkpoint import (
@@ -13,15 +15,17 @@ from model.checkpoint import (
     read_config,
     resolve_checkpoint,
 )
+from model.config import PRESETS, ModelConfig
 from training.args import (
-    UNLIMITED_STEPS,
+    SHAPE_FIELDS,
     Given,
     TrainArgs,
     UsageError,
     as_saved,
-    check_resume_settings,
     make_args,
+    setting_source,
 )
+from training.defaults import UNLIMITED_STEPS
 from training.run_folder import (
     BEST,
     STEP_DIR,
@@ -33,6 +37,109 @@ from training.run_folder import (
     trainer_meta,
 )
 from training.trainer_state import TRAINING_STATE
+
+
+def with_checkpoint_shape(
+    args: TrainArgs,
+    config: ModelConfig,
+    sources: Mapping[str, str],
+    own_tokenizer: bool,
+) -> TrainArgs:
+    """`--init-from`: the model is the checkpoint's, so a flag choosing another shape,
+    vocabulary or tokenizer is an error (one giving the checkpoint's own value is not, as
+    with --resume; `own_tokenizer`: --tokenizer names one defined as the checkpoint's
+    is). The shape fields take the checkpoint's values (what `auto_dtype`
+    reads, and what trainer_meta.json records), the preset the one given if it builds
+    that shape with the shape flags given, else the one of that shape (`auto` if none),
+    and the block size defaults to the context it was trained to."""
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
+    # The preset of that shape, if one has it, so its lr and batch size (AUTO) apply rather
+    # than those of the preset a time box would pick for a new model.
+    preset = next(
+        (name for name, p in PRESETS.items() if all(getattr(p, n) == v for n, v in shape.items())),
+        "auto",
+    )
+    given_shape = {n: getattr(args, n) for n in SHAPE_FIELDS}
+    if args.preset in PRESETS and _builds_shape(args.preset, given_shape, shape):
+        # The pretraining command repeated: `--preset tiny --n-kv-heads 4` names the
+        # shape of a model trained so, and its preset's lr and batch size apply.
+        preset = args.preset
+    checkpoints = {"preset": preset, **shape, "vocab_size": config.vocab_size}
+    given = [n for n, value in checkpoints.items() if getattr(args, n) not in (None, "auto", value)]
+    given += ["tokenizer"] if args.tokenizer is not None and not own_tokenizer else []
+    if given:
+        names = ", ".join(setting_source(name, sources) for name in given)
+        raise UsageError(f"--init-from fixes the model and its tokenizer: drop {names}")
+    block_size = args.block_size or config.max_seq_len
+    if block_size > config.max_seq_len:
+        raise UsageError(
+            f"{setting_source('block_size', sources)} {block_size}: the --init-from model reads "
+            f"at most {config.max_seq_len} tokens"
+        )
+    return dataclasses.replace(
+        args, preset=preset, block_size=block_size, vocab_size=config.vocab_size, **shape
+    )
+
+
+def _builds_shape(
+    preset: str, given_shape: Mapping[str, object], shape: Mapping[str, object]
+) -> bool:
+    """Whether `preset` with the shape flags given (`given_shape`: field -> value, None
+    where not given) builds the model `shape`."""
+    overrides = {n: v for n, v in given_shape.items() if v is not None}
+    try:
+        built = ModelConfig.from_preset(preset, **overrides)
+    except ValueError:  # a shape that cannot be: not the checkpoint's
+        return False
+    return all(getattr(built, n) == v for n, v in shape.items())
+
+
+def check_resume_settings(
+    given: Given, saved: Mapping[str, object], config: ModelConfig, run_folder: Path
+) -> None:
+    """`--resume`: the model and tokenizer are the checkpoint's, so a flag choosing
+    another shape, vocabulary or tokenizer is an error (one repeating the run's own value
+    is not: the command that started the run, with --resume added, continues it), the
+    block size may not pass the context the model was built for, and the run goes on in
+    its own folder."""
+    settings = given.values
+    out_dir = settings.get("out_dir")
+    if isinstance(out_dir, str) and os.path.realpath(out_dir) != os.path.realpath(run_folder):
+        raise UsageError(
+            f"{setting_source('out_dir', given.sources)} {out_dir}: --resume goes on in the "
+            f"folder of the run it continues ({run_folder}); to branch a run, copy its folder "
+            "and resume the copy"
+        )
+
+    def changed(name: str) -> bool:
+        if name not in settings:
+            return False
+        # Absolute both: runs saved before paths were made absolute hold them as given.
+        if as_saved(name, settings[name]) == as_saved(name, saved.get(name)):
+            return False
+        if name == "preset" and saved.get(name) == "auto" and settings[name] in PRESETS:
+            # The preset `auto` chose, named (with the run's shape flags): no change.
+            shape = {n: getattr(config, n) for n in SHAPE_FIELDS}
+            given_shape = {n: settings.get(n, saved.get(n)) for n in SHAPE_FIELDS}
+            return not _builds_shape(settings[name], given_shape, shape)
+        # A shape the preset chose is saved as None: the model's own value is no change.
+        return name not in SHAPE_FIELDS or settings[name] != getattr(config, name)
+
+    def refuse(names: tuple[str, ...], what: str) -> None:
+        if given_now := [name for name in names if changed(name)]:
+            flags = ", ".join(setting_source(name, given.sources) for name in given_now)
+            raise UsageError(f"--resume continues the run's {what}: drop {flags}")
+
+    refuse(("preset", *SHAPE_FIELDS, "vocab_size", "tokenizer"), "model and tokenizer")
+    # Restored from the checkpoint, not made anew: a value given now would change nothing.
+    kept = ", ".join(f"{name} {saved.get(name)}" for name in ("optimizer", "seed"))
+    refuse(("optimizer", "seed"), f"optimizer state and random state ({kept})")
+    block_size = settings.get("block_size")
+    if isinstance(block_size, int) and block_size > config.max_seq_len:
+        raise UsageError(
+            f"{setting_source('block_size', given.sources)} {block_size}: the resumed model reads "
+            f"at most {config.max_seq_len} tokens"
+        )
 
 
 def saved_args(folder: Path) -> dict:

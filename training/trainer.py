@@ -140,7 +140,7 @@ class Trainer:
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
         self.out_dir = Path(args.out_dir)
-        # args.dtype is resolved by now (args.with_hardware_defaults): "auto" never reaches here.
+        # args.dtype is resolved by now (defaults.with_hardware_defaults): never "auto".
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
