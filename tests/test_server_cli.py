@@ -32,7 +32,8 @@ from server_harness import (
 )
 from tokenizers import Tokenizer, decoders
 
-from model.checkpoint import WEIGHTS, load_model
+from model.checkpoint import WEIGHTS, load_model, read_config
+from model.kv_cache import KVCache
 from server.__main__ import DrainingServer, setting_source
 from server.app import create_app
 from server.http11 import uvicorn_config
@@ -239,12 +240,17 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     # Not one slot of that context fits: the context is what to lower.
     fits = re.fullmatch(
         r"error: the KV cache for POCKETGPT_MAX_BATCH 1024 x a context of 16,777,216 tokens "
-        r"needs 32\.00 TiB \(the weights [\d.]+ MiB more\), and at most [\d,.]+ GiB is "
+        r"needs 32\.00 TiB \(the weights ([\d.]+) MiB more\), and at most ([\d,.]+) GiB is "
         r"available: lower --max-context to at most ([\d,]+)",
         line,
     )
     assert fits is not None, line
-    assert 1 <= int(fits.group(1).replace(",", "")) < 2**24
+    weights_mib, available_gib, context = (float(g.replace(",", "")) for g in fits.groups())
+    # The context named is the most whose cache fits beside the weights in what the line
+    # says is available (printed to 0.01 GiB: within a few tokens of it).
+    per_context_token = 1024 * KVCache.bytes_per_token(read_config(long), torch.float32)
+    room = available_gib * 2**30 - weights_mib * 2**20
+    assert abs(context - room / per_context_token) <= 0.005 * 2**30 / per_context_token + 1
 
     past = run_server("--checkpoint", str(checkpoint), "--max-context", "1025")
     assert past.returncode == 2
