@@ -299,34 +299,69 @@ def run(argv: Sequence[str] | None) -> int:
         return run_locked(given)
 
 
+def if_missing(given: Given) -> Given | int:
+    """`--if-missing` (without --resume): the exit status where the out dir already holds
+    a finished run or a model, else the settings to run: --resume added where it holds an
+    unfinished run, as given where it holds none."""
+    settings = given.values
+    out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
+    if has_checkpoint(out_dir):  # (a model's folder too: kept as it is)
+        if settings.get("init_from"):  # before "nothing to do": no fine-tune is done
+            check_out_dir_is_not_a_model(given)
+            started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
+            check_run_init_from(given, started_from, out_dir)
+        if finished(out_dir):
+            print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
+            return 0
+        if (out_dir / CONFIG).is_file():
+            # A step folder or best/ of an unfinished run: a model, not the run folder
+            # --resume goes on in; kept as it is, as any model's folder.
+            print(f"{out_dir} is a model's folder; nothing to do (--if-missing)")
+            return 0
+        # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
+        print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
+        return Given({**settings, "resume": str(out_dir)}, given.sources)
+    if (out_dir / RUN_LOG).is_file() and not holds_run(out_dir):
+        print(
+            f"{out_dir} holds a run stopped before its first checkpoint; starting it "
+            "over (--if-missing)",
+            flush=True,
+        )
+    return given
+
+
+def check_out_dir_holds_no_run(args: TrainArgs, given: Given) -> None:
+    """A new run (not --resume) does not write into a folder holding another's checkpoints."""
+    out_dir = Path(args.out_dir)
+    if not holds_run(out_dir):
+        return
+    if holds_best_alone(out_dir):
+        raise UsageError(
+            f"--out-dir {out_dir} holds {BEST}/ but no checkpoint to resume (its step "
+            f"folders are gone); to train anew there, move {BEST}/ away, or choose "
+            "another --out-dir"
+        )
+    if args.init_from:  # a fine-tune is a new run: --resume would refuse --init-from
+        raise UsageError(
+            f"{given.source('out_dir')} {out_dir} already holds checkpoints; a fine-tune "
+            f"({given.source('init_from')}) starts a run of its own: choose another "
+            "--out-dir"
+        )
+    raise UsageError(
+        f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
+        "continue, or choose another --out-dir"
+    )
+
+
 def run_locked(given: Given) -> int:
     settings = given.values
     clear_run_folder(settings)
     if settings.get("if_missing") and not settings.get("resume"):
-        out_dir = Path(settings.get("out_dir", TrainArgs.out_dir))
-        if has_checkpoint(out_dir):  # (a model's folder too: kept as it is)
-            if settings.get("init_from"):  # before "nothing to do": no fine-tune is done
-                check_out_dir_is_not_a_model(given)
-                started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
-                check_run_init_from(given, started_from, out_dir)
-            if finished(out_dir):
-                print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
-                return 0
-            if (out_dir / CONFIG).is_file():
-                # A step folder or best/ of an unfinished run: a model, not the run folder
-                # --resume goes on in; kept as it is, as any model's folder.
-                print(f"{out_dir} is a model's folder; nothing to do (--if-missing)")
-                return 0
-            # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
-            print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
-            given = Given({**settings, "resume": str(out_dir)}, given.sources)
-            settings = given.values
-        elif (out_dir / RUN_LOG).is_file() and not holds_run(out_dir):
-            print(
-                f"{out_dir} holds a run stopped before its first checkpoint; starting it "
-                "over (--if-missing)",
-                flush=True,
-            )
+        outcome = if_missing(given)
+        if isinstance(outcome, int):
+            return outcome
+        given = outcome
+        settings = given.values
     if not settings.get("resume"):
         check_out_dir_is_not_a_model(given)
     resumed = (
@@ -366,23 +401,8 @@ def run_locked(given: Given) -> int:
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
     out_dir = Path(args.out_dir)
     check_out_dir_is_not_text(args, given)
-    if resumed is None and holds_run(out_dir):
-        if holds_best_alone(out_dir):
-            raise UsageError(
-                f"--out-dir {out_dir} holds {BEST}/ but no checkpoint to resume (its step "
-                f"folders are gone); to train anew there, move {BEST}/ away, or choose "
-                "another --out-dir"
-            )
-        if args.init_from:  # a fine-tune is a new run: --resume would refuse --init-from
-            raise UsageError(
-                f"{given.source('out_dir')} {out_dir} already holds checkpoints; a fine-tune "
-                f"({given.source('init_from')}) starts a run of its own: choose another "
-                "--out-dir"
-            )
-        raise UsageError(
-            f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "
-            "continue, or choose another --out-dir"
-        )
+    if resumed is None:
+        check_out_dir_holds_no_run(args, given)
     check_writable(out_dir, "--out-dir")
     check_writable(cache_root(args), "--cache-dir")
     device = resolve_device(args.device)
