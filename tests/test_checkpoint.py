@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -27,6 +29,7 @@ from model.checkpoint import (
 from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.conftest import MIXED_TEXT
+from tests.test_detokenizer_fuzz import FUZZ
 
 
 def positions_for(ids: torch.Tensor) -> torch.Tensor:
@@ -201,6 +204,57 @@ def test_transformers_tokenizer_matches_ours_on_mixed_scripts(
     assert hf.encode(text, add_special_tokens=False) == ours
     assert hf.decode(ours) == text
     assert load_tokenizer(folder).decode(ours) == text
+
+
+# Any Unicode, among pieces that byte-level BPE and the CRLF normalizer must get right
+# (words after spaces, line ends, punctuation, combining marks, joiners, emoji).
+TOKENIZER_TEXT = st.lists(
+    st.one_of(
+        st.characters(codec="utf-8"),
+        st.sampled_from(
+            [
+                " the",
+                " cat",
+                "ing",
+                "  ",
+                "\n",
+                "\r\n",
+                "\r",
+                "\t",
+                ".",
+                " ,",
+                "'s",
+                "’",
+                "é",
+                "e\u0301",
+                "世界",
+                "🙂",
+                "👩\u200d💻",
+                "\u00a0",
+                "<|",
+                "|>",
+            ]
+        ),
+    ),
+    max_size=40,
+).map("".join)
+
+
+def test_transformers_tokenizer_agrees_with_ours_on_any_text_but_a_special_token(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # README: the two agree on any text but one that spells a special token.
+    _, folder = saved
+    hf, ours = transformers.AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+
+    @FUZZ
+    @given(text=TOKENIZER_TEXT)
+    def agree(text: str) -> None:
+        ids = ours.encode(text).ids
+        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.decode(ids) == ours.decode(ids) == text.replace("\r\n", "\n")
+
+    agree()
 
 
 def test_windows_line_ends_read_as_the_trainers_newline_here_and_in_transformers(
