@@ -109,6 +109,26 @@ def test_an_untied_lm_head_round_trips_and_transformers_agrees(
     assert_transformers_agrees(model, folder)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"n_heads": 4, "n_kv_heads": 4},  # plain multi-head attention
+        {"n_heads": 8, "n_kv_heads": 1},  # multi-query, head_dim 16
+        {"dim": 96, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 200, "n_layers": 1},
+        {"rope_theta": 500000.0, "norm_eps": 1e-6, "tie_embeddings": False},
+    ],
+    ids=["mha", "mqa", "odd widths", "rope theta, eps, untied"],
+)
+def test_transformers_agrees_on_logits_across_model_shapes(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig, shape: dict
+) -> None:
+    torch.manual_seed(11)
+    model = with_trained_norms(Transformer(tiny_config.replace(**shape))).eval()
+    folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    assert_transformers_agrees(model, folder)
+
+
 def assert_transformers_agrees(model: Transformer, folder: Path) -> None:
     hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(
