@@ -111,6 +111,36 @@ def test_bad_config_file_names_the_file_and_setting(
 
 
 @pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('out-dir = ["runs/a"]', "['runs/a']"),  # was the folder "['runs/a']"
+        ("tokenizer = true", "True"),  # was the path "True"
+        ("cache-dir = 2026-01-01", "datetime.date(2026, 1, 1)"),
+        ("resume = 5", "5"),
+        ("init-from = {path = 'a'}", "{'path': 'a'}"),
+    ],
+)
+def test_a_config_value_of_another_type_is_no_path_or_name(
+    tmp_path: Path, text: str, value: str
+) -> None:
+    # Flags and variables are text; a config file's value is typed, and its str() is no
+    # path the user wrote.
+    config = tmp_path / "run.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(UsageError) as error:
+        explicit_settings(["--config", str(config)], {})
+    key = text.split(" = ")[0]
+    assert str(error.value) == (
+        f"--config {config}: {key}: invalid value {value} (expected a string)"
+    )
+    # JSON's null for a setting that cannot be unset was the folder "None".
+    config = tmp_path / "run.json"
+    config.write_text('{"out_dir": null}')
+    with pytest.raises(UsageError, match=r"out_dir: invalid value None \(expected a string\)"):
+        explicit_settings(["--config", str(config)], {})
+
+
+@pytest.mark.parametrize(
     ("device", "flags", "expected"),
     [
         ("cpu", {}, False),  # 400 steps, the CPU default: a cold build would not repay

@@ -377,6 +377,10 @@ def _convert(name: str, value: object, source: str) -> object:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError("expected true/false")
+        if kind is str and not isinstance(value, str):
+            # Only a config file gives other types: str() made `out-dir = ["runs/a"]`
+            # the folder "['runs/a']", and `tokenizer = true` the path "True".
+            raise ValueError("expected a string")
         if kind is int and isinstance(value, (bool, float)):
             raise ValueError("expected an integer")
         if kind is float and isinstance(value, bool):
