@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None,
         ge=1,
+        # Past any machine's cores: OpenMP then starts that many threads as the model
+        # loads, and 100,000 (a typo's extra zeros) crashed the process (SIGSEGV).
+        le=1024,
         description="torch CPU threads; default torch's own (one per core). On a shared "
         "machine 1 can be faster: oversubscribed cores make the thread pool stall",
     )

@@ -185,6 +185,19 @@ def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
     )
 
 
+def test_a_thread_count_past_any_machines_cores_is_refused_before_loading(checkpoint):
+    # 100,000 (a typo's extra zeros) started that many OpenMP threads as the model loaded
+    # and crashed the process with SIGSEGV, no word; past 2**31 a traceback and exit 1.
+    for threads in ("100000", str(2**31)):
+        result = run_server(
+            "--checkpoint", str(checkpoint), "--port", "0", env={"POCKETGPT_THREADS": threads}
+        )
+        assert result.returncode == 2
+        assert result.stderr == (
+            "error: POCKETGPT_THREADS: Input should be less than or equal to 1024\n"
+        )
+
+
 def test_a_setting_is_named_by_its_env_var_only_when_the_environment_set_it(monkeypatch):
     for name in [key for key in os.environ if key.upper().startswith("POCKETGPT_")]:
         monkeypatch.delenv(name)
