@@ -152,6 +152,15 @@ class Settings(BaseSettings):
             return None if "*" in names else frozenset(names - {""}) | LOOPBACK_NAMES
         return LOOPBACK_NAMES | {self.host.lower()} if is_loopback(self.host) else None
 
+    @field_validator("host")
+    @classmethod
+    def _interface_named(cls, host: str) -> str:
+        # Empty (a blank POCKETGPT_HOST= line) binds every interface, as 0.0.0.0 does:
+        # a server meant for this machine alone would answer the network, for any Host.
+        if not host:
+            raise ValueError("must name an interface (0.0.0.0 for all)")
+        return host
+
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts_named(cls, hosts: str | None) -> str | None:

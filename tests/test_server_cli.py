@@ -440,6 +440,16 @@ def test_a_server_open_beyond_this_machine_without_a_key_is_warned_of(tmp_path):
         assert quiet.returncode == 2 and "warning" not in quiet.stderr
 
 
+def test_an_empty_host_is_refused_not_bound_to_every_interface(tmp_path):
+    # A blank POCKETGPT_HOST= line (a .env file's) bound every interface, as 0.0.0.0
+    # does, with the localhost Host check off: the network, where 127.0.0.1 was meant.
+    missing = ["--checkpoint", str(tmp_path / "none"), "--port", "0"]
+    for given, env in (("POCKETGPT_HOST", {"POCKETGPT_HOST": ""}), ("--host", {})):
+        result = run_server(*missing, *([] if env else ["--host", ""]), env=env)
+        assert result.returncode == 2
+        assert result.stderr == f"error: {given}: must name an interface (0.0.0.0 for all)\n"
+
+
 def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_left(
     checkpoint,
 ):
