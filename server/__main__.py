@@ -94,7 +94,8 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")
-    config = read_config(check_serving_files(settings.checkpoint))
+    folder = check_serving_files(settings.checkpoint)
+    config = read_config(folder)
     if settings.max_context is not None:
         if settings.max_context > config.max_seq_len:
             raise ValueError(
@@ -102,6 +103,18 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
                 f"the checkpoint's context of {config.max_seq_len} tokens"
             )
         config = config.replace(max_seq_len=settings.max_context)
+    if config.max_seq_len < 2:
+        # Every request's prompt holds a token (the end-of-text an empty one starts after)
+        # and asks for one more: in a context of 1 each would be a 400, while /health said
+        # ready.
+        named = (
+            f"{setting_source('max_context', given)} {settings.max_context}"
+            if settings.max_context is not None
+            else f"{folder}: its context of 1 token"
+        )
+        raise ValueError(
+            f"{named}: no request fits (a prompt of at least 1 token and 1 generated need 2)"
+        )
     check_memory(settings, given, config, device)
 
 

@@ -272,6 +272,20 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     )
 
 
+def test_a_context_no_request_fits_in_is_refused_at_start(checkpoint, tmp_path):
+    # A prompt holds a token at least (the end-of-text an empty one starts after) and asks
+    # for one more: at a context of 1 the server came up ready and answered every request
+    # 400. The --max-context given, or the checkpoint's own (a --block-size 1 run's).
+    fits_none = "no request fits (a prompt of at least 1 token and 1 generated need 2)"
+    one = run_server("--checkpoint", str(checkpoint), "--port", "0", "--max-context", "1")
+    assert one.returncode == 2
+    assert one.stderr == f"error: --max-context 1: {fits_none}\n"
+    short = with_context_of(checkpoint, 1, tmp_path / "short")
+    own = run_server("--checkpoint", str(short), "--port", "0")
+    assert own.returncode == 2
+    assert own.stderr == f"error: {short}: its context of 1 token: {fits_none}\n"
+
+
 def test_max_context_serves_a_long_context_model_within_it(checkpoint, tmp_path):
     long = with_context_of(checkpoint, 2**24, tmp_path / "long")
     with served(long, "--max-context", "64", "--max-batch", "1024") as (_, url):
