@@ -78,6 +78,14 @@ def test_a_config_file_that_begins_with_a_byte_order_mark_is_read(
         ("RUN.TOML", "lr = ", "not valid TOML"),  # suffixes in any case, as for --data
         ("run.json", "{lr: 1}", "not valid JSON"),
         ("settings", "lr = 1", "not valid JSON"),  # any name but .toml is read as JSON
+        # Past what Python's parsers take: deep nesting, an integer of 4,300+ digits.
+        pytest.param("run.json", "[" * 100_000 + "]" * 100_000, "not valid JSON", id="deep json"),
+        pytest.param(
+            "run.toml", "x = " + "[" * 100_000 + "]" * 100_000, "not valid TOML", id="deep toml"
+        ),
+        pytest.param(
+            "run.json", '{"seed": 1' + "0" * 5000 + "}", "not valid JSON", id="5001 digits"
+        ),
     ],
 )
 def test_unparsable_config_file_names_its_format(
@@ -93,6 +101,10 @@ def test_unparsable_config_file_names_its_format(
     ("text", "message"),
     [
         ('{"max_steps": 1.5}', "max_steps: invalid value 1.5"),
+        # An integer no float holds, for a float setting.
+        pytest.param(
+            '{"lr": 1' + "0" * 400 + "}", r"lr: invalid value 10+ \(int too large to", id="1e400"
+        ),
         ('{"learning_rate": 1}', "unknown setting 'learning_rate'"),
         ("[1, 2]", "expected an object"),
         # One setting twice: which one wins is not for a reader to guess.

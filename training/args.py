@@ -386,7 +386,7 @@ def _convert(name: str, value: object, source: str) -> object:
         if kind is float and isinstance(value, bool):
             raise ValueError("expected a number")
         return kind(value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # Overflow: a float from a huge int
         raise UsageError(f"{source}: invalid value {value!r} ({e})") from None
 
 
@@ -453,7 +453,8 @@ def _read_config_file(path: Path) -> dict:
         data = tomllib.loads(text) if is_toml else json.loads(text, object_pairs_hook=_unique)
     except _RepeatedKey as e:
         raise UsageError(f"--config {path}: {e.args[0]!r} is given twice") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    # ValueError: the decode errors, and an integer past Python's 4,300 digits (json).
+    except (ValueError, RecursionError) as e:
         kind = "TOML" if is_toml else "JSON"
         raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
