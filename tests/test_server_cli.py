@@ -275,7 +275,8 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
 def test_a_context_no_request_fits_in_is_refused_at_start(checkpoint, tmp_path):
     # A prompt holds a token at least (the end-of-text an empty one starts after) and asks
     # for one more: at a context of 1 the server came up ready and answered every request
-    # 400. The --max-context given, or the checkpoint's own (a --block-size 1 run's).
+    # 400. The --max-context given, or the checkpoint's own (a config.json saying 1: the
+    # trainer refuses --block-size 1).
     fits_none = "no request fits (a prompt of at least 1 token and 1 generated need 2)"
     one = run_server("--checkpoint", str(checkpoint), "--port", "0", "--max-context", "1")
     assert one.returncode == 2

@@ -252,6 +252,8 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
         (["--grad-clip", "inf"], "--grad-clip: must be a finite number (got inf)"),
         (["--max-time", "inf"], "--max-time: must be a finite number (got inf)"),
         (["--max-time", "-5"], "--max-time: must be > 0 (got -5.0)"),
+        # What the server can serve: a prompt token and one generated.
+        (["--block-size", "1"], "--block-size: must be >= 2 (a prompt token and one generated)"),
     ],
 )
 def test_values_no_run_can_use_are_rejected_naming_the_flag_and_value(

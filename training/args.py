@@ -249,7 +249,6 @@ class TrainArgs:
             require(name, getattr(self, name) >= 1, "must be >= 1", getattr(self, name))
         for name in (
             "batch_size",
-            "block_size",
             "dim",
             "n_layers",
             "n_heads",
@@ -260,6 +259,14 @@ class TrainArgs:
         ):
             value = getattr(self, name)
             require(name, value is None or value >= 1, "must be >= 1", value)
+        # The server's least context: a prompt's token (the end-of-text an empty one starts
+        # after) and one generated. A context of 1 trained a model nothing could serve.
+        require(
+            "block_size",
+            self.block_size is None or self.block_size >= 2,
+            "must be >= 2 (a prompt token and one generated)",
+            self.block_size,
+        )
         require(
             "vocab_size",
             self.vocab_size is None or MIN_VOCAB <= self.vocab_size <= MAX_VOCAB,
