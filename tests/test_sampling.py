@@ -257,3 +257,37 @@ def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
     params = BatchParams.from_rows([SamplingParams(top_p=1e-300)] * 2)
     generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
     assert sample(logits, params, generators).tolist() == [1, 0]
+
+
+def test_top_p_stops_at_the_token_whose_predecessors_hold_exactly_top_p() -> None:
+    # HF/vLLM rule: a token is kept while the tokens ranked above it hold *less* than
+    # top_p. Here the first token alone holds exactly 0.5, so top_p 0.5 keeps only it.
+    probs = torch.tensor([[0.5, 0.25, 0.25]])
+    kept = truncate(probs, torch.tensor([[sampling.NO_TOP_K]]), torch.tensor([[0.5]]))
+    assert kept.tolist() == [[0.5, 0.0, 0.0]]
+
+
+def generator_drawing_zero() -> torch.Generator:
+    """A real CPU generator whose Mersenne Twister words are all zero: its uniform
+    numbers are exactly 0.0, the one value a draw's search must treat carefully."""
+    generator = seeded(1)
+    state = generator.get_state().clone()
+    state[24 : 24 + 624 * 8] = 0  # the 624 state words, after seed, left, seeded, next
+    generator.set_state(state)
+    assert torch.rand(1, generator=generator).item() == 0.0
+    return generator
+
+
+def test_a_uniform_of_exactly_zero_never_draws_a_leading_zero_probability_token() -> None:
+    probs = torch.tensor([[0.0, 0.0, 0.7, 0.3]])
+    assert sampling.draw(probs, [generator_drawing_zero()]).tolist() == [2]
+
+
+def test_a_row_of_nan_logits_still_draws_a_token_inside_the_vocabulary() -> None:
+    # A broken row (NaN logits, or nothing left to draw) must not yield the id V, which
+    # would index past the embedding table and fail the whole batch.
+    logits = torch.full((1, VOCAB), math.nan)
+    params = BatchParams.from_rows([SamplingParams(temperature=0.8)])
+    token = int(sample(logits, params, [seeded(0)])[0])
+    assert 0 <= token < VOCAB
+    assert 0 <= int(sampling.draw(torch.zeros(1, VOCAB), [generator_drawing_zero()])[0]) < VOCAB
