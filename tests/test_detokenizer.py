@@ -126,3 +126,16 @@ def test_a_stop_string_whose_start_repeats_is_held_back_whole() -> None:
     detokenizer = IncrementalDetokenizer(table, ("aab",))
     text = "".join(detokenizer.add(tokenizer.token_to_id(c)) for c in "xaab")
     assert (text, detokenizer.stop_string) == ("x", "aab")
+
+
+def test_text_released_at_the_end_keeps_its_order_around_a_held_stop_prefix() -> None:
+    # The flush turns ED A0 into replacements: "a" (held: it could begin "aQ") comes
+    # first, the last U+FFFD (held: it could begin "\ufffdZ") last, as in a one-shot
+    # decode.
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    ids = [tokenizer.token_to_id("a"), table.index(b"\xed"), table.index(b"\xa0")]
+    detokenizer = IncrementalDetokenizer(table, ("aQ", "\ufffdZ"))
+    text = "".join(detokenizer.add(i) for i in ids) + detokenizer.finish()
+    assert text == tokenizer.decode(ids) == "a\ufffd\ufffd"
+    assert detokenizer.stop_string is None
