@@ -221,3 +221,23 @@ def test_bf16_autocast_training_forward_and_backward_follow_float32(model: Trans
         )
         assert cosine > 0.99, name
     model.zero_grad(set_to_none=True)
+
+
+def test_bytes_per_token_is_what_the_cache_allocates_per_slot_and_position() -> None:
+    # With grouped-query attention the cache holds n_kv_heads heads, not n_heads: the
+    # server sizes its slot count from this number.
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, n_kv_heads=1, max_seq_len=16)
+    cache = KVCache.for_model(config, n_slots=3, dtype=torch.bfloat16)
+    allocated = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+    per_token = KVCache.bytes_per_token(config, torch.bfloat16)
+    assert allocated == per_token * 3 * config.max_seq_len
+
+
+@torch.inference_mode()
+def test_a_sequence_can_fill_the_whole_context_through_the_cache() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, max_seq_len=16)
+    model = Transformer(config).eval()
+    ids = random_ids((1, config.max_seq_len), seed=8)
+    cached = decode_through_cache(model, ids, prompt_lens=[4], slots=[0])
+    torch.testing.assert_close(cached, model(ids, full_positions(1, 16)), atol=1e-5, rtol=0)
