@@ -49,3 +49,14 @@ def test_eval_windows_make_every_token_but_the_first_a_target_once(n: int) -> No
     assert np.concatenate([y for _, y in windows]).tolist() == list(range(1, n))
     for x, y in windows:
         assert 0 < len(x) == len(y) <= 8 and (y == x + 1).all()
+
+
+def test_a_shard_one_token_short_of_a_block_and_its_target_is_refused_with_the_reason() -> None:
+    tokens = np.arange(16, dtype=np.uint16)
+    with pytest.raises(ValueError, match="8 training tokens per rank cannot fill one block of 8"):
+        BatchSampler(tokens, block_size=8, batch_size=2, seed=0, rank=1, world_size=2)
+    # One more token is enough: the single window is the whole shard.
+    sampler = BatchSampler(tokens[:9], block_size=8, batch_size=2, seed=0)
+    inputs, targets = sampler.next_batch()
+    assert inputs.tolist() == [list(range(8))] * 2
+    assert targets.tolist() == [list(range(1, 9))] * 2
