@@ -977,3 +977,58 @@ def test_a_failure_after_the_answer_started_is_counted_once_as_that_answer(tmp_p
         samples = metric_samples(url)
         assert samples[("pocketgpt_requests_total", (("status", "200"),))] == 1
         assert samples.get(("pocketgpt_requests_total", (("status", "500"),)), 0) == 0
+
+
+def small_context_validator(context: int = 16, bos_id: int = 0) -> Validator:
+    tokenizer = english_tokenizer()
+    return Validator(tokenizer, token_bytes(tokenizer), max_context=context, bos_id=bos_id)
+
+
+def refusal(validator: Validator, **fields: object) -> str:
+    with pytest.raises(ApiError) as refused:
+        validator.validate(GenerateRequest(**fields))
+    assert (refused.value.status_code, refused.value.type) == (400, "context_length_exceeded")
+    return refused.value.message
+
+
+def test_a_prompt_of_exactly_the_bytes_that_could_fit_is_tokenized_and_counted_exactly():
+    validator = small_context_validator()
+    fitting = 16 * validator.max_token_bytes  # "a" is one token a byte here
+    message = refusal(validator, prompt="a" * fitting, max_tokens=1)
+    assert message == (
+        f"prompt ({fitting} tokens) + max_tokens (1) exceeds the model's context of 16 tokens"
+    )
+    # One byte more as sent, but as many as tokenized (CRLF is read as "\n").
+    crlf = "a" * (fitting - 1) + "\r\n"
+    counted = len(validator.tokenizer.encode(crlf, add_special_tokens=False).ids)
+    message = refusal(validator, prompt=crlf, max_tokens=1)
+    assert message.startswith(f"prompt ({counted} tokens) + max_tokens (1)"), message
+
+
+def test_the_fewest_tokens_a_prompt_refused_by_its_bytes_has_are_rounded_up():
+    validator = small_context_validator()
+    prompt = "a" * (16 * validator.max_token_bytes + 1)
+    message = refusal(validator, prompt=prompt, max_tokens=1)
+    assert message.startswith(f"prompt (at least 17 tokens: {len(prompt)} bytes) + max_tokens")
+
+
+def test_without_max_tokens_a_prompt_of_exactly_the_context_is_refused():
+    validator = small_context_validator()
+    message = refusal(validator, prompt=" the" * 16)  # " the": one token
+    assert message == (
+        "prompt (16 tokens) leaves no room to generate in the model's context of 16 tokens"
+    )
+    served = validator.validate(GenerateRequest(prompt=" the" * 15))
+    assert (len(served.prompt_ids), served.max_tokens) == (15, 1)
+
+
+def test_an_unknown_name_of_exactly_the_shown_length_is_repeated_whole(client):
+    name = "k" * 40
+    response = client.post("/v1/generate", json={"prompt": "x", name: 1})
+    message = assert_error(response, 422, "invalid_request")
+    assert message == f"{name}: Extra inputs are not permitted"
+
+
+def test_an_empty_prompt_starts_with_the_checkpoints_own_start_token():
+    served = small_context_validator(bos_id=7).validate(GenerateRequest(prompt=""))
+    assert (served.prompt_ids, served.max_tokens) == ([7], 15)

@@ -17,6 +17,7 @@ from server_harness import (
     sse_events,
 )
 
+from model.checkpoint import CheckpointError
 from model.token_bytes import token_bytes
 from server.settings import Settings
 from server.validation import end_of_text_ids
@@ -122,3 +123,12 @@ def test_a_stop_string_the_last_tokens_flush_completes_ends_by_stop(tmp_path: Pa
             events = stream(client, **body)
     assert (reply["text"], reply["finish_reason"], reply["stop_reason"]) == ("", "stop", "\ufffd")
     assert [e["finish_reason"] for e in events if isinstance(e, dict)] == [None, "stop"]
+
+
+def test_an_eos_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path: Path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 1000]}))
+    with pytest.raises(CheckpointError, match=r"eos_token_id \[3, 1000\] is not one or more"):
+        end_of_text_ids(tmp_path, 0, 1000)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 999]}))
+    assert end_of_text_ids(tmp_path, 0, 1000) == {0, 3, 999}
