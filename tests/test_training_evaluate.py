@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -210,3 +211,34 @@ def test_a_signal_while_evaluating_exits_128_plus_it_without_a_traceback(
     assert process.returncode == 128 + stop, err
     assert err.splitlines()[-1] == "interrupted: no bits per byte"
     assert "Traceback" not in err and "bpb=" not in out
+
+
+@pytest.mark.parametrize("n_windows", [1, 2, 3, 17])  # 17: a second batch of one window
+@pytest.mark.parametrize("short_last", [False, True])
+def test_evaluate_stream_scores_every_target_once_in_nats_and_bits_per_byte(
+    n_windows: int, short_last: bool
+) -> None:
+    # The reference: each window alone, predicting its targets (the inputs shifted by one).
+    torch.manual_seed(0)
+    vocab, block = 40, 4
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
+    generator = torch.Generator().manual_seed(n_windows)
+    length = n_windows * block + 1 - (2 if short_last else 0)
+    tokens = torch.randint(0, vocab, (length,), generator=generator).numpy().astype("uint16")
+    byte_lengths = torch.randint(1, 5, (vocab,), generator=generator).numpy()
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, length - 1, block):
+            window = torch.from_numpy(tokens[start : start + block + 1].astype("int64"))
+            x, y = window[:-1][None], window[1:]
+            logits = model.eval()(x, torch.arange(x.shape[1])[None])[0]
+            nats += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    model.train()
+    result = evaluate.evaluate_stream(
+        model, tokens, byte_lengths, block_size=block, device=torch.device("cpu")
+    )
+    n_bytes = int(byte_lengths[tokens[1:].astype("int64")].sum())
+    assert (result.tokens, result.bytes) == (length - 1, n_bytes)
+    assert result.loss == pytest.approx(nats / (length - 1), rel=1e-5)
+    assert result.bpb == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-5)
+    assert model.training  # left as it was given
