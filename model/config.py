@@ -77,6 +77,11 @@ class ModelConfig:
         return embeddings + self.n_layers * per_layer + self.dim  # + final norm
 
 
+# The least context a served model needs: a prompt's token (the end-of-text an empty one
+# starts after) and one generated. The trainer refuses a shorter --block-size, the
+# server a shorter context.
+MIN_SERVED_CONTEXT = 2
+
 PRESETS: dict[str, ModelConfig] = {
     # ~1.3M at vocab 4096; GQA on so the tests cover it.
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256),

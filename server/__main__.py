@@ -32,6 +32,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.cli import ArgumentParser, env_var, exit_now, flag
+from model.config import MIN_SERVED_CONTEXT
 from server.settings import Settings, is_loopback
 
 if typing.TYPE_CHECKING:
@@ -103,17 +104,16 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
                 f"the checkpoint's context of {config.max_seq_len} tokens"
             )
         config = config.replace(max_seq_len=settings.max_context)
-    if config.max_seq_len < 2:
-        # Every request's prompt holds a token (the end-of-text an empty one starts after)
-        # and asks for one more: in a context of 1 each would be a 400, while /health said
-        # ready.
+    if config.max_seq_len < MIN_SERVED_CONTEXT:
+        # Every request would be a 400, while /health said ready.
         named = (
             f"{setting_source('max_context', given)} {settings.max_context}"
             if settings.max_context is not None
             else f"{folder}: its context of 1 token"
         )
         raise ValueError(
-            f"{named}: no request fits (a prompt of at least 1 token and 1 generated need 2)"
+            f"{named}: no request fits (a prompt of at least 1 token and 1 generated need "
+            f"{MIN_SERVED_CONTEXT})"
         )
     check_memory(settings, given, config, device)
 

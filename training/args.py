@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.cli import ArgumentParser, env_var, flag
-from model.config import PRESETS
+from model.config import MIN_SERVED_CONTEXT, PRESETS
 from model.device import resolve_device
 from training.prepare import MAX_VOCAB
 from training.tokenizer import MIN_VOCAB
@@ -259,12 +259,11 @@ class TrainArgs:
         ):
             value = getattr(self, name)
             require(name, value is None or value >= 1, "must be >= 1", value)
-        # The server's least context: a prompt's token (the end-of-text an empty one starts
-        # after) and one generated. A context of 1 trained a model nothing could serve.
+        # A shorter context trained a model nothing could serve.
         require(
             "block_size",
-            self.block_size is None or self.block_size >= 2,
-            "must be >= 2 (a prompt token and one generated)",
+            self.block_size is None or self.block_size >= MIN_SERVED_CONTEXT,
+            f"must be >= {MIN_SERVED_CONTEXT} (a prompt token and one generated)",
             self.block_size,
         )
         require(
