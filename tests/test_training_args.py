@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def test_a_config_file_that_begins_with_a_byte_order_mark_is_read(
     assert (args.lr, args.max_steps) == (0.01, 7)
 
 
+def test_a_config_read_from_a_pipe_is_read() -> None:
+    # As bash's `--config <(...)` gives it: /dev/fd/N, a pipe with no size until read.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"max-steps": 7}')
+    os.close(write_end)
+    try:
+        settings = explicit_settings(["--config", f"/dev/fd/{read_end}"], {})
+    finally:
+        os.close(read_end)
+    assert make_args(TrainArgs().to_dict(), settings).max_steps == 7
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
@@ -110,6 +123,8 @@ def test_unparsable_config_file_names_its_format(
         # One setting twice: which one wins is not for a reader to guess.
         ('{"max_steps": 5, "max-steps": 6}', "'max_steps' and 'max-steps' are one setting"),
         ('{"max_steps": 5, "max_steps": 6}', "'max_steps' is given twice$"),
+        # Valid JSON, but no settings file is this long (nor is /dev/zero, never ending).
+        pytest.param("{}" + " " * (1 << 20), "longer than 1 MiB$", id="over 1 MiB"),
     ],
 )
 def test_bad_config_file_names_the_file_and_setting(

@@ -446,9 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Settings fill a page; a read this long is the wrong file (or /dev/zero, endless).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config_file(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8-sig")  # Notepad writes a BOM
+        # Read, not stat-checked: a pipe (--config <(...)) has no size until read.
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UsageError(f"--config {path}: longer than {MAX_CONFIG_BYTES >> 20} MiB")
+        text = raw.decode("utf-8-sig")  # Notepad writes a BOM
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
