@@ -30,6 +30,7 @@ from training.defaults import (
     compile_pays_off,
     default_steps,
     resolved_preset,
+    time_box_warning,
     with_hardware_defaults,
     with_step_budget,
 )
@@ -393,3 +394,11 @@ def test_init_from_takes_the_preset_and_shape_flags_the_checkpoint_was_trained_w
     for other in (TrainArgs(preset="tiny", init_from="base"), TrainArgs(preset="mini")):
         with pytest.raises(UsageError, match=r"drop --preset$"):
             with_checkpoint_shape(other, config, {}, own_tokenizer=False)
+
+
+def test_only_a_time_box_that_ends_inside_warmup_is_warned_of() -> None:
+    args = TrainArgs(max_time=5.0, warmup_steps=30)
+    assert time_box_warning(args, 29, "max_time") is not None
+    assert time_box_warning(args, 30, "max_time") is None  # its last step reached --lr
+    assert time_box_warning(args, 29, "signal") is None  # to be resumed
+    assert time_box_warning(args, 29, "early_stopping") is None

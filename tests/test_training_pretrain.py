@@ -1129,6 +1129,8 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     run = tmp_path / "run"
     # No log line in the run: the bar's time left comes from its end alone.
     argv = [*tiny_run(tmp_path, *LONG_RUN), "--log-interval", "1000000", "--max-time", "2"]
+    # A warmup the clock ends first (short of the 100,000 steps: no warning at start).
+    argv += ["--warmup-steps", "50000"]
     process = spawn_pretrain([*argv, "--out-dir", str(run)])
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
@@ -1136,6 +1138,11 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     # The bar's last line is the state at the end, not at the last log line before it.
     last = [line for line in err.splitlines() if "left=" in line][-1]
     assert "left=0s" in last, err
+    assert err.endswith(
+        f"warning: --max-time 2 s ended the run at step {meta(run)['step']}, inside "
+        "--warmup-steps 50000: the learning rate never reached --lr nor decayed; allow "
+        "more time or fewer warmup steps\n"
+    )
 
 
 def test_a_time_boxed_run_resumed_without_its_time_box_makes_the_default_step_count(

@@ -174,6 +174,18 @@ def settings_warnings(args: TrainArgs) -> list[str]:
     return warnings
 
 
+def time_box_warning(args: TrainArgs, step: int, stopped_by: str) -> str | None:
+    """A warning where --max-time ended the run at `step`, still inside its warmup: the
+    schedule is in steps, and no step count told the start-up check how many it makes."""
+    if stopped_by != "max_time" or step >= args.warmup_steps:
+        return None
+    return (
+        f"warning: --max-time {args.max_time:g} s ended the run at step {step}, inside "
+        f"--warmup-steps {args.warmup_steps}: the learning rate never reached --lr nor "
+        "decayed; allow more time or fewer warmup steps"
+    )
+
+
 def budget_summary(args: TrainArgs) -> str:
     """What ends the run, for the start-up line: `5,000 steps`, `70 s`, or both."""
     steps = f"{args.max_steps:,} step{'s' if args.max_steps != 1 else ''}"

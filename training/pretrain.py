@@ -53,6 +53,7 @@ from training.defaults import (
     budget_summary,
     model_config,
     settings_warnings,
+    time_box_warning,
     with_hardware_defaults,
     with_step_budget,
 )
@@ -475,6 +476,10 @@ def run_locked(given: Given) -> int:
         )
         default_signal_actions()
         result = trainer.train()
+        if dist_info.is_main and (
+            warning := time_box_warning(args, result.step, result.stopped_by)
+        ):
+            print(warning, file=sys.stderr)
         leave_together(dist_info)
     finally:
         if dist_info.enabled:
