@@ -1660,6 +1660,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     held_out.mkdir()
     shutil.copy(CORPUS, held_out)
     (held_out / "new.txt").write_text("A paragraph the model was never trained on.\n")
+    # The last lines of the training file, cut off into a file of their own.
+    (tmp_path / "tail.txt").write_text(CORPUS.read_text()[-1000:])
     return {
         # Its checkpoints would be read as text by the next command, which refuses them.
         "out-dir the text folder": (
@@ -1718,6 +1720,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "held-out text partly trained on": (
             ["--data", str(CORPUS), "--val-data", str(held_out)],
             "--val-data: 1 of its 2 documents are in --data too",
+        ),
+        "held-out text cut from a training file": (
+            ["--data", str(CORPUS), "--val-data", str(tmp_path / "tail.txt")],
+            "--val-data: its document is in --data too",
         ),
         "held-out text all trained on": (
             ["--data", str(held_out), "--val-data", str(held_out)],

@@ -7,7 +7,13 @@ import re
 
 import pytest
 
-from training.prepare import VAL_PIECE_CHARS, VAL_PIECES, split_documents
+from training.prepare import (
+    MIN_CUT_CHARS,
+    VAL_PIECE_CHARS,
+    VAL_PIECES,
+    documents_trained_on,
+    split_documents,
+)
 
 
 def numbered_lines(n: int) -> str:
@@ -86,3 +92,15 @@ def test_short_documents_hold_out_the_fraction_asked_in_evenly_spaced_runs() -> 
     runs = 1 + sum(b != a + 1 for a, b in itertools.pairwise(held_out))
     assert runs == VAL_PIECES  # contiguous runs of documents, one per piece
     assert held_out[0] > 0 and held_out[-1] < 2999  # the corpus's ends are trained on
+
+
+def test_held_out_text_cut_from_a_training_document_counts_as_trained_on() -> None:
+    book = "".join(f"Line {i} of a book that is long enough.\n" for i in range(200))
+    tail = book[-MIN_CUT_CHARS:]
+    assert documents_trained_on([tail], [book]) == 1
+    # Shorter: a line or heading may just be common text.
+    assert documents_trained_on([tail[1:]], [book]) == 0
+    # The same document counts whatever its length; other text does not.
+    assert documents_trained_on(["Short.", tail, tail + "!"], ["Short.", book]) == 2
+    # Found among many training documents, short ones included.
+    assert documents_trained_on([tail], ["x", "y" * 5000, book, "z"]) == 1

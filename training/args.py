@@ -52,8 +52,8 @@ class TrainArgs:
     val_data: list[str] = field(
         default_factory=list,
         metadata=doc(
-            "held-out text files/folders (a document also in --data is refused); none ="
-            " --val-fraction of --data, in evenly spaced pieces"
+            "held-out text files/folders (a document also in --data, or cut from one, is refused);"
+            " none = --val-fraction of --data, in evenly spaced pieces"
         ),
     )
     val_fraction: float = field(

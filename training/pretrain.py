@@ -70,6 +70,7 @@ from training.prepare import (
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
+    documents_trained_on,
     prepare,
     split_documents,
 )
@@ -191,8 +192,9 @@ def load_data(
         documents = default_documents()
     if val_docs is not None:
         train_docs = documents
-        # `--data notes --val-data notes/held-out.txt`: scored on text it trained on.
-        trained_on = len(set(val_docs) & set(train_docs))
+        # `--data notes --val-data notes/held-out.txt`, or a held-out file cut from a
+        # training file left whole: scored on text it trained on.
+        trained_on = documents_trained_on(val_docs, train_docs)
         if trained_on:
             if len(val_docs) == 1:
                 which = "its document is"
