@@ -1,10 +1,10 @@
 """`python -m server`: serve a checkpoint with uvicorn.
 
 Every Settings field is a flag (`--max-batch`) and an env var (`POCKETGPT_MAX_BATCH`);
-a flag wins over the env var. The port is bound, the checkpoint checked and (on CPU) the
-memory its weights and KV cache need compared with what the system may give before the
-model loads, so a busy port, a bad checkpoint or a cache past the machine ends the
-process with one line naming the problem and exit status 2.
+a flag wins over the env var. The port is bound, the checkpoint checked and the memory
+its weights and KV cache need compared with what the system may give (on CUDA, the GPU's
+free memory) before the model loads, so a busy port, a bad checkpoint or a cache past
+the machine ends the process with one line naming the problem and exit status 2.
 
 SIGTERM / SIGINT drain: /health and /v1/generate answer 503 at once, running
 requests finish and their responses are sent (up to --drain-timeout; a client that
