@@ -1,10 +1,11 @@
 """Edge validation: a protocol request becomes a typed, tokenized `GenerationRequest`.
 
-The only place that decides 400, 415 and 422 (but for uvicorn's refusal of a request that
-is not valid HTTP: server/http11.py): pydantic's field errors, text that is
-not valid Unicode among them (422), a body not sent as JSON (415), a body that is not JSON
-(400), and the bound that needs the tokenizer and the model's context (400, with the
-numbers). Everything after this point trusts its input.
+Decides a request's 400, 415 and 422: pydantic's field errors, text that is not valid
+Unicode among them (422), a body not sent as JSON (415), a body that is not JSON (400),
+and the bound that needs the tokenizer and the model's context (400, with the numbers).
+Everything after this point trusts its input. Refused before it gets here: what is not
+valid HTTP (uvicorn: server/http11.py), a Host not allowed or a body framed both ways
+(400: server/middleware.py), a compressed body (415: server/routes.py).
 """
 
 from __future__ import annotations
