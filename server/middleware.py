@@ -1,5 +1,5 @@
-"""ASGI guards at the edge, before FastAPI sees a request: API key, head and body size,
-counting.
+"""ASGI guards at the edge, before FastAPI sees a request: API key, Host, head and body
+size, counting.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched.
 FastAPI applies no request-body limit unless configured to, hence `BodyLimitMiddleware`.
