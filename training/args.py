@@ -3,9 +3,9 @@
 Each field is a flag (`max_steps` -> `--max-steps`) and an environment variable
 (`POCKETGPT_MAX_STEPS`); `--config FILE` reads a JSON or TOML object of the same
 names. Precedence, lowest first: defaults (or, with `--resume`, the resumed run's
-settings), config file, environment, command line. Booleans take
-`--flag/--no-flag` on the command line and 1/0/true/false/yes/no elsewhere;
-`none` clears an optional value.
+settings), config file, environment, command line. A boolean is `--flag` alone
+(true) or `--no-flag` on the command line, else one of 1/0, true/false, yes/no or on/off
+(`--flag false`, an env var, a config entry); `none` clears an optional value.
 """
 
 from __future__ import annotations
