@@ -107,3 +107,12 @@ def test_an_untied_embedding_gets_its_own_learning_rate_scale() -> None:
     assert scaled[0]["params"] == [model.embed_tokens.weight]
     plain = [p for g in adamw.param_groups if "lr_scale" not in g for p in g["params"]]
     assert any(p is model.lm_head.weight for p in plain)
+
+
+def test_a_learning_rate_past_float32_moves_the_weights_off_the_scale_not_an_error() -> None:
+    # The trainer reports what follows (an infinite loss) as a diverged run, exit 1; the
+    # step's scale overflowing float32 was a traceback instead.
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    weight.grad = torch.randn(8, 16)
+    Muon([weight], lr=1e39).step()
+    assert weight.abs().max() > 1e37

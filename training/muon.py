@@ -23,6 +23,8 @@ from collections.abc import Iterable
 
 import torch
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 # Each iteration's quintic a*x + b*x^3 + c*x^5 (applied to the singular values), from
 # Turbo-Muon: tuned for a start whose singular values AOL has put in (0, 1].
 NS_COEFFICIENTS = (
@@ -109,6 +111,9 @@ class Muon(torch.optim.Optimizer):
                     torch.lerp(p.grad, buf, momentum, out=update)  # Nesterov
                 ortho = orthogonalize(updates, self.ns_dtype)
                 step_size = lr * 0.2 * math.sqrt(max(shape))  # AdamW-like update RMS
+                # add_ takes its alpha as a float32: past the largest, a traceback instead
+                # of the infinite weights the trainer reports as a diverged run.
+                step_size = min(step_size, FLOAT32_MAX)
                 torch._foreach_mul_(params, 1 - lr * decay)
                 # add_ reads the ns_dtype update as is (no float32 copy of it).
                 torch._foreach_add_(params, ortho.unbind(), alpha=-step_size)
