@@ -159,3 +159,18 @@ def test_a_step_never_prefills_more_tokens_than_its_budget():
     for _ in range(6):
         out = step(s)
         assert sum(c.end - c.start for c in out.prefills) <= 4
+
+
+def test_refuses_a_budget_or_a_prompt_that_could_never_make_progress():
+    # A zero prefill budget would never prefill a prompt, and an empty prompt has no
+    # position to sample its first token from: both would hang or corrupt a stream.
+    with pytest.raises(ValueError):
+        Scheduler(n_slots=1, max_waiting=0, prefill_budget=0)
+    with pytest.raises(ValueError):
+        Scheduler(n_slots=0, max_waiting=0, prefill_budget=4)
+    with pytest.raises(ValueError):
+        Scheduler(n_slots=1, max_waiting=-1, prefill_budget=4)
+    s = Scheduler(n_slots=1, max_waiting=1, prefill_budget=4)
+    with pytest.raises(ValueError):
+        s.add(ScheduledRequest("empty", prompt_len=0))
+    assert not s.has_work
