@@ -53,3 +53,28 @@ def test_with_max_time_the_clock_drives_the_cooldown() -> None:
     # Step 20 alone is 11% of the way; 75 of 100 seconds puts the run halfway down.
     assert lr_at(args, 20, elapsed=75.0) == pytest.approx(0.55)
     assert lr_at(args, 20, elapsed=10.0) == 1.0
+
+
+def test_with_max_time_steps_ahead_of_the_clock_still_drive_the_cooldown() -> None:
+    # Whichever is further along ends the run: a fast run reaching --max-steps before its
+    # --max-time must still be at the floor by its last step.
+    args = TrainArgs(**SCHEDULE, max_time=100.0)
+    assert lr_at(args, 84, elapsed=1.0) == pytest.approx(0.55)
+    assert lr_at(args, 109, elapsed=1.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_the_whole_schedule_scales_with_lr(schedule: str) -> None:
+    # min_lr_ratio is a share of --lr, not a learning rate of its own.
+    steps = [0, 9, 59, 84, 109, 500]
+    scaled = lrs(schedule, steps, lr=3e-3)
+    assert scaled == pytest.approx([3e-3 * x for x in lrs(schedule, steps)])
+    assert scaled[-1] == pytest.approx(3e-4)
+
+
+def test_decay_steps_sets_the_schedules_length_apart_from_max_steps() -> None:
+    # A run cut short (--max-steps 60 of a 110-step schedule) is on the schedule of the
+    # whole, so resuming it to 110 steps follows the same curve as one uninterrupted run.
+    short = lrs("wsd", [59, 84, 109], max_steps=60, decay_steps=110)
+    assert short == pytest.approx([1.0, 0.55, 0.1])
+    assert lrs("cosine", [59], max_steps=60, decay_steps=110) == pytest.approx([0.55])
