@@ -66,6 +66,8 @@ def test_an_engine_that_stopped_with_requests_unfinished_shows_none_running(
             await asyncio.sleep(0.01)  # two running in the two slots, one waiting
         assert metrics.registry.get_sample_value("pocketgpt_requests_running") == 2
         assert metrics.registry.get_sample_value("pocketgpt_requests_waiting") == 1
+        # Every slot's cache is in use: a ratio, not a count of slots.
+        assert metrics.registry.get_sample_value("pocketgpt_kv_cache_usage_ratio") == 1.0
         serving.engine.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
