@@ -104,3 +104,34 @@ def test_held_out_text_cut_from_a_training_document_counts_as_trained_on() -> No
     assert documents_trained_on(["Short.", tail, tail + "!"], ["Short.", book]) == 2
     # Found among many training documents, short ones included.
     assert documents_trained_on([tail], ["x", "y" * 5000, book, "z"]) == 1
+
+
+def test_the_longest_held_out_documents_are_the_ones_looked_for_in_training_text() -> None:
+    # --val-data of many files, one of them cut from a training book: the lookups go to
+    # the longest held-out documents, which a file cut from a book is.
+    book = "".join(f"Line {i} of a book that is long enough.\n" for i in range(400))
+    cut = book[-3000:]
+    others = [f"Held-out note {i}: " + "unrelated words " * 20 for i in range(40)]
+    assert all(MIN_CUT_CHARS <= len(o) < len(cut) for o in others)
+    assert documents_trained_on([*others, cut], [book]) == 1
+    # A shorter held-out document found in a training one shorter than the longest.
+    chapter = book[:1000]
+    assert documents_trained_on([cut + "x" * 2000, chapter[-300:]], [chapter]) == 1
+    # Found in a training document one character longer than itself.
+    assert documents_trained_on([book[1:]], [book]) == 1
+
+
+def test_one_long_line_ending_in_a_newline_still_holds_out_the_fraction() -> None:
+    # A document of one line (minified text, a paragraph per file): with no line start
+    # to move to, cuts fall inside the line rather than past its end.
+    text = " ".join(f"word{i}" for i in range(20_000)) + "\n"
+    train, val = split_documents([text], 0.1)
+    assert sum(map(len, val)) == pytest.approx(0.1 * len(text), rel=0.02)
+    assert sum(map(len, train + val)) == len(text)  # nothing lost
+
+
+def test_no_document_of_either_split_is_whitespace_alone() -> None:
+    documents = ["\n\n", numbered_lines(400), "   \n", numbered_lines(400), "\t"]
+    train, val = split_documents(documents, 0.1)
+    assert train and val
+    assert all(doc.strip() for doc in train + val)
