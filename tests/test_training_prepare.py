@@ -38,11 +38,20 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:2000])
 
 
+def empty_split(folder: Path, split: str) -> None:
+    """`split`.bin emptied and meta.json saying so: every split holds its separator."""
+    (folder / f"{split}.bin").write_bytes(b"")
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta["splits"][split]["tokens"] = 0
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "train.bin truncated": lambda folder: truncate(folder / "train.bin"),
     "train.bin empty": lambda folder: (folder / "train.bin").write_bytes(b""),
     "train.bin missing": lambda folder: (folder / "train.bin").unlink(),
     "val.bin missing": lambda folder: (folder / "val.bin").unlink(),
+    "val.bin empty, as meta.json says": lambda folder: empty_split(folder, "val"),
     "meta.json not JSON": lambda folder: (folder / "meta.json").write_text("{"),
     "meta.json missing": lambda folder: (folder / "meta.json").unlink(),
     "tokenizer.json garbage": lambda folder: (folder / "tokenizer.json").write_text("[]"),
