@@ -194,8 +194,18 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling"),
         ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
+        ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+        ({"head_dim": 16}, r"head_dim 16 != hidden_size / num_attention_heads = 32"),
     ],
-    ids=["scaled rope (v5)", "scaled rope (v4)", "fractional layers"],
+    ids=[
+        "scaled rope (v5)",
+        "scaled rope (v4)",
+        "fractional layers",
+        "boolean layers",
+        "gelu",
+        "head_dim apart from the width",
+    ],
 )
 def test_configs_we_cannot_run_as_written_are_refused(
     saved: tuple[Transformer, Path], changes: dict, message: str
@@ -470,3 +480,26 @@ def test_a_run_folder_before_its_first_checkpoint_is_named_as_such(tmp_path: Pat
     (tmp_path / "log.jsonl").write_text('{"kind": "note", "text": "Dear diary."}\n')
     with pytest.raises(CheckpointError, match=r"not a checkpoint \(config\.json missing"):
         resolve_checkpoint(tmp_path)
+
+
+@torch.inference_mode()
+def test_fields_a_config_leaves_out_take_llamaconfigs_defaults(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # Older Llama configs write neither: no num_key_value_heads is multi-head attention,
+    # no tie_word_embeddings an untied head, to transformers as to us.
+    torch.manual_seed(5)
+    shape = {"n_heads": 4, "n_kv_heads": 4, "tie_embeddings": False}
+    model = with_trained_norms(Transformer(tiny_config.replace(**shape))).eval()
+    folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    edit_config(folder, num_key_value_heads=None, tie_word_embeddings=None)
+    loaded = load_model(folder)
+    assert (loaded.config.n_kv_heads, loaded.config.tie_embeddings) == (4, False)
+    assert_transformers_agrees(loaded, folder)
+
+
+def test_config_json_names_the_separator_as_bos_and_eos(tiny_checkpoint: Path) -> None:
+    # What transformers' generate() starts and stops on without generation_config.json.
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    separator = load_tokenizer(tiny_checkpoint).token_to_id("<|endoftext|>")
+    assert config["bos_token_id"] == config["eos_token_id"] == separator
