@@ -503,3 +503,24 @@ def test_config_json_names_the_separator_as_bos_and_eos(tiny_checkpoint: Path) -
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     separator = load_tokenizer(tiny_checkpoint).token_to_id("<|endoftext|>")
     assert config["bos_token_id"] == config["eos_token_id"] == separator
+
+
+def test_latest_naming_a_folder_outside_its_run_folder_is_refused(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    save_checkpoint(tmp_path / "other", "step-0000001", Transformer(tiny_config), tokenizer)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LATEST).write_text("../other/step-0000001\n")
+    with pytest.raises(CheckpointError, match="does not name a checkpoint"):
+        resolve_checkpoint(run)
+
+
+def test_a_run_folder_without_latest_names_its_checkpoints_not_a_killed_saves_leftover(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    good = save_checkpoint(tmp_path, "step-0000001", Transformer(tiny_config), tokenizer)
+    shutil.copytree(good, tmp_path / f"step-0000002.tmp-{os.getpid() + 1}")
+    (tmp_path / LATEST).unlink()
+    with pytest.raises(CheckpointError, match=r"the checkpoints inside it: step-0000001: name"):
+        resolve_checkpoint(tmp_path)
