@@ -241,3 +241,17 @@ def test_a_sequence_can_fill_the_whole_context_through_the_cache() -> None:
     ids = random_ids((1, config.max_seq_len), seed=8)
     cached = decode_through_cache(model, ids, prompt_lens=[4], slots=[0])
     torch.testing.assert_close(cached, model(ids, full_positions(1, 16)), atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_dropout_is_off_in_eval_mode() -> None:
+    # Evaluation, previews and the server run the model in eval mode: a dropout-trained
+    # model must score and generate deterministically there, as if it had none.
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, dropout=0.5)
+    model = Transformer(config).eval()
+    plain = Transformer(config.replace(dropout=0.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = random_ids((2, 24), seed=3)
+    positions = full_positions(2, 24)
+    torch.testing.assert_close(model(ids, positions), plain(ids, positions), atol=0, rtol=0)
