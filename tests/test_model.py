@@ -255,3 +255,19 @@ def test_dropout_is_off_in_eval_mode() -> None:
     ids = random_ids((2, 24), seed=3)
     positions = full_positions(2, 24)
     torch.testing.assert_close(model(ids, positions), plain(ids, positions), atol=0, rtol=0)
+
+
+def test_residual_projections_start_scaled_down_by_depth() -> None:
+    # GPT-2's init: each layer's o_proj and down_proj add to the residual stream, so their
+    # std is 0.02 / sqrt(2 * n_layers), the other matrices 0.02, the norms 1.
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, n_layers=8)
+    model = Transformer(config)
+    residual = 0.02 / (2 * config.n_layers) ** 0.5
+    for name, param in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert param.std().item() == pytest.approx(residual, rel=0.05), name
+        elif param.dim() == 2:
+            assert param.std().item() == pytest.approx(0.02, rel=0.05), name
+        else:
+            assert torch.equal(param, torch.ones_like(param)), name
