@@ -271,3 +271,17 @@ def test_residual_projections_start_scaled_down_by_depth() -> None:
             assert param.std().item() == pytest.approx(0.02, rel=0.05), name
         else:
             assert torch.equal(param, torch.ones_like(param)), name
+
+
+@torch.inference_mode()
+def test_a_cached_call_without_slots_uses_slot_b_for_row_b(model: Transformer) -> None:
+    # What the trainer's preview does: one row, its cache's slot 0, no slots given.
+    ids = random_ids((2, 12), seed=4)
+    cache = KVCache.for_model(model.config, n_slots=3)
+    logits = model(ids, full_positions(2, 12), cache=cache)
+    assert (logits - model(ids, full_positions(2, 12))).abs().max().item() <= 1e-4
+    by_slot = KVCache.for_model(model.config, n_slots=3)
+    model(ids, full_positions(2, 12), cache=by_slot, slots=torch.tensor([0, 1]))
+    for ours, theirs in zip((*cache.k, *cache.v), (*by_slot.k, *by_slot.v), strict=True):
+        assert torch.equal(ours, theirs)
+    assert not cache.k[0][2].any()  # the third slot untouched
