@@ -55,6 +55,41 @@ def test_first_step_moves_each_matrix_by_its_orthogonalised_gradient() -> None:
     torch.testing.assert_close(weight.detach(), expected)
 
 
+def test_later_steps_follow_nesterov_momentum_over_the_gradients_so_far() -> None:
+    # Step 1 alone cannot tell momentum from none (the update is scale-free); step 2
+    # must orthogonalise g2 + m * (buffer - g2), the buffer an EMA of g1 and g2.
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 48))
+    before = weight.detach().clone()
+    g1, g2 = torch.randn(16, 48), torch.randn(16, 48)
+    lr, momentum = 0.01, 0.9
+    opt = Muon([weight], lr=lr, momentum=momentum)
+    for g in (g1, g2):
+        weight.grad = g.clone()
+        opt.step()
+    buffer = momentum * ((1 - momentum) * g1) + (1 - momentum) * g2
+    updates = [g1, g2.lerp(buffer, momentum)]
+    expected = before
+    for update in updates:
+        expected = (
+            expected - lr * 0.2 * math.sqrt(48) * orthogonalize(update[None], torch.float32)[0]
+        )
+    torch.testing.assert_close(weight.detach(), expected)
+
+
+def test_a_zero_gradient_moves_a_matrix_by_its_weight_decay_alone() -> None:
+    # A matrix no loss reached this step (and one with no gradient at all) among others
+    # of its shape: no NaN from normalising nothing, and the others still step.
+    torch.manual_seed(0)
+    zero, moving, untouched = (torch.nn.Parameter(torch.randn(8, 24)) for _ in range(3))
+    before = [p.detach().clone() for p in (zero, moving, untouched)]
+    zero.grad, moving.grad = torch.zeros(8, 24), torch.randn(8, 24)
+    Muon([zero, moving, untouched], lr=0.01, weight_decay=0.1).step()
+    torch.testing.assert_close(zero.detach(), before[0] * (1 - 0.01 * 0.1))
+    assert torch.isfinite(moving).all() and not torch.equal(moving.detach(), before[1])
+    assert torch.equal(untouched.detach(), before[2])
+
+
 def test_state_round_trips_through_the_weights_only_unpickler() -> None:
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
