@@ -34,7 +34,7 @@ from training.defaults import (
     with_hardware_defaults,
     with_step_budget,
 )
-from training.resume import check_resume_settings, with_checkpoint_shape
+from training.resume import check_resume_settings, later_steps_note, with_checkpoint_shape
 
 # The embedded corpus's training tokens at the `small` vocabulary (2048).
 EMBEDDED_TRAIN_TOKENS = 247_029
@@ -394,6 +394,59 @@ def test_init_from_takes_the_preset_and_shape_flags_the_checkpoint_was_trained_w
     for other in (TrainArgs(preset="tiny", init_from="base"), TrainArgs(preset="mini")):
         with pytest.raises(UsageError, match=r"drop --preset$"):
             with_checkpoint_shape(other, config, {}, own_tokenizer=False)
+
+
+def test_a_block_size_up_to_the_models_context_is_taken_and_one_past_it_refused(
+    tmp_path: Path,
+) -> None:
+    # RoPE tables and the cache hold max_seq_len positions: one more reads past them.
+    config = ModelConfig.from_preset("tiny", vocab_size=384)
+    context = config.max_seq_len
+    saved = {"preset": "tiny", "out_dir": str(tmp_path)}
+    check_resume_settings(Given({"block_size": context}, {}), saved, config, tmp_path)
+    with pytest.raises(UsageError, match=f"--block-size {context + 1}: the resumed model reads"):
+        check_resume_settings(
+            Given({"block_size": context + 1}, {"block_size": "--block-size"}),
+            saved,
+            config,
+            tmp_path,
+        )
+    fine_tune = TrainArgs(init_from="base", block_size=context)
+    assert with_checkpoint_shape(fine_tune, config, {}, own_tokenizer=False).block_size == context
+    with pytest.raises(UsageError, match=f"{context + 1}: the --init-from model reads at most"):
+        with_checkpoint_shape(
+            TrainArgs(init_from="base", block_size=context + 1), config, {}, own_tokenizer=False
+        )
+
+
+def test_only_a_resume_going_back_from_the_newest_step_warns_of_the_steps_after_it(
+    tmp_path: Path,
+) -> None:
+    older, newest = tmp_path / "step-0000002", tmp_path / "step-0000004"
+    for folder in (older, newest, tmp_path / "best"):
+        folder.mkdir()
+    # No `latest` (a run folder that lost it): the newest step is where the run is.
+    assert later_steps_note(newest) is None
+    assert later_steps_note(tmp_path / "best") is None
+    note = later_steps_note(older)
+    assert note is not None and "older than the run's newest checkpoint, step-0000004" in note
+    # Once `latest` names the older step, the run went back there already: nothing to say.
+    (tmp_path / "latest").write_text("step-0000002\n")
+    assert later_steps_note(older) is None
+
+
+def test_resume_takes_its_run_folder_however_out_dir_spells_it(tmp_path: Path) -> None:
+    # The command that started the run, repeated with --resume, may name the folder
+    # through a link, with a trailing slash or relative to elsewhere: the same folder.
+    config = ModelConfig.from_preset("tiny", vocab_size=384)
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "link").symlink_to(run)
+    saved = {"preset": "tiny", "out_dir": str(run)}
+    for spelling in (f"{run}/", str(tmp_path / "link"), f"{tmp_path}/other/../run"):
+        check_resume_settings(Given({"out_dir": spelling}, {}), saved, config, run)
+    with pytest.raises(UsageError, match="--resume goes on in the folder of the run"):
+        check_resume_settings(Given({"out_dir": str(tmp_path)}, {}), saved, config, run)
 
 
 def test_only_a_time_box_that_ends_inside_warmup_is_warned_of() -> None:
