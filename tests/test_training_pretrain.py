@@ -1630,6 +1630,22 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
     assert math.isclose(trainer_bpb, bits / text_bytes, rel_tol=1e-5)
 
 
+def eval_records(run: Path) -> list[int]:
+    """The steps of the run's eval records, in order, repeats kept."""
+    lines = (run / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def test_a_run_whose_last_step_was_evaluated_does_not_evaluate_it_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--max-steps", "4", "--eval-interval", "2", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    assert eval_records(run) == [2, 4]
+    flags = ["--max-steps", "5", "--eval-interval", "2", "--out-dir", str(tmp_path / "odd")]
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    assert eval_records(tmp_path / "odd") == [2, 4, 5]  # the run's end is evaluated
+
+
 def test_tensorboard_holds_every_number_of_the_jsonl_log(tmp_path: Path) -> None:
     run = tmp_path / "run"
     flags = ["--max-steps", "4", "--log-interval", "1", "--eval-interval", "2"]
