@@ -25,13 +25,15 @@ from safetensors.torch import load_file
 from server_harness import running_server, wait_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from model.checkpoint import load_model, resolve_checkpoint
+from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from model.cli import Terminated, signals_unwind
 from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.args import Given
 from training.data import BatchSampler
+from training.evaluate import evaluate_stream
+from training.prepare import token_byte_lengths
 from training.resume import changed_text_note
 from training.run_folder import RUN_LOCK, step_folders
 from training.trainer import next_token_loss
@@ -1644,6 +1646,24 @@ def test_a_run_whose_last_step_was_evaluated_does_not_evaluate_it_again(tmp_path
     flags = ["--max-steps", "5", "--eval-interval", "2", "--out-dir", str(tmp_path / "odd")]
     assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
     assert eval_records(tmp_path / "odd") == [2, 4, 5]  # the run's end is evaluated
+
+
+def test_eval_tokens_scores_that_many_held_out_tokens(tmp_path: Path) -> None:
+    # --eval-tokens N: N predictions, from the first N + 1 tokens of the validation split.
+    run = tmp_path / "run"
+    flags = ["--max-steps", "2", "--eval-tokens", "100", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    info, checkpoint = meta(run), resolve_checkpoint(run)
+    val = np.fromfile(Path(info["data"]["cache"]) / "val.bin", dtype=np.uint16)
+    result = evaluate_stream(
+        load_model(checkpoint),
+        val[:101],
+        token_byte_lengths(load_tokenizer(checkpoint)),
+        block_size=info["args"]["block_size"],
+        device=torch.device("cpu"),
+    )
+    assert result.tokens == 100
+    assert math.isclose(result.loss, info["val_loss"], rel_tol=1e-5)
 
 
 def test_tensorboard_holds_every_number_of_the_jsonl_log(tmp_path: Path) -> None:
