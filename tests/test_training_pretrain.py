@@ -998,6 +998,7 @@ def test_sigterm_while_evaluating_stops_the_evaluation_and_saves_the_step(
     out = capsys.readouterr().out
     assert "step 3: evaluation stopped by a signal" in out
     assert "stopped at step 3 (signal)" in out and "sample:" not in out
+    assert out.endswith(f"resume it: python -m training.pretrain --resume {run}\n")
     assert scored == [16]  # one batch of the split's windows, not the rest
     assert meta(run)["step"] == 3 and meta(run)["stopped_by"] == "signal"
     assert read_log(run, "eval") == {} and not (run / "best").exists()
@@ -1559,6 +1560,7 @@ def test_a_two_rank_run_resumed_alone_warns_on_stderr_and_a_stray_rank_is_no_ran
     assert pretrain.main(["--resume", str(run), "--max-steps", "2"]) == 0
     captured = capsys.readouterr()
     assert f"stopped at step 2 (max_steps) -> {run / 'step-0000002'}" in captured.out
+    assert captured.out.endswith(f"serve it: python -m server --checkpoint {run}\n")
     assert "warning: resuming 2 ranks' data order on 1; batches will differ" in captured.err
 
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -495,7 +496,16 @@ def run_locked(given: Given) -> int:
             file=sys.stderr,
         )
         return 128 + result.signal
+    if dist_info.is_main:
+        print(next_command(args.out_dir, result.signal is not None), flush=True)
     return 0
+
+
+def next_command(out_dir: str, interrupted: bool) -> str:
+    """The command a run's end points to: serving what it trained, or resuming it."""
+    if interrupted:
+        return f"resume it: python -m training.pretrain --resume {shlex.quote(out_dir)}"
+    return f"serve it: python -m server --checkpoint {shlex.quote(out_dir)}"
 
 
 def default_signal_actions() -> None:
