@@ -135,3 +135,15 @@ def test_no_document_of_either_split_is_whitespace_alone() -> None:
     train, val = split_documents(documents, 0.1)
     assert train and val
     assert all(doc.strip() for doc in train + val)
+
+
+def test_a_piece_due_at_a_documents_first_character_starts_there() -> None:
+    # 16,384 characters at 0.5: pieces of 512 every 1,024, the first due at 256, where
+    # the second document begins: a line start, whatever character ends the document
+    # (doc[index - 1] at index 0 is its last), so the piece starts with its first line.
+    first = "a" * 255 + "\n"
+    lines = "".join(f"line {i:05d} of the second document\n" for i in range(1000))
+    second = lines[: 16_384 - len(first) - 1] + "x"  # no line break at its end
+    train, val = split_documents([first, second], 0.5)
+    assert train[0] == first
+    assert second.startswith(val[0]) and len(val[0]) >= 512
