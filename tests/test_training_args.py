@@ -25,7 +25,6 @@ from training.args import (
 from training.defaults import (
     AUTO,
     DEFAULT_STEPS,
-    UNLIMITED_STEPS,
     budget_summary,
     compile_pays_off,
     default_steps,
@@ -231,27 +230,29 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
 
 
 @pytest.mark.parametrize(
-    ("device", "train_tokens", "world_size", "expected"),
+    ("device", "train_tokens", "world_size", "expected", "time_boxed"),
     [
-        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"]),  # 3.3 passes: no cap
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 604),  # 5 passes of 2048 tokens a step, not 41
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 302),  # two ranks read twice the tokens a step
-        ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"]),
-        ("cpu", 100, 1, 1),
+        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"], 604),  # 3.3 passes: no cap
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 604, 604),  # 5 passes of 2048 tokens a step, not 41
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 302, 302),  # two ranks read twice the tokens a step
+        ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"], 4_882_813),
+        ("cpu", 100, 1, 1, 1),
     ],
 )
 def test_default_steps_stop_after_five_passes_over_the_training_text(
-    device: str, train_tokens: int, world_size: int, expected: int
+    device: str, train_tokens: int, world_size: int, expected: int, time_boxed: int
 ) -> None:
     dev = torch.device(device)
     args = with_hardware_defaults(TrainArgs(), dev)
     assert default_steps(args, dev, train_tokens, world_size) == expected
     assert with_step_budget(args, dev, train_tokens, world_size).max_steps == expected
-    # An explicit step count or a time box is the user's: never capped.
+    # An explicit step count is the user's: never capped.
     explicit = with_hardware_defaults(TrainArgs(max_steps=5000), dev)
     assert with_step_budget(explicit, dev, train_tokens, world_size).max_steps == 5000
+    # A time box lifts the device's step count, not the cap on passes: on a small text
+    # the clock would overfit the model (training/defaults.py).
     boxed = with_hardware_defaults(TrainArgs(max_time=70.0, preset="small"), dev)
-    assert with_step_budget(boxed, dev, train_tokens, world_size).max_steps > 10**9
+    assert with_step_budget(boxed, dev, train_tokens, world_size).max_steps == time_boxed
 
 
 @pytest.mark.parametrize(
@@ -323,10 +324,18 @@ def test_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
         explicit_settings(["--config", str(config)], {})
 
 
-def test_the_start_up_line_names_the_budget_in_steps_and_seconds() -> None:
-    assert budget_summary(TrainArgs(max_steps=1)) == "1 step"
-    assert budget_summary(TrainArgs(max_steps=5000, max_time=70.0)) == "5,000 steps or 70 s"
-    assert budget_summary(TrainArgs(max_steps=UNLIMITED_STEPS, max_time=90.5)) == "90.5 s"
+def test_the_start_up_line_names_the_budget_in_steps_passes_and_seconds() -> None:
+    step = {"batch_size": 8, "block_size": 256}  # 2048 tokens a step
+    assert budget_summary(TrainArgs(max_steps=1, **step), 2048) == "1 step (1 pass)"
+    zero_argument = TrainArgs(max_steps=400, **step)
+    assert budget_summary(zero_argument, EMBEDDED_TRAIN_TOKENS) == "400 steps (3.3 passes)"
+    boxed = TrainArgs(max_steps=5000, max_time=70.0, grad_accum=2, **step)
+    # 5000 steps x 2 micro-batches x 2 ranks x 2048 tokens over 2,048,000 tokens.
+    assert budget_summary(boxed, 2_048_000, 2) == "5,000 steps (20 passes) or 70 s"
+    assert budget_summary(boxed, 2_048_000 * 7) == "5,000 steps (1.4 passes) or 70 s"
+    assert budget_summary(TrainArgs(max_steps=10**6, **step), 46_502) == (
+        "1,000,000 steps (44,041 passes)"
+    )
 
 
 def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() -> None:

@@ -1148,16 +1148,8 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     )
 
 
-def test_a_time_boxed_run_resumed_without_its_time_box_makes_the_default_step_count(
-    tmp_path: Path,
-) -> None:
-    run = tmp_path / "run"
-    # ~1k tokens a step: five passes over the tiny corpus are the default step count.
-    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
-    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "1")) == 0
-    assert meta(run)["stopped_by"] == "max_time"
-    # The time box left the run no step count of its own: without it, the default, as a
-    # new run gets, not a run without an end (in a process of its own, as it would be).
+def resume_without_time_box(run: Path) -> None:
+    """`--resume run --max-time none`, in a process of its own, as it would be."""
     process = spawn_pretrain(["--resume", str(run), "--max-time", "none"])
     try:
         _, err = process.communicate(timeout=120)
@@ -1166,8 +1158,60 @@ def test_a_time_boxed_run_resumed_without_its_time_box_makes_the_default_step_co
         process.communicate()
         raise
     assert process.returncode == 0, err
+
+
+def test_a_time_boxed_run_ends_after_five_passes_and_its_bar_counts_down_to_them(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    # ~1k tokens a step: five passes over the tiny corpus end the run long before 1000 s.
+    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
+    process = spawn_pretrain(tiny_run(tmp_path, *flags, "--max-time", "1000"))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    steps = meta(run)["args"]["max_steps"]
+    assert meta(run)["stopped_by"] == "max_steps" and meta(run)["step"] == steps
+    # 5 passes, counted up to a whole step.
+    assert meta(run)["tokens_seen"] - 1024 < 5 * meta(run)["data"]["train"]["tokens"]
+    assert meta(run)["tokens_seen"] >= 5 * meta(run)["data"]["train"]["tokens"]
+    assert f"; {steps} steps (5.1 passes) or 1000 s\n" in out
+    # The time left is that of the steps left, not the clock's ~1000 s.
+    last = [line for line in err.splitlines() if "left=" in line][-1]
+    assert "left=0s" in last, err
+
+
+def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_box(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    # ~1k tokens a step: five passes over the tiny corpus are ~60 steps; the clock ends
+    # the run first.
+    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "0.001")) == 0
+    assert meta(run)["stopped_by"] == "max_time"
+    passes = meta(run)["args"]["max_steps"]
+    assert meta(run)["step"] < passes < 400
+    resume_without_time_box(run)
     assert meta(run)["stopped_by"] == "max_steps"
-    assert meta(run)["step"] == meta(run)["args"]["max_steps"] < 400
+    assert meta(run)["step"] == meta(run)["args"]["max_steps"] == passes
+
+
+def test_a_time_boxed_run_saved_without_a_step_count_resumes_to_the_default_one(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "0.001")) == 0
+    passes = meta(run)["args"]["max_steps"]
+    # Before 2026-12-06 such a run saved "unlimited" steps: without its time box it must
+    # take the default step count, as a new run gets, not train without end.
+    saved = resolve_checkpoint(run) / "trainer_meta.json"
+    old = meta(run)
+    old["args"]["max_steps"] = 10**12
+    saved.write_text(json.dumps(old), encoding="utf-8")
+    resume_without_time_box(run)
+    assert meta(run)["stopped_by"] == "max_steps"
+    assert meta(run)["step"] == meta(run)["args"]["max_steps"] == passes
 
 
 def test_a_second_trainer_on_a_run_in_training_is_refused_and_writes_nothing(

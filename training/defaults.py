@@ -56,17 +56,20 @@ AUTO: dict[str, dict[str, int | float]] = {
     "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
 }
 
-# Without --max-steps or --max-time a run makes the device's step count, but never more
-# than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 400 steps are ~3 minutes
-# of `small` on 2 AMX cores, 3.3 passes over the embedded corpus. CUDA: 5000 steps would
-# be ~40 passes over it, and past a few passes `small` memorises the text (train loss
-# ~0.2 nats) while validation loss climbs. End-of-run val bits/byte of `small` with Muon,
-# a full schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32
-# at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5,
-# 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9.
+# Without --max-steps a run makes the device's step count (time-boxed: as many as the
+# clock allows), but never more than DEFAULT_MAX_EPOCHS passes over the training tokens.
+# CPU: 400 steps are ~3 minutes of `small` on 2 AMX cores, 3.3 passes over the embedded
+# corpus. CUDA: 5000 steps would be ~40 passes over it, and past a few passes `small`
+# memorises the text (train loss ~0.2 nats) while validation loss climbs. End-of-run val
+# bits/byte of `small` with Muon, a full schedule each (H200, BENCHMARKS.md): the embedded
+# corpus 1.49 at 4.1 passes, 1.32 at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90
+# at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2,
+# 2.17 at 6.9, 2.57 at 13.9. A time box is no guard: `mini` on tinyshakespeare's first
+# 100 kB, time-boxed at 70 s on 2 AMX cores, made 13.6 passes and ended at 4.48 val
+# nats/token (3.44 at its best, 6 passes in); a full schedule over 3 / 5 / 7 / 10 passes
+# ends at 3.57 / 3.43 / 3.35 / 3.72.
 DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
 DEFAULT_MAX_EPOCHS = 5
-UNLIMITED_STEPS = 10**12
 DEFAULT_WARMUP_STEPS = 30
 
 
@@ -123,25 +126,26 @@ def with_hardware_defaults(args: TrainArgs, device: torch.device) -> TrainArgs:
     return dataclasses.replace(args, **filled)
 
 
+def tokens_per_step(args: TrainArgs, world_size: int) -> int:
+    return args.batch_size * args.block_size * args.grad_accum * world_size
+
+
 def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, world_size: int) -> int:
-    """The device's step count, capped at DEFAULT_MAX_EPOCHS passes over `train_tokens`."""
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    steps_for_passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step)  # ceil
-    return max(1, min(DEFAULT_STEPS[device.type], steps_for_passes))
+    """`--max-steps none`: DEFAULT_MAX_EPOCHS passes over `train_tokens`, and without
+    --max-time no more than the device's step count (with it, the clock usually ends the
+    run first)."""
+    passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step(args, world_size))  # ceil
+    steps = passes if args.max_time is not None else min(DEFAULT_STEPS[device.type], passes)
+    return max(1, steps)
 
 
 def with_step_budget(
     args: TrainArgs, device: torch.device, train_tokens: int, world_size: int = 1
 ) -> TrainArgs:
-    """Fill in `--max-steps` (no step limit under --max-time, else `default_steps`),
-    `--compile` (`compile_pays_off`) and `--warmup-steps` once the size of the training
-    text is known."""
+    """Fill in `--max-steps` (`default_steps`), `--compile` (`compile_pays_off`) and
+    `--warmup-steps` once the size of the training text is known."""
     if args.max_steps is None:
-        steps = (
-            UNLIMITED_STEPS
-            if args.max_time is not None
-            else default_steps(args, device, train_tokens, world_size)
-        )
+        steps = default_steps(args, device, train_tokens, world_size)
         args = dataclasses.replace(args, max_steps=steps)
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
@@ -158,7 +162,7 @@ def settings_warnings(args: TrainArgs) -> list[str]:
     peak, let alone decays), a preview longer than the model's context."""
     warnings = []
     schedule = args.decay_steps or args.max_steps
-    if schedule < UNLIMITED_STEPS and args.warmup_steps >= schedule:
+    if args.warmup_steps >= schedule:
         length = "--decay-steps" if args.decay_steps else "--max-steps"
         warnings.append(
             f"warning: --warmup-steps {args.warmup_steps} covers the whole {schedule}-step "
@@ -186,13 +190,14 @@ def time_box_warning(args: TrainArgs, step: int, stopped_by: str) -> str | None:
     )
 
 
-def budget_summary(args: TrainArgs) -> str:
-    """What ends the run, for the start-up line: `5,000 steps`, `70 s`, or both."""
+def budget_summary(args: TrainArgs, train_tokens: int, world_size: int = 1) -> str:
+    """What ends the run, for the start-up line: `400 steps (3.4 passes)`, or with
+    --max-time `1,025 steps (5 passes) or 70 s`."""
+    ratio = args.max_steps * tokens_per_step(args, world_size) / max(1, train_tokens)
+    passes = f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2g}"  # 43,995 / 5.1 / 0.23
     steps = f"{args.max_steps:,} step{'s' if args.max_steps != 1 else ''}"
-    limits = [steps] if args.max_steps < UNLIMITED_STEPS else []
-    if args.max_time is not None:
-        limits.append(f"{args.max_time:g} s")
-    return " or ".join(limits)
+    summary = f"{steps} ({passes} pass{'es' if passes != '1' else ''})"
+    return summary if args.max_time is None else f"{summary} or {args.max_time:g} s"
 
 
 def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:

@@ -458,12 +458,13 @@ def run_locked(given: Given) -> int:
                     print(note, file=sys.stderr)
             elif initial is not None:
                 print(f"fine-tuning from {initial}: its weights, tokenizer and shape", flush=True)
+            budget = budget_summary(args, len(data.train), dist_info.world_size)
             print(
                 f"model: {config.num_parameters() / 1e6:.2f}M parameters "
                 f"(dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}); "
                 f"data: {data.meta['splits']['train']['tokens']:,} train tokens, "
                 f"{data.meta['splits']['val']['tokens']:,} val tokens; device {device}, "
-                f"{args.dtype}, {args.optimizer}; {budget_summary(args)}",
+                f"{args.dtype}, {args.optimizer}; {budget}",
                 flush=True,
             )
         trainer = Trainer(

@@ -25,7 +25,6 @@ from training.args import (
     make_args,
     setting_source,
 )
-from training.defaults import UNLIMITED_STEPS
 from training.run_folder import (
     BEST,
     STEP_DIR,
@@ -150,6 +149,9 @@ def saved_args(folder: Path) -> dict:
     return args
 
 
+# What a time-boxed run given no --max-steps saved as its step count before 2026-12-06.
+UNLIMITED_STEPS = 10**12
+
 # The settings choosing the text a run trains and is scored on, and the windows it is
 # scored in: `--resume` may change them, with a warning. --eval-tokens changes what is
 # scored alone (how many of the validation windows).
@@ -194,9 +196,9 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     # copy of a run folder must not write into its original).
     # --if-missing is how this command was run, not a setting of the run it continues.
     base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
-    # A time-boxed run saved no step count of its own, only "unlimited" (with_step_budget):
-    # unset again, so that `--max-time none` gives it the default step count, as it
-    # would a new run, not an endless one whose schedule never decays.
+    # A time-boxed run saved before 2026-12-06 has no step count of its own, only
+    # "unlimited": unset again, so that it takes the one a new run gets (with_step_budget),
+    # and `--max-time none` no endless run whose schedule never decays.
     if base.get("max_steps") == UNLIMITED_STEPS:
         base["max_steps"] = None
     try:

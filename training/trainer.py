@@ -692,10 +692,15 @@ class Trainer:
 
     def _show_progress(self, bar: tqdm, **fields: str) -> None:
         """Set the bar's postfix fields (shown at its next refresh), with the time left of
-        a --max-time run (the bar has no step total to give an ETA)."""
+        a --max-time run (the bar has no step total to give an ETA): the clock's, or
+        sooner where the steps left, at this process's mean step time, end it first."""
         self.bar_postfix |= fields
         if self.args.max_time is not None:
-            self.bar_postfix["left"] = f"{max(0.0, self.args.max_time - self.elapsed()):.0f}s"
+            left = self.args.max_time - self.elapsed()
+            if done := bar.n - bar.initial:  # (tqdm's own rate waits for a refresh)
+                per_step = bar.format_dict["elapsed"] / done
+                left = min(left, (self.args.max_steps - self.step) * per_step)
+            self.bar_postfix["left"] = f"{max(0.0, left):.0f}s"
         bar.set_postfix(self.bar_postfix, refresh=False)
 
     def _check_finite(self, window_loss: float, weights: bool = False) -> None:
