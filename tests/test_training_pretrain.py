@@ -1608,6 +1608,23 @@ def test_a_two_rank_run_resumed_alone_warns_on_stderr_and_a_stray_rank_is_no_ran
     assert "warning: resuming 2 ranks' data order on 1; batches will differ" in captured.err
 
 
+def test_a_run_whose_last_step_scores_worse_than_best_points_to_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "20", "--out-dir", str(run))) == 0
+    assert capsys.readouterr().out.endswith(f"serve it: python -m server --checkpoint {run}\n")
+    # One step at a learning rate that wrecks the weights: the last step is no longer the
+    # model to serve (as after overfitting a small text).
+    assert pretrain.main(["--resume", str(run), "--max-steps", "21", "--lr", "1"]) == 0
+    best, last = meta(run / "best")["val_loss"], meta(run)["val_loss"]
+    assert meta(run / "best")["step"] == 20 and best < last
+    assert capsys.readouterr().out.endswith(
+        f"serve best/ (val loss {best:.4f} nats/token, the last step's {last:.4f}): "
+        f"python -m server --checkpoint {run / 'best'}\n"
+    )
+
+
 def ended_pid() -> int:
     """The pid of a process that has ended, as a killed save's leftover names its writer."""
     command = [sys.executable, "-c", "import os; print(os.getpid())"]

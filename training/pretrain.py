@@ -95,13 +95,14 @@ from training.run_folder import (
     holds_best_alone,
     holds_run,
     launched_as_rank0,
+    recorded_best_loss,
     run_checkpoint,
     run_folder,
     run_folder_lock,
     trainer_meta,
 )
 from training.tokenizer import load_tokenizer_file
-from training.trainer import Trainer, TrainingDiverged
+from training.trainer import Trainer, TrainingDiverged, TrainResult
 
 
 def resolve_tokenizer(args: TrainArgs, start: Path | None, source: str) -> Tokenizer | None:
@@ -498,14 +499,23 @@ def run_locked(given: Given) -> int:
         )
         return 128 + result.signal
     if dist_info.is_main:
-        print(next_command(args.out_dir, result.signal is not None), flush=True)
+        print(next_command(args.out_dir, result), flush=True)
     return 0
 
 
-def next_command(out_dir: str, interrupted: bool) -> str:
-    """The command a run's end points to: serving what it trained, or resuming it."""
-    if interrupted:
+def next_command(out_dir: str, result: TrainResult) -> str:
+    """The command a run's end points to: resuming it after a signal; else serving what
+    it trained (the server loads the run's last step), or its best/ where that scored
+    lower held out than the last step (the model overfitted its text)."""
+    if result.signal is not None:
         return f"resume it: python -m training.pretrain --resume {shlex.quote(out_dir)}"
+    best = recorded_best_loss(Path(out_dir))
+    last = result.val.loss if result.val is not None else None
+    if best is not None and last is not None and best < last:
+        return (
+            f"serve best/ (val loss {best:.4f} nats/token, the last step's {last:.4f}): "
+            f"python -m server --checkpoint {shlex.quote(str(Path(out_dir) / BEST))}"
+        )
     return f"serve it: python -m server --checkpoint {shlex.quote(out_dir)}"
 
 
