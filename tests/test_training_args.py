@@ -168,21 +168,31 @@ def test_a_config_value_of_another_type_is_no_path_or_name(
 
 
 @pytest.mark.parametrize(
-    ("device", "flags", "expected"),
+    ("device", "flags", "train_tokens", "expected"),
     [
-        ("cpu", {}, False),  # 400 steps, the CPU default: a cold build would not repay
-        ("cpu", {"max_steps": 1000}, True),
-        ("cpu", {"max_time": 70.0}, False),
-        ("cpu", {"max_time": 120.0}, True),
-        ("cpu", {"max_steps": 5000, "max_time": 30.0}, False),  # the time box decides
-        ("cuda", {}, True),  # 604 steps: CUDA's 5000 capped at 5 passes over the text
-        ("cuda", {"max_steps": 50}, False),
-        ("cuda", {"max_time": 60.0}, True),
-        ("cuda", {"max_time": 30.0}, False),
+        # 400 steps, the CPU default: a cold build would not repay
+        ("cpu", {}, EMBEDDED_TRAIN_TOKENS, False),
+        ("cpu", {"max_steps": 1000}, EMBEDDED_TRAIN_TOKENS, True),
+        ("cpu", {"max_time": 70.0}, 10 * EMBEDDED_TRAIN_TOKENS, False),
+        ("cpu", {"max_time": 120.0}, 10 * EMBEDDED_TRAIN_TOKENS, True),
+        # 5 passes are 604 steps of `mini`: the run ends before a build repays.
+        ("cpu", {"max_time": 120.0, "preset": "mini"}, EMBEDDED_TRAIN_TOKENS, False),
+        ("cpu", {"max_steps": 5000, "max_time": 30.0}, EMBEDDED_TRAIN_TOKENS, False),
+        # 604 steps: CUDA's 5000 capped at 5 passes over the text
+        ("cuda", {}, EMBEDDED_TRAIN_TOKENS, True),
+        ("cuda", {"max_steps": 50}, EMBEDDED_TRAIN_TOKENS, False),
+        ("cuda", {"max_time": 60.0}, EMBEDDED_TRAIN_TOKENS, True),
+        ("cuda", {"max_time": 30.0}, EMBEDDED_TRAIN_TOKENS, False),
+        ("cuda", {"max_time": 60.0}, 50_000, False),  # 5 passes: 123 steps
     ],
 )
 def test_compile_defaults_on_for_runs_that_repay_the_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, flags: dict, expected: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    flags: dict,
+    train_tokens: int,
+    expected: bool,
 ) -> None:
     for name in ("g++", "gcc"):  # the CPU and the CUDA (Triton launcher) compilers
         compiler = tmp_path / name
@@ -190,7 +200,7 @@ def test_compile_defaults_on_for_runs_that_repay_the_build(
         compiler.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     args = with_hardware_defaults(TrainArgs(**flags), torch.device(device))
-    args = with_step_budget(args, torch.device(device), EMBEDDED_TRAIN_TOKENS)
+    args = with_step_budget(args, torch.device(device), train_tokens)
     assert args.compile is expected
 
 
@@ -198,7 +208,8 @@ def test_compile_stays_off_without_a_compiler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, c++ or clang++
-    assert not compile_pays_off(TrainArgs(max_time=600.0), torch.device("cpu"))
+    long_run = TrainArgs(max_time=600.0, max_steps=5000)
+    assert not compile_pays_off(long_run, torch.device("cpu"))
     # An explicit --compile fails before anything runs, naming the flag, not mid-run.
     with pytest.raises(UsageError, match=r"--compile: .*needs a compiler on PATH \(g\+\+"):
         with_hardware_defaults(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))

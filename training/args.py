@@ -224,8 +224,8 @@ class TrainArgs:
     compile: bool | None = field(
         default=None,
         metadata=doc(
-            "torch.compile the model (none: on for --max-time >= 120 on CPU / 60 on CUDA, or"
-            " 1000+ CPU / 200+ CUDA steps without --max-time, when a C/C++ compiler is"
+            "torch.compile the model (none: on for runs of 1000+ steps on CPU / 200+ on CUDA"
+            " that --max-time, if given, allows 120+ s / 60+ s, when a C/C++ compiler is"
             " installed)"
         ),
     )

@@ -86,13 +86,13 @@ COMPILE_MIN_SECONDS = {"cpu": 120.0, "cuda": 60.0}
 
 
 def compile_pays_off(args: TrainArgs, device: torch.device) -> bool:
-    """`--compile none`: compile when the run is long enough to repay the build and the
-    compiler inductor needs is installed (model/inductor.py)."""
-    if args.max_time is not None:
-        long_run = args.max_time >= COMPILE_MIN_SECONDS[device.type]
-    else:
-        long_run = args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS[device.type]
-    return long_run and has_compiler(device)
+    """`--compile none`: compile when the run is long enough to repay the build, in steps
+    and by its time box if it has one (a time-boxed run on a small text ends at its
+    passes long before its clock), and the compiler inductor needs is installed
+    (model/inductor.py)."""
+    many_steps = args.max_steps is not None and args.max_steps >= COMPILE_MIN_STEPS[device.type]
+    long_box = args.max_time is None or args.max_time >= COMPILE_MIN_SECONDS[device.type]
+    return many_steps and long_box and has_compiler(device)
 
 
 # Below this width an AMX CPU's bf16 products are too small to repay autocast's casts:
