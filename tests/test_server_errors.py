@@ -85,6 +85,10 @@ INVALID_BODIES = {
     "max_tokens as a boolean": {"prompt": "x", "max_tokens": True},
     "stream as a number": {"prompt": "x", "stream": 1},
     "presence_penalty too big": {"prompt": "x", "presence_penalty": 3},
+    "presence_penalty too small": {"prompt": "x", "presence_penalty": -2.01},
+    "frequency_penalty too big": {"prompt": "x", "frequency_penalty": 2.01},
+    "temperature above 100": {"prompt": "x", "temperature": 100.01},
+    "repetition_penalty above 100": {"prompt": "x", "repetition_penalty": 100.01},
     "five stop strings": {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
     "empty stop string": {"prompt": "x", "stop": [""]},
     "stop not a string": {"prompt": "x", "stop": 5},
@@ -99,6 +103,26 @@ INVALID_BODIES = {
 def test_invalid_field_is_422_in_the_envelope(client, body):
     message = assert_error(client.post("/v1/generate", json=body), 422, "invalid_request")
     assert message
+
+
+# Each bound itself is in its range (the values just past them are INVALID_BODIES).
+EDGE_FIELDS = {
+    "temperature 100": {"temperature": 100.0},
+    "top_k zero (off)": {"top_k": 0},
+    "repetition_penalty 0.01": {"repetition_penalty": 0.01},
+    "repetition_penalty 100": {"repetition_penalty": 100.0},
+    "presence_penalty -2": {"presence_penalty": -2.0},
+    "frequency_penalty -2": {"frequency_penalty": -2.0},
+    "frequency_penalty 2": {"frequency_penalty": 2.0},
+    "largest seed": {"seed": 2**63 - 1},
+    "four stop strings of 64 characters": {"stop": ["s" * 64, "t" * 64, "u" * 64, "v" * 64]},
+}
+
+
+@pytest.mark.parametrize("fields", EDGE_FIELDS.values(), ids=EDGE_FIELDS.keys())
+def test_a_field_at_the_edge_of_its_range_is_served(client, fields):
+    response = client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1, **fields})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], 5, "s" * 65])

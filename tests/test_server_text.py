@@ -68,12 +68,13 @@ def test_chinese_and_emoji_stream_without_replacement_characters(client, pieces)
 def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
     expected = "".join(text for text, _ in pieces[1:])
     expected = expected[: expected.index(stop)]
-    events = stream(client, max_tokens=60, stop=[stop, "never"])
+    events = stream(client, max_tokens=60, stop=stop)  # one string: not one per character
     deltas = [e["text"] for e in events if isinstance(e, dict)]
     assert "".join(deltas) == expected
     assert stop not in "".join(deltas)
     assert events[-2]["finish_reason"] == "stop" and events[-1] == "[DONE]"
-    assert events[-2]["stop_reason"] == stop  # which of the stop strings ended it
+    assert events[-2]["stop_reason"] == stop
+    # Of several stop strings, the answer names the one that ended the text.
     body = {"prompt": "Hi", "temperature": 0, "max_tokens": 60, "stop": ["never", stop]}
     whole = client.post("/v1/generate", json=body).json()
     assert (whole["text"], whole["finish_reason"], whole["stop_reason"]) == (expected, "stop", stop)
