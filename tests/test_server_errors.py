@@ -593,6 +593,14 @@ def test_a_server_on_loopback_answers_localhost_names_only(base_url, tmp_path):
         Settings(checkpoint=checkpoint, allowed_hosts=" , ")
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.2", "::1"])
+def test_a_loopback_host_by_any_name_or_address_lets_localhost_names_and_itself_in(host):
+    # Bound to 127.0.0.2, the server is reached as 127.0.0.2; by the name localhost, it
+    # is as open to DNS rebinding as on 127.0.0.1 and checked alike.
+    names = Settings(checkpoint="unused", host=host).allowed_host_names()
+    assert names == {"localhost", "127.0.0.1", "::1", host}
+
+
 def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     # A head still incomplete past the limit: h11 stops buffering it, uvicorn answers.
     unfinished = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Filler: " + b"a" * (
