@@ -215,6 +215,20 @@ def test_compile_stays_off_without_a_compiler(
         with_hardware_defaults(TrainArgs(max_time=600.0, compile=True), torch.device("cpu"))
 
 
+def test_warmup_left_out_is_30_steps_or_a_tenth_of_the_run_if_that_is_fewer() -> None:
+    for max_steps, warmup in ((1000, 30), (100, 10), (5, 0)):
+        args = TrainArgs(max_steps=max_steps, compile=False)
+        budget = with_step_budget(args, torch.device("cpu"), EMBEDDED_TRAIN_TOKENS)
+        assert budget.warmup_steps == warmup, max_steps
+
+
+def test_a_cpu_time_box_of_600_s_or_more_trains_the_small_preset() -> None:
+    cpu = torch.device("cpu")
+    short = "mini" if bf16_units() == "amx" else "tiny"
+    assert resolved_preset(TrainArgs(max_time=599.0), cpu) == short
+    assert resolved_preset(TrainArgs(max_time=600.0), cpu) == "small"
+
+
 @pytest.mark.parametrize("max_time", [70.0, None])
 def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | None) -> None:
     """Under a short time box an AMX CPU trains `mini` in bf16, an AVX512-BF16 CPU
