@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.cli import flag
 from model.config import ModelConfig
 from model.cpu import bf16_units
 from tests.test_training_pretrain import CORPUS, TINY
@@ -118,6 +119,7 @@ def test_unparsable_config_file_names_its_format(
         pytest.param(
             '{"lr": 1' + "0" * 400 + "}", r"lr: invalid value 10+ \(int too large to", id="1e400"
         ),
+        ('{"lr": true}', r"lr: invalid value True \(expected a number\)"),
         ('{"learning_rate": 1}', "unknown setting 'learning_rate'"),
         ("[1, 2]", "expected an object"),
         # One setting twice: which one wins is not for a reader to guess.
@@ -135,6 +137,13 @@ def test_bad_config_file_names_the_file_and_setting(
     with pytest.raises(UsageError, match=message) as error:
         explicit_settings(["--config", str(config)], {})
     assert str(config) in str(error.value)
+
+
+def test_a_config_file_of_exactly_1_mib_is_read(tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    settings = '{"seed": 7}'
+    config.write_text(settings + " " * ((1 << 20) - len(settings)))
+    assert explicit_settings(["--config", str(config)], {}).values == {"seed": 7}
 
 
 @pytest.mark.parametrize(
@@ -296,6 +305,18 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
         (["--max-time", "-5"], "--max-time: must be > 0 (got -5.0)"),
         # What the server can serve: a prompt token and one generated.
         (["--block-size", "1"], "--block-size: must be >= 2 (a prompt token and one generated)"),
+        # Each range's bound that is out of it (the bounds in it: the test after this one).
+        (["--grad-accum", "0"], "--grad-accum: must be >= 1 (got 0)"),
+        (["--warmup-steps", "-1"], "--warmup-steps: must be >= 0 (got -1)"),
+        (["--lr", "0"], "--lr: must be > 0 (got 0.0)"),
+        (["--embedding-lr-scale", "0"], "--embedding-lr-scale: must be > 0 (got 0.0)"),
+        (["--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1] (got 0.0)"),
+        (["--val-fraction", "1"], "--val-fraction: must be in (0, 1) (got 1.0)"),
+        (["--dropout", "1"], "--dropout: must be in [0, 1) (got 1.0)"),
+        (["--optimizer", "sgd"], "--optimizer: choose one of adamw, muon (got 'sgd')"),
+        # An empty path is the working folder: a run written, or text read, among any files.
+        (["--out-dir", " "], "--out-dir: must name a folder (got ' ')"),
+        (["--data", "a.txt", ""], "--data: a path is empty (got ['a.txt', ''])"),
     ],
 )
 def test_values_no_run_can_use_are_rejected_naming_the_flag_and_value(
@@ -304,6 +325,20 @@ def test_values_no_run_can_use_are_rejected_naming_the_flag_and_value(
     with pytest.raises(UsageError) as error:
         make_args(TrainArgs().to_dict(), explicit_settings(flags, {}))
     assert str(error.value) == message or str(error.value).startswith(message + " ")
+
+
+def test_each_ranges_bounds_that_are_in_it_are_taken() -> None:
+    bounds = {
+        "grad_accum": 1,
+        "warmup_steps": 0,
+        "grad_clip": 0.0,  # off
+        "min_lr_ratio": 1.0,  # a constant learning rate
+        "cooldown_fraction": 1.0,
+        "dropout": 0.0,
+    }
+    flags = [part for name, value in bounds.items() for part in (flag(name), str(value))]
+    args = make_args(TrainArgs().to_dict(), explicit_settings(flags, {}))
+    assert {name: getattr(args, name) for name in bounds} == bounds
 
 
 def test_the_largest_seed_accepted_seeds_every_generator_the_trainer_makes() -> None:
@@ -366,6 +401,9 @@ def test_the_start_up_line_names_the_budget_in_steps_passes_and_seconds() -> Non
 def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() -> None:
     given = explicit_settings(["--data", "a.txt", "b.txt", "--data", "c.txt"], {})
     assert given.values["data"] == ["a.txt", "b.txt", "c.txt"]  # not the last list alone
+    # In a variable, paths are separated as in PATH.
+    listed = {"POCKETGPT_DATA": os.pathsep.join(["a.txt", "b.txt"])}
+    assert explicit_settings([], listed).values["data"] == ["a.txt", "b.txt"]
     # `POCKETGPT_INIT_FROM=` was a fine-tune from the working folder ("not a checkpoint").
     env = {"POCKETGPT_INIT_FROM": "", "POCKETGPT_TOKENIZER": " ", "POCKETGPT_RESUME": ""}
     values = explicit_settings([], env).values
@@ -386,6 +424,8 @@ def test_a_switch_alone_is_true_takes_true_or_false_and_has_a_no_form() -> None:
         (["--compile"], True),
         (["--compile", "false"], False),
         (["--compile=yes", "--max-steps", "3"], True),
+        (["--compile", "on"], True),
+        (["--compile", "OFF"], False),
         (["--no-compile"], False),
     ):
         assert explicit_settings(argv, {}).values["compile"] is expected, argv
