@@ -132,16 +132,28 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest() -> None:
     assert len(in_muon) == 7 * model.config.n_layers  # q, k, v, o, gate, up, down
 
 
+def adamw_groups(model: Transformer) -> list[dict]:
+    """The AdamW parameter groups of `model`'s optimizer at --embedding-lr-scale 4."""
+    args = TrainArgs(optimizer="muon", lr=1e-3, embedding_lr_scale=4.0)
+    _, adamw = make_optimizer(model, args, torch.device("cpu")).optimizers
+    return adamw.param_groups
+
+
 def test_an_untied_embedding_gets_its_own_learning_rate_scale() -> None:
     config = ModelConfig.from_preset("tiny", vocab_size=64, tie_embeddings=False)
     model = Transformer(config)
-    args = TrainArgs(optimizer="muon", lr=1e-3, embedding_lr_scale=4.0)
-    _, adamw = make_optimizer(model, args, torch.device("cpu")).optimizers
-    scaled = [g for g in adamw.param_groups if g.get("lr_scale", 1.0) != 1.0]
+    groups = adamw_groups(model)
+    scaled = [g for g in groups if g.get("lr_scale", 1.0) != 1.0]
     assert len(scaled) == 1 and scaled[0]["lr_scale"] == 4.0
     assert scaled[0]["params"] == [model.embed_tokens.weight]
-    plain = [p for g in adamw.param_groups if "lr_scale" not in g for p in g["params"]]
+    plain = [p for g in groups if "lr_scale" not in g for p in g["params"]]
     assert any(p is model.lm_head.weight for p in plain)
+
+
+def test_a_tied_embedding_keeps_the_learning_rate_of_the_lm_head_it_is() -> None:
+    tied = Transformer(ModelConfig.from_preset("tiny", vocab_size=64, tie_embeddings=True))
+    scaled = [g for g in adamw_groups(tied) if g.get("lr_scale", 1.0) != 1.0]
+    assert [p for g in scaled for p in g["params"]] == []
 
 
 def test_a_learning_rate_past_float32_moves_the_weights_off_the_scale_not_an_error() -> None:
