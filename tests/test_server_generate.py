@@ -193,6 +193,18 @@ def test_penalised_greedy_output_is_the_reference_loops(client, checkpoint, pena
     assert served == reference_greedy(checkpoint, prompt_ids, 16, penalties)
 
 
+def test_a_reused_slot_penalises_the_tokens_of_its_own_prompt_only(client, checkpoint):
+    # One request after another takes slot 0: the previous prompt, here the text the
+    # next request will generate, must not count as the next one's.
+    penalties = {"repetition_penalty": 10.0}
+    prompt = "the cat and the hat"
+    tokenizer = load_tokenizer(checkpoint)
+    expected = reference_greedy(checkpoint, tokenizer.encode(prompt).ids, 16, penalties)
+    generate(client, prompt=tokenizer.decode(expected), max_tokens=1)
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    assert streamed_ids(stream(client, **body, **penalties)) == expected
+
+
 def test_sampling_fields_left_out_take_the_checkpoint_generation_config(client):
     # The trainer's checkpoints (this one too) say temperature 0.8, top_p 0.95.
     body = {"prompt": "Once upon a time", "max_tokens": 20, "seed": 7, "ignore_eos": True}
