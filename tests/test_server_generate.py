@@ -60,6 +60,9 @@ def stream(client: httpx.Client, **body) -> list[dict | str]:
     with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        # Neither cached nor held back by a proxy (nginx buffers unless told not to).
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
         return list(sse_events(response))
 
 
@@ -92,6 +95,15 @@ def test_stream_deltas_concatenate_to_the_non_stream_text_for_the_same_seed(clie
     assert last["usage"]["completion_tokens"] == len(streamed_ids(events))
     assert len({e["id"] for e in events[:-1]}) == 1
     assert streamed_text(events) == whole["text"]
+
+
+def test_every_sse_event_is_one_data_line_ended_by_a_blank_line(client):
+    # An EventSource dispatches an event at its blank line only: a [DONE] without one
+    # never reaches the page (a line reader, like sse_events, sees it regardless).
+    body = {"prompt": "frame me", "max_tokens": 3, "ignore_eos": True, "stream": True}
+    events = client.post("/v1/generate", json=body).content.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    assert all(e.startswith(b"data: ") and b"\n" not in e for e in events[:-1])
 
 
 def test_a_prompt_with_windows_line_ends_is_served_as_with_newlines(client):
@@ -365,6 +377,9 @@ def test_health_and_models_describe_the_loaded_checkpoint(client, checkpoint):
     assert models["data"][0]["id"] == checkpoint.parent.name
     assert models["data"][0]["max_context"] == 1024
     assert models["data"][0]["checkpoint"] == "random"
+    assert models["data"][0]["owned_by"] == "pocketgpt"
+    # An answer names the model that wrote it as /v1/models does.
+    assert generate(client, prompt="x", max_tokens=1)["model"] == checkpoint.parent.name
 
 
 def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, checkpoint):
