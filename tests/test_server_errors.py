@@ -522,29 +522,37 @@ def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+# A keyed POST /v1/generate whose body follows in chunks (`chunked`), on a connection
+# the server then closes.
+CHUNKED_GENERATE = (
+    b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    + f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
+    + b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    """`pieces` in the chunked transfer coding, one chunk each, then the last chunk."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
 def test_a_body_in_many_tiny_chunks_is_413_and_one_in_a_few_small_chunks_is_served(base_url):
     # h11 parses each chunk in Python: a megabyte of 1-byte chunks held the event loop
     # (every stream) for seconds. Past 1,024 small pieces a body is refused.
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode() + b" " * 2000
-    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-    head += f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
-    head += b"Transfer-Encoding: chunked\r\n\r\n"
-
-    def chunked(*pieces: bytes) -> bytes:
-        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
+    head = CHUNKED_GENERATE
     tiny = [body[i : i + 1] for i in range(len(body))]
-    status, answer = raw_exchange(base_url, head + chunked(*tiny))
+    status, answer = raw_exchange(base_url, head + chunked(tiny))
     assert status == 413 and answer["error"] == {
         "type": "request_too_large",
         "message": "the request body came in more than 1024 small pieces",
     }
-    status, answer = raw_exchange(base_url, head + chunked(body[:5], body[5:900], body[900:]))
+    status, answer = raw_exchange(base_url, head + chunked([body[:5], body[5:900], body[900:]]))
     assert status == 200 and answer["usage"]["completion_tokens"] == 1
     # The count is each request's: on a kept-alive connection, requests of 800 small
     # pieces each are all served.
     keep_alive = head.replace(b"Connection: close", b"Connection: keep-alive")
-    requests = [keep_alive + chunked(*tiny[:800], body[800:])] * 2 + [head + chunked(*tiny)]
+    requests = [keep_alive + chunked([*tiny[:800], body[800:]])] * 2 + [head + chunked(tiny)]
     host, port = base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         for request in requests:
@@ -606,8 +614,12 @@ def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     unfinished = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Filler: " + b"a" * (
         2 * HEADER_LIMIT
     )
-    status, body = raw_exchange(base_url, unfinished)
-    assert status == 431 and body["error"]["type"] == "request_header_fields_too_large"
+    head, body = raw_answer(base_url, unfinished)
+    assert head.startswith(b"http/1.1 431") and b"connection: close" in head
+    assert json.loads(body)["error"] == {
+        "type": "request_header_fields_too_large",
+        "message": f"the request head exceeds {HEADER_LIMIT} bytes",  # h11's bound is ours
+    }
     status, body = raw_exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
     assert status == 400 and body["error"]["type"] == "invalid_http"
 
@@ -967,18 +979,23 @@ def test_a_request_without_a_host_header_passes_the_host_check(base_url):
 def test_a_body_in_exactly_1024_small_pieces_is_served_and_one_more_is_413(base_url):
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     body += b" " * (1024 - len(body))
-    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-    head += f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n".encode()
-    head += b"Transfer-Encoding: chunked\r\n\r\n"
-
-    def chunked(pieces: list[bytes]) -> bytes:
-        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
     pieces = [body[i : i + 1] for i in range(len(body))]
-    status, answer = raw_exchange(base_url, head + chunked(pieces))
+    status, answer = raw_exchange(base_url, CHUNKED_GENERATE + chunked(pieces))
     assert status == 200, answer
-    status, answer = raw_exchange(base_url, head + chunked([*pieces, b" "]))
+    status, answer = raw_exchange(base_url, CHUNKED_GENERATE + chunked([*pieces, b" "]))
     assert status == 413, answer
+
+
+def test_pieces_of_255_bytes_count_as_small_and_pieces_of_256_do_not(tmp_path):
+    # The default 1 MiB body limit is far off: 1,025 pieces alone decide.
+    settings = Settings(checkpoint=random_checkpoint(tmp_path, english_tokenizer()))
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    with running_server(settings) as url:
+        for size, expected in ((255, 413), (256, 200)):
+            padded = body + b" " * (1025 * size - len(body))
+            pieces = [padded[i : i + size] for i in range(0, len(padded), size)]
+            status, answer = raw_exchange(url, CHUNKED_GENERATE + chunked(pieces))
+            assert status == expected, (size, answer)
 
 
 def test_the_next_request_on_a_kept_alive_connection_has_its_own_deadline(tmp_path):
