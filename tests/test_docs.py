@@ -1,10 +1,15 @@
-"""The docs stay true: every trainer and server setting is in the README and compose."""
+"""The docs stay true: every trainer and server setting is in the README and compose, and
+every metric the server exports is named in the README."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import Metrics
 from server.settings import Settings
 from training.args import TrainArgs
 
@@ -31,6 +36,20 @@ def test_readme_documents_every_server_flag_and_env_var() -> None:
         if f"`{flag(n)}`" not in README or f"POCKETGPT_{n.upper()}" not in README
     ]
     assert missing == []
+
+
+def test_readme_names_every_metric_the_server_exports_and_no_other() -> None:
+    # Dashboards and alerts are written from the README's list.
+    listed = re.search(r"Metrics \(prefix `pocketgpt_`\): (.*?), plus", README, re.S)
+    assert listed is not None
+    documented = {name.partition("{")[0] for name in re.findall(r"`([^`]+)`", listed[1])}
+    text = Metrics().render().decode()
+    exported = {
+        family.name.removeprefix("pocketgpt_") + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("pocketgpt_")
+    }
+    assert exported == documented
 
 
 def test_readme_rows_say_what_help_says() -> None:

@@ -904,8 +904,17 @@ def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
         assert health_message() == "the model is not ready (failed to load: see the server log)"
         response = httpx.post(f"{url}/v1/generate", json={"prompt": "x"})
         assert_error(response, 503, "unavailable")
+        samples = metric_samples(url)
         state = ("pocketgpt_server_state", (("pocketgpt_server_state", "failed"),))
-        assert metric_samples(url)[state] == 1
+        assert samples[state] == 1
+        # Exported at 0 from the start: an error or cancel ratio is 0, not "no data".
+        requests = {
+            status: samples[("pocketgpt_requests_total", (("status", status),))]
+            for status in ("200", "429", "499", "500", "503")
+        }
+        assert requests == {"200": 0, "429": 0, "499": 0, "500": 0, "503": 1}  # 503: above
+        for reason in ("stop", "length", "cancelled", "error"):
+            assert samples[("pocketgpt_request_finished_total", (("reason", reason),))] == 0
 
 
 def test_queue_full_is_429_with_retry_after_while_admitted_requests_complete(client):
