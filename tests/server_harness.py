@@ -168,11 +168,14 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
             assert line == "" or line.startswith(":"), f"unexpected SSE line {line!r}"
 
 
-def metric_samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics parsed by prometheus_client: {(sample name, sorted labels): value}."""
+def metric_samples(
+    base_url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics parsed by prometheus_client: {(sample name, sorted labels): value}.
+    `headers`: what the request needs (an API key)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=5).text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

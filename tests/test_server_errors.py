@@ -488,9 +488,10 @@ def test_request_head_over_the_limit_is_431_on_every_route(base_url, client):
 
 def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_is_431(base_url):
     # Counted as sent: request line (its query's `?` too), `name: value` CRLF per
-    # header, and the blank line. Sent whole, so the middleware, not h11, measures it.
-    def head(size: int) -> bytes:
-        start = b"GET /health?q=1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    # header, and the blank line. One byte over, the head is refused by the middleware
+    # whatever the network does: h11 refuses only a head still incomplete past the limit.
+    def head(size: int, request_line: bytes = b"GET /health?q=1 HTTP/1.1") -> bytes:
+        start = request_line + b"\r\nHost: localhost\r\nConnection: close\r\n"
         filler_line = b"X-Filler: \r\n"
         filler = b"f" * (size - len(start) - len(filler_line) - len(b"\r\n"))
         return start + filler_line[:-2] + filler + b"\r\n\r\n"
@@ -500,6 +501,13 @@ def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_is_431(base_url
     assert status == 200, answer
     status, answer = raw_exchange(base_url, head(HEADER_LIMIT + 1))
     assert status == 431 and answer["error"]["type"] == "request_header_fields_too_large"
+    # The refusal of a generate request is counted, as the app's own answers are.
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    refused = ("pocketgpt_requests_total", (("status", "431"),))
+    before = metric_samples(base_url, keyed).get(refused, 0)
+    status, _ = raw_exchange(base_url, head(HEADER_LIMIT + 1, b"POST /v1/generate HTTP/1.1"))
+    assert status == 431
+    assert metric_samples(base_url, keyed)[refused] == before + 1
 
 
 def raw_answer(base_url: str, request: bytes) -> tuple[bytes, bytes]:
