@@ -21,6 +21,7 @@ from typing import IO
 import httpx
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from server_harness import (
     abandon_request,
@@ -126,8 +127,9 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
         (" \n", "must not be empty"),
         # No header can send it: every request would be refused.
         ("abc\x01def", "must not hold a control character"),
+        ("abc\x7fdef", "must not hold a control character"),
     ],
-    ids=["empty", "control character"],
+    ids=["empty", "control character", "DEL"],
 )
 def test_an_api_key_no_client_can_send_is_refused(checkpoint, key, message):
     result = run_server("--checkpoint", str(checkpoint), env={"POCKETGPT_API_KEY": key})
@@ -141,6 +143,22 @@ def test_an_api_key_is_taken_as_a_header_can_send_it():
     settings = Settings(checkpoint="unused", api_key=" k3y\tpart\n")
     assert settings.api_key is not None
     assert settings.api_key.get_secret_value() == "k3y\tpart"
+
+
+@pytest.mark.parametrize(
+    ("name", "least", "below", "message"),
+    [
+        # Below 1 KiB a request line and its usual headers, or a small body, do not fit.
+        ("max_body_bytes", 1024, 1023, "greater than or equal to 1024"),
+        ("max_header_bytes", 1024, 1023, "greater than or equal to 1024"),
+        # A request given no time at all: every one would be a 408.
+        ("request_timeout", 0.001, 0, "greater than 0"),
+    ],
+)
+def test_a_limit_at_its_least_is_taken_and_one_below_refused(name, least, below, message):
+    assert getattr(Settings(checkpoint="unused", **{name: least}), name) == least
+    with pytest.raises(ValidationError, match=message):
+        Settings(checkpoint="unused", **{name: below})
 
 
 def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
