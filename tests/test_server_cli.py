@@ -35,7 +35,7 @@ from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS, load_model, read_config
 from model.kv_cache import KVCache
-from server.__main__ import DrainingServer, setting_source
+from server.__main__ import DrainingServer, check_before_loading, setting_source
 from server.app import create_app
 from server.http11 import uvicorn_config
 from server.settings import Settings
@@ -303,6 +303,17 @@ def test_a_context_no_request_fits_in_is_refused_at_start(checkpoint, tmp_path):
     own = run_server("--checkpoint", str(short), "--port", "0")
     assert own.returncode == 2
     assert own.stderr == f"error: {short}: its context of 1 token: {fits_none}\n"
+
+
+def test_a_max_context_from_2_to_the_checkpoints_own_is_taken_and_one_more_refused(checkpoint):
+    context = read_config(checkpoint).max_seq_len
+    for taken in (2, context):
+        check_before_loading(Settings(checkpoint=checkpoint, max_context=taken), {})
+    with pytest.raises(ValueError) as refused:
+        check_before_loading(Settings(checkpoint=checkpoint, max_context=context + 1), {})
+    assert str(refused.value) == (
+        f"--max-context {context + 1}: more than the checkpoint's context of {context} tokens"
+    )
 
 
 def test_max_context_serves_a_long_context_model_within_it(checkpoint, tmp_path):
