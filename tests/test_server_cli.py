@@ -501,6 +501,8 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
         assert httpx.get(f"{url}/metrics?probe=1").status_code == 200
         assert httpx.get(f"{url}/v1/models").status_code == 200
         assert httpx.post(f"{url}/metrics").status_code == 405
+        refused = httpx.get(f"{url}/health", headers={"Host": "attacker.example"})
+        assert refused.status_code == 400
         # A JSON request whose client gives up waiting: cancelled, counted as 499.
         abandon_request(url, {"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True})
         gave_up = ("pocketgpt_requests_total", (("status", "499"),))
@@ -516,6 +518,7 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
     lines = log.splitlines()
     assert any('"GET /v1/models HTTP/1.1" 200' in line for line in lines), log
     assert any('"POST /metrics HTTP/1.1" 405' in line for line in lines), log  # an error
+    assert any('"GET /health HTTP/1.1" 400' in line for line in lines), log  # a probe's too
     # uvicorn sends and logs nothing once the client has gone: the 499 is logged alike.
     assert any('"POST /v1/generate HTTP/1.1" 499' in line for line in lines), log
     # served() polled /health until ready: none of its 200s is logged either (a 503 while
