@@ -620,6 +620,8 @@ def test_sigterm_stops_admitting_finishes_running_streams_and_exits_0(checkpoint
         refused = httpx.post(f"{base_url}/v1/generate", json={"prompt": "late"})
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "unavailable"
+        draining = ("pocketgpt_server_state", (("pocketgpt_server_state", "draining"),))
+        assert metric_samples(base_url)[draining] == 1
         reader.join(60)
         assert server.process.wait(timeout=30) == 0
         log = server.output()[1]
