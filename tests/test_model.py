@@ -170,6 +170,8 @@ def test_small_preset_matches_the_design() -> None:
     [
         ({"dim": 100, "n_heads": 3}, "not divisible"),
         ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+        ({"n_kv_heads": 0}, "multiple of n_kv_heads"),  # not a ZeroDivisionError
+        ({"dim": 132}, "head_dim 33 must be even for RoPE"),
         ({"dropout": 1.0}, "dropout"),
         ({"n_layers": 0}, "n_layers"),
     ],
