@@ -49,6 +49,15 @@ def test_a_cgroup_v2_limit_above_the_process_caps_its_memory_but_not_swap(system
     assert memory.available_memory() == 3 * GIB
 
 
+def test_a_container_limit_above_what_the_machine_has_available_lowers_nothing(
+    system: Path,
+) -> None:
+    (system / "cgroup").write_text("0::/\n")
+    limit(system / "sys", "memory.max", str(32 * GIB))
+    assert memory.container_limit() == 32 * GIB
+    assert memory.available_memory() == 9 * GIB
+
+
 def test_a_cgroup_v1_memory_controller_limit_is_read(system: Path) -> None:
     (system / "cgroup").write_text("5:cpu,cpuacct:/\n4:memory:/job\n0::/\n")
     limit(system / "sys" / "memory" / "job", "memory.limit_in_bytes", str(3 * GIB))
@@ -64,6 +73,12 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     limit(system / "sys", "memory.max", str(64 * 1024**2))  # 64 MiB + 1 GiB of swap
     assert shortfall(config, "adamw") is None
     (system / "meminfo").write_text("MemAvailable: 65536 kB\nSwapFree: 0 kB\n")
+    # AdamW keeps two moments a parameter (16 bytes in all), Muon one (12).
+    assert shortfall(config, "adamw") == (
+        "the model (11.4M parameters: dim 384, 6 layers) needs at least 174.08 MiB of memory "
+        "for its weights, gradients and adamw state, and at most 64.00 MiB is available: train "
+        "a smaller model (--preset, --dim, --n-layers)"
+    )
     assert shortfall(config, "muon", continued=True) == (
         "the model (11.4M parameters: dim 384, 6 layers) needs at least 130.56 MiB of memory "
         "for its weights, gradients and muon state, and at most 64.00 MiB is available: run "
