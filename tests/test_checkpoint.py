@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from model.atomic_files import clear_interrupted_saves
 from model.checkpoint import (
     LATEST,
     CheckpointError,
@@ -415,6 +416,30 @@ def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(
         save_checkpoint(tmp_path, "step-0000002", model, tokenizer, extra_files={"state": crash})
     assert resolve_checkpoint(tmp_path) == tmp_path / "step-0000001"
     assert not (tmp_path / "step-0000002").exists()
+
+
+def finished_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_what_a_killed_save_left_is_cleared_and_a_folder_moved_aside_put_back(
+    tmp_path: Path,
+) -> None:
+    # This process's own pid counts as no writer: in a restarted container the new
+    # trainer often has the killed one's.
+    half_written = tmp_path / f"step-0000002.tmp-{os.getpid()}"
+    moved_aside = tmp_path / f"best.old-{finished_pid()}"
+    for folder in (half_written, moved_aside):
+        folder.mkdir()
+    done = clear_interrupted_saves(tmp_path, lambda name: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert done == [
+        f"put {moved_aside} back as best: a save killed midway had moved it",
+        f"removed {half_written}: a save killed midway left it",
+    ]
 
 
 def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
