@@ -31,6 +31,7 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.conftest import MIXED_TEXT
 from tests.test_detokenizer_fuzz import FUZZ
+from training.run_folder import run_checkpoint
 
 
 def positions_for(ids: torch.Tensor) -> torch.Tensor:
@@ -549,3 +550,16 @@ def test_a_run_folder_without_latest_names_its_checkpoints_not_a_killed_saves_le
     (tmp_path / LATEST).unlink()
     with pytest.raises(CheckpointError, match=r"the checkpoints inside it: step-0000001: name"):
         resolve_checkpoint(tmp_path)
+
+
+def test_a_run_whose_latest_names_a_lost_checkpoint_is_refused_not_continued_from_another(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # Only a run without `latest` falls back to its newest step folder: one whose pointer
+    # names a checkpoint since lost says so, rather than resume from an older step.
+    save_checkpoint(tmp_path, "step-0000001", Transformer(tiny_config), tokenizer)
+    (tmp_path / LATEST).write_text("step-0000002\n")
+    with pytest.raises(CheckpointError, match="step-0000002"):
+        run_checkpoint(tmp_path)
+    (tmp_path / LATEST).unlink()
+    assert run_checkpoint(tmp_path) == tmp_path / "step-0000001"
