@@ -153,9 +153,12 @@ def test_an_api_key_is_taken_as_a_header_can_send_it():
         ("max_header_bytes", 1024, 1023, "greater than or equal to 1024"),
         # A request given no time at all: every one would be a 408.
         ("request_timeout", 0.001, 0, "greater than 0"),
+        ("max_queue", 0, -1, "greater than or equal to 0"),  # 0: never wait
+        ("drain_timeout", 0, -1, "greater than or equal to 0"),  # 0: cut off at once
+        ("prefill_chunk", 1, 0, "greater than or equal to 1"),
     ],
 )
-def test_a_limit_at_its_least_is_taken_and_one_below_refused(name, least, below, message):
+def test_a_setting_at_its_least_is_taken_and_one_below_refused(name, least, below, message):
     assert getattr(Settings(checkpoint="unused", **{name: least}), name) == least
     with pytest.raises(ValidationError, match=message):
         Settings(checkpoint="unused", **{name: below})
