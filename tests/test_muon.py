@@ -150,6 +150,15 @@ def test_an_untied_embedding_gets_its_own_learning_rate_scale() -> None:
     assert any(p is model.lm_head.weight for p in plain)
 
 
+def test_a_saved_state_of_another_number_of_optimizers_is_refused_saying_so() -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64))
+    cpu = torch.device("cpu")
+    saved = make_optimizer(model, TrainArgs(optimizer="muon", lr=1e-3), cpu).state_dict()
+    adamw = make_optimizer(model, TrainArgs(optimizer="adamw", lr=1e-3), cpu)
+    with pytest.raises(ValueError, match=r"^the saved state has 2 optimizers, this run 1$"):
+        adamw.load_state_dict(saved)
+
+
 def test_a_tied_embedding_keeps_the_learning_rate_of_the_lm_head_it_is() -> None:
     tied = Transformer(ModelConfig.from_preset("tiny", vocab_size=64, tie_embeddings=True))
     scaled = [g for g in adamw_groups(tied) if g.get("lr_scale", 1.0) != 1.0]
