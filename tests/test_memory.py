@@ -95,6 +95,8 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
         (2**22, 32, "lower --max-context to at most 16,301"),
         # 288 GiB: 15 slots of 2^15 tokens fit, or 512 slots of 1,018.
         (2**15, 512, "lower --max-batch to at most 15, or --max-context to at most 1,018"),
+        # 220 GiB: a single slot of 400,000 tokens fits, which is still a remedy.
+        (400_000, 32, "lower --max-batch to at most 1, or --max-context to at most 16,301"),
     ],
 )
 def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
