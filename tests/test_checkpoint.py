@@ -31,7 +31,13 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.conftest import MIXED_TEXT
 from tests.test_detokenizer_fuzz import FUZZ
-from training.run_folder import run_checkpoint
+from training.run_folder import (
+    BEST,
+    TRAINER_META,
+    holds_run,
+    recorded_best_loss,
+    run_checkpoint,
+)
 
 
 def positions_for(ids: torch.Tensor) -> torch.Tensor:
@@ -563,3 +569,17 @@ def test_a_run_whose_latest_names_a_lost_checkpoint_is_refused_not_continued_fro
         run_checkpoint(tmp_path)
     (tmp_path / LATEST).unlink()
     assert run_checkpoint(tmp_path) == tmp_path / "step-0000001"
+
+
+def test_a_run_folder_holding_only_latest_is_a_run_and_a_best_loss_is_read_as_a_number(
+    tmp_path: Path,
+) -> None:
+    # A `latest` naming a lost checkpoint still marks a run that a new one must not
+    # write over; a val_loss that is no float (a hand-edited file) is no loss to beat.
+    (tmp_path / LATEST).write_text("step-0000002\n")
+    assert holds_run(tmp_path)
+    meta = tmp_path / BEST / TRAINER_META
+    meta.parent.mkdir()
+    for val_loss, recorded in (("low", None), (2.5, 2.5)):
+        meta.write_text(json.dumps({"val_loss": val_loss}))
+        assert recorded_best_loss(tmp_path) == recorded
