@@ -11,7 +11,7 @@ import torch
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import tiny_run
 from training import pretrain
-from training.trainer_state import STATE_KEYS
+from training.trainer_state import STATE_KEYS, rank_seed
 
 
 class RunsCode:
@@ -79,3 +79,9 @@ def test_a_training_state_missing_an_entry_is_a_clear_error(
         assert err == f"error: {path}: not a pocketgpt trainer state (missing [{key!r}])\n"
     torch.save({k: v for k, v in state.items() if k != "log_window"}, path)
     assert pretrain.main(["--resume", str(trained_run), "--max-steps", "4"]) == 0
+
+
+def test_each_rank_and_each_resumed_step_draws_dropout_from_its_own_seed() -> None:
+    # A run resumed at step 100 must not replay the dropout masks it drew from step 0.
+    seeds = {rank_seed(1337, rank, step) for rank in (0, 1) for step in (0, 100)}
+    assert len(seeds) == 4
