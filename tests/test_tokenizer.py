@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer
 
 from model.checkpoint import END_OF_TEXT, load_tokenizer
 from training.prepare import prepare
+from training.tokenizer import MIN_VOCAB, train_tokenizer
 
 QUOTING = f"The separator is written {END_OF_TEXT} in this sentence."
 
@@ -31,3 +33,10 @@ def test_prepared_tokens_hold_one_separator_per_document(
     separator = tokenizer.token_to_id(END_OF_TEXT)
     assert int(np.count_nonzero(np.asarray(data.train) == separator)) == len(documents)
     assert int(np.count_nonzero(np.asarray(data.val) == separator)) == 1
+
+
+def test_the_smallest_vocabulary_is_every_byte_and_the_separator() -> None:
+    smallest = train_tokenizer([QUOTING], MIN_VOCAB)
+    assert smallest.get_vocab_size() == 257 == MIN_VOCAB
+    with pytest.raises(ValueError, match=r"vocab_size must be >= 257 \(got 256\)"):
+        train_tokenizer([QUOTING], MIN_VOCAB - 1)
