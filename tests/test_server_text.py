@@ -64,6 +64,18 @@ def test_chinese_and_emoji_stream_without_replacement_characters(client, pieces)
     assert whole.json()["text"] == expected
 
 
+def test_a_paragraph_separator_streams_inside_its_event(tmp_path: Path):
+    # U+2029 shares its first two byte tokens with U+2028 (in the cycle above), so it has
+    # a cycle of its own. Unescaped, str.splitlines readers (sse_events) split its event.
+    tokenizer = english_tokenizer()
+    cycle = tokenizer.encode("\u2029 ok", add_special_tokens=False).ids
+    assert len(set(cycle)) == len(cycle)
+    checkpoint = cycle_checkpoint(tmp_path, tokenizer, cycle)
+    with running_server(Settings(checkpoint=checkpoint)) as url, httpx.Client(base_url=url) as c:
+        events = stream(c, prompt=" ok", max_tokens=2 * len(cycle))
+    assert "".join(e["text"] for e in events if isinstance(e, dict)) == "\u2029 ok" * 2
+
+
 @pytest.mark.parametrize("stop", ["here", "中文", "🙂 a"], ids=["ascii", "chinese", "emoji"])
 def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
     expected = "".join(text for text, _ in pieces[1:])
