@@ -502,6 +502,7 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
 ):
     with served(checkpoint) as (server, url):
         assert httpx.get(f"{url}/metrics?probe=1").status_code == 200
+        assert httpx.head(f"{url}/health").status_code == 200  # uptime checkers send HEAD
         assert httpx.get(f"{url}/v1/models").status_code == 200
         assert httpx.post(f"{url}/metrics").status_code == 405
         refused = httpx.get(f"{url}/health", headers={"Host": "attacker.example"})
@@ -527,6 +528,7 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
     # served() polled /health until ready: none of its 200s is logged either (a 503 while
     # the model loaded may be: an error).
     probes = ('GET /health HTTP/1.1" 200', 'GET /metrics?probe=1 HTTP/1.1" 200')
+    probes += ('HEAD /health HTTP/1.1" 200',)
     assert not any(probe in line for probe in probes for line in lines), log
 
 
