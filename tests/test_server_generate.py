@@ -363,6 +363,14 @@ def test_metrics_parse_and_counters_match_the_requests_made(client):
     fine = [b for b in bounds if 0.001 <= b <= 0.05]
     assert fine[0] == 0.001 and fine[-1] == 0.05
     assert all(high / low <= 1.5 for low, high in itertools.pairwise(fine))
+    # A CPU queue holds a request for minutes: the latency histograms reach 5 minutes.
+    for histogram in ("time_to_first_token", "request_latency", "queue_time"):
+        tops = [
+            float(dict(labels)["le"])
+            for name, labels in after
+            if name == f"pocketgpt_{histogram}_seconds_bucket" and dict(labels)["le"] != "+Inf"
+        ]
+        assert max(tops) == 300, histogram
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
         assert f"pocketgpt_{gauge}" in names
     assert after[("pocketgpt_model_load_seconds", ())] > 0
