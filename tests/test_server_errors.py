@@ -762,7 +762,7 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
 
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
-    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert assert_error(client.get("/v1/nothing"), 404, "not_found") == "Not Found"
     # A trailing slash is another path: 404, not Starlette's empty 307 to the one without.
     assert_error(client.get("/health/"), 404, "not_found")
     assert_error(client.post("/v1/generate/", json={"prompt": "x"}), 404, "not_found")
@@ -775,7 +775,7 @@ def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
         ("POST", "/metrics", "GET, HEAD"),
     ]:
         response = client.request(method, path)
-        assert_error(response, 405, "method_not_allowed")
+        assert assert_error(response, 405, "method_not_allowed") == "Method Not Allowed"
         assert response.headers["Allow"] == allowed, (method, path)
 
 
