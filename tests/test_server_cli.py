@@ -229,6 +229,9 @@ def test_a_setting_is_named_by_its_env_var_only_when_the_environment_set_it(monk
     assert setting_source("port", {}) == "POCKETGPT_PORT"
     assert setting_source("port", {"port": "8002"}) == "--port"  # the flag wins
     assert setting_source("host", {}) == "--host"
+    # Settings reads variables in any case; the one given is named (as the docs spell it).
+    monkeypatch.setenv("pocketgpt_host", "x")
+    assert setting_source("host", {}) == "POCKETGPT_HOST"
 
 
 def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpoint):
