@@ -57,6 +57,10 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     assert (args.lr, args.max_steps, args.preset, args.data) == (0.5, 9, "tiny", ["a.txt"])
     assert args.compile is True
     assert args.batch_size == TrainArgs().batch_size
+    # The config file named by its variable, as Docker users give it.
+    from_env = explicit_settings([], {"POCKETGPT_CONFIG": str(config)})
+    assert from_env.values["max_steps"] == 7
+    assert from_env.sources["max_steps"] == f"--config {config}: max_steps"
 
 
 @pytest.mark.parametrize("name", ["run.toml", "run.json"])
@@ -406,8 +410,10 @@ def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() ->
     assert explicit_settings([], listed).values["data"] == ["a.txt", "b.txt"]
     # `POCKETGPT_INIT_FROM=` was a fine-tune from the working folder ("not a checkpoint").
     env = {"POCKETGPT_INIT_FROM": "", "POCKETGPT_TOKENIZER": " ", "POCKETGPT_RESUME": ""}
+    env["POCKETGPT_CACHE_DIR"] = "None"  # `none` clears an optional value
     values = explicit_settings([], env).values
     assert values["init_from"] is None and values["tokenizer"] is None
+    assert values["cache_dir"] is None
     assert not values["resume"]
 
 
