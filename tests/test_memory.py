@@ -84,6 +84,24 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
         "for its weights, gradients and muon state, and at most 64.00 MiB is available: run "
         "it on a machine with more memory"
     )
+    # Under torchrun each process holds a copy: what one needs, and what they need together.
+    assert shortfall(config, "adamw", processes=2) == (
+        "the model (11.4M parameters: dim 384, 6 layers) needs at least 174.08 MiB of memory "
+        "for its weights, gradients and adamw state in each of 2 processes (348.15 MiB in "
+        "all), and at most 64.00 MiB is available: train a smaller model (--preset, --dim, "
+        "--n-layers)"
+    )
+    # 256 MiB: room for one process, not for two.
+    limit(system / "sys", "memory.max", "max")
+    (system / "meminfo").write_text("MemAvailable: 262144 kB\nSwapFree: 0 kB\n")
+    assert shortfall(config, "adamw") is None
+    assert "in each of 2 processes (348.15 MiB in all)" in shortfall(config, "adamw", processes=2)
+    # A model under a million parameters is counted in thousands.
+    (system / "meminfo").write_text("MemAvailable: 8192 kB\nSwapFree: 0 kB\n")
+    tiny = ModelConfig.from_preset("tiny", vocab_size=512)
+    assert shortfall(tiny, "adamw").startswith(
+        "the model (853.1K parameters: dim 128, 4 layers) needs at least 13.02 MiB"
+    )
 
 
 @pytest.mark.parametrize(

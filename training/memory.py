@@ -25,11 +25,15 @@ def shortfall(
     checkpoint's (--resume, --init-from), not the command line's."""
     available = available_memory()
     parameters = config.num_parameters()
-    needed = parameters * _BYTES_PER_PARAMETER[optimizer] * processes
+    each = parameters * _BYTES_PER_PARAMETER[optimizer]
+    needed = each * processes
     if available is None or needed <= available:
         return None
-    ranks = f" in each of {processes} processes" if processes > 1 else ""
-    scale, unit = next((s, u) for s, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if parameters >= s)
+    ranks = (
+        f" in each of {processes} processes ({format_size(needed)} in all)" if processes > 1 else ""
+    )
+    units = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+    scale, unit = next(((s, u) for s, u in units if parameters >= s), (1, ""))
     count = f"{parameters / scale:,.1f}{unit}"
     remedy = (
         "run it on a machine with more memory"
@@ -38,7 +42,7 @@ def shortfall(
     )
     return (
         f"the model ({count} parameters: dim {config.dim}, {config.n_layers} layers) needs "
-        f"at least {format_size(needed)} of memory for its weights, gradients and "
+        f"at least {format_size(each)} of memory for its weights, gradients and "
         f"{optimizer} state{ranks}, and at most {format_size(available)} is available: "
         f"{remedy}"
     )
