@@ -1148,16 +1148,22 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     )
 
 
-def resume_without_time_box(run: Path) -> None:
-    """`--resume run --max-time none`, in a process of its own, as it would be."""
-    process = spawn_pretrain(["--resume", str(run), "--max-time", "none"])
+def run_to_its_end(argv: list[str]) -> tuple[str, str]:
+    """`python -m training.pretrain argv` in a process of its own, as a user runs it,
+    ended successfully within 2 minutes (killed if not); its stdout and stderr."""
+    process = spawn_pretrain(argv)
     try:
-        _, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
         raise
     assert process.returncode == 0, err
+    return out, err
+
+
+def resume_without_time_box(run: Path) -> None:
+    run_to_its_end(["--resume", str(run), "--max-time", "none"])
 
 
 def test_a_time_boxed_run_ends_after_five_passes_and_its_bar_counts_down_to_them(
@@ -1166,9 +1172,7 @@ def test_a_time_boxed_run_ends_after_five_passes_and_its_bar_counts_down_to_them
     run = tmp_path / "run"
     # ~1k tokens a step: five passes over the tiny corpus end the run long before 1000 s.
     flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
-    process = spawn_pretrain(tiny_run(tmp_path, *flags, "--max-time", "1000"))
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    out, err = run_to_its_end(tiny_run(tmp_path, *flags, "--max-time", "1000"))
     steps = meta(run)["args"]["max_steps"]
     assert meta(run)["stopped_by"] == "max_steps" and meta(run)["step"] == steps
     # 5 passes, counted up to a whole step.

@@ -65,9 +65,9 @@ AUTO: dict[str, dict[str, int | float]] = {
 # corpus 1.49 at 4.1 passes, 1.32 at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90
 # at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2,
 # 2.17 at 6.9, 2.57 at 13.9. A time box is no guard: `mini` on tinyshakespeare's first
-# 100 kB, time-boxed at 70 s on 2 AMX cores, made 13.6 passes and ended at 4.48 val
-# nats/token (3.44 at its best, 6 passes in); a full schedule over 3 / 5 / 7 / 10 passes
-# ends at 3.57 / 3.43 / 3.35 / 3.72.
+# 100 kB, time-boxed at 70 s on 2 AMX cores, made 20.6 passes and ended at 5.05 val
+# nats/token (4.24 at 11 passes); a full schedule over 3 / 5 / 7 / 10 passes ends at
+# 3.57 / 3.43 / 3.35 / 3.72.
 DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
 DEFAULT_MAX_EPOCHS = 5
 DEFAULT_WARMUP_STEPS = 30
