@@ -96,6 +96,13 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     (system / "meminfo").write_text("MemAvailable: 262144 kB\nSwapFree: 0 kB\n")
     assert shortfall(config, "adamw") is None
     assert "in each of 2 processes (348.15 MiB in all)" in shortfall(config, "adamw", processes=2)
+    # Exactly what is needed is enough; a byte less is not.
+    (system / "meminfo").write_text("MemAvailable: 16777216 kB\nSwapFree: 0 kB\n")
+    needed = config.num_parameters() * 16
+    limit(system / "sys", "memory.max", str(needed))
+    assert shortfall(config, "adamw") is None
+    limit(system / "sys", "memory.max", str(needed - 1))
+    assert shortfall(config, "adamw") is not None
     # A model under a million parameters is counted in thousands.
     (system / "meminfo").write_text("MemAvailable: 8192 kB\nSwapFree: 0 kB\n")
     tiny = ModelConfig.from_preset("tiny", vocab_size=512)
