@@ -119,7 +119,9 @@ class ModelRunner:
             tokens[row, : len(chunk.token_ids)] = torch.tensor(chunk.token_ids)
         starts = torch.tensor([c.start for c in chunks])
         # Padding continues each row's positions (clamped to the cache): harmless, as
-        # positions past a row's end are rewritten before any query reads them.
+        # positions past a row's end are rewritten before any query reads them. The clamp
+        # lands on the cache's last position, past every prompt's end: a prompt leaves at
+        # least one position to generate into (server/validation.py).
         positions = (starts[:, None] + torch.arange(width)).clamp_(max=self.max_len - 1)
         last = torch.tensor([len(c.token_ids) - 1 for c in chunks])
         logits = self.model(

@@ -73,6 +73,27 @@ def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding(
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_chunk_at_the_context_end_prefilled_beside_a_longer_one_keeps_its_logits(
+    model: Transformer,
+) -> None:
+    # A prompt's last token is at most at context - 2 (one token must be left to generate).
+    # Padded to its neighbour's 8 tokens, such a chunk runs 6 positions past the context:
+    # the padding's positions must stay inside the cache and the RoPE tables.
+    runner = ModelRunner(model, n_slots=2)
+    context = runner.max_len
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(0, VOCAB, (context - 1,), generator=generator).tolist()
+    other = torch.randint(0, VOCAB, (8,), generator=generator).tolist()
+    with torch.inference_mode():
+        runner.prefill([PrefillInput(0, text[:-1], 0)])
+        together = [PrefillInput(0, text[-1:], context - 2), PrefillInput(1, other, 0)]
+        logits = runner.prefill(together)  # [2, V]
+        for row, ids in enumerate((text, other)):
+            tokens = torch.tensor([ids])
+            alone = model(tokens, torch.arange(len(ids))[None])[0, -1]  # [V]
+            torch.testing.assert_close(logits[row], alone, rtol=1e-4, atol=1e-4)
+
+
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
     same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
