@@ -1134,9 +1134,7 @@ def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(
     argv = [*tiny_run(tmp_path, *LONG_RUN), "--log-interval", "1000000", "--max-time", "2"]
     # A warmup the clock ends first (short of the 100,000 steps: no warning at start).
     argv += ["--warmup-steps", "50000"]
-    process = spawn_pretrain([*argv, "--out-dir", str(run)])
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    _, err = run_to_its_end([*argv, "--out-dir", str(run)])
     assert meta(run)["stopped_by"] == "max_time" and meta(run)["wall_time"] >= 2
     # The bar's last line is the state at the end, not at the last log line before it.
     last = [line for line in err.splitlines() if "left=" in line][-1]
@@ -1166,13 +1164,27 @@ def resume_without_time_box(run: Path) -> None:
     run_to_its_end(["--resume", str(run), "--max-time", "none"])
 
 
+# ~1k tokens a step (4 x 32 tokens x 8 micro-batches): five passes over the tiny corpus
+# are ~60 steps.
+FIVE_PASSES_IN_60_STEPS = ["--grad-accum", "8", "--eval-interval", "1000"]
+
+
+def ended_by_the_clock(tmp_path: Path) -> Path:
+    """A time-boxed run given no step count, its clock ended before its 5 passes."""
+    run = tmp_path / "run"
+    argv = tiny_run(tmp_path, *FIVE_PASSES_IN_60_STEPS, "--out-dir", str(run))
+    assert pretrain.main([*argv, "--max-time", "0.001"]) == 0
+    assert meta(run)["stopped_by"] == "max_time"
+    return run
+
+
 def test_a_time_boxed_run_ends_after_five_passes_and_its_bar_counts_down_to_them(
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    # ~1k tokens a step: five passes over the tiny corpus end the run long before 1000 s.
-    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
-    out, err = run_to_its_end(tiny_run(tmp_path, *flags, "--max-time", "1000"))
+    # Five passes end the run long before 1000 s.
+    flags = [*FIVE_PASSES_IN_60_STEPS, "--out-dir", str(run), "--max-time", "1000"]
+    out, err = run_to_its_end(tiny_run(tmp_path, *flags))
     steps = meta(run)["args"]["max_steps"]
     assert meta(run)["stopped_by"] == "max_steps" and meta(run)["step"] == steps
     # 5 passes, counted up to a whole step.
@@ -1187,12 +1199,7 @@ def test_a_time_boxed_run_ends_after_five_passes_and_its_bar_counts_down_to_them
 def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_box(
     tmp_path: Path,
 ) -> None:
-    run = tmp_path / "run"
-    # ~1k tokens a step: five passes over the tiny corpus are ~60 steps; the clock ends
-    # the run first.
-    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
-    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "0.001")) == 0
-    assert meta(run)["stopped_by"] == "max_time"
+    run = ended_by_the_clock(tmp_path)
     passes = meta(run)["args"]["max_steps"]
     assert meta(run)["step"] < passes < 400
     resume_without_time_box(run)
@@ -1203,9 +1210,7 @@ def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_bo
 def test_a_time_boxed_run_saved_without_a_step_count_resumes_to_the_default_one(
     tmp_path: Path,
 ) -> None:
-    run = tmp_path / "run"
-    flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
-    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-time", "0.001")) == 0
+    run = ended_by_the_clock(tmp_path)
     passes = meta(run)["args"]["max_steps"]
     # Before 2026-12-06 such a run saved "unlimited" steps: without its time box it must
     # take the default step count, as a new run gets, not train without end.
