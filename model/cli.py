@@ -74,6 +74,35 @@ def signals_unwind() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def exit_on_signals_while_importing(message: str) -> None:
+    """For a command's `__main__`, before its slow imports (torch: 1-2 s): SIGINT and
+    SIGTERM print `message` and exit 128 + the signal's number at once, where Ctrl-C
+    printed Python's traceback of the import under way. Nothing is open yet to close.
+    Call default_signal_actions() once the imports are done, before main(), which
+    takes the signals over: a signal after main() is not one before the work began.
+    A signal the process was started ignoring stays ignored."""
+
+    def exit_saying_so(signum: int, frame: object) -> NoReturn:
+        print(message, file=sys.stderr)
+        exit_now(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, exit_saying_so)
+
+
+def default_signal_actions() -> None:
+    """SIGINT and SIGTERM end the process at once, without a word (their default
+    actions), where a handler set earlier would report them as something else: the
+    trainer's "interrupted before training started" once it has written checkpoints, or
+    exit_on_signals_while_importing's message once the imports are done. Ignored
+    signals stay ignored; only the main thread may set handlers."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, signal.SIG_DFL)
+
+
 def interrupted_status(error: BaseException) -> int:
     """The exit status of a command ended by `error` (KeyboardInterrupt or Terminated),
     as a shell reports a process killed by the signal: 128 + its number."""

@@ -31,7 +31,15 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from model.cli import ArgumentParser, env_var, exit_now, flag
+from model.cli import (
+    ArgumentParser,
+    Terminated,
+    env_var,
+    exit_now,
+    flag,
+    interrupted_status,
+    signals_unwind,
+)
 from model.config import MIN_SERVED_CONTEXT
 from server.settings import Settings, is_loopback
 
@@ -310,17 +318,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     raise_open_files_limit()
-    # Imported only now (torch is slow to import), so --help and flag errors are instant.
-    from model.checkpoint import CheckpointError
-    from server.app import create_app
-    from server.http11 import uvicorn_config
-
     try:
-        check_before_loading(settings, given)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    app = create_app(settings)
+        # Until uvicorn takes SIGINT and SIGTERM over, they end the command in one line:
+        # Ctrl-C in the 1-2 s of torch's import printed the import's traceback.
+        with signals_unwind():
+            # Imported only now (torch is slow to import), so --help and flag errors are
+            # instant.
+            from model.checkpoint import CheckpointError
+            from server.app import create_app
+            from server.http11 import uvicorn_config
+
+            try:
+                check_before_loading(settings, given)
+            except (CheckpointError, ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            app = create_app(settings)
+    except (KeyboardInterrupt, Terminated) as e:
+        print("interrupted before the server started", file=sys.stderr)
+        return interrupted_status(e)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)
     server.run(sockets=[sock])
     if server.failure is not None:

@@ -26,7 +26,7 @@ from server_harness import running_server, wait_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-from model.cli import Terminated, signals_unwind
+from model.cli import Terminated, default_signal_actions, signals_unwind
 from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
@@ -1402,7 +1402,7 @@ def test_before_training_sigterm_unwinds_and_after_it_signals_take_their_default
             os.kill(os.getpid(), signal.SIGINT)
         # Once the trainer is built: a signal after its checkpoints ends the process,
         # not "interrupted before training started".
-        pretrain.default_signal_actions()
+        default_signal_actions()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
@@ -1414,7 +1414,7 @@ def test_a_signal_the_process_ignores_stays_ignored() -> None:
     try:
         with signals_unwind():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            pretrain.default_signal_actions()
+            default_signal_actions()
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:

@@ -22,6 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.cli import (
+    ArgumentParser,
+    Terminated,
+    default_signal_actions,
+    exit_on_signals_while_importing,
+    interrupted_status,
+    signals_unwind,
+)
+
+INTERRUPTED = "interrupted: no bits per byte"
+if __name__ == "__main__":  # before the imports below: torch takes 1-2 s
+    exit_on_signals_while_importing(INTERRUPTED)
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +47,6 @@ from model.checkpoint import (
     load_tokenizer,
     resolve_checkpoint,
 )
-from model.cli import ArgumentParser, Terminated, interrupted_status, signals_unwind
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
@@ -130,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         # The working folder, as `--data "$UNSET"` leaves it: everything under it scored.
         parser.error(f"--data: a path is empty (got {args.data})")
     try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        with signals_unwind():
+        with signals_unwind():  # from here: CUDA's start-up can take seconds
+            try:
+                device = resolve_device(args.device)
+            except ValueError as e:
+                parser.error(str(e))
             return evaluate_command(args, device)
     except (KeyboardInterrupt, Terminated) as e:
-        print("interrupted: no bits per byte", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return interrupted_status(e)
 
 
@@ -180,4 +192,5 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
 
 
 if __name__ == "__main__":
+    default_signal_actions()  # the imports are done: main() takes the signals over
     sys.exit(main())

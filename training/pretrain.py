@@ -13,13 +13,26 @@ import datetime
 import os
 import re
 import shlex
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from model.cli import (
+    Terminated,
+    default_signal_actions,
+    env_var,
+    exit_now,
+    exit_on_signals_while_importing,
+    flag,
+    interrupted_status,
+    signals_unwind,
+)
+
+INTERRUPTED_BEFORE_TRAINING = "interrupted before training started: no checkpoint written"
+if __name__ == "__main__":  # before the imports below: torch takes 1-2 s
+    exit_on_signals_while_importing(INTERRUPTED_BEFORE_TRAINING)
 
 import torch
 import torch.distributed as dist
@@ -37,7 +50,6 @@ from model.checkpoint import (
     read_tokenizer_extras,
     resolve_checkpoint,
 )
-from model.cli import Terminated, env_var, exit_now, flag, interrupted_status, signals_unwind
 from model.cpu import tune_malloc
 from model.device import resolve_device
 from model.memory import format_size
@@ -479,6 +491,10 @@ def run_locked(given: Given) -> int:
             tokenizer_extras=tokenizer_extras,
             generation_defaults=generation_defaults,
         )
+        # The trainer takes SIGINT and SIGTERM over and, when it is done, restores what it
+        # found: a signal after its checkpoints ends the process at once (as one in the
+        # instant before its handlers are in) instead of unwinding to "interrupted before
+        # training started".
         default_signal_actions()
         result = trainer.train()
         if dist_info.is_main and (
@@ -517,18 +533,6 @@ def next_command(out_dir: str, result: TrainResult) -> str:
             f"python -m server --checkpoint {shlex.quote(str(Path(out_dir) / BEST))}"
         )
     return f"serve it: python -m server --checkpoint {shlex.quote(out_dir)}"
-
-
-def default_signal_actions() -> None:
-    """Once the model is built, the trainer takes SIGINT and SIGTERM over, and restores
-    what it found when it is done: from here, the default actions. A signal after
-    training (its checkpoint written) ends the process at once, instead of unwinding
-    to "interrupted before training started"; and so does one in the instant before the
-    trainer's handlers are in. Ignored signals stay ignored."""
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                signal.signal(s, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -594,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as e:
         # Once training runs, a signal saves a checkpoint and returns normally (trainer.py);
         # before that (reading, tokenizing, building the model) there is nothing to save.
-        print("interrupted before training started: no checkpoint written", file=sys.stderr)
+        print(INTERRUPTED_BEFORE_TRAINING, file=sys.stderr)
         return interrupted_status(e)
 
 
@@ -621,4 +625,5 @@ def exit_process(run: Callable[[], int]) -> NoReturn:
 
 
 if __name__ == "__main__":
+    default_signal_actions()  # the imports are done: main() takes the signals over
     exit_process(main)

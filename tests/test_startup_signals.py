@@ -1,0 +1,73 @@
+"""Ctrl-C or SIGTERM while a command imports torch (1-2 s, the first thing each one does)
+ends it with one line and 128 + the signal's number, not Python's traceback of the
+import under way (Ctrl-C) or a silent death (SIGTERM)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_training_pretrain import CORPUS, REPO, TINY, python_env
+
+# Runs MODULE ARGS as `python -m` does, sending the signal to itself as the command first
+# imports torch: where a signal lands in practice, without a race against a clock.
+SIGNAL_AT_TORCH_IMPORT = """
+import os, runpy, signal, sys
+
+class SignalAtTorchImport:
+    def __init__(self, stop):
+        self.stop = stop
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), self.stop)
+        return None
+
+sys.meta_path.insert(0, SignalAtTorchImport(signal.Signals[sys.argv[1]]))
+module, sys.argv = sys.argv[2], sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_signalled_at_torch_import(
+    stop: signal.Signals, module: str, args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, stop.name, module, *args],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        # A shell's background job ignores SIGINT, and a child inherits that: restore it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        ("training.pretrain", "interrupted before training started: no checkpoint written"),
+        ("training.evaluate", "interrupted: no bits per byte"),
+        ("server", "interrupted before the server started"),
+    ],
+)
+def test_a_signal_while_torch_imports_ends_the_command_in_one_line(
+    tmp_path: Path, stop: signal.Signals, module: str, said: str
+) -> None:
+    run = tmp_path / "run"
+    args = {
+        "training.pretrain": [*TINY, "--data", str(CORPUS), "--out-dir", str(run)],
+        "training.evaluate": ["--checkpoint", str(run), "--data", str(CORPUS)],
+        "server": ["--checkpoint", str(run), "--port", "0"],
+    }[module]
+    process = run_signalled_at_torch_import(stop, module, args)
+    assert (process.returncode, process.stderr) == (128 + stop, said + "\n")
+    assert process.stdout == ""
+    assert not run.exists()
