@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 import typing
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -88,8 +89,13 @@ def setting_source(name: str, given: dict[str, str]) -> str:
     """The name the user gave a setting by: its env var if set there and not on the
     command line (a Docker user sets POCKETGPT_MAX_BATCH and would not find
     `--max-batch`), else its flag (also for a default: the flag is how to change it)."""
-    from_env = name not in given and env_var(name) in {key.upper() for key in os.environ}
+    from_env = name not in given and set_in_environment(name)
     return env_var(name) if from_env else flag(name)
+
+
+def set_in_environment(name: str) -> bool:
+    """Whether the environment sets setting `name` (as pydantic reads it: any case)."""
+    return env_var(name) in {key.upper() for key in os.environ}
 
 
 def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
@@ -103,6 +109,17 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     if settings.compile_decode and not has_compiler(device):
         source = setting_source("compile_decode", given)
         raise ValueError(f"{source}: {missing_compiler_message(device)}")
+    if (
+        "checkpoint" not in given
+        and not set_in_environment("checkpoint")
+        and not settings.checkpoint.exists()
+    ):
+        # `python -m server` before any training, or from another folder than the trainer's.
+        raise ValueError(
+            f"{settings.checkpoint}: no such checkpoint folder in {Path.cwd()} (the default "
+            f"{flag('checkpoint')}): train the default model there first (python -m "
+            f"training.pretrain), or name a checkpoint with {flag('checkpoint')}"
+        )
     folder = check_serving_files(settings.checkpoint)
     config = read_config(folder)
     if settings.max_context is not None:

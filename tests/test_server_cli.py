@@ -43,7 +43,7 @@ from server.validation import sampling_defaults
 
 
 def run_server(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")} | (env or {})
     return subprocess.run(
@@ -52,6 +52,7 @@ def run_server(
         text=True,
         timeout=timeout,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -75,6 +76,21 @@ def test_help_lists_every_flag_with_its_env_var():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+
+
+def test_no_checkpoint_named_and_none_at_the_default_says_to_train_one(tmp_path):
+    result = run_server(cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoints/default: no such checkpoint folder in {tmp_path} (the default "
+        "--checkpoint): train the default model there first (python -m training.pretrain), "
+        "or name a checkpoint with --checkpoint"
+    ]
+    # Named, the same folder is the user's own path: no advice about the default.
+    named = run_server("--checkpoint", "checkpoints/default", cwd=tmp_path)
+    assert named.stderr.strip().splitlines() == [
+        "error: checkpoints/default: no such checkpoint folder"
+    ]
 
 
 def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_path):
