@@ -37,7 +37,7 @@ from training.defaults import (
 from training.resume import check_resume_settings, later_steps_note, with_checkpoint_shape
 
 # The embedded corpus's training tokens at the `small` vocabulary (2048).
-EMBEDDED_TRAIN_TOKENS = 247_029
+EMBEDDED_TRAIN_TOKENS = 240_986
 
 
 def test_help_lists_every_setting_with_its_default() -> None:
@@ -183,15 +183,15 @@ def test_a_config_value_of_another_type_is_no_path_or_name(
 @pytest.mark.parametrize(
     ("device", "flags", "train_tokens", "expected"),
     [
-        # 400 steps, the CPU default: a cold build would not repay
+        # 589 steps (5 passes), the CPU default: a cold build would not repay
         ("cpu", {}, EMBEDDED_TRAIN_TOKENS, False),
         ("cpu", {"max_steps": 1000}, EMBEDDED_TRAIN_TOKENS, True),
         ("cpu", {"max_time": 70.0}, 10 * EMBEDDED_TRAIN_TOKENS, False),
         ("cpu", {"max_time": 120.0}, 10 * EMBEDDED_TRAIN_TOKENS, True),
-        # 5 passes are 604 steps of `mini`: the run ends before a build repays.
+        # 5 passes are 589 steps of `mini`: the run ends before a build repays.
         ("cpu", {"max_time": 120.0, "preset": "mini"}, EMBEDDED_TRAIN_TOKENS, False),
         ("cpu", {"max_steps": 5000, "max_time": 30.0}, EMBEDDED_TRAIN_TOKENS, False),
-        # 604 steps: CUDA's 5000 capped at 5 passes over the text
+        # 589 steps: CUDA's 5000 capped at 5 passes over the text
         ("cuda", {}, EMBEDDED_TRAIN_TOKENS, True),
         ("cuda", {"max_steps": 50}, EMBEDDED_TRAIN_TOKENS, False),
         ("cuda", {"max_time": 60.0}, EMBEDDED_TRAIN_TOKENS, True),
@@ -270,9 +270,10 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
 @pytest.mark.parametrize(
     ("device", "train_tokens", "world_size", "expected", "time_boxed"),
     [
-        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"], 604),  # 3.3 passes: no cap
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 604, 604),  # 5 passes of 2048 tokens a step, not 41
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 302, 302),  # two ranks read twice the tokens a step
+        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes of 2048 tokens a step, not 600
+        ("cpu", 2 * EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"], 1177),  # 2.5 passes: no cap
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes, not 5000 (41)
+        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 295, 295),  # two ranks read twice the tokens a step
         ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"], 4_882_813),
         ("cpu", 100, 1, 1, 1),
     ],
@@ -391,8 +392,11 @@ def test_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
 def test_the_start_up_line_names_the_budget_in_steps_passes_and_seconds() -> None:
     step = {"batch_size": 8, "block_size": 256}  # 2048 tokens a step
     assert budget_summary(TrainArgs(max_steps=1, **step), 2048) == "1 step (1 pass)"
-    zero_argument = TrainArgs(max_steps=400, **step)
-    assert budget_summary(zero_argument, EMBEDDED_TRAIN_TOKENS) == "400 steps (3.3 passes)"
+    zero_argument = TrainArgs(max_steps=589, **step)
+    assert budget_summary(zero_argument, EMBEDDED_TRAIN_TOKENS) == "589 steps (5 passes)"
+    assert budget_summary(TrainArgs(max_steps=400, **step), EMBEDDED_TRAIN_TOKENS) == (
+        "400 steps (3.4 passes)"
+    )
     boxed = TrainArgs(max_steps=5000, max_time=70.0, grad_accum=2, **step)
     # 5000 steps x 2 micro-batches x 2 ranks x 2048 tokens over 2,048,000 tokens.
     assert budget_summary(boxed, 2_048_000, 2) == "5,000 steps (20 passes) or 70 s"

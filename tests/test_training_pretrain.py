@@ -32,6 +32,7 @@ from server.settings import Settings
 from training import evaluate, pretrain
 from training.args import Given
 from training.data import BatchSampler
+from training.defaults import DEFAULT_STEPS
 from training.evaluate import evaluate_stream
 from training.prepare import token_byte_lengths
 from training.resume import changed_text_note
@@ -612,14 +613,14 @@ def test_without_a_step_count_a_run_makes_five_passes_over_the_text(
 ) -> None:
     run = tmp_path / "run"
     # 4 x 32 tokens x 8 micro-batches: ~1k tokens a step, so 5 passes over the tiny corpus
-    # end well before the CPU's 400 default steps.
+    # end well before the CPU's default steps.
     flags = ["--grad-accum", "8", "--eval-interval", "1000", "--out-dir", str(run)]
     assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
     (cache_meta,) = (tmp_path / "cache").glob("*/meta.json")
     train_tokens = json.loads(cache_meta.read_text())["splits"]["train"]["tokens"]
     tokens_per_step = 4 * 32 * 8
     last = read_log(run, "eval")[meta(run)["step"]]
-    assert meta(run)["step"] == meta(run)["args"]["max_steps"] < 400
+    assert meta(run)["step"] == meta(run)["args"]["max_steps"] < DEFAULT_STEPS["cpu"]
     # The run read DEFAULT_MAX_EPOCHS (5) passes' worth of tokens: not a step more.
     assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
     # Resumed with the step count left to that default again, known only once the text
@@ -1201,7 +1202,7 @@ def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_bo
 ) -> None:
     run = ended_by_the_clock(tmp_path)
     passes = meta(run)["args"]["max_steps"]
-    assert meta(run)["step"] < passes < 400
+    assert meta(run)["step"] < passes < DEFAULT_STEPS["cpu"]
     resume_without_time_box(run)
     assert meta(run)["stopped_by"] == "max_steps"
     assert meta(run)["step"] == meta(run)["args"]["max_steps"] == passes

@@ -159,7 +159,7 @@ class TrainArgs:
     max_steps: int | None = field(
         default=None,
         metadata=doc(
-            "optimizer steps (none: 400 on CPU, 5000 on CUDA, with --max-time as many as it"
+            "optimizer steps (none: 600 on CPU, 5000 on CUDA, with --max-time as many as it"
             " allows; never more than 5 passes over the training text)"
         ),
     )

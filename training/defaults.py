@@ -56,19 +56,20 @@ AUTO: dict[str, dict[str, int | float]] = {
     "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
 }
 
-# Without --max-steps a run makes the device's step count (time-boxed: as many as the
-# clock allows), but never more than DEFAULT_MAX_EPOCHS passes over the training tokens.
-# CPU: 400 steps are ~3 minutes of `small` on 2 AMX cores, 3.3 passes over the embedded
-# corpus. CUDA: 5000 steps would be ~40 passes over it, and past a few passes `small`
-# memorises the text (train loss ~0.2 nats) while validation loss climbs. End-of-run val
-# bits/byte of `small` with Muon, a full schedule each (H200, BENCHMARKS.md): the embedded
-# corpus 1.49 at 4.1 passes, 1.32 at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90
-# at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2,
-# 2.17 at 6.9, 2.57 at 13.9. A time box is no guard: `mini` on tinyshakespeare's first
-# 100 kB, time-boxed at 70 s on 2 AMX cores, made 20.6 passes and ended at 5.05 val
-# nats/token (4.24 at 11 passes); a full schedule over 3 / 5 / 7 / 10 passes ends at
-# 3.57 / 3.43 / 3.35 / 3.72.
-DEFAULT_STEPS = {"cpu": 400, "cuda": 5000}
+# Without --max-steps a run makes the device's step count (time-boxed: as many as the clock
+# allows), but never more than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 600
+# steps are ~5 minutes of `small` on 2 AMX cores (2 Zen 4 cores, the slowest measured, took
+# 8 for 400); the embedded corpus's 5 passes are 589 steps, which end at 1.61 val
+# bits/byte where 400 (3.4 passes, 3.5 minutes) ended at 1.71. CUDA: 5000 steps would be ~40
+# passes over it, and past a few passes `small` memorises the text (train loss ~0.2 nats)
+# while validation loss climbs. End-of-run val bits/byte of `small` with Muon, a full
+# schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32 at 6.2,
+# 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at
+# 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9. A time box is no
+# guard: `mini` on tinyshakespeare's first 100 kB, time-boxed at 70 s on 2 AMX cores, made
+# 20.6 passes and ended at 5.05 val nats/token (4.24 at 11 passes); a full schedule over 3 /
+# 5 / 7 / 10 passes ends at 3.57 / 3.43 / 3.35 / 3.72.
+DEFAULT_STEPS = {"cpu": 600, "cuda": 5000}
 DEFAULT_MAX_EPOCHS = 5
 DEFAULT_WARMUP_STEPS = 30
 
@@ -78,9 +79,9 @@ DEFAULT_WARMUP_STEPS = 30
 # CPU, 2 cores: the build takes ~15-20 s for `tiny` and ~50 s for `small`; compiled, a
 # step is then ~1.3x faster for `tiny` and ~1.1x for `small` (fewer, fused kernels;
 # matrix products are the rest). At --max-time 70 a cold build loses (`tiny`: 708
-# steps vs 740 eager; 910 with a warm cache), and the 400-step `small` default breaks
-# even, hence 2 minutes / 1000 steps. CUDA: ~35 s for `base` on an H100, then with bf16
-# 8x an eager fp32 loop.
+# steps vs 740 eager; 910 with a warm cache), and the 600-step `small` default would save
+# ~30 s of its ~5 minutes, hence 2 minutes / 1000 steps. CUDA: ~35 s for `base` on an
+# H100, then with bf16 8x an eager fp32 loop.
 COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 200}
 COMPILE_MIN_SECONDS = {"cpu": 120.0, "cuda": 60.0}
 
@@ -191,7 +192,7 @@ def time_box_warning(args: TrainArgs, step: int, stopped_by: str) -> str | None:
 
 
 def budget_summary(args: TrainArgs, train_tokens: int, world_size: int = 1) -> str:
-    """What ends the run, for the start-up line: `400 steps (3.4 passes)`, or with
+    """What ends the run, for the start-up line: `589 steps (5 passes)`, or with
     --max-time `1,025 steps (5 passes) or 70 s`."""
     ratio = args.max_steps * tokens_per_step(args, world_size) / max(1, train_tokens)
     passes = f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2g}"  # 43,995 / 5.1 / 0.23
