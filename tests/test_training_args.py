@@ -25,7 +25,6 @@ from training.args import (
 )
 from training.defaults import (
     AUTO,
-    DEFAULT_STEPS,
     budget_summary,
     compile_pays_off,
     default_steps,
@@ -183,7 +182,7 @@ def test_a_config_value_of_another_type_is_no_path_or_name(
 @pytest.mark.parametrize(
     ("device", "flags", "train_tokens", "expected"),
     [
-        # 589 steps (5 passes), the CPU default: a cold build would not repay
+        # The CPU default (589 steps, 5 passes; 400 in fp32): a cold build would not repay
         ("cpu", {}, EMBEDDED_TRAIN_TOKENS, False),
         ("cpu", {"max_steps": 1000}, EMBEDDED_TRAIN_TOKENS, True),
         ("cpu", {"max_time": 70.0}, 10 * EMBEDDED_TRAIN_TOKENS, False),
@@ -268,29 +267,34 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
 
 
 @pytest.mark.parametrize(
-    ("device", "train_tokens", "world_size", "expected", "time_boxed"),
+    ("device", "dtype", "train_tokens", "world_size", "expected", "time_boxed"),
     [
-        ("cpu", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes of 2048 tokens a step, not 600
-        ("cpu", 2 * EMBEDDED_TRAIN_TOKENS, 1, DEFAULT_STEPS["cpu"], 1177),  # 2.5 passes: no cap
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes, not 5000 (41)
-        ("cuda", EMBEDDED_TRAIN_TOKENS, 2, 295, 295),  # two ranks read twice the tokens a step
-        ("cuda", 2_000_000_000, 1, DEFAULT_STEPS["cuda"], 4_882_813),
-        ("cpu", 100, 1, 1, 1),
+        # 5 passes of 2048 tokens a step, not 600
+        ("cpu", "bfloat16", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),
+        ("cpu", "bfloat16", 2 * EMBEDDED_TRAIN_TOKENS, 1, 600, 1177),  # 2.5 passes: no cap
+        # An fp32 step costs 2-3x a bf16 one: fewer steps keep the run within its minutes.
+        ("cpu", "float32", EMBEDDED_TRAIN_TOKENS, 1, 400, 589),
+        ("cpu", "float32", 2 * EMBEDDED_TRAIN_TOKENS, 1, 400, 1177),
+        ("cuda", "bfloat16", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes, not 5000 (41)
+        # Two ranks read twice the tokens a step; on CUDA the dtype does not change the count.
+        ("cuda", "float32", EMBEDDED_TRAIN_TOKENS, 2, 295, 295),
+        ("cuda", "bfloat16", 2_000_000_000, 1, 5000, 4_882_813),
+        ("cpu", "float32", 100, 1, 1, 1),
     ],
 )
 def test_default_steps_stop_after_five_passes_over_the_training_text(
-    device: str, train_tokens: int, world_size: int, expected: int, time_boxed: int
+    device: str, dtype: str, train_tokens: int, world_size: int, expected: int, time_boxed: int
 ) -> None:
     dev = torch.device(device)
-    args = with_hardware_defaults(TrainArgs(), dev)
+    args = with_hardware_defaults(TrainArgs(dtype=dtype), dev)
     assert default_steps(args, dev, train_tokens, world_size) == expected
     assert with_step_budget(args, dev, train_tokens, world_size).max_steps == expected
     # An explicit step count is the user's: never capped.
-    explicit = with_hardware_defaults(TrainArgs(max_steps=5000), dev)
+    explicit = with_hardware_defaults(TrainArgs(max_steps=5000, dtype=dtype), dev)
     assert with_step_budget(explicit, dev, train_tokens, world_size).max_steps == 5000
     # A time box lifts the device's step count, not the cap on passes: on a small text
     # the clock would overfit the model (training/defaults.py).
-    boxed = with_hardware_defaults(TrainArgs(max_time=70.0, preset="small"), dev)
+    boxed = with_hardware_defaults(TrainArgs(max_time=70.0, preset="small", dtype=dtype), dev)
     assert with_step_budget(boxed, dev, train_tokens, world_size).max_steps == time_boxed
 
 

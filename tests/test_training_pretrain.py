@@ -32,7 +32,7 @@ from server.settings import Settings
 from training import evaluate, pretrain
 from training.args import Given
 from training.data import BatchSampler
-from training.defaults import DEFAULT_STEPS
+from training.defaults import DEFAULT_CPU_STEPS
 from training.evaluate import evaluate_stream
 from training.prepare import token_byte_lengths
 from training.resume import changed_text_note
@@ -620,7 +620,8 @@ def test_without_a_step_count_a_run_makes_five_passes_over_the_text(
     train_tokens = json.loads(cache_meta.read_text())["splits"]["train"]["tokens"]
     tokens_per_step = 4 * 32 * 8
     last = read_log(run, "eval")[meta(run)["step"]]
-    assert meta(run)["step"] == meta(run)["args"]["max_steps"] < DEFAULT_STEPS["cpu"]
+    args = meta(run)["args"]
+    assert meta(run)["step"] == args["max_steps"] < DEFAULT_CPU_STEPS[args["dtype"]]
     # The run read DEFAULT_MAX_EPOCHS (5) passes' worth of tokens: not a step more.
     assert 5 * train_tokens <= last["tokens"] < 5 * train_tokens + tokens_per_step
     # Resumed with the step count left to that default again, known only once the text
@@ -1202,7 +1203,7 @@ def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_bo
 ) -> None:
     run = ended_by_the_clock(tmp_path)
     passes = meta(run)["args"]["max_steps"]
-    assert meta(run)["step"] < passes < DEFAULT_STEPS["cpu"]
+    assert meta(run)["step"] < passes < DEFAULT_CPU_STEPS[meta(run)["args"]["dtype"]]
     resume_without_time_box(run)
     assert meta(run)["stopped_by"] == "max_steps"
     assert meta(run)["step"] == meta(run)["args"]["max_steps"] == passes

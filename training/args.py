@@ -159,8 +159,8 @@ class TrainArgs:
     max_steps: int | None = field(
         default=None,
         metadata=doc(
-            "optimizer steps (none: 600 on CPU, 5000 on CUDA, with --max-time as many as it"
-            " allows; never more than 5 passes over the training text)"
+            "optimizer steps (none: on CPU 600 in bfloat16, 400 in float32; 5000 on CUDA; with"
+            " --max-time as many as it allows; never more than 5 passes over the training text)"
         ),
     )
     max_time: float | None = field(

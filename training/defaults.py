@@ -56,20 +56,25 @@ AUTO: dict[str, dict[str, int | float]] = {
     "base": {"vocab_size": 2048, "block_size": 256, "lr": 2e-3, "batch_size": 8},
 }
 
-# Without --max-steps a run makes the device's step count (time-boxed: as many as the clock
-# allows), but never more than DEFAULT_MAX_EPOCHS passes over the training tokens. CPU: 600
-# steps are ~5 minutes of `small` on 2 AMX cores (2 Zen 4 cores, the slowest measured, took
-# 8 for 400); the embedded corpus's 5 passes are 589 steps, which end at 1.61 val
-# bits/byte where 400 (3.4 passes, 3.5 minutes) ended at 1.71. CUDA: 5000 steps would be ~40
-# passes over it, and past a few passes `small` memorises the text (train loss ~0.2 nats)
-# while validation loss climbs. End-of-run val bits/byte of `small` with Muon, a full
-# schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32 at 6.2,
-# 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at
-# 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9. A time box is no
-# guard: `mini` on tinyshakespeare's first 100 kB, time-boxed at 70 s on 2 AMX cores, made
-# 20.6 passes and ended at 5.05 val nats/token (4.24 at 11 passes); a full schedule over 3 /
-# 5 / 7 / 10 passes ends at 3.57 / 3.43 / 3.35 / 3.72.
-DEFAULT_STEPS = {"cpu": 600, "cuda": 5000}
+# Without --max-steps a run makes the device's step count (time-boxed: as many as the
+# clock allows), but never more than DEFAULT_MAX_EPOCHS passes over the training tokens.
+# CPU, by the precision its products run in, so that the zero-argument run stays within
+# ~15 minutes on 2 cores: in bf16 (AMX, AVX512-BF16) 600 steps are ~5 minutes of `small`
+# on 2 AMX cores (2 Zen 4 cores, the slowest bf16 CPU measured, took 8 for 400); the
+# embedded corpus's 5 passes are 589 steps, which end at 1.61 val bits/byte where 400 (3.4
+# passes, 3.5 minutes) ended at 1.71. In fp32 a step costs 2-3x more (AMX cores: 4 min 51
+# s for 400 steps; 2 AVX2 cores multiply at ~100 GFLOP/s: ~1.5 s a `small` step,
+# estimated): 400. CUDA: 5000 steps would be ~40 passes over the embedded corpus, and past
+# a few passes `small` memorises the text (train loss ~0.2 nats) while validation loss
+# climbs. End-of-run val bits/byte of `small` with Muon, a full schedule each (H200,
+# BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32 at 6.2, 1.25 at 8.3, 1.40
+# at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at 13; its first
+# 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9. A time box is no guard:
+# `mini` on tinyshakespeare's first 100 kB, time-boxed at 70 s on 2 AMX cores, made 20.6
+# passes and ended at 5.05 val nats/token (4.24 at 11 passes); a full schedule over 3 / 5
+# / 7 / 10 passes ends at 3.57 / 3.43 / 3.35 / 3.72.
+DEFAULT_CPU_STEPS = {"bfloat16": 600, "float32": 400}
+DEFAULT_CUDA_STEPS = 5000
 DEFAULT_MAX_EPOCHS = 5
 DEFAULT_WARMUP_STEPS = 30
 
@@ -136,8 +141,14 @@ def default_steps(args: TrainArgs, device: torch.device, train_tokens: int, worl
     --max-time no more than the device's step count (with it, the clock usually ends the
     run first)."""
     passes = -(-DEFAULT_MAX_EPOCHS * train_tokens // tokens_per_step(args, world_size))  # ceil
-    steps = passes if args.max_time is not None else min(DEFAULT_STEPS[device.type], passes)
+    steps = passes if args.max_time is not None else min(device_steps(args, device), passes)
     return max(1, steps)
+
+
+def device_steps(args: TrainArgs, device: torch.device) -> int:
+    """The step count of a run given neither --max-steps nor --max-time, before the cap on
+    passes: on a CPU by `args.dtype` (resolved: never "auto")."""
+    return DEFAULT_CUDA_STEPS if device.type == "cuda" else DEFAULT_CPU_STEPS[args.dtype]
 
 
 def with_step_budget(
