@@ -272,7 +272,7 @@ def test_auto_settings_resolve_to_what_the_hardware_does_best(max_time: float | 
         # 5 passes of 2048 tokens a step, not 600
         ("cpu", "bfloat16", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),
         ("cpu", "bfloat16", 2 * EMBEDDED_TRAIN_TOKENS, 1, 600, 1177),  # 2.5 passes: no cap
-        # An fp32 step costs 2-3x a bf16 one: fewer steps keep the run within its minutes.
+        # An fp32 step costs more than a bf16 one: fewer keep the run within its minutes.
         ("cpu", "float32", EMBEDDED_TRAIN_TOKENS, 1, 400, 589),
         ("cpu", "float32", 2 * EMBEDDED_TRAIN_TOKENS, 1, 400, 1177),
         ("cuda", "bfloat16", EMBEDDED_TRAIN_TOKENS, 1, 589, 589),  # 5 passes, not 5000 (41)

@@ -62,17 +62,18 @@ AUTO: dict[str, dict[str, int | float]] = {
 # ~15 minutes on 2 cores: in bf16 (AMX, AVX512-BF16) 600 steps are ~5 minutes of `small`
 # on 2 AMX cores (2 Zen 4 cores, the slowest bf16 CPU measured, took 8 for 400); the
 # embedded corpus's 5 passes are 589 steps, which end at 1.61 val bits/byte where 400 (3.4
-# passes, 3.5 minutes) ended at 1.71. In fp32 a step costs 2-3x more (AMX cores: 4 min 51
-# s for 400 steps; 2 AVX2 cores multiply at ~100 GFLOP/s: ~1.5 s a `small` step,
-# estimated): 400. CUDA: 5000 steps would be ~40 passes over the embedded corpus, and past
-# a few passes `small` memorises the text (train loss ~0.2 nats) while validation loss
-# climbs. End-of-run val bits/byte of `small` with Muon, a full schedule each (H200,
-# BENCHMARKS.md): the embedded corpus 1.49 at 4.1 passes, 1.32 at 6.2, 1.25 at 8.3, 1.40
-# at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at 4.9, 2.03 at 6.5, 2.65 at 13; its first
-# 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9, 2.57 at 13.9. A time box is no guard:
-# `mini` on tinyshakespeare's first 100 kB, time-boxed at 70 s on 2 AMX cores, made 20.6
-# passes and ended at 5.05 val nats/token (4.24 at 11 passes); a full schedule over 3 / 5
-# / 7 / 10 passes ends at 3.57 / 3.43 / 3.35 / 3.72.
+# passes, 3.5 minutes) ended at 1.71. In fp32 a step costs more: ~1.5x on AMX cores (5 min
+# 15 s for 400 steps), more where there is no AVX-512 either (2 AVX2 cores multiply at
+# ~100 GFLOP/s: ~1.5 s a `small` step, estimated): 400. CUDA: 5000 steps would be ~40
+# passes over the embedded corpus, and past a few passes `small` memorises the text (train
+# loss ~0.2 nats) while validation loss climbs. End-of-run val bits/byte of `small` with
+# Muon, a full schedule each (H200, BENCHMARKS.md): the embedded corpus 1.49 at 4.1
+# passes, 1.32 at 6.2, 1.25 at 8.3, 1.40 at 16.6; tinyshakespeare 1.90 at 3.2, 1.91 at
+# 4.9, 2.03 at 6.5, 2.65 at 13; its first 250 kB 2.18 at 3.5, 2.14 at 5.2, 2.17 at 6.9,
+# 2.57 at 13.9. A time box is no guard: `mini` on tinyshakespeare's first 100 kB,
+# time-boxed at 70 s on 2 AMX cores, made 20.6 passes and ended at 5.05 val nats/token
+# (4.24 at 11 passes); a full schedule over 3 / 5 / 7 / 10 passes ends at 3.57 / 3.43 /
+# 3.35 / 3.72.
 DEFAULT_CPU_STEPS = {"bfloat16": 600, "float32": 400}
 DEFAULT_CUDA_STEPS = 5000
 DEFAULT_MAX_EPOCHS = 5
