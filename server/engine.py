@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,23 +169,32 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue `request`; raises EngineUnavailable, or QueueFull past the queue bound."""
-        stream = RequestStream(request, self)
-        live = _Live(
-            request,
-            stream,
-            IncrementalDetokenizer(self._token_bytes, request.stop),
-            make_generator(request.seed, self.runner.device),
-        )
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
+        """Queue `requests`, all or none (as submit() raises); their streams, in order."""
+        lives = [
+            _Live(
+                request,
+                RequestStream(request, self),
+                IncrementalDetokenizer(self._token_bytes, request.stop),
+                make_generator(request.seed, self.runner.device),
+            )
+            for request in requests
+        ]
         with self._cond:
             if self._failed:
                 raise EngineUnavailable(FAILED)
             if self._draining or self._stopping:
                 raise EngineUnavailable("the server is shutting down")
-            self.scheduler.add(ScheduledRequest(request.request_id, len(request.prompt_ids)))
-            self._live[request.request_id] = live
+            self.scheduler.add(
+                *(ScheduledRequest(r.request_id, len(r.prompt_ids)) for r in requests)
+            )
+            for live in lives:
+                self._live[live.request.request_id] = live
             self.metrics.waiting.set(self.scheduler.num_waiting)
             self._cond.notify()
-        return stream
+        return [live.stream for live in lives]
 
     def cancel(self, request_id: str) -> None:
         with self._cond:

@@ -99,13 +99,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, request: ScheduledRequest) -> None:
-        if request.prompt_len < 1:
+    @property
+    def capacity(self) -> int:
+        """The most requests this scheduler holds at once: running and waiting."""
+        return self.n_slots + self.max_waiting
+
+    def add(self, *requests: ScheduledRequest) -> None:
+        """Queue `requests`, all of them or (QueueFull) none."""
+        if any(request.prompt_len < 1 for request in requests):
             raise ValueError("a request needs at least one prompt token")
         # Waiting requests take the free slots first; beyond them, max_waiting may wait.
-        if len(self.waiting) >= len(self._free) + self.max_waiting:
+        if len(self.waiting) + len(requests) > len(self._free) + self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-        self.waiting.append(request)
+        self.waiting.extend(requests)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting or running request; False if it is not (or no longer) here."""

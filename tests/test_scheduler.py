@@ -94,6 +94,16 @@ def test_no_waiting_room_still_admits_into_free_slots():
     assert step(scheduler).admitted == ("a", "b")
 
 
+def test_requests_added_together_are_queued_all_or_none():
+    scheduler = Scheduler(n_slots=1, max_waiting=1, prefill_budget=100)
+    assert scheduler.capacity == 2
+    with pytest.raises(QueueFull):
+        scheduler.add(*(ScheduledRequest(name, prompt_len=1) for name in "abc"))
+    assert scheduler.num_waiting == 0
+    scheduler.add(ScheduledRequest("a", prompt_len=1), ScheduledRequest("b", prompt_len=1))
+    assert step(scheduler).admitted == ("a",) and scheduler.num_waiting == 1
+
+
 def test_cancel_frees_the_slot_or_the_queue_place():
     scheduler = Scheduler(n_slots=1, max_waiting=2, prefill_budget=100)
     scheduler.add(ScheduledRequest("a", prompt_len=3))
