@@ -50,7 +50,7 @@ from server.middleware import (
     RequestCounter,
     error_response,
 )
-from server.protocol import ApiError, GenerateRequest, StreamChunk
+from server.protocol import ApiError, CompletionRequest, GenerateRequest, StreamChunk
 from server.routes import Serving, router
 from server.settings import Settings
 from server.validation import (
@@ -293,8 +293,9 @@ def _complete_openapi(app: FastAPI, keyed_except: frozenset[str] | None) -> None
             components = schema["components"]["schemas"]
             # FastAPI's schema model types bounds as floats: seed's maximum 2**63 - 1
             # came out as 9.223372036854776e+18, which is 2**63. pydantic's are exact.
-            exact = GenerateRequest.model_json_schema(ref_template=_COMPONENT)
-            components["GenerateRequest"]["properties"] = exact["properties"]
+            for request_model in (GenerateRequest, CompletionRequest):
+                exact = request_model.model_json_schema(ref_template=_COMPONENT)
+                components[request_model.__name__]["properties"] = exact["properties"]
             # Named by the stream's events (routes.py), though no JSON body uses it.
             events = StreamChunk.model_json_schema(ref_template=_COMPONENT)
             events.pop("$defs", None)  # Usage: a component already

@@ -62,8 +62,8 @@ class Metrics:
 
         self.requests = counter(
             "requests_total",
-            "answers to /v1/generate (any method) by HTTP status, the app's guards' "
-            "refusals included",
+            "answers to /v1/generate and /v1/completions (any method) by HTTP status, the "
+            "app's guards' refusals included",
             ("status",),
         )
         for status in WATCHED_STATUSES:

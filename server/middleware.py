@@ -193,15 +193,19 @@ class BodyLimitMiddleware:
         await refuse(error, scope, receive, send)
 
 
+GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions"})
+
+
 class RequestCounter:
-    """Count the responses to /v1/generate by status, whoever produced them (app or guard)."""
+    """Count the responses to the generation routes by status, whoever produced them (app
+    or guard)."""
 
     def __init__(self, app: ASGIApp, counter: Counter) -> None:
         self.app = app
         self.counter = counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/generate":
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
 

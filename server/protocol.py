@@ -7,6 +7,8 @@ Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penal
 (OpenAI semantics) and `ignore_eos` (go on past end-of-text, so that a request without
 stop strings makes exactly max_tokens: for benchmarks), and answers name the stop string
 that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
+Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request (its
+fields map onto /v1/generate's: `CompletionRequest.generate_requests`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
@@ -64,10 +68,12 @@ def _valid_unicode(text: str, which: str = "") -> str:
 CHECKPOINT_DEFAULT = "left out: the checkpoint's generation_config.json value, if it has one"
 
 
-class GenerateRequest(BaseModel):
+class GenerationFields(BaseModel):
+    """What both generation routes take besides the prompt: how much to generate, and how
+    to sample it (/v1/generate's fields; /v1/completions' map onto them)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="text to continue; empty = start of a document")
     max_tokens: int | None = Field(
         None,
         ge=1,
@@ -101,13 +107,7 @@ class GenerateRequest(BaseModel):
         Field(None, description="strings that end the text; never part of it")
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_is_unicode(cls, value: str) -> str:
-        return _valid_unicode(value)
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -137,6 +137,16 @@ class GenerateRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class GenerateRequest(GenerationFields):
+    prompt: str = Field(description="text to continue; empty = start of a document")
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(cls, value: str) -> str:
+        return _valid_unicode(value)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -162,6 +172,138 @@ class StreamChunk(BaseModel):
     finish_reason: FinishReason | None = None
     stop_reason: str | None = Field(None, description=f"on the last event: {STOP_REASON}")
     usage: Usage | None = None
+
+
+# --- POST /v1/completions: OpenAI's (legacy) completions API -----------------------------
+
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's, where /v1/generate's is the checkpoint's or 128
+# What OpenAI's API has and this server does not do: the one value each may take (what
+# leaving it out means), and why, for the 422 that refuses any other.
+_ONLY_VALUE = {
+    "n": "1: one completion per prompt (list a prompt twice for two)",
+    "best_of": "1: one completion is drawn per prompt",
+    "echo": "false: the answer does not repeat the prompt",
+    "logprobs": "null: log-probabilities are not returned",
+    "suffix": "null: there is no text after the completion",
+    "logit_bias": "{}: logits are not biased",
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(
+        False,
+        description="a last chunk, before [DONE], with `usage` for the whole request and no "
+        "choices; every other chunk has `usage: null`",
+    )
+
+
+class CompletionRequest(GenerationFields):
+    """OpenAI's completions request, so that its SDKs and the tools built on them can use
+    the server. `null` reads as left out, as OpenAI reads it. Besides OpenAI's fields it
+    takes /v1/generate's (top_k, repetition_penalty, ignore_eos), as vLLM does; what it
+    cannot do (_ONLY_VALUE) is refused, not ignored."""
+
+    model: str | None = Field(
+        None, description="the served model's id (GET /v1/models); left out: that model"
+    )
+    prompt: str | list[str] = Field(
+        description="text to continue, or a list of texts: one choice each, in order"
+    )
+    max_tokens: int = Field(  # OpenAI's default, not the checkpoint's
+        OPENAI_DEFAULT_MAX_TOKENS,
+        ge=1,
+        description="tokens to generate at most per choice; prompt + max_tokens must fit the "
+        "context",
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored (OpenAI's end-user id)")
+    n: Literal[1] = 1
+    best_of: Literal[1] = 1
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+    logit_bias: Annotated[dict[str, int], Field(max_length=0)] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: object) -> object:
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One message for `prompt`, not one per branch of its union; token-id prompts,
+        which OpenAI also takes, named as what is not accepted."""
+        if isinstance(value, str):
+            return handler(_valid_unicode(value))
+        if isinstance(value, list) and all(isinstance(text, str) for text in value):
+            for number, text in enumerate(value, start=1):
+                _valid_unicode(text, f" of prompt {number}")
+            if value:
+                return handler(value)
+        raise PydanticCustomError(
+            "prompt", "must be a string or a non-empty list of strings (token ids are not taken)"
+        )
+
+    @field_validator(*_ONLY_VALUE, mode="wrap")
+    @classmethod
+    def _only_value(
+        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> object:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "unsupported",
+                "only {only}",
+                {"only": _ONLY_VALUE[info.field_name or ""]},
+            ) from None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    def generate_requests(self) -> list[GenerateRequest]:
+        """One /v1/generate request per prompt, with the fields this request set (those
+        left out then take the checkpoint's defaults, as on /v1/generate)."""
+        fields = {
+            name: getattr(self, name)
+            for name in GenerationFields.model_fields
+            if name in self.model_fields_set or name == "max_tokens"
+        }
+        # Already validated: constructed, not validated again.
+        return [GenerateRequest.model_construct(prompt=text, **fields) for text in self.prompts]
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="which prompt of the request's list this continues")
+    text: str = Field(description="the completion; in a stream, the delta since the last chunk")
+    logprobs: None = None
+    finish_reason: FinishReason | None = Field(
+        description="in a stream, null until the choice's last chunk"
+    )
+    stop_reason: str | None = Field(description=STOP_REASON)
+
+
+class Completion(BaseModel):
+    """The answer, and (`choices` holding deltas) each chunk of a stream; a stream's
+    choices come one per chunk, interleaved."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(description="Unix time, seconds")
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(
+        None,
+        description="every choice's tokens together; in a stream, only on the last chunk "
+        "(with stream_options.include_usage)",
+    )
 
 
 class ModelCard(BaseModel):

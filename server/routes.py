@@ -1,27 +1,35 @@
-"""HTTP routes: /v1/generate (JSON or SSE), /health, /v1/models, /metrics.
+"""HTTP routes: /v1/generate (JSON or SSE), /v1/completions (OpenAI's API, JSON or SSE),
+/health, /v1/models, /metrics.
 
-Routes translate only: validation.py turns the body into a GenerationRequest, the
-engine runs it, and its outputs become a JSON body or SSE events (one per engine step,
-or per `--stream-interval` tokens).
+Routes translate only: validation.py turns the body (each prompt of a completions
+request) into a GenerationRequest, the engine runs it, and its outputs become a JSON body
+or SSE events (one per engine step, or per `--stream-interval` tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse
 from pydantic_core import to_json
+from starlette.types import Receive, Scope
 
 from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
 from server.http11 import log_unsent_answer
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ApiError,
+    Completion,
+    CompletionRequest,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -30,7 +38,7 @@ from server.protocol import (
     Usage,
 )
 from server.scheduler import QueueFull
-from server.validation import Validator, parse_json_body
+from server.validation import GenerationRequest, Validator, parse_json_body
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 RETRY_AFTER_SECONDS = "1"
@@ -42,10 +50,17 @@ _SPLITLINES_ONLY_BREAKS = tuple(
     (char.encode(), f"\\u{ord(char):04x}".encode()) for char in "\x85\u2028\u2029"
 )
 _DONE_EVENT = b"data: [DONE]\n\n"
+_JSON = "application/json"
+_T = TypeVar("_T")
 
 
 class _JsonBodyRequest(Request):
-    """A request whose JSON body is read by validation.parse_json_body."""
+    """A request whose JSON body is read by validation.parse_json_body, for a model of
+    `fields` fields."""
+
+    def __init__(self, scope: Scope, receive: Receive, fields: int) -> None:
+        super().__init__(scope, receive)
+        self.fields = fields
 
     async def json(self) -> object:
         if not hasattr(self, "_json"):
@@ -66,7 +81,7 @@ class _JsonBodyRequest(Request):
                 # RFC 9110 15.5.16: a 415 for a coding says which codings are accepted.
                 headers = {"Accept-Encoding": "identity"}
                 raise ApiError(415, "unsupported_media_type", message, headers)
-            self._json = parse_json_body(await self.body())
+            self._json = parse_json_body(await self.body(), self.fields)
         return self._json
 
 
@@ -76,9 +91,11 @@ class _JsonBodyRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[None, None, Response]]:
         handle = super().get_route_handler()
+        body = self.body_field
+        fields = 0 if body is None else len(body.field_info.annotation.model_fields)
 
         async def handle_json_body(request: Request) -> Response:
-            return await handle(_JsonBodyRequest(request.scope, request.receive))
+            return await handle(_JsonBodyRequest(request.scope, request.receive, fields))
 
         return handle_json_body
 
@@ -120,49 +137,117 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
 # size), and 503 while loading, draining or after the engine failed; with --api-key all
 # but /health need the key (401).
 _ERROR_RESPONSES = _error_responses(400, 401, 408, 413, 415, 422, 429, 431, 503)
-# With `stream`, 200 is an SSE stream (one StreamChunk per `data:` line, then [DONE]);
-# documented, so the schema covers every 200 the route sends.
-_GENERATE_RESPONSES: dict[int | str, dict] = {
-    200: {
-        "content": {
-            "text/event-stream": {
-                "itemSchema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {
-                        "data": {
-                            "description": "one StreamChunk as JSON, or the error envelope "
-                            "if generation fails midway; after the last chunk, [DONE]",
-                            "anyOf": [
-                                {
-                                    "type": "string",
-                                    "contentMediaType": "application/json",
-                                    "contentSchema": {
-                                        "anyOf": [
-                                            {"$ref": "#/components/schemas/StreamChunk"},
-                                            {"$ref": "#/components/schemas/ErrorResponse"},
-                                        ]
-                                    },
-                                },
-                                {"const": "[DONE]"},
-                            ],
-                        }
-                    },
-                }
-            }
-        }
-    },
-    **_ERROR_RESPONSES,
-}
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses=_GENERATE_RESPONSES)
+def _streaming_responses(chunk: str, extra_errors: tuple[int, ...] = ()) -> dict[int | str, dict]:
+    """With `stream`, 200 is an SSE stream: one `chunk` (a component's name) per `data:`
+    line, then [DONE]. Documented, so that the schema covers every 200 the route sends."""
+    data = {
+        "description": f"one {chunk} as JSON, or the error envelope if generation fails "
+        "midway; after the last chunk, [DONE]",
+        "anyOf": [
+            {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {
+                    "anyOf": [
+                        {"$ref": f"#/components/schemas/{chunk}"},
+                        {"$ref": "#/components/schemas/ErrorResponse"},
+                    ]
+                },
+            },
+            {"const": "[DONE]"},
+        ],
+    }
+    events = {"itemSchema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+    return {
+        200: {"content": {"text/event-stream": events}},
+        **_ERROR_RESPONSES,
+        **_error_responses(*extra_errors),
+    }
+
+
+@router.post(
+    "/v1/generate", response_model=GenerateResponse, responses=_streaming_responses("StreamChunk")
+)
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     """Generate a continuation of `prompt`: one JSON body, or SSE events with `stream`."""
     serving = _serving(request)
-    generation = serving.validator.validate(body)
+    [stream] = _submit(serving, [serving.validator.validate(body)])
+    if body.stream:
+        events = _events(stream, serving.stream_interval)
+        return EventSourceResponse(events, headers=_SSE_HEADERS)
+    collected = await _collect([stream], request)
+    if collected is None:
+        return _client_gone(request)
+    [(text, last)] = collected
+    response = GenerateResponse(
+        id=last.request_id,
+        model=serving.model_name,
+        text=text,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_string,
+        usage=_usage(last),
+    )
+    return Response(response.model_dump_json(), media_type=_JSON)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses=_streaming_responses("Completion", (404,)),
+)
+async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
+    """OpenAI's completions API: a choice per prompt, as one JSON body or, with `stream`,
+    SSE chunks of the same shape, then [DONE]."""
+    serving = _serving(request)
+    if body.model is not None and body.model != serving.model_name:
+        message = f"model: this server serves {serving.model_name!r} only (GET /v1/models)"
+        raise ApiError(404, "model_not_found", message)
+    capacity = serving.engine.scheduler.capacity
+    if len(body.prompts) > capacity:
+        message = (
+            f"{len(body.prompts)} prompts: the server holds at most {capacity} requests at "
+            "once (--max-batch + --max-queue)"
+        )
+        raise ApiError(400, "too_many_prompts", message)
+    streams = _submit(serving, _validated_prompts(serving.validator, body))
+    header = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": serving.model_name,
+    }
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _completion_events(streams, serving.stream_interval, header, include_usage)
+        return EventSourceResponse(events, headers=_SSE_HEADERS)
+    collected = await _collect(streams, request)
+    if collected is None:
+        return _client_gone(request)
+    choices = [_choice(index, text, last) for index, (text, last) in enumerate(collected)]
+    usage = _usage(*(last for _, last in collected)).model_dump()
+    return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
+
+
+def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[GenerationRequest]:
+    """The request's prompts, each validated; a refusal names the prompt of a list."""
+    requests = body.generate_requests()
+    if len(requests) == 1:
+        return [validator.validate(requests[0])]
+    validated = []
+    for number, generate_request in enumerate(requests, start=1):
+        try:
+            validated.append(validator.validate(generate_request))
+        except ApiError as e:
+            message = f"prompt {number} of {len(requests)}: {e.message}"
+            raise ApiError(e.status_code, e.type, message, e.headers) from None
+    return validated
+
+
+def _submit(serving: Serving, generations: list[GenerationRequest]) -> list[RequestStream]:
     try:
-        stream = serving.engine.submit(generation)
+        return serving.engine.submit_all(generations)
     except QueueFull:
         raise ApiError(
             429,
@@ -172,17 +257,16 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         ) from None
     except EngineUnavailable as e:
         raise ApiError(503, "unavailable", str(e)) from None
-    if body.stream:
-        events = _events(stream, serving.stream_interval)
-        return EventSourceResponse(events, headers=_SSE_HEADERS)
-    return await _complete(stream, request, serving.model_name)
 
 
-def _usage(output: RequestOutput) -> Usage:
+def _usage(*outputs: RequestOutput) -> Usage:
+    """The tokens of the requests whose last outputs these are, together."""
+    prompt_tokens = sum(output.prompt_tokens for output in outputs)
+    completion_tokens = sum(output.completion_tokens for output in outputs)
     return Usage(
-        prompt_tokens=output.prompt_tokens,
-        completion_tokens=output.completion_tokens,
-        total_tokens=output.prompt_tokens + output.completion_tokens,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
@@ -193,27 +277,42 @@ def _engine_error(output: RequestOutput) -> ApiError:
     return ApiError(500, "internal_error", "generation failed: see the server log")
 
 
-async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:
-    """An SSE event per `interval` new tokens (1: per engine step), the last one with
-    usage, then [DONE].
+async def _gathered(stream: RequestStream, interval: int) -> AsyncIterator[RequestOutput]:
+    """The stream's outputs joined per `interval` new tokens (1: one per engine step); the
+    last, and an error after the text gathered before it, as they come.
 
-    A client that disconnects cancels this generator; `close()` cancels the request.
+    Closed (a client that disconnects cancels the generator that reads this one), it
+    closes the stream, which cancels the request.
     """
     gathered: RequestOutput | None = None
     try:
         async for output in stream:
             if output.error is not None:
                 if gathered is not None:  # the text before the error still arrives
-                    yield _chunk_event(gathered)
-                yield _data_event(_engine_error(output).body().model_dump_json().encode())
+                    yield gathered
+                yield output
                 return
             gathered = output if gathered is None else gathered.followed_by(output)
             if len(gathered.token_ids) >= interval or gathered.finished:
-                yield _chunk_event(gathered)
+                yield gathered
                 gathered = None
-        yield _DONE_EVENT
     finally:
         stream.close()
+
+
+async def _events(stream: RequestStream, interval: int) -> AsyncIterator[bytes]:
+    """An SSE event per `interval` new tokens, the last one with usage, then [DONE]."""
+    async with aclosing(_gathered(stream, interval)) as outputs:
+        async for output in outputs:
+            if output.error is not None:
+                yield _error_event(output)
+                return
+            yield _chunk_event(output)
+    yield _DONE_EVENT
+
+
+def _error_event(output: RequestOutput) -> bytes:
+    return _data_event(_engine_error(output).body().model_dump_json().encode())
 
 
 def _chunk_event(output: RequestOutput) -> bytes:
@@ -250,34 +349,100 @@ def _data_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-async def _complete(stream: RequestStream, request: Request, model_name: str) -> Response:
-    """Collect the whole text; stop early (and cancel) if the client disconnects."""
-    collect = asyncio.ensure_future(_collect(stream))
+async def _completion_events(
+    streams: list[RequestStream], interval: int, header: dict[str, object], include_usage: bool
+) -> AsyncIterator[bytes]:
+    """/v1/completions' SSE: a chunk per `interval` new tokens of a choice (the choices
+    interleaved as their tokens come), optionally a usage chunk, then [DONE]."""
+    finished: list[RequestOutput] = []
+    outputs = _merged([_gathered(stream, interval) for stream in streams])
+    try:
+        async for index, output in outputs:
+            if output.error is not None:
+                yield _error_event(output)
+                return
+            chunk = {**header, "choices": [_choice(index, output.text, output)]}
+            if include_usage:
+                chunk["usage"] = None
+            yield _data_event(to_json(chunk))
+            if output.finished:
+                finished.append(output)
+        if include_usage:
+            usage = _usage(*finished).model_dump()
+            yield _data_event(to_json({**header, "choices": [], "usage": usage}))
+        yield _DONE_EVENT
+    finally:
+        await outputs.aclose()
+        for stream in streams:  # also those whose reader never started
+            stream.close()
+
+
+async def _merged(iterators: list[AsyncIterator[_T]]) -> AsyncIterator[tuple[int, _T]]:
+    """The items of every iterator as they come, each with its iterator's index."""
+    if len(iterators) == 1:  # the usual case: no task, no queue
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    arrived: asyncio.Queue[tuple[int, _T] | asyncio.Task[None]] = asyncio.Queue()
+
+    async def read(index: int, iterator: AsyncIterator[_T]) -> None:
+        async for item in iterator:
+            arrived.put_nowait((index, item))
+
+    readers = [asyncio.ensure_future(read(i, iterator)) for i, iterator in enumerate(iterators)]
+    for reader in readers:
+        reader.add_done_callback(arrived.put_nowait)  # the reader itself: it is done
+    try:
+        for _ in readers:
+            while not isinstance(item := await arrived.get(), asyncio.Task):
+                yield item
+            if not item.cancelled() and (error := item.exception()) is not None:
+                raise error
+    finally:
+        for reader in readers:
+            reader.cancel()
+
+
+def _choice(index: int, text: str, output: RequestOutput) -> dict[str, object]:
+    """One CompletionChoice, as a dict (built per event, as _chunk_event's)."""
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": output.finish_reason,
+        "stop_reason": output.stop_string,
+    }
+
+
+async def _collect(
+    streams: list[RequestStream], request: Request
+) -> list[tuple[str, RequestOutput]] | None:
+    """Each stream's whole text and last output; None if the client disconnected first
+    (the requests are cancelled then). Raises the first stream's error, if any."""
+    collecting = asyncio.gather(*(_whole_text(stream) for stream in streams))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((collecting, disconnect), return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
-        collect.cancel()
-        stream.close()
-    if not collect.done() or collect.cancelled():
-        log_unsent_answer(request.scope, CLIENT_CLOSED_REQUEST)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    text, last = collect.result()
-    if last.error is not None:
-        raise _engine_error(last)
-    response = GenerateResponse(
-        id=last.request_id,
-        model=model_name,
-        text=text,
-        finish_reason=last.finish_reason,
-        stop_reason=last.stop_string,
-        usage=_usage(last),
-    )
-    return Response(response.model_dump_json(), media_type="application/json")
+        collecting.cancel()
+        for stream in streams:
+            stream.close()
+    if not collecting.done() or collecting.cancelled():
+        return None
+    collected: list[tuple[str, RequestOutput]] = collecting.result()
+    for _, last in collected:
+        if last.error is not None:
+            raise _engine_error(last)
+    return collected
 
 
-async def _collect(stream: RequestStream) -> tuple[str, RequestOutput]:
+def _client_gone(request: Request) -> Response:
+    log_unsent_answer(request.scope, CLIENT_CLOSED_REQUEST)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _whole_text(stream: RequestStream) -> tuple[str, RequestOutput]:
     parts = []
     async for output in stream:
         parts.append(output.text)

@@ -55,8 +55,9 @@ def not_json(reason: str = "is not valid JSON") -> ApiError:
 MAX_JSON_OBJECTS = 1024
 
 
-def parse_json_body(body: bytes) -> object:
-    """A JSON request body, read as RFC 8259 has it: UTF-8 (a leading BOM ignored).
+def parse_json_body(body: bytes, fields: int) -> object:
+    """A JSON request body, read as RFC 8259 has it: UTF-8 (a leading BOM ignored), for a
+    request model of `fields` fields.
 
     Bytes given to json.loads are guessed at: UTF-16 and UTF-32 were served too. A
     JSONDecodeError is left to FastAPI to report (then invalid_request() says 400);
@@ -78,10 +79,11 @@ def parse_json_body(body: bytes) -> object:
         if objects > MAX_JSON_OBJECTS:
             message = (
                 f"body: more than {MAX_JSON_OBJECTS} JSON objects; a request is one object "
-                "whose values are strings, numbers, booleans, null or a list of strings"
+                "whose values are strings, numbers, booleans, null or lists (of strings), "
+                "and rarely an object"
             )
             raise ApiError(422, "invalid_request", message)
-        return _json_object(pairs)
+        return _json_object(pairs, fields)
 
     try:
         return json.loads(text, parse_int=_json_int, object_pairs_hook=read_object)
@@ -98,15 +100,12 @@ def _json_int(digits: str) -> int:
         raise ApiError(422, "invalid_request", message) from None
 
 
-def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # No object in a valid body has more names than a request has fields. A megabyte of
-    # unknown names took pydantic ~0.3 s of the event loop (every stream stalled) to
+def _json_object(pairs: list[tuple[str, object]], fields: int) -> dict[str, object]:
+    # No object in a valid body has more names than its request has fields. A megabyte
+    # of unknown names took pydantic ~0.3 s of the event loop (every stream stalled) to
     # list, in a 3.8 MB answer: such an object is refused here, whole.
-    if len(pairs) > len(GenerateRequest.model_fields):
-        message = (
-            f"body: an object of {len(pairs)} names; a request has "
-            f"{len(GenerateRequest.model_fields)} fields"
-        )
+    if len(pairs) > fields:
+        message = f"body: an object of {len(pairs)} names; a request has {fields} fields"
         raise ApiError(422, "invalid_request", message)
     # A lone surrogate in a name: pydantic refused the whole body as "not a valid
     # string"; one in a prompt or stop string is the protocol's to name.

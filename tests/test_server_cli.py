@@ -618,16 +618,22 @@ def test_a_switch_given_alone_turns_on(checkpoint):
 class StreamReader(threading.Thread):
     """A streaming request read on its own thread, keeping every event."""
 
-    def __init__(self, base_url: str, max_tokens: int) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        max_tokens: int,
+        path: str = "/v1/generate",
+        prompt: str | list[str] = "drain",
+    ) -> None:
         super().__init__()
-        self.url, self.max_tokens = f"{base_url}/v1/generate", max_tokens
+        self.url, self.max_tokens, self.prompt = base_url + path, max_tokens, prompt
         self.events: list[dict | str] = []
         self.opened = threading.Event()  # the 200 and its headers arrived: submitted
         self.first = threading.Event()  # the first event arrived
         self.start()
 
     def run(self) -> None:
-        body = {"prompt": "drain", "max_tokens": self.max_tokens, "ignore_eos": True}
+        body = {"prompt": self.prompt, "max_tokens": self.max_tokens, "ignore_eos": True}
         with httpx.stream("POST", self.url, json=body | {"stream": True}, timeout=60) as r:
             self.opened.set()
             for event in sse_events(r):
@@ -758,6 +764,26 @@ def test_a_second_signal_ends_every_unfinished_request_at_once_as_the_timeout_wo
     assert endings.count(shut_down) == 8, endings
     assert "second signal: 9 requests cut off" in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_completions_stream_cut_off_at_shutdown_ends_with_the_error_event(checkpoint):
+    shut_down = {"error": {"type": "unavailable", "message": "the server shut down"}}
+    with served(checkpoint, "--max-batch", "1", "--drain-timeout", "600") as (server, url):
+        # Two choices of 1,000 tokens on one slot: one runs, one waits.
+        reader = StreamReader(url, 1000, "/v1/completions", ["one", "two"])
+        assert reader.first.wait(20)
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, 5, "health 503")
+        late = httpx.post(f"{url}/v1/completions", json={"prompt": "late"})
+        assert late.status_code == 503 and late.json()["error"]["type"] == "unavailable"
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        reader.join(60)
+        log = server.output()[1]
+    *chunks, last = reader.events
+    assert last == shut_down
+    assert chunks and all(chunk["object"] == "text_completion" for chunk in chunks)
+    assert "second signal: 2 requests cut off" in log, log
 
 
 @contextlib.contextmanager

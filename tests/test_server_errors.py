@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, normalizers
 from model.checkpoint import crlf_as_newline
 from model.token_bytes import token_bytes
 from server.app import create_app
-from server.protocol import ApiError, GenerateRequest, StreamChunk
+from server.protocol import ApiError, Completion, GenerateRequest, StreamChunk
 from server.settings import Settings
 from server.validation import Validator
 
@@ -359,7 +359,7 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     schema = client.get("/openapi.json").json()
     operations = [op for methods in schema["paths"].values() for op in methods.values()]
     ids = [op["operationId"] for op in operations]
-    assert len(ids) == len(set(ids)) == 3  # HEAD answers as GET, outside the schema
+    assert len(ids) == len(set(ids)) == 4  # HEAD answers as GET, outside the schema
     responses = {
         path: set(ops["get"]["responses"]) for path, ops in schema["paths"].items() if "get" in ops
     }
@@ -367,17 +367,19 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     assert {"200", "401", "503"} <= responses["/v1/models"]
     components = schema["components"]["schemas"]
     # Integer bounds stay integers: 2**63 - 1 as a float would be 2**63, a 422 here.
-    assert {"maximum": 2**63 - 1, "minimum": 0, "type": "integer"} in (
-        components["GenerateRequest"]["properties"]["seed"]["anyOf"]
-    )
+    for request in ("GenerateRequest", "CompletionRequest"):
+        assert {"maximum": 2**63 - 1, "minimum": 0, "type": "integer"} in (
+            components[request]["properties"]["seed"]["anyOf"]
+        )
     # Each SSE event's data names its model, which the components hold.
-    stream = schema["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
-    data = stream["text/event-stream"]["itemSchema"]["properties"]["data"]
-    json_event, done = data["anyOf"]
-    refs = [one["$ref"].rsplit("/", 1)[1] for one in json_event["contentSchema"]["anyOf"]]
-    assert refs == ["StreamChunk", "ErrorResponse"] and done == {"const": "[DONE]"}
-    assert set(refs) <= set(components)
-    assert set(components["StreamChunk"]["properties"]) == set(StreamChunk.model_fields)
+    for path, chunk in (("/v1/generate", StreamChunk), ("/v1/completions", Completion)):
+        stream = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        data = stream["text/event-stream"]["itemSchema"]["properties"]["data"]
+        json_event, done = data["anyOf"]
+        refs = [one["$ref"].rsplit("/", 1)[1] for one in json_event["contentSchema"]["anyOf"]]
+        assert refs == [chunk.__name__, "ErrorResponse"] and done == {"const": "[DONE]"}
+        assert set(components[chunk.__name__]["properties"]) == set(chunk.model_fields)
+    assert "404" in schema["paths"]["/v1/completions"]["post"]["responses"]  # another model
 
 
 def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(base_url):
@@ -386,7 +388,7 @@ def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(b
         "type": "http",
         "scheme": "bearer",
     }
-    keyed = {"/v1/generate": "post", "/v1/models": "get"}
+    keyed = {"/v1/generate": "post", "/v1/completions": "post", "/v1/models": "get"}
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             needs_key = keyed.get(path) == method
@@ -407,7 +409,12 @@ def test_head_is_served_where_get_is(client):
     ids=["missing", "wrong key", "no Bearer scheme"],
 )
 def test_missing_or_wrong_api_key_is_401(base_url, headers):
-    for method, path in (("POST", "/v1/generate"), ("GET", "/v1/models"), ("GET", "/metrics")):
+    for method, path in [
+        ("POST", "/v1/generate"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/metrics"),
+    ]:
         response = httpx.request(method, base_url + path, json={"prompt": "x"}, headers=headers)
         assert_error(response, 401, "authentication_error")
         assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -786,12 +793,15 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
     response = client.post("/v1/generate", json=body)
     message = assert_error(response, 422, "invalid_request")
     assert message == "body: an object of 401 names; a request has 12 fields"
+    response = client.post("/v1/completions", json=body)  # each route counts its own
+    message = assert_error(response, 422, "invalid_request")
+    assert message == "body: an object of 401 names; a request has 21 fields"
     # Many small objects: each field given one by mistake is named by its own message...
     every_one_wrong = {"prompt": {}, "max_tokens": {}, "stop": [{}]}
     message = assert_error(
         client.post("/v1/generate", json=every_one_wrong), 422, "invalid_request"
     )
-    assert message.startswith("prompt: ") and "max_tokens: " in message and "stop" in message
+    assert "prompt: " in message and "max_tokens: " in message and "stop" in message
     # ... up to 1,024 objects in all; past that, refused whole.
     for inner, whole in [(1023, False), (1024, True)]:
         many = {"prompt": "x", "stop": [{}] * inner}

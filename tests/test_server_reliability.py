@@ -156,9 +156,11 @@ def test_every_route_answers_within_its_schema_and_never_5xx(case):
 
 def test_a_stream_and_a_json_answer_each_conform_to_the_schema(api_schema):
     # The fuzzer above reaches a whole stream only by chance: every event, [DONE] too.
-    operation = api_schema["/v1/generate"]["POST"]
-    for body in ({"prompt": "x", "stream": True, "max_tokens": 5}, {"prompt": "x"}):
-        operation.Case(body=body, media_type="application/json").call_and_validate(timeout=30)
+    usage_chunk = {"stream_options": {"include_usage": True}}
+    for path, streamed in (("/v1/generate", {}), ("/v1/completions", usage_chunk)):
+        operation = api_schema[path]["POST"]
+        for body in ({"prompt": "x", "stream": True, "max_tokens": 5, **streamed}, {"prompt": "x"}):
+            operation.Case(body=body, media_type="application/json").call_and_validate(timeout=30)
 
 
 # --- mixed load round ---------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""POST /v1/completions (OpenAI's completions API) against a real uvicorn, driven by the
+official openai SDK where a client would use it, and by httpx for the wire format."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_harness import (
+    english_tokenizer,
+    metric_samples,
+    random_checkpoint,
+    running_server,
+    sse_events,
+    wait_until,
+)
+
+from server.protocol import OPENAI_DEFAULT_MAX_TOKENS, Completion
+from server.settings import Settings
+
+MAX_BATCH = 2
+MAX_QUEUE = 1  # with MAX_BATCH: the server holds 3 requests at once
+RUNNING = ("pocketgpt_requests_running", ())
+WAITING = ("pocketgpt_requests_waiting", ())
+CANCELLED = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), english_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def base_url(checkpoint: Path) -> Iterator[str]:
+    settings = Settings(checkpoint=checkpoint, max_batch=MAX_BATCH, max_queue=MAX_QUEUE)
+    with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def model_id(sdk: openai.OpenAI) -> str:
+    [model] = sdk.models.list().data
+    return model.id
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["type"] == error_type
+    return response.json()["error"]["message"]
+
+
+def test_the_sdk_completes_as_v1_generate_does_for_the_same_seed(sdk, client, model_id):
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "seed": 7, "temperature": 0.8}
+    completion = sdk.completions.create(model=model_id, **body, top_p=0.95)
+    generated = client.post("/v1/generate", json={**body, "top_p": 0.95}).json()
+    assert completion.object == "text_completion" and completion.model == model_id
+    assert completion.id.startswith("cmpl-")
+    [choice] = completion.choices
+    assert (choice.index, choice.text, choice.finish_reason, choice.logprobs) == (
+        0,
+        generated["text"],
+        generated["finish_reason"],
+        None,
+    )
+    usage = completion.usage
+    assert [usage.prompt_tokens, usage.completion_tokens, usage.total_tokens] == list(
+        generated["usage"].values()
+    )
+
+
+def test_streamed_chunks_add_up_to_the_whole_completion_and_usage_comes_last(sdk, model_id):
+    body = {"model": model_id, "prompt": "The engine", "max_tokens": 20, "seed": 3}
+    whole = sdk.completions.create(**body)
+    with_usage = list(
+        sdk.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    )
+    *chunks, usage_chunk = with_usage
+    [choice] = whole.choices
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    finish_reasons = [c.choices[0].finish_reason for c in chunks]
+    assert finish_reasons == [None] * (len(chunks) - 1) + [choice.finish_reason]
+    assert all(c.usage is None for c in chunks)  # as OpenAI: null until the usage chunk
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert len({c.id for c in with_usage}) == 1 and with_usage[0].id != whole.id
+    without_usage = list(sdk.completions.create(**body, stream=True))
+    assert [c.choices[0].text for c in without_usage] == [c.choices[0].text for c in chunks]
+
+
+def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, model_id):
+    prompts = ["Once upon a time", "The scheduler admits", "A"]  # 2 run, 1 waits
+    body = {"model": model_id, "max_tokens": 10, "seed": 11, "extra_body": {"top_k": 50}}
+    alone = [sdk.completions.create(prompt=p, **body) for p in prompts]
+    batched = sdk.completions.create(prompt=prompts, **body)
+    assert [c.index for c in batched.choices] == [0, 1, 2]
+    assert [c.text for c in batched.choices] == [a.choices[0].text for a in alone]
+    assert batched.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert batched.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    texts: dict[int, str] = collections.defaultdict(str)
+    finished = []
+    for chunk in sdk.completions.create(prompt=prompts, stream=True, **body):
+        [choice] = chunk.choices  # one choice per chunk
+        texts[choice.index] += choice.text
+        if choice.finish_reason is not None:
+            finished.append(choice.index)
+    assert [texts[i] for i in range(3)] == [c.text for c in batched.choices]
+    assert sorted(finished) == [0, 1, 2]
+
+
+def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
+    nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
+    body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
+    sent = {**body, "model": model_id, "n": 1, "best_of": 1, "echo": False, "logit_bias": {}}
+    for request in (body, {**sent, "user": "client-7"}):
+        response = client.post("/v1/completions", json=request)
+        assert response.status_code == 200, response.text
+        completion = Completion.model_validate(response.json())
+        assert completion.usage.completion_tokens == OPENAI_DEFAULT_MAX_TOKENS
+        assert completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n", 2, "n: only 1: one completion per prompt"),
+        ("best_of", 3, "best_of: only 1"),
+        ("echo", True, "echo: only false"),
+        ("logprobs", 1, "logprobs: only null"),
+        ("suffix", "end", "suffix: only null"),
+        ("logit_bias", {"50256": -100}, "logit_bias: only {}"),
+        ("prompt", [1, 2, 3], "prompt: must be a string or a non-empty list of strings"),
+        ("prompt", [], "prompt: must be a string or a non-empty list of strings"),
+        ("stream_options", {"include_usage": 1}, "stream_options.include_usage: Input should"),
+        ("max_tokens", 0, "max_tokens: Input should be greater than or equal to 1"),
+        ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
+    ],
+)
+def test_what_the_server_cannot_do_is_refused_by_name(client, field, value, message):
+    response = client.post("/v1/completions", json={"prompt": "x", field: value})
+    assert assert_error(response, 422, "invalid_request").startswith(message)
+
+
+def test_another_model_or_a_prompt_that_does_not_fit_is_refused(sdk, client, model_id):
+    with pytest.raises(openai.NotFoundError) as refused:
+        sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="x")
+    assert refused.value.body["type"] == "model_not_found"
+    assert model_id in refused.value.body["message"]
+    too_long = {"prompt": ["fits", " x" * 1100], "max_tokens": 4}
+    message = assert_error(
+        client.post("/v1/completions", json=too_long), 400, "context_length_exceeded"
+    )
+    assert message.startswith("prompt 2 of 2: prompt (") and "exceeds" in message
+    too_many = {"prompt": ["x"] * (MAX_BATCH + MAX_QUEUE + 1)}
+    message = assert_error(client.post("/v1/completions", json=too_many), 400, "too_many_prompts")
+    assert message == "4 prompts: the server holds at most 3 requests at once " + (
+        "(--max-batch + --max-queue)"
+    )
+
+
+def test_prompts_that_do_not_all_fit_the_queue_are_all_refused(client, base_url):
+    long = {"prompt": "first", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/generate", json=long) as running:
+        running_events = sse_events(running)  # held: a dropped reader closes the stream
+        next(running_events)  # admitted: one slot of 2 taken, 1 free + 1 to wait
+        three = {"prompt": ["a", "b", "c"], "max_tokens": 2}
+        rejected = client.post("/v1/completions", json=three)
+        assert_error(rejected, 429, "queue_full")
+        assert metric_samples(base_url)[WAITING] == 0  # none of the three is queued
+        two = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+        assert two.status_code == 200 and len(two.json()["choices"]) == 2
+
+
+def test_a_client_leaving_a_stream_of_several_prompts_cancels_every_choice(client, base_url):
+    cancelled = metric_samples(base_url)[CANCELLED]
+    body = {"prompt": ["one", "two"], "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        events = sse_events(response)  # held: a dropped reader closes the stream
+        assert next(events)["object"] == "text_completion"
+        assert metric_samples(base_url)[RUNNING] == 2
+    wait_until(lambda: metric_samples(base_url)[RUNNING] == 0, 30, "both choices cancelled")
+    assert metric_samples(base_url)[CANCELLED] == cancelled + 2
+
+
+def test_completions_are_counted_with_the_generation_requests(client, base_url):
+    ok = ("pocketgpt_requests_total", (("status", "200"),))
+    before = metric_samples(base_url)[ok]
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+    assert metric_samples(base_url)[ok] == before + 1
