@@ -177,7 +177,7 @@ INVALID_REQUESTS: list[tuple[dict, int]] = [
 
 def test_mixed_load_round_every_admitted_request_completes_or_is_cancelled(base_url):
     before = metric_samples(base_url)
-    kinds = ("stream", "complete", "cancel", "invalid")
+    kinds = ("stream", "complete", "cancel", "invalid", "choices")
     plan = [kinds[i % len(kinds)] for i in range(LOAD_CLIENTS)]
 
     def job(i: int, kind: str) -> Callable[[], object]:
@@ -188,6 +188,16 @@ def test_mixed_load_round_every_admitted_request_completes_or_is_cancelled(base_
                     response = client.post("/v1/generate", **request)
                     return ("invalid", response.status_code, expected)
                 body = {"prompt": f"load {i} " * (1 + i % 5), "seed": i, "ignore_eos": True}
+                if kind == "choices":  # two prompts, streamed as OpenAI's completions
+                    prompts = [body["prompt"], "x"]
+                    two = {**body, "prompt": prompts, "max_tokens": 12, "stream": True}
+                    with client.stream("POST", "/v1/completions", json=two) as response:
+                        if response.status_code != 200:
+                            return (kind, response.status_code, None)
+                        *chunks, done = sse_events(response)
+                    choices = [chunk["choices"][0] for chunk in chunks]
+                    finishes = [c["finish_reason"] for c in choices if c["finish_reason"]]
+                    return ("choices", 200, (done, finishes))
                 if kind == "complete":
                     response = client.post("/v1/generate", json={**body, "max_tokens": 12})
                     finish = response.json().get("finish_reason") if response.is_success else None
@@ -220,6 +230,14 @@ def test_mixed_load_round_every_admitted_request_completes_or_is_cancelled(base_
             return status == 200 and detail in finish_reasons
         if kind == "stream":
             return status == 200 and detail[0] == "[DONE]" and detail[1] in finish_reasons
+        if kind == "choices":  # each of the two choices finished, once
+            done, finishes = detail
+            return (
+                status == 200
+                and done == "[DONE]"
+                and len(finishes) == 2
+                and (set(finishes) <= set(finish_reasons))
+            )
         return status == 200
 
     unexpected = [result for result in results if not as_expected(*result)]
@@ -231,7 +249,7 @@ def test_mixed_load_round_every_admitted_request_completes_or_is_cancelled(base_
     finished = delta(before, after, finished_key("stop")) + delta(
         before, after, finished_key("length")
     )
-    assert finished == admitted["stream"] + admitted["complete"]
+    assert finished == admitted["stream"] + admitted["complete"] + 2 * admitted["choices"]
     assert delta(before, after, finished_key("cancelled")) == admitted["cancel"]
     assert delta(before, after, finished_key("error")) == 0
     assert delta(before, after, status_key(200)) == sum(admitted.values())
