@@ -1,5 +1,5 @@
 """HTTP routes: /v1/generate (JSON or SSE), /v1/completions (OpenAI's API, JSON or SSE),
-/health, /v1/models, /metrics.
+/health, /v1/models (and /v1/models/{id}), /metrics.
 
 Routes translate only: validation.py turns the body (each prompt of a completions
 request) into a GenerationRequest, the engine runs it, and its outputs become a JSON body
@@ -201,9 +201,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     """OpenAI's completions API: a choice per prompt, as one JSON body or, with `stream`,
     SSE chunks of the same shape, then [DONE]."""
     serving = _serving(request)
-    if body.model is not None and body.model != serving.model_name:
-        message = f"model: this server serves {serving.model_name!r} only (GET /v1/models)"
-        raise ApiError(404, "model_not_found", message)
+    if body.model is not None:
+        _check_model(serving, body.model)
     capacity = serving.engine.scheduler.capacity
     if len(body.prompts) > capacity:
         message = (
@@ -470,13 +469,36 @@ async def health(request: Request) -> dict[str, str]:
 @router.get("/v1/models", response_model=ModelList, responses=_error_responses(401, 408, 431, 503))
 @router.head("/v1/models", response_model=ModelList, include_in_schema=False)
 async def models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(_serving(request))])
+
+
+# `path`: a model id may hold slashes (`org/name`), as OpenAI's API and the SDKs allow.
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
+    responses=_error_responses(401, 404, 408, 431, 503),
+)
+@router.head("/v1/models/{model_id:path}", response_model=ModelCard, include_in_schema=False)
+async def model(model_id: str, request: Request) -> ModelCard:
+    """The served model, as OpenAI's API retrieves one by id; any other id is a 404."""
     serving = _serving(request)
-    card = ModelCard(
+    _check_model(serving, model_id)
+    return _model_card(serving)
+
+
+def _model_card(serving: Serving) -> ModelCard:
+    return ModelCard(
         id=serving.model_name,
         max_context=serving.max_context,
         checkpoint=serving.checkpoint.resolve().name,
     )
-    return ModelList(data=[card])
+
+
+def _check_model(serving: Serving, model_id: str) -> None:
+    """A 404 for a model id other than the served one (not repeated: it may be long)."""
+    if model_id != serving.model_name:
+        message = f"model: this server serves {serving.model_name!r} only (GET /v1/models)"
+        raise ApiError(404, "model_not_found", message)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -65,6 +65,17 @@ def assert_error(response: httpx.Response, status: int, error_type: str) -> str:
     return response.json()["error"]["message"]
 
 
+def test_the_sdk_retrieves_the_served_model_by_id_and_no_other(sdk, client, model_id):
+    model = sdk.models.retrieve(model_id)
+    assert (model.id, model.object) == (model_id, "model")
+    assert model.max_context == 1024  # pocketgpt's extra field, as GET /v1/models has it
+    with pytest.raises(openai.NotFoundError) as refused:
+        sdk.models.retrieve("org/another-model")
+    assert refused.value.body["type"] == "model_not_found"
+    head = client.head(f"/v1/models/{model_id}")
+    assert head.status_code == 200 and head.content == b""
+
+
 def test_the_sdk_completes_as_v1_generate_does_for_the_same_seed(sdk, client, model_id):
     body = {"prompt": "Once upon a time", "max_tokens": 12, "seed": 7, "temperature": 0.8}
     completion = sdk.completions.create(model=model_id, **body, top_p=0.95)

@@ -359,7 +359,7 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     schema = client.get("/openapi.json").json()
     operations = [op for methods in schema["paths"].values() for op in methods.values()]
     ids = [op["operationId"] for op in operations]
-    assert len(ids) == len(set(ids)) == 4  # HEAD answers as GET, outside the schema
+    assert len(ids) == len(set(ids)) == 5  # HEAD answers as GET, outside the schema
     responses = {
         path: set(ops["get"]["responses"]) for path, ops in schema["paths"].items() if "get" in ops
     }
@@ -388,7 +388,12 @@ def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(b
         "type": "http",
         "scheme": "bearer",
     }
-    keyed = {"/v1/generate": "post", "/v1/completions": "post", "/v1/models": "get"}
+    keyed = {
+        "/v1/generate": "post",
+        "/v1/completions": "post",
+        "/v1/models": "get",
+        "/v1/models/{model_id}": "get",
+    }
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             needs_key = keyed.get(path) == method
@@ -413,6 +418,7 @@ def test_missing_or_wrong_api_key_is_401(base_url, headers):
         ("POST", "/v1/generate"),
         ("POST", "/v1/completions"),
         ("GET", "/v1/models"),
+        ("GET", "/v1/models/any"),
         ("GET", "/metrics"),
     ]:
         response = httpx.request(method, base_url + path, json={"prompt": "x"}, headers=headers)
