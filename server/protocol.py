@@ -177,11 +177,10 @@ class StreamChunk(BaseModel):
 # --- POST /v1/completions: OpenAI's (legacy) completions API -----------------------------
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's, where /v1/generate's is the checkpoint's or 128
+MAX_COMPLETIONS_PER_PROMPT = 128  # OpenAI's bound on n
 # What OpenAI's API has and this server does not do: the one value each may take (what
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
-    "n": "1: one completion per prompt (list a prompt twice for two)",
-    "best_of": "1: one completion is drawn per prompt",
     "echo": "false: the answer does not repeat the prompt",
     "logprobs": "null: log-probabilities are not returned",
     "suffix": "null: there is no text after the completion",
@@ -220,8 +219,16 @@ class CompletionRequest(GenerationFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored (OpenAI's end-user id)")
-    n: Literal[1] = 1
-    best_of: Literal[1] = 1
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_COMPLETIONS_PER_PROMPT,
+        description="completions per prompt; with a seed, the j-th (from 0) samples with seed + "
+        "j, so the first is the one n = 1 gives",
+    )
+    best_of: int | None = Field(
+        None, ge=1, description="only n, or left out: completions are not ranked"
+    )
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
@@ -250,6 +257,18 @@ class CompletionRequest(GenerationFields):
             "prompt", "must be a string or a non-empty list of strings (token ids are not taken)"
         )
 
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """OpenAI draws best_of and answers the n most likely; drawing n is all this
+        server does, which best_of = n asks for too."""
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise PydanticCustomError(
+                "unsupported", "only n ({n}) or null: completions are not ranked", {"n": n}
+            )
+        return value
+
     @field_validator(*_ONLY_VALUE, mode="wrap")
     @classmethod
     def _only_value(
@@ -269,19 +288,31 @@ class CompletionRequest(GenerationFields):
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
     def generate_requests(self) -> list[GenerateRequest]:
-        """One /v1/generate request per prompt, with the fields this request set (those
-        left out then take the checkpoint's defaults, as on /v1/generate)."""
+        """One /v1/generate request per choice, n per prompt in the prompts' order (the
+        choices' indices), with the fields this request set (those left out then take the
+        checkpoint's defaults, as on /v1/generate)."""
         fields = {
             name: getattr(self, name)
             for name in GenerationFields.model_fields
             if name in self.model_fields_set or name == "max_tokens"
         }
         # Already validated: constructed, not validated again.
-        return [GenerateRequest.model_construct(prompt=text, **fields) for text in self.prompts]
+        return [
+            GenerateRequest.model_construct(**{**fields, "prompt": text, **self._seed(j)})
+            for text in self.prompts
+            for j in range(self.n)
+        ]
+
+    def _seed(self, j: int) -> dict[str, int]:
+        """The seed of a prompt's j-th choice, if the request has one: seed + j, within
+        the seed's bounds."""
+        return {} if self.seed is None else {"seed": (self.seed + j) % 2**63}
 
 
 class CompletionChoice(BaseModel):
-    index: int = Field(description="which prompt of the request's list this continues")
+    index: int = Field(
+        description="which choice: prompt i's j-th (from 0) of n is i x n + j, as OpenAI orders"
+    )
     text: str = Field(description="the completion; in a stream, the delta since the last chunk")
     logprobs: None = None
     finish_reason: FinishReason | None = Field(

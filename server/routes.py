@@ -203,13 +203,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     serving = _serving(request)
     if body.model is not None:
         _check_model(serving, body.model)
-    capacity = serving.engine.scheduler.capacity
-    if len(body.prompts) > capacity:
+    capacity, choices = serving.engine.scheduler.capacity, len(body.prompts) * body.n
+    if choices > capacity:
         message = (
-            f"{len(body.prompts)} prompts: the server holds at most {capacity} requests at "
-            "once (--max-batch + --max-queue)"
+            f"{choices} completions (prompts x n): the server holds at most {capacity} "
+            "requests at once (--max-batch + --max-queue)"
         )
-        raise ApiError(400, "too_many_prompts", message)
+        raise ApiError(400, "too_many_completions", message)
     streams = _submit(serving, _validated_prompts(serving.validator, body))
     header = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -230,16 +230,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
 
 
 def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[GenerationRequest]:
-    """The request's prompts, each validated; a refusal names the prompt of a list."""
-    requests = body.generate_requests()
-    if len(requests) == 1:
-        return [validator.validate(requests[0])]
+    """Each choice's request, validated; a refusal names the prompt of a list."""
+    prompts = len(body.prompts)
     validated = []
-    for number, generate_request in enumerate(requests, start=1):
+    for choice, generate_request in enumerate(body.generate_requests()):
         try:
             validated.append(validator.validate(generate_request))
         except ApiError as e:
-            message = f"prompt {number} of {len(requests)}: {e.message}"
+            if prompts == 1:
+                raise
+            message = f"prompt {choice // body.n + 1} of {prompts}: {e.message}"
             raise ApiError(e.status_code, e.type, message, e.headers) from None
     return validated
 

@@ -23,7 +23,7 @@ from server.protocol import OPENAI_DEFAULT_MAX_TOKENS, Completion
 from server.settings import Settings
 
 MAX_BATCH = 2
-MAX_QUEUE = 1  # with MAX_BATCH: the server holds 3 requests at once
+MAX_QUEUE = 2  # with MAX_BATCH: the server holds 4 requests at once
 RUNNING = ("pocketgpt_requests_running", ())
 WAITING = ("pocketgpt_requests_waiting", ())
 CANCELLED = ("pocketgpt_request_finished_total", (("reason", "cancelled"),))
@@ -133,6 +133,25 @@ def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, m
     assert sorted(finished) == [0, 1, 2]
 
 
+def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, model_id):
+    prompts = ["Once upon a time", "The"]
+    body = {"model": model_id, "max_tokens": 10}
+    alone = {
+        (i, j): sdk.completions.create(prompt=prompt, seed=5 + j, **body).choices[0].text
+        for i, prompt in enumerate(prompts)
+        for j in range(2)
+    }
+    assert alone[0, 0] != alone[0, 1]  # two draws, not one twice
+    many = sdk.completions.create(prompt=prompts, n=2, best_of=2, seed=5, **body)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]  # prompt i's j-th: 2 i + j
+    assert [c.text for c in many.choices] == [alone[i, j] for i in range(2) for j in range(2)]
+    texts: dict[int, str] = collections.defaultdict(str)
+    for chunk in sdk.completions.create(prompt=prompts, n=2, seed=5, stream=True, **body):
+        [choice] = chunk.choices
+        texts[choice.index] += choice.text
+    assert [texts[i] for i in range(4)] == [c.text for c in many.choices]
+
+
 def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
     body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
@@ -148,8 +167,8 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("n", 2, "n: only 1: one completion per prompt"),
-        ("best_of", 3, "best_of: only 1"),
+        ("n", 129, "n: Input should be less than or equal to 128"),
+        ("best_of", 3, "best_of: only n (1) or null: completions are not ranked"),
         ("echo", True, "echo: only false"),
         ("logprobs", 1, "logprobs: only null"),
         ("suffix", "end", "suffix: only null"),
@@ -176,10 +195,12 @@ def test_another_model_or_a_prompt_that_does_not_fit_is_refused(sdk, client, mod
         client.post("/v1/completions", json=too_long), 400, "context_length_exceeded"
     )
     assert message.startswith("prompt 2 of 2: prompt (") and "exceeds" in message
-    too_many = {"prompt": ["x"] * (MAX_BATCH + MAX_QUEUE + 1)}
-    message = assert_error(client.post("/v1/completions", json=too_many), 400, "too_many_prompts")
-    assert message == "4 prompts: the server holds at most 3 requests at once " + (
-        "(--max-batch + --max-queue)"
+    too_many = {"prompt": ["x", "y"], "n": 3}
+    message = assert_error(
+        client.post("/v1/completions", json=too_many), 400, "too_many_completions"
+    )
+    assert message == "6 completions (prompts x n): the server holds at most 4 requests " + (
+        "at once (--max-batch + --max-queue)"
     )
 
 
@@ -187,13 +208,13 @@ def test_prompts_that_do_not_all_fit_the_queue_are_all_refused(client, base_url)
     long = {"prompt": "first", "max_tokens": 500, "ignore_eos": True, "stream": True}
     with client.stream("POST", "/v1/generate", json=long) as running:
         running_events = sse_events(running)  # held: a dropped reader closes the stream
-        next(running_events)  # admitted: one slot of 2 taken, 1 free + 1 to wait
-        three = {"prompt": ["a", "b", "c"], "max_tokens": 2}
-        rejected = client.post("/v1/completions", json=three)
+        next(running_events)  # admitted: one slot of 2 taken, 1 free + 2 to wait
+        four = {"prompt": ["a", "b"], "n": 2, "max_tokens": 2}
+        rejected = client.post("/v1/completions", json=four)
         assert_error(rejected, 429, "queue_full")
-        assert metric_samples(base_url)[WAITING] == 0  # none of the three is queued
-        two = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
-        assert two.status_code == 200 and len(two.json()["choices"]) == 2
+        assert metric_samples(base_url)[WAITING] == 0  # none of the four is queued
+        three = client.post("/v1/completions", json={"prompt": "a", "n": 3, "max_tokens": 2})
+        assert three.status_code == 200 and len(three.json()["choices"]) == 3
 
 
 def test_a_client_leaving_a_stream_of_several_prompts_cancels_every_choice(client, base_url):
