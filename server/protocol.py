@@ -8,12 +8,12 @@ Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penal
 stop strings makes exactly max_tokens: for benchmarks), and answers name the stop string
 that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
 Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request (its
-fields map onto /v1/generate's: `CompletionRequest.generate_requests`).
+fields map onto /v1/generate's: `CompletionRequest.choices`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -188,6 +188,11 @@ _ONLY_VALUE = {
 }
 
 
+T = TypeVar("T")
+NonEmpty = Annotated[list[T], Field(min_length=1)]
+TokenIds = NonEmpty[Annotated[int, Field(ge=0)]]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -207,8 +212,9 @@ class CompletionRequest(GenerationFields):
     model: str | None = Field(
         None, description="the served model's id (GET /v1/models); left out: that model"
     )
-    prompt: str | list[str] = Field(
-        description="text to continue, or a list of texts: one choice each, in order"
+    prompt: str | NonEmpty[str] | TokenIds | NonEmpty[TokenIds] = Field(
+        description="text to continue, or a list of texts: n choices each, in order; or "
+        "token ids of the served tokenizer (a list of them, or a list of such lists)"
     )
     max_tokens: int = Field(  # OpenAI's default, not the checkpoint's
         OPENAI_DEFAULT_MAX_TOKENS,
@@ -244,18 +250,20 @@ class CompletionRequest(GenerationFields):
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _one_prompt_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
-        """One message for `prompt`, not one per branch of its union; token-id prompts,
-        which OpenAI also takes, named as what is not accepted."""
+        """One message for `prompt`, not one per branch of its union."""
         if isinstance(value, str):
             return handler(_valid_unicode(value))
         if isinstance(value, list) and all(isinstance(text, str) for text in value):
             for number, text in enumerate(value, start=1):
                 _valid_unicode(text, f" of prompt {number}")
-            if value:
-                return handler(value)
-        raise PydanticCustomError(
-            "prompt", "must be a string or a non-empty list of strings (token ids are not taken)"
-        )
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt",
+                "must be a string, a non-empty list of strings, a non-empty list of token ids "
+                "(integers >= 0), or a non-empty list of such lists",
+            ) from None
 
     @field_validator("best_of")
     @classmethod
@@ -284,12 +292,16 @@ class CompletionRequest(GenerationFields):
             ) from None
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # one text, or one list of ids
+        return list(prompt)
 
-    def generate_requests(self) -> list[GenerateRequest]:
-        """One /v1/generate request per choice, n per prompt in the prompts' order (the
-        choices' indices), with the fields this request set (those left out then take the
+    def choices(self) -> list[tuple[str | list[int], GenerationFields]]:
+        """Each choice's prompt and fields, n per prompt in the prompts' order (the
+        choices' indices): the fields this request set (those left out then take the
         checkpoint's defaults, as on /v1/generate)."""
         fields = {
             name: getattr(self, name)
@@ -298,8 +310,8 @@ class CompletionRequest(GenerationFields):
         }
         # Already validated: constructed, not validated again.
         return [
-            GenerateRequest.model_construct(**{**fields, "prompt": text, **self._seed(j)})
-            for text in self.prompts
+            (prompt, GenerationFields.model_construct(**{**fields, **self._seed(j)}))
+            for prompt in self.prompts
             for j in range(self.n)
         ]
 

@@ -233,9 +233,9 @@ def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[Ge
     """Each choice's request, validated; a refusal names the prompt of a list."""
     prompts = len(body.prompts)
     validated = []
-    for choice, generate_request in enumerate(body.generate_requests()):
+    for choice, (prompt, fields) in enumerate(body.choices()):
         try:
-            validated.append(validator.validate(generate_request))
+            validated.append(validator.validate_prompt(prompt, fields))
         except ApiError as e:
             if prompts == 1:
                 raise

@@ -32,7 +32,13 @@ from model.checkpoint import (
     read_json_object,
 )
 from model.sampling import SamplingParams
-from server.protocol import DEFAULT_MAX_TOKENS, ApiError, GenerateRequest, lone_surrogate
+from server.protocol import (
+    DEFAULT_MAX_TOKENS,
+    ApiError,
+    GenerateRequest,
+    GenerationFields,
+    lone_surrogate,
+)
 
 # generation_config.json's keys -> the request fields they give defaults to, as vLLM
 # reads them (HF's generate uses the same file): a request that leaves one out samples
@@ -193,34 +199,56 @@ class Validator:
         # Every token of a prompt stands for 1 to this many of its UTF-8 bytes, as the
         # tokenizer's normalizer leaves them (pocketgpt's reads CRLF as "\n").
         self.max_token_bytes = max(len(b) for b in token_table)
+        self.vocab_size = len(token_table)  # the tokenizer's ids: 0 .. vocab_size - 1
         normalizer = tokenizer.normalizer
         self._crlf_as_newline = (
             normalizer is not None and normalizer.__getstate__() == crlf_as_newline().__getstate__()
         )
 
     def validate(self, body: GenerateRequest) -> GenerationRequest:
+        return self.validate_prompt(body.prompt, body)
+
+    def validate_prompt(
+        self, prompt: str | list[int], fields: GenerationFields
+    ) -> GenerationRequest:
+        """A request for `prompt`, text or (/v1/completions) token ids, and `fields`."""
+        if isinstance(prompt, str):
+            return self._request(self._tokenized(prompt, fields.max_tokens), fields)
+        request = self._request(prompt, fields)  # the context's bound first: cheaper
+        # Ids the tokenizer lacks (a padded checkpoint's extra embedding rows) have no
+        # text, and the server never draws them: not taken in a prompt either.
+        if max(prompt) >= self.vocab_size:
+            position, token_id = next((i, t) for i, t in enumerate(prompt) if t >= self.vocab_size)
+            message = (
+                f"prompt: token id {token_id} (at {position}) is not one of the tokenizer's "
+                f"{self.vocab_size}"
+            )
+            raise ApiError(400, "invalid_token_id", message)
+        return request
+
+    def _tokenized(self, prompt: str, asked: int | None) -> list[int]:
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt of more bytes than any prompt that
         # fits (the context's tokens, each of the vocabulary's longest) is refused before
         # it is tokenized: it has at least bytes / max_token_bytes tokens, more than the
         # context. One that might fit costs the same to tokenize refused as served, and
         # is counted exactly ("at least 1 token: 2 bytes" told a client little).
-        # Without max_tokens a request asks for the default or what the context leaves,
-        # whichever is less (a `tiny` model's whole context is the default's 128).
-        asked = body.max_tokens
-        prompt_bytes = _utf8_length(body.prompt)
+        prompt_bytes = _utf8_length(prompt)
         longest_fitting = self.max_context * self.max_token_bytes
         if prompt_bytes > longest_fitting:
-            tokenized_bytes = self._normalized_bytes(body.prompt, prompt_bytes)
+            tokenized_bytes = self._normalized_bytes(prompt, prompt_bytes)
             if tokenized_bytes > longest_fitting:
                 fewest = -(-tokenized_bytes // self.max_token_bytes)
                 self._too_long(
                     f"at least {_count(fewest, 'token')}: {_count(prompt_bytes, 'byte')}", asked
                 )
         # An empty prompt starts a new document, as in training: after end-of-text.
-        prompt_ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [
-            self.bos_id
-        ]
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.bos_id]
+
+    def _request(self, prompt_ids: list[int], fields: GenerationFields) -> GenerationRequest:
+        # Without max_tokens a request asks for the default or what the context leaves,
+        # whichever is less (a `tiny` model's whole context is the default's 128).
+        asked = fields.max_tokens
         if len(prompt_ids) + (asked or 1) > self.max_context:
             self._too_long(_count(len(prompt_ids), "token"), asked)
         return GenerationRequest(
@@ -228,16 +256,16 @@ class Validator:
             prompt_ids=prompt_ids,
             max_tokens=asked or min(self.default_max_tokens, self.max_context - len(prompt_ids)),
             sampling=SamplingParams(
-                temperature=self._given_or_default(body, "temperature"),
-                top_k=self._given_or_default(body, "top_k"),
-                top_p=self._given_or_default(body, "top_p"),
-                repetition_penalty=self._given_or_default(body, "repetition_penalty"),
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
+                temperature=self._given_or_default(fields, "temperature"),
+                top_k=self._given_or_default(fields, "top_k"),
+                top_p=self._given_or_default(fields, "top_p"),
+                repetition_penalty=self._given_or_default(fields, "repetition_penalty"),
+                presence_penalty=fields.presence_penalty,
+                frequency_penalty=fields.frequency_penalty,
             ),
-            seed=body.seed,
-            stop=body.stop_strings,
-            ignore_eos=body.ignore_eos,
+            seed=fields.seed,
+            stop=fields.stop_strings,
+            ignore_eos=fields.ignore_eos,
         )
 
     def _normalized_bytes(self, prompt: str, prompt_bytes: int) -> int:
@@ -251,10 +279,10 @@ class Validator:
             return prompt_bytes - prompt.count("\r\n")
         return _utf8_length(normalizer.normalize_str(prompt))
 
-    def _given_or_default(self, body: GenerateRequest, name: str) -> float | int:
-        if name in body.model_fields_set:
-            return getattr(body, name)
-        return self.defaults.get(name, getattr(body, name))
+    def _given_or_default(self, fields: GenerationFields, name: str) -> float | int:
+        if name in fields.model_fields_set:
+            return getattr(fields, name)
+        return self.defaults.get(name, getattr(fields, name))
 
     def _too_long(self, prompt: str, max_tokens: int | None) -> NoReturn:
         context = f"the {self.context_name} of {self.max_context} tokens"

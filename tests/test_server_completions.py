@@ -152,6 +152,26 @@ def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, model_i
     assert [texts[i] for i in range(4)] == [c.text for c in many.choices]
 
 
+def test_token_id_prompts_continue_as_their_text_does(sdk, client, model_id):
+    texts = ["Once upon a time", "The scheduler"]
+    ids = [english_tokenizer().encode(t, add_special_tokens=False).ids for t in texts]
+    body = {"model": model_id, "max_tokens": 10, "seed": 2}
+    by_text = sdk.completions.create(prompt=texts, **body)
+    by_ids = sdk.completions.create(prompt=ids, **body)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert by_ids.usage == by_text.usage
+    [one] = sdk.completions.create(prompt=ids[0], **body).choices
+    assert one.text == by_text.choices[0].text
+    vocab = english_tokenizer().get_vocab_size()
+    unknown = {"prompt": [ids[0], [5, vocab]], "max_tokens": 2}
+    message = assert_error(client.post("/v1/completions", json=unknown), 400, "invalid_token_id")
+    assert message == f"prompt 2 of 2: prompt: token id {vocab} (at 1) is not one of the " + (
+        f"tokenizer's {vocab}"
+    )
+    too_long = {"prompt": [5] * 1024, "max_tokens": 1}
+    assert_error(client.post("/v1/completions", json=too_long), 400, "context_length_exceeded")
+
+
 def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
     body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
@@ -173,8 +193,11 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         ("logprobs", 1, "logprobs: only null"),
         ("suffix", "end", "suffix: only null"),
         ("logit_bias", {"50256": -100}, "logit_bias: only {}"),
-        ("prompt", [1, 2, 3], "prompt: must be a string or a non-empty list of strings"),
-        ("prompt", [], "prompt: must be a string or a non-empty list of strings"),
+        ("prompt", [], "prompt: must be a string, a non-empty list of strings, a non-empty"),
+        ("prompt", [[]], "prompt: must be a string, a non-empty list of strings, a non-empty"),
+        ("prompt", [1, -2], "prompt: must be a string, a non-empty list of strings, a non-"),
+        ("prompt", [1, True], "prompt: must be a string, a non-empty list of strings, a non-"),
+        ("prompt", ["a", [1]], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("stream_options", {"include_usage": 1}, "stream_options.include_usage: Input should"),
         ("max_tokens", 0, "max_tokens: Input should be greater than or equal to 1"),
         ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
