@@ -188,8 +188,8 @@ _ONLY_VALUE = {
 }
 
 
-T = TypeVar("T")
-NonEmpty = Annotated[list[T], Field(min_length=1)]
+_Item = TypeVar("_Item")
+NonEmpty = Annotated[list[_Item], Field(min_length=1)]
 TokenIds = NonEmpty[Annotated[int, Field(ge=0)]]
 
 
