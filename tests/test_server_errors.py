@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import httpx
+import openai
 import pytest
 from server_harness import (
     english_tokenizer,
@@ -406,6 +407,20 @@ def test_head_is_served_where_get_is(client):
     for path in ("/health", "/v1/models", "/metrics", "/docs", "/openapi.json"):
         response = client.head(path)
         assert response.status_code == 200 and response.content == b"", path
+
+
+def test_openais_sdk_sends_the_api_key_as_the_server_asks(base_url):
+    # The SDK's api_key is the server's --api-key: it goes as `Authorization: Bearer`.
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0) as sdk:
+        [model] = sdk.models.list().data
+        completion = sdk.completions.create(model=model.id, prompt="x", max_tokens=2)
+        assert completion.usage.completion_tokens <= 2
+    with (
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0) as sdk,
+        pytest.raises(openai.AuthenticationError) as refused,
+    ):
+        sdk.completions.create(model=model.id, prompt="x", max_tokens=2)
+    assert refused.value.body["type"] == "authentication_error"
 
 
 @pytest.mark.parametrize(
