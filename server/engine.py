@@ -44,6 +44,16 @@ FAILED = "the engine stopped on an internal error (see the server log)"
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and its step's likeliest."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (id, log-probability), likeliest first
+    text_offset: int  # characters of the request's text sent before this token's
+
+
+@dataclass(frozen=True, slots=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -54,6 +64,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     stop_string: str | None = None  # the stop string that ended the text (finish "stop")
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, if the request asked
     error: Exception | None = None  # set (and last) when the engine failed the request
 
     @property
@@ -70,6 +81,7 @@ class RequestOutput:
             later.prompt_tokens,
             later.completion_tokens,
             later.stop_string,
+            self.logprobs + later.logprobs,
         )
 
 
@@ -110,6 +122,7 @@ class _Live:
     last_token: int = -1
     num_generated: int = 0
     last_token_at: float = 0.0
+    text_length: int = 0  # characters sent so far
 
 
 class Engine:
@@ -129,10 +142,10 @@ class Engine:
         self.runner = ModelRunner(
             model, n_slots, compile_decode=compile_decode, cuda_graphs=cuda_graphs
         )
-        self._token_bytes = token_table  # id -> its bytes (model.token_bytes)
+        self.token_table = token_table  # id -> its bytes (model.token_bytes)
         # Draws only ids the tokenizer has: a padded or converted checkpoint may have more
         # embedding rows than tokens (load_tokenizer allows that), and those have no text.
-        self.sampler = Sampler(n_slots, len(self._token_bytes), self.runner.device)
+        self.sampler = Sampler(n_slots, len(self.token_table), self.runner.device)
         self.scheduler = Scheduler(n_slots, max_queue, prefill_chunk)
         self.metrics = metrics
         self.end_ids = end_ids  # a token among these ends the text (unless ignore_eos)
@@ -177,7 +190,7 @@ class Engine:
             _Live(
                 request,
                 RequestStream(request, self),
-                IncrementalDetokenizer(self._token_bytes, request.stop),
+                IncrementalDetokenizer(self.token_table, request.stop),
                 make_generator(request.seed, self.runner.device),
             )
             for request in requests
@@ -306,6 +319,7 @@ class Engine:
 
         rows: list[_Live] = []
         sampled: list[torch.Tensor] = []
+        scored: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # _logprobs
         if output.decodes:
             lives = [self._live[row.request_id] for row in output.decodes]
             batch = self._decode_sampling(output, lives)
@@ -314,7 +328,9 @@ class Engine:
                 [row.position for row in output.decodes],
                 [row.slot for row in output.decodes],
             )
-            sampled.append(self.sampler.sample(logits, batch))
+            sampled.append(ids := self.sampler.sample(logits, batch))
+            if batch.top_logprobs is not None:
+                scored.append((len(rows), *self.sampler.logprobs(logits, ids, batch.top_logprobs)))
             rows += lives
             self.metrics.batch_size.observe(len(lives))
         if output.prefills:
@@ -335,8 +351,12 @@ class Engine:
                     slots,
                     [live.request.sampling for live in starting],
                     [live.generator for live in starting],
+                    [live.request.logprobs for live in starting],
                 )
-                sampled.append(self.sampler.sample(logits[done], batch))
+                sampled.append(ids := self.sampler.sample(logits[done], batch))
+                if batch.top_logprobs is not None:
+                    top = batch.top_logprobs
+                    scored.append((len(rows), *self.sampler.logprobs(logits[done], ids, top)))
                 rows += starting
         if not rows:
             return [], []
@@ -344,10 +364,11 @@ class Engine:
         token_ids = torch.cat(sampled).tolist()  # the step's one device sync
         now = time.perf_counter()
         self.metrics.generation_tokens.inc(len(token_ids))
+        logprobs = self._logprobs(rows, scored)
         finished, deliveries = [], []
-        for live, token_id in zip(rows, token_ids, strict=True):
+        for live, token_id, scores in zip(rows, token_ids, logprobs, strict=True):
             try:
-                out = self._advance(live, token_id, now)
+                out = self._advance(live, token_id, now, scores)
             except Exception as e:  # a bug in this row's text must not fail its neighbours
                 log.exception("request %s failed", live.request.request_id)
                 out = self._failure(live, e)
@@ -359,6 +380,24 @@ class Engine:
                 self.metrics.request_latency.observe(now - live.request.arrival)
         return finished, deliveries
 
+    @staticmethod
+    def _logprobs(
+        rows: list[_Live], scored: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
+        """Each row's sampled token's log-probability and its likeliest alternatives, as
+        many as it asked for; None where it asked for none. `scored`: Sampler.logprobs'
+        tensors for the rows from an index on (copied from the device only when asked)."""
+        logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(rows)
+        for first, chosen, top_ids, top_values in scored:
+            rows_top = zip(top_ids.tolist(), top_values.tolist(), strict=True)
+            for row, (logprob, (ids, values)) in enumerate(
+                zip(chosen.tolist(), rows_top, strict=True), start=first
+            ):
+                k = rows[row].request.logprobs
+                if k is not None:
+                    logprobs[row] = (logprob, tuple(zip(ids[:k], values[:k], strict=True)))
+        return logprobs
+
     def _decode_sampling(self, output: SchedulerOutput, lives: list[_Live]) -> SamplingBatch:
         """The decode batch's sampling tensors, rebuilt only when its rows or slots change."""
         key = tuple((row.request_id, row.slot) for row in output.decodes)
@@ -367,11 +406,18 @@ class Engine:
                 [row.slot for row in output.decodes],
                 [live.request.sampling for live in lives],
                 [live.generator for live in lives],
+                [live.request.logprobs for live in lives],
             )
             self._decode_key = key
         return self._decode_batch
 
-    def _advance(self, live: _Live, token_id: int, now: float) -> RequestOutput:
+    def _advance(
+        self,
+        live: _Live,
+        token_id: int,
+        now: float,
+        scores: tuple[float, tuple[tuple[int, float], ...]] | None,
+    ) -> RequestOutput:
         request = live.request
         live.num_generated += 1
         if live.num_generated == 1:
@@ -390,6 +436,10 @@ class Engine:
                 text += live.detokenizer.finish()
                 # The flush can complete a stop string (bytes it makes U+FFFD).
                 reason = "length" if live.detokenizer.stop_string is None else "stop"
+        logprobs = ()
+        if scores is not None:
+            logprobs = (TokenLogprob(token_id, *scores, text_offset=live.text_length),)
+        live.text_length += len(text)
         return RequestOutput(
             request.request_id,
             text,
@@ -398,6 +448,7 @@ class Engine:
             len(request.prompt_ids),
             live.num_generated,
             live.detokenizer.stop_string,
+            logprobs,
         )
 
     def _fail_step(

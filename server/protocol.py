@@ -178,11 +178,11 @@ class StreamChunk(BaseModel):
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's, where /v1/generate's is the checkpoint's or 128
 MAX_COMPLETIONS_PER_PROMPT = 128  # OpenAI's bound on n
+MAX_LOGPROBS = 5  # OpenAI's bound on logprobs
 # What OpenAI's API has and this server does not do: the one value each may take (what
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
     "echo": "false: the answer does not repeat the prompt",
-    "logprobs": "null: log-probabilities are not returned",
     "suffix": "null: there is no text after the completion",
     "logit_bias": "{}: logits are not biased",
 }
@@ -236,7 +236,14 @@ class CompletionRequest(GenerationFields):
         None, ge=1, description="only n, or left out: completions are not ranked"
     )
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="with each generated token, its log-probability under the model (before "
+        "temperature, penalties or truncation, as vLLM reports them) and those of this many "
+        "likeliest tokens",
+    )
     suffix: None = None
     logit_bias: Annotated[dict[str, int], Field(max_length=0)] = Field(default_factory=dict)
 
@@ -321,12 +328,27 @@ class CompletionRequest(GenerationFields):
         return {} if self.seed is None else {"seed": (self.seed + j) % 2**63}
 
 
+class CompletionLogprobs(BaseModel):
+    """Per generated token (also those of a stop string, which the text leaves out), in
+    OpenAI's form; a token that is a piece of a character is `bytes:` and its bytes."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(description="the likeliest, as many as asked")
+    text_offset: list[int] = Field(
+        description="where in the choice's text the token's text begins (where the text "
+        "was when it was generated)"
+    )
+
+
 class CompletionChoice(BaseModel):
     index: int = Field(
         description="which choice: prompt i's j-th (from 0) of n is i x n + j, as OpenAI orders"
     )
     text: str = Field(description="the completion; in a stream, the delta since the last chunk")
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = Field(
+        None, description="with the request's `logprobs`: this text's tokens'"
+    )
     finish_reason: FinishReason | None = Field(
         description="in a stream, null until the choice's last chunk"
     )

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,7 +23,14 @@ from fastapi.sse import EventSourceResponse
 from pydantic_core import to_json
 from starlette.types import Receive, Scope
 
-from server.engine import FAILED, Engine, EngineUnavailable, RequestOutput, RequestStream
+from server.engine import (
+    FAILED,
+    Engine,
+    EngineUnavailable,
+    RequestOutput,
+    RequestStream,
+    TokenLogprob,
+)
 from server.http11 import log_unsent_answer
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
@@ -180,14 +187,14 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     collected = await _collect([stream], request)
     if collected is None:
         return _client_gone(request)
-    [(text, last)] = collected
+    [whole] = collected
     response = GenerateResponse(
-        id=last.request_id,
+        id=whole.request_id,
         model=serving.model_name,
-        text=text,
-        finish_reason=last.finish_reason,
-        stop_reason=last.stop_string,
-        usage=_usage(last),
+        text=whole.text,
+        finish_reason=whole.finish_reason,
+        stop_reason=whole.stop_string,
+        usage=_usage(whole),
     )
     return Response(response.model_dump_json(), media_type=_JSON)
 
@@ -210,7 +217,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
             "requests at once (--max-batch + --max-queue)"
         )
         raise ApiError(400, "too_many_completions", message)
-    streams = _submit(serving, _validated_prompts(serving.validator, body))
+    generations = _validated_prompts(serving.validator, body)
+    if body.logprobs is not None:
+        generations = [replace(g, logprobs=body.logprobs) for g in generations]
+    streams = _submit(serving, generations)
     header = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -219,13 +229,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     }
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _completion_events(streams, serving.stream_interval, header, include_usage)
+        events = _completion_events(
+            streams, serving.stream_interval, header, include_usage, serving.engine.token_table
+        )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
     collected = await _collect(streams, request)
     if collected is None:
         return _client_gone(request)
-    choices = [_choice(index, text, last) for index, (text, last) in enumerate(collected)]
-    usage = _usage(*(last for _, last in collected)).model_dump()
+    token_table = serving.engine.token_table
+    choices = [_choice(index, whole, token_table) for index, whole in enumerate(collected)]
+    usage = _usage(*collected).model_dump()
     return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
 
 
@@ -349,7 +362,11 @@ def _data_event(data: bytes) -> bytes:
 
 
 async def _completion_events(
-    streams: list[RequestStream], interval: int, header: dict[str, object], include_usage: bool
+    streams: list[RequestStream],
+    interval: int,
+    header: dict[str, object],
+    include_usage: bool,
+    token_table: list[bytes],
 ) -> AsyncIterator[bytes]:
     """/v1/completions' SSE: a chunk per `interval` new tokens of a choice (the choices
     interleaved as their tokens come), optionally a usage chunk, then [DONE]."""
@@ -360,7 +377,7 @@ async def _completion_events(
             if output.error is not None:
                 yield _error_event(output)
                 return
-            chunk = {**header, "choices": [_choice(index, output.text, output)]}
+            chunk = {**header, "choices": [_choice(index, output, token_table)]}
             if include_usage:
                 chunk["usage"] = None
             yield _data_event(to_json(chunk))
@@ -402,23 +419,42 @@ async def _merged(iterators: list[AsyncIterator[_T]]) -> AsyncIterator[tuple[int
             reader.cancel()
 
 
-def _choice(index: int, text: str, output: RequestOutput) -> dict[str, object]:
-    """One CompletionChoice, as a dict (built per event, as _chunk_event's)."""
+def _choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict[str, object]:
+    """One CompletionChoice of `output`, as a dict (built per event, as _chunk_event's)."""
     return {
         "index": index,
-        "text": text,
-        "logprobs": None,
+        "text": output.text,
+        "logprobs": _logprobs(output.logprobs, token_table) if output.logprobs else None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_string,
     }
 
 
-async def _collect(
-    streams: list[RequestStream], request: Request
-) -> list[tuple[str, RequestOutput]] | None:
-    """Each stream's whole text and last output; None if the client disconnected first
-    (the requests are cancelled then). Raises the first stream's error, if any."""
-    collecting = asyncio.gather(*(_whole_text(stream) for stream in streams))
+def _logprobs(logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]) -> dict[str, list]:
+    """CompletionLogprobs of these tokens, in OpenAI's form."""
+    return {
+        "tokens": [_token_text(token_table[t.token_id]) for t in logprobs],
+        "token_logprobs": [t.logprob for t in logprobs],
+        "top_logprobs": [
+            {_token_text(token_table[i]): value for i, value in t.top} for t in logprobs
+        ],
+        "text_offset": [t.text_offset for t in logprobs],
+    }
+
+
+def _token_text(token: bytes) -> str:
+    """A token as OpenAI's logprobs name it: its text, or (a piece of a character, as a
+    byte-level BPE has) `bytes:` and its bytes escaped."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token)
+
+
+async def _collect(streams: list[RequestStream], request: Request) -> list[RequestOutput] | None:
+    """Each stream's outputs as one (_whole); None if the client disconnected first (the
+    requests are cancelled then). Raises the first stream's error, if any."""
+    collecting = asyncio.gather(*(_whole(stream) for stream in streams))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait((collecting, disconnect), return_when=asyncio.FIRST_COMPLETED)
@@ -429,10 +465,10 @@ async def _collect(
             stream.close()
     if not collecting.done() or collecting.cancelled():
         return None
-    collected: list[tuple[str, RequestOutput]] = collecting.result()
-    for _, last in collected:
-        if last.error is not None:
-            raise _engine_error(last)
+    collected: list[RequestOutput] = collecting.result()
+    for whole in collected:
+        if whole.error is not None:
+            raise _engine_error(whole)
     return collected
 
 
@@ -441,12 +477,20 @@ def _client_gone(request: Request) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def _whole_text(stream: RequestStream) -> tuple[str, RequestOutput]:
-    parts = []
+async def _whole(stream: RequestStream) -> RequestOutput:
+    """The stream's outputs joined into one (each list joined once, not per output); its
+    error output, if it ends in one."""
+    texts: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
     async for output in stream:
-        parts.append(output.text)
+        if output.error is not None:
+            return output
+        texts.append(output.text)
+        token_ids += output.token_ids
+        logprobs += output.logprobs
         last = output
-    return "".join(parts), last
+    return replace(last, text="".join(texts), token_ids=token_ids, logprobs=tuple(logprobs))
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -21,6 +21,9 @@ class SamplingBatch:
     slots: torch.Tensor  # [B] KV-cache slot of each row, on the device
     params: BatchParams
     generators: list[torch.Generator | None]
+    # The most alternatives' log-probabilities a row asks for (Sampler.logprobs); None:
+    # no row asks for log-probabilities.
+    top_logprobs: int | None = None
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -41,11 +44,14 @@ class Sampler:
         slots: Sequence[int],
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        logprobs: Sequence[int | None],
     ) -> SamplingBatch:
+        """logprobs: each row's wish (GenerationRequest.logprobs)."""
         return SamplingBatch(
             torch.tensor(slots, device=self.device),
             BatchParams.from_rows(params, self.device),
             list(generators),
+            max((k for k in logprobs if k is not None), default=None),
         )
 
     def start(self, slot: int, prompt_ids: Sequence[int]) -> None:
@@ -57,6 +63,16 @@ class Sampler:
     def move(self, src: int, dst: int) -> None:
         self.in_prompt[dst] = self.in_prompt[src]
         self.generated[dst] = self.generated[src]
+
+    def logprobs(
+        self, logits: torch.Tensor, ids: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's log-probabilities (its own distribution: before temperature,
+        penalties or truncation, as vLLM reports them) of the sampled `ids` [B], and the k
+        likeliest tokens' ids and log-probabilities [B, k], over the tokenizer's ids."""
+        log_probs = torch.log_softmax(logits[:, : self.generated.shape[1]].float(), dim=-1)
+        top = log_probs.topk(k, dim=-1)  # [B, k] each, likeliest first
+        return log_probs.gather(1, ids[:, None])[:, 0], top.indices, top.values
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [B, >= V] -> token ids [B] (on the device), each below V."""

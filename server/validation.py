@@ -133,6 +133,9 @@ class GenerationRequest:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool
+    # Log-probabilities to report with each token: the sampled one's and the `logprobs`
+    # likeliest alternatives' (0: the sampled one's only); None: none.
+    logprobs: int | None = None
     arrival: float = field(default_factory=time.perf_counter)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from server_harness import (
     english_tokenizer,
     metric_samples,
@@ -19,6 +20,8 @@ from server_harness import (
     wait_until,
 )
 
+from model.checkpoint import load_model
+from model.token_bytes import token_bytes
 from server.protocol import OPENAI_DEFAULT_MAX_TOKENS, Completion
 from server.settings import Settings
 
@@ -172,6 +175,63 @@ def test_token_id_prompts_continue_as_their_text_does(sdk, client, model_id):
     assert_error(client.post("/v1/completions", json=too_long), 400, "context_length_exceeded")
 
 
+def test_logprobs_are_the_models_own_for_each_token_generated(sdk, client, checkpoint, model_id):
+    # Penalties and a temperature change what is drawn, not what is reported.
+    sampling = {"seed": 4, "max_tokens": 12, "temperature": 1.3, "presence_penalty": 1.0}
+    body = {"prompt": "Once upon a time", "ignore_eos": True, **sampling}
+    stream = client.post("/v1/generate", json={**body, "stream": True})
+    ids = [i for event in sse_events(stream) if isinstance(event, dict) for i in event["token_ids"]]
+    extra = {"ignore_eos": True}
+    completion = sdk.completions.create(
+        model=model_id, prompt=body["prompt"], logprobs=3, extra_body=extra, **sampling
+    )
+    [choice] = completion.choices
+    logprobs = choice.logprobs
+    prompt_ids = english_tokenizer().encode(body["prompt"], add_special_tokens=False).ids
+    every = prompt_ids + ids
+    with torch.no_grad():
+        logits = load_model(checkpoint)(torch.tensor([every]), torch.arange(len(every))[None])
+    expected = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)  # [12, V]
+    drawn = expected.gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert logprobs.token_logprobs == pytest.approx(drawn.tolist(), abs=1e-4)
+    top = expected.topk(3, dim=-1).values
+    for reported, likeliest in zip(logprobs.top_logprobs, top.tolist(), strict=True):
+        assert sorted(reported.values(), reverse=True) == pytest.approx(likeliest, abs=1e-4)
+    assert len(logprobs.tokens) == len(logprobs.text_offset) == len(ids) == 12
+    table = token_bytes(english_tokenizer())
+    for token, token_id in zip(logprobs.tokens, ids, strict=True):  # text, or bytes:\\x..
+        escaped = token.removeprefix("bytes:")
+        spelled = bytes.fromhex(escaped.replace("\\x", "")) if escaped != token else token.encode()
+        assert spelled == table[token_id]
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert all(offset <= len(choice.text) for offset in logprobs.text_offset)
+    # Streamed, each chunk's logprobs are its tokens': together, the same lists.
+    chunks = sdk.completions.create(
+        model=model_id, prompt=body["prompt"], logprobs=3, stream=True, extra_body=extra, **sampling
+    )
+    streamed = [c.choices[0].logprobs for c in chunks]
+    assert [v for lp in streamed for v in lp.token_logprobs] == logprobs.token_logprobs
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    # Without logprobs, none are reported.
+    plain = sdk.completions.create(model=model_id, prompt=body["prompt"], **sampling)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == choice.text
+
+
+def test_logprobs_in_a_busy_batch_are_each_requests_own(sdk, client, model_id):
+    # A stream without logprobs decodes while a request with them is prefilled, then both
+    # decode: each row reports its own, or none.
+    body = {"model": model_id, "max_tokens": 8, "seed": 9, "logprobs": 2}
+    alone = sdk.completions.create(prompt="The scheduler", **body).choices[0].logprobs
+    long = {"prompt": "a", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=long) as plain:
+        events = sse_events(plain)
+        assert next(events)["choices"][0]["logprobs"] is None
+        busy = sdk.completions.create(prompt="The scheduler", **body).choices[0].logprobs
+        assert all(e["choices"][0]["logprobs"] is None for e in events if isinstance(e, dict))
+    assert busy.tokens == alone.tokens
+    assert busy.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+
+
 def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
     body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
@@ -190,7 +250,7 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         ("n", 129, "n: Input should be less than or equal to 128"),
         ("best_of", 3, "best_of: only n (1) or null: completions are not ranked"),
         ("echo", True, "echo: only false"),
-        ("logprobs", 1, "logprobs: only null"),
+        ("logprobs", 6, "logprobs: Input should be less than or equal to 5"),
         ("suffix", "end", "suffix: only null"),
         ("logit_bias", {"50256": -100}, "logit_bias: only {}"),
         ("prompt", [], "prompt: must be a string, a non-empty list of strings, a non-empty"),
