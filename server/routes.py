@@ -210,17 +210,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     serving = _serving(request)
     if body.model is not None:
         _check_model(serving, body.model)
-    capacity, choices = serving.engine.scheduler.capacity, len(body.prompts) * body.n
-    if choices > capacity:
+    capacity, asked = serving.engine.scheduler.capacity, len(body.prompts) * body.n
+    if asked > capacity:
         message = (
-            f"{choices} completions (prompts x n): the server holds at most {capacity} "
+            f"{asked} completions (prompts x n): the server holds at most {capacity} "
             "requests at once (--max-batch + --max-queue)"
         )
         raise ApiError(400, "too_many_completions", message)
-    generations = _validated_prompts(serving.validator, body)
-    if body.logprobs is not None:
-        generations = [replace(g, logprobs=body.logprobs) for g in generations]
-    streams = _submit(serving, generations)
+    streams = _submit(serving, _validated_prompts(serving.validator, body))
     header = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -248,7 +245,7 @@ def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[Ge
     validated = []
     for choice, (prompt, fields) in enumerate(body.choices()):
         try:
-            validated.append(validator.validate_prompt(prompt, fields))
+            validated.append(validator.validate_prompt(prompt, fields, body.logprobs))
         except ApiError as e:
             if prompts == 1:
                 raise

@@ -212,12 +212,13 @@ class Validator:
         return self.validate_prompt(body.prompt, body)
 
     def validate_prompt(
-        self, prompt: str | list[int], fields: GenerationFields
+        self, prompt: str | list[int], fields: GenerationFields, logprobs: int | None = None
     ) -> GenerationRequest:
-        """A request for `prompt`, text or (/v1/completions) token ids, and `fields`."""
+        """A request for `prompt`, text or (/v1/completions) token ids, and `fields`;
+        `logprobs`: GenerationRequest's."""
         if isinstance(prompt, str):
-            return self._request(self._tokenized(prompt, fields.max_tokens), fields)
-        request = self._request(prompt, fields)  # the context's bound first: cheaper
+            return self._request(self._tokenized(prompt, fields.max_tokens), fields, logprobs)
+        request = self._request(prompt, fields, logprobs)  # the context's bound first: cheaper
         # Ids the tokenizer lacks (a padded checkpoint's extra embedding rows) have no
         # text, and the server never draws them: not taken in a prompt either.
         if max(prompt) >= self.vocab_size:
@@ -248,7 +249,9 @@ class Validator:
         # An empty prompt starts a new document, as in training: after end-of-text.
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.bos_id]
 
-    def _request(self, prompt_ids: list[int], fields: GenerationFields) -> GenerationRequest:
+    def _request(
+        self, prompt_ids: list[int], fields: GenerationFields, logprobs: int | None
+    ) -> GenerationRequest:
         # Without max_tokens a request asks for the default or what the context leaves,
         # whichever is less (a `tiny` model's whole context is the default's 128).
         asked = fields.max_tokens
@@ -269,6 +272,7 @@ class Validator:
             seed=fields.seed,
             stop=fields.stop_strings,
             ignore_eos=fields.ignore_eos,
+            logprobs=logprobs,
         )
 
     def _normalized_bytes(self, prompt: str, prompt_bytes: int) -> int:
