@@ -306,21 +306,20 @@ class CompletionRequest(GenerationFields):
             return [prompt]  # one text, or one list of ids
         return list(prompt)
 
-    def choices(self) -> list[tuple[str | list[int], GenerationFields]]:
-        """Each choice's prompt and fields, n per prompt in the prompts' order (the
-        choices' indices): the fields this request set (those left out then take the
-        checkpoint's defaults, as on /v1/generate)."""
+    def choices(self) -> list[tuple[str | list[int], list[GenerationFields]]]:
+        """Each prompt and the fields of its n choices, in the order of the choices'
+        indices: the fields this request set (those left out then take the checkpoint's
+        defaults, as on /v1/generate), the seed counting up."""
         fields = {
             name: getattr(self, name)
             for name in GenerationFields.model_fields
             if name in self.model_fields_set or name == "max_tokens"
         }
         # Already validated: constructed, not validated again.
-        return [
-            (prompt, GenerationFields.model_construct(**{**fields, **self._seed(j)}))
-            for prompt in self.prompts
-            for j in range(self.n)
+        each = [
+            GenerationFields.model_construct(**{**fields, **self._seed(j)}) for j in range(self.n)
         ]
+        return [(prompt, each) for prompt in self.prompts]
 
     def _seed(self, j: int) -> dict[str, int]:
         """The seed of a prompt's j-th choice, if the request has one: seed + j, within

@@ -240,16 +240,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
 
 
 def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[GenerationRequest]:
-    """Each choice's request, validated; a refusal names the prompt of a list."""
+    """Each choice's request, validated (a text prompt tokenized once for its n choices);
+    a refusal names the prompt of a list."""
     prompts = len(body.prompts)
     validated = []
-    for choice, (prompt, fields) in enumerate(body.choices()):
+    for number, (prompt, choices) in enumerate(body.choices(), start=1):
         try:
-            validated.append(validator.validate_prompt(prompt, fields, body.logprobs))
+            ids = (
+                prompt if isinstance(prompt, list) else validator.tokenize(prompt, body.max_tokens)
+            )
+            validated += [
+                validator.validate_prompt(ids, fields, body.logprobs) for fields in choices
+            ]
         except ApiError as e:
             if prompts == 1:
                 raise
-            message = f"prompt {choice // body.n + 1} of {prompts}: {e.message}"
+            message = f"prompt {number} of {prompts}: {e.message}"
             raise ApiError(e.status_code, e.type, message, e.headers) from None
     return validated
 

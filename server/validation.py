@@ -217,7 +217,7 @@ class Validator:
         """A request for `prompt`, text or (/v1/completions) token ids, and `fields`;
         `logprobs`: GenerationRequest's."""
         if isinstance(prompt, str):
-            return self._request(self._tokenized(prompt, fields.max_tokens), fields, logprobs)
+            return self._request(self.tokenize(prompt, fields.max_tokens), fields, logprobs)
         request = self._request(prompt, fields, logprobs)  # the context's bound first: cheaper
         # Ids the tokenizer lacks (a padded checkpoint's extra embedding rows) have no
         # text, and the server never draws them: not taken in a prompt either.
@@ -230,7 +230,9 @@ class Validator:
             raise ApiError(400, "invalid_token_id", message)
         return request
 
-    def _tokenized(self, prompt: str, asked: int | None) -> list[int]:
+    def tokenize(self, prompt: str, asked: int | None) -> list[int]:
+        """`prompt`'s token ids, or the 400 for a prompt too long by its bytes alone to
+        leave room for `asked` tokens (max_tokens)."""
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt of more bytes than any prompt that
         # fits (the context's tokens, each of the vocabulary's longest) is refused before
