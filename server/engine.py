@@ -353,10 +353,11 @@ class Engine:
                     [live.generator for live in starting],
                     [live.request.logprobs for live in starting],
                 )
-                sampled.append(ids := self.sampler.sample(logits[done], batch))
+                last_logits = logits[done]  # [len(done), V]: a gather, taken once
+                sampled.append(ids := self.sampler.sample(last_logits, batch))
                 if batch.top_logprobs is not None:
                     top = batch.top_logprobs
-                    scored.append((len(rows), *self.sampler.logprobs(logits[done], ids, top)))
+                    scored.append((len(rows), *self.sampler.logprobs(last_logits, ids, top)))
                 rows += starting
         if not rows:
             return [], []
