@@ -85,16 +85,19 @@ class Attention(nn.Module):
             mask, causal = step.mask, False  # k, v: [B, K, L, E]; mask: [B, 1, T, L]
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
-        if step.cache is None and q.device.type == "cpu" and q.dtype != torch.float32:
-            # PyTorch's CPU flash attention is ~2x slower in bf16 than in fp32 (forward +
-            # backward), so a reduced-precision CPU run attends in fp32 (with autocast
-            # off: it would cast the inputs straight back).
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # PyTorch's CPU flash attention is 2-4x slower in bf16 than in fp32: training
+            # (forward + backward; B16 H4 T128 E32 on 2 Zen 4 cores: 12.4 vs 5.7 ms) and
+            # decoding (B32 H6 L120 E64: 1.31 vs 0.67 ms with the casts; B1 L1000: 0.43 vs
+            # 0.10), so a reduced-precision CPU model attends in fp32 (with autocast off:
+            # it would cast the inputs straight back).
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(
                     q.float(),
                     k.float(),
                     v.float(),
-                    is_causal=True,
+                    attn_mask=mask,
+                    is_causal=causal,
                     dropout_p=dropout,
                     enable_gqa=gqa,
                 ).to(q.dtype)

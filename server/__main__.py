@@ -150,7 +150,7 @@ def check_memory(
     give, or the GPU has free: past it, Linux kills the process with no word (exit 137),
     CUDA fails in the loading, and a long-context model at the default --max-batch can
     ask for many times the machine. Refused, the line says what fits."""
-    from model.kv_cache import KVCache
+    from model.kv_cache import KVCache, cache_dtype
     from model.memory import available_memory, format_size
     from server.app import resolve_dtype
 
@@ -164,7 +164,7 @@ def check_memory(
         offered = f"at most {format_size(available or 0)} is available"
     dtype = resolve_dtype(settings.dtype, device)
     weights = config.num_parameters() * dtype.itemsize
-    per_slot_token = KVCache.bytes_per_token(config, dtype)
+    per_slot_token = KVCache.bytes_per_token(config, cache_dtype(device, dtype))
     cache = per_slot_token * settings.max_batch * config.max_seq_len
     if available is None or weights + cache <= available:
         return

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.kv_cache import KVCache, as_slots
+from model.kv_cache import KVCache, as_slots, cache_dtype
 from model.transformer import Transformer
 from server.cuda_graphs import DecodeGraphs
 
@@ -68,7 +68,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_len = model.config.max_seq_len
-        self.cache = KVCache.for_model(model.config, n_slots, device=self.device, dtype=self.dtype)
+        self.cache = KVCache.for_model(
+            model.config, n_slots, device=self.device, dtype=cache_dtype(self.device, self.dtype)
+        )
         if self.device.type == "cuda":
             # cuDNN's attention rebuilds its plan for every new key length, i.e. every
             # decode step: 4.9 ms of CPU per attention call on an H100 (bench/decode.py),

@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="weights and KV-cache dtype; auto = bfloat16 on CUDA (float16 before "
-        "Ampere, where bf16 is only emulated), float32 on CPU",
+        description="weights and KV-cache dtype (a CPU keeps the KV cache in float32, where "
+        "its attention runs fastest); auto = bfloat16 on CUDA (float16 before Ampere, where "
+        "bf16 is only emulated), float32 on CPU",
     )
     threads: int | None = Field(
         None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from model.config import PRESETS, ModelConfig
-from model.kv_cache import KVCache, as_slots
+from model.kv_cache import KVCache, as_slots, cache_dtype
 from model.transformer import Transformer
 
 VOCAB = 300
@@ -37,7 +39,9 @@ def decode_through_cache(
     every position, [B, T, V], gathered from the cached calls.
     """
     batch, length = ids.shape
-    cache = KVCache.for_model(model.config, n_slots=max(slots) + 1)
+    weights = next(model.parameters())
+    dtype = cache_dtype(weights.device, weights.dtype)
+    cache = KVCache.for_model(model.config, n_slots=max(slots) + 1, dtype=dtype)
     out = torch.zeros(batch, length, model.config.vocab_size)
     longest = max(prompt_lens)
     # Rows shorter than the longest prompt are padded with their own next tokens; the
@@ -94,6 +98,22 @@ def test_cached_decode_equals_full_forward_rows_of_different_lengths(model: Tran
     # Non-contiguous, unordered slots exercise the gathered (copying) cache path.
     cached = decode_through_cache(model, ids, prompt_lens=[3, 17, 1, 30], slots=[5, 0, 3, 1])
     assert (cached - full).abs().max().item() <= 1e-4
+
+
+@torch.inference_mode()
+def test_a_bf16_model_on_cpu_decodes_through_its_fp32_cache_as_its_full_forward(
+    model: Transformer,
+) -> None:
+    # The cache a CPU keeps is fp32 whatever the weights (cache_dtype): bf16 keys and
+    # values are written into it, and attention reads it in fp32 (prefill with its mask,
+    # decode, gathered slots).
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert cache_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+    ids = random_ids((4, 48), seed=3)
+    full = half(ids, full_positions(4, 48)).float()
+    cached = decode_through_cache(half, ids, prompt_lens=[3, 17, 1, 30], slots=[5, 0, 3, 1])
+    # Within two bf16 roundings of logits of ~2-4 (the products round per batch shape).
+    assert (cached - full).abs().max().item() <= 2**-5
 
 
 @torch.inference_mode()

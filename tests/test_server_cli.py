@@ -281,13 +281,16 @@ def with_context_of(checkpoint: Path, positions: int, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
-    checkpoint, tmp_path
+    checkpoint, tmp_path, dtype
 ):
     # A long-context model at the default --max-batch: the zeroed cache was an exit 137
-    # from the kernel's OOM killer, with no word.
+    # from the kernel's OOM killer, with no word. On a CPU the cache is float32 whatever
+    # the weights' dtype: the same 32 TiB for bf16 weights.
     long = with_context_of(checkpoint, 2**24, tmp_path / "long")
-    refused = run_server("--checkpoint", str(long), env={"POCKETGPT_MAX_BATCH": "1024"})
+    env = {"POCKETGPT_MAX_BATCH": "1024", "POCKETGPT_DTYPE": dtype}
+    refused = run_server("--checkpoint", str(long), env=env)
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
     # Not one slot of that context fits: the context is what to lower.
