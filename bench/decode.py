@@ -209,7 +209,8 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="compile our decode step as `python -m server --compile-decode true` does "
-        "(CPU: a lone stream's; CUDA: the step each CUDA graph captures)",
+        "(CPU: batch 1's step and the larger batches'; CUDA: the step each CUDA graph "
+        "captures)",
     )
     parser.add_argument(
         "--no-cuda-graphs",

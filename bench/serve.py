@@ -323,7 +323,7 @@ def measure_round(
     hf = hf_reference(folder, prompts, raw["device"], reference_dtype)
     overhead = 1 - http["tokens_per_s"] / raw["tokens_per_s"]
     vs_hf = http["tokens_per_s"] / hf
-    compiled = ", lone stream compiled" if args.compile_decode else ""  # as bench.decode says
+    compiled = ", decode compiled" if args.compile_decode else ""
     print(
         f"serve {clients:>4} clients ({describe(raw['device'])}, "
         f"{str(raw['dtype']).removeprefix('torch.')}{compiled}, max-batch {args.max_batch}, "

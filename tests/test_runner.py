@@ -1,4 +1,4 @@
-"""The server's ModelRunner: its compiled lone-stream step and its bucketed decode (what
+"""The server's ModelRunner: its compiled decode step and its bucketed decode (what
 CUDA graphs capture; the graphs themselves where CUDA is available) agree with the eager one."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from server.cuda_graphs import StaticDecode
 from server.runner import ModelRunner, PrefillInput
 
 VOCAB = 300
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # a compiled fp32 forward vs the eager one
 # (device, compiled): CUDA too where there is one (a lent GPU machine); CI runs the CPU case.
 BUCKETED_CASES = [
     ("cpu", False),
@@ -31,7 +32,7 @@ def model() -> Transformer:
 
 
 def test_a_one_slot_runner_builds_one_graph_at_warm_up(model: Transformer) -> None:
-    # With one slot the warm-up's batch decode is itself the lone-stream path.
+    # With one slot the warm-up's batch decode is itself batch 1's graph.
     runner = ModelRunner(model, n_slots=1, compile_decode=True)
     graphs_before = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
@@ -43,33 +44,43 @@ def test_a_one_slot_runner_builds_one_graph_at_warm_up(model: Transformer) -> No
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compiled_lone_decode_follows_the_eager_forward_without_rebuilding(
+def test_compiled_decode_follows_the_eager_forward_without_rebuilding(
     model: Transformer,
 ) -> None:
-    eager = ModelRunner(model, n_slots=2)
-    compiled = ModelRunner(model, n_slots=2, compile_decode=True)
-    prompt = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    eager = ModelRunner(model, n_slots=4)
+    compiled = ModelRunner(model, n_slots=4, compile_decode=True)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, VOCAB, (4, 20), generator=generator).tolist()
+    lengths = [19, 6, 11, 15]  # each slot's prompt, all but the last token of the lone one
     with torch.inference_mode():
         eager.warm_up()
         graphs_before = counters["stats"]["unique_graphs"]
-        compiled.warm_up()  # builds the lone-stream graph here, not at the first request
+        # Builds here, not at the first request: batch 1's graph and the larger batches'.
+        compiled.warm_up()
         graphs = counters["stats"]["unique_graphs"]
-        assert graphs == graphs_before + 1
-        token = prompt[-1]
+        assert graphs == graphs_before + 2
         for runner in (eager, compiled):
-            runner.prefill([PrefillInput(0, prompt[:-1], 0)])
-        for position in range(len(prompt) - 1, len(prompt) + 40):  # key lengths 20..60
+            runner.prefill([PrefillInput(0, prompts[0][:-1], 0)])
+        token = prompts[0][-1]
+        for position in range(19, 60):  # a lone stream in slot 0, key lengths 20..60
             expected = eager.decode([token], [position], [0])
             got = compiled.decode([token], [position], [0])
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, expected, **CLOSE)
             token = int(expected.argmax())
-        # Two rows take the eager path in the compiled runner too, and agree with it.
         for runner in (eager, compiled):
-            runner.prefill([PrefillInput(1, prompt[:10], 0)])
-        expected = eager.decode([token, 7], [position + 1, 10], [0, 1])
-        got = compiled.decode([token, 7], [position + 1, 10], [0, 1])
-        torch.testing.assert_close(got, expected)
-    # One graph served every key length: nothing was rebuilt after the warm-up.
+            runner.prefill([PrefillInput(s, prompts[s][: lengths[s]], 0) for s in (1, 2, 3)])
+        positions = [60, *lengths[1:]]
+        tokens = [token, *(prompts[s][lengths[s]] for s in (1, 2, 3))]
+        # Rows in slots 0..B-1 at every batch size up to the slot count (the graph the
+        # warm-up built at 4 rows serves 2 and 3), and rows elsewhere (the eager path in
+        # the compiled runner too).
+        for slots in ([0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 2], [1, 3]):
+            args = ([tokens[s] for s in slots], [positions[s] for s in slots], slots)
+            torch.testing.assert_close(compiled.decode(*args), eager.decode(*args), **CLOSE)
+            for s in slots:
+                positions[s] += 1
+    # Two graphs served every batch size and key length: nothing was rebuilt after the
+    # warm-up.
     assert counters["stats"]["unique_graphs"] == graphs
 
 

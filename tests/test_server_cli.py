@@ -859,7 +859,7 @@ def test_a_drain_waits_for_a_slow_reader_and_cuts_off_one_that_stopped_reading(c
 
 
 def test_a_server_stopped_while_its_model_loads_exits_at_once_and_cleanly(checkpoint):
-    # The load went on to its end (here: compiling the lone-stream step) before the
+    # The load went on to its end (here: compiling the decode step) before the
     # process could exit, and a teardown under the still-running load aborted it
     # ("terminate called without an active exception", exit 134).
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]

@@ -390,7 +390,7 @@ def test_health_and_models_describe_the_loaded_checkpoint(client, checkpoint):
     assert generate(client, prompt="x", max_tokens=1)["model"] == checkpoint.parent.name
 
 
-def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, checkpoint):
+def test_a_server_compiling_its_decode_step_serves_the_same_tokens(client, checkpoint):
     bodies = [
         {"prompt": "Hello there", "max_tokens": 20, "temperature": 0, "ignore_eos": True},
         {"prompt": "Once upon a time", "max_tokens": 20, "seed": 3, "top_p": 0.9},
@@ -399,11 +399,15 @@ def test_a_server_compiling_the_lone_stream_step_serves_the_same_tokens(client, 
     settings = Settings(
         checkpoint=checkpoint, max_batch=8, prefill_chunk=PREFILL_CHUNK, compile_decode=True
     )
-    # Ready only after the warm-up has built the graph (~20 s on 2 cores, cold).
+    # Ready only after the warm-up has built the graphs (~40 s on 2 cores, cold).
     with (
         running_server(settings, ready_within=180) as url,
         httpx.Client(base_url=url, timeout=60) as compiled,
     ):
         for body, text in zip(bodies, expected, strict=True):
-            assert generate(compiled, **body)["text"] == text
+            assert generate(compiled, **body)["text"] == text  # alone: batch 1's graph
             assert streamed_text(stream(compiled, **body)) == text
+        # Together, in slots 0 and 1: the larger batches' graph.
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda body: generate(compiled, **body)["text"], bodies))
+        assert together == expected
