@@ -147,10 +147,11 @@ class ModelRunner:
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length = max(positions) + 1
-        if self._compiled_decode is not None and list(slots) == list(range(len(slots))):
+        slots_index = as_slots(slots, self.device)
+        first_slots = isinstance(slots_index, slice) and slots_index.start == 0
+        if self._compiled_decode is not None and first_slots:
             logits = self._compiled_decode(tokens, pos, length)
         else:
-            slots_index = as_slots(slots, self.device)
             logits = self.model(tokens, pos, self.cache, slots_index, length=length)
         return logits[:, 0]
 
