@@ -219,7 +219,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         slots: torch.Tensor | slice | None = None,
-        logits_at: torch.Tensor | None = None,
+        logits_at: tuple[torch.Tensor, torch.Tensor] | None = None,
         length: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, T] -> logits [B, T, V].
@@ -230,8 +230,8 @@ class Transformer(nn.Module):
         `positions[b]` and attends over that slot's positions 0..p; rows may be at
         different lengths (padding a short row with further positions is harmless: see
         kv_cache.py's invariant). `length`, when given, must be max(positions) + 1.
-        `logits_at` [B] picks one t per row (e.g. each prompt's last token) and
-        returns logits [B, 1, V], skipping the LM head for the other positions.
+        `logits_at` (rows [N], ts [N]) picks N positions (e.g. each prompt's last token)
+        and returns their logits [N, 1, V], skipping the LM head for the others.
         """
         step = _Step(cache, slots, positions, length)
         x = self.embed_tokens(input_ids)  # [B, T, D]
@@ -243,5 +243,5 @@ class Transformer(nn.Module):
             step.layer = i
             x = layer(x, rope, step)
         if logits_at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)  # [B, 1, D]
+            x = x[logits_at].unsqueeze(1)  # [N, 1, D]
         return self.lm_head(self.norm(x))  # [B, T, V]

@@ -64,6 +64,17 @@ class IncrementalDetokenizer:
         return pending[: len(pending) - hold]
 
 
+def text_offsets(table: Sequence[bytes], token_ids: Sequence[int]) -> list[int]:
+    """Where each token's text begins in the text of `token_ids`, in characters: how many
+    the tokens before it make (a character split across tokens counts once complete)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, length = [], 0
+    for token_id in token_ids:
+        offsets.append(length)
+        length += len(utf8.decode(table[token_id]))
+    return offsets
+
+
 def _could_begin_a_character(held: bytes) -> bool:
     """Whether more bytes could make `held` (what the UTF-8 decoder keeps back) one
     character. CPython's incremental decoder keeps back every such start, and also ED

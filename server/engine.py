@@ -17,20 +17,21 @@ releases before its next step, which frees the slot.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.transformer import Transformer
-from server.detokenizer import IncrementalDetokenizer
+from server.detokenizer import IncrementalDetokenizer, text_offsets
 from server.metrics import Metrics
 from server.runner import ModelRunner, PrefillInput
 from server.sampler import Sampler, SamplingBatch, make_generator
-from server.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from server.scheduler import PrefillChunk, ScheduledRequest, Scheduler, SchedulerOutput
 from server.validation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,16 @@ FAILED = "the engine stopped on an internal error (see the server log)"
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model, and its step's likeliest."""
+    """A token's log-probability under the model, and the likeliest at its position."""
 
     token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (id, log-probability), likeliest first
+    logprob: float | None  # None: the first token of an echoed prompt (nothing before it)
+    top: tuple[tuple[int, float], ...] | None  # (id, log-probability), likeliest first
     text_offset: int  # characters of the request's text sent before this token's
+
+
+# A token's log-probability and its position's likeliest (id, log-probability).
+_Scores = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,7 @@ class _Live:
     num_generated: int = 0
     last_token_at: float = 0.0
     text_length: int = 0  # characters sent so far
+    prompt_scores: list[_Scores] = field(default_factory=list)  # prompt tokens 1, 2, ...
 
 
 class Engine:
@@ -333,15 +339,26 @@ class Engine:
                 scored.append((len(rows), *self.sampler.logprobs(logits, ids, batch.top_logprobs)))
             rows += lives
             self.metrics.batch_size.observe(len(lives))
+        scored_only: list[_Live] = []  # prompts complete, nothing to generate (max_tokens 0)
         if output.prefills:
             lives = [self._live[chunk.request_id] for chunk in output.prefills]
-            logits = self.runner.prefill(
-                [
-                    PrefillInput(c.slot, live.request.prompt_ids[c.start : c.end], c.start)
-                    for c, live in zip(output.prefills, lives, strict=True)
-                ]
-            )
-            done = [i for i, c in enumerate(output.prefills) if c.completes_prompt]
+            chunks = [
+                PrefillInput(
+                    c.slot,
+                    live.request.prompt_ids[c.start : c.end],
+                    c.start,
+                    every_position=live.request.scores_prompt,
+                )
+                for c, live in zip(output.prefills, lives, strict=True)
+            ]
+            logits = self.runner.prefill(chunks)  # [P, V], or more rows when scoring
+            if any(chunk.every_position for chunk in chunks):
+                counts = [len(c.token_ids) if c.every_position else 1 for c in chunks]
+                self._score_prompts(output.prefills, lives, logits.split(counts))
+                logits = logits[torch.tensor(counts).cumsum(0) - 1]  # [P, V]: each chunk's end
+            completed = [i for i, c in enumerate(output.prefills) if c.completes_prompt]
+            scored_only = [lives[i] for i in completed if not lives[i].request.max_tokens]
+            done = [i for i in completed if lives[i].request.max_tokens]
             if done:
                 starting = [lives[i] for i in done]
                 slots = [output.prefills[i].slot for i in done]
@@ -359,17 +376,22 @@ class Engine:
                     top = batch.top_logprobs
                     scored.append((len(rows), *self.sampler.logprobs(last_logits, ids, top)))
                 rows += starting
-        if not rows:
-            return [], []
 
-        token_ids = torch.cat(sampled).tolist()  # the step's one device sync
+        token_ids = torch.cat(sampled).tolist() if rows else []  # the step's one device sync
         now = time.perf_counter()
         self.metrics.generation_tokens.inc(len(token_ids))
         logprobs = self._logprobs(rows, scored)
+        steps: list[tuple[_Live, int | None, _Scores | None]] = [
+            (live, None, None) for live in scored_only
+        ]
+        steps += zip(rows, token_ids, logprobs, strict=True)
         finished, deliveries = [], []
-        for live, token_id, scores in zip(rows, token_ids, logprobs, strict=True):
+        for live, token_id, scores in steps:
             try:
-                out = self._advance(live, token_id, now, scores)
+                if token_id is None:
+                    out = self._prompt_only(live)
+                else:
+                    out = self._advance(live, token_id, now, scores)
             except Exception as e:  # a bug in this row's text must not fail its neighbours
                 log.exception("request %s failed", live.request.request_id)
                 out = self._failure(live, e)
@@ -384,11 +406,11 @@ class Engine:
     @staticmethod
     def _logprobs(
         rows: list[_Live], scored: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
+    ) -> list[_Scores | None]:
         """Each row's sampled token's log-probability and its likeliest alternatives, as
         many as it asked for; None where it asked for none. `scored`: Sampler.logprobs'
         tensors for the rows from an index on (copied from the device only when asked)."""
-        logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(rows)
+        logprobs: list[_Scores | None] = [None] * len(rows)
         for first, chosen, top_ids, top_values in scored:
             rows_top = zip(top_ids.tolist(), top_values.tolist(), strict=True)
             for row, (logprob, (ids, values)) in enumerate(
@@ -417,12 +439,15 @@ class Engine:
         live: _Live,
         token_id: int,
         now: float,
-        scores: tuple[float, tuple[tuple[int, float], ...]] | None,
+        scores: _Scores | None,
     ) -> RequestOutput:
         request = live.request
         live.num_generated += 1
+        echo, echo_logprobs = "", ()
         if live.num_generated == 1:
             self.metrics.time_to_first_token.observe(now - request.arrival)
+            echo, echo_logprobs = self._echo(live)
+            live.text_length = len(echo)
         else:
             self.metrics.inter_token_latency.observe(now - live.last_token_at)
         live.last_token, live.last_token_at = token_id, now
@@ -437,13 +462,13 @@ class Engine:
                 text += live.detokenizer.finish()
                 # The flush can complete a stop string (bytes it makes U+FFFD).
                 reason = "length" if live.detokenizer.stop_string is None else "stop"
-        logprobs = ()
+        logprobs = echo_logprobs
         if scores is not None:
-            logprobs = (TokenLogprob(token_id, *scores, text_offset=live.text_length),)
+            logprobs += (TokenLogprob(token_id, *scores, text_offset=live.text_length),)
         live.text_length += len(text)
         return RequestOutput(
             request.request_id,
-            text,
+            echo + text,
             [token_id],
             reason,
             len(request.prompt_ids),
@@ -451,6 +476,59 @@ class Engine:
             live.detokenizer.stop_string,
             logprobs,
         )
+
+    def _prompt_only(self, live: _Live) -> RequestOutput:
+        """The one output of a request that generates nothing (max_tokens 0): its echo."""
+        echo, logprobs = self._echo(live)
+        prompt_tokens = len(live.request.prompt_ids)
+        return RequestOutput(
+            live.request.request_id, echo, [], "length", prompt_tokens, 0, None, logprobs
+        )
+
+    def _echo(self, live: _Live) -> tuple[str, tuple[TokenLogprob, ...]]:
+        """What a request's first output begins with: its echo (if asked) and, scoring the
+        prompt, each prompt token's log-probability (the first's None)."""
+        request = live.request
+        if not request.scores_prompt:
+            return request.echo or "", ()
+        prompt = request.prompt_ids
+        offsets = text_offsets(self.token_table, prompt)
+        scored = zip(prompt[1:], live.prompt_scores, offsets[1:], strict=True)
+        return request.echo or "", (
+            TokenLogprob(prompt[0], None, None, 0),
+            *(TokenLogprob(t, *scores, text_offset=offset) for t, scores, offset in scored),
+        )
+
+    def _score_prompts(
+        self,
+        chunks: Sequence[PrefillChunk],
+        lives: list[_Live],
+        logits: Sequence[torch.Tensor],
+    ) -> None:
+        """Keep, for each request scoring its prompt, its chunk's prompt tokens'
+        log-probabilities. logits[p]: chunk p's, [its length, V] if its request scores
+        its prompt; row j is prompt position start + j, whose logits score prompt token
+        start + j + 1 (the last prompt position's score the first generated token)."""
+        rows, targets, owners = [], [], []
+        for row, (chunk, live) in enumerate(zip(chunks, lives, strict=True)):
+            prompt = live.request.prompt_ids
+            scored = min(chunk.end, len(prompt) - 1) - chunk.start
+            if live.request.scores_prompt and scored > 0:
+                rows.append(logits[row][:scored])
+                targets += prompt[chunk.start + 1 : chunk.start + 1 + scored]
+                owners.append((live, scored))
+        if not owners:
+            return
+        k = max(live.request.logprobs or 0 for live, _ in owners)
+        ids = torch.tensor(targets, device=self.runner.device)
+        chosen, top_ids, top_values = self.sampler.logprobs(torch.cat(rows), ids, k)
+        scores = zip(chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+        for live, scored in owners:
+            k = live.request.logprobs or 0
+            for logprob, ids_k, values_k in itertools.islice(scores, scored):
+                live.prompt_scores.append(
+                    (logprob, tuple(zip(ids_k[:k], values_k[:k], strict=True)))
+                )
 
     def _fail_step(
         self, output: SchedulerOutput, error: Exception

@@ -182,7 +182,6 @@ MAX_LOGPROBS = 5  # OpenAI's bound on logprobs
 # What OpenAI's API has and this server does not do: the one value each may take (what
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
-    "echo": "false: the answer does not repeat the prompt",
     "suffix": "null: there is no text after the completion",
     "logit_bias": "{}: logits are not biased",
 }
@@ -218,9 +217,9 @@ class CompletionRequest(GenerationFields):
     )
     max_tokens: int = Field(  # OpenAI's default, not the checkpoint's
         OPENAI_DEFAULT_MAX_TOKENS,
-        ge=1,
+        ge=0,
         description="tokens to generate at most per choice; prompt + max_tokens must fit the "
-        "context",
+        "context; 0 only with echo (the prompt is scored, nothing generated)",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -235,14 +234,18 @@ class CompletionRequest(GenerationFields):
     best_of: int | None = Field(
         None, ge=1, description="only n, or left out: completions are not ranked"
     )
-    echo: Literal[False] = False
+    echo: bool = Field(
+        False,
+        description="each choice's text begins with its prompt (token ids as their text); "
+        "with logprobs, its logprobs begin with the prompt's tokens', the first's null",
+    )
     logprobs: int | None = Field(
         None,
         ge=0,
         le=MAX_LOGPROBS,
-        description="with each generated token, its log-probability under the model (before "
-        "temperature, penalties or truncation, as vLLM reports them) and those of this many "
-        "likeliest tokens",
+        description="with each generated token (and with echo, each prompt token), its "
+        "log-probability under the model (before temperature, penalties or truncation, as "
+        "vLLM reports them) and those of this many likeliest tokens",
     )
     suffix: None = None
     logit_bias: Annotated[dict[str, int], Field(max_length=0)] = Field(default_factory=dict)
@@ -271,6 +274,15 @@ class CompletionRequest(GenerationFields):
                 "must be a string, a non-empty list of strings, a non-empty list of token ids "
                 "(integers >= 0), or a non-empty list of such lists",
             ) from None
+
+    @model_validator(mode="after")
+    def _nothing_generated_only_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError(
+                "unsupported",
+                "max_tokens 0 only with echo: true (the prompt scored, nothing generated)",
+            )
+        return self
 
     @field_validator("best_of")
     @classmethod
@@ -328,15 +340,20 @@ class CompletionRequest(GenerationFields):
 
 
 class CompletionLogprobs(BaseModel):
-    """Per generated token (also those of a stop string, which the text leaves out), in
-    OpenAI's form; a token that is a piece of a character is `bytes:` and its bytes."""
+    """Per generated token (also those of a stop string, which the text leaves out), and
+    with echo first per prompt token, in OpenAI's form; a token that is a piece of a
+    character is `bytes:` and its bytes."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] = Field(description="the likeliest, as many as asked")
+    token_logprobs: list[float | None] = Field(
+        description="null for the first token of an echoed prompt: nothing comes before it"
+    )
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="the likeliest, as many as asked; null where token_logprobs is"
+    )
     text_offset: list[int] = Field(
         description="where in the choice's text the token's text begins (where the text "
-        "was when it was generated)"
+        "was when it was generated; a prompt token's counts the prompt as tokenized)"
     )
 
 
@@ -344,7 +361,10 @@ class CompletionChoice(BaseModel):
     index: int = Field(
         description="which choice: prompt i's j-th (from 0) of n is i x n + j, as OpenAI orders"
     )
-    text: str = Field(description="the completion; in a stream, the delta since the last chunk")
+    text: str = Field(
+        description="the completion (with echo, after its prompt); in a stream, the delta "
+        "since the last chunk"
+    )
     logprobs: CompletionLogprobs | None = Field(
         None, description="with the request's `logprobs`: this text's tokens'"
     )

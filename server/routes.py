@@ -249,9 +249,8 @@ def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[Ge
             ids = (
                 prompt if isinstance(prompt, list) else validator.tokenize(prompt, body.max_tokens)
             )
-            validated += [
-                validator.validate_prompt(ids, fields, body.logprobs) for fields in choices
-            ]
+            requests = [validator.validate_prompt(ids, fields, body.logprobs) for fields in choices]
+            validated += validator.echoing(requests, prompt) if body.echo else requests
         except ApiError as e:
             if prompts == 1:
                 raise
@@ -439,7 +438,8 @@ def _logprobs(logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]) -> d
         "tokens": [_token_text(token_table[t.token_id]) for t in logprobs],
         "token_logprobs": [t.logprob for t in logprobs],
         "top_logprobs": [
-            {_token_text(token_table[i]): value for i, value in t.top} for t in logprobs
+            None if t.top is None else {_token_text(token_table[i]): value for i, value in t.top}
+            for t in logprobs
         ],
         "text_offset": [t.text_offset for t in logprobs],
     }

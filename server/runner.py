@@ -53,6 +53,7 @@ class PrefillInput:
     slot: int
     token_ids: Sequence[int]  # the chunk's tokens
     start: int  # position of the first one
+    every_position: bool = False  # logits at each of the chunk's positions, not only its last
 
 
 class ModelRunner:
@@ -116,7 +117,8 @@ class ModelRunner:
         self.cache.copy_slot(src, dst, length)
 
     def prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:
-        """Write every chunk's K/V in one padded forward -> logits [P, V] at each chunk's end."""
+        """Write every chunk's K/V in one padded forward -> logits [N, V], chunk after
+        chunk: at each position of a chunk `every_position`, else at its last."""
         width = max(len(c.token_ids) for c in chunks)
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         for row, chunk in enumerate(chunks):
@@ -127,15 +129,24 @@ class ModelRunner:
         # lands on the cache's last position, past every prompt's end: a prompt leaves at
         # least one position to generate into (server/validation.py).
         positions = (starts[:, None] + torch.arange(width)).clamp_(max=self.max_len - 1)
-        last = torch.tensor([len(c.token_ids) - 1 for c in chunks])
+        rows: list[int] = []
+        picked: list[int] = []
+        for row, chunk in enumerate(chunks):
+            length = len(chunk.token_ids)
+            ts = range(length) if chunk.every_position else [length - 1]
+            rows += [row] * len(ts)
+            picked += ts
         logits = self.model(
             tokens.to(self.device),
             positions.to(self.device),
             self.cache,
             as_slots([c.slot for c in chunks], self.device),
-            logits_at=last.to(self.device),
+            logits_at=(
+                torch.tensor(rows, device=self.device),
+                torch.tensor(picked, device=self.device),
+            ),
             length=min(max(c.start for c in chunks) + width, self.max_len),
-        )  # [P, 1, V]
+        )  # [N, 1, V]
         return logits[:, 0]
 
     def decode(

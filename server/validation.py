@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -128,7 +128,7 @@ def _json_object(pairs: list[tuple[str, object]], fields: int) -> dict[str, obje
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0 (with echo only): nothing is generated, the prompt is scored
     sampling: SamplingParams
     seed: int | None
     stop: tuple[str, ...]
@@ -136,7 +136,15 @@ class GenerationRequest:
     # Log-probabilities to report with each token: the sampled one's and the `logprobs`
     # likeliest alternatives' (0: the sampled one's only); None: none.
     logprobs: int | None = None
+    # The text the request's first output begins with (/v1/completions' echo: the prompt
+    # as sent); with `logprobs`, that output's logprobs begin with the prompt tokens'.
+    echo: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether each prompt token's log-probability is reported (echo with logprobs)."""
+        return self.echo is not None and self.logprobs is not None
 
 
 def sampling_defaults(folder: Path) -> dict[str, float | int]:
@@ -194,6 +202,7 @@ class Validator:
     ) -> None:
         """context_limited: `max_context` is the server's --max-context, not the model's."""
         self.tokenizer = tokenizer
+        self.token_table = token_table
         self.max_context = max_context
         self.context_name = "served context" if context_limited else "model's context"
         self.bos_id = bos_id
@@ -230,6 +239,16 @@ class Validator:
             raise ApiError(400, "invalid_token_id", message)
         return request
 
+    def echoing(
+        self, requests: list[GenerationRequest], prompt: str | list[int]
+    ) -> list[GenerationRequest]:
+        """`requests` (validated, for `prompt`) with their outputs beginning with the prompt:
+        the text as sent, or token ids as their text."""
+        if isinstance(prompt, list):
+            spelled = b"".join(self.token_table[token_id] for token_id in prompt)
+            prompt = spelled.decode("utf-8", errors="replace")
+        return [replace(request, echo=prompt) for request in requests]
+
     def tokenize(self, prompt: str, asked: int | None) -> list[int]:
         """`prompt`'s token ids, or the 400 for a prompt too long by its bytes alone to
         leave room for `asked` tokens (max_tokens)."""
@@ -256,13 +275,16 @@ class Validator:
     ) -> GenerationRequest:
         # Without max_tokens a request asks for the default or what the context leaves,
         # whichever is less (a `tiny` model's whole context is the default's 128).
+        # A prompt leaves a position free even with max_tokens 0 (runner.prefill's padding).
         asked = fields.max_tokens
         if len(prompt_ids) + (asked or 1) > self.max_context:
             self._too_long(_count(len(prompt_ids), "token"), asked)
+        if asked is None:
+            asked = min(self.default_max_tokens, self.max_context - len(prompt_ids))
         return GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
-            max_tokens=asked or min(self.default_max_tokens, self.max_context - len(prompt_ids)),
+            max_tokens=asked,
             sampling=SamplingParams(
                 temperature=self._given_or_default(fields, "temperature"),
                 top_k=self._given_or_default(fields, "top_k"),
@@ -295,13 +317,13 @@ class Validator:
 
     def _too_long(self, prompt: str, max_tokens: int | None) -> NoReturn:
         context = f"the {self.context_name} of {self.max_context} tokens"
-        raise ApiError(
-            400,
-            "context_length_exceeded",
-            f"prompt ({prompt}) leaves no room to generate in {context}"
-            if max_tokens is None
-            else f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds {context}",
-        )
+        if max_tokens is None:
+            message = f"prompt ({prompt}) leaves no room to generate in {context}"
+        elif max_tokens == 0:
+            message = f"prompt ({prompt}) must leave a position free in {context}"
+        else:
+            message = f"prompt ({prompt}) + max_tokens ({max_tokens}) exceeds {context}"
+        raise ApiError(400, "context_length_exceeded", message)
 
 
 def _count(n: int, unit: str) -> str:

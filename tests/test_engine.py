@@ -1,7 +1,8 @@
 """The SSE event stream of one request, over a real engine (no HTTP): with
 `--stream-interval`, text gathered for the next event is never lost to an error; and an
 engine stopped with requests unfinished leaves no gauge counting them; a waiting request
-cancelled frees its place in the queue at once."""
+cancelled frees its place in the queue at once; a prompt scored in the same prefill as
+another leaves the other's output as it was alone."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from server_harness import english_tokenizer, random_checkpoint
 
 from server.app import load_serving
+from server.engine import RequestOutput
 from server.metrics import Metrics
 from server.protocol import GenerateRequest
 from server.routes import Serving, _events
 from server.settings import Settings
+from server.validation import GenerationRequest
 
 
 @pytest.fixture
@@ -101,3 +105,47 @@ def test_a_waiting_request_cancelled_frees_its_queue_place_at_once(tiny_checkpoi
     assert (
         registry.get_sample_value("pocketgpt_request_finished_total", {"reason": "cancelled"}) == 2
     )
+
+
+def test_a_prompt_scored_in_one_prefill_with_another_leaves_each_its_own_output(
+    tmp_path: Path,
+) -> None:
+    # Scoring a prompt (echo with logprobs) takes the prefill's logits at every position:
+    # the unscored prompt beside it, shorter and so padded, still samples from its own end.
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=2)
+    serving = load_serving(settings, Metrics())
+    engine, validator = serving.engine, serving.validator
+    fields = GenerateRequest(prompt="", max_tokens=6, temperature=0, ignore_eos=True)
+    unscored = "the cat"
+    scored = "a dog ran far away from home"
+
+    def requests() -> list[GenerationRequest]:
+        [echoing] = validator.echoing([validator.validate_prompt(scored, fields, 1)], scored)
+        return [validator.validate_prompt(unscored, fields), echoing]
+
+    async def outputs(submitted: list[GenerationRequest]) -> list[RequestOutput]:
+        wholes = []
+        for stream in engine.submit_all(submitted):
+            whole = await stream.__anext__()
+            async for output in stream:
+                whole = whole.followed_by(output)
+            wholes.append(whole)
+        return wholes
+
+    async def scenario() -> tuple[list[RequestOutput], list[RequestOutput]]:
+        engine.start(asyncio.get_running_loop())
+        alone = [(await outputs([request]))[0] for request in requests()]
+        return alone, await outputs(requests())  # admitted and prefilled in one step
+
+    try:
+        alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert together[1].text.startswith(scored) and not together[0].logprobs
+    prompt_tokens = len(validator.tokenize(scored, None))
+    scores = [t.logprob for t in together[1].logprobs]
+    assert len(scores) == prompt_tokens + 6 and scores[0] is None
+    assert scores[1:] == pytest.approx([t.logprob for t in alone[1].logprobs][1:], abs=1e-5)

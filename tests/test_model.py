@@ -120,9 +120,10 @@ def test_a_bf16_model_on_cpu_decodes_through_its_fp32_cache_as_its_full_forward(
 def test_logits_at_returns_only_the_requested_positions(model: Transformer) -> None:
     ids = random_ids((2, 12), seed=4)
     full = model(ids, full_positions(2, 12))
-    picked = model(ids, full_positions(2, 12), logits_at=torch.tensor([4, 11]))
-    assert picked.shape == (2, 1, VOCAB)
-    torch.testing.assert_close(picked[:, 0], full[[0, 1], [4, 11]], atol=1e-5, rtol=0)
+    rows, ts = torch.tensor([0, 1, 1]), torch.tensor([4, 2, 11])  # row 1 twice: any positions
+    picked = model(ids, full_positions(2, 12), logits_at=(rows, ts))
+    assert picked.shape == (3, 1, VOCAB)
+    torch.testing.assert_close(picked[:, 0], full[rows, ts], atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()

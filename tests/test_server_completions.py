@@ -232,6 +232,92 @@ def test_logprobs_in_a_busy_batch_are_each_requests_own(sdk, client, model_id):
     assert busy.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
 
 
+def log_probs_under(checkpoint: Path, ids: list[int]) -> torch.Tensor:
+    """The model's log-probabilities [len(ids) - 1, V] of each next token after ids[: i + 1],
+    from one full forward."""
+    with torch.no_grad():
+        logits = load_model(checkpoint)(torch.tensor([ids]), torch.arange(len(ids))[None])
+    return torch.log_softmax(logits[0, :-1], dim=-1)
+
+
+def test_echo_begins_each_choice_with_its_prompt_scored_by_the_model(sdk, checkpoint, model_id):
+    prompt = "Once upon a time, in a far land"
+    body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "seed": 3, "logprobs": 2}
+    extra = {"ignore_eos": True}
+    [plain] = sdk.completions.create(**body, extra_body=extra).choices
+    [echoed] = sdk.completions.create(**body, echo=True, extra_body=extra).choices
+    assert echoed.text == prompt + plain.text
+    prompt_ids = english_tokenizer().encode(prompt, add_special_tokens=False).ids
+    n, logprobs = len(prompt_ids), echoed.logprobs
+    table = token_bytes(english_tokenizer())
+    assert logprobs.tokens[:n] == [table[t].decode() for t in prompt_ids]
+    # Nothing comes before the first prompt token: OpenAI's nulls.
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    expected = log_probs_under(checkpoint, prompt_ids)  # [n - 1, V]
+    scored = expected.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
+    assert logprobs.token_logprobs[1:n] == pytest.approx(scored.tolist(), abs=1e-4)
+    likeliest = expected.topk(2, dim=-1).values.tolist()
+    for reported, values in zip(logprobs.top_logprobs[1:n], likeliest, strict=True):
+        assert sorted(reported.values(), reverse=True) == pytest.approx(values, abs=1e-4)
+    # Each prompt token's offset is where its text begins in the echoed prompt.
+    spelled = [len(table[t]) for t in prompt_ids]  # ASCII: a byte a character
+    assert logprobs.text_offset[:n] == [sum(spelled[:i]) for i in range(n)]
+    # Then the generated tokens, as without echo, their offsets after the prompt.
+    assert logprobs.tokens[n:] == plain.logprobs.tokens
+    assert logprobs.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert logprobs.text_offset[n:] == [len(prompt) + o for o in plain.logprobs.text_offset]
+    # Streamed, the first chunk begins with the prompt: the chunks add up to the same.
+    chunks = list(sdk.completions.create(**body, echo=True, stream=True, extra_body=extra))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in chunks) == echoed.text
+    assert [v for c in chunks for v in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+        logprobs.token_logprobs
+    )
+
+
+def test_max_tokens_0_with_echo_scores_long_prompts_without_generating(client, checkpoint):
+    # lm-eval's loglikelihood requests: token-id prompts, echo, logprobs, greedy. The
+    # longer prompt is prefilled in four chunks of --prefill-chunk (256) tokens: each
+    # chunk's first token is scored by the chunk before it.
+    vocab = english_tokenizer().get_vocab_size()
+    generator = torch.Generator().manual_seed(5)
+    long = torch.randint(0, vocab, (1023,), generator=generator).tolist()  # the most that fits
+    short = long[:7]
+    body = {"prompt": [long, short], "max_tokens": 0, "echo": True, "logprobs": 1}
+    answer = client.post("/v1/completions", json={**body, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    completion = Completion.model_validate(answer.json())
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (1023 + 7, 0)
+    table = token_bytes(english_tokenizer())
+    for choice, ids in zip(completion.choices, (long, short), strict=True):
+        assert choice.finish_reason == "length"
+        assert choice.text == b"".join(table[t] for t in ids).decode("utf-8", errors="replace")
+        expected = log_probs_under(checkpoint, ids)
+        scored = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert len(choice.logprobs.token_logprobs) == len(ids)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(scored.tolist(), abs=1e-4)
+        # One likeliest each: the greedy token's log-probability.
+        best = [max(top.values()) for top in choice.logprobs.top_logprobs[1:]]
+        assert best == pytest.approx(expected.max(dim=-1).values.tolist(), abs=1e-4)
+    # A prompt filling the whole context does not fit: one position stays free.
+    whole = {**body, "prompt": long + short[:1]}
+    message = assert_error(
+        client.post("/v1/completions", json=whole), 400, "context_length_exceeded"
+    )
+    assert (
+        message
+        == "prompt (1024 tokens) must leave a position free in the model's context of 1024 tokens"
+    )
+    # Streamed: one chunk, the whole echo.
+    with client.stream(
+        "POST", "/v1/completions", json={**body, "prompt": short, "stream": True}
+    ) as events:
+        *chunks, done = list(sse_events(events))
+    assert done == "[DONE]" and len(chunks) == 1
+    assert chunks[0]["choices"][0]["text"] == completion.choices[1].text
+
+
 def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
     body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
@@ -249,7 +335,6 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     [
         ("n", 129, "n: Input should be less than or equal to 128"),
         ("best_of", 3, "best_of: only n (1) or null: completions are not ranked"),
-        ("echo", True, "echo: only false"),
         ("logprobs", 6, "logprobs: Input should be less than or equal to 5"),
         ("suffix", "end", "suffix: only null"),
         ("logit_bias", {"50256": -100}, "logit_bias: only {}"),
@@ -259,7 +344,8 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         ("prompt", [1, True], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("prompt", ["a", [1]], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("stream_options", {"include_usage": 1}, "stream_options.include_usage: Input should"),
-        ("max_tokens", 0, "max_tokens: Input should be greater than or equal to 1"),
+        ("max_tokens", -1, "max_tokens: Input should be greater than or equal to 0"),
+        ("max_tokens", 0, "body: max_tokens 0 only with echo: true (the prompt scored, nothing"),
         ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
     ],
 )
