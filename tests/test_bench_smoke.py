@@ -14,7 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,15 @@ def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     with python_module(*args) as process:
         stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_modules(
+    commands: Iterable[Sequence[str]], timeout: float = 120
+) -> list[subprocess.CompletedProcess]:
+    """run_module of each command, several at once: each mostly imports torch (~2 s),
+    one after another the slowest part of the suite."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda command: run_module(*command, timeout=timeout), commands))
 
 
 def run_bench(*args: str) -> str:
@@ -297,8 +307,7 @@ def test_bad_input_is_one_error_line_naming_it(
         # Not handed on to training.pretrain: only what follows `--` is.
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
     }
-    for command, message in cases.items():
-        result = run_module(*command, timeout=120)
+    for (command, message), result in zip(cases.items(), run_modules(cases), strict=True):
         assert result.returncode == 2, (command, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert "error:" in last and message in last, (command, result.stderr)
@@ -307,12 +316,14 @@ def test_bad_input_is_one_error_line_naming_it(
 
 
 def test_help_describes_every_option_with_its_default() -> None:
-    for command in ("bench.decode", "bench.serve", "bench.load", "bench.train"):
-        out = run_bench(command, "--help")
+    commands = ("bench.decode", "bench.serve", "bench.load", "bench.train")
+    helps = run_modules((command, "--help") for command in commands)
+    for result in helps:
+        assert result.returncode == 0, result.stderr
         # One block per option: the flag, its metavar, then what it is.
-        blocks = re.split(r"\n  (?=--)", out.split("options:", 1)[1])[1:]
-        assert len(blocks) >= 5, out
-        assert all(len(block.split()) > 2 for block in blocks), out
-    decode = " ".join(run_bench("bench.decode", "--help").split())
+        blocks = re.split(r"\n  (?=--)", result.stdout.split("options:", 1)[1])[1:]
+        assert len(blocks) >= 5, result.stdout
+        assert all(len(block.split()) > 2 for block in blocks), result.stdout
+    decode = " ".join(helps[0].stdout.split())
     assert "(default: 1,8,32)" in decode and "--dtype {auto,float32,bfloat16,float16}" in decode
     assert "(default: None)" not in decode
