@@ -38,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt or output (HF/CTRL)
     presence_penalty: float = 0.0  # subtracted once from every token generated so far (OpenAI)
     frequency_penalty: float = 0.0  # subtracted per time it was generated (OpenAI)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit first)
 
     @property
     def greedy(self) -> bool:
@@ -55,6 +56,9 @@ class BatchParams:
     repetition_penalty: torch.Tensor  # [B]
     presence_penalty: torch.Tensor  # [B]
     frequency_penalty: torch.Tensor  # [B]
+    # Each row's logit biases as an index_put: (rows [N], token ids [N], biases [N]);
+    # None where no row has any.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     greedy: torch.Tensor  # [B] bool
     any_penalty: bool
     any_truncation: bool
@@ -69,6 +73,15 @@ class BatchParams:
             return torch.tensor(values, dtype=dtype, device=device)
 
         greedy = [r.greedy for r in rows]
+        biased = [(row, t, value) for row, r in enumerate(rows) for t, value in r.logit_bias]
+        bias = None
+        if biased:
+            biased_rows, ids, values = zip(*biased, strict=True)
+            bias = (
+                column(list(biased_rows), torch.long),
+                column(list(ids), torch.long),
+                column(list(values), torch.float32),
+            )
         return cls(
             divisor=column([[1.0 if r.greedy else r.temperature] for r in rows], torch.float32),
             max_kept=column([[min(r.top_k or NO_TOP_K, NO_TOP_K)] for r in rows], torch.long),
@@ -76,6 +89,7 @@ class BatchParams:
             repetition_penalty=column([r.repetition_penalty for r in rows], torch.float32),
             presence_penalty=column([r.presence_penalty for r in rows], torch.float32),
             frequency_penalty=column([r.frequency_penalty for r in rows], torch.float32),
+            bias=bias,
             greedy=column(greedy, torch.bool),
             any_penalty=any(
                 r.repetition_penalty != 1.0 or r.presence_penalty or r.frequency_penalty
@@ -184,8 +198,12 @@ def sample(
     generators: Sequence[torch.Generator | None],
     history: TokenHistory | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]: penalties, temperature, top-k/top-p, draw."""
+    """logits [B, V] -> next token ids [B]: logit biases, penalties, temperature,
+    top-k/top-p, draw. `logits` is left as it was."""
     logits = logits.float()
+    if params.bias is not None:
+        rows, ids, values = params.bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)  # a copy
     if params.any_penalty:
         if history is None:
             raise ValueError("penalties need each row's token history")

@@ -13,6 +13,7 @@ fields map onto /v1/generate's: `CompletionRequest.choices`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_CHARS = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
 
 FinishReason = Literal["stop", "length"]
 STOP_REASON = (
@@ -39,6 +41,11 @@ STOP_REASON = (
     "max_tokens ended it"
 )
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+# A JSON object's key naming a token id: digits, no sign or leading zero ("01" would name
+# the token "1" does, and its two biases would add up).
+TOKEN_ID_KEY = r"0|[1-9][0-9]{0,9}"
+TokenIdKey = Annotated[str, StringConstraints(pattern=f"^({TOKEN_ID_KEY})$")]
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 
 
 def lone_surrogate(text: str) -> int | None:
@@ -108,6 +115,13 @@ class GenerationFields(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
+    logit_bias: dict[TokenIdKey, LogitBias] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description="token id (as a string: JSON keys are) -> a number from -100 to 100 "
+        "added to that token's logit before sampling (before penalties, temperature and "
+        "top-k/top-p): -100 all but bans a token, 100 all but forces it",
+    )
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -129,6 +143,18 @@ class GenerationFields(BaseModel):
                 "characters",
                 {"count": MAX_STOP_STRINGS, "chars": MAX_STOP_CHARS},
             ) from None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _keys_are_token_ids(cls, value: object) -> object:
+        """One message for a key that names no token id, not pydantic's pattern (nor the
+        key itself: it may be any length)."""
+        if isinstance(value, dict) and not all(re.fullmatch(TOKEN_ID_KEY, key) for key in value):
+            raise PydanticCustomError(
+                "token_id",
+                "keys are token ids, written in digits ('42'): no sign, space or leading zero",
+            )
+        return value
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -183,7 +209,6 @@ MAX_LOGPROBS = 5  # OpenAI's bound on logprobs
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
     "suffix": "null: there is no text after the completion",
-    "logit_bias": "{}: logits are not biased",
 }
 
 
@@ -244,11 +269,10 @@ class CompletionRequest(GenerationFields):
         ge=0,
         le=MAX_LOGPROBS,
         description="with each generated token (and with echo, each prompt token), its "
-        "log-probability under the model (before temperature, penalties or truncation, as "
-        "vLLM reports them) and those of this many likeliest tokens",
+        "log-probability under the model (before logit_bias, temperature, penalties or "
+        "truncation, as vLLM reports them) and those of this many likeliest tokens",
     )
     suffix: None = None
-    logit_bias: Annotated[dict[str, int], Field(max_length=0)] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

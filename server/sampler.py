@@ -67,9 +67,10 @@ class Sampler:
     def logprobs(
         self, logits: torch.Tensor, ids: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The model's log-probabilities (its own distribution: before temperature,
-        penalties or truncation, as vLLM reports them) of the sampled `ids` [B], and the k
-        likeliest tokens' ids and log-probabilities [B, k], over the tokenizer's ids."""
+        """The model's log-probabilities (its own distribution: before logit biases,
+        temperature, penalties or truncation, as vLLM reports them) of the sampled `ids`
+        [B], and the k likeliest tokens' ids and log-probabilities [B, k], over the
+        tokenizer's ids."""
         log_probs = torch.log_softmax(logits[:, : self.generated.shape[1]].float(), dim=-1)
         top = log_probs.topk(k, dim=-1)  # [B, k] each, likeliest first
         return log_probs.gather(1, ids[:, None])[:, 0], top.indices, top.values

@@ -34,6 +34,7 @@ from model.checkpoint import (
 from model.sampling import SamplingParams
 from server.protocol import (
     DEFAULT_MAX_TOKENS,
+    MAX_LOGIT_BIAS,
     ApiError,
     GenerateRequest,
     GenerationFields,
@@ -89,12 +90,15 @@ def parse_json_body(body: bytes, fields: int) -> object:
                 "and rarely an object"
             )
             raise ApiError(422, "invalid_request", message)
-        return _json_object(pairs, fields)
+        return _json_object(pairs, max(fields, MAX_LOGIT_BIAS), fields)
 
     try:
-        return json.loads(text, parse_int=_json_int, object_pairs_hook=read_object)
+        parsed = json.loads(text, parse_int=_json_int, object_pairs_hook=read_object)
     except RecursionError:
         raise not_json("is nested too deeply") from None
+    if isinstance(parsed, dict) and len(parsed) > fields:  # the request's own object
+        raise _too_many_names(len(parsed), fields)
+    return parsed
 
 
 def _json_int(digits: str) -> int:
@@ -106,13 +110,21 @@ def _json_int(digits: str) -> int:
         raise ApiError(422, "invalid_request", message) from None
 
 
-def _json_object(pairs: list[tuple[str, object]], fields: int) -> dict[str, object]:
-    # No object in a valid body has more names than its request has fields. A megabyte
-    # of unknown names took pydantic ~0.3 s of the event loop (every stream stalled) to
-    # list, in a 3.8 MB answer: such an object is refused here, whole.
-    if len(pairs) > fields:
-        message = f"body: an object of {len(pairs)} names; a request has {fields} fields"
-        raise ApiError(422, "invalid_request", message)
+def _too_many_names(names: int, fields: int) -> ApiError:
+    message = (
+        f"body: an object of {names} names; a request has {fields} fields, and a logit_bias "
+        f"at most {MAX_LOGIT_BIAS} tokens"
+    )
+    return ApiError(422, "invalid_request", message)
+
+
+def _json_object(pairs: list[tuple[str, object]], most: int, fields: int) -> dict[str, object]:
+    # No object in a valid body has more names than its request has fields, or (a
+    # logit_bias) its bound. A megabyte of unknown names took pydantic ~0.3 s of the event
+    # loop (every stream stalled) to list, in a 3.8 MB answer: such an object is refused
+    # here, whole, as it is read; the request's own object once read (parse_json_body).
+    if len(pairs) > most:
+        raise _too_many_names(len(pairs), fields)
     # A lone surrogate in a name: pydantic refused the whole body as "not a valid
     # string"; one in a prompt or stop string is the protocol's to name.
     for name, _ in pairs:
@@ -292,12 +304,25 @@ class Validator:
                 repetition_penalty=self._given_or_default(fields, "repetition_penalty"),
                 presence_penalty=fields.presence_penalty,
                 frequency_penalty=fields.frequency_penalty,
+                logit_bias=self._logit_bias(fields),
             ),
             seed=fields.seed,
             stop=fields.stop_strings,
             ignore_eos=fields.ignore_eos,
             logprobs=logprobs,
         )
+
+    def _logit_bias(self, fields: GenerationFields) -> tuple[tuple[int, float], ...]:
+        """The request's logit biases by token id; a 400 for an id the tokenizer lacks."""
+        bias = tuple((int(key), value) for key, value in (fields.logit_bias or {}).items())
+        for token_id, _ in bias:
+            if token_id >= self.vocab_size:
+                message = (
+                    f"logit_bias: token id {token_id} is not one of the tokenizer's "
+                    f"{self.vocab_size}"
+                )
+                raise ApiError(400, "invalid_token_id", message)
+        return bias
 
     def _normalized_bytes(self, prompt: str, prompt_bytes: int) -> int:
         """The UTF-8 bytes of `prompt` (`prompt_bytes` as sent) as the tokenizer's

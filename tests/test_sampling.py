@@ -291,3 +291,22 @@ def test_a_row_of_nan_logits_still_draws_a_token_inside_the_vocabulary() -> None
     token = int(sample(logits, params, [seeded(0)])[0])
     assert 0 <= token < VOCAB
     assert 0 <= int(sampling.draw(torch.zeros(1, VOCAB), [generator_drawing_zero()])[0]) < VOCAB
+
+
+def test_logit_biases_move_their_rows_tokens_and_no_others() -> None:
+    logits = logits_rows(4)
+    before = logits.clone()
+    likeliest = logits.argmax(-1).tolist()
+    rows = [
+        SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)),  # forces token 7
+        SamplingParams(temperature=0.0, logit_bias=((likeliest[1], -100.0),)),  # bans it
+        SamplingParams(temperature=0.0),  # none: its own argmax
+        SamplingParams(temperature=1.0, logit_bias=((3, 100.0), (9, -100.0))),
+    ]
+    params = BatchParams.from_rows(rows)
+    for draw in range(20):
+        ids = sample(logits, params, [None, None, None, seeded(draw)]).tolist()
+        assert ids[0] == 7 and ids[1] != likeliest[1] and ids[2] == likeliest[2] and ids[3] == 3
+    # Banned, the row's second likeliest: the bias is added to the logit, nothing else.
+    assert ids[1] == logits[1].topk(2).indices[1].item()
+    assert torch.equal(logits, before)  # the caller's logits: its logprobs read them

@@ -318,6 +318,38 @@ def test_max_tokens_0_with_echo_scores_long_prompts_without_generating(client, c
     assert chunks[0]["choices"][0]["text"] == completion.choices[1].text
 
 
+def test_logit_bias_steers_the_draw_and_leaves_the_reported_logprobs_the_models(
+    sdk, client, checkpoint, model_id
+):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/generate", json=body).json()
+    favoured = english_tokenizer().token_to_id("e")
+    forced = client.post("/v1/generate", json={**body, "logit_bias": {str(favoured): 100}})
+    assert forced.json()["text"] == "e" * 6
+    # Banning the first token plain greedy decoding drew: another first token.
+    first = english_tokenizer().encode(plain["text"], add_special_tokens=False).ids[0]
+    banned = client.post("/v1/generate", json={**body, "logit_bias": {str(first): -100}})
+    assert banned.status_code == 200 and not banned.json()["text"].startswith(plain["text"][:1])
+    # Through the SDK, as OpenAI's field; the logprobs are the model's, not the biased ones.
+    [choice] = sdk.completions.create(
+        model=model_id,
+        prompt=body["prompt"],
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(favoured): 100},
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    ).choices
+    assert choice.text == "e" * 6
+    prompt_ids = english_tokenizer().encode(body["prompt"], add_special_tokens=False).ids
+    expected = log_probs_under(checkpoint, prompt_ids + [favoured] * 6)[len(prompt_ids) - 1 :]
+    assert choice.logprobs.token_logprobs == pytest.approx(expected[:, favoured].tolist(), abs=1e-4)
+    vocab = english_tokenizer().get_vocab_size()
+    unknown = client.post("/v1/completions", json={"prompt": "x", "logit_bias": {str(vocab): 1}})
+    message = assert_error(unknown, 400, "invalid_token_id")
+    assert message == f"logit_bias: token id {vocab} is not one of the tokenizer's {vocab}"
+
+
 def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
     nulls = {"max_tokens": None, "temperature": None, "seed": None, "stop": None, "n": None}
     body = {"prompt": "x", "ignore_eos": True, **nulls, "logprobs": None, "suffix": None}
@@ -337,7 +369,10 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         ("best_of", 3, "best_of: only n (1) or null: completions are not ranked"),
         ("logprobs", 6, "logprobs: Input should be less than or equal to 5"),
         ("suffix", "end", "suffix: only null"),
-        ("logit_bias", {"50256": -100}, "logit_bias: only {}"),
+        ("logit_bias", {"01": 1}, "logit_bias: keys are token ids, written in digits ('42')"),
+        ("logit_bias", {"-1": 1}, "logit_bias: keys are token ids, written in digits ('42')"),
+        ("logit_bias", {"1": 100.5}, "logit_bias.1: Input should be less than or equal to 100"),
+        ("logit_bias", {"1": "1"}, "logit_bias.1: Input should be a valid number"),
         ("prompt", [], "prompt: must be a string, a non-empty list of strings, a non-empty"),
         ("prompt", [[]], "prompt: must be a string, a non-empty list of strings, a non-empty"),
         ("prompt", [1, -2], "prompt: must be a string, a non-empty list of strings, a non-"),

@@ -809,14 +809,25 @@ def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
 
 def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client):
     # Listing each unknown name cost the event loop ~0.3 s for a megabyte of them, and
-    # answered megabytes; an object with more names than a request has fields is refused.
-    body = {"prompt": "x"} | {f"k{i}": 0 for i in range(400)}
-    response = client.post("/v1/generate", json=body)
-    message = assert_error(response, 422, "invalid_request")
-    assert message == "body: an object of 401 names; a request has 12 fields"
-    response = client.post("/v1/completions", json=body)  # each route counts its own
-    message = assert_error(response, 422, "invalid_request")
-    assert message == "body: an object of 401 names; a request has 21 fields"
+    # answered megabytes; an object with more names than a request has fields is refused,
+    # but a logit_bias, of up to 300 tokens.
+    bound = "and a logit_bias at most 300 tokens"
+    for names in (400, 25):
+        body = {"prompt": "x"} | {f"k{i}": 0 for i in range(names)}
+        response = client.post("/v1/generate", json=body)
+        message = assert_error(response, 422, "invalid_request")
+        assert message == f"body: an object of {names + 1} names; a request has 13 fields, {bound}"
+        response = client.post("/v1/completions", json=body)  # each route counts its own
+        message = assert_error(response, 422, "invalid_request")
+        assert message == f"body: an object of {names + 1} names; a request has 21 fields, {bound}"
+    for tokens, taken in [(300, True), (301, False)]:
+        bias = {"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(tokens)}}
+        response = client.post("/v1/generate", json=bias)
+        if taken:
+            assert response.status_code == 200, response.text
+        else:
+            message = assert_error(response, 422, "invalid_request")
+            assert message == f"body: an object of 301 names; a request has 13 fields, {bound}"
     # Many small objects: each field given one by mistake is named by its own message...
     every_one_wrong = {"prompt": {}, "max_tokens": {}, "stop": [{}]}
     message = assert_error(
