@@ -53,13 +53,17 @@ def english_tokenizer() -> Tokenizer:
     return train_tokenizer([m.__doc__ or "" for m in modules], VOCAB_SIZE)
 
 
-def random_checkpoint(root: Path, tokenizer: Tokenizer, padded_rows: int = 0) -> Path:
+def random_checkpoint(
+    root: Path, tokenizer: Tokenizer, padded_rows: int = 0, n_layers: int | None = None
+) -> Path:
     """A random `tiny` model for `tokenizer`, with `padded_rows` embedding rows past its
-    ids (as a checkpoint padded to a round vocabulary has)."""
+    ids (as a checkpoint padded to a round vocabulary has); `n_layers` instead of tiny's."""
     torch.manual_seed(0)
     config = ModelConfig.from_preset(
         "tiny", vocab_size=tokenizer.get_vocab_size() + padded_rows, max_seq_len=1024
     )
+    if n_layers is not None:
+        config = config.replace(n_layers=n_layers)
     model = Transformer(config)
     with torch.no_grad():
         for param in model.parameters():
