@@ -411,14 +411,11 @@ class Engine:
         many as it asked for; None where it asked for none. `scored`: Sampler.logprobs'
         tensors for the rows from an index on (copied from the device only when asked)."""
         logprobs: list[_Scores | None] = [None] * len(rows)
-        for first, chosen, top_ids, top_values in scored:
-            rows_top = zip(top_ids.tolist(), top_values.tolist(), strict=True)
-            for row, (logprob, (ids, values)) in enumerate(
-                zip(chosen.tolist(), rows_top, strict=True), start=first
-            ):
-                k = rows[row].request.logprobs
+        for first, *tensors in scored:
+            asked = [live.request.logprobs for live in rows[first : first + len(tensors[0])]]
+            for row, (k, scores) in enumerate(zip(asked, _scores(*tensors, asked), strict=True)):
                 if k is not None:
-                    logprobs[row] = (logprob, tuple(zip(ids[:k], values[:k], strict=True)))
+                    logprobs[first + row] = scores
         return logprobs
 
     def _decode_sampling(self, output: SchedulerOutput, lives: list[_Live]) -> SamplingBatch:
@@ -519,16 +516,12 @@ class Engine:
                 owners.append((live, scored))
         if not owners:
             return
-        k = max(live.request.logprobs or 0 for live, _ in owners)
+        asked = [live.request.logprobs for live, scored in owners for _ in range(scored)]
         ids = torch.tensor(targets, device=self.runner.device)
-        chosen, top_ids, top_values = self.sampler.logprobs(torch.cat(rows), ids, k)
-        scores = zip(chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+        tensors = self.sampler.logprobs(torch.cat(rows), ids, max(k or 0 for k in asked))
+        scores = iter(_scores(*tensors, asked))
         for live, scored in owners:
-            k = live.request.logprobs or 0
-            for logprob, ids_k, values_k in itertools.islice(scores, scored):
-                live.prompt_scores.append(
-                    (logprob, tuple(zip(ids_k[:k], values_k[:k], strict=True)))
-                )
+            live.prompt_scores += itertools.islice(scores, scored)
 
     def _fail_step(
         self, output: SchedulerOutput, error: Exception
@@ -558,6 +551,18 @@ class Engine:
     def _publish(self, deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
         if deliveries and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _scores(
+    chosen: torch.Tensor, top_ids: torch.Tensor, top_values: torch.Tensor, asked: list[int | None]
+) -> list[_Scores]:
+    """Sampler.logprobs' tensors as each row's log-probability and its `asked[row]`
+    likeliest (id, log-probability); copied from the device once."""
+    rows = zip(chosen.tolist(), top_ids.tolist(), top_values.tolist(), asked, strict=True)
+    return [
+        (logprob, tuple(zip(ids[: k or 0], values[: k or 0], strict=True)))
+        for logprob, ids, values, k in rows
+    ]
 
 
 def _deliver(deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
