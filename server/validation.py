@@ -244,11 +244,7 @@ class Validator:
         # text, and the server never draws them: not taken in a prompt either.
         if max(prompt) >= self.vocab_size:
             position, token_id = next((i, t) for i, t in enumerate(prompt) if t >= self.vocab_size)
-            message = (
-                f"prompt: token id {token_id} (at {position}) is not one of the tokenizer's "
-                f"{self.vocab_size}"
-            )
-            raise ApiError(400, "invalid_token_id", message)
+            raise self._not_a_token("prompt", token_id, f" (at {position})")
         return request
 
     def echoing(
@@ -317,12 +313,16 @@ class Validator:
         bias = tuple((int(key), value) for key, value in (fields.logit_bias or {}).items())
         for token_id, _ in bias:
             if token_id >= self.vocab_size:
-                message = (
-                    f"logit_bias: token id {token_id} is not one of the tokenizer's "
-                    f"{self.vocab_size}"
-                )
-                raise ApiError(400, "invalid_token_id", message)
+                raise self._not_a_token("logit_bias", token_id)
         return bias
+
+    def _not_a_token(self, field_name: str, token_id: int, where: str = "") -> ApiError:
+        """The 400 for an id past the tokenizer's in `field_name` (`where` in it, if said)."""
+        message = (
+            f"{field_name}: token id {token_id}{where} is not one of the tokenizer's "
+            f"{self.vocab_size}"
+        )
+        return ApiError(400, "invalid_token_id", message)
 
     def _normalized_bytes(self, prompt: str, prompt_bytes: int) -> int:
         """The UTF-8 bytes of `prompt` (`prompt_bytes` as sent) as the tokenizer's
