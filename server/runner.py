@@ -1,7 +1,8 @@
 """ModelRunner: the model and its KV cache; prefill and decode forwards.
 
 Called from the engine thread only, inside `torch.inference_mode()`. Inputs are
-Python lists from the scheduler; outputs are last-position logits [rows, V].
+Python lists from the scheduler; outputs are logits [rows, V]: a decode row's, a prefill
+chunk's last position's (or each of its positions', for a request scoring its prompt).
 """
 
 from __future__ import annotations
