@@ -72,6 +72,7 @@ def _valid_unicode(text: str, which: str = "") -> str:
     return text
 
 
+SERVED_MODEL_ID = "the served model's id (GET /v1/models); left out: that model"
 CHECKPOINT_DEFAULT = "left out: the checkpoint's generation_config.json value, if it has one"
 
 
@@ -209,7 +210,19 @@ MAX_LOGPROBS = 5  # OpenAI's bound on logprobs
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
     "suffix": "null: there is no text after the completion",
+    "add_special_tokens": "false: a prompt is served with no special tokens added",
 }
+
+
+def _only_value(
+    value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+) -> object:
+    """A field of _ONLY_VALUE: its one value, or the 422 saying what the server does."""
+    try:
+        return handler(value)
+    except ValidationError:
+        only = _ONLY_VALUE[info.field_name or ""]
+        raise PydanticCustomError("unsupported", "only {only}", {"only": only}) from None
 
 
 _Item = TypeVar("_Item")
@@ -233,9 +246,7 @@ class CompletionRequest(GenerationFields):
     takes /v1/generate's (top_k, repetition_penalty, ignore_eos), as vLLM does; what it
     cannot do (_ONLY_VALUE) is refused, not ignored."""
 
-    model: str | None = Field(
-        None, description="the served model's id (GET /v1/models); left out: that model"
-    )
+    model: str | None = Field(None, description=SERVED_MODEL_ID)
     prompt: str | NonEmpty[str] | TokenIds | NonEmpty[TokenIds] = Field(
         description="text to continue, or a list of texts: n choices each, in order; or "
         "token ids of the served tokenizer (a list of them, or a list of such lists)"
@@ -320,19 +331,7 @@ class CompletionRequest(GenerationFields):
             )
         return value
 
-    @field_validator(*_ONLY_VALUE, mode="wrap")
-    @classmethod
-    def _only_value(
-        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
-    ) -> object:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError(
-                "unsupported",
-                "only {only}",
-                {"only": _ONLY_VALUE[info.field_name or ""]},
-            ) from None
+    _suffix_only_null = field_validator("suffix", mode="wrap")(_only_value)
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -411,6 +410,53 @@ class Completion(BaseModel):
         None,
         description="every choice's tokens together; in a stream, only on the last chunk "
         "(with stream_options.include_usage)",
+    )
+
+
+# --- POST /tokenize, POST /detokenize: vLLM's routes, to count and read tokens -----------
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description=SERVED_MODEL_ID)
+    prompt: str = Field(
+        description="text, read as a prompt of /v1/generate or /v1/completions is read"
+    )
+    return_token_strs: bool = Field(False, description="also answer each token's string")
+    add_special_tokens: Literal[False] = Field(
+        False, description=f"vLLM's; only {_ONLY_VALUE['add_special_tokens']}"
+    )
+
+    _add_special_tokens_only_false = field_validator("add_special_tokens", mode="wrap")(_only_value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(cls, value: str) -> str:
+        return _valid_unicode(value)
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="the prompt's tokens: its usage.prompt_tokens when served")
+    max_model_len: int = Field(description="the served context: prompt + max_tokens fit in it")
+    tokens: list[int]
+    token_strs: list[str] | None = Field(
+        description="with return_token_strs: each token as the tokenizer spells it (a byte-"
+        "level BPE writes a space as Ġ), as transformers' convert_ids_to_tokens"
+    )
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description=SERVED_MODEL_ID)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="token ids of the tokenizer")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(
+        description="the tokens' text (special tokens have none; bytes that are no UTF-8 "
+        "read as U+FFFD)"
     )
 
 

@@ -1,5 +1,5 @@
 """HTTP routes: /v1/generate (JSON or SSE), /v1/completions (OpenAI's API, JSON or SSE),
-/health, /v1/models (and /v1/models/{id}), /metrics.
+/tokenize and /detokenize (vLLM's), /health, /v1/models (and /v1/models/{id}), /metrics.
 
 Routes translate only: validation.py turns the body (each prompt of a completions
 request) into a GenerationRequest, the engine runs it, and its outputs become a JSON body
@@ -37,11 +37,15 @@ from server.protocol import (
     ApiError,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
 )
 from server.scheduler import QueueFull
@@ -144,6 +148,8 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
 # size), and 503 while loading, draining or after the engine failed; with --api-key all
 # but /health need the key (401).
 _ERROR_RESPONSES = _error_responses(400, 401, 408, 413, 415, 422, 429, 431, 503)
+# /tokenize and /detokenize: as the generation routes, but nothing is queued (no 429).
+_TOKEN_ERRORS = (400, 401, 404, 408, 413, 415, 422, 431, 503)
 
 
 def _streaming_responses(chunk: str, extra_errors: tuple[int, ...] = ()) -> dict[int | str, dict]:
@@ -208,8 +214,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     """OpenAI's completions API: a choice per prompt, as one JSON body or, with `stream`,
     SSE chunks of the same shape, then [DONE]."""
     serving = _serving(request)
-    if body.model is not None:
-        _check_model(serving, body.model)
+    _check_model(serving, body.model)
     capacity, asked = serving.engine.scheduler.capacity, len(body.prompts) * body.n
     if asked > capacity:
         message = (
@@ -501,6 +506,35 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+# As vLLM serves them (at the root, not under /v1): a client counts a prompt's tokens
+# before sending it, or reads the token ids of a stream or of logprobs as text.
+@router.post(
+    "/tokenize", response_model=TokenizeResponse, responses=_error_responses(*_TOKEN_ERRORS)
+)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """The prompt's token ids, as /v1/generate and /v1/completions read it."""
+    serving = _serving(request)
+    _check_model(serving, body.model)
+    validator = serving.validator
+    ids = validator.tokenize(body.prompt, None)
+    token_strs = None
+    if body.return_token_strs:
+        token_strs = [validator.tokenizer.id_to_token(token_id) for token_id in ids]
+    return TokenizeResponse(
+        count=len(ids), max_model_len=serving.max_context, tokens=ids, token_strs=token_strs
+    )
+
+
+@router.post(
+    "/detokenize", response_model=DetokenizeResponse, responses=_error_responses(*_TOKEN_ERRORS)
+)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """The text of token ids."""
+    serving = _serving(request)
+    _check_model(serving, body.model)
+    return DetokenizeResponse(prompt=serving.validator.detokenize(body.tokens))
+
+
 # HEAD answers as GET does on every GET route (RFC 9110 9.1: uptime checks probe with it);
 # only GET is in the schema (one route with both methods gave both operations one
 # operationId, which client generators refuse).
@@ -541,9 +575,10 @@ def _model_card(serving: Serving) -> ModelCard:
     )
 
 
-def _check_model(serving: Serving, model_id: str) -> None:
-    """A 404 for a model id other than the served one (not repeated: it may be long)."""
-    if model_id != serving.model_name:
+def _check_model(serving: Serving, model_id: str | None) -> None:
+    """A 404 for a model id other than the served one (not repeated: it may be long);
+    None (a request that names no model) is the served one."""
+    if model_id is not None and model_id != serving.model_name:
         message = f"model: this server serves {serving.model_name!r} only (GET /v1/models)"
         raise ApiError(404, "model_not_found", message)
 

@@ -242,9 +242,7 @@ class Validator:
         request = self._request(prompt, fields, logprobs)  # the context's bound first: cheaper
         # Ids the tokenizer lacks (a padded checkpoint's extra embedding rows) have no
         # text, and the server never draws them: not taken in a prompt either.
-        if max(prompt) >= self.vocab_size:
-            position, token_id = next((i, t) for i, t in enumerate(prompt) if t >= self.vocab_size)
-            raise self._not_a_token("prompt", token_id, f" (at {position})")
+        self._check_known("prompt", prompt)
         return request
 
     def echoing(
@@ -253,9 +251,19 @@ class Validator:
         """`requests` (validated, for `prompt`) with their outputs beginning with the prompt:
         the text as sent, or token ids as their text."""
         if isinstance(prompt, list):
-            spelled = b"".join(self.token_table[token_id] for token_id in prompt)
-            prompt = spelled.decode("utf-8", errors="replace")
+            prompt = self._spelled(prompt)
         return [replace(request, echo=prompt) for request in requests]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` (POST /detokenize); a 400 for an id the tokenizer lacks."""
+        self._check_known("tokens", token_ids)
+        return self._spelled(token_ids)
+
+    def _spelled(self, token_ids: list[int]) -> str:
+        """The text of valid `token_ids`: special tokens have none, and bytes that are no
+        UTF-8 (a character cut short) read as U+FFFD."""
+        spelled = b"".join(self.token_table[token_id] for token_id in token_ids)
+        return spelled.decode("utf-8", errors="replace")
 
     def tokenize(self, prompt: str, asked: int | None) -> list[int]:
         """`prompt`'s token ids, or the 400 for a prompt too long by its bytes alone to
@@ -315,6 +323,14 @@ class Validator:
             if token_id >= self.vocab_size:
                 raise self._not_a_token("logit_bias", token_id)
         return bias
+
+    def _check_known(self, field_name: str, token_ids: list[int]) -> None:
+        """A 400 naming the first of `token_ids` (`field_name`) the tokenizer lacks."""
+        if token_ids and max(token_ids) >= self.vocab_size:
+            position, token_id = next(
+                (i, t) for i, t in enumerate(token_ids) if t >= self.vocab_size
+            )
+            raise self._not_a_token(field_name, token_id, f" (at {position})")
 
     def _not_a_token(self, field_name: str, token_id: int, where: str = "") -> ApiError:
         """The 400 for an id past the tokenizer's in `field_name` (`where` in it, if said)."""

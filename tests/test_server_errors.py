@@ -360,7 +360,7 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     schema = client.get("/openapi.json").json()
     operations = [op for methods in schema["paths"].values() for op in methods.values()]
     ids = [op["operationId"] for op in operations]
-    assert len(ids) == len(set(ids)) == 5  # HEAD answers as GET, outside the schema
+    assert len(ids) == len(set(ids)) == 7  # HEAD answers as GET, outside the schema
     responses = {
         path: set(ops["get"]["responses"]) for path, ops in schema["paths"].items() if "get" in ops
     }
@@ -380,7 +380,8 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
         refs = [one["$ref"].rsplit("/", 1)[1] for one in json_event["contentSchema"]["anyOf"]]
         assert refs == [chunk.__name__, "ErrorResponse"] and done == {"const": "[DONE]"}
         assert set(components[chunk.__name__]["properties"]) == set(chunk.model_fields)
-    assert "404" in schema["paths"]["/v1/completions"]["post"]["responses"]  # another model
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):  # another model
+        assert "404" in schema["paths"][path]["post"]["responses"], path
 
 
 def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(base_url):
@@ -392,6 +393,8 @@ def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(b
     keyed = {
         "/v1/generate": "post",
         "/v1/completions": "post",
+        "/tokenize": "post",
+        "/detokenize": "post",
         "/v1/models": "get",
         "/v1/models/{model_id}": "get",
     }
@@ -432,6 +435,8 @@ def test_missing_or_wrong_api_key_is_401(base_url, headers):
     for method, path in [
         ("POST", "/v1/generate"),
         ("POST", "/v1/completions"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
         ("GET", "/v1/models"),
         ("GET", "/v1/models/any"),
         ("GET", "/metrics"),

@@ -145,3 +145,82 @@ def test_an_eos_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path: Path)
         end_of_text_ids(tmp_path, 0, 1000)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 999]}))
     assert end_of_text_ids(tmp_path, 0, 1000) == {0, 3, 999}
+
+
+# --- /tokenize and /detokenize ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Hi there", "中文🙂 and", "line\r\nnext", "<|endoftext|>", ""],
+    ids=["ascii", "split characters", "crlf", "special token as text", "empty"],
+)
+def test_tokenize_counts_a_prompt_as_generation_reads_it(client, prompt):
+    counted = client.post("/tokenize", json={"prompt": prompt, "return_token_strs": True})
+    assert counted.status_code == 200, counted.text
+    answer = counted.json()
+    served = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": 1}).json()
+    assert answer["count"] == len(answer["tokens"]) == served["usage"]["prompt_tokens"]
+    assert answer["max_model_len"] == client.get("/v1/models").json()["data"][0]["max_context"]
+    # The same ids continue the same way: completions of the ids and of the text agree.
+    by_ids = {"prompt": answer["tokens"], "max_tokens": 6, "temperature": 0}
+    by_text = by_ids | {"prompt": prompt}
+    texts = [
+        client.post("/v1/completions", json=b).json()["choices"][0]["text"]
+        for b in (by_ids, by_text)
+    ]
+    assert texts[0] == texts[1]
+    end_of_text = english_tokenizer().token_to_id("<|endoftext|>")
+    strs = answer["token_strs"]
+    if prompt:  # special tokens written in a prompt are text: no end-of-text id
+        assert end_of_text not in answer["tokens"]
+        if prompt.isascii():  # byte-level BPE spells a space Ġ, a newline Ċ
+            spelled = "".join(strs).replace("Ġ", " ").replace("Ċ", "\n")
+            assert spelled == prompt.replace("\r\n", "\n")
+    else:  # an empty prompt starts a document: after end-of-text
+        assert (answer["tokens"], strs) == ([end_of_text], ["<|endoftext|>"])
+    plain = client.post("/tokenize", json={"prompt": prompt}).json()
+    assert plain == answer | {"token_strs": None}
+
+
+def test_detokenize_reads_a_streams_token_ids_as_its_text(client, pieces):
+    events = stream(client, max_tokens=30)
+    ids = [i for e in events if isinstance(e, dict) for i in e["token_ids"]]
+    text = "".join(e["text"] for e in events if isinstance(e, dict))
+    answer = client.post("/detokenize", json={"tokens": ids})
+    assert answer.status_code == 200 and answer.json() == {"prompt": text}
+    # A character cut short reads as U+FFFD; end-of-text has no text; none is "".
+    chinese = next(ids for text, ids in pieces if text == "中")
+    end_of_text = english_tokenizer().token_to_id("<|endoftext|>")
+    for tokens, expected in (
+        (chinese[:1], "\ufffd"),
+        ([*chinese, end_of_text], "中"),
+        ([], ""),
+    ):
+        assert client.post("/detokenize", json={"tokens": tokens}).json() == {"prompt": expected}
+
+
+def test_tokenize_and_detokenize_refuse_what_they_cannot_read(client):
+    vocab = english_tokenizer().get_vocab_size()
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    refusals = [
+        ("/detokenize", {"tokens": [5, vocab]}, 400, f"tokens: token id {vocab} (at 1) is not"),
+        ("/detokenize", {"tokens": [5, -1]}, 422, "tokens.1: Input should be greater than"),
+        ("/detokenize", {"tokens": [5], "model": "other"}, 404, "model: this server serves"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model: this server serves"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": True}, 422, "add_special_tokens: only"),
+        ("/tokenize", {"prompt": "\ud800"}, 422, "prompt: must be valid Unicode"),
+        ("/tokenize", {"prompt": "Hi " * 20_000}, 400, "prompt (at least"),
+    ]
+    for path, body, status, message in refusals:
+        # json.dumps escapes a lone surrogate (\ud800), as a JSON client may send it.
+        sent = json.dumps(body).encode()
+        response = client.post(path, content=sent, headers={"Content-Type": "application/json"})
+        assert response.status_code == status, (path, body, response.text)
+        assert response.json()["error"]["message"].startswith(message), response.text
+    # As vLLM's clients send it: the prompt read with no special tokens added.
+    named = client.post(
+        "/tokenize", json={"prompt": "Hi", "model": model, "add_special_tokens": False}
+    )
+    assert named.status_code == 200
+    assert named.json() == client.post("/tokenize", json={"prompt": "Hi"}).json()
