@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from model.kv_cache import KVCache, as_slots, cache_dtype
 from model.transformer import Transformer
@@ -96,6 +97,11 @@ class ModelRunner:
             quiet_inductor_warnings()
         if compile_decode and self._graphs is None:
             compiled = torch.compile(self._forward_first_slots, dynamic=True)
+            # Without duck shaping: dynamo otherwise ties sizes that are equal when it
+            # traces, and warm_up's batch of n_slots rows tied the batch size to the
+            # cache's slot count, so the first batch of another size built again, for
+            # seconds (a minute with cold caches) while every stream waited.
+            compiled = fx_config.patch(use_duck_shape=False)(compiled)
             if self.device.type == "cpu":
                 # Patched around every call, not only the build: dynamo reads `freezing`
                 # when it traces, and a rebuild would otherwise lose it.

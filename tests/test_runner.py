@@ -25,6 +25,13 @@ BUCKETED_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    """Each test's compiled graphs are its own: dynamo's cache of an earlier test's
+    runner (the same method, compiled) hid a rebuild that the test alone showed."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     # Two layers, not tiny's four: compiled, its graphs build in ~60% of the time, and
