@@ -62,10 +62,13 @@ def test_a_signal_while_torch_imports_ends_the_command_in_one_line(
     tmp_path: Path, stop: signal.Signals, module: str, said: str
 ) -> None:
     run = tmp_path / "run"
+    # The server is given a folder that exists: a missing one is refused before torch's
+    # import, which then never runs.
+    (folder := tmp_path / "a-folder").mkdir()
     args = {
         "training.pretrain": [*TINY, "--data", str(CORPUS), "--out-dir", str(run)],
         "training.evaluate": ["--checkpoint", str(run), "--data", str(CORPUS)],
-        "server": ["--checkpoint", str(run), "--port", "0"],
+        "server": ["--checkpoint", str(folder), "--port", "0"],
     }[module]
     process = run_signalled_at_torch_import(stop, module, args)
     assert (process.returncode, process.stderr) == (128 + stop, said + "\n")
