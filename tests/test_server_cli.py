@@ -56,6 +56,15 @@ def run_server(
     )
 
 
+def run_servers(
+    *runs: tuple[tuple[str, ...], dict[str, str] | None],
+) -> list[subprocess.CompletedProcess]:
+    """run_server of each (args, env) at once: each run mostly imports torch (~2 s on
+    one core), one after another the slowest part of these tests."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda run: run_server(*run[0], env=run[1]), runs))
+
+
 def test_help_lists_every_flag_with_its_env_var():
     result = run_server("--help")
     assert result.returncode == 0
@@ -107,20 +116,9 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
         (truncated / path.name).write_bytes(
             data[: len(data) // 2] if path.name == WEIGHTS else data
         )
-    result = run_server("--checkpoint", str(truncated))
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert WEIGHTS in line and "truncated" in line
-
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(checkpoint, no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
-    result = run_server("--checkpoint", str(no_tokenizer))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: {no_tokenizer / 'tokenizer.json'}: missing"
-    ]
-
     # A SentencePiece-style decoder (as in many HF Llama folders): its tokens are not
     # byte-level strings, so the server could not stream their text.
     metaspace = tmp_path / "metaspace"
@@ -128,9 +126,14 @@ def test_bad_checkpoint_from_env_or_flag_exits_2_with_one_line(checkpoint, tmp_p
     tokenizer = Tokenizer.from_file(str(metaspace / "tokenizer.json"))
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.save(str(metaspace / "tokenizer.json"))
-    result = run_server("--checkpoint", str(metaspace))
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+    results = run_servers(
+        *((("--checkpoint", str(folder)), None) for folder in (truncated, no_tokenizer, metaspace))
+    )
+    assert [result.returncode for result in results] == [2, 2, 2]
+    lines = [result.stderr.strip().splitlines() for result in results]
+    assert WEIGHTS in lines[0][0] and "truncated" in lines[0][0] and len(lines[0]) == 1
+    assert lines[1] == [f"error: {no_tokenizer / 'tokenizer.json'}: missing"]
+    (line,) = lines[2]
     assert line.startswith(
         f"error: {metaspace / 'tokenizer.json'}: unsupported tokenizer decoder (Metaspace)"
     )
@@ -321,11 +324,13 @@ def test_a_context_no_request_fits_in_is_refused_at_start(checkpoint, tmp_path):
     # 400. The --max-context given, or the checkpoint's own (a config.json saying 1: the
     # trainer refuses --block-size 1).
     fits_none = "no request fits (a prompt of at least 1 token and 1 generated need 2)"
-    one = run_server("--checkpoint", str(checkpoint), "--port", "0", "--max-context", "1")
+    short = with_context_of(checkpoint, 1, tmp_path / "short")
+    one, own = run_servers(
+        (("--checkpoint", str(checkpoint), "--port", "0", "--max-context", "1"), None),
+        (("--checkpoint", str(short), "--port", "0"), None),
+    )
     assert one.returncode == 2
     assert one.stderr == f"error: --max-context 1: {fits_none}\n"
-    short = with_context_of(checkpoint, 1, tmp_path / "short")
-    own = run_server("--checkpoint", str(short), "--port", "0")
     assert own.returncode == 2
     assert own.stderr == f"error: {short}: its context of 1 token: {fits_none}\n"
 
@@ -384,15 +389,13 @@ def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp
 
 def test_compile_without_a_compiler_exits_2_naming_the_flag_or_env_var(checkpoint, tmp_path):
     no_compilers = {"PATH": str(tmp_path)}  # an empty folder: no g++, c++ or clang++
-    result = run_server(
-        "--checkpoint", str(checkpoint), "--compile-decode", "true", env=no_compilers
+    result, from_env = run_servers(
+        (("--checkpoint", str(checkpoint), "--compile-decode", "true"), no_compilers),
+        (("--checkpoint", str(checkpoint)), no_compilers | {"POCKETGPT_COMPILE_DECODE": "1"}),
     )
     assert result.returncode == 2
     missing = "torch.compile on cpu needs a compiler on PATH (g++ / c++ / clang++); none was found"
     assert result.stderr.strip().splitlines() == [f"error: --compile-decode: {missing}"]
-    from_env = run_server(
-        "--checkpoint", str(checkpoint), env=no_compilers | {"POCKETGPT_COMPILE_DECODE": "1"}
-    )
     assert from_env.returncode == 2
     assert from_env.stderr.strip().splitlines() == [f"error: POCKETGPT_COMPILE_DECODE: {missing}"]
 
@@ -565,31 +568,31 @@ def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
 
 
 def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint, tmp_path):
-    folder = tmp_path / "greedy"
-    shutil.copytree(checkpoint, folder)
-    config_path = folder / "generation_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config_path.write_text(json.dumps(config | {"temperature": 500}), encoding="utf-8")
-    refused = run_server("--checkpoint", str(folder))
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [
-        f"error: {config_path}: temperature: Input should be less than or equal to 100, "
+    config = json.loads((checkpoint / "generation_config.json").read_text(encoding="utf-8"))
+    bad_values = ({"temperature": 500}, {"max_new_tokens": 0}, {"eos_token_id": [0, 10**6]})
+    config_paths = []
+    for number, bad in enumerate(bad_values):
+        folder = shutil.copytree(checkpoint, tmp_path / f"bad-{number}")
+        config_paths.append(folder / "generation_config.json")
+        config_paths[-1].write_text(json.dumps(config | bad), encoding="utf-8")
+    refused = run_servers(*((("--checkpoint", str(path.parent)), None) for path in config_paths))
+    assert [result.returncode for result in refused] == [2, 2, 2]
+    lines = [result.stderr.strip().splitlines() for result in refused]
+    assert lines[0] == [
+        f"error: {config_paths[0]}: temperature: Input should be less than or equal to 100, "
         "as in a request"
     ]
-
-    config_path.write_text(json.dumps(config | {"max_new_tokens": 0}), encoding="utf-8")
-    refused = run_server("--checkpoint", str(folder))
-    assert refused.stderr.strip().splitlines() == [
-        f"error: {config_path}: max_new_tokens: Input should be greater than or equal to 1, "
-        "as in a request"
+    assert lines[1] == [
+        f"error: {config_paths[1]}: max_new_tokens: Input should be greater than or equal to "
+        "1, as in a request"
     ]
-    config_path.write_text(json.dumps(config | {"eos_token_id": [0, 10**6]}), encoding="utf-8")
-    refused = run_server("--checkpoint", str(folder))
-    assert refused.returncode == 2
-    (line,) = refused.stderr.strip().splitlines()
+    (line,) = lines[2]
     assert line.startswith(
-        f"error: {config_path}: eos_token_id [0, 1000000] is not one or more token ids below "
+        f"error: {config_paths[2]}: eos_token_id [0, 1000000] is not one or more token ids below "
     )
+
+    folder = shutil.copytree(checkpoint, tmp_path / "greedy")
+    config_path = folder / "generation_config.json"
 
     # HF's generate draws greedily from a folder whose config says so, with its repetition
     # penalty; so does the server for a request that leaves them out, whatever its seed.
