@@ -2,9 +2,9 @@
 
 `submit()` (event-loop thread) registers a request with the scheduler and returns a
 `RequestStream`, an async iterator over that request's `RequestOutput`s. The model
-thread loops: apply cancellations, `schedule()`, run the step (slot moves, one
-batched decode for every running row, one padded prefill for this step's prompt
-chunks), sample, detokenize, `update_from_output()`, then hand the step's outputs
+thread loops: apply cancellations, `schedule()`, run the step (slot moves and a shared
+prompt's copies, one batched decode for every running row, one padded prefill for this
+step's prompt chunks), sample, detokenize, `update_from_output()`, then hand the step's outputs
 to the event loop with a single `loop.call_soon_threadsafe`.
 
 Threading: the scheduler is guarded by `_cond` (held only for bookkeeping, never
@@ -206,9 +206,7 @@ class Engine:
                 raise EngineUnavailable(FAILED)
             if self._draining or self._stopping:
                 raise EngineUnavailable("the server is shutting down")
-            self.scheduler.add(
-                *(ScheduledRequest(r.request_id, len(r.prompt_ids)) for r in requests)
-            )
+            self.scheduler.add(*_scheduled(requests))
             for live in lives:
                 self._live[live.request.request_id] = live
             self.metrics.waiting.set(self.scheduler.num_waiting)
@@ -317,6 +315,9 @@ class Engine:
         for move in output.moves:
             self.runner.move_slot(move.src, move.dst, move.length)
             self.sampler.move(move.src, move.dst)
+        for copy in output.copies:  # the sampler's state: Sampler.start, as the prompt ends
+            self.runner.move_slot(copy.src, copy.dst, copy.length)
+            self.metrics.prompt_tokens_shared.inc(copy.length)
         now = time.perf_counter()
         for request_id in output.admitted:
             request = self._live[request_id].request
@@ -551,6 +552,21 @@ class Engine:
     def _publish(self, deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
         if deliveries and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _scheduled(requests: Sequence[GenerationRequest]) -> list[ScheduledRequest]:
+    """The scheduler's view of `requests`, submitted together: of those with the same
+    prompt (n choices), each after the first copies the first's prefill. Not a request
+    scoring its prompt: its chunks' every position's logits are its own to compute."""
+    first_with: dict[tuple[int, ...], str] = {}
+    scheduled = []
+    for request in requests:
+        source = None
+        if len(request.prompt_ids) > 1 and not request.scores_prompt:
+            first = first_with.setdefault(tuple(request.prompt_ids), request.request_id)
+            source = None if first == request.request_id else first
+        scheduled.append(ScheduledRequest(request.request_id, len(request.prompt_ids), source))
+    return scheduled
 
 
 def _scores(

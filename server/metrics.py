@@ -78,6 +78,11 @@ class Metrics:
         self.running = gauge("requests_running", "requests holding a KV-cache slot")
         self.waiting = gauge("requests_waiting", "requests queued for a KV-cache slot")
         self.prompt_tokens = counter("prompt_tokens_total", "prompt tokens admitted")
+        self.prompt_tokens_shared = counter(
+            "prompt_tokens_shared_total",
+            "prompt tokens admitted whose K/V were copied from another choice of the same "
+            "prompt, not computed",
+        )
         self.generation_tokens = counter("generation_tokens_total", "tokens generated")
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds",

@@ -13,6 +13,13 @@ then hold a contiguous run of slots, which the model reads as a view, not a gath
 Token accounting per request: `num_cached` tokens have K/V in the slot and
 `num_generated` tokens have been sampled. A decode feeds the newest sampled token at
 position `num_cached`; the chunk that completes the prompt samples the first token.
+
+Requests submitted together with the same prompt (n choices of one prompt) share its
+prefill: the first prefills it, and each of the others (its `prompt_source` names the
+first), admitted in its turn, waits in its slot until that one's slot holds all but the
+prompt's last token, then copies those positions into its own (`SchedulerOutput.copies`)
+and prefills only the last token, whose logits it samples from. If the first is gone
+by then (finished or cancelled), it prefills its prompt itself.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class QueueFull(Exception):
 class ScheduledRequest:
     request_id: str
     prompt_len: int  # >= 1
+    prompt_source: str | None = None  # a request with this prompt whose prefill it copies
     slot: int = -1  # -1 while waiting
     num_cached: int = 0
     num_generated: int = 0
@@ -69,6 +77,9 @@ class SchedulerOutput:
     decodes: tuple[DecodeRow, ...]  # ordered by slot
     prefills: tuple[PrefillChunk, ...]
     admitted: tuple[str, ...]  # left the waiting queue this step
+    # After the moves: a shared prompt's cached positions, into a request that prefills
+    # its last token this step.
+    copies: tuple[SlotMove, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -141,11 +152,12 @@ class Scheduler:
         )
         budget = self.prefill_budget
         prefills: list[PrefillChunk] = []
+        copies: list[SlotMove] = []
         for request in self.running.values():
             if budget == 0:
                 break
             if not request.decoding:
-                budget -= self._chunk(request, budget, prefills)
+                budget -= self._prefill(request, budget, prefills, copies)
         admitted: list[str] = []
         while budget > 0 and self.waiting and self._free:
             request = self.waiting.popleft()
@@ -153,8 +165,10 @@ class Scheduler:
             self._by_slot[request.slot] = request
             self.running[request.request_id] = request
             admitted.append(request.request_id)
-            budget -= self._chunk(request, budget, prefills)
-        return SchedulerOutput(tuple(moves), tuple(decodes), tuple(prefills), tuple(admitted))
+            budget -= self._prefill(request, budget, prefills, copies)
+        return SchedulerOutput(
+            tuple(moves), tuple(decodes), tuple(prefills), tuple(admitted), tuple(copies)
+        )
 
     def update_from_output(self, output: SchedulerOutput, finished: Collection[str]) -> None:
         """Account for the step `output` described; then free the requests in `finished`."""
@@ -171,6 +185,26 @@ class Scheduler:
             request = self.running.get(request_id)
             if request is not None:
                 self._release(request)
+
+    def _prefill(
+        self,
+        request: ScheduledRequest,
+        budget: int,
+        prefills: list[PrefillChunk],
+        copies: list[SlotMove],
+    ) -> int:
+        """The prompt tokens `request` prefills this step (its chunk in `prefills`): none
+        while the request whose prompt it shares is still prefilling it; once that one has
+        cached all but the last token, those positions are copied (into `copies`) and
+        only the last is prefilled."""
+        shared = request.prompt_len - 1
+        source = self.running.get(request.prompt_source or "")
+        if request.num_cached == 0 and source is not None and shared > 0:
+            if source.num_cached < shared:
+                return 0
+            copies.append(SlotMove(source.slot, request.slot, shared))
+            request.num_cached = shared
+        return self._chunk(request, budget, prefills)
 
     def _chunk(self, request: ScheduledRequest, budget: int, out: list[PrefillChunk]) -> int:
         end = min(request.prompt_len, request.num_cached + budget)

@@ -149,3 +149,42 @@ def test_a_prompt_scored_in_one_prefill_with_another_leaves_each_its_own_output(
     scores = [t.logprob for t in together[1].logprobs]
     assert len(scores) == prompt_tokens + 6 and scores[0] is None
     assert scores[1:] == pytest.approx([t.logprob for t in alone[1].logprobs][1:], abs=1e-5)
+
+
+def test_choices_of_one_prompt_share_its_prefill_and_each_samples_as_alone(
+    tmp_path: Path,
+) -> None:
+    # Three choices of one prompt (n = 3): the first prefills it over several chunks, the
+    # others copy its K/V and compute only the last token. Each draws what it draws alone,
+    # the prompt penalised as its own (the sampler's state is the prompt's whole).
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=4, prefill_chunk=8)
+    serving = load_serving(settings, Metrics())
+    engine, validator = serving.engine, serving.validator
+    ids = validator.tokenize("the quick brown fox jumps over the lazy dog and runs away", None)
+    assert len(ids) > 2 * settings.prefill_chunk
+
+    def choices() -> list[GenerationRequest]:
+        sampling = {"temperature": 0.9, "repetition_penalty": 1.5, "ignore_eos": True}
+        fields = [GenerateRequest(prompt="", max_tokens=12, seed=s, **sampling) for s in (5, 6, 7)]
+        return [validator.validate_prompt(ids, f) for f in fields]
+
+    async def tokens(submitted: list[GenerationRequest]) -> list[list[int]]:
+        drawn = []
+        for stream in engine.submit_all(submitted):
+            drawn.append([t async for output in stream for t in output.token_ids])
+        return drawn
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        engine.start(asyncio.get_running_loop())
+        alone = [(await tokens([request]))[0] for request in choices()]
+        return alone, await tokens(choices())
+
+    try:
+        alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert together == alone
+    assert len({tuple(drawn) for drawn in together}) == 3  # each choice its own draw
+    shared = engine.metrics.registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
+    assert shared == 2 * (len(ids) - 1)  # nothing shared alone; each other choice's prompt

@@ -184,3 +184,63 @@ def test_refuses_a_budget_or_a_prompt_that_could_never_make_progress():
     with pytest.raises(ValueError):
         s.add(ScheduledRequest("empty", prompt_len=0))
     assert not s.has_work
+
+
+def chunks(output: SchedulerOutput) -> list[tuple[str, int, int, int]]:
+    return [(c.request_id, c.slot, c.start, c.end) for c in output.prefills]
+
+
+def test_choices_of_one_prompt_copy_its_prefill_and_compute_only_its_last_token():
+    scheduler = Scheduler(n_slots=4, max_waiting=4, prefill_budget=4)
+    scheduler.add(
+        ScheduledRequest("a", prompt_len=10),
+        ScheduledRequest("a1", prompt_len=10, prompt_source="a"),
+        ScheduledRequest("a2", prompt_len=10, prompt_source="a"),
+        ScheduledRequest("other", prompt_len=2),
+    )
+    assert chunks(step(scheduler)) == [("a", 0, 0, 4)]  # the whole budget
+    assert chunks(step(scheduler)) == [("a", 0, 4, 8)]
+    # Admitted in their turn, the choices wait in their slots: "a" has cached 8 of the 9
+    # positions before its last token. What the budget leaves goes to "other".
+    third = step(scheduler)
+    assert third.admitted == ("a1", "a2", "other") and third.copies == ()
+    assert chunks(third) == [("a", 0, 8, 10), ("other", 3, 0, 2)]
+    fourth = step(scheduler)  # "a" decodes; each choice copies its 9 positions
+    assert [(c.src, c.dst, c.length) for c in fourth.copies] == [(0, 1, 9), (0, 2, 9)]
+    assert chunks(fourth) == [("a1", 1, 9, 10), ("a2", 2, 9, 10)]
+    assert all(c.completes_prompt for c in fourth.prefills)
+    assert [(r.request_id, r.position) for r in fourth.decodes] == [("a", 10), ("other", 2)]
+    assert [(r.request_id, r.position) for r in step(scheduler).decodes] == [
+        ("a", 11),
+        ("a1", 10),
+        ("a2", 10),
+        ("other", 3),
+    ]
+
+
+def test_a_choice_whose_source_is_gone_prefills_its_prompt_itself():
+    scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=4)
+    scheduler.add(
+        ScheduledRequest("a", prompt_len=6), ScheduledRequest("a1", prompt_len=6, prompt_source="a")
+    )
+    assert chunks(step(scheduler)) == [("a", 0, 0, 4)]
+    assert scheduler.cancel("a")  # its client left mid-prefill
+    output = step(scheduler)
+    assert (output.admitted, output.copies) == (("a1",), ())
+    assert chunks(output) == [("a1", 0, 0, 4)]
+
+
+def test_a_copy_goes_where_this_steps_compaction_moved_the_choice():
+    scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=8)
+    scheduler.add(
+        ScheduledRequest("x", prompt_len=2),
+        ScheduledRequest("a", prompt_len=5),
+        ScheduledRequest("a1", prompt_len=5, prompt_source="a"),
+    )
+    first = step(scheduler, finished=("x",))  # x ends at its first token: slot 0 is free
+    assert first.admitted == ("x", "a", "a1") and first.copies == ()
+    assert chunks(first) == [("x", 0, 0, 2), ("a", 1, 0, 5)]  # a1 waits in slot 2
+    second = step(scheduler)  # a1 moves down into slot 0, then copies "a" there
+    assert [(m.src, m.dst, m.length) for m in second.moves] == [(2, 0, 0)]
+    assert [(c.src, c.dst, c.length) for c in second.copies] == [(1, 0, 4)]
+    assert chunks(second) == [("a1", 0, 4, 5)]

@@ -1,6 +1,7 @@
 """The scheduler driven as the engine drives it, against a reference model kept here.
 
-Rules are what the engine does: `submit` (`add`, which may refuse with QueueFull),
+Rules are what the engine does: `submit` (`add`, which may refuse with QueueFull; n
+choices of one prompt together, all but the first copying the first's prefill),
 `cancel` (a waiting request leaves the queue at once through `cancel_waiting`, even
 while a step is in flight; a running one is released by `cancel` before the next
 `schedule`), `schedule` and `complete` (each sampled row gets a token; some finish by
@@ -36,6 +37,7 @@ class Ref:
 
     prompt_len: int
     max_tokens: int
+    source: str | None = None  # the choice whose prefill this one copies
     state: str = WAITING
     slot: int = -1
     cached: int = 0  # prompt tokens prefilled, then +1 per decode
@@ -66,6 +68,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def live(self) -> list[str]:
         return [i for i, r in self.refs.items() if r.state in (WAITING, RUNNING)]
 
+    def copied_from(self, ref: Ref) -> Ref | None:
+        """The running source whose prompt `ref` (nothing of it cached yet) would copy."""
+        if ref.source is None or ref.cached > 0 or ref.prompt_len < 2:
+            return None
+        source = self.refs[ref.source]
+        return source if source.state == RUNNING else None
+
     def release(self, request_id: str, state: str) -> None:
         ref = self.refs[request_id]
         assert self.slots[ref.slot] == request_id
@@ -74,20 +83,27 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ rules
 
-    @rule(prompt_len=st.integers(1, 30), max_tokens=st.integers(1, 6))
-    def submit(self, prompt_len: int, max_tokens: int) -> None:
-        request_id = f"r{self.next_id}"
-        self.next_id += 1
+    @rule(
+        prompt_len=st.integers(1, 30),
+        max_tokens=st.integers(1, 6),
+        choices=st.integers(1, 3),
+    )
+    def submit(self, prompt_len: int, max_tokens: int, choices: int) -> None:
+        ids = [f"r{self.next_id + j}" for j in range(choices)]
+        self.next_id += choices
         free = self.slots.count(None)
-        at_bound = len(self.queue) >= free + self.max_waiting
+        at_bound = len(self.queue) + choices > free + self.max_waiting
         try:
-            self.s.add(ScheduledRequest(request_id, prompt_len))
+            self.s.add(
+                *(ScheduledRequest(i, prompt_len, None if i == ids[0] else ids[0]) for i in ids)
+            )
         except QueueFull:
             assert at_bound, (len(self.queue), free, self.max_waiting)
             return
         assert not at_bound, f"admitted past the bound: {len(self.queue)} waiting, {free} free"
-        self.refs[request_id] = Ref(prompt_len, max_tokens)
-        self.queue.append(request_id)
+        for i in ids:
+            self.refs[i] = Ref(prompt_len, max_tokens, None if i == ids[0] else ids[0])
+        self.queue += ids
 
     @precondition(lambda self: self.refs)
     @rule(pick=st.integers(0, 10**6))
@@ -203,12 +219,33 @@ class SchedulerMachine(RuleBasedStateMachine):
         for row in out.decodes:
             assert self.refs[row.request_id].cached >= self.refs[row.request_id].prompt_len
 
-        # Admission: a FIFO prefix of the queue, into free slots.
+        # Admission: a FIFO prefix of the queue, into the lowest free slots.
         admitted = list(out.admitted)
         assert admitted == self.queue[: len(admitted)], (admitted, self.queue)
         del self.queue[: len(admitted)]
-        for request_id in admitted:
-            self.refs[request_id].state = RUNNING
+        free = [slot for slot, held_by in enumerate(self.slots) if held_by is None]
+        assert len(admitted) <= len(free), f"{admitted} admitted into {free}"
+        for request_id, slot in zip(admitted, free, strict=False):
+            self.slots[slot] = request_id
+            self.refs[request_id].state, self.refs[request_id].slot = RUNNING, slot
+
+        # A choice waits in its slot while its source, running, has not yet cached all but
+        # the prompt's last token (held: no chunk); then, in its first chunk, it copies
+        # those positions from the source's slot (after this step's moves).
+        held = {
+            i
+            for i in self.running()
+            if (source := self.copied_from(self.refs[i])) is not None
+            and source.cached < self.refs[i].prompt_len - 1
+        }
+        expect_copies = []
+        for chunk in out.prefills:
+            ref = self.refs[chunk.request_id]
+            source = self.copied_from(ref)
+            if source is not None and chunk.request_id not in held:
+                expect_copies.append((source.slot, chunk.slot, ref.prompt_len - 1))
+                ref.cached = ref.prompt_len - 1
+        assert [(c.src, c.dst, c.length) for c in out.copies] == expect_copies
 
         # Prefills: each request at most once, continuing where its prompt stands, within
         # the budget in total; a new request's chunk is in the slot it was given.
@@ -221,15 +258,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             seen.add(chunk.request_id)
             assert chunk.start == ref.cached < chunk.end <= ref.prompt_len, (chunk, ref)
             assert chunk.completes_prompt == (chunk.end == ref.prompt_len), chunk
-            if chunk.request_id in admitted:
-                assert self.slots[chunk.slot] is None, f"{chunk} into a live slot"
-                self.slots[chunk.slot] = chunk.request_id
-                ref.slot = chunk.slot
             assert chunk.slot == ref.slot, (chunk, ref)
             total += chunk.end - chunk.start
         assert total <= self.budget, f"{total} prompt tokens for a budget of {self.budget}"
-        assert set(admitted) <= seen, "admitted without a chunk"
-        partial = [i for i in self.running() if self.refs[i].generated == 0]
+        assert set(admitted) - held <= seen, "admitted without a chunk"
+        assert not held & seen, f"prefilled before its source's prompt was in: {held & seen}"
+        partial = [i for i in self.running() if self.refs[i].generated == 0 and i not in held]
         assert set(partial) == seen or total == self.budget, "a prompt idled with budget left"
         if self.queue and None in self.slots:
             assert total == self.budget, "a request waits by a free slot with budget left"

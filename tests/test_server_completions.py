@@ -136,7 +136,7 @@ def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, m
     assert sorted(finished) == [0, 1, 2]
 
 
-def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, model_id):
+def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, base_url, model_id):
     prompts = ["Once upon a time", "The"]
     body = {"model": model_id, "max_tokens": 10}
     alone = {
@@ -145,9 +145,14 @@ def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, model_i
         for j in range(2)
     }
     assert alone[0, 0] != alone[0, 1]  # two draws, not one twice
+    shared = ("pocketgpt_prompt_tokens_shared_total", ())
+    before = metric_samples(base_url)[shared]
     many = sdk.completions.create(prompt=prompts, n=2, best_of=2, seed=5, **body)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]  # prompt i's j-th: 2 i + j
     assert [c.text for c in many.choices] == [alone[i, j] for i in range(2) for j in range(2)]
+    # Each prompt's second choice copied all but the last token of the first's prefill.
+    lengths = [len(english_tokenizer().encode(p, add_special_tokens=False).ids) for p in prompts]
+    assert metric_samples(base_url)[shared] - before == sum(n - 1 for n in lengths)
     texts: dict[int, str] = collections.defaultdict(str)
     for chunk in sdk.completions.create(prompt=prompts, n=2, seed=5, stream=True, **body):
         [choice] = chunk.choices
