@@ -19,7 +19,7 @@ prefill: the first prefills it, and each of the others (its `prompt_source` name
 first), admitted in its turn, waits in its slot until that one's slot holds all but the
 prompt's last token, then copies those positions into its own (`SchedulerOutput.copies`)
 and prefills only the last token, whose logits it samples from. If the first is gone
-by then (finished or cancelled), it prefills its prompt itself.
+by then (finished, at its first token too, or cancelled), it prefills its prompt itself.
 """
 
 from __future__ import annotations
