@@ -42,6 +42,10 @@ class EngineUnavailable(Exception):
 
 
 FAILED = "the engine stopped on an internal error (see the server log)"
+# A request shares the prefill of an earlier one whose prompt begins with the same this
+# many tokens (or is the same prompt, if shorter): a shorter common prefix is computed,
+# not waited for (the request waits in its slot while its source prefills).
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +160,9 @@ class Engine:
         self.metrics = metrics
         self.end_ids = end_ids  # a token among these ends the text (unless ignore_eos)
         self._live: dict[str, _Live] = {}
+        # The latest request submitted with each prompt start (MIN_SHARED_PREFIX tokens):
+        # the source a request with the same start copies its common prefix from.
+        self._by_prompt_start: dict[tuple[int, ...], GenerationRequest] = {}
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
@@ -206,12 +213,46 @@ class Engine:
                 raise EngineUnavailable(FAILED)
             if self._draining or self._stopping:
                 raise EngineUnavailable("the server is shutting down")
-            self.scheduler.add(*_scheduled(requests))
+            scheduled, starts = self._scheduled(requests)
+            self.scheduler.add(*scheduled)
             for live in lives:
                 self._live[live.request.request_id] = live
+            self._by_prompt_start.update(starts)
             self.metrics.waiting.set(self.scheduler.num_waiting)
             self._cond.notify()
         return [live.stream for live in lives]
+
+    def _scheduled(
+        self, requests: Sequence[GenerationRequest]
+    ) -> tuple[list[ScheduledRequest], dict[tuple[int, ...], GenerationRequest]]:
+        """The scheduler's view of `requests` (submitted together, in order): each copies
+        the prompt prefix it has in common with the latest live request submitted before
+        it whose prompt starts alike, one of these included (n choices of one prompt); a
+        request scoring its prompt computes every position's logits itself. And the
+        prompt starts `requests` are then the latest of."""
+        if len(self._by_prompt_start) > 2 * self.scheduler.capacity:  # the finished forgotten
+            self._by_prompt_start = {
+                start: request
+                for start, request in self._by_prompt_start.items()
+                if request.request_id in self._live
+            }
+        starts: dict[tuple[int, ...], GenerationRequest] = {}
+        scheduled = []
+        for request in requests:
+            prompt = request.prompt_ids
+            start = tuple(prompt[:MIN_SHARED_PREFIX])
+            source = starts.get(start)
+            if source is None:
+                source = self._by_prompt_start.get(start)
+                if source is not None and source.request_id not in self._live:
+                    source = None  # finished or cancelled: nothing to copy
+            shared = 0
+            if source is not None and not request.scores_prompt:
+                shared = min(_common_prefix(prompt, source.prompt_ids), len(prompt) - 1)
+            source_id = source.request_id if source is not None and shared > 0 else None
+            scheduled.append(ScheduledRequest(request.request_id, len(prompt), source_id, shared))
+            starts[start] = request
+        return scheduled, starts
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
@@ -554,19 +595,17 @@ class Engine:
             self._loop.call_soon_threadsafe(_deliver, deliveries)
 
 
-def _scheduled(requests: Sequence[GenerationRequest]) -> list[ScheduledRequest]:
-    """The scheduler's view of `requests`, submitted together: of those with the same
-    prompt (n choices), each after the first copies the first's prefill. Not a request
-    scoring its prompt: its chunks' every position's logits are its own to compute."""
-    first_with: dict[tuple[int, ...], str] = {}
-    scheduled = []
-    for request in requests:
-        source = None
-        if len(request.prompt_ids) > 1 and not request.scores_prompt:
-            first = first_with.setdefault(tuple(request.prompt_ids), request.request_id)
-            source = None if first == request.request_id else first
-        scheduled.append(ScheduledRequest(request.request_id, len(request.prompt_ids), source))
-    return scheduled
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` have in common (by bisection: list slices compare
+    in C, where a Python loop over a long prompt would hold the event loop)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _scores(

@@ -80,8 +80,9 @@ class Metrics:
         self.prompt_tokens = counter("prompt_tokens_total", "prompt tokens admitted")
         self.prompt_tokens_shared = counter(
             "prompt_tokens_shared_total",
-            "prompt tokens admitted whose K/V were copied from another choice of the same "
-            "prompt, not computed",
+            "prompt tokens admitted whose K/V were copied, not computed: the prefix a "
+            "request's prompt has in common with an earlier one's (n choices of one prompt, "
+            "a system prompt)",
         )
         self.generation_tokens = counter("generation_tokens_total", "tokens generated")
         self.time_to_first_token = histogram(

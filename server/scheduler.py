@@ -14,12 +14,13 @@ Token accounting per request: `num_cached` tokens have K/V in the slot and
 `num_generated` tokens have been sampled. A decode feeds the newest sampled token at
 position `num_cached`; the chunk that completes the prompt samples the first token.
 
-Requests submitted together with the same prompt (n choices of one prompt) share its
-prefill: the first prefills it, and each of the others (its `prompt_source` names the
-first), admitted in its turn, waits in its slot until that one's slot holds all but the
-prompt's last token, then copies those positions into its own (`SchedulerOutput.copies`)
-and prefills only the last token, whose logits it samples from. If the first is gone
-by then (finished, at its first token too, or cancelled), it prefills its prompt itself.
+A request whose prompt begins as an earlier one's does (n choices of one prompt, or a
+system prompt many requests begin with) shares that one's prefill: its `prompt_source`
+names the earlier request and `shared` how many leading prompt positions they have in
+common (all but the last for n choices). Admitted in its turn, it waits in its slot until
+the source's slot holds those positions, copies them into its own
+(`SchedulerOutput.copies`) and prefills the rest of its prompt. If the source is gone by
+then (finished, at its first token too, or cancelled), it prefills its prompt itself.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class QueueFull(Exception):
 class ScheduledRequest:
     request_id: str
     prompt_len: int  # >= 1
-    prompt_source: str | None = None  # a request with this prompt whose prefill it copies
+    prompt_source: str | None = None  # an earlier request whose prompt begins as this one's
+    shared: int = 0  # < prompt_len: the leading prompt positions it copies from that one
     slot: int = -1  # -1 while waiting
     num_cached: int = 0
     num_generated: int = 0
@@ -194,16 +196,14 @@ class Scheduler:
         copies: list[SlotMove],
     ) -> int:
         """The prompt tokens `request` prefills this step (its chunk in `prefills`): none
-        while the request whose prompt it shares is still prefilling it; once that one has
-        cached all but the last token, those positions are copied (into `copies`) and
-        only the last is prefilled."""
-        shared = request.prompt_len - 1
+        while its source is still prefilling the positions they share; once it has cached
+        them, they are copied (into `copies`) and the rest of the prompt is prefilled."""
         source = self.running.get(request.prompt_source or "")
-        if request.num_cached == 0 and source is not None and shared > 0:
-            if source.num_cached < shared:
+        if request.num_cached == 0 and source is not None and request.shared > 0:
+            if source.num_cached < request.shared:
                 return 0
-            copies.append(SlotMove(source.slot, request.slot, shared))
-            request.num_cached = shared
+            copies.append(SlotMove(source.slot, request.slot, request.shared))
+            request.num_cached = request.shared
         return self._chunk(request, budget, prefills)
 
     def _chunk(self, request: ScheduledRequest, budget: int, out: list[PrefillChunk]) -> int:

@@ -16,7 +16,7 @@ import pytest
 from server_harness import english_tokenizer, random_checkpoint
 
 from server.app import load_serving
-from server.engine import RequestOutput
+from server.engine import MIN_SHARED_PREFIX, RequestOutput, RequestStream
 from server.metrics import Metrics
 from server.protocol import GenerateRequest
 from server.routes import Serving, _events
@@ -188,3 +188,45 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_samples_as_alone(
     assert len({tuple(drawn) for drawn in together}) == 3  # each choice its own draw
     shared = engine.metrics.registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
     assert shared == 2 * (len(ids) - 1)  # nothing shared alone; each other choice's prompt
+
+
+def test_a_request_whose_prompt_begins_as_a_running_ones_copies_that_prefix(
+    tmp_path: Path,
+) -> None:
+    # A system prompt many requests begin with: a request arriving while another with the
+    # same start decodes copies the common prefix's K/V and prefills only the rest of its
+    # prompt, and draws what it draws alone.
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=2)
+    serving = load_serving(settings, Metrics())
+    engine, validator = serving.engine, serving.validator
+    system = "the quick brown fox jumps over the lazy dog"
+    first, second = (validator.tokenize(system + tail, None) for tail in (" and runs", " or naps"))
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert common >= MIN_SHARED_PREFIX
+
+    def request(ids: list[int], max_tokens: int) -> GenerationRequest:
+        fields = GenerateRequest(
+            prompt="", max_tokens=max_tokens, seed=3, repetition_penalty=1.5, ignore_eos=True
+        )
+        return validator.validate_prompt(ids, fields)
+
+    async def tokens(stream: RequestStream) -> list[int]:
+        return [t async for output in stream for t in output.token_ids]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        engine.start(asyncio.get_running_loop())
+        alone = await tokens(engine.submit(request(second, 10)))
+        running = engine.submit(request(first, 40))
+        await running.__anext__()  # its prompt is in: it decodes
+        beside = await tokens(engine.submit(request(second, 10)))
+        running.close()
+        return alone, beside
+
+    try:
+        alone, beside = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert beside == alone
+    shared = engine.metrics.registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
+    assert shared == common

@@ -194,8 +194,8 @@ def test_choices_of_one_prompt_copy_its_prefill_and_compute_only_its_last_token(
     scheduler = Scheduler(n_slots=4, max_waiting=4, prefill_budget=4)
     scheduler.add(
         ScheduledRequest("a", prompt_len=10),
-        ScheduledRequest("a1", prompt_len=10, prompt_source="a"),
-        ScheduledRequest("a2", prompt_len=10, prompt_source="a"),
+        ScheduledRequest("a1", prompt_len=10, prompt_source="a", shared=9),
+        ScheduledRequest("a2", prompt_len=10, prompt_source="a", shared=9),
         ScheduledRequest("other", prompt_len=2),
     )
     assert chunks(step(scheduler)) == [("a", 0, 0, 4)]  # the whole budget
@@ -221,7 +221,8 @@ def test_choices_of_one_prompt_copy_its_prefill_and_compute_only_its_last_token(
 def test_a_choice_whose_source_is_gone_prefills_its_prompt_itself():
     scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=4)
     scheduler.add(
-        ScheduledRequest("a", prompt_len=6), ScheduledRequest("a1", prompt_len=6, prompt_source="a")
+        ScheduledRequest("a", prompt_len=6),
+        ScheduledRequest("a1", prompt_len=6, prompt_source="a", shared=5),
     )
     assert chunks(step(scheduler)) == [("a", 0, 0, 4)]
     assert scheduler.cancel("a")  # its client left mid-prefill
@@ -235,7 +236,7 @@ def test_a_copy_goes_where_this_steps_compaction_moved_the_choice():
     scheduler.add(
         ScheduledRequest("x", prompt_len=2),
         ScheduledRequest("a", prompt_len=5),
-        ScheduledRequest("a1", prompt_len=5, prompt_source="a"),
+        ScheduledRequest("a1", prompt_len=5, prompt_source="a", shared=4),
     )
     first = step(scheduler, finished=("x",))  # x ends at its first token: slot 0 is free
     assert first.admitted == ("x", "a", "a1") and first.copies == ()
@@ -244,3 +245,15 @@ def test_a_copy_goes_where_this_steps_compaction_moved_the_choice():
     assert [(m.src, m.dst, m.length) for m in second.moves] == [(2, 0, 0)]
     assert [(c.src, c.dst, c.length) for c in second.copies] == [(1, 0, 4)]
     assert chunks(second) == [("a1", 0, 4, 5)]
+
+
+def test_a_request_copies_the_prefix_it_shares_with_a_running_one_and_prefills_the_rest():
+    scheduler = Scheduler(n_slots=2, max_waiting=4, prefill_budget=16)
+    scheduler.add(ScheduledRequest("system", prompt_len=12))
+    step(scheduler)
+    step(scheduler)  # "system" decodes: its prompt's positions are all cached
+    scheduler.add(ScheduledRequest("user", prompt_len=15, prompt_source="system", shared=10))
+    output = step(scheduler)  # the source has them: copied at once
+    assert output.admitted == ("user",)
+    assert [(c.src, c.dst, c.length) for c in output.copies] == [(0, 1, 10)]
+    assert chunks(output) == [("user", 1, 10, 15)]

@@ -1,7 +1,8 @@
 """The scheduler driven as the engine drives it, against a reference model kept here.
 
 Rules are what the engine does: `submit` (`add`, which may refuse with QueueFull; n
-choices of one prompt together, all but the first copying the first's prefill),
+choices of one prompt together, all but the first copying the first's prefill, and the
+first maybe a prefix of an earlier live request's),
 `cancel` (a waiting request leaves the queue at once through `cancel_waiting`, even
 while a step is in flight; a running one is released by `cancel` before the next
 `schedule`), `schedule` and `complete` (each sampled row gets a token; some finish by
@@ -37,7 +38,8 @@ class Ref:
 
     prompt_len: int
     max_tokens: int
-    source: str | None = None  # the choice whose prefill this one copies
+    source: str | None = None  # an earlier request whose prompt begins as this one's
+    shared: int = 0  # the leading prompt positions this one copies from it
     state: str = WAITING
     slot: int = -1
     cached: int = 0  # prompt tokens prefilled, then +1 per decode
@@ -70,7 +72,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def copied_from(self, ref: Ref) -> Ref | None:
         """The running source whose prompt `ref` (nothing of it cached yet) would copy."""
-        if ref.source is None or ref.cached > 0 or ref.prompt_len < 2:
+        if ref.source is None or ref.cached > 0 or ref.shared == 0:
             return None
         source = self.refs[ref.source]
         return source if source.state == RUNNING else None
@@ -87,22 +89,37 @@ class SchedulerMachine(RuleBasedStateMachine):
         prompt_len=st.integers(1, 30),
         max_tokens=st.integers(1, 6),
         choices=st.integers(1, 3),
+        prefix=st.integers(0, 30),
     )
-    def submit(self, prompt_len: int, max_tokens: int, choices: int) -> None:
+    def submit(self, prompt_len: int, max_tokens: int, choices: int, prefix: int) -> None:
+        # The first request shares `prefix` leading positions (at most its prompt but the
+        # last, and the source's prompt) with the latest live request, if any; the other
+        # choices all but the last with the first, as the engine marks them.
         ids = [f"r{self.next_id + j}" for j in range(choices)]
         self.next_id += choices
+        live = self.live()
+        first = Ref(prompt_len, max_tokens)
+        if live and min(prefix, prompt_len - 1, self.refs[live[-1]].prompt_len) > 0:
+            first.source = live[-1]
+            first.shared = min(prefix, prompt_len - 1, self.refs[live[-1]].prompt_len)
+        refs = {ids[0]: first}
+        for i in ids[1:]:
+            refs[i] = (
+                Ref(prompt_len, max_tokens, ids[0], prompt_len - 1)
+                if prompt_len > 1
+                else Ref(prompt_len, max_tokens)
+            )
         free = self.slots.count(None)
         at_bound = len(self.queue) + choices > free + self.max_waiting
         try:
             self.s.add(
-                *(ScheduledRequest(i, prompt_len, None if i == ids[0] else ids[0]) for i in ids)
+                *(ScheduledRequest(i, r.prompt_len, r.source, r.shared) for i, r in refs.items())
             )
         except QueueFull:
             assert at_bound, (len(self.queue), free, self.max_waiting)
             return
         assert not at_bound, f"admitted past the bound: {len(self.queue)} waiting, {free} free"
-        for i in ids:
-            self.refs[i] = Ref(prompt_len, max_tokens, None if i == ids[0] else ids[0])
+        self.refs.update(refs)
         self.queue += ids
 
     @precondition(lambda self: self.refs)
@@ -229,22 +246,22 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.slots[slot] = request_id
             self.refs[request_id].state, self.refs[request_id].slot = RUNNING, slot
 
-        # A choice waits in its slot while its source, running, has not yet cached all but
-        # the prompt's last token (held: no chunk); then, in its first chunk, it copies
-        # those positions from the source's slot (after this step's moves).
-        held = {
-            i
-            for i in self.running()
-            if (source := self.copied_from(self.refs[i])) is not None
-            and source.cached < self.refs[i].prompt_len - 1
-        }
-        expect_copies = []
-        for chunk in out.prefills:
-            ref = self.refs[chunk.request_id]
+        # A request waits in its slot while its source, running, has not yet cached the
+        # positions they share (held: no chunk); then, in its first chunk, it copies those
+        # positions from the source's slot (after this step's moves). Copies run in turn,
+        # in admission order: a source that copied this step is a source of them already.
+        chunked = {chunk.request_id: chunk for chunk in out.prefills}
+        held, expect_copies = set(), []
+        for request_id in self.running():  # submission order, which admission keeps
+            ref = self.refs[request_id]
             source = self.copied_from(ref)
-            if source is not None and chunk.request_id not in held:
-                expect_copies.append((source.slot, chunk.slot, ref.prompt_len - 1))
-                ref.cached = ref.prompt_len - 1
+            if source is None:
+                continue
+            if source.cached < ref.shared:
+                held.add(request_id)
+            elif request_id in chunked:
+                expect_copies.append((source.slot, ref.slot, ref.shared))
+                ref.cached = ref.shared
         assert [(c.src, c.dst, c.length) for c in out.copies] == expect_copies
 
         # Prefills: each request at most once, continuing where its prompt stands, within
