@@ -16,12 +16,27 @@ import pytest
 from server_harness import english_tokenizer, random_checkpoint
 
 from server.app import load_serving
-from server.engine import MIN_SHARED_PREFIX, RequestOutput, RequestStream
+from server.engine import MIN_SHARED_PREFIX, Engine, RequestOutput, RequestStream
 from server.metrics import Metrics
 from server.protocol import GenerateRequest
 from server.routes import Serving, _events
 from server.settings import Settings
-from server.validation import GenerationRequest
+from server.validation import GenerationRequest, Validator
+
+
+def random_serving(tmp_path: Path, **settings: int) -> tuple[Engine, Validator]:
+    """An engine (not started) and its validator for a random tiny model: its outputs
+    depend strongly on the context, so a K/V cache mixed up shows."""
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    serving = load_serving(
+        Settings(checkpoint=str(checkpoint), device="cpu", **settings), Metrics()
+    )
+    return serving.engine, serving.validator
+
+
+async def drawn(stream: RequestStream) -> list[int]:
+    """Every token id the stream's request draws."""
+    return [token_id async for output in stream for token_id in output.token_ids]
 
 
 @pytest.fixture
@@ -112,10 +127,7 @@ def test_a_prompt_scored_in_one_prefill_with_another_leaves_each_its_own_output(
 ) -> None:
     # Scoring a prompt (echo with logprobs) takes the prefill's logits at every position:
     # the unscored prompt beside it, shorter and so padded, still samples from its own end.
-    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
-    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=2)
-    serving = load_serving(settings, Metrics())
-    engine, validator = serving.engine, serving.validator
+    engine, validator = random_serving(tmp_path, max_batch=2)
     fields = GenerateRequest(prompt="", max_tokens=6, temperature=0, ignore_eos=True)
     unscored = "the cat"
     scored = "a dog ran far away from home"
@@ -157,12 +169,9 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_samples_as_alone(
     # Three choices of one prompt (n = 3): the first prefills it over several chunks, the
     # others copy its K/V and compute only the last token. Each draws what it draws alone,
     # the prompt penalised as its own (the sampler's state is the prompt's whole).
-    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
-    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=4, prefill_chunk=8)
-    serving = load_serving(settings, Metrics())
-    engine, validator = serving.engine, serving.validator
+    engine, validator = random_serving(tmp_path, max_batch=4, prefill_chunk=8)
     ids = validator.tokenize("the quick brown fox jumps over the lazy dog and runs away", None)
-    assert len(ids) > 2 * settings.prefill_chunk
+    assert len(ids) > 2 * 8  # three chunks
 
     def choices() -> list[GenerationRequest]:
         sampling = {"temperature": 0.9, "repetition_penalty": 1.5, "ignore_eos": True}
@@ -170,10 +179,7 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_samples_as_alone(
         return [validator.validate_prompt(ids, f) for f in fields]
 
     async def tokens(submitted: list[GenerationRequest]) -> list[list[int]]:
-        drawn = []
-        for stream in engine.submit_all(submitted):
-            drawn.append([t async for output in stream for t in output.token_ids])
-        return drawn
+        return [await drawn(stream) for stream in engine.submit_all(submitted)]
 
     async def scenario() -> tuple[list[list[int]], list[list[int]]]:
         engine.start(asyncio.get_running_loop())
@@ -196,10 +202,7 @@ def test_a_request_whose_prompt_begins_as_a_running_ones_copies_that_prefix(
     # A system prompt many requests begin with: a request arriving while another with the
     # same start decodes copies the common prefix's K/V and prefills only the rest of its
     # prompt, and draws what it draws alone.
-    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
-    settings = Settings(checkpoint=str(checkpoint), device="cpu", max_batch=2)
-    serving = load_serving(settings, Metrics())
-    engine, validator = serving.engine, serving.validator
+    engine, validator = random_serving(tmp_path, max_batch=2)
     system = "the quick brown fox jumps over the lazy dog"
     first, second = (validator.tokenize(system + tail, None) for tail in (" and runs", " or naps"))
     common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
@@ -211,15 +214,12 @@ def test_a_request_whose_prompt_begins_as_a_running_ones_copies_that_prefix(
         )
         return validator.validate_prompt(ids, fields)
 
-    async def tokens(stream: RequestStream) -> list[int]:
-        return [t async for output in stream for t in output.token_ids]
-
     async def scenario() -> tuple[list[int], list[int]]:
         engine.start(asyncio.get_running_loop())
-        alone = await tokens(engine.submit(request(second, 10)))
+        alone = await drawn(engine.submit(request(second, 10)))
         running = engine.submit(request(first, 40))
         await running.__anext__()  # its prompt is in: it decodes
-        beside = await tokens(engine.submit(request(second, 10)))
+        beside = await drawn(engine.submit(request(second, 10)))
         running.close()
         return alone, beside
 
