@@ -79,8 +79,8 @@ class SchedulerOutput:
     decodes: tuple[DecodeRow, ...]  # ordered by slot
     prefills: tuple[PrefillChunk, ...]
     admitted: tuple[str, ...]  # left the waiting queue this step
-    # After the moves: a shared prompt's cached positions, into a request that prefills
-    # its last token this step.
+    # After the moves, in order: the positions a request shares with its source's prompt,
+    # into the request's slot, before it prefills the rest of its prompt this step.
     copies: tuple[SlotMove, ...] = ()
 
     @property
