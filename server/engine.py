@@ -43,8 +43,8 @@ class EngineUnavailable(Exception):
 
 FAILED = "the engine stopped on an internal error (see the server log)"
 # A request shares the prefill of an earlier one whose prompt begins with the same this
-# many tokens (or is the same prompt, if shorter): a shorter common prefix is computed,
-# not waited for (the request waits in its slot while its source prefills).
+# many tokens: a shorter common prefix (a shorter prompt) is computed, not waited for
+# (the request waits in its slot while its source prefills).
 MIN_SHARED_PREFIX = 16
 
 
@@ -227,9 +227,9 @@ class Engine:
     ) -> tuple[list[ScheduledRequest], dict[tuple[int, ...], GenerationRequest]]:
         """The scheduler's view of `requests` (submitted together, in order): each copies
         the prompt prefix it has in common with the latest live request submitted before
-        it whose prompt starts alike, one of these included (n choices of one prompt); a
-        request scoring its prompt computes every position's logits itself. And the
-        prompt starts `requests` are then the latest of."""
+        it whose prompt starts with the same MIN_SHARED_PREFIX tokens, one of these
+        included (n choices of one prompt); a request scoring its prompt computes every
+        position's logits itself. And the prompt starts `requests` are then the latest of."""
         if len(self._by_prompt_start) > 2 * self.scheduler.capacity:  # the finished forgotten
             self._by_prompt_start = {
                 start: request
@@ -240,6 +240,9 @@ class Engine:
         scheduled = []
         for request in requests:
             prompt = request.prompt_ids
+            if len(prompt) <= MIN_SHARED_PREFIX:  # it would copy less than that
+                scheduled.append(ScheduledRequest(request.request_id, len(prompt)))
+                continue
             start = tuple(prompt[:MIN_SHARED_PREFIX])
             source = starts.get(start)
             if source is None:
