@@ -468,7 +468,10 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[Reque
         await asyncio.wait((collecting, disconnect), return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
-        collecting.cancel()
+        if collecting.cancel():
+            # Cancelled while its streams still ran, the gather ends in an exception (a
+            # CancelledError) that nobody reads: asyncio would log it as an error.
+            collecting.add_done_callback(_read_outcome)
         for stream in streams:
             stream.close()
     if not collecting.done() or collecting.cancelled():
@@ -478,6 +481,11 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[Reque
         if whole.error is not None:
             raise _engine_error(whole)
     return collected
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _client_gone(request: Request) -> Response:

@@ -543,13 +543,15 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
 
         wait_until(counted, 10, "the 499 counted and the generation cancelled")
         server.process.send_signal(signal.SIGTERM)
-        log = server.output()[0]
+        log, errors = server.output()
     lines = log.splitlines()
     assert any('"GET /v1/models HTTP/1.1" 200' in line for line in lines), log
     assert any('"POST /metrics HTTP/1.1" 405' in line for line in lines), log  # an error
     assert any('"GET /health HTTP/1.1" 400' in line for line in lines), log  # a probe's too
     # uvicorn sends and logs nothing once the client has gone: the 499 is logged alike.
     assert any('"POST /v1/generate HTTP/1.1" 499' in line for line in lines), log
+    # Its cancelled generation leaves no asyncio error behind (an unread gather's).
+    assert "Traceback" not in errors and "never retrieved" not in errors, errors
     # served() polled /health until ready: none of its 200s is logged either (a 503 while
     # the model loaded may be: an error).
     probes = ('GET /health HTTP/1.1" 200', 'GET /metrics?probe=1 HTTP/1.1" 200')
