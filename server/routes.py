@@ -232,7 +232,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _completion_events(
-            streams, serving.stream_interval, header, include_usage, serving.engine.token_table
+            streams,
+            serving.stream_interval,
+            header,
+            include_usage,
+            body.n,
+            serving.engine.token_table,
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
     collected = await _collect(streams, request)
@@ -240,7 +245,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         return _client_gone(request)
     token_table = serving.engine.token_table
     choices = [_choice(index, whole, token_table) for index, whole in enumerate(collected)]
-    usage = _usage(*collected).model_dump()
+    usage = _usage(*collected, n=body.n).model_dump()
     return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
 
 
@@ -278,9 +283,11 @@ def _submit(serving: Serving, generations: list[GenerationRequest]) -> list[Requ
         raise ApiError(503, "unavailable", str(e)) from None
 
 
-def _usage(*outputs: RequestOutput) -> Usage:
-    """The tokens of the requests whose last outputs these are, together."""
-    prompt_tokens = sum(output.prompt_tokens for output in outputs)
+def _usage(*outputs: RequestOutput, n: int = 1) -> Usage:
+    """The tokens of the requests whose last outputs these are, together: `outputs` in
+    choice order, n choices of each prompt, whose prompt counts once (as OpenAI's and
+    vLLM's usage count it; its choices share its prefill, too)."""
+    prompt_tokens = sum(output.prompt_tokens for output in outputs[::n])
     completion_tokens = sum(output.completion_tokens for output in outputs)
     return Usage(
         prompt_tokens=prompt_tokens,
@@ -373,11 +380,13 @@ async def _completion_events(
     interval: int,
     header: dict[str, object],
     include_usage: bool,
+    n: int,
     token_table: list[bytes],
 ) -> AsyncIterator[bytes]:
     """/v1/completions' SSE: a chunk per `interval` new tokens of a choice (the choices
-    interleaved as their tokens come), optionally a usage chunk, then [DONE]."""
-    finished: list[RequestOutput] = []
+    interleaved as their tokens come; `n` of each prompt), optionally a usage chunk, then
+    [DONE]."""
+    finished: dict[int, RequestOutput] = {}  # by choice index
     outputs = _merged([_gathered(stream, interval) for stream in streams])
     try:
         async for index, output in outputs:
@@ -389,9 +398,9 @@ async def _completion_events(
                 chunk["usage"] = None
             yield _data_event(to_json(chunk))
             if output.finished:
-                finished.append(output)
+                finished[index] = output
         if include_usage:
-            usage = _usage(*finished).model_dump()
+            usage = _usage(*(finished[i] for i in sorted(finished)), n=n).model_dump()
             yield _data_event(to_json({**header, "choices": [], "usage": usage}))
         yield _DONE_EVENT
     finally:

@@ -140,11 +140,12 @@ def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, m
 def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, base_url, model_id):
     prompts = ["Once upon a time there was a fox", "The"]
     body = {"model": model_id, "max_tokens": 10}
-    alone = {
-        (i, j): sdk.completions.create(prompt=prompt, seed=5 + j, **body).choices[0].text
-        for i, prompt in enumerate(prompts)
-        for j in range(2)
-    }
+    alone_usage = {}
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        for j in range(2):
+            completion = sdk.completions.create(prompt=prompt, seed=5 + j, **body)
+            alone[i, j], alone_usage[i, j] = completion.choices[0].text, completion.usage
     assert alone[0, 0] != alone[0, 1]  # two draws, not one twice
     shared = ("pocketgpt_prompt_tokens_shared_total", ())
     before = metric_samples(base_url)[shared]
@@ -158,10 +159,22 @@ def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, base_ur
     )
     assert short <= MIN_SHARED_PREFIX < long
     assert metric_samples(base_url)[shared] - before == long - 1
+    # Each prompt counts once, as OpenAI counts it; each choice's tokens count.
+    assert many.usage.prompt_tokens == long + short
+    assert alone_usage[0, 0].prompt_tokens + alone_usage[1, 0].prompt_tokens == long + short
+    generated = sum(usage.completion_tokens for usage in alone_usage.values())
+    assert many.usage.completion_tokens == generated
+    assert many.usage.total_tokens == long + short + generated
     texts: dict[int, str] = collections.defaultdict(str)
-    for chunk in sdk.completions.create(prompt=prompts, n=2, seed=5, stream=True, **body):
-        [choice] = chunk.choices
-        texts[choice.index] += choice.text
+    streamed = sdk.completions.create(
+        prompt=prompts, n=2, seed=5, stream=True, stream_options={"include_usage": True}, **body
+    )
+    for chunk in streamed:
+        if chunk.usage is not None:
+            assert chunk.usage == many.usage
+        else:
+            [choice] = chunk.choices
+            texts[choice.index] += choice.text
     assert [texts[i] for i in range(4)] == [c.text for c in many.choices]
 
 
