@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 
 def fsync_path(path: Path) -> None:
     """Flush `path` (a file or a folder: its entries) to disk."""
@@ -26,6 +28,21 @@ def fsync_path(path: Path) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    """`tokenizer.save(path)`, a failure raised as the OSError it is: tokenizers reports
+    one (a full disk: "File too large (os error 27)") as a bare Exception."""
+    try:
+        tokenizer.save(str(path))
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, os.strerror(errno), str(path)) from e
 
 
 def write_text_atomic(path: Path, text: str) -> None:

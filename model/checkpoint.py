@@ -29,7 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, normalizers
 
-from model.atomic_files import fsync_path, is_temporary, replace_dir, write_json, write_text_atomic
+from model.atomic_files import (
+    fsync_path,
+    is_temporary,
+    replace_dir,
+    write_json,
+    write_text_atomic,
+    write_tokenizer,
+)
 from model.config import ModelConfig
 from model.transformer import Transformer, rope_tables
 
@@ -69,6 +76,16 @@ class CheckpointError(Exception):
 class CheckpointWriteError(Exception):
     """A checkpoint that could not be written (a full disk, a file-size limit, a lost
     mount). Nothing of it is left behind, and `latest` still names the previous one."""
+
+    def __init__(self, message: str, root: Path) -> None:
+        super().__init__(message)
+        self.root = root  # the run folder
+
+    @property
+    def what_is_kept(self) -> str:
+        if (self.root / LATEST).is_file():
+            return "the checkpoint `latest` names is intact"
+        return "no checkpoint of this run was saved before it"
 
 
 # ---------------------------------------------------------------- config <-> HF
@@ -201,7 +218,7 @@ def save_checkpoint(
         # safetensors creates the file owner-only; the weights are as readable as the
         # rest of the folder (e.g. a volume the container wrote, read by the host's user).
         os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
-        tokenizer.save(str(tmp / TOKENIZER))
+        write_tokenizer(tokenizer, tmp / TOKENIZER)
         write_json(
             tmp / TOKENIZER_CONFIG,
             extras.fields
@@ -230,7 +247,7 @@ def save_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O as Runtime
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointWriteError(f"{final}: could not be written ({reason})") from e
+        raise CheckpointWriteError(f"{final}: could not be written ({reason})", root) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Tokenizer, processors
 from tqdm import tqdm
 
-from tests.test_training_pretrain import CORPUS, TINY, VAL
+from tests.test_training_pretrain import CORPUS, TINY, VAL, pretrain_in_files_up_to
 from training import pretrain
 from training.corpus import CorpusError
 from training.prepare import (
@@ -184,6 +184,21 @@ def test_a_cache_dir_that_cannot_be_a_folder_exits_2_naming_the_flag(
     assert not out_dir.exists()
     if case != "cannot be created":  # found before the tokenizer is trained
         assert "training a" not in captured.out
+
+
+# The tiny corpus's cache: tokenizer.json ~13 KB, train.bin ~23 KB. tokenizers reports
+# its own write's failure as a bare Exception, numpy's tofile in bytes, not the reason.
+@pytest.mark.parametrize("size", [8 * 1024, 16 * 1024], ids=["tokenizer.json", "train.bin"])
+def test_a_cache_that_cannot_be_written_exits_2_with_the_reason_leaving_nothing(
+    tmp_path: Path, size: int
+) -> None:
+    cache, out_dir = tmp_path / "cache", tmp_path / "out"
+    flags = [*TINY, "--max-steps", "1", "--data", str(CORPUS), "--cache-dir", str(cache)]
+    done = pretrain_in_files_up_to(size, *flags, "--out-dir", str(out_dir))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(f"error: --cache-dir {cache}: cannot write (File too large)\n")
+    assert "Traceback" not in done.stderr
+    assert list(cache.iterdir()) == []  # no half-written cache folder
 
 
 def test_a_post_processor_that_adds_a_bos_adds_nothing_to_token_streams(

@@ -1441,6 +1441,18 @@ def files_up_to(size: int) -> Callable[[], None]:
     return limit
 
 
+def pretrain_in_files_up_to(size: int, *args: str) -> subprocess.CompletedProcess:
+    """`python -m training.pretrain` with `args`, where a file past `size` bytes fails."""
+    return subprocess.run(
+        [sys.executable, "-m", "training.pretrain", *args],
+        env=python_env(),
+        preexec_fn=files_up_to(size),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 # 256 KiB: the weights cannot be written (log.jsonl can); 5 MiB: the `tiny` weights
 # (3.4 MB) can, AdamW's state beside them (twice that) cannot.
 @pytest.mark.parametrize("size", [256 * 1024, 5 * 1024 * 1024], ids=["weights", "state"])
@@ -1449,22 +1461,32 @@ def test_a_checkpoint_that_cannot_be_written_exits_1_with_one_line_leaving_nothi
 ) -> None:
     run = tmp_path / "run"
     flags = tiny_run(tmp_path, "--max-steps", "3", "--optimizer", "adamw", "--out-dir", str(run))
-    done = subprocess.run(
-        [sys.executable, "-m", "training.pretrain", *flags],
-        env=python_env(),
-        preexec_fn=files_up_to(size),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = pretrain_in_files_up_to(size, *flags)
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {run}") and "could not be written" in last, done.stderr
     assert "File too large" in last, last  # the system's reason, as a full disk's would be
+    assert last.endswith("; no checkpoint of this run was saved before it"), last
     assert "Traceback" not in done.stderr
     # No step folder, whole or half; and no best/, which comes after the run's first
     # checkpoint (though under the larger limit its weights alone would fit).
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
+
+
+def test_a_checkpoint_that_cannot_be_written_after_one_that_was_leaves_that_one_latest(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    flags = tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(run))
+    assert pretrain.main(flags) == 0
+    # The tiny weights are 3.4 MB.
+    resumed = pretrain_in_files_up_to(256 * 1024, "--resume", str(run), "--max-steps", "3")
+    assert resumed.returncode == 1, resumed.stderr
+    last = resumed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run / 'step-0000003'}: could not be written"), last
+    assert last.endswith("; the checkpoint `latest` names is intact"), last
+    assert (run / "latest").read_text().strip() == "step-0000001"
+    assert not list(run.glob("step-0000003*"))
 
 
 def torchrun_ranks(
@@ -1544,7 +1566,7 @@ def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_o
     done, stderr = torchrun_ranks(tmp_path, args, preexec_fn=files_up_to(256 * 1024))
     assert done.returncode != 0
     assert_last_lines(stderr, f"error: {run}", "error: rank 0 stopped the run (see its error)")
-    assert "`latest` names is intact" in stderr[0]
+    assert "no checkpoint of this run was saved before it" in stderr[0]
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "tensorboard"]
 
 

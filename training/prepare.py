@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.atomic_files import write_json
+from model.atomic_files import write_json, write_tokenizer
 from model.checkpoint import END_OF_TEXT, end_of_text_id
 from model.token_bytes import token_bytes
 from training.corpus import CorpusError, text_digest
@@ -433,10 +433,11 @@ def _write(
     except OSError as e:
         raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({e.strerror})") from None
     try:
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_tokenizer(tokenizer, tmp / "tokenizer.json")
         meta: dict = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
         for split, (docs, stream) in splits.items():
-            stream.tofile(tmp / f"{split}.bin")
+            # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
+            (tmp / f"{split}.bin").write_bytes(np.ascontiguousarray(stream).data)
             meta["splits"][split] = {
                 "file": f"{split}.bin",
                 "documents": len(docs),
@@ -448,9 +449,12 @@ def _write(
         os.replace(tmp, folder)
     except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        # An OSError with the folder in place: another process won the race to write it.
-        if not (isinstance(e, OSError) and (folder / "meta.json").exists()):
+        if not isinstance(e, OSError):
             raise
+        # An OSError with the folder in place: another process won the race to write it.
+        if not (folder / "meta.json").exists():  # else a full disk, a file-size limit
+            reason = e.strerror or str(e)
+            raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({reason})") from None
 
 
 def prepare(

@@ -578,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except CheckpointWriteError as e:  # not bad input: the machine could not store it
-        print(f"error: {e}; the checkpoint `latest` names is intact", file=sys.stderr)
+        print(f"error: {e}; {e.what_is_kept}", file=sys.stderr)
         return 1
     except (TrainingDiverged, RankStopped) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -470,7 +470,8 @@ class Trainer:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a full disk: no checkpoint could be kept either
-            raise CheckpointWriteError(f"{path}: could not be written ({e.strerror or e})") from e
+            message = f"{path}: could not be written ({e.strerror or e})"
+            raise CheckpointWriteError(message, self.out_dir) from e
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
