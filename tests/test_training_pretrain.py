@@ -976,25 +976,33 @@ def test_sigterm_saves_exits_zero_and_the_run_goes_on_by_if_missing_or_resume(
     assert meta(run)["step"] == stopped + 2
 
 
-def test_sigterm_while_evaluating_stops_the_evaluation_and_saves_the_step(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # A whole validation split can take a minute to score: a signal must not wait for it
-    # (`docker stop` kills the trainer 10 s after its SIGTERM, before any save).
-    run = tmp_path / "run"
-    scored: list[int] = []
+def sigterm_on_first_scored_batch(scored: list[int]) -> Callable[[torch.nn.Module, tuple], None]:
+    """A forward pre-hook: SIGTERM to this process as the first evaluation batch is scored
+    (each one's size appended to `scored`)."""
 
-    def sigterm_on_first_scored_batch(module: torch.nn.Module, inputs: tuple) -> None:
+    def hook(module: torch.nn.Module, inputs: tuple) -> None:
         if type(module).__name__ == "Transformer" and not module.training:  # evaluating
             scored.append(inputs[0].shape[0])
             if len(scored) == 1:
                 signal.raise_signal(signal.SIGTERM)
 
+    return hook
+
+
+def test_sigterm_while_evaluating_stops_the_evaluation_which_the_resumed_run_makes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A whole validation split can take a minute to score: a signal must not wait for it
+    # (`docker stop` kills the trainer 10 s after its SIGTERM, before any save).
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    scored: list[int] = []
     flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", "3"]
-    flags += ["--save-interval", "3", "--out-dir", str(run)]
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(sigterm_on_first_scored_batch)
+    flags += ["--save-interval", "3", "--max-steps", "5", "--no-compile", "--log-interval", "1"]
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        sigterm_on_first_scored_batch(scored)
+    )
     try:
-        assert pretrain.main(tiny_run(tmp_path, *LONG_RUN, *flags)) == 0
+        assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(run))) == 0
     finally:
         hook.remove()
     out = capsys.readouterr().out
@@ -1004,6 +1012,44 @@ def test_sigterm_while_evaluating_stops_the_evaluation_and_saves_the_step(
     assert scored == [16]  # one batch of the split's windows, not the rest
     assert meta(run)["step"] == 3 and meta(run)["stopped_by"] == "signal"
     assert read_log(run, "eval") == {} and not (run / "best").exists()
+
+    # Resumed, the run makes the step's evaluation first, as an uninterrupted run made it.
+    assert pretrain.main(["--resume", str(run)]) == 0
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(straight))) == 0
+    evals, straight_evals = read_log(run, "eval"), read_log(straight, "eval")
+    assert sorted(evals) == sorted(straight_evals) == [3, 5]
+    assert [evals[s]["val_loss"] for s in (3, 5)] == [straight_evals[s]["val_loss"] for s in (3, 5)]
+    weights = load_file(resolve_checkpoint(run) / "model.safetensors")
+    straight_weights = load_file(resolve_checkpoint(straight) / "model.safetensors")
+    assert all(torch.equal(weights[k], straight_weights[k]) for k in straight_weights)
+
+
+# The last step's evaluation: the loop's, at the interval, or train()'s final one, off it.
+@pytest.mark.parametrize("interval", ["3", "100"], ids=["at the interval", "off the interval"])
+def test_a_run_whose_last_evaluation_a_signal_stopped_is_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], interval: str
+) -> None:
+    # It was saved as finished: `--if-missing` exited 0 (the Docker server started on a
+    # model never evaluated), and a rerun said there was nothing to do.
+    run = tmp_path / "run"
+    flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", interval]
+    flags += ["--max-steps", "3", "--no-compile", "--if-missing", "--out-dir", str(run)]
+    scored: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        sigterm_on_first_scored_batch(scored)
+    )
+    try:
+        assert pretrain.main(tiny_run(tmp_path, *flags)) == 128 + signal.SIGTERM
+    finally:
+        hook.remove()
+    assert "stopped at step 3 (signal)" in capsys.readouterr().out
+    assert meta(run)["stopped_by"] == "signal" and read_log(run, "eval") == {}
+    assert pretrain.main(["--if-missing", "--out-dir", str(run)]) == 0
+    assert "holds an unfinished run; resuming it" in capsys.readouterr().out
+    assert sorted(read_log(run, "eval")) == [3] and (run / "best").is_dir()
+    assert meta(run)["step"] == 3 and meta(run)["stopped_by"] == "max_steps"
+    assert pretrain.main(["--if-missing", "--out-dir", str(run)]) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
 
 
 def test_a_run_taken_back_and_killed_before_its_first_save_resumes_where_it_went_back(

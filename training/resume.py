@@ -311,11 +311,16 @@ def budget_spent(folder: Path, args: TrainArgs) -> str | None:
     training time reached), or None if it has steps to go."""
     meta = trainer_meta(folder)
     step, seconds = meta.get("step"), meta.get("wall_time")
+    # A run a signal stopped at its budget's end (in its last evaluation) has that
+    # evaluation still to make, and its finish to record.
+    unfinished = meta.get("stopped_by") == "signal"
     # A damaged value is left for reading the training state to report.
-    if isinstance(step, int) and args.max_steps is not None and step >= args.max_steps:
-        return f"is at step {step}, at or past --max-steps {args.max_steps}"
-    if isinstance(seconds, float) and args.max_time is not None and seconds >= args.max_time:
-        return f"has trained {seconds:.0f} s, at or past --max-time {args.max_time:g}"
+    max_steps, max_time = args.max_steps, args.max_time
+    if isinstance(step, int) and max_steps is not None and step >= max_steps + unfinished:
+        return f"is at step {step}, at or past --max-steps {max_steps}"
+    out_of_time = isinstance(seconds, float) and max_time is not None and seconds >= max_time
+    if out_of_time and not unfinished:
+        return f"has trained {seconds:.0f} s, at or past --max-time {max_time:g}"
     return None
 
 

@@ -176,6 +176,9 @@ class Trainer:
         self.last_val: EvalResult | None = None
         self.first_batch_fingerprints: list[int] = []
         self.evaluated_at = -1
+        # The last evaluation was stopped by a signal (all ranks agree): the checkpoint
+        # saved next is unfinished, and the run resumed from it evaluates its step first.
+        self.evaluation_due = False
         self.last_train_loss: float | None = None
         # Sum of the step losses since the last log line: NaN or inf iff one of them was
         # (cross-entropy is never -inf), so checking it checks every step without a sync.
@@ -248,6 +251,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
+        self.evaluation_due = state.get("evaluation_due", False)  # not kept before 2026-12
         self.best_kept = recorded_best_loss(self.out_dir)
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         if "log_window" in state:  # saved the mean over ranks: each rank goes on from it
@@ -285,6 +289,7 @@ class Trainer:
             "elapsed": self.elapsed(),
             "best_val_loss": self.best_val,
             "evals_since_best": self.evals_since_best,
+            "evaluation_due": self.evaluation_due,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "optimizer": self.optimizer.state_dict(),
             "rng": {**rng_state(cuda=self.device.type == "cuda"), "ranks": rng_ranks},
@@ -521,7 +526,9 @@ class Trainer:
             if stopped_by != "signal" and self.evaluated_at != self.step:
                 checkpoint = self._eval_and_report(bar, final=True)
             else:
+                self._unfinished_if_evaluation_stopped()
                 checkpoint = self.save()
+            stopped_by = self.stopped_by
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -544,10 +551,14 @@ class Trainer:
         """
         improved: bool | None = False  # rank 0's to say
         train_loss = self._window_mean_loss()
+        self.evaluation_due = False
         with self._rank0_writing():
             if self.dist.is_main:
                 improved = self._evaluate_on_rank0(bar, train_loss)
         self.evaluated_at = self.step  # on every rank: train() decides by it who evaluates
+        self.evaluation_due = self._on_any_rank(self.evaluation_due)
+        if final:
+            self._unfinished_if_evaluation_stopped()
         checkpoint = self.save() if final or self.saved_at is None else None
         with self._rank0_writing():
             if improved:
@@ -567,6 +578,7 @@ class Trainer:
             result = self.evaluate()
         except EvaluationStopped:
             bar.write(f"step {self.step}: evaluation stopped by a signal")
+            self.evaluation_due = True
             return False
         if not math.isfinite(result.loss):
             return None
@@ -585,6 +597,20 @@ class Trainer:
         )
         bar.write(f"step {self.step}: val loss {result.loss:.4f} nats/token, {result.bpb:.4f} bpb")
         return self.best_kept is None or result.loss < self.best_kept
+
+    def _unfinished_if_evaluation_stopped(self) -> None:
+        """A run whose last evaluation a signal stopped is stopped by that signal, not
+        finished: `--resume` (or `--if-missing`) goes on to make that evaluation."""
+        if self.evaluation_due:
+            self.stopped_by = "signal"
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (collective under DDP)."""
+        if not self.dist.enabled:
+            return flag
+        agreed = torch.tensor([float(flag)])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return bool(agreed)
 
     def _keep_best(self) -> None:
         """Write best/ from rank 0: the weights just evaluated, for serving (it carries no
@@ -608,6 +634,11 @@ class Trainer:
         B, T = args.batch_size, args.block_size
         positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
         tokens_per_step = B * T * args.grad_accum * self.dist.world_size
+        # Resumed from a step whose evaluation a signal stopped: made now, as an
+        # uninterrupted run made it (a last step's off the interval is train()'s to make).
+        resumed_evaluation = self.evaluation_due and self.step % args.eval_interval == 0
+        if resumed_evaluation and (reason := self._evaluate_at_interval(bar)):
+            return reason
         self.window_started, self.window_tokens = time.perf_counter(), 0
         while self.step < args.max_steps:
             reason, elapsed = self._should_stop()
@@ -645,9 +676,7 @@ class Trainer:
             paused_at = time.perf_counter()
             reason = None
             if self.step % args.eval_interval == 0:
-                self._eval_and_report(bar)
-                self._check_finite(self.window_loss.item())
-                reason = "early_stopping" if self._early_stop() else None
+                reason = self._evaluate_at_interval(bar)
             saved = self.saved_at == self.step  # by the evaluation, this step
             periodic = self.step % args.save_interval == 0 and self.step < args.max_steps
             if periodic and not saved and reason is None:
@@ -663,6 +692,12 @@ class Trainer:
             if reason:
                 return reason
         return "max_steps"
+
+    def _evaluate_at_interval(self, bar: tqdm) -> str | None:
+        """The evaluation every --eval-interval steps: "early_stopping" if it ends the run."""
+        self._eval_and_report(bar)
+        self._check_finite(self.window_loss.item())
+        return "early_stopping" if self._early_stop() else None
 
     def _log_window(self, bar: tqdm) -> None:
         """Log the mean loss and tokens/s of the steps since the last train record and
