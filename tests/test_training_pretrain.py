@@ -30,9 +30,9 @@ from model.cli import Terminated, default_signal_actions, signals_unwind
 from server.app import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
-from training.args import Given
+from training.args import Given, TrainArgs
 from training.data import BatchSampler
-from training.defaults import DEFAULT_CPU_STEPS
+from training.defaults import DEFAULT_CPU_STEPS, auto_dtype
 from training.evaluate import evaluate_stream
 from training.prepare import token_byte_lengths
 from training.resume import changed_text_note
@@ -158,6 +158,34 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     weights_b = load_file(resolve_checkpoint(split) / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_resumed_run_decides_again_on_this_machine_what_the_machine_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --compile and --dtype left to the machine were saved resolved, and a resume took
+    # them as given: a run compiled where a compiler was refused to resume without one.
+    chosen, given = tmp_path / "chosen", tmp_path / "given"
+    flags = tiny_run(tmp_path, "--max-steps", "2")
+    assert pretrain.main([*flags, "--out-dir", str(chosen)]) == 0
+    explicit = ["--dtype", "float32", "--no-compile", "--out-dir", str(given)]
+    assert pretrain.main([*flags, *explicit]) == 0
+    assert meta(chosen)["machine_chosen"] == ["compile", "dtype"]
+    assert meta(given)["machine_chosen"] == []
+    here = auto_dtype(TrainArgs(preset="tiny"), torch.device("cpu"))
+    elsewhere = "float32" if here == "bfloat16" else "bfloat16"
+    # As a 1000-step run on a machine with a compiler and other bf16 units saves them.
+    meta_file = resolve_checkpoint(chosen) / "trainer_meta.json"
+    saved = json.loads(meta_file.read_text(encoding="utf-8"))
+    saved["args"] |= {"compile": True, "dtype": elsewhere}
+    meta_file.write_text(json.dumps(saved), encoding="utf-8")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers"))
+    assert pretrain.main(["--resume", str(chosen), "--max-steps", "3"]) == 0
+    assert meta(chosen)["step"] == 3 and meta(chosen)["machine_chosen"] == ["compile", "dtype"]
+    assert (meta(chosen)["args"]["compile"], meta(chosen)["args"]["dtype"]) == (False, here)
+    # What was given stays, whatever this machine would choose.
+    assert pretrain.main(["--resume", str(given), "--max-steps", "3"]) == 0
+    assert (meta(given)["args"]["compile"], meta(given)["args"]["dtype"]) == (False, "float32")
 
 
 def test_a_resume_trains_with_the_weight_decay_and_embedding_lr_scale_given_now(

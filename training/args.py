@@ -325,6 +325,15 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embe
 
 PATH_FIELDS = ("data", "val_data", "tokenizer", "cache_dir", "init_from")
 
+# Settings whose automatic value (here) the trainer decides by the machine it runs on: a
+# run resumed elsewhere decides them again there, unless they were given.
+MACHINE_CHOICES: dict[str, object] = {"compile": None, "dtype": "auto"}
+
+
+def machine_chosen_settings(args: TrainArgs) -> list[str]:
+    """The MACHINE_CHOICES that `args` (not yet resolved) leaves to the machine."""
+    return [name for name, auto in MACHINE_CHOICES.items() if getattr(args, name) == auto]
+
 
 def as_saved(name: str, value: object) -> object:
     """Setting `name`'s `value` as trainer_meta.json records it: paths made absolute."""

@@ -17,6 +17,7 @@ from model.checkpoint import (
 )
 from model.config import PRESETS, ModelConfig
 from training.args import (
+    MACHINE_CHOICES,
     SHAPE_FIELDS,
     Given,
     TrainArgs,
@@ -201,6 +202,10 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     # and `--max-time none` no endless run whose schedule never decays.
     if base.get("max_steps") == UNLIMITED_STEPS:
         base["max_steps"] = None
+    # What the machine chose, this machine chooses again (a run compiled on one with a
+    # compiler resumes on one without; bf16 where this CPU has no bf16 units is slow).
+    machine_chosen = trainer_meta(folder).get("machine_chosen", [])
+    base |= {name: MACHINE_CHOICES[name] for name in MACHINE_CHOICES if name in machine_chosen}
     try:
         return make_args(base, given)
     except (TypeError, ValueError) as e:  # a saved value of the wrong type

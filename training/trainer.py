@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +137,10 @@ class Trainer:
         init_from: Path | None = None,
         tokenizer_extras: TokenizerExtras | None = None,
         generation_defaults: Mapping[str, object] | None = None,
+        machine_chosen: Sequence[str] = (),
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
+        self.machine_chosen = list(machine_chosen)  # args.MACHINE_CHOICES left to the machine
         self.out_dir = Path(args.out_dir)
         # args.dtype is resolved by now (defaults.with_hardware_defaults): never "auto".
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
@@ -308,6 +310,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "stopped_by": self.stopped_by,
+            "machine_chosen": self.machine_chosen,
             "data": {"cache": str(self.data.folder), **self.data.meta["splits"]},
             "args": self.args.to_dict(),
         }
