@@ -67,13 +67,15 @@ class KVCache:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_len: int | None = None,
     ) -> KVCache:
-        """A cache sized for `config` with `n_slots` concurrent sequences."""
+        """A cache sized for `config` with `n_slots` concurrent sequences of up to
+        `max_len` positions (default: the model's context)."""
         return cls(
             config.n_layers,
             n_slots,
             config.n_kv_heads,
-            config.max_seq_len,
+            config.max_seq_len if max_len is None else max_len,
             config.head_dim,
             device=device,
             dtype=dtype,

@@ -425,7 +425,9 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        cache = KVCache.for_model(model.config, 1, device=self.device)
+        # Sized for the preview, not the context (8,192 positions of a fine-tuned HF
+        # model's would take gigabytes at every evaluation).
+        cache = KVCache.for_model(model.config, 1, device=self.device, max_len=max(n, 1))
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
         params = BatchParams.from_rows([PREVIEW_SAMPLING], self.device)
         ids = [self.data.tokenizer.token_to_id(END_OF_TEXT)]
