@@ -14,7 +14,7 @@ fields map onto /v1/generate's: `CompletionRequest.choices`).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -30,7 +30,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 4  # /v1/generate's, and OpenAI's
+# lm-eval's generation tasks send their own stop strings and the end-of-text: at OpenAI's
+# 4, a task of more than 3 was refused (vLLM takes any number).
+MAX_COMPLETION_STOP_STRINGS = 16
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
@@ -41,6 +44,11 @@ STOP_REASON = (
     "max_tokens ended it"
 )
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+GenerateStop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+CompletionStop = (
+    StopString | Annotated[list[StopString], Field(max_length=MAX_COMPLETION_STOP_STRINGS)]
+)
+STOP_DESCRIPTION = "strings that end the text; never part of it"
 # A JSON object's key naming a token id: digits, no sign or leading zero ("01" would name
 # the token "1" does, and its two biases would add up).
 TOKEN_ID_KEY = r"0|[1-9][0-9]{0,9}"
@@ -81,6 +89,7 @@ class GenerationFields(BaseModel):
     to sample it (/v1/generate's fields; /v1/completions' map onto them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    max_stop_strings: ClassVar[int] = MAX_STOP_STRINGS
 
     max_tokens: int | None = Field(
         None,
@@ -111,9 +120,7 @@ class GenerationFields(BaseModel):
     )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (
-        Field(None, description="strings that end the text; never part of it")
-    )
+    stop: GenerateStop | None = Field(None, description=STOP_DESCRIPTION)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
     logit_bias: dict[TokenIdKey, LogitBias] | None = Field(
@@ -142,7 +149,7 @@ class GenerationFields(BaseModel):
                 "stop",
                 "must be a string or a list of at most {count} strings, each of 1 to {chars} "
                 "characters",
-                {"count": MAX_STOP_STRINGS, "chars": MAX_STOP_CHARS},
+                {"count": cls.max_stop_strings, "chars": MAX_STOP_CHARS},
             ) from None
 
     @field_validator("logit_bias", mode="before")
@@ -246,6 +253,8 @@ class CompletionRequest(GenerationFields):
     takes /v1/generate's (top_k, repetition_penalty, ignore_eos), as vLLM does; what it
     cannot do (_ONLY_VALUE) is refused, not ignored."""
 
+    max_stop_strings: ClassVar[int] = MAX_COMPLETION_STOP_STRINGS
+
     model: str | None = Field(None, description=SERVED_MODEL_ID)
     prompt: str | NonEmpty[str] | TokenIds | NonEmpty[TokenIds] = Field(
         description="text to continue, or a list of texts: n choices each, in order; or "
@@ -257,6 +266,7 @@ class CompletionRequest(GenerationFields):
         description="tokens to generate at most per choice; prompt + max_tokens must fit the "
         "context; 0 only with echo (the prompt is scored, nothing generated)",
     )
+    stop: CompletionStop | None = Field(None, description=STOP_DESCRIPTION)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored (OpenAI's end-user id)")

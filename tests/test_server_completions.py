@@ -385,6 +385,20 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         assert completion.choices[0].finish_reason == "length"
 
 
+def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk, model_id):
+    # OpenAI's limit is 4 (/v1/generate's too): lm-eval adds the end-of-text to a task's
+    # own stop strings, so a task of 4 was refused.
+    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+    text = sdk.completions.create(**body).choices[0].text
+    assert len(text) > 12, text
+    never = [f"<never {number}>" for number in range(15)]
+    assert not any(string in text for string in never)
+    stop = text[10:12]
+    [choice] = sdk.completions.create(**body, stop=[*never, stop]).choices
+    assert (choice.text, choice.finish_reason) == (text[: text.index(stop)], "stop")
+    assert choice.model_extra["stop_reason"] == stop
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -405,6 +419,7 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         ("max_tokens", -1, "max_tokens: Input should be greater than or equal to 0"),
         ("max_tokens", 0, "body: max_tokens 0 only with echo: true (the prompt scored, nothing"),
         ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
+        ("stop", ["s"] * 17, "stop: must be a string or a list of at most 16 strings, each"),
     ],
 )
 def test_what_the_server_cannot_do_is_refused_by_name(client, field, value, message):
