@@ -75,6 +75,12 @@ def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() ->
         var = f"POCKETGPT_{name.upper()}"
         return f"- {var}\n" in service or f"- {var}=${{{var}:-" in service
 
+    # Each service's own: one host variable for both would give the trainer the server's
+    # float16, which it refuses (and the server would never start).
+    assert "- POCKETGPT_DTYPE=${POCKETGPT_TRAIN_DTYPE:-auto}\n" in trainer
+    assert "- POCKETGPT_DTYPE=${POCKETGPT_SERVE_DTYPE:-auto}\n" in server
+    fixed.add("dtype")
+
     missing = [
         n
         for n in (f.name for f in dataclasses.fields(TrainArgs))
