@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.checkpoint import read_config, save_checkpoint
-from model.config import ModelConfig
+from model.config import PRESETS, ModelConfig
 from model.transformer import Transformer
 from tests.test_training_pretrain import CORPUS, VAL, signal_after_first_line, spawn_module
 from training import evaluate, pretrain
@@ -150,6 +151,11 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused_by_evaluate_and_init_from
     metaspace.save(str(folder / "tokenizer.json"))
     problem = f"error: {folder / 'tokenizer.json'}: unsupported tokenizer decoder (Metaspace)"
     assert_refused_by_evaluate_and_init_from(folder, problem, tmp_path, capsys)
+    # Refused before the weights are read (a HF model's can take more memory than there is).
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert evaluate.main(["--checkpoint", str(folder), "--data", str(VAL)]) == 2
+    assert capsys.readouterr().err.startswith(problem)
 
 
 def test_a_token_outside_the_byte_alphabet_is_refused_by_evaluate_init_from_and_server(
@@ -242,3 +248,37 @@ def test_evaluate_stream_scores_every_target_once_in_nats_and_bits_per_byte(
     assert result.loss == pytest.approx(nats / (length - 1), rel=1e-5)
     assert result.bpb == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-5)
     assert model.training  # left as it was given
+
+
+def test_evaluate_stream_batches_fewer_windows_where_their_logits_would_pass_its_bound() -> None:
+    # A large vocabulary by a long context: 16 windows' logits took gigabytes.
+    vocab, block = 40, 4
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
+    tokens = torch.randint(0, vocab, (20 * block + 1,)).numpy().astype("uint16")
+    byte_lengths = np.ones(vocab, dtype=np.int64)
+    batches: list[int] = []
+
+    def count(module: torch.nn.Module, inputs: tuple) -> None:
+        batches.append(inputs[0].shape[0])
+
+    def scored(**bound: int) -> evaluate.EvalResult:
+        batches.clear()
+        return evaluate.evaluate_stream(
+            model, tokens, byte_lengths, block_size=block, device=torch.device("cpu"), **bound
+        )
+
+    hook = model.register_forward_pre_hook(count)
+    try:
+        whole = scored()
+        assert batches == [16, 4]
+        three_windows = 3 * block * vocab * 4
+        bounded = scored(logits_bytes=three_windows + 1)
+        assert batches == [3] * 6 + [2]
+        assert scored(logits_bytes=1) and batches == [1] * 20  # never fewer than one
+    finally:
+        hook.remove()
+    assert bounded.loss == pytest.approx(whole.loss, rel=1e-5)
+    # pocketgpt's own presets batch 16 windows of their whole context.
+    for preset in PRESETS:
+        config = ModelConfig.from_preset(preset)
+        assert config.max_seq_len * config.vocab_size * 4 * 16 <= evaluate.EVAL_LOGITS_BYTES

@@ -53,6 +53,10 @@ from training.data import eval_windows
 from training.prepare import check_tokenizer, progress_bar, token_byte_lengths, token_stream
 
 EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
+# Fewer where their fp32 logits would pass this (with cross-entropy's float copy and
+# log-softmax, ~3x it at the peak): a HF model of 49,152 tokens and 2,048 positions has
+# 400 MB of logits per window. pocketgpt's presets batch 16 (`base`: 16 MB a window).
+EVAL_LOGITS_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,10 @@ def evaluate_stream(
     autocast_dtype: torch.dtype | None = None,
     progress: str | None = None,
     stop: Callable[[], bool] | None = None,
+    logits_bytes: int = EVAL_LOGITS_BYTES,
 ) -> EvalResult:
-    """Loss and bpb of `model` predicting every token of `tokens` after the first.
+    """Loss and bpb of `model` predicting every token of `tokens` after the first, in
+    batches of EVAL_BATCH windows, or as many as keep their logits within `logits_bytes`.
 
     progress: a label for a progress bar over the tokens (`progress_bar`).
     stop: asked before each batch; when it says yes, EvaluationStopped is raised (the
@@ -89,8 +95,10 @@ def evaluate_stream(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     windows = list(eval_windows(tokens, block_size))
+    window_bytes = block_size * model.config.vocab_size * 4
+    batch = max(1, min(EVAL_BATCH, logits_bytes // window_bytes))
     # Full windows go in batches; the last, shorter one goes alone.
-    batches = [windows[i : i + EVAL_BATCH] for i in range(0, len(windows), EVAL_BATCH)]
+    batches = [windows[i : i + batch] for i in range(0, len(windows), batch)]
     if len(windows) > 1 and len(windows[-1][0]) < len(windows[0][0]):
         batches = [*batches[:-1], batches[-1][:-1], [windows[-1]]]
     autocast = (
@@ -158,8 +166,10 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
     status (2: bad input, said in one line)."""
     try:
         folder = resolve_checkpoint(Path(args.checkpoint))
-        model = load_model(folder, device=device)
+        # Before the weights: a tokenizer it cannot score with is refused at once (a HF
+        # model's weights can take minutes and more memory than the machine has).
         tokenizer = check_tokenizer(load_tokenizer(folder), str(folder / TOKENIZER))
+        model = load_model(folder, device=device)
         documents = load_documents(args.data)
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
