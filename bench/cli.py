@@ -14,7 +14,7 @@ from model.checkpoint import CheckpointError, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
 from server.app import check_serving_files
-from server.settings import Settings
+from server.settings import MAX_BATCH_LIMIT, Settings
 
 DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices
 
@@ -84,6 +84,14 @@ def positive_int(text: str) -> int:
 def positive_ints(text: str) -> list[int]:
     """A comma-separated list of positive integers, e.g. `1,8,32`."""
     return [positive_int(part) for part in text.split(",")]
+
+
+def batch_sizes(text: str) -> list[int]:
+    """Comma-separated batch sizes, each one a server's --max-batch may be."""
+    sizes = positive_ints(text)
+    if max(sizes) > MAX_BATCH_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH_LIMIT} each, got {max(sizes)}")
+    return sizes
 
 
 def positive_float(text: str) -> float:

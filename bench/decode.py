@@ -27,12 +27,12 @@ from bench.cli import (
     add_checkpoint,
     add_device,
     add_dtypes,
+    batch_sizes,
     bench_parser,
     check_context,
     check_device,
     exit_on_signals,
     positive_int,
-    positive_ints,
 )
 from bench.machine import describe
 from bench.reference import hf_generate
@@ -186,7 +186,7 @@ def main() -> None:
     add_checkpoint(parser)
     parser.add_argument(
         "--batch-sizes",
-        type=positive_ints,
+        type=batch_sizes,
         default="1,8,32",
         help="comma-separated: streams decoding at once, each measured in turn",
     )

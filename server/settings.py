@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.cli import ENV_PREFIX
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+MAX_BATCH_LIMIT = 1024  # --max-batch's bound
 
 
 def is_loopback(host: str) -> bool:
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
         "kernels one by one from Python; false = eager. No effect on CPU",
     )
     max_batch: int = Field(
-        32, ge=1, le=1024, description="KV-cache slots: requests generating at once"
+        32, ge=1, le=MAX_BATCH_LIMIT, description="KV-cache slots: requests generating at once"
     )
     max_context: int | None = Field(
         None,
