@@ -5,8 +5,12 @@ handled alike, so that a stopped benchmark stops the server or trainer it starte
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -133,6 +137,28 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
         resolve_device(device)
     except ValueError as e:
         parser.error(str(e))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def ended_with_this_process() -> Callable[[], None] | None:
+    """A `preexec_fn` for a benchmark's child (its server, its trainer): SIGTERM to the
+    child when this process dies, however it dies. A SIGKILL (a supervisor's, after its
+    grace period) runs no `finally`, and the child ran on, a server still serving. None
+    where there is no prctl (not Linux)."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if name is None:
+        return None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before prctl: no signal would ever come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
 
 
 def exit_on_signals() -> None:

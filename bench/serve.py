@@ -45,6 +45,7 @@ from bench.cli import (
     bench_parser,
     check_context,
     check_device,
+    ended_with_this_process,
     exit_on_signals,
     positive_float,
     positive_int,
@@ -181,7 +182,11 @@ def start_server(
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
     command += ["--max-queue", "4096", "--log-level", "warning", *flags]
-    return subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        command,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        preexec_fn=ended_with_this_process(),
+    )
 
 
 def wait_ready(base_url: str, process: subprocess.Popen, timeout: float) -> None:

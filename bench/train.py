@@ -32,6 +32,7 @@ from bench.cli import (
     add_device,
     bench_parser,
     check_device,
+    ended_with_this_process,
     exit_on_signals,
     positive_float,
     positive_int,
@@ -48,7 +49,8 @@ PARTS = ("first 90% (the training text)", "last 10% (the held-out text)")
 
 
 def pretrain(args: list[str]) -> None:
-    subprocess.run([sys.executable, "-m", "training.pretrain", *args], check=True)
+    command = [sys.executable, "-m", "training.pretrain", *args]
+    subprocess.run(command, check=True, preexec_fn=ended_with_this_process())
 
 
 def split_text(data: bytes) -> tuple[bytes, bytes]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_harness import wait_until
 from tokenizers import Tokenizer
 
 from bench.decode import ours
@@ -255,6 +256,31 @@ def test_ctrl_c_stops_a_benchmark_and_its_trainer_without_a_traceback(tmp_path: 
             os.killpg(bench.pid, 0)
     assert bench.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (any of its threads) that are running."""
+    listed = (task / "children" for task in Path(f"/proc/{pid}/task").iterdir())
+    return [int(child) for path in listed for child in path.read_text().split()]
+
+
+def ended(pid: int) -> bool:
+    """Whether process `pid` is gone, or a zombie its new parent has yet to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_benchmark_killed_outright_takes_its_server_with_it(tiny_checkpoint: Path) -> None:
+    # SIGKILL runs no `finally`: the server it started served on, orphaned.
+    command = ["bench.serve", "--checkpoint", str(tiny_checkpoint), "--clients", "1"]
+    with python_module(*command, "--rounds", "1000") as bench:
+        wait_until(lambda: children(bench.pid), 60, "the benchmark's server started")
+        [server] = children(bench.pid)
+        bench.kill()
+        bench.wait()
+        wait_until(lambda: ended(server), 30, "the server ended with its benchmark")
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
