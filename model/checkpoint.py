@@ -131,16 +131,22 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
         raise fail("biases are not supported (attention_bias / mlp_bias must be false)")
     # transformers 5 writes RoPE settings as rope_parameters (which it reads before the
     # older top-level rope_theta); version 4 wrote rope_scaling. Only plain RoPE is ours.
-    rope = hf.get("rope_parameters") or {}
     for key in ("rope_parameters", "rope_scaling"):
         settings = hf.get(key) or {}
+        if not isinstance(settings, Mapping):
+            raise fail(f"{key} must be an object or null, not {settings!r}")
         if settings.get("rope_type", settings.get("type", "default")) != "default":
             raise fail(f"unsupported {key} {settings!r} (only plain RoPE)")
+    rope = hf.get("rope_parameters") or {}
 
     def integer(name: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(f"{name} must be an integer, not {value!r}")
         return value
+
+    tie_embeddings = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie_embeddings, bool):  # "false" would read as true
+        raise fail(f"tie_word_embeddings must be true or false, not {tie_embeddings!r}")
 
     try:
         heads = integer("num_attention_heads", hf["num_attention_heads"])
@@ -155,14 +161,14 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
             # Absent fields take LlamaConfig's defaults, so both libraries build one model.
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_embeddings=tie_embeddings,
         )
     except KeyError as e:
         raise fail(f"missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise fail(str(e)) from None
     head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != config.head_dim:
+    if head_dim is not None and integer("head_dim", head_dim) != config.head_dim:
         raise fail(f"head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")
     return config
 

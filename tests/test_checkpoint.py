@@ -205,6 +205,9 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act"),
         ({"head_dim": 16}, r"head_dim 16 != hidden_size / num_attention_heads = 32"),
+        ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, not 'linear'"),
+        ({"head_dim": "x"}, "head_dim must be an integer, not 'x'"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not"),
     ],
     ids=[
         "scaled rope (v5)",
@@ -213,6 +216,9 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         "boolean layers",
         "gelu",
         "head_dim apart from the width",
+        "rope_scaling not an object",
+        "head_dim not a number",
+        "tie_word_embeddings a string",
     ],
 )
 def test_configs_we_cannot_run_as_written_are_refused(
