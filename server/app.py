@@ -30,6 +30,7 @@ from model.checkpoint import (
     CONFIG,
     LATEST,
     TOKENIZER,
+    CheckpointError,
     end_of_text_id,
     load_model,
     load_tokenizer,
@@ -176,7 +177,10 @@ async def _load(app: FastAPI) -> None:
         # model/cpu.py); a daemon, so that a signal during loading ends the process.
         serving = await run_in_own_thread(load_serving, app.state.settings, app.state.metrics)
     except Exception as e:
-        log.exception("loading the model failed")
+        # A checkpoint found unusable (weights a diverged run left NaN) is said in the one
+        # error line the process exits with; anything else is a bug: its traceback too.
+        if not isinstance(e, CheckpointError):
+            log.exception("loading the model failed")
         app.state.status = f"failed to load: {e}"
         return
     # Everything alive now (torch, the model, FastAPI: ~400k objects) lives as long as

@@ -385,6 +385,7 @@ def test_a_model_that_fails_to_load_ends_the_process_with_exit_1(checkpoint, tmp
         f"error: failed to load: {diverged}: weight layers.0.mlp.down_proj.weight holds NaN or "
         "infinite values"
     )
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
 
 
 def test_compile_without_a_compiler_exits_2_naming_the_flag_or_env_var(checkpoint, tmp_path):
