@@ -35,8 +35,6 @@ def write_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     one (a full disk: "File too large (os error 27)") as a bare Exception."""
     try:
         tokenizer.save(str(path))
-    except OSError:
-        raise
     except Exception as e:
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None:

@@ -430,9 +430,6 @@ def _write(
     tmp = _own_sibling(folder, "tmp")
     try:
         tmp.mkdir(parents=True)
-    except OSError as e:
-        raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({e.strerror})") from None
-    try:
         write_tokenizer(tokenizer, tmp / "tokenizer.json")
         meta: dict = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
         for split, (docs, stream) in splits.items():
@@ -451,8 +448,9 @@ def _write(
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
             raise
-        # An OSError with the folder in place: another process won the race to write it.
-        if not (folder / "meta.json").exists():  # else a full disk, a file-size limit
+        # An OSError with the folder in place: another process won the race to write it;
+        # else the folder cannot be made, or a full disk or a file-size limit stopped it.
+        if not (folder / "meta.json").exists():
             reason = e.strerror or str(e)
             raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({reason})") from None
 
