@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
+from bench.reference import STOP_REFERENCE
 from model.checkpoint import CheckpointError, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
@@ -165,5 +166,10 @@ def exit_on_signals() -> None:
     """SIGTERM (kill, docker stop, a cancelled CI job) and Ctrl-C unwind the stack: the
     `finally` blocks stop the server, the trainer and their temporary folders, and the
     process exits 128 + the signal's number, without a KeyboardInterrupt traceback."""
+
+    def stop(signum: int, frame: object) -> None:
+        STOP_REFERENCE.set()  # else the unwinding waits for a running HF generate to end
+        sys.exit(128 + signum)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signum, stop)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import torch.nn.functional as F
 
 from bench.timing import frozen_heap, synchronize
 from model.transformer import Transformer
+
+# Set by a benchmark's signal handler (bench/cli.py): a running `hf_generate` stops at
+# its next token. It runs on a thread the process waits for (model/cpu.py), and a
+# Ctrl-C or SIGTERM waited for the whole reference run, the server left running meanwhile.
+STOP_REFERENCE = threading.Event()
 
 
 def hf_model(folder: Path, dtype: torch.dtype):  # -> LlamaForCausalLM (an optional import)
@@ -48,12 +54,22 @@ def hf_generate(
     dtype: torch.dtype,
     repeats: int = 1,
 ) -> float:
-    """Tokens/s of HF `generate` making exactly `new_tokens` for each row of `prompts` [B, T]."""
+    """Tokens/s of HF `generate` making exactly `new_tokens` for each row of `prompts` [B, T]
+    (cut short once STOP_REFERENCE is set: the process is ending, the number means nothing)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class OnStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            rows = input_ids.shape[0]
+            return torch.full((rows,), STOP_REFERENCE.is_set(), device=input_ids.device)
+
     model = hf_model(folder, dtype).to(device).eval()
     prompts = prompts.to(device)
     mask = torch.ones_like(prompts)
 
     def run() -> None:
+        if STOP_REFERENCE.is_set():
+            return
         model.generate(
             prompts,
             attention_mask=mask,
@@ -64,6 +80,7 @@ def hf_generate(
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,  # no early stop at eos: every row makes new_tokens
             pad_token_id=model.config.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([OnStop()]),
         )
 
     run()  # warm-up: allocator, kernels, lazy init

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 from server_harness import wait_until
 from tokenizers import Tokenizer
 
+from bench.cli import exit_on_signals
 from bench.decode import ours
-from bench.reference import hf_model, plain_train_steps
+from bench.reference import STOP_REFERENCE, hf_generate, hf_model, plain_train_steps
 from bench.serve import request_body
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
@@ -281,6 +283,50 @@ def test_a_benchmark_killed_outright_takes_its_server_with_it(tiny_checkpoint: P
         bench.kill()
         bench.wait()
         wait_until(lambda: ended(server), 30, "the server ended with its benchmark")
+
+
+def test_a_signal_stops_a_running_hf_reference_at_its_next_token(tiny_checkpoint: Path) -> None:
+    # It runs on a thread the benchmark waits for: a Ctrl-C or SIGTERM waited for the
+    # whole reference run (its server left serving meanwhile).
+    generating = threading.Event()
+
+    def note_generating(module: torch.nn.Module, inputs: tuple) -> None:
+        if type(module).__name__ == "LlamaForCausalLM":
+            generating.set()
+
+    results: list[float] = []
+    reference = threading.Thread(
+        target=lambda: results.append(
+            hf_generate(
+                tiny_checkpoint,
+                torch.randint(0, 256, (1, 8)),
+                64,
+                temperature=0.8,
+                top_p=0.95,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                repeats=10**6,  # hours, unless stopped
+            )
+        ),
+        daemon=True,  # not joined at exit if it fails to stop
+    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(note_generating)
+    try:
+        exit_on_signals()
+        reference.start()
+        assert generating.wait(60), "HF generate never ran"
+        with pytest.raises(SystemExit) as exited:
+            signal.raise_signal(signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM
+        reference.join(30)
+        assert not reference.is_alive(), "HF generate ran on past the signal"
+        assert len(results) == 1
+    finally:
+        hook.remove()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        STOP_REFERENCE.clear()
 
 
 def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: Path) -> None:
