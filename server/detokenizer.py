@@ -27,11 +27,15 @@ class IncrementalDetokenizer:
         self._stop = tuple(stop)
         self._pending = ""  # decoded but not yet emitted (a possible stop-string start)
         self.stop_string: str | None = None  # the stop string found: the text is complete
+        # Characters decoded so far, held back or not: where the next token's text begins.
+        self.decoded_length = 0
 
     def add(self, token_id: int) -> str:
         """The text that token `token_id` makes safe to emit (often "", never U+FFFD
         for a split character)."""
-        return self._release(self._utf8.decode(self._table[token_id]))
+        text = self._utf8.decode(self._table[token_id])
+        self.decoded_length += len(text)
+        return self._release(text)
 
     def finish(self) -> str:
         """Everything still held back (the text ended without a stop string) but the

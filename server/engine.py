@@ -55,7 +55,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None  # None: the first token of an echoed prompt (nothing before it)
     top: tuple[tuple[int, float], ...] | None  # (id, log-probability), likeliest first
-    text_offset: int  # characters of the request's text sent before this token's
+    text_offset: int  # where its text begins in the request's text (echo included)
 
 
 # A token's log-probability and its position's likeliest (id, log-probability).
@@ -131,7 +131,6 @@ class _Live:
     last_token: int = -1
     num_generated: int = 0
     last_token_at: float = 0.0
-    text_length: int = 0  # characters sent so far
     prompt_scores: list[_Scores] = field(default_factory=list)  # prompt tokens 1, 2, ...
 
 
@@ -489,10 +488,10 @@ class Engine:
         if live.num_generated == 1:
             self.metrics.time_to_first_token.observe(now - request.arrival)
             echo, echo_logprobs = self._echo(live)
-            live.text_length = len(echo)
         else:
             self.metrics.inter_token_latency.observe(now - live.last_token_at)
         live.last_token, live.last_token_at = token_id, now
+        text_offset = len(request.echo or "") + live.detokenizer.decoded_length
         reason = None
         if token_id in self.end_ids and not request.ignore_eos:
             text, reason = live.detokenizer.finish(), "stop"
@@ -506,8 +505,7 @@ class Engine:
                 reason = "length" if live.detokenizer.stop_string is None else "stop"
         logprobs = echo_logprobs
         if scores is not None:
-            logprobs += (TokenLogprob(token_id, *scores, text_offset=live.text_length),)
-        live.text_length += len(text)
+            logprobs += (TokenLogprob(token_id, *scores, text_offset=text_offset),)
         return RequestOutput(
             request.request_id,
             echo + text,

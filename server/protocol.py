@@ -237,8 +237,17 @@ NonEmpty = Annotated[list[_Item], Field(min_length=1)]
 TokenIds = NonEmpty[Annotated[int, Field(ge=0)]]
 
 
+def _null_is_left_out(data: object) -> object:
+    """A field sent as null reads as left out, as OpenAI reads it."""
+    if isinstance(data, dict):
+        return {name: value for name, value in data.items() if value is not None}
+    return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    _null_is_left_out = model_validator(mode="before")(_null_is_left_out)
 
     include_usage: bool = Field(
         False,
@@ -295,12 +304,7 @@ class CompletionRequest(GenerationFields):
     )
     suffix: None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_left_out(cls, data: object) -> object:
-        if isinstance(data, dict):
-            return {name: value for name, value in data.items() if value is not None}
-        return data
+    _null_is_left_out = model_validator(mode="before")(_null_is_left_out)
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -327,6 +331,13 @@ class CompletionRequest(GenerationFields):
                 "unsupported",
                 "max_tokens 0 only with echo: true (the prompt scored, nothing generated)",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _stream_options_only_when_streaming(self) -> CompletionRequest:
+        # Refused rather than ignored, as vLLM does: the usage asked for would never come.
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("unsupported", "stream_options only with stream: true")
         return self
 
     @field_validator("best_of")
@@ -382,11 +393,12 @@ class CompletionLogprobs(BaseModel):
         description="null for the first token of an echoed prompt: nothing comes before it"
     )
     top_logprobs: list[dict[str, float] | None] = Field(
-        description="the likeliest, as many as asked; null where token_logprobs is"
+        description="the likeliest, as many as asked, and the drawn token's (so up to "
+        "logprobs + 1, as OpenAI's); null where token_logprobs is"
     )
     text_offset: list[int] = Field(
-        description="where in the choice's text the token's text begins (where the text "
-        "was when it was generated; a prompt token's counts the prompt as tokenized)"
+        description="where in the choice's text the token's text begins (a prompt "
+        "token's counts the prompt as tokenized)"
     )
 
 

@@ -451,12 +451,17 @@ def _logprobs(logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]) -> d
     return {
         "tokens": [_token_text(token_table[t.token_id]) for t in logprobs],
         "token_logprobs": [t.logprob for t in logprobs],
-        "top_logprobs": [
-            None if t.top is None else {_token_text(token_table[i]): value for i, value in t.top}
-            for t in logprobs
-        ],
+        "top_logprobs": [None if t.top is None else _top(t, token_table) for t in logprobs],
         "text_offset": [t.text_offset for t in logprobs],
     }
+
+
+def _top(logprob: TokenLogprob, token_table: list[bytes]) -> dict[str, float]:
+    """The likeliest tokens' log-probabilities and, as OpenAI's and vLLM's, the drawn
+    token's among them (so up to logprobs + 1)."""
+    top = dict(logprob.top)
+    top.setdefault(logprob.token_id, logprob.logprob)
+    return {_token_text(token_table[i]): value for i, value in top.items()}
 
 
 def _token_text(token: bytes) -> str:

@@ -3,6 +3,7 @@ official openai SDK where a client would use it, and by httpx for the wire forma
 
 from __future__ import annotations
 
+import codecs
 import collections
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,10 @@ def test_streamed_chunks_add_up_to_the_whole_completion_and_usage_comes_last(sdk
     assert len({c.id for c in with_usage}) == 1 and with_usage[0].id != whole.id
     without_usage = list(sdk.completions.create(**body, stream=True))
     assert [c.choices[0].text for c in without_usage] == [c.choices[0].text for c in chunks]
+    # A null include_usage reads as left out, as a null field does.
+    null_usage = {"include_usage": None}
+    left_out = list(sdk.completions.create(**body, stream=True, stream_options=null_usage))
+    assert [c.choices for c in left_out] == [c.choices for c in without_usage]
 
 
 def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, model_id):
@@ -217,17 +222,11 @@ def test_logprobs_are_the_models_own_for_each_token_generated(sdk, client, check
     expected = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)  # [12, V]
     drawn = expected.gather(1, torch.tensor(ids)[:, None])[:, 0]
     assert logprobs.token_logprobs == pytest.approx(drawn.tolist(), abs=1e-4)
-    top = expected.topk(3, dim=-1).values
-    for reported, likeliest in zip(logprobs.top_logprobs, top.tolist(), strict=True):
-        assert sorted(reported.values(), reverse=True) == pytest.approx(likeliest, abs=1e-4)
-    assert len(logprobs.tokens) == len(logprobs.text_offset) == len(ids) == 12
     table = token_bytes(english_tokenizer())
-    for token, token_id in zip(logprobs.tokens, ids, strict=True):  # text, or bytes:\\x..
-        escaped = token.removeprefix("bytes:")
-        spelled = bytes.fromhex(escaped.replace("\\x", "")) if escaped != token else token.encode()
-        assert spelled == table[token_id]
-    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
-    assert all(offset <= len(choice.text) for offset in logprobs.text_offset)
+    assert_top_logprobs(logprobs.top_logprobs, expected, ids, k=3)
+    assert len(logprobs.tokens) == len(logprobs.text_offset) == len(ids) == 12
+    assert [spelled_bytes(token) for token in logprobs.tokens] == [table[i] for i in ids]
+    assert logprobs.text_offset == offsets_in_text([table[i] for i in ids])
     # Streamed, each chunk's logprobs are its tokens': together, the same lists.
     chunks = sdk.completions.create(
         model=model_id, prompt=body["prompt"], logprobs=3, stream=True, extra_body=extra, **sampling
@@ -255,6 +254,52 @@ def test_logprobs_in_a_busy_batch_are_each_requests_own(sdk, client, model_id):
     assert busy.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
 
 
+def assert_top_logprobs(
+    reported: list[dict[str, float]], expected: torch.Tensor, ids: list[int], k: int
+) -> None:
+    """Each token's top_logprobs are the k likeliest of `expected` [len(ids), V] and, as
+    OpenAI's, the token's own (k + 1 where it is not one of them)."""
+    table = token_bytes(english_tokenizer())
+    likeliest = expected.topk(k, dim=-1).indices.tolist()
+    for top, token_id, scores, shown in zip(likeliest, ids, expected, reported, strict=True):
+        wanted = {table[i]: scores[i].item() for i in {*top, token_id}}
+        spelled = {spelled_bytes(text): value for text, value in shown.items()}
+        assert spelled == pytest.approx(wanted, abs=1e-4)
+
+
+def spelled_bytes(token: str) -> bytes:
+    """A token as logprobs name it (its text, or `bytes:` and its bytes escaped) as bytes."""
+    escaped = token.removeprefix("bytes:")
+    return bytes.fromhex(escaped.replace("\\x", "")) if escaped != token else token.encode()
+
+
+def offsets_in_text(tokens: list[bytes]) -> list[int]:
+    """Where each token's text begins in the text of `tokens`: the characters decoded from
+    the tokens before it (a character split across tokens counts once complete)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    lengths = [len(decoder.decode(token)) for token in tokens]
+    return [sum(lengths[:i]) for i in range(len(tokens))]
+
+
+def test_text_offsets_are_where_tokens_begin_with_a_stop_string_never_met(client):
+    # The stop string begins with a token of the text: that token's text is held back (it
+    # might begin the stop string) until the next; where each token begins is unchanged.
+    body = {"prompt": "a", "max_tokens": 10, "temperature": 0, "logprobs": 0, "ignore_eos": True}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    tokens = plain["logprobs"]["tokens"]
+    held = next(token for token in tokens[2:-1] if token.strip().isalpha())
+    stopped = client.post("/v1/completions", json={**body, "stop": held + "\u0001"})
+    choice = stopped.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (plain["text"], "length")
+    logprobs = choice["logprobs"]
+    assert logprobs["text_offset"] == offsets_in_text([spelled_bytes(t) for t in tokens])
+    assert logprobs == plain["logprobs"]
+    # logprobs 0: the drawn token's own log-probability is its top_logprobs, as OpenAI's.
+    assert logprobs["top_logprobs"] == [
+        {token: value} for token, value in zip(tokens, logprobs["token_logprobs"], strict=True)
+    ]
+
+
 def log_probs_under(checkpoint: Path, ids: list[int]) -> torch.Tensor:
     """The model's log-probabilities [len(ids) - 1, V] of each next token after ids[: i + 1],
     from one full forward."""
@@ -279,9 +324,7 @@ def test_echo_begins_each_choice_with_its_prompt_scored_by_the_model(sdk, checkp
     expected = log_probs_under(checkpoint, prompt_ids)  # [n - 1, V]
     scored = expected.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
     assert logprobs.token_logprobs[1:n] == pytest.approx(scored.tolist(), abs=1e-4)
-    likeliest = expected.topk(2, dim=-1).values.tolist()
-    for reported, values in zip(logprobs.top_logprobs[1:n], likeliest, strict=True):
-        assert sorted(reported.values(), reverse=True) == pytest.approx(values, abs=1e-4)
+    assert_top_logprobs(logprobs.top_logprobs[1:n], expected, prompt_ids[1:], k=2)
     # Each prompt token's offset is where its text begins in the echoed prompt.
     spelled = [len(table[t]) for t in prompt_ids]  # ASCII: a byte a character
     assert logprobs.text_offset[:n] == [sum(spelled[:i]) for i in range(n)]
@@ -416,6 +459,7 @@ def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk,
         ("prompt", [1, True], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("prompt", ["a", [1]], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("stream_options", {"include_usage": 1}, "stream_options.include_usage: Input should"),
+        ("stream_options", {"include_usage": True}, "body: stream_options only with stream: t"),
         ("max_tokens", -1, "max_tokens: Input should be greater than or equal to 0"),
         ("max_tokens", 0, "body: max_tokens 0 only with echo: true (the prompt scored, nothing"),
         ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
