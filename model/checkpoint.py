@@ -265,6 +265,8 @@ def save_checkpoint(
 
 def is_run_log(path: Path) -> bool:
     """Whether `path` is a trainer's log: JSON records of a `kind`, not documents."""
+    if not path.is_file():  # a FIFO's open would wait for a writer
+        return False
     try:
         with path.open(encoding="utf-8") as f:
             first = json.loads(f.readline())

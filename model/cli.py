@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -72,6 +73,15 @@ def signals_unwind() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def unusable_path(e: OSError) -> str | None:
+    """The one-line refusal of a path a command was given, or one inside it, that it
+    cannot use: not this user's to read or write, or a name too long for the file
+    system (Python's exists() and is_file() raise that one). None for any other."""
+    if isinstance(e, PermissionError) or e.errno == errno.ENAMETOOLONG:
+        return f"error: {e.filename}: {e.strerror}"
+    return None
 
 
 def exit_on_signals_while_importing(message: str) -> None:

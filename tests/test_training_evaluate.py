@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(
             evaluate.main(argv)
         assert exit.value.code == 2
         assert capsys.readouterr().err == message
+
+
+def test_the_text_is_checked_before_the_weights_are_loaded(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo in --data is named at once, not after a large model's load (here: the load
+    # would fail, and its refusal would hide the typo).
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    missing = tmp_path / "held-out.txt"
+    assert evaluate.main(["--checkpoint", str(folder), "--data", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such file or folder\n"
 
 
 def assert_refused_by_evaluate_and_init_from(

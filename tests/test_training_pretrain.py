@@ -1936,6 +1936,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "--val-data: all 2 of its documents are in --data too",
         ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
+        # Python's exists() and is_file() raise on a name past the file system's 255 bytes.
+        "data path too long": (["--data", str(tmp_path / ("a" * 300))], "a" * 300),
+        "out-dir too long": (["--out-dir", str(tmp_path / ("o" * 300))], "o" * 300),
         "held-out text without text": (
             ["--data", str(CORPUS), "--val-data", str(tmp_path / "empty.txt")],
             f"--val-data: {tmp_path / 'empty.txt'}: the corpus is empty",

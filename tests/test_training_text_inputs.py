@@ -372,3 +372,7 @@ def test_a_fifo_is_no_text_named_or_found_in_a_folder(
     )
     with pytest.raises(CorpusError, match=r"pipe\.txt: not a regular file or folder$"):
         load_documents([folder / "pipe.txt"])
+    # Nor one named as a trainer's log, which a folder is searched for (a run folder).
+    (folder / "sub").mkdir()
+    os.mkfifo(folder / "sub" / "log.jsonl")
+    assert load_documents([folder]) == load_documents([folder / "good.txt"])

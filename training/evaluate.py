@@ -29,6 +29,7 @@ from model.cli import (
     exit_on_signals_while_importing,
     interrupted_status,
     signals_unwind,
+    unusable_path,
 )
 
 INTERRUPTED = "interrupted: no bits per byte"
@@ -169,13 +170,15 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
         # Before the weights: a tokenizer it cannot score with is refused at once (a HF
         # model's weights can take minutes and more memory than the machine has).
         tokenizer = check_tokenizer(load_tokenizer(folder), str(folder / TOKENIZER))
-        model = load_model(folder, device=device)
         documents = load_documents(args.data)
+        model = load_model(folder, device=device)
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PermissionError as e:  # a path given, or one inside it, this user may not read
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+    except OSError as e:
+        if (refusal := unusable_path(e)) is None:
+            raise
+        print(refusal, file=sys.stderr)
         return 2
     block_size = model.config.max_seq_len if args.block_size is None else args.block_size
     if not 1 <= block_size <= model.config.max_seq_len:

@@ -28,6 +28,7 @@ from model.cli import (
     flag,
     interrupted_status,
     signals_unwind,
+    unusable_path,
 )
 
 INTERRUPTED_BEFORE_TRAINING = "interrupted before training started: no checkpoint written"
@@ -577,9 +578,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CorpusError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PermissionError as e:  # a path given, or one inside it, this user may not use
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
     except CheckpointWriteError as e:  # not bad input: the machine could not store it
         print(f"error: {e}; {e.what_is_kept}", file=sys.stderr)
         return 1
@@ -598,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:  # Python's or numpy's, e.g. reading a corpus larger than memory
         print("error: out of memory", file=sys.stderr)
         return 1
+    except OSError as e:
+        if (refusal := unusable_path(e)) is None:
+            raise
+        print(refusal, file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, Terminated) as e:
         # Once training runs, a signal saves a checkpoint and returns normally (trainer.py);
         # before that (reading, tokenizing, building the model) there is nothing to save.
