@@ -3,11 +3,14 @@ folder is an error naming --cache-dir."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import shutil
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +49,13 @@ def empty_split(folder: Path, split: str) -> None:
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
+def drop_checksums(folder: Path) -> None:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    for split in meta["splits"].values():
+        del split["tokens_sha256"]
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "train.bin truncated": lambda folder: truncate(folder / "train.bin"),
     "train.bin empty": lambda folder: (folder / "train.bin").write_bytes(b""),
@@ -58,6 +68,11 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "val.bin overwritten, same size": lambda folder: (folder / "val.bin").write_bytes(
         b"\xff" * (folder / "val.bin").stat().st_size
     ),
+    # What a crash of a file system that journals no data leaves: valid ids, all wrong.
+    "train.bin zeroed, same size": lambda folder: (folder / "train.bin").write_bytes(
+        bytes((folder / "train.bin").stat().st_size)
+    ),
+    "meta.json without token checksums (an older cache)": lambda folder: drop_checksums(folder),
 }
 
 
@@ -120,14 +135,29 @@ def test_an_intact_cache_is_reused_without_retraining(
     assert (captured.out, captured.err) == ("", "")
 
 
+def left_behind(root: Path, key: str, what: str, age_s: float) -> Path:
+    """A folder as a trainer writing the cache `key` names it (prepare._own_sibling), with
+    a half-written file, last changed `age_s` seconds ago."""
+    folder = root / f"{key}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    (folder / "train.bin").write_bytes(b"half written")
+    then = time.time() - age_s
+    os.utime(folder, (then, then))
+    return folder
+
+
 def test_a_cache_another_process_of_the_same_pid_is_writing_is_left_to_it(tmp_path: Path) -> None:
     # Trainers in two containers that share a cache volume often have the same pid (one
     # started by `docker compose run` each): the folder one is writing is not the other's.
+    # Its writer holds an flock on it, however long the write takes.
     key = prepare_corpus(tmp_path / "elsewhere").folder.name
-    writing = tmp_path / "cache" / f"{key}.tmp-{os.getpid()}"
-    writing.mkdir(parents=True)
-    (writing / "train.bin").write_bytes(b"half written")
-    data = prepare_corpus(tmp_path / "cache")
+    writing = left_behind(tmp_path / "cache", key, "tmp", age_s=3600)
+    held = os.open(writing, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        data = prepare_corpus(tmp_path / "cache")
+    finally:
+        os.close(held)
     assert data.folder == tmp_path / "cache" / key
     assert (writing / "train.bin").read_bytes() == b"half written"
     assert sorted(p.name for p in data.folder.iterdir()) == [
@@ -136,6 +166,21 @@ def test_a_cache_another_process_of_the_same_pid_is_writing_is_left_to_it(tmp_pa
         "train.bin",
         "val.bin",
     ]
+
+
+def test_what_a_killed_trainer_left_in_the_cache_is_removed_by_the_next(tmp_path: Path) -> None:
+    # kill -9 while the cache was written, or while a damaged one was being removed: the
+    # folder stayed for good (the size of the shards, each time).
+    key = prepare_corpus(tmp_path / "elsewhere").folder.name
+    root = tmp_path / "cache"
+    half_written = left_behind(root, key, "tmp", age_s=3600)
+    damaged = left_behind(root, key, "damaged", age_s=0)
+    # Made a moment ago: its writer may not hold its flock yet.
+    just_made = left_behind(root, key, "tmp", age_s=0)
+    data = prepare_corpus(root)
+    assert sorted(p.name for p in root.iterdir()) == sorted([key, just_made.name])
+    assert not half_written.exists() and not damaged.exists()
+    assert data.folder == root / key
 
 
 def test_a_text_too_small_for_the_vocabulary_asked_says_what_it_got(

@@ -4,20 +4,23 @@
         tokenizer.json   trained on the train split (or the one given)
         train.bin        uint16 token ids: <|endoftext|> doc <|endoftext|> doc ...
         val.bin          the same layout for the validation split
-        meta.json        token and UTF-8 byte counts and the text's sha256 per split,
-                         vocab size, format
+        meta.json        token and UTF-8 byte counts, the text's and the token file's
+                         sha256 per split, vocab size, format
 
 Each split starts with `<|endoftext|>`, so every real token has a context and is
 predicted once; the separator itself is 0 bytes of text. The key hashes the
 documents of both splits, the vocabulary size (or the given tokenizer) and the
 format version, so a changed corpus never reuses stale tokens. The folder is
-written under a temporary name and renamed into place, so a crash leaves no
-half-written cache. Files damaged after that (deleted, truncated, overwritten)
-no longer match meta.json: the folder is then rebuilt, with a warning.
+written under a temporary name (flocked while written), fsynced and renamed into
+place, so a crash leaves no half-written cache; the next run removes what a killed
+one left. Files damaged after that (deleted, truncated, overwritten) no longer
+match meta.json: the folder is then rebuilt, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -25,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.atomic_files import write_json, write_tokenizer
+from model.atomic_files import fsync_path, write_json, write_tokenizer
 from model.checkpoint import END_OF_TEXT, end_of_text_id
 from model.token_bytes import token_bytes
 from training.corpus import CorpusError, text_digest
@@ -47,6 +51,11 @@ TOKEN_DTYPE = np.uint16
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
 SPLITS = ("train", "val")
+# What _own_sibling names: a cache folder being written, or a damaged one moved aside.
+_SIBLING = re.compile(r"[0-9a-f]{16}\.(?P<what>tmp|damaged)-\d+-[0-9a-f]{8}")
+# A folder being written is flocked within microseconds of its mkdir; one unlocked and
+# this old was left by a writer that died.
+ABANDONED_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -352,6 +361,7 @@ def _open(folder: Path) -> PreparedData:
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         counts = {split: int(meta["splits"][split]["tokens"]) for split in SPLITS}
+        digests = {split: meta["splits"][split].get("tokens_sha256") for split in SPLITS}
         vocab_size = meta["vocab_size"]
     except (OSError, ValueError, LookupError, TypeError) as e:
         raise _DamagedCache(f"meta.json unreadable ({e})") from None
@@ -376,10 +386,12 @@ def _open(folder: Path) -> PreparedData:
             f"tokenizer.json: {tokenizer.get_vocab_size()} entries, meta.json says {vocab_size!r}"
         )
     for split, ids in tokens.items():
-        # Overwritten at the same size, a file would pass the checks above and feed the
-        # model ids past its embedding table (one pass over the tokens: ~0.1 s per 100 MB).
-        if int(ids.max()) >= vocab_size:
-            raise _DamagedCache(f"{split}.bin holds ids past the vocabulary of {vocab_size}")
+        # Overwritten at the same size (or zeroed by a crash of a file system that
+        # journals no data), a file passes the checks above: ~0.1 s per 100 MB read.
+        if digests[split] is None:
+            raise _DamagedCache(f"meta.json has no checksum of {split}.bin (an older cache)")
+        if hashlib.sha256(ids).hexdigest() != digests[split]:
+            raise _DamagedCache(f"{split}.bin does not match its checksum in meta.json")
     return PreparedData(folder, tokenizer, tokens["train"], tokens["val"], meta)
 
 
@@ -421,6 +433,48 @@ def _own_sibling(folder: Path, what: str) -> Path:
     return folder.with_name(f"{folder.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+@contextlib.contextmanager
+def _flocked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` held for the block: the system drops it when the
+    process ends, however it ends (a file system that cannot lock: none held)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_abandoned(folder: Path) -> bool:
+    """Whether no process is writing `folder` (an _own_sibling "tmp" one): its flock
+    free, and made long enough ago that its writer would hold it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False  # gone: renamed into place, or removed by another
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return time.time() - os.fstat(fd).st_mtime > ABANDONED_AFTER_S
+    except OSError:  # held (BlockingIOError), or a file system that cannot lock
+        return False
+    finally:
+        os.close(fd)
+
+
+def _clear_abandoned(root: Path) -> None:
+    """Remove what trainers killed midway (kill -9, a lost machine) left in the cache
+    root: folders half written, and damaged ones moved aside for removal."""
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return  # no cache root yet, or one _write will name in its refusal
+    for entry in entries:
+        sibling = _SIBLING.fullmatch(entry.name)
+        if sibling and (sibling["what"] == "damaged" or _is_abandoned(entry)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _write(
     folder: Path,
     splits: dict[str, tuple[Sequence[str], np.ndarray]],
@@ -430,20 +484,29 @@ def _write(
     tmp = _own_sibling(folder, "tmp")
     try:
         tmp.mkdir(parents=True)
-        write_tokenizer(tokenizer, tmp / "tokenizer.json")
-        meta: dict = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "splits": {}}
-        for split, (docs, stream) in splits.items():
-            # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
-            (tmp / f"{split}.bin").write_bytes(np.ascontiguousarray(stream).data)
-            meta["splits"][split] = {
-                "file": f"{split}.bin",
-                "documents": len(docs),
-                "tokens": int(stream.size),
-                "bytes": sum(len(d.encode("utf-8")) for d in docs),
-                "sha256": digests[split],
-            }
-        write_json(tmp / "meta.json", meta)
-        os.replace(tmp, folder)
+        with _flocked(tmp):
+            write_tokenizer(tokenizer, tmp / "tokenizer.json")
+            fsync_path(tmp / "tokenizer.json")
+            vocab_size = tokenizer.get_vocab_size()
+            meta: dict = {"format": FORMAT, "vocab_size": vocab_size, "splits": {}}
+            for split, (docs, stream) in splits.items():
+                tokens = np.ascontiguousarray(stream).data
+                # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
+                (tmp / f"{split}.bin").write_bytes(tokens)
+                fsync_path(tmp / f"{split}.bin")
+                meta["splits"][split] = {
+                    "file": f"{split}.bin",
+                    "documents": len(docs),
+                    "tokens": int(stream.size),
+                    "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                    "sha256": digests[split],
+                    "tokens_sha256": hashlib.sha256(tokens).hexdigest(),
+                }
+            write_json(tmp / "meta.json", meta)
+            fsync_path(tmp / "meta.json")
+            fsync_path(tmp)
+            os.replace(tmp, folder)
+            fsync_path(folder.parent)
     except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
@@ -473,6 +536,7 @@ def prepare(
     if not train_docs:
         raise CorpusError("the training split is empty")
     root = Path(cache_root)
+    _clear_abandoned(root)
     digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
     data = None
     if tokenizer is not None:
