@@ -1780,6 +1780,32 @@ def test_a_run_left_without_its_latest_file_resumes_from_its_newest_step(
     assert "already holds a finished run" in capsys.readouterr().out
 
 
+def test_short_held_out_documents_also_trained_on_are_left_out_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A greeting in both jsonl files is common text, not a held-out file trained on: the
+    # run goes on, scored on the rest of --val-data.
+    def jsonl(path: Path, *texts: str) -> Path:
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return path
+
+    greeting = "Thank you!"
+    data = jsonl(tmp_path / "train.jsonl", CORPUS.read_text(), greeting)
+    val = jsonl(tmp_path / "val.jsonl", VAL.read_text(), greeting)
+    run = tmp_path / "run"
+    flags = [*TINY, "--data", str(data), "--val-data", str(val), "--cache-dir", str(tmp_path)]
+    flags += ["--eval-tokens", "0", "--max-steps", "2", "--out-dir", str(run)]
+    assert pretrain.main(flags) == 0
+    assert (
+        "warning: --val-data: 1 of its 2 documents are in --data too (the first: 'Thank you!'); "
+        "short, so left out of the held-out text\n"
+    ) in capsys.readouterr().err
+    rest = jsonl(tmp_path / "rest.jsonl", VAL.read_text())
+    assert evaluate.main(["--checkpoint", str(run), "--data", str(rest)]) == 0
+    bpb = float(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("bpb="))
+    assert math.isclose(bpb, meta(run)["val_bpb"], abs_tol=1e-6)
+
+
 def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1925,7 +1951,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "held-out text partly trained on": (
             ["--data", str(CORPUS), "--val-data", str(held_out)],
-            "--val-data: 1 of its 2 documents are in --data too",
+            "--val-data: 1 of its 2 documents are in --data too (the first: 'Assignment sta",
         ),
         "held-out text cut from a training file": (
             ["--data", str(CORPUS), "--val-data", str(tmp_path / "tail.txt")],
@@ -1936,6 +1962,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "--val-data: all 2 of its documents are in --data too",
         ),
         "tokenizer and vocabulary": (["--tokenizer", str(tmp_path / "t.json")], "drop one"),
+        "held-out text and fraction": (
+            ["--val-data", str(VAL), "--val-fraction", "0.2"],
+            "--val-fraction: --val-data is the held-out text; drop one",
+        ),
         # Python's exists() and is_file() raise on a name past the file system's 255 bytes.
         "data path too long": (["--data", str(tmp_path / ("a" * 300))], "a" * 300),
         "out-dir too long": (["--out-dir", str(tmp_path / ("o" * 300))], "o" * 300),

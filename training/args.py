@@ -52,12 +52,14 @@ class TrainArgs:
     val_data: list[str] = field(
         default_factory=list,
         metadata=doc(
-            "held-out text files/folders (a document also in --data, or cut from one, is refused);"
-            " none = --val-fraction of --data, in evenly spaced pieces"
+            "held-out text files/folders (a document of 200+ characters also in --data, or cut"
+            " from one, is refused; a shorter one is left out); none = --val-fraction of --data,"
+            " in evenly spaced pieces"
         ),
     )
     val_fraction: float = field(
-        default=0.05, metadata=doc("share of the text held out for validation without --val-data")
+        default=0.05,
+        metadata=doc("share of the text held out for validation (not with --val-data)"),
     )
     tokenizer: str | None = field(
         default=None, metadata=doc("reuse this tokenizer.json or checkpoint folder's tokenizer")

@@ -86,9 +86,10 @@ MIN_CUT_CHARS = 200
 MAX_CUT_LOOKUPS = 16
 
 
-def documents_trained_on(val_docs: Sequence[str], train_docs: Sequence[str]) -> int:
-    """How many of `val_docs` are training text too: equal to a training document, or
-    (the longest MAX_CUT_LOOKUPS of at least MIN_CUT_CHARS) part of a longer one."""
+def documents_trained_on(val_docs: Sequence[str], train_docs: Sequence[str]) -> list[int]:
+    """Which of `val_docs` (their indices) are training text too: equal to a training
+    document, or (the longest MAX_CUT_LOOKUPS of at least MIN_CUT_CHARS) part of a
+    longer one."""
     train_set = set(train_docs)
     trained = [doc in train_set for doc in val_docs]
     cuts = [i for i, doc in enumerate(val_docs) if not trained[i] and len(doc) >= MIN_CUT_CHARS]
@@ -98,7 +99,7 @@ def documents_trained_on(val_docs: Sequence[str], train_docs: Sequence[str]) -> 
         longer = [doc for doc in train_docs if len(doc) > shortest]
         for i in cuts:
             trained[i] = any(val_docs[i] in doc for doc in longer)
-    return sum(trained)
+    return [i for i, is_trained in enumerate(trained) if is_trained]
 
 
 def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:

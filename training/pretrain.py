@@ -82,6 +82,7 @@ from training.distributed import (
 )
 from training.memory import shortfall
 from training.prepare import (
+    MIN_CUT_CHARS,
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
@@ -195,6 +196,31 @@ def read_documents(
         ) from None
 
 
+def held_out_only(val_docs: list[str], train_docs: list[str]) -> list[str]:
+    """`val_docs` but those also trained on shorter than MIN_CUT_CHARS (a greeting, a
+    heading: common text), said in a warning. CorpusError if a longer one is (`--data
+    notes --val-data notes/held-out.txt`, a held-out file cut from a training file), or
+    all are: scored on text it trained on."""
+    trained_on = documents_trained_on(val_docs, train_docs)
+    if not trained_on:
+        return val_docs
+    if len(val_docs) == 1:
+        which = "its document is"
+    elif len(trained_on) == len(val_docs):
+        which = f"all {len(trained_on)} of its documents are"
+    else:
+        which = f"{len(trained_on)} of its {len(val_docs)} documents are"
+    long = [i for i in trained_on if len(val_docs[i]) >= MIN_CUT_CHARS]
+    first = val_docs[(long or trained_on)[0]]
+    excerpt = repr(first if len(first) <= 60 else first[:60] + "...")
+    said = f"--val-data: {which} in --data too (the first: {excerpt})"
+    if long or len(trained_on) == len(val_docs):
+        raise CorpusError(f"{said}; held-out text must not be trained on")
+    print(f"warning: {said}; short, so left out of the held-out text", file=sys.stderr)
+    trained = set(trained_on)
+    return [doc for i, doc in enumerate(val_docs) if i not in trained]
+
+
 def load_data(
     args: TrainArgs,
     documents: list[str] | None,
@@ -210,17 +236,7 @@ def load_data(
         train_docs = documents
         # `--data notes --val-data notes/held-out.txt`, or a held-out file cut from a
         # training file left whole: scored on text it trained on.
-        trained_on = documents_trained_on(val_docs, train_docs)
-        if trained_on:
-            if len(val_docs) == 1:
-                which = "its document is"
-            elif trained_on == len(val_docs):
-                which = f"all {trained_on} of its documents are"
-            else:
-                which = f"{trained_on} of its {len(val_docs)} documents are"
-            raise CorpusError(
-                f"--val-data: {which} in --data too; held-out text must not be trained on"
-            )
+        val_docs = held_out_only(val_docs, train_docs)
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
     cache = cache_root(args)
@@ -394,6 +410,9 @@ def run_locked(given: Given) -> int:
         args = make_args(TrainArgs().to_dict(), given)
         if args.tokenizer is not None and args.vocab_size is not None:
             raise UsageError("--vocab-size: --tokenizer brings its own vocabulary; drop one")
+        if args.val_data and "val_fraction" in settings:
+            source = given.source("val_fraction")
+            raise UsageError(f"{source}: --val-data is the held-out text; drop one")
     else:
         args = resumed_args(resumed, given)
         if (note := nothing_to_do(resumed, args)) is not None:
