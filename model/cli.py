@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 ENV_PREFIX = "POCKETGPT_"
@@ -53,19 +53,16 @@ def _raise_terminated(signum: int, frame: object) -> NoReturn:
 
 
 @contextlib.contextmanager
-def signals_unwind() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated inside
-    the block; both handlers are as they were afterwards (the suite calls commands'
-    main() in its own process). A signal the process was started ignoring (a background
-    job's SIGINT) stays ignored. Only the main thread may set handlers."""
+def _handled_by(on_sigint: Any, on_sigterm: Any) -> Iterator[None]:
+    """SIGINT and SIGTERM handled so inside the block, as they were afterwards (the suite
+    calls commands' main() in its own process). A signal the process was started
+    ignoring (a background job's SIGINT) stays ignored. Only the main thread may set
+    handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s, handler in (
-        (signal.SIGINT, signal.default_int_handler),
-        (signal.SIGTERM, _raise_terminated),
-    ):
+    for s, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm)):
         if previous[s] is not signal.SIG_IGN:
             signal.signal(s, handler)
     try:
@@ -73,6 +70,28 @@ def signals_unwind() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def signals_unwind() -> contextlib.AbstractContextManager[None]:
+    """SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM Terminated inside
+    the block."""
+    return _handled_by(signal.default_int_handler, _raise_terminated)
+
+
+def signals_exit(message: str) -> contextlib.AbstractContextManager[None]:
+    """SIGINT and SIGTERM print `message` and exit 128 + the signal's number at once
+    inside the block: for imports, whose code may catch the exception signals_unwind
+    raises (a server stopped while torch's C extension loaded started anyway)."""
+    exit_saying_so = _exit_saying(message)
+    return _handled_by(exit_saying_so, exit_saying_so)
+
+
+def _exit_saying(message: str) -> Callable[[int, object], NoReturn]:
+    def exit_saying_so(signum: int, frame: object) -> NoReturn:
+        print(message, file=sys.stderr)
+        exit_now(128 + signum)
+
+    return exit_saying_so
 
 
 def unusable_path(e: OSError) -> str | None:
@@ -91,11 +110,7 @@ def exit_on_signals_while_importing(message: str) -> None:
     Call default_signal_actions() once the imports are done, before main(), which
     takes the signals over: a signal after main() is not one before the work began.
     A signal the process was started ignoring stays ignored."""
-
-    def exit_saying_so(signum: int, frame: object) -> NoReturn:
-        print(message, file=sys.stderr)
-        exit_now(128 + signum)
-
+    exit_saying_so = _exit_saying(message)
     for s in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(s) is not signal.SIG_IGN:
             signal.signal(s, exit_saying_so)

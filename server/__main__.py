@@ -29,18 +29,23 @@ import typing
 from pathlib import Path
 from types import FrameType
 
+from model.cli import (
+    ArgumentParser,
+    default_signal_actions,
+    env_var,
+    exit_now,
+    exit_on_signals_while_importing,
+    flag,
+    signals_exit,
+)
+
+INTERRUPTED_BEFORE_SERVING = "interrupted before the server started"
+if __name__ == "__main__":  # before the imports below (uvicorn, pydantic)
+    exit_on_signals_while_importing(INTERRUPTED_BEFORE_SERVING)
+
 import uvicorn
 from pydantic import ValidationError
 
-from model.cli import (
-    ArgumentParser,
-    Terminated,
-    env_var,
-    exit_now,
-    flag,
-    interrupted_status,
-    signals_unwind,
-)
 from model.config import MIN_SERVED_CONTEXT
 from server.settings import Settings, is_loopback
 
@@ -340,25 +345,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise_open_files_limit()
-    try:
-        # Until uvicorn takes SIGINT and SIGTERM over, they end the command in one line:
-        # Ctrl-C in the 1-2 s of torch's import printed the import's traceback.
-        with signals_unwind():
-            # Imported only now (torch is slow to import), so --help and flag errors are
-            # instant.
-            from model.checkpoint import CheckpointError
-            from server.app import create_app
-            from server.http11 import uvicorn_config
+    # Until uvicorn takes SIGINT and SIGTERM over, they end the command in one line (an
+    # exception raised inside torch's 1-2 s import could be lost: the server started).
+    with signals_exit(INTERRUPTED_BEFORE_SERVING):
+        # Imported only now (torch is slow to import), so --help and flag errors are
+        # instant.
+        from model.checkpoint import CheckpointError
+        from server.app import create_app
+        from server.http11 import uvicorn_config
 
-            try:
-                check_before_loading(settings, given)
-            except (CheckpointError, ValueError, OSError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            app = create_app(settings)
-    except (KeyboardInterrupt, Terminated) as e:
-        print("interrupted before the server started", file=sys.stderr)
-        return interrupted_status(e)
+        try:
+            check_before_loading(settings, given)
+        except (CheckpointError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)
     server.run(sockets=[sock])
     if server.failure is not None:
@@ -373,4 +374,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    default_signal_actions()  # the imports are done: main() takes the signals over
     sys.exit(main())

@@ -14,31 +14,31 @@ import pytest
 from tests.test_training_pretrain import CORPUS, REPO, TINY, python_env
 
 # Runs MODULE ARGS as `python -m` does, sending the signal to itself as the command first
-# imports torch: where a signal lands in practice, without a race against a clock.
-SIGNAL_AT_TORCH_IMPORT = """
+# imports IMPORTED: where a signal lands in practice, without a race against a clock.
+SIGNAL_AT_IMPORT = """
 import os, runpy, signal, sys
 
-class SignalAtTorchImport:
-    def __init__(self, stop):
-        self.stop = stop
+class SignalAtImport:
+    def __init__(self, stop, imported):
+        self.stop, self.imported = stop, imported
 
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
+        if name == self.imported:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), self.stop)
         return None
 
-sys.meta_path.insert(0, SignalAtTorchImport(signal.Signals[sys.argv[1]]))
-module, sys.argv = sys.argv[2], sys.argv[2:]
+sys.meta_path.insert(0, SignalAtImport(signal.Signals[sys.argv[1]], sys.argv[2]))
+module, sys.argv = sys.argv[3], sys.argv[3:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def run_signalled_at_torch_import(
-    stop: signal.Signals, module: str, args: list[str]
+def run_signalled_at_import(
+    stop: signal.Signals, imported: str, module: str, args: list[str]
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, stop.name, module, *args],
+        [sys.executable, "-c", SIGNAL_AT_IMPORT, stop.name, imported, module, *args],
         cwd=REPO,
         env=python_env(),
         capture_output=True,
@@ -50,6 +50,9 @@ def run_signalled_at_torch_import(
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+# numpy: imported from inside torch's C extension, whose import swallows its exceptions
+# (the server, stopped there, started anyway).
+@pytest.mark.parametrize("imported", ["torch", "numpy"])
 @pytest.mark.parametrize(
     ("module", "said"),
     [
@@ -59,7 +62,7 @@ def run_signalled_at_torch_import(
     ],
 )
 def test_a_signal_while_torch_imports_ends_the_command_in_one_line(
-    tmp_path: Path, stop: signal.Signals, module: str, said: str
+    tmp_path: Path, stop: signal.Signals, imported: str, module: str, said: str
 ) -> None:
     run = tmp_path / "run"
     # The server is given a folder that exists: a missing one is refused before torch's
@@ -70,7 +73,7 @@ def test_a_signal_while_torch_imports_ends_the_command_in_one_line(
         "training.evaluate": ["--checkpoint", str(run), "--data", str(CORPUS)],
         "server": ["--checkpoint", str(folder), "--port", "0"],
     }[module]
-    process = run_signalled_at_torch_import(stop, module, args)
+    process = run_signalled_at_import(stop, imported, module, args)
     assert (process.returncode, process.stderr) == (128 + stop, said + "\n")
     assert process.stdout == ""
     assert not run.exists()
