@@ -284,7 +284,10 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     pointer = path / LATEST
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{pointer}: not a checkpoint's name (not UTF-8 text)") from None
         if not name or "/" in name or is_temporary(name):
             raise CheckpointError(f"{pointer}: does not name a checkpoint ({name!r})")
         target = path / name

@@ -7,6 +7,7 @@ A `ModelConfig` fully describes the network's shapes. Presets follow gpt-fast's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -41,6 +42,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        # 0 or less (or NaN) makes every logit NaN (norm_eps) or the rotation undefined.
+        for name in ("rope_theta", "norm_eps"):
+            if not 0.0 < getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a positive number (got {getattr(self, name)})")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

@@ -106,8 +106,13 @@ def set_in_environment(name: str) -> bool:
 
 def check_checkpoint_exists(settings: Settings, given: dict[str, str]) -> None:
     """That the checkpoint folder exists, said before torch is imported (~2 s)."""
-    if settings.checkpoint.exists():
-        return
+    try:
+        if settings.checkpoint.exists():
+            return
+    except OSError as e:  # a folder above it this user may not enter, a name too long
+        raise ValueError(
+            f"{setting_source('checkpoint', given)} {settings.checkpoint}: {e.strerror}"
+        ) from None
     if "checkpoint" not in given and not set_in_environment("checkpoint"):
         # `python -m server` before any training, or from another folder than the trainer's.
         raise ValueError(

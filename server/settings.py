@@ -160,9 +160,18 @@ class Settings(BaseSettings):
     def _interface_named(cls, host: str) -> str:
         # Empty (a blank POCKETGPT_HOST= line) binds every interface, as 0.0.0.0 does:
         # a server meant for this machine alone would answer the network, for any Host.
-        if not host:
+        if not host.strip():
             raise ValueError("must name an interface (0.0.0.0 for all)")
-        return host
+        return host.strip()
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _folder_named(cls, checkpoint: object) -> object:
+        # Empty (a blank POCKETGPT_CHECKPOINT= line) is the working folder: served if it
+        # happened to hold a checkpoint, else refused without naming the variable.
+        if isinstance(checkpoint, str) and not checkpoint.strip():
+            raise ValueError("must name a checkpoint folder (unset it for the default)")
+        return checkpoint
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -208,6 +208,8 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, not 'linear'"),
         ({"head_dim": "x"}, "head_dim must be an integer, not 'x'"),
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not"),
+        ({"rms_norm_eps": -1}, r"norm_eps must be a positive number \(got -1.0\)"),
+        ({"rope_theta": 0}, r"rope_theta must be a positive number \(got 0.0\)"),
     ],
     ids=[
         "scaled rope (v5)",
@@ -219,6 +221,8 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         "rope_scaling not an object",
         "head_dim not a number",
         "tie_word_embeddings a string",
+        "rms_norm_eps negative: every logit NaN",
+        "rope_theta zero",
     ],
 )
 def test_configs_we_cannot_run_as_written_are_refused(
@@ -465,6 +469,9 @@ def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
     assert resolve_checkpoint(tmp_path) == good
     (tmp_path / LATEST).write_text(f"step-0000002.tmp-{os.getpid() + 1}\n")
     with pytest.raises(CheckpointError, match="does not name a checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / LATEST).write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match=r"latest: not a checkpoint's name \(not UTF-8"):
         resolve_checkpoint(tmp_path)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.__main__ import build_parser
 from server.metrics import Metrics
 from server.settings import Settings
 from training.args import TrainArgs
@@ -54,14 +55,21 @@ def test_readme_names_every_metric_the_server_exports_and_no_other() -> None:
 
 def test_readme_rows_say_what_help_says() -> None:
     # One text per setting: the README's table and --help never drift apart.
-    rows = {}
+    rows, defaults = {}, {}
     for line in README.splitlines():
         if line.startswith(("| pretrain | `--", "| server | `--")):
-            command, name, _, _, text = (cell.strip() for cell in line.strip("|").split(" | "))
+            command, name, _, default, text = (c.strip() for c in line.strip("|").split(" | "))
             rows[command, name.strip("`")] = text
+            defaults[command, name.strip("`")] = default
     helps = {("pretrain", flag(f.name)): f.metadata["help"] for f in dataclasses.fields(TrainArgs)}
     helps |= {("server", flag(n)): f.description for n, f in Settings.model_fields.items()}
     assert {key: rows.get(key) for key in helps} == helps
+    # And the server's defaults as its --help gives them ("unset", "on", "off", values).
+    server_help = {a.option_strings[0]: a.help for a in build_parser()._actions if a.help}
+    said = {name: re.search(r"; default ([^;]*)\)$", text) for name, text in server_help.items()}
+    assert {n: defaults.get(("server", n)) for n, m in said.items() if m} == {
+        n: m.group(1) for n, m in said.items() if m
+    }
 
 
 def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() -> None:

@@ -517,10 +517,28 @@ def test_an_empty_host_is_refused_not_bound_to_every_interface(tmp_path):
     # A blank POCKETGPT_HOST= line (a .env file's) bound every interface, as 0.0.0.0
     # does, with the localhost Host check off: the network, where 127.0.0.1 was meant.
     missing = ["--checkpoint", str(tmp_path / "none"), "--port", "0"]
-    for given, env in (("POCKETGPT_HOST", {"POCKETGPT_HOST": ""}), ("--host", {})):
+    blank = (
+        ("POCKETGPT_HOST", {"POCKETGPT_HOST": ""}),
+        ("POCKETGPT_HOST", {"POCKETGPT_HOST": " "}),
+    )
+    for given, env in (*blank, ("--host", {})):
         result = run_server(*missing, *([] if env else ["--host", ""]), env=env)
         assert result.returncode == 2
         assert result.stderr == f"error: {given}: must name an interface (0.0.0.0 for all)\n"
+
+
+def test_an_empty_or_unusable_checkpoint_setting_is_refused_by_name(tmp_path):
+    # A blank POCKETGPT_CHECKPOINT= line served the working folder, if it held one.
+    result = run_server("--port", "0", env={"POCKETGPT_CHECKPOINT": ""})
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: POCKETGPT_CHECKPOINT: must name a checkpoint folder (unset it for the default)\n"
+    )
+    # A name past the file system's limit: Python's exists() raises (was a traceback).
+    too_long = tmp_path / ("a" * 300)
+    result = run_server("--checkpoint", str(too_long), "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr == f"error: --checkpoint {too_long}: File name too long\n"
 
 
 def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_left(
