@@ -38,6 +38,7 @@ from training.prepare import token_byte_lengths
 from training.resume import changed_text_note
 from training.run_folder import RUN_LOCK, step_folders
 from training.trainer import next_token_loss
+from training.trainer_state import TRAINING_STATE, read_training_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -158,6 +159,29 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None
     weights_b = load_file(resolve_checkpoint(split) / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_run_saved_before_muon_existed_resumes_bit_exact_on_adamw(tmp_path: Path) -> None:
+    # Such a run's args name no --optimizer (it trained with AdamW, Muon being the default
+    # now) and its state holds one AdamW state dict, not a list of them.
+    common = ["--optimizer", "adamw", "--dtype", "float32", "--log-interval", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert (
+        pretrain.main(tiny_run(tmp_path, *common, "--max-steps", "6", "--out-dir", str(straight)))
+        == 0
+    )
+    first_half = ["--max-steps", "3", "--decay-steps", "6", "--out-dir", str(split)]
+    assert pretrain.main(tiny_run(tmp_path, *common, *first_half)) == 0
+    folder = resolve_checkpoint(split)
+    saved = json.loads((folder / "trainer_meta.json").read_text(encoding="utf-8"))
+    del saved["args"]["optimizer"]
+    (folder / "trainer_meta.json").write_text(json.dumps(saved), encoding="utf-8")
+    state = read_training_state(folder / TRAINING_STATE)
+    [state["optimizer"]] = state["optimizer"]["optimizers"]
+    save_state(state, folder / TRAINING_STATE)
+    assert pretrain.main(["--resume", str(split), "--max-steps", "6"]) == 0
+    losses = [read_log(run, "train") for run in (straight, split)]
+    assert [r["loss"] for r in losses[0].values()] == [r["loss"] for r in losses[1].values()]
 
 
 def test_a_resumed_run_decides_again_on_this_machine_what_the_machine_chose(

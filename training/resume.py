@@ -192,11 +192,13 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
             "losses measured otherwise)",
             file=sys.stderr,
         )
-    # Runs saved before --lr-schedule existed followed a cosine: they resume on it. The
-    # run goes on in the folder it is resumed from, not where it was first written (a
-    # copy of a run folder must not write into its original).
-    # --if-missing is how this command was run, not a setting of the run it continues.
-    base = {"lr_schedule": "cosine", **saved, "out_dir": str(folder.parent), "if_missing": False}
+    # Runs saved before --lr-schedule existed followed a cosine, and before --optimizer
+    # existed trained with AdamW: they resume so. The run goes on in the folder it is
+    # resumed from, not where it was first written (a copy of a run folder must not
+    # write into its original). --if-missing is how this command was run, not a setting
+    # of the run it continues.
+    before_settings = {"lr_schedule": "cosine", "optimizer": "adamw"}
+    base = {**before_settings, **saved, "out_dir": str(folder.parent), "if_missing": False}
     # A time-boxed run saved before 2026-12-06 has no step count of its own, only
     # "unlimited": unset again, so that it takes the one a new run gets (with_step_budget),
     # and `--max-time none` no endless run whose schedule never decays.

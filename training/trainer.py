@@ -247,8 +247,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # torch's own mismatch errors are ValueErrors too
             raise CheckpointError(
-                f"{folder}: its optimizer state does not fit this run ({e}); resume with the"
-                f" --optimizer it was trained with ({self.args.optimizer} now)"
+                f"{folder}: its optimizer state does not fit this run's {self.args.optimizer} ({e})"
             ) from None
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before = state["elapsed"]
