@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -18,13 +19,16 @@ import torch.nn.functional as F
 from bench.timing import frozen_heap, synchronize
 from model.transformer import Transformer
 
+if typing.TYPE_CHECKING:  # transformers: an optional import, made by hf_model
+    from transformers import LlamaForCausalLM
+
 # Set by a benchmark's signal handler (bench/cli.py): a running `hf_generate` stops at
 # its next token. It runs on a thread the process waits for (model/cpu.py), and a
 # Ctrl-C or SIGTERM waited for the whole reference run, the server left running meanwhile.
 STOP_REFERENCE = threading.Event()
 
 
-def hf_model(folder: Path, dtype: torch.dtype):  # -> LlamaForCausalLM (an optional import)
+def hf_model(folder: Path, dtype: torch.dtype) -> LlamaForCausalLM:
     """HF's model of the checkpoint, generating with only what `hf_generate` passes.
 
     `generate` fills every setting it is not given from the folder's
@@ -98,7 +102,6 @@ def plain_train_steps(
     model: Transformer,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    lr: float = 1e-3,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
@@ -113,7 +116,7 @@ def plain_train_steps(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     try:
-        return _timed_steps(model, batches, lr=lr, device=device, autocast_dtype=autocast_dtype)
+        return _timed_steps(model, batches, device=device, autocast_dtype=autocast_dtype)
     finally:
         torch.set_float32_matmul_precision(precision)
 
@@ -122,12 +125,12 @@ def _timed_steps(
     model: Transformer,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    lr: float,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
 ) -> float:
     model.train().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    # nanoGPT's AdamW settings; its speed, not where it leads, is measured.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     seq = batches[0][0].shape[1]
     positions = torch.arange(seq, device=device)[None]
 

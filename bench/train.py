@@ -42,6 +42,7 @@ from bench.reference import plain_train_steps
 from model.checkpoint import RUN_LOG, load_tokenizer, read_config, resolve_checkpoint
 from model.device import resolve_device
 from model.transformer import Transformer
+from training.corpus import read_text
 from training.resume import saved_args
 from training.run_folder import trainer_meta
 
@@ -120,7 +121,7 @@ def plain_tokens_per_s(
     folder = resolve_checkpoint(run)
     args = saved_args(folder)
     batch, block = args["batch_size"], args["block_size"]
-    text = train.read_text(encoding="utf-8", errors="replace")  # as the trainer reads it
+    text = read_text(train) or ""  # as the trainer reads it (None: a binary file)
     ids = np.array(
         load_tokenizer(folder).encode(text, add_special_tokens=False).ids, dtype=np.int64
     )

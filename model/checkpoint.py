@@ -250,7 +250,7 @@ def save_checkpoint(
         replace_dir(tmp, final)
         if update_latest:
             write_text_atomic(root / LATEST, name + "\n")
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O as Runtime
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointWriteError(f"{final}: could not be written ({reason})", root) from e

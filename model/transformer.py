@@ -7,7 +7,7 @@ No biases. Module names mirror Hugging Face's LlamaForCausalLM so the checkpoint
 HF-native: our `layers.0.self_attn.q_proj.weight` is HF's `model.layers.0...`.
 
 The model returns logits only; sampling lives in model/sampling.py and generation
-loops in the trainer (previews) and the server's runner.
+loops in the trainer (previews) and the server's engine.
 
 Shape letters: B batch rows, T tokens per row in this call, L keys attended
 (cache length), D model dim, H query heads, K key/value heads, E head dim, V vocab.
@@ -244,4 +244,4 @@ class Transformer(nn.Module):
             x = layer(x, rope, step)
         if logits_at is not None:
             x = x[logits_at].unsqueeze(1)  # [N, 1, D]
-        return self.lm_head(self.norm(x))  # [B, T, V]
+        return self.lm_head(self.norm(x))  # [B, T, V], or [N, 1, V] with logits_at

@@ -11,7 +11,6 @@ event reaches the client (`--stream-interval` gathers tokens into fewer events).
 from __future__ import annotations
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Enum,
@@ -32,7 +31,6 @@ _TOKEN_BUCKETS = (0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.
 _TOKEN_BUCKETS += (0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # Exported at zero from the start, so that an error or shedding ratio is 0, not "no data",
 # until the first one.

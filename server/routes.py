@@ -20,6 +20,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic_core import to_json
 from starlette.types import Receive, Scope
 
@@ -32,7 +33,6 @@ from server.engine import (
     TokenLogprob,
 )
 from server.http11 import log_unsent_answer
-from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ApiError,
     Completion,
@@ -610,7 +610,7 @@ def _check_model(serving: Serving, model_id: str | None) -> None:
 async def metrics(request: Request) -> Response:
     app_metrics = request.app.state.metrics
     app_metrics.server_state.state(_server_state(request))
-    return Response(app_metrics.render(), media_type=CONTENT_TYPE)
+    return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _server_state(request: Request) -> str:

@@ -23,7 +23,7 @@ def budget_preset(args: TrainArgs, device: torch.device) -> str:
 
     In a minute on 2 CPU cores `small` sees too little text to learn much. Without AMX
     `tiny` (~0.85M parameters at vocab 512) processes ~6x more tokens and ends far
-    lower; with AMX's bf16 products `mini` (~3.5M) runs at ~15k tokens/s and ends
+    lower; with AMX's bf16 products `mini` (~3.4M) runs at ~15k tokens/s and ends
     lower still, but on Zen 4's AVX512-BF16 (~6k tokens/s) it ends higher than `tiny`
     (tinyshakespeare at --max-time 70: 2.47 vs 2.21 bpb; BENCHMARKS.md). Zen 5 runs
     `mini` at ~15k and ends ~0.01 lower than `tiny`: too small a gain to be worth

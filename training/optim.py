@@ -38,9 +38,9 @@ class Optimizers:
         for opt in self.optimizers:
             opt.step()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
+            opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}

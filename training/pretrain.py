@@ -1,4 +1,4 @@
-"""`python -m training.pretrain`: train a GPT on text and write checkpoints (thin CLI).
+"""`python -m training.pretrain`: train a GPT on text and write checkpoints.
 
 With no arguments it trains the `small` model on the embedded default corpus
 (training/corpus.py) into `checkpoints/default/`. `--help` lists every flag; each

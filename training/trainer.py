@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from model.sampling import BatchParams, SamplingParams, sample
 from model.transformer import Transformer
 from training.args import TrainArgs
 from training.data import BatchSampler
+from training.defaults import tokens_per_step
 from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
@@ -77,13 +79,15 @@ from training.trainer_state import (
     torch_rng_state,
 )
 
+if typing.TYPE_CHECKING:  # tensorboard: an optional import, made by _tensorboard_writer
+    from torch.utils.tensorboard import SummaryWriter
+
 PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     step: int
-    checkpoint: Path | None
     val: EvalResult | None
     stopped_by: str  # "max_steps", "max_time", "signal", "early_stopping"
     # The signal's number where stopped_by is "signal" (SIGTERM on a rank that was not
@@ -543,7 +547,7 @@ class Trainer:
             where = f" -> {checkpoint}" if checkpoint else ""
             print(f"stopped at step {self.step} ({stopped_by}){where}", flush=True)
         signum = (self.stop_signal or signal.SIGTERM) if stopped_by == "signal" else None
-        return TrainResult(self.step, checkpoint, self.last_val, stopped_by, signum)
+        return TrainResult(self.step, self.last_val, stopped_by, signum)
 
     def _eval_and_report(self, bar: tqdm, *, final: bool = False) -> Path | None:
         """Rank 0 evaluates, logs, keeps best/ and prints a sample (collective under DDP);
@@ -637,7 +641,7 @@ class Trainer:
         args = self.args
         B, T = args.batch_size, args.block_size
         positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
-        tokens_per_step = B * T * args.grad_accum * self.dist.world_size
+        step_tokens = tokens_per_step(args, self.dist.world_size)
         # Resumed from a step whose evaluation a signal stopped: made now, as an
         # uninterrupted run made it (a last step's off the interval is train()'s to make).
         resumed_evaluation = self.evaluation_due and self.step % args.eval_interval == 0
@@ -666,11 +670,11 @@ class Trainer:
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             self.step += 1
-            self.tokens_seen += tokens_per_step
+            self.tokens_seen += step_tokens
             self.window_steps += 1
-            self.window_tokens += tokens_per_step
+            self.window_tokens += step_tokens
             bar.update(1)
             if self.step % args.log_interval == 0:
                 self._log_window(bar)
@@ -751,11 +755,7 @@ class Trainer:
         diverged = not (math.isfinite(window_loss) and math.isfinite(val))
         if weights and not diverged:
             diverged = first_non_finite(dict(self.model.named_parameters())) is not None
-        if self.dist.enabled:
-            flag = torch.tensor([float(diverged)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            diverged = bool(flag)
-        if diverged:
+        if self._on_any_rank(diverged):
             leave_together(self.dist)
             raise TrainingDiverged(
                 f"the loss became NaN or infinite between steps {self.checked_step} "
@@ -783,12 +783,7 @@ class Trainer:
 
     def _record_fingerprints(self, x: torch.Tensor) -> None:
         """Each rank's first-batch token sum, kept in trainer_meta.json to show ranks differ."""
-        mine = x.sum().reshape(1).cpu()
-        if self.dist.enabled:
-            everyone = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
-            dist.all_gather(everyone, mine)
-        else:
-            everyone = [mine]
+        everyone = self._gathered(x.sum().reshape(1).cpu())
         self.first_batch_fingerprints = [int(t) for t in everyone]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -797,7 +792,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _tensorboard_writer(out_dir: Path, step: int):
+def _tensorboard_writer(out_dir: Path, step: int) -> SummaryWriter | None:
     """A writer into the run's tensorboard/; resumed at `step`, it hides the scalars of
     later steps a kill lost (as log.jsonl drops them). A fresh run (step 0) starts it
     afresh, as it does log.jsonl: the event files there are a run's that was killed

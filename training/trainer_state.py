@@ -14,8 +14,8 @@ import torch
 from model.checkpoint import CheckpointError
 
 TRAINING_STATE = "training_state.pt"
-# Every key Trainer._training_state writes but the log window's (states saved before it was
-# kept lack it): a state without one is not ours (read_training_state).
+# Every key Trainer._training_state writes but log_window and evaluation_due (states saved
+# before they were kept lack them): a state without one is not ours (read_training_state).
 STATE_KEYS = (
     "step",
     "tokens_seen",
