@@ -22,13 +22,9 @@ from tqdm import tqdm
 from tests.test_training_pretrain import CORPUS, TINY, VAL, pretrain_in_files_up_to
 from training import pretrain
 from training.corpus import CorpusError
-from training.prepare import (
-    PreparedData,
-    bar_output,
-    prepare,
-    split_documents,
-    token_stream,
-)
+from training.prepare import PreparedData, prepare, token_stream
+from training.progress import bar_output
+from training.split import split_documents
 from training.tokenizer import train_tokenizer
 
 

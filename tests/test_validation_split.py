@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from training.prepare import (
+from training.split import (
     MIN_CUT_CHARS,
     VAL_PIECE_CHARS,
     VAL_PIECES,

@@ -51,7 +51,8 @@ from model.checkpoint import (
 from model.device import resolve_device
 from training.corpus import CorpusError, load_documents
 from training.data import eval_windows
-from training.prepare import check_tokenizer, progress_bar, token_byte_lengths, token_stream
+from training.prepare import check_tokenizer, token_byte_lengths, token_stream
+from training.progress import progress_bar
 
 EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
 # Fewer where their fp32 logits would pass this (with cross-entropy's float copy and

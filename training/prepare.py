@@ -33,16 +33,15 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from model.atomic_files import fsync_path, write_json, write_tokenizer
 from model.checkpoint import END_OF_TEXT, end_of_text_id
 from model.token_bytes import token_bytes
 from training.corpus import CorpusError, text_digest
+from training.progress import progress_bar
 from training.tokenizer import load_tokenizer_file, train_tokenizer
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
@@ -67,96 +66,6 @@ class PreparedData:
     meta: dict
 
 
-# Validation text is held out as evenly spaced pieces: at least VAL_PIECES of them
-# where the corpus allows, each 256 to 8192 characters. Spread out, they sample the
-# whole corpus and training still covers its whole span; a tail split would hold
-# out exactly the text nearest to what follows (on tinyshakespeare, the opening of
-# the play the last 10% continues: 2.49 vs 2.24 bits/byte there after 70 s).
-VAL_PIECES = 16
-VAL_PIECE_CHARS = (256, 8192)
-NON_SPACE = re.compile(r"\S")
-
-
-# A held-out document this long found inside a training one was cut from it; a shorter
-# one (a line, a heading) may just be common text.
-MIN_CUT_CHARS = 200
-# Each look is a scan of the training text (~25 ms per 100 MB in one document, ~4 s in
-# a million): the longest few held-out documents are looked for, enough to find a
-# held-out file cut from a training file.
-MAX_CUT_LOOKUPS = 16
-
-
-def documents_trained_on(val_docs: Sequence[str], train_docs: Sequence[str]) -> list[int]:
-    """Which of `val_docs` (their indices) are training text too: equal to a training
-    document, or (the longest MAX_CUT_LOOKUPS of at least MIN_CUT_CHARS) part of a
-    longer one."""
-    train_set = set(train_docs)
-    trained = [doc in train_set for doc in val_docs]
-    cuts = [i for i, doc in enumerate(val_docs) if not trained[i] and len(doc) >= MIN_CUT_CHARS]
-    cuts = sorted(cuts, key=lambda i: len(val_docs[i]), reverse=True)[:MAX_CUT_LOOKUPS]
-    if cuts:
-        shortest = len(val_docs[cuts[-1]])
-        longer = [doc for doc in train_docs if len(doc) > shortest]
-        for i in cuts:
-            trained[i] = any(val_docs[i] in doc for doc in longer)
-    return [i for i, is_trained in enumerate(trained) if is_trained]
-
-
-def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val) documents; val is `val_fraction` of the characters, in pieces.
-
-    The text is walked in windows of `piece / val_fraction` characters; the middle
-    `piece` characters of each window are validation, so the corpus's first and last
-    lines train. Cuts move forward to the next
-    line start (the exact character when no line break follows), so no line is cut.
-    A piece that reaches the end of its document goes on at the start of the next
-    ones: short documents (a jsonl of 160-character records) held out a tenth of the
-    fraction asked when each piece ended with its document.
-    A corpus too small for VAL_PIECE_CHARS[0] per piece gives one piece.
-    Train and validation text stay in order, each a document of its own where a cut
-    or a document's end divides it.
-    """
-    total = sum(len(d) for d in documents)
-    val_chars = total * val_fraction
-    piece = min(max(val_chars / VAL_PIECES, VAL_PIECE_CHARS[0]), VAL_PIECE_CHARS[1], val_chars)
-    stride = piece / val_fraction
-    train: list[str] = []
-    val: list[str] = []
-    offset, window = 0, 0  # characters before the current document; the next window
-    carried = 0  # characters of the last piece still to take from the next documents
-    for doc in documents:
-        pos = 0  # how far into `doc` the text is assigned
-        if carried:
-            pos = _line_start(doc, carried)
-            val.append(doc[:pos])
-            carried = max(0, carried - len(doc))
-        while pos < len(doc):
-            start = round((window + 0.5) * stride - piece / 2) - offset
-            if start >= len(doc):
-                break
-            start = _line_start(doc, max(start, pos))
-            end = _line_start(doc, start + round(piece))
-            train.append(doc[pos:start])
-            val.append(doc[start:end])
-            carried = max(0, start + round(piece) - len(doc))
-            pos, window = end, window + 1
-        train.append(doc[pos:])
-        offset += len(doc)
-    return [t for t in train if t.strip()], [v for v in val if v.strip()]
-
-
-def _line_start(doc: str, index: int) -> int:
-    """The first line start at or after `index` (or `index` itself if no line break
-    follows with text after it), capped at the end of `doc`."""
-    if index >= len(doc) or index == 0 or doc[index - 1] == "\n":
-        return min(index, len(doc))
-    newline = doc.find("\n", index)
-    # (Searching, not slicing: a copy of the rest per piece made this quadratic.)
-    if newline >= 0 and NON_SPACE.search(doc, newline + 1):
-        return newline + 1
-    return index
-
-
 # Documents are encoded a batch of ~BATCH_CHARS characters at a time, and a long one
 # in pieces of ~PIECE_CHARS, so that only the uint16 ids grow with the corpus: the
 # tokenizers library holds ~100 bytes per token of an encoding (offsets, strings),
@@ -175,58 +84,6 @@ PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 # kinds ("abc|123", "x|+/"): BPE merges nothing across it, and no normalizer joins
 # ASCII characters. Encoded whole, a 10 MB line peaked at 2.7 GB (0.6 GB in pieces).
 PRINTABLE_ASCII = frozenset(map(chr, range(0x21, 0x7F)))
-
-
-class _LinePerRefresh:
-    """A tqdm bar's stream where stderr is no terminal (a log file, `docker compose
-    logs`): each refresh on a line of its own, where tqdm's "\r" would rewrite one line
-    for ever (one endless line in the log)."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        # A refresh is "\r" + the bar + padding that blanked a longer one; clearing and
-        # closing write only "\r", spaces or "\n". A whole line at once: a log reader
-        # (docker logs) holds back a line until it ends, and others' lines must not
-        # land on its end.
-        line = text.replace("\r", "").rstrip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def bar_output() -> dict:
-    """tqdm options for a bar on stderr: on a terminal, redrawn in place; elsewhere, a
-    line every 30 s."""
-    if sys.stderr.isatty():
-        return {"dynamic_ncols": True}
-    # miniters 1: each step checks the clock. Left to adapt, miniters grew to the steps of
-    # 30 s; once steps slowed (an evaluation), tqdm's monitor thread refreshed the bar
-    # (it does so for a bar whose miniters > 1) without moving the time of its last
-    # line, and the next step printed another: lines in pairs, seconds apart.
-    return {
-        "file": _LinePerRefresh(sys.stderr),
-        "mininterval": 30.0,
-        "miniters": 1,
-        "ncols": 100,
-    }
-
-
-def progress_bar(label: str | None, total: int, unit: str) -> tqdm:
-    """A tqdm bar on stderr for work that may be long: it shows once the work has run
-    for a second (short work prints nothing), and never without a `label`."""
-    return tqdm(
-        total=total,
-        unit=unit,
-        unit_scale=True,
-        desc=label,
-        delay=1.0,
-        disable=label is None,
-        **bar_output(),
-    )
 
 
 def token_stream(

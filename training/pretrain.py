@@ -82,13 +82,10 @@ from training.distributed import (
 )
 from training.memory import shortfall
 from training.prepare import (
-    MIN_CUT_CHARS,
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
-    documents_trained_on,
     prepare,
-    split_documents,
 )
 from training.resume import (
     changed_text_note,
@@ -116,6 +113,7 @@ from training.run_folder import (
     run_folder_lock,
     trainer_meta,
 )
+from training.split import MIN_CUT_CHARS, documents_trained_on, split_documents
 from training.tokenizer import load_tokenizer_file
 from training.trainer import Trainer, TrainingDiverged, TrainResult
 

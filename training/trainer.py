@@ -60,7 +60,8 @@ from training.defaults import tokens_per_step
 from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
-from training.prepare import PreparedData, bar_output, token_byte_lengths
+from training.prepare import PreparedData, token_byte_lengths
+from training.progress import bar_output
 from training.run_folder import (
     BEST,
     TRAINER_META,
