@@ -18,7 +18,7 @@ from bench.reference import STOP_REFERENCE
 from model.checkpoint import CheckpointError, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
-from server.app import check_serving_files
+from server.loading import check_serving_files
 from server.settings import MAX_BATCH_LIMIT, Settings
 
 DTYPES = get_args(Settings.model_fields["dtype"].annotation)  # the server's --dtype choices

@@ -39,8 +39,8 @@ from bench.reference import hf_generate
 from bench.timing import frozen_heap, run_async, synchronize
 from model.cpu import call_in_own_thread
 from model.sampling import SamplingParams
-from server.app import load_serving
 from server.engine import Engine, RequestStream
+from server.loading import load_serving
 from server.metrics import Metrics
 from server.settings import Settings
 from server.validation import GenerationRequest

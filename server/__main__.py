@@ -128,7 +128,7 @@ def check_before_loading(settings: Settings, given: dict[str, str]) -> None:
     from model.checkpoint import read_config
     from model.device import resolve_device
     from model.inductor import has_compiler, missing_compiler_message
-    from server.app import check_serving_files
+    from server.loading import check_serving_files
 
     device = resolve_device(settings.device, setting_source("device", given))
     if settings.compile_decode and not has_compiler(device):
@@ -166,7 +166,7 @@ def check_memory(
     ask for many times the machine. Refused, the line says what fits."""
     from model.kv_cache import KVCache, cache_dtype
     from model.memory import available_memory, format_size
-    from server.app import resolve_dtype
+    from server.loading import resolve_dtype
 
     if device.type == "cuda":
         import torch

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from server_harness import english_tokenizer, random_checkpoint
 
-from server.app import load_serving
 from server.engine import MIN_SHARED_PREFIX, Engine, RequestOutput, RequestStream
+from server.loading import load_serving
 from server.metrics import Metrics
 from server.protocol import GenerateRequest
 from server.routes import Serving, _events

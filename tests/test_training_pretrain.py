@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from model.cli import Terminated, default_signal_actions, signals_unwind
-from server.app import model_name
+from server.loading import model_name
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.args import Given, TrainArgs
