@@ -356,10 +356,10 @@ class Engine:
         self, output: SchedulerOutput
     ) -> tuple[list[str], list[tuple[RequestStream, RequestOutput]]]:
         for move in output.moves:
-            self.runner.move_slot(move.src, move.dst, move.length)
+            self.runner.copy_slot(move.src, move.dst, move.length)
             self.sampler.move(move.src, move.dst)
         for copy in output.copies:  # the sampler's state: Sampler.start, as the prompt ends
-            self.runner.move_slot(copy.src, copy.dst, copy.length)
+            self.runner.copy_slot(copy.src, copy.dst, copy.length)
             self.metrics.prompt_tokens_shared.inc(copy.length)
         now = time.perf_counter()
         for request_id in output.admitted:

@@ -120,7 +120,7 @@ class ModelRunner:
             return True
         return False
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
 
     def prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:

@@ -7,7 +7,7 @@ costs running streams at most one chunk of latency per step.
 
 A request owns one KV-cache slot from admission to finish. Slots are handed out
 lowest-first, and when a request leaves a hole below an occupied slot the highest
-occupant is moved down into it (a `SlotMove` the runner copies): running requests
+occupant is moved down into it (a `SlotCopy` the runner makes): running requests
 then hold a contiguous run of slots, which the model reads as a view, not a gather.
 
 Token accounting per request: `num_cached` tokens have K/V in the slot and
@@ -67,7 +67,10 @@ class DecodeRow:
 
 
 @dataclass(frozen=True)
-class SlotMove:
+class SlotCopy:
+    """Cached positions copied from one slot to another: a move where `src` is vacated
+    (compaction), a shared prompt prefix where it is not."""
+
     src: int
     dst: int
     length: int  # cached positions [0, length) to copy
@@ -75,13 +78,13 @@ class SlotMove:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    moves: tuple[SlotMove, ...]  # apply before running this step
+    moves: tuple[SlotCopy, ...]  # apply before running this step
     decodes: tuple[DecodeRow, ...]  # ordered by slot
     prefills: tuple[PrefillChunk, ...]
     admitted: tuple[str, ...]  # left the waiting queue this step
     # After the moves, in order: the positions a request shares with its source's prompt,
     # into the request's slot, before it prefills the rest of its prompt this step.
-    copies: tuple[SlotMove, ...] = ()
+    copies: tuple[SlotCopy, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -154,7 +157,7 @@ class Scheduler:
         )
         budget = self.prefill_budget
         prefills: list[PrefillChunk] = []
-        copies: list[SlotMove] = []
+        copies: list[SlotCopy] = []
         for request in self.running.values():
             if budget == 0:
                 break
@@ -193,7 +196,7 @@ class Scheduler:
         request: ScheduledRequest,
         budget: int,
         prefills: list[PrefillChunk],
-        copies: list[SlotMove],
+        copies: list[SlotCopy],
     ) -> int:
         """The prompt tokens `request` prefills this step (its chunk in `prefills`): none
         while its source is still prefilling the positions they share; once it has cached
@@ -202,7 +205,7 @@ class Scheduler:
         if request.num_cached == 0 and source is not None and request.shared > 0:
             if source.num_cached < request.shared:
                 return 0
-            copies.append(SlotMove(source.slot, request.slot, request.shared))
+            copies.append(SlotCopy(source.slot, request.slot, request.shared))
             request.num_cached = request.shared
         return self._chunk(request, budget, prefills)
 
@@ -224,7 +227,7 @@ class Scheduler:
         self._by_slot[request.slot] = None
         heapq.heappush(self._free, request.slot)
 
-    def _compact(self) -> list[SlotMove]:
+    def _compact(self) -> list[SlotCopy]:
         """Move the highest occupied slot into the lowest hole until none is below it."""
         moves = []
         top = max((r.slot for r in self.running.values()), default=-1)
@@ -232,7 +235,7 @@ class Scheduler:
             dst = heapq.heappop(self._free)
             request = self._by_slot[top]
             assert request is not None
-            moves.append(SlotMove(top, dst, request.num_cached))
+            moves.append(SlotCopy(top, dst, request.num_cached))
             self._by_slot[top], self._by_slot[dst] = None, request
             request.slot = dst
             heapq.heappush(self._free, top)
