@@ -490,16 +490,21 @@ def text_literally(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
+def read_tokenizer_file(path: Path) -> Tokenizer:
+    """A tokenizer.json, reading `<|endoftext|>` spelled in text as text (text_literally)."""
+    try:
+        return text_literally(Tokenizer.from_file(str(path)))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
 def load_tokenizer(folder: Path) -> Tokenizer:
     """The checkpoint's tokenizer, checked to yield only ids its model has embeddings for."""
     folder = resolve_checkpoint(folder)
     path = folder / TOKENIZER
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
-    try:
-        tokenizer = text_literally(Tokenizer.from_file(str(path)))
-    except Exception as e:  # the tokenizers library raises a bare Exception
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    tokenizer = read_tokenizer_file(path)
     # Fewer ids than the model's rows is fine (unused rows); more would index past the
     # embedding mid-run, on the first text that uses them.
     vocab_size = read_config(folder).vocab_size

@@ -38,11 +38,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from model.atomic_files import fsync_path, write_json, write_tokenizer
-from model.checkpoint import END_OF_TEXT, end_of_text_id
+from model.checkpoint import END_OF_TEXT, CheckpointError, end_of_text_id, read_tokenizer_file
 from model.token_bytes import token_bytes
 from training.corpus import CorpusError, text_digest
 from training.progress import progress_bar
-from training.tokenizer import load_tokenizer_file, train_tokenizer
+from training.tokenizer import train_tokenizer
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
 FORMAT = 2
@@ -236,9 +236,9 @@ def _open(folder: Path) -> PreparedData:
             )
         tokens[split] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     try:
-        tokenizer = load_tokenizer_file(folder / "tokenizer.json")
-    except Exception as e:  # the tokenizers library raises a bare Exception
-        raise _DamagedCache(f"tokenizer.json unreadable ({e})") from None
+        tokenizer = read_tokenizer_file(folder / "tokenizer.json")
+    except CheckpointError as e:
+        raise _DamagedCache(str(e)) from None
     if tokenizer.get_vocab_size() != vocab_size:
         raise _DamagedCache(
             f"tokenizer.json: {tokenizer.get_vocab_size()} entries, meta.json says {vocab_size!r}"

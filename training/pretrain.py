@@ -49,6 +49,7 @@ from model.checkpoint import (
     read_config,
     read_generation_config,
     read_tokenizer_extras,
+    read_tokenizer_file,
     resolve_checkpoint,
 )
 from model.cpu import tune_malloc
@@ -114,7 +115,6 @@ from training.run_folder import (
     trainer_meta,
 )
 from training.split import MIN_CUT_CHARS, documents_trained_on, split_documents
-from training.tokenizer import load_tokenizer_file
 from training.trainer import Trainer, TrainingDiverged, TrainResult
 
 
@@ -130,9 +130,9 @@ def resolve_tokenizer(args: TrainArgs, start: Path | None, source: str) -> Token
         raise UsageError(f"{source} {path}: no such file or folder")
     if path.is_file():
         try:
-            tokenizer = load_tokenizer_file(path)
-        except Exception as e:  # the tokenizers library raises a bare Exception
-            raise UsageError(f"{source} {path}: unreadable ({e})") from None
+            tokenizer = read_tokenizer_file(path)
+        except CheckpointError as e:
+            raise UsageError(f"{source} {e}") from None
         return check_tokenizer(tokenizer, f"{source} {path}")
     folder = tokenizer_folder(args, None, source)
     if folder is None:  # neither a file nor a folder: a pipe, a device

@@ -10,7 +10,6 @@ special token is `<|endoftext|>`, which separates documents during training.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import (
     Tokenizer,
@@ -46,7 +45,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return text_literally(tokenizer)
-
-
-def load_tokenizer_file(path: Path) -> Tokenizer:
-    return text_literally(Tokenizer.from_file(str(path)))
