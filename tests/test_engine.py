@@ -2,17 +2,22 @@
 `--stream-interval`, text gathered for the next event is never lost to an error; and an
 engine stopped with requests unfinished leaves no gauge counting them; a waiting request
 cancelled frees its place in the queue at once; a prompt scored in the same prefill as
-another leaves the other's output as it was alone."""
+another leaves the other's output as it was alone; a step or a row that raises fails
+only the requests it holds; rows of one batch each get their own log-probabilities and
+penalties; a prompt is shared only past MIN_SHARED_PREFIX tokens, and never by a request
+scoring it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from server_harness import english_tokenizer, random_checkpoint
 
 from server.engine import MIN_SHARED_PREFIX, Engine, RequestOutput, RequestStream
@@ -24,10 +29,13 @@ from server.settings import Settings
 from server.validation import GenerationRequest, Validator
 
 
-def random_serving(tmp_path: Path, **settings: int) -> tuple[Engine, Validator]:
+def random_serving(
+    tmp_path: Path, padded_rows: int = 0, **settings: int
+) -> tuple[Engine, Validator]:
     """An engine (not started) and its validator for a random tiny model: its outputs
-    depend strongly on the context, so a K/V cache mixed up shows."""
-    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    depend strongly on the context, so a K/V cache mixed up shows. `padded_rows`:
+    embedding rows past the tokenizer's ids (random_checkpoint's)."""
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer(), padded_rows=padded_rows)
     serving = load_serving(
         Settings(checkpoint=str(checkpoint), device="cpu", **settings), Metrics()
     )
@@ -37,6 +45,14 @@ def random_serving(tmp_path: Path, **settings: int) -> tuple[Engine, Validator]:
 async def drawn(stream: RequestStream) -> list[int]:
     """Every token id the stream's request draws."""
     return [token_id async for output in stream for token_id in output.token_ids]
+
+
+async def whole(stream: RequestStream) -> RequestOutput:
+    """The stream's outputs as one, or its error output if it ends in one."""
+    joined = await stream.__anext__()
+    async for output in stream:
+        joined = output if output.error is not None else joined.followed_by(output)
+    return joined
 
 
 @pytest.fixture
@@ -137,13 +153,7 @@ def test_a_prompt_scored_in_one_prefill_with_another_leaves_each_its_own_output(
         return [validator.validate_prompt(unscored, fields), echoing]
 
     async def outputs(submitted: list[GenerationRequest]) -> list[RequestOutput]:
-        wholes = []
-        for stream in engine.submit_all(submitted):
-            whole = await stream.__anext__()
-            async for output in stream:
-                whole = whole.followed_by(output)
-            wholes.append(whole)
-        return wholes
+        return [await whole(stream) for stream in engine.submit_all(submitted)]
 
     async def scenario() -> tuple[list[RequestOutput], list[RequestOutput]]:
         engine.start(asyncio.get_running_loop())
@@ -230,3 +240,226 @@ def test_a_request_whose_prompt_begins_as_a_running_ones_copies_that_prefix(
     assert beside == alone
     shared = engine.metrics.registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
     assert shared == common
+
+
+def test_a_penalised_request_moved_to_another_slot_samples_as_alone_in_an_unchanged_batch(
+    tmp_path: Path,
+) -> None:
+    # Compaction moves the penalised request down a slot while it stays the only decoding
+    # row: the batch's requests are the same, its slots not, and the penalties must read
+    # the token history at the new slot.
+    engine, validator = random_serving(tmp_path, max_batch=3, prefill_chunk=8)
+    text = validator.tokenize(
+        "the quick brown fox jumps over the lazy dog and runs away " * 3, None
+    )
+    other = validator.tokenize(
+        "a dog ran far away from home and never came back to the sea " * 3, None
+    )
+    assert len(text) >= 20 and len(other) >= 30
+    penalties = {"repetition_penalty": 1.5, "frequency_penalty": 1.0}
+
+    def request(ids: list[int], max_tokens: int, **sampling: float) -> GenerationRequest:
+        fields = GenerateRequest(
+            prompt="", max_tokens=max_tokens, temperature=0, ignore_eos=True, **sampling
+        )
+        return validator.validate_prompt(ids, fields)
+
+    def requests() -> list[GenerationRequest]:
+        # In slots 0-2: A and the penalised B, short; C, prefilling in slot 2, moves below
+        # B when A finishes and ends at its first token; then B moves down, its decode
+        # rows unchanged, and D prefills in B's old slot.
+        return [
+            request(text[:2], 2),
+            request(other[:2], 30, **penalties),
+            request(text[:20], 1),
+            request(other[:30], 3),
+        ]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        engine.start(asyncio.get_running_loop())
+        alone = await drawn(engine.submit(requests()[1]))
+        return alone, [await drawn(stream) for stream in engine.submit_all(requests())][1]
+
+    try:
+        alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert together == alone
+
+
+def test_a_step_that_raises_fails_every_request_in_it_and_the_engine_serves_on(
+    tmp_path: Path,
+) -> None:
+    # One prefill step holds a prompt whose forward raises and the first chunk of a long
+    # prompt: both end in an error (the long one's cache was never written), and the
+    # engine serves the next request.
+    engine, validator = random_serving(tmp_path, max_batch=2, prefill_chunk=8)
+    fields = GenerateRequest(prompt="", max_tokens=3, temperature=0, ignore_eos=True)
+    vocab = engine.runner.model.config.vocab_size
+    # An id past the embedding table: the validator refuses it, replace() gets it through.
+    raising = dataclasses.replace(
+        validator.validate_prompt("the dog", fields), prompt_ids=[5, vocab + 7]
+    )
+    long = validator.validate_prompt("the quick brown fox jumps over the lazy dog", fields)
+    assert len(long.prompt_ids) > 8 - 2  # still prefilling after the step
+
+    async def scenario() -> tuple[list[RequestOutput], RequestOutput]:
+        engine.start(asyncio.get_running_loop())
+        failed = [await whole(stream) for stream in engine.submit_all([raising, long])]
+        return failed, await whole(engine.submit(validator.validate_prompt("the cat", fields)))
+
+    try:
+        failed, after = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert not engine.failed
+    finally:
+        engine.stop()
+    assert [type(output.error) for output in failed] == [IndexError, IndexError]
+    assert [output.token_ids for output in failed] == [[], []]
+    assert after.error is None and after.finish_reason == "length" and len(after.token_ids) == 3
+
+
+def test_a_row_that_raises_fails_its_request_only_and_its_neighbour_completes(
+    tmp_path: Path,
+) -> None:
+    # A token whose text cannot be read (None in the table) is forced into one row by its
+    # logit bias: that request ends in an error, the other row of the batch as alone.
+    engine, validator = random_serving(tmp_path, max_batch=2)
+    fields = GenerateRequest(prompt="", max_tokens=4, temperature=0, ignore_eos=True)
+
+    def plain() -> GenerationRequest:
+        return validator.validate_prompt("the cat", fields)
+
+    async def scenario() -> tuple[list[int], list[RequestOutput]]:
+        engine.start(asyncio.get_running_loop())
+        alone = await drawn(engine.submit(plain()))
+        broken = next(t for t in range(100, 200) if t not in alone)
+        engine.token_table[broken] = None
+        biased = GenerateRequest(
+            prompt="", max_tokens=4, temperature=0, ignore_eos=True, logit_bias={str(broken): 100}
+        )
+        forced = validator.validate_prompt("the dog", biased)
+        return alone, [await whole(stream) for stream in engine.submit_all([forced, plain()])]
+
+    try:
+        alone, (forced, beside) = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert not engine.failed
+    finally:
+        engine.stop()
+    assert isinstance(forced.error, TypeError) and forced.token_ids == []
+    assert beside.error is None and beside.finish_reason == "length"
+    assert beside.token_ids == alone
+
+
+def test_rows_of_one_batch_each_get_as_many_top_logprobs_as_they_ask(tmp_path: Path) -> None:
+    engine, validator = random_serving(tmp_path, max_batch=2)
+    fields = GenerateRequest(prompt="", max_tokens=4, temperature=0, ignore_eos=True)
+
+    def requests() -> list[GenerationRequest]:
+        return [validator.validate_prompt("the cat sat", fields, k) for k in (1, 4)]
+
+    async def scenario() -> tuple[list[RequestOutput], list[RequestOutput]]:
+        engine.start(asyncio.get_running_loop())
+        alone = [await whole(engine.submit(request)) for request in requests()]
+        return alone, [await whole(stream) for stream in engine.submit_all(requests())]
+
+    try:
+        alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    for k, output, own in zip((1, 4), together, alone, strict=True):
+        assert [len(t.top) for t in output.logprobs] == [k] * 4
+        assert [t.token_id for t in output.logprobs] == own.token_ids == output.token_ids
+        for got, expected in zip(output.logprobs, own.logprobs, strict=True):
+            assert [i for i, _ in got.top] == [i for i, _ in expected.top]
+            assert [v for _, v in got.top] == pytest.approx([v for _, v in expected.top], abs=1e-5)
+
+
+def test_choices_scoring_one_long_prompt_each_compute_it_and_score_it_alike(
+    tmp_path: Path,
+) -> None:
+    # Scoring a prompt takes the logits at each of its positions: a choice copying the
+    # other's prefill would have none for the copied part.
+    engine, validator = random_serving(tmp_path, max_batch=2)
+    prompt = "the quick brown fox jumps over the lazy dog and runs away into the woods"
+    fields = GenerateRequest(prompt="", max_tokens=2, temperature=0, ignore_eos=True)
+    scoring = [validator.validate_prompt(prompt, fields, 1) for _ in range(2)]
+    choices = validator.echoing(scoring, prompt)
+    prompt_tokens = len(choices[0].prompt_ids)
+    assert prompt_tokens > MIN_SHARED_PREFIX
+
+    async def scenario() -> list[RequestOutput]:
+        engine.start(asyncio.get_running_loop())
+        return [await whole(stream) for stream in engine.submit_all(choices)]
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    for output in (first, second):
+        assert output.error is None and output.text.startswith(prompt)
+        assert len(output.logprobs) == prompt_tokens + 2
+    scored = [[t.logprob for t in o.logprobs[1:prompt_tokens]] for o in (first, second)]
+    assert scored[1] == pytest.approx(scored[0], abs=1e-5)
+    assert [t.token_id for t in second.logprobs] == [t.token_id for t in first.logprobs]
+    shared = engine.metrics.registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
+    assert shared == 0
+
+
+def test_logprobs_of_a_checkpoint_padded_past_its_tokenizer_are_over_its_tokens_only(
+    tmp_path: Path,
+) -> None:
+    # The padding rows have logits but no tokens: the log-probabilities are the softmax
+    # over the tokenizer's ids, and no top alternative is a padding row.
+    engine, validator = random_serving(tmp_path, padded_rows=256, max_batch=1)
+    vocab = len(engine.token_table)
+    assert engine.runner.model.config.vocab_size == vocab + 256
+    fields = GenerateRequest(prompt="", max_tokens=4, temperature=0, ignore_eos=True)
+    request = validator.validate_prompt("the cat sat", fields, 5)
+
+    async def scenario() -> RequestOutput:
+        engine.start(asyncio.get_running_loop())
+        return await whole(engine.submit(request))
+
+    try:
+        output = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    every = request.prompt_ids + output.token_ids
+    with torch.inference_mode():
+        logits = engine.runner.model(torch.tensor([every]), torch.arange(len(every))[None])
+    expected = torch.log_softmax(logits[0, len(request.prompt_ids) - 1 : -1, :vocab], dim=-1)
+    top = expected.topk(5, dim=-1)
+    assert len(output.logprobs) == 4
+    rows = zip(output.logprobs, expected, top.indices, top.values, strict=True)
+    for token, scores, ids, values in rows:
+        assert max(i for i, _ in token.top) < vocab
+        assert [i for i, _ in token.top] == ids.tolist()
+        assert [v for _, v in token.top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert token.logprob == pytest.approx(scores[token.token_id].item(), abs=1e-4)
+
+
+def test_choices_of_a_prompt_share_its_prefill_only_when_longer_than_the_minimum(
+    tmp_path: Path,
+) -> None:
+    # Two choices of a prompt MIN_SHARED_PREFIX tokens long compute it each; one token
+    # longer, the second copies all but its last token.
+    engine, validator = random_serving(tmp_path, max_batch=2)
+    ids = validator.tokenize("the quick brown fox jumps over the lazy dog and runs away", None)
+    fields = GenerateRequest(prompt="", max_tokens=2, temperature=0, ignore_eos=True)
+    registry = engine.metrics.registry
+
+    async def scenario() -> dict[int, float | None]:
+        engine.start(asyncio.get_running_loop())
+        shared = {}
+        for n in (MIN_SHARED_PREFIX, MIN_SHARED_PREFIX + 1):
+            choices = [validator.validate_prompt(ids[:n], fields) for _ in range(2)]
+            for stream in engine.submit_all(choices):
+                await drawn(stream)
+            shared[n] = registry.get_sample_value("pocketgpt_prompt_tokens_shared_total")
+        return shared
+
+    try:
+        shared = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert shared == {MIN_SHARED_PREFIX: 0, MIN_SHARED_PREFIX + 1: MIN_SHARED_PREFIX}
