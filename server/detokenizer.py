@@ -39,17 +39,16 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Everything still held back (the text ended without a stop string) but the
-        bytes of a character the text ends inside: they are no text."""
+        bytes of a character the text ends inside: they are no text. After a stop
+        string, nothing: bytes the decoder still holds came after it."""
         if self.stop_string is not None:
             return ""
         held, _ = self._utf8.getstate()
         # Bytes that could begin no character become U+FFFD, as in a one-shot decode.
         tail = "" if _could_begin_a_character(held) else self._utf8.decode(b"", final=True)
         self._utf8.reset()
-        text = self._release(tail)
-        if self.stop_string is not None:
-            return text
-        text, self._pending = text + self._pending, ""
+        # A stop string the tail completes leaves nothing pending: only the text before it.
+        text, self._pending = self._release(tail) + self._pending, ""
         return text
 
     def _release(self, text: str) -> str:

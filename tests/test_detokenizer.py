@@ -139,3 +139,37 @@ def test_text_released_at_the_end_keeps_its_order_around_a_held_stop_prefix() ->
     text = "".join(detokenizer.add(i) for i in ids) + detokenizer.finish()
     assert text == tokenizer.decode(ids) == "a\ufffd\ufffd"
     assert detokenizer.stop_string is None
+
+
+@pytest.mark.parametrize(("stop", "named"), [(("in", "i"), "in"), (("i", "in"), "i")])
+def test_of_two_stop_strings_found_at_one_place_the_first_listed_is_named(
+    table, tokenizer, stop, named
+):
+    # "in" is one token: both stop strings are found at once, beginning at one place.
+    ids = tokenizer.encode("xin", add_special_tokens=False).ids
+    assert [table[i] for i in ids] == [b"x", b"in"]
+    detokenizer = IncrementalDetokenizer(table, stop)
+    text = "".join(detokenizer.add(i) for i in ids)
+    assert (text, detokenizer.stop_string) == ("x", named)
+
+
+def test_finish_after_a_stop_string_adds_nothing_of_the_bytes_after_it() -> None:
+    # A token completing the stop string and ending in the start of a surrogate: at the
+    # end of the text those bytes would be U+FFFDs, but they come after the stop string.
+    table = [b"x", b"ab\xed\xa0"]
+    detokenizer = IncrementalDetokenizer(table, ("ab",))
+    assert detokenizer.add(0) + detokenizer.add(1) == "x"
+    assert detokenizer.stop_string == "ab"
+    assert detokenizer.finish() == "" and detokenizer.stop_string == "ab"
+
+
+def test_a_stop_string_the_end_of_the_text_completes_ends_it() -> None:
+    # ED A0 is held back until the text ends, then becomes two U+FFFDs: the first is the
+    # stop string.
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    ids = [tokenizer.token_to_id("a"), table.index(b"\xed"), table.index(b"\xa0")]
+    detokenizer = IncrementalDetokenizer(table, ("\ufffd",))
+    assert "".join(detokenizer.add(i) for i in ids) == "a"
+    assert detokenizer.stop_string is None
+    assert detokenizer.finish() == "" and detokenizer.stop_string == "\ufffd"
