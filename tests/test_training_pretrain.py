@@ -24,6 +24,7 @@ import transformers
 from safetensors.torch import load_file
 from server_harness import running_server, wait_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from model.cli import Terminated, default_signal_actions, signals_unwind
@@ -226,6 +227,24 @@ def test_a_resume_trains_with_the_weight_decay_and_embedding_lr_scale_given_now(
     groups = [g for opt in state["optimizer"]["optimizers"] for g in opt["param_groups"]]
     assert {g["weight_decay"] for g in groups} == {0.5, 0.0}  # norms never decay
     assert [g["lr_scale"] for g in groups if "lr_scale" in g] == [2.0]
+
+
+def test_an_untied_embedding_trains_at_embedding_lr_scale_times_the_learning_rate(
+    tmp_path: Path,
+) -> None:
+    # The state keeps the learning rates the loop set for the last step (the peak, warmup
+    # being 2 steps): the untied input embedding's group alone carries lr_scale.
+    run = tmp_path / "run"
+    flags = ["--optimizer", "adamw", "--dtype", "float32", "--no-compile", "--max-steps", "2"]
+    flags += ["--no-tie-embeddings", "--embedding-lr-scale", "4", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    state = read_training_state(resolve_checkpoint(run) / TRAINING_STATE)
+    (adamw,) = state["optimizer"]["optimizers"]
+    embedding = [g for g in adamw["param_groups"] if "lr_scale" in g]
+    others = [g for g in adamw["param_groups"] if "lr_scale" not in g]
+    assert len(embedding) == 1 and embedding[0]["lr_scale"] == 4.0 and len(others) == 2
+    assert {g["lr"] for g in others} == {meta(run)["args"]["lr"]}
+    assert embedding[0]["lr"] == 4 * others[0]["lr"]
 
 
 def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterrupted_run(
@@ -2103,6 +2122,26 @@ def test_accumulated_micro_batches_give_the_loss_and_gradient_of_their_whole_bat
         vocab = json.loads((resolve_checkpoint(run) / "config.json").read_text())["vocab_size"]
         assert abs(read_log(run, "train")[1]["loss"] - math.log(vocab)) < 0.5
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_grad_clip_bounds_the_total_gradient_norm_at_every_optimizer_step(tmp_path: Path) -> None:
+    # Observed as the optimizer is about to step: the gradient it is given, all its
+    # parameters' together, is clipped to --grad-clip (an untrained model's is far above).
+    norms: list[float] = []
+
+    def before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        flags = ["--optimizer", "adamw", "--dtype", "float32", "--no-compile"]
+        flags += ["--grad-clip", "0.01", "--max-steps", "3", "--out-dir", str(tmp_path / "run")]
+        assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    finally:
+        handle.remove()
+    assert len(norms) == 3
+    assert all(norm <= 0.01 * (1 + 1e-5) for norm in norms), norms
 
 
 def test_a_resumed_run_keeps_counting_its_training_time(tmp_path: Path) -> None:
