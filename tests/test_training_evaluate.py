@@ -233,12 +233,24 @@ def test_a_signal_while_evaluating_exits_128_plus_it_without_a_traceback(
     assert "Traceback" not in err and "bpb=" not in out
 
 
+def nats_window_by_window(model: Transformer, tokens: np.ndarray, block: int) -> float:
+    """The reference: each window alone, in eval mode, predicting its targets (the inputs
+    shifted by one); the total nats."""
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, block):
+            window = torch.from_numpy(tokens[start : start + block + 1].astype("int64"))
+            x, y = window[:-1][None], window[1:]
+            logits = model.eval()(x, torch.arange(x.shape[1])[None])[0]
+            nats += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    return nats
+
+
 @pytest.mark.parametrize("n_windows", [1, 2, 3, 17])  # 17: a second batch of one window
 @pytest.mark.parametrize("short_last", [False, True])
 def test_evaluate_stream_scores_every_target_once_in_nats_and_bits_per_byte(
     n_windows: int, short_last: bool
 ) -> None:
-    # The reference: each window alone, predicting its targets (the inputs shifted by one).
     torch.manual_seed(0)
     vocab, block = 40, 4
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
@@ -246,13 +258,7 @@ def test_evaluate_stream_scores_every_target_once_in_nats_and_bits_per_byte(
     length = n_windows * block + 1 - (2 if short_last else 0)
     tokens = torch.randint(0, vocab, (length,), generator=generator).numpy().astype("uint16")
     byte_lengths = torch.randint(1, 5, (vocab,), generator=generator).numpy()
-    nats = 0.0
-    with torch.no_grad():
-        for start in range(0, length - 1, block):
-            window = torch.from_numpy(tokens[start : start + block + 1].astype("int64"))
-            x, y = window[:-1][None], window[1:]
-            logits = model.eval()(x, torch.arange(x.shape[1])[None])[0]
-            nats += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    nats = nats_window_by_window(model, tokens, block)
     model.train()
     result = evaluate.evaluate_stream(
         model, tokens, byte_lengths, block_size=block, device=torch.device("cpu")
@@ -262,6 +268,28 @@ def test_evaluate_stream_scores_every_target_once_in_nats_and_bits_per_byte(
     assert result.loss == pytest.approx(nats / (length - 1), rel=1e-5)
     assert result.bpb == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-5)
     assert model.training  # left as it was given
+
+
+def test_evaluate_stream_scores_with_dropout_off_and_gives_the_model_back_training() -> None:
+    # A model given in training mode, as the trainer's is: dropout (half the units) would
+    # make every evaluation a different random number.
+    torch.manual_seed(0)
+    vocab, block = 40, 4
+    config = ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block, dropout=0.5)
+    model = Transformer(config)
+    tokens = torch.randint(0, vocab, (3 * block + 1,)).numpy().astype("uint16")
+    byte_lengths = np.ones(vocab, dtype=np.int64)
+    expected = nats_window_by_window(model, tokens, block) / (len(tokens) - 1)
+    model.train()
+    scores = [
+        evaluate.evaluate_stream(
+            model, tokens, byte_lengths, block_size=block, device=torch.device("cpu")
+        ).loss
+        for _ in range(2)
+    ]
+    assert scores[0] == scores[1]
+    assert scores[0] == pytest.approx(expected, rel=1e-5)
+    assert model.training  # in training mode again, as it was given
 
 
 def test_evaluate_stream_batches_fewer_windows_where_their_logits_would_pass_its_bound() -> None:
