@@ -435,6 +435,54 @@ def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(
     assert not (tmp_path / "step-0000002").exists()
 
 
+def test_a_save_interrupted_over_an_existing_checkpoint_leaves_the_previous_one_whole(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # best/ is rewritten in place of itself at every improvement: a save stopped midway
+    # must leave the one it was replacing, not a mix of the two.
+    torch.manual_seed(0)
+    kept = Transformer(tiny_config)
+    save_checkpoint(tmp_path, BEST, kept, tokenizer, update_latest=False)
+    torch.manual_seed(1)
+    newer = Transformer(tiny_config)
+
+    def crash(_path: Path) -> None:
+        raise KeyboardInterrupt  # the process is interrupted while writing a file
+
+    with pytest.raises(KeyboardInterrupt):
+        extra = {TRAINER_META: crash}
+        save_checkpoint(tmp_path, BEST, newer, tokenizer, extra_files=extra, update_latest=False)
+    original, loaded = kept.state_dict(), load_model(tmp_path / BEST).state_dict()
+    assert original.keys() == loaded.keys()
+    assert all(torch.equal(original[k], loaded[k]) for k in original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST]
+
+
+def test_latest_names_a_new_checkpoint_only_once_it_is_renamed_into_place(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # Stopped at the rename of the finished folder onto its name (os.replace is audited
+    # as "os.rename"): `latest` must still name the previous checkpoint.
+    model = Transformer(tiny_config)
+    save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    target = tmp_path / "step-0000002"
+    armed = True
+
+    def stop_at_the_rename(event: str, args: tuple) -> None:
+        if armed and event == "os.rename" and Path(os.fsdecode(args[1])) == target:
+            raise KeyboardInterrupt
+
+    sys.addaudithook(stop_at_the_rename)  # hooks stay for the process: disarmed below
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, target.name, model, tokenizer)
+    finally:
+        armed = False
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step-0000001"
+    assert load_model(tmp_path).config == tiny_config
+    assert not target.exists()
+
+
 def finished_pid() -> int:
     """The pid of a process that has ended (and been reaped)."""
     process = subprocess.Popen([sys.executable, "-c", ""])
