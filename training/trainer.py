@@ -392,12 +392,11 @@ class Trainer:
 
     def _prune(self) -> None:
         # Step folders past this step are from steps a resume went back from: left as they
-        # are until this run's saves of the same steps replace them.
+        # are until this run's saves of the same steps replace them. This step's folder,
+        # which `latest` now names, is the newest of the rest: keep_last >= 1 keeps it.
         steps = [p for p in step_folders(self.out_dir) if step_number(p) <= self.step]
-        latest = (self.out_dir / LATEST).read_text(encoding="utf-8").strip()
         for old in steps[: -self.args.keep_last]:
-            if old.name != latest:
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------ evaluation
 
