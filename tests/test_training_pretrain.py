@@ -137,17 +137,26 @@ def test_zero_argument_entry_point_with_tiny_override_writes_checkpoint_transfor
         assert model_name(Settings(checkpoint=served)) == "default"
 
 
+def whole_and_first_half(tmp_path: Path, flags: list[str], steps: int) -> tuple[Path, Path]:
+    """Run folders of a `steps`-step run with `flags` and of its first half alone (the
+    same schedule), to resume and compare."""
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert (
+        pretrain.main(
+            tiny_run(tmp_path, *flags, "--max-steps", str(steps), "--out-dir", str(whole))
+        )
+        == 0
+    )
+    first_half = ["--max-steps", str(steps // 2), "--decay-steps", str(steps)]
+    assert pretrain.main(tiny_run(tmp_path, *flags, *first_half, "--out-dir", str(half))) == 0
+    return whole, half
+
+
 @pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "float32"), ("muon", "bfloat16")])
 def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, dtype: str) -> None:
     common = ["--dropout", "0.1", "--log-interval", "1", "--eval-interval", "4"]
     common += ["--save-interval", "100", "--optimizer", optimizer, "--dtype", dtype]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert (
-        pretrain.main(tiny_run(tmp_path, *common, "--max-steps", "8", "--out-dir", str(straight)))
-        == 0
-    )
-    first_half = ["--max-steps", "4", "--decay-steps", "8", "--out-dir", str(split)]
-    assert pretrain.main(tiny_run(tmp_path, *common, *first_half)) == 0
+    straight, split = whole_and_first_half(tmp_path, common, steps=8)
     assert meta(split)["step"] == 4
     assert pretrain.main(["--resume", str(split), "--max-steps", "8"]) == 0
 
@@ -166,13 +175,7 @@ def test_a_run_saved_before_muon_existed_resumes_bit_exact_on_adamw(tmp_path: Pa
     # Such a run's args name no --optimizer (it trained with AdamW, Muon being the default
     # now) and its state holds one AdamW state dict, not a list of them.
     common = ["--optimizer", "adamw", "--dtype", "float32", "--log-interval", "1"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert (
-        pretrain.main(tiny_run(tmp_path, *common, "--max-steps", "6", "--out-dir", str(straight)))
-        == 0
-    )
-    first_half = ["--max-steps", "3", "--decay-steps", "6", "--out-dir", str(split)]
-    assert pretrain.main(tiny_run(tmp_path, *common, *first_half)) == 0
+    straight, split = whole_and_first_half(tmp_path, common, steps=6)
     folder = resolve_checkpoint(split)
     saved = json.loads((folder / "trainer_meta.json").read_text(encoding="utf-8"))
     del saved["args"]["optimizer"]
