@@ -478,15 +478,21 @@ def crlf_as_newline() -> normalizers.Normalizer:
 
 
 def text_literally(tokenizer: Tokenizer) -> Tokenizer:
-    """`tokenizer`, set to encode `<|endoftext|>` written in text as the text it is.
+    """`tokenizer`, set to encode `<|endoftext|>` written in text as the text it is, and
+    every text whole.
 
     By default the tokenizers library turns the marker's spelling into the separator's id
     wherever it appears: a prompt or a training document that quotes it would end a
     document mid-text. The separator enters token streams only as its id (prepare.py,
     the server's empty prompt). A runtime setting, not stored in tokenizer.json: every
-    tokenizer the project builds or loads passes through here.
+    tokenizer the project builds or loads passes through here. The truncation and padding
+    a tokenizer.json may hold (transformers saves those of its last padded call) are
+    turned off: they cut every training document and prompt to that length, or filled
+    the token streams with pad ids (transformers ignores them on later calls too).
     """
     tokenizer.encode_special_tokens = True
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     return tokenizer
 
 
