@@ -349,6 +349,11 @@ def _weight_files(folder: Path) -> tuple[Path, list[Path]]:
     if single.is_file():
         return single, [single]
     if not index.is_file():
+        if any(folder.glob("pytorch_model*.bin")):
+            raise CheckpointError(
+                f"{folder}: PyTorch .bin weights are not read (a pickle can run code): save "
+                "them as safetensors (transformers' save_pretrained does by default)"
+            )
         raise CheckpointError(f"{single}: missing (and no {WEIGHTS_INDEX})")
     try:
         names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())

@@ -2040,6 +2040,28 @@ def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
         assert not out_dir.exists() and not cache.exists(), case
 
 
+@pytest.mark.parametrize("weights", ["missing", "pickled"])
+def test_a_fine_tune_from_weights_it_cannot_read_is_refused_before_the_text_is_read(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str], weights: str
+) -> None:
+    # They were loaded only once the text was read, tokenized and cached (minutes).
+    start = tmp_path / "start"
+    shutil.copytree(tiny_checkpoint, start)
+    (start / "model.safetensors").unlink()
+    if weights == "pickled":  # never unpickled: named for what it is
+        (start / "pytorch_model.bin").write_bytes(b"a pickle")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    flags = ["--init-from", str(start), "--data", str(CORPUS), "--max-steps", "1"]
+    assert pretrain.main([*flags, "--out-dir", str(run), "--cache-dir", str(cache)]) == 2
+    said = {
+        "missing": f"error: {start / 'model.safetensors'}: missing",
+        "pickled": f"error: {start}: PyTorch .bin weights are not read (a pickle can run code)",
+    }[weights]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(said), err
+    assert not run.exists() and not cache.exists()
+
+
 def test_a_model_too_large_for_memory_exits_2_with_one_line_before_reading_the_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

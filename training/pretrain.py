@@ -45,7 +45,9 @@ from model.checkpoint import (
     TOKENIZER,
     CheckpointError,
     CheckpointWriteError,
+    check_finite,
     load_tokenizer,
+    load_weights,
     read_config,
     read_generation_config,
     read_tokenizer_extras,
@@ -435,6 +437,9 @@ def run_locked(given: Given) -> int:
     if initial is not None:
         own_tokenizer = names_own_tokenizer(args, initial)
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
+        # Now, not after the text is read and tokenized (minutes): missing, truncated or
+        # diverged weights. The trainer loads them again; this copy is freed.
+        check_finite(initial, load_weights(initial, start_config))
     out_dir = Path(args.out_dir)
     check_out_dir_is_not_text(args, given)
     if resumed is None:
