@@ -559,6 +559,16 @@ def read_generation_config(folder: Path) -> dict:
     return read_json_object(folder / GENERATION_CONFIG)
 
 
+def carried_generation_config(folder: Path) -> dict:
+    """The generation settings a fine-tune of `folder` keeps: its generation_config.json,
+    or with none, the end-of-text and pad ids its config.json declares (where HF's
+    generate and the server then read them: a chat model's <|im_end|>, say)."""
+    if (folder / GENERATION_CONFIG).is_file():
+        return read_generation_config(folder)
+    config = read_json_object(folder / CONFIG)
+    return {k: config[k] for k in ("eos_token_id", "pad_token_id") if config.get(k) is not None}
+
+
 def read_json_object(path: Path, *, required: bool = False) -> dict:
     """The JSON object in the file at `path`; if there is none, {} (or, `required`, a
     CheckpointError saying it is missing). A file that is no JSON object is an error."""

@@ -848,6 +848,27 @@ def test_a_corpus_too_small_for_one_process_says_to_lower_the_batch_or_block(
     assert "(add text, or lower --batch-size / --block-size)\n" in capsys.readouterr().err
 
 
+def test_a_fine_tune_keeps_the_end_ids_a_folder_declares_in_config_json_alone(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    # An HF folder without generation_config.json: transformers' generate and the server
+    # stop at config.json's eos ids (a chat model's <|im_end|>); its fine-tune stopped
+    # only at <|endoftext|>.
+    start = tmp_path / "start"
+    shutil.copytree(tiny_checkpoint, start)
+    (start / "generation_config.json").unlink()
+    config = json.loads((start / "config.json").read_text())
+    separator = config["eos_token_id"]
+    config["eos_token_id"] = [separator, 99]
+    (start / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    flags = ["--init-from", str(start), "--data", str(CORPUS), "--max-steps", "1"]
+    flags += ["--batch-size", "4", "--sample-tokens", "0", "--cache-dir", str(tmp_path / "c")]
+    assert pretrain.main([*flags, "--out-dir", str(run)]) == 0
+    saved = json.loads((resolve_checkpoint(run) / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [separator, 99]
+
+
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,11 +45,11 @@ from model.checkpoint import (
     TOKENIZER,
     CheckpointError,
     CheckpointWriteError,
+    carried_generation_config,
     check_finite,
     load_tokenizer,
     load_weights,
     read_config,
-    read_generation_config,
     read_tokenizer_extras,
     read_tokenizer_file,
     resolve_checkpoint,
@@ -433,7 +433,7 @@ def run_locked(given: Given) -> int:
     tokenizer_extras = read_tokenizer_extras(source) if source is not None else None
     # And the generation settings of the checkpoint the run starts from (HF's greedy
     # do_sample false, a repetition penalty): the fine-tune is served as it was.
-    generation_defaults = read_generation_config(start) if start is not None else None
+    generation_defaults = carried_generation_config(start) if start is not None else None
     if initial is not None:
         own_tokenizer = names_own_tokenizer(args, initial)
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
