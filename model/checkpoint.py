@@ -3,7 +3,8 @@
     config.json             LlamaConfig fields (model_type "llama")
     model.safetensors       weights under HF names (model.layers.0.self_attn.q_proj.weight ...)
     tokenizer.json          tokenizers-library file; tokenizer_config.json beside it
-    chat_template.jinja     only if the checkpoint it was trained from had one
+    chat_template.jinja     only if the checkpoint it was trained from had one, and its
+                            additional_chat_templates/<name>.jinja (named templates)
     generation_config.json  eos/bos ids and default sampling settings
     ...                     any extra files the caller writes (the trainer's state)
 
@@ -51,6 +52,7 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
+NAMED_CHAT_TEMPLATES = "additional_chat_templates"  # and its named ones, <name>.jinja each
 # tokenizer_config.json fields a checkpoint keeps from the one it was trained from: what
 # HF users add to a tokenizer (a pad token, a chat template), which the fields this
 # format writes itself do not cover. The ids they name stay right: a run trained from a
@@ -239,8 +241,9 @@ def save_checkpoint(
                 "model_input_names": ["input_ids", "attention_mask"],
             },
         )
-        if extras.chat_template is not None:
-            (tmp / CHAT_TEMPLATE).write_text(extras.chat_template, encoding="utf-8")
+        for file_name, template in extras.chat_templates.items():
+            (tmp / file_name).parent.mkdir(exist_ok=True)
+            (tmp / file_name).write_text(template, encoding="utf-8")
         write_json(tmp / GENERATION_CONFIG, generation_config(generation_defaults, eos_id))
         for file_name, write in (extra_files or {}).items():
             write(tmp / file_name)
@@ -460,19 +463,24 @@ class TokenizerExtras:
     """What a checkpoint keeps of the tokenizer files of the one it was trained from."""
 
     fields: dict[str, object] = field(default_factory=dict)  # KEPT_TOKENIZER_FIELDS present
-    chat_template: str | None = None  # CHAT_TEMPLATE's text
+    # CHAT_TEMPLATE and NAMED_CHAT_TEMPLATES/<name>.jinja (paths in the folder) -> text
+    chat_templates: dict[str, str] = field(default_factory=dict)
 
 
 def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
-    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template file (either may be absent)."""
+    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template files (any may be absent)."""
     config = read_json_object(folder / TOKENIZER_CONFIG)
     fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
-    template = folder / CHAT_TEMPLATE
-    try:
-        chat_template = template.read_text(encoding="utf-8") if template.exists() else None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{template}: unreadable ({e})") from None
-    return TokenizerExtras(fields, chat_template)
+    templates = [folder / CHAT_TEMPLATE, *sorted((folder / NAMED_CHAT_TEMPLATES).glob("*.jinja"))]
+    chat_templates = {}
+    for template in templates:
+        if not template.exists():
+            continue
+        try:
+            chat_templates[str(template.relative_to(folder))] = template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{template}: unreadable ({e})") from None
+    return TokenizerExtras(fields, chat_templates)
 
 
 def crlf_as_newline() -> normalizers.Normalizer:

@@ -722,7 +722,9 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     shutil.copytree(resolve_checkpoint(base), edited)
     hf = AutoTokenizer.from_pretrained(edited)
     hf.pad_token = "<|endoftext|>"
-    hf.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    chat = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    # A default template and a named one (transformers 5: additional_chat_templates/).
+    hf.chat_template = {"default": chat, "terse": "{{ messages[0].content }}"}
     hf.save_pretrained(edited)
 
     run = [*short, "--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache")]
@@ -743,8 +745,10 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     for folder in made:
         reloaded = AutoTokenizer.from_pretrained(folder)
         assert (reloaded.pad_token, reloaded.eos_token) == ("<|endoftext|>", "<|endoftext|>")
-        chat = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-        assert chat == "user: hi\n", folder
+        hi = [{"role": "user", "content": "hi"}]
+        assert reloaded.apply_chat_template(hi, tokenize=False) == "user: hi\n", folder
+        terse = reloaded.apply_chat_template(hi, chat_template="terse", tokenize=False)
+        assert terse == "hi", folder
     assert meta(tuned)["step"] == 3
 
     (edited / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
