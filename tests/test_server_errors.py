@@ -954,7 +954,7 @@ def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
         def health_message() -> str:
             return assert_error(httpx.get(f"{url}/health"), 503, "unavailable")
 
-        wait_until(lambda: "failed to load" in health_message(), 10, "the load to fail")
+        wait_until(lambda: "failed to load" in health_message(), 60, "the load to fail")
         # Why is the server log's to say: a keyless /health gives no paths away.
         assert health_message() == "the model is not ready (failed to load: see the server log)"
         response = httpx.post(f"{url}/v1/generate", json={"prompt": "x"})

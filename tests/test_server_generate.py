@@ -160,7 +160,7 @@ def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
     ]
     with ThreadPoolExecutor(len(noise) + len(targets)) as pool:
         busy = [pool.submit(stream, client, **n) for n in noise]
-        wait_until(lambda: running(client) >= 3, 10, "a busy batch")
+        wait_until(lambda: running(client) >= 3, 60, "a busy batch")
         batched = list(pool.map(lambda t: streamed_ids(stream(client, **t)), targets))
         assert all(f.result()[-1] == "[DONE]" for f in busy)
     assert batched == alone
@@ -270,7 +270,7 @@ def test_short_request_sent_after_a_long_one_finishes_first(client):
     before = metric_samples(str(client.base_url))
     worker = threading.Thread(target=long_request)
     worker.start()
-    assert first_event.wait(10)
+    assert first_event.wait(60)
     generate(client, prompt="short", max_tokens=4, ignore_eos=True)
     finished["short"] = time.monotonic()
     worker.join(60)
