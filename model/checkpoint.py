@@ -569,12 +569,11 @@ def read_generation_config(folder: Path) -> dict:
 
 def carried_generation_config(folder: Path) -> dict:
     """The generation settings a fine-tune of `folder` keeps: its generation_config.json,
-    or with none, the end-of-text and pad ids its config.json declares (where HF's
-    generate and the server then read them: a chat model's <|im_end|>, say)."""
-    if (folder / GENERATION_CONFIG).is_file():
-        return read_generation_config(folder)
+    and the end-of-text and pad ids its config.json declares where that file leaves them
+    out (HF's generate and the server read them there then: a chat model's <|im_end|>)."""
     config = read_json_object(folder / CONFIG)
-    return {k: config[k] for k in ("eos_token_id", "pad_token_id") if config.get(k) is not None}
+    declared = {k: config[k] for k in ("eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return declared | read_generation_config(folder)
 
 
 def read_json_object(path: Path, *, required: bool = False) -> dict:

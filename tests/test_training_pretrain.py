@@ -852,15 +852,19 @@ def test_a_corpus_too_small_for_one_process_says_to_lower_the_batch_or_block(
     assert "(add text, or lower --batch-size / --block-size)\n" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("generation_config", ["none", "without eos ids"])
 def test_a_fine_tune_keeps_the_end_ids_a_folder_declares_in_config_json_alone(
-    tmp_path: Path, tiny_checkpoint: Path
+    tmp_path: Path, tiny_checkpoint: Path, generation_config: str
 ) -> None:
-    # An HF folder without generation_config.json: transformers' generate and the server
-    # stop at config.json's eos ids (a chat model's <|im_end|>); its fine-tune stopped
-    # only at <|endoftext|>.
+    # An HF folder whose generation_config.json declares no eos ids, or that has none:
+    # transformers' generate and the server stop at config.json's (a chat model's
+    # <|im_end|>); its fine-tune stopped only at <|endoftext|>.
     start = tmp_path / "start"
     shutil.copytree(tiny_checkpoint, start)
-    (start / "generation_config.json").unlink()
+    if generation_config == "none":
+        (start / "generation_config.json").unlink()
+    else:
+        (start / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     config = json.loads((start / "config.json").read_text())
     separator = config["eos_token_id"]
     config["eos_token_id"] = [separator, 99]
@@ -871,6 +875,7 @@ def test_a_fine_tune_keeps_the_end_ids_a_folder_declares_in_config_json_alone(
     assert pretrain.main([*flags, "--out-dir", str(run)]) == 0
     saved = json.loads((resolve_checkpoint(run) / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [separator, 99]
+    assert saved.get("do_sample") is (False if generation_config != "none" else None)
 
 
 def test_init_from_fine_tunes_a_checkpoint_with_its_tokenizer_and_shape(

@@ -53,8 +53,8 @@ class TrainArgs:
         default_factory=list,
         metadata=doc(
             "held-out text files/folders (a document of 200+ characters also in --data, or cut"
-            " from one, is refused; a shorter one is left out); none = --val-fraction of --data,"
-            " in evenly spaced pieces"
+            " from one, is refused; a shorter one is left out, unless all are); none ="
+            " --val-fraction of --data, in evenly spaced pieces"
         ),
     )
     val_fraction: float = field(

@@ -437,9 +437,6 @@ def run_locked(given: Given) -> int:
     if initial is not None:
         own_tokenizer = names_own_tokenizer(args, initial)
         args = with_checkpoint_shape(args, start_config, given.sources, own_tokenizer)
-        # Now, not after the text is read and tokenized (minutes): missing, truncated or
-        # diverged weights. The trainer loads them again; this copy is freed.
-        check_finite(initial, load_weights(initial, start_config))
     out_dir = Path(args.out_dir)
     check_out_dir_is_not_text(args, given)
     if resumed is None:
@@ -462,6 +459,11 @@ def run_locked(given: Given) -> int:
         short := shortfall(planned, args.optimizer, local_ranks, start_config is not None)
     ):
         raise UsageError(short)
+    if initial is not None:
+        # Now (past the memory check), not after the text is read and tokenized
+        # (minutes): missing, truncated or diverged weights. The trainer loads them
+        # again; this copy is freed.
+        check_finite(initial, load_weights(initial, start_config))
     # Read (and so validate) the user's text on every rank, once, before any process waits.
     documents = read_documents(args, "data", resumed, given)
     val_docs = read_documents(args, "val_data", resumed, given)
