@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m server",
         description="Serve a pocketgpt checkpoint: POST /v1/generate (JSON or SSE), "
-        "POST /v1/completions (OpenAI's API), POST /tokenize, POST /detokenize, GET /health, "
-        "GET /v1/models[/ID], GET /metrics.",
+        "POST /v1/completions and /v1/chat/completions (OpenAI's APIs), POST /tokenize, "
+        "POST /detokenize, GET /health, GET /v1/models[/ID], GET /metrics.",
     )
     for name, field in Settings.model_fields.items():
         default = "unset" if field.default is None else field.default

@@ -34,7 +34,14 @@ from server.middleware import (
     RequestCounter,
     error_response,
 )
-from server.protocol import ApiError, CompletionRequest, GenerateRequest, StreamChunk
+from server.protocol import (
+    ApiError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    StreamChunk,
+)
 from server.routes import Serving, router
 from server.settings import Settings
 from server.validation import invalid_request, not_json
@@ -172,13 +179,15 @@ def _complete_openapi(app: FastAPI, keyed_except: frozenset[str] | None) -> None
             components = schema["components"]["schemas"]
             # FastAPI's schema model types bounds as floats: seed's maximum 2**63 - 1
             # came out as 9.223372036854776e+18, which is 2**63. pydantic's are exact.
-            for request_model in (GenerateRequest, CompletionRequest):
+            for request_model in (GenerateRequest, CompletionRequest, ChatCompletionRequest):
                 exact = request_model.model_json_schema(ref_template=_COMPONENT)
                 components[request_model.__name__]["properties"] = exact["properties"]
-            # Named by the stream's events (routes.py), though no JSON body uses it.
-            events = StreamChunk.model_json_schema(ref_template=_COMPONENT)
-            events.pop("$defs", None)  # Usage: a component already
-            components["StreamChunk"] = events
+            # Named by the streams' events (routes.py), though no JSON body uses them.
+            for chunk in (StreamChunk, ChatCompletionChunk):
+                events = chunk.model_json_schema(ref_template=_COMPONENT)
+                for name, component in events.pop("$defs", {}).items():
+                    components.setdefault(name, component)  # Usage, ChatLogprobs, ...
+                components[chunk.__name__] = events
             if keyed_except is not None:
                 schema["components"]["securitySchemes"] = {
                     _BEARER: {"type": "http", "scheme": "bearer"}

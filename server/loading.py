@@ -25,6 +25,7 @@ from model.checkpoint import (
 )
 from model.device import resolve_device
 from model.token_bytes import token_bytes
+from server.chat import ChatTemplate, load_chat_template
 from server.engine import Engine
 from server.metrics import Metrics
 from server.routes import Serving
@@ -62,6 +63,7 @@ class ServingFiles:
     eos_id: int  # <|endoftext|>
     end_ids: frozenset[int]  # every id that ends a text
     defaults: dict[str, float | int]  # sampling defaults (generation_config.json)
+    chat: ChatTemplate | None  # the chat template, if the checkpoint has one
 
 
 def read_serving_files(checkpoint: Path) -> ServingFiles:
@@ -76,7 +78,9 @@ def read_serving_files(checkpoint: Path) -> ServingFiles:
     except ValueError as e:
         raise ValueError(f"{folder / TOKENIZER}: {e}") from None
     end_ids = end_of_text_ids(folder, eos_id, len(token_table))
-    return ServingFiles(folder, tokenizer, token_table, eos_id, end_ids, sampling_defaults(folder))
+    defaults = sampling_defaults(folder)
+    chat = load_chat_template(folder, tokenizer)
+    return ServingFiles(folder, tokenizer, token_table, eos_id, end_ids, defaults, chat)
 
 
 def check_serving_files(checkpoint: Path) -> Path:
@@ -131,4 +135,5 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         max_context,
         settings.stream_interval,
         files.folder,
+        files.chat,
     )

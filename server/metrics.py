@@ -60,8 +60,8 @@ class Metrics:
 
         self.requests = counter(
             "requests_total",
-            "answers to /v1/generate and /v1/completions (any method) by HTTP status, the "
-            "app's guards' refusals included",
+            "answers to /v1/generate, /v1/completions and /v1/chat/completions (any method) "
+            "by HTTP status, the app's guards' refusals included",
             ("status",),
         )
         for status in WATCHED_STATUSES:

@@ -193,7 +193,7 @@ class BodyLimitMiddleware:
         await refuse(error, scope, receive, send)
 
 
-GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 class RequestCounter:

@@ -256,25 +256,14 @@ class StreamOptions(BaseModel):
     )
 
 
-class CompletionRequest(GenerationFields):
-    """OpenAI's completions request, so that its SDKs and the tools built on them can use
-    the server. `null` reads as left out, as OpenAI reads it. Besides OpenAI's fields it
-    takes /v1/generate's (top_k, repetition_penalty, ignore_eos), as vLLM does; what it
-    cannot do (_ONLY_VALUE) is refused, not ignored."""
+class OpenAIRequest(GenerationFields):
+    """What OpenAI's completions and chat completions requests share, besides
+    /v1/generate's fields (which they take too, as vLLM does). `null` reads as left out,
+    as OpenAI reads it."""
 
     max_stop_strings: ClassVar[int] = MAX_COMPLETION_STOP_STRINGS
 
     model: str | None = Field(None, description=SERVED_MODEL_ID)
-    prompt: str | NonEmpty[str] | TokenIds | NonEmpty[TokenIds] = Field(
-        description="text to continue, or a list of texts: n choices each, in order; or "
-        "token ids of the served tokenizer (a list of them, or a list of such lists)"
-    )
-    max_tokens: int = Field(  # OpenAI's default, not the checkpoint's
-        OPENAI_DEFAULT_MAX_TOKENS,
-        ge=0,
-        description="tokens to generate at most per choice; prompt + max_tokens must fit the "
-        "context; 0 only with echo (the prompt is scored, nothing generated)",
-    )
     stop: CompletionStop | None = Field(None, description=STOP_DESCRIPTION)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -285,6 +274,50 @@ class CompletionRequest(GenerationFields):
         le=MAX_COMPLETIONS_PER_PROMPT,
         description="completions per prompt; with a seed, the j-th (from 0) samples with seed + "
         "j, so the first is the one n = 1 gives",
+    )
+
+    _null_is_left_out = model_validator(mode="before")(_null_is_left_out)
+
+    @model_validator(mode="after")
+    def _stream_options_only_when_streaming(self) -> OpenAIRequest:
+        # Refused rather than ignored, as vLLM does: the usage asked for would never come.
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("unsupported", "stream_options only with stream: true")
+        return self
+
+    def choice_fields(self) -> list[GenerationFields]:
+        """The fields of a prompt's n choices, in the order of their indices: the fields
+        this request set (those left out then take the checkpoint's defaults, as on
+        /v1/generate), the seed counting up."""
+        fields = {
+            name: getattr(self, name)
+            for name in GenerationFields.model_fields
+            if name in self.model_fields_set or name == "max_tokens"
+        }
+        # Already validated: constructed, not validated again.
+        return [
+            GenerationFields.model_construct(**{**fields, **self._seed(j)}) for j in range(self.n)
+        ]
+
+    def _seed(self, j: int) -> dict[str, int]:
+        """The seed of a prompt's j-th choice, if the request has one: seed + j, within
+        the seed's bounds."""
+        return {} if self.seed is None else {"seed": (self.seed + j) % 2**63}
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's completions request, so that its SDKs and the tools built on them can use
+    the server. What it cannot do (_ONLY_VALUE) is refused, not ignored."""
+
+    prompt: str | NonEmpty[str] | TokenIds | NonEmpty[TokenIds] = Field(
+        description="text to continue, or a list of texts: n choices each, in order; or "
+        "token ids of the served tokenizer (a list of them, or a list of such lists)"
+    )
+    max_tokens: int = Field(  # OpenAI's default, not the checkpoint's
+        OPENAI_DEFAULT_MAX_TOKENS,
+        ge=0,
+        description="tokens to generate at most per choice; prompt + max_tokens must fit the "
+        "context; 0 only with echo (the prompt is scored, nothing generated)",
     )
     best_of: int | None = Field(
         None, ge=1, description="only n, or left out: completions are not ranked"
@@ -303,8 +336,6 @@ class CompletionRequest(GenerationFields):
         "truncation, as vLLM reports them) and those of this many likeliest tokens",
     )
     suffix: None = None
-
-    _null_is_left_out = model_validator(mode="before")(_null_is_left_out)
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -333,13 +364,6 @@ class CompletionRequest(GenerationFields):
             )
         return self
 
-    @model_validator(mode="after")
-    def _stream_options_only_when_streaming(self) -> CompletionRequest:
-        # Refused rather than ignored, as vLLM does: the usage asked for would never come.
-        if self.stream_options is not None and not self.stream:
-            raise PydanticCustomError("unsupported", "stream_options only with stream: true")
-        return self
-
     @field_validator("best_of")
     @classmethod
     def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -364,23 +388,9 @@ class CompletionRequest(GenerationFields):
 
     def choices(self) -> list[tuple[str | list[int], list[GenerationFields]]]:
         """Each prompt and the fields of its n choices, in the order of the choices'
-        indices: the fields this request set (those left out then take the checkpoint's
-        defaults, as on /v1/generate), the seed counting up."""
-        fields = {
-            name: getattr(self, name)
-            for name in GenerationFields.model_fields
-            if name in self.model_fields_set or name == "max_tokens"
-        }
-        # Already validated: constructed, not validated again.
-        each = [
-            GenerationFields.model_construct(**{**fields, **self._seed(j)}) for j in range(self.n)
-        ]
+        indices."""
+        each = self.choice_fields()
         return [(prompt, each) for prompt in self.prompts]
-
-    def _seed(self, j: int) -> dict[str, int]:
-        """The seed of a prompt's j-th choice, if the request has one: seed + j, within
-        the seed's bounds."""
-        return {} if self.seed is None else {"seed": (self.seed + j) % 2**63}
 
 
 class CompletionLogprobs(BaseModel):
@@ -432,6 +442,183 @@ class Completion(BaseModel):
         None,
         description="every choice's tokens together; in a stream, only on the last chunk "
         "(with stream_options.include_usage)",
+    )
+
+
+# --- POST /v1/chat/completions: OpenAI's chat completions API ---------------------------
+
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str  # its Unicode checked by ChatMessage's content
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    _null_is_left_out = model_validator(mode="before")(_null_is_left_out)
+
+    role: ChatRole
+    content: str | NonEmpty[ChatContentPart] = Field(
+        description="text, or a list of text parts (joined with newlines, as vLLM joins them)"
+    )
+    name: str | None = Field(None, description="passed to the chat template as `name`")
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _one_content_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One message for `content`, not one per branch of its union; a lone surrogate
+        its own."""
+        if isinstance(value, str):
+            return handler(_valid_unicode(value))
+        if isinstance(value, list):
+            for number, part in enumerate(value, start=1):
+                if isinstance(part, dict) and isinstance(text := part.get("text"), str):
+                    _valid_unicode(text, f" of part {number}")
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "content",
+                'must be a string or a non-empty list of text parts ({"type": "text", "text": '
+                "...}); images, audio and files are not taken",
+            ) from None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_unicode(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_unicode(value)
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template reads it: role, content as one text, name."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "\n".join(part.text for part in content)
+        named = {} if self.name is None else {"name": self.name}
+        return {"role": self.role, "content": content, **named}
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI's chat completions request: the messages become the prompt through the
+    served checkpoint's chat template (server/chat.py), then it is served as a completion
+    of it. Tools, images and response formats are not taken (unknown fields: 422)."""
+
+    messages: NonEmpty[ChatMessage]
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="OpenAI's newer name for max_tokens; the same if both are sent"
+    )
+    logprobs: bool = Field(
+        False,
+        description="with each generated token, its log-probability under the model (before "
+        "logit_bias, temperature, penalties or truncation, as vLLM reports them)",
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="with logprobs: the log-probabilities of this many likeliest tokens too",
+    )
+    add_generation_prompt: bool = Field(
+        True,
+        description="vLLM's: the template opens the assistant's turn after the messages "
+        "(false: the prompt ends where the template's text of the messages ends)",
+    )
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ChatCompletionRequest:
+        given = self.max_completion_tokens
+        if given is not None:
+            if self.max_tokens is not None and self.max_tokens != given:
+                raise PydanticCustomError(
+                    "unsupported",
+                    "max_tokens and max_completion_tokens differ: send one of them",
+                )
+            self.max_tokens = given
+            self.model_fields_set.add("max_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_only_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise PydanticCustomError("unsupported", "top_logprobs only with logprobs: true")
+        return self
+
+    @property
+    def reported_logprobs(self) -> int | None:
+        """GenerationRequest.logprobs: how many likeliest tokens to report, or None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str = Field(description="the token's text, or `bytes:` and its bytes escaped")
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(
+        description="the top_logprobs likeliest tokens at this position, likeliest first"
+    )
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = Field(description="which choice: the j-th (from 0) of n")
+    message: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = Field(None, description="with the request's `logprobs`")
+    finish_reason: FinishReason
+    stop_reason: str | None = Field(description=STOP_REASON)
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(description="Unix time, seconds")
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(description="every choice's tokens together; the prompt counted once")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(
+        None, description="on each choice's first chunk, which has no content yet"
+    )
+    content: str | None = Field(None, description="the text since the choice's last chunk")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = Field(description="null until the choice's last chunk")
+    stop_reason: str | None = Field(None, description=STOP_REASON)
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a chat completion's stream: first a chunk per choice with its role,
+    then the choices' text as it comes, interleaved, one choice per chunk."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(description="Unix time, seconds")
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(
+        None,
+        description="with stream_options.include_usage: null on every chunk but a last one "
+        "with no choices",
     )
 
 

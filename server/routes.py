@@ -1,9 +1,11 @@
-"""HTTP routes: /v1/generate (JSON or SSE), /v1/completions (OpenAI's API, JSON or SSE),
-/tokenize and /detokenize (vLLM's), /health, /v1/models (and /v1/models/{id}), /metrics.
+"""HTTP routes: /v1/generate (JSON or SSE), /v1/completions and /v1/chat/completions
+(OpenAI's APIs, JSON or SSE), /tokenize and /detokenize (vLLM's), /health, /v1/models (and
+/v1/models/{id}), /metrics.
 
 Routes translate only: validation.py turns the body (each prompt of a completions
-request) into a GenerationRequest, the engine runs it, and its outputs become a JSON body
-or SSE events (one per engine step, or per `--stream-interval` tokens).
+request; a chat's messages, through chat.py's template) into a GenerationRequest, the
+engine runs it, and its outputs become a JSON body or SSE events (one per engine step, or
+per `--stream-interval` tokens).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic_core import to_json
 from starlette.types import Receive, Scope
 
+from server.chat import ChatError, ChatTemplate
 from server.engine import (
     FAILED,
     Engine,
@@ -35,6 +38,8 @@ from server.engine import (
 from server.http11 import log_unsent_answer
 from server.protocol import (
     ApiError,
+    ChatCompletion,
+    ChatCompletionRequest,
     Completion,
     CompletionRequest,
     DetokenizeRequest,
@@ -124,6 +129,7 @@ class Serving:
     max_context: int
     stream_interval: int
     checkpoint: Path  # the step folder loaded
+    chat: ChatTemplate | None = None  # the checkpoint's chat template, if it has one
 
 
 def _serving(request: Request) -> Serving:
@@ -215,38 +221,107 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     SSE chunks of the same shape, then [DONE]."""
     serving = _serving(request)
     _check_model(serving, body.model)
-    capacity, asked = serving.engine.scheduler.capacity, len(body.prompts) * body.n
-    if asked > capacity:
-        message = (
-            f"{asked} completions (prompts x n): the server holds at most {capacity} "
-            "requests at once (--max-batch + --max-queue)"
-        )
-        raise ApiError(400, "too_many_completions", message)
+    _check_capacity(serving, len(body.prompts) * body.n, "completions (prompts x n)")
     streams = _submit(serving, _validated_prompts(serving.validator, body))
-    header = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": serving.model_name,
-    }
+    header = _header("cmpl", "text_completion", serving)
+    token_table = serving.engine.token_table
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _completion_events(
+        events = _choice_events(
             streams,
             serving.stream_interval,
-            header,
-            include_usage,
+            {**header, "choices": []},
+            _include_usage(body),
             body.n,
-            serving.engine.token_table,
+            lambda index, output: _choice(index, output, token_table),
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
     collected = await _collect(streams, request)
     if collected is None:
         return _client_gone(request)
-    token_table = serving.engine.token_table
     choices = [_choice(index, whole, token_table) for index, whole in enumerate(collected)]
     usage = _usage(*collected, n=body.n).model_dump()
     return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=_streaming_responses("ChatCompletionChunk", (404,)),
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> Response | ChatCompletion:
+    """OpenAI's chat completions API: the messages through the checkpoint's chat template,
+    then n choices of the assistant's answer, as one JSON body or, with `stream`, SSE
+    chunks (a role chunk per choice, then their text), then [DONE]."""
+    serving = _serving(request)
+    _check_model(serving, body.model)
+    if serving.chat is None:
+        message = (
+            "the served checkpoint has no chat template (chat_template.jinja): send the text "
+            "to /v1/completions or /v1/generate instead"
+        )
+        raise ApiError(400, "no_chat_template", message)
+    _check_capacity(serving, body.n, "choices (n)")
+    validator = serving.validator
+    try:
+        messages = [message.for_template() for message in body.messages]
+        rendered = serving.chat.render(messages, body.add_generation_prompt)
+        validator.check_bytes(serving.chat.ordinary_text(rendered), body.max_tokens)
+        prompt_ids = serving.chat.encode(rendered) or [validator.bos_id]
+    except ChatError as e:
+        raise ApiError(400, "invalid_messages", str(e)) from None
+    logprobs = body.reported_logprobs
+    choices = body.choice_fields()
+    streams = _submit(
+        serving, [validator.validate_prompt(prompt_ids, f, logprobs) for f in choices]
+    )
+    header = _header("chatcmpl", "chat.completion", serving)
+    token_table = serving.engine.token_table
+    if body.stream:
+        chunk = {**header, "object": "chat.completion.chunk", "choices": []}
+        roles = [_chat_role_chunk(index) for index in range(body.n)]
+        events = _choice_events(
+            streams,
+            serving.stream_interval,
+            chunk,
+            _include_usage(body),
+            body.n,
+            lambda index, output: _chat_chunk_choice(index, output, token_table),
+            roles,
+        )
+        return EventSourceResponse(events, headers=_SSE_HEADERS)
+    collected = await _collect(streams, request)
+    if collected is None:
+        return _client_gone(request)
+    answers = [_chat_choice(index, whole, token_table) for index, whole in enumerate(collected)]
+    usage = _usage(*collected, n=body.n).model_dump()
+    return Response(to_json({**header, "choices": answers, "usage": usage}), media_type=_JSON)
+
+
+def _check_capacity(serving: Serving, asked: int, what: str) -> None:
+    """The 400 for a request of more choices than the server holds at once."""
+    capacity = serving.engine.scheduler.capacity
+    if asked > capacity:
+        message = (
+            f"{asked} {what}: the server holds at most {capacity} requests at once "
+            "(--max-batch + --max-queue)"
+        )
+        raise ApiError(400, "too_many_completions", message)
+
+
+def _header(prefix: str, kind: str, serving: Serving) -> dict[str, object]:
+    """What every body and chunk of an OpenAI answer begins with."""
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": serving.model_name,
+    }
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[GenerationRequest]:
@@ -375,28 +450,31 @@ def _data_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-async def _completion_events(
+async def _choice_events(
     streams: list[RequestStream],
     interval: int,
     header: dict[str, object],
     include_usage: bool,
     n: int,
-    token_table: list[bytes],
+    choice: Callable[[int, RequestOutput], dict[str, object]],
+    opening: Sequence[dict[str, object]] = (),
 ) -> AsyncIterator[bytes]:
-    """/v1/completions' SSE: a chunk per `interval` new tokens of a choice (the choices
-    interleaved as their tokens come; `n` of each prompt), optionally a usage chunk, then
-    [DONE]."""
+    """An OpenAI stream: a chunk per choice of `opening` first, then one per `interval` new
+    tokens of a choice (`choice` of its index and output; the choices interleaved as their
+    tokens come, `n` of each prompt), optionally a usage chunk, then [DONE]. A chunk is
+    `header` with its one choice (and, with `include_usage`, `usage: null`)."""
+    if include_usage:
+        header = {**header, "usage": None}
     finished: dict[int, RequestOutput] = {}  # by choice index
     outputs = _merged([_gathered(stream, interval) for stream in streams])
     try:
+        for first in opening:
+            yield _data_event(to_json({**header, "choices": [first]}))
         async for index, output in outputs:
             if output.error is not None:
                 yield _error_event(output)
                 return
-            chunk = {**header, "choices": [_choice(index, output, token_table)]}
-            if include_usage:
-                chunk["usage"] = None
-            yield _data_event(to_json(chunk))
+            yield _data_event(to_json({**header, "choices": [choice(index, output)]}))
             if output.finished:
                 finished[index] = output
         if include_usage:
@@ -444,6 +522,58 @@ def _choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_string,
     }
+
+
+def _chat_choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict[str, object]:
+    """One ChatChoice of a whole `output`, as a dict."""
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": output.text},
+        "logprobs": _chat_logprobs(output.logprobs, token_table) if output.logprobs else None,
+        "finish_reason": output.finish_reason,
+        "stop_reason": output.stop_string,
+    }
+
+
+def _chat_role_chunk(index: int) -> dict[str, object]:
+    """The ChatChunkChoice that opens choice `index` of a stream: its role, as OpenAI's."""
+    delta = {"role": "assistant", "content": ""}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+
+def _chat_chunk_choice(
+    index: int, output: RequestOutput, token_table: list[bytes]
+) -> dict[str, object]:
+    """One ChatChunkChoice of `output` (its text since the last), as a dict."""
+    return {
+        "index": index,
+        "delta": {"content": output.text},
+        "logprobs": _chat_logprobs(output.logprobs, token_table) if output.logprobs else None,
+        "finish_reason": output.finish_reason,
+        "stop_reason": output.stop_string,
+    }
+
+
+def _chat_logprobs(
+    logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]
+) -> dict[str, list[dict[str, object]]]:
+    """ChatLogprobs of these tokens, in OpenAI's form."""
+    return {
+        "content": [
+            {
+                **_chat_token(t.token_id, t.logprob, token_table),
+                "top_logprobs": [_chat_token(i, value, token_table) for i, value in t.top or ()],
+            }
+            for t in logprobs
+        ]
+    }
+
+
+def _chat_token(
+    token_id: int, logprob: float | None, token_table: list[bytes]
+) -> dict[str, object]:
+    token = token_table[token_id]
+    return {"token": _token_text(token), "logprob": logprob, "bytes": list(token)}
 
 
 def _logprobs(logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]) -> dict[str, list]:

@@ -86,8 +86,8 @@ def parse_json_body(body: bytes, fields: int) -> object:
         if objects > MAX_JSON_OBJECTS:
             message = (
                 f"body: more than {MAX_JSON_OBJECTS} JSON objects; a request is one object "
-                "whose values are strings, numbers, booleans, null or lists (of strings), "
-                "and rarely an object"
+                "whose values are strings, numbers, booleans, null, lists and few objects "
+                "(a chat's messages, a logit_bias)"
             )
             raise ApiError(422, "invalid_request", message)
         return _json_object(pairs, max(fields, MAX_LOGIT_BIAS), fields)
@@ -268,6 +268,13 @@ class Validator:
     def tokenize(self, prompt: str, asked: int | None) -> list[int]:
         """`prompt`'s token ids, or the 400 for a prompt too long by its bytes alone to
         leave room for `asked` tokens (max_tokens)."""
+        self.check_bytes(prompt, asked)
+        # An empty prompt starts a new document, as in training: after end-of-text.
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.bos_id]
+
+    def check_bytes(self, prompt: str, asked: int | None) -> None:
+        """The 400 for a prompt too long by its bytes alone to leave room for `asked`
+        tokens; asked before it is tokenized."""
         # Tokenizing runs on the event loop and holds the GIL (~0.5 s for a 1 MB prompt,
         # every stream stalled meanwhile), so a prompt of more bytes than any prompt that
         # fits (the context's tokens, each of the vocabulary's longest) is refused before
@@ -283,8 +290,6 @@ class Validator:
                 self._too_long(
                     f"at least {_count(fewest, 'token')}: {_count(prompt_bytes, 'byte')}", asked
                 )
-        # An empty prompt starts a new document, as in training: after end-of-text.
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.bos_id]
 
     def _request(
         self, prompt_ids: list[int], fields: GenerationFields, logprobs: int | None

@@ -44,6 +44,12 @@ VOCAB_SIZE = 300  # small enough that non-ASCII characters stay split into byte 
 # (httpx's iter_lines), and JSON may leave them unescaped.
 CYCLE_CANDIDATES = ("Hi", " there", "中", "文", "🙂", " and", "世", "界", "!", " ok", "字")
 CYCLE_CANDIDATES += ("\x85", "\u2028")
+# ChatML, as Qwen's and SmolLM's instruct models write it, after the checkpoint's bos_token.
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @functools.cache
@@ -115,6 +121,13 @@ def cycle_checkpoint(root: Path, tokenizer: Tokenizer, cycle: list[int] | None =
         for current, following in zip(cycle, cycle[1:] + cycle[:1], strict=True):
             model.lm_head.weight[following, current] = 1.0
     return save_checkpoint(root, "cycle", model, tokenizer)
+
+
+def with_template(folder: Path, template: str) -> Path:
+    """The checkpoint `folder`, given the chat template `template` (as transformers 5
+    saves one)."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return folder
 
 
 @contextlib.contextmanager

@@ -29,7 +29,13 @@ from tokenizers import Tokenizer, normalizers
 from model.checkpoint import crlf_as_newline
 from model.token_bytes import token_bytes
 from server.app import create_app
-from server.protocol import ApiError, Completion, GenerateRequest, StreamChunk
+from server.protocol import (
+    ApiError,
+    ChatCompletionChunk,
+    Completion,
+    GenerateRequest,
+    StreamChunk,
+)
 from server.settings import Settings
 from server.validation import Validator
 
@@ -360,7 +366,7 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     schema = client.get("/openapi.json").json()
     operations = [op for methods in schema["paths"].values() for op in methods.values()]
     ids = [op["operationId"] for op in operations]
-    assert len(ids) == len(set(ids)) == 7  # HEAD answers as GET, outside the schema
+    assert len(ids) == len(set(ids)) == 8  # HEAD answers as GET, outside the schema
     responses = {
         path: set(ops["get"]["responses"]) for path, ops in schema["paths"].items() if "get" in ops
     }
@@ -368,19 +374,25 @@ def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_ans
     assert {"200", "401", "503"} <= responses["/v1/models"]
     components = schema["components"]["schemas"]
     # Integer bounds stay integers: 2**63 - 1 as a float would be 2**63, a 422 here.
-    for request in ("GenerateRequest", "CompletionRequest"):
+    for request in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
         assert {"maximum": 2**63 - 1, "minimum": 0, "type": "integer"} in (
             components[request]["properties"]["seed"]["anyOf"]
         )
     # Each SSE event's data names its model, which the components hold.
-    for path, chunk in (("/v1/generate", StreamChunk), ("/v1/completions", Completion)):
+    streams = [
+        ("/v1/generate", StreamChunk),
+        ("/v1/completions", Completion),
+        ("/v1/chat/completions", ChatCompletionChunk),
+    ]
+    for path, chunk in streams:
         stream = schema["paths"][path]["post"]["responses"]["200"]["content"]
         data = stream["text/event-stream"]["itemSchema"]["properties"]["data"]
         json_event, done = data["anyOf"]
         refs = [one["$ref"].rsplit("/", 1)[1] for one in json_event["contentSchema"]["anyOf"]]
         assert refs == [chunk.__name__, "ErrorResponse"] and done == {"const": "[DONE]"}
         assert set(components[chunk.__name__]["properties"]) == set(chunk.model_fields)
-    for path in ("/v1/completions", "/tokenize", "/detokenize"):  # another model
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        # another model
         assert "404" in schema["paths"][path]["post"]["responses"], path
 
 
@@ -393,6 +405,7 @@ def test_with_a_key_the_docs_are_open_and_the_schema_says_which_routes_need_it(b
     keyed = {
         "/v1/generate": "post",
         "/v1/completions": "post",
+        "/v1/chat/completions": "post",
         "/tokenize": "post",
         "/detokenize": "post",
         "/v1/models": "get",

@@ -22,6 +22,7 @@ from schemathesis.checks import (
     unsupported_method,
 )
 from server_harness import (
+    CHATML,
     cycle_checkpoint,
     english_tokenizer,
     metric_samples,
@@ -29,6 +30,7 @@ from server_harness import (
     running_server,
     sse_events,
     wait_until,
+    with_template,
 )
 
 from server.settings import Settings
@@ -125,6 +127,8 @@ def api_schema(tmp_path_factory):
     """The live app's OpenAPI schema, served by a tiny cycle model (256-token context),
     so even the largest generation the fuzzer asks for ends in well under a second."""
     checkpoint = cycle_checkpoint(tmp_path_factory.mktemp("cycle"), english_tokenizer())
+    # Chats go through a template, as a chat model's do: the fuzzer's messages reach it.
+    with_template(checkpoint, CHATML)
     with running_server(Settings(checkpoint=checkpoint, max_batch=4, max_queue=8)) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
@@ -157,9 +161,14 @@ def test_every_route_answers_within_its_schema_and_never_5xx(case):
 def test_a_stream_and_a_json_answer_each_conform_to_the_schema(api_schema):
     # The fuzzer above reaches a whole stream only by chance: every event, [DONE] too.
     usage_chunk = {"stream_options": {"include_usage": True}}
-    for path, streamed in (("/v1/generate", {}), ("/v1/completions", usage_chunk)):
+    chat = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1}
+    for path, streamed, asked in (
+        ("/v1/generate", {}, {"prompt": "x"}),
+        ("/v1/completions", usage_chunk, {"prompt": "x"}),
+        ("/v1/chat/completions", usage_chunk, chat),
+    ):
         operation = api_schema[path]["POST"]
-        for body in ({"prompt": "x", "stream": True, "max_tokens": 5, **streamed}, {"prompt": "x"}):
+        for body in ({**asked, "stream": True, "max_tokens": 5, **streamed}, asked):
             operation.Case(body=body, media_type="application/json").call_and_validate(timeout=30)
 
 

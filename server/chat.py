@@ -1,0 +1,241 @@
+"""Chat templates: OpenAI-style chat messages -> the prompt's token ids, as transformers'
+`apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True)`
+makes them from the same checkpoint folder (a test compares the two).
+
+The template is the checkpoint's `chat_template.jinja` (transformers 5), else the one
+its tokenizer_config.json holds (transformers 4: a string, or a list of named ones, of
+which "default"). It runs in jinja2's immutable sandbox with the globals and filters
+transformers gives it (`raise_exception`, `strftime_now`, a `tojson` that leaves HTML
+alone), trim_blocks and lstrip_blocks set.
+
+Control tokens (the tokenizer's special tokens, and the other added tokens the template
+writes itself, say `<|im_start|>`) in what a client sent are read as text: a user cannot
+close their own turn and open a forged system one by typing `<|im_end|>`. Each is marked
+before the template runs (private-use characters around it), and the rendered text is
+encoded piece by piece: a marked token as if the tokenizer had no added tokens, the rest
+with its added tokens read as tokens. Markers a client sends are removed first, so that
+none can be forged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from model.checkpoint import (
+    CHAT_TEMPLATE,
+    TOKENIZER_CONFIG,
+    CheckpointError,
+    read_json_object,
+)
+
+# transformers' markers (chat_template_utils): Supplementary Private Use Area-A.
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+# Tokens a template may name besides the messages (transformers passes its
+# special_tokens_map): those tokenizer_config.json sets.
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token")
+TEMPLATE_TOKENS += ("mask_token",)
+
+
+class ChatError(Exception):
+    """Messages the template refused (its raise_exception) or could not render; the
+    message says why, for the client's 400."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # jinja2's own tojson escapes <, > and & for HTML, which a prompt is not.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+def template_source(folder: Path) -> tuple[Path, str] | None:
+    """(the file it is in, the text) of the checkpoint folder's default chat template;
+    None if it has none."""
+    path = folder / CHAT_TEMPLATE
+    if path.is_file():
+        try:
+            return path, path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable ({e})") from None
+    path = folder / TOKENIZER_CONFIG
+    stored = read_json_object(path).get("chat_template")
+    if isinstance(stored, list):  # transformers 4's named templates
+        stored = next(
+            (
+                t.get("template")
+                for t in stored
+                if isinstance(t, dict) and t.get("name") == "default"
+            ),
+            None,
+        )
+    if stored is None:
+        return None
+    if not isinstance(stored, str):
+        raise CheckpointError(f"{path}: chat_template is not a template's text")
+    return path, stored
+
+
+def _token_text(value: object) -> str | None:
+    """A tokenizer_config.json token field's text: a string, or an AddedToken's dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    template: jinja2.Template
+    template_tokens: dict[str, str]  # bos_token, eos_token, ...: what the template may use
+    control_tokens: re.Pattern[str]  # any control token, the longest first
+    special_tokens: re.Pattern[str]  # any special token
+    marked: re.Pattern[str]  # a marked control token (group 1), or a lone marker
+    tokenizer: Tokenizer  # reads added tokens in text as those tokens
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """`messages` as the template writes them, their control tokens marked; ChatError if
+        the template refuses them."""
+        marked = [{key: self._mark(value) for key, value in m.items()} for m in messages]
+        try:
+            return self.template.render(
+                messages=marked,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.template_tokens,
+            )
+        except Exception as e:  # the template is code: any error is its answer to these messages
+            raise ChatError(f"the chat template refused the messages: {e}") from None
+
+    def ordinary_text(self, rendered: str) -> str:
+        """`rendered` without its special tokens and markers: text of at most as many
+        bytes as its tokens spell (a special token is one token, and spells none), so
+        that a prompt too long by its bytes is refused before it is encoded."""
+        return self.special_tokens.sub("", rendered).replace(MARK_START, "").replace(MARK_END, "")
+
+    def encode(self, rendered: str) -> list[int]:
+        """The token ids of a rendered chat: its marked control tokens as text, the rest
+        with its added tokens read as those tokens."""
+        # Pieces between markers: [text, marked token, text, ...], where a lone marker (a
+        # template that split a marked token) stands for no token, yet breaks the text.
+        pieces = self.marked.split(rendered)
+        newline = self._with_added_tokens("\n")
+        ids = self._with_added_tokens(pieces[0])
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            as_text = i % 2 == 1
+            encode = self._as_text if as_text else self._with_added_tokens
+            # After a newline, then without it: a piece encoded from the middle of the text,
+            # as transformers does (a SentencePiece tokenizer would add a space at a start).
+            piece_ids = encode("\n" + piece)
+            if piece_ids[: len(newline)] == newline:
+                piece_ids = piece_ids[len(newline) :]
+            else:
+                piece_ids = encode(piece)
+            if as_text and self.tokenizer.token_to_id(piece) in piece_ids:
+                raise ChatError(f"{piece!r} in a message: this tokenizer cannot read it as text")
+            ids += piece_ids
+        return ids
+
+    def _with_added_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _as_text(self, text: str) -> list[int]:
+        """`text`'s ids as if the tokenizer had no added tokens, special or not: its
+        normalizer, pre-tokenizer and model alone (transformers' way too)."""
+        tokenizer = self.tokenizer
+        if tokenizer.normalizer is not None:
+            text = tokenizer.normalizer.normalize_str(text)
+        splits = [text]
+        if tokenizer.pre_tokenizer is not None:
+            splits = [split for split, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+        return [token.id for split in splits for token in tokenizer.model.tokenize(split)]
+
+    def _mark(self, text: str) -> str:
+        text = text.replace(MARK_START, "").replace(MARK_END, "")
+        return self.control_tokens.sub(f"{MARK_START}\\g<0>{MARK_END}", text)
+
+
+def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
+    """The checkpoint folder's chat template for its tokenizer (`served`: the server's,
+    left as it is); None without one; a CheckpointError naming the file for one jinja2
+    cannot compile."""
+    source = template_source(folder)
+    if source is None:
+        return None
+    path, text = source
+    environment = _environment()
+    try:
+        template = environment.from_string(text)
+        syntax = environment.parse(text)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise CheckpointError(f"{path}: chat template line {e.lineno}: {e.message}") from None
+    config = read_json_object(folder / TOKENIZER_CONFIG)
+    template_tokens = {
+        name: token for name in TEMPLATE_TOKENS if (token := _token_text(config.get(name)))
+    }
+    # The literal text the template writes: its own text and its string constants, apart
+    # (so that no token is found across two of them).
+    written = {node.data for node in syntax.find_all(jinja2.nodes.TemplateData)}
+    written |= {n.value for n in syntax.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
+    written_text = "\0".join(written)
+    added = served.get_added_tokens_decoder().values()
+    control = [
+        token.content
+        for token in added
+        if token.special or (token.content in written_text and not token.content.isspace())
+    ]
+    control_tokens = _any_of(control)
+    special_tokens = _any_of(token.content for token in added if token.special)
+    marked = re.compile(
+        f"{MARK_START}({control_tokens.pattern}){MARK_END}|[{MARK_START}{MARK_END}]"
+    )
+    tokenizer = Tokenizer.from_str(served.to_str())
+    tokenizer.encode_special_tokens = False
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return ChatTemplate(
+        template, template_tokens, control_tokens, special_tokens, marked, tokenizer
+    )
+
+
+def _any_of(tokens: Iterable[str]) -> re.Pattern[str]:
+    """A regex matching any of `tokens`, the longest first (a token before those it holds);
+    one that never matches for none."""
+    longest_first = sorted(tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
