@@ -629,9 +629,15 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(None, description=SERVED_MODEL_ID)
-    prompt: str = Field(
-        description="text, read as a prompt of /v1/generate or /v1/completions is read"
+    prompt: str | None = Field(
+        None,
+        description="text, read as a prompt of /v1/generate or /v1/completions is read; or "
+        "messages instead",
     )
+    messages: NonEmpty[ChatMessage] | None = Field(
+        None, description="a chat, read as /v1/chat/completions reads it (vLLM's); or prompt"
+    )
+    add_generation_prompt: bool = Field(True, description="with messages: as on a chat")
     return_token_strs: bool = Field(False, description="also answer each token's string")
     add_special_tokens: Literal[False] = Field(
         False, description=f"vLLM's; only {_ONLY_VALUE['add_special_tokens']}"
@@ -641,8 +647,14 @@ class TokenizeRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_is_unicode(cls, value: str) -> str:
-        return _valid_unicode(value)
+    def _prompt_is_unicode(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_unicode(value)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("prompt", "send a prompt or messages: one of the two")
+        return self
 
 
 class TokenizeResponse(BaseModel):

@@ -40,6 +40,7 @@ from server.protocol import (
     ApiError,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionRequest,
     DetokenizeRequest,
@@ -256,21 +257,9 @@ async def chat_completions(
     chunks (a role chunk per choice, then their text), then [DONE]."""
     serving = _serving(request)
     _check_model(serving, body.model)
-    if serving.chat is None:
-        message = (
-            "the served checkpoint has no chat template (chat_template.jinja): send the text "
-            "to /v1/completions or /v1/generate instead"
-        )
-        raise ApiError(400, "no_chat_template", message)
     _check_capacity(serving, body.n, "choices (n)")
     validator = serving.validator
-    try:
-        messages = [message.for_template() for message in body.messages]
-        rendered = serving.chat.render(messages, body.add_generation_prompt)
-        validator.check_bytes(serving.chat.ordinary_text(rendered), body.max_tokens)
-        prompt_ids = serving.chat.encode(rendered) or [validator.bos_id]
-    except ChatError as e:
-        raise ApiError(400, "invalid_messages", str(e)) from None
+    prompt_ids = _chat_prompt(serving, body.messages, body.add_generation_prompt, body.max_tokens)
     logprobs = body.reported_logprobs
     choices = body.choice_fields()
     streams = _submit(
@@ -297,6 +286,30 @@ async def chat_completions(
     answers = [_chat_choice(index, whole, token_table) for index, whole in enumerate(collected)]
     usage = _usage(*collected, n=body.n).model_dump()
     return Response(to_json({**header, "choices": answers, "usage": usage}), media_type=_JSON)
+
+
+def _chat_prompt(
+    serving: Serving,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    max_tokens: int | None,
+) -> list[int]:
+    """The prompt's token ids the checkpoint's chat template makes of `messages`; a 400 if
+    it has none, if it refuses them, or for a chat too long by its bytes alone to leave room
+    for `max_tokens`."""
+    chat, validator = serving.chat, serving.validator
+    if chat is None:
+        message = (
+            "the served checkpoint has no chat template (chat_template.jinja): send the text "
+            "to /v1/completions or /v1/generate instead"
+        )
+        raise ApiError(400, "no_chat_template", message)
+    try:
+        rendered = chat.render([m.for_template() for m in messages], add_generation_prompt)
+        validator.check_bytes(chat.ordinary_text(rendered), max_tokens)
+        return chat.encode(rendered) or [validator.bos_id]
+    except ChatError as e:
+        raise ApiError(400, "invalid_messages", str(e)) from None
 
 
 def _check_capacity(serving: Serving, asked: int, what: str) -> None:
@@ -664,11 +677,16 @@ async def _wait_for_disconnect(request: Request) -> None:
     "/tokenize", response_model=TokenizeResponse, responses=_error_responses(*_TOKEN_ERRORS)
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    """The prompt's token ids, as /v1/generate and /v1/completions read it."""
+    """The prompt's token ids, as /v1/generate and /v1/completions read it; or the chat's,
+    as /v1/chat/completions does."""
     serving = _serving(request)
     _check_model(serving, body.model)
     validator = serving.validator
-    ids = validator.tokenize(body.prompt, None)
+    if body.messages is not None:
+        ids = _chat_prompt(serving, body.messages, body.add_generation_prompt, None)
+    else:
+        assert body.prompt is not None  # one of the two: TokenizeRequest says so
+        ids = validator.tokenize(body.prompt, None)
     token_strs = None
     if body.return_token_strs:
         token_strs = [validator.tokenizer.id_to_token(token_id) for token_id in ids]

@@ -271,6 +271,27 @@ def test_chat_logprobs_are_those_completions_report_for_the_same_tokens(
     assert all(t["top_logprobs"] == [] for t in drawn["choices"][0]["logprobs"]["content"])
 
 
+def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_tokenizer):
+    messages = CONVERSATIONS[2]
+    counted = client.post("/tokenize", json={"messages": messages}).json()
+    expected = hf_prompt(hf_tokenizer, messages, sanitize_control_tokens=True)
+    assert (counted["tokens"], counted["count"]) == (expected, len(expected))
+    served = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert served.json()["usage"]["prompt_tokens"] == counted["count"]
+    unopened = {"messages": messages, "add_generation_prompt": False}
+    assert (
+        client.post("/tokenize", json=unopened).json()["tokens"]
+        == expected[
+            : -len(hf_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+        ]
+    )
+    for body in ({}, {"prompt": "x", "messages": messages}):
+        response = client.post("/tokenize", json=body)
+        assert assert_error(response, 422, "invalid_request") == (
+            "body: send a prompt or messages: one of the two"
+        )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -358,6 +379,8 @@ def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(tmp_p
     with running_server(Settings(checkpoint=plain)) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json=twice, timeout=60)
         assert "no chat template" in assert_error(response, 400, "no_chat_template")
+        counted = httpx.post(f"{url}/tokenize", json={"messages": twice["messages"]})
+        assert_error(counted, 400, "no_chat_template")
         completed = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert completed.status_code == 200
 
