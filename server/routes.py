@@ -236,12 +236,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
             lambda index, output: _choice(index, output, token_table),
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
-    collected = await _collect(streams, request)
-    if collected is None:
-        return _client_gone(request)
-    choices = [_choice(index, whole, token_table) for index, whole in enumerate(collected)]
-    usage = _usage(*collected, n=body.n).model_dump()
-    return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
+    return await _whole_answer(
+        streams, request, header, body.n, lambda index, whole: _choice(index, whole, token_table)
+    )
 
 
 @router.post(
@@ -280,12 +277,30 @@ async def chat_completions(
             roles,
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
+    return await _whole_answer(
+        streams,
+        request,
+        header,
+        body.n,
+        lambda index, whole: _chat_choice(index, whole, token_table),
+    )
+
+
+async def _whole_answer(
+    streams: list[RequestStream],
+    request: Request,
+    header: dict[str, object],
+    n: int,
+    choice: Callable[[int, RequestOutput], dict[str, object]],
+) -> Response:
+    """An OpenAI answer as one JSON body: `header`, `choice` of each stream's whole output
+    (n of each prompt), their usage; 499 if the client left first."""
     collected = await _collect(streams, request)
     if collected is None:
         return _client_gone(request)
-    answers = [_chat_choice(index, whole, token_table) for index, whole in enumerate(collected)]
-    usage = _usage(*collected, n=body.n).model_dump()
-    return Response(to_json({**header, "choices": answers, "usage": usage}), media_type=_JSON)
+    choices = [choice(index, whole) for index, whole in enumerate(collected)]
+    usage = _usage(*collected, n=n).model_dump()
+    return Response(to_json({**header, "choices": choices, "usage": usage}), media_type=_JSON)
 
 
 def _chat_prompt(

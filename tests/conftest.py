@@ -1,4 +1,6 @@
-"""Shared fixtures: a real byte-level BPE tokenizer and a real tiny checkpoint.
+"""Shared fixtures: a real byte-level BPE tokenizer and a real tiny checkpoint; and, for
+a test module whose `base_url` fixture serves one, an httpx client of that server, the
+openai SDK's and the id of the model it serves.
 
 Both are built from text generated here (no files from outside tests/, no network).
 Test modules may add their own fixtures; keep shared ones here.
@@ -7,8 +9,11 @@ Test modules may add their own fixtures; keep shared ones here.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -54,3 +59,21 @@ def tiny_checkpoint(
     model = Transformer(tiny_config).eval()
     root = tmp_path_factory.mktemp("tiny-ckpt")
     return save_checkpoint(root, "step-0000000", model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def model_id(sdk: openai.OpenAI) -> str:
+    [model] = sdk.models.list().data
+    return model.id

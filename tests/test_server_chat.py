@@ -75,24 +75,6 @@ def base_url(checkpoint: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(base_url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
-def model_id(sdk: openai.OpenAI) -> str:
-    [model] = sdk.models.list().data
-    return model.id
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 

@@ -44,12 +44,6 @@ def base_url(checkpoint: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        yield client
-
-
 def generate(client: httpx.Client, **body) -> dict:
     response = client.post("/v1/generate", json=body)
     assert response.status_code == 200, response.text
