@@ -4,9 +4,9 @@ makes them from the same checkpoint folder (a test compares the two).
 
 The template is the checkpoint's `chat_template.jinja` (transformers 5), else the one
 its tokenizer_config.json holds (transformers 4: a string, or a list of named ones, of
-which "default"). It runs in jinja2's immutable sandbox with the globals and filters
+which "default"). It runs in jinja2's immutable sandbox with the globals, filters and tags
 transformers gives it (`raise_exception`, `strftime_now`, a `tojson` that leaves HTML
-alone), trim_blocks and lstrip_blocks set.
+alone, `{% generation %}`, loop controls), trim_blocks and lstrip_blocks set.
 
 Control tokens (the tokenizer's special tokens, and the other added tokens the template
 writes itself, say `<|im_start|>`) in what a client sent are read as text: a user cannot
@@ -25,10 +25,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -73,9 +75,23 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _GenerationBlocks(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's
+    text for training masks there: rendered as its body (a template that has it compiled
+    nowhere else)."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlocks],
     )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception

@@ -385,6 +385,32 @@ def test_the_template_transformers_4_kept_in_tokenizer_config_serves_as_the_file
         assert v4.encode(v4.render(CONVERSATIONS[1], add_generation_prompt=True)) == expected
 
 
+def test_templates_using_transformers_tags_and_filters_render_as_there(tmp_path, checkpoint):
+    from transformers import AutoTokenizer
+
+    # Training templates mark the assistant's text with {% generation %}; tojson leaves
+    # HTML alone; loop controls; raise_exception only where the messages call for it.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{% continue %}{% endif %}"
+        "{{ m['role'] | tojson }}: "
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}{{ m['content'] | tojson }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if messages | length > 9 %}{{ raise_exception('too long') }}{% endif %}"
+    )
+    folder = with_template(shutil.copytree(checkpoint, tmp_path / "tags"), template)
+    chat = load_chat_template(folder, load_tokenizer(folder))
+    messages = [
+        {"role": "user", "content": "<b>&</b> é"},
+        {"role": "tool", "content": "skipped"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    rendered = chat.render(messages, add_generation_prompt=False)
+    assert rendered == '"user": "<b>&</b> é"\n"assistant": fine\n'
+    hf = AutoTokenizer.from_pretrained(folder)
+    expected = hf_prompt(hf, messages, sanitize_control_tokens=True)[: -0 or None]
+    assert chat.encode(chat.render(messages, add_generation_prompt=True)) == expected
+
+
 def test_a_template_jinja_cannot_read_is_refused_naming_its_file_and_line(tmp_path, checkpoint):
     broken = with_template(
         shutil.copytree(checkpoint, tmp_path / "broken"), "{% for m in messages %}\n{{ m }"
