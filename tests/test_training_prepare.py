@@ -85,6 +85,7 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning_naming_it(
     err = capsys.readouterr().err
     assert err.count("warning: ") == 1
     assert err.startswith(f"warning: {folder}: damaged token cache ("), err
+    assert err.count(str(folder)) == 1, err  # its files by their names
     assert again.folder == folder
     assert {name: (folder / name).read_bytes() for name in files} == files
     assert len(again.train) == json.loads(files["meta.json"])["splits"]["train"]["tokens"]

@@ -222,7 +222,8 @@ def _open(folder: Path) -> PreparedData:
         digests = {split: meta["splits"][split].get("tokens_sha256") for split in SPLITS}
         vocab_size = meta["vocab_size"]
     except (OSError, ValueError, LookupError, TypeError) as e:
-        raise _DamagedCache(f"meta.json unreadable ({e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the path again
+        raise _DamagedCache(f"meta.json unreadable ({reason})") from None
     tokens = {}
     for split, count in counts.items():
         path = folder / f"{split}.bin"
@@ -237,8 +238,8 @@ def _open(folder: Path) -> PreparedData:
         tokens[split] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     try:
         tokenizer = read_tokenizer_file(folder / "tokenizer.json")
-    except CheckpointError as e:
-        raise _DamagedCache(str(e)) from None
+    except CheckpointError as e:  # it names the file by its path; the warning, the folder
+        raise _DamagedCache(str(e).removeprefix(f"{folder}{os.sep}")) from None
     if tokenizer.get_vocab_size() != vocab_size:
         raise _DamagedCache(
             f"tokenizer.json: {tokenizer.get_vocab_size()} entries, meta.json says {vocab_size!r}"
