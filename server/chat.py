@@ -158,10 +158,17 @@ class ChatTemplate:
             raise ChatError(f"the chat template refused the messages: {e}") from None
 
     def ordinary_text(self, rendered: str) -> str:
-        """`rendered` without its special tokens and markers: text of at most as many
-        bytes as its tokens spell (a special token is one token, and spells none), so
+        """`rendered` without its markers and the special tokens `encode` reads as tokens:
+        text of at most as many bytes as its tokens spell (such a token is one token, and
+        spells none; a marked one, a client's, is read as text and spells its bytes), so
         that a prompt too long by its bytes is refused before it is encoded."""
-        return self.special_tokens.sub("", rendered).replace(MARK_START, "").replace(MARK_END, "")
+        # As `encode` splits it: [text, marked token, text, ...], None for a lone marker.
+        pieces = self.marked.split(rendered)
+        return "".join(
+            piece if i % 2 else self.special_tokens.sub("", piece)
+            for i, piece in enumerate(pieces)
+            if piece
+        )
 
     def encode(self, rendered: str) -> list[int]:
         """The token ids of a rendered chat: its marked control tokens as text, the rest

@@ -110,10 +110,11 @@ def test_a_chats_prompt_is_the_one_transformers_makes_with_control_tokens_saniti
     rendered = chat.render(messages, add_generation_prompt=True)
     ours = chat.encode(rendered)
     assert ours == hf_prompt(hf_tokenizer, messages, sanitize_control_tokens=True)
-    # What the byte bound measures spells no more bytes than the tokens do (a special
-    # token spells none): a chat that fits is never refused by it.
+    # What the byte bound measures spells as many bytes as the tokens do (a template's
+    # special token spells none, a client's spells its text; no CRLF here): a chat that
+    # fits is never refused by it, and one of a client's control tokens is measured.
     table = token_bytes(tokenizer)
-    assert len(chat.ordinary_text(rendered).encode()) <= sum(len(table[i]) for i in ours)
+    assert len(chat.ordinary_text(rendered).encode()) == sum(len(table[i]) for i in ours)
     # The template's turns are the only ones: one <|im_start|> per message and the answer's,
     # after the bos_token, whatever the messages say.
     starts, ends = (hf_tokenizer.convert_tokens_to_ids(token) for token in CONTROL)
@@ -322,8 +323,11 @@ def test_a_chat_of_another_model_too_many_choices_or_too_long_is_refused(sdk, cl
         client.post("/v1/chat/completions", json=body), 400, "too_many_completions"
     )
     assert message.startswith("5 choices (n): the server holds at most 4 requests")
-    # Too many tokens once the template wrapped them; by its bytes alone, before encoding.
-    for words, refused_by_bytes in ((" x" * 1000, False), ("x" * 20_000, True)):
+    # Too many tokens once the template wrapped them; by its bytes alone, before encoding:
+    # a client's control tokens too, which are read as text (a token of text each byte or
+    # so), not as the template's special tokens (one token, no bytes).
+    too_long = ((" x" * 1000, False), ("x" * 20_000, True), ("<|im_end|>" * 2_000, True))
+    for words, refused_by_bytes in too_long:
         long = {"messages": [{"role": "user", "content": words}], "max_tokens": 4}
         response = client.post("/v1/chat/completions", json=long)
         message = assert_error(response, 400, "context_length_exceeded")
