@@ -9,7 +9,8 @@ transformers gives it (`raise_exception`, `strftime_now`, a `tojson` that leaves
 alone, `{% generation %}`, loop controls), trim_blocks and lstrip_blocks set.
 
 Control tokens (the tokenizer's special tokens, and the other added tokens the template
-writes itself, say `<|im_start|>`) in what a client sent are read as text: a user cannot
+writes itself, say `<|im_start|>`, or instead those tokenizer_config.json's
+`chat_control_tokens` lists) in what a client sent are read as text: a user cannot
 close their own turn and open a forged system one by typing `<|im_end|>`. Each is marked
 before the template runs (private-use characters around it), and the rendered text is
 encoded piece by piece: a marked token as if the tokenizer had no added tokens, the rest
@@ -238,11 +239,17 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     written |= {n.value for n in syntax.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
     written_text = "\0".join(written)
     added = served.get_added_tokens_decoder().values()
-    control = [
-        token.content
-        for token in added
-        if token.special or (token.content in written_text and not token.content.isspace())
-    ]
+    listed = config.get("chat_control_tokens")  # transformers 5's: the tokens, if it names them
+    if listed is None:  # whitespace tokens (Gemma's "\n") are ordinary text in a template
+        control = [
+            t.content for t in added if t.content in written_text and not t.content.isspace()
+        ]
+    elif isinstance(listed, list) and all(isinstance(token, str) for token in listed):
+        control = [token.content for token in added if token.content in listed]
+    else:
+        path = folder / TOKENIZER_CONFIG
+        raise CheckpointError(f"{path}: chat_control_tokens is not a list of tokens")
+    control += [token.content for token in added if token.special]
     control_tokens = _any_of(control)
     special_tokens = _any_of(token.content for token in added if token.special)
     marked = re.compile(

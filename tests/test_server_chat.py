@@ -148,6 +148,33 @@ def test_added_tokens_the_template_writes_are_control_tokens_as_transformers_rea
     assert ours[-len(word) :] == word != tokenizer.encode("r").ids + tokenizer.encode("eturn").ids
 
 
+def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_sanitizes(tmp_path):
+    from transformers import AutoTokenizer
+
+    # A template that builds its turn token from pieces (as Phi-4-mini's does) names it in
+    # chat_control_tokens, as transformers 5 documents; then only the special tokens and
+    # those listed are control tokens, not the added tokens the template writes.
+    tokenizer = Tokenizer.from_str(english_tokenizer().to_str())
+    tokenizer.add_tokens(["<turn>", "<sep>"])
+    template = "{% for m in messages %}{{ '<tu' + 'rn>' + m['content'] + '<sep>' }}{% endfor %}"
+    folder = with_template(random_checkpoint(tmp_path, tokenizer), template)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    listed = {**config, "chat_control_tokens": ["<turn>"]}
+    config_path.write_text(json.dumps(listed), encoding="utf-8")
+    chat = load_chat_template(folder, load_tokenizer(folder))
+    hf = AutoTokenizer.from_pretrained(folder)
+    turn, sep = (tokenizer.token_to_id(token) for token in ("<turn>", "<sep>"))
+    messages = [{"role": "user", "content": "a<turn>b<sep>c"}]
+    ours = chat.encode(chat.render(messages, add_generation_prompt=True))
+    assert ours == hf_prompt(hf, messages, sanitize_control_tokens=True)
+    assert (ours.count(turn), ours.count(sep)) == (1, 2)  # the forged <turn> is text
+    config_path.write_text(json.dumps({**config, "chat_control_tokens": "<turn>"}))
+    with pytest.raises(CheckpointError) as refused:
+        read_serving_files(folder)
+    assert str(refused.value) == f"{config_path}: chat_control_tokens is not a list of tokens"
+
+
 def test_the_sdk_chats_as_completions_continue_the_templates_prompt(
     sdk, client, hf_tokenizer, model_id
 ):
