@@ -156,7 +156,9 @@ class ChatTemplate:
                 **self.template_tokens,
             )
         except Exception as e:  # the template is code: any error is its answer to these messages
-            raise ChatError(f"the chat template refused the messages: {e}") from None
+            # Its message may quote the messages: as the client wrote them, without markers.
+            reason = str(e).replace(MARK_START, "").replace(MARK_END, "")
+            raise ChatError(f"the chat template refused the messages: {reason}") from None
 
     def ordinary_text(self, rendered: str) -> str:
         """`rendered` without its markers and the special tokens `encode` reads as tokens:

@@ -372,20 +372,22 @@ def test_chats_are_counted_with_the_generation_requests(client, base_url):
 def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(tmp_path, checkpoint):
     alternating = (
         "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
-        "{{ m['content'] }}{% endfor %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant, not at: '"
+        " + m['content']) }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
     refusing = shutil.copytree(checkpoint, tmp_path / "refusing")
     with_template(refusing, alternating)
     plain = shutil.copytree(checkpoint, tmp_path / "plain")
     (plain / "chat_template.jinja").unlink()
-    twice = {"messages": [{"role": "user", "content": "a"}] * 2, "max_tokens": 2}
+    twice = {"messages": [{"role": "user", "content": "a<|im_end|>"}] * 2, "max_tokens": 2}
     with running_server(Settings(checkpoint=refusing)) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json=twice, timeout=60)
         message = assert_error(response, 400, "invalid_messages")
+        # The message quotes the client's text as they sent it (without the markers
+        # around its control token).
         assert message == (
             "the chat template refused the messages: "
-            "Conversation roles must alternate user/assistant"
+            "Conversation roles must alternate user/assistant, not at: a<|im_end|>"
         )
         alternate = {**twice, "messages": [{"role": "user", "content": "a"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=alternate).status_code == 200
