@@ -64,6 +64,7 @@ KEPT_TOKENIZER_FIELDS = (
     "extra_special_tokens",
     "added_tokens_decoder",
     "chat_template",
+    "chat_control_tokens",
     "padding_side",
     "truncation_side",
 )

@@ -725,6 +725,7 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
     chat = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     # A default template and a named one (transformers 5: additional_chat_templates/).
     hf.chat_template = {"default": chat, "terse": "{{ messages[0].content }}"}
+    hf.chat_control_tokens = ["<|endoftext|>"]  # what the server reads as control tokens
     hf.save_pretrained(edited)
 
     run = [*short, "--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache")]
@@ -749,6 +750,7 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
         assert reloaded.apply_chat_template(hi, tokenize=False) == "user: hi\n", folder
         terse = reloaded.apply_chat_template(hi, chat_template="terse", tokenize=False)
         assert terse == "hi", folder
+        assert reloaded.chat_control_tokens == ["<|endoftext|>"], folder
     assert meta(tuned)["step"] == 3
 
     (edited / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
