@@ -24,7 +24,7 @@ from server_harness import (
 from model.checkpoint import load_model
 from model.token_bytes import token_bytes
 from server.engine import MIN_SHARED_PREFIX
-from server.protocol import OPENAI_DEFAULT_MAX_TOKENS, Completion
+from server.protocol import Completion
 from server.settings import Settings
 
 MAX_BATCH = 2
@@ -406,7 +406,7 @@ def test_left_out_or_null_fields_take_openai_defaults(client, model_id):
         response = client.post("/v1/completions", json=request)
         assert response.status_code == 200, response.text
         completion = Completion.model_validate(response.json())
-        assert completion.usage.completion_tokens == OPENAI_DEFAULT_MAX_TOKENS
+        assert completion.usage.completion_tokens == 16  # OpenAI's documented default
         assert completion.choices[0].finish_reason == "length"
 
 
@@ -434,6 +434,13 @@ def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk,
         ("logit_bias", {"01": 1}, "logit_bias: keys are token ids, written in digits ('42')"),
         ("logit_bias", {"-1": 1}, "logit_bias: keys are token ids, written in digits ('42')"),
         ("logit_bias", {"1": 100.5}, "logit_bias.1: Input should be less than or equal to 100"),
+        (
+            "logit_bias",
+            {"1": -100.5},
+            "logit_bias.1: Input should be greater than or equal to -100",
+        ),
+        # Eleven digits name no token of any vocabulary: refused as a key, not looked up.
+        ("logit_bias", {"1" + "0" * 10: 1}, "logit_bias: keys are token ids, written in digits"),
         ("logit_bias", {"1": "1"}, "logit_bias.1: Input should be a valid number"),
         ("prompt", [], "prompt: must be a string, a non-empty list of strings, a non-empty"),
         ("prompt", [[]], "prompt: must be a string, a non-empty list of strings, a non-empty"),
@@ -442,6 +449,12 @@ def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk,
         ("prompt", ["a", [1]], "prompt: must be a string, a non-empty list of strings, a non-"),
         ("stream_options", {"include_usage": 1}, "stream_options.include_usage: Input should"),
         ("stream_options", {"include_usage": True}, "body: stream_options only with stream: t"),
+        # vLLM's continuous_usage_stats is not done here: refused, not silently ignored.
+        (
+            "stream_options",
+            {"include_usage": True, "continuous_usage_stats": True},
+            "stream_options.continuous_usage_stats: Extra inputs are not permitted",
+        ),
         ("max_tokens", -1, "max_tokens: Input should be greater than or equal to 0"),
         ("max_tokens", 0, "body: max_tokens 0 only with echo: true (the prompt scored, nothing"),
         ("best_of_three", 3, "best_of_three: Extra inputs are not permitted"),
@@ -451,6 +464,13 @@ def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk,
 def test_what_the_server_cannot_do_is_refused_by_name(client, field, value, message):
     response = client.post("/v1/completions", json={"prompt": "x", field: value})
     assert assert_error(response, 422, "invalid_request").startswith(message)
+
+
+def test_best_of_fewer_than_n_is_refused_as_more_is(client):
+    # OpenAI's best_of is at least n; only best_of = n asks for what this server does.
+    response = client.post("/v1/completions", json={"prompt": "x", "n": 2, "best_of": 1})
+    message = assert_error(response, 422, "invalid_request")
+    assert message == "best_of: only n (2) or null: completions are not ranked"
 
 
 def test_another_model_or_a_prompt_that_does_not_fit_is_refused(sdk, client, model_id):
