@@ -1160,6 +1160,17 @@ def test_the_fewest_tokens_a_prompt_refused_by_its_bytes_has_are_rounded_up():
     assert message.startswith(f"prompt (at least 17 tokens: {len(prompt)} bytes) + max_tokens")
 
 
+def test_a_prompt_is_measured_in_utf8_bytes_not_in_characters():
+    # As many characters as could fit, each of 2 bytes: refused by its bytes untokenized.
+    validator = small_context_validator()
+    prompt = "é" * (16 * validator.max_token_bytes // 2 + 1)
+    size = 2 * len(prompt)
+    assert len(prompt) <= 16 * validator.max_token_bytes < size
+    fewest = -(-size // validator.max_token_bytes)
+    message = refusal(validator, prompt=prompt, max_tokens=1)
+    assert message.startswith(f"prompt (at least {fewest} tokens: {size} bytes) + max_tokens")
+
+
 def test_without_max_tokens_a_prompt_of_exactly_the_context_is_refused():
     validator = small_context_validator()
     message = refusal(validator, prompt=" the" * 16)  # " the": one token
