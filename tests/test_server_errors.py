@@ -740,6 +740,13 @@ def test_an_absolute_form_target_is_served_as_the_path_it_names(base_url):
     assert status == 404 and answer["error"]["type"] == "not_found"
 
 
+def test_the_query_of_an_absolute_form_target_counts_toward_the_head_limit(base_url):
+    # Read as the origin-form target it names, query and all: no way past the head bound.
+    target = f"http://localhost/v1/models?q={'b' * HEADER_LIMIT}"
+    status, answer = raw_exchange(base_url, absolute_form(target))
+    assert status == 431 and answer["error"]["type"] == "request_header_fields_too_large"
+
+
 def test_the_host_of_an_absolute_form_target_is_checked_in_place_of_the_host_header(base_url):
     # RFC 9112 3.2.2: the target's host replaces Host. The allowed-hosts check judges it,
     # so the form is no way around that check: whatever Host says, and without one.
@@ -1045,7 +1052,8 @@ def test_the_bearer_scheme_is_matched_in_any_case_and_the_key_whole(base_url):
         assert status(f"{scheme} {API_KEY}") == 200, scheme
     # RFC 9110 11.4: one or more spaces between the scheme and the token.
     assert status(f"Bearer   {API_KEY}") == 200
-    for given in ("Bearer", f"Bearer {API_KEY[:4]}", f"Bearer {API_KEY[:-1]}"):
+    # The key under another scheme is no bearer token: Basic's is a user's password.
+    for given in ("Bearer", f"Bearer {API_KEY[:4]}", f"Bearer {API_KEY[:-1]}", f"Basic {API_KEY}"):
         assert status(given) == 401, given
 
 
