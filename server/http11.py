@@ -117,9 +117,16 @@ class _ServerConnection(h11.Connection):
 
     small_pieces = 0  # of the current request's body
     bad_target: str | None = None  # what is wrong with the refused request's target
+    head_too_large = False  # h11 refused a head still incomplete past its bound
 
     def next_event(self) -> object:
-        event = super().next_event()
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as e:
+            # h11 hints 431 for that refusal alone: what it holds unparsed does not tell
+            # it apart (a malformed head arrives with its body behind it).
+            self.head_too_large = e.error_status_hint == 431
+            raise
         if isinstance(event, h11.Request):
             self.small_pieces = 0
             try:
@@ -268,8 +275,6 @@ class EnvelopeH11Protocol(H11Protocol):
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a guard answered
             self.transport.close()
             return
-        # What h11 holds unparsed tells the head refusals apart (trailing_data is public).
-        buffered = len(self.conn.trailing_data[0])
         limit = self.config.h11_max_incomplete_event_size
         if self.conn.too_many_small_pieces:
             message = f"the request body came in more than {MAX_SMALL_PIECES} small pieces"
@@ -277,7 +282,7 @@ class EnvelopeH11Protocol(H11Protocol):
         elif self.conn.bad_target is not None:
             message = f"the request target is not a valid http(s) URL: {self.conn.bad_target}"
             error = ApiError(400, "invalid_http", message)
-        elif limit is not None and buffered > limit:
+        elif limit is not None and self.conn.head_too_large:
             error = ApiError(
                 431, "request_header_fields_too_large", f"the request head exceeds {limit} bytes"
             )

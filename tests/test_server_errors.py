@@ -682,6 +682,19 @@ def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     assert status == 400 and body["error"]["type"] == "invalid_http"
 
 
+def test_an_invalid_head_arriving_with_a_long_body_is_400_not_431(base_url):
+    # The head is short and malformed (a space in a header name); the body that came in
+    # the same read, unparsed behind it, is no part of the head.
+    body = b"x" * 2 * HEADER_LIMIT
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n".encode()
+    status, answer = raw_exchange(base_url, head + body)
+    assert status == 400 and answer["error"] == {
+        "type": "invalid_http",
+        "message": "the request is not valid HTTP/1.1",
+    }
+
+
 def test_a_websocket_upgrade_is_served_as_plain_http_through_every_guard(tmp_path, capfd):
     # No route is a WebSocket. Where websockets or wsproto is installed, uvicorn upgraded
     # such a request past the Host and key guards to a plain-text 403; elsewhere it logged
