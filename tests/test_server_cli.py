@@ -578,6 +578,17 @@ def test_the_access_log_leaves_out_answered_probes_but_not_a_request_its_client_
     assert not any(probe in line for probe in probes for line in lines), log
 
 
+def test_at_log_level_debug_the_access_log_keeps_the_probes_too(checkpoint):
+    # --log-level debug is for seeing everything: a health check's 200 included.
+    with served(checkpoint, "--log-level", "debug") as (server, url):
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        log, _ = server.output()
+    lines = log.splitlines()
+    for probe in ('"GET /health HTTP/1.1" 200', '"GET /metrics HTTP/1.1" 200'):
+        assert any(probe in line for line in lines), log
+
+
 def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
     # Left out, do_sample leaves the file's temperature and top_p to sample with (vLLM's
     # reading; the trainer writes no do_sample): only false means greedy.
