@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -464,6 +465,17 @@ def test_up_to_16_stop_strings_end_a_completion_as_lm_evals_tasks_send_them(sdk,
 def test_what_the_server_cannot_do_is_refused_by_name(client, field, value, message):
     response = client.post("/v1/completions", json={"prompt": "x", field: value})
     assert assert_error(response, 422, "invalid_request").startswith(message)
+
+
+def test_a_lone_surrogate_in_a_list_of_prompts_is_422_naming_the_prompt(client):
+    sent = json.dumps({"prompt": ["a", "\ud800"]})  # escaped, as a JSON client may send it
+    headers = {"Content-Type": "application/json"}
+    response = client.post("/v1/completions", content=sent, headers=headers)
+    message = assert_error(response, 422, "invalid_request")
+    assert message == (
+        "prompt: must be valid Unicode: \\ud800 at character 0 of prompt 2 is half of a "
+        "surrogate pair"
+    )
 
 
 def test_best_of_fewer_than_n_is_refused_as_more_is(client):

@@ -215,6 +215,8 @@ def test_tokenize_and_detokenize_refuse_what_they_cannot_read(client):
         ("/detokenize", {"tokens": [5, vocab]}, 400, f"tokens: token id {vocab} (at 1) is not"),
         ("/detokenize", {"tokens": [5, -1]}, 422, "tokens.1: Input should be greater than"),
         ("/detokenize", {"tokens": [5], "model": "other"}, 404, "model: this server serves"),
+        # An option this server does not take is refused, not silently ignored.
+        ("/detokenize", {"tokens": [5], "skip_special_tokens": False}, 422, "skip_special_tokens:"),
         ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model: this server serves"),
         ("/tokenize", {"prompt": "x", "add_special_tokens": True}, 422, "add_special_tokens: only"),
         ("/tokenize", {"prompt": "\ud800"}, 422, "prompt: must be valid Unicode"),
