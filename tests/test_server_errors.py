@@ -665,6 +665,24 @@ def test_a_loopback_host_by_any_name_or_address_lets_localhost_names_and_itself_
     assert names == {"localhost", "127.0.0.1", "::1", host}
 
 
+def test_a_host_given_with_spaces_around_it_is_the_loopback_it_names():
+    # POCKETGPT_HOST= 127.0.0.1 (a stray space in an env file): read as no address, it
+    # would bind nothing or, not taken for loopback, check no Host at all.
+    settings = Settings(checkpoint="unused", host=" 127.0.0.1 ")
+    assert settings.host == "127.0.0.1"
+    assert settings.allowed_host_names() == {"localhost", "127.0.0.1", "::1"}
+
+
+def test_a_stray_comma_in_allowed_hosts_lets_no_empty_host_in(tmp_path):
+    # "chat.example," (a list edited by hand) names one host: the empty name after the
+    # comma is none, else an empty Host header would pass the check.
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    with running_server(Settings(checkpoint=checkpoint, allowed_hosts="chat.example,")) as url:
+        assert httpx.get(url + "/health", headers={"Host": "chat.example"}).is_success
+        status, body = raw_exchange(url, b"GET /health HTTP/1.1\r\nHost: \r\n\r\n")
+        assert status == 400 and body["error"]["type"] == "invalid_host", body
+
+
 def test_what_uvicorn_refuses_before_the_app_is_in_the_envelope_too(base_url):
     # A head still incomplete past the limit: h11 stops buffering it, uvicorn answers.
     unfinished = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Filler: " + b"a" * (
