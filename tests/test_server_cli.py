@@ -175,12 +175,35 @@ def test_an_api_key_is_taken_as_a_header_can_send_it():
         ("max_queue", 0, -1, "greater than or equal to 0"),  # 0: never wait
         ("drain_timeout", 0, -1, "greater than or equal to 0"),  # 0: cut off at once
         ("prefill_chunk", 1, 0, "greater than or equal to 1"),
+        # No context at all: refused as a setting, before the checkpoint is read.
+        ("max_context", 1, 0, "greater than or equal to 1"),
     ],
 )
 def test_a_setting_at_its_least_is_taken_and_one_below_refused(name, least, below, message):
     assert getattr(Settings(checkpoint="unused", **{name: least}), name) == least
     with pytest.raises(ValidationError, match=message):
         Settings(checkpoint="unused", **{name: below})
+
+
+@pytest.mark.parametrize(
+    ("name", "most", "above", "message"),
+    [
+        # Past it no port exists: refused as a setting, not as a failed bind.
+        ("port", 65535, 65536, "less than or equal to 65535"),
+        ("stream_interval", 256, 257, "less than or equal to 256"),
+        ("max_batch", 1024, 1025, "less than or equal to 1024"),
+    ],
+)
+def test_a_setting_at_its_most_is_taken_and_one_above_refused(name, most, above, message):
+    assert getattr(Settings(checkpoint="unused", **{name: most}), name) == most
+    with pytest.raises(ValidationError, match=message):
+        Settings(checkpoint="unused", **{name: above})
+
+
+def test_a_checkpoint_of_spaces_only_is_refused_as_an_empty_one():
+    # POCKETGPT_CHECKPOINT= followed by a stray space names no folder either.
+    with pytest.raises(ValidationError, match="must name a checkpoint folder"):
+        Settings(checkpoint="  ")
 
 
 def test_a_bad_setting_is_named_as_the_user_gave_it_flag_or_env_var(checkpoint):
