@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.sampling import BatchParams, SamplingParams, TokenHistory, sample
@@ -30,6 +31,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     """A row's own generator: its draws depend on no other row's."""
     if seed is None:
         return None  # the global generator: unseeded draws need no reproducibility
+    if device.type == "cpu" and seed >= 2**32:
+        # The CPU generator (mt19937) keeps a seed's low 32 bits: seeds 1 and 2**32 + 1
+        # drew the same text. A larger seed is hashed to 32 bits instead (a collision now
+        # as likely as any two); smaller ones seed it as they are, as before.
+        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -129,6 +129,17 @@ def test_stream_interval_sends_the_same_tokens_in_events_of_that_many(client, ch
     assert streamed_text(events) == streamed_text(per_token)
 
 
+def test_seeds_that_differ_past_their_low_32_bits_draw_differently(client):
+    # The CPU generator keeps a seed's low 32 bits: 1 and 2**32 + 1 drew the same text.
+    body = {"prompt": "Seeds", "max_tokens": 24, "temperature": 1.0, "ignore_eos": True}
+    texts = {
+        seed: [generate(client, **body, seed=seed)["text"] for _ in range(2)]
+        for seed in (1, 2**32 + 1, 2**40 + 1, 2**63 - 1)
+    }
+    assert all(first == again for first, again in texts.values())  # each seed its own text
+    assert len({first for first, _ in texts.values()}) == len(texts)
+
+
 def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
     # A row leaking into another (a wrong slot, generator or penalty history) changes
     # the text at once. Rounding alone could too, where a draw falls within ~1e-6 of a
