@@ -58,9 +58,12 @@ def test_greedy_rows_stay_greedy_inside_a_sampled_batch() -> None:
     logits = logits_rows(4)
     rows = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 2
     params = BatchParams.from_rows(rows)
+    sampled = set()
     for draw in range(20):
         ids = sample(logits, params, [seeded(draw * 4 + i) for i in range(4)])
         assert ids[0] == logits[0].argmax() and ids[2] == logits[2].argmax()
+        sampled.add(int(ids[1]))
+    assert len(sampled) > 1  # and the sampled rows stay sampled
 
 
 def test_top_k_never_returns_a_token_outside_the_k_best() -> None:
@@ -310,3 +313,56 @@ def test_logit_biases_move_their_rows_tokens_and_no_others() -> None:
     # Banned, the row's second likeliest: the bias is added to the logit, nothing else.
     assert ids[1] == logits[1].topk(2).indices[1].item()
     assert torch.equal(logits, before)  # the caller's logits: its logprobs read them
+
+
+@pytest.mark.parametrize(
+    ("settings", "logits", "expected"),
+    [
+        ({"presence_penalty": 1.5}, [3.0, 2.0, 0.0], 1),
+        ({"frequency_penalty": 0.6}, [3.0, 2.0, 0.0], 1),
+        ({"repetition_penalty": 2.0}, [3.0, 2.0, 0.0], 1),
+        # Below 1 (or negative presence) a penalty favours the tokens already seen.
+        ({"repetition_penalty": 0.5}, [2.0, 3.0, 0.0], 0),
+        ({"presence_penalty": -1.5}, [2.0, 3.0, 0.0], 0),
+    ],
+    ids=["presence", "frequency", "repetition", "repetition below 1", "negative presence"],
+)
+def test_each_penalty_alone_changes_the_greedy_choice(
+    settings: dict, logits: list[float], expected: int
+) -> None:
+    # A batch whose only penalty is one of these still applies it: token 0, generated
+    # twice, is no longer (or now) the argmax.
+    seen = history(in_prompt=[0, 0, 0], generated=[2, 0, 0])
+    params = BatchParams.from_rows([SamplingParams(temperature=0.0, **settings)])
+    assert int(sample(torch.tensor([logits]), params, [None], seen)) == expected
+
+
+def test_penalties_without_the_token_history_are_refused() -> None:
+    params = BatchParams.from_rows([SamplingParams(presence_penalty=0.5)])
+    with pytest.raises(ValueError, match="token history"):
+        sample(logits_rows(1), params, [None])
+
+
+def test_a_logit_bias_is_added_to_the_logit_not_put_in_its_place() -> None:
+    # OpenAI's rule: +0.75 lifts token 1 (0.5) past token 0 (1.0); -0.25 leaves token 0
+    # (now 0.75) ahead of token 1. Put in place, the two biases would do the opposite.
+    logits = torch.tensor([[1.0, 0.5, 0.0]] * 2)
+    rows = [
+        SamplingParams(temperature=0.0, logit_bias=((1, 0.75),)),
+        SamplingParams(temperature=0.0, logit_bias=((0, -0.25),)),
+    ]
+    assert sample(logits, BatchParams.from_rows(rows), [None, None]).tolist() == [1, 0]
+
+
+def test_bfloat16_logits_take_logit_biases_as_their_float32_copy_does() -> None:
+    # A bf16 model's logits (a GPU server's) with a request's float32 biases.
+    half = logits_rows(2, seed=11).bfloat16()
+    rows = [
+        SamplingParams(top_p=0.9, logit_bias=((4, 5.0),)),
+        SamplingParams(logit_bias=((2, -3.0),)),
+    ]
+    params = BatchParams.from_rows(rows)
+    for seed in range(10):
+        generators = [seeded(seed * 2 + i) for i in range(2)]
+        twins = [seeded(seed * 2 + i) for i in range(2)]
+        assert torch.equal(sample(half, params, generators), sample(half.float(), params, twins))
