@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 from model.config import PRESETS, ModelConfig
 from model.kv_cache import KVCache, as_slots, cache_dtype
-from model.transformer import Transformer
+from model.transformer import Block, RMSNorm, Transformer, _Step, rope_tables
 
 VOCAB = 300
 
@@ -195,6 +196,11 @@ def test_small_preset_matches_the_design() -> None:
         ({"dim": 132}, "head_dim 33 must be even for RoPE"),
         ({"dropout": 1.0}, "dropout"),
         ({"n_layers": 0}, "n_layers"),
+        ({"vocab_size": 0}, r"vocab_size must be >= 1 \(got 0\)"),
+        ({"max_seq_len": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\) \(got -0.1\)"),
+        ({"rope_theta": math.inf}, r"rope_theta must be a positive number \(got inf\)"),
+        ({"norm_eps": math.nan}, r"norm_eps must be a positive number \(got nan\)"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_reason(overrides: dict, message: str) -> None:
@@ -308,3 +314,56 @@ def test_a_cached_call_without_slots_uses_slot_b_for_row_b(model: Transformer) -
     for ours, theirs in zip((*cache.k, *cache.v), (*by_slot.k, *by_slot.v), strict=True):
         assert torch.equal(ours, theirs)
     assert not cache.k[0][2].any()  # the third slot untouched
+
+
+@torch.inference_mode()
+def test_a_cache_given_a_shorter_length_holds_that_many_positions(model: Transformer) -> None:
+    # The trainer's preview sizes its cache to the tokens it generates, not the context.
+    cache = KVCache.for_model(model.config, n_slots=1, max_len=10)
+    assert cache.max_len == 10
+    assert all(t.shape == (1, model.config.n_kv_heads, 10, 32) for t in (*cache.k, *cache.v))
+    ids = random_ids((1, 10), seed=9)
+    logits = model(ids, full_positions(1, 10), cache, slice(0, 1), length=10)
+    torch.testing.assert_close(logits, model(ids, full_positions(1, 10)), atol=1e-5, rtol=0)
+
+
+def test_a_cache_off_the_cpu_keeps_the_weights_dtype() -> None:
+    # Only a CPU's attention is faster in fp32: a GPU's bf16 cache stays half the size.
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert cache_dtype(torch.device("cuda"), dtype) == dtype
+        assert cache_dtype(torch.device("cpu"), dtype) == torch.float32
+
+
+def test_a_bf16_rms_norm_is_the_float32_norm_rounded_once() -> None:
+    # As in HF Llama: normalised in fp32, so a bf16 model's norms round once, at the end.
+    x = (torch.randn(4, 16, 128, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    norm = RMSNorm(128, eps=1e-5).to(torch.bfloat16)  # weights of 1: the product is exact
+    x32 = x.float()
+    expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.equal(norm(x), expected.bfloat16())
+
+
+def test_training_dropout_drops_attention_weights_and_units_of_both_branches() -> None:
+    # config.dropout is both: residual dropout zeroes single units of each branch's
+    # output, attention dropout whole attention weights (at one position: each head's).
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, dropout=0.5)
+    cos, sin = rope_tables(config)
+    rope = (cos[:1].view(1, 1, 1, -1), sin[:1].view(1, 1, 1, -1))
+    step = _Step(None, None, torch.zeros(1, 1, dtype=torch.long), None)
+    x = torch.randn(1, 1, config.dim)
+    for silenced in ("mlp.down_proj", "self_attn.o_proj"):  # the other branch alone adds
+        block = Block(config)
+        with torch.no_grad():
+            block.get_submodule(silenced).weight.zero_()
+        whole = (block.eval()(x, rope, step) - x)[0, 0]
+        block.train()
+        units_dropped = rescaled = False
+        for _ in range(20):
+            branch = (block(x, rope, step) - x)[0, 0]
+            dropped = branch == 0
+            units_dropped |= bool(dropped.any() and not dropped.all())
+            # Residual dropout alone leaves each kept unit at twice its eval value.
+            rescaled |= not torch.allclose(branch[~dropped], 2 * whole[~dropped], atol=1e-6)
+        assert units_dropped, silenced
+        assert rescaled == (silenced == "mlp.down_proj"), silenced  # attention's heads
