@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from server_harness import english_tokenizer
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models
 
 from model.checkpoint import END_OF_TEXT
 from model.token_bytes import token_bytes
@@ -173,3 +173,29 @@ def test_a_stop_string_the_end_of_the_text_completes_ends_it() -> None:
     assert "".join(detokenizer.add(i) for i in ids) == "a"
     assert detokenizer.stop_string is None
     assert detokenizer.finish() == "" and detokenizer.stop_string == "\ufffd"
+
+
+def test_added_tokens_stream_their_text_and_special_ones_nothing() -> None:
+    # A checkpoint's tokenizer may hold tokens added past its trained vocabulary (HF's
+    # add_tokens, a chat model's <|im_end|>): a plain one is its text, a special one
+    # nothing, as a one-shot decode has them.
+    tokenizer = english_tokenizer()
+    tokenizer.add_tokens(["<tool>"])
+    tokenizer.add_special_tokens(["<|im_end|>"])
+    table = token_bytes(tokenizer)
+    assert len(table) == tokenizer.get_vocab_size(with_added_tokens=True)
+    ids = [*tokenizer.encode("call <tool> now").ids, tokenizer.token_to_id("<|im_end|>")]
+    assert tokenizer.token_to_id("<tool>") in ids
+    assert b"".join(table[i] for i in ids).decode() == tokenizer.decode(ids) == "call <tool> now"
+
+
+def test_a_tokenizer_whose_tokens_are_not_bytes_is_refused_saying_why() -> None:
+    metaspace = english_tokenizer()  # SentencePiece-style: its pieces are no byte strings
+    metaspace.decoder = decoders.Metaspace()
+    with pytest.raises(ValueError, match=r"unsupported tokenizer decoder \(Metaspace\)"):
+        token_bytes(metaspace)
+    # A hand-edited vocabulary: a character GPT-2's byte alphabet has no byte for.
+    edited = Tokenizer(models.BPE(vocab={"a": 0, "中": 1}, merges=[]))
+    edited.decoder = decoders.ByteLevel()
+    with pytest.raises(ValueError, match=r"token 1 \('中'\) is not in the byte-level BPE"):
+        token_bytes(edited)
