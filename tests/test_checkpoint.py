@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,11 @@ from model.atomic_files import clear_interrupted_saves
 from model.checkpoint import (
     LATEST,
     CheckpointError,
+    carried_generation_config,
     generation_config,
     load_model,
     load_tokenizer,
+    read_tokenizer_extras,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -182,8 +185,9 @@ def edit_config(folder: Path, **changes: object) -> None:
         {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
         # Absent fields: LlamaConfig's defaults apply (rms_norm_eps 1e-6, not ours).
         {"rms_norm_eps": None},
+        {"rope_theta": None},  # 10000
     ],
-    ids=["rope_parameters", "no rms_norm_eps"],
+    ids=["rope_parameters", "no rms_norm_eps", "no rope_theta"],
 )
 def test_config_fields_mean_what_they_mean_to_transformers(
     saved: tuple[Transformer, Path], changes: dict
@@ -210,6 +214,11 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not"),
         ({"rms_norm_eps": -1}, r"norm_eps must be a positive number \(got -1.0\)"),
         ({"rope_theta": 0}, r"rope_theta must be a positive number \(got 0.0\)"),
+        ({"attention_bias": True}, "biases are not supported"),
+        ({"mlp_bias": True}, "biases are not supported"),
+        ({"vocab_size": None}, "missing field 'vocab_size'"),
+        ({"rms_norm_eps": [1e-5]}, r"config\.json: float\(\) argument must be"),
+        ({"max_position_embeddings": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
     ],
     ids=[
         "scaled rope (v5)",
@@ -223,6 +232,11 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         "tie_word_embeddings a string",
         "rms_norm_eps negative: every logit NaN",
         "rope_theta zero",
+        "attention biases",
+        "mlp biases",
+        "no vocab_size",
+        "rms_norm_eps a list",
+        "max_position_embeddings zero",
     ],
 )
 def test_configs_we_cannot_run_as_written_are_refused(
@@ -550,6 +564,8 @@ def test_generation_config_keeps_what_a_run_carries_with_the_separator_among_its
         "bos_token_id": 0,
         "eos_token_id": [0, 7],
     }
+    # A boolean is no token id (JSON's true is not 1).
+    assert generation_config({"eos_token_id": [True, 7]}, 0)["eos_token_id"] == [0, 7]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -644,3 +660,180 @@ def test_a_run_folder_holding_only_latest_is_a_run_and_a_best_loss_is_read_as_a_
     for val_loss, recorded in (("low", None), (2.5, 2.5)):
         meta.write_text(json.dumps({"val_loss": val_loss}))
         assert recorded_best_loss(tmp_path) == recorded
+
+
+def edit_weights(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite the folder's model.safetensors with `edit` applied to its tensors."""
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_an_old_exports_rope_table_is_skipped_and_the_model_loads(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # Older HF exports store rotary_emb.inv_freq per layer; ours is computed.
+    model, folder = saved
+    inv_freq = torch.ones(model.config.head_dim // 2)
+    edit_weights(
+        folder, lambda w: w.update({"model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq})
+    )
+    loaded = load_model(folder)
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda w: w.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(1)}),
+            r"unexpected tensor 'model\.layers\.9\.mlp\.up_proj\.weight' for this config\.json",
+        ),
+        (lambda w: w.pop("model.norm.weight"), r"1 tensors missing \(model\.norm\.weight\.\.\.\)"),
+        (
+            lambda w: w.update({"model.norm.weight": w["model.norm.weight"].to(torch.int32)}),
+            "model.norm.weight has unsupported dtype torch.int32",
+        ),
+    ],
+    ids=["unexpected", "missing", "integer"],
+)
+def test_weights_that_are_not_the_configs_model_are_refused_naming_the_tensor(
+    saved: tuple[Transformer, Path], edit: Callable, message: str
+) -> None:
+    _, folder = saved
+    edit_weights(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x10\x00", r"truncated \(2 bytes, no safetensors header\)"),
+        (
+            (1000).to_bytes(8, "little") + b'{"a": 1}',
+            r"truncated header \(16 bytes, header says 1000\)",
+        ),
+        ((8).to_bytes(8, "little") + b"not json", "corrupt safetensors header"),
+    ],
+    ids=["no header", "cut header", "header no JSON"],
+)
+def test_a_weights_file_without_a_whole_header_is_refused_saying_so(
+    saved: tuple[Transformer, Path], content: bytes, message: str
+) -> None:
+    _, folder = saved
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: " + message):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["../elsewhere.safetensors", "/tmp/model.safetensors", "model.bin", 3],
+    ids=["parent folder", "absolute", "not safetensors", "not a name"],
+)
+def test_a_shard_index_may_name_only_safetensors_files_beside_it(
+    saved: tuple[Transformer, Path], shard: object
+) -> None:
+    _, folder = saved
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"model.norm.weight": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"shards must be \.safetensors files in its own folder"
+    ):
+        load_model(folder)
+
+
+def test_a_shard_the_index_names_but_the_folder_lacks_is_named(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"weight_map": {"model.norm.weight": names[0], "lm_head.weight": names[1]}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{names[1]}: missing$"):
+        load_model(folder)
+
+
+def test_a_run_folder_without_latest_lists_up_to_three_checkpoints_then_elides(
+    tmp_path: Path,
+) -> None:
+    for name in ("best", "step-0000002", "step-0000004"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"inside it: best, step-0000002, step-0000004: "):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "step-0000006").mkdir()
+    (tmp_path / "step-0000006" / "config.json").write_text("{}")
+    with pytest.raises(
+        CheckpointError, match=r"inside it: best, step-0000002, \.\.\., step-0000006: "
+    ):
+        resolve_checkpoint(tmp_path)
+
+
+def test_transformers_tokenizer_knows_the_models_context(saved: tuple[Transformer, Path]) -> None:
+    # Its model_max_length: what transformers truncates to (and warns of) past it.
+    model, folder = saved
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf.model_max_length == model.config.max_seq_len
+
+
+@torch.inference_mode()
+def test_a_checkpoint_runs_with_any_context_up_to_its_own_and_no_longer(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # The server's --max-context: a shorter RoPE table (and cache), the same logits.
+    model, folder = saved
+    own = model.config.max_seq_len
+    assert load_model(folder, max_seq_len=own).config == model.config
+    short = load_model(folder, max_seq_len=8)
+    assert short.config.max_seq_len == 8 and short.rope_cos.shape[0] == 8
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(short(ids, positions_for(ids)), model(ids, positions_for(ids)))
+    with pytest.raises(ValueError, match=rf"{own + 1} tokens is more than the checkpoint's {own}"):
+        load_model(folder, max_seq_len=own + 1)
+
+
+def test_a_fine_tune_carries_the_end_and_pad_ids_config_json_alone_declares(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"eos_token_id": [0, 7], "pad_token_id": 3}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert carried_generation_config(folder) == {
+        "temperature": 0.6,
+        "eos_token_id": [0, 7],
+        "pad_token_id": 3,
+    }
+    # generation_config.json's own ids win; a null in config.json declares nothing.
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    (folder / "config.json").write_text(json.dumps(config | {"pad_token_id": None}))
+    assert carried_generation_config(folder) == {"eos_token_id": 9}
+
+
+def test_a_checkpoint_keeps_the_tokenizer_fields_hf_users_add(
+    saved: tuple[Transformer, Path], tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    # A pad token and a chat template set in tokenizer_config.json (transformers 4's
+    # place for the template) stay in the checkpoints trained from it; our own fields
+    # are rewritten for the new model.
+    model, folder = saved
+    path = folder / "tokenizer_config.json"
+    added = {
+        "pad_token": "<|endoftext|>",
+        "chat_template": "{{ messages }}",
+        "padding_side": "left",
+    }
+    path.write_text(json.dumps(json.loads(path.read_text()) | added | {"model_max_length": 5}))
+    extras = read_tokenizer_extras(folder)
+    assert extras.fields == added
+    again = save_checkpoint(tmp_path / "again", "step-1", model, tokenizer, tokenizer_extras=extras)
+    written = json.loads((again / "tokenizer_config.json").read_text())
+    assert {k: written[k] for k in added} == added
+    assert written["model_max_length"] == model.config.max_seq_len
