@@ -32,10 +32,11 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.dim % self.n_heads:
-            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        elif self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.n_heads >= 1:  # else refused above, with no head width to check
+            if self.dim % self.n_heads:
+                problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim {self.head_dim} must be even for RoPE")
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"

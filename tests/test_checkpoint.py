@@ -219,6 +219,8 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"vocab_size": None}, "missing field 'vocab_size'"),
         ({"rms_norm_eps": [1e-5]}, r"config\.json: float\(\) argument must be"),
         ({"max_position_embeddings": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
+        # A CheckpointError (the server's one-line refusal), not a ZeroDivisionError.
+        ({"num_attention_heads": 0, "head_dim": None}, r"n_heads must be >= 1 \(got 0\)"),
     ],
     ids=[
         "scaled rope (v5)",
@@ -237,6 +239,7 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         "no vocab_size",
         "rms_norm_eps a list",
         "max_position_embeddings zero",
+        "no heads",
     ],
 )
 def test_configs_we_cannot_run_as_written_are_refused(

@@ -196,6 +196,7 @@ def test_small_preset_matches_the_design() -> None:
         ({"dim": 132}, "head_dim 33 must be even for RoPE"),
         ({"dropout": 1.0}, "dropout"),
         ({"n_layers": 0}, "n_layers"),
+        ({"n_heads": 0}, r"n_heads must be >= 1 \(got 0\)"),  # not a ZeroDivisionError
         ({"vocab_size": 0}, r"vocab_size must be >= 1 \(got 0\)"),
         ({"max_seq_len": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\) \(got -0.1\)"),
