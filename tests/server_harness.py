@@ -29,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 from tokenizers import Tokenizer
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import save_checkpoint, text_literally
 from model.config import ModelConfig
 from model.transformer import Transformer
 from server.app import create_app
@@ -52,11 +52,16 @@ CHATML = (
 )
 
 
-@functools.cache
 def english_tokenizer() -> Tokenizer:
-    """A byte-level BPE trained on English only (standard-library docstrings)."""
+    """A byte-level BPE trained on English only (standard-library docstrings); a copy of
+    its own for each call, so that a test adding tokens to one changes no other test's."""
+    return text_literally(Tokenizer.from_str(_english_tokenizer_json()))
+
+
+@functools.cache
+def _english_tokenizer_json() -> str:
     modules = (argparse, collections, contextlib, functools, itertools, json, re, threading)
-    return train_tokenizer([m.__doc__ or "" for m in modules], VOCAB_SIZE)
+    return train_tokenizer([m.__doc__ or "" for m in modules], VOCAB_SIZE).to_str()
 
 
 def random_checkpoint(

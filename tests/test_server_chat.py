@@ -55,7 +55,7 @@ CONVERSATIONS = [
 
 def chat_tokenizer() -> Tokenizer:
     """The English test tokenizer with ChatML's two special tokens added."""
-    tokenizer = Tokenizer.from_str(english_tokenizer().to_str())
+    tokenizer = english_tokenizer()
     tokenizer.add_special_tokens(list(CONTROL))
     return tokenizer
 
@@ -131,7 +131,7 @@ def test_added_tokens_the_template_writes_are_control_tokens_as_transformers_rea
 
     # Not special: <turn> is a control token because the template writes it; <unused> is
     # none, and reads as its token, as transformers reads it.
-    tokenizer = Tokenizer.from_str(english_tokenizer().to_str())
+    tokenizer = english_tokenizer()
     tokenizer.add_tokens(["<turn>", "<unused>"])
     template = "{% for m in messages %}{{ '<turn>' + m['content'] }}{% endfor %}"
     folder = with_template(random_checkpoint(tmp_path, tokenizer), template)
@@ -154,7 +154,7 @@ def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_saniti
     # A template that builds its turn token from pieces (as Phi-4-mini's does) names it in
     # chat_control_tokens, as transformers 5 documents; then only the special tokens and
     # those listed are control tokens, not the added tokens the template writes.
-    tokenizer = Tokenizer.from_str(english_tokenizer().to_str())
+    tokenizer = english_tokenizer()
     tokenizer.add_tokens(["<turn>", "<sep>"])
     template = "{% for m in messages %}{{ '<tu' + 'rn>' + m['content'] + '<sep>' }}{% endfor %}"
     folder = with_template(random_checkpoint(tmp_path, tokenizer), template)
