@@ -100,9 +100,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return environment
 
 
-def template_source(folder: Path) -> tuple[Path, str] | None:
-    """(the file it is in, the text) of the checkpoint folder's default chat template;
-    None if it has none."""
+def _template_source(folder: Path, config: dict[str, object]) -> tuple[Path, str] | None:
+    """(the file it is in, the text) of the checkpoint folder's default chat template
+    (`config`: its tokenizer_config.json); None if it has none."""
     path = folder / CHAT_TEMPLATE
     if path.is_file():
         try:
@@ -110,7 +110,7 @@ def template_source(folder: Path) -> tuple[Path, str] | None:
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable ({e})") from None
     path = folder / TOKENIZER_CONFIG
-    stored = read_json_object(path).get("chat_template")
+    stored = config.get("chat_template")
     if isinstance(stored, list):  # transformers 4's named templates
         stored = next(
             (
@@ -221,7 +221,8 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     """The checkpoint folder's chat template for its tokenizer (`served`: the server's,
     left as it is); None without one; a CheckpointError naming the file for one jinja2
     cannot compile."""
-    source = template_source(folder)
+    config = read_json_object(folder / TOKENIZER_CONFIG)
+    source = _template_source(folder, config)
     if source is None:
         return None
     path, text = source
@@ -231,7 +232,6 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
         syntax = environment.parse(text)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise CheckpointError(f"{path}: chat template line {e.lineno}: {e.message}") from None
-    config = read_json_object(folder / TOKENIZER_CONFIG)
     template_tokens = {
         name: token for name in TEMPLATE_TOKENS if (token := _token_text(config.get(name)))
     }
@@ -257,10 +257,8 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     marked = re.compile(
         f"{MARK_START}({control_tokens.pattern}){MARK_END}|[{MARK_START}{MARK_END}]"
     )
-    tokenizer = Tokenizer.from_str(served.to_str())
+    tokenizer = Tokenizer.from_str(served.to_str())  # `served` left to read them as text
     tokenizer.encode_special_tokens = False
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
     return ChatTemplate(
         template, template_tokens, control_tokens, special_tokens, marked, tokenizer
     )

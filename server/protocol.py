@@ -7,8 +7,9 @@ Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penal
 (OpenAI semantics) and `ignore_eos` (go on past end-of-text, so that a request without
 stop strings makes exactly max_tokens: for benchmarks), and answers name the stop string
 that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
-Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request (its
-fields map onto /v1/generate's: `CompletionRequest.choices`).
+Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request and
+/v1/chat/completions its chat request (their fields map onto /v1/generate's:
+`OpenAIRequest.choice_fields`; a chat's messages become its prompt in server/chat.py).
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ async def chat_completions(
             chunk,
             _include_usage(body),
             body.n,
-            lambda index, output: _chat_chunk_choice(index, output, token_table),
+            lambda index, output: _chat_choice(index, output, token_table, streamed=True),
             roles,
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
@@ -552,11 +552,15 @@ def _choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict
     }
 
 
-def _chat_choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict[str, object]:
-    """One ChatChoice of a whole `output`, as a dict."""
+def _chat_choice(
+    index: int, output: RequestOutput, token_table: list[bytes], *, streamed: bool = False
+) -> dict[str, object]:
+    """One ChatChoice of a whole `output`, or (`streamed`) a ChatChunkChoice of its text
+    since the last, as a dict."""
+    text = {"content": output.text}
     return {
         "index": index,
-        "message": {"role": "assistant", "content": output.text},
+        **({"delta": text} if streamed else {"message": {"role": "assistant", **text}}),
         "logprobs": _chat_logprobs(output.logprobs, token_table) if output.logprobs else None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_string,
@@ -567,19 +571,6 @@ def _chat_role_chunk(index: int) -> dict[str, object]:
     """The ChatChunkChoice that opens choice `index` of a stream: its role, as OpenAI's."""
     delta = {"role": "assistant", "content": ""}
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-
-def _chat_chunk_choice(
-    index: int, output: RequestOutput, token_table: list[bytes]
-) -> dict[str, object]:
-    """One ChatChunkChoice of `output` (its text since the last), as a dict."""
-    return {
-        "index": index,
-        "delta": {"content": output.text},
-        "logprobs": _chat_logprobs(output.logprobs, token_table) if output.logprobs else None,
-        "finish_reason": output.finish_reason,
-        "stop_reason": output.stop_string,
-    }
 
 
 def _chat_logprobs(
