@@ -147,6 +147,11 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
             raise fail(f"{name} must be an integer, not {value!r}")
         return value
 
+    def number(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail(f"{name} must be a number, not {value!r}")
+        return float(value)
+
     tie_embeddings = hf.get("tie_word_embeddings", False)
     if not isinstance(tie_embeddings, bool):  # "false" would read as true
         raise fail(f"tie_word_embeddings must be true or false, not {tie_embeddings!r}")
@@ -162,8 +167,8 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
             ffn_dim=integer("intermediate_size", hf["intermediate_size"]),
             max_seq_len=integer("max_position_embeddings", hf["max_position_embeddings"]),
             # Absent fields take LlamaConfig's defaults, so both libraries build one model.
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=number("rope_theta", rope.get("rope_theta", hf.get("rope_theta", 1e4))),
+            norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=tie_embeddings,
         )
     except KeyError as e:

@@ -217,7 +217,8 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"attention_bias": True}, "biases are not supported"),
         ({"mlp_bias": True}, "biases are not supported"),
         ({"vocab_size": None}, "missing field 'vocab_size'"),
-        ({"rms_norm_eps": [1e-5]}, r"config\.json: float\(\) argument must be"),
+        ({"rms_norm_eps": [1e-5]}, r"config\.json: rms_norm_eps must be a number, not \[1e-05\]"),
+        ({"rope_theta": "1e4"}, r"config\.json: rope_theta must be a number, not '1e4'"),
         ({"max_position_embeddings": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
         # A CheckpointError (the server's one-line refusal), not a ZeroDivisionError.
         ({"num_attention_heads": 0, "head_dim": None}, r"n_heads must be >= 1 \(got 0\)"),
@@ -238,6 +239,7 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         "mlp biases",
         "no vocab_size",
         "rms_norm_eps a list",
+        "rope_theta a string",
         "max_position_embeddings zero",
         "no heads",
     ],
