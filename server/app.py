@@ -93,6 +93,8 @@ async def _load(app: FastAPI) -> None:
     )
     if len(end_ids := serving.engine.end_ids) > 1:
         log.info("texts end at token ids %s (the checkpoint's eos_token_id)", sorted(end_ids))
+    if serving.chat is not None:
+        log.info("/v1/chat/completions: the chat template of %s", serving.chat.source)
 
 
 def begin_drain(app: FastAPI, serving: Serving) -> None:

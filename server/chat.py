@@ -136,6 +136,7 @@ def _token_text(value: object) -> str | None:
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    source: Path  # the file it was read from: chat_template.jinja or tokenizer_config.json
     template: jinja2.Template
     template_tokens: dict[str, str]  # bos_token, eos_token, ...: what the template may use
     control_tokens: re.Pattern[str]  # any control token, the longest first
@@ -260,7 +261,7 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     tokenizer = Tokenizer.from_str(served.to_str())  # `served` left to read them as text
     tokenizer.encode_special_tokens = False
     return ChatTemplate(
-        template, template_tokens, control_tokens, special_tokens, marked, tokenizer
+        path, template, template_tokens, control_tokens, special_tokens, marked, tokenizer
     )
 
 

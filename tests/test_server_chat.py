@@ -369,7 +369,9 @@ def test_chats_are_counted_with_the_generation_requests(client, base_url):
     assert metric_samples(base_url)[ok] == before + 1
 
 
-def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(tmp_path, checkpoint):
+def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(
+    tmp_path, checkpoint, capfd
+):
     alternating = (
         "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('Conversation roles must alternate user/assistant, not at: '"
@@ -391,6 +393,9 @@ def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(tmp_p
         )
         alternate = {**twice, "messages": [{"role": "user", "content": "a"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=alternate).status_code == 200
+    # The server log tells the operator which template chats go through; without one, nothing.
+    log = capfd.readouterr().err
+    assert f"/v1/chat/completions: the chat template of {refusing / 'chat_template.jinja'}\n" in log
     with running_server(Settings(checkpoint=plain)) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json=twice, timeout=60)
         assert "no chat template" in assert_error(response, 400, "no_chat_template")
@@ -398,6 +403,8 @@ def test_messages_a_template_refuses_and_a_checkpoint_without_one_are_400s(tmp_p
         assert_error(counted, 400, "no_chat_template")
         completed = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert completed.status_code == 200
+    log = capfd.readouterr().err
+    assert f"serving {plain} as " in log and "the chat template of" not in log
 
 
 def test_the_template_transformers_4_kept_in_tokenizer_config_serves_as_the_file_does(
