@@ -752,6 +752,17 @@ def test_a_fine_tune_keeps_the_pad_token_and_chat_template_given_its_tokenizer_i
         assert terse == "hi", folder
         assert reloaded.chat_control_tokens == ["<|endoftext|>"], folder
     assert meta(tuned)["step"] == 3
+    # ... and the fine-tune chats: its prompt is the one transformers makes of the messages,
+    # the control token a client types read as text.
+    chat = [{"role": "user", "content": "hi <|endoftext|>"}]
+    expected = AutoTokenizer.from_pretrained(resolve_checkpoint(tuned)).apply_chat_template(
+        chat, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+    )
+    with running_server(Settings(checkpoint=tuned)) as url:
+        counted = httpx.post(f"{url}/tokenize", json={"messages": chat}).json()
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": chat, "max_tokens": 2})
+    assert counted["tokens"] == expected
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == len(expected)
 
     (edited / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     capsys.readouterr()
