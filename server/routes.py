@@ -130,7 +130,7 @@ class Serving:
     max_context: int
     stream_interval: int
     checkpoint: Path  # the step folder loaded
-    chat: ChatTemplate | None = None  # the checkpoint's chat template, if it has one
+    chat: ChatTemplate | None  # the checkpoint's chat template, if it has one
 
 
 def _serving(request: Request) -> Serving:
