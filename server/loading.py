@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from model.chat_template import ChatTemplate, load_chat_template
 from model.checkpoint import (
     CONFIG,
     LATEST,
@@ -25,7 +26,6 @@ from model.checkpoint import (
 )
 from model.device import resolve_device
 from model.token_bytes import token_bytes
-from server.chat import ChatTemplate, load_chat_template
 from server.engine import Engine
 from server.metrics import Metrics
 from server.routes import Serving

@@ -9,7 +9,7 @@ stop strings makes exactly max_tokens: for benchmarks), and answers name the sto
 that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
 Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request and
 /v1/chat/completions its chat request (their fields map onto /v1/generate's:
-`OpenAIRequest.choice_fields`; a chat's messages become its prompt in server/chat.py).
+`OpenAIRequest.choice_fields`; a chat's messages become its prompt in model/chat_template.py).
 """
 
 from __future__ import annotations
@@ -505,7 +505,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIRequest):
     """OpenAI's chat completions request: the messages become the prompt through the
-    served checkpoint's chat template (server/chat.py), then it is served as a completion
+    served checkpoint's chat template (model/chat_template.py), then it is served as a completion
     of it. Tools, images and response formats are not taken (unknown fields: 422)."""
 
     messages: NonEmpty[ChatMessage]

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic_core import to_json
 from starlette.types import Receive, Scope
 
-from server.chat import ChatError, ChatTemplate
+from model.chat_template import ChatError, ChatTemplate
 from server.engine import (
     FAILED,
     Engine,

@@ -23,9 +23,9 @@ from server_harness import (
 )
 from tokenizers import Tokenizer
 
+from model.chat_template import MARK_END, MARK_START, load_chat_template
 from model.checkpoint import CheckpointError, load_tokenizer
 from model.token_bytes import token_bytes
-from server.chat import MARK_END, MARK_START, load_chat_template
 from server.loading import read_serving_files
 from server.protocol import ChatCompletion, ChatCompletionChunk
 from server.settings import Settings
