@@ -8,6 +8,11 @@ which "default"). It runs in jinja2's immutable sandbox with the globals, filter
 transformers gives it (`raise_exception`, `strftime_now`, a `tojson` that leaves HTML
 alone, `{% generation %}`, loop controls), trim_blocks and lstrip_blocks set.
 
+A fine-tune learns a chat from conversations through the same template
+(`ChatTemplate.conversation`): the tokens the server's prompt for each assistant turn
+leaves to the model are the ones it learns to write. A model without a template gets
+CHATML, transformers' ChatML with `{% generation %}` around what the assistant writes.
+
 Control tokens (the tokenizer's special tokens, and the other added tokens the template
 writes itself, say `<|im_start|>`, or instead those tokenizer_config.json's
 `chat_control_tokens` lists) in what a client sent are read as text: a user cannot
@@ -48,6 +53,20 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 # special_tokens_map): those tokenizer_config.json sets.
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token")
 TEMPLATE_TOKENS += ("mask_token",)
+
+
+# ChatML (Qwen's and OpenAI's turn markers), the template a fine-tune on conversations gets
+# when its model has none; its two markers become special tokens of the tokenizer.
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class ChatError(Exception):
@@ -100,7 +119,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return environment
 
 
-def _template_source(folder: Path, config: dict[str, object]) -> tuple[Path, str] | None:
+def template_source(folder: Path, config: dict[str, object]) -> tuple[Path, str] | None:
     """(the file it is in, the text) of the checkpoint folder's default chat template
     (`config`: its tokenizer_config.json); None if it has none."""
     path = folder / CHAT_TEMPLATE
@@ -160,6 +179,27 @@ class ChatTemplate:
             # Its message may quote the messages: as the client wrote them, without markers.
             reason = str(e).replace(MARK_START, "").replace(MARK_END, "")
             raise ChatError(f"the chat template refused the messages: {reason}") from None
+
+    def conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """(ids, learned) of a whole conversation: its token ids, and 1 where the model
+        learns the token (an assistant's turn: what follows the prompt the server makes of
+        the messages before it, through the template's end of that turn), else 0. A
+        ChatError where the template refuses the messages, or writes a turn otherwise once
+        later ones follow (which tokens the assistant wrote is then unknown)."""
+        ids = self.encode(self.render(messages, add_generation_prompt=False))
+        learned = [0] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.encode(self.render(messages[:turn], add_generation_prompt=True))
+            through = self.encode(self.render(messages[: turn + 1], add_generation_prompt=False))
+            if through[: len(prompt)] != prompt or ids[: len(through)] != through:
+                raise ChatError(
+                    f"the chat template writes message {turn + 1} (the assistant's) otherwise "
+                    "once more messages follow, so which tokens the assistant wrote is unknown"
+                )
+            learned[len(prompt) : len(through)] = [1] * (len(through) - len(prompt))
+        return ids, learned
 
     def ordinary_text(self, rendered: str) -> str:
         """`rendered` without its markers and the special tokens `encode` reads as tokens:
@@ -223,10 +263,19 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     left as it is); None without one; a CheckpointError naming the file for one jinja2
     cannot compile."""
     config = read_json_object(folder / TOKENIZER_CONFIG)
-    source = _template_source(folder, config)
+    source = template_source(folder, config)
     if source is None:
         return None
     path, text = source
+    return compile_chat_template(path, text, config, served)
+
+
+def compile_chat_template(
+    path: Path, text: str, config: dict[str, object], served: Tokenizer
+) -> ChatTemplate:
+    """The chat template `text` (from the file at `path`, named in errors) for the
+    tokenizer `served` (left as it is), `config` its tokenizer_config.json's fields; a
+    CheckpointError for one jinja2 cannot compile."""
     environment = _environment()
     try:
         template = environment.from_string(text)
@@ -250,8 +299,8 @@ def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:
     elif isinstance(listed, list) and all(isinstance(token, str) for token in listed):
         control = [token.content for token in added if token.content in listed]
     else:
-        path = folder / TOKENIZER_CONFIG
-        raise CheckpointError(f"{path}: chat_control_tokens is not a list of tokens")
+        config_path = path.parent / TOKENIZER_CONFIG
+        raise CheckpointError(f"{config_path}: chat_control_tokens is not a list of tokens")
     control += [token.content for token in added if token.special]
     control_tokens = _any_of(control)
     special_tokens = _any_of(token.content for token in added if token.special)

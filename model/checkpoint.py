@@ -70,6 +70,8 @@ KEPT_TOKENIZER_FIELDS = (
 )
 HF_PREFIX = "model."  # our module names are HF's minus this prefix (lm_head excepted)
 FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+# generation_config.json's sampling settings for a model trained from scratch.
+NEW_MODEL_SAMPLING: dict[str, object] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
 
 
 class CheckpointError(Exception):
@@ -556,8 +558,7 @@ def generation_config(carried: Mapping[str, object] | None, eos_id: int) -> dict
     """generation_config.json: the settings `carried` from the checkpoint a run started
     from, as they were (None: a new model's, sampling at 0.8 / 0.95), with the separator
     as bos and among the eos ids (besides those it declared: a chat model's <|im_end|>)."""
-    settings = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
-    settings = dict(carried) if carried is not None else settings
+    settings = dict(carried) if carried is not None else NEW_MODEL_SAMPLING
     declared = settings.get("eos_token_id")
     declared = declared if isinstance(declared, list) else [declared]
     ids = [i for i in declared if isinstance(i, int) and not isinstance(i, bool)]
