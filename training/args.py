@@ -47,7 +47,9 @@ class TrainArgs:
     # data
     data: list[str] = field(
         default_factory=list,
-        metadata=doc("text files/folders (.txt, .md, .jsonl); none = embedded corpus"),
+        metadata=doc(
+            "text files/folders (.txt, .md, .jsonl of text or messages); none = embedded corpus"
+        ),
     )
     val_data: list[str] = field(
         default_factory=list,

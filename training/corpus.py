@@ -1,7 +1,9 @@
 """Find and clean training text: the user's files and folders, or the embedded default corpus.
 
 User text: `.txt` and `.md` files are one document each; `.jsonl` files hold one
-document per line in a `text` field. Folders are searched recursively in sorted
+document per line in a `text` field, or one conversation per line in a `messages`
+list of `{"role", "content"}` objects (OpenAI's fine-tuning format): a corpus is text
+or conversations, not both. Folders are searched recursively in sorted
 order, past hidden files and folders and past training runs and model folders.
 Text is decoded as UTF-8, or as the UTF-16 / UTF-32 its byte-order mark declares;
 invalid bytes, and in `.jsonl` strings escapes of lone UTF-16 surrogates, become
@@ -35,7 +37,8 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,6 +65,32 @@ BYTE_ORDER_MARKS = (
 
 class CorpusError(Exception):
     """Unusable input text; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat to learn from (a `.jsonl` record's `messages`): the model learns to write
+    its assistant messages, given the messages before each."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content), in order
+    source: str = field(default="", compare=False)  # "file:line", for errors
+
+    def as_messages(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them."""
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    @property
+    def text(self) -> str:
+        """Its contents, one after another: what a tokenizer is trained on."""
+        return "\n".join(content for _, content in self.messages)
+
+
+Document = str | Conversation
+
+
+def document_text(doc: Document) -> str:
+    """A text document itself, or a conversation's contents (`Conversation.text`)."""
+    return doc.text if isinstance(doc, Conversation) else doc
 
 
 def read_text(path: Path) -> str | None:
@@ -99,7 +128,7 @@ def _warn_replaced(path: Path, what: str) -> None:
     print(f"warning: {path}: {what} replaced with U+FFFD", file=sys.stderr)
 
 
-def _documents_in(path: Path) -> list[str] | None:
+def _documents_in(path: Path) -> list[Document] | None:
     """The documents of one file (None: binary, skipped with a warning)."""
     if path.suffix.lower() == JSONL_SUFFIX:
         return _jsonl_documents(path)
@@ -107,12 +136,19 @@ def _documents_in(path: Path) -> list[str] | None:
     return None if text is None else [text]
 
 
-def _jsonl_documents(path: Path) -> list[str] | None:
+def _jsonl_documents(path: Path) -> list[Document] | None:
     text = read_text(path)
     if text is None:
         return None
-    documents = []
+    documents: list[Document] = []
     surrogates = False
+
+    def cleaned(text: str) -> str:
+        nonlocal surrogates
+        text, replaced = LONE_SURROGATE.subn("\ufffd", text)
+        surrogates = surrogates or replaced > 0
+        return text.replace("\r\n", "\n")
+
     # JSON Lines ends records at "\n" only: str.splitlines() would also cut at U+2028,
     # U+2029 and U+0085, which JSON allows unescaped inside strings (ensure_ascii=False).
     # (read_text has made a CRLF file's line ends "\n".)
@@ -130,15 +166,42 @@ def _jsonl_documents(path: Path) -> list[str] | None:
             raise CorpusError(f"{path}:{number}: not readable JSON ({e})") from None
         except RecursionError:  # brackets nested thousands deep
             raise CorpusError(f"{path}:{number}: not readable JSON (nested too deep)") from None
+        where = f"{path}:{number}"
+        if isinstance(record, dict) and "messages" in record and "text" not in record:
+            documents.append(_conversation(record["messages"], where, cleaned))
+            continue
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
-        text, replaced = LONE_SURROGATE.subn("\ufffd", text)
-        surrogates = surrogates or replaced > 0
-        documents.append(text.replace("\r\n", "\n"))
+            raise CorpusError(
+                f"{where}: expected an object with a string 'text' field or a 'messages' list"
+            )
+        documents.append(cleaned(text))
     if surrogates:
         _warn_replaced(path, "invalid UTF-8, lone surrogate escapes")
     return documents
+
+
+def _conversation(messages: object, where: str, cleaned: Callable[[str], str]) -> Conversation:
+    """A `messages` list as a Conversation; a CorpusError naming `where` (file:line) and
+    the problem if it is not one to learn from."""
+    if not isinstance(messages, list) or not messages:
+        raise CorpusError(f"{where}: 'messages' must be a non-empty list of messages")
+    turns = []
+    for index, message in enumerate(messages, start=1):
+        said = f"{where}: message {index}"
+        if not isinstance(message, dict):
+            raise CorpusError(f"{said} is not an object")
+        if other := sorted(set(message) - {"role", "content"}):
+            raise CorpusError(f"{said}: only 'role' and 'content' are read, not {other[0]!r}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise CorpusError(f"{said}: 'role' must be a role's name (user, assistant, ...)")
+        if not isinstance(content, str):
+            raise CorpusError(f"{said}: 'content' must be a string")
+        turns.append((role, cleaned(content)))
+    if not any(role == "assistant" and content for role, content in turns):
+        raise CorpusError(f"{where}: no assistant message with content: nothing to learn")
+    return Conversation(tuple(turns), where)
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -229,9 +292,12 @@ def _files_under(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def load_documents(paths: Iterable[str | Path]) -> list[str]:
-    """Every document under `paths` in a deterministic order; empty documents dropped."""
-    documents, read, texts, blank, repeated = [], {}, {}, [], []
+def load_documents(paths: Iterable[str | Path]) -> list[Document]:
+    """Every document under `paths` in a deterministic order; empty documents dropped.
+    A CorpusError if they are text and conversations both."""
+    documents: list[Document] = []
+    read, texts, blank, repeated = {}, {}, [], []
+    first_of_kind: dict[type, Path] = {}  # the first file of text, of conversations
     for given in paths:
         path = Path(given)
         files = _files_under(path)
@@ -250,7 +316,7 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
             found = _documents_in(file)
             if found is None:
                 continue
-            found = [d for d in found if d.strip()]
+            found = [d for d in found if isinstance(d, Conversation) or d.strip()]
             if not found:  # a failed export, a placeholder: worth a look, not an error
                 blank.append(file)
                 continue
@@ -261,6 +327,13 @@ def load_documents(paths: Iterable[str | Path]) -> list[str]:
                 repeated.append(f"{file} (as {texts[digest]})")
                 continue
             texts[digest] = file
+            for kind in {type(d) for d in found}:
+                first_of_kind.setdefault(kind, file)
+            if len(first_of_kind) > 1:
+                raise CorpusError(
+                    f"{first_of_kind[Conversation]} holds conversations ('messages' records) "
+                    f"and {first_of_kind[str]} text: train on one kind at a time"
+                )
             documents.extend(found)
     if not documents:
         raise CorpusError(f"{', '.join(map(str, paths))}: the corpus is empty (no text found)")
@@ -278,14 +351,17 @@ def _warn_skipped(files: list, why: str) -> None:
     print(f"warning: {count} {why}, skipped: {shown}", file=sys.stderr)
 
 
-def text_digest(docs: Sequence[str]) -> str:
+def text_digest(docs: Sequence[Document]) -> str:
     """The sha256 of documents, each length-prefixed (the same text cut into other
     documents hashes otherwise): a file's, it finds the same text at another path; a
     split's, recorded per split (prepare.py), it tells a resumed run that its text changed
     though its size did not."""
     h = hashlib.sha256(f"{len(docs)}\0".encode())
     for doc in docs:
-        data = doc.encode("utf-8")
+        if isinstance(doc, Conversation):  # never the bytes of a text: a NUL starts it
+            data = b"\0" + json.dumps(doc.messages, ensure_ascii=False).encode("utf-8")
+        else:
+            data = doc.encode("utf-8")
         h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
 

@@ -4,6 +4,10 @@ Under DDP each rank samples only from its own contiguous shard of the training
 tokens, with its own generator, so ranks see different data. The generator's state
 is the whole "data position": saving and restoring it resumes the exact sequence
 of batches.
+
+Conversations (a loss mask beside the tokens, prepare.py) are sampled from the start
+of one, so that a window holds each answer's prompt where it fits, and their targets
+are IGNORED but where the model learns the token (an assistant's).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from training.prepare import CONVERSATION_START, LEARNED
+
+IGNORED = -100  # a target no loss counts (cross_entropy's ignore_index)
 
 
 class BatchSampler:
@@ -25,6 +33,7 @@ class BatchSampler:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        loss_mask: np.ndarray | None = None,
     ) -> None:
         n = len(tokens)
         self.start, self.end = rank * n // world_size, (rank + 1) * n // world_size
@@ -33,29 +42,55 @@ class BatchSampler:
                 f"{self.end - self.start} training tokens per rank cannot fill one "
                 f"block of {block_size} + 1"
             )
-        self.tokens = tokens
+        self.tokens, self.loss_mask = tokens, loss_mask
         self.block_size, self.batch_size = block_size, batch_size
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.conversation_starts: np.ndarray | None = None
+        if loss_mask is not None:
+            # Where this rank's conversations start; one too near the shard's end for a
+            # whole window starts the window earlier.
+            shard = loss_mask[self.start : self.end]
+            starts = np.flatnonzero(shard == CONVERSATION_START) + self.start
+            starts = np.minimum(starts, self.end - block_size - 1)
+            self.conversation_starts = starts if len(starts) else np.array([self.start])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs, targets: [B, T] int64 on the device; targets are inputs shifted by one."""
+        """inputs, targets: [B, T] int64 on the device; targets are inputs shifted by one
+        (IGNORED where a loss mask says the model does not learn the token)."""
         T = self.block_size
-        starts = torch.randint(
-            self.start, self.end - T, (self.batch_size,), generator=self.generator
-        ).tolist()
-        rows = np.stack([self.tokens[s : s + T + 1] for s in starts])  # [B, T + 1]
-        batch = torch.from_numpy(rows.astype(np.int64))
+        if self.conversation_starts is None:
+            starts = torch.randint(
+                self.start, self.end - T, (self.batch_size,), generator=self.generator
+            ).tolist()
+        else:
+            picks = torch.randint(
+                len(self.conversation_starts), (self.batch_size,), generator=self.generator
+            )
+            starts = self.conversation_starts[picks.numpy()].tolist()
+        rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)
+        inputs, targets = rows[:, :-1], rows[:, 1:]  # [B, T] each
+        if self.loss_mask is not None:
+            learned = np.stack([self.loss_mask[s + 1 : s + T + 1] for s in starts]) == LEARNED
+            targets = np.where(learned, targets, IGNORED)
+        batch = torch.from_numpy(np.stack([inputs, targets]))  # [2, B, T]
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
+        return batch[0], batch[1]
 
 
-def eval_windows(tokens: np.ndarray, block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_windows(
+    tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Non-overlapping windows covering the stream: (inputs [T'], targets [T']), T' <= T.
 
-    Every token but the first is a target exactly once; the last window may be short.
+    Every token but the first is a target exactly once (IGNORED where `loss_mask` says
+    the model does not learn it); the last window may be short.
     """
     for start in range(0, len(tokens) - 1, block_size):
         window = np.asarray(tokens[start : start + block_size + 1], dtype=np.int64)
-        yield window[:-1], window[1:]
+        targets = window[1:]
+        if loss_mask is not None:
+            learned = loss_mask[start + 1 : start + block_size + 1] == LEARNED
+            targets = np.where(learned, targets, IGNORED)
+        yield window[:-1], targets

@@ -9,6 +9,8 @@ cut into non-overlapping windows of the model's context (`--block-size` for shor
 ones). The trainer reports its val bpb with the same function over windows of its
 --block-size, so the two agree on the same text and window length (a fine-tune
 trained on windows shorter than its model's context: give that --block-size here).
+Conversations (`.jsonl` `messages` records) are scored on what the assistant wrote,
+written through the checkpoint's chat template as its fine-tune read them.
 The last line printed is `bpb=<value>`.
 """
 
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.chat_template import load_chat_template
 from model.checkpoint import (
     TOKENIZER,
     CheckpointError,
@@ -49,9 +52,15 @@ from model.checkpoint import (
     resolve_checkpoint,
 )
 from model.device import resolve_device
-from training.corpus import CorpusError, load_documents
-from training.data import eval_windows
-from training.prepare import check_tokenizer, token_byte_lengths, token_stream
+from training.corpus import Conversation, CorpusError, document_text, load_documents
+from training.data import IGNORED, eval_windows
+from training.prepare import (
+    LEARNED,
+    check_tokenizer,
+    conversation_stream,
+    token_byte_lengths,
+    token_stream,
+)
 from training.progress import progress_bar
 
 EVAL_BATCH = 16  # windows per forward; fixed so the trainer and this CLI batch identically
@@ -85,9 +94,11 @@ def evaluate_stream(
     progress: str | None = None,
     stop: Callable[[], bool] | None = None,
     logits_bytes: int = EVAL_LOGITS_BYTES,
+    loss_mask: np.ndarray | None = None,
 ) -> EvalResult:
-    """Loss and bpb of `model` predicting every token of `tokens` after the first, in
-    batches of EVAL_BATCH windows, or as many as keep their logits within `logits_bytes`.
+    """Loss and bpb of `model` predicting every token of `tokens` after the first (those
+    `loss_mask` marks LEARNED, for conversations: what the assistant wrote), in batches
+    of EVAL_BATCH windows, or as many as keep their logits within `logits_bytes`.
 
     progress: a label for a progress bar over the tokens (`progress_bar`).
     stop: asked before each batch; when it says yes, EvaluationStopped is raised (the
@@ -96,7 +107,7 @@ def evaluate_stream(
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    windows = list(eval_windows(tokens, block_size))
+    windows = list(eval_windows(tokens, block_size, loss_mask))
     window_bytes = block_size * model.config.vocab_size * 4
     batch = max(1, min(EVAL_BATCH, logits_bytes // window_bytes))
     # Full windows go in batches; the last, shorter one goes alone.
@@ -118,13 +129,17 @@ def evaluate_stream(
                 positions = torch.arange(x.shape[1], device=device).expand_as(x)
                 with autocast:
                     logits = model(x, positions)  # [B, T, V]
-                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                flat = logits.flatten(0, 1).float()
+                nats = F.cross_entropy(flat, y.flatten(), ignore_index=IGNORED, reduction="sum")
                 total += nats.double()
                 bar.update(x.numel())
     finally:
         model.train(was_training)
-    n_tokens = len(tokens) - 1
-    n_bytes = int(byte_lengths[np.asarray(tokens[1:], dtype=np.int64)].sum())
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    if loss_mask is not None:
+        targets = targets[np.asarray(loss_mask[1:]) == LEARNED]
+    n_tokens = len(targets)
+    n_bytes = int(byte_lengths[targets].sum())
     nats = total.item()
     return EvalResult(
         loss=nats / n_tokens, bpb=nats / (n_bytes * math.log(2)), tokens=n_tokens, bytes=n_bytes
@@ -172,6 +187,11 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
         # model's weights can take minutes and more memory than the machine has).
         tokenizer = check_tokenizer(load_tokenizer(folder), str(folder / TOKENIZER))
         documents = load_documents(args.data)
+        chat = None
+        if isinstance(documents[0], Conversation):
+            chat = load_chat_template(folder, tokenizer)
+            if chat is None:
+                raise CorpusError(f"{folder}: no chat template to write the conversations with")
         model = load_model(folder, device=device)
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -185,11 +205,20 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
     if not 1 <= block_size <= model.config.max_seq_len:
         print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)
         return 2
-    characters = sum(map(len, documents))
-    count = f"{len(documents):,} document{'s' if len(documents) != 1 else ''}"
-    print(f"evaluating {folder} on {count} ({characters:,} characters)")
+    texts = [document_text(doc) for doc in documents]
+    kind = "conversation" if chat is not None else "document"
+    count = f"{len(documents):,} {kind}{'s' if len(documents) != 1 else ''}"
+    print(f"evaluating {folder} on {count} ({sum(map(len, texts)):,} characters)")
     sys.stdout.flush()  # before the work, which a pipe's reader may be waiting on
-    tokens = token_stream(tokenizer, documents, "tokenizing")
+    loss_mask = None
+    if chat is None:
+        tokens = token_stream(tokenizer, documents, "tokenizing")
+    else:
+        try:
+            tokens, loss_mask = conversation_stream(chat, tokenizer, documents, "tokenizing")
+        except CorpusError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     result = evaluate_stream(
         model,
         tokens,
@@ -198,6 +227,7 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
         device=device,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
         progress="evaluating",
+        loss_mask=loss_mask,
     )
     print(f"checkpoint={folder} tokens={result.tokens} bytes={result.bytes}")
     print(f"loss={result.loss:.6f} nats/token")

@@ -6,6 +6,13 @@
         val.bin          the same layout for the validation split
         meta.json        token and UTF-8 byte counts, the text's and the token file's
                          sha256 per split, vocab size, format
+        train.loss_mask.bin, val.loss_mask.bin
+                         conversations only: uint8 per token, LEARNED where the model
+                         learns the token (an assistant's), CONVERSATION_START at each
+                         conversation's <|endoftext|>, else 0
+
+Conversations are written through a chat template (model/chat_template.py), each as
+the tokens the server's chat route reads, the template's markers special tokens.
 
 Each split starts with `<|endoftext|>`, so every real token has a context and is
 predicted once; the separator itself is 0 bytes of text. The key hashes the
@@ -38,15 +45,19 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from model.atomic_files import fsync_path, write_json, write_tokenizer
+from model.chat_template import ChatError, ChatTemplate
 from model.checkpoint import END_OF_TEXT, CheckpointError, end_of_text_id, read_tokenizer_file
 from model.token_bytes import token_bytes
-from training.corpus import CorpusError, text_digest
+from training.chat import ChatFormat
+from training.corpus import Conversation, CorpusError, Document, document_text, text_digest
 from training.progress import progress_bar
-from training.tokenizer import train_tokenizer
+from training.tokenizer import train_tokenizer, with_special_tokens
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
 FORMAT = 2
 TOKEN_DTYPE = np.uint16
+MASK_DTYPE = np.uint8
+LEARNED, CONVERSATION_START = 1, 2  # loss-mask values (0: context the model reads)
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
 SPLITS = ("train", "val")
@@ -64,6 +75,9 @@ class PreparedData:
     train: np.ndarray  # memmap [N_train] uint16
     val: np.ndarray  # memmap [N_val] uint16
     meta: dict
+    # Conversations: memmaps [N_train], [N_val] uint8 of LEARNED / CONVERSATION_START / 0
+    train_loss_mask: np.ndarray | None = None
+    val_loss_mask: np.ndarray | None = None
 
 
 # Documents are encoded a batch of ~BATCH_CHARS characters at a time, and a long one
@@ -109,6 +123,30 @@ def token_stream(
         runs.append(_encode(tokenizer, batch, separator))
         bar.update(size)
     return np.concatenate(runs)
+
+
+def conversation_stream(
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    conversations: Sequence[Conversation],
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens uint16, loss mask uint8): [<|endoftext|>, conversation 0 ..., <|endoftext|>,
+    conversation 1 ...], each conversation as `template` makes it; a CorpusError naming
+    the record the template refuses."""
+    separator = tokenizer.token_to_id(END_OF_TEXT)
+    tokens: list[np.ndarray] = [np.empty(0, dtype=TOKEN_DTYPE)]
+    masks: list[np.ndarray] = [np.empty(0, dtype=MASK_DTYPE)]
+    with progress_bar(progress, len(conversations), "conversation") as bar:
+        for conversation in conversations:
+            try:
+                ids, learned = template.conversation(conversation.as_messages())
+            except ChatError as e:
+                raise CorpusError(f"{conversation.source}: {e}") from None
+            tokens.append(np.array([separator, *ids], dtype=TOKEN_DTYPE))
+            masks.append(np.array([CONVERSATION_START, *learned], dtype=MASK_DTYPE))
+            bar.update(1)
+    return np.concatenate(tokens), np.concatenate(masks)
 
 
 def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
@@ -202,6 +240,16 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
+def _streams(
+    tokenizer: Tokenizer, chat: ChatFormat | None, docs: Sequence[Document], split: str
+) -> tuple[Sequence[Document], np.ndarray, np.ndarray | None]:
+    """(docs, tokens, loss mask or None) of a split, as _write takes them."""
+    if chat is None:
+        return docs, token_stream(tokenizer, docs, f"tokenizing {split}"), None
+    template = chat.compiled(tokenizer)
+    return docs, *conversation_stream(template, tokenizer, docs, f"tokenizing {split}")
+
+
 def cache_key(digests: dict[str, str], tokenizer_id: str) -> str:
     """The cache folder's name for splits of these `text_digest`s tokenized so."""
     h = hashlib.sha256(f"pocketgpt-tokens-v{FORMAT}\0{tokenizer_id}\0".encode())
@@ -251,7 +299,31 @@ def _open(folder: Path) -> PreparedData:
             raise _DamagedCache(f"meta.json has no checksum of {split}.bin (an older cache)")
         if hashlib.sha256(ids).hexdigest() != digests[split]:
             raise _DamagedCache(f"{split}.bin does not match its checksum in meta.json")
-    return PreparedData(folder, tokenizer, tokens["train"], tokens["val"], meta)
+    masks = {split: _open_loss_mask(folder, split, meta, counts[split]) for split in SPLITS}
+    if (masks["train"] is None) != (masks["val"] is None):
+        raise _DamagedCache("meta.json has a loss mask for one split alone")
+    return PreparedData(
+        folder, tokenizer, tokens["train"], tokens["val"], meta, masks["train"], masks["val"]
+    )
+
+
+def _open_loss_mask(folder: Path, split: str, meta: dict, count: int) -> np.ndarray | None:
+    """The split's loss mask (conversations), checked against meta.json; None for text."""
+    try:
+        digest = meta["splits"][split].get("loss_mask_sha256")
+    except AttributeError as e:
+        raise _DamagedCache(f"meta.json unreadable ({e})") from None
+    if digest is None:
+        return None
+    path = folder / f"{split}.loss_mask.bin"
+    if not path.is_file():
+        raise _DamagedCache(f"{path.name} is missing")
+    if (size := path.stat().st_size) != count:
+        raise _DamagedCache(f"{path.name} holds {size:,} bytes; meta.json's {count:,} tokens")
+    mask = np.memmap(path, dtype=MASK_DTYPE, mode="r")
+    if hashlib.sha256(mask).hexdigest() != digest:
+        raise _DamagedCache(f"{path.name} does not match its checksum in meta.json")
+    return mask
 
 
 def _cached(folder: Path) -> PreparedData | None:
@@ -336,7 +408,7 @@ def _clear_abandoned(root: Path) -> None:
 
 def _write(
     folder: Path,
-    splits: dict[str, tuple[Sequence[str], np.ndarray]],
+    splits: dict[str, tuple[Sequence[Document], np.ndarray, np.ndarray | None]],
     digests: dict[str, str],
     tokenizer: Tokenizer,
 ) -> None:
@@ -348,19 +420,28 @@ def _write(
             fsync_path(tmp / "tokenizer.json")
             vocab_size = tokenizer.get_vocab_size()
             meta: dict = {"format": FORMAT, "vocab_size": vocab_size, "splits": {}}
-            for split, (docs, stream) in splits.items():
+            for split, (docs, stream, loss_mask) in splits.items():
                 tokens = np.ascontiguousarray(stream).data
                 # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
                 (tmp / f"{split}.bin").write_bytes(tokens)
                 fsync_path(tmp / f"{split}.bin")
+                texts = map(document_text, docs)
                 meta["splits"][split] = {
                     "file": f"{split}.bin",
                     "documents": len(docs),
                     "tokens": int(stream.size),
-                    "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                    "bytes": sum(len(text.encode("utf-8")) for text in texts),
                     "sha256": digests[split],
                     "tokens_sha256": hashlib.sha256(tokens).hexdigest(),
                 }
+                if loss_mask is not None:
+                    mask = np.ascontiguousarray(loss_mask).data
+                    (tmp / f"{split}.loss_mask.bin").write_bytes(mask)
+                    fsync_path(tmp / f"{split}.loss_mask.bin")
+                    meta["splits"][split] |= {
+                        "learned_tokens": int(np.count_nonzero(loss_mask == LEARNED)),
+                        "loss_mask_sha256": hashlib.sha256(mask).hexdigest(),
+                    }
             write_json(tmp / "meta.json", meta)
             fsync_path(tmp / "meta.json")
             fsync_path(tmp)
@@ -378,16 +459,19 @@ def _write(
 
 
 def prepare(
-    train_docs: Sequence[str],
-    val_docs: Sequence[str],
+    train_docs: Sequence[Document],
+    val_docs: Sequence[Document],
     cache_root: Path,
     *,
     vocab_size: int,
     tokenizer: Tokenizer | None = None,
+    chat: ChatFormat | None = None,
     min_train_tokens: int = 2,
     too_small_remedy: str = SMALL_CORPUS_REMEDY,
 ) -> PreparedData:
     """Tokenize both splits once (training a tokenizer on `train_docs` unless given one).
+    Conversations (`chat` says how to write them) get the chat format's added tokens and
+    a loss mask.
 
     Raises CorpusError, before writing anything, when the training split has fewer
     than `min_train_tokens` tokens.
@@ -397,35 +481,39 @@ def prepare(
     root = Path(cache_root)
     _clear_abandoned(root)
     digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
+    chat_id = "" if chat is None else f"\0chat {chat.key}"
     data = None
     if tokenizer is not None:
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
         # that text's cache: the same tokens, so that cache serves instead of a new one.
-        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}"))
+        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}{chat_id}"))
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
     if tokenizer is not None and _adds_tokens(tokenizer):
         # Streams once held what its post-processor adds (a BOS per piece): not those.
         tokenizer_id += "\0without its additions"
-    folder = root / cache_key(digests, tokenizer_id)
+    folder = root / cache_key(digests, tokenizer_id + chat_id)
     if data is None:
         data = _cached(folder)
     if data is None:
         if tokenizer is None:
-            chars = sum(len(doc) for doc in train_docs)
+            texts = [document_text(doc) for doc in train_docs]
+            chars = sum(len(text) for text in texts)
             characters = f"{chars:,} character{'s' if chars != 1 else ''}"
             print(f"training a {vocab_size}-entry tokenizer on {characters}", flush=True)
-            tokenizer = train_tokenizer(train_docs, vocab_size)
+            tokenizer = train_tokenizer(texts, vocab_size)
             if (learned := tokenizer.get_vocab_size()) < vocab_size:
                 print(
                     f"the text gave {learned} entries (a merge needs a pair seen at least "
                     f"twice): the model's vocabulary is {learned}",
                     flush=True,
                 )
+        if chat is not None:
+            tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
         check_tokenizer(tokenizer, "the tokenizer")
         splits = {
-            split: (docs, token_stream(tokenizer, docs, f"tokenizing {split}"))
+            split: _streams(tokenizer, chat, docs, split)
             for split, docs in (("train", train_docs), ("val", val_docs))
         }
         _check_size(splits["train"][1].size, min_train_tokens, too_small_remedy)

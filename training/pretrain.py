@@ -66,7 +66,15 @@ from training.args import (
     make_args,
     with_absolute_paths,
 )
-from training.corpus import CorpusError, default_documents, load_documents
+from training.chat import ChatFormat, chat_format, with_chat_template, with_end_of_turn
+from training.corpus import (
+    Conversation,
+    CorpusError,
+    Document,
+    default_documents,
+    document_text,
+    load_documents,
+)
 from training.defaults import (
     budget_summary,
     model_config,
@@ -85,6 +93,7 @@ from training.distributed import (
 )
 from training.memory import shortfall
 from training.prepare import (
+    LEARNED,
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
@@ -116,7 +125,12 @@ from training.run_folder import (
     run_folder_lock,
     trainer_meta,
 )
-from training.split import MIN_CUT_CHARS, documents_trained_on, split_documents
+from training.split import (
+    documents_trained_on,
+    is_long,
+    split_conversations,
+    split_documents,
+)
 from training.trainer import Trainer, TrainingDiverged, TrainResult
 
 
@@ -177,7 +191,7 @@ def cache_root(args: TrainArgs) -> Path:
 
 def read_documents(
     args: TrainArgs, field: str, resumed: Path | None, given: Given
-) -> list[str] | None:
+) -> list[Document] | None:
     """The documents of args.data or args.val_data (`field`); None if it names nothing."""
     paths = getattr(args, field)
     if not paths:
@@ -196,7 +210,7 @@ def read_documents(
         ) from None
 
 
-def held_out_only(val_docs: list[str], train_docs: list[str]) -> list[str]:
+def held_out_only(val_docs: list[Document], train_docs: list[Document]) -> list[Document]:
     """`val_docs` but those also trained on shorter than MIN_CUT_CHARS (a greeting, a
     heading: common text), said in a warning. CorpusError if a longer one is (`--data
     notes --val-data notes/held-out.txt`, a held-out file cut from a training file), or
@@ -204,14 +218,15 @@ def held_out_only(val_docs: list[str], train_docs: list[str]) -> list[str]:
     trained_on = documents_trained_on(val_docs, train_docs)
     if not trained_on:
         return val_docs
+    kind = "conversation" if isinstance(val_docs[0], Conversation) else "document"
     if len(val_docs) == 1:
-        which = "its document is"
+        which = f"its {kind} is"
     elif len(trained_on) == len(val_docs):
-        which = f"all {len(trained_on)} of its documents are"
+        which = f"all {len(trained_on)} of its {kind}s are"
     else:
-        which = f"{len(trained_on)} of its {len(val_docs)} documents are"
-    long = [i for i in trained_on if len(val_docs[i]) >= MIN_CUT_CHARS]
-    first = val_docs[(long or trained_on)[0]]
+        which = f"{len(trained_on)} of its {len(val_docs)} {kind}s are"
+    long = [i for i in trained_on if is_long(val_docs[i])]
+    first = document_text(val_docs[(long or trained_on)[0]])
     excerpt = repr(first if len(first) <= 60 else first[:60] + "...")
     said = f"--val-data: {which} in --data too (the first: {excerpt})"
     if long or len(trained_on) == len(val_docs):
@@ -223,13 +238,15 @@ def held_out_only(val_docs: list[str], train_docs: list[str]) -> list[str]:
 
 def load_data(
     args: TrainArgs,
-    documents: list[str] | None,
-    val_docs: list[str] | None,
+    documents: list[Document] | None,
+    val_docs: list[Document] | None,
     tokenizer: Tokenizer | None,
+    chat: ChatFormat | None,
     world_size: int,
 ) -> PreparedData:
-    """Tokenize `documents` (None: the embedded default corpus) into the token cache,
-    `val_docs` (None: a split of `documents`) held out."""
+    """Tokenize `documents` (None: the embedded default corpus; conversations: written
+    as `chat` says) into the token cache, `val_docs` (None: a split of `documents`)
+    held out."""
     if documents is None:
         documents = default_documents()
     if val_docs is not None:
@@ -237,6 +254,13 @@ def load_data(
         # `--data notes --val-data notes/held-out.txt`, or a held-out file cut from a
         # training file left whole: scored on text it trained on.
         val_docs = held_out_only(val_docs, train_docs)
+    elif chat is not None:
+        if len(documents) < 2:
+            raise CorpusError(
+                "--data: 1 conversation; training and validation need one each (add "
+                "conversations, or give --val-data)"
+            )
+        train_docs, val_docs = split_conversations(documents, args.val_fraction)
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
     cache = cache_root(args)
@@ -252,6 +276,7 @@ def load_data(
         cache,
         vocab_size=args.vocab_size,
         tokenizer=tokenizer,
+        chat=chat,
         min_train_tokens=max(per_batch, per_ranks) + 1,
         too_small_remedy=remedy,
     )
@@ -262,9 +287,10 @@ PREPARATION_TIMEOUT = datetime.timedelta(days=7)  # a wait on rank 0's tokenizin
 
 def prepare_on_rank0(
     args: TrainArgs,
-    documents: list[str] | None,
-    val_docs: list[str] | None,
+    documents: list[Document] | None,
+    val_docs: list[Document] | None,
     tokenizer: Tokenizer | None,
+    chat: ChatFormat | None,
     dist_info: DistInfo,
 ) -> PreparedData:
     """Rank 0 writes the token cache, then the other ranks read it (or all fail alike).
@@ -279,7 +305,7 @@ def prepare_on_rank0(
     )
     if dist_info.is_main:
         try:
-            data = load_data(args, documents, val_docs, tokenizer, world_size)
+            data = load_data(args, documents, val_docs, tokenizer, chat, world_size)
         except CorpusError as e:
             error = e
     elsewhere = CorpusError("rank 0 could not prepare the data (see its error)")
@@ -289,8 +315,21 @@ def prepare_on_rank0(
         if waiting is not None:
             dist.destroy_process_group(waiting)
     return (
-        data if dist_info.is_main else load_data(args, documents, val_docs, tokenizer, world_size)
+        data
+        if dist_info.is_main
+        else load_data(args, documents, val_docs, tokenizer, chat, world_size)
     )
+
+
+def check_learned_in_evaluation(args: TrainArgs, data: PreparedData) -> None:
+    """A UsageError if the held-out conversations' first --eval-tokens tokens hold none
+    an assistant wrote: there would be nothing to score."""
+    scored = data.val_loss_mask[1 : args.eval_tokens + 1 if args.eval_tokens else None]
+    if not (scored == LEARNED).any():
+        raise UsageError(
+            f"--eval-tokens {args.eval_tokens}: the held-out conversations' first "
+            f"{args.eval_tokens} tokens hold no answer to score; raise it (0: all of them)"
+        )
 
 
 def check_out_dir_is_not_a_model(given: Given) -> None:
@@ -467,12 +506,23 @@ def run_locked(given: Given) -> int:
     # Read (and so validate) the user's text on every rank, once, before any process waits.
     documents = read_documents(args, "data", resumed, given)
     val_docs = read_documents(args, "val_data", resumed, given)
+    chat = None
+    if documents is not None and isinstance(documents[0], Conversation):
+        if val_docs is not None and not isinstance(val_docs[0], Conversation):
+            raise CorpusError("--val-data: text, but --data holds conversations: give one kind")
+        chat = chat_format(source)
+        tokenizer_extras = with_chat_template(tokenizer_extras, chat)
+    elif val_docs is not None and isinstance(val_docs[0], Conversation):
+        raise CorpusError("--val-data: conversations, but --data is text: give one kind")
     dist_info = init_distributed(device)
     try:
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
-        data = prepare_on_rank0(args, documents, val_docs, tokenizer, dist_info)
+        data = prepare_on_rank0(args, documents, val_docs, tokenizer, chat, dist_info)
+        if chat is not None:
+            check_learned_in_evaluation(args, data)
+            generation_defaults = with_end_of_turn(generation_defaults, chat, data.tokenizer)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         # A step count known only now (`--max-steps none`: the default for this text) may
         # be one the resumed run has reached: training nothing, it would evaluate and
@@ -485,7 +535,11 @@ def run_locked(given: Given) -> int:
                 print(warning, file=sys.stderr)
         config = (
             # Dropout is a training setting, not part of the HF config: take it from the args.
-            start_config.replace(dropout=args.dropout)
+            # A chat template's tokens added to its tokenizer add rows (trainer.py).
+            start_config.replace(
+                dropout=args.dropout,
+                vocab_size=max(start_config.vocab_size, data.tokenizer.get_vocab_size()),
+            )
             if start_config is not None
             else model_config(args, data.tokenizer.get_vocab_size(), device)
         )

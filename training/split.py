@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from training.corpus import Conversation, Document
+
 # Validation text is held out as evenly spaced pieces: at least VAL_PIECES of them
 # where the corpus allows, each 256 to 8192 characters. Spread out, they sample the
 # whole corpus and training still covers its whole span; a tail split would hold
@@ -28,20 +30,42 @@ MIN_CUT_CHARS = 200
 MAX_CUT_LOOKUPS = 16
 
 
-def documents_trained_on(val_docs: Sequence[str], train_docs: Sequence[str]) -> list[int]:
+def is_long(doc: Document) -> bool:
+    """Whether `doc`, held out and trained on, was cut from training text (a text of at
+    least MIN_CUT_CHARS) or is the same record (a conversation), not common text."""
+    return isinstance(doc, Conversation) or len(doc) >= MIN_CUT_CHARS
+
+
+def documents_trained_on(val_docs: Sequence[Document], train_docs: Sequence[Document]) -> list[int]:
     """Which of `val_docs` (their indices) are training text too: equal to a training
-    document, or (the longest MAX_CUT_LOOKUPS of at least MIN_CUT_CHARS) part of a
-    longer one."""
+    document, or (a text: the longest MAX_CUT_LOOKUPS of at least MIN_CUT_CHARS) part
+    of a longer one."""
     train_set = set(train_docs)
     trained = [doc in train_set for doc in val_docs]
-    cuts = [i for i, doc in enumerate(val_docs) if not trained[i] and len(doc) >= MIN_CUT_CHARS]
+    cuts = [
+        i
+        for i, doc in enumerate(val_docs)
+        if not trained[i] and isinstance(doc, str) and len(doc) >= MIN_CUT_CHARS
+    ]
     cuts = sorted(cuts, key=lambda i: len(val_docs[i]), reverse=True)[:MAX_CUT_LOOKUPS]
     if cuts:
         shortest = len(val_docs[cuts[-1]])
-        longer = [doc for doc in train_docs if len(doc) > shortest]
+        longer = [doc for doc in train_docs if isinstance(doc, str) and len(doc) > shortest]
         for i in cuts:
             trained[i] = any(val_docs[i] in doc for doc in longer)
     return [i for i, is_trained in enumerate(trained) if is_trained]
+
+
+def split_conversations(
+    conversations: Sequence[Conversation], val_fraction: float
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, val): `val_fraction` of the conversations (at least one, and one left to
+    train on), whole and evenly spread, held out; both in their order."""
+    n = len(conversations)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    held_out = {int((k + 0.5) * n / n_val) for k in range(n_val)} if n_val > 0 else set()
+    train = [c for i, c in enumerate(conversations) if i not in held_out]
+    return train, [c for i, c in enumerate(conversations) if i in held_out]
 
 
 def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:

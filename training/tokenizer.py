@@ -4,14 +4,16 @@ Byte-level means every string round-trips: any UTF-8 text, Chinese or emoji
 included, encodes to ids and decodes back to exactly the same text, but for Windows
 line ends: the tokenizer reads CRLF as "\n", as the trainer reads its text files
 (corpus.py), so a prompt sent with CRLF is the text the model learned. The only
-special token is `<|endoftext|>`, which separates documents during training.
+special token is `<|endoftext|>`, which separates documents during training; a
+chat template's markers are added to it for a fine-tune on conversations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import (
+    AddedToken,
     Tokenizer,
     decoders,
     models,
@@ -45,3 +47,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return text_literally(tokenizer)
+
+
+def with_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> Tokenizer:
+    """A copy of `tokenizer` with those of `tokens` it lacks added as special tokens (new
+    ids after its own), each read as text where a text spells it (text_literally)."""
+    copy = text_literally(Tokenizer.from_str(tokenizer.to_str()))
+    missing = [token for token in tokens if copy.token_to_id(token) is None]
+    copy.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in missing]
+    )
+    return copy

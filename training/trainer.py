@@ -55,7 +55,7 @@ from model.kv_cache import KVCache
 from model.sampling import BatchParams, SamplingParams, sample
 from model.transformer import Transformer
 from training.args import TrainArgs
-from training.data import BatchSampler
+from training.data import IGNORED, BatchSampler
 from training.defaults import tokens_per_step
 from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
@@ -124,9 +124,25 @@ def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
 def next_token_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """Mean cross-entropy of predicting y [B, T] from x [B, T], in fp32."""
+    """Mean cross-entropy of predicting y [B, T] from x [B, T], in fp32, over the targets
+    not IGNORED (0 if all are: a window of a conversation's prompt alone)."""
     logits = model(x, positions)  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    nats = F.cross_entropy(
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORED, reduction="sum"
+    )
+    return nats / (y != IGNORED).sum().clamp(min=1)
+
+
+def with_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` [V, D] grown to [rows, D] for tokens added to its tokenizer (a chat
+    template's markers): each new row the mean of the old ones plus noise of a
+    hundredth of their spread, so that no two new tokens start alike."""
+    added = rows - weight.shape[0]
+    if added <= 0:
+        return weight
+    mean, spread = weight.mean(0), weight.std(0)
+    noise = torch.randn(added, weight.shape[1], dtype=weight.dtype) * spread / 100
+    return torch.cat([weight, mean + noise])
 
 
 class Trainer:
@@ -168,6 +184,7 @@ class Trainer:
             rank=dist_info.rank,
             world_size=dist_info.world_size,
             device=device,
+            loss_mask=data.train_loss_mask,
         )
         self.byte_lengths = token_byte_lengths(data.tokenizer)
         self.step = 0
@@ -242,6 +259,9 @@ class Trainer:
     def _load_weights(self, folder: Path) -> None:
         weights = load_weights(folder, read_config(folder))
         check_finite(folder, weights)
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            if name in weights:
+                weights[name] = with_rows(weights[name], self.model.config.vocab_size)
         # strict=False: the tied LM head is not stored separately.
         self.model.load_state_dict(weights, strict=False)
 
@@ -401,9 +421,10 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self) -> EvalResult:
-        val = self.data.val
+        val, loss_mask = self.data.val, self.data.val_loss_mask
         if self.args.eval_tokens:
             val = val[: self.args.eval_tokens + 1]
+            loss_mask = None if loss_mask is None else loss_mask[: self.args.eval_tokens + 1]
         result = evaluate_stream(
             self.model,
             val,
@@ -413,6 +434,7 @@ class Trainer:
             # In fp32 on CPU, as `training.evaluate` scores there, so the two agree.
             autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
             stop=lambda: self.stop_signal is not None,
+            loss_mask=loss_mask,
         )
         self.last_val = result
         if self.best_val is None or result.loss < self.best_val:

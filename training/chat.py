@@ -1,0 +1,100 @@
+"""Fine-tuning on conversations: the chat template they are written with, and what a
+checkpoint trained on them carries so that the server's chat route reads it alike.
+
+The template is the one of the checkpoint (or --tokenizer folder) the run takes its
+tokenizer from; a model without one gets CHATML, its two markers added to the
+tokenizer as special tokens (the model's embedding grows by their rows), the template
+written into every checkpoint as chat_template.jinja and `<|im_end|>` made an end of
+text in generation_config.json, so that a reply ends with its turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from model.chat_template import (
+    CHATML,
+    CHATML_TOKENS,
+    ChatTemplate,
+    compile_chat_template,
+    template_source,
+)
+from model.checkpoint import (
+    CHAT_TEMPLATE,
+    END_OF_TEXT,
+    NEW_MODEL_SAMPLING,
+    TOKENIZER_CONFIG,
+    CheckpointError,
+    TokenizerExtras,
+    read_json_object,
+)
+from training.corpus import CorpusError
+
+# The tokenizer_config.json fields a checkpoint holds for the template (save_checkpoint).
+NEW_TEMPLATE_CONFIG: dict[str, object] = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How conversations become tokens: a chat template (its text, the file it came from
+    and the tokenizer_config.json fields it reads) and the special tokens it writes that
+    a tokenizer is to be given (CHATML's, for a model that had no template)."""
+
+    path: Path
+    template: str
+    config: dict[str, object]
+    added_tokens: tuple[str, ...] = ()
+
+    def compiled(self, tokenizer: Tokenizer) -> ChatTemplate:
+        try:
+            return compile_chat_template(self.path, self.template, self.config, tokenizer)
+        except CheckpointError as e:
+            raise CorpusError(str(e)) from None
+
+    @property
+    def key(self) -> str:
+        """What of it decides the tokens, for the token cache's key."""
+        return json.dumps([self.template, self.config, self.added_tokens], sort_keys=True)
+
+
+def chat_format(folder: Path | None) -> ChatFormat:
+    """The chat template of the folder the run's tokenizer comes from (None: a new
+    tokenizer, or a tokenizer.json alone), else CHATML with its tokens to add."""
+    if folder is not None:
+        try:
+            config = read_json_object(folder / TOKENIZER_CONFIG)
+            found = template_source(folder, config)
+        except CheckpointError as e:
+            raise CorpusError(str(e)) from None
+        if found is not None:
+            return ChatFormat(*found, config)
+    return ChatFormat(Path(CHAT_TEMPLATE), CHATML, NEW_TEMPLATE_CONFIG, CHATML_TOKENS)
+
+
+def with_chat_template(extras: TokenizerExtras | None, chat: ChatFormat) -> TokenizerExtras:
+    """The tokenizer files every checkpoint of the run keeps, with CHATML where the run
+    gave its model that template."""
+    extras = extras or TokenizerExtras()
+    if not chat.added_tokens:
+        return extras  # the template came with the tokenizer's folder, and stays
+    return replace(extras, chat_templates=extras.chat_templates | {CHAT_TEMPLATE: chat.template})
+
+
+def with_end_of_turn(
+    defaults: Mapping[str, object] | None, chat: ChatFormat, tokenizer: Tokenizer
+) -> Mapping[str, object] | None:
+    """Generation settings that also end a reply at CHATML's end of turn, where the run
+    added that template; `defaults` (None: a new model's) otherwise."""
+    if not chat.added_tokens:
+        return defaults
+    settings = dict(NEW_MODEL_SAMPLING if defaults is None else defaults)
+    declared = settings.get("eos_token_id")
+    declared = declared if isinstance(declared, list) else [declared] if declared else []
+    end_of_turn = tokenizer.token_to_id(CHATML_TOKENS[1])
+    settings["eos_token_id"] = [*declared, end_of_turn]
+    return settings
