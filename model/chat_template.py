@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -180,16 +180,19 @@ class ChatTemplate:
             reason = str(e).replace(MARK_START, "").replace(MARK_END, "")
             raise ChatError(f"the chat template refused the messages: {reason}") from None
 
-    def conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    def conversation(
+        self, messages: list[dict[str, str]], not_learned: Collection[int] = ()
+    ) -> tuple[list[int], list[int]]:
         """(ids, learned) of a whole conversation: its token ids, and 1 where the model
-        learns the token (an assistant's turn: what follows the prompt the server makes of
-        the messages before it, through the template's end of that turn), else 0. A
-        ChatError where the template refuses the messages, or writes a turn otherwise once
-        later ones follow (which tokens the assistant wrote is then unknown)."""
+        learns the token (an assistant's turn, but those whose index is in `not_learned`:
+        what follows the prompt the server makes of the messages before it, through the
+        template's end of that turn), else 0. A ChatError where the template refuses the
+        messages, or writes a turn otherwise once later ones follow (which tokens the
+        assistant wrote is then unknown)."""
         ids = self.encode(self.render(messages, add_generation_prompt=False))
         learned = [0] * len(ids)
         for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or turn in not_learned:
                 continue
             prompt = self.encode(self.render(messages[:turn], add_generation_prompt=True))
             through = self.encode(self.render(messages[: turn + 1], add_generation_prompt=False))

@@ -310,20 +310,37 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(
     assert not run.exists()
 
 
+HI = {"role": "user", "content": "Hi"}
+
+
 @pytest.mark.parametrize(
     ("record", "error"),
     [
+        ([HI], "no assistant message with content to learn"),
         (
-            [{"role": "user", "content": "Hi"}],
-            "no assistant message with content: nothing to learn",
+            [HI, {"role": "assistant", "content": "Hello.", "weight": 0}],
+            "no assistant message with content to learn",
         ),
         (
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "weight": 0}],
-            "message 2: only 'role' and 'content' are read, not 'weight'",
+            [HI, {"role": "assistant", "content": "Hello.", "name": "bot"}],
+            "message 2: only 'role', 'content' and 'weight' are read, not 'name'",
+        ),
+        ([{**HI, "weight": 1}], "message 1: 'weight' is 0 or 1, on an assistant message"),
+        (
+            [HI, {"role": "assistant", "content": "Hello.", "weight": 2}],
+            "message 2: 'weight' is 0 or 1, on an assistant message",
         ),
         (
-            [{"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}],
-            "message 1: 'content' must be a string",
+            [HI, {"role": "assistant", "content": "Hello.", "weight": True}],
+            "message 2: 'weight' is 0 or 1, on an assistant message",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "message 1: 'content' must be a string or a list of text parts",
+        ),
+        (
+            [{"role": "assistant", "content": None}],
+            "message 1: 'content' must be a string or a list of text parts",
         ),
         ([{"content": "Hi"}], "message 1: 'role' must be a role's name (user, assistant, ...)"),
         (["Hi"], "message 1 is not an object"),
@@ -418,3 +435,42 @@ def test_a_damaged_loss_mask_is_rebuilt_with_a_warning(
         assert again.folder == first.folder and mask.read_bytes() == expected
         assert again.train_loss_mask is not None
         assert np.array_equal(again.train_loss_mask, np.frombuffer(expected, dtype=np.uint8))
+
+
+def test_an_answer_of_weight_0_is_read_not_learned_and_text_parts_are_joined(
+    tmp_path: Path,
+) -> None:
+    record = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}],
+        },
+        {"role": "assistant", "content": "Not this.", "weight": 0},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "This.", "weight": 1},
+    ]
+    [conversation] = load_documents([write_jsonl(tmp_path / "one.jsonl", [record])])
+    assert conversation.messages[0] == ("user", "Hi\nthere")
+    data = prepare(
+        [conversation] * 20,
+        [conversation],
+        tmp_path / "cache",
+        vocab_size=300,
+        chat=chat_format(None),
+    )
+    assert data.val_loss_mask is not None
+    learned = data.val[data.val_loss_mask == 1].tolist()
+    assert data.tokenizer.decode(learned, skip_special_tokens=False) == "This.<|im_end|>\n"
+    as_read = data.tokenizer.decode(data.val.tolist(), skip_special_tokens=False)
+    assert "<|im_start|>user\nHi\nthere<|im_end|>" in as_read and "Not this." in as_read
+    # The same messages learned whole are other tokens to cache, not the ones above.
+    record[1].pop("weight")
+    [whole] = load_documents([write_jsonl(tmp_path / "one.jsonl", [record])])
+    again = prepare(
+        [whole] * 20, [whole], tmp_path / "cache", vocab_size=300, chat=chat_format(None)
+    )
+    assert again.folder != data.folder and again.val_loss_mask is not None
+    learned = again.val[again.val_loss_mask == 1].tolist()
+    assert again.tokenizer.decode(learned, skip_special_tokens=False) == (
+        "Not this.<|im_end|>\nThis.<|im_end|>\n"
+    )

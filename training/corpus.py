@@ -73,6 +73,8 @@ class Conversation:
     its assistant messages, given the messages before each."""
 
     messages: tuple[tuple[str, str], ...]  # (role, content), in order
+    # The assistant messages (their indices) not to learn: OpenAI's `"weight": 0`.
+    not_learned: tuple[int, ...] = ()
     source: str = field(default="", compare=False)  # "file:line", for errors
 
     def as_messages(self) -> list[dict[str, str]]:
@@ -186,22 +188,42 @@ def _conversation(messages: object, where: str, cleaned: Callable[[str], str]) -
     the problem if it is not one to learn from."""
     if not isinstance(messages, list) or not messages:
         raise CorpusError(f"{where}: 'messages' must be a non-empty list of messages")
-    turns = []
-    for index, message in enumerate(messages, start=1):
-        said = f"{where}: message {index}"
+    turns, not_learned = [], []
+    for index, message in enumerate(messages):
+        said = f"{where}: message {index + 1}"
         if not isinstance(message, dict):
             raise CorpusError(f"{said} is not an object")
-        if other := sorted(set(message) - {"role", "content"}):
-            raise CorpusError(f"{said}: only 'role' and 'content' are read, not {other[0]!r}")
-        role, content = message.get("role"), message.get("content")
+        if other := sorted(set(message) - {"role", "content", "weight"}):
+            raise CorpusError(
+                f"{said}: only 'role', 'content' and 'weight' are read, not {other[0]!r}"
+            )
+        role = message.get("role")
         if not isinstance(role, str) or not role:
             raise CorpusError(f"{said}: 'role' must be a role's name (user, assistant, ...)")
-        if not isinstance(content, str):
-            raise CorpusError(f"{said}: 'content' must be a string")
-        turns.append((role, cleaned(content)))
-    if not any(role == "assistant" and content for role, content in turns):
-        raise CorpusError(f"{where}: no assistant message with content: nothing to learn")
-    return Conversation(tuple(turns), where)
+        turns.append((role, cleaned(_content(message.get("content"), said))))
+        if "weight" in message:
+            weight = message["weight"]
+            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                raise CorpusError(f"{said}: 'weight' is 0 or 1, on an assistant message")
+            if weight == 0:
+                not_learned.append(index)
+    learned = [i for i, (role, content) in enumerate(turns) if role == "assistant" and content]
+    if not set(learned) - set(not_learned):
+        raise CorpusError(f"{where}: no assistant message with content to learn")
+    return Conversation(tuple(turns), tuple(not_learned), where)
+
+
+def _content(content: object, said: str) -> str:
+    """A message's content: a string, or OpenAI's text parts joined with newlines (as the
+    server's chat route joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        return "\n".join(part["text"] for part in content)
+    raise CorpusError(f"{said}: 'content' must be a string or a list of text parts")
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -359,7 +381,8 @@ def text_digest(docs: Sequence[Document]) -> str:
     h = hashlib.sha256(f"{len(docs)}\0".encode())
     for doc in docs:
         if isinstance(doc, Conversation):  # never the bytes of a text: a NUL starts it
-            data = b"\0" + json.dumps(doc.messages, ensure_ascii=False).encode("utf-8")
+            record = [doc.messages, doc.not_learned]
+            data = b"\0" + json.dumps(record, ensure_ascii=False).encode("utf-8")
         else:
             data = doc.encode("utf-8")
         h.update(len(data).to_bytes(8, "little") + data)

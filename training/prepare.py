@@ -140,7 +140,8 @@ def conversation_stream(
     with progress_bar(progress, len(conversations), "conversation") as bar:
         for conversation in conversations:
             try:
-                ids, learned = template.conversation(conversation.as_messages())
+                messages = conversation.as_messages()
+                ids, learned = template.conversation(messages, conversation.not_learned)
             except ChatError as e:
                 raise CorpusError(f"{conversation.source}: {e}") from None
             tokens.append(np.array([separator, *ids], dtype=TOKEN_DTYPE))
