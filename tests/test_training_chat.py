@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -79,13 +80,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_fine_tune_on_conversations_chats_through_the_server_and_in_transformers(
-    base: Path, tmp_path: Path
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", chats(200))
     tuned = tmp_path / "tuned"
     flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "120", "--lr", "4e-3"]
     flags += ["--block-size", "64", "--batch-size", "8", "--warmup-steps", "2"]
     assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(tuned)]) == 0
+    # Its sample is its reply to the first held-out conversation, ending with the turn.
+    *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
+    reply = re.fullmatch(r"sample: 'The (\w+) is (\w+)\.<\|im_end\|>'", sample)
+    assert reply is not None and COLORS[reply[1]] == reply[2], sample
 
     folder = resolve_checkpoint(tuned)
     assert (folder / CHAT_TEMPLATE).read_text(encoding="utf-8") == CHATML
@@ -177,7 +182,6 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
     train, val = conversations[:50], conversations[50:]
     data = prepare(train, val, tmp_path / "cache", vocab_size=320, chat=chat_format(None))
     tokenizer = data.tokenizer
-    separator = tokenizer.token_to_id("<|endoftext|>")
     assert data.train_loss_mask is not None and len(data.train_loss_mask) == len(data.train)
     sampler = BatchSampler(
         data.train, block_size=32, batch_size=16, seed=0, loss_mask=data.train_loss_mask
@@ -188,7 +192,9 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
         for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
             if row_x == last_window:
                 continue
-            assert row_x[0] == separator  # a window starts at a conversation
+            # A window starts at a conversation, as a chat prompt does: not at its separator.
+            opening = tokenizer.decode(row_x[:8], skip_special_tokens=False)
+            assert opening.startswith(("<|im_start|>system\n", "<|im_start|>user\n"))
             # (Whether the last target is learned depends on the tokens before it alone.)
             assert [t != IGNORED for t in row_y] == learned_in_chatml(tokenizer, [*row_x, 0])
             assert all(row_y[t] in (IGNORED, row_x[t + 1]) for t in range(len(row_x) - 1))

@@ -7,7 +7,10 @@ of batches.
 
 Conversations (a loss mask beside the tokens, prepare.py) are sampled from the start
 of one, so that a window holds each answer's prompt where it fits, and their targets
-are IGNORED but where the model learns the token (an assistant's).
+are IGNORED but where the model learns the token (an assistant's). A window starts at
+the conversation's first token, past its <|endoftext|>, as the server's chat prompt
+does: a model fine-tuned on windows that all began with that token would meet prompts
+without it.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         self.conversation_starts: np.ndarray | None = None
         if loss_mask is not None:
-            # Where this rank's conversations start; one too near the shard's end for a
-            # whole window starts the window earlier.
+            # Where this rank's conversations start (after their separator); one too near
+            # the shard's end for a whole window starts the window earlier.
             shard = loss_mask[self.start : self.end]
-            starts = np.flatnonzero(shard == CONVERSATION_START) + self.start
+            starts = np.flatnonzero(shard == CONVERSATION_START) + self.start + 1
             starts = np.minimum(starts, self.end - block_size - 1)
             self.conversation_starts = starts if len(starts) else np.array([self.start])
 

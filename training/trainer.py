@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ from training.defaults import tokens_per_step
 from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
-from training.prepare import PreparedData, token_byte_lengths
+from training.prepare import LEARNED, PreparedData, token_byte_lengths
 from training.progress import bar_output
 from training.run_folder import (
     BEST,
@@ -445,27 +446,49 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self) -> str:
-        """A short sample from <|endoftext|>, decoded with the KV cache."""
-        n = min(self.args.sample_tokens, self.args.block_size - 1)
+        """A short sample from <|endoftext|>, or in a run on conversations the reply to the
+        first held-out one's first question (its prompt as the server's chat route makes
+        it, the reply ending at an end id), decoded with the KV cache."""
+        prompt, ends = self._preview_prompt()
+        n = min(self.args.sample_tokens, self.args.block_size - len(prompt))
         model = self.model
         was_training = model.training
         model.eval()
         # Sized for the preview, not the context (8,192 positions of a fine-tuned HF
         # model's would take gigabytes at every evaluation).
-        cache = KVCache.for_model(model.config, 1, device=self.device, max_len=max(n, 1))
+        cache = KVCache.for_model(
+            model.config, 1, device=self.device, max_len=len(prompt) + max(n, 1)
+        )
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
         params = BatchParams.from_rows([PREVIEW_SAMPLING], self.device)
-        ids = [self.data.tokenizer.token_to_id(END_OF_TEXT)]
-        for position in range(n):
+        ids, fed = list(prompt), 0
+        while len(ids) - len(prompt) < n and ids[-1] not in ends:
             logits = model(
-                torch.tensor([ids[-1:]], device=self.device),
-                torch.tensor([[position]], device=self.device),
+                torch.tensor([ids[fed:]], device=self.device),
+                torch.arange(fed, len(ids), device=self.device)[None],
                 cache=cache,
-            )  # [1, 1, V]
+            )  # [1, T, V]
+            fed = len(ids)
             ids.append(int(sample(logits[:, -1], params, [generator])))
         model.train(was_training)
         # The separator shown as written: where the model ends a document is visible.
-        return self.data.tokenizer.decode(ids[1:], skip_special_tokens=False)
+        return self.data.tokenizer.decode(ids[len(prompt) :], skip_special_tokens=False)
+
+    def _preview_prompt(self) -> tuple[list[int], frozenset[int]]:
+        """(what the preview continues, the ids that end it): <|endoftext|> and none, or
+        the first held-out conversation up to its first answer and the end ids its
+        checkpoints declare (<|endoftext|> where that prompt would leave no room)."""
+        separator = self.data.tokenizer.token_to_id(END_OF_TEXT)
+        mask = self.data.val_loss_mask
+        if mask is None:
+            return [separator], frozenset()
+        answer = int(np.argmax(np.asarray(mask) == LEARNED))  # each conversation has one
+        prompt = np.asarray(self.data.val[1:answer], dtype=np.int64).tolist()
+        if not prompt or len(prompt) >= self.args.block_size:
+            return [separator], frozenset()
+        declared = (self.generation_defaults or {}).get("eos_token_id")
+        declared = declared if isinstance(declared, list) else [declared]
+        return prompt, frozenset({separator, *(i for i in declared if isinstance(i, int))})
 
     # ------------------------------------------------------------ the loop
 
