@@ -35,7 +35,7 @@ from training import evaluate, pretrain
 from training.chat import chat_format
 from training.corpus import load_documents
 from training.data import IGNORED, BatchSampler
-from training.prepare import PreparedData, prepare
+from training.prepare import CONVERSATION_START, PreparedData, prepare
 from training.tokenizer import train_tokenizer, with_special_tokens
 
 DATA = Path(__file__).parent / "data"
@@ -480,3 +480,34 @@ def test_an_answer_of_weight_0_is_read_not_learned_and_text_parts_are_joined(
     assert again.tokenizer.decode(learned, skip_special_tokens=False) == (
         "Not this.<|im_end|>\nThis.<|im_end|>\n"
     )
+
+
+def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) -> None:
+    conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", chats(80))])
+    data = prepare(
+        conversations[:70],
+        conversations[70:],
+        tmp_path / "cache",
+        vocab_size=320,
+        chat=chat_format(None),
+    )
+    assert data.train_loss_mask is not None
+    n = len(data.train)
+    firsts = {int(i) + 1 for i in np.flatnonzero(data.train_loss_mask == CONVERSATION_START)}
+    for rank in (0, 1):
+        sampler = BatchSampler(
+            data.train,
+            block_size=32,
+            batch_size=8,
+            seed=0,
+            rank=rank,
+            world_size=2,
+            loss_mask=data.train_loss_mask,
+        )
+        shard = range(rank * n // 2, (rank + 1) * n // 2 - 32)
+        assert sampler.conversation_starts is not None
+        starts = set(sampler.conversation_starts.tolist())
+        assert starts <= set(shard) and starts - {shard[-1]} <= firsts
+        rows = {tuple(row) for _ in range(10) for row in sampler.next_batch()[0].tolist()}
+        windows = {tuple(data.train[s : s + 32].tolist()) for s in starts}
+        assert rows <= windows and len(rows) > 1
