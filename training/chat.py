@@ -94,7 +94,7 @@ def with_end_of_turn(
         return defaults
     settings = dict(NEW_MODEL_SAMPLING if defaults is None else defaults)
     declared = settings.get("eos_token_id")
-    declared = declared if isinstance(declared, list) else [declared] if declared else []
+    declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
     end_of_turn = tokenizer.token_to_id(CHATML_TOKENS[1])
     settings["eos_token_id"] = [*declared, end_of_turn]
     return settings
