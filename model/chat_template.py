@@ -146,7 +146,7 @@ def template_source(folder: Path, config: dict[str, object]) -> tuple[Path, str]
     return path, stored
 
 
-def _token_text(value: object) -> str | None:
+def config_token_text(value: object) -> str | None:
     """A tokenizer_config.json token field's text: a string, or an AddedToken's dict."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -189,20 +189,39 @@ class ChatTemplate:
         template's end of that turn), else 0. A ChatError where the template refuses the
         messages, or writes a turn otherwise once later ones follow (which tokens the
         assistant wrote is then unknown)."""
-        ids = self.encode(self.render(messages, add_generation_prompt=False))
-        learned = [0] * len(ids)
+        full = self.render(messages, add_generation_prompt=False)
+        # The rendered text cut where each learned reply starts and ends: each piece is
+        # encoded alone, so that a reply's tokens follow its prompt's as the server's
+        # prompt leaves them to the model, however the tokenizer would merge across.
+        cuts: list[tuple[int, bool]] = []
         for turn, message in enumerate(messages):
             if message["role"] != "assistant" or turn in not_learned:
                 continue
-            prompt = self.encode(self.render(messages[:turn], add_generation_prompt=True))
-            through = self.encode(self.render(messages[: turn + 1], add_generation_prompt=False))
-            if through[: len(prompt)] != prompt or ids[: len(through)] != through:
+            prompt = self.render(messages[:turn], add_generation_prompt=True)
+            through = self.render(messages[: turn + 1], add_generation_prompt=False)
+            if not through.startswith(prompt) or not full.startswith(through):
                 raise ChatError(
                     f"the chat template writes message {turn + 1} (the assistant's) otherwise "
                     "once more messages follow, so which tokens the assistant wrote is unknown"
                 )
-            learned[len(prompt) : len(through)] = [1] * (len(through) - len(prompt))
+            cuts += [(len(prompt), True), (len(through), False)]
+        ids: list[int] = []
+        learned: list[int] = []
+        start, learning = 0, False
+        for end, starts_reply in [*cuts, (len(full), False)]:
+            if end > start:
+                text = full[start:end]
+                piece = self.encode(text) if start == 0 else self._continuing(text)
+                ids += piece
+                learned += [int(learning)] * len(piece)
+            start, learning = end, starts_reply
         return ids, learned
+
+    def _continuing(self, text: str) -> list[int]:
+        """`text`'s ids as a piece after other text (encode's way for its later pieces)."""
+        newline = self._with_added_tokens("\n")
+        ids = self.encode("\n" + text)
+        return ids[len(newline) :] if ids[: len(newline)] == newline else self.encode(text)
 
     def ordinary_text(self, rendered: str) -> str:
         """`rendered` without its markers and the special tokens `encode` reads as tokens:
@@ -286,7 +305,7 @@ def compile_chat_template(
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise CheckpointError(f"{path}: chat template line {e.lineno}: {e.message}") from None
     template_tokens = {
-        name: token for name in TEMPLATE_TOKENS if (token := _token_text(config.get(name)))
+        name: token for name in TEMPLATE_TOKENS if (token := config_token_text(config.get(name)))
     }
     # The literal text the template writes: its own text and its string constants, apart
     # (so that no token is found across two of them).
