@@ -20,8 +20,11 @@ from tokenizers import Tokenizer
 from model.chat_template import (
     CHATML,
     CHATML_TOKENS,
+    TEMPLATE_TOKENS,
+    ChatError,
     ChatTemplate,
     compile_chat_template,
+    config_token_text,
     template_source,
 )
 from model.checkpoint import (
@@ -58,8 +61,13 @@ class ChatFormat:
 
     @property
     def key(self) -> str:
-        """What of it decides the tokens, for the token cache's key."""
-        return json.dumps([self.template, self.config, self.added_tokens], sort_keys=True)
+        """What of it decides the tokens, for the token cache's key: the template and what
+        it reads of tokenizer_config.json (a checkpoint's copy of that file differs from
+        the folder's it came from in fields no template reads, and a resumed run's
+        tokenizer has the added tokens already)."""
+        read = {name: config_token_text(self.config.get(name)) for name in TEMPLATE_TOKENS}
+        read["chat_control_tokens"] = self.config.get("chat_control_tokens")
+        return json.dumps([self.template, read], sort_keys=True)
 
 
 def chat_format(folder: Path | None) -> ChatFormat:

@@ -263,8 +263,9 @@ class _DamagedCache(Exception):
     """A cache folder whose files do not match its meta.json; the message says how."""
 
 
-def _open(folder: Path) -> PreparedData:
-    """The cache in `folder`, its files checked against its meta.json."""
+def _open(folder: Path, conversations: bool) -> PreparedData:
+    """The cache in `folder`, its files checked against its meta.json (and, of
+    `conversations`, holding their loss masks)."""
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         counts = {split: int(meta["splits"][split]["tokens"]) for split in SPLITS}
@@ -301,8 +302,9 @@ def _open(folder: Path) -> PreparedData:
         if hashlib.sha256(ids).hexdigest() != digests[split]:
             raise _DamagedCache(f"{split}.bin does not match its checksum in meta.json")
     masks = {split: _open_loss_mask(folder, split, meta, counts[split]) for split in SPLITS}
-    if (masks["train"] is None) != (masks["val"] is None):
-        raise _DamagedCache("meta.json has a loss mask for one split alone")
+    if any((mask is None) == conversations for mask in masks.values()):
+        held = "no loss mask" if conversations else "a loss mask"
+        raise _DamagedCache(f"meta.json names {held} for a split")
     return PreparedData(
         folder, tokenizer, tokens["train"], tokens["val"], meta, masks["train"], masks["val"]
     )
@@ -327,13 +329,13 @@ def _open_loss_mask(folder: Path, split: str, meta: dict, count: int) -> np.ndar
     return mask
 
 
-def _cached(folder: Path) -> PreparedData | None:
+def _cached(folder: Path, conversations: bool) -> PreparedData | None:
     """The cache in `folder`, or None when there is none. A damaged one is removed,
     with a warning: it is only a cache, so rebuilding it is always correct."""
     if not folder.exists():
         return None
     try:
-        return _open(folder)
+        return _open(folder, conversations)
     except _DamagedCache as e:
         print(f"warning: {folder}: damaged token cache ({e}); rebuilding it", file=sys.stderr)
         # Moved aside first, in one step: trainers started together (a sweep) find the same
@@ -482,12 +484,16 @@ def prepare(
     root = Path(cache_root)
     _clear_abandoned(root)
     digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
+    conversations = chat is not None
     chat_id = "" if chat is None else f"\0chat {chat.key}"
+    if tokenizer is not None and chat is not None:
+        # As it writes conversations: with the template's tokens (a resumed run's has them).
+        tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
     data = None
     if tokenizer is not None:
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
         # that text's cache: the same tokens, so that cache serves instead of a new one.
-        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}{chat_id}"))
+        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}{chat_id}"), conversations)
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
     tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
@@ -496,7 +502,7 @@ def prepare(
         tokenizer_id += "\0without its additions"
     folder = root / cache_key(digests, tokenizer_id + chat_id)
     if data is None:
-        data = _cached(folder)
+        data = _cached(folder, conversations)
     if data is None:
         if tokenizer is None:
             texts = [document_text(doc) for doc in train_docs]
@@ -521,6 +527,6 @@ def prepare(
         if not val_docs:
             raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
         _write(folder, splits, digests, tokenizer)
-        data = _open(folder)
+        data = _open(folder, conversations)
     _check_size(data.train.size, min_train_tokens, too_small_remedy)
     return data
