@@ -96,13 +96,20 @@ def with_chat_template(extras: TokenizerExtras | None, chat: ChatFormat) -> Toke
 def with_end_of_turn(
     defaults: Mapping[str, object] | None, chat: ChatFormat, tokenizer: Tokenizer
 ) -> Mapping[str, object] | None:
-    """Generation settings that also end a reply at CHATML's end of turn, where the run
-    added that template; `defaults` (None: a new model's) otherwise."""
-    if not chat.added_tokens:
+    """Generation settings that also end a reply at the template's end of turn (the last
+    special token it writes in an assistant's turn: CHATML's <|im_end|>, Llama 3's
+    <|eot_id|>), where `defaults` (None: a new model's) do not already."""
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        ids, learned = chat.compiled(tokenizer).conversation(probe)
+    except (ChatError, CorpusError):  # a template that refuses the probe: its ends unknown
         return defaults
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    ends = [i for i, bit in zip(ids, learned, strict=True) if bit and i in special]
     settings = dict(NEW_MODEL_SAMPLING if defaults is None else defaults)
     declared = settings.get("eos_token_id")
     declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
-    end_of_turn = tokenizer.token_to_id(CHATML_TOKENS[1])
-    settings["eos_token_id"] = [*declared, end_of_turn]
+    if not ends or ends[-1] in declared:
+        return defaults
+    settings["eos_token_id"] = [*declared, ends[-1]]
     return settings
