@@ -169,23 +169,38 @@ def _jsonl_documents(path: Path) -> list[Document] | None:
         except RecursionError:  # brackets nested thousands deep
             raise CorpusError(f"{path}:{number}: not readable JSON (nested too deep)") from None
         where = f"{path}:{number}"
-        if isinstance(record, dict) and "messages" in record and "text" not in record:
-            documents.append(_conversation(record["messages"], where, cleaned))
-            continue
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise CorpusError(
-                f"{where}: expected an object with a string 'text' field or a 'messages' list"
+        if isinstance(record, dict) and "messages" in record:
+            document: Document = _conversation(record, where, cleaned)
+        else:
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise CorpusError(
+                    f"{where}: expected an object with a string 'text' field or a 'messages' list"
+                )
+            document = cleaned(text)
+        if documents and type(document) is not type(documents[0]):
+            kind = (
+                "a conversation among text records"
+                if isinstance(document, Conversation)
+                else "a text among conversations"
             )
-        documents.append(cleaned(text))
+            raise CorpusError(f"{where}: {kind}: a corpus is text or conversations, not both")
+        documents.append(document)
     if surrogates:
         _warn_replaced(path, "invalid UTF-8, lone surrogate escapes")
     return documents
 
 
-def _conversation(messages: object, where: str, cleaned: Callable[[str], str]) -> Conversation:
-    """A `messages` list as a Conversation; a CorpusError naming `where` (file:line) and
-    the problem if it is not one to learn from."""
+def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Conversation:
+    """A record's `messages` list as a Conversation; a CorpusError naming `where`
+    (file:line) and the problem if it is not one to learn from. Its other fields are not
+    read (an id, a source), but those that would change what it means: tools, a text."""
+    if refused := sorted(set(record) & {"text", "tools", "functions", "parallel_tool_calls"}):
+        raise CorpusError(
+            f"{where}: {refused[0]!r} beside 'messages' is not read (a record is a text or a "
+            "conversation, without tools)"
+        )
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise CorpusError(f"{where}: 'messages' must be a non-empty list of messages")
     turns, not_learned = [], []

@@ -255,10 +255,10 @@ def load_data(
         # training file left whole: scored on text it trained on.
         val_docs = held_out_only(val_docs, train_docs)
     elif chat is not None:
-        if len(documents) < 2:
+        if len(set(documents)) < 2:
             raise CorpusError(
-                "--data: 1 conversation; training and validation need one each (add "
-                "conversations, or give --val-data)"
+                "--data: 1 conversation (repeats aside); training and validation need one "
+                "each (add conversations, or give --val-data)"
             )
         train_docs, val_docs = split_conversations(documents, args.val_fraction)
     else:

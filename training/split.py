@@ -59,13 +59,15 @@ def documents_trained_on(val_docs: Sequence[Document], train_docs: Sequence[Docu
 def split_conversations(
     conversations: Sequence[Conversation], val_fraction: float
 ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val): `val_fraction` of the conversations (at least one, and one left to
-    train on), whole and evenly spread, held out; both in their order."""
-    n = len(conversations)
+    """(train, val): `val_fraction` of the distinct conversations (at least one, and one
+    left to train on), whole and evenly spread, held out, each once, and none of their
+    repeats trained on; both in their order."""
+    distinct = list(dict.fromkeys(conversations))
+    n = len(distinct)
     n_val = min(n - 1, max(1, round(n * val_fraction)))
-    held_out = {int((k + 0.5) * n / n_val) for k in range(n_val)} if n_val > 0 else set()
-    train = [c for i, c in enumerate(conversations) if i not in held_out]
-    return train, [c for i, c in enumerate(conversations) if i in held_out]
+    held_out = {distinct[int((k + 0.5) * n / n_val)] for k in range(n_val)} if n_val else set()
+    train = [c for c in conversations if c not in held_out]
+    return train, [c for c in distinct if c in held_out]
 
 
 def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
