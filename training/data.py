@@ -82,18 +82,41 @@ class BatchSampler:
         return batch[0], batch[1]
 
 
-def eval_windows(
-    tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_windows(tokens: np.ndarray, block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Non-overlapping windows covering the stream: (inputs [T'], targets [T']), T' <= T.
 
-    Every token but the first is a target exactly once (IGNORED where `loss_mask` says
-    the model does not learn it); the last window may be short.
+    Every token but the first is a target exactly once; the last window may be short.
     """
     for start in range(0, len(tokens) - 1, block_size):
         window = np.asarray(tokens[start : start + block_size + 1], dtype=np.int64)
-        targets = window[1:]
-        if loss_mask is not None:
-            learned = loss_mask[start + 1 : start + block_size + 1] == LEARNED
-            targets = np.where(learned, targets, IGNORED)
-        yield window[:-1], targets
+        yield window[:-1], window[1:]
+
+
+def conversation_windows(
+    tokens: np.ndarray, loss_mask: np.ndarray, block_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One window per conversation, from its first token as a chat prompt starts and as
+    training's windows start: (inputs [T'], targets [T']), T' <= T, the targets IGNORED
+    but the conversation's own LEARNED tokens. Those past T tokens from its start are
+    not scored: no training window reaches them either (`unreachable_answers`)."""
+    separators = np.flatnonzero(np.asarray(loss_mask) == CONVERSATION_START)
+    for separator, end in zip(separators, [*separators[1:], len(tokens)], strict=True):
+        first, stop = separator + 1, min(end, separator + 2 + block_size)
+        if stop - first < 2:
+            continue  # nothing to predict (a conversation is never this short)
+        window = np.asarray(tokens[first:stop], dtype=np.int64)
+        learned = np.asarray(loss_mask[first + 1 : stop]) == LEARNED
+        yield window[:-1], np.where(learned, window[1:], IGNORED)
+
+
+def unreachable_answers(loss_mask: np.ndarray, block_size: int) -> tuple[int, int]:
+    """(unreachable, all): the LEARNED tokens more than `block_size` tokens after their
+    conversation's first token, which no window starting there holds, and all of them."""
+    mask = np.asarray(loss_mask)
+    learned = mask == LEARNED
+    firsts = np.flatnonzero(mask == CONVERSATION_START) + 1
+    positions = np.arange(len(mask))
+    # Each position's conversation's first token (0 before the first: none is learned).
+    first_of = firsts[np.maximum(np.searchsorted(firsts, positions, side="right") - 1, 0)]
+    unreachable = learned & (positions > first_of + block_size)
+    return int(np.count_nonzero(unreachable)), int(np.count_nonzero(learned))

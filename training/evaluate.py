@@ -53,9 +53,8 @@ from model.checkpoint import (
 )
 from model.device import resolve_device
 from training.corpus import Conversation, CorpusError, document_text, load_documents
-from training.data import IGNORED, eval_windows
+from training.data import IGNORED, conversation_windows, eval_windows
 from training.prepare import (
-    LEARNED,
     check_tokenizer,
     conversation_stream,
     token_byte_lengths,
@@ -107,12 +106,16 @@ def evaluate_stream(
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    windows = list(eval_windows(tokens, block_size, loss_mask))
+    if loss_mask is None:
+        windows = list(eval_windows(tokens, block_size))
+    else:
+        windows = list(conversation_windows(tokens, loss_mask, block_size))
     window_bytes = block_size * model.config.vocab_size * 4
     batch = max(1, min(EVAL_BATCH, logits_bytes // window_bytes))
-    # Full windows go in batches; the last, shorter one goes alone.
+    # Full windows go in batches; the last, shorter one goes alone. (A conversation's
+    # window is as long as the conversation: its batch is padded, its padding IGNORED.)
     batches = [windows[i : i + batch] for i in range(0, len(windows), batch)]
-    if len(windows) > 1 and len(windows[-1][0]) < len(windows[0][0]):
+    if loss_mask is None and len(windows) > 1 and len(windows[-1][0]) < len(windows[0][0]):
         batches = [*batches[:-1], batches[-1][:-1], [windows[-1]]]
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
@@ -120,30 +123,36 @@ def evaluate_stream(
         else contextlib.nullcontext()
     )
     try:
-        with progress_bar(progress, len(tokens) - 1, "tok") as bar:
+        with progress_bar(progress, sum(len(x) for x, _ in windows), "tok") as bar:
             for batch in filter(None, batches):
                 if stop is not None and stop():
                     raise EvaluationStopped
-                x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # [B, T]
-                y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # [B, T]
+                x = torch.from_numpy(_padded([w[0] for w in batch], 0)).to(device)  # [B, T]
+                y = torch.from_numpy(_padded([w[1] for w in batch], IGNORED)).to(device)
                 positions = torch.arange(x.shape[1], device=device).expand_as(x)
                 with autocast:
                     logits = model(x, positions)  # [B, T, V]
                 flat = logits.flatten(0, 1).float()
                 nats = F.cross_entropy(flat, y.flatten(), ignore_index=IGNORED, reduction="sum")
                 total += nats.double()
-                bar.update(x.numel())
+                bar.update(sum(len(w[0]) for w in batch))
     finally:
         model.train(was_training)
-    targets = np.asarray(tokens[1:], dtype=np.int64)
-    if loss_mask is not None:
-        targets = targets[np.asarray(loss_mask[1:]) == LEARNED]
+    targets = np.concatenate([y[y != IGNORED] for _, y in windows])
     n_tokens = len(targets)
     n_bytes = int(byte_lengths[targets].sum())
     nats = total.item()
     return EvalResult(
         loss=nats / n_tokens, bpb=nats / (n_bytes * math.log(2)), tokens=n_tokens, bytes=n_bytes
     )
+
+
+def _padded(rows: list[np.ndarray], fill: int) -> np.ndarray:
+    """`rows` [T_i] as one [B, max T_i] array, each filled out at its end with `fill`."""
+    out = np.full((len(rows), max(len(row) for row in rows)), fill, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

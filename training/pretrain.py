@@ -75,6 +75,7 @@ from training.corpus import (
     document_text,
     load_documents,
 )
+from training.data import IGNORED, conversation_windows, unreachable_answers
 from training.defaults import (
     budget_summary,
     model_config,
@@ -93,7 +94,6 @@ from training.distributed import (
 )
 from training.memory import shortfall
 from training.prepare import (
-    LEARNED,
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
@@ -321,14 +321,32 @@ def prepare_on_rank0(
     )
 
 
-def check_learned_in_evaluation(args: TrainArgs, data: PreparedData) -> None:
-    """A UsageError if the held-out conversations' first --eval-tokens tokens hold none
-    an assistant wrote: there would be nothing to score."""
-    scored = data.val_loss_mask[1 : args.eval_tokens + 1 if args.eval_tokens else None]
-    if not (scored == LEARNED).any():
+def check_answers_reachable(args: TrainArgs, data: PreparedData, is_main: bool) -> None:
+    """A UsageError if no answer of the training conversations, or none scored of the
+    held-out ones, lies within --block-size tokens of its conversation's start (no
+    window holds it); a warning (rank 0) for the share of training answers that do not."""
+    T = args.block_size
+    unreachable, answers = unreachable_answers(data.train_loss_mask, T)
+    if unreachable == answers:
         raise UsageError(
-            f"--eval-tokens {args.eval_tokens}: the held-out conversations' first "
-            f"{args.eval_tokens} tokens hold no answer to score; raise it (0: all of them)"
+            f"--block-size {T}: no answer of the conversations starts within {T} tokens of "
+            "its conversation's start; raise it (up to the model's context) or shorten the "
+            "conversations"
+        )
+    if unreachable and is_main:
+        print(
+            f"warning: {unreachable:,} of {answers:,} answer tokens "
+            f"({unreachable / answers:.0%}) lie more than --block-size {T} tokens into "
+            "their conversation: neither trained on nor scored",
+            file=sys.stderr,
+        )
+    end = args.eval_tokens + 1 if args.eval_tokens else None
+    windows = conversation_windows(data.val[:end], data.val_loss_mask[:end], T)
+    if not any((y != IGNORED).any() for _, y in windows):
+        within = f" (--eval-tokens {args.eval_tokens})" if args.eval_tokens else ""
+        raise UsageError(
+            f"the held-out conversations{within} hold no answer within --block-size {T} "
+            "tokens of its conversation's start: nothing to score"
         )
 
 
@@ -521,7 +539,7 @@ def run_locked(given: Given) -> int:
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, val_docs, tokenizer, chat, dist_info)
         if chat is not None:
-            check_learned_in_evaluation(args, data)
+            check_answers_reachable(args, data, dist_info.is_main)
             generation_defaults = with_end_of_turn(generation_defaults, chat, data.tokenizer)
         args = with_step_budget(args, device, len(data.train), dist_info.world_size)
         # A step count known only now (`--max-steps none`: the default for this text) may
