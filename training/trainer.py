@@ -700,8 +700,9 @@ class Trainer:
             self.lr = lr_at(args, self.step, elapsed)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * group.get("lr_scale", 1.0)  # optim.py's groups
-            for micro in range(args.grad_accum):
-                x, y = self.batches.next_batch()
+            batches = [self.batches.next_batch() for _ in range(args.grad_accum)]
+            shares = self._token_shares([y for _, y in batches])
+            for micro, (x, y) in enumerate(batches):
                 if not self.first_batch_fingerprints and self.step == 0 and micro == 0:
                     self._record_fingerprints(x)
                 sync = micro == args.grad_accum - 1 or not self.dist.enabled
@@ -710,8 +711,9 @@ class Trainer:
                     self._autocast(),
                 ):
                     loss = self.loss(x, y, positions)
-                (loss / args.grad_accum).backward()
-                self.window_loss += loss.detach() / args.grad_accum
+                part = loss / args.grad_accum if shares is None else loss * shares[micro]
+                part.backward()
+                self.window_loss += part.detach()
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
             self.optimizer.step()
@@ -751,6 +753,20 @@ class Trainer:
         self._eval_and_report(bar)
         self._check_finite(self.window_loss.item())
         return "early_stopping" if self._early_stop() else None
+
+    def _token_shares(self, targets: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """What each micro-batch's mean loss weighs in the step: None for text (each the
+        same tokens: 1 / grad_accum); for conversations its learned targets' share of the
+        step's, over every rank (times the ranks DDP averages over), so that the step's
+        loss is the mean over all its learned tokens, however they fall in micro-batches."""
+        if self.data.train_loss_mask is None:
+            return None
+        counts = [(y != IGNORED).sum() for y in targets]
+        total = torch.stack(counts).sum()
+        if self.dist.enabled:
+            dist.all_reduce(total)
+        scale = self.dist.world_size / total.clamp(min=1)
+        return [count * scale for count in counts]
 
     def _log_window(self, bar: tqdm) -> None:
         """Log the mean loss and tokens/s of the steps since the last train record and
