@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from server_harness import running_server
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model.chat_template import CHATML, CHATML_TOKENS, load_chat_template
@@ -32,10 +32,11 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from server.settings import Settings
 from training import evaluate, pretrain
-from training.chat import chat_format
-from training.corpus import load_documents
-from training.data import IGNORED, BatchSampler
+from training.chat import chat_format, with_end_of_turn
+from training.corpus import Conversation, load_documents
+from training.data import IGNORED, BatchSampler, conversation_windows, unreachable_answers
 from training.prepare import CONVERSATION_START, PreparedData, prepare
+from training.split import split_conversations
 from training.tokenizer import train_tokenizer, with_special_tokens
 
 DATA = Path(__file__).parent / "data"
@@ -68,6 +69,10 @@ def write_jsonl(path: Path, records: list[object]) -> Path:
     lines = [json.dumps(r if not isinstance(r, list) else {"messages": r}) for r in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def load_conversations(records: list[list[dict[str, str]]]) -> list[Conversation]:
+    return [Conversation(tuple((m["role"], m["content"]) for m in r)) for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +223,10 @@ def test_a_new_model_trained_on_conversations_resumes_bit_exact(tmp_path: Path) 
     whole, half = tmp_path / "whole", tmp_path / "half"
     assert pretrain.main([*common, "--max-steps", "8", "--out-dir", str(whole)]) == 0
     assert pretrain.main([*common, "--max-steps", "4", "--out-dir", str(half)]) == 0
+    caches = sorted(p for p in tmp_path.iterdir() if (p / "meta.json").is_file())
     assert pretrain.main(["--resume", str(half), "--max-steps", "8"]) == 0
+    # The resumed run read the cache the run made: its tokens are not made again.
+    assert sorted(p for p in tmp_path.iterdir() if (p / "meta.json").is_file()) == caches
 
     a, b = read_log(whole, "train"), read_log(half, "train")
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -237,7 +245,8 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_conversations(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", chats(60))
-    held_out = chats(10, seed=1, question="Which color has the {}?")
+    # Short enough for the base model's 64 positions: each answer within its window.
+    held_out = [c[-2:] for c in chats(10, seed=1, question="Which color has the {}?")]
     val = write_jsonl(tmp_path / "val.jsonl", held_out)
     run = tmp_path / "run"
     flags = ["--init-from", str(base), "--data", str(data), "--val-data", str(val)]
@@ -351,10 +360,24 @@ HI = {"role": "user", "content": "Hi"}
         ([{"content": "Hi"}], "message 1: 'role' must be a role's name (user, assistant, ...)"),
         (["Hi"], "message 1 is not an object"),
         ([], "'messages' must be a non-empty list of messages"),
+        (
+            {"messages": chats(1)[0], "tools": []},
+            "'tools' beside 'messages' is not read (a record is a text or a conversation, "
+            "without tools)",
+        ),
+        (
+            {"messages": chats(1)[0], "text": "Hi"},
+            "'text' beside 'messages' is not read (a record is a text or a conversation, "
+            "without tools)",
+        ),
+        (
+            {"text": "Hi"},
+            "a text among conversations: a corpus is text or conversations, not both",
+        ),
     ],
 )
 def test_a_record_that_is_no_conversation_to_learn_from_exits_2_naming_its_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], record: list, error: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], record: object, error: str
 ) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", [*chats(3), record])
     run = tmp_path / "run"
@@ -388,9 +411,9 @@ def test_text_and_conversations_are_not_trained_on_together(
             "--val-data: conversations, but --data is text: give one kind",
         ),
         (
-            ["--data", str(write_jsonl(tmp_path / "one.jsonl", chats(1)))],
-            "--data: 1 conversation; training and validation need one each (add conversations, "
-            "or give --val-data)",
+            ["--data", str(write_jsonl(tmp_path / "one.jsonl", chats(1) * 3))],
+            "--data: 1 conversation (repeats aside); training and validation need one each "
+            "(add conversations, or give --val-data)",
         ),
     ]
     for given, error in cases:
@@ -408,8 +431,8 @@ def test_an_evaluation_too_short_to_hold_an_answer_exits_2_before_training(
     flags = [*TINY, "--data", str(data), "--cache-dir", str(tmp_path), "--out-dir", str(run)]
     assert pretrain.main([*flags, "--eval-tokens", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --eval-tokens 3: the held-out conversations' first 3 tokens hold no answer "
-        "to score; raise it (0: all of them)"
+        "error: the held-out conversations (--eval-tokens 3) hold no answer within "
+        "--block-size 64 tokens of its conversation's start: nothing to score"
     )
     assert not (run / "log.jsonl").exists()
 
@@ -430,8 +453,15 @@ def test_a_damaged_loss_mask_is_rebuilt_with_a_warning(
         (expected.replace(b"\x01", b"\x00", 1), "train.loss_mask.bin does not match its checksum"),
         (expected[:-1], f"train.loss_mask.bin holds {len(expected) - 1:,} bytes"),
         (None, "train.loss_mask.bin is missing"),
+        ("meta", "meta.json names no loss mask for a split"),
     ):
-        if damage is None:
+        if damage == "meta":  # an edited meta.json, as a text cache's
+            meta_path = first.folder / "meta.json"
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            for split in meta["splits"].values():
+                del split["loss_mask_sha256"]
+            meta_path.write_text(json.dumps(meta), encoding="utf-8")
+        elif damage is None:
             mask.unlink()
         else:
             mask.write_bytes(damage)
@@ -511,3 +541,129 @@ def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) ->
         rows = {tuple(row) for _ in range(10) for row in sampler.next_batch()[0].tolist()}
         windows = {tuple(data.train[s : s + 32].tolist()) for s in starts}
         assert rows <= windows and len(rows) > 1
+
+
+def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_refused(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    briefing = {"role": "system", "content": "Answer with the color alone. " * 12}
+    long = [[briefing, *c[-2:]] for c in chats(20)]  # each answer past 64 tokens
+    cases = {"some": chats(40) + long, "all": long}
+    for name, conversations in cases.items():
+        data = write_jsonl(tmp_path / f"{name}.jsonl", conversations)
+        run = tmp_path / name
+        flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "1"]
+        flags += ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(run)]
+        status = pretrain.main(flags)
+        err = capsys.readouterr().err
+        if name == "some":
+            assert status == 0
+            warning = re.search(r"warning: ([\d,]+) of ([\d,]+) answer tokens \((\d+)%\) lie", err)
+            assert warning is not None, err
+            unreachable, answers = (int(warning[i].replace(",", "")) for i in (1, 2))
+            assert 0 < unreachable < answers
+            assert "more than --block-size 64 tokens into their conversation" in err
+        else:
+            assert status == 2 and not run.exists()
+            assert err.strip().splitlines()[-1] == (
+                "error: --block-size 64: no answer of the conversations starts within 64 "
+                "tokens of its conversation's start; raise it (up to the model's context) or "
+                "shorten the conversations"
+            )
+
+
+def test_a_conversation_is_scored_from_its_first_token_to_the_window_end() -> None:
+    # Two conversations: 1-4 (answer 3-4) and 6-9 (answer 7-9); windows of 2 positions.
+    mask = np.array([2, 0, 0, 1, 1, 2, 0, 1, 1, 1], dtype=np.uint8)
+    tokens = np.arange(10, dtype=np.uint16)
+    assert unreachable_answers(mask, 2) == (2, 5)  # 4 and 9: past 2 after 1 and 6
+    assert unreachable_answers(mask, 3) == (0, 5)
+    windows = [(x.tolist(), y.tolist()) for x, y in conversation_windows(tokens, mask, 2)]
+    assert windows == [([1, 2], [IGNORED, 3]), ([6, 7], [7, 8])]
+    windows = [(x.tolist(), y.tolist()) for x, y in conversation_windows(tokens, mask, 8)]
+    assert windows == [([1, 2, 3], [IGNORED, 3, 4]), ([6, 7, 8], [7, 8, 9])]
+
+
+def test_a_steps_loss_is_the_mean_over_its_answer_tokens_however_split_in_micro_batches(
+    base: Path, tmp_path: Path
+) -> None:
+    # Conversations of very different answer lengths: micro-batches of 4 rows hold
+    # different numbers of answer tokens.
+    conversations = (
+        chats(60)
+        + [
+            [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": s}]
+            for s in ("Once upon a time there was a red apple and a blue sky. " * 2, "No.")
+        ]
+        * 10
+    )
+    data = write_jsonl(tmp_path / "chats.jsonl", conversations)
+    losses = []
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        run = tmp_path / f"run-{batch}"
+        flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "1"]
+        flags += ["--batch-size", str(batch), "--grad-accum", str(accum), "--dropout", "0"]
+        flags += ["--log-interval", "1", "--dtype", "float32", "--cache-dir", str(tmp_path)]
+        assert pretrain.main([*flags, "--out-dir", str(run)]) == 0
+        losses.append(read_log(run, "train")[1]["loss"])
+    # The same 8 rows (one generator draws them), the same weights: the same mean.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_a_held_out_conversation_is_trained_on_in_none_of_its_repeats() -> None:
+    conversations = load_conversations(chats(30) * 3)
+    train, val = split_conversations(conversations, 0.1)
+    assert len(val) == len(set(val)) == round(len(set(conversations)) * 0.1)
+    assert not set(val) & set(train)
+    assert len(train) + sum(map(conversations.count, val)) == len(conversations)
+
+
+def test_an_answer_after_spacing_the_tokenizer_merges_across_is_read_as_the_server_prompts(
+    tmp_path: Path,
+) -> None:
+    # "\n\n" is one token here: "assistant\n" + "\n\nBlue." is not its prompt's ids + more.
+    text = ["Paragraph one.\n\nParagraph two.\n\n  Indented."] * 50
+    tokenizer = with_special_tokens(train_tokenizer(text, 300), CHATML_TOKENS)
+    assert len(tokenizer.encode("\n\n").ids) == 1
+    template = chat_format(None).compiled(tokenizer)
+    for answer in ("\n\nBlue.", "  Indented.", "Blue."):
+        question = [{"role": "user", "content": "Color?"}]
+        ids, learned = template.conversation([*question, {"role": "assistant", "content": answer}])
+        prompt = template.encode(template.render(question, add_generation_prompt=True))
+        assert ids[: len(prompt)] == prompt and not any(learned[: len(prompt)])
+        kept = [i for i, bit in zip(ids, learned, strict=True) if bit]
+        assert tokenizer.decode(kept, skip_special_tokens=False) == answer + "<|im_end|>\n"
+        assert len(kept) == len(ids) - len(prompt)
+    # A tokenizer that spaces a text's start (add_prefix_space): a reply, mid-text, is not.
+    spacing = Tokenizer.from_str(tokenizer.to_str())
+    spacing.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    template = chat_format(None).compiled(spacing)
+    chat = [{"role": "user", "content": "Color?"}, {"role": "assistant", "content": "Blue."}]
+    ids, learned = template.conversation(chat)
+    kept = [i for i, bit in zip(ids, learned, strict=True) if bit]
+    # (It spaces the text after a special token too, as in transformers: "<|im_end|> \n".)
+    assert spacing.decode(kept, skip_special_tokens=False).startswith("Blue.<|im_end|>")
+
+
+def test_the_templates_end_of_turn_is_an_end_id_once(tmp_path: Path) -> None:
+    tokenizer = with_special_tokens(train_tokenizer(["Hello there."] * 20, 270), CHATML_TOKENS)
+    end_of_turn = tokenizer.token_to_id("<|im_end|>")
+    chat = chat_format(None)
+    assert with_end_of_turn(None, chat, tokenizer)["eos_token_id"] == [end_of_turn]
+    assert with_end_of_turn({"eos_token_id": 0}, chat, tokenizer)["eos_token_id"] == [
+        0,
+        end_of_turn,
+    ]
+    declared = {"eos_token_id": [0, end_of_turn], "temperature": 0.5}
+    assert with_end_of_turn(declared, chat, tokenizer) == declared
+    # A template of the folder (no tokens added) whose model's settings lack its end.
+    config = ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size())
+    extras = TokenizerExtras(chat_templates={CHAT_TEMPLATE: CHATML})
+    folder = save_checkpoint(
+        tmp_path, "step-0", Transformer(config), tokenizer, tokenizer_extras=extras
+    )
+    own = chat_format(folder)
+    assert own.added_tokens == () and own.template == CHATML
+    settings = with_end_of_turn({"eos_token_id": 0, "temperature": 0.5}, own, tokenizer)
+    assert settings == {"eos_token_id": [0, end_of_turn], "temperature": 0.5}
