@@ -667,3 +667,20 @@ def test_the_templates_end_of_turn_is_an_end_id_once(tmp_path: Path) -> None:
     assert own.added_tokens == () and own.template == CHATML
     settings = with_end_of_turn({"eos_token_id": 0, "temperature": 0.5}, own, tokenizer)
     assert settings == {"eos_token_id": [0, end_of_turn], "temperature": 0.5}
+
+
+def test_an_empty_answer_is_read_not_learned(tmp_path: Path) -> None:
+    record = [
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Color?"},
+        {"role": "assistant", "content": "Blue."},
+    ]
+    [conversation] = load_documents([write_jsonl(tmp_path / "one.jsonl", [record])])
+    assert conversation.not_learned == (1,)
+    template = chat_format(None).compiled(
+        with_special_tokens(train_tokenizer(["Hello? Color? Blue."] * 20, 270), CHATML_TOKENS)
+    )
+    ids, learned = template.conversation(conversation.as_messages(), conversation.not_learned)
+    kept = [i for i, bit in zip(ids, learned, strict=True) if bit]
+    assert template.tokenizer.decode(kept, skip_special_tokens=False) == "Blue.<|im_end|>\n"

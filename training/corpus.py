@@ -222,8 +222,10 @@ def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Co
                 raise CorpusError(f"{said}: 'weight' is 0 or 1, on an assistant message")
             if weight == 0:
                 not_learned.append(index)
-    learned = [i for i, (role, content) in enumerate(turns) if role == "assistant" and content]
-    if not set(learned) - set(not_learned):
+    # An empty answer is read, not learned: it would teach the model to say nothing.
+    empty = [i for i, (role, content) in enumerate(turns) if role == "assistant" and not content]
+    not_learned = sorted({*not_learned, *empty})
+    if all(role != "assistant" or i in not_learned for i, (role, _) in enumerate(turns)):
         raise CorpusError(f"{where}: no assistant message with content to learn")
     return Conversation(tuple(turns), tuple(not_learned), where)
 
