@@ -262,6 +262,12 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_conversations(
     fields = dict(item.split("=", 1) for item in out[-3].split())
     answers = [m["content"] for c in held_out for m in c if m["role"] == "assistant"]
     assert int(fields["bytes"]) == sum(len(a.encode()) + 1 for a in answers)  # and each "\n"
+    # Nor conversations whose answers lie past the windows asked for.
+    assert evaluate.main(["--checkpoint", str(run), "--data", str(val), "--block-size", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --block-size 4: no answer lies within 4 tokens of its conversation's start: "
+        "nothing to score"
+    )
     # A model without a template cannot score conversations.
     assert evaluate.main(["--checkpoint", str(base), "--data", str(val)]) == 2
     folder = resolve_checkpoint(base)

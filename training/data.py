@@ -109,6 +109,12 @@ def conversation_windows(
         yield window[:-1], np.where(learned, window[1:], IGNORED)
 
 
+def scored_answers(tokens: np.ndarray, loss_mask: np.ndarray, block_size: int) -> int:
+    """How many LEARNED tokens `conversation_windows` scores (0: nothing to score)."""
+    windows = conversation_windows(tokens, loss_mask, block_size)
+    return sum(int(np.count_nonzero(y != IGNORED)) for _, y in windows)
+
+
 def unreachable_answers(loss_mask: np.ndarray, block_size: int) -> tuple[int, int]:
     """(unreachable, all): the LEARNED tokens more than `block_size` tokens after their
     conversation's first token, which no window starting there holds, and all of them."""

@@ -53,7 +53,7 @@ from model.checkpoint import (
 )
 from model.device import resolve_device
 from training.corpus import Conversation, CorpusError, document_text, load_documents
-from training.data import IGNORED, conversation_windows, eval_windows
+from training.data import IGNORED, conversation_windows, eval_windows, scored_answers
 from training.prepare import (
     check_tokenizer,
     conversation_stream,
@@ -227,6 +227,13 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
             tokens, loss_mask = conversation_stream(chat, tokenizer, documents, "tokenizing")
         except CorpusError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not scored_answers(tokens, loss_mask, block_size):
+            print(
+                f"error: --block-size {block_size}: no answer lies within {block_size} tokens "
+                "of its conversation's start: nothing to score",
+                file=sys.stderr,
+            )
             return 2
     result = evaluate_stream(
         model,

@@ -75,7 +75,7 @@ from training.corpus import (
     document_text,
     load_documents,
 )
-from training.data import IGNORED, conversation_windows, unreachable_answers
+from training.data import scored_answers, unreachable_answers
 from training.defaults import (
     budget_summary,
     model_config,
@@ -341,8 +341,7 @@ def check_answers_reachable(args: TrainArgs, data: PreparedData, is_main: bool) 
             file=sys.stderr,
         )
     end = args.eval_tokens + 1 if args.eval_tokens else None
-    windows = conversation_windows(data.val[:end], data.val_loss_mask[:end], T)
-    if not any((y != IGNORED).any() for _, y in windows):
+    if not scored_answers(data.val[:end], data.val_loss_mask[:end], T):
         within = f" (--eval-tokens {args.eval_tokens})" if args.eval_tokens else ""
         raise UsageError(
             f"the held-out conversations{within} hold no answer within --block-size {T} "
