@@ -92,10 +92,15 @@ def test_a_fine_tune_on_conversations_chats_through_the_server_and_in_transforme
     flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "120", "--lr", "4e-3"]
     flags += ["--block-size", "64", "--batch-size", "8", "--warmup-steps", "2"]
     assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(tuned)]) == 0
-    # Its sample is its reply to the first held-out conversation, ending with the turn.
+    # Its sample is its reply to the first held-out conversation's question, ending with
+    # the turn.
     *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
-    reply = re.fullmatch(r"sample: 'The (\w+) is (\w+)\.<\|im_end\|>'", sample)
-    assert reply is not None and COLORS[reply[1]] == reply[2], sample
+    reply = re.fullmatch(
+        r"sample: '.*the (\w+)\?<\|im_end\|>\\n<\|im_start\|>assistant\\n' -> "
+        r"'The (\w+) is (\w+)\.<\|im_end\|>'",
+        sample,
+    )
+    assert reply is not None and reply[1] == reply[2] and COLORS[reply[2]] == reply[3], sample
 
     folder = resolve_checkpoint(tuned)
     assert (folder / CHAT_TEMPLATE).read_text(encoding="utf-8") == CHATML

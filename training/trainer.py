@@ -85,6 +85,7 @@ if typing.TYPE_CHECKING:  # tensorboard: an optional import, made by _tensorboar
     from torch.utils.tensorboard import SummaryWriter
 
 PREVIEW_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)
+PREVIEW_PROMPT_CHARS = 60  # of a chat sample's prompt, its end shown before the reply
 
 
 @dataclass(frozen=True)
@@ -448,7 +449,8 @@ class Trainer:
     def preview(self) -> str:
         """A short sample from <|endoftext|>, or in a run on conversations the reply to the
         first held-out one's first question (its prompt as the server's chat route makes
-        it, the reply ending at an end id), decoded with the KV cache."""
+        it, the reply ending at an end id), decoded with the KV cache; as printed: quoted,
+        a reply after the end of its prompt."""
         prompt, ends = self._preview_prompt()
         n = min(self.args.sample_tokens, self.args.block_size - len(prompt))
         model = self.model
@@ -472,7 +474,13 @@ class Trainer:
             ids.append(int(sample(logits[:, -1], params, [generator])))
         model.train(was_training)
         # The separator shown as written: where the model ends a document is visible.
-        return self.data.tokenizer.decode(ids[len(prompt) :], skip_special_tokens=False)
+        sampled = self.data.tokenizer.decode(ids[len(prompt) :], skip_special_tokens=False)
+        if not ends:  # a text's sample
+            return repr(sampled)
+        asked = self.data.tokenizer.decode(prompt, skip_special_tokens=False)
+        if len(asked) > PREVIEW_PROMPT_CHARS:
+            asked = "..." + asked[-PREVIEW_PROMPT_CHARS:]
+        return f"{asked!r} -> {sampled!r}"
 
     def _preview_prompt(self) -> tuple[list[int], frozenset[int]]:
         """(what the preview continues, the ids that end it): <|endoftext|> and none, or
@@ -618,7 +626,7 @@ class Trainer:
                 self._keep_best()
             sampling = self.args.sample_tokens and self.stop_signal is None
             if improved is not None and self.dist.is_main and sampling:
-                bar.write(f"sample: {self.preview()!r}")
+                bar.write(f"sample: {self.preview()}")
         return checkpoint
 
     def _evaluate_on_rank0(self, bar: tqdm, train_loss: float | None) -> bool | None:
