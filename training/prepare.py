@@ -516,8 +516,8 @@ def prepare(
                     f"twice): the model's vocabulary is {learned}",
                     flush=True,
                 )
-        if chat is not None:
-            tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
+            if chat is not None:  # as a given one was, above
+                tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
         check_tokenizer(tokenizer, "the tokenizer")
         splits = {
             split: _streams(tokenizer, chat, docs, split)
