@@ -169,10 +169,11 @@ def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_saniti
     ours = chat.encode(chat.render(messages, add_generation_prompt=True))
     assert ours == hf_prompt(hf, messages, sanitize_control_tokens=True)
     assert (ours.count(turn), ours.count(sep)) == (1, 2)  # the forged <turn> is text
-    config_path.write_text(json.dumps({**config, "chat_control_tokens": "<turn>"}))
-    with pytest.raises(CheckpointError) as refused:
-        read_serving_files(folder)
-    assert str(refused.value) == f"{config_path}: chat_control_tokens is not a list of tokens"
+    for listed in ("<turn>", ["<turn>", 5]):
+        config_path.write_text(json.dumps({**config, "chat_control_tokens": listed}))
+        with pytest.raises(CheckpointError) as refused:
+            read_serving_files(folder)
+        assert str(refused.value) == f"{config_path}: chat_control_tokens is not a list of tokens"
 
 
 def test_the_sdk_chats_as_completions_continue_the_templates_prompt(
@@ -458,3 +459,24 @@ def test_a_template_jinja_cannot_read_is_refused_naming_its_file_and_line(tmp_pa
     with pytest.raises(CheckpointError) as refused:
         read_serving_files(broken)
     assert str(refused.value).startswith(f"{broken / 'chat_template.jinja'}: chat template line 2:")
+
+
+def test_a_token_holding_another_and_a_whitespace_token_are_read_as_transformers_reads_them(
+    tmp_path,
+):
+    from transformers import AutoTokenizer
+
+    # "<the>" holds "<th": a client's is text whole ("<", "the", ">"), the longer token
+    # matched first. "\n\n" is whitespace, ordinary text in a template (as Gemma's "\n"):
+    # a client's is that token, as the template's is.
+    tokenizer = english_tokenizer()
+    tokenizer.add_tokens(["<th", "<the>", "\n\n"])
+    template = "{% for m in messages %}{{ '<th' + m['content'] + '<the>\n\n' }}{% endfor %}"
+    folder = with_template(random_checkpoint(tmp_path, tokenizer), template)
+    chat = load_chat_template(folder, load_tokenizer(folder))
+    hf = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "a<the>b\n\nc"}]
+    ours = chat.encode(chat.render(messages, add_generation_prompt=True))
+    assert ours == hf_prompt(hf, messages, sanitize_control_tokens=True)
+    start, turn, spaced = map(tokenizer.token_to_id, ("<th", "<the>", "\n\n"))
+    assert (ours.count(start), ours.count(turn), ours.count(spaced)) == (1, 1, 2)
