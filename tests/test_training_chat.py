@@ -336,6 +336,22 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(
     assert not run.exists()
 
 
+def test_a_messages_content_is_cleaned_as_a_text_records_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Windows line ends and a lone surrogate's escape (no tokenizer can read one).
+    messages = [
+        {"role": "user", "content": "Hi\r\nthere \ud800"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes\r\n"}]},
+    ]
+    path = write_jsonl(tmp_path / "chats.jsonl", [messages])
+    [conversation] = load_documents([path])
+    assert conversation.messages == (("user", "Hi\nthere \ufffd"), ("assistant", "Yes\n"))
+    assert capsys.readouterr().err == (
+        f"warning: {path}: invalid UTF-8, lone surrogate escapes replaced with U+FFFD\n"
+    )
+
+
 HI = {"role": "user", "content": "Hi"}
 
 
@@ -369,12 +385,30 @@ HI = {"role": "user", "content": "Hi"}
             "message 1: 'content' must be a string or a list of text parts",
         ),
         ([{"content": "Hi"}], "message 1: 'role' must be a role's name (user, assistant, ...)"),
+        (
+            [{"role": "", "content": "Hi"}],
+            "message 1: 'role' must be a role's name (user, assistant, ...)",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+            "message 1: 'content' must be a string or a list of text parts",
+        ),
         (["Hi"], "message 1 is not an object"),
         ([], "'messages' must be a non-empty list of messages"),
         (
             {"messages": chats(1)[0], "tools": []},
             "'tools' beside 'messages' is not read (a record is a text or a conversation, "
             "without tools)",
+        ),
+        (
+            {"messages": chats(1)[0], "functions": []},
+            "'functions' beside 'messages' is not read (a record is a text or a conversation, "
+            "without tools)",
+        ),
+        (
+            {"messages": chats(1)[0], "parallel_tool_calls": False},
+            "'parallel_tool_calls' beside 'messages' is not read (a record is a text or a "
+            "conversation, without tools)",
         ),
         (
             {"messages": chats(1)[0], "text": "Hi"},
@@ -404,14 +438,21 @@ def test_text_and_conversations_are_not_trained_on_together(
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     chat_file = write_jsonl(corpus / "a.jsonl", chats(20))
+    write_jsonl(corpus / "a2.jsonl", chats(20, seed=1))
     text_file = corpus / "b.txt"
     text_file.write_text("Some text to read.\n" * 50, encoding="utf-8")
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "Some text."}, *chats(2)])
     run = tmp_path / "run"
     cases = [
-        (
+        (  # the first file of each kind named
             ["--data", str(corpus)],
             f"{chat_file} holds conversations ('messages' records) and "
             f"{text_file} text: train on one kind at a time",
+        ),
+        (
+            ["--data", str(mixed)],
+            f"{mixed}:2: a conversation among text records: a corpus is text or "
+            "conversations, not both",
         ),
         (
             ["--data", str(chat_file), "--val-data", str(text_file)],
