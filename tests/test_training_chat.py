@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model.chat_template import CHATML, CHATML_TOKENS, load_chat_template
 from model.checkpoint import (
     CHAT_TEMPLATE,
+    NEW_MODEL_SAMPLING,
     TokenizerExtras,
     load_tokenizer,
     read_generation_config,
@@ -158,6 +159,8 @@ def test_conversation_tokens_and_what_is_learned_are_transformers_assistant_mask
             {"role": "user", "content": "Bye."},
             {"role": "assistant", "content": "Goodbye."},
         ],
+        # A question left unanswered: read, after the last answer.
+        [*chats(1)[0], {"role": "user", "content": "And the snow?"}],
     ]
     for messages in conversations:
         ids, learned = template.conversation(messages)
@@ -243,7 +246,29 @@ def test_a_new_model_trained_on_conversations_resumes_bit_exact(tmp_path: Path) 
     # A new model's tokenizer has the template's markers, and its checkpoints the template.
     folder = resolve_checkpoint(whole)
     assert all(load_tokenizer(folder).token_to_id(token) for token in CHATML_TOKENS)
+    # It samples as a new model on text does, its replies ending at the end of their turn.
+    end_of_text, end_of_turn = (
+        load_tokenizer(folder).token_to_id(token) for token in ("<|endoftext|>", "<|im_end|>")
+    )
+    assert read_generation_config(folder) == {
+        **NEW_MODEL_SAMPLING,
+        "bos_token_id": end_of_text,
+        "eos_token_id": [end_of_text, end_of_turn],
+    }
     assert (folder / CHAT_TEMPLATE).read_text(encoding="utf-8") == CHATML
+
+
+def test_a_resumed_fine_tune_of_a_model_without_a_template_reads_its_runs_cache(
+    base: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    run = tmp_path / "run"
+    flags = ["--init-from", str(base), "--data", str(data), "--cache-dir", str(tmp_path)]
+    assert pretrain.main([*flags, "--max-steps", "2", "--out-dir", str(run)]) == 0
+    caches = sorted(p for p in tmp_path.iterdir() if (p / "meta.json").is_file())
+    # Its tokenizer has the template's tokens now; the cache was made with them too.
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert sorted(p for p in tmp_path.iterdir() if (p / "meta.json").is_file()) == caches
 
 
 def test_evaluate_gives_the_trainers_val_bpb_on_the_same_conversations(
@@ -334,6 +359,75 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(
         "once more messages follow, so which tokens the assistant wrote is unknown"
     )
     assert not run.exists()
+
+
+def test_each_template_and_what_it_reads_of_tokenizer_config_has_its_own_token_cache(
+    tmp_path: Path,
+) -> None:
+    conversations = load_conversations(chats(24))
+    # A user typing <sep>, an added token of the tokenizer: read as that token, but where
+    # tokenizer_config.json lists it as a control token.
+    conversations.append(Conversation((("user", "Red<sep>blue?"), ("assistant", "Both."))))
+    tokenizer = train_tokenizer([c.text for c in conversations] * 4, 300)
+    tokenizer.add_tokens(["<sep>"])
+    train, val = conversations[:20], conversations[20:]
+    answers = [content for c in train for role, content in c.messages if role == "assistant"]
+
+    def prepared(name: str, template: str, **config: object) -> tuple[str, bool]:
+        """What the training split learns, and whether the held-out <sep> is the token,
+        of the conversations written through `template` (in one cache folder for all)."""
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+        config = {"eos_token": "<|endoftext|>", **config}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        chat = chat_format(folder)
+        data = prepare(
+            train, val, tmp_path / "cache", vocab_size=300, tokenizer=tokenizer, chat=chat
+        )
+        assert data.train_loss_mask is not None
+        learned = data.tokenizer.decode(
+            data.train[data.train_loss_mask == 1].tolist(), skip_special_tokens=False
+        )
+        return learned, tokenizer.token_to_id("<sep>") in data.val.tolist()
+
+    plain = "".join(f" {answer}<|endoftext|>" for answer in answers)
+    assert prepared("plain", PLAIN_TEMPLATE) == (plain, True)
+    # Another eos_token, another template, a control token listed: each its own tokens.
+    other_end = "".join(f" {answer}</s>" for answer in answers)
+    assert prepared("other-end", PLAIN_TEMPLATE, eos_token="</s>") == (other_end, True)
+    spaced = PLAIN_TEMPLATE.replace("': '", "':  '")
+    assert prepared("spaced", spaced) == (plain.replace(" The", "  The"), True)
+    assert prepared("listed", PLAIN_TEMPLATE, chat_control_tokens=["<sep>"]) == (plain, False)
+
+
+def test_a_template_that_refuses_the_end_of_turn_probe_still_fine_tunes(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A template that wants a system message first: a user's question alone, refused.
+    template = (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('Start with a system message.') }}{% endif %}" + PLAIN_TEMPLATE
+    )
+    start = with_own_template(base, tmp_path, template)
+    briefed = [c for c in chats(60) if c[0]["role"] == "system"]
+    data = write_jsonl(tmp_path / "chats.jsonl", briefed)
+    run = tmp_path / "run"
+    flags = ["--init-from", str(start), "--data", str(data), "--max-steps", "1"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 0
+    folder = resolve_checkpoint(run)
+    assert read_generation_config(folder)["eos_token_id"] == load_tokenizer(folder).token_to_id(
+        "<|endoftext|>"
+    )
+    # Conversations it refuses are not scored either: the record is named.
+    unbriefed = [c for c in chats(4) if c[0]["role"] != "system"]
+    unbriefed = write_jsonl(tmp_path / "val.jsonl", unbriefed)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(run), "--data", str(unbriefed)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {unbriefed}:1: the chat template refused the messages: Start with a system "
+        "message."
+    )
 
 
 def test_a_messages_content_is_cleaned_as_a_text_records_is(
@@ -506,12 +600,14 @@ def test_a_damaged_loss_mask_is_rebuilt_with_a_warning(
         (expected[:-1], f"train.loss_mask.bin holds {len(expected) - 1:,} bytes"),
         (None, "train.loss_mask.bin is missing"),
         ("meta", "meta.json names no loss mask for a split"),
+        ("meta of val", "meta.json names no loss mask for a split"),
     ):
-        if damage == "meta":  # an edited meta.json, as a text cache's
+        if damage in ("meta", "meta of val"):  # an edited meta.json, as a text cache's
             meta_path = first.folder / "meta.json"
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            for split in meta["splits"].values():
-                del split["loss_mask_sha256"]
+            for name, split in meta["splits"].items():
+                if damage == "meta" or name == "val":
+                    del split["loss_mask_sha256"]
             meta_path.write_text(json.dumps(meta), encoding="utf-8")
         elif damage is None:
             mask.unlink()
