@@ -569,6 +569,30 @@ def test_text_and_conversations_are_not_trained_on_together(
         assert not run.exists()
 
 
+def test_held_out_conversations_also_in_the_training_data_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conversations = chats(40)
+    data = write_jsonl(tmp_path / "chats.jsonl", conversations)
+    held_out = chats(10, seed=1, question="Which color has the {}?")
+    run = tmp_path / "run"
+    flags = [*TINY, "--data", str(data), "--cache-dir", str(tmp_path), "--out-dir", str(run)]
+    # However short, a conversation trained on is no held-out one (its answers were learned).
+    for val, which in (
+        ([*held_out, conversations[3]], "1 of its 11 conversations are"),
+        ([conversations[3]], "its conversation is"),
+        (conversations[3:5], "all 2 of its conversations are"),
+    ):
+        given = write_jsonl(tmp_path / "val.jsonl", val)
+        assert pretrain.main([*flags, "--val-data", str(given)]) == 2
+        text = "\n".join(m["content"] for m in conversations[3])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --val-data: {which} in --data too (the first: {text[:60] + '...'!r}); "
+            "held-out text must not be trained on"
+        )
+        assert not run.exists()
+
+
 def test_an_evaluation_too_short_to_hold_an_answer_exits_2_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -765,6 +789,12 @@ def test_a_held_out_conversation_is_trained_on_in_none_of_its_repeats() -> None:
     assert len(val) == len(set(val)) == round(len(set(conversations)) * 0.1)
     assert not set(val) & set(train)
     assert len(train) + sum(map(conversations.count, val)) == len(conversations)
+    # However much is asked for, one conversation is left to train on, and one held out.
+    for fraction in (0.01, 0.99):
+        train, val = split_conversations(conversations[:3] * 2, fraction)
+        assert len(set(train)) + len(val) == 3 and train and val
+    train, val = split_conversations(conversations[:2], 0.99)
+    assert (train, val) == ([conversations[0]], [conversations[1]])
 
 
 def test_an_answer_after_spacing_the_tokenizer_merges_across_is_read_as_the_server_prompts(
