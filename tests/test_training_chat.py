@@ -286,12 +286,38 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_conversations(
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(run), "--data", str(val)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("evaluating ") and "on 10 conversations" in out[0]
+    # Its characters: each conversation's contents, a newline between two messages.
+    characters = sum(len("\n".join(m["content"] for m in c)) for c in held_out)
+    assert (
+        out[0]
+        == f"evaluating {resolve_checkpoint(run)} on 10 conversations ({characters:,} characters)"
+    )
     assert math.isclose(float(out[-1].removeprefix("bpb=")), trainer["val_bpb"], abs_tol=1e-6)
     # bits per byte of what the assistant wrote: its answers' bytes alone.
     fields = dict(item.split("=", 1) for item in out[-3].split())
     answers = [m["content"] for c in held_out for m in c if m["role"] == "assistant"]
     assert int(fields["bytes"]) == sum(len(a.encode()) + 1 for a in answers)  # and each "\n"
+    whole = float(out[-2].removeprefix("loss=").split()[0]) * int(fields["tokens"])
+    # The run recorded the same held-out text: its conversations, their bytes, the tokens
+    # it learns of them.
+    meta = json.loads((resolve_checkpoint(run) / "trainer_meta.json").read_text(encoding="utf-8"))
+    texts = ["\n".join(m["content"] for m in c).encode() for c in held_out]
+    recorded = meta["data"]["val"]
+    assert (recorded["documents"], recorded["bytes"], recorded["learned_tokens"]) == (
+        10,
+        sum(map(len, texts)),
+        int(fields["tokens"]),
+    )
+
+    def nats(conversation: list[dict[str, str]]) -> float:
+        alone = write_jsonl(tmp_path / "alone.jsonl", [conversation])
+        assert evaluate.main(["--checkpoint", str(run), "--data", str(alone)]) == 0
+        *_, counts, loss, _ = capsys.readouterr().out.strip().splitlines()
+        tokens = int(dict(item.split("=", 1) for item in counts.split())["tokens"])
+        return float(loss.removeprefix("loss=").split()[0]) * tokens
+
+    # Each conversation scores as it does alone, whatever it is batched with (padded).
+    assert math.isclose(sum(map(nats, held_out)), whole, rel_tol=1e-5)
     # Nor conversations whose answers lie past the windows asked for.
     assert evaluate.main(["--checkpoint", str(run), "--data", str(val), "--block-size", "4"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
