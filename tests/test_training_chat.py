@@ -625,12 +625,21 @@ def test_an_evaluation_too_short_to_hold_an_answer_exits_2_before_training(
     data = write_jsonl(tmp_path / "chats.jsonl", chats(20))
     run = tmp_path / "run"
     flags = [*TINY, "--data", str(data), "--cache-dir", str(tmp_path), "--out-dir", str(run)]
+    flags += ["--val-fraction", "0.2"]  # held out: 2 conversations
     assert pretrain.main([*flags, "--eval-tokens", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the held-out conversations (--eval-tokens 3) hold no answer within "
         "--block-size 64 tokens of its conversation's start: nothing to score"
     )
     assert not (run / "log.jsonl").exists()
+    # Scored from the held-out answer's first token on: --eval-tokens that reach it.
+    [cache] = (p for p in tmp_path.iterdir() if (p / "val.loss_mask.bin").is_file())
+    first = int(np.argmax(np.fromfile(cache / "val.loss_mask.bin", dtype=np.uint8) == 1))
+    assert pretrain.main([*flags, "--eval-tokens", str(first - 1)]) == 2
+    assert f"(--eval-tokens {first - 1}) hold no answer" in capsys.readouterr().err
+    flags += ["--eval-tokens", str(first), "--max-steps", "1"]
+    assert pretrain.main(flags) == 0
+    assert math.isfinite(read_log(run, "eval")[1]["val_loss"])
 
 
 def test_a_damaged_loss_mask_is_rebuilt_with_a_warning(
@@ -746,7 +755,8 @@ def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_ref
 ) -> None:
     briefing = {"role": "system", "content": "Answer with the color alone. " * 12}
     long = [[briefing, *c[-2:]] for c in chats(20)]  # each answer past 64 tokens
-    cases = {"some": chats(40) + long, "all": long}
+    short = [c[-2:] for c in chats(40)]
+    cases = {"none": short, "some": chats(40) + long, "all": long}
     for name, conversations in cases.items():
         data = write_jsonl(tmp_path / f"{name}.jsonl", conversations)
         run = tmp_path / name
@@ -754,7 +764,9 @@ def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_ref
         flags += ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(run)]
         status = pretrain.main(flags)
         err = capsys.readouterr().err
-        if name == "some":
+        if name == "none":
+            assert status == 0 and "answer tokens" not in err, err
+        elif name == "some":
             assert status == 0
             warning = re.search(r"warning: ([\d,]+) of ([\d,]+) answer tokens \((\d+)%\) lie", err)
             assert warning is not None, err
@@ -768,6 +780,21 @@ def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_ref
                 "tokens of its conversation's start; raise it (up to the model's context) or "
                 "shorten the conversations"
             )
+
+
+def test_a_micro_batch_without_an_answer_token_adds_nothing_to_its_step(
+    base: Path, tmp_path: Path
+) -> None:
+    briefing = {"role": "system", "content": "Answer with the color alone. " * 12}
+    long = [[briefing, *c[-2:]] for c in chats(20)]  # each answer past 64 tokens
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40) + long)
+    run = tmp_path / "run"
+    # Micro-batches of one window: those of a long conversation learn nothing.
+    flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "3"]
+    flags += ["--batch-size", "1", "--grad-accum", "4", "--log-interval", "1"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 0
+    losses = [record["loss"] for record in read_log(run, "train").values()]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
 
 
 def test_a_conversation_is_scored_from_its_first_token_to_the_window_end() -> None:
@@ -888,3 +915,71 @@ def test_an_empty_answer_is_read_not_learned(tmp_path: Path) -> None:
     ids, learned = template.conversation(conversation.as_messages(), conversation.not_learned)
     kept = [i for i, bit in zip(ids, learned, strict=True) if bit]
     assert template.tokenizer.decode(kept, skip_special_tokens=False) == "Blue.<|im_end|>\n"
+
+
+def test_a_preview_whose_question_fills_the_window_samples_text_instead(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    briefing = {"role": "system", "content": "Answer with the color alone. " * 12}
+    # The first held-out question alone is longer than the 64-token window.
+    asked = chats(6, seed=1, question="Which color has the {}?")
+    held_out = [[briefing, *c[-2:]] if i == 0 else c[-2:] for i, c in enumerate(asked)]
+    val = write_jsonl(tmp_path / "val.jsonl", held_out)
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    run = tmp_path / "run"
+    flags = ["--init-from", str(base), "--data", str(data), "--val-data", str(val)]
+    flags += ["--max-steps", "1", "--sample-tokens", "8", "--cache-dir", str(tmp_path)]
+    assert pretrain.main([*flags, "--out-dir", str(run)]) == 0
+    # A sample from <|endoftext|>, as a run on text previews: 8 tokens, not none.
+    *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
+    assert sample.startswith("sample: ") and sample != "sample: ''", sample
+
+
+def test_a_fine_tune_learns_what_the_assistant_writes_not_what_it_is_told(
+    base: Path, tmp_path: Path
+) -> None:
+    # Questions of random letters (over 3 nats a letter, however well learned), one answer.
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    asked = ["".join(rng.choice(letters, 40)) for _ in range(100)]
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": "OK."}] for q in asked
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", conversations)
+    run = tmp_path / "run"
+    flags = ["--init-from", str(base), "--data", str(data), "--max-steps", "30", "--lr", "4e-3"]
+    flags += ["--batch-size", "8", "--warmup-steps", "2", "--log-interval", "10"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 0
+    # Its loss is over the answers' tokens alone, which it has learned.
+    assert read_log(run, "train")[30]["loss"] < 1.0
+
+
+def test_an_answer_whose_first_token_ends_the_window_is_trained_on(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    question = {"role": "user", "content": "What color is the sky?"}
+    answers = ("Blue.", "Azure.")  # one trained on, one held out, after the same question
+    data, val = (
+        write_jsonl(tmp_path / f"{name}.jsonl", [[question, {"role": "assistant", "content": a}]])
+        for name, a in zip(("train", "val"), answers, strict=True)
+    )
+    flags = ["--init-from", str(base), "--data", str(data), "--val-data", str(val)]
+    flags += ["--batch-size", "1", "--max-steps", "1", "--cache-dir", str(tmp_path)]
+
+    def trained(block_size: int) -> int:
+        run = tmp_path / f"run-{block_size}"
+        return pretrain.main([*flags, "--block-size", str(block_size), "--out-dir", str(run)])
+
+    assert trained(32) == 0
+    # How far into its conversation (from its first token, past <|endoftext|>) it starts.
+    [cache] = (p for p in tmp_path.iterdir() if (p / "train.loss_mask.bin").is_file())
+    offset = int(np.argmax(np.fromfile(cache / "train.loss_mask.bin", dtype=np.uint8) == 1)) - 1
+    # A window of that many tokens holds it as its last target: one answer token trained on.
+    assert trained(offset) == 0
+    capsys.readouterr()
+    assert trained(offset - 1) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --block-size {offset - 1}: no answer of the conversations starts within "
+        f"{offset - 1} tokens of its conversation's start; raise it (up to the model's "
+        "context) or shorten the conversations"
+    )
