@@ -187,8 +187,9 @@ class ChatTemplate:
         learns the token (an assistant's turn, but those whose index is in `not_learned`:
         what follows the prompt the server makes of the messages before it, through the
         template's end of that turn), else 0. A ChatError where the template refuses the
-        messages, or writes a turn otherwise once later ones follow (which tokens the
-        assistant wrote is then unknown)."""
+        messages, prompts for an assistant's turn otherwise than it writes its start, or
+        writes a turn otherwise once later ones follow (which tokens the assistant wrote is
+        then unknown)."""
         full = self.render(messages, add_generation_prompt=False)
         # The rendered text cut where each learned reply starts and ends: each piece is
         # encoded alone, so that a reply's tokens follow its prompt's as the server's
@@ -199,7 +200,13 @@ class ChatTemplate:
                 continue
             prompt = self.render(messages[:turn], add_generation_prompt=True)
             through = self.render(messages[: turn + 1], add_generation_prompt=False)
-            if not through.startswith(prompt) or not full.startswith(through):
+            if not through.startswith(prompt):
+                raise ChatError(
+                    f"the chat template's prompt for message {turn + 1} (the assistant's) is not "
+                    "how it writes that message's start, so which tokens the assistant wrote is "
+                    "unknown"
+                )
+            if not full.startswith(through):
                 raise ChatError(
                     f"the chat template writes message {turn + 1} (the assistant's) otherwise "
                     "once more messages follow, so which tokens the assistant wrote is unknown"

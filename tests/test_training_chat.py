@@ -456,6 +456,24 @@ def test_a_template_that_refuses_the_end_of_turn_probe_still_fine_tunes(
     )
 
 
+def test_a_template_whose_prompt_is_not_how_it_writes_the_answer_is_refused(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server would prompt with "bot:", but the answer is written after "assistant: ":
+    # what the model is to write after its prompt is unknown.
+    template = PLAIN_TEMPLATE.replace("assistant:{% endif %}", "bot:{% endif %}")
+    start = with_own_template(base, tmp_path, template)
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    run = tmp_path / "run"
+    flags = ["--init-from", str(start), "--data", str(data), "--max-steps", "2"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {data}:1: the chat template's prompt for message 3 (the assistant's) is not "
+        "how it writes that message's start, so which tokens the assistant wrote is unknown"
+    )
+    assert not run.exists()
+
+
 def test_a_messages_content_is_cleaned_as_a_text_records_is(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
