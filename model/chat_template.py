@@ -86,9 +86,22 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     # jinja2's own tojson escapes <, > and & for HTML, which a prompt is not.
-    return json.dumps(
+    text = json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
+    # ensure_ascii writes the markers around a client's control token as escapes, which
+    # would leave the token unmarked, read as the template's own: they are put back.
+    return _ESCAPED_MARKER.sub(_unescaped_marker, text) if ensure_ascii else text
+
+
+# A marker as json.dumps(ensure_ascii=True) escapes it: a surrogate pair. Its low half's
+# escape follows only its high half's (text holds no lone surrogates), so the pattern is
+# never a client's escaped backslash followed by text.
+_ESCAPED_MARKER = re.compile(r"\\udb80\\udc0([01])")
+
+
+def _unescaped_marker(match: re.Match[str]) -> str:
+    return (MARK_START, MARK_END)[int(match[1])]
 
 
 def _strftime_now(format: str) -> str:
