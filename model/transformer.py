@@ -79,7 +79,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # [B, H, T, E]
         if step.cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, T, E]
-            mask, causal = None, True
+            mask, causal = step.mask, step.mask is None  # packed: mask [B, 1, T, T]
         else:
             k, v = step.cache.update(step.layer, step.slots(), step.positions, k, v, step.length)
             mask, causal = step.mask, False  # k, v: [B, K, L, E]; mask: [B, 1, T, L]
@@ -147,11 +147,21 @@ class _Step:
         slots: torch.Tensor | slice | None,
         positions: torch.Tensor,
         length: int | None,
+        packed: bool,
     ) -> None:
         self.cache = cache
         self.positions = positions  # [B, T]
         self.layer = 0
+        self.mask: torch.Tensor | None = None
         if cache is None:
+            if packed:
+                # Each run of positions from 0 is a sequence of its own: a query sees the
+                # keys before it in its own run, as if that sequence were the row alone.
+                sequence = torch.cumsum(positions == 0, dim=1)  # [B, T]
+                T = positions.shape[1]
+                causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+                same = sequence[:, :, None] == sequence[:, None, :]  # [B, T, T]
+                self.mask = (same & causal).unsqueeze(1)  # [B, 1, T, T]
             return
         # A slice is kept as its two ints and rebuilt per use: torch.compile would fix a
         # slice stored on an object, or compared with None, to its traced bounds (one
@@ -221,19 +231,22 @@ class Transformer(nn.Module):
         slots: torch.Tensor | slice | None = None,
         logits_at: tuple[torch.Tensor, torch.Tensor] | None = None,
         length: int | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         """input_ids, positions: [B, T] -> logits [B, T, V].
 
         Without a cache each row is one causal sequence whose positions run 0..T-1
-        (training, evaluation). With a cache, row b writes its keys/values into slot
-        `slots[b]` (a [B] tensor, or a slice for a contiguous run; default: slot b) at
-        `positions[b]` and attends over that slot's positions 0..p; rows may be at
-        different lengths (padding a short row with further positions is harmless: see
-        kv_cache.py's invariant). `length`, when given, must be max(positions) + 1.
+        (training, evaluation); `packed`, each row holds several, each's positions from 0,
+        and a token attends only to those before it in its own (fine-tuning on
+        conversations: each as the server's prompt alone). With a cache, row b writes its
+        keys/values into slot `slots[b]` (a [B] tensor, or a slice for a contiguous run;
+        default: slot b) at `positions[b]` and attends over that slot's positions 0..p;
+        rows may be at different lengths (padding a short row with further positions is
+        harmless: see kv_cache.py's invariant). `length`, when given, must be max(positions) + 1.
         `logits_at` (rows [N], ts [N]) picks N positions (e.g. each prompt's last token)
         and returns their logits [N, 1, V], skipping the LM head for the others.
         """
-        step = _Step(cache, slots, positions, length)
+        step = _Step(cache, slots, positions, length, packed)
         x = self.embed_tokens(input_ids)  # [B, T, D]
         rope = (
             self.rope_cos[positions].unsqueeze(2).to(x.dtype),  # [B, T, 1, E]

@@ -351,7 +351,7 @@ def test_training_dropout_drops_attention_weights_and_units_of_both_branches() -
     config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, dropout=0.5)
     cos, sin = rope_tables(config)
     rope = (cos[:1].view(1, 1, 1, -1), sin[:1].view(1, 1, 1, -1))
-    step = _Step(None, None, torch.zeros(1, 1, dtype=torch.long), None)
+    step = _Step(None, None, torch.zeros(1, 1, dtype=torch.long), None, packed=False)
     x = torch.randn(1, 1, config.dim)
     for silenced in ("mlp.down_proj", "self_attn.o_proj"):  # the other branch alone adds
         block = Block(config)

@@ -4,6 +4,7 @@ chats through the real server and in transformers alike."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -24,6 +25,7 @@ from model.checkpoint import (
     CHAT_TEMPLATE,
     NEW_MODEL_SAMPLING,
     TokenizerExtras,
+    load_model,
     load_tokenizer,
     read_generation_config,
     resolve_checkpoint,
@@ -39,6 +41,7 @@ from training.data import IGNORED, BatchSampler, conversation_windows, unreachab
 from training.prepare import CONVERSATION_START, PreparedData, prepare
 from training.split import split_conversations
 from training.tokenizer import train_tokenizer, with_special_tokens
+from training.trainer import next_token_loss
 
 DATA = Path(__file__).parent / "data"
 COLORS = {"apple": "red", "sky": "blue", "grass": "green", "snow": "white"}
@@ -200,9 +203,16 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
         data.train, block_size=32, batch_size=16, seed=0, loss_mask=data.train_loss_mask
     )
     last_window = data.train[-33:-1].tolist()  # where a conversation too near the end starts
+    separator = tokenizer.token_to_id("<|endoftext|>")
     for _ in range(4):
-        x, y = sampler.next_batch()
-        for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        x, y, positions = sampler.next_batch()
+        for row_x, row_y, row_positions in zip(
+            x.tolist(), y.tolist(), positions.tolist(), strict=True
+        ):
+            # Positions count from 0 at the window's start and after each separator.
+            after = [True] + [token == separator for token in row_x[:-1]]
+            assert [p == 0 for p in row_positions] == after
+            assert all(p in (0, q + 1) for q, p in itertools.pairwise(row_positions))
             if row_x == last_window:
                 continue
             # A window starts at a conversation, as a chat prompt does: not at its separator.
@@ -219,9 +229,64 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
     )
 
 
+def test_a_conversation_packed_after_another_is_seen_as_if_alone(tmp_path: Path) -> None:
+    # A window holds the conversations that follow its first: each one's logits are
+    # those of the conversation alone at a window's start, as a chat prompt is.
+    conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", chats(40))])
+    train, val = conversations[:35], conversations[35:]
+    data = prepare(train, val, tmp_path / "cache", vocab_size=320, chat=chat_format(None))
+    sampler = BatchSampler(
+        data.train, block_size=64, batch_size=4, seed=0, loss_mask=data.train_loss_mask
+    )
+    x, _, positions = sampler.next_batch()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=data.tokenizer.get_vocab_size()))
+    model.eval()
+    with torch.no_grad():
+        packed = model(x, positions, packed=True)  # [B, T, V]
+        for row in range(len(x)):
+            starts = [*(positions[row] == 0).nonzero().flatten().tolist(), x.shape[1]]
+            for start, end in itertools.pairwise(starts):
+                alone = model(x[row : row + 1, start:end], positions[row : row + 1, start:end])
+                torch.testing.assert_close(packed[row, start:end], alone[0])
+        # Not packed, the later conversations would read the earlier ones.
+        crossing = model(x, positions)
+    later = (positions == 0).cumsum(dim=1) > 1  # [B, T]: in a conversation after the first
+    assert later.sum() > x.shape[1]  # more than a window's worth of later conversations
+    assert not torch.allclose(crossing[later], packed[later], atol=1e-3)
+
+
 def read_log(run: Path, kind: str) -> dict[int, dict]:
     records = map(json.loads, (run / "log.jsonl").read_text(encoding="utf-8").splitlines())
     return {r["step"]: r for r in records if r["kind"] == kind}
+
+
+def test_a_fine_tunes_step_attends_within_each_conversation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(write_jsonl(tmp_path / "chats.jsonl", chats(120)))]
+    args += ["--cache-dir", str(tmp_path), "--dtype", "float32", "--max-steps", "8"]
+    args += ["--save-interval", "7", "--log-interval", "1", "--out-dir", str(run)]
+    assert pretrain.main(args) == 0
+    # Step 8's logged loss is its batch's under the step-7 weights, each conversation of
+    # a window attended to alone.
+    meta = json.loads((run / "step-0000007" / "trainer_meta.json").read_text())
+    cache = Path(meta["data"]["cache"])
+    sampler = BatchSampler(
+        np.fromfile(cache / "train.bin", dtype=np.uint16),
+        block_size=64,
+        batch_size=8,
+        seed=meta["args"]["seed"],
+        loss_mask=np.fromfile(cache / "train.loss_mask.bin", dtype=np.uint8),
+    )
+    for _ in range(7):
+        sampler.next_batch()
+    batch = sampler.next_batch()
+    model = load_model(run / "step-0000007")
+    with torch.no_grad():
+        packed, crossing = (next_token_loss(model, *batch, packed=p).item() for p in (True, False))
+    logged = read_log(run, "train")[8]["loss"]
+    assert math.isclose(logged, packed, rel_tol=1e-6), (logged, packed)
+    assert not math.isclose(logged, crossing, rel_tol=5e-4), (logged, crossing)  # ~1e-3 apart
 
 
 def test_a_new_model_trained_on_conversations_resumes_bit_exact(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ def test_each_rank_draws_windows_from_its_own_shard_with_targets_shifted() -> No
     for rank in range(2):
         batches = BatchSampler(tokens, block_size=8, batch_size=64, seed=0, rank=rank, world_size=2)
         for _ in range(10):
-            x, y = batches.next_batch()
+            x, y, positions = batches.next_batch()
+            assert positions.tolist() == [list(range(8))] * 64
             assert (x >= rank * 500).all() and (y < (rank + 1) * 500).all()
             assert torch.equal(y, x + 1)
 
@@ -22,10 +23,10 @@ def test_each_rank_draws_windows_from_its_own_shard_with_targets_shifted() -> No
 def test_every_window_of_the_shard_is_drawn_the_last_included() -> None:
     tokens = np.arange(20, dtype=np.uint16)
     batches = BatchSampler(tokens, block_size=8, batch_size=256, seed=0)
-    x, y = batches.next_batch()
+    x, y, _ = batches.next_batch()
     assert set(x[:, 0].tolist()) == set(range(12))  # starts 0 .. 20 - 8 - 1
     # A shard of exactly one window: that window, every row.
-    x, y = BatchSampler(tokens[:9], block_size=8, batch_size=2, seed=0).next_batch()
+    x, y, _ = BatchSampler(tokens[:9], block_size=8, batch_size=2, seed=0).next_batch()
     assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
 
 
@@ -37,8 +38,8 @@ def test_each_rank_draws_its_own_offsets_not_the_same_ones_shifted() -> None:
     # Ranks seeded alike would draw the same windows of their shards in step: data
     # correlated across ranks, which their own generators (seed * 1000 + rank) avoid.
     tokens = np.arange(1000, dtype=np.uint16)
-    x0, _ = rank_batches(tokens, 0).next_batch()
-    x1, _ = rank_batches(tokens, 1).next_batch()
+    x0, _, _ = rank_batches(tokens, 0).next_batch()
+    x1, _, _ = rank_batches(tokens, 1).next_batch()
     assert not torch.equal(x1 - 500, x0)
 
 
@@ -57,6 +58,6 @@ def test_a_shard_one_token_short_of_a_block_and_its_target_is_refused_with_the_r
         BatchSampler(tokens, block_size=8, batch_size=2, seed=0, rank=1, world_size=2)
     # One more token is enough: the single window is the whole shard.
     sampler = BatchSampler(tokens[:9], block_size=8, batch_size=2, seed=0)
-    inputs, targets = sampler.next_batch()
+    inputs, targets, _ = sampler.next_batch()
     assert inputs.tolist() == [list(range(8))] * 2
     assert targets.tolist() == [list(range(1, 9))] * 2

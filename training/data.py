@@ -10,7 +10,10 @@ of one, so that a window holds each answer's prompt where it fits, and their tar
 are IGNORED but where the model learns the token (an assistant's). A window starts at
 the conversation's first token, past its <|endoftext|>, as the server's chat prompt
 does: a model fine-tuned on windows that all began with that token would meet prompts
-without it.
+without it. The conversations that follow it in the window (packed, so that no step
+is spent on padding) start their positions at 0 again, each past its <|endoftext|>:
+the model attends within each alone (`Transformer.forward(packed=True)`), as it sees
+a chat prompt.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ class BatchSampler:
             starts = np.minimum(starts, self.end - block_size - 1)
             self.conversation_starts = starts if len(starts) else np.array([self.start])
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs, targets: [B, T] int64 on the device; targets are inputs shifted by one
-        (IGNORED where a loss mask says the model does not learn the token)."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """inputs, targets, positions: [B, T] int64 on the device; targets are inputs
+        shifted by one (IGNORED where a loss mask says the model does not learn the
+        token); positions run 0..T-1, or with a loss mask from 0 at each conversation."""
         T = self.block_size
         if self.conversation_starts is None:
             starts = torch.randint(
@@ -73,13 +77,21 @@ class BatchSampler:
             starts = self.conversation_starts[picks.numpy()].tolist()
         rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # [B, T] each
+        columns = np.arange(T)
+        positions = np.broadcast_to(columns, inputs.shape)  # [B, T]
         if self.loss_mask is not None:
-            learned = np.stack([self.loss_mask[s + 1 : s + T + 1] for s in starts]) == LEARNED
-            targets = np.where(learned, targets, IGNORED)
-        batch = torch.from_numpy(np.stack([inputs, targets]))  # [2, B, T]
+            mask = np.stack([self.loss_mask[s : s + T + 1] for s in starts])  # [B, T + 1]
+            targets = np.where(mask[:, 1:] == LEARNED, targets, IGNORED)
+            # A conversation starts at the window's start and after each separator.
+            starts_here = np.concatenate(
+                [np.ones((len(starts), 1), bool), mask[:, : T - 1] == CONVERSATION_START], 1
+            )  # [B, T]
+            first = np.maximum.accumulate(np.where(starts_here, columns, 0), axis=1)
+            positions = columns - first  # [B, T]
+        batch = torch.from_numpy(np.stack([inputs, targets, positions]))  # [3, B, T]
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[0], batch[1]
+        return batch[0], batch[1], batch[2]
 
 
 def eval_windows(tokens: np.ndarray, block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -124,11 +124,16 @@ def lr_at(args: TrainArgs, step: int, elapsed: float) -> float:
 
 
 def next_token_loss(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    positions: torch.Tensor,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting y [B, T] from x [B, T], in fp32, over the targets
-    not IGNORED (0 if all are: a window of a conversation's prompt alone)."""
-    logits = model(x, positions)  # [B, T, V]
+    not IGNORED (0 if all are: a window of a conversation's prompt alone). `packed`:
+    rows hold several sequences, each's positions from 0 (`Transformer.forward`)."""
+    logits = model(x, positions, packed=packed)  # [B, T, V]
     nats = F.cross_entropy(
         logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORED, reduction="sum"
     )
@@ -243,8 +248,10 @@ class Trainer:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
             )
+        # Conversations are packed in a window, each attended to alone (data.py).
+        packed = data.train_loss_mask is not None
         self.loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
-            functools.partial(next_token_loss, self.step_model)
+            functools.partial(next_token_loss, self.step_model, packed=packed)
         )
         if args.compile:
             if dist_info.is_main:
@@ -692,8 +699,6 @@ class Trainer:
 
     def _loop(self, bar: tqdm) -> str:
         args = self.args
-        B, T = args.batch_size, args.block_size
-        positions = torch.arange(T, device=self.device).expand(B, T)  # [B, T]
         step_tokens = tokens_per_step(args, self.dist.world_size)
         # Resumed from a step whose evaluation a signal stopped: made now, as an
         # uninterrupted run made it (a last step's off the interval is train()'s to make).
@@ -709,8 +714,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * group.get("lr_scale", 1.0)  # optim.py's groups
             batches = [self.batches.next_batch() for _ in range(args.grad_accum)]
-            shares = self._token_shares([y for _, y in batches])
-            for micro, (x, y) in enumerate(batches):
+            shares = self._token_shares([y for _, y, _ in batches])
+            for micro, (x, y, positions) in enumerate(batches):
                 if not self.first_batch_fingerprints and self.step == 0 and micro == 0:
                     self._record_fingerprints(x)
                 sync = micro == args.grad_accum - 1 or not self.dist.enabled
