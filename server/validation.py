@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,6 +134,12 @@ def _json_object(pairs: list[tuple[str, object]], most: int, fields: int) -> dic
             raise ApiError(
                 422, "invalid_request", f"body: a field name is not valid Unicode ({half})"
             )
+    # A name given twice: json.loads keeps the last, a proxy or other reader may keep the
+    # first (RFC 8259 leaves it unsaid), so the request would mean two things.
+    names = Counter(name for name, _ in pairs)
+    if len(names) < len(pairs):
+        twice = next(name for name, count in names.items() if count > 1)
+        raise ApiError(422, "invalid_request", f"body: {json.dumps(twice)} is given twice")
     return dict(pairs)
 
 

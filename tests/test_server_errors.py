@@ -232,6 +232,24 @@ def test_a_lone_surrogate_in_a_field_name_is_422_saying_so(client):
     )
 
 
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ('{"prompt": "a", "max_tokens": 1, "max_tokens": 3}', "max_tokens"),
+        ('{"prompt": "a", "logit_bias": {"5": 1, "6": 2, "5": -1}}', "5"),
+    ],
+)
+def test_a_name_given_twice_in_an_object_is_422_naming_it(client, raw, name):
+    # Which of the two a reader keeps is unsaid (RFC 8259): json.loads keeps the last.
+    response = client.post(
+        "/v1/generate", content=raw, headers={"Content-Type": "application/json"}
+    )
+    message = assert_error(response, 422, "invalid_request")
+    assert message == f'body: "{name}" is given twice'
+    once = json.loads(raw)  # the same request with each name once is served
+    assert client.post("/v1/generate", json=once).status_code == 200
+
+
 @contextmanager
 def python_recursion_limit(limit: int) -> Iterator[None]:
     """Python's recursion limit, which json.loads' nesting counts against, set for the
