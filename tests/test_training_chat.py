@@ -433,21 +433,41 @@ def test_a_model_with_a_chat_template_is_fine_tuned_through_its_own(
     assert learned.startswith(" The ") and learned.count("<|endoftext|>") >= 40
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(
-    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("old", "new", "refusal"),
+    [
+        # Earlier answers cut to "...": which tokens the assistant wrote is unknown.
+        (
+            "m['content']",
+            "(m['content'] if loop.last or m['role'] != 'assistant' else '...')",
+            "the chat template writes message 3 (the assistant's) otherwise once more "
+            "messages follow",
+        ),
+        # The server would prompt with "bot:", but the answer is written after
+        # "assistant: ": what the model is to write after its prompt is unknown.
+        (
+            "assistant:{% endif %}",
+            "bot:{% endif %}",
+            "the chat template's prompt for message 3 (the assistant's) is not how it writes "
+            "that message's start",
+        ),
+    ],
+)
+def test_a_template_that_cannot_say_what_the_assistant_wrote_is_refused_naming_the_record(
+    base: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    old: str,
+    new: str,
+    refusal: str,
 ) -> None:
-    # Earlier answers cut to "...": which tokens the assistant wrote is unknown.
-    template = PLAIN_TEMPLATE.replace(
-        "m['content']", "(m['content'] if loop.last or m['role'] != 'assistant' else '...')"
-    )
-    start = with_own_template(base, tmp_path, template)
+    start = with_own_template(base, tmp_path, PLAIN_TEMPLATE.replace(old, new))
     data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
     run = tmp_path / "run"
     flags = ["--init-from", str(start), "--data", str(data), "--max-steps", "2"]
     assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {data}:1: the chat template writes message 3 (the assistant's) otherwise "
-        "once more messages follow, so which tokens the assistant wrote is unknown"
+        f"error: {data}:1: {refusal}, so which tokens the assistant wrote is unknown"
     )
     assert not run.exists()
 
@@ -519,24 +539,6 @@ def test_a_template_that_refuses_the_end_of_turn_probe_still_fine_tunes(
         f"error: {unbriefed}:1: the chat template refused the messages: Start with a system "
         "message."
     )
-
-
-def test_a_template_whose_prompt_is_not_how_it_writes_the_answer_is_refused(
-    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # The server would prompt with "bot:", but the answer is written after "assistant: ":
-    # what the model is to write after its prompt is unknown.
-    template = PLAIN_TEMPLATE.replace("assistant:{% endif %}", "bot:{% endif %}")
-    start = with_own_template(base, tmp_path, template)
-    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
-    run = tmp_path / "run"
-    flags = ["--init-from", str(start), "--data", str(data), "--max-steps", "2"]
-    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {data}:1: the chat template's prompt for message 3 (the assistant's) is not "
-        "how it writes that message's start, so which tokens the assistant wrote is unknown"
-    )
-    assert not run.exists()
 
 
 def test_a_messages_content_is_cleaned_as_a_text_records_is(
