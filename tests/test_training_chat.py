@@ -204,6 +204,7 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
     )
     last_window = data.train[-33:-1].tolist()  # where a conversation too near the end starts
     separator = tokenizer.token_to_id("<|endoftext|>")
+    cut_windows = 0
     for _ in range(4):
         x, y, positions = sampler.next_batch()
         for row_x, row_y, row_positions in zip(
@@ -214,13 +215,19 @@ def test_batches_of_conversations_start_at_one_and_learn_what_the_assistant_wrot
             assert [p == 0 for p in row_positions] == after
             assert all(p in (0, q + 1) for q, p in itertools.pairwise(row_positions))
             if row_x == last_window:
-                continue
+                # It starts in the conversation before, whose answers it cuts from their
+                # prompt: none learned; those after its separator as in any window.
+                cut_windows += 1
+                first = row_x.index(separator) + 1
+                assert set(row_y[:first]) == {IGNORED}
+                row_x, row_y = row_x[first:], row_y[first:]
             # A window starts at a conversation, as a chat prompt does: not at its separator.
             opening = tokenizer.decode(row_x[:8], skip_special_tokens=False)
             assert opening.startswith(("<|im_start|>system\n", "<|im_start|>user\n"))
             # (Whether the last target is learned depends on the tokens before it alone.)
             assert [t != IGNORED for t in row_y] == learned_in_chatml(tokenizer, [*row_x, 0])
             assert all(row_y[t] in (IGNORED, row_x[t + 1]) for t in range(len(row_x) - 1))
+    assert cut_windows > 0
     # Every learned token of the split, in order, spells the training answers.
     learned = data.train[1:][data.train_loss_mask[1:] == 1].tolist()
     answers = [content for c in train for role, content in c.messages if role == "assistant"]

@@ -13,7 +13,9 @@ does: a model fine-tuned on windows that all began with that token would meet pr
 without it. The conversations that follow it in the window (packed, so that no step
 is spent on padding) start their positions at 0 again, each past its <|endoftext|>:
 the model attends within each alone (`Transformer.forward(packed=True)`), as it sees
-a chat prompt.
+a chat prompt. A conversation too near the end of the tokens for a whole window gets one
+that starts earlier, in the conversation before, whose answers are then cut from their
+prompt: those are not learned there.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         self.conversation_starts: np.ndarray | None = None
+        self.whole_start = np.empty(0, dtype=bool)
         if loss_mask is not None:
             # Where this rank's conversations start (after their separator); one too near
             # the shard's end for a whole window starts the window earlier.
@@ -60,6 +63,10 @@ class BatchSampler:
             starts = np.flatnonzero(shard == CONVERSATION_START) + self.start + 1
             starts = np.minimum(starts, self.end - block_size - 1)
             self.conversation_starts = starts if len(starts) else np.array([self.start])
+            # Which of them a conversation starts at (not a window started earlier, in
+            # another conversation, whose prompt it cuts).
+            after = loss_mask[np.maximum(self.conversation_starts - 1, 0)]
+            self.whole_start = (after == CONVERSATION_START) & (self.conversation_starts > 0)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """inputs, targets, positions: [B, T] int64 on the device; targets are inputs
@@ -75,6 +82,7 @@ class BatchSampler:
                 len(self.conversation_starts), (self.batch_size,), generator=self.generator
             )
             starts = self.conversation_starts[picks.numpy()].tolist()
+            whole = self.whole_start[picks.numpy()]  # [B]
         rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # [B, T] each
         columns = np.arange(T)
@@ -88,6 +96,9 @@ class BatchSampler:
             )  # [B, T]
             first = np.maximum.accumulate(np.where(starts_here, columns, 0), axis=1)
             positions = columns - first  # [B, T]
+            # The end of a conversation cut from its start: not learned without its prompt.
+            cut = (np.cumsum(starts_here, axis=1) == 1) & ~whole[:, None]  # [B, T]
+            targets = np.where(cut, IGNORED, targets)
         batch = torch.from_numpy(np.stack([inputs, targets, positions]))  # [3, B, T]
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
