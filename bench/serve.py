@@ -94,6 +94,7 @@ def request_body(i: int) -> dict[str, object]:
         "temperature": SAMPLING.temperature,
         "top_p": SAMPLING.top_p,
         "top_k": SAMPLING.top_k,
+        "min_p": SAMPLING.min_p,
         "repetition_penalty": SAMPLING.repetition_penalty,
         "seed": i,
         "ignore_eos": True,

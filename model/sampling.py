@@ -1,4 +1,4 @@
-"""Pure functions on logits: penalties, temperature, top-k, top-p and seeded draws.
+"""Pure functions on logits: penalties, temperature, top-k, top-p, min-p and seeded draws.
 
 Every function takes a batch of rows, logits or probabilities [B, V], with per-row
 parameters as tensors, so the trainer's previews (B = 1) and the server's batched
@@ -35,6 +35,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) = greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; drops tokens below min_p x the likeliest one's probability
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt or output (HF/CTRL)
     presence_penalty: float = 0.0  # subtracted once from every token generated so far (OpenAI)
     frequency_penalty: float = 0.0  # subtracted per time it was generated (OpenAI)
@@ -53,6 +54,7 @@ class BatchParams:
     divisor: torch.Tensor  # [B, 1] temperature; 1 for greedy rows (drawn by argmax)
     max_kept: torch.Tensor  # [B, 1] top_k; a number past any vocabulary where top_k is off
     nucleus: torch.Tensor  # [B, 1] top_p; +inf where top_p is off
+    min_share: torch.Tensor  # [B, 1] min_p; 0 where it is off
     repetition_penalty: torch.Tensor  # [B]
     presence_penalty: torch.Tensor  # [B]
     frequency_penalty: torch.Tensor  # [B]
@@ -86,6 +88,7 @@ class BatchParams:
             divisor=column([[1.0 if r.greedy else r.temperature] for r in rows], torch.float32),
             max_kept=column([[min(r.top_k or NO_TOP_K, NO_TOP_K)] for r in rows], torch.long),
             nucleus=column([[r.top_p if r.top_p < 1.0 else math.inf] for r in rows], torch.float32),
+            min_share=column([[r.min_p] for r in rows], torch.float32),
             repetition_penalty=column([r.repetition_penalty for r in rows], torch.float32),
             presence_penalty=column([r.presence_penalty for r in rows], torch.float32),
             frequency_penalty=column([r.frequency_penalty for r in rows], torch.float32),
@@ -95,7 +98,7 @@ class BatchParams:
                 r.repetition_penalty != 1.0 or r.presence_penalty or r.frequency_penalty
                 for r in rows
             ),
-            any_truncation=any(r.top_k > 0 or r.top_p < 1.0 for r in rows),
+            any_truncation=any(r.top_k > 0 or r.top_p < 1.0 or r.min_p > 0 for r in rows),
             any_greedy=any(greedy),
             all_greedy=all(greedy),
         )
@@ -132,15 +135,18 @@ def apply_penalties(
     return logits - presence - frequency_penalty[:, None] * history.generated
 
 
-def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor) -> torch.Tensor:
+def truncate(
+    probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor, min_share: torch.Tensor
+) -> torch.Tensor:
     """Zero every probability outside the row's top-k, then outside the top-p nucleus of
-    what top-k kept (renormalised: HF's warpers in their order, and vLLM's rule).
+    what top-k kept (renormalised: HF's warpers in their order, and vLLM's rule), then
+    below min-p times the likeliest token's (HF's order; renormalising changes no ratio).
 
     probs [B, V]; max_kept [B, 1] (top-k: any number >= V keeps every token); nucleus
-    [B, 1] (top-p: +inf keeps every token). The most likely token is always kept. Both
-    filters become one threshold per row, the smallest probability kept, so only the
-    sorted values are needed (not the order); a token tied with it is kept too, as in
-    HF's top-k.
+    [B, 1] (top-p: +inf keeps every token); min_share [B, 1] (min-p: 0 keeps every
+    token). The most likely token is always kept. The filters become one threshold per
+    row, the smallest probability kept, so only the sorted values are needed (not the
+    order); a token tied with it is kept too, as in HF's top-k.
     """
     sorted_probs = sorted_descending(probs)  # [B, V]
     mass_through = sorted_probs.cumsum(dim=-1)  # [B, V]
@@ -152,6 +158,7 @@ def truncate(probs: torch.Tensor, max_kept: torch.Tensor, nucleus: torch.Tensor)
     in_nucleus = (mass_before < nucleus * top_k_mass).sum(dim=-1, keepdim=True)  # [B, 1]
     kept = torch.minimum(in_nucleus, top_k).clamp_(min=1)  # [B, 1]
     threshold = sorted_probs.gather(-1, kept - 1)  # [B, 1]
+    threshold = torch.maximum(threshold, min_share * sorted_probs[:, :1])  # [B, 1]
     return probs.masked_fill(probs < threshold, 0.0)
 
 
@@ -199,7 +206,7 @@ def sample(
     history: TokenHistory | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]: logit biases, penalties, temperature,
-    top-k/top-p, draw. `logits` is left as it was."""
+    top-k/top-p/min-p, draw. `logits` is left as it was."""
     logits = logits.float()
     if params.bias is not None:
         rows, ids, values = params.bias
@@ -218,7 +225,7 @@ def sample(
         return logits.argmax(dim=-1)
     probs = (logits / params.divisor).softmax(dim=-1)  # [B, V]
     if params.any_truncation:
-        probs = truncate(probs, params.max_kept, params.nucleus)
+        probs = truncate(probs, params.max_kept, params.nucleus, params.min_share)
     sampled = draw(probs, generators)
     if params.any_greedy:
         return torch.where(params.greedy, logits.argmax(dim=-1), sampled)

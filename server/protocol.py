@@ -4,9 +4,10 @@ Field bounds that need no model knowledge live here (pydantic -> 422); bounds th
 need the tokenizer or the context length live in validation.py (-> 400). Requests are
 strict: a number sent as a string, or `true` as a number, is a 422, not converted.
 Besides DESIGN.md's fields, requests accept `presence_penalty`, `frequency_penalty`
-(OpenAI semantics) and `ignore_eos` (go on past end-of-text, so that a request without
-stop strings makes exactly max_tokens: for benchmarks), and answers name the stop string
-that ended the text in `stop_reason` (vLLM's field; with several, a client can tell which).
+(OpenAI semantics), `min_p` (HF's and vLLM's) and `ignore_eos` (go on past end-of-text, so
+that a request without stop strings makes exactly max_tokens: for benchmarks), and answers
+name the stop string that ended the text in `stop_reason` (vLLM's field; with several, a
+client can tell which).
 Beside DESIGN.md's /v1/generate, /v1/completions takes OpenAI's completions request and
 /v1/chat/completions its chat request (their fields map onto /v1/generate's:
 `OpenAIRequest.choice_fields`; a chat's messages become its prompt in model/chat_template.py).
@@ -99,7 +100,7 @@ class GenerationFields(BaseModel):
         f"generation_config.json max_new_tokens, else {DEFAULT_MAX_TOKENS}, or what the "
         "context (the model's, or --max-context) leaves after the prompt, whichever is less",
     )
-    # Left out, these four (and max_tokens) take the checkpoint's generation_config.json
+    # Left out, these five (and max_tokens) take the checkpoint's generation_config.json
     # values if it sets them (server/validation.py), else the defaults here.
     temperature: float = Field(
         1.0,
@@ -113,6 +114,14 @@ class GenerationFields(BaseModel):
     )
     top_k: int = Field(
         0, ge=0, description=f"0 = off; beyond the vocabulary = off; {CHECKPOINT_DEFAULT}"
+    )
+    min_p: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="tokens less likely than min_p times the likeliest one are dropped (after "
+        f"top_k and top_p, as HF's generate and vLLM have it); 0 = off; {CHECKPOINT_DEFAULT}",
     )
     # 0.01..100, symmetric around 1: a penalty divides or multiplies logits, and a tiny
     # one overflowed fp32 logits to inf (1e-300: NaN probabilities, junk text).

@@ -49,6 +49,7 @@ DEFAULTED_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
+    "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
@@ -317,6 +318,7 @@ class Validator:
                 temperature=self._given_or_default(fields, "temperature"),
                 top_k=self._given_or_default(fields, "top_k"),
                 top_p=self._given_or_default(fields, "top_p"),
+                min_p=self._given_or_default(fields, "min_p"),
                 repetition_penalty=self._given_or_default(fields, "repetition_penalty"),
                 presence_penalty=fields.presence_penalty,
                 frequency_penalty=fields.frequency_penalty,

@@ -112,12 +112,12 @@ def test_a_checkpoints_generation_settings_change_neither_side(
     folder = shutil.copytree(tiny_checkpoint, tmp_path / "carried")
     path = folder / "generation_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    carried = {"repetition_penalty": 1.3, "top_k": 5, "no_repeat_ngram_size": 2}
+    carried = {"repetition_penalty": 1.3, "top_k": 5, "min_p": 0.2, "no_repeat_ngram_size": 2}
     path.write_text(json.dumps(config | carried))
     body = request_body(3)
     assert set(DEFAULTED_FIELDS.values()) <= body.keys(), body
     request = GenerateRequest.model_validate(body)
-    assert (request.top_k, request.repetition_penalty) == (0, 1.0)
+    assert (request.top_k, request.min_p, request.repetition_penalty) == (0, 0.0, 1.0)
     model = hf_model(folder, torch.float32)
     settings = model.generation_config
     assert all(getattr(settings, key) != value for key, value in carried.items()), settings

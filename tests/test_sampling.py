@@ -184,7 +184,7 @@ def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
     probs = logits_rows(5, seed=8).softmax(-1)
     settings = [(3, 1.0), (0, 0.5), (0, 1.0), (5, 0.9), (4, 0.5)]  # (top_k, top_p); 0 / 1 = off
     params = BatchParams.from_rows([SamplingParams(top_k=k, top_p=p) for k, p in settings])
-    kept = truncate(probs, params.max_kept, params.nucleus) > 0
+    kept = truncate(probs, params.max_kept, params.nucleus, params.min_share) > 0
     for row, (top_k, top_p) in enumerate(settings):
         # The reference, token by token, as HF's warpers in order: the top_k best, then
         # of those, renormalised, the best while the mass before them is under top_p.
@@ -199,14 +199,29 @@ def test_truncate_keeps_the_top_k_the_nucleus_or_every_token_per_row() -> None:
     assert kept.sum(-1).tolist()[0] == 3 and kept[2].all()
 
 
-def test_top_k_with_top_p_keeps_what_hf_warpers_keep() -> None:
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 1.0])
+def test_top_k_top_p_and_min_p_keep_what_hf_warpers_keep(min_p: float) -> None:
     logits = logits_rows(6, seed=3)
     for top_k, top_p in [(2, 0.5), (10, 0.6), (4, 0.5), (30, 0.9), (1, 0.3), (VOCAB, 0.7)]:
-        params = BatchParams.from_rows([SamplingParams(top_k=top_k, top_p=top_p)] * 6)
-        kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus) > 0
+        rows = [SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)] * 6
+        params = BatchParams.from_rows(rows)
+        kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus, params.min_share) > 0
         scores = transformers.TopKLogitsWarper(top_k)(None, logits.clone())
         scores = transformers.TopPLogitsWarper(top_p)(None, scores)
+        if min_p:  # HF's warper refuses 0: it is off there as here
+            scores = transformers.MinPLogitsWarper(min_p)(None, scores)
         assert torch.equal(kept, scores > -math.inf), (top_k, top_p)
+
+
+def test_min_p_alone_keeps_the_tokens_at_least_min_p_times_the_likeliest_one() -> None:
+    probs = logits_rows(4, seed=5).softmax(-1)
+    shares = [0.0, 0.1, 0.5, 1.0]
+    params = BatchParams.from_rows([SamplingParams(min_p=share) for share in shares])
+    assert params.any_truncation
+    kept = truncate(probs, params.max_kept, params.nucleus, params.min_share) > 0
+    for row, share in enumerate(shares):
+        assert torch.equal(kept[row], probs[row] >= share * probs[row].max())
+    assert kept[0].all() and kept[3].sum() == 1  # off; only the likeliest
 
 
 def test_bfloat16_logits_with_grad_draw_what_their_float32_copy_draws() -> None:
@@ -248,10 +263,12 @@ def test_a_row_with_top_p_off_keeps_even_its_least_likely_tokens() -> None:
     # the batch truncate; a top_k row with top_p 1 is the same case.)
     logits = torch.tensor([[20.0] + [0.0] * 7] * 2)
     params = BatchParams.from_rows([SamplingParams(), SamplingParams(top_p=0.5)])
-    kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus) > 0
+    kept = truncate(logits.softmax(-1), params.max_kept, params.nucleus, params.min_share) > 0
     assert kept[0].all() and kept[1].sum() == 1
     params = BatchParams.from_rows([SamplingParams(top_k=8, top_p=1.0)])
-    assert (truncate(logits[:1].softmax(-1), params.max_kept, params.nucleus) > 0).all()
+    assert (
+        truncate(logits[:1].softmax(-1), params.max_kept, params.nucleus, params.min_share) > 0
+    ).all()
 
 
 def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
@@ -266,7 +283,8 @@ def test_top_p_stops_at_the_token_whose_predecessors_hold_exactly_top_p() -> Non
     # HF/vLLM rule: a token is kept while the tokens ranked above it hold *less* than
     # top_p. Here the first token alone holds exactly 0.5, so top_p 0.5 keeps only it.
     probs = torch.tensor([[0.5, 0.25, 0.25]])
-    kept = truncate(probs, torch.tensor([[sampling.NO_TOP_K]]), torch.tensor([[0.5]]))
+    off = torch.tensor([[0.0]])
+    kept = truncate(probs, torch.tensor([[sampling.NO_TOP_K]]), torch.tensor([[0.5]]), off)
     assert kept.tolist() == [[0.5, 0.0, 0.0]]
 
 

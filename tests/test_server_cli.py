@@ -33,7 +33,7 @@ from server_harness import (
 )
 from tokenizers import Tokenizer, decoders
 
-from model.checkpoint import WEIGHTS, load_model, read_config
+from model.checkpoint import WEIGHTS, CheckpointError, load_model, read_config
 from model.kv_cache import KVCache
 from server.__main__ import DrainingServer, check_before_loading, setting_source
 from server.app import create_app
@@ -616,10 +616,19 @@ def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
     # Left out, do_sample leaves the file's temperature and top_p to sample with (vLLM's
     # reading; the trainer writes no do_sample): only false means greedy.
     path = tmp_path / "generation_config.json"
-    path.write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7}))
-    assert sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
-    path.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "max_new_tokens": 7}))
+    given = {"temperature": 0.6, "top_p": 0.9, "min_p": 0.1, "max_new_tokens": 7}
+    path.write_text(json.dumps(given))
+    assert sampling_defaults(tmp_path) == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "min_p": 0.1,
+        "max_tokens": 7,
+    }
+    path.write_text(json.dumps({"do_sample": False, **given}))
     assert sampling_defaults(tmp_path) == {"temperature": 0.0, "max_tokens": 7}
+    path.write_text(json.dumps({"min_p": 1.5}))
+    with pytest.raises(CheckpointError, match="min_p: Input should be less than or equal to 1"):
+        sampling_defaults(tmp_path)
 
 
 def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint, tmp_path):

@@ -86,6 +86,8 @@ INVALID_BODIES = {
     "top_p zero": {"prompt": "x", "top_p": 0},
     "top_p above one": {"prompt": "x", "top_p": 1.01},
     "top_k negative": {"prompt": "x", "top_k": -1},
+    "min_p negative": {"prompt": "x", "min_p": -0.01},
+    "min_p above one": {"prompt": "x", "min_p": 1.01},
     "repetition_penalty zero": {"prompt": "x", "repetition_penalty": 0},
     "repetition_penalty below 0.01": {"prompt": "x", "repetition_penalty": 1e-300},
     "max_tokens as a string": {"prompt": "x", "max_tokens": "5"},
@@ -117,6 +119,8 @@ def test_invalid_field_is_422_in_the_envelope(client, body):
 EDGE_FIELDS = {
     "temperature 100": {"temperature": 100.0},
     "top_k zero (off)": {"top_k": 0},
+    "min_p zero (off)": {"min_p": 0.0},
+    "min_p one": {"min_p": 1.0},
     "repetition_penalty 0.01": {"repetition_penalty": 0.01},
     "repetition_penalty 100": {"repetition_penalty": 100.0},
     "presence_penalty -2": {"presence_penalty": -2.0},
@@ -894,10 +898,10 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
         body = {"prompt": "x"} | {f"k{i}": 0 for i in range(names)}
         response = client.post("/v1/generate", json=body)
         message = assert_error(response, 422, "invalid_request")
-        assert message == f"body: an object of {names + 1} names; a request has 13 fields, {bound}"
+        assert message == f"body: an object of {names + 1} names; a request has 14 fields, {bound}"
         response = client.post("/v1/completions", json=body)  # each route counts its own
         message = assert_error(response, 422, "invalid_request")
-        assert message == f"body: an object of {names + 1} names; a request has 21 fields, {bound}"
+        assert message == f"body: an object of {names + 1} names; a request has 22 fields, {bound}"
     for tokens, taken in [(300, True), (301, False)]:
         bias = {"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(tokens)}}
         response = client.post("/v1/generate", json=bias)
@@ -905,7 +909,7 @@ def test_a_body_of_many_unknown_names_is_refused_whole_in_a_short_answer(client)
             assert response.status_code == 200, response.text
         else:
             message = assert_error(response, 422, "invalid_request")
-            assert message == f"body: an object of 301 names; a request has 13 fields, {bound}"
+            assert message == f"body: an object of 301 names; a request has 14 fields, {bound}"
     # Many small objects: each field given one by mistake is named by its own message...
     every_one_wrong = {"prompt": {}, "max_tokens": {}, "stop": [{}]}
     message = assert_error(

@@ -150,6 +150,7 @@ def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
         {"prompt": LONG_PROMPT, "max_tokens": 20, "temperature": 0},  # chunked prefill
         {"prompt": "A seeded draw", "max_tokens": 20, "seed": 1234, "top_p": 0.9},
         {"prompt": "Penalised", "max_tokens": 20, "seed": 5, "repetition_penalty": 1.3},
+        {"prompt": "A min-p draw", "max_tokens": 20, "seed": 99, "min_p": 0.2},
     ]
     alone = [streamed_ids(stream(client, **t)) for t in targets]
 
@@ -228,6 +229,16 @@ def test_sampling_fields_left_out_take_the_checkpoint_generation_config(client):
     left_out = generate(client, **body)["text"]
     assert generate(client, **body, temperature=0.8, top_p=0.95)["text"] == left_out
     assert generate(client, **body, temperature=1.0, top_p=1.0)["text"] != left_out
+
+
+def test_min_p_drops_the_unlikely_tokens_of_each_step(client):
+    # min_p 1 keeps the likeliest token alone: a draw at any temperature is greedy. (top_p
+    # 1: the checkpoint's 0.95 off, min_p the only truncation.)
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True, "top_p": 1.0}
+    greedy = generate(client, **body, temperature=0)["text"]
+    assert generate(client, **body, temperature=5.0, seed=3, min_p=1.0)["text"] == greedy
+    # A looser one keeps more: at temperature 5 the draws leave the greedy path.
+    assert generate(client, **body, temperature=5.0, seed=3, min_p=0.01)["text"] != greedy
 
 
 def running(client: httpx.Client) -> float:
