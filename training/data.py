@@ -55,7 +55,6 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         self.conversation_starts: np.ndarray | None = None
-        self.whole_start = np.empty(0, dtype=bool)
         if loss_mask is not None:
             # Where this rank's conversations start (after their separator); one too near
             # the shard's end for a whole window starts the window earlier.
@@ -63,10 +62,6 @@ class BatchSampler:
             starts = np.flatnonzero(shard == CONVERSATION_START) + self.start + 1
             starts = np.minimum(starts, self.end - block_size - 1)
             self.conversation_starts = starts if len(starts) else np.array([self.start])
-            # Which of them a conversation starts at (not a window started earlier, in
-            # another conversation, whose prompt it cuts).
-            after = loss_mask[np.maximum(self.conversation_starts - 1, 0)]
-            self.whole_start = (after == CONVERSATION_START) & (self.conversation_starts > 0)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """inputs, targets, positions: [B, T] int64 on the device; targets are inputs
@@ -82,7 +77,6 @@ class BatchSampler:
                 len(self.conversation_starts), (self.batch_size,), generator=self.generator
             )
             starts = self.conversation_starts[picks.numpy()].tolist()
-            whole = self.whole_start[picks.numpy()]  # [B]
         rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)
         inputs, targets = rows[:, :-1], rows[:, 1:]  # [B, T] each
         columns = np.arange(T)
@@ -96,8 +90,10 @@ class BatchSampler:
             )  # [B, T]
             first = np.maximum.accumulate(np.where(starts_here, columns, 0), axis=1)
             positions = columns - first  # [B, T]
-            # The end of a conversation cut from its start: not learned without its prompt.
-            cut = (np.cumsum(starts_here, axis=1) == 1) & ~whole[:, None]  # [B, T]
+            # A window started before its conversation (one too near the end for a whole
+            # window) begins inside another, cut from its prompt: none of that one learned.
+            whole = [s > 0 and self.loss_mask[s - 1] == CONVERSATION_START for s in starts]
+            cut = (np.cumsum(starts_here, axis=1) == 1) & ~np.array(whole)[:, None]  # [B, T]
             targets = np.where(cut, IGNORED, targets)
         batch = torch.from_numpy(np.stack([inputs, targets, positions]))  # [3, B, T]
         if self.device.type == "cuda":
