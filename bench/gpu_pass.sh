@@ -8,13 +8,13 @@
 #   bash bench/gpu_pass.sh OUT_DIR [STEP...]     # steps: all of those below, in order
 #
 # ~10 minutes on an H200 with every step (estimated; the limits add up to more, each a
-# ceiling): two runs fit a 10-minute command, `env pretrain ddp tests` and then
+# ceiling): two runs fit a 10-minute command, `env pretrain chat ddp tests` and then
 # `checkpoint decode decode-compiled serve`.
 # A rehearsal on a machine without a GPU: DEVICE=cpu PRESET=tiny TRAIN_LIMIT="--max-steps 3".
 set -u
 out=${1:?usage: bash bench/gpu_pass.sh OUT_DIR [STEP...]}
 shift
-known="env pretrain ddp checkpoint decode decode-compiled serve tests"
+known="env pretrain chat ddp checkpoint decode decode-compiled serve tests"
 steps=${*:-$known}
 for name in $steps; do
     if [[ " $known " != *" $name "* ]]; then
@@ -53,6 +53,21 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\"
         # The zero-argument run (issue 4): the device's default budget, bf16, compiled.
         # shellcheck disable=SC2086  # TRAIN_LIMIT is flags, split on purpose
         step pretrain 300 python3 -m training.pretrain --out-dir "$runs/default" $train_limit
+        ;;
+    chat)
+        # A chat fine-tune of the zero-argument model (`pretrain` first): conversations
+        # packed in windows under a block-diagonal mask, bf16, on CUDA. The README's
+        # example: "What does `len` do?" answered with the docstring's first line.
+        python3 -c '
+import builtins, inspect, json
+for name in sorted(dir(builtins)):
+    doc = inspect.getdoc(getattr(builtins, name))
+    if doc and not name.startswith("_"):
+        messages = [{"role": "user", "content": f"What does `{name}` do?"},
+                    {"role": "assistant", "content": doc.splitlines()[0]}]
+        print(json.dumps({"messages": messages}))' >"$runs/chats.jsonl"
+        step chat 180 python3 -m training.pretrain --init-from "$runs/default" \
+            --data "$runs/chats.jsonl" --out-dir "$runs/chat"
         ;;
     ddp)
         # DistributedDataParallel over nccl (gradients) and gloo (CPU tensors), one rank
