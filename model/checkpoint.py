@@ -275,7 +275,8 @@ def save_checkpoint(
 
 
 def is_run_log(path: Path) -> bool:
-    """Whether `path` is a trainer's log: JSON records of a `kind`, not documents."""
+    """Whether `path` is a trainer's log: JSON records of a `kind`, not documents (a
+    `text`) or conversations (`messages`)."""
     if not path.is_file():  # a FIFO's open would wait for a writer
         return False
     try:
@@ -283,7 +284,7 @@ def is_run_log(path: Path) -> bool:
             first = json.loads(f.readline())
     except (OSError, ValueError):
         return False
-    return isinstance(first, dict) and "kind" in first and "text" not in first
+    return isinstance(first, dict) and "kind" in first and not {"text", "messages"} & set(first)
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -360,6 +360,19 @@ def test_a_log_jsonl_of_documents_is_text_though_its_records_have_a_kind(tmp_pat
     assert load_documents([corpus]) == ["Dear diary.", "Top entry."]
 
 
+def test_a_log_jsonl_of_conversations_is_read_though_its_records_have_a_kind(
+    tmp_path: Path,
+) -> None:
+    # A chat export named log.jsonl, its records of a `kind`: conversations, not a run's log.
+    corpus = tmp_path / "chats"
+    corpus.mkdir()
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
+    record = {"kind": "chat", "messages": messages}
+    (corpus / "log.jsonl").write_text(json.dumps(record) + "\n")
+    documents = load_documents([corpus])
+    assert [doc.as_messages() for doc in documents] == [messages]
+
+
 def test_a_fifo_is_no_text_named_or_found_in_a_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
