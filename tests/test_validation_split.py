@@ -147,3 +147,15 @@ def test_a_piece_due_at_a_documents_first_character_starts_there() -> None:
     train, val = split_documents([first, second], 0.5)
     assert train[0] == first
     assert second.startswith(val[0]) and len(val[0]) >= 512
+
+
+def test_short_one_line_documents_are_held_out_whole_not_cut_between_the_splits() -> None:
+    # A jsonl of one-line records (no line break to move a cut to): the record where a
+    # piece starts or ends was cut mid-sentence, its start trained on and its end held out.
+    documents = [f"Record {d:04d} says something short but whole." for d in range(3000)]
+    train, val = split_documents(documents, 0.05)
+    whole = set(documents)
+    assert [doc for doc in train + val if doc not in whole] == []
+    total = sum(map(len, documents))
+    assert sum(map(len, val)) == pytest.approx(0.05 * total, rel=0.05)
+    assert sum(map(len, train)) + sum(map(len, val)) == total  # nothing lost

@@ -75,8 +75,10 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
 
     The text is walked in windows of `piece / val_fraction` characters; the middle
     `piece` characters of each window are validation, so the corpus's first and last
-    lines train. Cuts move forward to the next
-    line start (the exact character when no line break follows), so no line is cut.
+    lines train. Cuts move forward to the next line start, or, in a document's last
+    line of at most `piece` characters, to the nearer of its start and the document's
+    end (a one-line jsonl record is not cut between the splits), so no line is cut but
+    one longer than that (minified text), cut at the exact character.
     A piece that reaches the end of its document goes on at the start of the next
     ones: short documents (a jsonl of 160-character records) held out a tenth of the
     fraction asked when each piece ended with its document.
@@ -95,31 +97,39 @@ def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list
     for doc in documents:
         pos = 0  # how far into `doc` the text is assigned
         if carried:
-            pos = _line_start(doc, carried)
+            pos = _line_start(doc, carried, piece)
             val.append(doc[:pos])
             carried = max(0, carried - len(doc))
         while pos < len(doc):
             start = round((window + 0.5) * stride - piece / 2) - offset
             if start >= len(doc):
                 break
-            start = _line_start(doc, max(start, pos))
-            end = _line_start(doc, start + round(piece))
+            due = max(start, pos)
+            start = max(pos, _line_start(doc, due, piece))
+            end = max(start, _line_start(doc, start + round(piece), piece))
             train.append(doc[pos:start])
             val.append(doc[start:end])
-            carried = max(0, start + round(piece) - len(doc))
+            # A start moved to the document's end (past the rest of its last line) takes
+            # the piece from the next documents, as far as it was due to reach.
+            carried = max(0, (due if start == len(doc) else start) + round(piece) - len(doc))
             pos, window = end, window + 1
         train.append(doc[pos:])
         offset += len(doc)
     return [t for t in train if t.strip()], [v for v in val if v.strip()]
 
 
-def _line_start(doc: str, index: int) -> int:
-    """The first line start at or after `index` (or `index` itself if no line break
-    follows with text after it), capped at the end of `doc`."""
+def _line_start(doc: str, index: int, reach: float) -> int:
+    """The first line start at or after `index`; in the last line (no line break follows
+    with text after it), if at most `reach` characters long, the nearer of its start and
+    the end of `doc` (a one-line record is not cut between the splits, nor held out more
+    often than its share), in a longer one `index` itself; capped at the end of `doc`."""
     if index >= len(doc) or index == 0 or doc[index - 1] == "\n":
         return min(index, len(doc))
     newline = doc.find("\n", index)
     # (Searching, not slicing: a copy of the rest per piece made this quadratic.)
     if newline >= 0 and NON_SPACE.search(doc, newline + 1):
         return newline + 1
-    return index
+    line = doc.rfind("\n", 0, index) + 1
+    if len(doc) - line > reach:
+        return index
+    return line if index - line < len(doc) - index else len(doc)
