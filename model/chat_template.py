@@ -53,6 +53,9 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 # special_tokens_map): those tokenizer_config.json sets.
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token")
 TEMPLATE_TOKENS += ("mask_token",)
+# The roles a message may have (OpenAI's): what the server's chat route takes, and so
+# what a fine-tune's conversations may hold (one in another role could never be prompted).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 # ChatML (Qwen's and OpenAI's turn markers), the template a fine-tune on conversations gets

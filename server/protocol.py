@@ -32,6 +32,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
+from model.chat_template import CHAT_ROLES
+
 MAX_STOP_STRINGS = 4  # /v1/generate's, and OpenAI's
 # lm-eval's generation tasks send their own stop strings and the end-of-text: at OpenAI's
 # 4, a task of more than 3 was refused (vLLM takes any number).
@@ -457,7 +459,7 @@ class Completion(BaseModel):
 
 # --- POST /v1/chat/completions: OpenAI's chat completions API ---------------------------
 
-ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
+ChatRole = Literal[CHAT_ROLES]
 
 
 class ChatContentPart(BaseModel):

@@ -590,20 +590,39 @@ HI = {"role": "user", "content": "Hi"}
         ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-            "message 1: 'content' must be a string or a list of text parts",
+            "message 1: 'content' must be a string or a non-empty list of text parts",
         ),
         (
             [{"role": "assistant", "content": None}],
-            "message 1: 'content' must be a string or a list of text parts",
+            "message 1: 'content' must be a string or a non-empty list of text parts",
         ),
-        ([{"content": "Hi"}], "message 1: 'role' must be a role's name (user, assistant, ...)"),
+        (
+            [{"content": "Hi"}],
+            "message 1: 'role' is None, not one of system, developer, user, assistant, tool",
+        ),
         (
             [{"role": "", "content": "Hi"}],
-            "message 1: 'role' must be a role's name (user, assistant, ...)",
+            "message 1: 'role' is '', not one of system, developer, user, assistant, tool",
+        ),
+        (  # ShareGPT's names, or a capital: a turn the server's chat route never writes
+            [{"role": "human", "content": "Hi"}],
+            "message 1: 'role' is 'human', not one of system, developer, user, assistant, tool",
+        ),
+        (
+            [HI, {"role": "Assistant", "content": "Hello."}],
+            "message 2: 'role' is 'Assistant', not one of system, developer, user, assistant, tool",
+        ),
+        (
+            [HI, {"role": "assistant", "content": " \n "}],
+            "no assistant message with content to learn",
+        ),
+        (
+            [{"role": "user", "content": []}],
+            "message 1: 'content' must be a string or a non-empty list of text parts",
         ),
         (
             [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
-            "message 1: 'content' must be a string or a list of text parts",
+            "message 1: 'content' must be a string or a non-empty list of text parts",
         ),
         (["Hi"], "message 1 is not an object"),
         ([], "'messages' must be a non-empty list of messages"),

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from model.chat_template import CHAT_ROLES
 from model.checkpoint import CONFIG, LATEST, RUN_LOG, is_run_log
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -213,8 +214,9 @@ def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Co
                 f"{said}: only 'role', 'content' and 'weight' are read, not {other[0]!r}"
             )
         role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise CorpusError(f"{said}: 'role' must be a role's name (user, assistant, ...)")
+        if role not in CHAT_ROLES:
+            roles = ", ".join(CHAT_ROLES)
+            raise CorpusError(f"{said}: 'role' is {role!r}, not one of {roles}")
         turns.append((role, cleaned(_content(message.get("content"), said))))
         if "weight" in message:
             weight = message["weight"]
@@ -222,8 +224,11 @@ def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Co
                 raise CorpusError(f"{said}: 'weight' is 0 or 1, on an assistant message")
             if weight == 0:
                 not_learned.append(index)
-    # An empty answer is read, not learned: it would teach the model to say nothing.
-    empty = [i for i, (role, content) in enumerate(turns) if role == "assistant" and not content]
+    # An empty answer (or one of spaces) is read, not learned: it would teach the model to
+    # say nothing.
+    empty = [
+        i for i, (role, content) in enumerate(turns) if role == "assistant" and not content.strip()
+    ]
     not_learned = sorted({*not_learned, *empty})
     if all(role != "assistant" or i in not_learned for i, (role, _) in enumerate(turns)):
         raise CorpusError(f"{where}: no assistant message with content to learn")
@@ -235,12 +240,18 @@ def _content(content: object, said: str) -> str:
     server's chat route joins them)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
+    if (
+        isinstance(content, list)
+        and content
+        and all(
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+            for part in content
+        )
     ):
         return "\n".join(part["text"] for part in content)
-    raise CorpusError(f"{said}: 'content' must be a string or a list of text parts")
+    raise CorpusError(f"{said}: 'content' must be a string or a non-empty list of text parts")
 
 
 def _is_model_folder(folder: Path) -> bool:
