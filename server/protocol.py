@@ -696,6 +696,7 @@ class DetokenizeResponse(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time, seconds: when the server loaded the model")
     owned_by: str = "pocketgpt"
     max_context: int
     checkpoint: str = Field(

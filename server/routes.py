@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -131,6 +131,9 @@ class Serving:
     stream_interval: int
     checkpoint: Path  # the step folder loaded
     chat: ChatTemplate | None  # the checkpoint's chat template, if it has one
+    # When it was loaded (Unix time, seconds): the model card's `created`, which OpenAI's
+    # Model schema requires.
+    loaded_at: int = field(default_factory=lambda: int(time.time()))
 
 
 def _serving(request: Request) -> Serving:
@@ -746,6 +749,7 @@ async def model(model_id: str, request: Request) -> ModelCard:
 def _model_card(serving: Serving) -> ModelCard:
     return ModelCard(
         id=serving.model_name,
+        created=serving.loaded_at,
         max_context=serving.max_context,
         checkpoint=serving.checkpoint.resolve().name,
     )

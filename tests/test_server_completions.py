@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import collections
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def test_the_sdk_retrieves_the_served_model_by_id_and_no_other(sdk, client, mode
     assert refused.value.body["type"] == "model_not_found"
     head = client.head(f"/v1/models/{model_id}")
     assert head.status_code == 200 and head.content == b""
+
+
+def test_model_cards_have_every_field_openais_model_schema_requires(sdk, client, model_id):
+    # OpenAI's Model requires `created`; the Python SDK reads a card without it as
+    # created=None, and clients that check the schema (async-openai) refuse the list.
+    cards = [*client.get("/v1/models").json()["data"], client.get(f"/v1/models/{model_id}").json()]
+    for card in cards:
+        openai.types.Model.model_validate(card)
+    created = {card["created"] for card in cards} | {sdk.models.retrieve(model_id).created}
+    assert len(created) == 1  # the same time on every answer: when the model was loaded
+    assert 0 < created.pop() <= time.time()
 
 
 def test_the_sdk_completes_as_v1_generate_does_for_the_same_seed(sdk, client, model_id):
