@@ -225,6 +225,7 @@ class StreamChunk(BaseModel):
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's, where /v1/generate's is the checkpoint's or 128
 MAX_COMPLETIONS_PER_PROMPT = 128  # OpenAI's bound on n
 MAX_LOGPROBS = 5  # OpenAI's bound on logprobs
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on the chat API's top_logprobs
 # What OpenAI's API has and this server does not do: the one value each may take (what
 # leaving it out means), and why, for the 422 that refuses any other.
 _ONLY_VALUE = {
@@ -531,7 +532,7 @@ class ChatCompletionRequest(OpenAIRequest):
     top_logprobs: int | None = Field(
         None,
         ge=0,
-        le=MAX_LOGPROBS,
+        le=MAX_TOP_LOGPROBS,
         description="with logprobs: the log-probabilities of this many likeliest tokens too",
     )
     add_generation_prompt: bool = Field(

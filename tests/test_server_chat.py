@@ -280,6 +280,14 @@ def test_chat_logprobs_are_those_completions_report_for_the_same_tokens(
     only_drawn = {"messages": messages, "logprobs": True, **sampling}
     drawn = client.post("/v1/chat/completions", json=only_drawn).json()
     assert all(t["top_logprobs"] == [] for t in drawn["choices"][0]["logprobs"]["content"])
+    # OpenAI's bound for chat is 20 (completions' logprobs: 5): the likeliest first.
+    most = {"messages": messages, "logprobs": True, "top_logprobs": 20, **sampling}
+    for token in client.post("/v1/chat/completions", json=most).json()["choices"][0]["logprobs"][
+        "content"
+    ]:
+        scores = [t["logprob"] for t in token["top_logprobs"]]
+        assert len(scores) == 20 and scores == sorted(scores, reverse=True)
+        assert token["logprob"] <= scores[0]
 
 
 def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_tokenizer):
@@ -326,7 +334,7 @@ def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_to
         ({"messages": [{"role": "user", "content": "x", "name": 1}]}, "messages.0.name: Input"),
         ({"tools": [{"type": "function"}]}, "tools: Extra inputs are not permitted"),
         ({"top_logprobs": 2}, "body: top_logprobs only with logprobs: true"),
-        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs: Input should be less than or"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: Input should be less than or"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "body: max_tokens and max_completion_"),
         ({"stream_options": {"include_usage": True}}, "body: stream_options only with stream"),
     ],
