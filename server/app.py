@@ -30,6 +30,7 @@ from server.middleware import (
     AllowedHostsMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    CorsMiddleware,
     HeaderLimitMiddleware,
     RequestCounter,
     error_response,
@@ -221,8 +222,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    # Added last = outermost: count every answer, bound the head, check the Host,
-    # authenticate, bound the body.
+    # Added last = outermost: count every answer, bound the head, check the Host, answer
+    # CORS preflights (which carry no key), authenticate, bound the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     open_paths = None
     if settings.api_key is not None:
@@ -233,6 +234,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths
         )
+    if (origins := settings.cors_origin_list()) is not None:
+        app.add_middleware(CorsMiddleware, origins=origins)
     if (allowed_hosts := settings.allowed_host_names()) is not None:
         app.add_middleware(AllowedHostsMiddleware, allowed=allowed_hosts)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)

@@ -1,5 +1,5 @@
-"""ASGI guards at the edge, before FastAPI sees a request: API key, Host, head and body
-size, counting.
+"""ASGI guards at the edge, before FastAPI sees a request: API key, Host, CORS, head and
+body size, counting.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched.
 FastAPI applies no request-body limit unless configured to, hence `BodyLimitMiddleware`.
@@ -10,7 +10,9 @@ from __future__ import annotations
 import hmac
 
 from prometheus_client import Counter
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.protocol import ApiError
@@ -54,6 +56,34 @@ class ApiKeyMiddleware:
                 await refuse(error, scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS for the origins --cors-origins lists: their pages may send any
+    header (the API key, an SDK's own) with GET and POST, also to a server on this
+    machine (Chrome's private-network preflight); a refused preflight is answered in
+    the JSON envelope."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=("GET", "HEAD", "POST"),
+            allow_headers=("*",),
+            allow_private_network=True,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        # Starlette's "Disallowed CORS origin, method": what was refused.
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        message = (
+            f"CORS preflight refused: its {refused} not allowed (origins: those "
+            "--cors-origins lists; methods: GET, HEAD, POST)"
+        )
+        return error_response(ApiError(400, "cors_refused", message))
 
 
 class AllowedHostsMiddleware:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,6 +116,14 @@ class Settings(BaseSettings):
         "always pass); once set, the check applies on any --host (with docker compose, list "
         "`server`, the name Prometheus scrapes)",
     )
+    cors_origins: str | None = Field(
+        None,
+        description="origins whose web pages may call the server, comma-separated "
+        "(`https://app.example`, `http://localhost:3000`; * for any): their requests' "
+        "answers carry CORS headers, and their preflights (OPTIONS) are answered without "
+        "the API key (the page sends it with the request itself). Default: none (a page on "
+        "another origin cannot read an answer)",
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body accepted; beyond it: 413"
     )
@@ -155,6 +164,10 @@ class Settings(BaseSettings):
             return None if "*" in names else frozenset(names - {""}) | LOOPBACK_NAMES
         return LOOPBACK_NAMES | {self.host.lower()} if is_loopback(self.host) else None
 
+    def cors_origin_list(self) -> list[str] | None:
+        """The origins --cors-origins lists (["*"] for any); None: no CORS."""
+        return None if self.cors_origins is None else self.cors_origins.split(",")
+
     @field_validator("host")
     @classmethod
     def _interface_named(cls, host: str) -> str:
@@ -181,6 +194,27 @@ class Settings(BaseSettings):
         if hosts is not None and not hosts.replace(",", "").strip():
             raise ValueError("must name at least one host (unset it for the default)")
         return hosts
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_written_as_browsers_send_them(cls, origins: str | None) -> str | None:
+        # A browser's Origin header is scheme://host[:port] in lower case, nothing after
+        # (a listed "http://localhost:3000/" would match no page): kept in that form.
+        if origins is None:
+            return None
+        listed = [origin.strip().lower() for origin in origins.split(",") if origin.strip()]
+        if not listed:
+            raise ValueError("must name at least one origin (unset it for no CORS)")
+        for origin in listed:
+            url = urlsplit(origin)
+            if origin != "*" and (
+                not (url.scheme and url.netloc) or url.path or url.query or url.fragment
+            ):
+                raise ValueError(
+                    f"{origin!r} is no origin: scheme://host[:port], nothing after "
+                    "(as a browser's Origin header gives it)"
+                )
+        return ",".join(listed)
 
     @field_validator("api_key")
     @classmethod

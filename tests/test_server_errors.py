@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import socket
 import sys
 import time
@@ -677,6 +678,84 @@ def test_a_server_on_loopback_answers_localhost_names_only(base_url, tmp_path):
                 assert_error(other, 400, "invalid_host")
     with pytest.raises(ValueError, match="must name at least one host"):
         Settings(checkpoint=checkpoint, allowed_hosts=" , ")
+
+
+def preflight(url: str, origin: str, **asked: str) -> httpx.Response:
+    """A browser's CORS preflight for a POST from a page at `origin`: it carries no key."""
+    headers = {"Origin": origin, "Access-Control-Request-Method": "POST", **asked}
+    return httpx.options(url + "/v1/generate", headers=headers)
+
+
+def test_a_page_at_a_listed_origin_may_call_the_server_with_its_key(base_url, tmp_path):
+    page, other = "https://app.example", "https://attacker.example"
+    body = {"prompt": "Hello", "max_tokens": 2, "seed": 1}
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    # Unlisted (the default): no CORS header on any answer, so a browser hides it; the
+    # preflight finds the key missing.
+    assert_error(preflight(base_url, page), 401, "authentication_error")
+    plain = httpx.post(base_url + "/v1/generate", json=body, headers={**keyed, "Origin": page})
+    assert plain.is_success and "access-control-allow-origin" not in plain.headers
+
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    origins = " HTTPS://App.Example , http://localhost:3000,"  # as written by hand
+    settings = Settings(checkpoint=checkpoint, api_key=API_KEY, cors_origins=origins)
+    with running_server(settings) as url:
+        # Any header the page asks to send (the key, an SDK's own), and to this machine.
+        asked = {
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+            "Access-Control-Request-Private-Network": "true",
+        }
+        allowed = preflight(url, page, **asked)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == page
+        assert (
+            allowed.headers["access-control-allow-headers"]
+            == asked["Access-Control-Request-Headers"]
+        )
+        assert "POST" in allowed.headers["access-control-allow-methods"].split(", ")
+        assert allowed.headers["access-control-allow-private-network"] == "true"
+        assert preflight(url, "http://localhost:3000").status_code == 200
+        # The requests themselves: each answer names the page, a refusal too (so the page
+        # can read why), a stream too.
+        answer = httpx.post(url + "/v1/generate", json=body, headers={**keyed, "Origin": page})
+        assert answer.is_success and answer.headers["access-control-allow-origin"] == page
+        keyless = httpx.post(url + "/v1/generate", json=body, headers={"Origin": page})
+        assert_error(keyless, 401, "authentication_error")
+        assert keyless.headers["access-control-allow-origin"] == page
+        streamed = {**body, "stream": True}
+        with httpx.stream(
+            "POST", url + "/v1/generate", json=streamed, headers={**keyed, "Origin": page}
+        ) as stream:
+            assert stream.headers["access-control-allow-origin"] == page
+            assert list(sse_events(stream))[-1] == "[DONE]"
+        # Another origin: its preflight refused in the envelope, saying what; its answers
+        # carry no CORS header.
+        refused = preflight(url, other)
+        message = assert_error(refused, 400, "cors_refused")
+        assert "its origin not allowed" in message and "--cors-origins" in message
+        assert "access-control-allow-origin" not in refused.headers
+        assert_error(
+            preflight(url, page, **{"Access-Control-Request-Method": "DELETE"}), 400, "cors_refused"
+        )
+        theirs = httpx.post(url + "/v1/generate", json=body, headers={**keyed, "Origin": other})
+        assert theirs.is_success and "access-control-allow-origin" not in theirs.headers
+    with running_server(Settings(checkpoint=checkpoint, cors_origins="*")) as url:
+        assert preflight(url, other).headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize(
+    ("origins", "message"),
+    [
+        ("http://localhost:3000/", "'http://localhost:3000/' is no origin"),
+        ("app.example", "'app.example' is no origin"),
+        ("https://app.example/ui?x=1", "'https://app.example/ui?x=1' is no origin"),
+        (" , ", "must name at least one origin"),
+    ],
+)
+def test_cors_origins_are_refused_unless_written_as_a_browser_sends_them(origins, message):
+    # A trailing slash or a path would match no page's Origin header: said at start.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings(checkpoint="unused", cors_origins=origins)
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.2", "::1"])
