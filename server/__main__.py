@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -249,6 +250,14 @@ class DrainingServer(uvicorn.Server):
         from server.app import begin_drain  # loaded by now: create_app ran
 
         begin_drain(self.app, serving)
+        # Said now: uvicorn's "Shutting down" comes only once the drain is over.
+        log.info(
+            "draining on %s: %d requests unfinished, new ones refused (503); they have up "
+            "to %g s (--drain-timeout; a second signal ends them now)",
+            signal.Signals(sig).name,
+            serving.engine.num_unfinished,
+            self.drain_timeout,
+        )
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
