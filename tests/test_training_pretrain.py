@@ -1145,6 +1145,33 @@ def test_sigterm_while_evaluating_stops_the_evaluation_which_the_resumed_run_mak
     assert all(torch.equal(weights[k], straight_weights[k]) for k in straight_weights)
 
 
+def test_the_evaluation_a_resumed_run_makes_first_logs_what_an_uninterrupted_run_logs(
+    tmp_path: Path,
+) -> None:
+    # The evaluation a signal stopped, made by the resumed run before it trains a step,
+    # logged lr 0.0 and train_loss null: the process had trained no step of its own.
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", "3"]
+    flags += ["--save-interval", "3", "--max-steps", "5", "--no-compile", "--log-interval", "1"]
+    flags += ["--lr-schedule", "cosine"]  # step 3 trains below the peak --lr
+    # Stopped in its evaluation, then again in the resumed run's, before any step of its.
+    for argv in (tiny_run(tmp_path, *flags, "--out-dir", str(run)), ["--resume", str(run)]):
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            sigterm_on_first_scored_batch([])
+        )
+        try:
+            assert pretrain.main(argv) == 0
+        finally:
+            hook.remove()
+        assert meta(run)["step"] == 3 and read_log(run, "eval") == {}
+    assert pretrain.main(["--resume", str(run)]) == 0
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--out-dir", str(straight))) == 0
+    evals, straight_evals = read_log(run, "eval"), read_log(straight, "eval")
+    for key in ("lr", "train_loss", "val_loss"):
+        assert evals[3][key] == straight_evals[3][key], key
+    assert evals[3]["lr"] > 0
+
+
 # The last step's evaluation: the loop's, at the interval, or train()'s final one, off it.
 @pytest.mark.parametrize("interval", ["3", "100"], ids=["at the interval", "off the interval"])
 def test_a_run_whose_last_evaluation_a_signal_stopped_is_unfinished(

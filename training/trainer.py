@@ -287,6 +287,12 @@ class Trainer:
         self.elapsed_before = state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
         self.evaluation_due = state.get("evaluation_due", False)  # not kept before 2026-12
+        # What the step's records report, as an uninterrupted run's would: the evaluation
+        # a signal stopped is made before this process trains a step of its own.
+        self.lr = _last_step_lr(state["optimizer"])
+        for group in self.optimizer.param_groups:  # and so says a save before a step here
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        self.last_train_loss = state.get("last_train_loss")  # not kept before 2026-12-07
         self.best_kept = recorded_best_loss(self.out_dir)
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         if "log_window" in state:  # saved the mean over ranks: each rank goes on from it
@@ -325,6 +331,7 @@ class Trainer:
             "best_val_loss": self.best_val,
             "evals_since_best": self.evals_since_best,
             "evaluation_due": self.evaluation_due,
+            "last_train_loss": self.last_train_loss,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "optimizer": self.optimizer.state_dict(),
             "rng": {**rng_state(cuda=self.device.type == "cuda"), "ranks": rng_ranks},
@@ -864,6 +871,17 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _last_step_lr(optimizer_state: dict) -> float:
+    """The learning rate of the last step a saved optimizer state took (the loop sets it
+    on every group, times the group's `lr_scale` where it has one); 0.0 if none says."""
+    # Runs saved before Muon existed hold one AdamW state dict, not a list (optim.py).
+    for saved in optimizer_state.get("optimizers", [optimizer_state]):
+        for group in saved.get("param_groups", []):
+            if "lr_scale" not in group and isinstance(group.get("lr"), float):
+                return group["lr"]
+    return 0.0
 
 
 def _tensorboard_writer(out_dir: Path, step: int) -> SummaryWriter | None:
