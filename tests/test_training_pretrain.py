@@ -667,6 +667,33 @@ def test_a_new_run_never_writes_over_a_run_whose_checkpoint_is_lost(
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
+def test_a_run_whose_newest_step_folder_was_deleted_says_which_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `latest` named the deleted folder: --resume failed on it, and the command run
+    # again (or under --if-missing) said to pass --resume, which failed: nothing said how
+    # to go on.
+    run = tmp_path / "run"
+    flags = ["--save-interval", "2", "--keep-last", "3", "--out-dir", str(run)]
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "6", *flags)) == 0
+    shutil.rmtree(run / "step-0000006")
+    left = f"pass --resume {run / 'step-0000004'}"
+    for again in ([], ["--if-missing"]):
+        command = tiny_run(tmp_path, "--max-steps", "6", *again, *flags)
+        capsys.readouterr()
+        assert pretrain.main(command) == 2
+        err = capsys.readouterr().err
+        assert "latest names step-0000006, which is gone" in err and left in err, err
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run)]) == 2
+    assert left in capsys.readouterr().err
+    # The advice works.
+    assert pretrain.main(["--resume", str(run / "step-0000004"), "--max-steps", "6"]) == 0
+    assert meta(run)["step"] == 6 and (run / "latest").read_text() == "step-0000006\n"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "6", "--if-missing", *flags)) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+
+
 def test_a_run_saved_before_lr_schedule_existed_resumes_on_its_cosine(tmp_path: Path) -> None:
     run = tmp_path / "run"
     flags = ["--max-steps", "4", "--decay-steps", "8", "--save-interval", "100"]
@@ -1317,9 +1344,11 @@ def test_a_run_killed_before_any_save_starts_over_and_one_left_with_best_alone_i
     shutil.rmtree(other / "step-0000003")
     capsys.readouterr()
     assert pretrain.main(["--resume", str(other)]) == 2
-    assert "latest names 'step-0000003'" in capsys.readouterr().err
+    assert "latest names step-0000003, which is gone" in capsys.readouterr().err
     assert pretrain.main(tiny_run(tmp_path, *flags)) == 2
-    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
+    assert "already holds checkpoints, but its latest names step-0000003, which is gone" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_max_time_run_stops_by_the_clock_and_its_bar_ends_with_no_time_left(

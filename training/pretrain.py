@@ -119,6 +119,7 @@ from training.run_folder import (
     holds_best_alone,
     holds_run,
     launched_as_rank0,
+    lost_latest_note,
     recorded_best_loss,
     run_checkpoint,
     run_folder,
@@ -437,6 +438,11 @@ def check_out_dir_holds_no_run(args: TrainArgs, given: Given) -> None:
             f"{given.source('out_dir')} {out_dir} already holds checkpoints; a fine-tune "
             f"({given.source('init_from')}) starts a run of its own: choose another "
             "--out-dir"
+        )
+    if (lost := lost_latest_note(out_dir)) is not None:  # --resume {out_dir} would fail
+        raise UsageError(
+            f"--out-dir {out_dir} already holds checkpoints, but {lost}; or choose "
+            "another --out-dir"
         )
     raise UsageError(
         f"--out-dir {out_dir} already holds checkpoints; pass --resume {out_dir} to "

@@ -32,6 +32,7 @@ from training.run_folder import (
     TRAINER_META,
     holds_best_alone,
     latest_names,
+    lost_latest_note,
     run_checkpoint,
     step_folders,
     trainer_meta,
@@ -361,6 +362,8 @@ def resume_folder(path: str, source: str) -> Path:
                 f"{source} {path}: no checkpoint to resume, only {BEST}/ (a model: serve it, "
                 "or fine-tune it with --init-from)"
             ) from None
+        if Path(path).is_dir() and (lost := lost_latest_note(Path(path))) is not None:
+            raise UsageError(f"{source} {path}: {lost}") from None
         raise UsageError(f"{source}: {e}") from None
     if folder.parent == Path(path) and not (folder.parent / LATEST).exists():
         print(f"warning: {path} has no {LATEST} file; resuming from {folder.name}", file=sys.stderr)

@@ -85,6 +85,25 @@ def run_checkpoint(path: Path) -> Path:
         return steps[-1]
 
 
+def lost_latest_note(run_folder: Path) -> str | None:
+    """Where the `latest` file in `run_folder` names a folder that is gone (deleted by
+    hand): what to resume instead (its newest step folder left), or that none is left;
+    None otherwise."""
+    try:
+        name = (run_folder / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name or "/" in name or (run_folder / name / CONFIG).exists():
+        return None
+    steps = step_folders(run_folder)
+    if not steps:
+        return f"its {LATEST} names {name}, which is gone, and no step folder is left to resume"
+    return (
+        f"its {LATEST} names {name}, which is gone; to go on from the newest step folder "
+        f"left, pass --resume {steps[-1]}"
+    )
+
+
 def has_checkpoint(out_dir: Path) -> bool:
     try:
         run_checkpoint(out_dir)
