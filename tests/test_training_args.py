@@ -59,7 +59,7 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     # The config file named by its variable, as Docker users give it.
     from_env = explicit_settings([], {"POCKETGPT_CONFIG": str(config)})
     assert from_env.values["max_steps"] == 7
-    assert from_env.sources["max_steps"] == f"--config {config}: max_steps"
+    assert from_env.sources["max_steps"] == f"--config {config}: max-steps"  # as written
 
 
 @pytest.mark.parametrize("name", ["run.toml", "run.json"])
@@ -377,6 +377,15 @@ def test_a_value_out_of_range_is_named_as_the_user_gave_it(tmp_path: Path) -> No
         with pytest.raises(UsageError) as error:
             make_args(TrainArgs().to_dict(), explicit_settings(flags, environ))
         assert str(error.value).startswith(message), (flags, environ)
+
+
+def test_a_config_key_written_as_the_flag_is_named_so_in_an_error(tmp_path: Path) -> None:
+    # `keep-last = 0` was reported as "keep_last: must be >= 1", a key the file lacks.
+    config = tmp_path / "run.toml"
+    config.write_text("max-steps = 2\nkeep-last = 0\n")
+    with pytest.raises(UsageError) as error:
+        make_args(TrainArgs().to_dict(), explicit_settings(["--config", str(config)], {}))
+    assert str(error.value) == f"--config {config}: keep-last: must be >= 1 (got 0)"
 
 
 def test_bad_vocab_size_and_seed_exit_2_before_anything_is_written(

@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _read_config_file(path: Path) -> dict:
+def _read_config_file(path: Path) -> tuple[dict, dict[str, str]]:
+    """(the settings in the config file at `path`, each one's key as written there)."""
     try:
         # Read, not stat-checked: a pipe (--config <(...)) has no size until read.
         with path.open("rb") as file:
@@ -496,7 +497,7 @@ def _read_config_file(path: Path) -> dict:
             raise UsageError(f"--config {path}: {keys[name]!r} and {key!r} are one setting")
         keys[name] = key
         out[name] = _convert(name, value, f"--config {path}: {key}")
-    return out
+    return out, keys
 
 
 class _RepeatedKey(ValueError):
@@ -530,8 +531,9 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
     values, sources = {}, {}
     config = given.pop("config", None) or environ.get(env_var("config"))
     if config:
-        values.update(_read_config_file(Path(config)))
-        sources.update({name: f"--config {config}: {name}" for name in values})
+        values, keys = _read_config_file(Path(config))
+        # As written there: `max-steps` or `max_steps`.
+        sources.update({name: f"--config {config}: {keys[name]}" for name in values})
     for name in FIELDS:
         env = env_var(name)
         # A flag wins over its variable, whose value is then not read (a bad one in the
