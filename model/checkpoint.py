@@ -341,10 +341,13 @@ def _check_safetensors_size(path: Path) -> None:
             )
         try:
             header = json.loads(f.read(header_len))
-            end = max(
-                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError, IndexError):
+            # JSON, but perhaps not a table of tensors (a list, offsets that are no
+            # integers): read as one, it raised an AttributeError or a TypeError.
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if not all(type(e) is int for e in ends):
+                raise TypeError("offsets must be integers")
+            end = max(ends, default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
     expected = 8 + header_len + end
     if size < expected:

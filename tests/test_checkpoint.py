@@ -733,6 +733,27 @@ def test_a_weights_file_without_a_whole_header_is_refused_saying_so(
 
 
 @pytest.mark.parametrize(
+    "header",
+    [
+        b"[1, 2]",
+        b"5",
+        b'{"model.norm.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, null]}}',
+        b'{"model.norm.weight": {"dtype": "F32", "shape": [1], "data_offsets": "04"}}',
+    ],
+    ids=["a JSON list", "a number", "a null offset", "offsets a string"],
+)
+def test_a_weights_header_that_is_json_but_no_safetensors_header_is_refused_saying_so(
+    saved: tuple[Transformer, Path], header: bytes
+) -> None:
+    # Whole and valid JSON, but no table of tensors: a CheckpointError (the server's
+    # one-line refusal), not an AttributeError or TypeError from reading it as one.
+    _, folder = saved
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
     "shard",
     ["../elsewhere.safetensors", "/tmp/model.safetensors", "model.bin", 3],
     ids=["parent folder", "absolute", "not safetensors", "not a name"],
