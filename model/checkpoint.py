@@ -160,12 +160,14 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
 
     try:
         heads = integer("num_attention_heads", hf["num_attention_heads"])
+        kv_heads = hf.get("num_key_value_heads")
         config = ModelConfig(
             vocab_size=integer("vocab_size", hf["vocab_size"]),
             dim=integer("hidden_size", hf["hidden_size"]),
             n_layers=integer("num_hidden_layers", hf["num_hidden_layers"]),
             n_heads=heads,
-            n_kv_heads=integer("num_key_value_heads", hf.get("num_key_value_heads") or heads),
+            # Absent or null is multi-head attention (as to LlamaConfig); 0 is refused.
+            n_kv_heads=integer("num_key_value_heads", kv_heads if kv_heads is not None else heads),
             ffn_dim=integer("intermediate_size", hf["intermediate_size"]),
             max_seq_len=integer("max_position_embeddings", hf["max_position_embeddings"]),
             # Absent fields take LlamaConfig's defaults, so both libraries build one model.

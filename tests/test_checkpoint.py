@@ -612,6 +612,23 @@ def test_fields_a_config_leaves_out_take_llamaconfigs_defaults(
     assert_transformers_agrees(loaded, folder)
 
 
+@pytest.mark.parametrize(
+    ("kv_heads", "message"),
+    [(0, "not a multiple of n_kv_heads 0"), (False, "num_key_value_heads must be an integer")],
+    ids=["zero", "false"],
+)
+def test_a_config_with_no_key_value_heads_is_refused_not_read_as_leaving_them_out(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig, kv_heads: object, message: str
+) -> None:
+    # Only an absent (or null) num_key_value_heads means multi-head attention; 0 is no
+    # model (transformers divides by it), so it is refused even where the weights fit MHA.
+    model = Transformer(tiny_config.replace(n_heads=4, n_kv_heads=4))
+    folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
+    edit_config(folder, num_key_value_heads=kv_heads)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
 def test_config_json_names_the_separator_as_bos_and_eos(tiny_checkpoint: Path) -> None:
     # What transformers' generate() starts and stops on without generation_config.json.
     config = json.loads((tiny_checkpoint / "config.json").read_text())
