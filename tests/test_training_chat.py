@@ -1094,3 +1094,50 @@ def test_an_answer_whose_first_token_ends_the_window_is_trained_on(
         f"{offset - 1} tokens of its conversation's start; raise it (up to the model's "
         "context) or shorten the conversations"
     )
+
+
+# Phi-3's template (microsoft/Phi-3-mini-4k-instruct): each turn ends with <|end|>, and a
+# conversation without a prompt for an answer with the eos_token after its last turn.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+# gpt-oss's way: an answer more messages follow ends with <|end|>, the last with <|return|>.
+LAST_ENDS_OTHERWISE_TEMPLATE = (
+    "{% for m in messages %}{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] }}"
+    "{% if m['role'] == 'assistant' and loop.last %}<|return|>{% else %}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant<|message|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "tokens", "ends"),
+    [
+        # The probe's answer, the last message, is followed by <|end|>\n then the
+        # conversation's <|endoftext|>: a reply ends at <|end|>, as Phi-3's settings say.
+        (PHI3_TEMPLATE, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ["<|end|>"]),
+        (
+            LAST_ENDS_OTHERWISE_TEMPLATE,
+            ("<|start|>", "<|message|>", "<|end|>", "<|return|>"),
+            ["<|return|>"],  # the end of the answers learned (the last), still
+        ),
+    ],
+)
+def test_the_end_of_a_turn_more_messages_follow_is_an_end_id_too(
+    tmp_path: Path, template: str, tokens: tuple[str, ...], ends: list[str]
+) -> None:
+    tokenizer = with_special_tokens(train_tokenizer(["Hello there."] * 20, 270), tokens)
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")
+    config = ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size())
+    extras = TokenizerExtras(chat_templates={CHAT_TEMPLATE: template})
+    folder = save_checkpoint(
+        tmp_path, "step-0", Transformer(config), tokenizer, tokenizer_extras=extras
+    )
+    settings = with_end_of_turn({"eos_token_id": end_of_text}, chat_format(folder), tokenizer)
+    assert settings == {"eos_token_id": [end_of_text, *map(tokenizer.token_to_id, ends)]}

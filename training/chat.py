@@ -98,18 +98,46 @@ def with_end_of_turn(
 ) -> Mapping[str, object] | None:
     """Generation settings that also end a reply at the template's end of turn (the last
     special token it writes in an assistant's turn: CHATML's <|im_end|>, Llama 3's
-    <|eot_id|>), where `defaults` (None: a new model's) do not already."""
+    <|eot_id|>; and, where it differs, that of a turn another message follows: Phi-3's
+    <|end|>, before the eos_token it writes after a conversation's last message), where
+    `defaults` (None: a new model's) do not already."""
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
-        ids, learned = chat.compiled(tokenizer).conversation(probe)
+        template = chat.compiled(tokenizer)
+        ids, learned = template.conversation(probe)
     except (ChatError, CorpusError):  # a template that refuses the probe: its ends unknown
         return defaults
     special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
-    ends = [i for i, bit in zip(ids, learned, strict=True) if bit and i in special]
+    last = [i for i, bit in zip(ids, learned, strict=True) if bit and i in special]
+    followed = _ends_of_a_followed_turn(template, probe, special)
     settings = dict(NEW_MODEL_SAMPLING if defaults is None else defaults)
     declared = settings.get("eos_token_id")
     declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
-    if not ends or ends[-1] in declared:
+    missing = list(dict.fromkeys(ends[-1] for ends in (followed, last) if ends))
+    missing = [i for i in missing if i not in declared]
+    if not missing:
         return defaults
-    settings["eos_token_id"] = [*declared, ends[-1]]
+    settings["eos_token_id"] = [*declared, *missing]
     return settings
+
+
+def _ends_of_a_followed_turn(
+    template: ChatTemplate, probe: list[dict[str, str]], special: set[int]
+) -> list[int]:
+    """The special tokens `template` writes in the probe's answer where another message
+    follows it: the turn's own ends, without what it writes after a conversation's last
+    message alone (Phi-3's eos_token after its <|end|>); none where it cannot say."""
+    try:
+        prompt = template.render(probe[:-1], add_generation_prompt=True)
+        through = template.render(probe, add_generation_prompt=False)
+        followed = template.render([*probe, probe[0]], add_generation_prompt=False)
+    except ChatError:
+        return []
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(through, followed, strict=False)) if a != b),
+        min(len(through), len(followed)),
+    )
+    turn = through[:shared]
+    if not turn.startswith(prompt):
+        return []
+    return [i for i in template.encode(turn[len(prompt) :]) if i in special]
