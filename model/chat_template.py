@@ -25,9 +25,10 @@ none can be forged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -207,10 +208,14 @@ class ChatTemplate:
         writes a turn otherwise once later ones follow (which tokens the assistant wrote is
         then unknown)."""
         full = self.render(messages, add_generation_prompt=False)
-        # The rendered text cut where each learned reply starts and ends: each piece is
-        # encoded alone, so that a reply's tokens follow its prompt's as the server's
-        # prompt leaves them to the model, however the tokenizer would merge across.
-        cuts: list[tuple[int, bool]] = []
+        # The rendered text cut where each learned reply starts, each stretch encoded alone:
+        # a reply's tokens follow its prompt's as the server's prompt leaves them to the
+        # model, however the tokenizer would merge across. Not where a reply's turn ends:
+        # a later answer's server reads the history whole, and a blank line before the next
+        # turn's text is not the one token it is at a piece's end. Of a stretch, the tokens
+        # learned are those it shares with the turn encoded alone (a token across the turn's
+        # end is of what follows).
+        turns: dict[int, int] = {}  # where a learned reply starts: where its turn ends
         for turn, message in enumerate(messages):
             if message["role"] != "assistant" or turn in not_learned:
                 continue
@@ -227,18 +232,22 @@ class ChatTemplate:
                     f"the chat template writes message {turn + 1} (the assistant's) otherwise "
                     "once more messages follow, so which tokens the assistant wrote is unknown"
                 )
-            cuts += [(len(prompt), True), (len(through), False)]
+            turns[len(prompt)] = len(through)
         ids: list[int] = []
         learned: list[int] = []
-        start, learning = 0, False
-        for end, starts_reply in [*cuts, (len(full), False)]:
-            if end > start:
-                text = full[start:end]
-                piece = self.encode(text) if start == 0 else self._continuing(text)
-                ids += piece
-                learned += [int(learning)] * len(piece)
-            start, learning = end, starts_reply
+        bounds = sorted({0, *turns, len(full)})
+        for start, end in itertools.pairwise(bounds):
+            piece = self._piece(full[start:end], start)
+            shared = 0
+            if start in turns:
+                shared = shared_start(piece, self._piece(full[start : turns[start]], start))
+            ids += piece
+            learned += [1] * shared + [0] * (len(piece) - shared)
         return ids, learned
+
+    def _piece(self, text: str, start: int) -> list[int]:
+        """`text`'s ids as a piece of a rendered chat starting at character `start`."""
+        return self.encode(text) if start == 0 else self._continuing(text)
 
     def _continuing(self, text: str) -> list[int]:
         """`text`'s ids as a piece after other text (encode's way for its later pieces)."""
@@ -301,6 +310,13 @@ class ChatTemplate:
     def _mark(self, text: str) -> str:
         text = text.replace(MARK_START, "").replace(MARK_END, "")
         return self.control_tokens.sub(f"{MARK_START}\\g<0>{MARK_END}", text)
+
+
+def shared_start(a: Sequence[object], b: Sequence[object]) -> int:
+    """How many items `a` and `b` start with alike."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def load_chat_template(folder: Path, served: Tokenizer) -> ChatTemplate | None:

@@ -35,7 +35,7 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from server.settings import Settings
 from training import evaluate, pretrain
-from training.chat import chat_format, with_end_of_turn
+from training.chat import ChatFormat, chat_format, with_end_of_turn
 from training.corpus import Conversation, load_documents
 from training.data import IGNORED, BatchSampler, conversation_windows, unreachable_answers
 from training.prepare import CONVERSATION_START, PreparedData, prepare
@@ -1141,3 +1141,42 @@ def test_the_end_of_a_turn_more_messages_follow_is_an_end_id_too(
     )
     settings = with_end_of_turn({"eos_token_id": end_of_text}, chat_format(folder), tokenizer)
     assert settings == {"eos_token_id": [end_of_text, *map(tokenizer.token_to_id, ends)]}
+
+
+# Alpaca's layout (a plain-text template of many fine-tunes): turns apart by a blank line.
+ALPACA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+
+def test_each_answer_of_a_conversation_follows_the_servers_prompt_for_it() -> None:
+    # "\n\n" is one token at a text's end, but two before "###": the server reads the blank
+    # line between two turns as two tokens, and so is a later answer's context to be read.
+    text = ["### Instruction:\nSky?\n\n### Response:\nBlue.\n\n### Instruction:\nGrass?\n\n"] * 50
+    tokenizer = with_special_tokens(train_tokenizer(text, 300), ("</s>",))
+    assert len(tokenizer.encode("\n\n").ids) == 1
+    template = ChatFormat(Path(CHAT_TEMPLATE), ALPACA_TEMPLATE, {"eos_token": "</s>"}).compiled(
+        tokenizer
+    )
+    chat = [
+        {"role": "user", "content": "Sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Grass?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    ids, learned = template.conversation(chat)
+    # What is learned: each answer through its end of turn, not the blank line another
+    # turn follows (the last answer's turn is the conversation's end).
+    for turn, taught in ((1, "Blue.</s>"), (3, "Green.</s>\n\n")):
+        prompt = template.encode(template.render(chat[:turn], add_generation_prompt=True))
+        assert ids[: len(prompt)] == prompt
+        run = len(prompt)
+        while run < len(ids) and learned[run]:
+            run += 1
+        assert tokenizer.decode(ids[len(prompt) : run], skip_special_tokens=False) == taught
+        assert learned[len(prompt) - 1] == 0
+    assert ids == template.encode(template.render(chat, add_generation_prompt=False))

@@ -25,6 +25,7 @@ from model.chat_template import (
     ChatTemplate,
     compile_chat_template,
     config_token_text,
+    shared_start,
     template_source,
 )
 from model.checkpoint import (
@@ -40,6 +41,9 @@ from training.corpus import CorpusError
 
 # The tokenizer_config.json fields a checkpoint holds for the template (save_checkpoint).
 NEW_TEMPLATE_CONFIG: dict[str, object] = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}
+# How ChatTemplate.conversation cuts a conversation into tokens, in the token cache's key.
+# 2: a later answer's context as the server encodes the history (not cut at turn ends).
+CONVERSATION_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class ChatFormat:
         tokenizer has the added tokens already)."""
         read = {name: config_token_text(self.config.get(name)) for name in TEMPLATE_TOKENS}
         read["chat_control_tokens"] = self.config.get("chat_control_tokens")
-        return json.dumps([self.template, read], sort_keys=True)
+        return json.dumps([CONVERSATION_FORMAT, self.template, read], sort_keys=True)
 
 
 def chat_format(folder: Path | None) -> ChatFormat:
@@ -133,11 +137,7 @@ def _ends_of_a_followed_turn(
         followed = template.render([*probe, probe[0]], add_generation_prompt=False)
     except ChatError:
         return []
-    shared = next(
-        (i for i, (a, b) in enumerate(zip(through, followed, strict=False)) if a != b),
-        min(len(through), len(followed)),
-    )
-    turn = through[:shared]
+    turn = through[: shared_start(through, followed)]
     if not turn.startswith(prompt):
         return []
     return [i for i in template.encode(turn[len(prompt) :]) if i in special]
