@@ -302,7 +302,8 @@ def resolve_checkpoint(path: Path) -> Path:
             name = pointer.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
             raise CheckpointError(f"{pointer}: not a checkpoint's name (not UTF-8 text)") from None
-        if not name or "/" in name or is_temporary(name):
+        # A folder beside `latest` only: not a path, nor "." or ".." (its parent's).
+        if not name or "/" in name or name in {".", ".."} or is_temporary(name):
             raise CheckpointError(f"{pointer}: does not name a checkpoint ({name!r})")
         target = path / name
         if not (target / CONFIG).exists():

@@ -647,6 +647,20 @@ def test_latest_naming_a_folder_outside_its_run_folder_is_refused(
         resolve_checkpoint(run)
 
 
+@pytest.mark.parametrize("name", ["..", "."])
+def test_latest_naming_its_run_folders_parent_or_itself_is_refused(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig, name: str
+) -> None:
+    # ".." has no slash, yet names the folder above the run: a checkpoint there (the run
+    # folder kept inside a model folder) was served in its place.
+    outer = save_checkpoint(tmp_path, "model", Transformer(tiny_config), tokenizer)
+    run = outer / "run"
+    run.mkdir()
+    (run / LATEST).write_text(f"{name}\n")
+    with pytest.raises(CheckpointError, match="does not name a checkpoint"):
+        resolve_checkpoint(run)
+
+
 def test_a_run_folder_without_latest_names_its_checkpoints_not_a_killed_saves_leftover(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
