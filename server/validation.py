@@ -406,13 +406,19 @@ def invalid_request(exc: RequestValidationError) -> ApiError:
         return not_json()
     if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errors):
         return not_json("is empty: send a JSON object")
+    # The first few only: a list of a megabyte of wrong items (/detokenize's `tokens` of
+    # -1s) has an error each, which, all told, made a 20 MB answer and held the event
+    # loop (every stream) for 3.5 s.
     messages = []
-    for e in errors:
+    for e in errors[:MAX_ERRORS_SHOWN]:
         where = ".".join(_shown(part) for part in e.get("loc", ()) if part != "body") or "body"
         messages.append(f"{where}: {e.get('msg', 'invalid')}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        messages.append(f"and {len(errors) - MAX_ERRORS_SHOWN:,} more errors")
     return ApiError(422, "invalid_request", "; ".join(messages))
 
 
+MAX_ERRORS_SHOWN = 10  # errors a 422 names (the request models' fields: at most ~30)
 MAX_NAME_SHOWN = 40  # characters of a field name an error repeats (the longest field: 18)
 
 

@@ -1031,6 +1031,24 @@ def test_an_unknown_name_of_any_length_is_named_in_a_short_answer(client):
     assert len(response.content) < 200
 
 
+def test_a_list_of_many_wrong_items_is_named_by_its_first_in_a_short_answer(client):
+    # Each wrong item was an error of its own, all listed: a megabyte of -1s sent to
+    # /detokenize made a 20 MB answer and held the event loop (every stream) for 3.5 s.
+    count = (BODY_LIMIT - 100) // 3
+    for route, body, message in [
+        ("/detokenize", {"tokens": [-1] * count}, "tokens.0: Input should be greater than"),
+        ("/detokenize", {"tokens": ["1"] * (count // 2)}, "tokens.0: Input should be a valid"),
+        ("/tokenize", {"messages": [1] * (count // 2)}, "messages.0: Input should be a valid"),
+    ]:
+        response = client.post(route, json=body)
+        assert assert_error(response, 422, "invalid_request").startswith(message)
+        assert len(response.content) < 200, response.text[:300]
+    # Wrong in many fields: each named, up to 10.
+    wrong = {"prompt": "x"} | {name: "?" for name in ("max_tokens", "top_k", "seed")}
+    message = assert_error(client.post("/v1/generate", json=wrong), 422, "invalid_request")
+    assert message.count(": Input should be") == 3
+
+
 def test_a_compressed_body_is_415_saying_so(client):
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
