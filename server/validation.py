@@ -140,7 +140,12 @@ def _json_object(pairs: list[tuple[str, object]], most: int, fields: int) -> dic
     names = Counter(name for name, _ in pairs)
     if len(names) < len(pairs):
         twice = next(name for name, count in names.items() if count > 1)
-        raise ApiError(422, "invalid_request", f"body: {json.dumps(twice)} is given twice")
+        # Cut short, as an unknown name is (_shown): repeated whole, a long one made an
+        # answer longer than the body (json.dumps writes an "é" as 6 characters).
+        shown = json.dumps(twice[:MAX_NAME_SHOWN])
+        if len(twice) > MAX_NAME_SHOWN:
+            shown += f"... ({len(twice):,} characters)"
+        raise ApiError(422, "invalid_request", f"body: {shown} is given twice")
     return dict(pairs)
 
 

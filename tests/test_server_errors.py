@@ -255,6 +255,20 @@ def test_a_name_given_twice_in_an_object_is_422_naming_it(client, raw, name):
     assert client.post("/v1/generate", json=once).status_code == 200
 
 
+def test_a_long_name_given_twice_is_named_cut_short(client):
+    # Repeated whole as JSON writes it (each "é" as \\u00e9), the name made an answer
+    # 1.75 times the body's size.
+    name = "é" * 1000
+    raw = json.dumps({"prompt": "a", name: 1}, ensure_ascii=False)[:-1] + f', "{name}": 2}}'
+    response = client.post(
+        "/v1/generate", content=raw.encode(), headers={"Content-Type": "application/json"}
+    )
+    message = assert_error(response, 422, "invalid_request")
+    escaped = "\\u00e9" * 40
+    assert message == f'body: "{escaped}"... (1,000 characters) is given twice'
+    assert len(response.content) < 400  # from a body of 4,000 bytes
+
+
 @contextmanager
 def python_recursion_limit(limit: int) -> Iterator[None]:
     """Python's recursion limit, which json.loads' nesting counts against, set for the
