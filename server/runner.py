@@ -124,8 +124,32 @@ class ModelRunner:
         self.cache.copy_slot(src, dst, length)
 
     def prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:
-        """Write every chunk's K/V in one padded forward -> logits [N, V], chunk after
-        chunk: at each position of a chunk `every_position`, else at its last."""
+        """Write every chunk's K/V -> logits [N, V], chunk after chunk: at each position of
+        a chunk `every_position`, else at its last. Chunks run in padded forwards, each of
+        chunks of like lengths (longest first) computing at most twice its chunks' tokens:
+        in one forward, a long prompt's chunk beside a step's new short prompts padded
+        each to its width, a step computed up to (rows) x the --prefill-chunk budget."""
+        groups: list[list[int]] = []  # chunk indices; a group's first is its widest
+        tokens = 0  # in the last group
+        for i in sorted(range(len(chunks)), key=lambda i: -len(chunks[i].token_ids)):
+            length = len(chunks[i].token_ids)
+            width = len(chunks[groups[-1][0]].token_ids) if groups else 0
+            if not groups or (len(groups[-1]) + 1) * width > 2 * (tokens + length):
+                groups.append([])
+                tokens = 0
+            groups[-1].append(i)
+            tokens += length
+        if len(groups) == 1:
+            return self._prefill(chunks)
+        pieces: dict[int, torch.Tensor] = {}
+        for group in groups:
+            logits = self._prefill([chunks[i] for i in group])
+            counts = [len(chunks[i].token_ids) if chunks[i].every_position else 1 for i in group]
+            pieces.update(zip(group, logits.split(counts), strict=True))
+        return torch.cat([pieces[i] for i in range(len(chunks))])
+
+    def _prefill(self, chunks: Sequence[PrefillInput]) -> torch.Tensor:
+        """Every chunk's K/V in one forward, each row padded to the longest's width."""
         width = max(len(c.token_ids) for c in chunks)
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         for row, chunk in enumerate(chunks):

@@ -463,3 +463,40 @@ def test_choices_of_a_prompt_share_its_prefill_only_when_longer_than_the_minimum
     finally:
         engine.stop()
     assert shared == {MIN_SHARED_PREFIX: 0, MIN_SHARED_PREFIX + 1: MIN_SHARED_PREFIX}
+
+
+def test_a_prefill_of_chunks_of_unequal_lengths_computes_at_most_twice_their_tokens(
+    tmp_path: Path,
+) -> None:
+    # A long prompt's last chunk and a few one-token prompts admitted beside it in one step:
+    # padded to one width, the step computed 5 x 12 positions for 16 prompt tokens, a step
+    # costing the running streams several chunk budgets. Each request still gets its own
+    # logits (greedy: what it draws alone).
+    engine, validator = random_serving(tmp_path, max_batch=5, prefill_chunk=16)
+    text = "the quick brown fox jumps over the lazy dog and runs away from the big cat"
+    ids = validator.tokenize(text * 2, None)[:28]
+    assert len(ids) == 28  # a chunk of 16, then one of 12 beside the short prompts
+    prompts = [ids] + [[token] for token in ids[1:5]]
+    fields = GenerateRequest(prompt="", max_tokens=3, temperature=0, ignore_eos=True)
+    computed: list[int] = []  # positions each prefill forward computes, padding included
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("logits_at") is not None:
+            computed.append(args[0].numel())
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        alone = []
+        engine.start(asyncio.get_running_loop())
+        for prompt in prompts:
+            alone.append(await drawn(engine.submit(validator.validate_prompt(prompt, fields))))
+        computed.clear()
+        streams = engine.submit_all([validator.validate_prompt(p, fields) for p in prompts])
+        return alone, [await drawn(stream) for stream in streams]
+
+    engine.runner.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert together == alone
+    assert sum(computed) <= 2 * sum(len(p) for p in prompts), computed
