@@ -252,7 +252,15 @@ class Engine:
             if source is not None and not request.scores_prompt:
                 shared = min(_common_prefix(prompt, source.prompt_ids), len(prompt) - 1)
             source_id = source.request_id if source is not None and shared > 0 else None
-            scheduled.append(ScheduledRequest(request.request_id, len(prompt), source_id, shared))
+            scheduled.append(
+                ScheduledRequest(
+                    request.request_id,
+                    len(prompt),
+                    source_id,
+                    shared,
+                    ends_with_prompt=request.max_tokens <= 1,
+                )
+            )
             starts[start] = request
         return scheduled, starts
 

@@ -20,7 +20,9 @@ names the earlier request and `shared` how many leading prompt positions they ha
 common (all but the last for n choices). Admitted in its turn, it waits in its slot until
 the source's slot holds those positions, copies them into its own
 (`SchedulerOutput.copies`) and prefills the rest of its prompt. If the source is gone by
-then (finished, at its first token too, or cancelled), it prefills its prompt itself.
+then (finished, at its first token too, or cancelled), it prefills its prompt itself; and
+it does not wait for a source that ends with its prompt (`ends_with_prompt`: max_tokens 1)
+once that prompt is completed this step, as nothing could be copied from it after.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class ScheduledRequest:
     prompt_len: int  # >= 1
     prompt_source: str | None = None  # an earlier request whose prompt begins as this one's
     shared: int = 0  # < prompt_len: the leading prompt positions it copies from that one
+    # It finishes as its prompt is in (max_tokens 1, or 0): nothing is copied from it then.
+    ends_with_prompt: bool = False
     slot: int = -1  # -1 while waiting
     num_cached: int = 0
     num_generated: int = 0
@@ -203,10 +207,14 @@ class Scheduler:
         them, they are copied (into `copies`) and the rest of the prompt is prefilled."""
         source = self.running.get(request.prompt_source or "")
         if request.num_cached == 0 and source is not None and request.shared > 0:
-            if source.num_cached < request.shared:
+            if source.num_cached >= request.shared:
+                copies.append(SlotCopy(source.slot, request.slot, request.shared))
+                request.num_cached = request.shared
+            elif not (source.ends_with_prompt and _completes(source, prefills)):
                 return 0
-            copies.append(SlotCopy(source.slot, request.slot, request.shared))
-            request.num_cached = request.shared
+            # Else its source's prompt is in this step and it finishes then, before any
+            # step could copy those positions: waiting would only put this prompt off a
+            # step (and the next request's, waiting on this one's, in turn).
         return self._chunk(request, budget, prefills)
 
     def _chunk(self, request: ScheduledRequest, budget: int, out: list[PrefillChunk]) -> int:
@@ -241,3 +249,8 @@ class Scheduler:
             heapq.heappush(self._free, top)
             top = max(i for i, r in enumerate(self._by_slot) if r is not None)
         return moves
+
+
+def _completes(request: ScheduledRequest, prefills: list[PrefillChunk]) -> bool:
+    """Whether `request`'s prompt is completed by one of this step's chunks so far."""
+    return any(c.request_id == request.request_id and c.completes_prompt for c in prefills)

@@ -500,3 +500,34 @@ def test_a_prefill_of_chunks_of_unequal_lengths_computes_at_most_twice_their_tok
         engine.stop()
     assert together == alone
     assert sum(computed) <= 2 * sum(len(p) for p in prompts), computed
+
+
+def test_choices_generating_one_token_each_prefill_in_one_step_not_in_turn(
+    tmp_path: Path,
+) -> None:
+    # With max_tokens 1 each choice ends at its prompt's end, so nothing can be copied from
+    # it: the next choice, waiting in its slot for that prompt, then prefilled it alone a
+    # step later, and the one after it waited for that: n choices took n steps, one prompt
+    # each, where the budget holds them all in one.
+    engine, validator = random_serving(tmp_path, max_batch=4)
+    ids = validator.tokenize("the quick brown fox jumps over the lazy dog and runs away", None)
+    assert len(ids) > MIN_SHARED_PREFIX and 4 * len(ids) <= 256  # one step's budget
+    fields = GenerateRequest(prompt="", max_tokens=1, temperature=0, ignore_eos=True)
+    forwards: list[int] = []  # the rows of each prefill forward
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("logits_at") is not None:
+            forwards.append(args[0].shape[0])
+
+    async def scenario() -> list[list[int]]:
+        engine.start(asyncio.get_running_loop())
+        streams = engine.submit_all([validator.validate_prompt(ids, fields) for _ in range(4)])
+        return [await drawn(stream) for stream in streams]
+
+    engine.runner.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        drawn_tokens = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert len({tuple(tokens) for tokens in drawn_tokens}) == 1  # greedy: each alike
+    assert forwards == [4]

@@ -231,6 +231,20 @@ def test_a_choice_whose_source_is_gone_prefills_its_prompt_itself():
     assert chunks(output) == [("a1", 0, 0, 4)]
 
 
+def test_a_choice_of_a_source_that_ends_with_its_prompt_prefills_beside_it_not_after():
+    # max_tokens 1: "a" finishes in the step its prompt is in, so nothing is ever copied
+    # from it (nor from "a1", copying from "a"): the choices prefill in that step too.
+    scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=16)
+    scheduler.add(
+        ScheduledRequest("a", prompt_len=5, ends_with_prompt=True),
+        ScheduledRequest("a1", prompt_len=5, prompt_source="a", shared=4, ends_with_prompt=True),
+        ScheduledRequest("a2", prompt_len=5, prompt_source="a1", shared=4, ends_with_prompt=True),
+    )
+    output = scheduler.schedule()
+    assert output.copies == ()
+    assert chunks(output) == [("a", 0, 0, 5), ("a1", 1, 0, 5), ("a2", 2, 0, 5)]
+
+
 def test_a_copy_goes_where_this_steps_compaction_moved_the_choice():
     scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=8)
     scheduler.add(

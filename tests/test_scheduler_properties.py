@@ -113,7 +113,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         at_bound = len(self.queue) + choices > free + self.max_waiting
         try:
             self.s.add(
-                *(ScheduledRequest(i, r.prompt_len, r.source, r.shared) for i, r in refs.items())
+                *(
+                    ScheduledRequest(i, r.prompt_len, r.source, r.shared, r.max_tokens <= 1)
+                    for i, r in refs.items()
+                )
             )
         except QueueFull:
             assert at_bound, (len(self.queue), free, self.max_waiting)
@@ -258,7 +261,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             if source is None:
                 continue
             if source.cached < ref.shared:
-                held.add(request_id)
+                # Not while its source's prompt is completed this step and the source then
+                # finishes (max_tokens 1): it prefills its own, as if it had no source.
+                last = chunked.get(ref.source or "")
+                if not (source.max_tokens <= 1 and last is not None and last.completes_prompt):
+                    held.add(request_id)
             elif request_id in chunked:
                 expect_copies.append((source.slot, ref.slot, ref.shared))
                 ref.cached = ref.shared
