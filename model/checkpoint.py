@@ -290,12 +290,13 @@ def is_run_log(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder whose `latest` file names one."""
+    """A checkpoint folder, or a run folder whose `latest` file names one; a
+    CheckpointError for neither, or for one whose files link out of it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if (path / CONFIG).exists():
-        return path
+        return _links_stay_inside(path)
     pointer = path / LATEST
     if pointer.is_file():
         try:
@@ -308,7 +309,7 @@ def resolve_checkpoint(path: Path) -> Path:
         target = path / name
         if not (target / CONFIG).exists():
             raise CheckpointError(f"{pointer} names {name!r}, but {target / CONFIG} is missing")
-        return target
+        return _links_stay_inside(target)
     folders = sorted(path.iterdir()) if path.is_dir() else []
     inside = [f.name for f in folders if (f / CONFIG).is_file() and not is_temporary(f.name)]
     if inside:  # a run folder that lost its `latest` (best/ kept, or the step folders)
@@ -323,6 +324,23 @@ def resolve_checkpoint(path: Path) -> Path:
             "writes its first at --save-interval or at its first evaluation)"
         )
     raise CheckpointError(f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file)")
+
+
+def _links_stay_inside(folder: Path) -> Path:
+    """`folder`, if none of its files is a link leading out of it: in a crafted checkpoint,
+    a chat_template.jinja linked to a file of the server's machine would be rendered into
+    every chat prompt, which /tokenize and /detokenize read back to any client. Links into
+    a Hugging Face cache's blobs (snapshots/<revision>/x -> ../../blobs/<hash>) are that
+    cache's layout."""
+    root = folder.resolve()
+    inside = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    for entry in [*folder.iterdir(), *(folder / NAMED_CHAT_TEMPLATES).glob("*")]:
+        if entry.is_symlink() and not any(entry.resolve().is_relative_to(d) for d in inside):
+            raise CheckpointError(
+                f"{entry}: a link out of the checkpoint folder (to {entry.resolve()}); copy "
+                "the file in"
+            )
+    return folder
 
 
 def read_config(folder: Path) -> ModelConfig:

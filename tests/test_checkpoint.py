@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from model.atomic_files import clear_interrupted_saves
 from model.checkpoint import (
+    CHAT_TEMPLATE,
     LATEST,
     CheckpointError,
     carried_generation_config,
@@ -659,6 +660,51 @@ def test_latest_naming_its_run_folders_parent_or_itself_is_refused(
     (run / LATEST).write_text(f"{name}\n")
     with pytest.raises(CheckpointError, match="does not name a checkpoint"):
         resolve_checkpoint(run)
+
+
+def test_a_checkpoint_whose_file_links_out_of_it_is_refused(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # A crafted checkpoint's chat_template.jinja linked to a file of the serving machine:
+    # rendered into every chat prompt, its text reached any client through /tokenize.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("aws_secret_access_key = ...")
+    folder = save_checkpoint(tmp_path / "run", "step-1", Transformer(tiny_config), tokenizer)
+    (folder / CHAT_TEMPLATE).symlink_to(secret)
+    for path in (folder, folder.parent):  # named, or by its run's `latest`
+        with pytest.raises(CheckpointError, match="a link out of the checkpoint folder"):
+            resolve_checkpoint(path)
+    with pytest.raises(CheckpointError, match=f"{CHAT_TEMPLATE}: a link out of the"):
+        load_tokenizer(folder)
+    # A link to a file inside it is its own file; a folder linked whole (best/ -> a step
+    # folder) holds its files.
+    (folder / CHAT_TEMPLATE).unlink()
+    (folder / "template.txt").write_text("{{ messages[0].content }}")
+    (folder / CHAT_TEMPLATE).symlink_to("template.txt")
+    assert resolve_checkpoint(folder) == folder
+    (folder.parent / "linked").symlink_to(folder)
+    assert resolve_checkpoint(folder.parent / "linked") == folder.parent / "linked"
+
+
+def test_a_hugging_face_cache_snapshot_of_links_into_its_blobs_loads(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # models--org--name/snapshots/<revision>/<file> -> ../../blobs/<hash>: the hub's layout.
+    model = Transformer(tiny_config)
+    folder = save_checkpoint(tmp_path, "saved", model, tokenizer)
+    repo = tmp_path / "models--org--name"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for number, file in enumerate(sorted(folder.iterdir())):
+        file.rename(blobs / f"blob{number}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{number}")
+    assert resolve_checkpoint(snapshot) == snapshot
+    loaded = load_model(snapshot)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
 
 def test_a_run_folder_without_latest_names_its_checkpoints_not_a_killed_saves_leftover(
