@@ -39,6 +39,7 @@ from model.atomic_files import (
     write_tokenizer,
 )
 from model.config import ModelConfig
+from model.memory import available_memory, format_size
 from model.transformer import Transformer, rope_tables
 
 END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
@@ -479,6 +480,15 @@ def load_model(
                 f"{config.max_seq_len}"
             )
         config = config.replace(max_seq_len=max_seq_len)
+    # The RoPE tables (cos and sin, float32) are built for every position: a crafted
+    # max_position_embeddings (2**40) would ask terabytes of an allocator that fails, or
+    # of the kernel, which kills the process.
+    tables = 2 * config.max_seq_len * config.head_dim * 4
+    if (room := available_memory()) is not None and tables > room:
+        raise CheckpointError(
+            f"{folder / CONFIG}: max_position_embeddings {config.max_seq_len:,} needs "
+            f"{format_size(tables)} of RoPE tables, and at most {format_size(room)} is available"
+        )
     weights = load_weights(folder, config)
     check_finite(folder, weights)
     with torch.device("meta"):

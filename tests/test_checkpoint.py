@@ -686,6 +686,20 @@ def test_a_checkpoint_whose_file_links_out_of_it_is_refused(
     assert resolve_checkpoint(folder.parent / "linked") == folder.parent / "linked"
 
 
+def test_a_context_whose_rope_tables_outgrow_the_memory_is_refused_saying_so(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # 2**40 positions: terabytes of RoPE tables, asked of an allocator that failed with a
+    # raw torch error (or of the kernel, which kills the process).
+    _, folder = saved
+    edit_config(folder, max_position_embeddings=2**40)
+    with pytest.raises(
+        CheckpointError,
+        match=r"max_position_embeddings 1,099,511,627,776 needs 256\.00 TiB of RoPE tables",
+    ):
+        load_model(folder)
+
+
 def test_a_hugging_face_cache_snapshot_of_links_into_its_blobs_loads(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
