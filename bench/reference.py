@@ -82,7 +82,10 @@ def hf_generate(
             top_p=top_p,
             top_k=0,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,  # no early stop at eos: every row makes new_tokens
+            # End-of-text ignored as our engine ignores it (ignore_eos): sampled as any
+            # token, nothing done for it. min_new_tokens instead masked it out each step
+            # (two logits processors and a stopping check: 3-7% of a tiny model's step).
+            eos_token_id=None,
             pad_token_id=model.config.eos_token_id,
             stopping_criteria=StoppingCriteriaList([OnStop()]),
         )
