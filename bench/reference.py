@@ -107,9 +107,13 @@ def plain_train_steps(
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    grad_accum: int = 1,
 ) -> float:
     """Tokens/s of the simplest correct training loop over `batches` (x, y each [B, T]),
     in fp32 or under `autocast_dtype` autocast (nanoGPT's own loop autocasts on CUDA).
+    The optimizer steps once per `grad_accum` batches (micro-batches, their gradients
+    accumulated, as nanoGPT's loop and the trainer's `--grad-accum` do); the first step's
+    are warm-up.
 
     On CUDA its fp32 matrix products run as the trainer's do: TF32, which the trainer
     turns on for its whole process (training/trainer.py), as nanoGPT does. Left at
@@ -119,7 +123,9 @@ def plain_train_steps(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     try:
-        return _timed_steps(model, batches, device=device, autocast_dtype=autocast_dtype)
+        return _timed_steps(
+            model, batches, device=device, autocast_dtype=autocast_dtype, grad_accum=grad_accum
+        )
     finally:
         torch.set_float32_matmul_precision(precision)
 
@@ -130,6 +136,7 @@ def _timed_steps(
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    grad_accum: int,
 ) -> float:
     model.train().to(device)
     # nanoGPT's AdamW settings; its speed, not where it leads, is measured.
@@ -137,21 +144,24 @@ def _timed_steps(
     seq = batches[0][0].shape[1]
     positions = torch.arange(seq, device=device)[None]
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x, positions.expand_as(x))
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in micro_batches:
+            x, y = x.to(device), y.to(device)
+            autocast = autocast_dtype is not None
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast):
+                logits = model(x, positions.expand_as(x))
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1))
+            (loss / grad_accum).backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    step(*batches[0])  # warm-up
+    steps = [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+    step(steps[0])  # warm-up
     synchronize(device)
     with frozen_heap():
         start = time.perf_counter()
-        for x, y in batches:
-            step(x, y)
+        for micro_batches in steps:
+            step(micro_batches)
         synchronize(device)
         elapsed = time.perf_counter() - start
     return sum(x.numel() for x, _ in batches) / elapsed

@@ -120,20 +120,24 @@ def plain_tokens_per_s(
 ) -> float:
     folder = resolve_checkpoint(run)
     args = saved_args(folder)
-    batch, block = args["batch_size"], args["block_size"]
+    # The trainer's step: grad_accum micro-batches of [batch, block] (--grad-accum, or
+    # POCKETGPT_GRAD_ACCUM), one optimizer step.
+    batch, block, accum = args["batch_size"], args["block_size"], args.get("grad_accum", 1)
     text = read_text(train) or ""  # as the trainer reads it (None: a binary file)
     ids = np.array(
         load_tokenizer(folder).encode(text, add_special_tokens=False).ids, dtype=np.int64
     )
     rng = np.random.default_rng(0)
     batches = []
-    for _ in range(steps // 2):
+    for _ in range(steps // 2 * accum):
         starts = rng.integers(0, len(ids) - block - 1, batch)
         rows = torch.from_numpy(np.stack([ids[s : s + block + 1] for s in starts]))
         batches.append((rows[:, :-1], rows[:, 1:]))
     torch.manual_seed(0)
     model = Transformer(read_config(folder))
-    return plain_train_steps(model, batches, device=device, autocast_dtype=autocast)
+    return plain_train_steps(
+        model, batches, device=device, autocast_dtype=autocast, grad_accum=accum
+    )
 
 
 def held_out_bpb(

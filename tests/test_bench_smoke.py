@@ -23,11 +23,13 @@ import pytest
 import torch
 from server_harness import wait_until
 from tokenizers import Tokenizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bench.cli import exit_on_signals
 from bench.decode import ours
 from bench.reference import STOP_REFERENCE, hf_generate, hf_model, plain_train_steps
 from bench.serve import request_body
+from bench.train import plain_tokens_per_s
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -436,3 +438,28 @@ def test_hf_generate_samples_end_of_text_as_our_engine_does(tiny_checkpoint: Pat
     sampled = torch.cat(fed, dim=1)  # the warm-up run's and the timed run's
     assert sampled.shape == (2, 2 * 15), sampled.shape  # every row still makes 16 tokens
     assert (sampled == eos).all(), sampled
+
+
+def test_the_plain_loop_steps_its_optimizer_once_per_step_of_the_trainers(tmp_path: Path) -> None:
+    # A run given --grad-accum (or POCKETGPT_GRAD_ACCUM) steps AdamW once per so many
+    # micro-batches; a plain loop stepping it after each did more optimizer work per
+    # token than the trainer and read the trainer's ratio high.
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    run = tmp_path / "run"
+    command = ["training.pretrain", "--data", str(text), "--out-dir", str(run)]
+    command += [*TINY_TRAINING, "--max-steps", "1", "--sample-tokens", "0", "--grad-accum", "2"]
+    result = run_module(*command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    forwards, steps = [], []
+    forward = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: forwards.append(1) if type(module) is Transformer else None
+    )
+    step = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        assert plain_tokens_per_s(run, text, 4, torch.device("cpu"), None) > 0
+    finally:
+        forward.remove()
+        step.remove()
+    # The warm-up step and --steps 4's timed half, each of 2 micro-batches of 4 rows.
+    assert (len(forwards), len(steps)) == (2 * 3, 3)
