@@ -1846,6 +1846,18 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_log_their_mean_l
     assert math.isclose(logged, sum(losses) / 2, rel_tol=1e-5), (logged, losses)
 
 
+def test_a_time_boxed_two_rank_run_trains_to_its_clock_on_every_rank(tmp_path: Path) -> None:
+    # Rank 1's bar is disabled, and tqdm keeps no `initial` on a disabled bar: the time
+    # left of a --max-time run, reckoned at each log line, must not be read from it.
+    run = tmp_path / "ddp"
+    flags = ["--max-steps", "100000", "--log-interval", "1", "--max-time", "3"]
+    args = tiny_run(tmp_path, *flags, "--dtype", "float32", "--out-dir", str(run))
+    done, stderr = torchrun_ranks(tmp_path, args)
+    assert done.returncode == 0, stderr[1][-3000:]
+    assert "Traceback" not in stderr[1], stderr[1][-3000:]
+    assert meta(run)["stopped_by"] == "max_time" and meta(run)["world_size"] == 2
+
+
 def test_a_two_rank_run_resumed_alone_warns_on_stderr_and_a_stray_rank_is_no_rank(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

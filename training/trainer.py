@@ -819,6 +819,8 @@ class Trainer:
         """Set the bar's postfix fields (shown at its next refresh), with the time left of
         a --max-time run (the bar has no step total to give an ETA): the clock's, or
         sooner where the steps left, at this process's mean step time, end it first."""
+        if bar.disable:  # another rank's: tqdm keeps no `initial` nor times on a disabled bar
+            return
         self.bar_postfix |= fields
         if self.args.max_time is not None:
             left = self.args.max_time - self.elapsed()
