@@ -29,6 +29,7 @@ from training.defaults import (
     compile_pays_off,
     default_steps,
     resolved_preset,
+    settings_warnings,
     time_box_warning,
     with_hardware_defaults,
     with_step_budget,
@@ -232,6 +233,22 @@ def test_warmup_left_out_is_30_steps_or_a_tenth_of_the_run_if_that_is_fewer() ->
         args = TrainArgs(max_steps=max_steps, compile=False)
         budget = with_step_budget(args, torch.device("cpu"), EMBEDDED_TRAIN_TOKENS)
         assert budget.warmup_steps == warmup, max_steps
+
+
+def test_warmup_left_out_is_a_tenth_of_the_schedule_decay_steps_sets() -> None:
+    # A 20-step schedule in a 1000-step run (decayed, then held at the floor): the
+    # default warmup must end inside it, not fill it and be warned of.
+    given = explicit_settings(["--max-steps", "1000", "--decay-steps", "20"], {})
+    cpu = torch.device("cpu")
+    args = with_hardware_defaults(make_args(TrainArgs(compile=False).to_dict(), given), cpu)
+    budget = with_step_budget(args, cpu, EMBEDDED_TRAIN_TOKENS)
+    assert budget.warmup_steps == 2
+    assert settings_warnings(budget) == []
+    # A run cut short (60 steps of a 110-step schedule) warms up as the whole run does,
+    # so that resumed to 110 steps it follows the uninterrupted run's curve.
+    cut = with_step_budget(TrainArgs(max_steps=60, decay_steps=110, compile=False), cpu, 1)
+    whole = with_step_budget(TrainArgs(max_steps=110, compile=False), cpu, 1)
+    assert cut.warmup_steps == whole.warmup_steps == 11
 
 
 def test_a_cpu_time_box_of_600_s_or_more_trains_the_small_preset() -> None:

@@ -138,7 +138,10 @@ class TrainArgs:
     )
     warmup_steps: int | None = field(
         default=None,
-        metadata=doc("linear warmup steps (none: 30, or a tenth of --max-steps if that is fewer)"),
+        metadata=doc(
+            "linear warmup steps (none: 30, or a tenth of the schedule, --decay-steps or else"
+            " --max-steps, if that is fewer)"
+        ),
     )
     lr_schedule: str = field(
         default="wsd",

@@ -166,8 +166,11 @@ def with_step_budget(
     if args.compile is None:
         args = dataclasses.replace(args, compile=compile_pays_off(args, device))
     if args.warmup_steps is None:
-        # A short run (e.g. --max-steps 30 to try things out) must get past its warmup.
-        warmup = min(DEFAULT_WARMUP_STEPS, args.max_steps // 10)
+        # A short schedule (e.g. --max-steps 30 to try things out) must get past its
+        # warmup; its length is --decay-steps where given (a run cut short of it warms up
+        # as the whole run does, one decayed early within its warmup).
+        schedule = args.decay_steps or args.max_steps
+        warmup = min(DEFAULT_WARMUP_STEPS, schedule // 10)
         args = dataclasses.replace(args, warmup_steps=warmup)
     return args
 
