@@ -852,13 +852,53 @@ def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) ->
             world_size=2,
             loss_mask=data.train_loss_mask,
         )
-        shard = range(rank * n // 2, (rank + 1) * n // 2 - 32)
+        shard = range(rank * n // 2 + 1, (rank + 1) * n // 2 + 1)  # after a separator in it
         assert sampler.conversation_starts is not None
         starts = set(sampler.conversation_starts.tolist())
-        assert starts <= set(shard) and starts - {shard[-1]} <= firsts
+        # (One too near the end of the tokens starts where a whole window still fits.)
+        assert starts - {n - 33} <= firsts & set(shard) and len(starts) > 1
         rows = {tuple(row) for _ in range(10) for row in sampler.next_batch()[0].tolist()}
         windows = {tuple(data.train[s : s + 32].tolist()) for s in starts}
         assert rows <= windows and len(rows) > 1
+
+
+def test_the_ranks_together_learn_every_answer_one_process_does(tmp_path: Path) -> None:
+    # A conversation across two ranks' shards is the rank's whose shard holds its start,
+    # in its whole window as one process has it: cut at the shard's end instead, its
+    # answers in the next shard were learned by no rank, and counted in no warning.
+    conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", chats(80))])
+    data = prepare(
+        conversations[:70],
+        conversations[70:],
+        tmp_path / "cache",
+        vocab_size=320,
+        chat=chat_format(None),
+    )
+    assert data.train_loss_mask is not None
+    where = np.arange(len(data.train))  # each token its own index: where a target lies
+
+    def learned(world_size: int) -> set[int]:
+        out = set()
+        for rank in range(world_size):
+            sampler = BatchSampler(
+                where,
+                block_size=64,
+                batch_size=2048,
+                seed=0,
+                rank=rank,
+                world_size=world_size,
+                loss_mask=data.train_loss_mask,
+            )
+            for _ in range(2):
+                _, y, _ = sampler.next_batch()
+                out |= set(y[y != IGNORED].tolist())
+        return out
+
+    alone = learned(1)
+    unreachable, answers = unreachable_answers(data.train_loss_mask, 64)
+    assert len(alone) == answers - unreachable
+    for world_size in (2, 5, 7):
+        assert learned(world_size) == alone, world_size
 
 
 def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_refused(

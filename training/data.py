@@ -1,7 +1,8 @@
 """Batches from a token stream: random training windows and sequential evaluation windows.
 
 Under DDP each rank samples only from its own contiguous shard of the training
-tokens, with its own generator, so ranks see different data. The generator's state
+tokens, with its own generator, so ranks see different data (of conversations, those
+that start in its shard, a window reaching past its end as in one process). The generator's state
 is the whole "data position": saving and restoring it resumes the exact sequence
 of batches.
 
@@ -56,11 +57,14 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         self.conversation_starts: np.ndarray | None = None
         if loss_mask is not None:
-            # Where this rank's conversations start (after their separator); one too near
-            # the shard's end for a whole window starts the window earlier.
+            # Where this rank's conversations start (after their separator): those whose
+            # separator is in its shard, each in the window one process gives it, reaching
+            # into the next shard (cut at the shard's end, the answers there were learned
+            # by no rank). One too near the end of the tokens for a whole window starts
+            # the window earlier.
             shard = loss_mask[self.start : self.end]
             starts = np.flatnonzero(shard == CONVERSATION_START) + self.start + 1
-            starts = np.minimum(starts, self.end - block_size - 1)
+            starts = np.minimum(starts, n - block_size - 1)
             self.conversation_starts = starts if len(starts) else np.array([self.start])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
