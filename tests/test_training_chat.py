@@ -901,6 +901,31 @@ def test_the_ranks_together_learn_every_answer_one_process_does(tmp_path: Path) 
         assert learned(world_size) == alone, world_size
 
 
+def test_no_conversation_learns_from_the_one_before_it_in_a_window(tmp_path: Path) -> None:
+    # A template that writes no prompt before an assistant's first message: the
+    # conversation's first token is learned. Packed after another, its target is the
+    # separator's, in the conversation before (which the separator's position continues):
+    # learned there, the model learned one conversation's start from another's end, which
+    # no chat prompt gives it and no evaluation scores.
+    records = [[{"role": "assistant", "content": "Hello."}, *c] for c in chats(40)]
+    conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", records)])
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    chat = ChatFormat(tmp_path / "chat_template.jinja", template, {})
+    data = prepare(
+        conversations[:35], conversations[35:], tmp_path / "cache", vocab_size=320, chat=chat
+    )
+    mask = data.train_loss_mask
+    assert mask is not None
+    firsts = np.flatnonzero(mask[:-1] == CONVERSATION_START) + 1
+    assert (mask[firsts] == 1).all()  # each conversation's first token is the assistant's
+    where = np.arange(len(data.train))  # each token its own index: where a target lies
+    sampler = BatchSampler(where, block_size=64, batch_size=512, seed=0, loss_mask=mask)
+    x, y, positions = sampler.next_batch()
+    assert (positions == 0).sum() > len(x)  # windows hold more than one conversation
+    learned = y[y != IGNORED]
+    assert len(learned) and not np.isin(learned.numpy(), firsts).any()
+
+
 def test_answers_past_the_window_are_counted_in_a_warning_and_none_within_is_refused(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

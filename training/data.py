@@ -87,7 +87,11 @@ class BatchSampler:
         positions = np.broadcast_to(columns, inputs.shape)  # [B, T]
         if self.loss_mask is not None:
             mask = np.stack([self.loss_mask[s : s + T + 1] for s in starts])  # [B, T + 1]
-            targets = np.where(mask[:, 1:] == LEARNED, targets, IGNORED)
+            # A separator's target is the next conversation's first token: learned there
+            # (a template that writes no prompt before an assistant's first message), it
+            # would be learned from the conversation before, which the separator ends.
+            learned = (mask[:, 1:] == LEARNED) & (mask[:, :-1] != CONVERSATION_START)
+            targets = np.where(learned, targets, IGNORED)
             # A conversation starts at the window's start and after each separator.
             starts_here = np.concatenate(
                 [np.ones((len(starts), 1), bool), mask[:, : T - 1] == CONVERSATION_START], 1
