@@ -8,7 +8,7 @@ import json
 import random
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
 from model.checkpoint import END_OF_TEXT
 from training.prepare import BATCH_CHARS, PIECE_CHARS, PIECE_CUT, _pieces, token_stream
@@ -89,3 +89,21 @@ def test_a_long_line_without_spaces_encodes_in_bounded_pieces_to_the_ids_of_one_
 
 def test_an_empty_corpus_is_an_empty_stream(tokenizer: Tokenizer) -> None:
     assert token_stream(tokenizer, []).size == 0
+
+
+def test_a_tokenizer_that_spaces_a_texts_start_gets_no_space_inside_a_long_document(
+    tokenizer: Tokenizer,
+) -> None:
+    # A GPT-2 tokenizer saved by transformers with add_prefix_space: each encoded text
+    # starts with a space. A piece cut after a line break or between "abc" and "123" is
+    # such a text: the stream held a space the document does not have at every cut.
+    spacing = Tokenizer.from_str(tokenizer.to_str())
+    spacing.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    rng = random.Random(3)
+    lines = "".join(rng.choice(["line\n", "more words\n", "x\n"]) for _ in range(PIECE_CHARS))
+    digits = "".join(rng.choice(["abc", "123", "+"]) for _ in range(PIECE_CHARS))
+    documents = [lines, digits]
+    separator = spacing.token_to_id(END_OF_TEXT)
+    encodings = spacing.encode_batch(documents)
+    expected = [id_ for encoding in encodings for id_ in (separator, *encoding.ids)]
+    np.testing.assert_array_equal(token_stream(spacing, documents), expected)

@@ -92,6 +92,10 @@ BATCH_CHARS = 1 << 21
 # so the pieces encode to exactly the ids of the whole document. (Python's \s is a
 # superset of the tokenizer's, so its \S are non-spaces to both.)
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+# A tokenizer that spaces a text's start (a byte-level pre-tokenizer's add_prefix_space,
+# as transformers may save GPT-2's) would put a space into every piece that starts
+# otherwise: its pieces are cut before a space only (where it adds none).
+SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 # A line with no such cut for PIECE_CHARS (a base64 image inlined in Markdown, minified
 # JSON or JavaScript: tens of MB in one line) is cut where the tokenizer's own
 # pre-tokenizer ends a pre-token between two printable ASCII characters of different
@@ -174,17 +178,29 @@ def _adds_tokens(tokenizer: Tokenizer) -> bool:
 
 def _pieces(doc: str, tokenizer: Tokenizer) -> Iterator[str]:
     start = 0
+    spaces_start = len(doc) > PIECE_CHARS and _spaces_start(tokenizer)
+    pattern = SPACE_CUT if spaces_start else PIECE_CUT
     while len(doc) - start > PIECE_CHARS:
         at = start + PIECE_CHARS
-        cut = PIECE_CUT.search(doc, at, at + PIECE_CHARS)
-        end = cut.start() if cut is not None else _pre_token_cut(doc, at, tokenizer)
-        if end is None and (cut := PIECE_CUT.search(doc, at)) is not None:
+        cut = pattern.search(doc, at, at + PIECE_CHARS)
+        end = cut.start() if cut is not None else None
+        if end is None and not spaces_start:
+            end = _pre_token_cut(doc, at, tokenizer)
+        if end is None and (cut := pattern.search(doc, at)) is not None:
             end = cut.start()
         if end is None:
             break  # no safe cut in the rest: encode it whole
         yield doc[start:end]
         start = end
     yield doc[start:]
+
+
+def _spaces_start(tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer`'s pre-tokenizer adds a space to a text that starts without one."""
+    if tokenizer.pre_tokenizer is None:
+        return False
+    pieces = tokenizer.pre_tokenizer.pre_tokenize_str("x")
+    return bool(pieces) and pieces[0][0] != "x"
 
 
 def _pre_token_cut(doc: str, at: int, tokenizer: Tokenizer) -> int | None:
