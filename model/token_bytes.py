@@ -52,3 +52,38 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
                     f"token {token_id} ({piece!r}) is not in the byte-level BPE alphabet"
                 ) from None
     return out
+
+
+# Bytes valid UTF-8 may hold (not 0xC0, 0xC1 or 0xF5-0xFF): a text's are among them.
+TEXT_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
+# Spaces, punctuation, accents, CJK, emoji, a tab and a line end; starting with a space,
+# where a pre-tokenizer that spaces a text's start (add_prefix_space) adds none.
+PROBE = " Text, 42 é e\u0301 中文 🙂\tend.\n"
+
+
+def check_reads_bytes(tokenizer: Tokenizer) -> None:
+    """ValueError unless `tokenizer` (a byte-level BPE: `token_bytes`) encodes text to
+    tokens standing for exactly the text's bytes, as its normalizer leaves it: what bits
+    per byte counts. A vocabulary without a byte's token drops what it cannot spell (BPE
+    with no unknown token), and a pre-tokenizer other than a byte-level one hands BPE
+    characters rather than bytes."""
+    table = {b: c for c, b in _byte_decoder().items()}
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    missing = [b for b in TEXT_BYTES if table[b] not in vocab]
+    if missing:
+        raise ValueError(
+            f"its vocabulary lacks {len(missing)} of the byte tokens a byte-level BPE "
+            f"needs (e.g. byte {missing[0]:#04x}, {table[missing[0]]!r}): text holding "
+            "them would be dropped"
+        )
+    normalizer = tokenizer.normalizer
+    text = normalizer.normalize_str(PROBE) if normalizer is not None else PROBE
+    pieces = token_bytes(tokenizer)
+    ids = tokenizer.encode(PROBE, add_special_tokens=False).ids
+    read = b"".join(pieces[i] for i in ids)
+    if read != text.encode("utf-8"):
+        raise ValueError(
+            f"encodes {text!r} as {read.decode('utf-8', 'replace')!r}: not a byte-level "
+            "BPE's reading (its pre-tokenizer must be byte-level), so its tokens are not "
+            "the text's bytes"
+        )

@@ -3,15 +3,17 @@ separator's id into a token stream."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 from model.checkpoint import END_OF_TEXT, load_tokenizer, read_tokenizer_file
-from training.prepare import prepare
+from training.corpus import CorpusError
+from training.prepare import check_tokenizer, prepare
 from training.tokenizer import MIN_VOCAB, train_tokenizer
 
 QUOTING = f"The separator is written {END_OF_TEXT} in this sentence."
@@ -62,3 +64,68 @@ def test_the_smallest_vocabulary_is_every_byte_and_the_separator() -> None:
     assert smallest.get_vocab_size() == 257 == MIN_VOCAB
     with pytest.raises(ValueError, match=r"vocab_size must be >= 257 \(got 256\)"):
         train_tokenizer([QUOTING], MIN_VOCAB - 1)
+
+
+def _gpt2_style(vocab: dict[str, int], merges: list[list[str]]) -> dict:
+    """A tokenizer.json as transformers writes GPT-2's, with this vocabulary."""
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": vocab[END_OF_TEXT],
+                "content": END_OF_TEXT,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": {"type": "ByteLevel", **byte_level},
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+
+
+def test_a_byte_level_tokenizer_that_drops_or_changes_text_is_refused(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    # GPT-2's layout, but without most bytes' tokens: BPE with no unknown token drops
+    # what it cannot spell ("zz", "é" vanished), so bits per byte counted fewer bytes
+    # than the text has and the model never saw them.
+    partial = tmp_path / "partial.json"
+    vocab = {END_OF_TEXT: 0, "a": 1, "b": 2, "Ġ": 3, "Ġa": 4}
+    partial.write_text(json.dumps(_gpt2_style(vocab, [["Ġ", "a"]])), encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"partial\.json: .*lacks 240 of the byte tokens"):
+        check_tokenizer(read_tokenizer_file(partial), str(partial))
+    # Every byte, GPT-2's alphabet in GPT-2's order: accepted.
+    whole = tmp_path / "whole.json"
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: (ord(c) > 255, ord(c)))
+    vocab = {END_OF_TEXT: 256} | {c: i for i, c in enumerate(alphabet)}
+    whole.write_text(json.dumps(_gpt2_style(vocab, [])), encoding="utf-8")
+    accepted = check_tokenizer(read_tokenizer_file(whole), str(whole))
+    text = "zz é 中文 🙂\tend\n"
+    assert accepted.decode(accepted.encode(text).ids) == text
+    # A SentencePiece-style pre-tokenizer before a byte-level decoder: spaces become "▁",
+    # which no byte stands for, and "é" one byte of a character.
+    metaspace = Tokenizer.from_str(tokenizer.to_str())
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
+    metaspace.save(str(tmp_path / "metaspace.json"))
+    with pytest.raises(CorpusError, match=r"metaspace\.json: encodes .* as "):
+        check_tokenizer(read_tokenizer_file(tmp_path / "metaspace.json"), "metaspace.json")

@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 from model.atomic_files import fsync_path, write_json, write_tokenizer
 from model.chat_template import ChatError, ChatTemplate
 from model.checkpoint import END_OF_TEXT, CheckpointError, end_of_text_id, read_tokenizer_file
-from model.token_bytes import token_bytes
+from model.token_bytes import check_reads_bytes, token_bytes
 from training.chat import ChatFormat
 from training.corpus import Conversation, CorpusError, Document, document_text, text_digest
 from training.progress import progress_bar
@@ -164,6 +164,7 @@ def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
         )
     try:
         token_bytes(tokenizer)  # a byte-level BPE: what bits per byte counts, the server streams
+        check_reads_bytes(tokenizer)
         end_of_text_id(tokenizer)
     except ValueError as e:
         raise CorpusError(f"{source}: {e}") from None
