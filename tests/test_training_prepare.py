@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from tests.test_training_pretrain import CORPUS, TINY, VAL, pretrain_in_files_up_to
 from training import pretrain
-from training.corpus import CorpusError
-from training.prepare import PreparedData, prepare, token_stream
+from training.corpus import CorpusError, text_digest
+from training.prepare import PreparedData, cache_key, prepare, token_stream
 from training.progress import bar_output
 from training.split import split_documents
 from training.tokenizer import train_tokenizer
@@ -331,3 +331,26 @@ def test_a_bar_in_a_log_writes_whole_lines_and_leaves_tqdms_monitor_nothing_to_a
     # tqdm's monitor thread refreshes a bar whose miniters grew past 1 without moving
     # its last print time: the next step then printed another line, seconds later.
     assert bar.miniters == 1 and not bar.dynamic_miniters
+
+
+def test_a_cache_an_older_trainer_wrote_gives_no_tokenizer_without_todays_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before 2026-12-06 the trainer's tokenizer had no CRLF normalizer; its cache of the
+    # same text and vocabulary size, named as below, held the same merges without it.
+    # Reused, a new run wrote that tokenizer into its checkpoints: CRLF prompts read as
+    # unseen "\r" tokens.
+    first = prepare_corpus(tmp_path)
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
+    older = tmp_path / cache_key(digests, "bpe-384")
+    if older != first.folder:
+        shutil.copytree(first.folder, older)
+        shutil.rmtree(first.folder)
+    without = Tokenizer.from_str(first.tokenizer.to_str())
+    without.normalizer = None
+    without.save(str(older / "tokenizer.json"))
+    capsys.readouterr()
+    again = prepare_corpus(tmp_path)
+    assert again.tokenizer.to_str() == first.tokenizer.to_str()
+    assert again.tokenizer.encode("a\r\nb").ids == again.tokenizer.encode("a\nb").ids

@@ -51,7 +51,7 @@ from model.token_bytes import check_reads_bytes, token_bytes
 from training.chat import ChatFormat
 from training.corpus import Conversation, CorpusError, Document, document_text, text_digest
 from training.progress import progress_bar
-from training.tokenizer import train_tokenizer, with_special_tokens
+from training.tokenizer import TRAINED_KIND, train_tokenizer, with_special_tokens
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
 FORMAT = 2
@@ -510,10 +510,12 @@ def prepare(
     if tokenizer is not None:
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
         # that text's cache: the same tokens, so that cache serves instead of a new one.
-        trained = _cached(root / cache_key(digests, f"bpe-{vocab_size}{chat_id}"), conversations)
+        trained = _cached(
+            root / cache_key(digests, f"{TRAINED_KIND}-{vocab_size}{chat_id}"), conversations
+        )
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
-    tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"bpe-{vocab_size}"
+    tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"{TRAINED_KIND}-{vocab_size}"
     if tokenizer is not None and _adds_tokens(tokenizer):
         # Streams once held what its post-processor adds (a BOS per piece): not those.
         tokenizer_id += "\0without its additions"

@@ -25,6 +25,10 @@ from tokenizers import (
 from model.checkpoint import END_OF_TEXT, crlf_as_newline, text_literally
 
 MIN_VOCAB = 256 + 1  # every byte plus <|endoftext|>
+# Names what train_tokenizer makes in the token cache's key (training/prepare.py): a new
+# name with every change to the tokenizer it trains, so that a cache an older trainer
+# wrote, with its tokenizer, is not taken for this one's (2: CRLF read as "\n").
+TRAINED_KIND = "bpe2"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
