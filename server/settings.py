@@ -186,6 +186,17 @@ class Settings(BaseSettings):
             raise ValueError("must name a checkpoint folder (unset it for the default)")
         return checkpoint
 
+    @field_validator("model_name")
+    @classmethod
+    def _model_named(cls, name: str | None) -> str | None:
+        # "notes " (a .env line's trailing space) was the id clients had to send: every
+        # request naming "notes" was refused. A blank line named no model at all.
+        if name is None:
+            return None
+        if not name.strip():
+            raise ValueError("must name a model (unset it for the checkpoint's folder name)")
+        return name.strip()
+
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts_named(cls, hosts: str | None) -> str | None:

@@ -944,3 +944,22 @@ def test_a_server_stopped_while_its_model_loads_exits_at_once_and_cleanly(checkp
         server.stop()
     assert loading.status_code == 503 and "loading" in loading.json()["error"]["message"]
     assert "terminate called" not in log and "ready in" not in log, log
+
+
+def test_a_model_name_is_taken_without_the_whitespace_around_it_and_a_blank_one_refused(
+    tmp_path,
+):
+    # `POCKETGPT_MODEL_NAME=notes ` (a .env line's trailing space) reported the id
+    # "notes ": every request naming "notes" was refused, and GET /v1/models/notes 404.
+    assert Settings(checkpoint="unused", model_name=" notes \n").model_name == "notes"
+    # A blank line named no model while seeming to: refused, as for the other names.
+    missing = ["--checkpoint", str(tmp_path / "none"), "--port", "0"]
+    for given, args, env in (
+        ("POCKETGPT_MODEL_NAME", [], {"POCKETGPT_MODEL_NAME": " "}),
+        ("--model-name", ["--model-name", ""], {}),
+    ):
+        result = run_server(*missing, *args, env=env)
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"error: {given}: must name a model (unset it for the checkpoint's folder name)\n"
+        )
