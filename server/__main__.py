@@ -38,6 +38,7 @@ from model.cli import (
     exit_on_signals_while_importing,
     flag,
     signals_exit,
+    unusable_path,
 )
 
 INTERRUPTED_BEFORE_SERVING = "interrupted before the server started"
@@ -370,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check_before_loading(settings, given)
-        except (CheckpointError, ValueError, OSError) as e:
+        except (CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a checkpoint file this user may not read, say
+            print(unusable_path(e) or f"error: {e}", file=sys.stderr)
             return 2
         app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout)

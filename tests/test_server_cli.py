@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -963,3 +964,35 @@ def test_a_model_name_is_taken_without_the_whitespace_around_it_and_a_blank_one_
         assert result.stderr == (
             f"error: {given}: must name a model (unset it for the checkpoint's folder name)\n"
         )
+
+
+def test_a_checkpoint_file_this_user_may_not_read_is_named_as_other_commands_name_it(
+    checkpoint,
+):
+    # Was "error: [Errno 13] Permission denied: '…/model.safetensors'", where the
+    # trainer and evaluator say "error: <file>: Permission denied". Run as `nobody` where
+    # the suite runs as root (who may read anything): by util-linux's setpriv, which execs
+    # a Python that lives in root's home (pyenv) where subprocess's user= cannot.
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root.chmod(0o755)
+        folder = root / "ckpt"
+        shutil.copytree(checkpoint, folder)
+        folder.chmod(0o755)
+        for path in folder.iterdir():
+            path.chmod(0o644)
+        (folder / WEIGHTS).chmod(0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")}
+        result = subprocess.run(
+            [
+                *(as_nobody if os.geteuid() == 0 else []),
+                *(sys.executable, "-m", "server", "--checkpoint", str(folder), "--port", "0"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert result.returncode == 2
+    assert result.stderr == f"error: {folder / WEIGHTS}: Permission denied\n"
