@@ -830,7 +830,8 @@ def test_an_answer_of_weight_0_is_read_not_learned_and_text_parts_are_joined(
     )
 
 
-def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) -> None:
+def eighty_conversations_prepared(tmp_path: Path) -> PreparedData:
+    """70 conversations to train on and 10 held out, as prepare() caches them."""
     conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", chats(80))])
     data = prepare(
         conversations[:70],
@@ -840,6 +841,11 @@ def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) ->
         chat=chat_format(None),
     )
     assert data.train_loss_mask is not None
+    return data
+
+
+def test_each_rank_samples_the_conversations_of_its_own_shard(tmp_path: Path) -> None:
+    data = eighty_conversations_prepared(tmp_path)
     n = len(data.train)
     firsts = {int(i) + 1 for i in np.flatnonzero(data.train_loss_mask == CONVERSATION_START)}
     for rank in (0, 1):
@@ -866,15 +872,7 @@ def test_the_ranks_together_learn_every_answer_one_process_does(tmp_path: Path) 
     # A conversation across two ranks' shards is the rank's whose shard holds its start,
     # in its whole window as one process has it: cut at the shard's end instead, its
     # answers in the next shard were learned by no rank, and counted in no warning.
-    conversations = load_documents([write_jsonl(tmp_path / "chats.jsonl", chats(80))])
-    data = prepare(
-        conversations[:70],
-        conversations[70:],
-        tmp_path / "cache",
-        vocab_size=320,
-        chat=chat_format(None),
-    )
-    assert data.train_loss_mask is not None
+    data = eighty_conversations_prepared(tmp_path)
     where = np.arange(len(data.train))  # each token its own index: where a target lies
 
     def learned(world_size: int) -> set[int]:
