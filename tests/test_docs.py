@@ -11,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.__main__ import build_parser
 from server.metrics import Metrics
+from server.protocol import GenerateRequest
+from server.routes import router
 from server.settings import Settings
 from training.args import TrainArgs
 
@@ -18,8 +20,55 @@ README_PATH = Path(__file__).resolve().parent.parent / "README.md"
 README = README_PATH.read_text(encoding="utf-8")
 
 
+# DESIGN.md's serving contract (the design document is kept beside this repository, not
+# in it): its /v1/generate fields, routes and metrics. The README's "Where this code
+# differs" paragraph names whatever the server has beyond them.
+DESIGN_GENERATE_FIELDS = frozenset(
+    [
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "stop",
+        "seed",
+        "stream",
+    ]
+)
+DESIGN_ROUTES = frozenset({"POST /v1/generate", "GET /health", "GET /v1/models", "GET /metrics"})
+DESIGN_METRICS = frozenset(
+    [
+        "requests_total",
+        "request_finished_total",
+        "requests_running",
+        "requests_waiting",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "request_latency_seconds",
+        "queue_time_seconds",
+        "batch_size",
+        "kv_cache_usage_ratio",
+        "model_load_seconds",
+    ]
+)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def exported_metrics() -> set[str]:
+    """The server's metrics as the README names them: without the prefix, a counter with
+    its `_total`."""
+    text = Metrics().render().decode()
+    return {
+        family.name.removeprefix("pocketgpt_") + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("pocketgpt_")
+    }
 
 
 def test_readme_documents_every_trainer_flag_and_env_var() -> None:
@@ -44,13 +93,23 @@ def test_readme_names_every_metric_the_server_exports_and_no_other() -> None:
     listed = re.search(r"Metrics \(prefix `pocketgpt_`\): (.*?), plus", README, re.S)
     assert listed is not None
     documented = {name.partition("{")[0] for name in re.findall(r"`([^`]+)`", listed[1])}
-    text = Metrics().render().decode()
-    exported = {
-        family.name.removeprefix("pocketgpt_") + ("_total" if family.type == "counter" else "")
-        for family in text_string_to_metric_families(text)
-        if family.name.startswith("pocketgpt_")
-    }
-    assert exported == documented
+    assert exported_metrics() == documented
+
+
+def test_readme_names_every_request_field_route_and_metric_design_md_lacks() -> None:
+    # The paragraph says where this code differs from DESIGN.md: a reader who knows the
+    # design learns the rest there, so nothing the server adds may be missing from it.
+    differs = README.partition("Where this code differs:")[2].partition("Benchmarks and")[0]
+    assert differs
+    fields = set(GenerateRequest.model_fields) - DESIGN_GENERATE_FIELDS
+    routes = {
+        f"{method} {route.path.replace('{model_id:path}', '{id}')}"
+        for route in router.routes
+        for method in route.methods
+        if method != "HEAD"  # every GET route answers HEAD too (said above the paragraph)
+    } - DESIGN_ROUTES
+    metrics = exported_metrics() - DESIGN_METRICS
+    assert sorted(name for name in fields | routes | metrics if f"`{name}`" not in differs) == []
 
 
 def test_readme_rows_say_what_help_says() -> None:
