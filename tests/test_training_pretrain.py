@@ -1530,7 +1530,9 @@ def test_a_fine_tune_is_refused_where_it_would_not_be_served_or_would_not_run(
     # A model's folder under --if-missing is kept as it is (the README's quick start on an
     # HF save put there), unless a fine-tune was asked for.
     assert pretrain.main([*data, "--if-missing", "--out-dir", str(base / "best")]) == 0
-    assert "nothing to do (--if-missing)" in capsys.readouterr().out
+    assert capsys.readouterr().out == (
+        f"{base / 'best'} is a model's folder; nothing to do (--if-missing)\n"
+    )
     assert pretrain.main([*if_missing, str(tuned), "--out-dir", str(base / "best")]) == 2
     assert "is a model's folder (it holds config.json)" in capsys.readouterr().err
     assert sorted(p.relative_to(base) for p in base.rglob("*")) == before

@@ -402,13 +402,13 @@ def if_missing(given: Given) -> Given | int:
             check_out_dir_is_not_a_model(given)
             started_from = saved_args(run_checkpoint(out_dir)).get("init_from")
             check_run_init_from(given, started_from, out_dir)
+        if (out_dir / CONFIG).is_file():
+            # A step folder or best/ (of a finished run or not): a model, not the run
+            # folder --resume goes on in; kept as it is, as any model's folder.
+            print(f"{out_dir} is a model's folder; nothing to do (--if-missing)")
+            return 0
         if finished(out_dir):
             print(f"{out_dir} already holds a finished run; nothing to do (--if-missing)")
-            return 0
-        if (out_dir / CONFIG).is_file():
-            # A step folder or best/ of an unfinished run: a model, not the run folder
-            # --resume goes on in; kept as it is, as any model's folder.
-            print(f"{out_dir} is a model's folder; nothing to do (--if-missing)")
             return 0
         # Interrupted (Ctrl-C, `docker compose down`) or killed: carry on with it.
         print(f"{out_dir} holds an unfinished run; resuming it (--if-missing)", flush=True)
