@@ -2157,6 +2157,19 @@ def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
         assert not out_dir.exists() and not cache.exists(), case
 
 
+@pytest.mark.parametrize("flag", ["--init-from", "--tokenizer"])
+def test_an_empty_checkpoint_path_on_the_command_line_exits_2_instead_of_training_anew(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    # `--init-from "$BASE"` with BASE unset trained a new model from scratch, not the
+    # fine-tune asked for (an empty POCKETGPT_INIT_FROM stays unset: Docker passes one).
+    out_dir = tmp_path / "out"
+    flags = tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(out_dir), flag, "")
+    assert pretrain.main(flags) == 2
+    assert capsys.readouterr().err == f"error: {flag}: a path is empty (got '')\n"
+    assert not out_dir.exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("weights", ["missing", "pickled"])
 def test_a_fine_tune_from_weights_it_cannot_read_is_refused_before_the_text_is_read(
     tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str], weights: str
