@@ -78,6 +78,20 @@ def test_the_text_is_checked_before_the_weights_are_loaded(
     assert capsys.readouterr().err == f"error: {missing}: no such file or folder\n"
 
 
+def test_a_block_size_past_the_context_is_named_before_the_weights_are_loaded(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As a typo in --data: named at once, not after a large model's load (here: the load
+    # would fail, and its refusal would hide the flag).
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    context = read_config(folder).max_seq_len
+    argv = ["--checkpoint", str(folder), "--data", str(VAL), "--block-size", str(context + 1)]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == f"error: --block-size must be in 1..{context}\n"
+
+
 def assert_refused_by_evaluate_and_init_from(
     folder: Path, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,6 +49,7 @@ from model.checkpoint import (
     CheckpointError,
     load_model,
     load_tokenizer,
+    read_config,
     resolve_checkpoint,
 )
 from model.device import resolve_device
@@ -201,6 +202,13 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
             chat = load_chat_template(folder, tokenizer)
             if chat is None:
                 raise CorpusError(f"{folder}: no chat template to write the conversations with")
+        # And --block-size, from config.json: a flag out of range is named at once, not
+        # after the weights' load (minutes for a HF model).
+        context = read_config(folder).max_seq_len
+        block_size = context if args.block_size is None else args.block_size
+        if not 1 <= block_size <= context:
+            print(f"error: --block-size must be in 1..{context}", file=sys.stderr)
+            return 2
         model = load_model(folder, device=device)
     except (CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -209,10 +217,6 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
         if (refusal := unusable_path(e)) is None:
             raise
         print(refusal, file=sys.stderr)
-        return 2
-    block_size = model.config.max_seq_len if args.block_size is None else args.block_size
-    if not 1 <= block_size <= model.config.max_seq_len:
-        print(f"error: --block-size must be in 1..{model.config.max_seq_len}", file=sys.stderr)
         return 2
     texts = [document_text(doc) for doc in documents]
     kind = "conversation" if chat is not None else "document"
