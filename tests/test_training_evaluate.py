@@ -65,6 +65,21 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(
         assert capsys.readouterr().err == message
 
 
+def test_data_given_twice_scores_both(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As the trainer reads `--data a --data b`: the second flag scored alone, silently,
+    # gave the bits per byte of other text than the command names.
+    other = tmp_path / "other.txt"
+    other.write_text("Another held-out paragraph.\n")
+    scored = []
+    for data in (["--data", str(VAL), "--data", str(other)], ["--data", str(VAL), str(other)]):
+        assert evaluate.main(["--checkpoint", str(tiny_checkpoint), *data]) == 0
+        scored.append(capsys.readouterr().out.splitlines())
+    assert scored[0] == scored[1]
+    assert scored[0][0].startswith(f"evaluating {tiny_checkpoint} on 2 documents (")
+
+
 def test_the_text_is_checked_before_the_weights_are_loaded(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

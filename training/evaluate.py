@@ -162,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the bits per byte of text under a checkpoint (last line: bpb=...).",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-    parser.add_argument("--data", nargs="+", required=True, help=".txt/.md/.jsonl files, folders")
+    # `--data a --data b` scores both, as the trainer reads both: not b alone.
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        required=True,
+        help=".txt/.md/.jsonl files, folders",
+    )
     parser.add_argument(
         "--block-size", type=int, help="tokens per window (default: the model's context)"
     )
