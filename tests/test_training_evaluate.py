@@ -262,6 +262,24 @@ def test_a_signal_while_evaluating_exits_128_plus_it_without_a_traceback(
     assert "Traceback" not in err and "bpb=" not in out
 
 
+def test_a_reader_that_closes_stdout_ends_evaluate_without_a_traceback(
+    tiny_checkpoint: Path,
+) -> None:
+    # `python -m training.evaluate ... | head -1`: the reader is gone before the first
+    # line is written.
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--device", "cpu"]
+    process = spawn_module("training.evaluate", argv)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        err = process.stderr.read()
+        assert process.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    finally:
+        process.kill()
+        process.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def nats_window_by_window(model: Transformer, tokens: np.ndarray, block: int) -> float:
     """The reference: each window alone, in eval mode, predicting its targets (the inputs
     shifted by one); the total nats."""

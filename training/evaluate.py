@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as e:
         print(INTERRUPTED, file=sys.stderr)
         return interrupted_status(e)
+    except BrokenPipeError:
+        # Its reader went away (`| head -1`): Python ignores SIGPIPE, so the write raised,
+        # a traceback. End as a tool SIGPIPE stops, silently: what stdout still buffers
+        # goes nowhere (its flush at exit would raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
