@@ -13,3 +13,9 @@ def resolve_device(name: str, source: str = "--device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{source} cuda: CUDA is not available on this machine")
     return torch.device(name)
+
+
+def cuda_runs_bf16() -> bool:
+    """Whether this GPU multiplies bfloat16 natively (Ampere and later). Before Ampere
+    torch emulates it, slower than float32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)

@@ -24,7 +24,7 @@ from model.checkpoint import (
     read_config,
     resolve_checkpoint,
 )
-from model.device import resolve_device
+from model.device import cuda_runs_bf16, resolve_device
 from model.token_bytes import token_bytes
 from server.engine import Engine
 from server.metrics import Metrics
@@ -38,8 +38,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         # Not bf16 where it is only emulated (before Ampere): fp16 runs natively there.
-        supported = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if supported else torch.float16
+        return torch.bfloat16 if cuda_runs_bf16() else torch.float16
     return torch.float32
 
 

@@ -11,6 +11,7 @@ import torch
 from model.cli import flag
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
+from model.device import cuda_runs_bf16
 from model.inductor import has_compiler, missing_compiler_message
 from training.args import SHAPE_FIELDS, TrainArgs, UsageError
 
@@ -116,7 +117,7 @@ def auto_dtype(args: TrainArgs, device: torch.device) -> str:
     if device.type == "cuda":
         # Before Ampere bf16 is emulated: slower than float32 (and fp16 would need loss
         # scaling).
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+        return "bfloat16" if cuda_runs_bf16() else "float32"
     width = args.dim or PRESETS[resolved_preset(args, device)].dim
     units = bf16_units()
     fast = units == "avx512" or (units == "amx" and width >= BF16_AMX_MIN_DIM)

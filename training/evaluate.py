@@ -54,7 +54,7 @@ from model.checkpoint import (
     read_config,
     resolve_checkpoint,
 )
-from model.device import resolve_device
+from model.device import cuda_runs_bf16, resolve_device
 from training.corpus import Conversation, CorpusError, document_text, load_documents
 from training.data import IGNORED, conversation_windows, eval_windows, scored_answers
 from training.prepare import (
@@ -260,7 +260,9 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
         token_byte_lengths(tokenizer),
         block_size=block_size,
         device=device,
-        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        # bf16 on a GPU that runs it natively, as the trainer's default dtype there (and its
+        # evaluation in it): before Ampere bf16 is emulated, slower than float32.
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" and cuda_runs_bf16() else None,
         progress="evaluating",
         loss_mask=loss_mask,
     )
