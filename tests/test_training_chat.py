@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from server_harness import running_server
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,6 +139,38 @@ def test_a_fine_tune_on_conversations_chats_through_the_server_and_in_transforme
             assert out[0, -1].item() == end_of_turn
             written = hf_tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
             assert written == f"The {thing} is {color}."
+
+
+def test_the_templates_tokens_start_near_the_mean_in_a_vocabulary_padded_past_its_tokenizer(
+    base: Path, tmp_path: Path
+) -> None:
+    # A HF model's embedding often has rows no token uses (its vocabulary padded to a
+    # multiple of 64): the template's tokens take the first of them, whatever they hold,
+    # not rows grown from the mean as where the embedding ends with its tokenizer.
+    padded = tmp_path / "padded"
+    shutil.copytree(resolve_checkpoint(base), padded)
+    weights = load_file(padded / "model.safetensors")
+    embedding = "model.embed_tokens.weight"
+    own = weights[embedding]
+    weights[embedding] = torch.cat([own, torch.full((8, own.shape[1]), 5.0)])
+    save_file(weights, padded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((padded / "config.json").read_text(encoding="utf-8"))
+    config["vocab_size"] += 8
+    (padded / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    tuned = tmp_path / "tuned"
+    flags = ["--init-from", str(padded), "--data", str(data), "--max-steps", "1", "--lr", "1e-9"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(tuned)]) == 0
+    after = load_file(resolve_checkpoint(tuned) / "model.safetensors")[embedding]
+    assert after.shape == (own.shape[0] + 8, own.shape[1])  # the padding kept, not grown
+    tokenizer = load_tokenizer(resolve_checkpoint(tuned))
+    added = [tokenizer.token_to_id(token) for token in CHATML_TOKENS]
+    assert added == [own.shape[0], own.shape[0] + 1]
+    mean, spread = own.mean(0), own.std(0)
+    for row in after[added]:
+        assert ((row - mean).abs() <= spread / 10).all()
+    assert torch.equal(after[own.shape[0] + 2 :], torch.full((6, own.shape[1]), 5.0))
 
 
 def test_conversation_tokens_and_what_is_learned_are_transformers_assistant_mask(

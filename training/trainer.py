@@ -47,6 +47,7 @@ from model.checkpoint import (
     TokenizerExtras,
     check_finite,
     first_non_finite,
+    load_tokenizer,
     load_weights,
     read_config,
     save_checkpoint,
@@ -140,16 +141,19 @@ def next_token_loss(
     return nats / (y != IGNORED).sum().clamp(min=1)
 
 
-def with_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` [V, D] grown to [rows, D] for tokens added to its tokenizer (a chat
-    template's markers): each new row the mean of the old ones plus noise of a
-    hundredth of their spread, so that no two new tokens start alike."""
-    added = rows - weight.shape[0]
-    if added <= 0:
+def with_rows(weight: torch.Tensor, rows: int, added: range) -> torch.Tensor:
+    """`weight` [V, D] as [max(V, rows), D], the rows of the tokens `added` to its
+    tokenizer (a chat template's markers; ids from the old tokenizer's size on, past V or
+    in a vocabulary padded beyond its tokenizer) each the mean of the old tokens' rows
+    plus noise of a hundredth of their spread, so that no two new tokens start alike."""
+    if not added:
         return weight
-    mean, spread = weight.mean(0), weight.std(0)
-    noise = torch.randn(added, weight.shape[1], dtype=weight.dtype) * spread / 100
-    return torch.cat([weight, mean + noise])
+    old = weight[: added.start]
+    mean, spread = old.mean(0), old.std(0)
+    grown = torch.cat([weight, weight.new_zeros(max(0, rows - len(weight)), weight.shape[1])])
+    noise = torch.randn(len(added), weight.shape[1], dtype=weight.dtype) * spread / 100
+    grown[added.start : added.stop] = mean + noise
+    return grown
 
 
 class Trainer:
@@ -237,7 +241,10 @@ class Trainer:
             self._load(resume_from)
             self.saved_at = self.step
         elif init_from is not None:  # fine-tuning: the weights alone
-            self._load_weights(init_from)
+            added = range(
+                load_tokenizer(init_from).get_vocab_size(), data.tokenizer.get_vocab_size()
+            )
+            self._load_weights(init_from, added)
         # What HF users added to the tokenizer files of the checkpoint the run started
         # from (a pad token, a chat template): every checkpoint of the run keeps it.
         self.tokenizer_extras = tokenizer_extras
@@ -265,12 +272,15 @@ class Trainer:
 
     # ------------------------------------------------------------ state
 
-    def _load_weights(self, folder: Path) -> None:
+    def _load_weights(self, folder: Path, added_tokens: range = range(0)) -> None:
+        """The weights of `folder`, with fresh rows for `added_tokens` (a fine-tune's
+        tokenizer's additions to the one of `folder`)."""
         weights = load_weights(folder, read_config(folder))
         check_finite(folder, weights)
         for name in ("embed_tokens.weight", "lm_head.weight"):
             if name in weights:
-                weights[name] = with_rows(weights[name], self.model.config.vocab_size)
+                rows = self.model.config.vocab_size
+                weights[name] = with_rows(weights[name], rows, added_tokens)
         # strict=False: the tied LM head is not stored separately.
         self.model.load_state_dict(weights, strict=False)
 
