@@ -99,6 +99,20 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def at_most(limit: int) -> Callable[[str], int]:
+    """A positive integer up to `limit`: a value handed on to the server's flag of that
+    bound, refused here in one line rather than by the server once it starts (its error
+    and then the benchmark's, exit status 1)."""
+
+    def bounded(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"at most {limit}, got {value}")
+        return value
+
+    return bounded
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

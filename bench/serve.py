@@ -42,6 +42,7 @@ from bench.cli import (
     add_checkpoint,
     add_device,
     add_dtypes,
+    at_most,
     bench_parser,
     check_context,
     check_device,
@@ -55,6 +56,7 @@ from bench.decode import NEW_TOKENS, SAMPLING, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
+from server.settings import MAX_BATCH_LIMIT, MAX_STREAM_INTERVAL
 
 PROMPTS = (
     "Once upon a time",
@@ -263,13 +265,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--max-batch",
-        type=positive_int,
+        type=at_most(MAX_BATCH_LIMIT),
         default=MAX_BATCH,
         help="the server's (and the raw engine's) --max-batch: streams generating at once",
     )
     parser.add_argument(
         "--stream-interval",
-        type=positive_int,
+        type=at_most(MAX_STREAM_INTERVAL),
         default=1,
         help="the server's --stream-interval: tokens per SSE event",
     )

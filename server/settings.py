@@ -18,6 +18,7 @@ from model.cli import ENV_PREFIX
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_BATCH_LIMIT = 1024  # --max-batch's bound
+MAX_STREAM_INTERVAL = 256  # --stream-interval's bound
 
 
 def is_loopback(host: str) -> bool:
@@ -94,7 +95,7 @@ class Settings(BaseSettings):
     stream_interval: int = Field(
         1,
         ge=1,
-        le=256,
+        le=MAX_STREAM_INTERVAL,
         description="tokens per SSE event: a stream's event goes out once this many new "
         "tokens have gathered (and at the end). 1 = every token; more spares the server "
         "per-event work at many concurrent streams, for burstier streams",

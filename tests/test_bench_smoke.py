@@ -373,6 +373,10 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.serve", "--checkpoint", str(no_tokenizer)): "tokenizer.json: missing",
         ("bench.serve", *ckpt, "--clients", "a"): "--clients: expected a positive integer",
         ("bench.serve", *ckpt, "--timeout", "0"): "--timeout: expected a positive number",
+        # The server's own bounds, refused before it starts: not its error line and then
+        # the benchmark's, exit status 1.
+        ("bench.serve", *ckpt, "--max-batch", "1025"): "--max-batch: at most 1024, got 1025",
+        ("bench.serve", *ckpt, "--stream-interval", "257"): "--stream-interval: at most 256",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
         ("bench.train", "--data", str(latin1)): "latin1.txt: not UTF-8 (at byte offset 3: invalid",
