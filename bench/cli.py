@@ -99,18 +99,29 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def at_most(limit: int) -> Callable[[str], int]:
+def at_most(limit: int, why: str = "") -> Callable[[str], int]:
     """A positive integer up to `limit`: a value handed on to the server's flag of that
     bound, refused here in one line rather than by the server once it starts (its error
-    and then the benchmark's, exit status 1)."""
+    and then the benchmark's, exit status 1). `why`, if given, ends the refusal."""
 
     def bounded(text: str) -> int:
         value = positive_int(text)
         if value > limit:
-            raise argparse.ArgumentTypeError(f"at most {limit}, got {value}")
+            because = f" ({why})" if why else ""
+            raise argparse.ArgumentTypeError(f"at most {limit}, got {value}{because}")
         return value
 
     return bounded
+
+
+def each_at_most(limit: int, why: str = "") -> Callable[[str], list[int]]:
+    """A comma-separated list of positive integers, each up to `limit` (`at_most`)."""
+    bounded = at_most(limit, why)
+
+    def parse(text: str) -> list[int]:
+        return [bounded(part) for part in text.split(",")]
+
+    return parse
 
 
 def positive_float(text: str) -> float:

@@ -23,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.cli import (
     add_checkpoint,
     add_device,
+    at_most,
     bench_parser,
     check_device,
     exit_on_signals,
     positive_float,
     positive_int,
 )
-from bench.serve import running_server, within_timeout
+from bench.serve import MAX_CLIENTS, running_server, within_timeout
 from bench.timing import run_async
 
 EXPECTED = {"stream": {200}, "json": {200}, "dropped": {200}, "invalid": {422}}
@@ -95,7 +96,10 @@ def main() -> None:
     parser = bench_parser("python -m bench.load", __doc__)
     add_checkpoint(parser)
     parser.add_argument(
-        "--clients", type=positive_int, default=200, help="concurrent clients in each round"
+        "--clients",
+        type=at_most(MAX_CLIENTS, "the server's --max-queue"),
+        default=200,
+        help="concurrent clients in each round",
     )
     parser.add_argument(
         "--rounds", type=positive_int, default=3, help="rounds, the server's RSS read after each"

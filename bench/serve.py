@@ -46,11 +46,11 @@ from bench.cli import (
     bench_parser,
     check_context,
     check_device,
+    each_at_most,
     ended_with_this_process,
     exit_on_signals,
     positive_float,
     positive_int,
-    positive_ints,
 )
 from bench.decode import NEW_TOKENS, SAMPLING, hf_dtype, hf_reference, ours
 from bench.machine import describe
@@ -69,6 +69,11 @@ PROMPTS = (
     "The weather today is",
 )
 MAX_BATCH = 32
+# The server's --max-queue, and so the most clients of one concurrency (and of a bench.load
+# round): all of them may wait for a slot at once. Past it and the slots the server turned
+# clients away (429), errors counted only once the whole round had run; and a typo's huge
+# count never reached the server: the benchmark built its prompts until memory ran out.
+MAX_CLIENTS = 4096
 T = TypeVar("T")
 
 
@@ -184,7 +189,7 @@ def start_server(
     """`python -m server` on `port`, with any further server `flags`."""
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--device", device, "--dtype", dtype]
-    command += ["--max-queue", "4096", "--log-level", "warning", *flags]
+    command += ["--max-queue", str(MAX_CLIENTS), "--log-level", "warning", *flags]
     return subprocess.Popen(
         command,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
@@ -238,7 +243,7 @@ def main() -> None:
     add_checkpoint(parser)
     parser.add_argument(
         "--clients",
-        type=positive_ints,
+        type=each_at_most(MAX_CLIENTS, "the server's --max-queue"),
         default="1,8,32,128",
         help="comma-separated: concurrent streaming clients, each count measured in turn",
     )

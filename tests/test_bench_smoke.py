@@ -377,6 +377,12 @@ def test_bad_input_is_one_error_line_naming_it(
         # the benchmark's, exit status 1.
         ("bench.serve", *ckpt, "--max-batch", "1025"): "--max-batch: at most 1024, got 1025",
         ("bench.serve", *ckpt, "--stream-interval", "257"): "--stream-interval: at most 256",
+        # More clients than the server may queue: refused before it starts (--timeout 1
+        # ended such a run at its first round; left alone it ran until its failures).
+        ("bench.serve", *ckpt, "--clients", "5000", "--timeout", "1"): (
+            "--clients: at most 4096, got 5000 (the server's --max-queue)"
+        ),
+        ("bench.load", *ckpt, "--clients", "5000", "--timeout", "1"): "--clients: at most 4096",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
         ("bench.train", "--data", str(latin1)): "latin1.txt: not UTF-8 (at byte offset 3: invalid",
