@@ -11,7 +11,8 @@
    `--rounds N` repeats both N times and prints the median ratio.
 2. Quality: `training.pretrain --max-time` with default settings on the first 90% of
    the file's bytes, then `training.evaluate` on the last 10% (bits per byte).
-Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`).
+Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`), but
+none naming their files: --data, --val-data and --out-dir are the benchmark's.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ from training.resume import saved_args
 from training.run_folder import trainer_meta
 
 PARTS = ("first 90% (the training text)", "last 10% (the held-out text)")
+# Pretrain's flags that the benchmark sets for each run itself, refused after `--`: the
+# runs read back from their folders, and --data and --val-data add to its split (a run
+# given the whole file trained on the held-out text). --out-dir moved the run elsewhere,
+# and --help ended it with no run: both a traceback once pretrain had returned.
+NOT_HANDED_ON = {
+    "--out-dir": "the runs go to a temporary folder of the benchmark's",
+    "--data": "the benchmark's own --data is split and handed on",
+    "--val-data": "the held-out last 10% of --data is the benchmark's",
+    "--help": "see python -m training.pretrain --help",
+    "-h": "see python -m training.pretrain --help",
+}
 
 
 def pretrain(args: list[str]) -> None:
@@ -201,6 +213,10 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
+    for arg in extra:
+        name = arg.split("=", 1)[0]  # `--out-dir=runs/a` too
+        if name in NOT_HANDED_ON:
+            parser.error(f"{name} after `--`: {NOT_HANDED_ON[name]}")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     check_text(parser, args.data)

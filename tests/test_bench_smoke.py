@@ -363,6 +363,10 @@ def test_bad_input_is_one_error_line_naming_it(
     nul.write_text("Some\0text.\n")
     small = tmp_path / "small.txt"  # less than one training batch
     small.write_text("Some text, and more of it.\n" * 20)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    two_steps = ("bench.train", "--data", str(lines), "--steps", "2", "--skip-quality", "--")
+    two_steps += (*TINY_TRAINING,)
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         # Refused before batch 1 is measured, not by the server's settings after it.
@@ -395,6 +399,13 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.train", "--data", str(small), "--skip-quality"): "the corpus is too small",
         # Not handed on to training.pretrain: only what follows `--` is.
         ("bench.train", "--data", str(text), "--sead", "3"): "unrecognized arguments: --sead",
+        # Pretrain's flags that the benchmark sets itself: a run elsewhere, or none, was a
+        # traceback once pretrain had returned; more --data trained on what it scores.
+        (*two_steps, "--out-dir", str(tmp_path / "mine")): (
+            "error: --out-dir after `--`: the runs go to a temporary folder"
+        ),
+        (*two_steps, "--data", str(lines)): "--data after `--`: the benchmark's own",
+        (*two_steps, "--help"): "--help after `--`: see python -m training.pretrain --help",
     }
     for (command, message), result in zip(cases.items(), run_modules(cases), strict=True):
         assert result.returncode == 2, (command, result.stderr)
