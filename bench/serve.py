@@ -56,6 +56,7 @@ from bench.decode import NEW_TOKENS, SAMPLING, hf_dtype, hf_reference, ours
 from bench.machine import describe
 from bench.timing import frozen_heap, run_async
 from model.checkpoint import load_tokenizer
+from model.cli import env_var
 from server.settings import MAX_BATCH_LIMIT, MAX_STREAM_INTERVAL
 
 PROMPTS = (
@@ -186,13 +187,18 @@ async def within_timeout(jobs: Awaitable[T], timeout: float, what: str) -> T:
 def start_server(
     checkpoint: Path, port: int, device: str, dtype: str, flags: Sequence[str] = ()
 ) -> subprocess.Popen:
-    """`python -m server` on `port`, with any further server `flags`."""
+    """`python -m server` on loopback `port`, with any further server `flags`.
+
+    Its host and key are the benchmark's, not the environment's: a POCKETGPT_HOST of
+    0.0.0.0 (the Docker image's) served the benchmark's model to the network, and a
+    POCKETGPT_API_KEY turned every client away (401), which send none."""
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
-    command += ["--port", str(port), "--device", device, "--dtype", dtype]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype]
     command += ["--max-queue", str(MAX_CLIENTS), "--log-level", "warning", *flags]
+    env = {name: value for name, value in os.environ.items() if name != env_var("api_key")}
     return subprocess.Popen(
         command,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        env=env | {"PYTHONUNBUFFERED": "1"},
         preexec_fn=ended_with_this_process(),
     )
 

@@ -40,16 +40,17 @@ RATIO = r"= (\d+\.\d+)x"
 
 
 @contextlib.contextmanager
-def python_module(*args: str) -> Iterator[subprocess.Popen]:
+def python_module(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """`python -m <args>` in a process group of its own, killed whole at the end however
     the test ends: a benchmark's server or trainer too (a timeout's SIGKILL would skip
-    the benchmark's own clean-up and leave them running)."""
+    the benchmark's own clean-up and leave them running). `env`: added to this one's."""
     process = subprocess.Popen(
         [sys.executable, "-m", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env=os.environ | (env or {}),
     )
     try:
         yield process
@@ -59,8 +60,10 @@ def python_module(*args: str) -> Iterator[subprocess.Popen]:
         process.communicate()
 
 
-def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    with python_module(*args) as process:
+def run_module(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    with python_module(*args, env=env) as process:
         stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -342,6 +345,21 @@ def test_load_benchmark_sees_only_expected_statuses_and_drains(tiny_checkpoint: 
     assert len(rounds) == 2
     assert all("unexpected 0" in line for line in rounds), rounds
     assert re.search(r"RSS after round 2 vs round 1: [+-]\d+\.\d%", out)
+
+
+def test_the_benchmarks_server_is_on_loopback_without_the_environments_key(
+    tiny_checkpoint: Path,
+) -> None:
+    # As in the Docker image (POCKETGPT_HOST=0.0.0.0), with a key for the real server:
+    # the benchmark's server took both, listened on every interface and answered every
+    # client 401 (bench.load's /metrics read was a traceback).
+    server_env = {"POCKETGPT_HOST": "0.0.0.0", "POCKETGPT_API_KEY": "for-the-real-server"}
+    command = ["bench.load", "--checkpoint", str(tiny_checkpoint), "--clients", "4"]
+    result = run_module(*command, "--rounds", "1", env=server_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unexpected 0" in result.stdout, result.stdout
+    # Without a key, a server on another host than loopback warns that anyone can use it.
+    assert "without an API key" not in result.stderr, result.stderr
 
 
 def test_bad_input_is_one_error_line_naming_it(
