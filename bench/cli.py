@@ -18,6 +18,7 @@ from bench.reference import STOP_REFERENCE
 from model.checkpoint import CheckpointError, read_config
 from model.cli import ArgumentParser
 from model.device import resolve_device
+from model.inductor import has_compiler, missing_compiler_message
 from server.loading import check_serving_files
 from server.settings import MAX_BATCH_LIMIT, Settings
 
@@ -163,6 +164,16 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
         resolve_device(device)
     except ValueError as e:
         parser.error(str(e))
+
+
+def check_compiler(parser: argparse.ArgumentParser, device: str, option: str) -> None:
+    """Refuse `option` (a torch.compile of ours) where no compiler would build its
+    kernels, as `python -m server --compile-decode true` refuses it: else torch's
+    traceback at the first compiled step, or the server's error and then the
+    benchmark's. After check_device."""
+    resolved = resolve_device(device)
+    if not has_compiler(resolved):
+        parser.error(f"{option}: {missing_compiler_message(resolved)}")
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -29,6 +29,7 @@ from bench.cli import (
     add_dtypes,
     batch_sizes,
     bench_parser,
+    check_compiler,
     check_context,
     check_device,
     exit_on_signals,
@@ -219,6 +220,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     check_device(parser, args.device)
+    if args.compile:
+        check_compiler(parser, args.device, "--compile")
     folder = args.checkpoint
     check_context(parser, folder, PROMPT_TOKENS, NEW_TOKENS)
     for batch in args.batch_sizes:

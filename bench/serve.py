@@ -44,6 +44,7 @@ from bench.cli import (
     add_dtypes,
     at_most,
     bench_parser,
+    check_compiler,
     check_context,
     check_device,
     each_at_most,
@@ -288,6 +289,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     check_device(parser, args.device)
+    if args.compile_decode:
+        check_compiler(parser, args.device, "--compile-decode")
     folder = args.checkpoint
     tokenizer = load_tokenizer(folder)
     longest = max(len(tokenizer.encode(prompt, add_special_tokens=False).ids) for prompt in PROMPTS)

@@ -433,6 +433,27 @@ def test_bad_input_is_one_error_line_naming_it(
         assert "Traceback" not in result.stderr, command
 
 
+def test_compiling_where_there_is_no_compiler_is_one_error_line(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    # As the server refuses --compile-decode: bench.decode's --compile was torch's
+    # traceback at its first compiled step, bench.serve's the server's error, then its own.
+    no_compiler = {"PATH": str(tmp_path)}  # an empty folder
+    ckpt = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    for command in (
+        ["bench.decode", *ckpt, "--compile"],
+        ["bench.serve", *ckpt, "--compile-decode"],
+    ):
+        result = run_module(*command, timeout=120, env=no_compiler)
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == (
+            f"error: {command[-1]}: torch.compile on cpu needs a compiler on PATH "
+            "(g++ / c++ / clang++); none was found"
+        ), (command, result.stderr[-2000:])
+        assert result.stderr.count("error: ") == 1, (command, result.stderr)
+
+
 def test_help_describes_every_option_with_its_default() -> None:
     commands = ("bench.decode", "bench.serve", "bench.load", "bench.train")
     helps = run_modules((command, "--help") for command in commands)
