@@ -87,19 +87,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_ints(text: str) -> list[int]:
-    """A comma-separated list of positive integers, e.g. `1,8,32`."""
-    return [positive_int(part) for part in text.split(",")]
-
-
-def batch_sizes(text: str) -> list[int]:
-    """Comma-separated batch sizes, each one a server's --max-batch may be."""
-    sizes = positive_ints(text)
-    if max(sizes) > MAX_BATCH_LIMIT:
-        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH_LIMIT} each, got {max(sizes)}")
-    return sizes
-
-
 def at_most(limit: int, why: str = "") -> Callable[[str], int]:
     """A positive integer up to `limit`: a value handed on to the server's flag of that
     bound, refused here in one line rather than by the server once it starts (its error
@@ -123,6 +110,10 @@ def each_at_most(limit: int, why: str = "") -> Callable[[str], list[int]]:
         return [bounded(part) for part in text.split(",")]
 
     return parse
+
+
+# Comma-separated batch sizes, each one a server's --max-batch may be.
+batch_sizes = each_at_most(MAX_BATCH_LIMIT, "the server's --max-batch")
 
 
 def positive_float(text: str) -> float:

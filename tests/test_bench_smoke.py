@@ -388,7 +388,7 @@ def test_bad_input_is_one_error_line_naming_it(
     cases = {
         ("bench.decode", *ckpt, "--batch-sizes", "1,0"): "--batch-sizes: expected a positive",
         # Refused before batch 1 is measured, not by the server's settings after it.
-        ("bench.decode", *ckpt, "--batch-sizes", "1,1025"): "--batch-sizes: at most 1024 each",
+        ("bench.decode", *ckpt, "--batch-sizes", "1,1025"): "--batch-sizes: at most 1024, got 1025",
         ("bench.decode", "--checkpoint", str(short)): "context of 128 tokens is shorter",
         ("bench.decode", "--checkpoint", str(tmp_path / "none")): "--checkpoint: ",
         # Checked as the server checks it: not a traceback from the first load.
