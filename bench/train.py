@@ -12,13 +12,15 @@
 2. Quality: `training.pretrain --max-time` with default settings on the first 90% of
    the file's bytes, then `training.evaluate` on the last 10% (bits per byte).
 Every extra argument after `--` goes to both pretrain runs (e.g. `-- --compile`), but
-none naming their files: --data, --val-data and --out-dir are the benchmark's.
+none naming their files: --data, --val-data and --out-dir are the benchmark's. The
+environment's POCKETGPT_* settings do not reach them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from bench.cli import (
 from bench.machine import describe
 from bench.reference import plain_train_steps
 from model.checkpoint import RUN_LOG, load_tokenizer, read_config, resolve_checkpoint
+from model.cli import is_setting_variable
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.corpus import read_text
@@ -62,8 +65,12 @@ NOT_HANDED_ON = {
 
 
 def pretrain(args: list[str]) -> None:
+    """`python -m training.pretrain` with `args` alone: not the environment's POCKETGPT_*
+    settings (a POCKETGPT_INIT_FROM or POCKETGPT_PRESET left set for other work changed
+    what the runs measure, unsaid, or failed them)."""
     command = [sys.executable, "-m", "training.pretrain", *args]
-    subprocess.run(command, check=True, preexec_fn=ended_with_this_process())
+    env = {name: value for name, value in os.environ.items() if not is_setting_variable(name)}
+    subprocess.run(command, check=True, env=env, preexec_fn=ended_with_this_process())
 
 
 def split_text(data: bytes) -> tuple[bytes, bytes]:

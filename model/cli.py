@@ -28,6 +28,12 @@ def env_var(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def is_setting_variable(name: str) -> bool:
+    """Whether the environment variable `name` sets a pocketgpt setting (in any case, as
+    the server reads them)."""
+    return name.upper().startswith(ENV_PREFIX)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """Flags are matched whole: argparse's prefix matching took `--max-step 10` for
     `--max-steps`, hiding the typo, and would change a prefix's meaning once another

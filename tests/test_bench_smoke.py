@@ -250,6 +250,19 @@ def test_a_throughput_run_that_stops_short_says_at_which_step_and_why(tmp_path: 
     ), result.stderr
 
 
+def test_the_environments_trainer_settings_do_not_reach_the_benchmarks_runs(
+    tmp_path: Path,
+) -> None:
+    # Left set for other work, they changed what the runs measure, or failed them.
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
+    command = ["bench.train", "--data", str(text), "--steps", "4", "--skip-quality", "--"]
+    env = {"POCKETGPT_INIT_FROM": str(tmp_path / "base"), "pocketgpt_max_steps": "2"}
+    result = run_module(*command, *TINY_TRAINING, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train throughput (" in result.stdout, result.stdout
+
+
 def test_ctrl_c_stops_a_benchmark_and_its_trainer_without_a_traceback(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
