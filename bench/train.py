@@ -225,7 +225,11 @@ def main() -> None:
         if name in NOT_HANDED_ON:
             parser.error(f"{name} after `--`: {NOT_HANDED_ON[name]}")
     if not args.data.is_file():
-        parser.error(f"--data {args.data}: no such file")
+        what = "a folder, not a file" if args.data.is_dir() else "no such file"
+        parser.error(f"--data {args.data}: {what}")
+    if args.data.suffix.lower() == ".jsonl":
+        # Its bytes are split and trained on as text: the JSON syntax with the records.
+        parser.error(f"--data {args.data}: .jsonl: the benchmark takes one plain text file")
     check_text(parser, args.data)
     if args.steps < 2:
         parser.error("--steps: at least 2 (the first half of the steps is warm-up)")

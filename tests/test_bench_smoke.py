@@ -393,6 +393,8 @@ def test_bad_input_is_one_error_line_naming_it(
     nul = tmp_path / "nul.txt"
     nul.write_text("Some\0text.\n")
     small = tmp_path / "small.txt"  # less than one training batch
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"text": "Some text."}\n' * 3000)
     small.write_text("Some text, and more of it.\n" * 20)
     lines = tmp_path / "lines.txt"
     lines.write_text("\n".join(f"Line {i}: the quick brown fox." for i in range(3000)))
@@ -420,6 +422,10 @@ def test_bad_input_is_one_error_line_naming_it(
         ("bench.load", *ckpt, "--clients", "5000", "--timeout", "1"): "--clients: at most 4096",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
         ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
+        ("bench.train", "--data", str(tmp_path)): f"--data {tmp_path}: a folder, not a file",
+        ("bench.train", "--data", str(records)): (
+            f"--data {records}: .jsonl: the benchmark takes one plain text file"
+        ),
         ("bench.train", "--data", str(latin1)): "latin1.txt: not UTF-8 (at byte offset 3: invalid",
         # Refused as pretrain would refuse the split, but naming --data, not the split.
         ("bench.train", "--data", str(blank_end)): (
