@@ -428,6 +428,14 @@ def test_evaluate_gives_the_trainers_val_bpb_on_the_same_conversations(
         "error: --block-size 4: no answer lies within 4 tokens of its conversation's start: "
         "nothing to score"
     )
+    # The model's context, where no --block-size was given: not a flag never typed.
+    told = [[{"role": "system", "content": "Listen. " * 40}, *c[-2:]] for c in held_out]
+    past_context = write_jsonl(tmp_path / "past_context.jsonl", told)
+    assert evaluate.main(["--checkpoint", str(run), "--data", str(past_context)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the model's context (64 tokens): no answer lies within 64 tokens of its "
+        "conversation's start: nothing to score"
+    )
     # A model without a template cannot score conversations.
     assert evaluate.main(["--checkpoint", str(base), "--data", str(val)]) == 2
     folder = resolve_checkpoint(base)

@@ -248,9 +248,14 @@ def evaluate_command(args: argparse.Namespace, device: torch.device) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if not scored_answers(tokens, loss_mask, block_size):
+            window = (
+                f"--block-size {block_size}"
+                if args.block_size is not None
+                else f"the model's context ({block_size} tokens)"
+            )
             print(
-                f"error: --block-size {block_size}: no answer lies within {block_size} tokens "
-                "of its conversation's start: nothing to score",
+                f"error: {window}: no answer lies within {block_size} tokens of its "
+                "conversation's start: nothing to score",
                 file=sys.stderr,
             )
             return 2
