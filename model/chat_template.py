@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -170,6 +170,25 @@ def config_token_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# tokenizer_config.json fields naming a model's own special tokens (name -> token), which
+# transformers 5 also passes to a template (its special_tokens_map has them).
+NAMED_TOKEN_FIELDS = ("model_specific_special_tokens", "extra_special_tokens")
+
+
+def template_tokens(config: Mapping[str, object]) -> dict[str, str]:
+    """The tokens a chat template may name, from tokenizer_config.json's fields `config`, as
+    transformers passes them: TEMPLATE_TOKENS, and a model's own named ones (another
+    `<name>_token` field, or one in NAMED_TOKEN_FIELDS given as an object; its
+    save_pretrained writes both). Without those, a template's `{{ turn_token }}` wrote
+    nothing here, and the prompt was not the one transformers makes."""
+    named: dict[str, object] = {k: v for k, v in config.items() if k.endswith("_token")}
+    for field in NAMED_TOKEN_FIELDS:
+        if isinstance(tokens := config.get(field), Mapping):
+            named |= tokens
+    named |= {name: config.get(name) for name in TEMPLATE_TOKENS}
+    return {name: text for name, value in named.items() if (text := config_token_text(value))}
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     source: Path  # the file it was read from: chat_template.jinja or tokenizer_config.json
@@ -185,12 +204,15 @@ class ChatTemplate:
         the template refuses them."""
         marked = [{key: self._mark(value) for key, value in m.items()} for m in messages]
         try:
+            # The tokens first: one a config names "messages" does not replace them.
             return self.template.render(
-                messages=marked,
-                add_generation_prompt=add_generation_prompt,
-                tools=None,
-                documents=None,
-                **self.template_tokens,
+                {
+                    **self.template_tokens,
+                    "messages": marked,
+                    "add_generation_prompt": add_generation_prompt,
+                    "tools": None,
+                    "documents": None,
+                }
             )
         except Exception as e:  # the template is code: any error is its answer to these messages
             # Its message may quote the messages: as the client wrote them, without markers.
@@ -343,9 +365,6 @@ def compile_chat_template(
         syntax = environment.parse(text)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise CheckpointError(f"{path}: chat template line {e.lineno}: {e.message}") from None
-    template_tokens = {
-        name: token for name in TEMPLATE_TOKENS if (token := config_token_text(config.get(name)))
-    }
     # The literal text the template writes: its own text and its string constants, apart
     # (so that no token is found across two of them).
     written = {node.data for node in syntax.find_all(jinja2.nodes.TemplateData)}
@@ -371,7 +390,7 @@ def compile_chat_template(
     tokenizer = Tokenizer.from_str(served.to_str())  # `served` left to read them as text
     tokenizer.encode_special_tokens = False
     return ChatTemplate(
-        path, template, template_tokens, control_tokens, special_tokens, marked, tokenizer
+        path, template, template_tokens(config), control_tokens, special_tokens, marked, tokenizer
     )
 
 

@@ -460,6 +460,42 @@ def test_templates_using_transformers_tags_and_filters_render_as_there(tmp_path,
     assert chat.encode(chat.render(messages, add_generation_prompt=True)) == expected
 
 
+def test_a_models_own_named_token_is_in_the_template_as_transformers_passes_it(
+    tmp_path, checkpoint
+):
+    from transformers import AutoTokenizer
+
+    # A template naming a token of the model's own (`{{ turn_end_token }}`), which
+    # transformers 5's save_pretrained writes as a `turn_end_token` field (and in
+    # model_specific_special_tokens); a hand-written config may give it in
+    # extra_special_tokens as an object. Both are passed to the template there.
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{{ turn_end_token + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    saved = shutil.copytree(checkpoint, tmp_path / "saved")
+    hf = AutoTokenizer.from_pretrained(saved, extra_special_tokens={"turn_end_token": "<|im_end|>"})
+    hf.chat_template = template
+    hf.save_pretrained(saved)
+    written = shutil.copytree(checkpoint, tmp_path / "written")
+    config_path = written / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    named = {"extra_special_tokens": {"turn_end_token": "<|im_end|>"}}
+    config_path.write_text(json.dumps(config | named), encoding="utf-8")
+    with_template(written, template)
+    messages = CONVERSATIONS[1]
+    for folder in (saved, written):
+        expected = hf_prompt(
+            AutoTokenizer.from_pretrained(folder), messages, sanitize_control_tokens=True
+        )
+        assert expected.count(load_tokenizer(folder).token_to_id("<|im_end|>")) == len(messages)
+        with running_server(Settings(checkpoint=folder)) as url:
+            counted = httpx.post(f"{url}/tokenize", json={"messages": messages})
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["tokens"] == expected, folder
+
+
 def test_a_template_jinja_cannot_read_is_refused_naming_its_file_and_line(tmp_path, checkpoint):
     broken = with_template(
         shutil.copytree(checkpoint, tmp_path / "broken"), "{% for m in messages %}\n{{ m }"

@@ -27,6 +27,7 @@ from model.chat_template import (
     config_token_text,
     shared_start,
     template_source,
+    template_tokens,
 )
 from model.checkpoint import (
     CHAT_TEMPLATE,
@@ -70,6 +71,7 @@ class ChatFormat:
         the folder's it came from in fields no template reads, and a resumed run's
         tokenizer has the added tokens already)."""
         read = {name: config_token_text(self.config.get(name)) for name in TEMPLATE_TOKENS}
+        read |= template_tokens(self.config)  # a model's own named ones too
         read["chat_control_tokens"] = self.config.get("chat_control_tokens")
         return json.dumps([CONVERSATION_FORMAT, self.template, read], sort_keys=True)
 
