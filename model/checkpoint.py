@@ -63,6 +63,7 @@ KEPT_TOKENIZER_FIELDS = (
     "unk_token",
     "additional_special_tokens",
     "extra_special_tokens",
+    "model_specific_special_tokens",
     "added_tokens_decoder",
     "chat_template",
     "chat_control_tokens",
@@ -505,15 +506,28 @@ def load_model(
 class TokenizerExtras:
     """What a checkpoint keeps of the tokenizer files of the one it was trained from."""
 
-    fields: dict[str, object] = field(default_factory=dict)  # KEPT_TOKENIZER_FIELDS present
+    # KEPT_TOKENIZER_FIELDS present, and the named tokens (`<name>_token` fields)
+    fields: dict[str, object] = field(default_factory=dict)
     # CHAT_TEMPLATE and NAMED_CHAT_TEMPLATES/<name>.jinja (paths in the folder) -> text
     chat_templates: dict[str, str] = field(default_factory=dict)
 
 
 def read_tokenizer_extras(folder: Path) -> TokenizerExtras:
-    """`folder`'s KEPT_TOKENIZER_FIELDS and chat template files (any may be absent)."""
+    """`folder`'s KEPT_TOKENIZER_FIELDS, named tokens and chat template files (any may be
+    absent)."""
     config = read_json_object(folder / TOKENIZER_CONFIG)
     fields = {name: config[name] for name in KEPT_TOKENIZER_FIELDS if name in config}
+    # And the model's own named tokens (transformers 5 saves `"turn_end_token": "<|x|>"`),
+    # which a chat template may write: without them, a fine-tune learned its chats with
+    # the token and was then served (and read in transformers) without it. Only tokens
+    # (add_bos_token is a setting), and not bos and eos: this format writes its own.
+    fields |= {
+        name: value
+        for name, value in config.items()
+        if name.endswith("_token")
+        and isinstance(value, str | dict)
+        and name not in {"bos_token", "eos_token"}
+    }
     templates = [folder / CHAT_TEMPLATE, *sorted((folder / NAMED_CHAT_TEMPLATES).glob("*.jinja"))]
     chat_templates = {}
     for template in templates:

@@ -480,6 +480,38 @@ def test_a_model_with_a_chat_template_is_fine_tuned_through_its_own(
     assert learned.startswith(" The ") and learned.count("<|endoftext|>") >= 40
 
 
+def test_a_fine_tune_keeps_the_models_own_named_token_its_template_writes(
+    base: Path, tmp_path: Path
+) -> None:
+    # A template naming a token of the model's own, as transformers 5 saves it (a
+    # `turn_end_token` field of tokenizer_config.json, and model_specific_special_tokens).
+    start = tmp_path / "start"
+    shutil.copytree(resolve_checkpoint(base), start)
+    hf = AutoTokenizer.from_pretrained(
+        start, extra_special_tokens={"turn_end_token": "<|endoftext|>"}
+    )
+    hf.chat_template = PLAIN_TEMPLATE.replace("eos_token", "turn_end_token")
+    hf.save_pretrained(start)
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    run = tmp_path / "run"
+    flags = ["--init-from", str(start), "--data", str(data), "--max-steps", "2"]
+    assert pretrain.main([*flags, "--cache-dir", str(tmp_path), "--out-dir", str(run)]) == 0
+    # The fine-tune chats as it learned to: its prompt the one transformers makes, in the
+    # server too (which, without the token, refused every chat).
+    folder = resolve_checkpoint(run)
+    messages = chats(1)[0]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+    )
+    assert expected == AutoTokenizer.from_pretrained(start).apply_chat_template(
+        messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+    )
+    with running_server(Settings(checkpoint=run)) as url:
+        counted = httpx.post(f"{url}/tokenize", json={"messages": messages})
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["tokens"] == expected
+
+
 @pytest.mark.parametrize(
     ("old", "new", "refusal"),
     [
