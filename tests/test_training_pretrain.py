@@ -269,6 +269,25 @@ def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterru
     assert [logged[s]["loss"] for s in (4, 8)] == [expected[s]["loss"] for s in (4, 8)]
 
 
+def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last_ones_rate(
+    tmp_path: Path,
+) -> None:
+    # Resumed at step 4 (its train record's), the evaluation at 6 logged tokens_per_s
+    # null, where the uninterrupted run logs step 4's rate: the process had logged no
+    # train record of its own.
+    common = ["--log-interval", "4", "--eval-interval", "2", "--decay-steps", "8"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    argv = tiny_run(tmp_path, *common, "--max-steps", "8")
+    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
+    argv = tiny_run(tmp_path, *common, "--max-steps", "4")
+    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    for folder in (straight, run):
+        train, evals = read_log(folder, "train"), read_log(folder, "eval")
+        assert sorted(train) == [4, 8] and sorted(evals) == [2, 4, 6, 8]
+        assert evals[6]["tokens_per_s"] == train[4]["tokens_per_s"] > 0, folder.name
+
+
 def test_a_runs_last_steps_are_logged_and_an_evaluation_reports_the_steps_before_it(
     tmp_path: Path,
 ) -> None:

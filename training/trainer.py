@@ -303,6 +303,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # and so says a save before a step here
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
         self.last_train_loss = state.get("last_train_loss")  # not kept before 2026-12-07
+        # The last train record's rate, which an evaluation before this process's first
+        # record reports, as an uninterrupted run's does (else null: no record yet).
+        self.tokens_per_s = state.get("tokens_per_s")  # not kept before 2026-12-07
         self.best_kept = recorded_best_loss(self.out_dir)
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         if "log_window" in state:  # saved the mean over ranks: each rank goes on from it
@@ -342,6 +345,7 @@ class Trainer:
             "evals_since_best": self.evals_since_best,
             "evaluation_due": self.evaluation_due,
             "last_train_loss": self.last_train_loss,
+            "tokens_per_s": self.tokens_per_s,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "optimizer": self.optimizer.state_dict(),
             "rng": {**rng_state(cuda=self.device.type == "cuda"), "ranks": rng_ranks},

@@ -14,9 +14,9 @@ import torch
 from model.checkpoint import CheckpointError
 
 TRAINING_STATE = "training_state.pt"
-# Every key Trainer._training_state writes but log_window, evaluation_due and
-# last_train_loss (states saved before they were kept lack them): a state without one is
-# not ours (read_training_state).
+# Every key Trainer._training_state writes but log_window, evaluation_due,
+# last_train_loss and tokens_per_s (states saved before they were kept lack them): a state
+# without one is not ours (read_training_state).
 STATE_KEYS = (
     "step",
     "tokens_seen",
