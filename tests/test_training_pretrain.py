@@ -288,6 +288,25 @@ def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last
         assert evals[6]["tokens_per_s"] == train[4]["tokens_per_s"] > 0, folder.name
 
 
+def test_a_resumed_runs_checkpoints_before_its_first_evaluation_keep_the_last_scores(
+    tmp_path: Path,
+) -> None:
+    # Resumed at step 4 (evaluated there), its step-6 checkpoint's trainer_meta.json said
+    # val_loss and val_bpb null, where the uninterrupted run's says step 4's scores.
+    common = ["--eval-interval", "4", "--save-interval", "2", "--keep-last", "5"]
+    common += ["--decay-steps", "8"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    argv = tiny_run(tmp_path, *common, "--max-steps", "8")
+    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
+    argv = tiny_run(tmp_path, *common, "--max-steps", "4")
+    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    expected, resumed = meta(straight / "step-0000006"), meta(run / "step-0000006")
+    evaluated = read_log(run, "eval")[4]
+    for key in ("val_loss", "val_bpb"):
+        assert resumed[key] == expected[key] == evaluated[key], key
+
+
 def test_a_runs_last_steps_are_logged_and_an_evaluation_reports_the_steps_before_it(
     tmp_path: Path,
 ) -> None:

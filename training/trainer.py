@@ -71,6 +71,7 @@ from training.run_folder import (
     recorded_best_loss,
     step_folders,
     step_number,
+    trainer_meta,
 )
 from training.trainer_state import (
     TRAINING_STATE,
@@ -209,6 +210,10 @@ class Trainer:
         # the resumed step's own history.
         self.best_kept: float | None = None
         self.last_val: EvalResult | None = None
+        # The last evaluation's scores (val_loss, val_bpb) as trainer_meta.json reports
+        # them; a resumed run's from its checkpoint's meta until it evaluates, so that its
+        # checkpoints report what an uninterrupted run's do, not nulls.
+        self.last_scores: dict[str, float | None] = {"val_loss": None, "val_bpb": None}
         self.first_batch_fingerprints: list[int] = []
         self.evaluated_at = -1
         # The last evaluation was stopped by a signal (all ranks agree): the checkpoint
@@ -307,6 +312,8 @@ class Trainer:
         # record reports, as an uninterrupted run's does (else null: no record yet).
         self.tokens_per_s = state.get("tokens_per_s")  # not kept before 2026-12-07
         self.best_kept = recorded_best_loss(self.out_dir)
+        saved = trainer_meta(folder)
+        self.last_scores = {key: saved.get(key) for key in self.last_scores}
         self.first_batch_fingerprints = list(state["first_batch_fingerprints"])
         if "log_window" in state:  # saved the mean over ranks: each rank goes on from it
             self.window_loss.fill_(state["log_window"]["loss"])
@@ -353,13 +360,11 @@ class Trainer:
         }
 
     def _meta(self) -> dict:
-        val = self.last_val
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "wall_time": round(self.elapsed(), 3),
-            "val_loss": val.loss if val else None,
-            "val_bpb": val.bpb if val else None,
+            **self.last_scores,
             "best_val_loss": self.best_val,
             "world_size": self.dist.world_size,
             "first_batch_fingerprints": self.first_batch_fingerprints,
@@ -467,6 +472,7 @@ class Trainer:
             loss_mask=loss_mask,
         )
         self.last_val = result
+        self.last_scores = {"val_loss": result.loss, "val_bpb": result.bpb}
         if self.best_val is None or result.loss < self.best_val:
             self.best_val, self.evals_since_best = result.loss, 0
         else:
