@@ -194,12 +194,15 @@ def check_memory(
         )
     batch, context = setting_source("max_batch", given), setting_source("max_context", given)
     room = available - weights
-    # What fits of each, the other left as it is.
+    # What fits of each, the other left as it is; named only if the server would take it:
+    # a context of 1 token (where no request fits) was advised, then refused at start.
     fitting = {
-        batch: room // (per_slot_token * config.max_seq_len),
-        context: room // (per_slot_token * settings.max_batch),
+        batch: (room // (per_slot_token * config.max_seq_len), 1),
+        context: (room // (per_slot_token * settings.max_batch), MIN_SERVED_CONTEXT),
     }
-    remedies = [f"{name} to at most {fits:,}" for name, fits in fitting.items() if fits >= 1]
+    remedies = [
+        f"{name} to at most {fits:,}" for name, (fits, least) in fitting.items() if fits >= least
+    ]
     remedy = "lower " + (", or ".join(remedies) if remedies else f"{batch} and {context}")
     raise ValueError(
         f"the KV cache for {batch} {settings.max_batch} x a context of "

@@ -4,6 +4,7 @@ whether a CPU run fits in that."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from model import memory
 from model.config import ModelConfig
+from model.kv_cache import KVCache
 from server.__main__ import check_memory
 from server.settings import Settings
 from training.memory import shortfall
@@ -149,3 +151,26 @@ def test_the_server_refuses_weights_past_what_is_available_whatever_its_cache(
         with pytest.raises(ValueError, match="the weights alone need") as refused:
             check_memory(settings, {}, huge, torch.device("cpu"))
         assert str(refused.value).endswith(remedy), refused.value
+
+
+def test_the_server_never_names_a_context_too_short_to_serve_as_one_that_fits() -> None:
+    # At --max-batch 1024 a model whose 1,024 slots take more than half of what is left
+    # beside the weights per token of context: "lower --max-context to at most 1" was
+    # the advice, and --max-context 1 is refused at start (no request fits in it).
+    # A config of many 2-wide layers, sized from what this machine has available now:
+    # the room beside its weights holds 1.5 tokens of context for every slot.
+    available = memory.available_memory()
+    assert available is not None  # Linux
+    cache_per_layer = KVCache.bytes_per_token(
+        ModelConfig(dim=2, n_layers=1, n_heads=1, ffn_dim=1, vocab_size=2), torch.float32
+    )
+    per_layer = 1024 * cache_per_layer * 3 // 2 + 26 * 4  # + a layer's 26 float32 weights
+    config = ModelConfig(
+        vocab_size=2, dim=2, n_layers=available // per_layer, n_heads=1, ffn_dim=1, max_seq_len=4
+    )
+    settings = Settings(checkpoint=Path("unused"), max_batch=1024, dtype="float32")
+    with pytest.raises(ValueError, match="is available: ") as refused:
+        check_memory(settings, {}, config, torch.device("cpu"))
+    message = str(refused.value)
+    # Fewer slots of that context fit: they are the advice, and only they.
+    assert re.search(r"is available: lower --max-batch to at most [\d,]+$", message), message
