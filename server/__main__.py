@@ -179,18 +179,30 @@ def check_memory(
         available, machine = available_memory(), "machine"
         offered = f"at most {format_size(available or 0)} is available"
     dtype = resolve_dtype(settings.dtype, device)
-    weights = config.num_parameters() * dtype.itemsize
+    # --compile-decode on a CPU freezes a copy of the weights into each graph it builds at
+    # start-up (a lone stream's, and one for larger batches: server/runner.py) beside the
+    # model's own. Uncounted, weights of half the machine passed, and the compile was
+    # killed by the OOM killer (exit 137, no word).
+    frozen = 0
+    if settings.compile_decode and device.type == "cpu":
+        frozen = 1 if settings.max_batch == 1 else 2
+    compile_decode = setting_source("compile_decode", given)
+    copies = ("", "frozen copy", "two frozen copies")[frozen]
+    counted = f" (the model's and {compile_decode}'s {copies})" if frozen else ""
+    weights = config.num_parameters() * dtype.itemsize * (1 + frozen)
     per_slot_token = KVCache.bytes_per_token(config, cache_dtype(device, dtype))
     cache = per_slot_token * settings.max_batch * config.max_seq_len
     if available is None or weights + cache <= available:
         return
     if weights >= available:
-        smaller = (
-            f"with {setting_source('dtype', given)} bfloat16, or " if dtype.itemsize > 2 else ""
-        )
+        ways = [f"without {compile_decode}"] if frozen else []
+        if dtype.itemsize > 2:
+            ways.append(f"with {setting_source('dtype', given)} bfloat16")
+        ways.append(f"on a {machine} with more memory")
+        serve = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])}, or {ways[-1]}"
         raise ValueError(
             f"the weights alone need {format_size(weights)} in {str(dtype).removeprefix('torch.')}"
-            f", and {offered}: serve {smaller}on a {machine} with more memory"
+            f"{counted}, and {offered}: serve {serve}"
         )
     batch, context = setting_source("max_batch", given), setting_source("max_context", given)
     room = available - weights
@@ -207,7 +219,7 @@ def check_memory(
     raise ValueError(
         f"the KV cache for {batch} {settings.max_batch} x a context of "
         f"{config.max_seq_len:,} tokens needs {format_size(cache)} (the weights "
-        f"{format_size(weights)} more), and {offered}: {remedy}"
+        f"{format_size(weights)}{counted} more), and {offered}: {remedy}"
     )
 
 

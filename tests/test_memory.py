@@ -174,3 +174,27 @@ def test_the_server_never_names_a_context_too_short_to_serve_as_one_that_fits() 
     message = str(refused.value)
     # Fewer slots of that context fit: they are the advice, and only they.
     assert re.search(r"is available: lower --max-batch to at most [\d,]+$", message), message
+
+
+def test_the_server_counts_the_weights_compile_decode_freezes_on_a_cpu() -> None:
+    # --compile-decode on a CPU freezes a copy of the weights into each of its two graphs
+    # (lone stream, larger batches), beside the model's own: weights of 45% of what is
+    # available passed the check, and the start-up compile then asked for 135%.
+    available = memory.available_memory()
+    assert available is not None  # Linux
+    weights = available * 45 // 100
+    # Almost all of it one wide embedding: float32, 64 values a token.
+    config = ModelConfig(
+        vocab_size=weights // (4 * 64), dim=64, n_layers=1, n_heads=1, ffn_dim=1, max_seq_len=16
+    )
+    settings = Settings(checkpoint=Path("unused"), max_batch=2, dtype="float32")
+    check_memory(settings, {}, config, torch.device("cpu"))  # the weights once: they fit
+    compiled = settings.model_copy(update={"compile_decode": True})
+    with pytest.raises(ValueError) as refused:
+        check_memory(compiled, {}, config, torch.device("cpu"))
+    message = str(refused.value)
+    assert message.startswith("the weights alone need "), message
+    assert "--compile-decode's two frozen copies" in message, message
+    assert message.endswith(
+        "serve without --compile-decode, with --dtype bfloat16, or on a machine with more memory"
+    ), message
