@@ -169,6 +169,7 @@ def check_memory(
     from model.kv_cache import KVCache, cache_dtype
     from model.memory import available_memory, format_size
     from server.loading import resolve_dtype
+    from server.sampler import Sampler
 
     if device.type == "cuda":
         import torch
@@ -192,7 +193,14 @@ def check_memory(
     weights = config.num_parameters() * dtype.itemsize * (1 + frozen)
     per_slot_token = KVCache.bytes_per_token(config, cache_dtype(device, dtype))
     cache = per_slot_token * settings.max_batch * config.max_seq_len
-    if available is None or weights + cache <= available:
+    # Zeroed at start-up too: the sampler's rows a slot (server/sampler.py) and the RoPE
+    # tables' cos and sin a position. Uncounted, a large vocabulary at many slots (656 MB
+    # for 128k tokens at --max-batch 1024), or a small model's tables at --max-batch 1,
+    # were killed by the OOM killer at the size the check said fits.
+    per_slot = Sampler.bytes_per_slot(config.vocab_size)
+    per_position = 2 * config.head_dim * dtype.itemsize
+    extra = per_slot * settings.max_batch + per_position * config.max_seq_len
+    if available is None or weights + cache + extra <= available:
         return
     if weights >= available:
         ways = [f"without {compile_decode}"] if frozen else []
@@ -209,8 +217,16 @@ def check_memory(
     # What fits of each, the other left as it is; named only if the server would take it:
     # a context of 1 token (where no request fits) was advised, then refused at start.
     fitting = {
-        batch: (room // (per_slot_token * config.max_seq_len), 1),
-        context: (room // (per_slot_token * settings.max_batch), MIN_SERVED_CONTEXT),
+        batch: (
+            (room - per_position * config.max_seq_len)
+            // (per_slot_token * config.max_seq_len + per_slot),
+            1,
+        ),
+        context: (
+            (room - per_slot * settings.max_batch)
+            // (per_slot_token * settings.max_batch + per_position),
+            MIN_SERVED_CONTEXT,
+        ),
     }
     remedies = [
         f"{name} to at most {fits:,}" for name, (fits, least) in fitting.items() if fits >= least
@@ -219,7 +235,8 @@ def check_memory(
     raise ValueError(
         f"the KV cache for {batch} {settings.max_batch} x a context of "
         f"{config.max_seq_len:,} tokens needs {format_size(cache)} (the weights "
-        f"{format_size(weights)}{counted} more), and {offered}: {remedy}"
+        f"{format_size(weights)}{counted}, the sampler's rows and RoPE tables "
+        f"{format_size(extra)} more), and {offered}: {remedy}"
     )
 
 

@@ -45,6 +45,11 @@ class Sampler:
         self.in_prompt = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)
         self.generated = torch.zeros(n_slots, vocab_size, device=device)  # [slots, V]
 
+    @staticmethod
+    def bytes_per_slot(vocab_size: int) -> int:
+        """What one slot's rows of `in_prompt` and `generated` take."""
+        return vocab_size * (torch.bool.itemsize + torch.float32.itemsize)
+
     def batch(
         self,
         slots: Sequence[int],

@@ -119,11 +119,11 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
         # 18 KiB per slot and token (`small`, float32): 32 slots of 1,024 tokens fit in 9 GiB.
         (1024, 32, None),
         # One slot of 2^22 tokens needs 72 GiB: the context is what to lower.
-        (2**22, 32, "lower --max-context to at most 16,301"),
-        # 288 GiB: 15 slots of 2^15 tokens fit, or 512 slots of 1,018.
-        (2**15, 512, "lower --max-batch to at most 15, or --max-context to at most 1,018"),
+        (2**22, 32, "lower --max-context to at most 16,286"),
+        # 288 GiB: 15 slots of 2^15 tokens fit, or 512 slots of 1,017.
+        (2**15, 512, "lower --max-batch to at most 15, or --max-context to at most 1,017"),
         # 220 GiB: a single slot of 400,000 tokens fits, which is still a remedy.
-        (400_000, 32, "lower --max-batch to at most 1, or --max-context to at most 16,301"),
+        (400_000, 32, "lower --max-batch to at most 1, or --max-context to at most 16,286"),
     ],
 )
 def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
@@ -198,3 +198,34 @@ def test_the_server_counts_the_weights_compile_decode_freezes_on_a_cpu() -> None
     assert message.endswith(
         "serve without --compile-decode, with --dtype bfloat16, or on a machine with more memory"
     ), message
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "dim", "vocab_per_byte", "positions_per_byte", "remedy"),
+    [
+        # 1,024 slots of a 4M-token vocabulary: the sampler's rows (a bool and a float32 a
+        # token and slot) take 125% of what is available; the cache and weights ~0.2%.
+        (1024, 2, 1 / 4096, 0, "lower --max-batch to at most"),
+        # One slot of a one-layer, one-KV-head model: its RoPE tables (cos and sin a
+        # position) take as much as its cache, 60% of what is available each.
+        (1, 64, 0, 0.6 / 512, "lower --max-context to at most"),
+    ],
+)
+def test_the_server_counts_what_start_up_zeroes_besides_the_weights_and_cache(
+    max_batch: int, dim: int, vocab_per_byte: float, positions_per_byte: float, remedy: str
+) -> None:
+    available = memory.available_memory()
+    assert available is not None  # Linux
+    config = ModelConfig(
+        vocab_size=max(2, int(available * vocab_per_byte)),
+        dim=dim,
+        n_layers=1,
+        n_heads=1,
+        ffn_dim=1,
+        max_seq_len=max(2, int(available * positions_per_byte)),
+    )
+    settings = Settings(checkpoint=Path("unused"), max_batch=max_batch, dtype="float32")
+    with pytest.raises(ValueError, match="is available: ") as refused:
+        check_memory(settings, {}, config, torch.device("cpu"))
+    message = str(refused.value)
+    assert re.search(rf"is available: {remedy} [\d,]+$", message), message

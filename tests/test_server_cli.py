@@ -323,8 +323,9 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     # Not one slot of that context fits: the context is what to lower.
     fits = re.fullmatch(
         r"error: the KV cache for POCKETGPT_MAX_BATCH 1024 x a context of 16,777,216 tokens "
-        r"needs 32\.00 TiB \(the weights ([\d.]+) MiB more\), and at most ([\d,.]+) GiB is "
-        r"available: lower --max-context to at most ([\d,]+)",
+        r"needs 32\.00 TiB \(the weights ([\d.]+) MiB, the sampler's rows and RoPE "
+        r"tables [\d.]+ GiB more\), and at most ([\d,.]+) GiB is available: lower "
+        r"--max-context to at most ([\d,]+)",
         line,
     )
     assert fits is not None, line
