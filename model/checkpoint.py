@@ -462,6 +462,21 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
 
 
+def check_rope_tables(folder: Path, config: ModelConfig) -> None:
+    """A CheckpointError naming `folder`'s config.json if the RoPE tables of `config`
+    cannot fit in memory.
+
+    The RoPE tables (cos and sin, float32) are built for every position: a crafted
+    max_position_embeddings (2**40) would ask terabytes of an allocator that fails, or
+    of the kernel, which kills the process."""
+    tables = 2 * config.max_seq_len * config.head_dim * 4
+    if (room := available_memory()) is not None and tables > room:
+        raise CheckpointError(
+            f"{folder / CONFIG}: max_position_embeddings {config.max_seq_len:,} needs "
+            f"{format_size(tables)} of RoPE tables, and at most {format_size(room)} is available"
+        )
+
+
 def load_model(
     folder: Path,
     *,
@@ -481,15 +496,7 @@ def load_model(
                 f"{config.max_seq_len}"
             )
         config = config.replace(max_seq_len=max_seq_len)
-    # The RoPE tables (cos and sin, float32) are built for every position: a crafted
-    # max_position_embeddings (2**40) would ask terabytes of an allocator that fails, or
-    # of the kernel, which kills the process.
-    tables = 2 * config.max_seq_len * config.head_dim * 4
-    if (room := available_memory()) is not None and tables > room:
-        raise CheckpointError(
-            f"{folder / CONFIG}: max_position_embeddings {config.max_seq_len:,} needs "
-            f"{format_size(tables)} of RoPE tables, and at most {format_size(room)} is available"
-        )
+    check_rope_tables(folder, config)
     weights = load_weights(folder, config)
     check_finite(folder, weights)
     with torch.device("meta"):

@@ -2230,6 +2230,27 @@ def test_a_fine_tune_from_weights_it_cannot_read_is_refused_before_the_text_is_r
     assert not run.exists() and not cache.exists()
 
 
+def test_a_fine_tune_from_a_context_whose_rope_tables_outgrow_memory_is_refused_naming_it(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A hand-edited max_position_embeddings (2**40): evaluate (load_model) refuses it
+    # naming the field, but a fine-tune built its 4 TiB of RoPE tables after tokenizing
+    # the text and exited 1 with "out of memory ... lower --batch-size or --block-size".
+    start = tmp_path / "start"
+    shutil.copytree(tiny_checkpoint, start)
+    config = json.loads((start / "config.json").read_text(encoding="utf-8"))
+    config["max_position_embeddings"] = 2**40
+    (start / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    flags = ["--init-from", str(start), "--data", str(CORPUS), "--block-size", "32"]
+    flags += ["--max-steps", "1", "--out-dir", str(run), "--cache-dir", str(cache)]
+    assert pretrain.main(flags) == 2
+    err = capsys.readouterr().err
+    said = f"error: {start / 'config.json'}: max_position_embeddings 1,099,511,627,776 needs "
+    assert err.count("\n") == 1 and err.startswith(said), err
+    assert not run.exists() and not cache.exists()
+
+
 def test_a_model_too_large_for_memory_exits_2_with_one_line_before_reading_the_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -47,6 +47,7 @@ from model.checkpoint import (
     CheckpointWriteError,
     carried_generation_config,
     check_finite,
+    check_rope_tables,
     load_tokenizer,
     load_weights,
     read_config,
@@ -489,6 +490,11 @@ def run_locked(given: Given) -> int:
     )
     start = resumed or initial
     start_config = read_config(start) if start is not None else None
+    if start is not None:
+        # The trainer builds the RoPE tables for the start's whole context, as load_model
+        # does, but not through it: a crafted max_position_embeddings (2**40) ended the run
+        # after the text was tokenized, as an "out of memory" to lower --batch-size.
+        check_rope_tables(start, start_config)
     # What HF users added to the files of the run's tokenizer (a pad token, a chat
     # template) goes into every checkpoint with it.
     source = tokenizer_folder(args, start, given.source("tokenizer"))
