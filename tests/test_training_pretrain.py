@@ -2195,6 +2195,33 @@ def test_each_bad_input_prints_one_line_and_exits_2_writing_nothing(
         assert not out_dir.exists() and not cache.exists(), case
 
 
+@pytest.mark.parametrize("given", ["environment", "config file"])
+def test_a_shape_that_cannot_be_names_the_settings_as_the_user_gave_them(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    given: str,
+) -> None:
+    # Every other bad value is named as given (POCKETGPT_N_KV_HEADS: must be >= 1); the
+    # shape's rules named `--n-heads 3`, a flag not on the command line to look for.
+    out_dir, cache = tmp_path / "out", tmp_path / "cache"
+    settings = [*TINY, "--out-dir", str(out_dir), "--cache-dir", str(cache)]
+    if given == "environment":
+        monkeypatch.setenv("POCKETGPT_N_HEADS", "3")
+        named = "POCKETGPT_N_HEADS 3"
+    else:
+        config = tmp_path / "shape.json"
+        config.write_text(json.dumps({"n-heads": 3}), encoding="utf-8")
+        settings += ["--config", str(config)]
+        named = f"--config {config}: n-heads 3"
+    assert pretrain.main(settings) == 2
+    assert capsys.readouterr().err == (
+        f"error: the model shape (--preset tiny with {named}): dim 128 is not divisible by "
+        "n_heads 3; n_heads 3 is not a multiple of n_kv_heads 2\n"
+    )
+    assert not out_dir.exists() and not cache.exists()
+
+
 @pytest.mark.parametrize("flag", ["--init-from", "--tokenizer"])
 def test_an_empty_checkpoint_path_on_the_command_line_exits_2_instead_of_training_anew(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str

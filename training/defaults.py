@@ -5,15 +5,15 @@ behind each choice. TrainArgs (training/args.py) documents the settings themselv
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
-from model.cli import flag
 from model.config import PRESETS, ModelConfig
 from model.cpu import bf16_units
 from model.device import cuda_runs_bf16
 from model.inductor import has_compiler, missing_compiler_message
-from training.args import SHAPE_FIELDS, TrainArgs, UsageError
+from training.args import SHAPE_FIELDS, TrainArgs, UsageError, setting_source
 
 SHORT_CPU_BUDGET_S = 600.0
 
@@ -220,8 +220,14 @@ def budget_summary(args: TrainArgs, train_tokens: int, world_size: int = 1) -> s
     return summary if args.max_time is None else f"{summary} or {args.max_time:g} s"
 
 
-def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> ModelConfig:
-    """The network `args` describe for a tokenizer of `vocab_size` ids.
+def model_config(
+    args: TrainArgs,
+    vocab_size: int,
+    device: torch.device,
+    sources: Mapping[str, str] | None = None,
+) -> ModelConfig:
+    """The network `args` describe for a tokenizer of `vocab_size` ids; `sources` (a
+    field -> its flag, env var or config entry) names the settings in an error.
 
     The context length is the block size: the model is only trained that far.
     """
@@ -238,6 +244,17 @@ def model_config(args: TrainArgs, vocab_size: int, device: torch.device) -> Mode
     except ValueError as e:
         # What comes from the preset and what was given: a value the user never set
         # (the preset's n_kv_heads) is then no mystery.
-        given = " ".join(f"{flag(name)} {value}" for name, value in overrides.items())
-        shape = f"the model shape (--preset {preset}{' with ' if given else ''}{given})"
+        # Each as the user gave it (POCKETGPT_N_HEADS, a --config entry): a flag they never
+        # typed sent them looking through their command line.
+        given = " ".join(_as_given(name, value, sources) for name, value in overrides.items())
+        preset_source = setting_source("preset", sources)
+        with_given = f" with {given}" if given else ""
+        shape = f"the model shape ({preset_source} {preset}{with_given})"
         raise UsageError(f"{shape}: {str(e).removeprefix('invalid ModelConfig: ')}") from None
+
+
+def _as_given(name: str, value: object, sources: Mapping[str, str] | None) -> str:
+    """Setting `name` set to `value`, as the user gave it: `POCKETGPT_DIM 100`, and
+    `--no-tie-embeddings` alone (`--no-tie-embeddings False` would read as true)."""
+    source = setting_source(name, sources)
+    return source if source.startswith("--no-") else f"{source} {value}"

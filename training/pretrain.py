@@ -520,7 +520,7 @@ def run_locked(given: Given) -> int:
     # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
     # known for certain only once the tokenizer is trained.
     planned = start_config or model_config(
-        args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device
+        args, tokenizer.get_vocab_size() if tokenizer else args.vocab_size, device, given.sources
     )
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type == "cpu" and (
@@ -570,7 +570,7 @@ def run_locked(given: Given) -> int:
                 vocab_size=max(start_config.vocab_size, data.tokenizer.get_vocab_size()),
             )
             if start_config is not None
-            else model_config(args, data.tokenizer.get_vocab_size(), device)
+            else model_config(args, data.tokenizer.get_vocab_size(), device, given.sources)
         )
         if dist_info.is_main:
             if resumed is not None:
