@@ -126,6 +126,16 @@ def hf_config(config: ModelConfig, eos_id: int) -> dict:
     }
 
 
+# The config.json fields that the size of the model's tensors grows with.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "max_position_embeddings",
+)
+
+
 def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
     def fail(problem: str) -> CheckpointError:
         return CheckpointError(f"{source}: {problem}")
@@ -181,6 +191,15 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
         raise fail(f"missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise fail(str(e)) from None
+    # torch counts a tensor's bytes in int64: shapes past that (a vocab_size of 2**70) failed
+    # deep in building the model, with a TypeError or RuntimeError traceback.
+    values = config.num_parameters() + 2 * config.max_seq_len * config.head_dim  # + RoPE
+    if values * 4 >= 2**63:
+        largest = max(SIZE_FIELDS, key=lambda name: hf.get(name, 0))  # the typo, likely
+        raise fail(
+            f"{largest} {hf[largest]:,}: the model's tensors would hold more values than "
+            "torch can size"
+        )
     head_dim = hf.get("head_dim")
     if head_dim is not None and integer("head_dim", head_dim) != config.head_dim:
         raise fail(f"head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")

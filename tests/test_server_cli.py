@@ -343,6 +343,28 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     )
 
 
+def test_a_config_whose_shapes_torch_cannot_size_is_refused_at_start_naming_the_field(
+    checkpoint, tmp_path
+):
+    # A hand-edited size past int64 (alone, or as a tensor's bytes) ended the start-up in
+    # a TypeError / RuntimeError traceback from building the model's shapes.
+    edits = {"vocab_size": 2**70, "hidden_size": 2**62, "max_position_embeddings": 10**30}
+    folders = {}
+    for field, value in edits.items():
+        folder = shutil.copytree(checkpoint, tmp_path / field)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("head_dim")  # so that hidden_size alone is edited
+        (folder / "config.json").write_text(json.dumps(config | {field: value}))
+        folders[field] = folder
+    runs = run_servers(*((("--checkpoint", str(f), "--port", "0"), None) for f in folders.values()))
+    for (field, folder), run in zip(folders.items(), runs, strict=True):
+        assert run.returncode == 2, run.stderr
+        assert run.stderr == (
+            f"error: {folder / 'config.json'}: {field} {edits[field]:,}: the model's tensors "
+            "would hold more values than torch can size\n"
+        )
+
+
 def test_a_context_no_request_fits_in_is_refused_at_start(checkpoint, tmp_path):
     # A prompt holds a token at least (the end-of-text an empty one starts after) and asks
     # for one more: at a context of 1 the server came up ready and answered every request
