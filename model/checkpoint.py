@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Callable, Mapping
@@ -136,6 +137,18 @@ SIZE_FIELDS = (
 )
 
 
+# ModelConfig's fields that config.json names otherwise: what its refusals are named by.
+HF_NAMES = {
+    "dim": "hidden_size",
+    "ffn_dim": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+}
+
+
 def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
     def fail(problem: str) -> CheckpointError:
         return CheckpointError(f"{source}: {problem}")
@@ -190,7 +203,9 @@ def config_from_hf(hf: Mapping, source: Path) -> ModelConfig:
     except KeyError as e:
         raise fail(f"missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
-        raise fail(str(e)) from None
+        # In config.json's names: "n_layers must be >= 1" named no field of the file.
+        problem = str(e).removeprefix("invalid ModelConfig: ")
+        raise fail(re.sub(r"\b\w+\b", lambda m: HF_NAMES.get(m[0], m[0]), problem)) from None
     # torch counts a tensor's bytes in int64: shapes past that (a vocab_size of 2**70) failed
     # deep in building the model, with a TypeError or RuntimeError traceback.
     values = config.num_parameters() + 2 * config.max_seq_len * config.head_dim  # + RoPE

@@ -213,16 +213,16 @@ def test_config_fields_mean_what_they_mean_to_transformers(
         ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, not 'linear'"),
         ({"head_dim": "x"}, "head_dim must be an integer, not 'x'"),
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not"),
-        ({"rms_norm_eps": -1}, r"norm_eps must be a positive number \(got -1.0\)"),
+        ({"rms_norm_eps": -1}, r"rms_norm_eps must be a positive number \(got -1.0\)"),
         ({"rope_theta": 0}, r"rope_theta must be a positive number \(got 0.0\)"),
         ({"attention_bias": True}, "biases are not supported"),
         ({"mlp_bias": True}, "biases are not supported"),
         ({"vocab_size": None}, "missing field 'vocab_size'"),
         ({"rms_norm_eps": [1e-5]}, r"config\.json: rms_norm_eps must be a number, not \[1e-05\]"),
         ({"rope_theta": "1e4"}, r"config\.json: rope_theta must be a number, not '1e4'"),
-        ({"max_position_embeddings": 0}, r"max_seq_len must be >= 1 \(got 0\)"),
+        ({"max_position_embeddings": 0}, r"max_position_embeddings must be >= 1 \(got 0\)"),
         # A CheckpointError (the server's one-line refusal), not a ZeroDivisionError.
-        ({"num_attention_heads": 0, "head_dim": None}, r"n_heads must be >= 1 \(got 0\)"),
+        ({"num_attention_heads": 0, "head_dim": None}, r"num_attention_heads must be >= 1"),
     ],
     ids=[
         "scaled rope (v5)",
@@ -615,7 +615,10 @@ def test_fields_a_config_leaves_out_take_llamaconfigs_defaults(
 
 @pytest.mark.parametrize(
     ("kv_heads", "message"),
-    [(0, "not a multiple of n_kv_heads 0"), (False, "num_key_value_heads must be an integer")],
+    [
+        (0, "num_attention_heads 4 is not a multiple of num_key_value_heads 0"),
+        (False, "num_key_value_heads must be an integer"),
+    ],
     ids=["zero", "false"],
 )
 def test_a_config_with_no_key_value_heads_is_refused_not_read_as_leaving_them_out(
