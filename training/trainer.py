@@ -142,6 +142,30 @@ def next_token_loss(
     return nats / (y != IGNORED).sum().clamp(min=1)
 
 
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Within, with `enabled`, torch's deterministic algorithms (as they were after).
+
+    Why: inductor's CPU kernel for the embedding's gradient adds each token's rows into
+    its row from every thread at once (atomic adds), in whatever order the threads race
+    to, so a compiled run's weights differed from run to run in their last bits, and a
+    resumed run was not the uninterrupted one. In deterministic mode inductor calls
+    torch's own kernel there, which sums in a fixed order. Set while the compiled step
+    is built and run: inductor decides as it builds, and dynamo rebuilds a graph built
+    in the other mode.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def with_rows(weight: torch.Tensor, rows: int, added: range) -> torch.Tensor:
     """`weight` [V, D] as [max(V, rows), D], the rows of the tokens `added` to its
     tokenizer (a chat template's markers; ids from the old tokenizer's size on, past V or
@@ -611,7 +635,9 @@ class Trainer:
         total = args.max_steps if args.max_time is None else None  # a clock, not steps, ends it
         bar = tqdm(total=total, initial=self.step, disable=not main, **bar_output())
         try:
-            self.stopped_by = stopped_by = self._loop(bar)
+            # A compiled CPU run resumes bit-exact, as an eager one does (README).
+            with deterministic_kernels(bool(args.compile) and self.device.type == "cpu"):
+                self.stopped_by = stopped_by = self._loop(bar)
             if self.window_tokens:
                 # The steps since the last train record get theirs too. The window stays
                 # (and is saved): a resumed run's next record averages the whole
