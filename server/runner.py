@@ -191,7 +191,12 @@ class ModelRunner:
         length = max(positions) + 1
         slots_index = as_slots(slots, self.device)
         first_slots = isinstance(slots_index, slice) and slots_index.start == 0
-        if self._compiled_decode is not None and first_slots:
+        # A step at the cache's last position runs eagerly: its keys are the whole cache,
+        # which the graphs were built assuming they are not (dynamo guards on it), so
+        # the first stream to reach the context's end built a graph again, every stream
+        # waiting (seconds; a minute with cold caches).
+        below_end = length < self.cache.max_len
+        if self._compiled_decode is not None and first_slots and below_end:
             logits = self._compiled_decode(tokens, pos, length)
         else:
             logits = self.model(tokens, pos, self.cache, slots_index, length=length)

@@ -95,6 +95,26 @@ def test_compiled_decode_follows_the_eager_forward_without_rebuilding(
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_decode_reaches_the_context_end_without_rebuilding(model: Transformer) -> None:
+    # A short context, so that streams reach its end in a few dozen steps.
+    short = Transformer(model.config.replace(max_seq_len=24)).eval()
+    eager = ModelRunner(short, n_slots=2)
+    compiled = ModelRunner(short, n_slots=2, compile_decode=True)
+    with torch.inference_mode():
+        eager.warm_up()
+        compiled.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        for runner in (eager, compiled):
+            runner.prefill([PrefillInput(s, [5, 6, 7], 0) for s in (0, 1)])
+        # A lone stream, then two, each writing up to the context's last position.
+        for slots in ([0], [0, 1]):
+            for position in range(3, 24):
+                args = ([9] * len(slots), [position] * len(slots), slots)
+                torch.testing.assert_close(compiled.decode(*args), eager.decode(*args), **CLOSE)
+    # A step at the context's end was built again (seconds, every stream waiting).
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_chunk_at_the_context_end_prefilled_beside_a_longer_one_keeps_its_logits(
     model: Transformer,
 ) -> None:
