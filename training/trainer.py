@@ -159,11 +159,16 @@ def deterministic_kernels(enabled: bool) -> Iterator[None]:
         return
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    filled = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
+    # Not also every new tensor filled with NaN (the mode's default, a debugging aid that
+    # costs a write of each allocation): no kernel of ours reads memory it did not write.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = filled
 
 
 def with_rows(weight: torch.Tensor, rows: int, added: range) -> torch.Tensor:
