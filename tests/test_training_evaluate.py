@@ -80,31 +80,24 @@ def test_data_given_twice_scores_both(
     assert scored[0][0].startswith(f"evaluating {tiny_checkpoint} on 2 documents (")
 
 
-def test_the_text_is_checked_before_the_weights_are_loaded(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("mistake", ["missing text", "block size past the context"])
+def test_bad_arguments_are_named_before_the_weights_are_loaded(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mistake: str
 ) -> None:
-    # A typo in --data is named at once, not after a large model's load (here: the load
-    # would fail, and its refusal would hide the typo).
-    folder = tmp_path / "checkpoint"
-    shutil.copytree(tiny_checkpoint, folder)
-    (folder / "model.safetensors").write_bytes(b"")
-    missing = tmp_path / "held-out.txt"
-    assert evaluate.main(["--checkpoint", str(folder), "--data", str(missing)]) == 2
-    assert capsys.readouterr().err == f"error: {missing}: no such file or folder\n"
-
-
-def test_a_block_size_past_the_context_is_named_before_the_weights_are_loaded(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # As a typo in --data: named at once, not after a large model's load (here: the load
-    # would fail, and its refusal would hide the flag).
+    # A typo in --data or --block-size is named at once, not after a large model's load
+    # (here: the load would fail, and its refusal would hide the typo).
     folder = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, folder)
     (folder / "model.safetensors").write_bytes(b"")
     context = read_config(folder).max_seq_len
-    argv = ["--checkpoint", str(folder), "--data", str(VAL), "--block-size", str(context + 1)]
-    assert evaluate.main(argv) == 2
-    assert capsys.readouterr().err == f"error: --block-size must be in 1..{context}\n"
+    if mistake == "missing text":
+        missing = tmp_path / "held-out.txt"
+        argv, message = ["--data", str(missing)], f"error: {missing}: no such file or folder\n"
+    else:
+        argv = ["--data", str(VAL), "--block-size", str(context + 1)]
+        message = f"error: --block-size must be in 1..{context}\n"
+    assert evaluate.main(["--checkpoint", str(folder), *argv]) == 2
+    assert capsys.readouterr().err == message
 
 
 def assert_refused_by_evaluate_and_init_from(

@@ -250,20 +250,26 @@ def test_an_untied_embedding_trains_at_embedding_lr_scale_times_the_learning_rat
     assert embedding[0]["lr"] == 4 * others[0]["lr"]
 
 
+def straight_and_resumed(tmp_path: Path, flags: list[str], stopped_at: int) -> tuple[Path, Path]:
+    """The run folders of two runs of `flags` to step 8: one straight, the other stopped
+    at `stopped_at`, then resumed."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    argv = tiny_run(tmp_path, *flags, "--max-steps", "8")
+    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
+    argv = tiny_run(tmp_path, *flags, "--max-steps", str(stopped_at))
+    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    return straight, run
+
+
 def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
     common = ["--optimizer", "adamw", "--dtype", "float32", "--decay-steps", "8"]
     common += ["--log-interval", "4"]
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    argv = tiny_run(tmp_path, *common, "--max-steps", "8")
-    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
     # Stopped at step 6 (as Ctrl-C would), between its log lines at 4 and 8: steps 5-6
     # get a line of their own, and the line at 8 is still the mean of steps 5-8.
-    argv = tiny_run(tmp_path, *common, "--max-steps", "6")
-    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
-    assert sorted(read_log(run, "train")) == [4, 6]
-    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    straight, run = straight_and_resumed(tmp_path, common, stopped_at=6)
     expected, logged = read_log(straight, "train"), read_log(run, "train")
     assert sorted(logged) == [4, 6, 8]
     assert [logged[s]["loss"] for s in (4, 8)] == [expected[s]["loss"] for s in (4, 8)]
@@ -276,12 +282,7 @@ def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last
     # null, where the uninterrupted run logs step 4's rate: the process had logged no
     # train record of its own.
     common = ["--log-interval", "4", "--eval-interval", "2", "--decay-steps", "8"]
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    argv = tiny_run(tmp_path, *common, "--max-steps", "8")
-    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
-    argv = tiny_run(tmp_path, *common, "--max-steps", "4")
-    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
-    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    straight, run = straight_and_resumed(tmp_path, common, stopped_at=4)
     for folder in (straight, run):
         train, evals = read_log(folder, "train"), read_log(folder, "eval")
         assert sorted(train) == [4, 8] and sorted(evals) == [2, 4, 6, 8]
@@ -295,12 +296,7 @@ def test_a_resumed_runs_checkpoints_before_its_first_evaluation_keep_the_last_sc
     # val_loss and val_bpb null, where the uninterrupted run's says step 4's scores.
     common = ["--eval-interval", "4", "--save-interval", "2", "--keep-last", "5"]
     common += ["--decay-steps", "8"]
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    argv = tiny_run(tmp_path, *common, "--max-steps", "8")
-    assert pretrain.main([*argv, "--out-dir", str(straight)]) == 0
-    argv = tiny_run(tmp_path, *common, "--max-steps", "4")
-    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
-    assert pretrain.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    straight, run = straight_and_resumed(tmp_path, common, stopped_at=4)
     expected, resumed = meta(straight / "step-0000006"), meta(run / "step-0000006")
     evaluated = read_log(run, "eval")[4]
     for key in ("val_loss", "val_bpb"):
