@@ -52,6 +52,16 @@ def drop_checksums(folder: Path) -> None:
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
+def edit_meta(folder: Path, split: str, name: str, value: object | None) -> None:
+    """meta.json's `name` of `split` set to `value` (None: removed), as by hand."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if value is None:
+        del meta["splits"][split][name]
+    else:
+        meta["splits"][split][name] = value
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "train.bin truncated": lambda folder: truncate(folder / "train.bin"),
     "train.bin empty": lambda folder: (folder / "train.bin").write_bytes(b""),
@@ -69,6 +79,10 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
         bytes((folder / "train.bin").stat().st_size)
     ),
     "meta.json without token checksums (an older cache)": lambda folder: drop_checksums(folder),
+    # The text's counts, which a run records in its checkpoints and compares on a resume.
+    "meta.json: 7 documents": lambda folder: edit_meta(folder, "train", "documents", 7),
+    "meta.json without the val bytes": lambda folder: edit_meta(folder, "val", "bytes", None),
+    "meta.json: another hash": lambda folder: edit_meta(folder, "val", "sha256", "0" * 64),
 }
 
 

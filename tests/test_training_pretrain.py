@@ -441,6 +441,31 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     )
 
 
+def test_a_run_resumed_with_its_cache_meta_json_miscounting_the_text_rebuilds_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # meta.json edited by hand: the resume warned that the unchanged text had changed and
+    # wrote the wrong counts into its checkpoint (a count removed: a KeyError traceback).
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    flags = [*TINY, "--data", str(CORPUS), "--cache-dir", str(cache), "--save-interval", "100"]
+    assert pretrain.main([*flags, "--max-steps", "2", "--out-dir", str(run)]) == 0
+    counted = {split: meta(run)["data"][split] for split in ("train", "val")}
+    for step, (name, value) in enumerate([("documents", 99), ("bytes", None)], start=3):
+        (folder,) = cache.iterdir()  # (rebuilt, keyed by the resumed run's tokenizer)
+        written = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if value is None:
+            del written["splits"]["train"][name]
+        else:
+            written["splits"]["train"][name] = value
+        (folder / "meta.json").write_text(json.dumps(written), encoding="utf-8")
+        capsys.readouterr()
+        assert pretrain.main(["--resume", str(run), "--max-steps", str(step)]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: {folder}: damaged token cache (" in err, err
+        assert "the text has changed" not in err, err
+        assert {split: meta(run)["data"][split] for split in counted} == counted
+
+
 def test_a_run_resumed_on_text_changed_under_the_same_path_is_warned_of(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,7 +21,8 @@ format version, so a changed corpus never reuses stale tokens. The folder is
 written under a temporary name (flocked while written), fsynced and renamed into
 place, so a crash leaves no half-written cache; the next run removes what a killed
 one left. Files damaged after that (deleted, truncated, overwritten) no longer
-match meta.json: the folder is then rebuilt, with a warning.
+match meta.json, nor an edited meta.json the text: the folder is then rebuilt, with a
+warning.
 """
 
 from __future__ import annotations
@@ -280,9 +281,21 @@ class _DamagedCache(Exception):
     """A cache folder whose files do not match its meta.json; the message says how."""
 
 
-def _open(folder: Path, conversations: bool) -> PreparedData:
-    """The cache in `folder`, its files checked against its meta.json (and, of
-    `conversations`, holding their loss masks)."""
+def _text_record(docs: Sequence[Document], digest: str) -> dict:
+    """What meta.json records of a split's text: its documents, UTF-8 bytes and
+    `text_digest`."""
+    texts = map(document_text, docs)
+    return {
+        "documents": len(docs),
+        "bytes": sum(len(text.encode("utf-8")) for text in texts),
+        "sha256": digest,
+    }
+
+
+def _open(folder: Path, conversations: bool, records: dict[str, dict]) -> PreparedData:
+    """The cache in `folder`, its files checked against its meta.json and its meta.json
+    against the splits' `_text_record`s, `records` (and, of `conversations`, holding their
+    loss masks)."""
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         counts = {split: int(meta["splits"][split]["tokens"]) for split in SPLITS}
@@ -291,6 +304,12 @@ def _open(folder: Path, conversations: bool) -> PreparedData:
     except (OSError, ValueError, LookupError, TypeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the path again
         raise _DamagedCache(f"meta.json unreadable ({reason})") from None
+    # The run records these in its checkpoints and compares them on a resume: counts
+    # edited or lost in meta.json warned that the text had changed (or a KeyError).
+    for split, record in records.items():
+        recorded = meta["splits"][split]
+        if wrong := [name for name, value in record.items() if recorded.get(name) != value]:
+            raise _DamagedCache(f"meta.json does not describe the {split} text ({wrong[0]})")
     tokens = {}
     for split, count in counts.items():
         path = folder / f"{split}.bin"
@@ -346,13 +365,13 @@ def _open_loss_mask(folder: Path, split: str, meta: dict, count: int) -> np.ndar
     return mask
 
 
-def _cached(folder: Path, conversations: bool) -> PreparedData | None:
+def _cached(folder: Path, conversations: bool, records: dict[str, dict]) -> PreparedData | None:
     """The cache in `folder`, or None when there is none. A damaged one is removed,
     with a warning: it is only a cache, so rebuilding it is always correct."""
     if not folder.exists():
         return None
     try:
-        return _open(folder, conversations)
+        return _open(folder, conversations, records)
     except _DamagedCache as e:
         print(f"warning: {folder}: damaged token cache ({e}); rebuilding it", file=sys.stderr)
         # Moved aside first, in one step: trainers started together (a sweep) find the same
@@ -429,7 +448,7 @@ def _clear_abandoned(root: Path) -> None:
 def _write(
     folder: Path,
     splits: dict[str, tuple[Sequence[Document], np.ndarray, np.ndarray | None]],
-    digests: dict[str, str],
+    records: dict[str, dict],
     tokenizer: Tokenizer,
 ) -> None:
     tmp = _own_sibling(folder, "tmp")
@@ -440,18 +459,15 @@ def _write(
             fsync_path(tmp / "tokenizer.json")
             vocab_size = tokenizer.get_vocab_size()
             meta: dict = {"format": FORMAT, "vocab_size": vocab_size, "splits": {}}
-            for split, (docs, stream, loss_mask) in splits.items():
+            for split, (_, stream, loss_mask) in splits.items():
                 tokens = np.ascontiguousarray(stream).data
                 # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
                 (tmp / f"{split}.bin").write_bytes(tokens)
                 fsync_path(tmp / f"{split}.bin")
-                texts = map(document_text, docs)
                 meta["splits"][split] = {
                     "file": f"{split}.bin",
-                    "documents": len(docs),
+                    **records[split],
                     "tokens": int(stream.size),
-                    "bytes": sum(len(text.encode("utf-8")) for text in texts),
-                    "sha256": digests[split],
                     "tokens_sha256": hashlib.sha256(tokens).hexdigest(),
                 }
                 if loss_mask is not None:
@@ -501,6 +517,10 @@ def prepare(
     root = Path(cache_root)
     _clear_abandoned(root)
     digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
+    records = {
+        "train": _text_record(train_docs, digests["train"]),
+        "val": _text_record(val_docs, digests["val"]),
+    }
     conversations = chat is not None
     chat_id = "" if chat is None else f"\0chat {chat.key}"
     if tokenizer is not None and chat is not None:
@@ -511,7 +531,9 @@ def prepare(
         # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
         # that text's cache: the same tokens, so that cache serves instead of a new one.
         trained = _cached(
-            root / cache_key(digests, f"{TRAINED_KIND}-{vocab_size}{chat_id}"), conversations
+            root / cache_key(digests, f"{TRAINED_KIND}-{vocab_size}{chat_id}"),
+            conversations,
+            records,
         )
         if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
             data = trained
@@ -521,7 +543,7 @@ def prepare(
         tokenizer_id += "\0without its additions"
     folder = root / cache_key(digests, tokenizer_id + chat_id)
     if data is None:
-        data = _cached(folder, conversations)
+        data = _cached(folder, conversations, records)
     if data is None:
         if tokenizer is None:
             texts = [document_text(doc) for doc in train_docs]
@@ -545,7 +567,7 @@ def prepare(
         _check_size(splits["train"][1].size, min_train_tokens, too_small_remedy)
         if not val_docs:
             raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
-        _write(folder, splits, digests, tokenizer)
-        data = _open(folder, conversations)
+        _write(folder, splits, records, tokenizer)
+        data = _open(folder, conversations, records)
     _check_size(data.train.size, min_train_tokens, too_small_remedy)
     return data
