@@ -79,6 +79,10 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
         bytes((folder / "train.bin").stat().st_size)
     ),
     "meta.json without token checksums (an older cache)": lambda folder: drop_checksums(folder),
+    # Its tokens were made by the one written beside them; the run saves the one it reads.
+    "tokenizer.json swapped for another of the same size": lambda folder: train_tokenizer(
+        [CORPUS.read_text(encoding="utf-8").upper()], 384
+    ).save(str(folder / "tokenizer.json")),
     # The text's counts, which a run records in its checkpoints and compares on a resume.
     "meta.json: 7 documents": lambda folder: edit_meta(folder, "train", "documents", 7),
     "meta.json without the val bytes": lambda folder: edit_meta(folder, "val", "bytes", None),

@@ -5,7 +5,7 @@
         train.bin        uint16 token ids: <|endoftext|> doc <|endoftext|> doc ...
         val.bin          the same layout for the validation split
         meta.json        token and UTF-8 byte counts, the text's and the token file's
-                         sha256 per split, vocab size, format
+                         sha256 per split, vocab size, tokenizer.json's sha256, format
         train.loss_mask.bin, val.loss_mask.bin
                          conversations only: uint8 per token, LEARNED where the model
                          learns the token (an assistant's), CONVERSATION_START at each
@@ -330,6 +330,12 @@ def _open(folder: Path, conversations: bool, records: dict[str, dict]) -> Prepar
         raise _DamagedCache(
             f"tokenizer.json: {tokenizer.get_vocab_size()} entries, meta.json says {vocab_size!r}"
         )
+    # Another tokenizer.json of the same size (or one edited by hand) reads as well, and
+    # the run trained on tokens made by the one written beside them, saved with this one.
+    if (tokenizer_digest := meta.get("tokenizer_sha256")) is None:
+        raise _DamagedCache("meta.json has no checksum of tokenizer.json (an older cache)")
+    if hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest() != tokenizer_digest:
+        raise _DamagedCache("tokenizer.json does not match its checksum in meta.json")
     for split, ids in tokens.items():
         # Overwritten at the same size (or zeroed by a crash of a file system that
         # journals no data), a file passes the checks above: ~0.1 s per 100 MB read.
@@ -458,7 +464,13 @@ def _write(
             write_tokenizer(tokenizer, tmp / "tokenizer.json")
             fsync_path(tmp / "tokenizer.json")
             vocab_size = tokenizer.get_vocab_size()
-            meta: dict = {"format": FORMAT, "vocab_size": vocab_size, "splits": {}}
+            tokenizer_sha256 = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
+            meta: dict = {
+                "format": FORMAT,
+                "vocab_size": vocab_size,
+                "tokenizer_sha256": tokenizer_sha256,
+                "splits": {},
+            }
             for split, (_, stream, loss_mask) in splits.items():
                 tokens = np.ascontiguousarray(stream).data
                 # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
