@@ -159,3 +159,15 @@ def test_short_one_line_documents_are_held_out_whole_not_cut_between_the_splits(
     total = sum(map(len, documents))
     assert sum(map(len, val)) == pytest.approx(0.05 * total, rel=0.05)
     assert sum(map(len, train)) + sum(map(len, val)) == total  # nothing lost
+
+
+@pytest.mark.parametrize("n", range(40, 60))
+def test_a_small_corpus_of_one_line_records_holds_out_the_records_nearest_its_piece(n: int) -> None:
+    # One piece of ~100 characters over records of 24 (no line break to move a cut to):
+    # each end of the piece goes to the record boundary nearer to it, so the records
+    # held out are within half a record of the piece at each end, not a record short.
+    documents = [f"Record {d:04d} is one line." for d in range(n)]
+    train, val = split_documents(documents, 0.1)
+    total = sum(map(len, documents))
+    assert abs(sum(map(len, val)) - 0.1 * total) <= len(documents[0])
+    assert sum(map(len, train)) + sum(map(len, val)) == total  # nothing lost
