@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from training.corpus import CorpusError
+from training.pretrain import held_out_only
 from training.split import (
     MIN_CUT_CHARS,
     VAL_PIECE_CHARS,
@@ -119,6 +121,20 @@ def test_the_longest_held_out_documents_are_the_ones_looked_for_in_training_text
     assert documents_trained_on([cut + "x" * 2000, chapter[-300:]], [chapter]) == [1]
     # Found in a training document one character longer than itself.
     assert documents_trained_on([book[1:]], [book]) == [0]
+
+
+def test_a_held_out_text_of_min_cut_chars_cut_from_training_text_is_refused_not_left_out() -> None:
+    # The length from which a held-out text found in a training one counts as cut from it
+    # is the length from which the run refuses it: not a warning that drops it as common
+    # text, the run then scored on the rest.
+    book = "".join(f"Line {i} of a book that is long enough.\n" for i in range(200))
+    tail, other = book[-MIN_CUT_CHARS:], "Other held-out text, never trained on.\n" * 10
+    with pytest.raises(CorpusError, match="held-out text must not be trained on"):
+        held_out_only([other, tail], [book])
+    # One character shorter: common text, left out of the held-out text.
+    assert held_out_only(
+        [other, book[-MIN_CUT_CHARS + 1 :]], [book, book[-MIN_CUT_CHARS + 1 :]]
+    ) == [other]
 
 
 def test_one_long_line_ending_in_a_newline_still_holds_out_the_fraction() -> None:
