@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import BatchSampler, eval_windows
+from training.data import IGNORED, BatchSampler, eval_windows
+from training.prepare import CONVERSATION_START, LEARNED
 
 
 def test_each_rank_draws_windows_from_its_own_shard_with_targets_shifted() -> None:
@@ -61,3 +62,20 @@ def test_a_shard_one_token_short_of_a_block_and_its_target_is_refused_with_the_r
     inputs, targets, _ = sampler.next_batch()
     assert inputs.tolist() == [list(range(8))] * 2
     assert targets.tolist() == [list(range(1, 9))] * 2
+
+
+def test_a_rank_whose_shard_starts_no_conversation_draws_from_its_own_shard() -> None:
+    # One long conversation from token 11 to the end: rank 1's shard (50-99) starts none.
+    # Its windows stay in its shard (inside that conversation, cut from its prompt: not
+    # learned), not at the first conversation, which rank 0 learns.
+    tokens = np.arange(100, dtype=np.uint16)
+    mask = np.full(100, LEARNED, dtype=np.uint8)
+    mask[[0, 10]] = CONVERSATION_START
+    for rank in range(2):
+        sampler = BatchSampler(
+            tokens, block_size=8, batch_size=4, seed=0, rank=rank, world_size=2, loss_mask=mask
+        )
+        x, y, _ = sampler.next_batch()
+        assert (x >= rank * 50).all() and (x < (rank + 1) * 50).all()
+        if rank == 1:
+            assert (y == IGNORED).all()
