@@ -1096,6 +1096,21 @@ def test_a_held_out_conversation_is_trained_on_in_none_of_its_repeats() -> None:
     assert (train, val) == ([conversations[0]], [conversations[1]])
 
 
+def test_held_out_conversations_keep_the_datas_order_whatever_the_hash_seed() -> None:
+    # The validation split (and its token cache, and which conversations --eval-tokens
+    # scores) is the same in every process: held out in the data's order, not in a set's,
+    # which follows the strings' hashes (PYTHONHASHSEED).
+    records = [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"{i}."}]
+        for i in range(100)
+    ]
+    conversations = load_conversations(records)
+    train, val = split_conversations(conversations, 0.2)
+    positions = [conversations.index(c) for c in val]
+    assert len(val) == 20 and positions == sorted(positions)
+    assert train == [c for c in conversations if c not in val]
+
+
 def test_an_answer_after_spacing_the_tokenizer_merges_across_is_read_as_the_server_prompts(
     tmp_path: Path,
 ) -> None:
