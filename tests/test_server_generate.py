@@ -140,6 +140,14 @@ def test_seeds_that_differ_past_their_low_32_bits_draw_differently(client):
     assert len({first for first, _ in texts.values()}) == len(texts)
 
 
+def test_seed_2_to_the_32_is_hashed_and_draws_unlike_seed_0(client):
+    # The first seed past the CPU generator's 32 bits: seeded as it is, its low 32 bits
+    # (0) drew seed 0's text.
+    body = {"prompt": "Seeds", "max_tokens": 24, "temperature": 1.0, "ignore_eos": True}
+    zero, past = (generate(client, **body, seed=seed)["text"] for seed in (0, 2**32))
+    assert zero != past
+
+
 def test_greedy_and_seeded_output_is_the_same_alone_and_in_a_busy_batch(client):
     # A row leaking into another (a wrong slot, generator or penalty history) changes
     # the text at once. Rounding alone could too, where a draw falls within ~1e-6 of a
