@@ -401,6 +401,19 @@ def test_a_long_crlf_prompt_is_measured_as_the_tokenizer_reads_it(
     assert ("at least" in refused.value.message) is refused_by_bytes, refused.value.message
 
 
+def test_a_long_prompt_of_lone_carriage_returns_is_refused_by_its_bytes() -> None:
+    # The trainer's normalizer reads only CRLF as "\n": a lone "\r" is a byte tokenized as
+    # it is, so a prompt of more than could fit is refused before it is tokenized.
+    tokenizer = english_tokenizer()
+    table = token_bytes(tokenizer)
+    validator = Validator(tokenizer, table, max_context=CONTEXT, bos_id=0)
+    prompt = "\r" * (CONTEXT * max(map(len, table)) + 1)
+    with pytest.raises(ApiError) as refused:
+        validator.validate(GenerateRequest(prompt=prompt, max_tokens=1))
+    assert refused.value.status_code == 400
+    assert "at least" in refused.value.message, refused.value.message
+
+
 def test_the_openapi_schema_names_each_operation_once_with_the_errors_it_can_answer(client):
     schema = client.get("/openapi.json").json()
     operations = [op for methods in schema["paths"].values() for op in methods.values()]
