@@ -531,3 +531,34 @@ def test_choices_generating_one_token_each_prefill_in_one_step_not_in_turn(
         engine.stop()
     assert len({tuple(tokens) for tokens in drawn_tokens}) == 1  # greedy: each alike
     assert forwards == [4]
+
+
+def test_the_last_prompt_token_is_penalised_as_the_prompts_own(tmp_path: Path) -> None:
+    # The repetition penalty covers the whole prompt, its last token (the one the first
+    # draw follows) too. A prompt ending in the token the model then draws greedily shows
+    # it: penalised, that token is drawn no more.
+    engine, validator = random_serving(tmp_path, max_batch=1)
+    base = validator.tokenize("the cat and", None)
+    vocab = len(engine.token_table)
+    model = engine.runner.model
+    with torch.no_grad():
+        prompts = torch.tensor([[*base, t] for t in range(vocab)])
+        positions = torch.arange(prompts.shape[1]).expand_as(prompts)
+        greedy = model(prompts, positions)[:, -1, :vocab].argmax(-1).tolist()
+    last = next(t for t in range(vocab) if greedy[t] == t and t not in base)
+
+    def first_draw(**sampling: float) -> GenerationRequest:
+        fields = GenerateRequest(prompt="", max_tokens=1, temperature=0, **sampling)
+        return validator.validate_prompt([*base, last], fields)
+
+    async def scenario() -> list[list[int]]:
+        engine.start(asyncio.get_running_loop())
+        requests = [first_draw(), first_draw(repetition_penalty=10.0)]
+        return [await drawn(engine.submit(request)) for request in requests]
+
+    try:
+        plain, penalised = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        engine.stop()
+    assert plain == [last]
+    assert penalised != [last]
