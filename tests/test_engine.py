@@ -287,6 +287,15 @@ def test_a_penalised_request_moved_to_another_slot_samples_as_alone_in_an_unchan
     assert together == alone
 
 
+def finished_counts(engine: Engine) -> dict[str, float | None]:
+    """pocketgpt_request_finished_total by reason."""
+    registry = engine.metrics.registry
+    return {
+        reason: registry.get_sample_value("pocketgpt_request_finished_total", {"reason": reason})
+        for reason in ("stop", "length", "cancelled", "error")
+    }
+
+
 def test_a_step_that_raises_fails_every_request_in_it_and_the_engine_serves_on(
     tmp_path: Path,
 ) -> None:
@@ -316,6 +325,7 @@ def test_a_step_that_raises_fails_every_request_in_it_and_the_engine_serves_on(
     assert [type(output.error) for output in failed] == [IndexError, IndexError]
     assert [output.token_ids for output in failed] == [[], []]
     assert after.error is None and after.finish_reason == "length" and len(after.token_ids) == 3
+    assert finished_counts(engine) == {"stop": 0, "length": 1, "cancelled": 0, "error": 2}
 
 
 def test_a_row_that_raises_fails_its_request_only_and_its_neighbour_completes(
@@ -348,6 +358,7 @@ def test_a_row_that_raises_fails_its_request_only_and_its_neighbour_completes(
     assert isinstance(forced.error, TypeError) and forced.token_ids == []
     assert beside.error is None and beside.finish_reason == "length"
     assert beside.token_ids == alone
+    assert finished_counts(engine) == {"stop": 0, "length": 2, "cancelled": 0, "error": 1}
 
 
 def test_rows_of_one_batch_each_get_as_many_top_logprobs_as_they_ask(tmp_path: Path) -> None:
