@@ -46,7 +46,8 @@ def test_first_step_moves_each_matrix_by_its_orthogonalised_gradient() -> None:
     weight = torch.nn.Parameter(torch.randn(16, 48))
     before = weight.detach().clone()
     weight.grad = torch.randn(16, 48)
-    lr, decay, momentum = 0.01, 0.1, 0.95
+    # lr x decay large enough to tell decay before the update from decay after it.
+    lr, decay, momentum = 0.1, 1.0, 0.95
     Muon([weight], lr=lr, weight_decay=decay, momentum=momentum).step()
     # Step 1: buffer = (1 - m) g; Nesterov update = g.lerp(buffer, m).
     nesterov = weight.grad.lerp((1 - momentum) * weight.grad, momentum)
