@@ -13,7 +13,7 @@ import pytest
 from model.checkpoint import resolve_checkpoint
 from tests.test_training_pretrain import CORPUS, TINY, meta
 from training import evaluate, pretrain
-from training.corpus import CorpusError, load_documents
+from training.corpus import MIN_DOCSTRING_CHARS, CorpusError, default_documents, load_documents
 
 
 def train(tmp_path: Path, *data: Path) -> int:
@@ -389,3 +389,14 @@ def test_a_fifo_is_no_text_named_or_found_in_a_folder(
     (folder / "sub").mkdir()
     os.mkfifo(folder / "sub" / "log.jsonl")
     assert load_documents([folder]) == load_documents([folder / "good.txt"])
+
+
+def test_the_default_corpus_holds_each_text_once_without_doctests_or_short_ones() -> None:
+    # A docstring that the stdlib repeats (in CPython 3.11's, two) is one document: kept
+    # twice, it could be trained on and then scored on.
+    documents = default_documents()
+    assert len(documents) == len(set(documents))
+    assert all(len(text) >= MIN_DOCSTRING_CHARS for text in documents)
+    assert not any(
+        line.lstrip().startswith(">>>") for text in documents for line in text.splitlines()
+    )
