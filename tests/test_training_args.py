@@ -343,6 +343,8 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
         (["--min-lr-ratio", "1.5"], "--min-lr-ratio: must be in [0, 1] (got 1.5)"),
         (["--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1] (got 0.0)"),
         (["--val-fraction", "1"], "--val-fraction: must be in (0, 1) (got 1.0)"),
+        # Let through, 0 split text by zero (a traceback) and held out a conversation anyway.
+        (["--val-fraction", "0"], "--val-fraction: must be in (0, 1) (got 0.0)"),
         (["--dropout", "1"], "--dropout: must be in [0, 1) (got 1.0)"),
         (["--optimizer", "sgd"], "--optimizer: choose one of adamw, muon (got 'sgd')"),
         # An empty path is the working folder: a run written, or text read, among any files.
