@@ -2585,3 +2585,24 @@ def test_resume_puts_back_a_best_folder_a_kill_left_moved_aside(
     assert pretrain.main(["--resume", str(run)]) == 0
     assert f"put {moved} back as best" in capsys.readouterr().out
     assert (run / "best" / "model.safetensors").read_bytes() == kept and not moved.exists()
+
+
+def test_patience_counts_the_evaluations_since_the_last_improvement(tmp_path: Path) -> None:
+    # A learning rate too small to move the weights scores the same loss again (no
+    # improvement); the tiny model's first steps at a working one score lower.
+    run = tmp_path / "run"
+    still = ["--lr", "1e-30"]
+    flags = ["--optimizer", "adamw", "--dtype", "float32", "--warmup-steps", "0"]
+    flags += ["--eval-interval", "1", "--patience", "2"]
+    argv = tiny_run(tmp_path, *flags, *still, "--max-steps", "2", "--out-dir", str(run))
+    assert pretrain.main(argv) == 0  # step 2: one evaluation without improvement
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3", "--lr", "3e-3"]) == 0
+    evals = read_log(run, "eval")
+    assert evals[1]["val_loss"] == evals[2]["val_loss"] > evals[3]["val_loss"]
+    # Step 3 improved: one more evaluation without improvement (step 4) is not two.
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4", *still]) == 0
+    assert read_log(run, "eval")[4]["val_loss"] == evals[3]["val_loss"]
+    assert (meta(run)["step"], meta(run)["stopped_by"]) == (4, "max_steps")
+    # The second (step 5) is, and stops the run.
+    assert pretrain.main(["--resume", str(run), "--max-steps", "6", *still]) == 0
+    assert (meta(run)["step"], meta(run)["stopped_by"]) == (5, "early_stopping")
