@@ -500,6 +500,7 @@ def test_missing_or_wrong_api_key_is_401(base_url, headers):
     for method, path in [
         ("POST", "/v1/generate"),
         ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
         ("POST", "/tokenize"),
         ("POST", "/detokenize"),
         ("GET", "/v1/models"),
