@@ -1223,7 +1223,7 @@ def test_json_nested_deeply_but_parsed_is_422_naming_the_field(client, content, 
 
 def test_the_bearer_scheme_is_matched_in_any_case_and_the_key_whole(base_url):
     # RFC 9110: the scheme is case-insensitive. The key must match whole: a prefix of
-    # it, or none at all, is no key.
+    # it, the key with more after it, or none at all, is no key.
     def status(authorization: str) -> int:
         headers = {"Authorization": authorization}
         return httpx.get(base_url + "/v1/models", headers=headers).status_code
@@ -1233,7 +1233,13 @@ def test_the_bearer_scheme_is_matched_in_any_case_and_the_key_whole(base_url):
     # RFC 9110 11.4: one or more spaces between the scheme and the token.
     assert status(f"Bearer   {API_KEY}") == 200
     # The key under another scheme is no bearer token: Basic's is a user's password.
-    for given in ("Bearer", f"Bearer {API_KEY[:4]}", f"Bearer {API_KEY[:-1]}", f"Basic {API_KEY}"):
+    for given in (
+        "Bearer",
+        f"Bearer {API_KEY[:4]}",
+        f"Bearer {API_KEY[:-1]}",
+        f"Bearer {API_KEY}x",
+        f"Basic {API_KEY}",
+    ):
         assert status(given) == 401, given
 
 
