@@ -178,6 +178,15 @@ def test_n_completions_of_each_prompt_sample_with_seeds_counting_up(sdk, base_ur
     assert [texts[i] for i in range(4)] == [c.text for c in many.choices]
 
 
+def test_the_seeds_of_n_choices_count_up_past_the_largest_to_0(client, model_id):
+    # The j-th choice samples with seed + j, which stays within the seed's bounds.
+    body = {"model": model_id, "prompt": "The", "max_tokens": 8}
+    many = client.post("/v1/completions", json={**body, "n": 2, "seed": 2**63 - 1})
+    assert many.status_code == 200, many.text
+    after = client.post("/v1/completions", json={**body, "seed": 0}).json()["choices"][0]
+    assert many.json()["choices"][1]["text"] == after["text"]
+
+
 def test_token_id_prompts_continue_as_their_text_does(sdk, client, model_id):
     texts = ["Once upon a time", "The scheduler"]
     ids = [english_tokenizer().encode(t, add_special_tokens=False).ids for t in texts]
