@@ -136,6 +136,22 @@ def test_a_chunk_at_the_context_end_prefilled_beside_a_longer_one_keeps_its_logi
             torch.testing.assert_close(logits[row], alone, rtol=1e-4, atol=1e-4)
 
 
+def test_chunks_prefilled_in_several_forwards_keep_each_its_own_logits(
+    model: Transformer,
+) -> None:
+    # A long chunk beside two short ones: the shortest, padded to the long one's width,
+    # would compute more than twice the tokens, so it runs in a forward of its own. The
+    # logits still come back in the order the chunks were given, not as grouped.
+    runner = ModelRunner(model, n_slots=3)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (1, 40, 6)]
+    with torch.inference_mode():
+        logits = runner.prefill([PrefillInput(s, ids, 0) for s, ids in enumerate(prompts)])
+        for row, ids in enumerate(prompts):
+            alone = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]  # [V]
+            torch.testing.assert_close(logits[row], alone, **CLOSE)
+
+
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
     same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
