@@ -198,7 +198,7 @@ def check_memory(
     # for 128k tokens at --max-batch 1024), or a small model's tables at --max-batch 1,
     # were killed by the OOM killer at the size the check said fits.
     per_slot = Sampler.bytes_per_slot(config.vocab_size)
-    per_position = 2 * config.head_dim * dtype.itemsize
+    per_position = 2 * config.head_dim * 4  # cos and sin, built in float32
     extra = per_slot * settings.max_batch + per_position * config.max_seq_len
     if available is None or weights + cache + extra <= available:
         return

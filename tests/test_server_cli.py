@@ -39,6 +39,7 @@ from model.kv_cache import KVCache
 from server.__main__ import DrainingServer, check_before_loading, setting_source
 from server.app import create_app
 from server.http11 import uvicorn_config
+from server.sampler import Sampler
 from server.settings import Settings
 from server.validation import sampling_defaults
 
@@ -330,10 +331,14 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     )
     assert fits is not None, line
     weights_mib, available_gib, context = (float(g.replace(",", "")) for g in fits.groups())
-    # The context named is the most whose cache fits beside the weights in what the line
-    # says is available (printed to 0.01 GiB: within a few tokens of it).
-    per_context_token = 1024 * KVCache.bytes_per_token(read_config(long), torch.float32)
+    # The context named is the most whose cache and RoPE tables fit beside the weights and
+    # the sampler's rows in what the line says is available (printed to 0.01 GiB: within a
+    # few tokens of it).
+    config = read_config(long)
+    per_context_token = 1024 * KVCache.bytes_per_token(config, torch.float32)
+    per_context_token += 2 * config.head_dim * torch.float32.itemsize  # RoPE's cos and sin
     room = available_gib * 2**30 - weights_mib * 2**20
+    room -= 1024 * Sampler.bytes_per_slot(config.vocab_size)
     assert abs(context - room / per_context_token) <= 0.005 * 2**30 / per_context_token + 1
 
     past = run_server("--checkpoint", str(checkpoint), "--max-context", "1025")
