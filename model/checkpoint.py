@@ -41,7 +41,7 @@ from model.atomic_files import (
 )
 from model.config import ModelConfig
 from model.memory import available_memory, format_size
-from model.transformer import Transformer, rope_tables
+from model.transformer import Transformer, rope_bytes_per_position, rope_tables
 
 END_OF_TEXT = "<|endoftext|>"  # document separator; doubles as bos/eos for HF
 LATEST = "latest"
@@ -503,7 +503,7 @@ def check_rope_tables(folder: Path, config: ModelConfig) -> None:
     The RoPE tables (cos and sin, float32) are built for every position: a crafted
     max_position_embeddings (2**40) would ask terabytes of an allocator that fails, or
     of the kernel, which kills the process."""
-    tables = 2 * config.max_seq_len * config.head_dim * 4
+    tables = rope_bytes_per_position(config) * config.max_seq_len
     if (room := available_memory()) is not None and tables > room:
         raise CheckpointError(
             f"{folder / CONFIG}: max_position_embeddings {config.max_seq_len:,} needs "

@@ -47,6 +47,11 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
+def rope_bytes_per_position(config: ModelConfig) -> int:
+    """What rope_tables' cos and sin take for each position (float32 values)."""
+    return 2 * config.head_dim * torch.float32.itemsize
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, heads, E]; cos/sin: [B, T, 1, E]."""
     x1, x2 = x.chunk(2, dim=-1)

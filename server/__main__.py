@@ -168,6 +168,7 @@ def check_memory(
     ask for many times the machine. Refused, the line says what fits."""
     from model.kv_cache import KVCache, cache_dtype
     from model.memory import available_memory, format_size
+    from model.transformer import rope_bytes_per_position
     from server.loading import resolve_dtype
     from server.sampler import Sampler
 
@@ -198,7 +199,7 @@ def check_memory(
     # for 128k tokens at --max-batch 1024), or a small model's tables at --max-batch 1,
     # were killed by the OOM killer at the size the check said fits.
     per_slot = Sampler.bytes_per_slot(config.vocab_size)
-    per_position = 2 * config.head_dim * 4  # cos and sin, built in float32
+    per_position = rope_bytes_per_position(config)
     extra = per_slot * settings.max_batch + per_position * config.max_seq_len
     if available is None or weights + cache + extra <= available:
         return
