@@ -2259,8 +2259,8 @@ def test_a_shape_that_cannot_be_names_the_settings_as_the_user_gave_them(
     assert not out_dir.exists() and not cache.exists()
 
 
-@pytest.mark.parametrize("flag", ["--init-from", "--tokenizer"])
-def test_an_empty_checkpoint_path_on_the_command_line_exits_2_instead_of_training_anew(
+@pytest.mark.parametrize("flag", ["--init-from", "--tokenizer", "--resume", "--cache-dir"])
+def test_an_empty_path_on_the_command_line_exits_2_instead_of_training_anew(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
     # `--init-from "$BASE"` with BASE unset trained a new model from scratch, not the

@@ -545,10 +545,11 @@ def explicit_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) ->
             values[name], sources[name] = _convert(name, environ[env], env), env
     for name, value in given.items():
         typed = flag("no_" + name if value is False else name)  # as typed: --no-compile
-        if name in ("init_from", "tokenizer") and isinstance(value, str) and not value.strip():
-            # Typed, an empty path is a shell variable left unset (`--init-from "$BASE"`):
-            # read as no setting, the fine-tune asked for trained a new model from scratch.
-            # (An empty POCKETGPT_INIT_FROM stays unset: Docker passes one through.)
+        if _base_type(name) == (str, True) and isinstance(value, str) and not value.strip():
+            # Typed, an empty path (every optional text setting is one) is a shell variable
+            # left unset (`--init-from "$BASE"`): read as no setting, the fine-tune asked for
+            # trained a new model from scratch, `--resume "$RUN"` started a new run. (An
+            # empty POCKETGPT_INIT_FROM stays unset: Docker passes one through.)
             raise UsageError(f"{typed}: a path is empty (got {value!r})")
         values[name], sources[name] = _convert(name, value, typed), typed
     return Given(values, sources)
