@@ -196,7 +196,8 @@ def start_server(
     command = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype]
     command += ["--max-queue", str(MAX_CLIENTS), "--log-level", "warning", *flags]
-    env = {name: value for name, value in os.environ.items() if name != env_var("api_key")}
+    # Any case: the server reads its settings so (pydantic).
+    env = {k: v for k, v in os.environ.items() if k.upper() != env_var("api_key")}
     return subprocess.Popen(
         command,
         env=env | {"PYTHONUNBUFFERED": "1"},

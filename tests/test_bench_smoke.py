@@ -366,7 +366,8 @@ def test_the_benchmarks_server_is_on_loopback_without_the_environments_key(
     # As in the Docker image (POCKETGPT_HOST=0.0.0.0), with a key for the real server:
     # the benchmark's server took both, listened on every interface and answered every
     # client 401 (bench.load's /metrics read was a traceback).
-    server_env = {"POCKETGPT_HOST": "0.0.0.0", "POCKETGPT_API_KEY": "for-the-real-server"}
+    # The key in lower case: the server reads its settings in any case.
+    server_env = {"POCKETGPT_HOST": "0.0.0.0", "pocketgpt_api_key": "for-the-real-server"}
     command = ["bench.load", "--checkpoint", str(tiny_checkpoint), "--clients", "4"]
     result = run_module(*command, "--rounds", "1", env=server_env)
     assert result.returncode == 0, result.stderr[-2000:]
