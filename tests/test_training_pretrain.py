@@ -276,7 +276,7 @@ def test_the_first_logged_loss_after_a_resume_mid_window_is_that_of_an_uninterru
 
 
 def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last_ones_rate(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Resumed at step 4 (its train record's), the evaluation at 6 logged tokens_per_s
     # null, where the uninterrupted run logs step 4's rate: the process had logged no
@@ -287,6 +287,10 @@ def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last
         train, evals = read_log(folder, "train"), read_log(folder, "eval")
         assert sorted(train) == [4, 8] and sorted(evals) == [2, 4, 6, 8]
         assert evals[6]["tokens_per_s"] == train[4]["tokens_per_s"] > 0, folder.name
+    # Its bar, too, showed step 4's record from its first line (was no loss until step 8).
+    record = read_log(run, "train")[4]
+    resumed_bar = capsys.readouterr().err.split(" 4/8 [")[1].splitlines()[0]
+    assert f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}]" in resumed_bar
 
 
 def test_a_resumed_runs_checkpoints_before_its_first_evaluation_keep_the_last_scores(

@@ -638,7 +638,12 @@ class Trainer:
             s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
         total = args.max_steps if args.max_time is None else None  # a clock, not steps, ends it
-        bar = tqdm(total=total, initial=self.step, disable=not main, **bar_output())
+        # A resumed run's bar shows its last train record until the first new one.
+        self.bar_postfix = self._train_record_fields()
+        postfix = self.bar_postfix or None
+        bar = tqdm(
+            total=total, initial=self.step, disable=not main, postfix=postfix, **bar_output()
+        )
         try:
             # A compiled CPU run resumes bit-exact, as an eager one does (README).
             with deterministic_kernels(bool(args.compile) and self.device.type == "cpu"):
@@ -845,8 +850,7 @@ class Trainer:
         self.last_train_loss = self._window_mean_loss()
         self._check_finite(self.last_train_loss)
         self.tokens_per_s = self.window_tokens / (time.perf_counter() - self.window_started)
-        loss, tok_s = f"{self.last_train_loss:.4f}", f"{self.tokens_per_s:.0f}"
-        self._show_progress(bar, loss=loss, tok_s=tok_s)
+        self._show_progress(bar, **self._train_record_fields())
         with self._rank0_writing():
             self._log(
                 {
@@ -865,6 +869,12 @@ class Trainer:
         if not self.window_steps:
             return self.last_train_loss
         return self._mean_over_ranks(self.window_loss) / self.window_steps
+
+    def _train_record_fields(self) -> dict[str, str]:
+        """The bar's fields of the last train record: none before a run's first."""
+        if self.last_train_loss is None or self.tokens_per_s is None:
+            return {}
+        return {"loss": f"{self.last_train_loss:.4f}", "tok_s": f"{self.tokens_per_s:.0f}"}
 
     def _show_progress(self, bar: tqdm, **fields: str) -> None:
         """Set the bar's postfix fields (shown at its next refresh), with the time left of
