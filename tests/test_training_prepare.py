@@ -3,12 +3,14 @@ folder is an error naming --cache-dir."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from tests.test_training_pretrain import CORPUS, TINY, VAL, pretrain_in_files_up_to
 from training import pretrain
 from training.corpus import CorpusError, text_digest
-from training.prepare import PreparedData, cache_key, prepare, token_stream
+from training.prepare import PreparedData, _flocked, cache_key, prepare, token_stream
 from training.progress import bar_output
 from training.split import split_documents
 from training.tokenizer import train_tokenizer
@@ -181,6 +183,42 @@ def test_a_cache_another_process_of_the_same_pid_is_writing_is_left_to_it(tmp_pa
         "train.bin",
         "val.bin",
     ]
+
+
+def test_a_writer_waits_for_the_lock_another_trainers_abandonment_check_holds(
+    tmp_path: Path,
+) -> None:
+    # Another trainer's clean-up holds a "tmp" folder's flock a moment to see whether its
+    # writer is alive. A writer locking it then went on unlocked: a third trainer's
+    # clean-up could take it for a dead one and remove the folder it was writing.
+    folder = tmp_path / "being-written"
+    folder.mkdir()
+    entered, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with _flocked(folder):
+            entered.set()
+            done.wait()
+
+    probe = os.open(folder, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_EX)
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert not entered.wait(0.5)  # waiting for the probe's lock, not writing unlocked
+        os.close(probe)  # the probe's lock released
+        assert entered.wait(60)
+        check = os.open(folder, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(check, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(check)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(probe)
+        done.set()
+        writer.join()
 
 
 def test_what_a_killed_trainer_left_in_the_cache_is_removed_by_the_next(tmp_path: Path) -> None:

@@ -412,11 +412,14 @@ def _own_sibling(folder: Path, what: str) -> Path:
 @contextlib.contextmanager
 def _flocked(folder: Path) -> Iterator[None]:
     """An exclusive flock on `folder` held for the block: the system drops it when the
-    process ends, however it ends (a file system that cannot lock: none held)."""
+    process ends, however it ends (a file system that cannot lock: none held).
+
+    Waited for: another trainer's _is_abandoned may hold it for a moment, and a writer
+    that went on without it could be taken for a dead one and its folder removed."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
