@@ -192,15 +192,25 @@ def check_memory(
     copies = ("", "frozen copy", "two frozen copies")[frozen]
     counted = f" (the model's and {compile_decode}'s {copies})" if frozen else ""
     weights = config.num_parameters() * dtype.itemsize * (1 + frozen)
-    per_slot_token = KVCache.bytes_per_token(config, cache_dtype(device, dtype))
-    cache = per_slot_token * settings.max_batch * config.max_seq_len
-    # Zeroed at start-up too: the sampler's rows a slot (server/sampler.py) and the RoPE
-    # tables' cos and sin a position. Uncounted, a large vocabulary at many slots (656 MB
-    # for 128k tokens at --max-batch 1024), or a small model's tables at --max-batch 1,
-    # were killed by the OOM killer at the size the check said fits.
+    cache_per_token = KVCache.bytes_per_token(config, cache_dtype(device, dtype))
+    cache = cache_per_token * settings.max_batch * config.max_seq_len
+    # Beside the cache, a slot takes (per token of context, and once) and so does a
+    # position of the context:
+    # - zeroed at start-up: the sampler's rows a slot (server/sampler.py) and the RoPE
+    #   tables' cos and sin a position. Uncounted, a large vocabulary at many slots (656
+    #   MB for 128k tokens at --max-batch 1024), or a small model's tables at --max-batch
+    #   1, were killed by the OOM killer at the size the check said fits;
+    # - a step's working memory, at its largest when every slot steps at the full
+    #   context: each row's keys and values of one layer, gathered (kv_cache.py: a step's
+    #   slots are rarely one contiguous run, read in place), then its sampling's rows
+    #   (counted together: high by the smaller). Uncounted, a 2-layer model whose cache
+    #   filled what was available grew 50% past it at its first full batch.
+    per_slot_token = cache_per_token + cache_per_token // config.n_layers
     per_slot = Sampler.bytes_per_slot(config.vocab_size)
+    per_slot += Sampler.step_bytes_per_row(config.vocab_size)
     per_position = rope_bytes_per_position(config)
-    extra = per_slot * settings.max_batch + per_position * config.max_seq_len
+    slots = (per_slot_token * config.max_seq_len + per_slot) * settings.max_batch
+    extra = slots - cache + per_position * config.max_seq_len
     if available is None or weights + cache + extra <= available:
         return
     if weights >= available:
@@ -236,8 +246,8 @@ def check_memory(
     raise ValueError(
         f"the KV cache for {batch} {settings.max_batch} x a context of "
         f"{config.max_seq_len:,} tokens needs {format_size(cache)} (the weights "
-        f"{format_size(weights)}{counted}, the sampler's rows and RoPE tables "
-        f"{format_size(extra)} more), and {offered}: {remedy}"
+        f"{format_size(weights)}{counted}, the sampler's rows, RoPE tables and a step's "
+        f"working memory {format_size(extra)} more), and {offered}: {remedy}"
     )
 
 

@@ -39,6 +39,10 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(seed)
 
 
+# [B, V] float32 rows a step holds at once for each row it samples (step_bytes_per_row).
+STEP_ROWS = 12
+
+
 class Sampler:
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
@@ -49,6 +53,14 @@ class Sampler:
     def bytes_per_slot(vocab_size: int) -> int:
         """What one slot's rows of `in_prompt` and `generated` take."""
         return vocab_size * (torch.bool.itemsize + torch.float32.itemsize)
+
+    @staticmethod
+    def step_bytes_per_row(vocab_size: int) -> int:
+        """What a step may hold at once for one row it samples: the model's logits row
+        and the float32 rows sampling and log-probabilities make of it (a bias,
+        penalties, top-k, top-p and log-probabilities peaked at 9 rows, the logits'
+        own and top-p's int64 sort indices among them)."""
+        return vocab_size * torch.float32.itemsize * STEP_ROWS
 
     def batch(
         self,

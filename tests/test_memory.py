@@ -4,7 +4,10 @@ whether a CPU run fits in that."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from server.__main__ import check_memory
 from server.settings import Settings
+from tests.test_training_pretrain import python_env
 from training.memory import shortfall
 
 GIB = 1024**3
@@ -116,14 +120,15 @@ def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
 @pytest.mark.parametrize(
     ("context", "max_batch", "remedy"),
     [
-        # 18 KiB per slot and token (`small`, float32): 32 slots of 1,024 tokens fit in 9 GiB.
+        # 18 KiB per slot and token (`small`, float32), and 3 KiB more while a step gathers
+        # one of its 6 layers: 32 slots of 1,024 tokens fit in 9 GiB.
         (1024, 32, None),
-        # One slot of 2^22 tokens needs 72 GiB: the context is what to lower.
-        (2**22, 32, "lower --max-context to at most 16,286"),
-        # 288 GiB: 15 slots of 2^15 tokens fit, or 512 slots of 1,017.
-        (2**15, 512, "lower --max-batch to at most 15, or --max-context to at most 1,017"),
-        # 220 GiB: a single slot of 400,000 tokens fits, which is still a remedy.
-        (400_000, 32, "lower --max-batch to at most 1, or --max-context to at most 16,286"),
+        # One slot of 2^22 tokens needs 84 GiB: the context is what to lower.
+        (2**22, 32, "lower --max-context to at most 13,952"),
+        # 336 GiB: 13 slots of 2^15 tokens fit, or 512 slots of 863.
+        (2**15, 512, "lower --max-batch to at most 13, or --max-context to at most 863"),
+        # 256 GiB: a single slot of 400,000 tokens fits, which is still a remedy.
+        (400_000, 32, "lower --max-batch to at most 1, or --max-context to at most 13,952"),
     ],
 )
 def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
@@ -229,3 +234,88 @@ def test_the_server_counts_what_start_up_zeroes_besides_the_weights_and_cache(
         check_memory(settings, {}, config, torch.device("cpu"))
     message = str(refused.value)
     assert re.search(rf"is available: {remedy} [\d,]+$", message), message
+
+
+# A server's parts at a full batch in a process of their own: what their tensors hold
+# (weights, RoPE tables, KV cache, sampler rows), and how far the peak RSS grows over a
+# decode step of every slot at the full context, its slots out of order (as a step's
+# usually are) and sampling with a bias, penalties, top-k/top-p and log-probabilities.
+STEP_PEAK = """
+import json, sys, torch
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.sampling import SamplingParams
+from model.transformer import Transformer
+from server.sampler import Sampler, make_generator
+
+fields = json.loads(sys.argv[1])
+config, batch_size = ModelConfig(**fields), 32
+model = Transformer(config).eval()
+cache = KVCache.for_model(config, batch_size)
+cpu = torch.device("cpu")
+sampler = Sampler(batch_size, config.vocab_size, cpu)
+slots = list(reversed(range(batch_size)))
+params = SamplingParams(
+    temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5,
+    logit_bias=((3, 1.0),),
+)
+generators = [make_generator(slot, cpu) for slot in slots]
+rows = sampler.batch(slots, [params] * batch_size, generators, [5] * batch_size)
+for slot in slots:
+    sampler.start(slot, [1, 2, 3])
+for layer in (*cache.k, *cache.v):
+    layer.fill_(0.5)  # written, as a serving cache is: zeroed pages take no memory
+ids = torch.ones(batch_size, 1, dtype=torch.long)
+
+def step(length):
+    with torch.no_grad():
+        positions = torch.full((batch_size, 1), length - 1)
+        logits = model(ids, positions, cache, torch.tensor(slots), length=length)[:, -1]
+        sampler.logprobs(logits, sampler.sample(logits, rows), 5)
+
+def status(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+
+step(2)  # the allocator and thread pools warmed by a short step
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # the peak RSS (VmHWM) starts again from the RSS now
+before = status("VmRSS:")
+step(config.max_seq_len)
+tensors = [*model.parameters(), *model.buffers(), *cache.k, *cache.v, sampler.in_prompt,
+           sampler.generated]
+print(json.dumps({"held": sum(t.nbytes for t in tensors), "step": status("VmHWM:") - before}))
+"""
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # Two layers, a long context: the layer's keys and values the step gathers are half
+        # the cache again.
+        {"vocab_size": 4096, "dim": 256, "n_layers": 2, "n_heads": 4, "max_seq_len": 1024},
+        # A large vocabulary, a short context: the sampling's [batch, vocab] rows.
+        {"vocab_size": 65536, "dim": 64, "n_layers": 2, "n_heads": 1, "max_seq_len": 16},
+    ],
+)
+def test_the_server_counts_what_a_full_batchs_step_takes_beside_what_it_holds(
+    system: Path, fields: dict
+) -> None:
+    # The check counted what start-up allocates: a 2-layer model whose cache filled what
+    # was available grew 50% past it at its first full batch at the full context.
+    measured = subprocess.run(
+        [sys.executable, "-c", STEP_PEAK, json.dumps(fields | {"ffn_dim": 512})],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=python_env(),
+    )
+    used = json.loads(measured.stdout)
+    assert used["step"] > 0, used
+    config = ModelConfig(**fields, ffn_dim=512)
+    settings = Settings(checkpoint=system, max_batch=32, dtype="float32")
+    # A kB short of what the parts held and their step took: refused.
+    available_kb = (used["held"] + used["step"]) // 1024 - 1
+    (system / "meminfo").write_text(f"MemAvailable: {available_kb} kB\nSwapFree: 0 kB\n")
+    with pytest.raises(ValueError, match="is available: lower --max-batch to at most"):
+        check_memory(settings, {}, config, torch.device("cpu"))

@@ -324,21 +324,24 @@ def test_a_kv_cache_past_this_machines_memory_exits_2_saying_what_context_fits(
     # Not one slot of that context fits: the context is what to lower.
     fits = re.fullmatch(
         r"error: the KV cache for POCKETGPT_MAX_BATCH 1024 x a context of 16,777,216 tokens "
-        r"needs 32\.00 TiB \(the weights ([\d.]+) MiB, the sampler's rows and RoPE "
-        r"tables [\d.]+ GiB more\), and at most ([\d,.]+) GiB is available: lower "
+        r"needs 32\.00 TiB \(the weights ([\d.]+) MiB, the sampler's rows, RoPE tables "
+        r"and a step's working memory [\d.]+ TiB more\), and at most ([\d,.]+) GiB is "
+        r"available: lower "
         r"--max-context to at most ([\d,]+)",
         line,
     )
     assert fits is not None, line
     weights_mib, available_gib, context = (float(g.replace(",", "")) for g in fits.groups())
-    # The context named is the most whose cache and RoPE tables fit beside the weights and
-    # the sampler's rows in what the line says is available (printed to 0.01 GiB: within a
-    # few tokens of it).
+    # The context named is the most whose cache, RoPE tables and a step's keys and values
+    # of one layer, gathered, fit beside the weights and the sampler's rows, and a step's,
+    # in what the line says is available (printed to 0.01 GiB: within a few tokens of it).
     config = read_config(long)
-    per_context_token = 1024 * KVCache.bytes_per_token(config, torch.float32)
+    cache_per_token = KVCache.bytes_per_token(config, torch.float32)
+    per_context_token = 1024 * (cache_per_token + cache_per_token // config.n_layers)
     per_context_token += 2 * config.head_dim * torch.float32.itemsize  # RoPE's cos and sin
     room = available_gib * 2**30 - weights_mib * 2**20
-    room -= 1024 * Sampler.bytes_per_slot(config.vocab_size)
+    per_slot = Sampler.bytes_per_slot(config.vocab_size)
+    room -= 1024 * (per_slot + Sampler.step_bytes_per_row(config.vocab_size))
     assert abs(context - room / per_context_token) <= 0.005 * 2**30 / per_context_token + 1
 
     past = run_server("--checkpoint", str(checkpoint), "--max-context", "1025")
