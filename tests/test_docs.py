@@ -161,3 +161,20 @@ def test_compose_passes_every_setting_through_but_the_ones_its_services_fix() ->
     default = "/data/checkpoints/default}"
     assert "- POCKETGPT_OUT_DIR=${POCKETGPT_OUT_DIR:-" + default in trainer
     assert "- POCKETGPT_CHECKPOINT=${POCKETGPT_CHECKPOINT:-" + default in server
+
+
+def test_the_docker_build_context_leaves_out_what_git_ignores() -> None:
+    """What git ignores (a virtual env, checkpoints, a downloaded wheel, caches) is not sent
+    to the Docker daemon with every build either; deploy/wheels/, the Dockerfile's own
+    source of local wheels, is the one exception."""
+    root = README_PATH.parent
+
+    def patterns(name: str) -> list[str]:
+        lines = (root / name).read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+    docker = patterns(".dockerignore")
+    kept_out = [p.rstrip("/") for p in patterns(".gitignore") if p.rstrip("/") != "deploy/wheels"]
+    assert [p for p in kept_out if p not in docker and f"**/{p}" not in docker] == []
+    # The last pattern a path matches decides: the exception comes after what it undoes.
+    assert docker.index("!deploy/wheels") > max(docker.index("**/*.whl"), docker.index("deploy/*"))
