@@ -257,10 +257,14 @@ def _content(content: object, said: str) -> str:
 def _is_model_folder(folder: Path) -> bool:
     """A training run (its `latest` pointer, or before its first checkpoint its log) or a
     model (config.json beside safetensors): its log.jsonl or model card is not text to
-    train on."""
-    if (folder / LATEST).is_file() or is_run_log(folder / RUN_LOG):
-        return True
-    return (folder / CONFIG).is_file() and any(folder.glob("*.safetensors"))
+    train on. A folder this user may not enter (a bind mount the image's user 10001
+    cannot read) is named as the one that cannot be read, not the `latest` inside it."""
+    try:
+        if (folder / LATEST).is_file() or is_run_log(folder / RUN_LOG):
+            return True
+        return (folder / CONFIG).is_file() and any(folder.glob("*.safetensors"))
+    except OSError as e:
+        raise CorpusError(f"{folder}: cannot read ({e.strerror or e})") from None
 
 
 def _has_text_suffix(name: str) -> bool:
