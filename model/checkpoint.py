@@ -331,6 +331,11 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
+    if path.name == LATEST and path.is_file():  # `run/latest` named for the run
+        raise CheckpointError(
+            f"{path}: a run folder's {LATEST} file, not a checkpoint: name its folder, "
+            f"{path.parent}"
+        )
     if (path / CONFIG).exists():
         return _links_stay_inside(path)
     pointer = path / LATEST
@@ -353,6 +358,13 @@ def resolve_checkpoint(path: Path) -> Path:
         raise CheckpointError(
             f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file); the "
             f"checkpoints inside it: {shown}: name one"
+        )
+    runs = [f.name for f in folders if (f / LATEST).is_file() and not is_temporary(f.name)]
+    if runs:  # the folder that holds the runs (checkpoints/ rather than checkpoints/mine)
+        shown = ", ".join(runs if len(runs) <= 3 else [*runs[:2], "...", runs[-1]])
+        raise CheckpointError(
+            f"{path}: not a checkpoint ({CONFIG} missing and no {LATEST} file); the run "
+            f"folders inside it: {shown}: name one"
         )
     if is_run_log(path / RUN_LOG):  # a server started beside a trainer, say
         raise CheckpointError(

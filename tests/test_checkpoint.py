@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,21 @@ def test_latest_pointer_names_the_newest_checkpoint(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
     model = Transformer(tiny_config)
-    save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
-    save_checkpoint(tmp_path, "step-0000002", model, tokenizer)
-    assert (tmp_path / LATEST).read_text().strip() == "step-0000002"
-    assert resolve_checkpoint(tmp_path) == tmp_path / "step-0000002"
-    assert load_model(tmp_path).config == tiny_config
+    run = tmp_path / "mine"
+    save_checkpoint(run, "step-0000001", model, tokenizer)
+    save_checkpoint(run, "step-0000002", model, tokenizer)
+    assert (run / LATEST).read_text().strip() == "step-0000002"
+    assert resolve_checkpoint(run) == run / "step-0000002"
+    assert load_model(run).config == tiny_config
+    # The `latest` file itself, or the folder holding the runs, named instead of the run:
+    # "not a checkpoint (config.json missing and no latest file)" said neither.
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"latest file, not a checkpoint: name its folder, {run}") + "$",
+    ):
+        resolve_checkpoint(run / LATEST)
+    with pytest.raises(CheckpointError, match=r"the run folders inside it: mine: name one$"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it(
