@@ -2142,6 +2142,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--data", str(texts), "--out-dir", f"{texts}/"],
             f"--out-dir {texts}/ is the --data folder itself: its checkpoints would be read",
         ),
+        # A text file is no folder: "is the --data folder itself" named it as one.
+        "out-dir the text file": (
+            ["--data", str(CORPUS), "--out-dir", str(CORPUS)],
+            f"--out-dir {CORPUS}: {CORPUS} is not a folder",
+        ),
         "missing path": (["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
         "empty corpus": (["--data", str(tmp_path / "empty.txt")], "the corpus is empty"),
         "smaller than one batch": (["--data", str(tmp_path / "short.txt")], "too small"),

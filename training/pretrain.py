@@ -370,6 +370,8 @@ def check_out_dir_is_not_text(args: TrainArgs, given: Given) -> None:
     the next command (which refuses a run folder given as text), so the run could not
     be resumed, nor its text trained on again. One inside a text folder is skipped."""
     out_dir = os.path.realpath(args.out_dir)  # no error on a link loop, as resolve() has
+    if not os.path.isdir(out_dir):  # a text file named as --out-dir: "is not a folder"
+        return
     for name in ("data", "val_data"):
         for path in getattr(args, name) or ():
             if os.path.realpath(path) == out_dir:
