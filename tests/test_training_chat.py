@@ -736,7 +736,7 @@ def test_a_record_that_is_no_conversation_to_learn_from_exits_2_naming_its_line(
 
 
 def test_text_and_conversations_are_not_trained_on_together(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -750,7 +750,7 @@ def test_text_and_conversations_are_not_trained_on_together(
         (  # the first file of each kind named
             ["--data", str(corpus)],
             f"{chat_file} holds conversations ('messages' records) and "
-            f"{text_file} text: train on one kind at a time",
+            f"{text_file} text: a corpus is text or conversations, not both",
         ),
         (
             ["--data", str(mixed)],
@@ -776,6 +776,10 @@ def test_text_and_conversations_are_not_trained_on_together(
         assert pretrain.main(flags) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {error}"
         assert not run.exists()
+    # Evaluation reads a corpus as training does, and says so without "train on": it
+    # trains nothing.
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(corpus)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {cases[0][1]}"
 
 
 def test_held_out_conversations_also_in_the_training_data_are_refused(

@@ -386,7 +386,7 @@ def load_documents(paths: Iterable[str | Path]) -> list[Document]:
             if len(first_of_kind) > 1:
                 raise CorpusError(
                     f"{first_of_kind[Conversation]} holds conversations ('messages' records) "
-                    f"and {first_of_kind[str]} text: train on one kind at a time"
+                    f"and {first_of_kind[str]} text: a corpus is text or conversations, not both"
                 )
             documents.extend(found)
     if not documents:
