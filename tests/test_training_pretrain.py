@@ -198,8 +198,8 @@ def test_a_resumed_run_decides_again_on_this_machine_what_the_machine_chose(
     assert pretrain.main([*flags, "--out-dir", str(chosen)]) == 0
     explicit = ["--dtype", "float32", "--no-compile", "--out-dir", str(given)]
     assert pretrain.main([*flags, *explicit]) == 0
-    assert meta(chosen)["machine_chosen"] == ["compile", "dtype"]
-    assert meta(given)["machine_chosen"] == []
+    assert meta(chosen)["chosen_at_start"] == ["compile", "dtype"]
+    assert meta(given)["chosen_at_start"] == []
     here = auto_dtype(TrainArgs(preset="tiny"), torch.device("cpu"))
     elsewhere = "float32" if here == "bfloat16" else "bfloat16"
     # As a 1000-step run on a machine with a compiler and other bf16 units saves them.
@@ -209,7 +209,8 @@ def test_a_resumed_run_decides_again_on_this_machine_what_the_machine_chose(
     meta_file.write_text(json.dumps(saved), encoding="utf-8")
     monkeypatch.setenv("PATH", str(tmp_path / "no-compilers"))
     assert pretrain.main(["--resume", str(chosen), "--max-steps", "3"]) == 0
-    assert meta(chosen)["step"] == 3 and meta(chosen)["machine_chosen"] == ["compile", "dtype"]
+    assert meta(chosen)["step"] == 3
+    assert meta(chosen)["chosen_at_start"] == ["compile", "dtype"]
     assert (meta(chosen)["args"]["compile"], meta(chosen)["args"]["dtype"]) == (False, here)
     # What was given stays, whatever this machine would choose.
     assert pretrain.main(["--resume", str(given), "--max-steps", "3"]) == 0
@@ -1510,6 +1511,34 @@ def test_a_time_boxed_run_keeps_its_five_passes_when_resumed_without_its_time_bo
     resume_without_time_box(run)
     assert meta(run)["stopped_by"] == "max_steps"
     assert meta(run)["step"] == meta(run)["args"]["max_steps"] == passes
+
+
+def test_a_run_resumed_with_fewer_steps_warms_up_as_a_run_of_that_many_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The warmup a run's schedule chose (30 steps of 400) was kept when it was resumed
+    # with --max-steps 12: it covered the whole run (with a warning about a flag never
+    # given), and the learning rate never decayed.
+    at = TINY.index("--warmup-steps")
+    no_warmup = [*TINY[:at], *TINY[at + 2 :], "--no-compile", "--log-interval", "1"]
+    common = [*no_warmup, "--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache")]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    argv = [*common, "--max-steps", "400", "--max-time", "0.001", "--out-dir", str(run)]
+    assert pretrain.main(argv) == 0
+    assert meta(run)["args"]["warmup_steps"] == 30 and meta(run)["step"] < 12
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "12", "--max-time", "none"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert pretrain.main([*common, "--max-steps", "12", "--out-dir", str(straight)]) == 0
+    assert meta(run)["args"]["warmup_steps"] == meta(straight)["args"]["warmup_steps"] == 1
+    assert read_log(run, "train")[12]["lr"] == read_log(straight, "train")[12]["lr"]
+    # One given is kept.
+    argv = [*common, "--max-steps", "400", "--max-time", "0.001", "--warmup-steps", "30"]
+    assert pretrain.main([*argv, "--out-dir", str(tmp_path / "given")]) == 0
+    resume = ["--resume", str(tmp_path / "given"), "--max-steps", "12", "--max-time", "none"]
+    assert pretrain.main(resume) == 0
+    assert meta(tmp_path / "given")["args"]["warmup_steps"] == 30
+    assert "--warmup-steps 30 covers the whole 12-step schedule" in capsys.readouterr().err
 
 
 def test_a_time_boxed_run_saved_without_a_step_count_resumes_to_the_default_one(

@@ -332,14 +332,16 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embe
 
 PATH_FIELDS = ("data", "val_data", "tokenizer", "cache_dir", "init_from")
 
-# Settings whose automatic value (here) the trainer decides by the machine it runs on: a
-# run resumed elsewhere decides them again there, unless they were given.
-MACHINE_CHOICES: dict[str, object] = {"compile": None, "dtype": "auto"}
+# Settings whose automatic value (here) the trainer decides as a run starts: by the machine
+# it runs on (--compile, --dtype) or by its schedule (--warmup-steps). A resumed run
+# decides them again, on the machine it resumes on and for the schedule it resumes with
+# (a lowered --max-steps), unless they were given.
+CHOSEN_AT_START: dict[str, object] = {"compile": None, "dtype": "auto", "warmup_steps": None}
 
 
-def machine_chosen_settings(args: TrainArgs) -> list[str]:
-    """The MACHINE_CHOICES that `args` (not yet resolved) leaves to the machine."""
-    return [name for name, auto in MACHINE_CHOICES.items() if getattr(args, name) == auto]
+def chosen_at_start(args: TrainArgs) -> list[str]:
+    """The CHOSEN_AT_START settings that `args` (not yet resolved) leaves to the run."""
+    return [name for name, auto in CHOSEN_AT_START.items() if getattr(args, name) == auto]
 
 
 def as_saved(name: str, value: object) -> object:

@@ -62,8 +62,8 @@ from training.args import (
     Given,
     TrainArgs,
     UsageError,
+    chosen_at_start,
     explicit_settings,
-    machine_chosen_settings,
     make_args,
     with_absolute_paths,
 )
@@ -516,7 +516,7 @@ def run_locked(given: Given) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # before the first large tensor: every step's activations reuse memory
-    machine_chosen = machine_chosen_settings(args)
+    left_to_the_run = chosen_at_start(args)
     args = with_hardware_defaults(args, device)
     tokenizer = resolve_tokenizer(args, start, given.source("tokenizer"))
     # Checked now, not after tokenizing: no shape rule involves the vocabulary size,
@@ -602,7 +602,7 @@ def run_locked(given: Given) -> int:
             init_from=initial,
             tokenizer_extras=tokenizer_extras,
             generation_defaults=generation_defaults,
-            machine_chosen=machine_chosen,
+            chosen_at_start=left_to_the_run,
         )
         # The trainer takes SIGINT and SIGTERM over and, when it is done, restores what it
         # found: a signal after its checkpoints ends the process at once (as one in the

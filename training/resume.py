@@ -17,7 +17,7 @@ from model.checkpoint import (
 )
 from model.config import PRESETS, ModelConfig
 from training.args import (
-    MACHINE_CHOICES,
+    CHOSEN_AT_START,
     SHAPE_FIELDS,
     Given,
     TrainArgs,
@@ -206,9 +206,13 @@ def resumed_args(folder: Path, given: Given) -> TrainArgs:
     if base.get("max_steps") == UNLIMITED_STEPS:
         base["max_steps"] = None
     # What the machine chose, this machine chooses again (a run compiled on one with a
-    # compiler resumes on one without; bf16 where this CPU has no bf16 units is slow).
-    machine_chosen = trainer_meta(folder).get("machine_chosen", [])
-    base |= {name: MACHINE_CHOICES[name] for name in MACHINE_CHOICES if name in machine_chosen}
+    # compiler resumes on one without; bf16 where this CPU has no bf16 units is slow); the
+    # warmup its schedule chose, the schedule resumed with (a 400-step run's 30 steps
+    # covered all of a --max-steps 12 it was resumed with: its rate never decayed).
+    # (Saved as "machine_chosen", compile and dtype alone, before 2026-12-07.)
+    meta = trainer_meta(folder)
+    chosen = meta.get("chosen_at_start", meta.get("machine_chosen", []))
+    base |= {name: CHOSEN_AT_START[name] for name in CHOSEN_AT_START if name in chosen}
     try:
         return make_args(base, given)
     except (TypeError, ValueError) as e:  # a saved value of the wrong type

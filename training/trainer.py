@@ -199,10 +199,10 @@ class Trainer:
         init_from: Path | None = None,
         tokenizer_extras: TokenizerExtras | None = None,
         generation_defaults: Mapping[str, object] | None = None,
-        machine_chosen: Sequence[str] = (),
+        chosen_at_start: Sequence[str] = (),
     ) -> None:
         self.args, self.data, self.device, self.dist = args, data, device, dist_info
-        self.machine_chosen = list(machine_chosen)  # args.MACHINE_CHOICES left to the machine
+        self.chosen_at_start = list(chosen_at_start)  # args.CHOSEN_AT_START left to the run
         self.out_dir = Path(args.out_dir)
         # args.dtype is resolved by now (defaults.with_hardware_defaults): never "auto".
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
@@ -398,7 +398,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "first_batch_fingerprints": self.first_batch_fingerprints,
             "stopped_by": self.stopped_by,
-            "machine_chosen": self.machine_chosen,
+            "chosen_at_start": self.chosen_at_start,
             "data": {"cache": str(self.data.folder), **self.data.meta["splits"]},
             "args": self.args.to_dict(),
         }
