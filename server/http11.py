@@ -18,6 +18,13 @@ connection's start or the previous response's end until its last body byte, then
 answers 408 (or closes silently if nothing of a request came) and closes. A response,
 however long it streams, is never cut by it.
 
+Nor had uvicorn a deadline for a client to read its response: a stream whose client
+stopped reading (its socket's buffers full) held its connection, and the outputs its
+request went on generating, for as long as the client kept the connection open. Once
+the server's writes are paused on a client that reads nothing of what waits for it for
+`--request-timeout` seconds, the connection is reset (its request cancelled, as for a
+client that disconnects); one that reads anything in that time gets as long again.
+
 A request target in absolute-form (`POST http://127.0.0.1:8000/v1/generate HTTP/1.1`,
 as proxies and some clients send) must be accepted (RFC 9112 3.2.2); uvicorn took it
 whole for the path (a 404). The connection reads it as the origin-form target it names,
@@ -39,6 +46,8 @@ import asyncio
 import copy
 import logging
 import re
+import socket
+import struct
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -52,6 +61,8 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from server.protocol import ApiError
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # h11 states of the client's side once its request has arrived whole (or never will).
 _REQUEST_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
@@ -195,6 +206,8 @@ class EnvelopeH11Protocol(H11Protocol):
     request_timeout: float = 30.0  # uvicorn_config() sets it from Settings
     _deadline: asyncio.TimerHandle | None = None
     lingering: asyncio.TimerHandle | None = None  # the end of a lingering close
+    _stalled_check: asyncio.TimerHandle | None = None  # while writes are paused
+    _unsent: int = 0  # bytes waiting for the client at the last check
 
     def __init__(self, config: Config, *args: object, **kwargs: object) -> None:
         super().__init__(config, *args, **kwargs)  # type: ignore[arg-type]
@@ -206,9 +219,44 @@ class EnvelopeH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
+        self._stop_stall_check()
         if self.lingering is not None:
             self.lingering.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # Nothing more is written while paused (uvicorn's send waits), so what waits for
+        # the client shrinks only as it reads.
+        self._unsent = self.transport.get_write_buffer_size()
+        self._stop_stall_check()
+        self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)
+
+    def resume_writing(self) -> None:
+        self._stop_stall_check()
+        super().resume_writing()
+
+    def _stop_stall_check(self) -> None:
+        if self._stalled_check is not None:
+            self._stalled_check.cancel()
+            self._stalled_check = None
+
+    def _check_reading(self) -> None:
+        self._stalled_check = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # it read some: as long again
+            self._unsent = unsent
+            self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)
+            return
+        log.warning(
+            "a client read nothing of its response for %g s: disconnected", self.request_timeout
+        )
+        # Reset, not closed: a close would leave the kernel retrying the unread bytes for
+        # minutes to a client that reads none.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _should_upgrade(self) -> bool:
         return False  # no WebSocket route: served as plain HTTP (the module docstring)

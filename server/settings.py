@@ -139,7 +139,8 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="seconds a client has to send a whole request (head and body), from "
         "connecting or from its previous response; beyond it: 408 and the connection closes "
-        "(a response is never cut by it)",
+        "(a response is never cut by it); a client whose response waits unread (its socket "
+        "full) that long is disconnected",
     )
     drain_timeout: float = Field(
         30.0,

@@ -141,11 +141,17 @@ def running_server(
     ready_within: float = 60.0,
     expect_ready: bool = True,
     app: FastAPI | None = None,
+    send_buffer: int | None = None,
 ) -> Iterator[str]:
     """Serve `app` (default: `create_app(settings)`) with uvicorn in a thread, configured
     as `python -m server` configures it (on a socket of its own); yield its base URL once
-    /health says ready (or, with `expect_ready=False`, once it answers at all)."""
+    /health says ready (or, with `expect_ready=False`, once it answers at all).
+    `send_buffer`: the kernel's send buffer of each connection, in bytes (default: the
+    kernel's own, growing to megabytes), so that a client that stops reading stops the
+    server's writes after a few kilobytes."""
     sock = socket.socket()
+    if send_buffer is not None:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = create_app(settings) if app is None else app

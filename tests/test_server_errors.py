@@ -950,7 +950,8 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
     # A fifth of a second: the 900-token stream below outlasts it several times over.
     timeout = 0.2
     checkpoint = random_checkpoint(tmp_path, english_tokenizer())
-    with running_server(Settings(checkpoint=checkpoint, request_timeout=timeout)) as url:
+    settings = Settings(checkpoint=checkpoint, request_timeout=timeout)
+    with running_server(settings, send_buffer=4096) as url:
         # Slow clients (slowloris) held their connections for good: part of a head, or a
         # body shorter than its Content-Length, is answered 408 and the connection closed.
         head = b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\n"
@@ -976,6 +977,38 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
             assert streamed > timeout, f"the stream took {streamed:.2f} s: lengthen it"
             assert done == "[DONE]" and last["usage"]["completion_tokens"] == 900
             assert client.get("/v1/models").status_code == 200
+
+        # A client that stops reading a stream held its connection, and the stream's
+        # undelivered outputs, for good (its request ran on to its end): one that reads
+        # nothing of what waits for it for as long is disconnected, its request cancelled.
+        cancelled, length = (
+            ("pocketgpt_request_finished_total", (("reason", reason),))
+            for reason in ("cancelled", "length")
+        )
+        before = metric_samples(url)
+
+        def ended() -> bool:
+            now = metric_samples(url)
+            return now[cancelled] + now[length] > before[cancelled] + before[length]
+
+        request = {"prompt": "x", "max_tokens": 900, "ignore_eos": True, "stream": True}
+        payload = json.dumps({**request, "logprobs": 5}).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.settimeout(30)
+            stalled.connect((host, int(port)))
+            stalled.sendall(head.encode() + payload)
+            wait_until(ended, 30, "the request ended")
+            assert metric_samples(url)[cancelled] == before[cancelled] + 1
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := stalled.recv(65536):
+                    received += chunk
+            assert b"data: [DONE]" not in received
 
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
