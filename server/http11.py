@@ -167,6 +167,12 @@ class _LingeringTransport:
     out), what the client still sends is read and dropped until it closes its side or
     LINGER_SECONDS pass, then the socket closes (at once, if the client has not even
     read the answer by then).
+
+    A connection closed between requests (uvicorn's keep-alive timeout, or this module's
+    request deadline on a silent one) has no request arriving: it closes plainly, once
+    the client has read what waits for it. Lingering there cut a long answer a client
+    was still reading (slowly) short after LINGER_SECONDS; one that reads nothing is
+    reset by EnvelopeH11Protocol's check instead.
     """
 
     def __init__(self, transport: asyncio.Transport, protocol: EnvelopeH11Protocol) -> None:
@@ -185,7 +191,7 @@ class _LingeringTransport:
         if (
             protocol.lingering is None
             and not transport.is_closing()
-            and protocol.conn.their_state not in _CLIENT_DONE
+            and protocol.request_arriving()
             and transport.can_write_eof()
         ):
             transport.write_eof()
@@ -193,6 +199,8 @@ class _LingeringTransport:
             protocol.lingering = protocol.loop.call_later(LINGER_SECONDS, self._end_linger)
             return
         transport.close()
+        if transport.get_write_buffer_size():  # sent as the client reads it
+            protocol.watch_reading()
 
     def _end_linger(self) -> None:
         # close() would wait to send what the client has not read; abort() does not.
@@ -206,7 +214,7 @@ class EnvelopeH11Protocol(H11Protocol):
     request_timeout: float = 30.0  # uvicorn_config() sets it from Settings
     _deadline: asyncio.TimerHandle | None = None
     lingering: asyncio.TimerHandle | None = None  # the end of a lingering close
-    _stalled_check: asyncio.TimerHandle | None = None  # while writes are paused
+    _stalled_check: asyncio.TimerHandle | None = None  # while writes are paused, or closing
     _unsent: int = 0  # bytes waiting for the client at the last check
 
     def __init__(self, config: Config, *args: object, **kwargs: object) -> None:
@@ -224,17 +232,30 @@ class EnvelopeH11Protocol(H11Protocol):
             self.lingering.cancel()
         super().connection_lost(exc)
 
+    def request_arriving(self) -> bool:
+        """Whether the client may still be sending a request: one begun and not whole (or
+        refused unparsed)."""
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return bool(self.conn.trailing_data[0])  # part of a head
+        return state not in _CLIENT_DONE
+
     def pause_writing(self) -> None:
         super().pause_writing()
-        # Nothing more is written while paused (uvicorn's send waits), so what waits for
-        # the client shrinks only as it reads.
-        self._unsent = self.transport.get_write_buffer_size()
-        self._stop_stall_check()
-        self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)
+        self.watch_reading()
 
     def resume_writing(self) -> None:
-        self._stop_stall_check()
+        if not self.transport.is_closing():  # else: closing once the client has read all
+            self._stop_stall_check()
         super().resume_writing()
+
+    def watch_reading(self) -> None:
+        """Reset the connection unless the client reads some of what waits for it within
+        each `request_timeout`. Nothing more is written meanwhile (paused: uvicorn's send
+        waits; or closing), so what waits shrinks only as the client reads."""
+        if self._stalled_check is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)
 
     def _stop_stall_check(self) -> None:
         if self._stalled_check is not None:
@@ -244,6 +265,8 @@ class EnvelopeH11Protocol(H11Protocol):
     def _check_reading(self) -> None:
         self._stalled_check = None
         unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
         if unsent < self._unsent:  # it read some: as long again
             self._unsent = unsent
             self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)

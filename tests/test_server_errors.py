@@ -1011,6 +1011,41 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
             assert b"data: [DONE]" not in received
 
 
+def test_a_long_answer_read_slowly_arrives_whole(tmp_path):
+    # A client on a slow link reads a long answer for longer than the server keeps an idle
+    # connection: the close that ended it then dropped the answer's unread rest after 2 s
+    # (a clean end of the connection, before its Content-Length), as for a client still
+    # sending a refused request. It is sent whole, then the connection closes.
+    timeout = 0.5
+    checkpoint = random_checkpoint(tmp_path, english_tokenizer())
+    settings = Settings(checkpoint=checkpoint, request_timeout=timeout)
+    with running_server(settings, send_buffer=4096) as url:
+        host, port = url.removeprefix("http://").split(":")
+        # ~240 kB of logprobs: ~3 s at 8 kB every 0.1 s, each read well within the timeout.
+        request = {"prompt": "x", "n": 4, "max_tokens": 300, "logprobs": 5, "ignore_eos": True}
+        payload = json.dumps(request).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.settimeout(30)
+            slow.connect((host, int(port)))
+            slow.sendall(head.encode() + payload)
+            answer = b""
+            started = time.monotonic()
+            while chunk := slow.recv(8192):
+                answer += chunk
+                time.sleep(0.1)  # the client's pace, not a wait for the server
+            took = time.monotonic() - started
+        answer_head, _, body = answer.partition(b"\r\n\r\n")
+        assert answer_head.startswith(b"HTTP/1.1 200 "), answer_head
+        length = int(re.search(rb"content-length: (\d+)", answer_head.lower())[1])
+        assert took > timeout + 2.5, f"read in {took:.1f} s: lengthen the answer"
+        assert len(body) == length and json.loads(body)["object"] == "text_completion"
+
+
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
     assert assert_error(client.get("/v1/nothing"), 404, "not_found") == "Not Found"
     # A trailing slash is another path: 404, not Starlette's empty 307 to the one without.
