@@ -992,16 +992,7 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
             return now[cancelled] + now[length] > before[cancelled] + before[length]
 
         request = {"prompt": "x", "max_tokens": 900, "ignore_eos": True, "stream": True}
-        payload = json.dumps({**request, "logprobs": 5}).encode()
-        head = (
-            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        with socket.socket() as stalled:
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled.settimeout(30)
-            stalled.connect((host, int(port)))
-            stalled.sendall(head.encode() + payload)
+        with completion_on_a_small_window(url, {**request, "logprobs": 5}) as stalled:
             wait_until(ended, 30, "the request ended")
             assert metric_samples(url)[cancelled] == before[cancelled] + 1
             received = b""
@@ -1009,6 +1000,25 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
                 while chunk := stalled.recv(65536):
                     received += chunk
             assert b"data: [DONE]" not in received
+
+
+@contextlib.contextmanager
+def completion_on_a_small_window(url: str, request: dict) -> Iterator[socket.socket]:
+    """A raw connection to `url` that has sent /v1/completions `request`, its receive
+    buffer a few kilobytes: unread, the answer fills it (and the server's small send
+    buffer) at once."""
+    payload = json.dumps(request).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(30)
+        client.connect((host, int(port)))
+        client.sendall(head.encode() + payload)
+        yield client
 
 
 def test_a_long_answer_read_slowly_arrives_whole(tmp_path):
@@ -1020,19 +1030,9 @@ def test_a_long_answer_read_slowly_arrives_whole(tmp_path):
     checkpoint = random_checkpoint(tmp_path, english_tokenizer())
     settings = Settings(checkpoint=checkpoint, request_timeout=timeout)
     with running_server(settings, send_buffer=4096) as url:
-        host, port = url.removeprefix("http://").split(":")
         # ~240 kB of logprobs: ~3 s at 8 kB every 0.1 s, each read well within the timeout.
         request = {"prompt": "x", "n": 4, "max_tokens": 300, "logprobs": 5, "ignore_eos": True}
-        payload = json.dumps(request).encode()
-        head = (
-            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        with socket.socket() as slow:
-            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            slow.settimeout(30)
-            slow.connect((host, int(port)))
-            slow.sendall(head.encode() + payload)
+        with completion_on_a_small_window(url, request) as slow:
             answer = b""
             started = time.monotonic()
             while chunk := slow.recv(8192):
