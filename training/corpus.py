@@ -370,7 +370,8 @@ def load_documents(paths: Iterable[str | Path]) -> list[Document]:
             found = _documents_in(file)
             if found is None:
                 continue
-            found = [d for d in found if isinstance(d, Conversation) or d.strip()]
+            # isspace, not strip: a copy of the text (300 MB in a one-document file).
+            found = [d for d in found if isinstance(d, Conversation) or not _blank(d)]
             if not found:  # a failed export, a placeholder: worth a look, not an error
                 blank.append(file)
                 continue
@@ -399,6 +400,11 @@ def load_documents(paths: Iterable[str | Path]) -> list[Document]:
     return documents
 
 
+def _blank(text: str) -> bool:
+    """Whether `text` is empty or only spaces (`not text.strip()`, without its copy)."""
+    return not text or text.isspace()
+
+
 def _warn_skipped(files: list, why: str) -> None:
     count = f"{len(files)} file" + ("s" if len(files) > 1 else "")
     shown = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" * (len(files) > 3))
@@ -417,7 +423,9 @@ def text_digest(docs: Sequence[Document]) -> str:
             data = b"\0" + json.dumps(record, ensure_ascii=False).encode("utf-8")
         else:
             data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little") + data)
+        # Two updates, not one of the sum: a copy of the whole text (one-document file).
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return h.hexdigest()
 
 
