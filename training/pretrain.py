@@ -551,6 +551,9 @@ def run_locked(given: Given) -> int:
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
         data = prepare_on_rank0(args, documents, val_docs, tokenizer, chat, dist_info)
+        # Tokenized: the text is not needed again. Held for the whole run, a 150 MB
+        # file's documents kept its training process at 1.05 GB instead of 0.74.
+        del documents, val_docs
         if chat is not None:
             check_answers_reachable(args, data, dist_info.is_main)
             generation_defaults = with_end_of_turn(generation_defaults, chat, data.tokenizer)
