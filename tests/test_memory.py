@@ -142,6 +142,20 @@ def test_the_server_refuses_a_kv_cache_past_what_is_available_saying_what_fits(
     with pytest.raises(ValueError, match="is available: ") as refused:
         check_memory(settings, {}, config, torch.device("cpu"))
     assert str(refused.value).endswith(f"is available: {remedy}"), refused.value
+    # What it names is the most that fits: the check takes it, and refuses one more.
+    for name, most in re.findall(r"--max-(batch|context) to at most ([\d,]+)", remedy):
+        fits = int(most.replace(",", ""))
+        for value in (fits, fits + 1):
+            lowered = {"batch": max_batch, "context": context} | {name: value}
+            config = ModelConfig.from_preset(
+                "small", vocab_size=4096, max_seq_len=lowered["context"]
+            )
+            settings = Settings(checkpoint=system, max_batch=lowered["batch"], dtype="float32")
+            if value == fits:
+                check_memory(settings, {}, config, torch.device("cpu"))
+                continue
+            with pytest.raises(ValueError, match="is available: "):
+                check_memory(settings, {}, config, torch.device("cpu"))
 
 
 def test_the_server_refuses_weights_past_what_is_available_whatever_its_cache(
