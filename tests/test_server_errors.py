@@ -960,9 +960,19 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
             status, body = raw_exchange(url, sent)
             assert status == 408 and body["error"]["type"] == "request_timeout", sent
             assert f"within {timeout:g} s" in body["error"]["message"]
+        # Answered mid-head, the client still sending the rest is not reset: the
+        # connection lingers, reading what it sends, as for one refused mid-body.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(head)
+            answer = b""
+            while chunk := slow.recv(65536):  # the 408, then the end of the server's side
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            for line in range(2):  # a reset fails the second, if not the first
+                slow.sendall(b"X-Late-%d: y\r\n" % line)
         # A connection that sends nothing is closed without an answer: on an idle
         # keep-alive connection one could be read as the answer to the client's next request.
-        host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as silent:
             assert silent.recv(65536) == b""
 
