@@ -410,3 +410,15 @@ def test_a_cache_an_older_trainer_wrote_gives_no_tokenizer_without_todays_settin
     again = prepare_corpus(tmp_path)
     assert again.tokenizer.to_str() == first.tokenizer.to_str()
     assert again.tokenizer.encode("a\r\nb").ids == again.tokenizer.encode("a\nb").ids
+
+
+def test_the_same_text_cut_into_other_documents_is_a_cache_of_its_own(tmp_path: Path) -> None:
+    # Each document ends at a separator: "ab" and "c" are not the tokens of "a" and "bc",
+    # and a cache named for the one must not be taken for the other.
+    first = prepare_corpus(tmp_path)
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    joined, cut = "".join(train_docs[:2]), len(train_docs[0])
+    moved = [joined[: cut + 1], joined[cut + 1 :], *train_docs[2:]]
+    again = prepare(moved, val_docs, tmp_path, vocab_size=384, tokenizer=first.tokenizer)
+    assert again.folder != first.folder
+    assert not np.array_equal(again.train, first.train)
