@@ -206,6 +206,8 @@ def test_a_resumed_run_decides_again_on_this_machine_what_the_machine_chose(
     meta_file = resolve_checkpoint(chosen) / "trainer_meta.json"
     saved = json.loads(meta_file.read_text(encoding="utf-8"))
     saved["args"] |= {"compile": True, "dtype": elsewhere}
+    # Under the name a trainer before 2026-12-07 saved the list by.
+    saved["machine_chosen"] = saved.pop("chosen_at_start")
     meta_file.write_text(json.dumps(saved), encoding="utf-8")
     monkeypatch.setenv("PATH", str(tmp_path / "no-compilers"))
     assert pretrain.main(["--resume", str(chosen), "--max-steps", "3"]) == 0
