@@ -96,6 +96,11 @@ def test_latest_pointer_names_the_newest_checkpoint(
         resolve_checkpoint(run / LATEST)
     with pytest.raises(CheckpointError, match=r"the run folders inside it: mine: name one$"):
         resolve_checkpoint(tmp_path)
+    # Three named whole; a killed save's leftover copy of a run is none to name.
+    for name in ("ours", "theirs", f"mine.tmp-{os.getpid() + 1}"):
+        shutil.copytree(run, tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"inside it: mine, ours, theirs: name one$"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it(
