@@ -995,23 +995,30 @@ def test_a_request_not_sent_whole_in_time_is_408_and_a_long_answer_is_not_cut(tm
             ("pocketgpt_request_finished_total", (("reason", reason),))
             for reason in ("cancelled", "length")
         )
-        before = metric_samples(url)
 
         def ended() -> bool:
             now = metric_samples(url)
             return now[cancelled] + now[length] > before[cancelled] + before[length]
 
         request = {"prompt": "x", "max_tokens": 900, "ignore_eos": True, "stream": True}
-        with completion_on_a_small_window(url, {**request, "logprobs": 5}) as stalled:
-            wait_until(ended, 30, "the request ended")
-            assert metric_samples(url)[cancelled] == before[cancelled] + 1
-            # Reset, not closed: a close leaves the kernel sending the rest for as long
-            # as the client holds the connection, and ends it as a whole answer would.
-            received = b""
-            with pytest.raises(ConnectionResetError):
-                while chunk := stalled.recv(65536):
-                    received += chunk
-            assert b"data: [DONE]" not in received
+        # So is one that reads some at first, then stops: each read gives it as long
+        # again from what it left waiting, not from what waited when the writes paused.
+        for reads in (0, 10):
+            before = metric_samples(url)
+            with completion_on_a_small_window(url, {**request, "logprobs": 5}) as stalled:
+                for _ in range(reads):
+                    assert stalled.recv(4096)
+                    time.sleep(timeout / 4)  # the client's pace, not a wait for the server
+                wait_until(ended, 30, "the request ended")
+                assert metric_samples(url)[cancelled] == before[cancelled] + 1, reads
+                # Reset, not closed: a close leaves the kernel sending the rest for as
+                # long as the client holds the connection, and ends it as a whole answer
+                # would.
+                received = b""
+                with pytest.raises(ConnectionResetError):
+                    while chunk := stalled.recv(65536):
+                        received += chunk
+                assert b"data: [DONE]" not in received
 
 
 @contextlib.contextmanager
