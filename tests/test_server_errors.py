@@ -1063,6 +1063,23 @@ def test_a_long_answer_read_slowly_arrives_whole(tmp_path):
         length = int(re.search(rb"content-length: (\d+)", answer_head.lower())[1])
         assert took > timeout + 2.5, f"read in {took:.1f} s: lengthen the answer"
         assert len(body) == length and json.loads(body)["object"] == "text_completion"
+        # One that reads nothing of an answer too short to pause the server's writes is
+        # reset once the idle connection closes and it still reads nothing for as long:
+        # closed plainly, the connection waited on it for as long as it held it open.
+        request = {"prompt": "x", "max_tokens": 150, "logprobs": 5, "ignore_eos": True}
+        with completion_on_a_small_window(url, request) as stalled:
+            wait_until(lambda: tcp_state(stalled) == TCP_CLOSE, 10, "the connection reset")
+            with pytest.raises(ConnectionResetError):
+                while stalled.recv(65536):
+                    pass
+
+
+TCP_CLOSE = 7  # include/net/tcp_states.h
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of `sock` (struct tcp_info's first byte): CLOSE once reset."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
 def test_unknown_path_is_404_and_wrong_method_is_405_in_the_envelope(client):
