@@ -292,8 +292,13 @@ def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last
         assert evals[6]["tokens_per_s"] == train[4]["tokens_per_s"] > 0, folder.name
     # Its bar, too, showed step 4's record from its first line (was no loss until step 8).
     record = read_log(run, "train")[4]
-    resumed_bar = capsys.readouterr().err.split(" 4/8 [")[1].splitlines()[0]
+    err = capsys.readouterr().err
+    resumed_bar = err.split(" 4/8 [")[1].splitlines()[0]
     assert f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}]" in resumed_bar
+    # ... then its own once logged: its last line shows step 8's.
+    record = read_log(run, "train")[8]
+    last_line = err.split(" 8/8 [")[-1].splitlines()[0]
+    assert f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}" in last_line
 
 
 def test_a_resumed_runs_checkpoints_before_its_first_evaluation_keep_the_last_scores(
