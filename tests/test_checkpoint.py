@@ -96,6 +96,11 @@ def test_latest_pointer_names_the_newest_checkpoint(
         resolve_checkpoint(run / LATEST)
     with pytest.raises(CheckpointError, match=r"the run folders inside it: mine: name one$"):
         resolve_checkpoint(tmp_path)
+    # A checkpoint folder that is itself named `latest` is one.
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(run / "step-0000002", models / LATEST)
+    assert resolve_checkpoint(models / LATEST) == models / LATEST
     # Three named whole; a killed save's leftover copy of a run is none to name.
     for name in ("ours", "theirs", f"mine.tmp-{os.getpid() + 1}"):
         shutil.copytree(run, tmp_path / name)
