@@ -209,8 +209,8 @@ def check_memory(
     per_slot = Sampler.bytes_per_slot(config.vocab_size)
     per_slot += Sampler.step_bytes_per_row(config.vocab_size)
     per_position = rope_bytes_per_position(config)
-    slots = (per_slot_token * config.max_seq_len + per_slot) * settings.max_batch
-    extra = slots - cache + per_position * config.max_seq_len
+    slot_bytes = (per_slot_token * config.max_seq_len + per_slot) * settings.max_batch
+    extra = slot_bytes - cache + per_position * config.max_seq_len
     if available is None or weights + cache + extra <= available:
         return
     if weights >= available:
