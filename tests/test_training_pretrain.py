@@ -290,15 +290,13 @@ def test_an_evaluation_before_a_resumed_runs_first_train_record_reports_the_last
         train, evals = read_log(folder, "train"), read_log(folder, "eval")
         assert sorted(train) == [4, 8] and sorted(evals) == [2, 4, 6, 8]
         assert evals[6]["tokens_per_s"] == train[4]["tokens_per_s"] > 0, folder.name
-    # Its bar, too, showed step 4's record from its first line (was no loss until step 8).
-    record = read_log(run, "train")[4]
-    err = capsys.readouterr().err
-    resumed_bar = err.split(" 4/8 [")[1].splitlines()[0]
-    assert f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}]" in resumed_bar
-    # ... then its own once logged: its last line shows step 8's.
-    record = read_log(run, "train")[8]
-    last_line = err.split(" 8/8 [")[-1].splitlines()[0]
-    assert f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}" in last_line
+    # Its bar, too, showed step 4's record from its first line (was no loss until step 8),
+    # then its own once logged: its last line shows step 8's.
+    records, err = read_log(run, "train"), capsys.readouterr().err
+    for step, line in ((4, err.split(" 4/8 [")[1]), (8, err.split(" 8/8 [")[-1])):
+        record = records[step]
+        shown = f"loss={record['loss']:.4f}, tok_s={record['tokens_per_s']:.0f}]"
+        assert shown in line.splitlines()[0], (step, line)
 
 
 def test_a_resumed_runs_checkpoints_before_its_first_evaluation_keep_the_last_scores(
