@@ -267,9 +267,8 @@ class EnvelopeH11Protocol(H11Protocol):
         unsent = self.transport.get_write_buffer_size()
         if not unsent:
             return
-        if unsent < self._unsent:  # it read some: as long again
-            self._unsent = unsent
-            self._stalled_check = self.loop.call_later(self.request_timeout, self._check_reading)
+        if unsent < self._unsent:  # it read some: as long again, from what waits now
+            self.watch_reading()
             return
         log.warning(
             "a client read nothing of its response for %g s: disconnected", self.request_timeout
