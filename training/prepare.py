@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +117,16 @@ def token_stream(
 
     progress: a label for a progress bar over the characters encoded (`progress_bar`).
     """
+    empty = np.empty(0, dtype=TOKEN_DTYPE)
+    return np.concatenate([empty, *token_runs(tokenizer, documents, progress)])
+
+
+def token_runs(
+    tokenizer: Tokenizer, documents: Sequence[str], progress: str | None = None
+) -> Iterator[np.ndarray]:
+    """token_stream's ids a batch of ~BATCH_CHARS characters at a time, in order: written
+    out as they come, a corpus's ids are never held whole (twice, when joined)."""
     separator = tokenizer.token_to_id(END_OF_TEXT)
-    runs: list[np.ndarray] = [np.empty(0, dtype=TOKEN_DTYPE)]
     batch: list[tuple[bool, str]] = []  # (starts a document, text)
     size = 0
     with progress_bar(progress, sum(len(doc) for doc in documents), "char") as bar:
@@ -127,12 +135,12 @@ def token_stream(
                 batch.append((index == 0, piece))
                 size += len(piece)
                 if size >= BATCH_CHARS:
-                    runs.append(_encode(tokenizer, batch, separator))
+                    yield _encode(tokenizer, batch, separator)
                     bar.update(size)
                     batch, size = [], 0
-        runs.append(_encode(tokenizer, batch, separator))
-        bar.update(size)
-    return np.concatenate(runs)
+        if batch:
+            yield _encode(tokenizer, batch, separator)
+            bar.update(size)
 
 
 def conversation_stream(
@@ -273,12 +281,13 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 def _streams(
     tokenizer: Tokenizer, chat: ChatFormat | None, docs: Sequence[Document], split: str
-) -> tuple[Sequence[Document], np.ndarray, np.ndarray | None]:
-    """(docs, tokens, loss mask or None) of a split, as _write takes them."""
+) -> tuple[Iterable[np.ndarray], np.ndarray | None]:
+    """(the split's token ids in runs, its loss mask or None), as _write_split takes them."""
     if chat is None:
-        return docs, token_stream(tokenizer, docs, f"tokenizing {split}"), None
+        return token_runs(tokenizer, docs, f"tokenizing {split}"), None
     template = chat.compiled(tokenizer)
-    return docs, *conversation_stream(template, tokenizer, docs, f"tokenizing {split}")
+    tokens, loss_mask = conversation_stream(template, tokenizer, docs, f"tokenizing {split}")
+    return [tokens], loss_mask
 
 
 def cache_key(digests: dict[str, str], tokenizer_id: str) -> str:
@@ -466,52 +475,26 @@ def _clear_abandoned(root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _write(
-    folder: Path,
-    splits: dict[str, tuple[Sequence[Document], np.ndarray, np.ndarray | None]],
-    records: dict[str, dict],
-    tokenizer: Tokenizer,
-) -> None:
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[Path]:
+    """A folder to write the cache into (flocked while written), fsynced and renamed to
+    `folder` when the block ends; removed if it fails, Ctrl-C included: no half-written
+    folder stays behind, nor the cache root if made for it (a corpus found too small once
+    tokenized writes nothing). Another process that wrote `folder` first wins the race."""
     tmp = _own_sibling(folder, "tmp")
+    made = [parent for parent in tmp.parents if not parent.exists()]  # deepest first
     try:
         tmp.mkdir(parents=True)
         with _flocked(tmp):
-            write_tokenizer(tokenizer, tmp / "tokenizer.json")
-            fsync_path(tmp / "tokenizer.json")
-            vocab_size = tokenizer.get_vocab_size()
-            tokenizer_sha256 = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
-            meta: dict = {
-                "format": FORMAT,
-                "vocab_size": vocab_size,
-                "tokenizer_sha256": tokenizer_sha256,
-                "splits": {},
-            }
-            for split, (_, stream, loss_mask) in splits.items():
-                tokens = np.ascontiguousarray(stream).data
-                # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
-                (tmp / f"{split}.bin").write_bytes(tokens)
-                fsync_path(tmp / f"{split}.bin")
-                meta["splits"][split] = {
-                    "file": f"{split}.bin",
-                    **records[split],
-                    "tokens": int(stream.size),
-                    "tokens_sha256": hashlib.sha256(tokens).hexdigest(),
-                }
-                if loss_mask is not None:
-                    mask = np.ascontiguousarray(loss_mask).data
-                    (tmp / f"{split}.loss_mask.bin").write_bytes(mask)
-                    fsync_path(tmp / f"{split}.loss_mask.bin")
-                    meta["splits"][split] |= {
-                        "learned_tokens": int(np.count_nonzero(loss_mask == LEARNED)),
-                        "loss_mask_sha256": hashlib.sha256(mask).hexdigest(),
-                    }
-            write_json(tmp / "meta.json", meta)
-            fsync_path(tmp / "meta.json")
+            yield tmp
             fsync_path(tmp)
             os.replace(tmp, folder)
             fsync_path(folder.parent)
-    except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # one another trainer writes into now stays
+            for parent in made:
+                parent.rmdir()
         if not isinstance(e, OSError):
             raise
         # An OSError with the folder in place: another process won the race to write it;
@@ -519,6 +502,44 @@ def _write(
         if not (folder / "meta.json").exists():
             reason = e.strerror or str(e)
             raise CorpusError(f"--cache-dir {folder.parent}: cannot write ({reason})") from None
+
+
+def _write_tokenizer(tmp: Path, tokenizer: Tokenizer) -> dict:
+    """Write tokenizer.json into `tmp`; meta.json's record of it (no splits yet)."""
+    write_tokenizer(tokenizer, tmp / "tokenizer.json")
+    fsync_path(tmp / "tokenizer.json")
+    return {
+        "format": FORMAT,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
+        "splits": {},
+    }
+
+
+def _write_split(
+    tmp: Path, split: str, runs: Iterable[np.ndarray], loss_mask: np.ndarray | None
+) -> dict:
+    """Write a split's tokens (and loss mask) into `tmp`, a run at a time as `runs` makes
+    them; meta.json's record of their counts and hashes."""
+    digest, count = hashlib.sha256(), 0
+    # Not ndarray.tofile: its failure (a full disk) says bytes, not the reason.
+    with open(tmp / f"{split}.bin", "wb") as f:
+        for run in runs:
+            data = np.ascontiguousarray(run, dtype=TOKEN_DTYPE).data
+            f.write(data)
+            digest.update(data)
+            count += run.size
+    fsync_path(tmp / f"{split}.bin")
+    record = {"tokens": count, "tokens_sha256": digest.hexdigest()}
+    if loss_mask is not None:
+        mask = np.ascontiguousarray(loss_mask).data
+        (tmp / f"{split}.loss_mask.bin").write_bytes(mask)
+        fsync_path(tmp / f"{split}.loss_mask.bin")
+        record |= {
+            "learned_tokens": int(np.count_nonzero(loss_mask == LEARNED)),
+            "loss_mask_sha256": hashlib.sha256(mask).hexdigest(),
+        }
+    return record
 
 
 def prepare(
@@ -590,14 +611,21 @@ def prepare(
             if chat is not None:  # as a given one was, above
                 tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
         check_tokenizer(tokenizer, "the tokenizer")
-        splits = {
-            split: _streams(tokenizer, chat, docs, split)
-            for split, docs in (("train", train_docs), ("val", val_docs))
-        }
-        _check_size(splits["train"][1].size, min_train_tokens, too_small_remedy)
-        if not val_docs:
-            raise CorpusError("the validation split is empty (add text or raise --val-fraction)")
-        _write(folder, splits, records, tokenizer)
+        with _writing(folder) as tmp:
+            meta = _write_tokenizer(tmp, tokenizer)
+            train = _write_split(tmp, "train", *_streams(tokenizer, chat, train_docs, "train"))
+            _check_size(train["tokens"], min_train_tokens, too_small_remedy)
+            if not val_docs:
+                raise CorpusError(
+                    "the validation split is empty (add text or raise --val-fraction)"
+                )
+            val = _write_split(tmp, "val", *_streams(tokenizer, chat, val_docs, "val"))
+            meta["splits"] = {
+                split: {"file": f"{split}.bin", **records[split], **written}
+                for split, written in (("train", train), ("val", val))
+            }
+            write_json(tmp / "meta.json", meta)
+            fsync_path(tmp / "meta.json")
         data = _open(folder, conversations, records)
     _check_size(data.train.size, min_train_tokens, too_small_remedy)
     return data

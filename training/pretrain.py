@@ -248,7 +248,7 @@ def load_data(
 ) -> PreparedData:
     """Tokenize `documents` (None: the embedded default corpus; conversations: written
     as `chat` says) into the token cache, `val_docs` (None: a split of `documents`)
-    held out."""
+    held out. Text split here is taken over: `documents` is emptied."""
     if documents is None:
         documents = default_documents()
     if val_docs is not None:
@@ -265,6 +265,9 @@ def load_data(
         train_docs, val_docs = split_conversations(documents, args.val_fraction)
     else:
         train_docs, val_docs = split_documents(documents, args.val_fraction)
+        # The split holds the text now (copies of what it cut): the caller's list is
+        # emptied, so that the text is not held twice while it is tokenized.
+        documents.clear()
     cache = cache_root(args)
     # One batch, and one block per rank, of distinct tokens.
     per_batch, per_ranks = args.batch_size * args.block_size, world_size * (args.block_size + 1)
