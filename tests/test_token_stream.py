@@ -6,13 +6,21 @@ from __future__ import annotations
 import base64
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
 from model.checkpoint import END_OF_TEXT
-from training.prepare import BATCH_CHARS, PIECE_CHARS, PIECE_CUT, _pieces, token_stream
-from training.tokenizer import train_tokenizer
+from training.prepare import (
+    BATCH_CHARS,
+    PIECE_CHARS,
+    PIECE_CUT,
+    _pieces,
+    prepare,
+    token_stream,
+)
+from training.tokenizer import train_tokenizer, untrained_tokenizer
 
 
 def _text(rng: random.Random, chars: int) -> str:
@@ -107,3 +115,20 @@ def test_a_tokenizer_that_spaces_a_texts_start_gets_no_space_inside_a_long_docum
     encodings = spacing.encode_batch(documents)
     expected = [id_ for encoding in encodings for id_ in (separator, *encoding.ids)]
     np.testing.assert_array_equal(token_stream(spacing, documents), expected)
+
+
+def test_the_tokenizer_trained_on_documents_in_pieces_is_the_one_trained_on_them_whole(
+    tmp_path: Path,
+) -> None:
+    # The trainer feeds the tokenizer's training the pieces it encodes (a one-file corpus
+    # was one text: counted on one thread, its progress bar at its end at once). Cut
+    # between pre-tokens, the pieces hold the same words: the same merges, the same ids.
+    rng = random.Random(4)
+    minified = json.dumps([{"id": i, "v": rng.random()} for i in range(3_000)])
+    documents = [_text(rng, 5 * PIECE_CHARS), minified, "A short one."]
+    assert all(len(list(_pieces(doc, untrained_tokenizer()))) > 1 for doc in documents[:2])
+    val = ["Held out text, some words of it."]
+    data = prepare(documents, val, tmp_path, vocab_size=700)
+    whole = train_tokenizer(documents, 700)
+    assert whole.get_vocab_size() == 700
+    assert data.tokenizer.to_str() == whole.to_str()

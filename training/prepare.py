@@ -53,7 +53,12 @@ from model.token_bytes import check_reads_bytes, token_bytes
 from training.chat import ChatFormat
 from training.corpus import Conversation, CorpusError, Document, document_text, text_digest
 from training.progress import progress_bar
-from training.tokenizer import TRAINED_KIND, train_tokenizer, with_special_tokens
+from training.tokenizer import (
+    TRAINED_KIND,
+    train_tokenizer,
+    untrained_tokenizer,
+    with_special_tokens,
+)
 
 # 2: `<|endoftext|>` spelled inside a document is encoded as text (model/checkpoint.py).
 FORMAT = 2
@@ -185,7 +190,7 @@ def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
     return tokenizer
 
 
-def _counted(texts: Sequence[str], bar: tqdm) -> Iterator[str]:
+def _counted(texts: Iterable[str], bar: tqdm) -> Iterator[str]:
     """`texts`, each counted on `bar` once the reader asks for the next."""
     for text in texts:
         yield text
@@ -599,9 +604,15 @@ def prepare(
             characters = f"{chars:,} character{'s' if chars != 1 else ''}"
             print(f"training a {vocab_size}-entry tokenizer on {characters}", flush=True)
             # Its bar counts the text the trainer has read, most of its time at a small
-            # vocabulary: 300 MB took 30-50 s on 2 cores that printed nothing.
+            # vocabulary: 300 MB took 30-50 s on 2 cores that printed nothing. Read in
+            # the pieces it is encoded in, cut between pre-tokens: the library reads 256
+            # texts at a time (a one-file corpus's bar went to its end at once) and counts
+            # the words of each on one thread (one file: one thread); the pieces hold the
+            # same words, so it learns the same merges, ~1.7x faster on 2 cores.
+            cutter = untrained_tokenizer()
+            pieces = (piece for text in texts for piece in _pieces(text, cutter))
             with progress_bar("training the tokenizer", chars, "char") as bar:
-                tokenizer = train_tokenizer(_counted(texts, bar), vocab_size)
+                tokenizer = train_tokenizer(_counted(pieces, bar), vocab_size)
             if (learned := tokenizer.get_vocab_size()) < vocab_size:
                 print(
                     f"the text gave {learned} entries (a merge needs a pair seen at least "

@@ -31,10 +31,9 @@ MIN_VOCAB = 256 + 1  # every byte plus <|endoftext|>
 TRAINED_KIND = "bpe2"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE with `vocab_size` entries (including `<|endoftext|>`)."""
-    if vocab_size < MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (got {vocab_size})")
+def untrained_tokenizer() -> Tokenizer:
+    """The byte-level BPE train_tokenizer trains, before it has learned a merge: how it
+    reads and splits text (its normalizer and pre-tokenizer) and writes it back."""
     tokenizer = Tokenizer(models.BPE())
     # In tokenizer.json, so the server and transformers read a CRLF prompt as the trainer
     # reads a CRLF file: a model trained here never saw "\r".
@@ -42,6 +41,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (including `<|endoftext|>`)."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (got {vocab_size})")
+    tokenizer = untrained_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[END_OF_TEXT],
