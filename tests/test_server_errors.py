@@ -139,6 +139,30 @@ def test_a_field_at_the_edge_of_its_range_is_served(client, fields):
     assert response.status_code == 200, response.text
 
 
+def test_a_request_giving_every_one_of_its_fields_is_served(client):
+    # The bound on a body's names (validation.parse_json_body) is the request's own count
+    # of fields: a client that spells out every one, defaults included, is no attack.
+    body = {
+        "prompt": "x",
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "stop": ["\n\n"],
+        "seed": 1,
+        "ignore_eos": False,
+        "logit_bias": {"5": 0.5},
+        "stream": False,
+    }
+    assert set(body) == set(GenerateRequest.model_fields)
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+
+
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], 5, "s" * 65])
 def test_a_bad_stop_gets_one_message_saying_what_stop_may_be(client, stop):
     response = client.post("/v1/generate", json={"prompt": "x", "stop": stop})
@@ -267,6 +291,17 @@ def test_a_long_name_given_twice_is_named_cut_short(client):
     escaped = "\\u00e9" * 40
     assert message == f'body: "{escaped}"... (1,000 characters) is given twice'
     assert len(response.content) < 400  # from a body of 4,000 bytes
+
+
+def test_a_name_of_exactly_the_shown_length_given_twice_is_named_whole(client):
+    # Only a name longer than MAX_NAME_SHOWN is cut short and its length said.
+    name = "k" * 40
+    raw = json.dumps({"prompt": "a", name: 1})[:-1] + f', "{name}": 2}}'
+    response = client.post(
+        "/v1/generate", content=raw, headers={"Content-Type": "application/json"}
+    )
+    message = assert_error(response, 422, "invalid_request")
+    assert message == f'body: "{name}" is given twice'
 
 
 @contextmanager
