@@ -418,8 +418,8 @@ def invalid_request(exc: RequestValidationError) -> ApiError:
     for e in errors[:MAX_ERRORS_SHOWN]:
         where = ".".join(_shown(part) for part in e.get("loc", ()) if part != "body") or "body"
         messages.append(f"{where}: {e.get('msg', 'invalid')}")
-    if len(errors) > MAX_ERRORS_SHOWN:
-        messages.append(f"and {len(errors) - MAX_ERRORS_SHOWN:,} more errors")
+    if (more := len(errors) - MAX_ERRORS_SHOWN) > 0:
+        messages.append(f"and {more:,} more error{'' if more == 1 else 's'}")
     return ApiError(422, "invalid_request", "; ".join(messages))
 
 

@@ -1216,6 +1216,35 @@ def test_a_list_of_many_wrong_items_is_named_by_its_first_in_a_short_answer(clie
     assert message.count(": Input should be") == 3
 
 
+def test_a_body_wrong_in_more_than_ten_fields_names_ten_and_counts_the_rest(client):
+    # invalid_request names MAX_ERRORS_SHOWN (10) errors and counts the others, in
+    # English: one more is "1 more error", not "1 more errors".
+    wrong = [
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "ignore_eos",
+        "stream",
+    ]
+    for count, rest in [(10, None), (11, "and 1 more error"), (12, "and 2 more errors")]:
+        body = {"prompt": "x"} | {name: "?" for name in wrong[:count]}
+        if count == 12:
+            body["logit_bias"] = "?"
+        message = assert_error(client.post("/v1/generate", json=body), 422, "invalid_request")
+        *named, last = message.split("; ")
+        if rest is None:
+            named.append(last)
+        else:
+            assert last == rest, message
+        assert len(named) == 10 and all(": Input should be" in part for part in named), message
+
+
 def test_a_compressed_body_is_415_saying_so(client):
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
