@@ -147,6 +147,15 @@ def test_an_eos_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path: Path)
     assert end_of_text_ids(tmp_path, 0, 1000) == {0, 3, 999}
 
 
+def test_a_negative_eos_token_id_is_refused(tmp_path: Path):
+    # No token has a negative id: a checkpoint declaring one is wrong, not silently one
+    # end-of-text id short.
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, -1]}))
+    with pytest.raises(CheckpointError, match=r"eos_token_id \[3, -1\] is not one or more"):
+        end_of_text_ids(tmp_path, 0, 1000)
+
+
 def test_an_eos_token_id_that_is_a_boolean_is_refused(tmp_path: Path):
     # JSON's true is no token id, though Python would read it as token 1.
     (tmp_path / "config.json").write_text("{}")
