@@ -778,6 +778,11 @@ def test_a_page_at_a_listed_origin_may_call_the_server_with_its_key(base_url, tm
         assert "POST" in allowed.headers["access-control-allow-methods"].split(", ")
         assert allowed.headers["access-control-allow-private-network"] == "true"
         assert preflight(url, "http://localhost:3000").status_code == 200
+        # A keyed GET or HEAD (GET /v1/models) is preflighted too: the key is no simple
+        # header.
+        for method in ("GET", "HEAD"):
+            method_asked = {**asked, "Access-Control-Request-Method": method}
+            assert preflight(url, page, **method_asked).status_code == 200, method
         # The requests themselves: each answer names the page, a refusal too (so the page
         # can read why), a stream too.
         answer = httpx.post(url + "/v1/generate", json=body, headers={**keyed, "Origin": page})
