@@ -395,6 +395,8 @@ def test_metrics_parse_and_counters_match_the_requests_made(client):
             if name == f"pocketgpt_{histogram}_seconds_bucket" and dict(labels)["le"] != "+Inf"
         ]
         assert max(tops) == 300, histogram
+        # ... and down to an idle GPU's 1 ms.
+        assert min(tops) == 0.001, histogram
     for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
         assert f"pocketgpt_{gauge}" in names
     assert after[("pocketgpt_model_load_seconds", ())] > 0
