@@ -663,6 +663,14 @@ def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
         sampling_defaults(tmp_path)
 
 
+def test_a_generation_config_field_given_as_null_gives_no_default(tmp_path):
+    # HF writes a field it leaves unset as null (GenerationConfig.to_dict): no default
+    # then, as if left out, not a None a request's sampling would be built with.
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"temperature": None, "top_k": None, "top_p": 0.9}))
+    assert sampling_defaults(tmp_path) == {"top_p": 0.9}
+
+
 def test_the_checkpoint_generation_config_gives_the_sampling_defaults(checkpoint, tmp_path):
     config = json.loads((checkpoint / "generation_config.json").read_text(encoding="utf-8"))
     bad_values = ({"temperature": 500}, {"max_new_tokens": 0}, {"eos_token_id": [0, 10**6]})
