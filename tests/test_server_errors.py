@@ -1422,6 +1422,16 @@ def test_a_request_without_a_host_header_passes_the_host_check(base_url):
     assert status == 200, body
 
 
+def test_a_host_header_that_is_not_ascii_is_refused_as_a_host_not_served(base_url):
+    # HTTP lets a header value carry bytes past ASCII (obs-text); read as Latin-1, such a
+    # Host names no host served here: a 400 in the envelope, not a failure to decode it.
+    request = b"GET /health HTTP/1.1\r\nHost: caf\xe9.example\r\nConnection: close\r\n\r\n"
+    status, body = raw_exchange(base_url, request)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_host"
+    assert body["error"]["message"].startswith("Host 'caf\xe9.example' is not served here")
+
+
 def test_a_body_in_exactly_1024_small_pieces_is_served_and_one_more_is_413(base_url):
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     body += b" " * (1024 - len(body))
