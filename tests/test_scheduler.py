@@ -271,3 +271,21 @@ def test_a_request_copies_the_prefix_it_shares_with_a_running_one_and_prefills_t
     assert output.admitted == ("user",)
     assert [(c.src, c.dst, c.length) for c in output.copies] == [(0, 1, 10)]
     assert chunks(output) == [("user", 1, 10, 15)]
+
+
+def test_a_choice_still_waits_on_a_source_that_ends_with_its_prompt_but_is_not_done_this_step():
+    # "s" ends with its prompt, but only the step that completes that prompt lets "c"
+    # give up waiting: here "s" itself waits on "a", so "c" waits too and copies from
+    # "s" the step after, instead of prefilling its whole prompt at once.
+    scheduler = Scheduler(n_slots=3, max_waiting=4, prefill_budget=100)
+    scheduler.add(
+        ScheduledRequest("a", prompt_len=8),
+        ScheduledRequest("s", prompt_len=8, prompt_source="a", shared=7, ends_with_prompt=True),
+        ScheduledRequest("c", prompt_len=8, prompt_source="s", shared=7),
+    )
+    first = step(scheduler)
+    assert first.admitted == ("a", "s", "c") and first.copies == ()
+    assert chunks(first) == [("a", 0, 0, 8)]
+    second = step(scheduler)
+    assert [(c.src, c.dst, c.length) for c in second.copies] == [(0, 1, 7), (1, 2, 7)]
+    assert chunks(second) == [("s", 1, 7, 8), ("c", 2, 7, 8)]
