@@ -384,3 +384,18 @@ def test_bfloat16_logits_take_logit_biases_as_their_float32_copy_does() -> None:
         generators = [seeded(seed * 2 + i) for i in range(2)]
         twins = [seeded(seed * 2 + i) for i in range(2)]
         assert torch.equal(sample(half, params, generators), sample(half.float(), params, twins))
+
+
+def test_each_row_of_a_batch_takes_its_own_penalties() -> None:
+    # The batched server applies every row's penalties in one call: each row's values
+    # must meet that row's logits, not a column's. (Two rows over two tokens, so a
+    # transposed broadcast would still run and give the wrong numbers.)
+    logits = torch.tensor([[2.0, -2.0], [2.0, -2.0]])
+    seen = TokenHistory(
+        in_prompt=torch.tensor([[False, True], [True, False]]),
+        generated=torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+    )
+    out = apply_penalties(
+        logits, seen, torch.tensor([2.0, 4.0]), torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.25])
+    )
+    assert out.tolist() == [[0.5, -4.0], [0.5, -8.5]]
