@@ -17,6 +17,7 @@ from model import memory
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from server.__main__ import check_memory
+from server.sampler import Sampler
 from server.settings import Settings
 from tests.test_training_pretrain import python_env
 from training.memory import shortfall
@@ -333,3 +334,12 @@ def test_the_server_counts_what_a_full_batchs_step_takes_beside_what_it_holds(
     (system / "meminfo").write_text(f"MemAvailable: {available_kb} kB\nSwapFree: 0 kB\n")
     with pytest.raises(ValueError, match="is available: lower --max-batch to at most"):
         check_memory(settings, {}, config, torch.device("cpu"))
+
+
+def test_a_sampler_slot_holds_what_bytes_per_slot_counts_for_it() -> None:
+    # check_memory reserves bytes_per_slot for each slot's token history (in_prompt and
+    # generated): an undercount lets a server start that a full batch then overfills.
+    vocab, slots = 1000, 3
+    sampler = Sampler(slots, vocab, torch.device("cpu"))
+    held = sampler.in_prompt.nbytes + sampler.generated.nbytes
+    assert Sampler.bytes_per_slot(vocab) * slots == held
