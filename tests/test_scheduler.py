@@ -289,3 +289,20 @@ def test_a_choice_still_waits_on_a_source_that_ends_with_its_prompt_but_is_not_d
     second = step(scheduler)
     assert [(c.src, c.dst, c.length) for c in second.copies] == [(0, 1, 7), (1, 2, 7)]
     assert chunks(second) == [("s", 1, 7, 8), ("c", 2, 7, 8)]
+
+
+def test_slots_freed_around_compactions_are_still_handed_out_lowest_first():
+    # The free slots are a heap: compaction must take its lowest hole in a way that keeps
+    # it one, or a later admission takes a slot above a hole and the running slots stop
+    # being contiguous (one more move a step later).
+    scheduler = Scheduler(n_slots=8, max_waiting=4, prefill_budget=100)
+    scheduler.add(*(ScheduledRequest(f"r{i}", prompt_len=1) for i in range(8)))
+    step(scheduler)
+    step(scheduler, finished=("r0", "r2", "r4", "r6"))
+    compacted = step(scheduler, finished=("r1", "r5"))
+    assert [(m.src, m.dst) for m in compacted.moves] == [(7, 0), (5, 2)]
+    scheduler.add(ScheduledRequest("r8", prompt_len=1))
+    output = step(scheduler)
+    assert [(m.src, m.dst) for m in output.moves] == [(3, 1)]
+    assert chunks(output) == [("r8", 2, 0, 1)]  # slots 0, 1, 2: no hole
+    assert step(scheduler).moves == ()
