@@ -399,3 +399,12 @@ def test_each_row_of_a_batch_takes_its_own_penalties() -> None:
         logits, seen, torch.tensor([2.0, 4.0]), torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.25])
     )
     assert out.tolist() == [[0.5, -4.0], [0.5, -8.5]]
+
+
+def test_a_small_temperature_above_the_greedy_threshold_still_samples() -> None:
+    # Only temperatures too small for fp32 (below 1e-5) are made greedy: 1e-4, asked for
+    # on purpose, still draws, here between two tied tokens, not always the first.
+    logits = torch.zeros(1, 2)
+    params = BatchParams.from_rows([SamplingParams(temperature=1e-4)])
+    generator = seeded(0)
+    assert {int(sample(logits, params, [generator])) for _ in range(30)} == {0, 1}
