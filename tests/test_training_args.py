@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.cli import flag
-from model.config import ModelConfig
+from model.config import MIN_SERVED_CONTEXT, ModelConfig
 from model.cpu import bf16_units
 from tests.test_training_pretrain import CORPUS, TINY
 from training import pretrain
@@ -34,6 +34,7 @@ from training.defaults import (
     with_hardware_defaults,
     with_step_budget,
 )
+from training.prepare import MAX_VOCAB
 from training.resume import check_resume_settings, later_steps_note, with_checkpoint_shape
 
 # The embedded corpus's training tokens at the `small` vocabulary (2048).
@@ -338,6 +339,8 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
         (["--save-interval", "0"], "--save-interval: must be >= 1 (got 0)"),
         (["--log-interval", "0"], "--log-interval: must be >= 1 (got 0)"),
         (["--warmup-steps", "-1"], "--warmup-steps: must be >= 0 (got -1)"),
+        (["--sample-tokens", "-1"], "--sample-tokens: must be >= 0 (got -1)"),
+        (["--patience", "-1"], "--patience: must be >= 0 (got -1)"),
         (["--lr", "0"], "--lr: must be > 0 (got 0.0)"),
         (["--embedding-lr-scale", "0"], "--embedding-lr-scale: must be > 0 (got 0.0)"),
         (["--min-lr-ratio", "1.5"], "--min-lr-ratio: must be in [0, 1] (got 1.5)"),
@@ -368,6 +371,12 @@ def test_each_ranges_bounds_that_are_in_it_are_taken() -> None:
         "min_lr_ratio": 1.0,  # a constant learning rate
         "cooldown_fraction": 1.0,
         "dropout": 0.0,
+        "sample_tokens": 0,  # no preview
+        "patience": 0,  # no early stopping
+        # The largest vocabulary the token cache's uint16 ids hold, and the shortest
+        # context the server can serve: each the last value in its range.
+        "vocab_size": MAX_VOCAB,
+        "block_size": MIN_SERVED_CONTEXT,
     }
     flags = [part for name, value in bounds.items() for part in (flag(name), str(value))]
     args = make_args(TrainArgs().to_dict(), explicit_settings(flags, {}))
