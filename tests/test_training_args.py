@@ -461,7 +461,11 @@ def test_data_given_twice_reads_both_and_an_empty_optional_setting_is_unset() ->
     # `POCKETGPT_INIT_FROM=` was a fine-tune from the working folder ("not a checkpoint").
     env = {"POCKETGPT_INIT_FROM": "", "POCKETGPT_TOKENIZER": " ", "POCKETGPT_RESUME": ""}
     env["POCKETGPT_CACHE_DIR"] = "None"  # `none` clears an optional value
+    # `POCKETGPT_DATA=` (Docker passes an empty one through) is no text: the embedded
+    # corpus, not a path "" refused as empty.
+    env["POCKETGPT_DATA"] = ""
     values = explicit_settings([], env).values
+    assert values["data"] == []
     assert values["init_from"] is None and values["tokenizer"] is None
     assert values["cache_dir"] is None
     assert not values["resume"]
