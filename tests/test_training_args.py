@@ -22,6 +22,7 @@ from training.args import (
     build_parser,
     explicit_settings,
     make_args,
+    with_absolute_paths,
 )
 from training.defaults import (
     AUTO,
@@ -589,3 +590,17 @@ def test_only_a_time_box_that_ends_inside_warmup_is_warned_of() -> None:
     assert time_box_warning(args, 30, "max_time") is None  # its last step reached --lr
     assert time_box_warning(args, 29, "signal") is None  # to be resumed
     assert time_box_warning(args, 29, "early_stopping") is None
+
+
+def test_every_input_path_a_run_records_is_absolute_lists_included(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # What trainer_meta.json keeps, so that a run resumed from another directory reads the
+    # same files: --data and --val-data (lists) as much as --tokenizer (one path).
+    monkeypatch.chdir(tmp_path)
+    given = TrainArgs(data=["a.txt", "texts"], val_data=["v.txt"], tokenizer="tok.json")
+    recorded = with_absolute_paths(given)
+    assert recorded.data == [str(tmp_path / "a.txt"), str(tmp_path / "texts")]
+    assert recorded.val_data == [str(tmp_path / "v.txt")]
+    assert recorded.tokenizer == str(tmp_path / "tok.json")
+    assert recorded.init_from is None and recorded.cache_dir is None  # unset stays unset
