@@ -2491,6 +2491,19 @@ def test_best_holds_the_lowest_validation_loss_when_later_ones_are_higher(tmp_pa
     assert (best["step"], best["val_loss"]) == (lowest, evals[lowest])
 
 
+def test_best_is_replaced_by_a_lower_validation_loss_only_not_an_equal_one(tmp_path: Path) -> None:
+    # A learning rate too small to move the weights scores step 2 as step 1: best/ keeps
+    # the earlier step (the one the score was first reached at), as trainer.py says only
+    # a lower loss replaces it.
+    run = tmp_path / "run"
+    flags = ["--optimizer", "adamw", "--dtype", "float32", "--warmup-steps", "0", "--lr", "1e-30"]
+    argv = tiny_run(tmp_path, *flags, "--eval-interval", "1", "--max-steps", "2")
+    assert pretrain.main([*argv, "--out-dir", str(run)]) == 0
+    evals = read_log(run, "eval")
+    assert evals[1]["val_loss"] == evals[2]["val_loss"]
+    assert json.loads((run / "best" / "trainer_meta.json").read_text())["step"] == 1
+
+
 # Runs training.pretrain with each rank's first dropout mask written to mask-<rank>.pt
 # beside this script (a module hook observes; the trainer runs as it is).
 DROPOUT_OBSERVER = """
