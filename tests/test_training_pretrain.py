@@ -337,6 +337,10 @@ def test_a_runs_last_steps_are_logged_and_an_evaluation_reports_the_steps_before
     assert math.isclose(train[6]["loss"], mean(range(5, 7)), rel_tol=1e-5)
     assert math.isclose(evals[3]["train_loss"], mean(range(1, 4)), rel_tol=1e-5)
     assert math.isclose(evals[6]["train_loss"], mean(range(5, 7)), rel_tol=1e-5)
+    # An evaluation right after a train record (no steps since: here, logging every step)
+    # reports that record's loss, not null.
+    after_records = read_log(each, "eval")
+    assert [after_records[s]["train_loss"] for s in (3, 6)] == [losses[3], losses[6]]
 
 
 def test_warmup_defaults_to_a_tenth_of_a_short_run_and_one_filling_the_run_is_warned_of(
