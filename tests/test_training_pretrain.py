@@ -1316,6 +1316,26 @@ def test_a_run_whose_last_evaluation_a_signal_stopped_is_unfinished(
     assert "already holds a finished run" in capsys.readouterr().out
 
 
+def test_a_last_evaluation_off_the_interval_a_signal_stopped_is_not_made_by_a_longer_resume(
+    tmp_path: Path,
+) -> None:
+    # Step 3's evaluation was the run's last (off --eval-interval), not the interval's: a
+    # resume to 4 steps evaluates where an uninterrupted 4-step run does, at 4 alone.
+    run = tmp_path / "run"
+    flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", "100"]
+    flags += ["--max-steps", "3", "--no-compile", "--out-dir", str(run)]
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        sigterm_on_first_scored_batch([])
+    )
+    try:
+        assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    finally:
+        hook.remove()
+    assert meta(run)["stopped_by"] == "signal" and read_log(run, "eval") == {}
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert eval_records(run) == [4]
+
+
 def test_a_run_taken_back_and_killed_before_its_first_save_resumes_where_it_went_back(
     tmp_path: Path,
 ) -> None:
