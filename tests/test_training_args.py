@@ -350,7 +350,16 @@ def test_default_steps_stop_after_five_passes_over_the_training_text(
         # Let through, 0 split text by zero (a traceback) and held out a conversation anyway.
         (["--val-fraction", "0"], "--val-fraction: must be in (0, 1) (got 0.0)"),
         (["--dropout", "1"], "--dropout: must be in [0, 1) (got 1.0)"),
+        (["--decay-steps", "0"], "--decay-steps: must be >= 1 (got 0)"),
+        (["--max-time", "0"], "--max-time: must be > 0 (got 0.0)"),
         (["--optimizer", "sgd"], "--optimizer: choose one of adamw, muon (got 'sgd')"),
+        # Each would train anyway: float16 in float32, an unknown schedule as wsd.
+        (["--dtype", "float16"], "--dtype: choose one of auto, float32, bfloat16 (got"),
+        (["--lr-schedule", "linear"], "--lr-schedule: choose one of wsd, cosine (got"),
+        (
+            ["--preset", "huge"],
+            "--preset: choose one of auto, tiny, mini, small, base (got 'huge')",
+        ),
         # An empty path is the working folder: a run written, or text read, among any files.
         (["--out-dir", " "], "--out-dir: must name a folder (got ' ')"),
         (["--data", "a.txt", ""], "--data: a path is empty (got ['a.txt', ''])"),
