@@ -380,6 +380,16 @@ def test_a_preview_longer_than_the_context_is_warned_of(
     ) in capsys.readouterr().err
 
 
+def test_sample_tokens_0_prints_no_preview_at_evaluations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --sample-tokens 0 is "off" (args.py): no `sample: ''` line after each evaluation.
+    argv = tiny_run(tmp_path, "--max-steps", "1", "--sample-tokens", "0")
+    assert pretrain.main([*argv, "--out-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "step 1: val loss " in out and "sample:" not in out
+
+
 def test_tokens_per_s_leaves_out_evaluation_time(tmp_path: Path) -> None:
     # Evaluating ~30k held-out tokens takes far longer than two 128-token steps.
     val = tmp_path / "val.txt"
