@@ -38,7 +38,8 @@ from training import evaluate, pretrain
 from training.chat import ChatFormat, chat_format, with_end_of_turn
 from training.corpus import Conversation, load_documents
 from training.data import IGNORED, BatchSampler, conversation_windows, unreachable_answers
-from training.prepare import CONVERSATION_START, PreparedData, prepare
+from training.evaluate import evaluate_stream
+from training.prepare import CONVERSATION_START, PreparedData, prepare, token_byte_lengths
 from training.split import split_conversations
 from training.tokenizer import train_tokenizer, with_special_tokens
 from training.trainer import next_token_loss
@@ -360,6 +361,36 @@ def test_a_new_model_trained_on_conversations_resumes_bit_exact(tmp_path: Path) 
         "eos_token_id": [end_of_text, end_of_turn],
     }
     assert (folder / CHAT_TEMPLATE).read_text(encoding="utf-8") == CHATML
+
+
+def test_eval_tokens_scores_conversations_cut_at_that_many_held_out_tokens(tmp_path: Path) -> None:
+    # --eval-tokens N on conversations: the first N + 1 tokens with their loss mask cut
+    # alike. Here the cut falls 10 tokens into the second held-out conversation, whose
+    # window then ends at the cut (a mask one shorter no longer fits its tokens).
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(120))
+    held_out = [c[-2:] for c in chats(10, seed=1, question="Which color has the {}?")]
+    val_data = write_jsonl(tmp_path / "val.jsonl", held_out)
+    common = [*TINY, "--data", str(data), "--val-data", str(val_data), "--max-steps", "1"]
+    common += ["--cache-dir", str(tmp_path)]
+    assert pretrain.main([*common, "--out-dir", str(tmp_path / "first")]) == 0
+    first = json.loads((resolve_checkpoint(tmp_path / "first") / "trainer_meta.json").read_text())
+    cache = Path(first["data"]["cache"])
+    val = np.fromfile(cache / "val.bin", dtype=np.uint16)
+    mask = np.fromfile(cache / "val.loss_mask.bin", dtype=np.uint8)
+    cut = int(np.flatnonzero(mask == CONVERSATION_START)[1]) + 10
+    run = tmp_path / "run"
+    assert pretrain.main([*common, "--eval-tokens", str(cut), "--out-dir", str(run)]) == 0
+    checkpoint = resolve_checkpoint(run)
+    expected = evaluate_stream(
+        load_model(checkpoint),
+        val[: cut + 1],
+        token_byte_lengths(load_tokenizer(checkpoint)),
+        block_size=64,
+        device=torch.device("cpu"),
+        loss_mask=mask[: cut + 1],
+    )
+    saved = json.loads((checkpoint / "trainer_meta.json").read_text())
+    assert math.isclose(saved["val_loss"], expected.loss, rel_tol=1e-5)
 
 
 def test_a_resumed_fine_tune_of_a_model_without_a_template_reads_its_runs_cache(
