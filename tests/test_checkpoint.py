@@ -836,9 +836,15 @@ def test_weights_that_are_not_the_configs_model_are_refused_naming_the_tensor(
             (1000).to_bytes(8, "little") + b'{"a": 1}',
             r"truncated header \(16 bytes, header says 1000\)",
         ),
+        # Cut within the header's last 8 bytes: what is left still parses as JSON, yet
+        # it is a truncation, not a corrupt file.
+        (
+            (12).to_bytes(8, "little") + b'{"a": 1}',
+            r"truncated header \(16 bytes, header says 12\)",
+        ),
         ((8).to_bytes(8, "little") + b"not json", "corrupt safetensors header"),
     ],
-    ids=["no header", "cut header", "header no JSON"],
+    ids=["no header", "cut header", "header cut short by a few bytes", "header no JSON"],
 )
 def test_a_weights_file_without_a_whole_header_is_refused_saying_so(
     saved: tuple[Transformer, Path], content: bytes, message: str
