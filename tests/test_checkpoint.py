@@ -25,6 +25,7 @@ from model.checkpoint import (
     LATEST,
     CheckpointError,
     carried_generation_config,
+    config_from_hf,
     generation_config,
     load_model,
     load_tokenizer,
@@ -986,3 +987,14 @@ def test_a_checkpoint_keeps_the_tokenizer_fields_hf_users_add(
     written = json.loads((again / "tokenizer_config.json").read_text())
     assert {k: written[k] for k in added} == added
     assert written["model_max_length"] == model.config.max_seq_len
+
+
+def test_a_config_whose_tensors_need_2_to_the_63_bytes_is_refused_not_only_past_2_to_the_64(
+    tiny_checkpoint: Path,
+) -> None:
+    # torch sizes a tensor's bytes in int64: float32 values past 2**63 bytes (not only past
+    # 2**64) cannot be built. A vocab_size whose embedding alone just crosses that line.
+    hf = json.loads((tiny_checkpoint / "config.json").read_text())
+    vocab_size = 2**63 // (4 * hf["hidden_size"]) + 1
+    with pytest.raises(CheckpointError, match="more values than torch can size"):
+        config_from_hf(hf | {"vocab_size": vocab_size}, tiny_checkpoint / "config.json")
