@@ -998,3 +998,17 @@ def test_a_config_whose_tensors_need_2_to_the_63_bytes_is_refused_not_only_past_
     vocab_size = 2**63 // (4 * hf["hidden_size"]) + 1
     with pytest.raises(CheckpointError, match="more values than torch can size"):
         config_from_hf(hf | {"vocab_size": vocab_size}, tiny_checkpoint / "config.json")
+
+
+def test_a_named_chat_template_linked_out_of_the_checkpoint_is_refused(
+    tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
+) -> None:
+    # additional_chat_templates/<name>.jinja is copied into every fine-tune (and rendered by
+    # transformers on request): a link out of the folder would carry a file of the machine.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("aws_secret_access_key = ...")
+    folder = save_checkpoint(tmp_path / "run", "step-1", Transformer(tiny_config), tokenizer)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").symlink_to(secret)
+    with pytest.raises(CheckpointError, match=r"tool_use\.jinja: a link out of the checkpoint"):
+        resolve_checkpoint(folder)
