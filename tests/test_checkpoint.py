@@ -1012,3 +1012,15 @@ def test_a_named_chat_template_linked_out_of_the_checkpoint_is_refused(
     (folder / "additional_chat_templates" / "tool_use.jinja").symlink_to(secret)
     with pytest.raises(CheckpointError, match=r"tool_use\.jinja: a link out of the checkpoint"):
         resolve_checkpoint(folder)
+
+
+def test_a_tokenizer_setting_named_like_a_token_is_not_kept_as_one(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # add_bos_token ends in "_token" but is a setting (a bool): kept, a fine-tune's
+    # tokenizer_config.json would carry its start's encoding settings as named tokens.
+    _, folder = saved
+    path = folder / "tokenizer_config.json"
+    added = {"add_bos_token": True, "add_eos_token": False, "turn_token": "<|endoftext|>"}
+    path.write_text(json.dumps(json.loads(path.read_text()) | added))
+    assert read_tokenizer_extras(folder).fields == {"turn_token": "<|endoftext|>"}
