@@ -166,6 +166,18 @@ def test_a_control_token_a_tokenizer_cannot_read_as_text_is_refused_in_a_message
         chat.encode(rendered)
 
 
+def test_a_named_token_called_messages_does_not_replace_the_messages_in_the_template():
+    # A model's own named tokens (extra_special_tokens, a free-form map) go to the template
+    # beside the messages: one named "messages" must not hide the conversation.
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, "[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in CONTROL])
+    config = {"extra_special_tokens": {"messages": "<|im_end|>"}}
+    chat = compile_chat_template(Path("chat_template.jinja"), CHATML, config, tokenizer)
+    rendered = chat.render([{"role": "user", "content": "hi"}], add_generation_prompt=False)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n"
+
+
 def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_sanitizes(tmp_path):
     from transformers import AutoTokenizer
 
