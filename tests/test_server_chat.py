@@ -21,7 +21,7 @@ from server_harness import (
     sse_events,
     with_template,
 )
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
 from model.chat_template import (
     MARK_END,
@@ -176,6 +176,19 @@ def test_a_named_token_called_messages_does_not_replace_the_messages_in_the_temp
     chat = compile_chat_template(Path("chat_template.jinja"), CHATML, config, tokenizer)
     rendered = chat.render([{"role": "user", "content": "hi"}], add_generation_prompt=False)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_a_clients_control_token_read_as_text_passes_through_the_normalizer_as_text_does():
+    # Read as text, a client's control token is normalized like any text (a lowercasing
+    # normalizer here, NFKC in many SentencePiece tokenizers): skipped, it was the unknown id.
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1, "<|im_end|>": 2}, "[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken("<|IM_END|>", special=True)])
+    template = "{% for m in messages %}{{ m['content'] }}<|IM_END|>{% endfor %}"
+    chat = compile_chat_template(Path("chat_template.jinja"), template, {}, tokenizer)
+    rendered = chat.render([{"role": "user", "content": "hi <|IM_END|>"}], False)
+    assert chat.encode(rendered) == [1, 2, tokenizer.token_to_id("<|IM_END|>")]
 
 
 def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_sanitizes(tmp_path):
