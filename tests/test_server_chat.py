@@ -191,6 +191,16 @@ def test_a_clients_control_token_read_as_text_passes_through_the_normalizer_as_t
     assert chat.encode(rendered) == [1, 2, tokenizer.token_to_id("<|IM_END|>")]
 
 
+def test_a_template_sees_tools_as_none_as_transformers_passes_it():
+    # transformers passes tools=None without tools: a template testing `tools is not none`
+    # (rather than `if tools`) would otherwise write its tool preamble into every prompt.
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, "[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = "{% if tools is not none %}TOOLS {% endif %}{{ messages[0]['content'] }}"
+    chat = compile_chat_template(Path("chat_template.jinja"), template, {}, tokenizer)
+    assert chat.render([{"role": "user", "content": "hi"}], False) == "hi"
+
+
 def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_sanitizes(tmp_path):
     from transformers import AutoTokenizer
 
