@@ -626,12 +626,13 @@ def test_fields_a_config_leaves_out_take_llamaconfigs_defaults(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
     # Older Llama configs write neither: no num_key_value_heads is multi-head attention,
-    # no tie_word_embeddings an untied head, to transformers as to us.
+    # no tie_word_embeddings an untied head, to transformers as to us; and no hidden_act
+    # is LlamaConfig's silu, not a refusal.
     torch.manual_seed(5)
     shape = {"n_heads": 4, "n_kv_heads": 4, "tie_embeddings": False}
     model = with_trained_norms(Transformer(tiny_config.replace(**shape))).eval()
     folder = save_checkpoint(tmp_path, "step-0000001", model, tokenizer)
-    edit_config(folder, num_key_value_heads=None, tie_word_embeddings=None)
+    edit_config(folder, num_key_value_heads=None, tie_word_embeddings=None, hidden_act=None)
     loaded = load_model(folder)
     assert (loaded.config.n_kv_heads, loaded.config.tie_embeddings) == (4, False)
     assert_transformers_agrees(loaded, folder)
