@@ -1025,3 +1025,14 @@ def test_a_tokenizer_setting_named_like_a_token_is_not_kept_as_one(
     added = {"add_bos_token": True, "add_eos_token": False, "turn_token": "<|endoftext|>"}
     path.write_text(json.dumps(json.loads(path.read_text()) | added))
     assert read_tokenizer_extras(folder).fields == {"turn_token": "<|endoftext|>"}
+
+
+def test_a_config_json_that_is_json_but_no_object_is_refused_saying_so(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # A config.json holding a list (a botched edit) failed in config_from_hf with an
+    # AttributeError traceback rather than a CheckpointError naming the file.
+    _, folder = saved
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a JSON object"):
+        load_model(folder)
