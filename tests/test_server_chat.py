@@ -29,6 +29,7 @@ from model.chat_template import (
     ChatError,
     compile_chat_template,
     load_chat_template,
+    template_source,
 )
 from model.checkpoint import CheckpointError, load_tokenizer
 from model.token_bytes import token_bytes
@@ -199,6 +200,15 @@ def test_a_template_sees_tools_as_none_as_transformers_passes_it():
     template = "{% if tools is not none %}TOOLS {% endif %}{{ messages[0]['content'] }}"
     chat = compile_chat_template(Path("chat_template.jinja"), template, {}, tokenizer)
     assert chat.render([{"role": "user", "content": "hi"}], False) == "hi"
+
+
+def test_a_chat_template_in_tokenizer_config_that_is_no_text_is_refused_naming_the_file(
+    tmp_path,
+):
+    # A number (or an object) where transformers 4 keeps the template's text: compiled as
+    # is, jinja2 raises a TypeError ("Can't compile non template nodes"), no CheckpointError.
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: chat_template is not"):
+        template_source(tmp_path, {"chat_template": 5})
 
 
 def test_the_control_tokens_tokenizer_config_lists_are_those_transformers_sanitizes(tmp_path):
