@@ -1036,3 +1036,16 @@ def test_a_config_json_that_is_json_but_no_object_is_refused_saying_so(
     (folder / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match=r"config\.json: not a JSON object"):
         load_model(folder)
+
+
+def test_a_single_weights_file_wins_over_a_shard_index_beside_it_as_in_transformers(
+    saved: tuple[Transformer, Path],
+) -> None:
+    # transformers reads model.safetensors when it is there, whatever index lies beside it
+    # (one left from an earlier sharded save): so does load_model.
+    model, folder = saved
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+    )
+    loaded = load_model(folder)
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
