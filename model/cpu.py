@@ -60,7 +60,6 @@ def has_fast_bf16() -> bool:
 
 
 @functools.cache
-@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library where it is glibc (it has mallopt and malloc_trim); else None."""
     if not sys.platform.startswith("linux"):
@@ -76,6 +75,7 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+@functools.cache
 def tune_malloc() -> bool:
     """Keep freed memory for reuse instead of unmapping it; True when applied (glibc)."""
     libc = _glibc()
