@@ -766,6 +766,26 @@ def test_a_record_that_is_no_conversation_to_learn_from_exits_2_naming_its_line(
     assert not run.exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_vocabulary_with_no_room_for_the_templates_tokens_exits_2_before_training_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(20))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    flags = [*TINY, "--data", str(data), "--cache-dir", str(cache), "--out-dir", str(run)]
+    room = 65536 - len(CHATML_TOKENS)  # the token cache's uint16 ids, less CHATML's two
+    assert pretrain.main([*flags, "--vocab-size", str(room + 1)]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        f"error: --vocab-size {room + 1}: with the chat template's 2 tokens, 65,537 token "
+        f"ids do not fit the token cache's uint16 ids (at most 65,536): give --vocab-size "
+        f"{room} or less"
+    )
+    assert "training a" not in out  # refused before the tokenizer's training, not after
+    assert not run.exists() and not cache.exists()
+    # At the bound it trains (the text gives far fewer entries than asked).
+    assert pretrain.main([*flags, "--vocab-size", str(room), "--max-steps", "1"]) == 0
+
+
 def test_text_and_conversations_are_not_trained_on_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:

@@ -173,6 +173,18 @@ def conversation_stream(
     return np.concatenate(tokens), np.concatenate(masks)
 
 
+def _check_room_for(added_tokens: Sequence[str], vocab_size: int) -> None:
+    """A CorpusError, before the tokenizer's training (minutes on a large text), where a
+    `vocab_size`-entry tokenizer given `added_tokens` would not fit the token cache."""
+    added = len(set(added_tokens) - {END_OF_TEXT})  # the trained one has <|endoftext|>
+    if vocab_size + added > MAX_VOCAB:
+        raise CorpusError(
+            f"--vocab-size {vocab_size}: with the chat template's {added} tokens, "
+            f"{vocab_size + added:,} token ids do not fit the token cache's uint16 ids "
+            f"(at most {MAX_VOCAB:,}): give --vocab-size {MAX_VOCAB - added} or less"
+        )
+
+
 def check_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
     """`tokenizer` if token streams can be made with it; a CorpusError naming `source`
     (where it came from) if not."""
@@ -567,6 +579,8 @@ def prepare(
     """
     if not train_docs:
         raise CorpusError("the training split is empty")
+    if tokenizer is None and chat is not None:
+        _check_room_for(chat.added_tokens, vocab_size)
     root = Path(cache_root)
     _clear_abandoned(root)
     digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
