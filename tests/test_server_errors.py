@@ -817,6 +817,9 @@ def test_a_page_at_a_listed_origin_may_call_the_server_with_its_key(base_url, tm
         ("http://localhost:3000/", "'http://localhost:3000/' is no origin"),
         ("app.example", "'app.example' is no origin"),
         ("https://app.example/ui?x=1", "'https://app.example/ui?x=1' is no origin"),
+        # No path, yet something after the host all the same: no Origin header has it.
+        ("https://app.example?x=1", "'https://app.example?x=1' is no origin"),
+        ("https://app.example#top", "'https://app.example#top' is no origin"),
         (" , ", "must name at least one origin"),
     ],
 )
