@@ -837,6 +837,15 @@ def test_a_loopback_host_by_any_name_or_address_lets_localhost_names_and_itself_
     assert names == {"localhost", "127.0.0.1", "::1", host}
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "server.example"])
+def test_a_host_beyond_loopback_or_by_a_name_checks_no_host_header_unless_listed(host):
+    # Bound beyond this machine, any name may reach it; bound by a name other than
+    # localhost, that name may resolve anywhere: no Host is checked by default.
+    assert Settings(checkpoint="unused", host=host).allowed_host_names() is None
+    listed = Settings(checkpoint="unused", host=host, allowed_hosts="chat.example")
+    assert listed.allowed_host_names() == {"chat.example", "localhost", "127.0.0.1", "::1"}
+
+
 def test_a_host_given_with_spaces_around_it_is_the_loopback_it_names():
     # POCKETGPT_HOST= 127.0.0.1 (a stray space in an env file): read as no address, it
     # would bind nothing or, not taken for loopback, check no Host at all.
