@@ -164,6 +164,9 @@ def test_an_api_key_is_taken_as_a_header_can_send_it():
     settings = Settings(checkpoint="unused", api_key=" k3y\tpart\n")
     assert settings.api_key is not None
     assert settings.api_key.get_secret_value() == "k3y\tpart"
+    # A space inside is a header value's too (the first one after `Bearer` parts them).
+    spaced = Settings(checkpoint="unused", api_key="two words").api_key
+    assert spaced is not None and spaced.get_secret_value() == "two words"
 
 
 @pytest.mark.parametrize(
