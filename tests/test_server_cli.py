@@ -182,6 +182,11 @@ def test_an_api_key_is_taken_as_a_header_can_send_it():
         ("prefill_chunk", 1, 0, "greater than or equal to 1"),
         # No context at all: refused as a setting, before the checkpoint is read.
         ("max_context", 1, 0, "greater than or equal to 1"),
+        # No thread to run on, no slot to generate in, no token an event could carry.
+        ("threads", 1, 0, "greater than or equal to 1"),
+        ("max_batch", 1, 0, "greater than or equal to 1"),
+        ("stream_interval", 1, 0, "greater than or equal to 1"),
+        ("port", 0, -1, "greater than or equal to 0"),  # 0: the system picks one
     ],
 )
 def test_a_setting_at_its_least_is_taken_and_one_below_refused(name, least, below, message):
@@ -197,6 +202,7 @@ def test_a_setting_at_its_least_is_taken_and_one_below_refused(name, least, belo
         ("port", 65535, 65536, "less than or equal to 65535"),
         ("stream_interval", 256, 257, "less than or equal to 256"),
         ("max_batch", 1024, 1025, "less than or equal to 1024"),
+        ("threads", 1024, 1025, "less than or equal to 1024"),
     ],
 )
 def test_a_setting_at_its_most_is_taken_and_one_above_refused(name, most, above, message):
