@@ -211,6 +211,15 @@ def test_a_setting_at_its_most_is_taken_and_one_above_refused(name, most, above,
         Settings(checkpoint="unused", **{name: above})
 
 
+@pytest.mark.parametrize("name", ["request_timeout", "drain_timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_timeout_is_a_finite_number_of_seconds(name, value):
+    # "inf" would never time a request out (nor end a drain); NaN compares false to any
+    # deadline.
+    with pytest.raises(ValidationError, match="Input should be a finite number"):
+        Settings(checkpoint="unused", **{name: value})
+
+
 def test_a_checkpoint_of_spaces_only_is_refused_as_an_empty_one():
     # POCKETGPT_CHECKPOINT= followed by a stray space names no folder either.
     with pytest.raises(ValidationError, match="must name a checkpoint folder"):
