@@ -39,6 +39,7 @@ from model.kv_cache import KVCache
 from server.__main__ import DrainingServer, check_before_loading, setting_source
 from server.app import create_app
 from server.http11 import uvicorn_config
+from server.loading import model_name
 from server.sampler import Sampler
 from server.settings import Settings
 from server.validation import sampling_defaults
@@ -1021,6 +1022,29 @@ def test_a_model_name_is_taken_without_the_whitespace_around_it_and_a_blank_one_
         assert result.stderr == (
             f"error: {given}: must name a model (unset it for the checkpoint's folder name)\n"
         )
+
+
+def test_the_model_id_is_the_name_given_else_the_served_folders_own(
+    checkpoint, tmp_path, monkeypatch
+):
+    run = checkpoint.parent  # random_checkpoint's root: the run folder, `latest` in it
+    assert model_name(Settings(checkpoint=checkpoint, model_name="notes")) == "notes"
+    assert model_name(Settings(checkpoint=checkpoint)) == run.name
+    assert model_name(Settings(checkpoint=run)) == run.name
+    # A model folder outside any run (copied, or downloaded) is named itself.
+    alone = tmp_path / "alone"
+    shutil.copytree(checkpoint, alone)
+    assert model_name(Settings(checkpoint=alone)) == "alone"
+    # Given relative to the working folder (`--checkpoint .`): the folder it names.
+    monkeypatch.chdir(alone)
+    assert model_name(Settings(checkpoint=".")) == "alone"
+    monkeypatch.chdir(checkpoint)
+    assert model_name(Settings(checkpoint=".")) == run.name
+    # A run folder is named itself, even kept in a folder that holds a `latest` too.
+    (tmp_path / "latest").write_text("alone\n")
+    nested = tmp_path / "notes"
+    shutil.copytree(run, nested)
+    assert model_name(Settings(checkpoint=nested)) == "notes"
 
 
 def test_a_checkpoint_file_this_user_may_not_read_is_named_as_other_commands_name_it(
