@@ -112,6 +112,19 @@ def test_an_engine_that_stopped_with_requests_unfinished_shows_none_running(
         assert registry.get_sample_value(f"pocketgpt_{gauge}") == 0, gauge
 
 
+def test_the_threads_setting_is_what_torch_runs_the_model_on(tiny_checkpoint: Path) -> None:
+    # --threads 1 is the advice on a shared machine: set before the model loads, for the
+    # engine thread and the rest of the process.
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    settings = Settings(checkpoint=str(tiny_checkpoint), device="cpu", max_batch=1, threads=wanted)
+    try:
+        load_serving(settings, Metrics()).engine.stop()
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_waiting_request_cancelled_frees_its_queue_place_at_once(tiny_checkpoint: Path) -> None:
     # One slot, one queue place: with the place's client gone, the next client is admitted,
     # not refused (429) until the model thread's next step applied the cancellation.
