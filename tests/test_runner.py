@@ -152,6 +152,22 @@ def test_chunks_prefilled_in_several_forwards_keep_each_its_own_logits(
             torch.testing.assert_close(logits[row], alone, **CLOSE)
 
 
+def test_a_chunk_scoring_every_position_keeps_its_rows_in_a_forward_of_its_own(
+    model: Transformer,
+) -> None:
+    # A prompt scored at each of its positions (echo with logprobs), grouped apart from a
+    # longer chunk: its rows, one a position, come back in place among the others'.
+    runner = ModelRunner(model, n_slots=3)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (40, 6, 2)]
+    chunks = [PrefillInput(s, ids, 0, every_position=s == 1) for s, ids in enumerate(prompts)]
+    with torch.inference_mode():
+        logits = runner.prefill(chunks)
+        alone = [model(torch.tensor([ids]), torch.arange(len(ids))[None])[0] for ids in prompts]
+    expected = torch.cat([alone[0][-1:], alone[1], alone[2][-1:]])  # [1 + 6 + 1, V]
+    torch.testing.assert_close(logits, expected, **CLOSE)
+
+
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
     same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
