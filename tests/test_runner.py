@@ -18,6 +18,7 @@ from server.runner import ModelRunner, PrefillInput
 
 VOCAB = 300
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # a compiled fp32 forward vs the eager one
+PAD = 0  # the token id a padded prefill row is filled with (runner._prefill)
 # (device, compiled): CUDA too where there is one (a lent GPU machine); CI runs the CPU case.
 BUCKETED_CASES = [
     ("cpu", False),
@@ -166,6 +167,32 @@ def test_a_chunk_scoring_every_position_keeps_its_rows_in_a_forward_of_its_own(
         alone = [model(torch.tensor([ids]), torch.arange(len(ids))[None])[0] for ids in prompts]
     expected = torch.cat([alone[0][-1:], alone[1], alone[2][-1:]])  # [1 + 6 + 1, V]
     torch.testing.assert_close(logits, expected, **CLOSE)
+
+
+def test_each_prefill_forward_computes_at_most_twice_its_chunks_tokens(
+    model: Transformer,
+) -> None:
+    # Padding a short chunk to a long one's width costs the running streams' step; up to
+    # twice the tokens is taken for one forward fewer, not more.
+    computed: list[tuple[int, int]] = []  # (positions computed, tokens) per forward
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        computed.append((args[0].numel(), int((args[0] != PAD).sum())))
+
+    runner = ModelRunner(model, n_slots=8)
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for lengths in [(4, 1, 1), (12, 1, 1, 1, 1), (30, 10, 9, 2, 1), (8, 7, 5, 5, 4, 1)]:
+                computed.clear()
+                chunks = [PrefillInput(s, [PAD + 1] * n, 0) for s, n in enumerate(lengths)]
+                runner.prefill(chunks)
+                assert sum(tokens for _, tokens in computed) == sum(lengths)
+                assert all(positions <= 2 * tokens for positions, tokens in computed), computed
+                if lengths == (4, 1, 1):  # 12 positions for 6 tokens: exactly twice
+                    assert computed == [(12, 6)]
+    finally:
+        handle.remove()
 
 
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
