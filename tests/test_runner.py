@@ -195,6 +195,19 @@ def test_each_prefill_forward_computes_at_most_twice_its_chunks_tokens(
         handle.remove()
 
 
+def test_an_eager_decode_at_the_caches_last_position_keeps_its_logits(model: Transformer) -> None:
+    # The step a stream at the end of the context takes: its keys are the whole cache.
+    runner = ModelRunner(model, n_slots=2)
+    context = runner.max_len
+    generator = torch.Generator().manual_seed(4)
+    text = torch.randint(0, VOCAB, (context,), generator=generator).tolist()
+    with torch.inference_mode():
+        runner.prefill([PrefillInput(1, text[:-1], 0)])
+        logits = runner.decode(text[-1:], [context - 1], [1])  # [1, V]
+        alone = model(torch.tensor([text]), torch.arange(context)[None])[0, -1]  # [V]
+    torch.testing.assert_close(logits[0], alone, **CLOSE)
+
+
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
     same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
