@@ -208,6 +208,18 @@ def test_an_eager_decode_at_the_caches_last_position_keeps_its_logits(model: Tra
     torch.testing.assert_close(logits[0], alone, **CLOSE)
 
 
+def test_a_bfloat16_model_on_a_cpu_keeps_its_kv_cache_in_float32(model: Transformer) -> None:
+    # Where PyTorch's attention runs fastest (model/kv_cache.py: cache_dtype); a bf16 cache
+    # would be cast up, all of it, in every layer of every step.
+    runner = ModelRunner(copy.deepcopy(model).to(torch.bfloat16), n_slots=2)
+    assert runner.dtype == torch.bfloat16
+    assert {t.dtype for t in (*runner.cache.k, *runner.cache.v)} == {torch.float32}
+    with torch.inference_mode():
+        runner.prefill([PrefillInput(0, [5, 6, 7], 0)])
+        logits = runner.decode([8], [3], [0])
+    assert logits.shape == (1, VOCAB) and bool(logits.isfinite().all())
+
+
 def static_decode(runner: ModelRunner) -> Callable[..., torch.Tensor]:
     """The decode under test: on CUDA the runner's graph replays; on CPU (no graphs) the
     same fixed-bucket forward over static buffers that the graphs capture, run eagerly."""
