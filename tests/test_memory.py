@@ -218,6 +218,13 @@ def test_the_server_counts_the_weights_compile_decode_freezes_on_a_cpu() -> None
     assert message.endswith(
         "serve without --compile-decode, with --dtype bfloat16, or on a machine with more memory"
     ), message
+    # One slot: its decode is batch 1's graph alone, one frozen copy (90% in all: fits).
+    lone = compiled.model_copy(update={"max_batch": 1})
+    check_memory(lone, {}, config, torch.device("cpu"))
+    larger = config.replace(vocab_size=config.vocab_size * 4 // 3)  # 60%, twice: 120%
+    copy = "(the model's and --compile-decode's frozen copy)"
+    with pytest.raises(ValueError, match=re.escape(copy)):
+        check_memory(lone, {}, larger, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
