@@ -36,7 +36,12 @@ from tokenizers import Tokenizer, decoders
 
 from model.checkpoint import WEIGHTS, CheckpointError, load_model, read_config
 from model.kv_cache import KVCache
-from server.__main__ import DrainingServer, check_before_loading, setting_source
+from server.__main__ import (
+    DrainingServer,
+    check_before_loading,
+    listening_socket,
+    setting_source,
+)
 from server.app import create_app
 from server.http11 import uvicorn_config
 from server.loading import model_name
@@ -318,6 +323,14 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
+
+
+def test_an_ipv6_host_is_listened_on_as_ipv6():
+    # As uvicorn binds it: --host ::1 is an IPv6 address, no IPv4 host name.
+    for host, family in (("::1", socket.AF_INET6), ("127.0.0.1", socket.AF_INET)):
+        settings = Settings(checkpoint="unused", host=host, port=0)
+        with listening_socket(settings, {}) as sock:
+            assert (sock.family, sock.getsockname()[0]) == (family, host)
 
 
 def with_context_of(checkpoint: Path, positions: int, folder: Path) -> Path:
