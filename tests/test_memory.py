@@ -173,6 +173,21 @@ def test_the_server_refuses_weights_past_what_is_available_whatever_its_cache(
         assert str(refused.value).endswith(remedy), refused.value
 
 
+def test_weights_that_take_all_that_is_available_are_refused_as_the_weights_alone(
+    system: Path,
+) -> None:
+    # No room at all is left for a cache: no --max-batch or --max-context could fit it.
+    config = ModelConfig(vocab_size=2, dim=64, n_layers=1, n_heads=1, ffn_dim=1, max_seq_len=16)
+    weights = config.num_parameters() * 4  # float32
+    assert weights % 1024 == 0
+    settings = Settings(checkpoint=system, max_batch=1, dtype="float32")
+    for available, refused in ((weights, "the weights alone need"), (weights + 1024, "the KV")):
+        (system / "meminfo").write_text(f"MemAvailable: {available // 1024} kB\nSwapFree: 0 kB\n")
+        with pytest.raises(ValueError) as error:
+            check_memory(settings, {}, config, torch.device("cpu"))
+        assert str(error.value).startswith(refused), error.value
+
+
 def test_the_server_never_names_a_context_too_short_to_serve_as_one_that_fits() -> None:
     # At --max-batch 1024 a model whose 1,024 slots take more than half of what is left
     # beside the weights per token of context: "lower --max-context to at most 1" was
