@@ -325,6 +325,29 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
     assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
 
 
+def test_a_port_this_user_may_not_bind_is_named_as_the_port(tmp_path):
+    # Port 80 for a user other than root: the port is what to change, not the host.
+    unprivileged = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if not unprivileged.is_file() or int(unprivileged.read_text()) <= 80:
+        pytest.skip("any user may bind port 80 here")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")}
+    result = subprocess.run(
+        [
+            *(as_nobody if os.geteuid() == 0 else []),
+            *(sys.executable, "-m", "server", "--checkpoint", str(tmp_path), "--port", "80"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: --port 80: cannot listen on 127.0.0.1:80 (Permission denied)\n"
+    )
+
+
 def test_an_ipv6_host_is_listened_on_as_ipv6():
     # As uvicorn binds it: --host ::1 is an IPv6 address, no IPv4 host name.
     for host, family in (("::1", socket.AF_INET6), ("127.0.0.1", socket.AF_INET)):
