@@ -187,3 +187,12 @@ def test_a_small_corpus_of_one_line_records_holds_out_the_records_nearest_its_pi
     total = sum(map(len, documents))
     assert abs(sum(map(len, val)) - 0.1 * total) <= len(documents[0])
     assert sum(map(len, train)) + sum(map(len, val)) == total  # nothing lost
+
+
+def test_a_long_held_out_document_equal_to_a_training_one_counts_as_trained_on() -> None:
+    # Equal, not cut from a longer one: no training document is longer, and the search
+    # for cuts must not undo what the equality found.
+    book = "".join(f"Line {i} of a book that is long enough.\n" for i in range(200))
+    assert len(book) >= MIN_CUT_CHARS
+    assert documents_trained_on([book], [book]) == [0]
+    assert documents_trained_on(["Other text.", book], ["x", book]) == [1]
