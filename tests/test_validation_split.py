@@ -196,3 +196,15 @@ def test_a_long_held_out_document_equal_to_a_training_one_counts_as_trained_on()
     assert len(book) >= MIN_CUT_CHARS
     assert documents_trained_on([book], [book]) == [0]
     assert documents_trained_on(["Other text.", book], ["x", book]) == [1]
+
+
+def test_a_large_validation_share_is_held_out_in_more_pieces_not_longer_ones() -> None:
+    # 250 kB held out of 500 kB: pieces of at most VAL_PIECE_CHARS[1] (to the line's
+    # end), so more of them than VAL_PIECES, still the fraction asked in all.
+    text = numbered_lines(20_000)
+    _, val = split_documents([text], 0.5)
+    line = len(numbered_lines(1))
+    assert max(map(len, val)) <= VAL_PIECE_CHARS[1] + line
+    assert len(val) >= 0.5 * len(text) / (VAL_PIECE_CHARS[1] + line)
+    assert len(val) > VAL_PIECES
+    assert sum(map(len, val)) == pytest.approx(0.5 * len(text), rel=0.02)
