@@ -208,3 +208,19 @@ def test_a_large_validation_share_is_held_out_in_more_pieces_not_longer_ones() -
     assert len(val) >= 0.5 * len(text) / (VAL_PIECE_CHARS[1] + line)
     assert len(val) > VAL_PIECES
     assert sum(map(len, val)) == pytest.approx(0.5 * len(text), rel=0.02)
+
+
+def test_one_line_records_up_to_a_piece_long_are_held_out_whole_by_the_piece_over_them() -> None:
+    # Five records of 12 characters, 0.3 held out: one piece of 18, characters 21 to 39.
+    # It starts 9 into record 1 (nearer its end: not held out) and is taken on into the
+    # records after as far as it was due, ending 3 into record 3 (nearer its start: not
+    # held out): record 2 alone, the one it covers.
+    records = [f"Record {d:04d} " for d in range(5)]
+    train, val = split_documents(records, 0.3)
+    assert val == [records[2]]
+    assert train == [*records[:2], *records[3:]]
+    # A record exactly a piece long (12 of 120 at 0.1) is still a record, held out whole.
+    records = [f"Record {d:04d} " for d in range(10)]
+    train, val = split_documents(records, 0.1)
+    assert val == [records[5]]
+    assert train == [*records[:5], *records[6:]]
