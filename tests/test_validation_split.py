@@ -224,3 +224,14 @@ def test_one_line_records_up_to_a_piece_long_are_held_out_whole_by_the_piece_ove
     train, val = split_documents(records, 0.1)
     assert val == [records[5]]
     assert train == [*records[:5], *records[6:]]
+
+
+def test_a_piece_carried_into_the_next_documents_ends_where_it_was_due() -> None:
+    # One piece of 31 characters, due at character 10 of document 1: moved to its last
+    # line's start, it reaches past the document's end, is carried 20 characters into
+    # document 2 and ends in that one's last line, nearer its start: that line and all of
+    # document 3 are trained on.
+    documents = [f"Doc {d} line one\n" + "r" * 11 for d in range(4)]
+    train, val = split_documents(documents, 0.3)
+    assert val == ["r" * 11, "Doc 2 line one\n"]
+    assert train == [documents[0], "Doc 1 line one\n", "r" * 11, documents[3]]
