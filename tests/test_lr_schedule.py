@@ -78,3 +78,12 @@ def test_decay_steps_sets_the_schedules_length_apart_from_max_steps() -> None:
     short = lrs("wsd", [59, 84, 109], max_steps=60, decay_steps=110)
     assert short == pytest.approx([1.0, 0.55, 0.1])
     assert lrs("cosine", [59], max_steps=60, decay_steps=110) == pytest.approx([0.55])
+
+
+def test_a_schedule_all_warmup_is_at_the_floor_after_it_not_an_error() -> None:
+    # --warmup-steps as long as the schedule leaves no steps to decay over: the steps
+    # after it (a resume with a larger --max-steps, --decay-steps kept) train at the floor.
+    args = TrainArgs(**{**SCHEDULE, "warmup_steps": 110, "decay_steps": 110, "max_steps": 500})
+    assert lr_at(args, 109, elapsed=0.0) == 1.0
+    assert lr_at(args, 110, elapsed=0.0) == pytest.approx(0.1)
+    assert lr_at(args, 500, elapsed=0.0) == pytest.approx(0.1)
