@@ -173,3 +173,13 @@ def test_a_learning_rate_past_float32_moves_the_weights_off_the_scale_not_an_err
     weight.grad = torch.randn(8, 16)
     Muon([weight], lr=1e39).step()
     assert weight.abs().max() > 1e37
+
+
+def test_matrices_decay_in_either_optimizer_and_norm_weights_do_not() -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64, tie_embeddings=False))
+    for optimizer in ("muon", "adamw"):
+        args = TrainArgs(optimizer=optimizer, lr=1e-3, weight_decay=0.3)
+        opt = make_optimizer(model, args, torch.device("cpu"))
+        decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            assert decay[id(p)] == (0.3 if p.dim() >= 2 else 0.0), (optimizer, name)
