@@ -183,3 +183,14 @@ def test_matrices_decay_in_either_optimizer_and_norm_weights_do_not() -> None:
         decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
         for name, p in model.named_parameters():
             assert decay[id(p)] == (0.3 if p.dim() >= 2 else 0.0), (optimizer, name)
+
+
+def test_zero_grad_leaves_no_gradient_for_muon_to_step_on() -> None:
+    # A parameter no loss reaches in a step has no gradient then, not a zero one: Muon
+    # steps only those with a gradient (a zero one would still move them by momentum).
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64))
+    opt = make_optimizer(model, TrainArgs(optimizer="muon", lr=1e-3), torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
