@@ -194,3 +194,11 @@ def test_zero_grad_leaves_no_gradient_for_muon_to_step_on() -> None:
         p.grad = torch.ones_like(p)
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_tiny_gradient_is_orthogonalised_like_any_other() -> None:
+    # Scale-free downwards too: entries of 1e-5 (late in a run) are not taken for a zero
+    # matrix by the guard against dividing by nothing.
+    g = torch.randn(2, 32, 96, generator=torch.Generator().manual_seed(0)) * 1e-5
+    singular = torch.linalg.svdvals(orthogonalize(g, torch.float32))
+    assert singular.min() > 0.9 and singular.max() < 1.1
