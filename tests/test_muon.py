@@ -202,3 +202,12 @@ def test_a_tiny_gradient_is_orthogonalised_like_any_other() -> None:
     g = torch.randn(2, 32, 96, generator=torch.Generator().manual_seed(0)) * 1e-5
     singular = torch.linalg.svdvals(orthogonalize(g, torch.float32))
     assert singular.min() > 0.9 and singular.max() < 1.1
+
+
+def test_a_tall_matrix_is_orthogonalised_as_the_transpose_of_its_wide_one() -> None:
+    # An update does not depend on which way a weight is stored (down_proj is tall where
+    # up_proj is wide): the iteration, its AOL start included, runs on the wide side.
+    g = torch.randn(2, 96, 32, generator=torch.Generator().manual_seed(0))
+    tall = orthogonalize(g, torch.float32)
+    wide = orthogonalize(g.mT.contiguous(), torch.float32)
+    torch.testing.assert_close(tall, wide.mT)
