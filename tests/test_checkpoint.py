@@ -43,6 +43,7 @@ from training.run_folder import (
     holds_run,
     recorded_best_loss,
     run_checkpoint,
+    step_folders,
 )
 
 
@@ -1049,3 +1050,11 @@ def test_a_single_weights_file_wins_over_a_shard_index_beside_it_as_in_transform
     )
     loaded = load_model(folder)
     assert torch.equal(loaded.norm.weight, model.norm.weight)
+
+
+def test_a_run_folders_step_checkpoints_are_its_step_folders_alone(tmp_path: Path) -> None:
+    # A save's temporary copy and a file under a step's name are no checkpoints to resume.
+    for name in ("step-0000002", "step-0000010", "step-0000003.tmp-123", "step-12", BEST):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step-0000020").write_text("not a folder")
+    assert [p.name for p in step_folders(tmp_path)] == ["step-0000002", "step-0000010"]
