@@ -40,6 +40,7 @@ from tests.test_detokenizer_fuzz import FUZZ
 from training.run_folder import (
     BEST,
     TRAINER_META,
+    has_checkpoint,
     holds_run,
     recorded_best_loss,
     run_checkpoint,
@@ -1058,3 +1059,18 @@ def test_a_run_folders_step_checkpoints_are_its_step_folders_alone(tmp_path: Pat
         (tmp_path / name).mkdir()
     (tmp_path / "step-0000020").write_text("not a folder")
     assert [p.name for p in step_folders(tmp_path)] == ["step-0000002", "step-0000010"]
+
+
+def test_a_folder_holding_best_alone_is_a_run_and_a_path_with_no_folder_no_checkpoint(
+    tmp_path: Path,
+) -> None:
+    assert not holds_run(tmp_path)
+    (tmp_path / BEST).mkdir()
+    assert holds_run(tmp_path)  # a kept model a new run must not write over
+    # Nothing to resume, and a CheckpointError to say so, not an OSError, where the path
+    # is no folder at all.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("text")
+    assert not has_checkpoint(tmp_path / "missing") and not has_checkpoint(a_file)
+    with pytest.raises(CheckpointError):
+        run_checkpoint(tmp_path / "missing")
