@@ -42,6 +42,7 @@ from training.run_folder import (
     TRAINER_META,
     has_checkpoint,
     holds_run,
+    lost_latest_note,
     recorded_best_loss,
     run_checkpoint,
     step_folders,
@@ -1074,3 +1075,25 @@ def test_a_folder_holding_best_alone_is_a_run_and_a_path_with_no_folder_no_check
     assert not has_checkpoint(tmp_path / "missing") and not has_checkpoint(a_file)
     with pytest.raises(CheckpointError):
         run_checkpoint(tmp_path / "missing")
+
+
+def test_a_latest_naming_a_lost_checkpoint_is_said_with_what_to_resume_instead(
+    tmp_path: Path,
+) -> None:
+    assert lost_latest_note(tmp_path) is None  # no `latest`
+    (tmp_path / LATEST).write_text("step-0000009\n")
+    note = lost_latest_note(tmp_path)
+    assert (
+        note
+        == f"its {LATEST} names step-0000009, which is gone, and no step folder is left to resume"
+    )
+    for name in ("step-0000003", "step-0000005"):
+        (tmp_path / name).mkdir()
+    assert lost_latest_note(tmp_path) == (
+        f"its {LATEST} names step-0000009, which is gone; to go on from the newest step "
+        f"folder left, pass --resume {tmp_path / 'step-0000005'}"
+    )
+    # Not a checkpoint's name: no note of a lost one.
+    for text in ("\n", "../elsewhere/step-0000009\n"):
+        (tmp_path / LATEST).write_text(text)
+        assert lost_latest_note(tmp_path) is None
