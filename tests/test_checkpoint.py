@@ -554,6 +554,22 @@ def test_what_a_killed_save_left_is_cleared_and_a_folder_moved_aside_put_back(
     ]
 
 
+def test_a_copy_moved_aside_beside_its_replacement_is_removed_and_the_replacement_kept(
+    tmp_path: Path,
+) -> None:
+    # Killed after the second rename: best/ is the new one whole, best.old-<pid> the one
+    # it replaced. Putting the old one back would lose the newer save.
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "model").write_text("newer")
+    moved_aside = tmp_path / f"best.old-{finished_pid()}"
+    moved_aside.mkdir()
+    (moved_aside / "model").write_text("older")
+    done = clear_interrupted_saves(tmp_path, lambda name: True)
+    assert done == [f"removed {moved_aside}: a save killed midway left it"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (tmp_path / "best" / "model").read_text() == "newer"
+
+
 def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
