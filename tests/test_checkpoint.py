@@ -570,6 +570,38 @@ def test_a_copy_moved_aside_beside_its_replacement_is_removed_and_the_replacemen
     assert (tmp_path / "best" / "model").read_text() == "newer"
 
 
+def test_clearing_killed_saves_leaves_other_names_live_writers_and_links_targets_alone(
+    tmp_path: Path,
+) -> None:
+    # Only the names the caller saves are its leftovers; a live process (our parent)
+    # may still be writing its copy; a link is removed, never what it points to.
+    ended = finished_pid()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = [
+        f"notes.tmp-{ended}",  # a name the caller does not save
+        f"step-0000003.tmp-{os.getppid()}",  # a live writer's
+        "step-0000004.tmp-x",  # no pid: not a save's copy
+        f"step-0000005.tmp-{ended}.part",  # the whole name must be one
+        "step-0000006.tmp-",
+    ]
+    for name in kept:
+        (run / name).mkdir()
+    link = run / f"step-0000007.tmp-{ended}"
+    link.symlink_to(outside, target_is_directory=True)
+    half_written_file = run / f"state.json.tmp-{ended}"
+    half_written_file.write_text("{")
+    done = clear_interrupted_saves(run, lambda name: name != "notes")
+    assert sorted(p.name for p in run.iterdir()) == sorted(kept)
+    assert outside.is_dir()
+    assert done == [
+        f"removed {half_written_file}: a save killed midway left it",
+        f"removed {link}: a save killed midway left it",
+    ]
+
+
 def test_leftover_temp_folder_from_a_killed_save_is_never_picked(
     tmp_path: Path, tokenizer: Tokenizer, tiny_config: ModelConfig
 ) -> None:
