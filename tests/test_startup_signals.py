@@ -7,10 +7,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from model.cli import (
+    Terminated,
+    default_signal_actions,
+    exit_on_signals_while_importing,
+    signals_unwind,
+)
 from tests.test_training_pretrain import CORPUS, REPO, TINY, python_env
 
 # Runs MODULE ARGS as `python -m` does, sending the signal to itself as the command first
@@ -77,3 +84,44 @@ def test_a_signal_while_torch_imports_ends_the_command_in_one_line(
     assert (process.returncode, process.stderr) == (128 + stop, said + "\n")
     assert process.stdout == ""
     assert not run.exists()
+
+
+def test_signals_are_handled_inside_the_block_only_and_an_ignored_one_stays_ignored() -> None:
+    # The suite calls commands' main() in its own process: the handlers a command sets
+    # must be undone after it, and a background job's ignored Ctrl-C never turned on.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_unwind():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            with pytest.raises(Terminated):
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        default_signal_actions()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        exit_on_signals_while_importing("interrupted")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_a_command_run_in_a_thread_leaves_the_signals_alone() -> None:
+    # Only the main thread may set handlers: a command's main() called from a thread (a
+    # test's, a notebook's) must run, not fail on signal.signal's ValueError.
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with signals_unwind():
+                pass
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert failed == []
