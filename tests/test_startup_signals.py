@@ -4,6 +4,8 @@ import under way (Ctrl-C) or a silent death (SIGTERM)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +18,9 @@ from model.cli import (
     Terminated,
     default_signal_actions,
     exit_on_signals_while_importing,
+    interrupted_status,
     signals_unwind,
+    unusable_path,
 )
 from tests.test_training_pretrain import CORPUS, REPO, TINY, python_env
 
@@ -107,6 +111,21 @@ def test_signals_are_handled_inside_the_block_only_and_an_ignored_one_stays_igno
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_an_interrupted_command_exits_as_a_shell_reports_the_signal_that_stopped_it() -> None:
+    assert interrupted_status(KeyboardInterrupt()) == 128 + signal.SIGINT
+    assert interrupted_status(Terminated()) == 128 + signal.SIGTERM
+
+
+def test_only_a_path_not_ours_to_use_or_too_long_is_refused_as_unusable() -> None:
+    # Any other OSError (a missing file, a full disk) is said by the command its own way.
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/run/x")
+    assert unusable_path(denied) == "error: /run/x: Permission denied"
+    too_long = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), "/a" * 300)
+    assert unusable_path(too_long) == f"error: {'/a' * 300}: File name too long"
+    assert unusable_path(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None
+    assert unusable_path(OSError(errno.EFBIG, "File too large", "/x")) is None
 
 
 def test_a_command_run_in_a_thread_leaves_the_signals_alone() -> None:
