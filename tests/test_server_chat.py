@@ -395,6 +395,11 @@ def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_to
             "messages.0.content: must be valid Unicode: \\udc00 at character 1 of part 1",
         ),
         ({"messages": [{"role": "user", "content": "x", "name": 1}]}, "messages.0.name: Input"),
+        # The name goes into the template's text too: a lone surrogate no encoder takes.
+        (
+            {"messages": [{"role": "user", "content": "x", "name": "b\ud800"}]},
+            "messages.0.name: must be valid Unicode: \\ud800 at character 1 is half",
+        ),
         ({"tools": [{"type": "function"}]}, "tools: Extra inputs are not permitted"),
         ({"top_logprobs": 2}, "body: top_logprobs only with logprobs: true"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: Input should be less than or"),
