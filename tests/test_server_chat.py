@@ -403,6 +403,9 @@ def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_to
         ({"tools": [{"type": "function"}]}, "tools: Extra inputs are not permitted"),
         ({"top_logprobs": 2}, "body: top_logprobs only with logprobs: true"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: Input should be less than or"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs: Input should be greater than"),
+        # As max_tokens: at least one token (0, scoring the prompt, is a completion's alone).
+        ({"max_completion_tokens": 0}, "max_completion_tokens: Input should be greater than"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "body: max_tokens and max_completion_"),
         ({"stream_options": {"include_usage": True}}, "body: stream_options only with stream"),
     ],
