@@ -364,3 +364,14 @@ def test_evaluate_stream_batches_fewer_windows_where_their_logits_would_pass_its
     for preset in PRESETS:
         config = ModelConfig.from_preset(preset)
         assert config.max_seq_len * config.vocab_size * 4 * 16 <= evaluate.EVAL_LOGITS_BYTES
+
+
+def test_a_block_size_of_one_token_is_accepted_and_scores_every_token(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1 is the smallest window: each token predicted from the one before it alone.
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "--block-size", "1"]
+    assert evaluate.main([*argv, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("bpb=")
+    assert f"bytes={len(VAL.read_bytes())}" in out[-3]
