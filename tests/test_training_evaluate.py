@@ -375,3 +375,13 @@ def test_a_block_size_of_one_token_is_accepted_and_scores_every_token(
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("bpb=")
     assert f"bytes={len(VAL.read_bytes())}" in out[-3]
+
+
+def test_a_data_path_of_only_spaces_is_refused_as_empty(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--data " $HELD_OUT"` with the variable unset: a blank path names the working folder.
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "  "])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"error: --data: a path is empty (got ['{VAL}', '  '])\n"
