@@ -385,3 +385,16 @@ def test_a_data_path_of_only_spaces_is_refused_as_empty(
         evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(VAL), "  "])
     assert exit.value.code == 2
     assert capsys.readouterr().err == f"error: --data: a path is empty (got ['{VAL}', '  '])\n"
+
+
+def test_evaluate_stream_gives_a_model_in_eval_mode_back_in_eval_mode() -> None:
+    # A caller's model in eval mode (the server's, a notebook's) must not come back with
+    # its dropout on.
+    vocab, block = 40, 4
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
+    model.eval()
+    tokens = torch.randint(0, vocab, (2 * block + 1,)).numpy().astype("uint16")
+    evaluate.evaluate_stream(
+        model, tokens, np.ones(vocab, dtype=np.int64), block_size=block, device=torch.device("cpu")
+    )
+    assert not model.training
