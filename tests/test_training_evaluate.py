@@ -398,3 +398,25 @@ def test_evaluate_stream_gives_a_model_in_eval_mode_back_in_eval_mode() -> None:
         model, tokens, np.ones(vocab, dtype=np.int64), block_size=block, device=torch.device("cpu")
     )
     assert not model.training
+
+
+def test_evaluate_stream_scores_a_shorter_last_window_alone_not_padded_into_a_batch() -> None:
+    # Full windows batch with each other; the shorter last one is its own forward, so no
+    # batch is padded (every position of every forward is a scored one).
+    vocab, block = 40, 4
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
+    tokens = torch.randint(0, vocab, (3 * block + 1 - 2,)).numpy().astype("uint16")
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: shapes.append(inputs[0].shape))
+    try:
+        result = evaluate.evaluate_stream(
+            model,
+            tokens,
+            np.ones(vocab, dtype=np.int64),
+            block_size=block,
+            device=torch.device("cpu"),
+        )
+    finally:
+        hook.remove()
+    assert shapes == [(2, block), (1, block - 2)]
+    assert result.tokens == len(tokens) - 1
