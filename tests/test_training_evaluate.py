@@ -420,3 +420,34 @@ def test_evaluate_stream_scores_a_shorter_last_window_alone_not_padded_into_a_ba
         hook.remove()
     assert shapes == [(2, block), (1, block - 2)]
     assert result.tokens == len(tokens) - 1
+
+
+def test_evaluate_stream_asks_stop_before_each_batch_and_stops_with_the_model_given_back() -> None:
+    # The trainer's SIGTERM during a validation: stopped before the next batch, its model
+    # training again for the save.
+    vocab, block = 40, 4
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=block))
+    model.train()
+    tokens = torch.randint(0, vocab, (20 * block + 1,)).numpy().astype("uint16")
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: forwards.append(inputs[0].shape[0]))
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(len(forwards))
+        return len(asked) == 2
+
+    try:
+        with pytest.raises(evaluate.EvaluationStopped):
+            evaluate.evaluate_stream(
+                model,
+                tokens,
+                np.ones(vocab, dtype=np.int64),
+                block_size=block,
+                device=torch.device("cpu"),
+                stop=stop,
+            )
+    finally:
+        hook.remove()
+    assert asked == [0, 1] and forwards == [16]
+    assert model.training
