@@ -29,7 +29,7 @@ from training import pretrain
 from training.args import TrainArgs
 from training.corpus import CorpusError, text_digest
 from training.prepare import PreparedData, _flocked, cache_key, prepare, token_stream
-from training.progress import bar_output
+from training.progress import bar_output, progress_bar
 from training.split import split_documents
 from training.tokenizer import train_tokenizer
 
@@ -455,3 +455,14 @@ def test_preparing_text_holds_it_once_and_never_all_of_its_ids(
     # Allocated while preparing (the text was read before): the split's copy of the
     # text, and a batch's ids at a time (1.4x the text's bytes here; 3.7x joined).
     assert peak < 2.5 * chars, (peak, chars, ids)
+
+
+def test_a_bar_whose_work_ends_within_a_second_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tokenizing a small file: a bar drawn and closed at once was noise in every run's log.
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_bar("tokenizing", 10, "tok") as bar:
+        bar.update(10)
+    assert log.getvalue() == ""
