@@ -466,3 +466,20 @@ def test_a_bar_whose_work_ends_within_a_second_writes_nothing(
     with progress_bar("tokenizing", 10, "tok") as bar:
         bar.update(10)
     assert log.getvalue() == ""
+
+
+def test_a_bar_without_a_label_writes_nothing_even_when_redrawn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # evaluate_stream's bar in the trainer's validation (no label): the trainer's own
+    # line says what it evaluated.
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for label in (None, "evaluating"):
+        bar = progress_bar(label, 10, "tok")
+        bar.update(3)
+        bar.refresh()
+        bar.close()
+        if label is None:
+            assert log.getvalue() == ""
+    assert log.getvalue().startswith("evaluating:  30%|")  # a labelled one, redrawn, does
