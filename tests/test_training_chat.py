@@ -1385,3 +1385,19 @@ def test_each_answer_of_a_conversation_follows_the_servers_prompt_for_it() -> No
         assert tokenizer.decode(ids[len(prompt) : run], skip_special_tokens=False) == taught
         assert learned[len(prompt) - 1] == 0
     assert ids == template.encode(template.render(chat, add_generation_prompt=False))
+
+
+def test_a_template_that_refuses_a_conversation_ending_with_a_question_still_gives_its_end(
+    tokenizer: Tokenizer,
+) -> None:
+    # A template that wants the assistant's answer last (unless it prompts for one): the
+    # probe's answer with another message after it is refused, and the end of the answer
+    # it learns still ends a reply.
+    template = (
+        "{% if not add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+        "{{ raise_exception('End with an answer.') }}{% endif %}" + PLAIN_TEMPLATE
+    )
+    chat = ChatFormat(Path(CHAT_TEMPLATE), template, {"eos_token": "<|endoftext|>"})
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")
+    settings = with_end_of_turn({"eos_token_id": [7]}, chat, tokenizer)
+    assert settings == {"eos_token_id": [7, end_of_text]}
