@@ -36,7 +36,7 @@ from model.transformer import Transformer
 from server.settings import Settings
 from training import evaluate, pretrain
 from training.chat import ChatFormat, chat_format, with_end_of_turn
-from training.corpus import Conversation, load_documents
+from training.corpus import Conversation, CorpusError, load_documents
 from training.data import IGNORED, BatchSampler, conversation_windows, unreachable_answers
 from training.evaluate import evaluate_stream
 from training.prepare import CONVERSATION_START, PreparedData, prepare, token_byte_lengths
@@ -1401,3 +1401,15 @@ def test_a_template_that_refuses_a_conversation_ending_with_a_question_still_giv
     end_of_text = tokenizer.token_to_id("<|endoftext|>")
     settings = with_end_of_turn({"eos_token_id": [7]}, chat, tokenizer)
     assert settings == {"eos_token_id": [7, end_of_text]}
+
+
+def test_a_folder_whose_template_or_its_config_is_unreadable_is_a_corpus_error(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    # The trainer's data errors are CorpusErrors: said in one line, naming the file.
+    (tmp_path / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"tokenizer_config\.json: not valid JSON"):
+        chat_format(tmp_path)
+    broken = ChatFormat(tmp_path / CHAT_TEMPLATE, "{% for m in messages %}", {})
+    with pytest.raises(CorpusError, match=re.escape(str(tmp_path / CHAT_TEMPLATE))):
+        broken.compiled(tokenizer)
