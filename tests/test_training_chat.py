@@ -620,6 +620,10 @@ def test_each_template_and_what_it_reads_of_tokenizer_config_has_its_own_token_c
     spaced = PLAIN_TEMPLATE.replace("': '", "':  '")
     assert prepared("spaced", spaced) == (plain.replace(" The", "  The"), True)
     assert prepared("listed", PLAIN_TEMPLATE, chat_control_tokens=["<sep>"]) == (plain, False)
+    # A model's own named token (transformers 5's `<name>_token` field) the template writes.
+    named = PLAIN_TEMPLATE.replace("eos_token", "turn_end_token")
+    assert prepared("named", named, turn_end_token="</s>") == (other_end, True)
+    assert prepared("named-other", named, turn_end_token="<|endoftext|>") == (plain, True)
 
 
 def test_a_template_that_refuses_the_end_of_turn_probe_still_fine_tunes(
