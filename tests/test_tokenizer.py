@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from model.checkpoint import END_OF_TEXT, load_tokenizer, read_tokenizer_file
 from training.corpus import CorpusError
 from training.prepare import check_tokenizer, prepare
-from training.tokenizer import MIN_VOCAB, train_tokenizer
+from training.tokenizer import MIN_VOCAB, train_tokenizer, with_special_tokens
 
 QUOTING = f"The separator is written {END_OF_TEXT} in this sentence."
 
@@ -129,3 +129,17 @@ def test_a_byte_level_tokenizer_that_drops_or_changes_text_is_refused(
     metaspace.save(str(tmp_path / "metaspace.json"))
     with pytest.raises(CorpusError, match=r"metaspace\.json: encodes .* as "):
         check_tokenizer(read_tokenizer_file(tmp_path / "metaspace.json"), "metaspace.json")
+
+
+def test_a_tokenizer_given_chat_markers_still_encodes_the_separator_in_text_as_text(
+    tokenizer: Tokenizer,
+) -> None:
+    # with_special_tokens copies the tokenizer through its JSON, which does not hold the
+    # runtime setting that reads a special token's spelling as text.
+    chat = with_special_tokens(tokenizer, ("<|im_start|>", "<|im_end|>"))
+    text = f"{QUOTING} And <|im_end|> typed by a user."
+    ids = chat.encode(text).ids
+    assert chat.get_vocab_size() == tokenizer.get_vocab_size() + 2
+    assert chat.token_to_id(END_OF_TEXT) not in ids
+    assert chat.token_to_id("<|im_end|>") not in ids
+    assert chat.decode(ids) == text
