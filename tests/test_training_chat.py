@@ -1417,3 +1417,17 @@ def test_a_folder_whose_template_or_its_config_is_unreadable_is_a_corpus_error(
     broken = ChatFormat(tmp_path / CHAT_TEMPLATE, "{% for m in messages %}", {})
     with pytest.raises(CorpusError, match=re.escape(str(tmp_path / CHAT_TEMPLATE))):
         broken.compiled(tokenizer)
+
+
+def test_a_template_whose_answers_end_without_a_special_token_adds_no_end_id() -> None:
+    # Turns marked at their start only: the answer is plain text, and the markers the
+    # prompt writes before it (<|assistant|>) must not end a reply.
+    template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    )
+    tokens = ("<|user|>", "<|assistant|>")
+    tokenizer = with_special_tokens(train_tokenizer(["Hello there."] * 20, 270), tokens)
+    chat = ChatFormat(Path(CHAT_TEMPLATE), template, {"eos_token": "<|endoftext|>"})
+    defaults = {"eos_token_id": 0, "temperature": 0.5}
+    assert with_end_of_turn(defaults, chat, tokenizer) == defaults
