@@ -143,3 +143,14 @@ def test_a_tokenizer_given_chat_markers_still_encodes_the_separator_in_text_as_t
     assert chat.token_to_id(END_OF_TEXT) not in ids
     assert chat.token_to_id("<|im_end|>") not in ids
     assert chat.decode(ids) == text
+
+
+def test_a_trained_tokenizers_offsets_cover_each_tokens_text_spaces_included(
+    tokenizer: Tokenizer,
+) -> None:
+    # transformers' return_offsets_mapping reads them: a token " world" spans its space,
+    # so the spans of a text's tokens put together are the text (here no character split
+    # into byte tokens, which each span the whole character).
+    text = "The cat sees  the moon. 你好"
+    encoding = tokenizer.encode(text)
+    assert "".join(text[start:end] for start, end in encoding.offsets) == text
