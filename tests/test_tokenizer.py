@@ -154,3 +154,11 @@ def test_a_trained_tokenizers_offsets_cover_each_tokens_text_spaces_included(
     text = "The cat sees  the moon. 你好"
     encoding = tokenizer.encode(text)
     assert "".join(text[start:end] for start, end in encoding.offsets) == text
+
+
+def test_a_pair_of_bytes_is_merged_only_once_seen_twice() -> None:
+    # A merge learned from a single occurrence spends the vocabulary on what the corpus
+    # says once (a name, an id), not on what it repeats.
+    assert train_tokenizer(["qz"], 300).get_vocab_size() == MIN_VOCAB
+    twice = train_tokenizer(["qz qz"], 300)
+    assert twice.get_vocab_size() == MIN_VOCAB + 1 and twice.encode("qz").tokens == ["qz"]
