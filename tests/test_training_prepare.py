@@ -483,3 +483,19 @@ def test_a_bar_without_a_label_writes_nothing_even_when_redrawn(
         if label is None:
             assert log.getvalue() == ""
     assert log.getvalue().startswith("evaluating:  30%|")  # a labelled one, redrawn, does
+
+
+def test_a_bar_in_a_log_writes_its_start_and_end_not_a_line_per_quick_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A line per step of a fast loop (a tokenizer's batches) would fill the log: in a log
+    # the bar writes at most one line every 30 s, and its last on closing.
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = tqdm(total=50, desc="tokenizing", **bar_output())
+    for _ in range(50):
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("tokenizing:   0%|") and lines[1].startswith("tokenizing: 100%|")
