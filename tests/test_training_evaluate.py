@@ -451,3 +451,16 @@ def test_evaluate_stream_asks_stop_before_each_batch_and_stops_with_the_model_gi
         hook.remove()
     assert asked == [0, 1] and forwards == [16]
     assert model.training
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--data"])
+def test_a_path_too_long_for_the_file_system_exits_2_naming_it(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    # A name past the file system's 255 bytes: one line, not a traceback.
+    long = tmp_path / ("a" * 300)
+    paths = {"--checkpoint": str(tiny_checkpoint), "--data": str(VAL)} | {flag: str(long)}
+    assert evaluate.main([arg for item in paths.items() for arg in item]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {long}: File name too long\n"
+    assert "bpb=" not in captured.out
