@@ -1431,3 +1431,15 @@ def test_a_template_whose_answers_end_without_a_special_token_adds_no_end_id() -
     chat = ChatFormat(Path(CHAT_TEMPLATE), template, {"eos_token": "<|endoftext|>"})
     defaults = {"eos_token_id": 0, "temperature": 0.5}
     assert with_end_of_turn(defaults, chat, tokenizer) == defaults
+
+
+def test_the_last_special_token_of_a_learned_answer_is_an_end_id_not_its_first() -> None:
+    # Phi-3's answer, the conversation's last message, is learned through <|end|> and then
+    # the eos_token: a model that learned both ends its reply at either, whichever the
+    # settings it came with did not declare.
+    tokens = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    tokenizer = with_special_tokens(train_tokenizer(["Hello there."] * 20, 270), tokens)
+    chat = ChatFormat(Path(CHAT_TEMPLATE), PHI3_TEMPLATE, {"eos_token": "<|endoftext|>"})
+    settings = with_end_of_turn({"eos_token_id": 7}, chat, tokenizer)
+    ends = [tokenizer.token_to_id("<|end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    assert settings == {"eos_token_id": [7, *ends]}
