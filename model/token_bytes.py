@@ -36,10 +36,19 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
             f"unsupported tokenizer decoder ({kind}); pocketgpt reads byte-level BPE "
             "tokenizers (GPT-2's kind, the trainer's format)"
         )
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if vocab and vocab[last := max(vocab, key=vocab.__getitem__)] >= size:
+        # Every reader takes the ids to be 0..size - 1 (the model's rows, the uint16
+        # token files): a prompt spelling this token indexed past them.
+        raise ValueError(
+            f"token {vocab[last]} ({last!r}) is past the ids of its {size:,} tokens "
+            f"(0..{size - 1}): a vocabulary with gaps in its ids"
+        )
     table = _byte_decoder()
     added = tokenizer.get_added_tokens_decoder()
     out = []
-    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+    for token_id in range(size):
         token = added.get(token_id)
         if token is not None:
             out.append(b"" if token.special else token.content.encode("utf-8"))

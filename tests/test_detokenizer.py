@@ -199,3 +199,11 @@ def test_a_tokenizer_whose_tokens_are_not_bytes_is_refused_saying_why() -> None:
     edited.decoder = decoders.ByteLevel()
     with pytest.raises(ValueError, match=r"token 1 \('中'\) is not in the byte-level BPE"):
         token_bytes(edited)
+    # Ids with a gap between them: 2 tokens, the second at id 2, past the ids 0..1 every
+    # reader sizes its tables by (the model's rows: a prompt spelling it indexed past them).
+    gapped = Tokenizer(models.BPE(vocab={"a": 0, "c": 2}, merges=[]))
+    gapped.decoder = decoders.ByteLevel()
+    with pytest.raises(
+        ValueError, match=r"token 2 \('c'\) is past the ids of its 2 tokens \(0..1\)"
+    ):
+        token_bytes(gapped)
