@@ -225,7 +225,12 @@ def main() -> None:
         if name in NOT_HANDED_ON:
             parser.error(f"{name} after `--`: {NOT_HANDED_ON[name]}")
     if not args.data.is_file():
-        what = "a folder, not a file" if args.data.is_dir() else "no such file"
+        if args.data.is_dir():
+            what = "a folder, not a file"
+        elif args.data.exists():  # a device, a named pipe, a socket
+            what = "not a regular file"
+        else:
+            what = "no such file"
         parser.error(f"--data {args.data}: {what}")
     if args.data.suffix.lower() == ".jsonl":
         # Its bytes are split and trained on as text: the JSON syntax with the records.

@@ -391,6 +391,8 @@ def test_bad_input_is_one_error_line_naming_it(
     latin1.write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
     blank_end = tmp_path / "blank_end.txt"  # its held-out last 10%: four line ends
     blank_end.write_text("Some text of 30 bytes or so.\n" + "\n" * 4)
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
     nul = tmp_path / "nul.txt"
     nul.write_text("Some\0text.\n")
     small = tmp_path / "small.txt"  # less than one training batch
@@ -422,7 +424,10 @@ def test_bad_input_is_one_error_line_naming_it(
         ),
         ("bench.load", *ckpt, "--clients", "5000", "--timeout", "1"): "--clients: at most 4096",
         ("bench.load", *ckpt, "--rounds", "0"): "--rounds: expected a positive integer",
-        ("bench.train", "--data", str(tmp_path / "none.txt")): "--data",
+        ("bench.train", "--data", str(tmp_path / "none.txt")): "none.txt: no such file",
+        # It exists: not said to be missing.
+        ("bench.train", "--data", os.devnull): f"--data {os.devnull}: not a regular file",
+        ("bench.train", "--data", str(fifo)): f"--data {fifo}: not a regular file",
         ("bench.train", "--data", str(tmp_path)): f"--data {tmp_path}: a folder, not a file",
         ("bench.train", "--data", str(records)): (
             f"--data {records}: .jsonl: the benchmark takes one plain text file"
