@@ -73,6 +73,19 @@ def test_a_cgroup_v1_memory_controller_limit_is_read(system: Path) -> None:
     assert memory.available_memory() == 4 * GIB
 
 
+def test_a_limit_file_is_read_at_each_level_that_has_one_up_to_the_mount(system: Path) -> None:
+    # cgroup v2 gives a cgroup memory.max only where its parent delegates the memory
+    # controller: a level without the file is passed over, and the limits above it hold.
+    # A memory.max above the mount belongs to no cgroup and is not read.
+    (system / "cgroup").write_text("0::/user.slice/session/app\n")
+    root = system / "sys"
+    (root / "user.slice" / "session" / "app").mkdir(parents=True)
+    limit(root / "user.slice", "memory.max", str(2 * GIB))
+    limit(system, "memory.max", str(GIB))
+    assert memory.container_limit() == 2 * GIB
+    assert memory.available_memory() == 3 * GIB
+
+
 def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
     assert shortfall(config, "adamw") is None
