@@ -86,6 +86,15 @@ def test_a_limit_file_is_read_at_each_level_that_has_one_up_to_the_mount(system:
     assert memory.available_memory() == 3 * GIB
 
 
+def test_a_cgroup_path_holding_colons_is_read_whole(system: Path) -> None:
+    # Kubernetes' systemd driver names a container's cgroup "<pod>.slice:cri-containerd:<id>":
+    # only the first two colons of a /proc/self/cgroup line separate its fields.
+    cgroup = "kubepods-pod1.slice:cri-containerd:abc"
+    (system / "cgroup").write_text(f"0::/kubepods.slice/{cgroup}\n")
+    limit(system / "sys" / "kubepods.slice" / cgroup, "memory.max", str(GIB))
+    assert memory.container_limit() == GIB
+
+
 def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
     assert shortfall(config, "adamw") is None
