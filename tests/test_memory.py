@@ -95,6 +95,14 @@ def test_a_cgroup_path_holding_colons_is_read_whole(system: Path) -> None:
     assert memory.container_limit() == GIB
 
 
+def test_a_meminfo_that_cannot_be_read_as_numbers_says_nothing_is_known(system: Path) -> None:
+    # As on a system without /proc/meminfo: no figure rather than a crash or a guess.
+    (system / "meminfo").write_text("MemAvailable: lots kB\nSwapFree: 0 kB\n")
+    assert memory.available_memory() is None
+    (system / "meminfo").unlink()
+    assert memory.available_memory() is None
+
+
 def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
     assert shortfall(config, "adamw") is None
