@@ -103,6 +103,15 @@ def test_a_meminfo_that_cannot_be_read_as_numbers_says_nothing_is_known(system: 
     assert memory.available_memory() is None
 
 
+def test_sizes_are_written_in_the_largest_binary_unit_they_reach() -> None:
+    # The docstring's examples, and past the largest unit its multiples (no IndexError).
+    assert memory.format_size(0) == "0.00 B"
+    assert memory.format_size(1023) == "1,023.00 B"
+    assert memory.format_size(1024) == "1.00 KiB"
+    assert memory.format_size(3 * GIB // 2) == "1.50 GiB"
+    assert memory.format_size(2**70) == "1,048,576.00 PiB"
+
+
 def test_a_run_is_refused_only_past_what_is_available(system: Path) -> None:
     config = ModelConfig.from_preset("small", vocab_size=2048)  # ~11.4M parameters
     assert shortfall(config, "adamw") is None
