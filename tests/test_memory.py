@@ -166,6 +166,26 @@ def test_a_run_is_never_refused_where_the_system_does_not_say_what_is_available(
 
 
 @pytest.mark.parametrize(
+    ("vocab_size", "count"),
+    [
+        # dim 2, one layer: 2 * vocab_size + 28 parameters, so each unit's threshold exactly.
+        (2, "32.0"),
+        (499_986, "1.0M"),
+        (499_999_986, "1.0B"),
+        (499_999_999_999_986, "1,000.0T"),
+    ],
+)
+def test_a_refused_models_parameters_are_counted_in_the_largest_unit_they_reach(
+    system: Path, vocab_size: int, count: str
+) -> None:
+    (system / "meminfo").write_text("MemAvailable: 0 kB\nSwapFree: 0 kB\n")
+    config = ModelConfig(
+        vocab_size=vocab_size, dim=2, n_layers=1, n_heads=1, ffn_dim=1, max_seq_len=4
+    )
+    assert shortfall(config, "adamw").startswith(f"the model ({count} parameters: dim 2,")
+
+
+@pytest.mark.parametrize(
     ("context", "max_batch", "remedy"),
     [
         # 18 KiB per slot and token (`small`, float32), and 3 KiB more while a step gathers
