@@ -194,6 +194,10 @@ def test_a_tokenizer_whose_tokens_are_not_bytes_is_refused_saying_why() -> None:
     metaspace.decoder = decoders.Metaspace()
     with pytest.raises(ValueError, match=r"unsupported tokenizer decoder \(Metaspace\)"):
         token_bytes(metaspace)
+    # No decoder at all is named as such, not as "NoneType".
+    metaspace.decoder = None
+    with pytest.raises(ValueError, match=r"unsupported tokenizer decoder \(none\)"):
+        token_bytes(metaspace)
     # A hand-edited vocabulary: a character GPT-2's byte alphabet has no byte for.
     edited = Tokenizer(models.BPE(vocab={"a": 0, "中": 1}, merges=[]))
     edited.decoder = decoders.ByteLevel()
