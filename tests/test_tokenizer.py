@@ -131,6 +131,17 @@ def test_a_byte_level_tokenizer_that_drops_or_changes_text_is_refused(
         check_tokenizer(read_tokenizer_file(tmp_path / "metaspace.json"), "metaspace.json")
 
 
+def test_a_tokenizer_lacking_byte_tokens_is_refused_naming_the_first_it_lacks(
+    tmp_path: Path,
+) -> None:
+    # The example byte is the lowest missing one (0x00, GPT-2's "Ā"), so that the
+    # message points at where to start looking.
+    vocab = {END_OF_TEXT: 0, "a": 1, "b": 2, "Ġ": 3}
+    partial = Tokenizer.from_str(json.dumps(_gpt2_style(vocab, [])))
+    with pytest.raises(CorpusError, match=r"\(e\.g\. byte 0x00, 'Ā'\)"):
+        check_tokenizer(partial, "partial.json")
+
+
 def test_a_tokenizer_given_chat_markers_still_encodes_the_separator_in_text_as_text(
     tokenizer: Tokenizer,
 ) -> None:
