@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from model.checkpoint import END_OF_TEXT, load_tokenizer, read_tokenizer_file
 from training.corpus import CorpusError
@@ -140,6 +140,16 @@ def test_a_tokenizer_lacking_byte_tokens_is_refused_naming_the_first_it_lacks(
     partial = Tokenizer.from_str(json.dumps(_gpt2_style(vocab, [])))
     with pytest.raises(CorpusError, match=r"\(e\.g\. byte 0x00, 'Ā'\)"):
         check_tokenizer(partial, "partial.json")
+
+
+def test_a_byte_level_tokenizer_whose_normalizer_changes_text_reads_its_normalized_bytes(
+    tokenizer: Tokenizer,
+) -> None:
+    # An NFC normalizer (as some HF tokenizers have) turns "e\u0301" into "é": its tokens
+    # are the bytes of the text as normalized, which is what bits per byte then counts.
+    nfc = Tokenizer.from_str(tokenizer.to_str())
+    nfc.normalizer = normalizers.Sequence([tokenizer.normalizer, normalizers.NFC()])
+    assert check_tokenizer(nfc, "nfc.json") is nfc
 
 
 def test_a_tokenizer_given_chat_markers_still_encodes_the_separator_in_text_as_text(
