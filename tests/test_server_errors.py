@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -1361,6 +1362,22 @@ def test_unloadable_checkpoint_keeps_health_and_generate_at_503(tmp_path):
         assert requests == {"200": 0, "429": 0, "499": 0, "500": 0, "503": 1}  # 503: above
         for reason in ("stop", "length", "cancelled", "error"):
             assert samples[("pocketgpt_request_finished_total", (("reason", reason),))] == 0
+
+
+def engine_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "pocketgpt-engine" and t.is_alive()}
+
+
+def test_a_server_stopped_without_a_drain_of_its_own_stops_its_engine_thread(tmp_path):
+    # uvicorn run on the app directly (not `python -m server`, which drains first) ends the
+    # engine in the lifespan's shutdown: its model thread must not outlive the server.
+    # Compared with the threads before, as this module's own server runs an engine too.
+    before = engine_threads()
+    settings = Settings(checkpoint=random_checkpoint(tmp_path, english_tokenizer()))
+    with running_server(settings) as url:
+        assert httpx.post(f"{url}/v1/generate", json={"prompt": "x", "max_tokens": 2}).is_success
+        assert len(engine_threads() - before) == 1
+    assert engine_threads() - before == set()
 
 
 def test_queue_full_is_429_with_retry_after_while_admitted_requests_complete(client):
