@@ -93,7 +93,7 @@ def test_stop_string_spanning_tokens_is_never_emitted(client, pieces, stop):
 
 
 def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_does(
-    tmp_path: Path, pieces
+    tmp_path: Path, pieces, capfd
 ):
     # A chat model's <|im_end|>: generation_config.json lists it beside the separator.
     checkpoint = cycle_checkpoint(tmp_path / "ckpt", english_tokenizer())
@@ -109,6 +109,11 @@ def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_do
         assert reply["stop_reason"] is None  # end-of-text, not a stop string
         past = httpx.post(f"{url}/v1/generate", json=body | {"ignore_eos": True}, timeout=60)
         assert pieces[3][0] in past.json()["text"]
+    # The server log names the ids texts end at where there are several, in order.
+    ids = sorted(settings["eos_token_id"])
+    assert (
+        f"texts end at token ids {ids} (the checkpoint's eos_token_id)\n" in capfd.readouterr().err
+    )
 
 
 def test_eos_token_id_comes_from_config_json_where_generation_config_declares_none(
