@@ -116,6 +116,22 @@ def test_an_eos_token_id_the_checkpoint_declares_ends_the_text_as_end_of_text_do
     )
 
 
+def test_the_start_up_log_says_none_for_absent_sampling_defaults_and_no_lone_end_id(
+    tmp_path: Path, capfd
+):
+    # A generation_config.json declaring no sampling defaults: "none", not an empty list;
+    # a single end id (the separator) is the usual case, and goes unsaid.
+    checkpoint = cycle_checkpoint(tmp_path / "ckpt", english_tokenizer())
+    generation = checkpoint / "generation_config.json"
+    settings = json.loads(generation.read_text(encoding="utf-8"))
+    generation.write_text(json.dumps({"eos_token_id": settings["eos_token_id"]}))
+    with running_server(Settings(checkpoint=checkpoint)):
+        pass
+    log = capfd.readouterr().err
+    assert "sampling defaults from generation_config.json: none; ready in " in log, log
+    assert "texts end at" not in log, log
+
+
 def test_eos_token_id_comes_from_config_json_where_generation_config_declares_none(
     tmp_path: Path, pieces
 ):
