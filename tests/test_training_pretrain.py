@@ -1930,6 +1930,26 @@ def test_a_torchrun_rank_exits_with_its_code_and_all_it_printed(
     assert said in done.stdout + done.stderr
 
 
+def test_under_torchrun_each_rank_joins_the_group_as_its_rank_and_local_rank(
+    tmp_path: Path,
+) -> None:
+    # The local rank picks a rank's GPU (cuda:<local rank>): read from torchrun's
+    # LOCAL_RANK, which on one node is each rank's own, not 0 for all.
+    script = tmp_path / "join.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from training.distributed import init_distributed, leave_together\n"
+        "info = init_distributed(torch.device('cpu'))\n"
+        "print(info, info.is_main, info.enabled, file=sys.stderr)\n"
+        "leave_together(info)\n"
+    )
+    done, stderr = torchrun_ranks(tmp_path, [], entry=(str(script),))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        joined = f"DistInfo(rank={rank}, world_size=2, local_rank={rank}) {rank == 0} True"
+        assert stderr[rank].strip().splitlines()[-1] == joined, stderr[rank][-3000:]
+
+
 def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(
     tmp_path: Path,
 ) -> None:
