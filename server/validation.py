@@ -179,7 +179,12 @@ def sampling_defaults(folder: Path) -> dict[str, float | int]:
     defaults = {
         field: config[key] for key, field in DEFAULTED_FIELDS.items() if config.get(key) is not None
     }
-    if config.get("do_sample") is False:  # HF's generate draws greedily then
+    if (do_sample := config.get("do_sample")) is not None and not isinstance(do_sample, bool):
+        # "no" or 0 would sample, read as not false: how the model was meant to answer lost.
+        raise CheckpointError(
+            f"{folder / GENERATION_CONFIG}: do_sample: must be true or false, got {do_sample!r}"
+        )
+    if do_sample is False:  # HF's generate draws greedily then
         defaults = {"temperature": 0.0} | {
             field: value for field, value in defaults.items() if field in _GREEDY_TOO
         }

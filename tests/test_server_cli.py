@@ -716,6 +716,12 @@ def test_generation_config_defaults_sample_unless_do_sample_is_false(tmp_path):
     path.write_text(json.dumps({"min_p": 1.5}))
     with pytest.raises(CheckpointError, match="min_p: Input should be less than or equal to 1"):
         sampling_defaults(tmp_path)
+    # Neither true nor false: refused, not read as "not false" (sampling).
+    for value in ("no", 0, "false"):
+        path.write_text(json.dumps({"do_sample": value, **given}))
+        with pytest.raises(CheckpointError) as refused:
+            sampling_defaults(tmp_path)
+        assert str(refused.value) == (f"{path}: do_sample: must be true or false, got {value!r}")
 
 
 def test_a_generation_config_field_given_as_null_gives_no_default(tmp_path):
