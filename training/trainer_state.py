@@ -102,12 +102,12 @@ def read_training_state(path: Path) -> dict:
     except Exception as e:  # torch.load raises many types; every one means "unusable file"
         message = str(e).strip()
         if "Weights only load failed" in message:
+            what = "not a pocketgpt trainer state"
             reason = "it holds objects other than tensors and plain data"
-        else:
+        else:  # a truncated or overwritten file: a copy cut short, a failing disk
+            what = "damaged, or not a pocketgpt trainer state"
             reason = message.splitlines()[0] if message else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a pocketgpt trainer state; refused to load it ({reason})"
-        ) from None
+        raise CheckpointError(f"{path}: {what}; refused to load it ({reason})") from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a pocketgpt trainer state (missing {missing})")
