@@ -97,7 +97,9 @@ def test_a_config_read_from_a_pipe_is_read() -> None:
         ("run.toml", "lr = ", "not valid TOML"),
         ("RUN.TOML", "lr = ", "not valid TOML"),  # suffixes in any case, as for --data
         ("run.json", "{lr: 1}", "not valid JSON"),
-        ("settings", "lr = 1", "not valid JSON"),  # any name but .toml is read as JSON
+        # Any name but .toml is read as JSON, and said to be where it is no .json.
+        ("settings", "lr = 1", "not valid JSON, as a file not named .toml is read"),
+        ("run.yaml", "lr: 1", "not valid JSON, as a file not named .toml is read"),
         # Past what Python's parsers take: deep nesting, an integer of 4,300+ digits.
         pytest.param("run.json", "[" * 100_000 + "]" * 100_000, "not valid JSON", id="deep json"),
         pytest.param(

@@ -490,6 +490,8 @@ def _read_config_file(path: Path) -> tuple[dict, dict[str, str]]:
     # ValueError: the decode errors, and an integer past Python's 4,300 digits (json).
     except (ValueError, RecursionError) as e:
         kind = "TOML" if is_toml else "JSON"
+        if path.suffix.lower() not in (".toml", ".json"):  # a .yaml, say: read as JSON
+            kind += ", as a file not named .toml is read"
         raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected an object of settings")
