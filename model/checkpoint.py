@@ -336,6 +336,8 @@ def resolve_checkpoint(path: Path) -> Path:
             f"{path}: a run folder's {LATEST} file, not a checkpoint: name its folder, "
             f"{path.parent}"
         )
+    if not path.is_dir():  # its weights file, say: "config.json missing" said too little
+        raise CheckpointError(f"{path}: a file, not a checkpoint folder (name its folder)")
     if (path / CONFIG).exists():
         return _links_stay_inside(path)
     pointer = path / LATEST

@@ -100,6 +100,11 @@ def test_latest_pointer_names_the_newest_checkpoint(
         resolve_checkpoint(run / LATEST)
     with pytest.raises(CheckpointError, match=r"the run folders inside it: mine: name one$"):
         resolve_checkpoint(tmp_path)
+    # A file of a checkpoint, its weights say, named instead of its folder.
+    weights = run / "step-0000002" / "model.safetensors"
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(weights)
+    assert str(refused.value) == f"{weights}: a file, not a checkpoint folder (name its folder)"
     # A checkpoint folder that is itself named `latest` is one.
     models = tmp_path / "models"
     models.mkdir()
