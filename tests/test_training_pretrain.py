@@ -8,6 +8,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1269,6 +1270,31 @@ def test_sigterm_while_evaluating_stops_the_evaluation_which_the_resumed_run_mak
     weights = load_file(resolve_checkpoint(run) / "model.safetensors")
     straight_weights = load_file(resolve_checkpoint(straight) / "model.safetensors")
     assert all(torch.equal(weights[k], straight_weights[k]) for k in straight_weights)
+
+
+def test_the_resume_and_serve_lines_quote_a_run_folder_whose_name_has_a_space(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The last line is a command to paste into a shell: `--resume /data/my run` unquoted
+    # resumed "/data/my" and passed "run" as a stray argument.
+    run = tmp_path / "my run"
+    flags = ["--max-steps", "3", "--no-compile", "--out-dir", str(run)]
+
+    def sigterm_on_first_training_step(module: torch.nn.Module, inputs: tuple) -> None:
+        if type(module).__name__ == "Transformer" and module.training:
+            signal.raise_signal(signal.SIGTERM)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(sigterm_on_first_training_step)
+    try:
+        assert pretrain.main(tiny_run(tmp_path, *flags)) == 0
+    finally:
+        hook.remove()
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"resume it: python -m training.pretrain --resume '{run}'"
+    assert shlex.split(last.removeprefix("resume it: "))[-1] == str(run)
+    assert pretrain.main(["--resume", str(run)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"serve it: python -m server --checkpoint '{run}'"
 
 
 def test_the_evaluation_a_resumed_run_makes_first_logs_what_an_uninterrupted_run_logs(
