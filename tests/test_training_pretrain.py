@@ -2256,6 +2256,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--data", str(texts), "--out-dir", f"{texts}/"],
             f"--out-dir {texts}/ is the --data folder itself: its checkpoints would be read",
         ),
+        # The held-out text's folder too: the next command would read the run as text.
+        "out-dir the held-out text folder": (
+            ["--data", str(CORPUS), "--val-data", str(held_out), "--out-dir", str(held_out)],
+            f"--out-dir {held_out} is the --val-data folder itself: its checkpoints would be",
+        ),
         # A text file is no folder: "is the --data folder itself" named it as one.
         "out-dir the text file": (
             ["--data", str(CORPUS), "--out-dir", str(CORPUS)],
