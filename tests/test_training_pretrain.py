@@ -1744,6 +1744,26 @@ def test_an_interrupted_fine_tune_goes_on_when_its_command_is_run_again_under_if
     assert meta(tuned)["step"] == step + 1 and meta(tuned)["args"]["init_from"] == str(base)
 
 
+def test_a_fine_tune_resumes_from_its_own_checkpoint_once_its_base_is_gone(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A resumed fine-tune goes on from its own step, never reading --init-from's folder
+    # again: a base model downloaded to a scratch disk and since deleted stops nothing.
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    shutil.copytree(tiny_checkpoint, base)
+    data = ["--data", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--no-compile"]
+    tune = [*data, "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0"]
+    tune += ["--init-from", str(base), "--out-dir", str(tuned)]
+    assert pretrain.main([*tune, "--max-steps", "1"]) == 0
+    shutil.rmtree(base)
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(tuned), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"resuming {tuned / 'step-0000001'} at step 1\n"), out
+    assert "fine-tuning from" not in out
+    assert meta(tuned)["step"] == 2 and meta(tuned)["args"]["init_from"] == str(base)
+
+
 def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:
     # Docker's trainer: an exit 0 here would start the server on a half-trained model.
     run = tmp_path / "run"
