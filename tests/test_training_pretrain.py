@@ -2180,6 +2180,17 @@ def test_short_held_out_documents_also_trained_on_are_left_out_with_a_warning(
     assert evaluate.main(["--checkpoint", str(run), "--data", str(rest)]) == 0
     bpb = float(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("bpb="))
     assert math.isclose(bpb, meta(run)["val_bpb"], abs_tol=1e-6)
+    # Held-out text that is all trained on is refused, short or not: nothing held out
+    # would be left to score.
+    greeting_only = jsonl(tmp_path / "greeting.jsonl", greeting)
+    flags = [*TINY, "--data", str(data), "--val-data", str(greeting_only)]
+    flags += ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "never")]
+    assert pretrain.main([*flags, "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --val-data: its document is in --data too (the first: 'Thank you!'); "
+        "held-out text must not be trained on\n"
+    )
+    assert not (tmp_path / "never").exists()
 
 
 def test_evaluate_gives_the_trainers_val_bpb_on_the_same_text(
