@@ -466,6 +466,22 @@ def test_a_resumed_run_goes_on_where_it_is_resumed_from_reading_the_same_text(
     )
 
 
+def test_a_resume_given_text_that_is_missing_names_it_as_given_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The hint about the path the run was started with is for a path not named now: one
+    # the user just typed is no saved path to make readable "there again".
+    run, missing = tmp_path / "run", tmp_path / "missing.txt"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(run))) == 0
+    capsys.readouterr()
+    for flag in ("--data", "--val-data"):
+        again = ["--resume", str(run), "--max-steps", "2", flag, str(missing)]
+        assert pretrain.main(again) == 2
+        named = "" if flag == "--data" else f"{flag}: "
+        assert capsys.readouterr().err == f"error: {named}{missing}: no such file or folder\n"
+    assert meta(run)["step"] == 1
+
+
 def test_a_run_resumed_with_its_cache_meta_json_miscounting_the_text_rebuilds_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
