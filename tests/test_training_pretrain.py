@@ -2364,7 +2364,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "held-out text partly trained on": (
             ["--data", str(CORPUS), "--val-data", str(held_out)],
-            "--val-data: 1 of its 2 documents are in --data too (the first: 'Assignment sta",
+            # Its first 60 characters, as Python writes the string.
+            f"--val-data: 1 of its 2 documents are in --data too (the first: "
+            f"{CORPUS.read_text()[:60] + '...'!r}); held-out text must not be trained on\n",
         ),
         "held-out text cut from a training file": (
             ["--data", str(CORPUS), "--val-data", str(tmp_path / "tail.txt")],
