@@ -1780,6 +1780,21 @@ def test_a_fine_tune_resumes_from_its_own_checkpoint_once_its_base_is_gone(
     assert meta(tuned)["step"] == 2 and meta(tuned)["args"]["init_from"] == str(base)
 
 
+def test_if_missing_beside_resume_goes_on_with_the_resume_past_a_finished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Docker's trainer has --if-missing and --out-dir fixed: a --resume added to train a
+    # finished run further is the command's word, not a run --if-missing leaves alone.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "1", "--out-dir", str(run))) == 0
+    capsys.readouterr()
+    again = ["--resume", str(run), "--out-dir", str(run), "--if-missing", "--max-steps", "2"]
+    assert pretrain.main(again) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" not in out and f"resuming {run / 'step-0000001'} at step 1\n" in out
+    assert meta(run)["step"] == 2
+
+
 def test_under_if_missing_a_run_stopped_by_sigterm_saves_and_exits_143(tmp_path: Path) -> None:
     # Docker's trainer: an exit 0 here would start the server on a half-trained model.
     run = tmp_path / "run"
