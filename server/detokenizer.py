@@ -27,13 +27,14 @@ class IncrementalDetokenizer:
         self._stop = tuple(stop)
         self._pending = ""  # decoded but not yet emitted (a possible stop-string start)
         self.stop_string: str | None = None  # the stop string found: the text is complete
-        # Characters decoded so far, held back or not: where the next token's text begins.
-        self.decoded_length = 0
+        self.decoded_length = 0  # characters decoded so far, held back or not
+        self.token_offset = 0  # where the text of the token last added begins
 
     def add(self, token_id: int) -> str:
         """The text that token `token_id` makes safe to emit (often "", never U+FFFD
         for a split character)."""
-        text = self._utf8.decode(self._table[token_id])
+        text, before = _decode_next(self._utf8, self._table[token_id])
+        self.token_offset = self.decoded_length + before
         self.decoded_length += len(text)
         return self._release(text)
 
@@ -47,6 +48,7 @@ class IncrementalDetokenizer:
         # Bytes that could begin no character become U+FFFD, as in a one-shot decode.
         tail = "" if _could_begin_a_character(held) else self._utf8.decode(b"", final=True)
         self._utf8.reset()
+        self.decoded_length += len(tail)
         # A stop string the tail completes leaves nothing pending: only the text before it.
         text, self._pending = self._release(tail) + self._pending, ""
         return text
@@ -69,13 +71,26 @@ class IncrementalDetokenizer:
 
 def text_offsets(table: Sequence[bytes], token_ids: Sequence[int]) -> list[int]:
     """Where each token's text begins in the text of `token_ids`, in characters: how many
-    the tokens before it make (a character split across tokens counts once complete)."""
+    the tokens before it make (a character split across tokens counts once complete, as
+    the completing token's; a byte that can form none, as its own token's U+FFFD)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offsets, length = [], 0
     for token_id in token_ids:
-        offsets.append(length)
-        length += len(utf8.decode(table[token_id]))
+        text, before = _decode_next(utf8, table[token_id])
+        offsets.append(length + before)
+        length += len(text)
     return offsets
+
+
+def _decode_next(utf8: codecs.IncrementalDecoder, data: bytes) -> tuple[str, int]:
+    """(the text `utf8` decodes of `data` next, how many of its first characters are the
+    U+FFFD of bytes it held from before `data`, which `data` shows can form no character).
+    A character `data` completes is `data`'s: its text begins with it."""
+    held, _ = utf8.getstate()
+    text = utf8.decode(data)
+    if held and text.startswith(replaced := held.decode("utf-8", errors="replace")):
+        return text, len(replaced)
+    return text, 0
 
 
 def _could_begin_a_character(held: bytes) -> bool:

@@ -499,12 +499,14 @@ class Engine:
         else:
             self.metrics.inter_token_latency.observe(now - live.last_token_at)
         live.last_token, live.last_token_at = token_id, now
-        text_offset = len(request.echo or "") + live.detokenizer.decoded_length
         reason = None
         if token_id in self.end_ids and not request.ignore_eos:
             text, reason = live.detokenizer.finish(), "stop"
+            # After the text: the U+FFFD its end made of bytes held from before included.
+            text_offset = live.detokenizer.decoded_length
         else:
             text = live.detokenizer.add(token_id)
+            text_offset = live.detokenizer.token_offset
             if live.detokenizer.stop_string is not None:
                 reason = "stop"
             elif live.num_generated >= request.max_tokens:
@@ -513,6 +515,7 @@ class Engine:
                 reason = "length" if live.detokenizer.stop_string is None else "stop"
         logprobs = echo_logprobs
         if scores is not None:
+            text_offset += len(request.echo or "")
             logprobs += (TokenLogprob(token_id, *scores, text_offset=text_offset),)
         return RequestOutput(
             request.request_id,

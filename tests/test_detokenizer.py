@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models
 
 from model.checkpoint import END_OF_TEXT
 from model.token_bytes import token_bytes
-from server.detokenizer import IncrementalDetokenizer
+from server.detokenizer import IncrementalDetokenizer, text_offsets
 
 MIXED_TEXT = "Hello 世界! Emoji 🙂🚀 and more: naïve café, 中文字符."
 
@@ -211,3 +211,29 @@ def test_a_tokenizer_whose_tokens_are_not_bytes_is_refused_saying_why() -> None:
         ValueError, match=r"token 2 \('c'\) is past the ids of its 2 tokens \(0..1\)"
     ):
         token_bytes(gapped)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "offsets"),
+    [
+        # A lone lead byte: its U+FFFD, out once "attr" shows it starts no character, is
+        # its own token's text, before "attr".
+        ([b"\xdd", b"attr"], [0, 1]),
+        ([b"\xff", b"b"], [0, 1]),  # replaced at once: nothing held
+        ([b"\xc3", b"\xa9x"], [0, 0]),  # "é" split: the token completing it begins with it
+        # E4 B8 make one U+FFFD, out at "x": the B8 token begins in it, "x" after it.
+        ([b"a", b"\xe4", b"\xb8", b"x"], [0, 1, 1, 2]),
+        ([b"\xed\xa0", b"\x80z"], [0, 2]),  # a surrogate's start: a U+FFFD a byte
+    ],
+)
+def test_a_tokens_text_offset_is_after_the_replacements_of_the_bytes_before_it(
+    tokens: list[bytes], offsets: list[int]
+) -> None:
+    ids = list(range(len(tokens)))  # token i spells tokens[i]
+    assert text_offsets(tokens, ids) == offsets
+    detokenizer = IncrementalDetokenizer(tokens)
+    added = []
+    for token_id in ids:
+        detokenizer.add(token_id)
+        added.append(detokenizer.token_offset)
+    assert added == offsets

@@ -3,7 +3,6 @@ official openai SDK where a client would use it, and by httpx for the wire forma
 
 from __future__ import annotations
 
-import codecs
 import collections
 import json
 import time
@@ -25,6 +24,7 @@ from server_harness import (
 
 from model.checkpoint import load_model
 from model.token_bytes import token_bytes
+from server.detokenizer import text_offsets
 from server.engine import MIN_SHARED_PREFIX
 from server.protocol import Completion
 from server.settings import Settings
@@ -278,11 +278,9 @@ def spelled_bytes(token: str) -> bytes:
 
 
 def offsets_in_text(tokens: list[bytes]) -> list[int]:
-    """Where each token's text begins in the text of `tokens`: the characters decoded from
-    the tokens before it (a character split across tokens counts once complete)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    lengths = [len(decoder.decode(token)) for token in tokens]
-    return [sum(lengths[:i]) for i in range(len(tokens))]
+    """Where each token's text begins in the text of `tokens`, as text_offsets says of
+    a prompt (test_detokenizer.py pins its cases): the engine's, token by token, agree."""
+    return text_offsets(tokens, range(len(tokens)))
 
 
 def test_text_offsets_are_where_tokens_begin_with_a_stop_string_never_met(client):
@@ -386,6 +384,26 @@ def test_max_tokens_0_with_echo_scores_long_prompts_without_generating(client, c
         *chunks, done = list(sse_events(events))
     assert done == "[DONE]" and len(chunks) == 1
     assert chunks[0]["choices"][0]["text"] == completion.choices[1].text
+
+
+def test_a_token_after_a_byte_that_makes_no_character_begins_after_its_replacement(client):
+    # A lone lead byte's U+FFFD comes out with the next token's text, but is its own: "a"
+    # begins after it, in the echoed prompt and in what is generated after it.
+    table = token_bytes(english_tokenizer())
+    lone, a = table.index(b"\xdd"), table.index(b"a")
+    body = {"prompt": [lone, a, lone, a], "echo": True, "logprobs": 0, "temperature": 0}
+    scored = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    [choice] = scored["choices"]
+    assert choice["text"] == "\ufffda\ufffda"
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
+    # Generated, token by token: the byte drawn four times (each the next one shows to be
+    # no character's start; the last, the text's end cuts).
+    bias = {"logit_bias": {str(lone): 100}, "ignore_eos": True}
+    body = {**body, "prompt": "x", "echo": False, "max_tokens": 4, **bias}
+    [choice] = client.post("/v1/completions", json=body).json()["choices"]
+    assert choice["logprobs"]["tokens"] == ["bytes:\\xdd"] * 4
+    assert choice["text"] == "\ufffd" * 3
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
 
 
 def test_logit_bias_steers_the_draw_and_leaves_the_reported_logprobs_the_models(
