@@ -325,23 +325,27 @@ def test_a_busy_port_or_a_host_not_on_this_machine_exits_2_with_one_line(checkpo
     assert line.startswith("error: POCKETGPT_HOST 192.0.2.1: cannot listen on 192.0.2.1:8000 (")
 
 
+def server_not_as_root(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m server ARGS` run to its end, without the environment's settings, as
+    `nobody` where the suite runs as root (who may read anything and bind any port): by
+    util-linux's setpriv, which execs a Python that lives in root's home (pyenv) where
+    subprocess's user= cannot."""
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return subprocess.run(
+        [*(as_nobody if os.geteuid() == 0 else []), sys.executable, "-m", "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")},
+    )
+
+
 def test_a_port_this_user_may_not_bind_is_named_as_the_port(tmp_path):
     # Port 80 for a user other than root: the port is what to change, not the host.
     unprivileged = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
     if not unprivileged.is_file() or int(unprivileged.read_text()) <= 80:
         pytest.skip("any user may bind port 80 here")
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")}
-    result = subprocess.run(
-        [
-            *(as_nobody if os.geteuid() == 0 else []),
-            *(sys.executable, "-m", "server", "--checkpoint", str(tmp_path), "--port", "80"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    result = server_not_as_root("--checkpoint", str(tmp_path), "--port", "80")
     assert result.returncode == 2
     assert result.stderr == (
         "error: --port 80: cannot listen on 127.0.0.1:80 (Permission denied)\n"
@@ -1093,10 +1097,7 @@ def test_a_checkpoint_file_this_user_may_not_read_is_named_as_other_commands_nam
     checkpoint,
 ):
     # Was "error: [Errno 13] Permission denied: '…/model.safetensors'", where the
-    # trainer and evaluator say "error: <file>: Permission denied". Run as `nobody` where
-    # the suite runs as root (who may read anything): by util-linux's setpriv, which execs
-    # a Python that lives in root's home (pyenv) where subprocess's user= cannot.
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # trainer and evaluator say "error: <file>: Permission denied".
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root.chmod(0o755)
@@ -1106,16 +1107,6 @@ def test_a_checkpoint_file_this_user_may_not_read_is_named_as_other_commands_nam
         for path in folder.iterdir():
             path.chmod(0o644)
         (folder / WEIGHTS).chmod(0)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETGPT_")}
-        result = subprocess.run(
-            [
-                *(as_nobody if os.geteuid() == 0 else []),
-                *(sys.executable, "-m", "server", "--checkpoint", str(folder), "--port", "0"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        result = server_not_as_root("--checkpoint", str(folder), "--port", "0")
     assert result.returncode == 2
     assert result.stderr == f"error: {folder / WEIGHTS}: Permission denied\n"
