@@ -237,3 +237,12 @@ def test_a_tokens_text_offset_is_after_the_replacements_of_the_bytes_before_it(
         detokenizer.add(token_id)
         added.append(detokenizer.token_offset)
     assert added == offsets
+
+
+def test_the_text_a_finish_flushes_counts_before_the_end_of_text_token() -> None:
+    # A surrogate's start can begin no character: the end of the text makes it two U+FFFD,
+    # so the end-of-text token drawn next begins after them (the engine's text_offset).
+    detokenizer = IncrementalDetokenizer([b"\xed\xa0"])
+    assert detokenizer.add(0) == ""
+    assert detokenizer.finish() == "\ufffd\ufffd"
+    assert detokenizer.decoded_length == 2
