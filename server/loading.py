@@ -59,6 +59,7 @@ class ServingFiles:
     folder: Path  # the checkpoint folder (a run folder's `latest`)
     tokenizer: Tokenizer
     token_table: list[bytes]  # id -> its bytes
+    token_names: list[str]  # id -> its name in logprobs (logprob_names)
     eos_id: int  # <|endoftext|>
     end_ids: frozenset[int]  # every id that ends a text
     defaults: dict[str, float | int]  # sampling defaults (generation_config.json)
@@ -79,7 +80,26 @@ def read_serving_files(checkpoint: Path) -> ServingFiles:
     end_ids = end_of_text_ids(folder, eos_id, len(token_table))
     defaults = sampling_defaults(folder)
     chat = load_chat_template(folder, tokenizer)
-    return ServingFiles(folder, tokenizer, token_table, eos_id, end_ids, defaults, chat)
+    names = logprob_names(tokenizer, token_table)
+    return ServingFiles(folder, tokenizer, token_table, names, eos_id, end_ids, defaults, chat)
+
+
+def logprob_names(tokenizer: Tokenizer, token_table: list[bytes]) -> list[str]:
+    """Each token id as OpenAI's logprobs name it: a special token by its content
+    (`<|endoftext|>`: its bytes are none, as the text has none of it), another by its text,
+    or (a piece of a character, as a byte-level BPE has) `bytes:` and its bytes escaped.
+    Special tokens get names of their own, so that none hides another in a top_logprobs
+    object (their names as text would all be "").
+    """
+    special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    return [special.get(i) or _token_text(token) for i, token in enumerate(token_table)]
+
+
+def _token_text(token: bytes) -> str:
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token)
 
 
 def check_serving_files(checkpoint: Path) -> Path:
@@ -135,4 +155,5 @@ def load_serving(settings: Settings, metrics: Metrics) -> Serving:
         settings.stream_interval,
         files.folder,
         files.chat,
+        files.token_names,
     )

@@ -131,6 +131,7 @@ class Serving:
     stream_interval: int
     checkpoint: Path  # the step folder loaded
     chat: ChatTemplate | None  # the checkpoint's chat template, if it has one
+    token_names: list[str]  # id -> its name in logprobs (loading.logprob_names)
     # When it was loaded (Unix time, seconds): the model card's `created`, which OpenAI's
     # Model schema requires.
     loaded_at: int = field(default_factory=lambda: int(time.time()))
@@ -228,7 +229,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     _check_capacity(serving, len(body.prompts) * body.n, "completions (prompts x n)")
     streams = _submit(serving, _validated_prompts(serving.validator, body))
     header = _header("cmpl", "text_completion", serving)
-    token_table = serving.engine.token_table
+    names = serving.token_names
     if body.stream:
         events = _choice_events(
             streams,
@@ -236,11 +237,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
             {**header, "choices": []},
             _include_usage(body),
             body.n,
-            lambda index, output: _choice(index, output, token_table),
+            lambda index, output: _choice(index, output, names),
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
     return await _whole_answer(
-        streams, request, header, body.n, lambda index, whole: _choice(index, whole, token_table)
+        streams, request, header, body.n, lambda index, whole: _choice(index, whole, names)
     )
 
 
@@ -266,7 +267,7 @@ async def chat_completions(
         serving, [validator.validate_prompt(prompt_ids, f, logprobs) for f in choices]
     )
     header = _header("chatcmpl", "chat.completion", serving)
-    token_table = serving.engine.token_table
+    tokens = _LogprobTokens(serving.token_names, serving.engine.token_table)
     if body.stream:
         chunk = {**header, "object": "chat.completion.chunk", "choices": []}
         roles = [_chat_role_chunk(index) for index in range(body.n)]
@@ -276,7 +277,7 @@ async def chat_completions(
             chunk,
             _include_usage(body),
             body.n,
-            lambda index, output: _chat_choice(index, output, token_table, streamed=True),
+            lambda index, output: _chat_choice(index, output, tokens, streamed=True),
             roles,
         )
         return EventSourceResponse(events, headers=_SSE_HEADERS)
@@ -285,7 +286,7 @@ async def chat_completions(
         request,
         header,
         body.n,
-        lambda index, whole: _chat_choice(index, whole, token_table),
+        lambda index, whole: _chat_choice(index, whole, tokens),
     )
 
 
@@ -544,19 +545,19 @@ async def _merged(iterators: list[AsyncIterator[_T]]) -> AsyncIterator[tuple[int
             reader.cancel()
 
 
-def _choice(index: int, output: RequestOutput, token_table: list[bytes]) -> dict[str, object]:
+def _choice(index: int, output: RequestOutput, names: list[str]) -> dict[str, object]:
     """One CompletionChoice of `output`, as a dict (built per event, as _chunk_event's)."""
     return {
         "index": index,
         "text": output.text,
-        "logprobs": _logprobs(output.logprobs, token_table) if output.logprobs else None,
+        "logprobs": _logprobs(output.logprobs, names) if output.logprobs else None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_string,
     }
 
 
 def _chat_choice(
-    index: int, output: RequestOutput, token_table: list[bytes], *, streamed: bool = False
+    index: int, output: RequestOutput, tokens: _LogprobTokens, *, streamed: bool = False
 ) -> dict[str, object]:
     """One ChatChoice of a whole `output`, or (`streamed`) a ChatChunkChoice of its text
     since the last, as a dict."""
@@ -564,7 +565,7 @@ def _chat_choice(
     return {
         "index": index,
         **({"delta": text} if streamed else {"message": {"role": "assistant", **text}}),
-        "logprobs": _chat_logprobs(output.logprobs, token_table) if output.logprobs else None,
+        "logprobs": _chat_logprobs(output.logprobs, tokens) if output.logprobs else None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_string,
     }
@@ -576,53 +577,53 @@ def _chat_role_chunk(index: int) -> dict[str, object]:
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
+@dataclass(frozen=True)
+class _LogprobTokens:
+    """What chat logprobs say of a token id: its name, and its bytes (none for a special
+    token: the bytes of a choice's tokens, joined, are its text)."""
+
+    names: list[str]
+    table: list[bytes]
+
+    def entry(self, token_id: int, logprob: float | None) -> dict[str, object]:
+        return {
+            "token": self.names[token_id],
+            "logprob": logprob,
+            "bytes": list(self.table[token_id]),
+        }
+
+
 def _chat_logprobs(
-    logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]
+    logprobs: tuple[TokenLogprob, ...], tokens: _LogprobTokens
 ) -> dict[str, list[dict[str, object]]]:
     """ChatLogprobs of these tokens, in OpenAI's form."""
     return {
         "content": [
             {
-                **_chat_token(t.token_id, t.logprob, token_table),
-                "top_logprobs": [_chat_token(i, value, token_table) for i, value in t.top or ()],
+                **tokens.entry(t.token_id, t.logprob),
+                "top_logprobs": [tokens.entry(i, value) for i, value in t.top or ()],
             }
             for t in logprobs
         ]
     }
 
 
-def _chat_token(
-    token_id: int, logprob: float | None, token_table: list[bytes]
-) -> dict[str, object]:
-    token = token_table[token_id]
-    return {"token": _token_text(token), "logprob": logprob, "bytes": list(token)}
-
-
-def _logprobs(logprobs: tuple[TokenLogprob, ...], token_table: list[bytes]) -> dict[str, list]:
+def _logprobs(logprobs: tuple[TokenLogprob, ...], names: list[str]) -> dict[str, list]:
     """CompletionLogprobs of these tokens, in OpenAI's form."""
     return {
-        "tokens": [_token_text(token_table[t.token_id]) for t in logprobs],
+        "tokens": [names[t.token_id] for t in logprobs],
         "token_logprobs": [t.logprob for t in logprobs],
-        "top_logprobs": [None if t.top is None else _top(t, token_table) for t in logprobs],
+        "top_logprobs": [None if t.top is None else _top(t, names) for t in logprobs],
         "text_offset": [t.text_offset for t in logprobs],
     }
 
 
-def _top(logprob: TokenLogprob, token_table: list[bytes]) -> dict[str, float]:
+def _top(logprob: TokenLogprob, names: list[str]) -> dict[str, float]:
     """The likeliest tokens' log-probabilities and, as OpenAI's and vLLM's, the drawn
     token's among them (so up to logprobs + 1)."""
     top = dict(logprob.top)
     top.setdefault(logprob.token_id, logprob.logprob)
-    return {_token_text(token_table[i]): value for i, value in top.items()}
-
-
-def _token_text(token: bytes) -> str:
-    """A token as OpenAI's logprobs name it: its text, or (a piece of a character, as a
-    byte-level BPE has) `bytes:` and its bytes escaped."""
-    try:
-        return token.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in token)
+    return {names[i]: value for i, value in top.items()}
 
 
 async def _collect(streams: list[RequestStream], request: Request) -> list[RequestOutput] | None:

@@ -95,7 +95,10 @@ def hf_prompt(hf_tokenizer, messages: list[dict], **options) -> list[int]:
 
 
 def spelled_bytes(token: str) -> bytes:
-    """The bytes a logprobs entry's name spells: its text, or `bytes:` and escapes."""
+    """The bytes a logprobs entry's name spells: its text, or `bytes:` and escapes; none
+    for a special token (named by its content)."""
+    if token in (*CONTROL, "<|endoftext|>"):
+        return b""
     if token.startswith("bytes:"):
         return bytes.fromhex(token.removeprefix("bytes:").replace("\\x", ""))
     return token.encode("utf-8")
@@ -351,6 +354,36 @@ def test_chat_logprobs_are_those_completions_report_for_the_same_tokens(
         scores = [t["logprob"] for t in token["top_logprobs"]]
         assert len(scores) == 20 and scores == sorted(scores, reverse=True)
         assert token["logprob"] <= scores[0]
+
+
+def test_logprobs_name_each_special_token_by_its_content_and_give_it_no_bytes(client, checkpoint):
+    tokenizer = load_tokenizer(checkpoint)
+    start, end, eos = (tokenizer.token_to_id(t) for t in (*CONTROL, "<|endoftext|>"))
+    a = tokenizer.token_to_id("a")
+    body = {"prompt": [start, a, end, eos, a], "echo": True, "max_tokens": 0, "logprobs": 1}
+    [choice] = client.post("/v1/completions", json=body).json()["choices"]
+    assert choice["text"] == "aa"
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["<|im_start|>", "a", "<|im_end|>", "<|endoftext|>", "a"]
+    assert logprobs["text_offset"] == [0, 0, 1, 1, 1]
+    # Each scored token is among its position's top_logprobs under the same name.
+    for name, top in zip(logprobs["tokens"][1:], logprobs["top_logprobs"][1:], strict=True):
+        assert name in top and len(top) <= 2
+    # Drawn in a chat: named, with no bytes (a choice's tokens' bytes join into its text).
+    forced = {str(start): 100}
+    chat = {"messages": CONVERSATIONS[0], "max_tokens": 3, "logit_bias": forced}
+    answer = client.post("/v1/chat/completions", json={**chat, "logprobs": True}).json()
+    [choice] = answer["choices"]
+    assert choice["message"]["content"] == ""
+    content = choice["logprobs"]["content"]
+    assert [(t["token"], t["bytes"]) for t in content] == [("<|im_start|>", [])] * 3
+
+
+def test_no_two_tokens_share_a_name_in_logprobs(checkpoint):
+    # A top_logprobs object is keyed by name: two tokens of one name, one is dropped.
+    names = read_serving_files(checkpoint).token_names
+    assert len(set(names)) == len(names) == load_tokenizer(checkpoint).get_vocab_size()
+    assert "" not in names
 
 
 def test_tokenize_counts_a_chats_prompt_as_the_chat_route_reads_it(client, hf_tokenizer):

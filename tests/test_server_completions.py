@@ -272,7 +272,10 @@ def assert_top_logprobs(
 
 
 def spelled_bytes(token: str) -> bytes:
-    """A token as logprobs name it (its text, or `bytes:` and its bytes escaped) as bytes."""
+    """A token as logprobs name it (its text, or `bytes:` and its bytes escaped) as bytes;
+    none for the special token, named by its content."""
+    if token == "<|endoftext|>":
+        return b""
     escaped = token.removeprefix("bytes:")
     return bytes.fromhex(escaped.replace("\\x", "")) if escaped != token else token.encode()
 
