@@ -369,9 +369,11 @@ def _validated_prompts(validator: Validator, body: CompletionRequest) -> list[Ge
             requests = [validator.validate_prompt(ids, fields, body.logprobs) for fields in choices]
             validated += validator.echoing(requests, prompt) if body.echo else requests
         except ApiError as e:
-            if prompts == 1:
+            # One that names the prompt ("prompt (40 tokens) + ...") names which one; another
+            # (a logit_bias's unknown id) is the body's, whichever prompt met it first.
+            if prompts == 1 or not e.message.startswith(("prompt (", "prompt: ")):
                 raise
-            message = f"prompt {number} of {prompts}: {e.message}"
+            message = f"prompt {number} of {prompts}" + e.message.removeprefix("prompt")
             raise ApiError(e.status_code, e.type, message, e.headers) from None
     return validated
 

@@ -200,9 +200,13 @@ def test_token_id_prompts_continue_as_their_text_does(sdk, client, model_id):
     vocab = english_tokenizer().get_vocab_size()
     unknown = {"prompt": [ids[0], [5, vocab]], "max_tokens": 2}
     message = assert_error(client.post("/v1/completions", json=unknown), 400, "invalid_token_id")
-    assert message == f"prompt 2 of 2: prompt: token id {vocab} (at 1) is not one of the " + (
+    assert message == f"prompt 2 of 2: token id {vocab} (at 1) is not one of the " + (
         f"tokenizer's {vocab}"
     )
+    # The body's logit_bias is no prompt's: refused naming no prompt.
+    biased = {"prompt": ids, "max_tokens": 2, "logit_bias": {str(vocab): 1}}
+    message = assert_error(client.post("/v1/completions", json=biased), 400, "invalid_token_id")
+    assert message.startswith(f"logit_bias: token id {vocab} is not one of the tokenizer's")
     too_long = {"prompt": [5] * 1024, "max_tokens": 1}
     assert_error(client.post("/v1/completions", json=too_long), 400, "context_length_exceeded")
 
@@ -536,7 +540,7 @@ def test_another_model_or_a_prompt_that_does_not_fit_is_refused(sdk, client, mod
     message = assert_error(
         client.post("/v1/completions", json=too_long), 400, "context_length_exceeded"
     )
-    assert message.startswith("prompt 2 of 2: prompt (") and "exceeds" in message
+    assert message.startswith("prompt 2 of 2 (") and "exceeds" in message
     too_many = {"prompt": ["x", "y"], "n": 3}
     message = assert_error(
         client.post("/v1/completions", json=too_many), 400, "too_many_completions"
