@@ -689,11 +689,15 @@ def carried_generation_config(folder: Path) -> dict:
 
 def read_json_object(path: Path, *, required: bool = False) -> dict:
     """The JSON object in the file at `path`; if there is none, {} (or, `required`, a
-    CheckpointError saying it is missing). A file that is no JSON object is an error."""
-    if not path.is_file():
+    CheckpointError saying it is missing). A file that is no JSON object is an error, as
+    is a folder (or another thing not a file) by the file's name."""
+    if not path.exists():
         if required:
             raise CheckpointError(f"{path}: missing")
         return {}
+    if not path.is_file():
+        shown = "a folder" if path.is_dir() else "not a regular file"
+        raise CheckpointError(f"{path}: {shown}, not a JSON file")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:

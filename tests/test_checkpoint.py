@@ -29,6 +29,7 @@ from model.checkpoint import (
     generation_config,
     load_model,
     load_tokenizer,
+    read_generation_config,
     read_tokenizer_extras,
     resolve_checkpoint,
     save_checkpoint,
@@ -1092,6 +1093,21 @@ def test_a_config_json_that_is_json_but_no_object_is_refused_saying_so(
     (folder / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match=r"config\.json: not a JSON object"):
         load_model(folder)
+
+
+def test_a_folder_by_a_json_files_name_is_refused_as_a_folder_not_as_missing(
+    saved: tuple[Transformer, Path],
+) -> None:
+    _, folder = saved
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: a folder, not a JSON file$"):
+        load_model(folder)
+    # A file that may be absent (generation_config.json): a folder is refused, not skipped.
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: a folder, not a "):
+        read_generation_config(folder)
 
 
 def test_a_single_weights_file_wins_over_a_shard_index_beside_it_as_in_transformers(
