@@ -642,6 +642,28 @@ def test_resume_refuses_what_would_change_the_model_but_takes_its_own_command(
     )
 
 
+def test_a_run_resumed_with_max_steps_none_at_its_default_steps_has_nothing_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--max-steps none` (the default for the text) is a step count known only once the
+    # text is read: a run already there trains nothing, records nothing more and says so.
+    text = tmp_path / "short.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    run = tmp_path / "run"
+    flags = [*TINY, "--data", str(text), "--cache-dir", str(tmp_path / "cache")]
+    assert pretrain.main([*flags, "--max-steps", "none", "--out-dir", str(run)]) == 0
+    steps = meta(run)["step"]
+    assert 1 < steps < 100
+    log = (run / "log.jsonl").read_bytes()
+    capsys.readouterr()
+    assert pretrain.main(["--resume", str(run), "--max-steps", "none"]) == 0
+    assert capsys.readouterr().out == (
+        f"{run}: the run is at step {steps}, at or past --max-steps {steps}; nothing to do "
+        "(raise it to train on)\n"
+    )
+    assert (run / "log.jsonl").read_bytes() == log
+
+
 def test_resuming_from_an_older_step_keeps_best_and_the_steps_after_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
