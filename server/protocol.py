@@ -411,7 +411,7 @@ class CompletionRequest(OpenAIRequest):
 class CompletionLogprobs(BaseModel):
     """Per generated token (also those of a stop string, which the text leaves out), and
     with echo first per prompt token, in OpenAI's form; a token that is a piece of a
-    character is `bytes:` and its bytes."""
+    character is `bytes:` and its bytes, a special token its content (`<|endoftext|>`)."""
 
     tokens: list[str]
     token_logprobs: list[float | None] = Field(
@@ -569,9 +569,14 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class ChatTopLogprob(BaseModel):
-    token: str = Field(description="the token's text, or `bytes:` and its bytes escaped")
+    token: str = Field(
+        description="the token's text, or `bytes:` and its bytes escaped; a special token's "
+        "content (`<|im_end|>`)"
+    )
     logprob: float
-    bytes: list[int] = Field(description="the token's UTF-8 bytes")
+    bytes: list[int] = Field(
+        description="the token's UTF-8 bytes: none for a special token (it adds no text)"
+    )
 
 
 class ChatTokenLogprob(ChatTopLogprob):
