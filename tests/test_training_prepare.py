@@ -28,7 +28,15 @@ from training import prepare as prepare_module
 from training import pretrain
 from training.args import TrainArgs
 from training.corpus import CorpusError, text_digest
-from training.prepare import PreparedData, _flocked, cache_key, prepare, token_stream
+from training.prepare import (
+    PreparedData,
+    _flocked,
+    cache_key,
+    identify,
+    open_prepared,
+    prepare,
+    token_stream,
+)
 from training.progress import bar_output, progress_bar
 from training.split import split_documents
 from training.tokenizer import train_tokenizer
@@ -37,6 +45,29 @@ from training.tokenizer import train_tokenizer
 def prepare_corpus(cache: Path) -> PreparedData:
     train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
     return prepare(train_docs, val_docs, cache, vocab_size=384)
+
+
+def test_a_cache_prepared_elsewhere_opens_from_the_texts_identity_without_the_text(
+    tmp_path: Path,
+) -> None:
+    # torchrun's other ranks wait for rank 0's cache holding this, not the corpus.
+    cache = tmp_path / "cache"
+    train_docs, val_docs = split_documents([CORPUS.read_text(encoding="utf-8")], 0.1)
+    identity = identify(train_docs, val_docs)
+    with pytest.raises(CorpusError, match=r"cache/[0-9a-f]{16}: the token cache prepared "):
+        open_prepared(identity, cache, vocab_size=384)
+    data = prepare(train_docs, val_docs, cache, vocab_size=384)
+    for tokenizer in (None, data.tokenizer):  # trained on the text; given (a resumed run's)
+        opened = open_prepared(identity, cache, vocab_size=384, tokenizer=tokenizer)
+        assert opened.folder == data.folder and opened.meta == data.meta
+        assert np.array_equal(opened.train, data.train) and np.array_equal(opened.val, data.val)
+    # Another text, another vocabulary: not this cache. Opening writes nothing.
+    for other, vocab_size in ((identify(train_docs[1:], val_docs), 384), (identity, 512)):
+        with pytest.raises(CorpusError, match="the token cache prepared for the text is missing"):
+            open_prepared(other, cache, vocab_size=vocab_size)
+    assert [p.name for p in cache.iterdir()] == [data.folder.name]
+    with pytest.raises(CorpusError, match="the training split is empty"):
+        identify([], val_docs)
 
 
 def truncate(path: Path) -> None:

@@ -559,6 +559,84 @@ def _write_split(
     return record
 
 
+@dataclass(frozen=True)
+class TextIdentity:
+    """A text's splits as the token cache knows them: their `text_digest`s (in the cache
+    folder's name) and `_text_record`s (what its meta.json records). Enough to open the
+    cache another process prepared for the text, without holding the text."""
+
+    digests: dict[str, str]
+    records: dict[str, dict]
+
+
+def identify(train_docs: Sequence[Document], val_docs: Sequence[Document]) -> TextIdentity:
+    """The TextIdentity of these splits; a CorpusError for an empty training split."""
+    if not train_docs:
+        raise CorpusError("the training split is empty")
+    digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
+    records = {
+        "train": _text_record(train_docs, digests["train"]),
+        "val": _text_record(val_docs, digests["val"]),
+    }
+    return TextIdentity(digests, records)
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    folder: Path  # the text's cache folder for this tokenizer (there or to be written)
+    tokenizer: Tokenizer | None  # the one given, with the chat format's tokens added
+    data: PreparedData | None  # the cache, where one serves
+
+
+def _look_up(
+    identity: TextIdentity,
+    root: Path,
+    vocab_size: int,
+    tokenizer: Tokenizer | None,
+    chat: ChatFormat | None,
+) -> _Lookup:
+    """Where the cache of the text `identity` names, tokenized by `tokenizer` (None: one
+    trained on it) as `chat` writes it, is, and that cache if it is there."""
+    digests, records = identity.digests, identity.records
+    conversations = chat is not None
+    chat_id = "" if chat is None else f"\0chat {chat.key}"
+    if tokenizer is not None and chat is not None:
+        # As it writes conversations: with the template's tokens (a resumed run's has them).
+        tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
+    if tokenizer is not None:
+        # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
+        # that text's cache: the same tokens, so that cache serves instead of a new one.
+        trained = _cached(
+            root / cache_key(digests, f"{TRAINED_KIND}-{vocab_size}{chat_id}"),
+            conversations,
+            records,
+        )
+        if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
+            return _Lookup(trained.folder, tokenizer, trained)
+    tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"{TRAINED_KIND}-{vocab_size}"
+    if tokenizer is not None and _adds_tokens(tokenizer):
+        # Streams once held what its post-processor adds (a BOS per piece): not those.
+        tokenizer_id += "\0without its additions"
+    folder = root / cache_key(digests, tokenizer_id + chat_id)
+    return _Lookup(folder, tokenizer, _cached(folder, conversations, records))
+
+
+def open_prepared(
+    identity: TextIdentity,
+    cache_root: Path,
+    *,
+    vocab_size: int,
+    tokenizer: Tokenizer | None = None,
+    chat: ChatFormat | None = None,
+) -> PreparedData:
+    """The cache `prepare` wrote, with these settings, for the text `identity` names (in
+    another process: torchrun's rank 0); a CorpusError if it is not there."""
+    found = _look_up(identity, Path(cache_root), vocab_size, tokenizer, chat)
+    if found.data is None:
+        raise CorpusError(f"{found.folder}: the token cache prepared for the text is missing")
+    return found.data
+
+
 def prepare(
     train_docs: Sequence[Document],
     val_docs: Sequence[Document],
@@ -577,40 +655,14 @@ def prepare(
     Raises CorpusError, before writing anything, when the training split has fewer
     than `min_train_tokens` tokens.
     """
-    if not train_docs:
-        raise CorpusError("the training split is empty")
+    identity = identify(train_docs, val_docs)
     if tokenizer is None and chat is not None:
         _check_room_for(chat.added_tokens, vocab_size)
     root = Path(cache_root)
     _clear_abandoned(root)
-    digests = {"train": text_digest(train_docs), "val": text_digest(val_docs)}
-    records = {
-        "train": _text_record(train_docs, digests["train"]),
-        "val": _text_record(val_docs, digests["val"]),
-    }
-    conversations = chat is not None
-    chat_id = "" if chat is None else f"\0chat {chat.key}"
-    if tokenizer is not None and chat is not None:
-        # As it writes conversations: with the template's tokens (a resumed run's has them).
-        tokenizer = with_special_tokens(tokenizer, chat.added_tokens)
-    data = None
-    if tokenizer is not None:
-        # A run resumed (or fine-tuned) on its own text brings the tokenizer trained for
-        # that text's cache: the same tokens, so that cache serves instead of a new one.
-        trained = _cached(
-            root / cache_key(digests, f"{TRAINED_KIND}-{vocab_size}{chat_id}"),
-            conversations,
-            records,
-        )
-        if trained is not None and trained.tokenizer.to_str() == tokenizer.to_str():
-            data = trained
-    tokenizer_id = tokenizer.to_str() if tokenizer is not None else f"{TRAINED_KIND}-{vocab_size}"
-    if tokenizer is not None and _adds_tokens(tokenizer):
-        # Streams once held what its post-processor adds (a BOS per piece): not those.
-        tokenizer_id += "\0without its additions"
-    folder = root / cache_key(digests, tokenizer_id + chat_id)
-    if data is None:
-        data = _cached(folder, conversations, records)
+    found = _look_up(identity, root, vocab_size, tokenizer, chat)
+    folder, tokenizer, data = found.folder, found.tokenizer, found.data
+    records, conversations = identity.records, chat is not None
     if data is None:
         if tokenizer is None:
             texts = [document_text(doc) for doc in train_docs]

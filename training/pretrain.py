@@ -98,6 +98,8 @@ from training.prepare import (
     SMALL_CORPUS_REMEDY,
     PreparedData,
     check_tokenizer,
+    identify,
+    open_prepared,
     prepare,
 )
 from training.resume import (
@@ -238,6 +240,35 @@ def held_out_only(val_docs: list[Document], train_docs: list[Document]) -> list[
     return [doc for i, doc in enumerate(val_docs) if i not in trained]
 
 
+def split_text(
+    args: TrainArgs,
+    documents: list[Document] | None,
+    val_docs: list[Document] | None,
+    chat: ChatFormat | None,
+) -> tuple[list[Document], list[Document]]:
+    """(trained on, held out): `documents` (None: the embedded default corpus) and
+    `val_docs`, or (None) a split of `documents`. Text split here is taken over:
+    `documents` is emptied."""
+    if documents is None:
+        documents = default_documents()
+    if val_docs is not None:
+        # `--data notes --val-data notes/held-out.txt`, or a held-out file cut from a
+        # training file left whole: scored on text it trained on.
+        return documents, held_out_only(val_docs, documents)
+    if chat is not None:
+        if len(set(documents)) < 2:
+            raise CorpusError(
+                "--data: 1 conversation (repeats aside); training and validation need one "
+                "each (add conversations, or give --val-data)"
+            )
+        return split_conversations(documents, args.val_fraction)
+    split = split_documents(documents, args.val_fraction)
+    # The split holds the text now (copies of what it cut): the caller's list is emptied,
+    # so that the text is not held twice while it is tokenized.
+    documents.clear()
+    return split
+
+
 def load_data(
     args: TrainArgs,
     documents: list[Document] | None,
@@ -246,29 +277,9 @@ def load_data(
     chat: ChatFormat | None,
     world_size: int,
 ) -> PreparedData:
-    """Tokenize `documents` (None: the embedded default corpus; conversations: written
-    as `chat` says) into the token cache, `val_docs` (None: a split of `documents`)
-    held out. Text split here is taken over: `documents` is emptied."""
-    if documents is None:
-        documents = default_documents()
-    if val_docs is not None:
-        train_docs = documents
-        # `--data notes --val-data notes/held-out.txt`, or a held-out file cut from a
-        # training file left whole: scored on text it trained on.
-        val_docs = held_out_only(val_docs, train_docs)
-    elif chat is not None:
-        if len(set(documents)) < 2:
-            raise CorpusError(
-                "--data: 1 conversation (repeats aside); training and validation need one "
-                "each (add conversations, or give --val-data)"
-            )
-        train_docs, val_docs = split_conversations(documents, args.val_fraction)
-    else:
-        train_docs, val_docs = split_documents(documents, args.val_fraction)
-        # The split holds the text now (copies of what it cut): the caller's list is
-        # emptied, so that the text is not held twice while it is tokenized.
-        documents.clear()
-    cache = cache_root(args)
+    """Tokenize the text `split_text` splits (conversations: written as `chat` says) into
+    the token cache."""
+    train_docs, val_docs = split_text(args, documents, val_docs, chat)
     # One batch, and one block per rank, of distinct tokens.
     per_batch, per_ranks = args.batch_size * args.block_size, world_size * (args.block_size + 1)
     remedy = SMALL_CORPUS_REMEDY
@@ -278,7 +289,7 @@ def load_data(
     return prepare(
         train_docs,
         val_docs,
-        cache,
+        cache_root(args),
         vocab_size=args.vocab_size,
         tokenizer=tokenizer,
         chat=chat,
@@ -299,9 +310,12 @@ def prepare_on_rank0(
     dist_info: DistInfo,
 ) -> PreparedData:
     """Rank 0 writes the token cache, then the other ranks read it (or all fail alike).
+    The text's lists are emptied.
 
     The others wait on a group of their own, without the default group's 30-minute
     timeout: training a tokenizer on and tokenizing a corpus of many GB takes longer.
+    They wait holding what names the text's cache, not the text: each rank held a copy
+    of the corpus while rank 0 tokenized it.
     """
     error: Exception | None = None
     world_size = dist_info.world_size
@@ -313,16 +327,28 @@ def prepare_on_rank0(
             data = load_data(args, documents, val_docs, tokenizer, chat, world_size)
         except CorpusError as e:
             error = e
+    else:
+        try:
+            identity = identify(*split_text(args, documents, val_docs, chat))
+        except CorpusError:
+            identity = None  # rank 0 meets it too (the same text, split alike) and says so
+    for docs in (documents, val_docs):
+        if docs is not None:
+            docs.clear()
+    if not dist_info.is_main:
+        release_free_memory()  # now, not once rank 0 is done
     elsewhere = CorpusError("rank 0 could not prepare the data (see its error)")
     try:
         share_rank0_error(error, dist_info, elsewhere, group=waiting)
     finally:
         if waiting is not None:
             dist.destroy_process_group(waiting)
-    return (
-        data
-        if dist_info.is_main
-        else load_data(args, documents, val_docs, tokenizer, chat, world_size)
+    if dist_info.is_main:
+        return data
+    if identity is None:  # rank 0 split the text otherwise: no cache for this rank's split
+        raise elsewhere
+    return open_prepared(
+        identity, cache_root(args), vocab_size=args.vocab_size, tokenizer=tokenizer, chat=chat
     )
 
 
