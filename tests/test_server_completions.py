@@ -117,6 +117,21 @@ def test_streamed_chunks_add_up_to_the_whole_completion_and_usage_comes_last(sdk
     assert [c.choices for c in left_out] == [c.choices for c in without_usage]
 
 
+def test_an_answer_and_each_of_its_chunks_are_created_when_it_is_asked(client):
+    # OpenAI's `created`: the Unix time (seconds) the completion was made, the same on
+    # every chunk of a stream.
+    body = {"prompt": "The engine", "max_tokens": 3}
+    asked = int(time.time())
+    whole = client.post("/v1/completions", json=body).json()
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        *chunks, done = sse_events(response)
+    answered = time.time()
+    assert done == "[DONE]" and len(chunks) == 3
+    assert asked <= whole["created"] <= answered, whole
+    assert len({chunk["created"] for chunk in chunks}) == 1
+    assert asked <= chunks[0]["created"] <= answered, chunks[0]
+
+
 def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, model_id):
     prompts = ["Once upon a time", "The scheduler admits", "A"]  # 2 run, 1 waits
     body = {"model": model_id, "max_tokens": 10, "seed": 11, "extra_body": {"top_k": 50}}
