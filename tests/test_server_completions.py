@@ -132,6 +132,22 @@ def test_an_answer_and_each_of_its_chunks_are_created_when_it_is_asked(client):
     assert asked <= chunks[0]["created"] <= answered, chunks[0]
 
 
+def test_with_include_usage_every_chunk_has_a_null_usage_and_without_it_none_has_one(client):
+    # As OpenAI's stream: `usage: null` on each chunk until the usage chunk, and no
+    # `usage` at all unless asked for (the SDK reads a left-out usage as null too).
+    body = {"prompt": "The engine", "max_tokens": 3, "stream": True}
+    usage = {"stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json={**body, **usage}) as response:
+        *chunks, usage_chunk, done = sse_events(response)
+    assert done == "[DONE]" and len(chunks) == 3
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks), chunks
+    assert usage_chunk["usage"]["completion_tokens"] == 3
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        *chunks, done = sse_events(response)
+    assert done == "[DONE]" and len(chunks) == 3
+    assert not any("usage" in chunk for chunk in chunks), chunks
+
+
 def test_a_list_of_prompts_gives_a_choice_each_as_if_each_were_sent_alone(sdk, model_id):
     prompts = ["Once upon a time", "The scheduler admits", "A"]  # 2 run, 1 waits
     body = {"model": model_id, "max_tokens": 10, "seed": 11, "extra_body": {"top_k": 50}}
