@@ -959,6 +959,16 @@ def test_an_absolute_form_target_is_served_as_the_path_it_names(base_url):
     assert status == 404 and answer["error"]["type"] == "not_found"
 
 
+def test_an_absolute_form_target_keeps_its_fragment_as_the_origin_form_one_does(base_url):
+    # A client sends no fragment; one that does gets the same answer in either form:
+    # the fragment stays part of the path (no route), it is not cut off to serve one.
+    auth = f"Authorization: Bearer {API_KEY}\r\n"
+    origin = f"GET /v1/models#x HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    for request in (origin.encode(), absolute_form("http://localhost/v1/models#x")):
+        status, answer = raw_exchange(base_url, request)
+        assert status == 404 and answer["error"]["type"] == "not_found", (request, answer)
+
+
 def test_the_query_of_an_absolute_form_target_counts_toward_the_head_limit(base_url):
     # Read as the origin-form target it names, query and all: no way past the head bound.
     target = f"http://localhost/v1/models?q={'b' * HEADER_LIMIT}"
