@@ -416,6 +416,17 @@ def test_health_and_models_describe_the_loaded_checkpoint(client, checkpoint):
     assert generate(client, prompt="x", max_tokens=1)["model"] == checkpoint.parent.name
 
 
+def test_a_checkpoint_served_through_a_link_is_named_by_the_folder_it_links_to(
+    checkpoint, tmp_path
+):
+    # `best` or `latest-step` as a link to a step folder: the card says which step it is.
+    link = tmp_path / "best"
+    link.symlink_to(checkpoint, target_is_directory=True)
+    with running_server(Settings(checkpoint=link)) as url:
+        [card] = httpx.get(f"{url}/v1/models").json()["data"]
+    assert card["checkpoint"] == checkpoint.name == "random", card
+
+
 def test_a_server_compiling_its_decode_step_serves_the_same_tokens(tmp_path):
     # Two layers, not tiny's four: the graphs build in ~60% of the time, and still read
     # and write more than one layer's cache.
