@@ -1335,13 +1335,17 @@ def test_the_resume_and_serve_lines_quote_a_run_folder_whose_name_has_a_space(
     assert last == f"serve it: python -m server --checkpoint '{run}'"
 
 
+# AdamW's first param group is the input embedding's, which carries lr_scale (empty
+# while tied): the lr logged is the loop's, not that group's multiple of it.
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_the_evaluation_a_resumed_run_makes_first_logs_what_an_uninterrupted_run_logs(
-    tmp_path: Path,
+    tmp_path: Path, optimizer: str
 ) -> None:
     # The evaluation a signal stopped, made by the resumed run before it trains a step,
     # logged lr 0.0 and train_loss null: the process had trained no step of its own.
     run, straight = tmp_path / "run", tmp_path / "straight"
     flags = ["--val-data", str(VAL), "--eval-tokens", "0", "--eval-interval", "3"]
+    flags += ["--optimizer", optimizer]
     flags += ["--save-interval", "3", "--max-steps", "5", "--no-compile", "--log-interval", "1"]
     flags += ["--lr-schedule", "cosine"]  # step 3 trains below the peak --lr
     # Stopped in its evaluation, then again in the resumed run's, before any step of its.
