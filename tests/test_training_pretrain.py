@@ -2837,3 +2837,16 @@ def test_patience_counts_the_evaluations_since_the_last_improvement(tmp_path: Pa
     # The second (step 5) is, and stops the run.
     assert pretrain.main(["--resume", str(run), "--max-steps", "6", *still]) == 0
     assert (meta(run)["step"], meta(run)["stopped_by"]) == (5, "early_stopping")
+
+
+def test_a_resumed_runs_checkpoints_keep_the_first_batch_fingerprints_of_its_step_0(
+    tmp_path: Path,
+) -> None:
+    # Recorded at step 0 only: a resumed run, which never draws step 0's batch, carries
+    # the fingerprints its checkpoint saved, as an uninterrupted run's checkpoints do.
+    run = tmp_path / "run"
+    assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
+    fingerprints = meta(run)["first_batch_fingerprints"]
+    assert len(fingerprints) == 1 and fingerprints[0] > 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert (meta(run)["step"], meta(run)["first_batch_fingerprints"]) == (3, fingerprints)
