@@ -2322,6 +2322,18 @@ def test_tensorboard_holds_every_number_of_the_jsonl_log(tmp_path: Path) -> None
                 assert math.isclose(scalars[step], record[key], rel_tol=1e-6), (kind, key, step)
 
 
+def test_a_resumed_runs_tensorboard_keeps_the_steps_up_to_its_checkpoint_and_hides_the_rest(
+    tmp_path: Path,
+) -> None:
+    # Taken back to step 2 of 4: TensorBoard shows each step once, as log.jsonl does: the
+    # steps to the checkpoint (its own included) kept, the later ones trained again.
+    run = tmp_path / "run"
+    flags = ["--log-interval", "1", "--save-interval", "2", "--keep-last", "5"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-steps", "4", "--out-dir", str(run))) == 0
+    assert pretrain.main(["--resume", str(run / "step-0000002"), "--max-steps", "4"]) == 0
+    assert tensorboard_steps(run) == sorted(read_log(run, "train")) == [1, 2, 3, 4]
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("Too short to fill a batch.\n")
