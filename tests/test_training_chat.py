@@ -1255,6 +1255,28 @@ def test_a_preview_whose_question_fills_the_window_samples_text_instead(
     assert sample.startswith("sample: ") and sample != "sample: ''", sample
 
 
+def test_a_previews_prompt_is_the_servers_for_the_first_question_its_start_cut_past_60_chars(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Shown as the server's chat route prompts (no <|endoftext|> before it, which each
+    # held-out conversation starts with in the data); a longer one, its last 60 chars.
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    briefing = {"role": "system", "content": "Answer with the color alone, in one word."}
+    short = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]
+    prompt = "<|im_start|>user\nSky?<|im_end|>\n<|im_start|>assistant\n"
+    briefed = f"<|im_start|>system\n{briefing['content']}<|im_end|>\n{prompt}"
+    for first, shown in ((short, prompt), ([briefing, *short], "..." + briefed[-60:])):
+        held_out = [first, *chats(6, seed=1, question="Which color has the {}?")]
+        val = write_jsonl(tmp_path / "val.jsonl", held_out)
+        flags = ["--init-from", str(base), "--data", str(data), "--val-data", str(val)]
+        flags += ["--max-steps", "1", "--cache-dir", str(tmp_path)]
+        capsys.readouterr()
+        assert pretrain.main([*flags, "--out-dir", str(tmp_path / "run")]) == 0
+        *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
+        assert sample.startswith(f"sample: {shown!r} -> '"), sample
+        shutil.rmtree(tmp_path / "run")
+
+
 def test_a_fine_tune_learns_what_the_assistant_writes_not_what_it_is_told(
     base: Path, tmp_path: Path
 ) -> None:
