@@ -39,7 +39,13 @@ from training.chat import ChatFormat, chat_format, with_end_of_turn
 from training.corpus import Conversation, CorpusError, load_documents
 from training.data import IGNORED, BatchSampler, conversation_windows, unreachable_answers
 from training.evaluate import evaluate_stream
-from training.prepare import CONVERSATION_START, PreparedData, prepare, token_byte_lengths
+from training.prepare import (
+    CONVERSATION_START,
+    LEARNED,
+    PreparedData,
+    prepare,
+    token_byte_lengths,
+)
 from training.split import split_conversations
 from training.tokenizer import train_tokenizer, with_special_tokens
 from training.trainer import next_token_loss
@@ -1275,6 +1281,30 @@ def test_a_previews_prompt_is_the_servers_for_the_first_question_its_start_cut_p
         *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
         assert sample.startswith(f"sample: {shown!r} -> '"), sample
         shutil.rmtree(tmp_path / "run")
+
+
+def test_a_preview_whose_question_fills_the_window_exactly_samples_text_instead(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A prompt of exactly --block-size tokens leaves no room for a reply: the preview is
+    # a sample from <|endoftext|>, not an empty reply to it.
+    briefing = {"role": "system", "content": "Answer with the color alone."}
+    asked = chats(6, seed=1, question="Which color has the {}?")
+    val = write_jsonl(tmp_path / "val.jsonl", [[briefing, *asked[0][-2:]], *asked[1:]])
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(40))
+    flags = ["--init-from", str(base), "--data", str(data), "--val-data", str(val)]
+    flags += ["--max-steps", "1", "--sample-tokens", "8", "--cache-dir", str(tmp_path)]
+    assert pretrain.main([*flags, "--out-dir", str(tmp_path / "measure")]) == 0
+    # The first held-out question's prompt, in tokens (after its <|endoftext|>).
+    measured = json.loads((tmp_path / "measure" / "best" / "trainer_meta.json").read_text())
+    mask = np.fromfile(Path(measured["data"]["cache"]) / "val.loss_mask.bin", dtype=np.uint8)
+    prompt = int(np.argmax(mask == LEARNED)) - 1
+    assert 32 < prompt < 64
+    capsys.readouterr()
+    argv = [*flags, "--block-size", str(prompt), "--out-dir", str(tmp_path / "run")]
+    assert pretrain.main(argv) == 0
+    *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
+    assert sample.startswith("sample: ") and " -> " not in sample and sample != "sample: ''"
 
 
 def test_a_fine_tune_learns_what_the_assistant_writes_not_what_it_is_told(
