@@ -2334,6 +2334,19 @@ def test_a_resumed_runs_tensorboard_keeps_the_steps_up_to_its_checkpoint_and_hid
     assert tensorboard_steps(run) == sorted(read_log(run, "train")) == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_saves_at_its_save_interval_and_end_not_at_its_first_evaluation(
+    tmp_path: Path,
+) -> None:
+    # A run's first evaluation saves its step where the run folder holds no checkpoint
+    # yet (best/ must not come first); a resumed run's folder holds the one it goes on from.
+    run = tmp_path / "run"
+    flags = ["--eval-interval", "3", "--save-interval", "100", "--keep-last", "5"]
+    assert pretrain.main(tiny_run(tmp_path, *flags, "--max-steps", "2", "--out-dir", str(run))) == 0
+    assert pretrain.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert sorted(read_log(run, "eval")) == [2, 3, 4]
+    assert [p.name for p in step_folders(run)] == ["step-0000002", "step-0000004"]
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("Too short to fill a batch.\n")
