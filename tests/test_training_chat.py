@@ -177,6 +177,8 @@ def test_the_templates_tokens_start_near_the_mean_in_a_vocabulary_padded_past_it
     mean, spread = own.mean(0), own.std(0)
     for row in after[added]:
         assert ((row - mean).abs() <= spread / 10).all()
+    # Each with its own noise (a hundredth of the spread): no two new tokens start alike.
+    assert ((after[added[0]] - after[added[1]]).abs() > spread / 1000).any()
     assert torch.equal(after[own.shape[0] + 2 :], torch.full((6, own.shape[1]), 5.0))
 
 
