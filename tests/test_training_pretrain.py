@@ -2671,6 +2671,9 @@ def test_a_resumed_run_keeps_counting_its_training_time(tmp_path: Path) -> None:
     assert pretrain.main(tiny_run(tmp_path, "--max-steps", "2", "--out-dir", str(run))) == 0
     state_path = resolve_checkpoint(run) / "training_state.pt"
     state = torch.load(state_path, weights_only=True)
+    # Saved as the checkpoint's wall time, which the steps and evaluation took.
+    assert state["elapsed"] == pytest.approx(meta(run)["wall_time"], abs=0.1)
+    assert state["elapsed"] > 0.1
     state["elapsed"] = 1000.0
     torch.save(state, state_path)
     assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
