@@ -1497,3 +1497,20 @@ def test_the_last_special_token_of_a_learned_answer_is_an_end_id_not_its_first()
     settings = with_end_of_turn({"eos_token_id": 7}, chat, tokenizer)
     ends = [tokenizer.token_to_id("<|end|>"), tokenizer.token_to_id("<|endoftext|>")]
     assert settings == {"eos_token_id": [7, *ends]}
+
+
+def test_the_sample_is_a_reply_to_the_first_held_out_question_that_fits_the_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first held-out question fills --block-size: the sample replies to the next one,
+    # not a text sample from <|endoftext|> in a chat run.
+    long = [{"role": "user", "content": "Why? " * 80}, {"role": "assistant", "content": "No."}]
+    others = chats(3, question="Which color is the {}?")  # none of them trained on
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [long, *others])
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(20))
+    flags = [*TINY, "--data", str(data), "--val-data", str(held_out), "--max-steps", "1"]
+    flags += ["--cache-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")]
+    assert pretrain.main(flags) == 0
+    out = capsys.readouterr().out.splitlines()
+    [sample] = (line for line in out if line.startswith("sample: "))
+    assert re.match(r"sample: '.*\?<\|im_end\|>\\n<\|im_start\|>assistant\\n' -> ", sample), sample

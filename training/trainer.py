@@ -62,7 +62,7 @@ from training.defaults import tokens_per_step
 from training.distributed import DistInfo, RankStopped, leave_together, share_rank0_error
 from training.evaluate import EvalResult, EvaluationStopped, evaluate_stream
 from training.optim import make_optimizer
-from training.prepare import LEARNED, PreparedData, token_byte_lengths
+from training.prepare import CONVERSATION_START, LEARNED, PreparedData, token_byte_lengths
 from training.progress import bar_output
 from training.run_folder import (
     BEST,
@@ -511,9 +511,9 @@ class Trainer:
     @torch.no_grad()
     def preview(self) -> str:
         """A short sample from <|endoftext|>, or in a run on conversations the reply to the
-        first held-out one's first question (its prompt as the server's chat route makes
-        it, the reply ending at an end id), decoded with the KV cache; as printed: quoted,
-        a reply after the end of its prompt."""
+        first held-out one's first question whose prompt leaves room for it (the prompt as
+        the server's chat route makes it, the reply ending at an end id), decoded with the
+        KV cache; as printed: quoted, a reply after the end of its prompt."""
         prompt, ends = self._preview_prompt()
         n = min(self.args.sample_tokens, self.args.block_size - len(prompt))
         model = self.model
@@ -547,16 +547,26 @@ class Trainer:
 
     def _preview_prompt(self) -> tuple[list[int], frozenset[int]]:
         """(what the preview continues, the ids that end it): <|endoftext|> and none, or
-        the first held-out conversation up to its first answer and the end ids its
-        checkpoints declare (<|endoftext|> where that prompt would leave no room)."""
+        the first held-out conversation whose prompt for its first answer leaves room in
+        --block-size, up to that answer, and the end ids its checkpoints declare
+        (<|endoftext|> where no conversation's prompt would leave room)."""
         separator = self.data.tokenizer.token_to_id(END_OF_TEXT)
-        mask = self.data.val_loss_mask
-        if mask is None:
+        if self.data.val_loss_mask is None:
             return [separator], frozenset()
-        answer = int(np.argmax(np.asarray(mask) == LEARNED))  # each conversation has one
-        prompt = np.asarray(self.data.val[1:answer], dtype=np.int64).tolist()
-        if not prompt or len(prompt) >= self.args.block_size:
+        mask = np.asarray(self.data.val_loss_mask)
+        starts = np.flatnonzero(mask == CONVERSATION_START)
+        learned = np.flatnonzero(mask == LEARNED)  # each conversation has one
+        if not len(learned):
             return [separator], frozenset()
+        # Each conversation's first answer, and how many tokens are asked before it.
+        answers = learned[np.minimum(np.searchsorted(learned, starts), len(learned) - 1)]
+        asked = answers - starts - 1
+        own = answers < np.append(starts[1:], len(mask))  # not a later conversation's
+        fits = np.flatnonzero(own & (asked > 0) & (asked < self.args.block_size))
+        if not len(fits):
+            return [separator], frozenset()
+        first, answer = int(starts[fits[0]]) + 1, int(answers[fits[0]])
+        prompt = np.asarray(self.data.val[first:answer], dtype=np.int64).tolist()
         declared = (self.generation_defaults or {}).get("eos_token_id")
         declared = declared if isinstance(declared, list) else [declared]
         return prompt, frozenset({separator, *(i for i in declared if isinstance(i, int))})
