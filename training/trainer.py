@@ -514,7 +514,7 @@ class Trainer:
         first held-out one's first question whose prompt leaves room for it (the prompt as
         the server's chat route makes it, the reply ending at an end id), decoded with the
         KV cache; as printed: quoted, a reply after the end of its prompt."""
-        prompt, ends = self._preview_prompt()
+        prompt, ends = self._preview_prompt
         n = min(self.args.sample_tokens, self.args.block_size - len(prompt))
         model = self.model
         was_training = model.training
@@ -545,6 +545,7 @@ class Trainer:
             asked = "..." + asked[-PREVIEW_PROMPT_CHARS:]
         return f"{asked!r} -> {sampled!r}"
 
+    @functools.cached_property  # read from the whole held-out mask: once, not at each evaluation
     def _preview_prompt(self) -> tuple[list[int], frozenset[int]]:
         """(what the preview continues, the ids that end it): <|endoftext|> and none, or
         the first held-out conversation whose prompt for its first answer leaves room in
