@@ -682,6 +682,29 @@ def test_a_messages_content_is_cleaned_as_a_text_records_is(
 HI = {"role": "user", "content": "Hi"}
 
 
+def test_a_message_field_that_is_null_is_read_as_left_out_as_the_server_reads_it(
+    tmp_path: Path,
+) -> None:
+    # A chat saved from OpenAI's SDK (message.model_dump()) holds its unset fields as null.
+    answer = {"role": "assistant", "content": "Hello.", "refusal": None, "tool_calls": None}
+    answer |= {"function_call": None, "audio": None, "annotations": None, "weight": None}
+    sdk_saved = {"messages": [HI, answer], "tools": None, "id": "chatcmpl-1"}
+    plain = {"messages": [HI, {"role": "assistant", "content": "Hello."}]}
+    paths = [
+        write_jsonl(tmp_path / f"{name}.jsonl", [chat])
+        for name, chat in (("sdk", sdk_saved), ("plain", plain))
+    ]
+    [saved], [expected] = (load_documents([path]) for path in paths)
+    assert (
+        (saved.messages, saved.not_learned)
+        == (expected.messages, expected.not_learned)
+        == (
+            (("user", "Hi"), ("assistant", "Hello.")),
+            (),
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("record", "error"),
     [

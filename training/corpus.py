@@ -195,8 +195,11 @@ def _jsonl_documents(path: Path) -> list[Document] | None:
 def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Conversation:
     """A record's `messages` list as a Conversation; a CorpusError naming `where`
     (file:line) and the problem if it is not one to learn from. Its other fields are not
-    read (an id, a source), but those that would change what it means: tools, a text."""
-    if refused := sorted(set(record) & {"text", "tools", "functions", "parallel_tool_calls"}):
+    read (an id, a source), but those that would change what it means: tools, a text. A
+    field that is null is read as left out, as the server's chat route reads it (OpenAI's
+    SDK writes `"refusal": null`, `"tool_calls": null` into each message it saves)."""
+    given = {key for key, value in record.items() if value is not None}
+    if refused := sorted(given & {"text", "tools", "functions", "parallel_tool_calls"}):
         raise CorpusError(
             f"{where}: {refused[0]!r} beside 'messages' is not read (a record is a text or a "
             "conversation, without tools)"
@@ -209,7 +212,8 @@ def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Co
         said = f"{where}: message {index + 1}"
         if not isinstance(message, dict):
             raise CorpusError(f"{said} is not an object")
-        if other := sorted(set(message) - {"role", "content", "weight"}):
+        given = {key for key, value in message.items() if value is not None}
+        if other := sorted(given - {"role", "content", "weight"}):
             raise CorpusError(
                 f"{said}: only 'role', 'content' and 'weight' are read, not {other[0]!r}"
             )
@@ -218,8 +222,7 @@ def _conversation(record: dict, where: str, cleaned: Callable[[str], str]) -> Co
             roles = ", ".join(CHAT_ROLES)
             raise CorpusError(f"{said}: 'role' is {role!r}, not one of {roles}")
         turns.append((role, cleaned(_content(message.get("content"), said))))
-        if "weight" in message:
-            weight = message["weight"]
+        if (weight := message.get("weight")) is not None:
             if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
                 raise CorpusError(f"{said}: 'weight' is 0 or 1, on an assistant message")
             if weight == 0:
