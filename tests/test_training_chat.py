@@ -913,6 +913,16 @@ def test_an_evaluation_too_short_to_hold_an_answer_exits_2_before_training(
     flags += ["--eval-tokens", str(first), "--max-steps", "1"]
     assert pretrain.main(flags) == 0
     assert math.isfinite(read_log(run, "eval")[1]["val_loss"])
+    # Held-out questions too long for the window: --block-size is the cause, not the
+    # default --eval-tokens.
+    long = [[{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "No."}]]
+    val = write_jsonl(tmp_path / "long.jsonl", long * 2)
+    flags = [*TINY, "--data", str(data), "--cache-dir", str(tmp_path), "--val-data", str(val)]
+    assert pretrain.main([*flags, "--out-dir", str(tmp_path / "long")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the held-out conversations hold no answer within --block-size 64 tokens of "
+        "its conversation's start: nothing to score"
+    )
 
 
 def test_a_damaged_loss_mask_is_rebuilt_with_a_warning(

@@ -373,7 +373,9 @@ def check_answers_reachable(args: TrainArgs, data: PreparedData, is_main: bool) 
         )
     end = args.eval_tokens + 1 if args.eval_tokens else None
     if not scored_answers(data.val[:end], data.val_loss_mask[:end], T):
-        within = f" (--eval-tokens {args.eval_tokens})" if args.eval_tokens else ""
+        # Named where it is the cause: the whole split holds an answer in reach.
+        cut = end is not None and scored_answers(data.val, data.val_loss_mask, T)
+        within = f" (--eval-tokens {args.eval_tokens})" if cut else ""
         raise UsageError(
             f"the held-out conversations{within} hold no answer within --block-size {T} "
             "tokens of its conversation's start: nothing to score"
