@@ -2673,7 +2673,7 @@ def test_a_resumed_run_keeps_counting_its_training_time(tmp_path: Path) -> None:
     state = torch.load(state_path, weights_only=True)
     # Saved as the checkpoint's wall time, which the steps and evaluation took.
     assert state["elapsed"] == pytest.approx(meta(run)["wall_time"], abs=0.1)
-    assert state["elapsed"] > 0.1
+    assert state["elapsed"] > 0  # two steps can take under 0.1 s
     state["elapsed"] = 1000.0
     torch.save(state, state_path)
     assert pretrain.main(["--resume", str(run), "--max-steps", "3"]) == 0
