@@ -22,7 +22,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,45 +109,63 @@ def evaluate_stream(
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    if loss_mask is None:
-        windows = list(eval_windows(tokens, block_size))
-    else:
-        windows = list(conversation_windows(tokens, loss_mask, block_size))
+
+    def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # Drawn as they are scored, not held: as int64 arrays the windows and their
+        # targets took ~32 bytes a token, 16x the uint16 stream they are drawn from.
+        if loss_mask is None:
+            return eval_windows(tokens, block_size)
+        return conversation_windows(tokens, loss_mask, block_size)
+
     window_bytes = block_size * model.config.vocab_size * 4
     batch = max(1, min(EVAL_BATCH, logits_bytes // window_bytes))
-    # Full windows go in batches; the last, shorter one goes alone. (A conversation's
-    # window is as long as the conversation: its batch is padded, its padding IGNORED.)
-    batches = [windows[i : i + batch] for i in range(0, len(windows), batch)]
-    if loss_mask is None and len(windows) > 1 and len(windows[-1][0]) < len(windows[0][0]):
-        batches = [*batches[:-1], batches[-1][:-1], [windows[-1]]]
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    n_tokens = n_bytes = 0
     try:
-        with progress_bar(progress, sum(len(x) for x, _ in windows), "tok") as bar:
-            for batch in filter(None, batches):
+        with progress_bar(progress, sum(len(x) for x, _ in windows()), "tok") as bar:
+            for rows in _batches(windows(), batch, shorter_alone=loss_mask is None):
                 if stop is not None and stop():
                     raise EvaluationStopped
-                x = torch.from_numpy(_padded([w[0] for w in batch], 0)).to(device)  # [B, T]
-                y = torch.from_numpy(_padded([w[1] for w in batch], IGNORED)).to(device)
+                x = torch.from_numpy(_padded([w[0] for w in rows], 0)).to(device)  # [B, T]
+                y = torch.from_numpy(_padded([w[1] for w in rows], IGNORED)).to(device)
                 positions = torch.arange(x.shape[1], device=device).expand_as(x)
                 with autocast:
                     logits = model(x, positions)  # [B, T, V]
                 flat = logits.flatten(0, 1).float()
                 nats = F.cross_entropy(flat, y.flatten(), ignore_index=IGNORED, reduction="sum")
                 total += nats.double()
-                bar.update(sum(len(w[0]) for w in batch))
+                for _, targets in rows:
+                    scored = targets[targets != IGNORED]
+                    n_tokens += len(scored)
+                    n_bytes += int(byte_lengths[scored].sum())
+                bar.update(sum(len(w[0]) for w in rows))
     finally:
         model.train(was_training)
-    targets = np.concatenate([y[y != IGNORED] for _, y in windows])
-    n_tokens = len(targets)
-    n_bytes = int(byte_lengths[targets].sum())
     nats = total.item()
     return EvalResult(
         loss=nats / n_tokens, bpb=nats / (n_bytes * math.log(2)), tokens=n_tokens, bytes=n_bytes
     )
+
+
+def _batches(
+    windows: Iterable[tuple[np.ndarray, np.ndarray]], size: int, *, shorter_alone: bool
+) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """`windows` in batches of up to `size`; `shorter_alone`: a window shorter than its
+    batch's first (a stream's last) goes in a batch of its own. (A conversation's window
+    is as long as the conversation: its batch is padded, its padding IGNORED.)"""
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for window in windows:
+        shorter = shorter_alone and rows and len(window[0]) < len(rows[0][0])
+        if rows and (len(rows) == size or shorter):
+            yield rows
+            rows = []
+        rows.append(window)
+    if rows:
+        yield rows
 
 
 def _padded(rows: list[np.ndarray], fill: int) -> np.ndarray:
