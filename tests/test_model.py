@@ -202,6 +202,12 @@ def test_small_preset_matches_the_design() -> None:
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\) \(got -0.1\)"),
         ({"rope_theta": math.inf}, r"rope_theta must be a positive number \(got inf\)"),
         ({"norm_eps": math.nan}, r"norm_eps must be a positive number \(got nan\)"),
+        # A zero width divides by any head count and its head width 0 is even: only the
+        # width check itself refuses it.
+        ({"dim": 0}, r": dim must be >= 1 \(got 0\)"),
+        ({"ffn_dim": 0}, r"ffn_dim must be >= 1 \(got 0\)"),
+        # One head: the head width is the whole width, and must still be even.
+        ({"dim": 129, "n_heads": 1, "n_kv_heads": 1}, "head_dim 129 must be even for RoPE"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_reason(overrides: dict, message: str) -> None:
