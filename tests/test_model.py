@@ -229,6 +229,16 @@ def test_a_preset_without_grouped_query_attention_keeps_none_at_other_head_count
     assert ModelConfig.from_preset("small", n_heads=4, n_kv_heads=2).n_kv_heads == 2
 
 
+def test_a_config_names_each_of_its_problems_and_no_head_width_it_cannot_have() -> None:
+    # dim 100 over 3 heads has no head width: its floor (33, odd) is not a second problem.
+    with pytest.raises(ValueError) as refused:
+        ModelConfig.from_preset("tiny", dim=100, n_heads=3, n_kv_heads=1, dropout=1.0)
+    assert str(refused.value) == (
+        "invalid ModelConfig: dim 100 is not divisible by n_heads 3; "
+        "dropout must be in [0, 1) (got 1.0)"
+    )
+
+
 def test_unknown_preset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="tiny, mini, small, base"):
         ModelConfig.from_preset("huge")
