@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from model.config import PRESETS, ModelConfig
 from model.kv_cache import KVCache, as_slots, cache_dtype
@@ -358,6 +359,20 @@ def test_a_bf16_rms_norm_is_the_float32_norm_rounded_once() -> None:
     x32 = x.float()
     expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
     assert torch.equal(norm(x), expected.bfloat16())
+
+
+def test_a_bf16_rms_norm_with_trained_weights_rounds_as_hf_llamas_does() -> None:
+    # HF scales the bf16-rounded norm by the weights in bf16 (two roundings); scaling in
+    # fp32 and rounding once would be as close, but not the logits a bf16 HF model gives.
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 16, 128, generator=generator) * 3).bfloat16()
+    weight = 1 + 0.3 * torch.randn(128, generator=generator)
+    ours, theirs = RMSNorm(128, eps=1e-5), LlamaRMSNorm(128, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))
 
 
 def test_training_dropout_drops_attention_weights_and_units_of_both_branches() -> None:
