@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from model.config import PRESETS, ModelConfig
 from model.kv_cache import KVCache, as_slots, cache_dtype
-from model.transformer import Block, RMSNorm, Transformer, _Step, rope_tables
+from model.transformer import Block, RMSNorm, Transformer, _Step, apply_rope, rope_tables
 
 VOCAB = 300
 
@@ -373,6 +373,19 @@ def test_a_bf16_rms_norm_with_trained_weights_rounds_as_hf_llamas_does() -> None
         theirs.weight.copy_(weight)
     ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_rope_keeps_the_projections_dtype_when_its_tables_are_float32() -> None:
+    # Under CPU autocast the embedding (so the tables, cast to its dtype) stays fp32 while
+    # q and k come out of their projections in bf16: rotated, they must stay bf16, or the
+    # attention would take fp32 inputs and skip its reduced-precision path.
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
+    cos, sin = rope_tables(config)
+    cos, sin = cos[:8].view(1, 8, 1, -1), sin[:8].view(1, 8, 1, -1)
+    x = torch.randn(2, 8, 4, config.head_dim, generator=torch.Generator().manual_seed(0))
+    rotated = apply_rope(x.bfloat16(), cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    assert torch.equal(rotated, apply_rope(x.bfloat16().float(), cos, sin).bfloat16())
 
 
 def test_training_dropout_drops_attention_weights_and_units_of_both_branches() -> None:
