@@ -270,6 +270,40 @@ def test_bf16_autocast_training_forward_and_backward_follow_float32(model: Trans
     model.zero_grad(set_to_none=True)
 
 
+def test_under_cpu_autocast_attention_attends_in_float32(model: Transformer) -> None:
+    # Autocast would run attention in bf16 on a CPU (2-4x slower there): the first
+    # layer's attention output must be fp32 attention over its bf16 q, k, v, rounded once.
+    ids = random_ids((2, 24), seed=1)
+    attention = model.layers[0].self_attn
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(attention, name).register_forward_hook(
+            lambda _, __, out, name=name: seen.__setitem__(name, out)
+        )
+        for name in ("q_proj", "k_proj", "v_proj")
+    ]
+    hooks.append(
+        attention.o_proj.register_forward_pre_hook(lambda _, args: seen.__setitem__("y", args[0]))
+    )
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, full_positions(2, 24))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    E = model.config.head_dim
+    # The embedding stays fp32 under autocast, and so do the tables cast to its dtype.
+    cos, sin = (t[:24].view(1, 24, 1, E) for t in rope_tables(model.config))
+    q, k, v = (seen[name].view(2, 24, -1, E) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    assert seen["y"].dtype == torch.bfloat16
+    assert torch.equal(seen["y"], expected.bfloat16().transpose(1, 2).reshape(2, 24, -1))
+
+
 def test_bytes_per_token_is_what_the_cache_allocates_per_slot_and_position() -> None:
     # With grouped-query attention the cache holds n_kv_heads heads, not n_heads: the
     # server sizes its slot count from this number.
