@@ -304,6 +304,22 @@ def test_under_cpu_autocast_attention_attends_in_float32(model: Transformer) -> 
     assert torch.equal(seen["y"], expected.bfloat16().transpose(1, 2).reshape(2, 24, -1))
 
 
+def test_a_bf16_model_on_cpu_drops_attention_weights_in_training() -> None:
+    # A reduced-precision CPU model attends through its own fp32 call (transformer.py):
+    # its attention dropout must hold there too. Attention alone has no other randomness.
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=VOCAB, dropout=0.5)
+    attention = Block(config).self_attn.to(torch.bfloat16)
+    cos, sin = rope_tables(config)
+    rope = (cos[:8].view(1, 8, 1, -1).bfloat16(), sin[:8].view(1, 8, 1, -1).bfloat16())
+    step = _Step(None, None, full_positions(1, 8), None, packed=False)
+    x = torch.randn(1, 8, config.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(attention.eval()(x, rope, step), attention(x, rope, step))
+        attention.train()
+        assert not torch.equal(attention(x, rope, step), attention(x, rope, step))
+
+
 def test_bytes_per_token_is_what_the_cache_allocates_per_slot_and_position() -> None:
     # With grouped-query attention the cache holds n_kv_heads heads, not n_heads: the
     # server sizes its slot count from this number.
