@@ -247,7 +247,9 @@ class Transformer(nn.Module):
         keys/values into slot `slots[b]` (a [B] tensor, or a slice for a contiguous run;
         default: slot b) at `positions[b]` and attends over that slot's positions 0..p;
         rows may be at different lengths (padding a short row with further positions is
-        harmless: see kv_cache.py's invariant). `length`, when given, must be max(positions) + 1.
+        harmless: see kv_cache.py's invariant). `length`, when given, is how many of each
+        slot's positions are read: at least max(positions) + 1 (a CUDA graph's bucket reads
+        more, keys the mask hides).
         `logits_at` (rows [N], ts [N]) picks N positions (e.g. each prompt's last token)
         and returns their logits [N, 1, V], skipping the LM head for the others.
         """
