@@ -582,7 +582,7 @@ def _chat_role_chunk(index: int) -> dict[str, object]:
 @dataclass(frozen=True)
 class _LogprobTokens:
     """What chat logprobs say of a token id: its name, and its bytes (none for a special
-    token: the bytes of a choice's tokens, joined, are its text)."""
+    token, which adds no text)."""
 
     names: list[str]
     table: list[bytes]
