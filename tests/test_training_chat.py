@@ -1318,11 +1318,11 @@ def test_a_previews_prompt_is_the_servers_for_the_first_question_its_start_cut_p
         shutil.rmtree(tmp_path / "run")
 
 
-def test_a_preview_whose_question_fills_the_window_exactly_samples_text_instead(
+def test_a_preview_whose_first_question_fills_the_window_exactly_replies_to_the_next(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A prompt of exactly --block-size tokens leaves no room for a reply: the preview is
-    # a sample from <|endoftext|>, not an empty reply to it.
+    # A prompt of exactly --block-size tokens leaves no room for a reply: the preview
+    # replies to the next held-out question, not with an empty reply to that one.
     briefing = {"role": "system", "content": "Answer with the color alone."}
     asked = chats(6, seed=1, question="Which color has the {}?")
     val = write_jsonl(tmp_path / "val.jsonl", [[briefing, *asked[0][-2:]], *asked[1:]])
@@ -1339,7 +1339,9 @@ def test_a_preview_whose_question_fills_the_window_exactly_samples_text_instead(
     argv = [*flags, "--block-size", str(prompt), "--out-dir", str(tmp_path / "run")]
     assert pretrain.main(argv) == 0
     *_, sample = (line for line in capsys.readouterr().out.splitlines() if "sample" in line)
-    assert sample.startswith("sample: ") and " -> " not in sample and sample != "sample: ''"
+    shown, reply = sample.removeprefix("sample: ").split(" -> ")
+    assert shown.endswith(f"{asked[1][0]['content']}<|im_end|>\\n<|im_start|>assistant\\n'")
+    assert reply != "''", sample
 
 
 def test_a_fine_tune_learns_what_the_assistant_writes_not_what_it_is_told(
